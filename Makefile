@@ -1,0 +1,52 @@
+# Two commands matter: `make demo` and `make test`. Everything else is for contributors.
+PYTHON ?= python3
+VENV ?= .venv
+EMULATOR_VENV ?= .venv-emulator
+PY := $(VENV)/bin/python
+PIP_FLAGS ?= --quiet --disable-pip-version-check
+
+.PHONY: demo test test-fast lint format bench lock clean help
+
+help:
+	@echo "make demo   - sandbox + dispatcher + 200 requests, limit held, summary"
+	@echo "make test   - the full test suite (unit + integration against the emulator)"
+	@echo "make lint   - ruff + mypy strict"
+	@echo "make bench  - benchmarks, results in bench/results/"
+	@echo "make lock   - refresh requirements.lock (pinned runtime deps for the image)"
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (found %s); set PYTHON=python3.11" % sys.version.split()[0])'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[dev]'
+	@touch $@
+
+# The emulator lives in its own virtualenv: it pins a botocore that aiobotocore cannot use.
+$(EMULATOR_VENV)/.installed: requirements-emulator.txt
+	@test -x $(EMULATOR_VENV)/bin/python || $(PYTHON) -m venv $(EMULATOR_VENV)
+	$(EMULATOR_VENV)/bin/python -m pip install $(PIP_FLAGS) -r requirements-emulator.txt
+	@touch $@
+
+demo: $(VENV)/.installed $(EMULATOR_VENV)/.installed
+	$(VENV)/bin/sfn-dispatcher demo
+
+test: $(VENV)/.installed $(EMULATOR_VENV)/.installed
+	$(PY) -m pytest
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not integration"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(VENV)/.installed $(EMULATOR_VENV)/.installed
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) $(EMULATOR_VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,10 @@
+"""sfn-dispatcher: cross-execution concurrency limits for AWS Step Functions."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("sfn-dispatcher")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__"]

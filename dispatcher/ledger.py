@@ -1,0 +1,201 @@
+"""The slot ledger: which executions hold a slot of one pool, decided without I/O.
+
+Everything that decides *whether* a start may happen lives here, so it can be tested
+exhaustively. The ledger keeps a *set* of execution ARNs (never a counter), the
+reservations of starts in flight, and bounded tombstones of executions known to have
+finished. Every input is idempotent: applying the same event or listing twice changes
+nothing, and a tombstone keeps a late ``RUNNING`` event or a stale listing from bringing
+a finished execution back. Time is passed in by the caller (monotonic seconds).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"})
+"""Statuses after which an execution no longer holds a slot."""
+
+
+class Change(enum.Enum):
+    """What applying one input did to the ledger."""
+
+    ADDED = "added"
+    """The execution now holds a slot it did not hold before."""
+    FREED = "freed"
+    """The execution held a slot and gave it back."""
+    UNCHANGED = "unchanged"
+    """The input was already known (a duplicate): nothing changed."""
+    STALE = "stale"
+    """The input contradicts a tombstone (late or reordered): ignored."""
+    NOTED = "noted"
+    """An execution the ledger did not hold has finished: only its tombstone was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A slot held for a start that is in flight; ``token`` is unique per ledger."""
+
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class ListingResult:
+    """What one reconcile listing changed and what it could not decide alone."""
+
+    adopted: tuple[str, ...]
+    """Running executions the ledger did not know (started elsewhere); now counted."""
+    suspects: tuple[str, ...]
+    """Held executions the listing no longer shows, past the grace window: describe them."""
+
+
+class Ledger:
+    """The running set, reservations and tombstones of one pool."""
+
+    def __init__(self, limit: int, *, tombstone_capacity: int = 100_000) -> None:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        if tombstone_capacity < 1:
+            raise ValueError(f"tombstone_capacity must be >= 1, got {tombstone_capacity}")
+        self._limit = limit
+        self._running: dict[str, float] = {}  # arn -> when it was last confirmed held
+        self._reserved: dict[int, float] = {}  # token -> when it was reserved
+        self._tombstones: OrderedDict[str, int] = OrderedDict()  # arn -> redrive count
+        self._tombstone_capacity = tombstone_capacity
+        self._tokens = itertools.count(1)
+
+    # -- reading ---------------------------------------------------------------------
+
+    @property
+    def limit(self) -> int:
+        """The most slots that may be held by running executions and starts in flight."""
+        return self._limit
+
+    @property
+    def running(self) -> frozenset[str]:
+        """ARNs of the executions believed to be running."""
+        return frozenset(self._running)
+
+    @property
+    def running_count(self) -> int:
+        """How many executions are believed to be running."""
+        return len(self._running)
+
+    @property
+    def reserved_count(self) -> int:
+        """How many slots are held for starts in flight."""
+        return len(self._reserved)
+
+    @property
+    def free(self) -> int:
+        """Slots a new start may take now (0 while over the limit, e.g. after lowering it)."""
+        return max(0, self._limit - len(self._running) - len(self._reserved))
+
+    def holds(self, arn: str) -> bool:
+        """Whether ``arn`` is in the running set."""
+        return arn in self._running
+
+    def is_tombstoned(self, arn: str) -> bool:
+        """Whether ``arn`` is known to have finished."""
+        return arn in self._tombstones
+
+    # -- changing the limit ----------------------------------------------------------
+
+    def set_limit(self, limit: int) -> None:
+        """Change the limit. Lowering it never evicts: it only holds starts back."""
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        self._limit = limit
+
+    # -- starts ----------------------------------------------------------------------
+
+    def reserve(self, n: int, now: float) -> list[Reservation]:
+        """Hold up to ``n`` free slots for starts about to be made; may return fewer."""
+        granted = min(max(n, 0), self.free)
+        out = []
+        for _ in range(granted):
+            token = next(self._tokens)
+            self._reserved[token] = now
+            out.append(Reservation(token))
+        return out
+
+    def cancel(self, reservation: Reservation) -> bool:
+        """Give a reserved slot back (the start failed or was not needed).
+
+        Returns whether the reservation was still held; cancelling twice is harmless.
+        """
+        return self._reserved.pop(reservation.token, None) is not None
+
+    def started(self, reservation: Reservation, arn: str, now: float) -> Change:
+        """Turn a reservation into a running execution once ``StartExecution`` answered.
+
+        The status event may have been applied before the start call returned: if the
+        execution is already running the reservation is simply dropped, and if it has
+        already finished (tombstone) it does not come back.
+        """
+        self._reserved.pop(reservation.token, None)
+        if arn in self._tombstones:
+            return Change.STALE
+        if arn in self._running:
+            return Change.UNCHANGED
+        self._running[arn] = now
+        return Change.ADDED
+
+    # -- events and listings ---------------------------------------------------------
+
+    def observe_running(self, arn: str, now: float, redrive_count: int = 0) -> Change:
+        """Apply "``arn`` is running" (a ``RUNNING`` event or a describe/listing).
+
+        Unknown executions are counted: started by someone else, or by us before a
+        restart. A tombstoned one comes back only when it was redriven since it ended.
+        """
+        ended_at_redrive = self._tombstones.get(arn)
+        if ended_at_redrive is not None:
+            if redrive_count <= ended_at_redrive:
+                return Change.STALE
+            del self._tombstones[arn]
+        if arn in self._running:
+            return Change.UNCHANGED
+        self._running[arn] = now
+        return Change.ADDED
+
+    def observe_terminal(self, arn: str, redrive_count: int = 0) -> Change:
+        """Apply "``arn`` has finished": free its slot and leave a tombstone."""
+        previous = self._tombstones.get(arn)
+        self._tombstones[arn] = max(redrive_count, previous if previous is not None else 0)
+        self._tombstones.move_to_end(arn)
+        while len(self._tombstones) > self._tombstone_capacity:
+            self._tombstones.popitem(last=False)
+        if self._running.pop(arn, None) is not None:
+            return Change.FREED
+        return Change.UNCHANGED if previous is not None else Change.NOTED
+
+    def confirm_running(self, arn: str, now: float) -> None:
+        """A describe said ``arn`` still runs: restart its grace window."""
+        if arn in self._running:
+            self._running[arn] = now
+
+    def apply_listing(
+        self, listed: Mapping[str, int] | Iterable[str], listed_at: float, grace: float
+    ) -> ListingResult:
+        """Apply a complete ``ListExecutions(RUNNING)`` taken starting at ``listed_at``.
+
+        ``listed`` maps ARN -> redrive count (or is a plain iterable of ARNs). Unknown
+        running executions are adopted. Held executions missing from the listing are not
+        freed here: the listing may lag, so those held since before ``listed_at - grace``
+        are returned as suspects for the caller to confirm with ``DescribeExecution``.
+        """
+        counts = dict(listed) if isinstance(listed, Mapping) else dict.fromkeys(listed, 0)
+        adopted = [
+            arn
+            for arn, redrives in counts.items()
+            if self.observe_running(arn, listed_at, redrives) is Change.ADDED
+        ]
+        cutoff = listed_at - grace
+        suspects = [
+            arn for arn, since in self._running.items() if arn not in counts and since <= cutoff
+        ]
+        return ListingResult(adopted=tuple(adopted), suspects=tuple(suspects))

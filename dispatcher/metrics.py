@@ -1,0 +1,99 @@
+"""Prometheus metrics of the dispatcher, on a registry the caller owns (tests pass their own)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from dispatcher import __version__
+
+# Hand-over and API latencies are milliseconds to seconds; queue wait can be hours.
+_FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_WAIT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14_400.0)
+
+
+class Metrics:
+    """Every metric the dispatcher exports; one instance per process (or per test)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        pool = ("pool",)
+        self.build_info = Info("dispatcher_build", "Version of the running dispatcher.", registry=r)
+        self.build_info.info({"version": __version__})
+        self.limit = Gauge("dispatcher_limit", "Configured concurrency limit.", pool, registry=r)
+        self.running = Gauge(
+            "dispatcher_running", "Executions believed running (held slots).", pool, registry=r
+        )
+        self.starting = Gauge(
+            "dispatcher_starting", "Slots reserved for starts in flight.", pool, registry=r
+        )
+        self.free = Gauge("dispatcher_free_slots", "Slots a new start may take.", pool, registry=r)
+        self.ready = Gauge(
+            "dispatcher_ready", "1 once the start-up listing is done and AWS answers.", registry=r
+        )
+        self.starts = Counter(
+            "dispatcher_starts",
+            "Requests handled, by outcome (started, duplicate, retried, dead_lettered).",
+            (*pool, "outcome"),
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "dispatcher_dead_letters",
+            "Requests moved to the dead-letter queue, by reason.",
+            (*pool, "reason"),
+            registry=r,
+        )
+        self.start_latency = Histogram(
+            "dispatcher_start_execution_seconds",
+            "Latency of StartExecution calls.",
+            pool,
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "dispatcher_queue_wait_seconds",
+            "Time from a request's SQS SentTimestamp to its execution being started.",
+            pool,
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.refill = Histogram(
+            "dispatcher_slot_refill_seconds",
+            "Time from a freed slot (terminal status received) to the next StartExecution "
+            "of that pool: the dispatcher's own share of a hand-over.",
+            pool,
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.events = Counter(
+            "dispatcher_events",
+            "Status-change events, by status and result (applied, duplicate, foreign, malformed).",
+            ("status", "result"),
+            registry=r,
+        )
+        self.reconcile_runs = Counter(
+            "dispatcher_reconcile_runs", "Reconcile passes, by result.", ("result",), registry=r
+        )
+        self.reconcile_duration = Histogram(
+            "dispatcher_reconcile_duration_seconds",
+            "Duration of one reconcile pass (listing + describes).",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.reconcile_corrections = Counter(
+            "dispatcher_reconcile_corrections",
+            "Drift found by reconcile, by kind (freed, adopted).",
+            (*pool, "kind"),
+            registry=r,
+        )
+        self.last_reconcile = Gauge(
+            "dispatcher_last_reconcile_timestamp_seconds",
+            "Unix time of the last successful reconcile.",
+            registry=r,
+        )
+        self.aws_calls = Counter(
+            "dispatcher_aws_calls",
+            "AWS API calls, by operation and outcome (ok, throttled, error).",
+            ("operation", "outcome"),
+            registry=r,
+        )
