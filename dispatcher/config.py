@@ -121,16 +121,16 @@ class Settings(BaseSettings):
     @classmethod
     def _check_arn(cls, value: str) -> str:
         if not STATE_MACHINE_ARN_RE.match(value):
-            raise ValueError(
-                "must look like arn:aws:states:REGION:ACCOUNT:stateMachine:NAME"
-            )
+            raise ValueError("must look like arn:aws:states:REGION:ACCOUNT:stateMachine:NAME")
         return value
 
     @field_validator("request_queue_url", "events_queue_url", "dead_letter_queue_url")
     @classmethod
     def _check_queue_url(cls, value: str | None) -> str | None:
         if value is not None and not QUEUE_URL_RE.match(value):
-            raise ValueError("must be an SQS queue URL like https://sqs.REGION.amazonaws.com/ACCOUNT/NAME")
+            raise ValueError(
+                "must be an SQS queue URL like https://sqs.REGION.amazonaws.com/ACCOUNT/NAME"
+            )
         return value
 
     @field_validator("log_level", mode="before")
@@ -189,7 +189,9 @@ def _describe(exc: ValidationError) -> str:
         field = str(err["loc"][0]) if err["loc"] else ""
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
-            lines.append(f"{env_name(field)} is required: {Settings.model_fields[field].description}")
+            lines.append(
+                f"{env_name(field)} is required: {Settings.model_fields[field].description}"
+            )
         elif field:
             lines.append(f"{env_name(field)}={err.get('input')!r} is invalid: {msg}")
         else:

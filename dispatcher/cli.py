@@ -1,0 +1,69 @@
+"""The ``sfn-dispatcher`` command: one sub-command per module, errors as one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from dispatcher import __version__
+from dispatcher.config import ConfigError
+from dispatcher.errors import UserError
+
+# Each module has `add_parser(subparsers)`, which registers its sub-command and sets
+# `func` (args -> exit code) as a default. Imported lazily-by-name so `--help` stays fast.
+COMMAND_MODULES: tuple[str, ...] = (
+    "dispatcher.service_cli",
+    "dispatcher.sandbox.cli",
+    "dispatcher.submit",
+    "dispatcher.demo",
+)
+
+
+class _CommandModule(Protocol):
+    def add_parser(self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+        """Register the sub-command."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, every sub-command registered."""
+    parser = argparse.ArgumentParser(
+        prog="sfn-dispatcher",
+        description="Cross-execution concurrency limits for AWS Step Functions.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks for errors (default: one line)"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module: _CommandModule = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue  # a command still being built in this source tree
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (UserError, ConfigError) as exc:
+        if args.debug:
+            raise
+        print(f"sfn-dispatcher {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
