@@ -1,0 +1,169 @@
+"""AWS clients (aioboto3 only), error classification and per-attempt call metrics."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import aioboto3
+from aiobotocore.config import AioConfig
+from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from dispatcher.metrics import Metrics
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs import SQSClient
+    from types_aiobotocore_stepfunctions import SFNClient
+
+THROTTLE_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "TooManyRequestsException",
+        "RequestThrottled",
+        "RequestLimitExceeded",
+        "ProvisionedThroughputExceededException",
+    }
+)
+TRANSIENT_CODES = THROTTLE_CODES | frozenset(
+    {
+        "ServiceUnavailable",
+        "InternalServerError",
+        "InternalFailure",
+        "InternalError",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "ExecutionLimitExceeded",  # the account's open-execution quota: wait, don't drop
+    }
+)
+# Errors that say the deployment is wrong, not the request: never dead-letter for these.
+SETUP_CODES = frozenset(
+    {
+        "StateMachineDoesNotExist",
+        "StateMachineDeleting",
+        "AccessDeniedException",
+        "AccessDenied",
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "ExpiredTokenException",
+        "InvalidClientTokenId",
+        "KmsAccessDeniedException",
+        "KmsThrottlingException",
+        "InvalidArn",
+    }
+)
+
+
+class ErrorKind(StrEnum):
+    """What to do about a failed call."""
+
+    TRANSIENT = "transient"  # retry with back-off
+    SETUP = "setup"  # the deployment is broken: keep the request, alert, retry later
+    PERMANENT = "permanent"  # the request itself is bad: dead-letter it
+
+
+def error_code(exc: BaseException) -> str:
+    """The AWS error code of a ``ClientError`` ('' for anything else)."""
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def classify(exc: BaseException) -> ErrorKind:
+    """Sort a failure into retry / hold / dead-letter."""
+    if isinstance(exc, ClientError):
+        code = error_code(exc)
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in TRANSIENT_CODES or status >= 500 or status == 429:
+            return ErrorKind.TRANSIENT
+        if code in SETUP_CODES or status in (401, 403):
+            return ErrorKind.SETUP
+        return ErrorKind.PERMANENT
+    if isinstance(exc, BotoConnectionError | BotoCoreError | OSError | TimeoutError):
+        return ErrorKind.TRANSIENT
+    return ErrorKind.PERMANENT
+
+
+def is_retryable(exc: Exception) -> bool:
+    """Retry predicate for stamina: transient and setup errors are retried."""
+    return classify(exc) is not ErrorKind.PERMANENT
+
+
+@dataclass(frozen=True)
+class Clients:
+    """The two AWS clients the dispatcher uses."""
+
+    sqs: SQSClient
+    sfn: SFNClient
+
+
+def _count_attempt(metrics: Metrics) -> Any:
+    """A botocore ``needs-retry`` hook: one count per HTTP attempt, retries included."""
+
+    def hook(
+        response: Any = None,
+        caught_exception: BaseException | None = None,
+        operation: Any = None,
+        **_: Any,
+    ) -> None:
+        name = getattr(operation, "name", "unknown")
+        if caught_exception is not None:
+            outcome = "error"
+        else:
+            http, parsed = response if response is not None else (None, {})
+            status = getattr(http, "status_code", 200)
+            code = str((parsed or {}).get("Error", {}).get("Code", ""))
+            if code in THROTTLE_CODES or status == 429:
+                outcome = "throttled"
+            elif status >= 400 or code:
+                outcome = "error"
+            else:
+                outcome = "ok"
+        metrics.aws_calls.labels(operation=name, outcome=outcome).inc()
+
+    return hook
+
+
+def _region(fallback: str) -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or fallback
+
+
+@asynccontextmanager
+async def open_clients(
+    metrics: Metrics,
+    *,
+    region: str,
+    long_poll_seconds: int = 20,
+    max_attempts: int = 3,
+    endpoint_url: str | None = None,
+) -> AsyncIterator[Clients]:
+    """Open SQS and Step Functions clients; endpoint and credentials come from ``AWS_*``.
+
+    ``region`` is used only when no ``AWS_REGION``/``AWS_DEFAULT_REGION`` is set (the
+    dispatcher passes the state machine's region). ``endpoint_url`` overrides
+    ``AWS_ENDPOINT_URL`` (tests point one dispatcher at a fault proxy this way).
+    """
+    session = aioboto3.Session(region_name=_region(region))
+    config = AioConfig(
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        connect_timeout=5,
+        # A long poll holds the connection for up to 20 s: the read timeout must outlast it.
+        read_timeout=long_poll_seconds + 15,
+        max_pool_connections=64,
+    )
+    hook = _count_attempt(metrics)
+    async with AsyncExitStack() as stack:
+        sqs = await stack.enter_async_context(
+            session.client("sqs", config=config, endpoint_url=endpoint_url)
+        )
+        sfn = await stack.enter_async_context(
+            session.client("stepfunctions", config=config, endpoint_url=endpoint_url)
+        )
+        for client in (sqs, sfn):
+            client.meta.events.register("needs-retry.*.*", hook)
+        yield Clients(sqs=sqs, sfn=sfn)
