@@ -9,7 +9,7 @@ every status event lost, reconcile alone keeps the pool moving.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import anyio
 import structlog
@@ -108,7 +108,7 @@ class Reconciler:
         self.metrics.last_reconcile.set(time.time())
         self.health.last_reconcile_at = time.time()
         report = ReconcileReport(len(listed), len(result.adopted), freed, confirmed)
-        log.debug("dispatcher.reconciled", **report.__dict__)
+        log.debug("dispatcher.reconciled", **asdict(report))
         return report
 
     async def _confirm(self, arn: str) -> bool:
