@@ -56,13 +56,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (UserError, ConfigError) as exc:
-        if args.debug:
+    except (UserError, ConfigError, BaseExceptionGroup) as exc:
+        user_error = _user_error(exc)
+        if args.debug or user_error is None:
             raise
-        print(f"sfn-dispatcher {args.command}: error: {exc}", file=sys.stderr)
+        print(f"sfn-dispatcher {args.command}: error: {user_error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The user-fixable error in ``exc``, looking inside task-group exception groups."""
+    if isinstance(exc, UserError | ConfigError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _user_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
 from dispatcher.config import LogFormat
 
 
-def configure(level: str = "INFO", fmt: LogFormat = LogFormat.AUTO) -> None:
-    """Route structlog (and botocore's stdlib logging, at WARNING) to stderr."""
-    use_console = fmt is LogFormat.CONSOLE or (fmt is LogFormat.AUTO and sys.stderr.isatty())
+def configure(
+    level: str = "INFO", fmt: LogFormat = LogFormat.AUTO, stream: TextIO | None = None
+) -> None:
+    """Route structlog (and botocore's stdlib logging, at WARNING) to ``stream`` (stderr)."""
+    out = stream if stream is not None else sys.stderr
+    use_console = fmt is LogFormat.CONSOLE or (fmt is LogFormat.AUTO and out.isatty())
     renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        structlog.dev.ConsoleRenderer(colors=out.isatty())
         if use_console
         else structlog.processors.JSONRenderer()
     )
@@ -29,8 +32,8 @@ def configure(level: str = "INFO", fmt: LogFormat = LogFormat.AUTO) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )
     # botocore logs credentials-adjacent detail at DEBUG; keep third parties quiet.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, stream=out, format="%(name)s %(message)s")

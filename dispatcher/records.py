@@ -1,0 +1,77 @@
+"""Executions as Step Functions records them: the ground truth for demos, tests and benchmarks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from types_aiobotocore_stepfunctions import SFNClient
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """One execution's name, status and start/stop times (Unix seconds)."""
+
+    name: str
+    arn: str
+    status: str
+    start: float
+    stop: float | None
+
+
+async def list_executions(sfn: SFNClient, state_machine_arn: str) -> list[Execution]:
+    """Every execution of the machine, all statuses, all pages."""
+    out: list[Execution] = []
+    paginator = sfn.get_paginator("list_executions")
+    async for page in paginator.paginate(
+        stateMachineArn=state_machine_arn, PaginationConfig={"PageSize": 1000}
+    ):
+        for item in page["executions"]:
+            stop: datetime | None = item.get("stopDate")
+            out.append(
+                Execution(
+                    name=item["name"],
+                    arn=item["executionArn"],
+                    status=item["status"],
+                    start=item["startDate"].timestamp(),
+                    stop=stop.timestamp() if stop else None,
+                )
+            )
+    return out
+
+
+def max_overlap(executions: Iterable[Execution], now: float | None = None) -> int:
+    """The most executions running at one instant (a stop at t sorts before a start at t)."""
+    end = now if now is not None else time.time()
+    points: list[tuple[float, int]] = []
+    for ex in executions:
+        points.append((ex.start, 1))
+        points.append((ex.stop if ex.stop is not None else end, -1))
+    points.sort()
+    current = peak = 0
+    for _, delta in points:
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+def concurrency_series(
+    executions: Iterable[Execution], now: float | None = None
+) -> list[tuple[float, int]]:
+    """(time, running) at every start and stop, for plots."""
+    end = now if now is not None else time.time()
+    points: list[tuple[float, int]] = []
+    for ex in executions:
+        points.append((ex.start, 1))
+        points.append((ex.stop if ex.stop is not None else end, -1))
+    points.sort()
+    series: list[tuple[float, int]] = []
+    current = 0
+    for at, delta in points:
+        current += delta
+        series.append((at, current))
+    return series

@@ -1,0 +1,112 @@
+"""Judge a run from the executions' own records, not from the dispatcher's opinion of itself."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import aioboto3
+import anyio
+
+from dispatcher.records import Execution, list_executions, max_overlap
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs import SQSClient
+    from types_aiobotocore_stepfunctions import SFNClient
+
+
+def session() -> Any:
+    """An aioboto3 session with the emulator's test credentials."""
+    return aioboto3.Session(
+        aws_access_key_id="test",
+        aws_secret_access_key="test",  # noqa: S106 - the emulator's fixed test credentials
+        region_name="us-east-1",
+    )
+
+
+async def queue_depth(sqs: SQSClient, url: str) -> int:
+    """Visible + in-flight + delayed messages of a queue."""
+    attrs = await sqs.get_queue_attributes(
+        QueueUrl=url,
+        AttributeNames=[
+            "ApproximateNumberOfMessages",
+            "ApproximateNumberOfMessagesNotVisible",
+            "ApproximateNumberOfMessagesDelayed",
+        ],
+    )
+    return sum(int(v) for v in attrs["Attributes"].values())
+
+
+async def drain(sqs: SQSClient, url: str) -> list[dict[str, Any]]:
+    """Receive (and delete) every visible message of a queue."""
+    out: list[dict[str, Any]] = []
+    while True:
+        got = await sqs.receive_message(
+            QueueUrl=url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=0,
+            MessageAttributeNames=["All"],
+            MessageSystemAttributeNames=["All"],
+        )
+        messages = got.get("Messages", [])
+        if not messages:
+            return out
+        out.extend(dict(m) for m in messages)
+        await sqs.delete_message_batch(
+            QueueUrl=url,
+            Entries=[
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)
+            ],
+        )
+
+
+async def send_requests(
+    sqs: SQSClient,
+    url: str,
+    bodies: list[dict[str, Any] | str],
+    keys: list[str | None] | None = None,
+) -> list[str]:
+    """Send requests in batches of ten; return the execution name each maps to."""
+    names: list[str] = []
+    keys = keys if keys is not None else [None] * len(bodies)
+    for start in range(0, len(bodies), 10):
+        entries: list[Any] = []
+        for i in range(start, min(start + 10, len(bodies))):
+            body = bodies[i]
+            entry: dict[str, Any] = {
+                "Id": str(i),
+                "MessageBody": body if isinstance(body, str) else json.dumps(body),
+            }
+            if keys[i] is not None:
+                entry["MessageAttributes"] = {
+                    "idempotency-key": {"DataType": "String", "StringValue": keys[i]}
+                }
+            entries.append(entry)
+        result = await sqs.send_message_batch(QueueUrl=url, Entries=entries)
+        assert not result.get("Failed"), result.get("Failed")
+        by_id = {s["Id"]: s["MessageId"] for s in result["Successful"]}
+        names.extend(keys[int(e["Id"])] or by_id[e["Id"]] for e in entries)
+    return names
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[bool]], *, within: float, interval: float = 0.25
+) -> None:
+    """Poll an external condition (AWS state) until true; fail after ``within`` seconds."""
+    with anyio.fail_after(within):
+        # Polling is the only way to observe another system's state (no push from AWS).
+        while not await check():  # noqa: ASYNC110
+            await anyio.sleep(interval)
+
+
+async def all_done(
+    sfn: SFNClient, sqs: SQSClient, sm_arn: str, queue: str, names: set[str]
+) -> bool:
+    """Every expected execution exists and has ended, and the request queue is empty."""
+    executions = await list_executions(sfn, sm_arn)
+    ended = {e.name for e in executions if e.status != "RUNNING"}
+    return names <= ended and await queue_depth(sqs, queue) == 0
+
+
+__all__ = ["Execution", "list_executions", "max_overlap"]

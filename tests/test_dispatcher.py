@@ -1,0 +1,326 @@
+"""The real dispatcher against the real emulator: the limit holds, nothing is lost or doubled.
+
+Every verdict comes from the executions' own records (ListExecutions start/stop dates),
+never from the dispatcher's opinion of itself.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from dispatcher.sandbox.provision import SandboxResources
+from dispatcher.testing.chaos import EventChaos
+from dispatcher.testing.faults import FaultKind, FaultProxy, FaultRule
+from tests.audit import (
+    all_done,
+    drain,
+    list_executions,
+    max_overlap,
+    queue_depth,
+    send_requests,
+    session,
+    wait_for,
+)
+from tests.runner import child_process, running
+
+Factory = Callable[..., Awaitable[SandboxResources]]
+
+
+def workload(n: int, low: float, high: float, seed: int = 7) -> list[dict[str, Any] | str]:
+    """``n`` demo-machine inputs waiting ``low``-``high`` seconds."""
+    rng = random.Random(seed)
+    return [{"seconds": round(rng.uniform(low, high), 2)} for _ in range(n)]
+
+
+async def verdict(
+    resources: SandboxResources, names: list[str], limit: int, *, within: float
+) -> None:
+    """Wait until every request ran, then check the records: limit, exactly once, queue empty."""
+    async with (
+        session().client("stepfunctions", endpoint_url=resources.endpoint) as sfn,
+        session().client("sqs", endpoint_url=resources.endpoint) as sqs,
+    ):
+        expected = set(names)
+
+        async def done() -> bool:
+            return await all_done(
+                sfn, sqs, resources.state_machine_arn, resources.request_queue_url, expected
+            )
+
+        await wait_for(done, within=within)
+        executions = await list_executions(sfn, resources.state_machine_arn)
+        started = [e.name for e in executions]
+        assert sorted(started) == sorted(expected), "every request started exactly once"
+        assert max_overlap(executions) <= limit
+        assert await queue_depth(sqs, resources.request_queue_url) == 0
+
+
+@pytest.mark.timeout(180)
+async def test_limit_held_for_200_requests(sandbox_factory: Factory) -> None:
+    resources = await sandbox_factory(limit=5)
+    async with session().client("sqs", endpoint_url=resources.endpoint) as sqs:
+        names = await send_requests(sqs, resources.request_queue_url, workload(200, 0.2, 1.0))
+    async with running(resources, limit=5) as dispatcher:
+        await verdict(resources, names, 5, within=150)
+        assert dispatcher.pool.ledger.running_count == 0
+        assert dispatcher.pool.started_total == 200
+
+
+@pytest.mark.timeout(240)
+async def test_limit_held_under_throttling_lag_and_damaged_events(
+    sandbox_factory: Factory,
+) -> None:
+    resources = await sandbox_factory(limit=5, raw_events=True)
+    assert resources.raw_events_queue_url is not None
+    async with session().client("sqs", endpoint_url=resources.endpoint) as sqs:
+        names = await send_requests(sqs, resources.request_queue_url, workload(200, 0.2, 1.0))
+    chaos = EventChaos(
+        resources.endpoint,
+        resources.raw_events_queue_url,
+        resources.events_queue_url,
+        drop=0.5,
+        duplicate=0.3,
+        reorder=True,
+        max_delay=1,
+        seed=3,
+    )
+    async with (
+        FaultProxy(resources.endpoint, seed=5, list_lag=1.0) as proxy,
+        anyio.create_task_group() as tg,
+    ):
+        proxy.add(FaultRule("StartExecution", FaultKind.THROTTLE, probability=0.3))
+        await tg.start(chaos.run)
+        async with running(
+            resources, proxy.url, limit=5, reconcile_interval=0.5, start_grace=1.5
+        ) as dispatcher:
+            await verdict(resources, names, 5, within=200)
+            throttled = proxy.stats[("StartExecution", "throttle")]
+            assert throttled >= 40, f"faults really injected ({throttled} throttles)"
+            assert chaos.stats["dropped"] >= 50
+            assert dispatcher.reconciler is not None
+            assert dispatcher.pool.finished_total == 200
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(180)
+async def test_reconcile_alone_when_every_event_is_lost(sandbox_factory: Factory) -> None:
+    resources = await sandbox_factory(limit=5, raw_events=True)
+    assert resources.raw_events_queue_url is not None
+    async with session().client("sqs", endpoint_url=resources.endpoint) as sqs:
+        names = await send_requests(sqs, resources.request_queue_url, workload(60, 0.2, 0.6))
+    chaos = EventChaos(
+        resources.endpoint, resources.raw_events_queue_url, resources.events_queue_url, drop=1.0
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(chaos.run)
+        async with running(resources, limit=5, reconcile_interval=0.5, start_grace=1) as d:
+            await verdict(resources, names, 5, within=150)
+            assert d.events is not None
+            assert d.events.applied == 0, "no event reached the dispatcher"
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(180)
+async def test_kill_9_mid_run_then_restart_loses_and_doubles_nothing(
+    sandbox_factory: Factory,
+) -> None:
+    resources = await sandbox_factory(limit=5)
+    async with (
+        session().client("sqs", endpoint_url=resources.endpoint) as sqs,
+        session().client("stepfunctions", endpoint_url=resources.endpoint) as sfn,
+    ):
+        names = await send_requests(sqs, resources.request_queue_url, workload(80, 0.3, 1.0))
+
+        async def some_started() -> bool:
+            return len(await list_executions(sfn, resources.state_machine_arn)) >= 20
+
+        async with child_process(resources) as first:
+            with anyio.fail_after(60):
+                await first.ready.wait()
+            await wait_for(some_started, within=60, interval=0.05)
+            first.process.send_signal(signal.SIGKILL)
+            assert await first.process.wait() == -signal.SIGKILL
+        async with child_process(resources) as second:
+            with anyio.fail_after(60):
+                await second.ready.wait()
+            await verdict(resources, names, 5, within=150)
+            second.process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(15):
+                assert await second.process.wait() == 0
+
+
+@pytest.mark.timeout(180)
+async def test_sigterm_under_load_exits_0_and_next_run_completes(
+    sandbox_factory: Factory,
+) -> None:
+    resources = await sandbox_factory(limit=5)
+    async with (
+        session().client("sqs", endpoint_url=resources.endpoint) as sqs,
+        session().client("stepfunctions", endpoint_url=resources.endpoint) as sfn,
+    ):
+        names = await send_requests(sqs, resources.request_queue_url, workload(60, 0.3, 1.0))
+
+        async def some_started() -> bool:
+            return len(await list_executions(sfn, resources.state_machine_arn)) >= 10
+
+        async with child_process(resources) as first:
+            with anyio.fail_after(60):
+                await first.ready.wait()
+            await wait_for(some_started, within=60, interval=0.05)
+            first.process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(5 + 5):  # shutdown timeout + margin
+                assert await first.process.wait() == 0
+        stopped = first.events("dispatcher.stopped")
+        assert len(stopped) == 1, "one summary line at exit"
+        assert stopped[0]["started"] >= 10
+        async with child_process(resources) as second:
+            with anyio.fail_after(60):
+                await second.ready.wait()
+            await verdict(resources, names, 5, within=150)
+
+
+@pytest.mark.timeout(120)
+async def test_executions_started_elsewhere_count_against_the_limit(
+    sandbox_factory: Factory,
+) -> None:
+    resources = await sandbox_factory(limit=5)
+    async with (
+        session().client("sqs", endpoint_url=resources.endpoint) as sqs,
+        session().client("stepfunctions", endpoint_url=resources.endpoint) as sfn,
+    ):
+        # Two started before the dispatcher (found by the start-up listing) ...
+        for i in range(2):
+            await sfn.start_execution(
+                stateMachineArn=resources.state_machine_arn,
+                name=f"console-before-{i}",
+                input=json.dumps({"seconds": 3}),
+            )
+        async with running(resources, limit=5) as dispatcher:
+            ledger = dispatcher.pool.ledger
+            assert ledger.running_count == 2
+            # ... and two while it runs idle (found through their RUNNING events).
+            for i in range(2):
+                await sfn.start_execution(
+                    stateMachineArn=resources.state_machine_arn,
+                    name=f"console-during-{i}",
+                    input=json.dumps({"seconds": 3}),
+                )
+
+            async def four_counted() -> bool:
+                return ledger.running_count >= 4
+
+            await wait_for(four_counted, within=30, interval=0.02)
+            names = await send_requests(sqs, resources.request_queue_url, workload(20, 0.2, 0.5))
+            foreign = [f"console-before-{i}" for i in range(2)] + [
+                f"console-during-{i}" for i in range(2)
+            ]
+            await verdict(resources, names + foreign, 5, within=90)
+
+
+@pytest.mark.timeout(120)
+async def test_bad_requests_are_dead_lettered_with_reasons(sandbox_factory: Factory) -> None:
+    resources = await sandbox_factory(limit=5)
+    good = workload(20, 0.1, 0.3)
+    bad: list[dict[str, Any] | str] = [
+        "this is not json",
+        json.dumps({"pad": "x" * (300 * 1024)}),
+        json.dumps({"seconds": 0.1}),  # sent with an invalid idempotency key
+        json.dumps({"seconds": 0.1, "marker": "reject-me"}),  # the state machine refuses it
+    ]
+    async with (
+        session().client("sqs", endpoint_url=resources.endpoint) as sqs,
+        FaultProxy(resources.endpoint) as proxy,
+    ):
+        proxy.add(
+            FaultRule(
+                "StartExecution",
+                FaultKind.ERROR,
+                status=400,
+                error_code="InvalidExecutionInput",
+                message="Invalid State Machine Execution Input",
+                body_contains="reject-me",
+            )
+        )
+        bodies = good[:10] + bad + good[10:]
+        keys: list[str | None] = [None] * len(bodies)
+        keys[12] = "not a valid key!"
+        names = await send_requests(sqs, resources.request_queue_url, bodies, keys)
+        valid_names = names[:10] + names[14:]
+        async with running(resources, proxy.url, limit=5) as dispatcher:
+            await verdict(resources, valid_names, 5, within=90)
+            assert dispatcher.health.live
+        dead = await drain(sqs, resources.dead_letter_queue_url)
+    reasons = sorted(m["MessageAttributes"]["dispatcher-reason"]["StringValue"] for m in dead)
+    assert reasons == sorted(
+        ["invalid_json", "input_too_large", "invalid_idempotency_key", "InvalidExecutionInput"]
+    )
+    for message in dead:
+        detail = message["MessageAttributes"]["dispatcher-detail"]["StringValue"]
+        assert len(detail) > 10, "a readable reason travels with the request"
+
+
+@pytest.mark.timeout(60)
+async def test_envelope_format_accepts_plain_text_producers(sandbox_factory: Factory) -> None:
+    resources = await sandbox_factory(limit=3)
+    async with (
+        session().client("sqs", endpoint_url=resources.endpoint) as sqs,
+        session().client("stepfunctions", endpoint_url=resources.endpoint) as sfn,
+    ):
+        texts: list[dict[str, Any] | str] = [f"test message {i}" for i in range(6)]
+        names = await send_requests(sqs, resources.request_queue_url, texts)
+        async with running(resources, limit=3, input_format="envelope"):
+            await verdict(resources, names, 3, within=45)
+        described = await sfn.describe_execution(
+            executionArn=resources.state_machine_arn.replace(":stateMachine:", ":execution:")
+            + ":"
+            + names[0]
+        )
+    document = json.loads(described["input"])
+    assert document["body"] == "test message 0"
+    assert document["messageId"] == names[0]
+
+
+@pytest.mark.timeout(60)
+async def test_idempotency_key_maps_repeated_requests_to_one_execution(
+    sandbox_factory: Factory,
+) -> None:
+    resources = await sandbox_factory(limit=2)
+    body = {"seconds": 0.2}
+    async with session().client("sqs", endpoint_url=resources.endpoint) as sqs:
+        names = await send_requests(
+            sqs, resources.request_queue_url, [body, body, body], ["order-42", "order-42", None]
+        )
+        async with running(resources, limit=2) as dispatcher:
+            await verdict(resources, names, 2, within=45)
+            assert dispatcher.intake is not None
+            assert dispatcher.intake.stats.duplicates == 1
+            assert dispatcher.intake.stats.started == 2
+
+
+@pytest.mark.timeout(60)
+async def test_express_state_machine_is_refused_with_a_reason(
+    sandbox_factory: Factory, tmp_path: Any
+) -> None:
+    resources = await sandbox_factory(limit=2)
+    async with session().client("stepfunctions", endpoint_url=resources.endpoint) as sfn:
+        created = await sfn.create_state_machine(
+            name=f"{resources.prefix}-express",
+            definition=json.dumps({"StartAt": "P", "States": {"P": {"Type": "Pass", "End": True}}}),
+            roleArn="arn:aws:iam::000000000000:role/x",
+            type="EXPRESS",
+        )
+    env = {"DISPATCHER_STATE_MACHINE_ARN": created["stateMachineArn"]}
+    async with child_process(resources, env) as child:
+        with anyio.fail_after(30):
+            code = await child.process.wait()
+    assert code == 2
+    text = " ".join(line.get("text", "") for line in child.lines)
+    assert "EXPRESS" in text
+    assert "STANDARD" in text
