@@ -89,6 +89,10 @@ def classify(exc: BaseException) -> ErrorKind:
     return ErrorKind.PERMANENT
 
 
+AWS_ERRORS = (ClientError, BotoCoreError, OSError, TimeoutError)
+"""What a failed AWS call raises; anything else escaping a loop is a bug and ends it."""
+
+
 def is_retryable(exc: Exception) -> bool:
     """Retry predicate for stamina: transient and setup errors are retried."""
     return classify(exc) is not ErrorKind.PERMANENT

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import structlog
 
-from dispatcher.aws import Clients
+from dispatcher.aws import AWS_ERRORS, Clients
 from dispatcher.config import Settings
 from dispatcher.health import Health
 from dispatcher.ledger import TERMINAL_STATUSES, Change
@@ -96,7 +96,7 @@ class Events:
             try:
                 await self.run_once()
                 failures = 0
-            except Exception as exc:  # noqa: BLE001 - a failed receive must not end the loop
+            except AWS_ERRORS as exc:  # a bug is not caught: the loop dies, /healthz says so
                 failures += 1
                 self.health.aws_failed("ReceiveMessage", exc)
                 log.warning("dispatcher.events_receive_failed", error=str(exc))

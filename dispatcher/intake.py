@@ -19,7 +19,7 @@ import stamina
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from dispatcher.aws import Clients, ErrorKind, classify, error_code, is_retryable
+from dispatcher.aws import AWS_ERRORS, Clients, ErrorKind, classify, error_code, is_retryable
 from dispatcher.config import Settings
 from dispatcher.health import Health
 from dispatcher.ledger import Change, Reservation
@@ -112,7 +112,7 @@ class Intake:
             try:
                 await self.run_once(handlers)
                 failures = 0
-            except Exception as exc:  # noqa: BLE001 - a failed receive must not end intake
+            except AWS_ERRORS as exc:  # a bug is not caught: the loop dies, /healthz says so
                 failures += 1
                 self.health.aws_failed("ReceiveMessage", exc)
                 log.warning("dispatcher.receive_failed", error=str(exc), failures=failures)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import anyio
 import structlog
 
-from dispatcher.aws import Clients, error_code
+from dispatcher.aws import AWS_ERRORS, Clients, error_code
 from dispatcher.config import Settings
 from dispatcher.health import Health
 from dispatcher.metrics import Metrics
@@ -54,7 +54,7 @@ class Reconciler:
             await anyio.sleep(self.settings.reconcile_interval)
             try:
                 await self.run_once()
-            except Exception as exc:  # noqa: BLE001 - next interval tries again
+            except AWS_ERRORS as exc:  # a bug is not caught: the loop dies, /healthz says so
                 self.metrics.reconcile_runs.labels(result="error").inc()
                 self.health.aws_failed("ListExecutions", exc)
                 log.warning("dispatcher.reconcile_failed", error=str(exc))

@@ -75,6 +75,8 @@ class Dispatcher:
         self.intake: Intake | None = None
         self.events: Events | None = None
         self.reconciler: Reconciler | None = None
+        self.serving = anyio.Event()  # HTTP endpoints answer (start-up may still run)
+        self.started = anyio.Event()  # start-up listing done: ready
         self._stop = anyio.Event()
         self._signals = 0
         self._began = time.monotonic()
@@ -131,6 +133,7 @@ class Dispatcher:
         ):
             app = build_app(self.health, self.metrics, self.status)
             self.http_port = await tg.start(serve, app, settings.http_host, settings.http_port)
+            self.serving.set()
             if handle_signals:
                 tg.start_soon(self._watch_signals, tg.cancel_scope)
             await preflight(settings, clients)
@@ -164,6 +167,7 @@ class Dispatcher:
             tg.start_soon(self.health.supervise, "events", self.events.run)
             tg.start_soon(self.health.supervise, "reconcile", self.reconciler.run)
             tg.start_soon(run_intake)
+            self.started.set()
             task_status.started(self)
             await self._stop.wait()
             # Ordered shutdown: stop intake, drain starts in flight (bounded), then the rest.

@@ -1,0 +1,410 @@
+"""The ECS/Fargate deploy template: cfn-lint clean, and the properties the design relies on.
+
+Each test reads the real ``deploy/cloudformation.yaml``; none of them is a tautology about
+a copy of it. The IAM tests pin the task role to exactly the calls the dispatcher makes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "cloudformation.yaml"
+
+# Every short-form intrinsic function CloudFormation accepts in YAML.
+_SHORT_TAGS = (
+    "Base64",
+    "Cidr",
+    "Condition",
+    "Contains",
+    "EachMemberEquals",
+    "EachMemberIn",
+    "Equals",
+    "FindInMap",
+    "GetAZs",
+    "GetAtt",
+    "If",
+    "ImportValue",
+    "Join",
+    "Length",
+    "Not",
+    "Or",
+    "And",
+    "Ref",
+    "RefAll",
+    "Select",
+    "Split",
+    "Sub",
+    "ToJsonString",
+    "Transform",
+    "ValueOf",
+    "ValueOfAll",
+)
+
+
+class CloudFormationLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``!Ref X`` as ``{"Ref": "X"}`` and ``!Sub s`` as ``{"Fn::Sub": s}``."""
+
+
+def _construct_intrinsic(loader: yaml.SafeLoader, node: yaml.Node) -> dict[str, Any]:
+    tag = node.tag.removeprefix("!")
+    key = tag if tag in ("Ref", "Condition") else f"Fn::{tag}"
+    value: Any
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+        if tag == "GetAtt":  # the short form is "Resource.Attribute"
+            value = value.split(".", 1)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        assert isinstance(node, yaml.MappingNode)
+        value = loader.construct_mapping(node, deep=True)
+    return {key: value}
+
+
+for _tag in _SHORT_TAGS:
+    CloudFormationLoader.add_constructor(f"!{_tag}", _construct_intrinsic)
+
+
+def load_template(text: str) -> Any:
+    """Parse CloudFormation YAML; safe, since the loader only adds plain-data constructors."""
+    return yaml.load(text, Loader=CloudFormationLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+@pytest.fixture(scope="module")
+def template() -> dict[str, Any]:
+    """The parsed template, intrinsic functions in their long (JSON) form."""
+    loaded = load_template(TEMPLATE.read_text(encoding="utf-8"))
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def _resource(template: dict[str, Any], type_: str) -> tuple[str, dict[str, Any]]:
+    """The one resource of ``type_`` as (logical id, resource)."""
+    found = [(k, v) for k, v in template["Resources"].items() if v["Type"] == type_]
+    assert len(found) == 1, f"expected exactly one {type_}, found {[k for k, _ in found]}"
+    return found[0]
+
+
+def _container(template: dict[str, Any]) -> dict[str, Any]:
+    _, task = _resource(template, "AWS::ECS::TaskDefinition")
+    containers = task["Properties"]["ContainerDefinitions"]
+    assert len(containers) == 1
+    container: dict[str, Any] = containers[0]
+    return container
+
+
+def _branches(item: Any) -> Iterator[Any]:
+    """An item of a list, or both branches of an ``Fn::If`` standing in for one."""
+    if isinstance(item, dict) and set(item) == {"Fn::If"}:
+        _, when_true, when_false = item["Fn::If"]
+        for branch in (when_true, when_false):
+            yield from _branches(branch)
+    elif item != {"Ref": "AWS::NoValue"}:
+        yield item
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _task_role_statements(template: dict[str, Any]) -> list[dict[str, Any]]:
+    _, task = _resource(template, "AWS::ECS::TaskDefinition")
+    role_id = task["Properties"]["TaskRoleArn"]["Fn::GetAtt"][0]
+    role = template["Resources"][role_id]
+    assert role["Type"] == "AWS::IAM::Role"
+    assert "ManagedPolicyArns" not in role["Properties"], "the task role must be inline-only"
+    statements: list[dict[str, Any]] = []
+    for policy in role["Properties"]["Policies"]:
+        for item in policy["PolicyDocument"]["Statement"]:
+            statements.extend(_branches(item))
+    return statements
+
+
+def _describe(resource: Any) -> str:
+    """A readable key for an IAM resource expression: ``Queue.Arn``, ``StateMachineArn``, ..."""
+    if isinstance(resource, dict) and "Fn::GetAtt" in resource:
+        return ".".join(resource["Fn::GetAtt"])
+    if isinstance(resource, dict) and "Ref" in resource:
+        return str(resource["Ref"])
+    if isinstance(resource, dict) and "Fn::Sub" in resource:
+        sub = resource["Fn::Sub"]
+        return str(sub[0] if isinstance(sub, list) else sub)
+    return str(resource)
+
+
+def _cfn_lint() -> str:
+    beside = Path(sys.executable).parent / "cfn-lint"
+    found = str(beside) if beside.exists() else shutil.which("cfn-lint")
+    assert found, "cfn-lint is not installed (it is in the dev extra)"
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_cfn_lint_passes_including_informational_checks() -> None:
+    result = subprocess.run(
+        [_cfn_lint(), "--include-checks", "I", "--", str(TEMPLATE)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=110,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_plain_cloudformation_without_transforms(template: dict[str, Any]) -> None:
+    assert "Transform" not in template
+    assert template["AWSTemplateFormatVersion"] == "2010-09-09"
+
+
+def test_service_stops_the_old_task_before_starting_the_new_one(template: dict[str, Any]) -> None:
+    _, service = _resource(template, "AWS::ECS::Service")
+    props = service["Properties"]
+    assert props["DesiredCount"] == 1
+    assert props["LaunchType"] == "FARGATE"
+    deployment = props["DeploymentConfiguration"]
+    assert deployment["MinimumHealthyPercent"] == 0
+    assert deployment["MaximumPercent"] == 100
+    assert deployment["DeploymentCircuitBreaker"] == {"Enable": True, "Rollback": True}
+    assert props.get("AvailabilityZoneRebalancing") == "DISABLED"
+
+
+def test_container_shuts_down_inside_the_stop_timeout(template: dict[str, Any]) -> None:
+    container = _container(template)
+    assert container["StopTimeout"] == 120
+    env = {e["Name"]: e["Value"] for item in container["Environment"] for e in _branches(item)}
+    assert 0 < float(env["DISPATCHER_SHUTDOWN_TIMEOUT"]) < container["StopTimeout"]
+
+
+def test_container_health_check_and_hardening(template: dict[str, Any]) -> None:
+    container = _container(template)
+    command = container["HealthCheck"]["Command"]
+    assert command[0] == "CMD"
+    assert "curl" not in command, "the image has no curl"
+    assert any("/healthz" in part for part in command)
+    assert container["Essential"] is True
+    assert container["ReadonlyRootFilesystem"] is True
+    assert container["User"] not in ("0", "root")
+    assert container["User"].split(":")[0] == "10001"
+    assert [p["ContainerPort"] for p in container["PortMappings"]] == [8080]
+    assert container["LogConfiguration"]["LogDriver"] == "awslogs"
+
+
+def test_container_environment_is_the_dispatchers(template: dict[str, Any]) -> None:
+    container = _container(template)
+    env = {e["Name"]: e["Value"] for item in container["Environment"] for e in _branches(item)}
+    assert env["DISPATCHER_HTTP_HOST"] == "0.0.0.0"  # noqa: S104 - the task's own ENI
+    assert env["DISPATCHER_HTTP_PORT"] == "8080"
+    assert env["DISPATCHER_LOG_FORMAT"] == "json"
+    assert env["DISPATCHER_STATE_MACHINE_ARN"] == {"Ref": "StateMachineArn"}
+    assert env["DISPATCHER_LIMIT"] == {"Ref": "Limit"}
+    for name, resource in (
+        ("DISPATCHER_REQUEST_QUEUE_URL", "RequestQueue"),
+        ("DISPATCHER_EVENTS_QUEUE_URL", "EventsQueue"),
+        ("DISPATCHER_DEAD_LETTER_QUEUE_URL", "DeadLetterQueue"),
+    ):
+        assert env[name] == {"Ref": resource}
+    # The optional features are switched by conditions, never on by default.
+    optional = {
+        e["Name"]: item["Fn::If"][0]
+        for item in container["Environment"]
+        if isinstance(item, dict) and "Fn::If" in item
+        for e in _branches(item)
+    }
+    assert optional == {
+        "DISPATCHER_LIMIT_PARAMETER": "UseLimitParameter",
+        "DISPATCHER_LEASE_TABLE": "UseLeaseTable",
+    }
+    params = template["Parameters"]
+    assert params["EnableLimitParameter"]["Default"] == "false"
+    assert params["CreateLeaseTable"]["Default"] == "false"
+
+
+EXPECTED_ACTIONS = {
+    "states:DescribeStateMachine",
+    "states:ListExecutions",
+    "states:StartExecution",
+    "states:DescribeExecution",
+    "sqs:ReceiveMessage",
+    "sqs:DeleteMessage",
+    "sqs:ChangeMessageVisibility",
+    "sqs:GetQueueAttributes",
+    "sqs:SendMessage",
+    "ssm:GetParameter",
+    "dynamodb:GetItem",
+    "dynamodb:PutItem",
+    "dynamodb:UpdateItem",
+}
+
+EXECUTION_ARN = "arn:${AWS::Partition}:states:${AWS::Region}:${AWS::AccountId}:execution:${Name}:*"
+PARAMETER_ARN = (
+    "arn:${AWS::Partition}:ssm:${AWS::Region}:${AWS::AccountId}:parameter${LimitParameter}"
+)
+
+EXPECTED_GRANTS = {
+    ("states:DescribeStateMachine", "StateMachineArn"),
+    ("states:ListExecutions", "StateMachineArn"),
+    ("states:StartExecution", "StateMachineArn"),
+    ("states:DescribeExecution", EXECUTION_ARN),
+    *(
+        (action, queue)
+        for action in (
+            "sqs:ReceiveMessage",
+            "sqs:DeleteMessage",
+            "sqs:ChangeMessageVisibility",
+            "sqs:GetQueueAttributes",
+        )
+        for queue in ("RequestQueue.Arn", "EventsQueue.Arn")
+    ),
+    ("sqs:SendMessage", "DeadLetterQueue.Arn"),
+    ("sqs:GetQueueAttributes", "DeadLetterQueue.Arn"),
+    ("ssm:GetParameter", PARAMETER_ARN),
+    ("dynamodb:GetItem", "LeaseTable.Arn"),
+    ("dynamodb:PutItem", "LeaseTable.Arn"),
+    ("dynamodb:UpdateItem", "LeaseTable.Arn"),
+}
+
+
+def test_task_role_has_no_wildcards(template: dict[str, Any]) -> None:
+    for statement in _task_role_statements(template):
+        assert statement["Effect"] == "Allow"
+        assert "NotAction" not in statement
+        assert "NotResource" not in statement
+        for action in _as_list(statement["Action"]):
+            assert "*" not in action, statement
+        for resource in _as_list(statement["Resource"]):
+            assert resource != "*", statement
+
+
+def test_task_role_actions_are_exactly_the_dispatchers(template: dict[str, Any]) -> None:
+    actions = {a for s in _task_role_statements(template) for a in _as_list(s["Action"])}
+    assert actions == EXPECTED_ACTIONS
+
+
+def test_task_role_grants_each_action_only_on_its_resources(template: dict[str, Any]) -> None:
+    grants = {
+        (action, _describe(resource))
+        for statement in _task_role_statements(template)
+        for action in _as_list(statement["Action"])
+        for resource in _as_list(statement["Resource"])
+    }
+    assert grants == EXPECTED_GRANTS
+
+
+def test_describe_execution_resource_takes_the_name_from_the_arn(
+    template: dict[str, Any],
+) -> None:
+    [statement] = [
+        s
+        for s in _task_role_statements(template)
+        if "states:DescribeExecution" in _as_list(s["Action"])
+    ]
+    _, variables = statement["Resource"]["Fn::Sub"]
+    # arn:aws:states:REGION:ACCOUNT:stateMachine:NAME - the name is field 6.
+    assert variables["Name"] == {
+        "Fn::Select": [6, {"Fn::Split": [":", {"Ref": "StateMachineArn"}]}]
+    }
+
+
+def test_lease_permissions_and_table_exist_only_with_the_condition(
+    template: dict[str, Any],
+) -> None:
+    _, task = _resource(template, "AWS::ECS::TaskDefinition")
+    role = template["Resources"][task["Properties"]["TaskRoleArn"]["Fn::GetAtt"][0]]
+    conditional = [
+        item["Fn::If"]
+        for policy in role["Properties"]["Policies"]
+        for item in policy["PolicyDocument"]["Statement"]
+        if "Fn::If" in item
+    ]
+    assert len(conditional) == 1
+    condition, statement, otherwise = conditional[0]
+    assert condition == "UseLeaseTable"
+    assert all(a.startswith("dynamodb:") for a in statement["Action"])
+    assert otherwise == {"Ref": "AWS::NoValue"}
+    table_id, table = _resource(template, "AWS::DynamoDB::Table")
+    assert table["Condition"] == "UseLeaseTable"
+    assert table["Properties"]["KeySchema"] == [{"AttributeName": "pool", "KeyType": "HASH"}]
+    assert table["Properties"]["TimeToLiveSpecification"] == {
+        "AttributeName": "expires_at",
+        "Enabled": True,
+    }
+    assert template["Conditions"]["UseLeaseTable"] == {
+        "Fn::Equals": [{"Ref": "CreateLeaseTable"}, "true"]
+    }
+    assert table_id == "LeaseTable"
+
+
+def test_requests_queue_redrives_to_the_dead_letter_queue(template: dict[str, Any]) -> None:
+    redrive = template["Resources"]["RequestQueue"]["Properties"]["RedrivePolicy"]
+    assert redrive["deadLetterTargetArn"] == {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}
+    assert redrive["maxReceiveCount"] == {"Ref": "MaxReceiveCount"}
+    assert template["Parameters"]["MaxReceiveCount"]["Default"] == 5
+
+
+def test_events_queue_accepts_only_the_rule(template: dict[str, Any]) -> None:
+    rule_id, _ = _resource(template, "AWS::Events::Rule")
+    _, policy = _resource(template, "AWS::SQS::QueuePolicy")
+    props = policy["Properties"]
+    assert props["Queues"] == [{"Ref": "EventsQueue"}]
+    rule_arn = {"Fn::GetAtt": [rule_id, "Arn"]}
+    statements = props["PolicyDocument"]["Statement"]
+    allows = [s for s in statements if s["Effect"] == "Allow"]
+    assert len(allows) == 1
+    [allow] = allows
+    assert allow["Principal"] == {"Service": "events.amazonaws.com"}
+    assert _as_list(allow["Action"]) == ["sqs:SendMessage"]
+    assert allow["Resource"] == {"Fn::GetAtt": ["EventsQueue", "Arn"]}
+    assert allow["Condition"] == {"ArnEquals": {"aws:SourceArn": rule_arn}}
+    # ...and everyone else is denied, so a same-account principal cannot forge events.
+    denies = [s for s in statements if s["Effect"] == "Deny"]
+    assert len(denies) == 1
+    [deny] = denies
+    assert deny["Principal"] == "*"
+    assert _as_list(deny["Action"]) == ["sqs:SendMessage"]
+    assert deny["Condition"] == {"ArnNotEquals": {"aws:SourceArn": rule_arn}}
+
+
+def test_rule_matches_this_state_machines_status_changes(template: dict[str, Any]) -> None:
+    _, rule = _resource(template, "AWS::Events::Rule")
+    props = rule["Properties"]
+    assert props["EventPattern"] == {
+        "source": ["aws.states"],
+        "detail-type": ["Step Functions Execution Status Change"],
+        "detail": {"stateMachineArn": [{"Ref": "StateMachineArn"}]},
+    }
+    assert [t["Arn"] for t in props["Targets"]] == [{"Fn::GetAtt": ["EventsQueue", "Arn"]}]
+    assert props.get("State", "ENABLED") == "ENABLED"
+
+
+def test_outputs_give_what_producers_and_operators_need(template: dict[str, Any]) -> None:
+    outputs = template["Outputs"]
+    for name in (
+        "RequestQueueUrl",
+        "DeadLetterQueueUrl",
+        "EventsQueueUrl",
+        "LimitParameterName",
+        "MetricsEndpoint",
+        "ServiceName",
+    ):
+        assert name in outputs, name
+    assert outputs["RequestQueueUrl"]["Value"] == {"Ref": "RequestQueue"}
+    assert ":8080/metrics" in outputs["MetricsEndpoint"]["Value"]["Fn::Sub"]
+
+
+def test_loader_understands_every_short_tag() -> None:
+    loaded = load_template(
+        "a: !GetAtt Queue.Arn\nb: !Sub [x, {y: !Ref Z}]\nc: !If [C, 1, !Ref AWS::NoValue]\n"
+    )
+    assert loaded == {
+        "a": {"Fn::GetAtt": ["Queue", "Arn"]},
+        "b": {"Fn::Sub": ["x", {"y": {"Ref": "Z"}}]},
+        "c": {"Fn::If": ["C", 1, {"Ref": "AWS::NoValue"}]},
+    }
