@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "dispatcher.sandbox.cli",
     "dispatcher.submit",
     "dispatcher.demo",
+    "dispatcher.check",
 )
 
 
