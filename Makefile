@@ -48,5 +48,10 @@ format: $(VENV)/.installed
 bench: $(VENV)/.installed $(EMULATOR_VENV)/.installed
 	$(PY) -m bench
 
+# Pinned runtime dependencies (with hashes) for the container image.
+lock: $(VENV)/.installed
+	$(PY) -m pip install $(PIP_FLAGS) 'uv==0.13.8'
+	$(VENV)/bin/uv pip compile pyproject.toml --python-version 3.11 --python-platform linux --generate-hashes --custom-compile-command 'make lock' --output-file requirements.lock
+
 clean:
 	rm -rf $(VENV) $(EMULATOR_VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -125,6 +125,7 @@ class Intake:
         free = await self.pool.wait_free()
         ledger = self.pool.ledger
         reservations = ledger.reserve(min(10, free), self.pool.clock())
+        self.pool.receiving += len(reservations)
         self.pool.update()
         try:
             response = await self.sqs.receive_message(
@@ -138,8 +139,10 @@ class Intake:
         except BaseException:
             for reservation in reservations:
                 ledger.cancel(reservation)
-            self.pool.update()
             raise
+        finally:
+            self.pool.receiving -= len(reservations)
+            self.pool.update()
         self.health.aws_ok()
         messages: list[Any] = list(response.get("Messages", []))
         for reservation in reservations[len(messages) :]:

@@ -25,7 +25,7 @@ class Metrics:
             "dispatcher_running", "Executions believed running (held slots).", pool, registry=r
         )
         self.starting = Gauge(
-            "dispatcher_starting", "Slots reserved for starts in flight.", pool, registry=r
+            "dispatcher_starting", "Requests received whose start is in flight.", pool, registry=r
         )
         self.free = Gauge("dispatcher_free_slots", "Slots a new start may take.", pool, registry=r)
         self.ready = Gauge(
@@ -97,3 +97,35 @@ class Metrics:
             ("operation", "outcome"),
             registry=r,
         )
+
+    def prefill(self, pool: str) -> None:
+        """Export every known label set at zero, so dashboards and alerts see 0, not "no data"."""
+        for outcome in ("started", "duplicate", "retried", "dead_lettered"):
+            self.starts.labels(pool=pool, outcome=outcome)
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(pool=pool, reason=reason)
+        for kind in ("adopted", "freed"):
+            self.reconcile_corrections.labels(pool=pool, kind=kind)
+        for status in ("RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"):
+            for result in ("applied", "duplicate", "stale"):
+                self.events.labels(status=status, result=result)
+        self.events.labels(status="unknown", result="malformed")
+        for operation in ("StartExecution", "ReceiveMessage", "ListExecutions"):
+            for outcome in ("ok", "throttled", "error"):
+                self.aws_calls.labels(operation=operation, outcome=outcome)
+        for result in ("ok", "error"):
+            self.reconcile_runs.labels(result=result)
+        for histogram in (self.start_latency, self.queue_wait, self.refill):
+            histogram.labels(pool=pool)
+
+
+DEAD_LETTER_REASONS = (
+    "invalid_json",
+    "input_too_large",
+    "invalid_idempotency_key",
+    "idempotency_conflict",
+    "InvalidExecutionInput",
+    "InvalidName",
+    "ValidationException",
+)
+"""Reasons known in advance (others, from AWS error codes, appear when they happen)."""

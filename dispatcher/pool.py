@@ -37,9 +37,11 @@ class Pool:
         self.clock = clock
         self._changed = anyio.Event()
         self._freed_at: deque[float] = deque(maxlen=10_000)
+        self.receiving = 0  # reserved slots held by receives in flight (not yet starts)
         self.started_total = 0
         self.finished_total = 0
         self.max_running_seen = 0
+        metrics.prefill(name)
         self.update()
 
     def update(self) -> None:
@@ -48,12 +50,17 @@ class Pool:
         labels = {"pool": self.name}
         self.metrics.limit.labels(**labels).set(ledger.limit)
         self.metrics.running.labels(**labels).set(ledger.running_count)
-        self.metrics.starting.labels(**labels).set(ledger.reserved_count)
+        self.metrics.starting.labels(**labels).set(self.starting)
         self.metrics.free.labels(**labels).set(ledger.free)
         self.max_running_seen = max(self.max_running_seen, ledger.running_count)
         if ledger.free > 0:
             event, self._changed = self._changed, anyio.Event()
             event.set()
+
+    @property
+    def starting(self) -> int:
+        """Reserved slots whose request has arrived: starts in flight."""
+        return max(0, self.ledger.reserved_count - self.receiving)
 
     async def wait_free(self) -> int:
         """Wait until at least one slot is free; return how many are."""
