@@ -13,15 +13,15 @@ from enum import StrEnum
 from typing import Any, Self
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "DISPATCHER_"
 
 STATE_MACHINE_ARN_RE = re.compile(
     r"^arn:aws[a-z-]*:states:(?P<region>[a-z0-9-]+):(?P<account>\d{12}):stateMachine:"
-    r"(?P<name>[A-Za-z0-9_-]{1,80})$"
+    r"(?P<name>[A-Za-z0-9_-]{1,80})\Z"
 )
-QUEUE_URL_RE = re.compile(r"^https?://[^\s/]+(/[^\s/]+)*/[^\s/]+$")
+QUEUE_URL_RE = re.compile(r"^https?://[^\s/]+(/[^\s/]+)*/[^\s/]+\Z")
 
 
 class ConfigError(Exception):
@@ -173,9 +173,24 @@ class Settings(BaseSettings):
                 if k.upper().startswith(ENV_PREFIX)
             }
             scoped = {k: v for k, v in scoped.items() if k in cls.model_fields}
-            return cls.model_validate({**scoped, **kwargs})
+            return _Given.model_validate({**scoped, **kwargs})
         except ValidationError as exc:
             raise ConfigError(_describe(exc)) from None
+
+
+class _Given(Settings):
+    """Settings from the values given to `Settings.load` only (no process environment)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
 
 
 def env_name(field: str) -> str:

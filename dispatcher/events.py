@@ -40,7 +40,10 @@ class StatusChange:
 
 def parse_event(body: str) -> StatusChange:
     """Parse an EventBridge envelope; raise ValueError naming what is missing or wrong."""
-    envelope = json.loads(body)
+    try:
+        envelope = json.loads(body)
+    except RecursionError:
+        raise ValueError("event body is nested too deeply") from None
     if not isinstance(envelope, dict):
         raise ValueError("event body is not a JSON object")
     if envelope.get("source") != SOURCE or envelope.get("detail-type") != DETAIL_TYPE:
@@ -60,6 +63,8 @@ def parse_event(body: str) -> StatusChange:
         )
     except KeyError as exc:
         raise ValueError(f"event detail lacks {exc.args[0]!r}") from None
+    except TypeError as exc:
+        raise ValueError(f"event detail has a field of the wrong type ({exc})") from None
 
 
 _RESULTS = {

@@ -159,12 +159,13 @@ class Intake:
 
     async def handle(self, message: dict[str, Any], reservation: Reservation) -> None:
         """Start, dead-letter or hand back one request; always settles its reservation."""
-        request = parse(message, self.settings.input_format)
         key = next(self._ids)
         handling = _Handling(scope=anyio.CancelScope())
         self.stats.in_flight[key] = handling
-        bound = log.bind(message_id=request.message_id)
+        bound = log.bind(message_id=message.get("MessageId"))
+        receipt_handle = str(message.get("ReceiptHandle"))
         try:
+            request = parse(message, self.settings.input_format)
             with handling.scope:
                 self._check_not_stopping(2)
                 if isinstance(request, BadRequest):
@@ -175,13 +176,13 @@ class Intake:
                     bound = bound.bind(execution_name=request.name)
                     await self._start(request, message, reservation, handling, bound)
         except _AbandonedError:
-            await self._hand_back(request.receipt_handle, 0, bound, "shutting down")
+            await self._hand_back(receipt_handle, 0, bound, "shutting down")
         finally:
             del self.stats.in_flight[key]
             self._release(reservation)
         if handling.scope.cancelled_caught and not self._force:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await self._hand_back(request.receipt_handle, 0, bound, "shutting down")
+                await self._hand_back(receipt_handle, 0, bound, "shutting down")
 
     def _release(self, reservation: Reservation) -> None:
         if self.pool.ledger.cancel(reservation):
@@ -195,6 +196,10 @@ class Intake:
         handling: _Handling,
         bound: Any,
     ) -> None:
+        # Held before our first attempt: AWS's idempotent success is a duplicate, not a start.
+        held_before = self.pool.ledger.holds(
+            execution_arn(self.pool.state_machine_arn, request.name)
+        )
         try:
             arn, attempts = await self._call_start(request, handling, bound)
         except _AbandonedError:
@@ -205,6 +210,12 @@ class Intake:
             return
         handling.phase = "finishing"
         self._commit(reservation, arn)
+        if held_before:
+            self.stats.duplicates += 1
+            self.metrics.starts.labels(pool=self.pool.name, outcome="duplicate").inc()
+            bound.info("dispatcher.duplicate_request", execution_arn=arn, status="RUNNING")
+            await self._delete(request.receipt_handle, bound)
+            return
         self.stats.started += 1
         self.pool.started_total += 1
         self.metrics.starts.labels(pool=self.pool.name, outcome="started").inc()

@@ -92,10 +92,18 @@ class Reconciler:
         async def confirm(arn: str) -> None:
             nonlocal freed, confirmed
             async with limiter:
-                if await self._confirm(arn):
-                    freed += 1
-                else:
-                    confirmed += 1
+                try:
+                    ended = await self._confirm(arn)
+                except AWS_ERRORS as exc:  # keep it held: nothing is freed on a guess
+                    self.health.aws_failed("DescribeExecution", exc)
+                    log.warning(
+                        "dispatcher.reconcile_describe_failed", execution_arn=arn, error=str(exc)
+                    )
+                    return
+            if ended:
+                freed += 1
+            else:
+                confirmed += 1
 
         async with anyio.create_task_group() as tg:
             for arn in result.suspects:

@@ -15,7 +15,7 @@ from typing import Any
 from dispatcher.config import InputFormat
 
 IDEMPOTENCY_ATTRIBUTE = "idempotency-key"
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}\Z")
 MAX_INPUT_BYTES = 256 * 1024  # the Step Functions input limit
 
 
@@ -90,7 +90,7 @@ def parse(message: dict[str, Any], fmt: InputFormat) -> StartRequest | BadReques
     else:
         try:
             json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             return bad("invalid_json", f"body is not valid JSON ({exc})")
         payload = body
     size = len(payload.encode())

@@ -1,0 +1,375 @@
+"""Intake on fakes: one request at a time (`Intake.handle`) and one pass (`Intake.run_once`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+import stamina
+from botocore.exceptions import (
+    ClientError,
+)
+
+from dispatcher.intake import DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REASON_ATTRIBUTE, Intake
+from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
+from tests.fakes import (
+    DEAD_LETTER_QUEUE,
+    REQUEST_QUEUE,
+    STATE_MACHINE_ARN,
+    World,
+    build_world,
+    client_error,
+    sqs_message,
+    throttled,
+)
+
+pytestmark = pytest.mark.timeout(10)
+
+MESSAGE_ID = "2f6c0f7e-8b1a-4c3d-9e5f-0a1b2c3d4e5f"
+ARN = execution_arn(STATE_MACHINE_ARN, MESSAGE_ID)
+KEYED_ARN = execution_arn(STATE_MACHINE_ARN, "order-1")
+
+
+@pytest.fixture
+def fast_retries() -> Iterator[None]:
+    """stamina's test mode: up to 5 attempts, no back-off sleeps; restored afterwards."""
+    with stamina.set_testing(True, attempts=5):
+        yield
+
+
+def intake_of(world: World) -> Intake:
+    """The intake under test, wired to the world's fakes."""
+    return Intake(world.settings, world.clients, world.pool, world.metrics, world.health)
+
+
+async def handle(world: World, message: dict[str, Any], intake: Intake | None = None) -> Intake:
+    """Reserve one slot and handle ``message`` with it, as `run_once` would."""
+    intake = intake or intake_of(world)
+    [reservation] = world.pool.ledger.reserve(1, world.clock())
+    await intake.handle(message, reservation)
+    return intake
+
+
+def assert_slot_free(world: World) -> None:
+    """Nothing held, nothing reserved: the reservation was given back."""
+    ledger = world.pool.ledger
+    assert ledger.running_count == 0
+    assert ledger.reserved_count == 0
+    assert ledger.free == ledger.limit
+
+
+def keyed(body: str = '{"n": 1}', **kwargs: Any) -> dict[str, Any]:
+    """A request carrying the idempotency key ``order-1``."""
+    return sqs_message(body, attributes={IDEMPOTENCY_ATTRIBUTE: "order-1"}, **kwargs)
+
+
+# -- one request -----------------------------------------------------------------------
+
+
+async def test_started_request_is_held_then_deleted() -> None:
+    world = build_world()
+    sent_ms = str(int((time.time() - 5) * 1000))
+    message = sqs_message('{"n": 1}', message_id=MESSAGE_ID, system={"SentTimestamp": sent_ms})
+    intake = await handle(world, message)
+    assert world.pool.ledger.running == {ARN}
+    assert world.pool.ledger.reserved_count == 0
+    assert world.sqs.names() == ["start_execution", "delete_message"]
+    [start] = world.sfn.calls_to("start_execution")
+    assert start == {"stateMachineArn": STATE_MACHINE_ARN, "name": MESSAGE_ID, "input": '{"n": 1}'}
+    [delete] = world.sqs.calls_to("delete_message")
+    assert delete == {"QueueUrl": REQUEST_QUEUE, "ReceiptHandle": message["ReceiptHandle"]}
+    assert world.sample("dispatcher_starts_total", pool="default", outcome="started") == 1
+    assert world.sample("dispatcher_queue_wait_seconds_count", pool="default") == 1
+    assert world.sample("dispatcher_queue_wait_seconds_sum", pool="default") >= 5
+    assert world.sample("dispatcher_running", pool="default") == 1
+    assert intake.stats.started == 1
+    assert not intake.stats.in_flight
+
+
+async def test_trace_header_is_passed_on() -> None:
+    world = build_world()
+    trace = "Root=1-5759e988-bd862e3fe1be46a994272793;Sampled=1"
+    await handle(world, sqs_message(system={"AWSTraceHeader": trace}))
+    [start] = world.sfn.calls_to("start_execution")
+    assert start["traceHeader"] == trace
+
+
+@pytest.mark.usefixtures("fast_retries")
+async def test_throttled_twice_then_started_once() -> None:
+    world = build_world()
+    world.sfn.fail("start_execution", throttled(), throttled())
+    intake = await handle(world, sqs_message(message_id=MESSAGE_ID))
+    assert world.sqs.names() == ["start_execution"] * 3 + ["delete_message"]
+    assert world.pool.ledger.running == {ARN}
+    assert intake.stats.started == 1
+    assert world.sample("dispatcher_starts_total", pool="default", outcome="started") == 1
+    assert world.sample("dispatcher_start_execution_seconds_count", pool="default") == 3
+
+
+@pytest.mark.usefixtures("fast_retries")
+@pytest.mark.parametrize("code", ["InvalidExecutionInput", "ValidationException", "InvalidName"])
+async def test_permanent_error_dead_letters_with_the_reason_then_deletes(code: str) -> None:
+    world = build_world()
+    world.sfn.fail("start_execution", client_error(code, 400))
+    message = sqs_message('{"n": 1}', message_id=MESSAGE_ID, attributes={"customer": "c-1"})
+    intake = await handle(world, message)
+    assert world.sqs.names() == ["start_execution", "send_message", "delete_message"]
+    [sent] = world.sqs.calls_to("send_message")
+    assert sent["QueueUrl"] == DEAD_LETTER_QUEUE
+    assert sent["MessageBody"] == '{"n": 1}'
+    attributes = sent["MessageAttributes"]
+    assert attributes[REASON_ATTRIBUTE] == {"DataType": "String", "StringValue": code}
+    assert code in attributes[DETAIL_ATTRIBUTE]["StringValue"]
+    assert attributes[ORIGINAL_ID_ATTRIBUTE]["StringValue"] == MESSAGE_ID
+    assert attributes["customer"]["StringValue"] == "c-1"
+    assert world.sqs.calls_to("delete_message")[0]["ReceiptHandle"] == message["ReceiptHandle"]
+    assert_slot_free(world)
+    assert intake.stats.dead_lettered == 1
+    assert world.sample("dispatcher_dead_letters_total", pool="default", reason=code) == 1
+
+
+async def test_bad_request_is_dead_lettered_without_a_start() -> None:
+    world = build_world()
+    await handle(world, sqs_message("not json"))
+    assert world.sqs.names() == ["send_message", "delete_message"]
+    [sent] = world.sqs.calls_to("send_message")
+    assert sent["MessageAttributes"][REASON_ATTRIBUTE]["StringValue"] == "invalid_json"
+    assert sent["MessageBody"] == "not json"
+    assert_slot_free(world)
+
+
+async def test_without_a_dead_letter_queue_a_bad_request_is_handed_back_at_once() -> None:
+    world = build_world(dead_letter=False)
+    message = sqs_message("not json")
+    await handle(world, message)
+    assert world.sqs.names() == ["change_message_visibility"]
+    [handed] = world.sqs.calls_to("change_message_visibility")
+    assert handed == {
+        "QueueUrl": REQUEST_QUEUE,
+        "ReceiptHandle": message["ReceiptHandle"],
+        "VisibilityTimeout": 0,  # straight back: the redrive policy moves it after N receives
+    }
+    assert world.sample("dispatcher_dead_letters_total", pool="default", reason="invalid_json") == 1
+    assert_slot_free(world)
+
+
+async def test_a_poison_body_is_dead_lettered_and_the_slot_released() -> None:
+    world = build_world()
+    deep = "[" * 100_000 + "]" * 100_000
+    await handle(world, sqs_message(deep))
+    assert world.sqs.names() == ["send_message", "delete_message"]
+    assert_slot_free(world)
+
+
+async def test_unreachable_dead_letter_queue_keeps_the_request() -> None:
+    world = build_world()
+    world.sqs.fail("send_message", client_error("InternalError", 500))
+    await handle(world, sqs_message("not json"))
+    assert world.sqs.names() == ["send_message", "change_message_visibility"]
+    assert world.sqs.calls_to("change_message_visibility")[0]["VisibilityTimeout"] == 30
+    assert_slot_free(world)
+
+
+@pytest.mark.usefixtures("fast_retries")
+async def test_running_duplicate_with_the_same_input_is_adopted() -> None:
+    world = build_world(aws_exact=False)  # MiniStack: ExecutionAlreadyExists while RUNNING
+    world.sfn.add_execution("order-1", input='{"n": 1}')
+    intake = await handle(world, keyed('{ "n" : 1 }'))  # same JSON, other spacing
+    assert world.sqs.names() == ["start_execution", "describe_execution", "delete_message"]
+    assert world.sfn.calls_to("describe_execution") == [{"executionArn": KEYED_ARN}]
+    assert world.pool.ledger.running == {KEYED_ARN}
+    assert world.pool.ledger.reserved_count == 0
+    assert intake.stats.duplicates == 1
+    assert world.sample("dispatcher_starts_total", pool="default", outcome="duplicate") == 1
+
+
+@pytest.mark.usefixtures("fast_retries")
+async def test_closed_duplicate_is_released_tombstoned_and_deleted() -> None:
+    world = build_world()
+    world.sfn.add_execution("order-1", input='{"n": 1}', status="SUCCEEDED")
+    await handle(world, keyed())
+    assert world.sqs.names() == ["start_execution", "describe_execution", "delete_message"]
+    assert_slot_free(world)
+    assert world.pool.ledger.is_tombstoned(KEYED_ARN)
+    assert world.sample("dispatcher_starts_total", pool="default", outcome="duplicate") == 1
+
+
+@pytest.mark.usefixtures("fast_retries")
+async def test_same_name_with_another_input_is_an_idempotency_conflict() -> None:
+    world = build_world()
+    world.sfn.add_execution("order-1", input='{"n": 2}')
+    await handle(world, keyed('{"n": 1}'))
+    names = world.sqs.names()
+    assert names == ["start_execution", "describe_execution", "send_message", "delete_message"]
+    [sent] = world.sqs.calls_to("send_message")
+    assert sent["MessageAttributes"][REASON_ATTRIBUTE]["StringValue"] == "idempotency_conflict"
+    assert_slot_free(world)
+
+
+@pytest.mark.usefixtures("fast_retries")
+async def test_describe_after_already_exists_retries_until_the_execution_is_visible() -> None:
+    world = build_world(aws_exact=False)
+    world.sfn.add_execution("order-1", input='{"n": 1}')
+    world.sfn.fail("describe_execution", client_error("ExecutionDoesNotExist"))
+    await handle(world, keyed())
+    assert world.sqs.names().count("describe_execution") == 2
+    assert world.pool.ledger.running == {KEYED_ARN}
+
+
+async def test_aws_exact_success_for_a_running_name_holds_one_arn_once() -> None:
+    world = build_world(aws_exact=True)
+    intake = intake_of(world)
+    await handle(world, keyed(message_id="m-1"), intake)
+    await handle(world, keyed(message_id="m-2"), intake)  # redelivered under another id
+    assert len(world.sfn.executions) == 1
+    assert world.pool.ledger.running == {KEYED_ARN}
+    assert world.pool.ledger.reserved_count == 0
+    assert world.pool.ledger.free == world.pool.ledger.limit - 1
+    assert len(world.sqs.calls_to("delete_message")) == 2
+
+
+async def test_aws_exact_success_for_a_running_name_counts_a_duplicate() -> None:
+    world = build_world(aws_exact=True)
+    intake = intake_of(world)
+    await handle(world, keyed(message_id="m-1"), intake)
+    await handle(world, keyed(message_id="m-2"), intake)
+    assert world.sample("dispatcher_starts_total", pool="default", outcome="started") == 1
+    assert world.sample("dispatcher_starts_total", pool="default", outcome="duplicate") == 1
+    assert (intake.stats.started, intake.stats.duplicates) == (1, 1)
+
+
+async def test_exhausted_retries_hand_the_request_back() -> None:
+    with stamina.set_testing(True, attempts=4):
+        world = build_world()
+        world.sfn.fail_always("start_execution", throttled())
+        message = sqs_message()
+        intake = await handle(world, message)
+    assert world.sqs.names() == ["start_execution"] * 4 + ["change_message_visibility"]
+    [handed] = world.sqs.calls_to("change_message_visibility")
+    assert handed["ReceiptHandle"] == message["ReceiptHandle"]
+    assert handed["VisibilityTimeout"] == 30
+    assert_slot_free(world)
+    assert intake.stats.handed_back == 1
+    assert world.sample("dispatcher_starts_total", pool="default", outcome="retried") == 1
+
+
+async def test_retry_timeout_ends_the_retries() -> None:
+    with stamina.set_testing(False):  # real stamina: the tiny timeout is what stops it
+        world = build_world(start_retry_timeout=1e-6)
+        world.sfn.fail_always("start_execution", client_error("ServiceUnavailable", 503))
+        await handle(world, sqs_message())
+    assert world.sqs.names()[-1] == "change_message_visibility"
+    assert "delete_message" not in world.sqs.names()
+    assert_slot_free(world)
+
+
+@pytest.mark.parametrize("code", ["AccessDeniedException", "StateMachineDoesNotExist"])
+async def test_setup_error_never_dead_letters(code: str) -> None:
+    with stamina.set_testing(True, attempts=3):
+        world = build_world()
+        world.sfn.fail_always("start_execution", client_error(code, 400))
+        await handle(world, sqs_message())
+    assert world.sqs.names() == ["start_execution"] * 3 + ["change_message_visibility"]
+    assert world.sqs.calls_to("change_message_visibility")[0]["VisibilityTimeout"] == 30
+    assert world.sample("dispatcher_dead_letters_total", pool="default", reason=code) == 0
+    assert world.sample("dispatcher_starts_total", pool="default", outcome="dead_lettered") == 0
+    assert_slot_free(world)
+
+
+async def test_failed_delete_after_a_start_keeps_the_execution_held() -> None:
+    world = build_world()
+    world.sqs.fail("delete_message", client_error("InternalError", 500))
+    await handle(world, sqs_message(message_id=MESSAGE_ID))
+    assert world.pool.ledger.running == {ARN}
+
+
+# -- one pass ----------------------------------------------------------------------------
+
+
+def queue_requests(world: World, count: int) -> None:
+    """Put ``count`` valid requests with distinct ids on the request queue."""
+    for i in range(count):
+        world.sqs.put(REQUEST_QUEUE, sqs_message(json.dumps({"i": i}), message_id=f"m-{i}"))
+
+
+@pytest.mark.parametrize(("limit", "asked"), [(3, 3), (25, 10), (1, 1)])
+async def test_run_once_asks_for_no_more_than_the_free_slots(limit: int, asked: int) -> None:
+    world = build_world(limit=limit)
+    queue_requests(world, 30)
+    intake = intake_of(world)
+    async with anyio.create_task_group() as tg:
+        assert await intake.run_once(tg) == asked
+    [receive] = world.sqs.calls_to("receive_message")
+    assert receive == {
+        "QueueUrl": REQUEST_QUEUE,
+        "MaxNumberOfMessages": asked,
+        "WaitTimeSeconds": world.settings.receive_wait_seconds,
+        "VisibilityTimeout": world.settings.visibility_timeout,
+        "MessageAttributeNames": ["All"],
+        "MessageSystemAttributeNames": ["All"],
+    }
+    assert world.pool.ledger.running_count == asked
+    assert len(world.sqs.visible[REQUEST_QUEUE]) == 30 - asked
+    assert intake.stats.received == asked
+
+
+async def test_run_once_counts_held_executions() -> None:
+    world = build_world(limit=3)
+    world.pool.ledger.observe_running("arn:elsewhere", world.clock())
+    queue_requests(world, 5)
+    async with anyio.create_task_group() as tg:
+        await intake_of(world).run_once(tg)
+    assert world.sqs.calls_to("receive_message")[0]["MaxNumberOfMessages"] == 2
+
+
+async def test_unused_reservations_are_released_when_fewer_messages_arrive() -> None:
+    world = build_world(limit=5)
+    queue_requests(world, 2)
+    world.sfn.start_gate = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        assert await intake_of(world).run_once(tg) == 2
+        await anyio.wait_all_tasks_blocked()  # both handlers wait inside StartExecution
+        assert world.pool.ledger.reserved_count == 2
+        assert world.pool.ledger.free == 3
+        assert world.sample("dispatcher_starting", pool="default") == 2
+        world.sfn.start_gate.set()
+    assert world.pool.ledger.running_count == 2
+    assert world.pool.ledger.reserved_count == 0
+
+
+async def test_empty_receive_releases_every_reservation() -> None:
+    world = build_world(limit=4)
+    async with anyio.create_task_group() as tg:
+        assert await intake_of(world).run_once(tg) == 0
+    assert_slot_free(world)
+
+
+async def test_failed_receive_releases_every_reservation() -> None:
+    world = build_world(limit=4)
+    world.sqs.fail("receive_message", client_error("InternalError", 500))
+    async with anyio.create_task_group() as tg:
+        with pytest.raises(ClientError):
+            await intake_of(world).run_once(tg)
+    assert_slot_free(world)
+    assert world.pool.receiving == 0
+    assert world.sample("dispatcher_starting", pool="default") == 0
+
+
+async def test_run_once_waits_for_a_free_slot_without_receiving() -> None:
+    world = build_world(limit=1)
+    world.pool.ledger.observe_running("arn:busy", world.clock())
+    world.pool.update()
+    queue_requests(world, 1)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(intake_of(world).run_once, tg)
+            await anyio.wait_all_tasks_blocked()
+            assert world.sqs.calls_to("receive_message") == []
+            world.pool.ledger.observe_terminal("arn:busy")
+            world.pool.update()  # what an event or reconcile does: wakes intake
+    assert world.sqs.calls_to("receive_message")[0]["MaxNumberOfMessages"] == 1
+    assert world.pool.ledger.running == {execution_arn(STATE_MACHINE_ARN, "m-0")}
