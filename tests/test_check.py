@@ -1,0 +1,553 @@
+"""``sfn-dispatcher check``: green on a fresh sandbox, red with the fix on a broken one.
+
+The pure parts (pattern matching, queue policies, settings, rendering) are tested on their
+own; everything else runs against the emulator with real clients.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import anyio
+import pytest
+from botocore.exceptions import ClientError
+
+from dispatcher.check import (
+    ALL_STATUSES,
+    Clients,
+    Context,
+    Report,
+    Result,
+    Status,
+    UnsupportedPatternError,
+    check_lease_table,
+    check_rule,
+    load_target,
+    matches,
+    mismatch,
+    policy_allows,
+    render,
+    run_checks,
+    sample_event,
+    status_pattern,
+)
+from dispatcher.cli import main
+from dispatcher.sandbox import SandboxResources, free_port
+from tests.conftest import SandboxFactory
+from tests.helpers import events_client, session, sfn_client, sqs_client, ssm_client
+
+pytestmark = pytest.mark.timeout(60)
+
+ARN = "arn:aws:states:us-east-1:123456789012:stateMachine:orders"
+QUEUE = "arn:aws:sqs:us-east-1:123456789012:orders-events"
+RULE = "arn:aws:events:us-east-1:123456789012:rule/orders-status"
+VALID_ENV = {
+    "DISPATCHER_STATE_MACHINE_ARN": ARN,
+    "DISPATCHER_REQUEST_QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/123456789012/orders",
+    "DISPATCHER_EVENTS_QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/123456789012/orders-ev",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def by_id(report: Report) -> dict[str, Result]:
+    """The results keyed by check id."""
+    return {r.id: r for r in report.results}
+
+
+def statuses(report: Report) -> dict[str, Status]:
+    """Each check's status, keyed by id."""
+    return {r.id: r.status for r in report.results}
+
+
+def env_of(sandbox: SandboxResources, **extra: str) -> dict[str, str]:
+    """The sandbox's variables without AWS_ENDPOINT_URL (tests pass the endpoint explicitly)."""
+    env = {k: v for k, v in sandbox.env().items() if k != "AWS_ENDPOINT_URL"}
+    return env | extra
+
+
+# --- event patterns --------------------------------------------------------------------------
+
+
+def test_the_needed_pattern_matches_every_status_of_the_machine_only() -> None:
+    pattern = status_pattern(ARN)
+    assert all(matches(pattern, sample_event(ARN, s)) for s in ALL_STATUSES)
+    other = ARN.replace("orders", "billing")
+    assert not matches(pattern, sample_event(other, "SUCCEEDED"))
+    assert mismatch(pattern, sample_event(other, "SUCCEEDED")) == ["detail.stateMachineArn"]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "matched"),
+    [
+        ({"detail": {"status": [{"anything-but": "RUNNING"}]}}, set(ALL_STATUSES) - {"RUNNING"}),
+        ({"detail": {"status": ["FAILED", "TIMED_OUT"]}}, {"FAILED", "TIMED_OUT"}),
+        ({"detail": {"stateMachineArn": [{"prefix": ARN[:-3]}]}}, set(ALL_STATUSES)),
+        ({"detail": {"stateMachineArn": [{"wildcard": "*:orders"}]}}, set(ALL_STATUSES)),
+        ({"detail": {"status": [{"equals-ignore-case": "aborted"}]}}, {"ABORTED"}),
+        ({"detail": {"redriveCount": [{"exists": False}]}}, set(ALL_STATUSES)),
+        ({"detail": {"redriveCount": [{"exists": True}]}}, set()),
+        ({"resources": [{"suffix": ":check"}]}, set(ALL_STATUSES)),
+        ({"$or": [{"source": ["aws.batch"]}, {"detail": {"status": ["RUNNING"]}}]}, {"RUNNING"}),
+        ({"source": ["aws.batch"]}, set()),
+    ],
+)
+def test_pattern_operators(pattern: dict[str, Any], matched: set[str]) -> None:
+    assert {s for s in ALL_STATUSES if matches(pattern, sample_event(ARN, s))} == matched
+
+
+def test_an_operator_it_cannot_evaluate_is_said_so_not_guessed() -> None:
+    with pytest.raises(UnsupportedPatternError, match="cidr"):
+        matches({"detail": {"name": [{"cidr": "10.0.0.0/24"}]}}, sample_event(ARN, "FAILED"))
+    # On a missing field no operator but "exists" can match: no need to understand it.
+    assert not matches({"detail": {"x": [{"numeric": [">", 0]}]}}, sample_event(ARN, "FAILED"))
+
+
+# --- queue policies --------------------------------------------------------------------------
+
+
+def allow(**condition: Any) -> dict[str, Any]:
+    """An Allow statement for EventBridge with an optional condition block."""
+    statement: dict[str, Any] = {
+        "Effect": "Allow",
+        "Principal": {"Service": "events.amazonaws.com"},
+        "Action": "sqs:SendMessage",
+        "Resource": QUEUE,
+    }
+    if condition:
+        statement["Condition"] = condition
+    return statement
+
+
+@pytest.mark.parametrize(
+    ("statements", "verdict"),
+    [
+        ([allow(ArnEquals={"aws:SourceArn": RULE})], True),
+        ([allow(ArnEquals={"aws:SourceArn": RULE + "-other"})], False),
+        ([allow(ArnLike={"aws:SourceArn": "arn:aws:events:*:123456789012:rule/*"})], True),
+        ([allow(StringEquals={"aws:SourceAccount": "123456789012"})], True),
+        ([allow()], True),
+        ([{**allow(), "Principal": "*", "Action": "sqs:*"}], True),
+        ([{**allow(), "Principal": {"AWS": "arn:aws:iam::123456789012:root"}}], False),
+        ([{**allow(), "Action": "sqs:ReceiveMessage"}], False),
+        ([{**allow(), "Resource": QUEUE + "-other"}], False),
+        ([allow(IpAddress={"aws:SourceIp": "10.0.0.0/8"})], None),
+        ([allow(StringEquals={"aws:SourceVpce": "vpce-1"})], None),
+        # The CloudFormation template's pair: allow the rule, deny everyone else.
+        (
+            [
+                allow(ArnEquals={"aws:SourceArn": RULE}),
+                {**allow(ArnNotEquals={"aws:SourceArn": RULE}), "Effect": "Deny", "Principal": "*"},
+            ],
+            True,
+        ),
+        ([allow(), {**allow(), "Effect": "Deny"}], False),
+        ([allow(), {**allow(), "Effect": "Deny", "NotPrincipal": {"AWS": "x"}}], None),
+        ([], False),
+    ],
+)
+def test_queue_policy_verdicts(statements: list[dict[str, Any]], verdict: bool | None) -> None:
+    document = {"Version": "2012-10-17", "Statement": statements}
+    assert policy_allows(document, QUEUE, RULE) is verdict
+
+
+# --- settings and rendering ------------------------------------------------------------------
+
+
+def test_a_bad_setting_fails_its_line_and_keeps_the_valid_ones() -> None:
+    target, finding = load_target({}, {**VALID_ENV, "DISPATCHER_LIMIT": "-1"})
+    assert finding.status is Status.FAIL
+    assert "DISPATCHER_LIMIT='-1' is invalid" in finding.detail
+    assert target.get("state_machine_arn") == ARN
+    assert target.get("limit") is None
+    assert target.invalid == {"limit"}
+    assert target.get("visibility_timeout") == 60  # defaults still apply
+    assert target.region == "us-east-1"
+
+
+def test_flags_win_over_variables_and_extras_come_from_the_environment() -> None:
+    env = {**VALID_ENV, "DISPATCHER_LEASE_TABLE": "leases", "DISPATCHER_LIMIT_PARAMETER": "/l"}
+    env.pop("AWS_DEFAULT_REGION")
+    target, finding = load_target({"limit": "3"}, env)
+    assert finding.status is Status.OK
+    assert target.get("limit") == 3
+    assert (target.lease_table, target.limit_parameter) == ("leases", "/l")
+    assert target.region == "us-east-1"  # from the state machine's ARN
+
+
+def test_the_table_shows_each_fix_under_its_line_and_json_round_trips() -> None:
+    report = Report(
+        "subject",
+        (
+            Result("a", "first check", Status.OK, "fine"),
+            Result("b", "second", Status.FAIL, "broken", "aws one\naws two"),
+            Result("c", "third", Status.SKIP, "needs b"),
+        ),
+    )
+    lines = render(report).splitlines()
+    assert lines[2].split() == ["OK", "first", "check", "fine"]
+    assert lines[3].startswith("FAIL  second ")
+    assert lines[4].strip() == "fix: aws one"
+    assert lines[5].strip() == "aws two"
+    assert lines[4].index("fix:") == lines[3].index("broken")
+    assert lines[-1] == "1 OK, 1 FAIL, 1 SKIP: not ready: fix the FAIL lines and run check again"
+    document = json.loads(json.dumps(report.to_json()))
+    assert document["ok"] is False
+    assert [c["status"] for c in document["checks"]] == ["OK", "FAIL", "SKIP"]
+
+
+async def test_an_unreachable_endpoint_fails_once_and_skips_the_rest() -> None:
+    report = await run_checks(env=VALID_ENV, endpoint_url=f"http://127.0.0.1:{free_port()}")
+    got = statuses(report)
+    assert got.pop("settings") is Status.OK
+    assert got.pop("endpoint") is Status.FAIL
+    assert set(got.values()) == {Status.SKIP}
+    assert "AWS_ENDPOINT_URL" in by_id(report)["endpoint"].fix
+    assert not report.ok
+
+
+# --- against the emulator --------------------------------------------------------------------
+
+
+@pytest.fixture
+async def lease_table(emulator: str, sandbox: SandboxResources) -> AsyncIterator[str]:
+    """A lease table keyed by ``pool`` in the emulator, deleted afterwards."""
+    name = f"{sandbox.prefix}-lease"
+    async with session().client("dynamodb", endpoint_url=emulator) as dynamodb:
+        await dynamodb.create_table(
+            TableName=name,
+            AttributeDefinitions=[{"AttributeName": "pool", "AttributeType": "S"}],
+            KeySchema=[{"AttributeName": "pool", "KeyType": "HASH"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        yield name
+        await dynamodb.delete_table(TableName=name)
+
+
+async def test_a_fresh_sandbox_is_all_green(sandbox: SandboxResources, lease_table: str) -> None:
+    env = env_of(
+        sandbox,
+        DISPATCHER_LIMIT_PARAMETER=sandbox.limit_parameter,
+        DISPATCHER_LEASE_TABLE=lease_table,
+    )
+    async with sqs_client(sandbox.endpoint) as sqs:
+        await sqs.send_message(QueueUrl=sandbox.request_queue_url, MessageBody="{}")
+    report = await run_checks(env=env, endpoint_url=sandbox.endpoint)
+    assert statuses(report) == {r.id: Status.OK for r in report.results}, render(report)
+    assert len(report.results) == 14
+    assert report.ok
+    found = by_id(report)
+    assert found["request_queue"].detail.endswith("-requests (1 waiting)")
+    assert found["events_rule"].detail.startswith(f"{sandbox.rule_name} (ENABLED)")
+    assert found["limit_parameter"].detail == f"{sandbox.limit_parameter} = {sandbox.limit}"
+    # Harmless: the request is still there, visible, and nothing was started.
+    async with sqs_client(sandbox.endpoint) as sqs, sfn_client(sandbox.endpoint) as sfn:
+        attributes = await sqs.get_queue_attributes(
+            QueueUrl=sandbox.request_queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )
+        executions = await sfn.list_executions(stateMachineArn=sandbox.state_machine_arn)
+    assert attributes["Attributes"] == {
+        "ApproximateNumberOfMessages": "1",
+        "ApproximateNumberOfMessagesNotVisible": "0",
+    }
+    assert executions["executions"] == []
+
+
+async def test_without_the_optional_settings_those_checks_are_skipped(
+    sandbox: SandboxResources,
+) -> None:
+    report = await run_checks(env=env_of(sandbox), endpoint_url=sandbox.endpoint)
+    got = statuses(report)
+    assert (got.pop("limit_parameter"), got.pop("lease_table")) == (Status.SKIP, Status.SKIP)
+    assert set(got.values()) == {Status.OK}
+    assert report.ok
+
+
+async def delete_rule(sandbox: SandboxResources) -> None:
+    """Remove the sandbox's rule the way AWS requires: targets first."""
+    async with events_client(sandbox.endpoint) as events:
+        targets = await events.list_targets_by_rule(Rule=sandbox.rule_name)
+        ids = [t["Id"] for t in targets["Targets"]]
+        await events.remove_targets(Rule=sandbox.rule_name, Ids=ids)
+        await events.delete_rule(Name=sandbox.rule_name)
+
+
+async def test_a_missing_rule_fails_with_the_commands_that_create_it(
+    sandbox: SandboxResources,
+) -> None:
+    await delete_rule(sandbox)
+    report = await run_checks(env=env_of(sandbox), endpoint_url=sandbox.endpoint)
+    rule = by_id(report)["events_rule"]
+    assert rule.status is Status.FAIL
+    assert "no EventBridge rule" in rule.detail
+    put_rule, put_targets, _ = rule.fix.splitlines()
+    assert put_rule.startswith("aws events put-rule --name ")
+    pattern = json.loads(put_rule.split("--event-pattern ")[1].split("'")[1])
+    assert pattern == status_pattern(sandbox.state_machine_arn)
+    assert put_targets.startswith("aws events put-targets --rule ")
+    assert f"Arn=arn:aws:sqs:us-east-1:000000000000:{sandbox.prefix}-events" in put_targets
+    assert f"--endpoint-url {sandbox.endpoint}" in put_rule
+    assert by_id(report)["events_queue_policy"].status is Status.SKIP
+    assert not report.ok
+
+
+async def test_a_missing_request_queue_names_its_variable(sandbox: SandboxResources) -> None:
+    async with sqs_client(sandbox.endpoint) as sqs:
+        await sqs.delete_queue(QueueUrl=sandbox.request_queue_url)
+    report = await run_checks(env=env_of(sandbox), endpoint_url=sandbox.endpoint)
+    queue = by_id(report)["request_queue"]
+    assert queue.status is Status.FAIL
+    assert queue.detail.startswith("DISPATCHER_REQUEST_QUEUE_URL: ")
+    assert f"check DISPATCHER_REQUEST_QUEUE_URL={sandbox.request_queue_url}" in queue.fix
+    assert f"aws sqs create-queue --queue-name {sandbox.prefix}-requests" in queue.fix
+    got = statuses(report)
+    assert (got.pop("redrive"), got.pop("visibility_timeout")) == (Status.SKIP, Status.SKIP)
+    assert got.pop("request_queue") is Status.FAIL
+    assert (got.pop("limit_parameter"), got.pop("lease_table")) == (Status.SKIP, Status.SKIP)
+    assert set(got.values()) == {Status.OK}  # everything else is still checked
+
+
+async def test_an_express_machine_fails_and_says_why(sandbox: SandboxResources) -> None:
+    async with sfn_client(sandbox.endpoint) as sfn:
+        created = await sfn.create_state_machine(
+            name=f"{sandbox.prefix}-express",
+            definition=json.dumps({"StartAt": "A", "States": {"A": {"Type": "Pass", "End": True}}}),
+            roleArn="arn:aws:iam::000000000000:role/express",
+            type="EXPRESS",
+        )
+        try:
+            env = env_of(sandbox, DISPATCHER_STATE_MACHINE_ARN=created["stateMachineArn"])
+            report = await run_checks(env=env, endpoint_url=sandbox.endpoint)
+        finally:
+            await sfn.delete_state_machine(stateMachineArn=created["stateMachineArn"])
+    kind = by_id(report)["state_machine_type"]
+    assert kind.status is Status.FAIL
+    assert "is EXPRESS" in kind.detail
+    assert "no idempotent names" in kind.detail
+    assert "STANDARD" in kind.fix
+    assert by_id(report)["state_machine"].status is Status.OK
+
+
+async def test_a_bad_setting_is_a_fail_line_and_the_rest_still_runs(
+    sandbox: SandboxResources,
+) -> None:
+    env = env_of(sandbox, DISPATCHER_LIMIT="-1")
+    report = await run_checks(env=env, endpoint_url=sandbox.endpoint)
+    got = statuses(report)
+    assert got.pop("settings") is Status.FAIL
+    assert "DISPATCHER_LIMIT='-1' is invalid" in by_id(report)["settings"].detail
+    assert (got.pop("limit_parameter"), got.pop("lease_table")) == (Status.SKIP, Status.SKIP)
+    assert set(got.values()) == {Status.OK}
+    assert not report.ok
+
+
+async def test_a_disabled_or_narrowed_rule(sandbox: SandboxResources) -> None:
+    async with events_client(sandbox.endpoint) as events:
+        await events.disable_rule(Name=sandbox.rule_name)
+        report = await run_checks(env=env_of(sandbox), endpoint_url=sandbox.endpoint)
+        rule = by_id(report)["events_rule"]
+        assert (rule.status, rule.detail) == (Status.FAIL, f"{sandbox.rule_name} is DISABLED")
+        assert rule.fix.startswith(f"aws events enable-rule --name {sandbox.rule_name} ")
+
+        # Only failures reach the queue: the other endings free their slots late. A warning.
+        pattern = status_pattern(sandbox.state_machine_arn)
+        pattern["detail"]["status"] = ["FAILED"]
+        await events.put_rule(
+            Name=sandbox.rule_name, EventPattern=json.dumps(pattern), State="ENABLED"
+        )
+        report = await run_checks(env=env_of(sandbox), endpoint_url=sandbox.endpoint)
+    rule = by_id(report)["events_rule"]
+    assert rule.status is Status.WARN
+    assert "drops ABORTED, SUCCEEDED, TIMED_OUT events" in rule.detail
+    assert report.ok
+
+
+async def test_no_dead_letter_route_and_no_queue_policy_fail(sandbox: SandboxResources) -> None:
+    async with sqs_client(sandbox.endpoint) as sqs:
+        # An empty value removes the attribute.
+        await sqs.set_queue_attributes(
+            QueueUrl=sandbox.request_queue_url, Attributes={"RedrivePolicy": ""}
+        )
+        await sqs.set_queue_attributes(QueueUrl=sandbox.events_queue_url, Attributes={"Policy": ""})
+    env = env_of(sandbox)
+    del env["DISPATCHER_DEAD_LETTER_QUEUE_URL"]
+    report = await run_checks(env=env, endpoint_url=sandbox.endpoint)
+    redrive, policy = by_id(report)["redrive"], by_id(report)["events_queue_policy"]
+    assert redrive.status is Status.FAIL
+    assert "refuses to start" in redrive.detail
+    assert "set DISPATCHER_DEAD_LETTER_QUEUE_URL, or" in redrive.fix
+    assert (policy.status, policy.detail) == (
+        Status.FAIL,
+        "no queue policy: EventBridge may not send to it",
+    )
+    attributes = json.loads(policy.fix.split("--attributes ")[1].split("'")[1])
+    statement = json.loads(attributes["Policy"])["Statement"][0]
+    assert statement["Principal"] == {"Service": "events.amazonaws.com"}
+    assert statement["Condition"]["ArnEquals"]["aws:SourceArn"].endswith(
+        f"rule/{sandbox.rule_name}"
+    )
+
+
+async def test_a_bad_limit_parameter_and_a_wrong_lease_table(
+    sandbox: SandboxResources, emulator: str
+) -> None:
+    async with ssm_client(emulator) as ssm:
+        await ssm.put_parameter(
+            Name=sandbox.limit_parameter, Value="ten", Type="String", Overwrite=True
+        )
+    table = f"{sandbox.prefix}-wrong"
+    async with session().client("dynamodb", endpoint_url=emulator) as dynamodb:
+        await dynamodb.create_table(
+            TableName=table,
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        try:
+            env = env_of(
+                sandbox,
+                DISPATCHER_LIMIT_PARAMETER=sandbox.limit_parameter,
+                DISPATCHER_LEASE_TABLE=table,
+                DISPATCHER_LIMIT="0",
+            )
+            report = await run_checks(env=env, endpoint_url=emulator)
+        finally:
+            await dynamodb.delete_table(TableName=table)
+    limit, lease = by_id(report)["limit_parameter"], by_id(report)["lease_table"]
+    assert (limit.status, lease.status) == (Status.FAIL, Status.FAIL)
+    assert "'ten', not a non-negative integer" in limit.detail
+    assert f"aws ssm put-parameter --name {sandbox.limit_parameter} " in limit.fix
+    assert "--value 0 --overwrite" in limit.fix  # the fix proposes the configured limit
+    assert "partition key pool" in lease.detail
+    assert "aws dynamodb create-table" in lease.fix
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+async def cli(*argv: str) -> int:
+    """Run the command in a worker thread (it starts its own event loop)."""
+    return await anyio.to_thread.run_sync(main, list(argv))
+
+
+async def test_the_command_reads_the_environment_and_exits_by_result(
+    sandbox: SandboxResources,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in sandbox.env().items():
+        monkeypatch.setenv(name, value)
+    assert await cli("check") == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"checking {sandbox.state_machine_arn} in us-east-1 at ")
+    assert out.rstrip().endswith(": ready")
+    assert "\x1b[" not in out  # no colour when not on a terminal
+
+    assert await cli("check", "--json") == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["ok"] is True
+    assert document["counts"]["FAIL"] == 0
+    assert {c["id"] for c in document["checks"]} >= {"settings", "events_rule", "lease_table"}
+
+    # A flag is a setting like any other: invalid is a FAIL line (exit 1), not a usage error.
+    assert await cli("check", "--limit", "-1") == 1
+    assert "FAIL  settings" in capsys.readouterr().out
+
+    await delete_rule(sandbox)
+    assert await cli("check", "--json") == 1
+    document = json.loads(capsys.readouterr().out)
+    failed = [c["id"] for c in document["checks"] if c["status"] == "FAIL"]
+    assert failed == ["events_rule"]
+
+
+def test_an_unknown_flag_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["check", "--no-such-flag"])
+    assert exited.value.code == 2
+
+
+async def test_two_sandboxes_side_by_side_are_checked_apart(
+    sandbox_factory: SandboxFactory,
+) -> None:
+    first, second = await sandbox_factory(), await sandbox_factory()
+    report = await run_checks(env=env_of(first), endpoint_url=first.endpoint)
+    assert by_id(report)["events_rule"].detail.startswith(f"{first.rule_name} ")
+    assert second.rule_name not in render(report)
+
+
+async def test_an_answer_of_an_unexpected_shape_is_a_fail_line_not_a_traceback(
+    sandbox: SandboxResources,
+) -> None:
+    async with sqs_client(sandbox.endpoint) as sqs:
+        await sqs.set_queue_attributes(
+            QueueUrl=sandbox.events_queue_url,
+            Attributes={"Policy": json.dumps({"Statement": ["not", "statements"]})},
+        )
+    report = await run_checks(env=env_of(sandbox), endpoint_url=sandbox.endpoint)
+    policy = by_id(report)["events_queue_policy"]
+    assert policy.status is Status.FAIL
+    assert policy.detail.startswith("could not evaluate: AttributeError: ")
+    assert by_id(report)["events_rule"].status is Status.OK  # the others still reported
+
+
+# --- permissions the emulator does not enforce: hand-written fakes ----------------------------
+
+
+def denied(operation: str) -> ClientError:
+    """What AWS answers when the role lacks the permission."""
+    message = f"not authorized to {operation}"
+    return ClientError({"Error": {"Code": "AccessDeniedException", "Message": message}}, operation)
+
+
+class FakeSQS:
+    """Answers GetQueueAttributes for any queue with an ARN and nothing else."""
+
+    async def get_queue_attributes(self, **_: Any) -> dict[str, Any]:
+        return {"Attributes": {"QueueArn": QUEUE}}
+
+
+class DeniedPages:
+    """A paginator whose first page is refused."""
+
+    def paginate(self, **_: Any) -> DeniedPages:
+        return self
+
+    def __aiter__(self) -> DeniedPages:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        raise denied("ListRuleNamesByTarget")
+
+
+class DeniedEvents:
+    """An EventBridge client for a role without events:List*."""
+
+    def get_paginator(self, _: str) -> DeniedPages:
+        return DeniedPages()
+
+
+class DeniedDynamoDB:
+    """A DynamoDB client for a role with item access only (the template's task role)."""
+
+    async def describe_table(self, **_: Any) -> dict[str, Any]:
+        raise denied("DescribeTable")
+
+
+async def test_reads_the_dispatcher_never_makes_warn_when_denied() -> None:
+    target, _ = load_target({}, {**VALID_ENV, "DISPATCHER_LEASE_TABLE": "leases"})
+    clients = Clients(
+        sqs=cast(Any, FakeSQS()),
+        sfn=cast(Any, None),
+        events=cast(Any, DeniedEvents()),
+        ssm=None,
+        dynamodb=cast(Any, DeniedDynamoDB()),
+        credentials="container-role",
+    )
+    ctx = Context(target, clients, None)
+    for check, reason in ((check_rule, "ListRuleNamesByTarget"), (check_lease_table, "Describe")):
+        finding = await check(ctx)
+        assert finding.status is Status.WARN
+        assert reason in finding.detail
+        assert finding.fix.startswith("the dispatcher itself does not need this permission")
