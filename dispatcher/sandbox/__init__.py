@@ -1,0 +1,19 @@
+"""The local sandbox: MiniStack as a child process, provisioned with what the dispatcher needs.
+
+`Emulator` runs the emulator (sync and async context manager); `provision` creates the
+queues, rule, demo state machine and limit parameter in it (or in any endpoint) and
+returns `SandboxResources`, whose ``env()`` is what ``sfn-dispatcher run`` reads.
+"""
+
+from dispatcher.sandbox.emulator import Emulator, find_executable, free_port, wait_healthy
+from dispatcher.sandbox.provision import SandboxResources, demo_definition, provision
+
+__all__ = [
+    "Emulator",
+    "SandboxResources",
+    "demo_definition",
+    "find_executable",
+    "free_port",
+    "provision",
+    "wait_healthy",
+]
