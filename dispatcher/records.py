@@ -44,21 +44,6 @@ async def list_executions(sfn: SFNClient, state_machine_arn: str) -> list[Execut
     return out
 
 
-def max_overlap(executions: Iterable[Execution], now: float | None = None) -> int:
-    """The most executions running at one instant (a stop at t sorts before a start at t)."""
-    end = now if now is not None else time.time()
-    points: list[tuple[float, int]] = []
-    for ex in executions:
-        points.append((ex.start, 1))
-        points.append((ex.stop if ex.stop is not None else end, -1))
-    points.sort()
-    current = peak = 0
-    for _, delta in points:
-        current += delta
-        peak = max(peak, current)
-    return peak
-
-
 def concurrency_series(
     executions: Iterable[Execution], now: float | None = None
 ) -> list[tuple[float, int]]:
@@ -75,3 +60,8 @@ def concurrency_series(
         current += delta
         series.append((at, current))
     return series
+
+
+def max_overlap(executions: Iterable[Execution], now: float | None = None) -> int:
+    """The most executions running at one instant (a stop at t sorts before a start at t)."""
+    return max((running for _, running in concurrency_series(executions, now)), default=0)
