@@ -328,6 +328,9 @@ class Intake:
         status = described["status"]
         if status == "RUNNING":
             self._commit(reservation, arn)
+            # Record which run is live, so a late terminal of an earlier run frees nothing.
+            redrives = int(described.get("redriveCount", 0) or 0)
+            self.pool.ledger.observe_running(arn, self.pool.clock(), redrives)
         else:
             self._release(reservation)
             self.pool.ledger.observe_terminal(arn, int(described.get("redriveCount", 0) or 0))

@@ -30,7 +30,7 @@ class Change(enum.Enum):
     UNCHANGED = "unchanged"
     """The input was already known (a duplicate): nothing changed."""
     STALE = "stale"
-    """The input contradicts a tombstone (late or reordered): ignored."""
+    """The input is older than what is known (a tombstone, a later run): ignored."""
     NOTED = "noted"
     """An execution the ledger did not hold has finished: only its tombstone was written."""
 
@@ -40,6 +40,15 @@ class Reservation:
     """A slot held for a start that is in flight; ``token`` is unique per ledger."""
 
     token: int
+
+
+@dataclass(slots=True)
+class _Held:
+    """One running execution: when it was last confirmed, and the latest run seen."""
+
+    since: float
+    redrives: int
+    """The highest redrive count seen while held: a terminal for an earlier run is stale."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +70,7 @@ class Ledger:
         if tombstone_capacity < 1:
             raise ValueError(f"tombstone_capacity must be >= 1, got {tombstone_capacity}")
         self._limit = limit
-        self._running: dict[str, float] = {}  # arn -> when it was last confirmed held
+        self._running: dict[str, _Held] = {}  # arn -> since when, latest run seen
         self._reserved: dict[int, float] = {}  # token -> when it was reserved
         self._tombstones: OrderedDict[str, int] = OrderedDict()  # arn -> redrive count
         self._tombstone_capacity = tombstone_capacity
@@ -141,7 +150,7 @@ class Ledger:
             return Change.STALE
         if arn in self._running:
             return Change.UNCHANGED
-        self._running[arn] = now
+        self._running[arn] = _Held(now, 0)
         return Change.ADDED
 
     # -- events and listings ---------------------------------------------------------
@@ -157,13 +166,23 @@ class Ledger:
             if redrive_count <= ended_at_redrive:
                 return Change.STALE
             del self._tombstones[arn]
-        if arn in self._running:
+        held = self._running.get(arn)
+        if held is not None:
+            held.redrives = max(held.redrives, redrive_count)
             return Change.UNCHANGED
-        self._running[arn] = now
+        self._running[arn] = _Held(now, redrive_count)
         return Change.ADDED
 
     def observe_terminal(self, arn: str, redrive_count: int = 0) -> Change:
-        """Apply "``arn`` has finished": free its slot and leave a tombstone."""
+        """Apply "``arn`` has finished": free its slot and leave a tombstone.
+
+        ``redrive_count`` is the finished run's (events and ``DescribeExecution`` carry
+        it): the terminal event of a run before a redrive the ledger has already seen
+        running is late, and must not free the redriven run's slot.
+        """
+        held = self._running.get(arn)
+        if held is not None and redrive_count < held.redrives:
+            return Change.STALE
         previous = self._tombstones.get(arn)
         self._tombstones[arn] = max(redrive_count, previous if previous is not None else 0)
         self._tombstones.move_to_end(arn)
@@ -175,8 +194,9 @@ class Ledger:
 
     def confirm_running(self, arn: str, now: float) -> None:
         """A describe said ``arn`` still runs: restart its grace window."""
-        if arn in self._running:
-            self._running[arn] = now
+        held = self._running.get(arn)
+        if held is not None:
+            held.since = now
 
     def apply_listing(
         self, listed: Mapping[str, int] | Iterable[str], listed_at: float, grace: float
@@ -196,6 +216,6 @@ class Ledger:
         ]
         cutoff = listed_at - grace
         suspects = [
-            arn for arn, since in self._running.items() if arn not in counts and since <= cutoff
+            arn for arn, held in self._running.items() if arn not in counts and held.since <= cutoff
         ]
         return ListingResult(adopted=tuple(adopted), suspects=tuple(suspects))
