@@ -14,7 +14,8 @@ import anyio
 import pytest
 from botocore.exceptions import ClientError
 
-from dispatcher.check import (
+from dispatcher.cli import main
+from dispatcher.preflight import (
     ALL_STATUSES,
     Clients,
     Context,
@@ -33,7 +34,6 @@ from dispatcher.check import (
     sample_event,
     status_pattern,
 )
-from dispatcher.cli import main
 from dispatcher.sandbox import SandboxResources, free_port
 from tests.conftest import SandboxFactory
 from tests.helpers import events_client, session, sfn_client, sqs_client, ssm_client

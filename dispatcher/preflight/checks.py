@@ -1,0 +1,228 @@
+"""The checks of the endpoint, the state machine and the queues."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable
+
+from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
+from dispatcher.aws import AWS_ERRORS, error_code
+from dispatcher.preflight.context import DEAD_LETTERS, REQUESTS, Context, QueueRole
+from dispatcher.preflight.report import Finding, Skip, Status, is_denied, text
+
+AUTH_CODES = frozenset(
+    {
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "AuthFailure",
+    }
+)
+NO_QUEUE_CODES = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
+# Below this, a request handed back a few times (throttling) dead-letters without a reason.
+MIN_RECEIVE_COUNT = 3
+
+
+def queue_arn(url: str, region: str) -> str:
+    """A queue's ARN from its URL (``.../ACCOUNT/NAME``), for fixes and IAM hints."""
+    parts = url.rstrip("/").split("/")
+    account = parts[-2] if len(parts) >= 2 and re.fullmatch(r"\d{12}", parts[-2]) else "ACCOUNT"
+    return f"arn:aws:sqs:{region}:{account}:{parts[-1]}"
+
+
+async def check_endpoint(ctx: Context) -> Finding:
+    """Any answer from AWS, even "not found" or "access denied", proves endpoint and keys."""
+    where = ctx.endpoint or f"AWS {ctx.target.region}"
+    try:
+        if ctx.target.get("state_machine_arn"):
+            await ctx.state_machine()
+        else:
+            await ctx.clients.sfn.list_state_machines(maxResults=1)
+    except ClientError as exc:
+        if error_code(exc) in AUTH_CODES:
+            return Finding(
+                Status.FAIL, f"{where} rejected the credentials: {text(exc)}", CREDENTIALS_FIX
+            )
+    except (NoCredentialsError, PartialCredentialsError) as exc:
+        return Finding(Status.FAIL, f"no usable AWS credentials: {exc}", CREDENTIALS_FIX)
+    except AWS_ERRORS as exc:
+        return Finding(
+            Status.FAIL,
+            f"cannot reach {where}: {text(exc)}",
+            "check AWS_ENDPOINT_URL (unset for real AWS), AWS_REGION, the network, "
+            "proxies and VPC endpoints",
+        )
+    return Finding(
+        Status.OK, f"{where} answers; credentials from {ctx.clients.credentials or 'unknown'}"
+    )
+
+
+# Also the fix when the clients cannot even be opened (see `runner.run_checks`).
+CREDENTIALS_FIX = (
+    "give the process credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+    "or an IAM role (ECS task role, instance profile); renew expired session tokens"
+)
+
+
+async def check_state_machine(ctx: Context) -> Finding:
+    """The governed state machine exists and is not being deleted."""
+    arn = ctx.target.need("state_machine_arn")
+    try:
+        machine = await ctx.state_machine()
+    except ClientError as exc:
+        if is_denied(exc):
+            fix = f"grant states:DescribeStateMachine on {arn} to the dispatcher's role"
+        else:
+            fix = "check DISPATCHER_STATE_MACHINE_ARN: account, region and name"
+            arn_region = arn.split(":")[3]
+            if arn_region != ctx.target.region:
+                fix += (
+                    f"; the clients use region {ctx.target.region} (AWS_REGION / "
+                    f"AWS_DEFAULT_REGION) but the machine is in {arn_region}"
+                )
+        return Finding(Status.FAIL, text(exc), fix)
+    status = machine.get("status", "ACTIVE")
+    if status != "ACTIVE":
+        return Finding(Status.FAIL, f"{machine['name']} is {status}", "govern an ACTIVE machine")
+    return Finding(Status.OK, f"{machine['name']} ({status})")
+
+
+async def check_standard(ctx: Context) -> Finding:
+    """Only STANDARD machines can be governed: say why when it is EXPRESS."""
+    try:
+        machine = await ctx.state_machine()
+    except AWS_ERRORS:
+        raise Skip("the state machine cannot be described (see above)") from None
+    kind = machine.get("type", "STANDARD")
+    if kind == "STANDARD":
+        return Finding(Status.OK, "STANDARD")
+    return Finding(
+        Status.FAIL,
+        f"{machine['name']} is {kind}: Express executions have no idempotent names (a "
+        "redelivered request would run twice), send no status-change events and are not "
+        "listed by ListExecutions, so the limit cannot be held",
+        "govern a STANDARD machine (the type cannot be changed: create one with --type "
+        "STANDARD); to keep the Express workflow, call it from a STANDARD parent with the "
+        "arn:aws:states:::states:startExecution.sync:2 integration",
+    )
+
+
+async def check_list_executions(ctx: Context) -> Finding:
+    """Reconcile and start-up listing need ListExecutions on the machine."""
+    arn = ctx.target.need("state_machine_arn")
+    try:
+        await ctx.state_machine()
+    except ClientError as exc:
+        if not is_denied(exc):  # denied to describe says nothing about listing
+            raise Skip("the state machine cannot be described (see above)") from None
+    try:
+        listed = await ctx.clients.sfn.list_executions(
+            stateMachineArn=arn, statusFilter="RUNNING", maxResults=1
+        )
+    except ClientError as exc:
+        if is_denied(exc):
+            return Finding(
+                Status.FAIL, text(exc), f"grant states:ListExecutions on {arn} to the role"
+            )
+        raise Skip(f"{text(exc)} (see the state machine lines)") from None
+    running = "executions are running" if listed.get("executions") else "none running"
+    return Finding(Status.OK, f"permitted ({running})")
+
+
+def queue_exists(role: QueueRole) -> Callable[[Context], Awaitable[Finding]]:
+    """The check that one of the queues exists and can be read."""
+
+    async def check(ctx: Context) -> Finding:
+        unset = role.field not in ctx.target.invalid and ctx.target.get(role.field) is None
+        if role is DEAD_LETTERS and unset:
+            raise Skip(f"{role.variable} unset: bad requests are left to the redrive policy")
+        url = ctx.target.need(role.field)
+        try:
+            attributes = await ctx.queue(role)
+        except ClientError as exc:
+            arn = queue_arn(url, ctx.target.region)
+            if is_denied(exc):
+                return Finding(
+                    Status.FAIL, text(exc), f"grant sqs:GetQueueAttributes on {arn} to the role"
+                )
+            fix = f"check {role.variable}={url} (account, region, name)"
+            if error_code(exc) in NO_QUEUE_CODES:
+                fix += "; or create it: " + ctx.aws(
+                    "sqs", "create-queue", "--queue-name", arn.rsplit(":", 1)[-1]
+                )
+            return Finding(Status.FAIL, f"{role.variable}: {text(exc)}", fix)
+        waiting = attributes.get("ApproximateNumberOfMessages", "?")
+        return Finding(Status.OK, f"{attributes.get('QueueArn', url)} ({waiting} waiting)")
+
+    return check
+
+
+async def check_redrive(ctx: Context) -> Finding:
+    """Bad requests need somewhere to go; `run` refuses to start without it."""
+    attributes = await ctx.queue_or_skip(REQUESTS)
+    dead_letter_url = ctx.target.get(DEAD_LETTERS.field)
+    raw = attributes.get("RedrivePolicy")
+    if not raw:
+        if dead_letter_url:
+            return Finding(
+                Status.OK, "no redrive policy; bad requests go to DISPATCHER_DEAD_LETTER_QUEUE_URL"
+            )
+        url = ctx.target.need(REQUESTS.field)
+        dlq_arn = queue_arn(url, ctx.target.region) + "-dlq"
+        policy = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
+        return Finding(
+            Status.FAIL,
+            "no redrive policy and no DISPATCHER_DEAD_LETTER_QUEUE_URL: bad requests would "
+            "have nowhere to go (sfn-dispatcher run refuses to start)",
+            "set DISPATCHER_DEAD_LETTER_QUEUE_URL, or give the queue a redrive policy: "
+            + ctx.aws(
+                "sqs",
+                "set-queue-attributes",
+                "--queue-url",
+                url,
+                "--attributes",
+                json.dumps({"RedrivePolicy": policy}),
+            ),
+        )
+    policy = json.loads(raw)
+    target = str(policy.get("deadLetterTargetArn", "?"))
+    receives = int(policy.get("maxReceiveCount", 0))
+    detail = f"to {target.rsplit(':', 1)[-1]} after {receives} receives"
+    if receives < MIN_RECEIVE_COUNT:
+        return Finding(
+            Status.WARN,
+            detail + ": a request handed back after retrying a throttled start is dead-lettered "
+            "without a reason after so few receives",
+            "raise maxReceiveCount to 5 or more (the CloudFormation template's default)",
+        )
+    return Finding(Status.OK, detail)
+
+
+async def check_visibility(ctx: Context) -> Finding:
+    """The queue's default visibility only matters to consumers other than the dispatcher."""
+    attributes = await ctx.queue_or_skip(REQUESTS)
+    want = ctx.target.need("visibility_timeout")
+    have = int(attributes.get("VisibilityTimeout", "30"))
+    if have == want:
+        return Finding(Status.OK, f"{have} s, as DISPATCHER_VISIBILITY_TIMEOUT")
+    return Finding(
+        Status.INFO,
+        f"queue default {have} s, DISPATCHER_VISIBILITY_TIMEOUT {want} s: the dispatcher sets "
+        f"{want} s on every receive, the queue default applies only to other consumers",
+        "to align them: "
+        + ctx.aws(
+            "sqs",
+            "set-queue-attributes",
+            "--queue-url",
+            ctx.target.need(REQUESTS.field),
+            "--attributes",
+            f"VisibilityTimeout={want}",
+        ),
+    )

@@ -1,0 +1,207 @@
+"""The checks of what surrounds the dispatcher: EventBridge rule, queue policy, SSM, DynamoDB.
+
+The rule and the events queue's policy decide whether status changes arrive at all; the limit
+parameter and the lease table are optional and checked only when their variables are set.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from botocore.exceptions import ClientError
+
+from dispatcher.ledger import TERMINAL_STATUSES
+from dispatcher.preflight.context import EVENTS, LEASE_TABLE_ENV, LIMIT_PARAMETER_ENV, Context
+from dispatcher.preflight.report import Finding, Skip, Status, is_denied, text
+from dispatcher.preflight.rules import (
+    UnsupportedPatternError,
+    matches,
+    mismatch,
+    policy_allows,
+    sample_event,
+    status_pattern,
+)
+
+LEASE_KEY = "pool"
+ALL_STATUSES = ("RUNNING", *sorted(TERMINAL_STATUSES))
+
+
+def rule_fix(ctx: Context, name: str, queue: str, *, target: bool) -> str:
+    """The commands that create (or correct) the rule and point it at the events queue."""
+    pattern = json.dumps(status_pattern(ctx.target.need("state_machine_arn")))
+    lines = [ctx.aws("events", "put-rule", "--name", name, "--event-pattern", pattern)]
+    if target:
+        targets = f"Id=dispatcher-events-queue,Arn={queue}"
+        lines.append(ctx.aws("events", "put-targets", "--rule", name, "--targets", targets))
+    return "\n".join(lines)
+
+
+async def check_rule(ctx: Context) -> Finding:
+    """An ENABLED rule sends this machine's status changes, untransformed, to the events queue."""
+    arn = ctx.target.need("state_machine_arn")
+    queue = (await ctx.queue_or_skip(EVENTS))["QueueArn"]
+    try:
+        rules = await ctx.rules()
+    except ClientError as exc:
+        if not is_denied(exc):
+            raise
+        return Finding(Status.WARN, f"cannot inspect the rules: {text(exc)}", _NOT_NEEDED)
+    if not rules:
+        name = f"sfn-dispatcher-{arn.rsplit(':', 1)[-1]}"[:64]
+        return Finding(
+            Status.FAIL,
+            f"no EventBridge rule on the default bus targets {queue}: finished executions "
+            "free their slots only at the next reconcile",
+            rule_fix(ctx, name, queue, target=True)
+            + "\nthen run check again: the events queue policy line says whether it may send",
+        )
+    problems: list[str] = []
+    fixes: list[str] = []
+    for rule in rules:
+        if rule.pattern is None:
+            problems.append(f"{rule.name} has no event pattern")
+            continue
+        try:
+            matched = {s for s in ALL_STATUSES if matches(rule.pattern, sample_event(arn, s))}
+        except UnsupportedPatternError as exc:
+            problems.append(f"{rule.name}: cannot evaluate {exc}")
+            continue
+        if not matched & TERMINAL_STATUSES:
+            fields = ", ".join(mismatch(rule.pattern, sample_event(arn, "SUCCEEDED")))
+            problems.append(f"{rule.name} does not match this machine's events (on {fields})")
+            fixes.append(rule_fix(ctx, rule.name, queue, target=False))
+        elif rule.state != "ENABLED":
+            problems.append(f"{rule.name} is {rule.state}")
+            fixes.append(ctx.aws("events", "enable-rule", "--name", rule.name))
+        elif any(k in t for t in rule.targets for k in ("Input", "InputPath", "InputTransformer")):
+            problems.append(f"{rule.name} rewrites the event; the dispatcher reads the envelope")
+            fixes.append(f"remove Input/InputPath/InputTransformer from {rule.name}'s target")
+        elif missing := TERMINAL_STATUSES - matched:
+            return Finding(
+                Status.WARN,
+                f"{rule.name} drops {', '.join(sorted(missing))} events: those executions "
+                "free their slots only at the next reconcile",
+                rule_fix(ctx, rule.name, queue, target=False),
+            )
+        else:
+            return Finding(Status.OK, f"{rule.name} (ENABLED) sends this machine's events")
+    status = Status.FAIL if fixes or not problems else Status.WARN
+    return Finding(status, "; ".join(problems), "\n".join(fixes) or "check the rule by hand")
+
+
+_NOT_NEEDED = (
+    "the dispatcher itself does not need this permission: run check with credentials that "
+    "may read it (events:ListRuleNamesByTarget, events:DescribeRule, "
+    "events:ListTargetsByRule, dynamodb:DescribeTable)"
+)
+
+
+async def check_policy(ctx: Context) -> Finding:
+    """On AWS a queue takes EventBridge's messages only if its policy allows the rule."""
+    attributes = await ctx.queue_or_skip(EVENTS)
+    queue = attributes["QueueArn"]
+    rules = await ctx.rules_or_skip()
+    if not rules:
+        raise Skip("no rule targets the events queue (see above)")
+    statement = {
+        "Sid": "AllowTheStatusChangeRule",
+        "Effect": "Allow",
+        "Principal": {"Service": "events.amazonaws.com"},
+        "Action": "sqs:SendMessage",
+        "Resource": queue,
+        "Condition": {"ArnEquals": {"aws:SourceArn": rules[0].arn}},
+    }
+    policy = json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+    fix = (
+        "allow the rule (this replaces the queue's policy: merge by hand if it has other "
+        "statements): "
+        + ctx.aws(
+            "sqs",
+            "set-queue-attributes",
+            "--queue-url",
+            ctx.target.need(EVENTS.field),
+            "--attributes",
+            json.dumps({"Policy": policy}),
+        )
+    )
+    raw = attributes.get("Policy")
+    if not raw:
+        return Finding(Status.FAIL, "no queue policy: EventBridge may not send to it", fix)
+    verdicts = {rule.name: policy_allows(json.loads(raw), queue, rule.arn) for rule in rules}
+    allowed = [name for name, verdict in verdicts.items() if verdict is True]
+    if allowed:
+        return Finding(Status.OK, f"events.amazonaws.com may send for {', '.join(allowed)}")
+    if None in verdicts.values():
+        return Finding(
+            Status.WARN,
+            "the policy has statements or conditions this check cannot evaluate",
+            "make sure it allows events.amazonaws.com sqs:SendMessage with aws:SourceArn "
+            + rules[0].arn,
+        )
+    names = ", ".join(verdicts)
+    return Finding(Status.FAIL, f"the policy does not let EventBridge send for {names}", fix)
+
+
+async def check_limit_parameter(ctx: Context) -> Finding:
+    """The SSM limit parameter is readable and holds a non-negative integer."""
+    name = ctx.target.limit_parameter
+    if name is None or ctx.clients.ssm is None:
+        limit = ctx.target.get("limit")
+        raise Skip(f"{LIMIT_PARAMETER_ENV} unset: the limit is DISPATCHER_LIMIT ({limit})")
+    limit = ctx.target.get("limit")
+    value = str(10 if limit is None else limit)
+    put = ctx.aws(
+        "ssm", "put-parameter", "--name", name, "--type", "String", "--value", value, "--overwrite"
+    )
+    try:
+        got = await ctx.clients.ssm.get_parameter(Name=name)
+    except ClientError as exc:
+        if is_denied(exc):
+            return Finding(Status.FAIL, text(exc), f"grant ssm:GetParameter on {name}")
+        return Finding(Status.FAIL, f"{LIMIT_PARAMETER_ENV}={name}: {text(exc)}", put)
+    found = got.get("Parameter", {}).get("Value", "")
+    if not re.fullmatch(r"\d+", found.strip()):
+        return Finding(Status.FAIL, f"{name} is {found!r}, not a non-negative integer", put)
+    return Finding(Status.OK, f"{name} = {int(found)}")
+
+
+async def check_lease_table(ctx: Context) -> Finding:
+    """The lease table exists, is usable, and is keyed by ``pool`` alone."""
+    table = ctx.target.lease_table
+    if table is None or ctx.clients.dynamodb is None:
+        raise Skip(f"{LEASE_TABLE_ENV} unset: no single-active lease")
+    create = ctx.aws(
+        "dynamodb",
+        "create-table",
+        "--table-name",
+        table,
+        "--attribute-definitions",
+        f"AttributeName={LEASE_KEY},AttributeType=S",
+        "--key-schema",
+        f"AttributeName={LEASE_KEY},KeyType=HASH",
+        "--billing-mode",
+        "PAY_PER_REQUEST",
+    )
+    try:
+        described = (await ctx.clients.dynamodb.describe_table(TableName=table))["Table"]
+    except ClientError as exc:
+        if is_denied(exc):
+            return Finding(Status.WARN, f"cannot describe {table}: {text(exc)}", _NOT_NEEDED)
+        return Finding(Status.FAIL, f"{LEASE_TABLE_ENV}={table}: {text(exc)}", create)
+    keys = {k["KeyType"]: k["AttributeName"] for k in described.get("KeySchema", [])}
+    types = {
+        a["AttributeName"]: a["AttributeType"] for a in described.get("AttributeDefinitions", [])
+    }
+    if keys != {"HASH": LEASE_KEY} or types.get(LEASE_KEY) != "S":
+        return Finding(
+            Status.FAIL,
+            f"{table} is keyed by {keys}; the lease needs partition key {LEASE_KEY} (string) "
+            "and no sort key",
+            "a key schema cannot change: create a new table and point the variable at it: "
+            + create,
+        )
+    state = described.get("TableStatus", "ACTIVE")
+    if state not in {"ACTIVE", "UPDATING"}:
+        return Finding(Status.WARN, f"{table} is {state}", "wait until it is ACTIVE")
+    return Finding(Status.OK, f"{table} ({state}, key {LEASE_KEY})")
