@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,7 @@ class Intake:
         self.stats = IntakeStats()
         self._stopping = False
         self._force = False
+        self.may_start: Callable[[], bool] = lambda: True  # the lease sets this
         self._pollers: anyio.CancelScope | None = None
         self._ids = iter(range(1, 1 << 62))
 
@@ -201,7 +203,7 @@ class Intake:
             execution_arn(self.pool.state_machine_arn, request.name)
         )
         try:
-            arn, attempts = await self._call_start(request, handling, bound)
+            arn, attempts = await self._call_start(request, reservation, handling, bound)
         except _AbandonedError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is sorted just below
@@ -227,7 +229,7 @@ class Intake:
         await self._delete(request.receipt_handle, bound)
 
     async def _call_start(
-        self, request: StartRequest, handling: _Handling, bound: Any
+        self, request: StartRequest, reservation: Reservation, handling: _Handling, bound: Any
     ) -> tuple[str, int]:
         """StartExecution with jittered back-off on throttles/5xx; returns (ARN, attempts)."""
         kwargs: dict[str, Any] = {
@@ -249,7 +251,7 @@ class Intake:
             with attempt:
                 attempts += 1
                 self._check_not_stopping(attempts)
-                hidden_since = await self._keep_hidden(request, hidden_since, bound)
+                hidden_since = await self._admission(request, reservation, hidden_since, bound)
                 handling.phase = "calling"
                 self.pool.note_start_sent()
                 began = time.perf_counter()
@@ -266,6 +268,23 @@ class Intake:
                     )
                 return str(response["executionArn"]), attempts
         raise AssertionError("unreachable: stamina either returns or raises")  # pragma: no cover
+
+    async def _admission(
+        self, request: StartRequest, reservation: Reservation, hidden_since: float, bound: Any
+    ) -> float:
+        """Wait until this start fits under the limit (and the lease, if any), keeping the
+        request hidden meanwhile; returns when its visibility was last extended."""
+        hidden_since = await self._keep_hidden(request, hidden_since, bound)
+        waited = False
+        while not (self.pool.ledger.admitted(reservation) and self.may_start()):
+            if not self.may_start():
+                raise _AbandonedError  # not the leader any more: hand the request back
+            if not waited:
+                bound.info("dispatcher.start_held", why="slots taken by other executions")
+                waited = True
+            await self.pool.wait_admitted(reservation, self.settings.visibility_timeout / 3)
+            hidden_since = await self._keep_hidden(request, hidden_since, bound)
+        return hidden_since
 
     def _check_not_stopping(self, attempts: int) -> None:
         if self._stopping and attempts > 1:

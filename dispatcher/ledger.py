@@ -131,6 +131,26 @@ class Ledger:
             out.append(Reservation(token))
         return out
 
+    def admitted(self, reservation: Reservation) -> bool:
+        """Whether the start of this reservation may be sent now.
+
+        A reservation is granted only while a slot is free, but executions started
+        elsewhere (or a lowered limit) can take slots while requests are being received.
+        Then only the oldest ``limit - running`` reservations may start; the others wait
+        (their requests stay hidden) until slots free up, so the limit holds even then.
+        """
+        if reservation.token not in self._reserved:
+            return False
+        headroom = self._limit - len(self._running)
+        if len(self._reserved) <= headroom:
+            return True
+        for position, token in enumerate(self._reserved):
+            if position >= headroom:
+                return False
+            if token == reservation.token:
+                return True
+        return False  # pragma: no cover - the token is in the dict
+
     def cancel(self, reservation: Reservation) -> bool:
         """Give a reserved slot back (the start failed or was not needed).
 

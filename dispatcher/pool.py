@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import anyio
 
-from dispatcher.ledger import Change, Ledger
+from dispatcher.ledger import Change, Ledger, Reservation
 from dispatcher.metrics import Metrics
 
 Clock = Callable[[], float]
@@ -53,9 +53,10 @@ class Pool:
         self.metrics.starting.labels(**labels).set(self.starting)
         self.metrics.free.labels(**labels).set(ledger.free)
         self.max_running_seen = max(self.max_running_seen, ledger.running_count)
-        if ledger.free > 0:
-            event, self._changed = self._changed, anyio.Event()
-            event.set()
+        # Wake every waiter on every change: intake waits for a free slot, handlers for
+        # admission; each re-checks its own condition.
+        event, self._changed = self._changed, anyio.Event()
+        event.set()
 
     @property
     def starting(self) -> int:
@@ -67,6 +68,13 @@ class Pool:
         while (free := self.ledger.free) == 0:
             await self._changed.wait()
         return free
+
+    async def wait_admitted(self, reservation: Reservation, at_most: float) -> bool:
+        """Wait (``at_most`` seconds) until the reservation may start; return whether it may."""
+        with anyio.move_on_after(at_most):
+            while not self.ledger.admitted(reservation):
+                await self._changed.wait()
+        return self.ledger.admitted(reservation)
 
     def note_freed(self, change: Change, was_full: bool) -> None:
         """Record a slot freed while the pool was full: a hand-over has begun."""

@@ -59,7 +59,10 @@ async def verdict(
         executions = await list_executions(sfn, resources.state_machine_arn)
         started = [e.name for e in executions]
         assert sorted(started) == sorted(expected), "every request started exactly once"
-        assert max_overlap(executions) <= limit
+        peak = max_overlap(executions)
+        assert peak <= limit, "over the limit: " + "; ".join(
+            f"{e.name} {e.start:.3f}-{e.stop or 0:.3f}" for e in sorted(executions, key=lambda e: e.start)
+        )
         assert await queue_depth(sqs, resources.request_queue_url) == 0
 
 

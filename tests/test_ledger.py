@@ -582,3 +582,21 @@ def test_the_state_machine_catches_a_broken_ledger(
         run_state_machine_as_test(machine, settings=quick)
     ours = [f.name for f in traceback.extract_tb(caught.tb) if f.filename == __file__]
     assert ours[-1] in caught_by
+
+
+def test_only_the_oldest_reservations_within_the_headroom_are_admitted() -> None:
+    ledger = Ledger(5)
+    first, second, third = ledger.reserve(3, now=0.0)
+    assert all(ledger.admitted(r) for r in (first, second, third))
+    # Executions started elsewhere appear while the three requests are being received.
+    for i in range(3):
+        ledger.observe_running(f"arn:foreign:{i}", now=1.0)
+    assert ledger.admitted(first)
+    assert ledger.admitted(second)
+    assert not ledger.admitted(third), "the start would make 6 > 5"
+    assert ledger.observe_terminal("arn:foreign:0") is Change.FREED
+    assert ledger.admitted(third)
+    ledger.set_limit(2)
+    assert not ledger.admitted(first), "a lowered limit holds starts back"
+    ledger.cancel(first)
+    assert not ledger.admitted(first), "a cancelled reservation is never admitted"
