@@ -17,6 +17,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from dispatcher.metrics import Metrics
 
 if TYPE_CHECKING:
+    from types_aiobotocore_dynamodb import DynamoDBClient
     from types_aiobotocore_sqs import SQSClient
     from types_aiobotocore_stepfunctions import SFNClient
 
@@ -100,10 +101,11 @@ def is_retryable(exc: Exception) -> bool:
 
 @dataclass(frozen=True)
 class Clients:
-    """The two AWS clients the dispatcher uses."""
+    """The AWS clients the dispatcher uses (DynamoDB only with a lease)."""
 
     sqs: SQSClient
     sfn: SFNClient
+    dynamodb: DynamoDBClient | None = None
 
 
 def _count_attempt(metrics: Metrics) -> Any:
@@ -145,6 +147,7 @@ async def open_clients(
     long_poll_seconds: int = 20,
     max_attempts: int = 3,
     endpoint_url: str | None = None,
+    dynamodb: bool = False,
 ) -> AsyncIterator[Clients]:
     """Open SQS and Step Functions clients; endpoint and credentials come from ``AWS_*``.
 
@@ -168,6 +171,12 @@ async def open_clients(
         sfn = await stack.enter_async_context(
             session.client("stepfunctions", config=config, endpoint_url=endpoint_url)
         )
-        for client in (sqs, sfn):
-            client.meta.events.register("needs-retry.*.*", hook)
-        yield Clients(sqs=sqs, sfn=sfn)
+        ddb = None
+        if dynamodb:
+            ddb = await stack.enter_async_context(
+                session.client("dynamodb", config=config, endpoint_url=endpoint_url)
+            )
+        for client in (sqs, sfn, ddb):
+            if client is not None:
+                client.meta.events.register("needs-retry.*.*", hook)
+        yield Clients(sqs=sqs, sfn=sfn, dynamodb=ddb)

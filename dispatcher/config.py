@@ -104,6 +104,18 @@ class Settings(BaseSettings):
     receive_concurrency: int = Field(
         default=2, ge=1, le=64, description="Concurrent receives on the request queue."
     )
+    lease_table: str | None = Field(
+        default=None,
+        description="DynamoDB table (key 'pool') for a single-active lease; unset: no lease, "
+        "this process always governs the pool.",
+    )
+    lease_ttl: float = Field(
+        default=15.0,
+        ge=3,
+        le=300,
+        description="Seconds a lease lasts; renewed every third of it. A standby takes over "
+        "within about this long after the holder dies.",
+    )
     http_host: str = Field(
         default="127.0.0.1", description="Address of /metrics, /healthz, /readyz, /status."
     )

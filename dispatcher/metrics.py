@@ -91,6 +91,16 @@ class Metrics:
             "Unix time of the last successful reconcile.",
             registry=r,
         )
+        self.leader = Gauge(
+            "dispatcher_leader",
+            "1 while this process governs the pool; 0 as a standby without the lease.",
+            registry=r,
+        )
+        self.lease_epoch = Gauge(
+            "dispatcher_lease_epoch",
+            "Fencing epoch of the lease this process last took (0 without a lease).",
+            registry=r,
+        )
         self.aws_calls = Counter(
             "dispatcher_aws_calls",
             "AWS API calls, by operation and outcome (ok, throttled, error).",

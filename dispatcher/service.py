@@ -4,7 +4,6 @@ task group, with an ordered, bounded shutdown on SIGTERM/SIGINT (a second signal
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -14,19 +13,19 @@ import anyio
 import stamina
 import structlog
 from anyio.abc import TaskStatus
-from botocore.exceptions import BotoCoreError, ClientError
 
-from dispatcher.aws import Clients, error_code, is_retryable, open_clients
+from dispatcher.aws import AWS_ERRORS, Clients, is_retryable, open_clients
 from dispatcher.config import Settings
-from dispatcher.errors import UserError
 from dispatcher.events import Events
 from dispatcher.health import Health
 from dispatcher.http import build_app, serve
 from dispatcher.intake import Intake
+from dispatcher.lease import Lease, LeaseConfig
 from dispatcher.ledger import Ledger
 from dispatcher.metrics import Metrics
 from dispatcher.pool import Clock, Pool
 from dispatcher.reconcile import Reconciler
+from dispatcher.startup import preflight
 
 log = structlog.get_logger("dispatcher.service")
 
@@ -78,6 +77,9 @@ class Dispatcher:
         self.serving = anyio.Event()  # HTTP endpoints answer (start-up may still run)
         self.started = anyio.Event()  # start-up listing done: ready
         self._stop = anyio.Event()
+        self._reported = False
+        self.role = "starting"  # single | leader | standby
+        self.lease: Lease | None = None
         self._signals = 0
         self._began = time.monotonic()
 
@@ -92,6 +94,14 @@ class Dispatcher:
         ledger = self.pool.ledger
         return {
             "pool": self.pool.name,
+            "role": self.role,
+            "lease": None
+            if self.lease is None
+            else {
+                "owner": self.lease.owner,
+                "epoch": self.lease.epoch,
+                "valid_for_seconds": round(max(0.0, self.lease.remaining()), 3),
+            },
             "state_machine_arn": self.pool.state_machine_arn,
             "limit": ledger.limit,
             "running": ledger.running_count,
@@ -121,7 +131,11 @@ class Dispatcher:
         handle_signals: bool = True,
         task_status: TaskStatus[Dispatcher] = anyio.TASK_STATUS_IGNORED,
     ) -> Summary:
-        """Run until `stop` (or a signal); return the summary. Raises UserError on bad setup."""
+        """Run until `stop` (or a signal); return the summary. Raises UserError on bad setup.
+
+        Without a lease table this process governs the pool from start-up to shutdown. With
+        one, it waits as a standby until it holds the lease, and governs only while it does.
+        """
         settings = self.settings
         async with (
             open_clients(
@@ -129,6 +143,7 @@ class Dispatcher:
                 region=settings.region,
                 long_poll_seconds=settings.receive_wait_seconds,
                 endpoint_url=self.endpoint_url,
+                dynamodb=settings.lease_table is not None,
             ) as clients,
             anyio.create_task_group() as tg,
         ):
@@ -138,49 +153,129 @@ class Dispatcher:
             if handle_signals:
                 tg.start_soon(self._watch_signals, tg.cancel_scope)
             await preflight(settings, clients)
-            self.reconciler = Reconciler(settings, clients, self.pool, self.metrics, self.health)
-            self.events = Events(
-                settings,
-                clients,
-                {self.pool.state_machine_arn: self.pool},
-                self.metrics,
-                self.health,
-            )
-            self.intake = Intake(settings, clients, self.pool, self.metrics, self.health)
-            await self._startup_listing()
-            self.health.started_up = True
-            self.health.refresh()
-            log.info(
-                "dispatcher.ready",
-                limit=self.pool.ledger.limit,
-                running=self.pool.ledger.running_count,
-                http_port=self.http_port,
-            )
-            intake_done = anyio.Event()
-
-            async def run_intake() -> None:
-                assert self.intake is not None  # noqa: S101 - set just above
-                try:
-                    await self.health.supervise("intake", self.intake.run)
-                finally:
-                    intake_done.set()
-
-            tg.start_soon(self.health.supervise, "events", self.events.run)
-            tg.start_soon(self.health.supervise, "reconcile", self.reconciler.run)
-            tg.start_soon(run_intake)
-            self.started.set()
-            task_status.started(self)
-            await self._stop.wait()
-            # Ordered shutdown: stop intake, drain starts in flight (bounded), then the rest.
-            log.info("dispatcher.stopping", in_flight=len(self.intake.stats.in_flight))
-            self.health.stopping = True
-            self.health.refresh()
-            self.intake.stop()
-            await intake_done.wait()
+            if settings.lease_table is None:
+                await self._reign(clients, None, task_status)
+            else:
+                await self._standby(clients, task_status)
             tg.cancel_scope.cancel()
         summary = self.summary()
         log.info("dispatcher.stopped", **asdict(summary))
         return summary
+
+    async def _standby(self, clients: Clients, task_status: TaskStatus[Dispatcher]) -> None:
+        """Try for the lease until stopped; govern the pool whenever it is ours."""
+        assert clients.dynamodb is not None  # noqa: S101 - opened when a table is set
+        assert self.settings.lease_table is not None  # noqa: S101
+        ttl = self.settings.lease_ttl
+        self.lease = Lease(
+            clients.dynamodb,
+            LeaseConfig(self.settings.lease_table, self.pool.state_machine_arn, ttl, ttl / 5),
+        )
+        while not self._stop.is_set():
+            try:
+                acquired = await self.lease.try_acquire()
+            except AWS_ERRORS as exc:
+                self.health.aws_failed("UpdateItem", exc)
+                log.warning("dispatcher.lease_unavailable", error=str(exc))
+                acquired = False
+            if acquired:
+                self.metrics.lease_epoch.set(self.lease.epoch)
+                # Let starts the previous holder still had in flight land before listing.
+                await self._sleep_unless_stopped(self.lease.config.margin)
+                if not self._stop.is_set():
+                    await self._reign(clients, self.lease, task_status)
+                continue
+            self.role = "standby"
+            self._report_started(task_status)
+            await self._sleep_unless_stopped(self.lease.config.renew_every)
+
+    async def _reign(
+        self, clients: Clients, lease: Lease | None, task_status: TaskStatus[Dispatcher]
+    ) -> None:
+        """Govern the pool: start-up listing, then events, reconcile and intake, until a stop
+        (ordered shutdown) or the loss of the lease (intake stops at once)."""
+        settings = self.settings
+        self.pool.ledger = Ledger(settings.limit)  # each reign starts from the listing
+        self.pool.update()
+        self.reconciler = Reconciler(settings, clients, self.pool, self.metrics, self.health)
+        self.events = Events(
+            settings, clients, {self.pool.state_machine_arn: self.pool}, self.metrics, self.health
+        )
+        self.intake = intake = Intake(settings, clients, self.pool, self.metrics, self.health)
+        if lease is not None:
+            intake.may_start = lease.valid
+        await self._startup_listing()
+        self.role = "single" if lease is None else "leader"
+        self.metrics.leader.set(1)
+        self.health.loops.clear()
+        self.health.stopping = False
+        self.health.started_up = True
+        self.health.refresh()
+        log.info(
+            "dispatcher.ready",
+            role=self.role,
+            limit=self.pool.ledger.limit,
+            running=self.pool.ledger.running_count,
+            http_port=self.http_port,
+        )
+        over = anyio.Event()
+        intake_done = anyio.Event()
+
+        async def run_intake() -> None:
+            try:
+                await self.health.supervise("intake", intake.run)
+            finally:
+                intake_done.set()
+
+        async def stop_requested() -> None:
+            await self._stop.wait()
+            over.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.health.supervise, "events", self.events.run)
+            tg.start_soon(self.health.supervise, "reconcile", self.reconciler.run)
+            tg.start_soon(run_intake)
+            tg.start_soon(stop_requested)
+            if lease is not None:
+                tg.start_soon(self._keep_lease, lease, over)
+            self.started.set()
+            self._report_started(task_status)
+            await over.wait()
+            # Ordered: stop intake, drain starts in flight (bounded), then the rest.
+            log.info("dispatcher.stopping", in_flight=len(intake.stats.in_flight))
+            self.health.stopping = True
+            self.health.refresh()
+            intake.stop()
+            await intake_done.wait()
+            tg.cancel_scope.cancel()
+        self.metrics.leader.set(0)
+        self.health.started_up = False
+        self.health.refresh()
+        if lease is not None and self._stop.is_set():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await lease.release()
+
+    async def _keep_lease(self, lease: Lease, over: anyio.Event) -> None:
+        """Renew well inside the TTL; end the reign once the lease is gone or lapses."""
+        while lease.valid():
+            await anyio.sleep(max(0.0, min(lease.config.renew_every, lease.remaining())))
+            try:
+                await lease.renew()
+            except AWS_ERRORS as exc:  # keep governing while the lease is still valid here
+                self.health.aws_failed("UpdateItem", exc)
+                log.warning("dispatcher.lease_renew_failed", error=str(exc))
+        log.warning("dispatcher.reign_over", why="lease lost or lapsed", epoch=lease.epoch)
+        self.role = "standby"
+        over.set()
+
+    def _report_started(self, task_status: TaskStatus[Dispatcher]) -> None:
+        if not self._reported:
+            self._reported = True
+            task_status.started(self)
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        with anyio.move_on_after(seconds):
+            await self._stop.wait()
 
     def summary(self) -> Summary:
         """Counters for the exit line."""
@@ -217,52 +312,3 @@ class Dispatcher:
                         self.intake.stop(force=True)
                     scope.cancel()
                     return
-
-
-async def preflight(settings: Settings, clients: Clients) -> None:
-    """Check the state machine and queues exist and fit; raise UserError naming the fix."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL", "the AWS endpoint")
-    try:
-        described = await clients.sfn.describe_state_machine(
-            stateMachineArn=settings.state_machine_arn
-        )
-    except ClientError as exc:
-        raise UserError(
-            f"cannot use state machine {settings.state_machine_arn} "
-            f"(DISPATCHER_STATE_MACHINE_ARN): {error_code(exc)}: {exc}; check the ARN, "
-            "its region and states:DescribeStateMachine permission"
-        ) from None
-    except BotoCoreError as exc:
-        raise UserError(
-            f"cannot reach Step Functions at {endpoint}: {exc}; check AWS_ENDPOINT_URL, "
-            "the network and credentials"
-        ) from None
-    if described.get("type") != "STANDARD":
-        raise UserError(
-            f"state machine {settings.state_machine_arn} is {described.get('type')}; only "
-            "STANDARD state machines can be governed: EXPRESS executions have no idempotent "
-            "names, send no status-change events and are not listed by ListExecutions"
-        )
-    queues = {
-        "DISPATCHER_REQUEST_QUEUE_URL": settings.request_queue_url,
-        "DISPATCHER_EVENTS_QUEUE_URL": settings.events_queue_url,
-    }
-    if settings.dead_letter_queue_url:
-        queues["DISPATCHER_DEAD_LETTER_QUEUE_URL"] = settings.dead_letter_queue_url
-    attributes: dict[str, dict[str, str]] = {}
-    for variable, url in queues.items():
-        try:
-            response = await clients.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
-        except (ClientError, BotoCoreError) as exc:
-            raise UserError(
-                f"cannot use queue {url} ({variable}): {exc}; check the URL and "
-                "sqs:GetQueueAttributes permission"
-            ) from None
-        attributes[variable] = {str(k): v for k, v in response.get("Attributes", {}).items()}
-    if not settings.dead_letter_queue_url and not attributes["DISPATCHER_REQUEST_QUEUE_URL"].get(
-        "RedrivePolicy"
-    ):
-        raise UserError(
-            "bad requests would have nowhere to go: set DISPATCHER_DEAD_LETTER_QUEUE_URL, or "
-            "give the request queue a redrive policy (maxReceiveCount) to a dead-letter queue"
-        )

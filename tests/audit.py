@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,8 @@ import aioboto3
 import anyio
 
 from dispatcher.records import Execution, list_executions, max_overlap
+from dispatcher.sandbox.provision import SandboxResources
+from dispatcher.service import Dispatcher
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -107,6 +110,49 @@ async def all_done(
     executions = await list_executions(sfn, sm_arn)
     ended = {e.name for e in executions if e.status != "RUNNING"}
     return names <= ended and await queue_depth(sqs, queue) == 0
+
+
+def workload(n: int, low: float, high: float, seed: int = 7) -> list[dict[str, Any] | str]:
+    """``n`` demo-machine inputs waiting ``low``-``high`` seconds."""
+    rng = random.Random(seed)
+    return [{"seconds": round(rng.uniform(low, high), 2)} for _ in range(n)]
+
+
+async def verdict(
+    resources: SandboxResources, names: list[str], limit: int, *, within: float
+) -> None:
+    """Wait until every request ran, then check the records: limit, exactly once, queue empty."""
+    async with (
+        session().client("stepfunctions", endpoint_url=resources.endpoint) as sfn,
+        session().client("sqs", endpoint_url=resources.endpoint) as sqs,
+    ):
+        expected = set(names)
+
+        async def done() -> bool:
+            return await all_done(
+                sfn, sqs, resources.state_machine_arn, resources.request_queue_url, expected
+            )
+
+        await wait_for(done, within=within)
+        executions = await list_executions(sfn, resources.state_machine_arn)
+        started = [e.name for e in executions]
+        assert sorted(started) == sorted(expected), "every request started exactly once"
+        peak = max_overlap(executions)
+        assert peak <= limit, "over the limit: " + "; ".join(
+            f"{e.name} {e.start:.3f}-{e.stop or 0:.3f}"
+            for e in sorted(executions, key=lambda e: e.start)
+        )
+        assert await queue_depth(sqs, resources.request_queue_url) == 0
+
+
+async def no_slot_leaked(dispatcher: Dispatcher) -> None:
+    """Once everything has ended, the ledger frees every slot (through events or reconcile)."""
+    ledger = dispatcher.pool.ledger
+
+    async def empty() -> bool:
+        return ledger.running_count == 0
+
+    await wait_for(empty, within=30, interval=0.05)
 
 
 __all__ = ["Execution", "list_executions", "max_overlap"]

@@ -238,8 +238,6 @@ EXPECTED_ACTIONS = {
     "sqs:GetQueueAttributes",
     "sqs:SendMessage",
     "ssm:GetParameter",
-    "dynamodb:GetItem",
-    "dynamodb:PutItem",
     "dynamodb:UpdateItem",
 }
 
@@ -266,8 +264,6 @@ EXPECTED_GRANTS = {
     ("sqs:SendMessage", "DeadLetterQueue.Arn"),
     ("sqs:GetQueueAttributes", "DeadLetterQueue.Arn"),
     ("ssm:GetParameter", PARAMETER_ARN),
-    ("dynamodb:GetItem", "LeaseTable.Arn"),
-    ("dynamodb:PutItem", "LeaseTable.Arn"),
     ("dynamodb:UpdateItem", "LeaseTable.Arn"),
 }
 

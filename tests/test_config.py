@@ -17,7 +17,7 @@ from dispatcher.config import (
     overrides_from,
 )
 from dispatcher.errors import UserError
-from dispatcher.service import preflight
+from dispatcher.startup import preflight
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
     EVENTS_QUEUE,

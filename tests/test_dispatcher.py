@@ -7,7 +7,6 @@ never from the dispatcher's opinion of itself.
 from __future__ import annotations
 
 import json
-import random
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,64 +15,21 @@ import anyio
 import pytest
 
 from dispatcher.sandbox.provision import SandboxResources
-from dispatcher.service import Dispatcher
 from dispatcher.testing.chaos import EventChaos
 from dispatcher.testing.faults import FaultKind, FaultProxy, FaultRule
 from tests.audit import (
-    all_done,
     drain,
     list_executions,
-    max_overlap,
-    queue_depth,
+    no_slot_leaked,
     send_requests,
     session,
+    verdict,
     wait_for,
+    workload,
 )
 from tests.runner import Child, child_process, running
 
 Factory = Callable[..., Awaitable[SandboxResources]]
-
-
-def workload(n: int, low: float, high: float, seed: int = 7) -> list[dict[str, Any] | str]:
-    """``n`` demo-machine inputs waiting ``low``-``high`` seconds."""
-    rng = random.Random(seed)
-    return [{"seconds": round(rng.uniform(low, high), 2)} for _ in range(n)]
-
-
-async def verdict(
-    resources: SandboxResources, names: list[str], limit: int, *, within: float
-) -> None:
-    """Wait until every request ran, then check the records: limit, exactly once, queue empty."""
-    async with (
-        session().client("stepfunctions", endpoint_url=resources.endpoint) as sfn,
-        session().client("sqs", endpoint_url=resources.endpoint) as sqs,
-    ):
-        expected = set(names)
-
-        async def done() -> bool:
-            return await all_done(
-                sfn, sqs, resources.state_machine_arn, resources.request_queue_url, expected
-            )
-
-        await wait_for(done, within=within)
-        executions = await list_executions(sfn, resources.state_machine_arn)
-        started = [e.name for e in executions]
-        assert sorted(started) == sorted(expected), "every request started exactly once"
-        peak = max_overlap(executions)
-        assert peak <= limit, "over the limit: " + "; ".join(
-            f"{e.name} {e.start:.3f}-{e.stop or 0:.3f}" for e in sorted(executions, key=lambda e: e.start)
-        )
-        assert await queue_depth(sqs, resources.request_queue_url) == 0
-
-
-async def no_slot_leaked(dispatcher: Dispatcher) -> None:
-    """Once everything has ended, the ledger frees every slot (through events or reconcile)."""
-    ledger = dispatcher.pool.ledger
-
-    async def empty() -> bool:
-        return ledger.running_count == 0
-
-    await wait_for(empty, within=30, interval=0.05)
 
 
 @pytest.mark.timeout(180)
