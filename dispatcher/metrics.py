@@ -28,6 +28,12 @@ class Metrics:
             "dispatcher_starting", "Requests received whose start is in flight.", pool, registry=r
         )
         self.free = Gauge("dispatcher_free_slots", "Slots a new start may take.", pool, registry=r)
+        self.queued = Gauge(
+            "dispatcher_requests_queued",
+            "Approximate requests waiting in the request queue (read at each reconcile).",
+            pool,
+            registry=r,
+        )
         self.ready = Gauge(
             "dispatcher_ready", "1 once the start-up listing is done and AWS answers.", registry=r
         )

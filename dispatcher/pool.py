@@ -37,6 +37,7 @@ class Pool:
         self.clock = clock
         self._changed = anyio.Event()
         self._freed_at: deque[float] = deque(maxlen=10_000)
+        self.queued: int | None = None  # approximate request-queue depth, from reconcile
         self.receiving = 0  # reserved slots held by receives in flight (not yet starts)
         self.started_total = 0
         self.finished_total = 0

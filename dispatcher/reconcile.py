@@ -43,6 +43,7 @@ class Reconciler:
     ) -> None:
         self.settings = settings
         self.sfn = clients.sfn
+        self.sqs = clients.sqs
         self.pool = pool
         self.metrics = metrics
         self.health = health
@@ -115,9 +116,27 @@ class Reconciler:
         self.metrics.reconcile_duration.observe(time.perf_counter() - began)
         self.metrics.last_reconcile.set(time.time())
         self.health.last_reconcile_at = time.time()
+        await self._estimate_backlog()
         report = ReconcileReport(len(listed), len(result.adopted), freed, confirmed)
         log.debug("dispatcher.reconciled", **asdict(report))
         return report
+
+    async def _estimate_backlog(self) -> None:
+        """Read the request queue's approximate depth (for /status and the dashboard)."""
+        try:
+            response = await self.sqs.get_queue_attributes(
+                QueueUrl=self.settings.request_queue_url,
+                AttributeNames=[
+                    "ApproximateNumberOfMessages",
+                    "ApproximateNumberOfMessagesDelayed",
+                ],
+            )
+        except AWS_ERRORS as exc:  # an estimate only: keep the last one
+            log.debug("dispatcher.queue_depth_unavailable", error=str(exc))
+            return
+        attributes = response.get("Attributes", {})
+        self.pool.queued = sum(int(value) for value in attributes.values())
+        self.metrics.queued.labels(pool=self.pool.name).set(self.pool.queued)
 
     async def _confirm(self, arn: str) -> bool:
         """Describe a suspect; free it when it is not running. Returns whether it was freed."""

@@ -108,6 +108,7 @@ class Dispatcher:
             "starting": self.pool.starting,
             "receiving": self.pool.receiving,
             "free": ledger.free,
+            "queued_estimate": self.pool.queued,
             "ready": self.health.ready,
             "started": self.pool.started_total,
             "finished": self.pool.finished_total,
