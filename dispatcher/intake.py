@@ -22,6 +22,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from dispatcher.aws import AWS_ERRORS, Clients, ErrorKind, classify, error_code, is_retryable
 from dispatcher.config import Settings
+from dispatcher.deleter import DeleteBatcher
 from dispatcher.health import Health
 from dispatcher.ledger import Change, Reservation
 from dispatcher.metrics import Metrics
@@ -77,20 +78,30 @@ class Intake:
         self._force = False
         self.may_start: Callable[[], bool] = lambda: True  # the lease sets this
         self._pollers: anyio.CancelScope | None = None
+        self._deleter: DeleteBatcher | None = None
         self._ids = iter(range(1, 1 << 62))
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Poll until `stop`, then let started handlers finish within the shutdown timeout."""
-        async with anyio.create_task_group() as handlers:
-            with anyio.CancelScope() as self._pollers:
-                async with anyio.create_task_group() as pollers:
-                    for _ in range(self.settings.receive_concurrency):
-                        pollers.start_soon(self._poll_loop, handlers)
-                    task_status.started()
-            handlers.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_timeout
-            self._cut_short_waiting()
+        deleter = DeleteBatcher(self.sqs, self.settings.request_queue_url)
+        async with anyio.create_task_group() as deleting:
+            await deleting.start(deleter.run)
+            self._deleter = deleter
+            try:
+                async with anyio.create_task_group() as handlers:
+                    with anyio.CancelScope() as self._pollers:
+                        async with anyio.create_task_group() as pollers:
+                            for _ in range(self.settings.receive_concurrency):
+                                pollers.start_soon(self._poll_loop, handlers)
+                            task_status.started()
+                    deadline = anyio.current_time() + self.settings.shutdown_timeout
+                    handlers.cancel_scope.deadline = deadline
+                    self._cut_short_waiting()
+            finally:
+                self._deleter = None
+                deleter.close()  # the queued deletes still go out
 
     def stop(self, *, force: bool = False) -> None:
         """Stop receiving; with ``force`` also abandon handlers without clean-up."""
@@ -377,6 +388,9 @@ class Intake:
         return now
 
     async def _delete(self, receipt_handle: str, bound: Any) -> None:
+        if self._deleter is not None:  # batched while `run` runs
+            await self._deleter.delete(receipt_handle)
+            return
         try:
             await self.sqs.delete_message(
                 QueueUrl=self.settings.request_queue_url, ReceiptHandle=receipt_handle
