@@ -1,0 +1,147 @@
+"""``python -m bench``: run the scenarios, write bench/results/ (JSON, summary.md, PNGs)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bench import comparison, report, scale, summary, throughput
+from bench.machine import machine_info, uptime
+from bench.patterns import PatternRun, sfn_dispatcher
+from dispatcher import logs
+from dispatcher.config import LogFormat
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCENARIOS = ("comparison", "throughput", "scale")
+
+# The emulator's fixed test credentials; no developer AWS settings may leak into a run.
+_EMULATOR_ENV = {
+    "AWS_ACCESS_KEY_ID": "test",
+    "AWS_SECRET_ACCESS_KEY": "test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+_UNSET = ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SCENARIOS,
+        help="run only this scenario (repeatable); the summary keeps the others' results",
+    )
+    parser.add_argument(
+        "--pattern",
+        action="append",
+        choices=tuple(comparison.PATTERNS),
+        help="comparison: run only this pattern (repeatable)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes (a few minutes) to check the harness; not the published numbers",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder ({RESULTS})")
+    parser.add_argument(
+        "--summary-only", action="store_true", help="rebuild summary.md and plots from the JSON"
+    )
+    return parser
+
+
+def _configs(quick: bool) -> tuple[comparison.Config, throughput.Config, scale.Config]:
+    if not quick:
+        return comparison.Config(), throughput.Config(), scale.Config()
+    return (
+        comparison.Config(requests=100, limit=10, budget_scale=0.5),
+        throughput.Config(requests=600, raw_starts=400, delete_messages=200, events=1000),
+        scale.Config(running=1000, queued_small=100, queued_large=2000, reconcile_interval=5),
+    )
+
+
+async def _scenario(
+    out: Path, name: str, body: Callable[[], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    """Run one scenario and write its JSON with the machine and load around it."""
+    began_at = datetime.now(UTC).isoformat(timespec="seconds")
+    before = uptime()
+    began = time.monotonic()
+    results = await body()
+    document = {
+        "scenario": name,
+        "started_at": began_at,
+        "duration_seconds": round(time.monotonic() - began, 1),
+        "uptime_before": before,
+        "uptime_after": uptime(),
+        "machine": machine_info(),
+        "results": results,
+    }
+    print(f"[bench] wrote {report.write_json(out, name, document)}")
+    return document
+
+
+async def _main(args: argparse.Namespace) -> None:
+    cmp_config, tp_config, scale_config = _configs(args.quick)
+    chosen = args.only or SCENARIOS
+    if "comparison" in chosen:
+        runs: list[PatternRun] = []
+
+        async def compare() -> dict[str, Any]:
+            document, done = await comparison.run(cmp_config, args.pattern)
+            runs.extend(done)
+            return _merged(args.out, document)
+
+        cmp_doc = await _scenario(args.out, "comparison", compare)
+        if any(run.name == sfn_dispatcher.NAME for run in runs):
+            # Hand-over comes from the comparison's dispatcher run: same stream, same limit.
+            load = cmp_doc["results"]["patterns"][sfn_dispatcher.NAME]["load"]
+            hand = comparison.handover(runs) | {"load": load}
+            await _scenario(args.out, "handover", _constant(hand))
+    if "throughput" in chosen:
+        await _scenario(args.out, "throughput", lambda: throughput.run(tp_config))
+    if "scale" in chosen:
+        await _scenario(args.out, "scale", lambda: scale.run(scale_config))
+
+
+def _merged(out: Path, document: dict[str, Any]) -> dict[str, Any]:
+    """Keep the patterns not re-run (``--pattern``) from the last run of the same size."""
+    previous = report.load(out, "comparison")
+    if previous is None or previous["results"]["config"] != document["config"]:
+        return document
+    patterns = {**previous["results"]["patterns"], **document["patterns"]}
+    return document | {"patterns": patterns}
+
+
+def _constant(value: dict[str, Any]) -> Callable[[], Awaitable[dict[str, Any]]]:
+    async def body() -> dict[str, Any]:
+        return value
+
+    return body
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args = _parser().parse_args(argv)
+    for name in _UNSET:
+        os.environ.pop(name, None)
+    os.environ.update(_EMULATOR_ENV)
+    # Warnings only: the in-process dispatcher would print a line per start.
+    logs.configure("WARNING", LogFormat.JSON)
+    began = time.monotonic()
+    if not args.summary_only:
+        anyio.run(_main, args)
+    path = summary.write(args.out)
+    print(f"[bench] wrote {path} ({(time.monotonic() - began) / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
