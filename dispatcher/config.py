@@ -116,6 +116,9 @@ class Settings(BaseSettings):
         description="Seconds a lease lasts; renewed every third of it. A standby takes over "
         "within about this long after the holder dies.",
     )
+    events_concurrency: int = Field(
+        default=4, ge=1, le=64, description="Concurrent receives on the events queue."
+    )
     http_host: str = Field(
         default="127.0.0.1", description="Address of /metrics, /healthz, /readyz, /status."
     )

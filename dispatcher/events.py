@@ -17,6 +17,7 @@ import structlog
 
 from dispatcher.aws import AWS_ERRORS, Clients
 from dispatcher.config import Settings
+from dispatcher.deleter import DeleteBatcher
 from dispatcher.health import Health
 from dispatcher.ledger import TERMINAL_STATUSES, Change
 from dispatcher.metrics import Metrics
@@ -93,9 +94,24 @@ class Events:
         self.metrics = metrics
         self.health = health
         self.applied = 0
+        self._deleter: DeleteBatcher | None = None
 
     async def run(self) -> None:
-        """Apply events until cancelled; a failed receive backs off and tries again."""
+        """Apply events until cancelled, with several receives in flight (a single loop that
+        waits for each delete lets ended executions hold slots in a burst: see bench/)."""
+        deleter = DeleteBatcher(self.sqs, self.settings.events_queue_url)
+        async with anyio.create_task_group() as tg:
+            await tg.start(deleter.run)
+            self._deleter = deleter
+            try:
+                async with anyio.create_task_group() as receivers:
+                    for _ in range(self.settings.events_concurrency):
+                        receivers.start_soon(self._receive_loop)
+            finally:
+                self._deleter = None
+                deleter.close()
+
+    async def _receive_loop(self) -> None:
         failures = 0
         while True:
             try:
@@ -121,6 +137,10 @@ class Events:
             return 0
         for message in messages:
             self.apply(str(message.get("Body", "")), str(message.get("MessageId", "")))
+        if self._deleter is not None:  # batched while `run` runs; applied already either way
+            for message in messages:
+                await self._deleter.delete(message["ReceiptHandle"])
+            return len(messages)
         result = await self.sqs.delete_message_batch(
             QueueUrl=self.settings.events_queue_url,
             Entries=[
