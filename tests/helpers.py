@@ -175,3 +175,15 @@ async def delete_sandbox(resources: SandboxResources) -> None:
                 await sqs.delete_queue(QueueUrl=url)
         with contextlib.suppress(ClientError):
             await ssm.delete_parameter(Name=resources.limit_parameter)
+
+
+async def create_lease_table(endpoint: str, name: str) -> str:
+    """A lease table as the dispatcher expects it (string partition key ``pool``)."""
+    async with session().client("dynamodb", endpoint_url=endpoint) as dynamodb:
+        await dynamodb.create_table(
+            TableName=name,
+            AttributeDefinitions=[{"AttributeName": "pool", "AttributeType": "S"}],
+            KeySchema=[{"AttributeName": "pool", "KeyType": "HASH"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+    return name

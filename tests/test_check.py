@@ -36,7 +36,14 @@ from dispatcher.preflight import (
 )
 from dispatcher.sandbox import SandboxResources, free_port
 from tests.conftest import SandboxFactory
-from tests.helpers import events_client, session, sfn_client, sqs_client, ssm_client
+from tests.helpers import (
+    create_lease_table,
+    events_client,
+    session,
+    sfn_client,
+    sqs_client,
+    ssm_client,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -213,15 +220,9 @@ async def test_an_unreachable_endpoint_fails_once_and_skips_the_rest() -> None:
 @pytest.fixture
 async def lease_table(emulator: str, sandbox: SandboxResources) -> AsyncIterator[str]:
     """A lease table keyed by ``pool`` in the emulator, deleted afterwards."""
-    name = f"{sandbox.prefix}-lease"
+    name = await create_lease_table(emulator, f"{sandbox.prefix}-lease")
+    yield name
     async with session().client("dynamodb", endpoint_url=emulator) as dynamodb:
-        await dynamodb.create_table(
-            TableName=name,
-            AttributeDefinitions=[{"AttributeName": "pool", "AttributeType": "S"}],
-            KeySchema=[{"AttributeName": "pool", "KeyType": "HASH"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-        yield name
         await dynamodb.delete_table(TableName=name)
 
 

@@ -16,6 +16,7 @@ from dispatcher.lease import Lease, LeaseConfig
 from dispatcher.sandbox.provision import SandboxResources
 from dispatcher.service import Dispatcher
 from tests.audit import send_requests, session, verdict, wait_for, workload
+from tests.helpers import create_lease_table
 from tests.runner import child_process, settings_for
 
 Factory = Callable[..., Awaitable[SandboxResources]]
@@ -23,15 +24,7 @@ Factory = Callable[..., Awaitable[SandboxResources]]
 
 async def lease_table(endpoint: str) -> str:
     """A fresh lease table (partition key ``pool``)."""
-    name = f"lease-{uuid.uuid4().hex[:8]}"
-    async with session().client("dynamodb", endpoint_url=endpoint) as ddb:
-        await ddb.create_table(
-            TableName=name,
-            KeySchema=[{"AttributeName": "pool", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "pool", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-    return name
+    return await create_lease_table(endpoint, f"lease-{uuid.uuid4().hex[:8]}")
 
 
 class Clock:
