@@ -24,7 +24,7 @@ from dispatcher.aws import AWS_ERRORS, Clients, ErrorKind, classify, error_code,
 from dispatcher.config import Settings
 from dispatcher.deleter import DeleteBatcher
 from dispatcher.health import Health
-from dispatcher.ledger import Change, Reservation
+from dispatcher.ledger import Reservation
 from dispatcher.metrics import Metrics
 from dispatcher.pool import Pool
 from dispatcher.requests import BadRequest, StartRequest, execution_arn, parse
@@ -456,6 +456,3 @@ def _same_json(a: str, b: str) -> bool:
         return bool(json.loads(a) == json.loads(b))
     except ValueError:
         return False
-
-
-__all__ = ["Change", "Intake", "IntakeStats"]

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 from botocore.exceptions import ClientError
@@ -166,12 +166,3 @@ class Lease:
 
 def _number(value: float) -> str:
     return f"{value:.3f}"
-
-
-def describe(item: dict[str, Any]) -> dict[str, Any]:
-    """A lease item as plain values (for /status and tests)."""
-    return {
-        "owner": item.get("owner", {}).get("S"),
-        "epoch": int(item.get("epoch", {}).get("N", 0)),
-        "expires_at": float(item.get("expires_at", {}).get("N", 0)),
-    }

@@ -7,38 +7,16 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import aioboto3
 import anyio
 
 from dispatcher.records import Execution, list_executions, max_overlap
 from dispatcher.sandbox.provision import SandboxResources
 from dispatcher.service import Dispatcher
+from tests.helpers import depth, session
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
     from types_aiobotocore_stepfunctions import SFNClient
-
-
-def session() -> Any:
-    """An aioboto3 session with the emulator's test credentials."""
-    return aioboto3.Session(
-        aws_access_key_id="test",
-        aws_secret_access_key="test",  # noqa: S106 - the emulator's fixed test credentials
-        region_name="us-east-1",
-    )
-
-
-async def queue_depth(sqs: SQSClient, url: str) -> int:
-    """Visible + in-flight + delayed messages of a queue."""
-    attrs = await sqs.get_queue_attributes(
-        QueueUrl=url,
-        AttributeNames=[
-            "ApproximateNumberOfMessages",
-            "ApproximateNumberOfMessagesNotVisible",
-            "ApproximateNumberOfMessagesDelayed",
-        ],
-    )
-    return sum(int(v) for v in attrs["Attributes"].values())
 
 
 async def drain(sqs: SQSClient, url: str) -> list[dict[str, Any]]:
@@ -109,7 +87,7 @@ async def all_done(
     """Every expected execution exists and has ended, and the request queue is empty."""
     executions = await list_executions(sfn, sm_arn)
     ended = {e.name for e in executions if e.status != "RUNNING"}
-    return names <= ended and await queue_depth(sqs, queue) == 0
+    return names <= ended and await depth(sqs, queue) == 0
 
 
 def workload(n: int, low: float, high: float, seed: int = 7) -> list[dict[str, Any] | str]:
@@ -142,7 +120,7 @@ async def verdict(
             f"{e.name} {e.start:.3f}-{e.stop or 0:.3f}"
             for e in sorted(executions, key=lambda e: e.start)
         )
-        assert await queue_depth(sqs, resources.request_queue_url) == 0
+        assert await depth(sqs, resources.request_queue_url) == 0
 
 
 async def no_slot_leaked(dispatcher: Dispatcher) -> None:
@@ -155,4 +133,4 @@ async def no_slot_leaked(dispatcher: Dispatcher) -> None:
     await wait_for(empty, within=30, interval=0.05)
 
 
-__all__ = ["Execution", "list_executions", "max_overlap"]
+__all__ = ["Execution", "list_executions", "max_overlap", "session"]

@@ -132,16 +132,21 @@ async def receive_all(
 async def queue_depth(endpoint: str, queue_url: str) -> int:
     """Messages on the queue: visible, in flight and delayed."""
     async with sqs_client(endpoint) as sqs:
-        attributes = (
-            await sqs.get_queue_attributes(
-                QueueUrl=queue_url,
-                AttributeNames=[
-                    "ApproximateNumberOfMessages",
-                    "ApproximateNumberOfMessagesNotVisible",
-                    "ApproximateNumberOfMessagesDelayed",
-                ],
-            )
-        )["Attributes"]
+        return await depth(sqs, queue_url)
+
+
+async def depth(sqs: SQSClient, queue_url: str) -> int:
+    """Messages on the queue (visible, in flight and delayed), with an open client."""
+    attributes = (
+        await sqs.get_queue_attributes(
+            QueueUrl=queue_url,
+            AttributeNames=[
+                "ApproximateNumberOfMessages",
+                "ApproximateNumberOfMessagesNotVisible",
+                "ApproximateNumberOfMessagesDelayed",
+            ],
+        )
+    )["Attributes"]
     return sum(int(value) for value in attributes.values())
 
 
