@@ -7,9 +7,12 @@ variables (``AWS_ENDPOINT_URL`` included) are read by botocore as usual.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Self
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -59,10 +62,20 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, frozen=True, extra="ignore", case_sensitive=False
     )
 
-    state_machine_arn: str = Field(
-        description="ARN of the STANDARD state machine whose executions are limited."
+    config: Path | None = Field(
+        default=None,
+        description="TOML file with several pools, queues and priorities (see 'Config file'); "
+        "unset: one pool from the variables below. SIGHUP reloads it.",
     )
-    request_queue_url: str = Field(description="SQS queue the requests arrive on.")
+    state_machine_arn: str | None = Field(
+        default=None,
+        description="ARN of the STANDARD state machine whose executions are limited "
+        "(required without a config file).",
+    )
+    request_queue_url: str | None = Field(
+        default=None,
+        description="SQS queue the requests arrive on (required without a config file).",
+    )
     events_queue_url: str = Field(
         description="SQS queue the EventBridge rule sends Execution Status Change events to."
     )
@@ -73,6 +86,47 @@ class Settings(BaseSettings):
     )
     limit: int = Field(
         default=10, ge=0, description="Most executions running at once (0 pauses starts)."
+    )
+    limit_parameter: str | None = Field(
+        default=None,
+        description="SSM parameter holding the limit, re-read every limit_refresh_interval "
+        "(wins over DISPATCHER_LIMIT once read; an invalid value is refused, the old limit kept).",
+    )
+    limit_refresh_interval: float = Field(
+        default=30.0, gt=0, description="Seconds between reads of the limit parameters."
+    )
+    key_attribute: str | None = Field(
+        default=None,
+        description="Message attribute holding a request's concurrency key (e.g. a tenant id); "
+        "requests are served round-robin by key.",
+    )
+    per_key_limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most executions of one key running at once (needs key_attribute).",
+    )
+    max_waiting: int = Field(
+        default=100,
+        ge=0,
+        le=100_000,
+        description="Requests a pool holds in memory (visibility extended) while their key is at "
+        "its limit or higher priorities go first; beyond it they go back to the queue for later.",
+    )
+    start_rate: float | None = Field(
+        default=None,
+        gt=0,
+        description="StartExecution calls per second per account and region (unset: the "
+        "Standard quota, 300/s in us-east-1, us-west-2, eu-west-1, else 150/s).",
+    )
+    start_burst: int | None = Field(
+        default=None,
+        ge=1,
+        description="Token bucket size for StartExecution (unset: 1300 or 800, as the quota).",
+    )
+    start_rate_floor: float = Field(
+        default=1.0,
+        gt=0,
+        description="Lowest rate the adaptive back-off falls to when AWS throttles starts.",
     )
     reconcile_interval: float = Field(
         default=30.0, gt=0, description="Seconds between ListExecutions reconciles."
@@ -134,8 +188,8 @@ class Settings(BaseSettings):
 
     @field_validator("state_machine_arn")
     @classmethod
-    def _check_arn(cls, value: str) -> str:
-        if not STATE_MACHINE_ARN_RE.match(value):
+    def _check_arn(cls, value: str | None) -> str | None:
+        if value is not None and not STATE_MACHINE_ARN_RE.match(value):
             raise ValueError("must look like arn:aws:states:REGION:ACCOUNT:stateMachine:NAME")
         return value
 
@@ -154,6 +208,35 @@ class Settings(BaseSettings):
         return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
+    def _one_pool_or_a_file(self) -> Self:
+        if self.config is not None:
+            given = [f for f in POOL_FIELDS if f in self.model_fields_set]
+            if given:
+                names = ", ".join(env_name(f) for f in given)
+                raise ValueError(
+                    f"{names} cannot be combined with {env_name('config')}: set them per pool "
+                    "in the config file's [pools.NAME] tables"
+                )
+            return self
+        missing = [
+            f for f in ("state_machine_arn", "request_queue_url") if getattr(self, f) is None
+        ]
+        if missing:
+            raise ValueError(
+                "; ".join(
+                    f"{env_name(f)} is required (or {env_name('config')} with [pools]): "
+                    f"{type(self).model_fields[f].description}"
+                    for f in missing
+                )
+            )
+        if self.per_key_limit is not None and self.key_attribute is None:
+            raise ValueError(
+                f"{env_name('per_key_limit')} needs {env_name('key_attribute')}: the message "
+                "attribute that holds the key"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _distinct_queues(self) -> Self:
         urls = [self.request_queue_url, self.events_queue_url, self.dead_letter_queue_url]
         given = [u for u in urls if u]
@@ -164,33 +247,41 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def region(self) -> str:
+    def region(self) -> str | None:
         """The state machine's region (used when no AWS region is configured)."""
-        match = STATE_MACHINE_ARN_RE.match(self.state_machine_arn)
-        assert match is not None  # validated  # noqa: S101
-        return match["region"]
+        match = STATE_MACHINE_ARN_RE.match(self.state_machine_arn or "")
+        return match["region"] if match else None
 
     @classmethod
     def load(
-        cls, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+        cls,
+        overrides: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        *,
+        base: Mapping[str, Any] | None = None,
+        base_source: str = "",
     ) -> Settings:
-        """Build settings from ``env`` (default: the process environment) and ``overrides``.
+        """Build settings from ``base`` (a config file's ``[dispatcher]`` table), then ``env``
+        (default: the process environment), then ``overrides`` (flags): later ones win.
 
-        Raises `ConfigError` with one line per bad setting, naming the variable.
+        Raises `ConfigError` with one line per bad setting, naming the variable (or the file).
         """
         kwargs = {k: v for k, v in (overrides or {}).items() if v is not None}
+        scoped = scoped_env(os.environ if env is None else env)
+        values = {**(base or {}), **scoped, **kwargs}
+        from_file = {k for k in (base or {}) if k not in scoped and k not in kwargs}
         try:
-            if env is None:
-                return cls(**kwargs)
-            scoped = {
-                k[len(ENV_PREFIX) :].lower(): v
-                for k, v in env.items()
-                if k.upper().startswith(ENV_PREFIX)
-            }
-            scoped = {k: v for k, v in scoped.items() if k in cls.model_fields}
-            return _Given.model_validate({**scoped, **kwargs})
+            return _Given.model_validate(values)
         except ValidationError as exc:
-            raise ConfigError(_describe(exc)) from None
+            raise ConfigError(_describe(exc, values, from_file, base_source)) from None
+
+
+def scoped_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The ``DISPATCHER_*`` variables that name settings, keyed by field name."""
+    scoped = {
+        k[len(ENV_PREFIX) :].lower(): v for k, v in env.items() if k.upper().startswith(ENV_PREFIX)
+    }
+    return {k: v for k, v in scoped.items() if k in Settings.model_fields}
 
 
 class _Given(Settings):
@@ -208,23 +299,41 @@ class _Given(Settings):
         return (init_settings,)
 
 
+POOL_FIELDS = (
+    "state_machine_arn",
+    "request_queue_url",
+    "limit",
+    "limit_parameter",
+    "key_attribute",
+    "per_key_limit",
+    "max_waiting",
+)
+"""Settings of the single pool; in a config file they are set per pool instead."""
+
+
 def env_name(field: str) -> str:
     """The environment variable of a settings field."""
     return ENV_PREFIX + field.upper()
 
 
-def _describe(exc: ValidationError) -> str:
-    lines = []
+def _describe(
+    exc: ValidationError, values: Mapping[str, Any], from_file: AbstractSet[str], source: str
+) -> str:
+    lines = [  # without a file, the single pool's two required settings, named up front
+        f"{env_name(field)} is required (or {env_name('config')} with [pools]): "
+        f"{Settings.model_fields[field].description}"
+        for field in ("state_machine_arn", "request_queue_url")
+        if not values.get("config") and not values.get(field)
+    ]
     for err in exc.errors():
         field = str(err["loc"][0]) if err["loc"] else ""
         msg = err["msg"].removeprefix("Value error, ")
+        named = f"{source} [dispatcher] {field}" if field in from_file else env_name(field)
         if err["type"] == "missing":
-            lines.append(
-                f"{env_name(field)} is required: {Settings.model_fields[field].description}"
-            )
+            lines.append(f"{named} is required: {Settings.model_fields[field].description}")
         elif field:
-            lines.append(f"{env_name(field)}={err.get('input')!r} is invalid: {msg}")
-        else:
+            lines.append(f"{named}={err.get('input')!r} is invalid: {msg}")
+        elif msg not in lines and not any(line.startswith(msg[:40]) for line in lines):
             lines.append(msg)
     return "; ".join(lines)
 

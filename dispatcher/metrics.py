@@ -107,6 +107,52 @@ class Metrics:
             "Fencing epoch of the lease this process last took (0 without a lease).",
             registry=r,
         )
+        account_region = ("account", "region")
+        self.start_rate = Gauge(
+            "dispatcher_start_rate_limit",
+            "StartExecution calls per second currently allowed for one account and region "
+            "(lowered when AWS throttles, recovering gradually).",
+            account_region,
+            registry=r,
+        )
+        self.start_rate_throttles = Counter(
+            "dispatcher_start_rate_throttles",
+            "Throttled StartExecution calls, each of which lowered the allowed rate.",
+            account_region,
+            registry=r,
+        )
+        self.start_rate_wait = Counter(
+            "dispatcher_start_rate_wait_seconds",
+            "Seconds starts spent waiting for a StartExecution token.",
+            account_region,
+            registry=r,
+        )
+        self.limit_updates = Counter(
+            "dispatcher_limit_updates",
+            "Live limit changes, by source (ssm, config) and result (applied, rejected).",
+            (*pool, "source", "result"),
+            registry=r,
+        )
+        self.per_key_limit = Gauge(
+            "dispatcher_per_key_limit",
+            "Most executions of one concurrency key running at once (0: no per-key limit).",
+            pool,
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "dispatcher_requests_waiting",
+            "Requests received and held in memory (visibility extended) until their key, "
+            "priority or a slot lets them start.",
+            pool,
+            registry=r,
+        )
+        self.deferred = Counter(
+            "dispatcher_requests_deferred",
+            "Requests handed back to their queue for later because the pool's in-memory "
+            "buffer (or that key's share of it) was full.",
+            pool,
+            registry=r,
+        )
         self.aws_calls = Counter(
             "dispatcher_aws_calls",
             "AWS API calls, by operation and outcome (ok, throttled, error).",
@@ -131,6 +177,10 @@ class Metrics:
                 self.aws_calls.labels(operation=operation, outcome=outcome)
         for result in ("ok", "error"):
             self.reconcile_runs.labels(result=result)
+        for source in ("ssm", "config"):
+            for result in ("applied", "rejected"):
+                self.limit_updates.labels(pool=pool, source=source, result=result)
+        self.deferred.labels(pool=pool)
         for histogram in (self.start_latency, self.queue_wait, self.refill):
             histogram.labels(pool=pool)
 
