@@ -126,7 +126,9 @@ class AdaptiveRate:
     @staticmethod
     def _check_floor(floor: float, ceiling: float) -> None:
         if not 0 < floor <= ceiling:
-            raise ValueError(f"floor must be > 0 and <= ceiling, got {floor:g} (ceiling {ceiling:g})")
+            raise ValueError(
+                f"floor must be > 0 and <= ceiling, got {floor:g} (ceiling {ceiling:g})"
+            )
 
     @property
     def current(self) -> float:
