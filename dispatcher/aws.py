@@ -19,6 +19,7 @@ from dispatcher.metrics import Metrics
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
     from types_aiobotocore_sqs import SQSClient
+    from types_aiobotocore_ssm import SSMClient
     from types_aiobotocore_stepfunctions import SFNClient
 
 THROTTLE_CODES = frozenset(
@@ -101,11 +102,13 @@ def is_retryable(exc: Exception) -> bool:
 
 @dataclass(frozen=True)
 class Clients:
-    """The AWS clients the dispatcher uses (DynamoDB only with a lease)."""
+    """The AWS clients the dispatcher uses (DynamoDB only with a lease, SSM only for
+    limits kept in parameters)."""
 
     sqs: SQSClient
     sfn: SFNClient
     dynamodb: DynamoDBClient | None = None
+    ssm: SSMClient | None = None
 
 
 def _count_attempt(metrics: Metrics) -> Any:
@@ -148,6 +151,7 @@ async def open_clients(
     max_attempts: int = 3,
     endpoint_url: str | None = None,
     dynamodb: bool = False,
+    ssm: bool = False,
 ) -> AsyncIterator[Clients]:
     """Open SQS and Step Functions clients; endpoint and credentials come from ``AWS_*``.
 
@@ -176,7 +180,12 @@ async def open_clients(
             ddb = await stack.enter_async_context(
                 session.client("dynamodb", config=config, endpoint_url=endpoint_url)
             )
-        for client in (sqs, sfn, ddb):
+        parameters = None
+        if ssm:
+            parameters = await stack.enter_async_context(
+                session.client("ssm", config=config, endpoint_url=endpoint_url)
+            )
+        for client in (sqs, sfn, ddb, parameters):
             if client is not None:
                 client.meta.events.register("needs-retry.*.*", hook)
-        yield Clients(sqs=sqs, sfn=sfn, dynamodb=ddb)
+        yield Clients(sqs=sqs, sfn=sfn, dynamodb=ddb, ssm=parameters)

@@ -237,6 +237,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _floor_below_rate(self) -> Self:
+        if self.start_rate is not None and self.start_rate_floor > self.start_rate:
+            raise ValueError(
+                f"{env_name('start_rate_floor')}={self.start_rate_floor} is above "
+                f"{env_name('start_rate')}={self.start_rate}: the floor must be <= the rate"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _distinct_queues(self) -> Self:
         urls = [self.request_queue_url, self.events_queue_url, self.dead_letter_queue_url]
         given = [u for u in urls if u]

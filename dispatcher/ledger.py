@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"})
@@ -40,6 +40,8 @@ class Reservation:
     """A slot held for a start that is in flight; ``token`` is unique per ledger."""
 
     token: int
+    key: str | None = None
+    """The concurrency key the start is for (None: no key)."""
 
 
 @dataclass(slots=True)
@@ -49,6 +51,8 @@ class _Held:
     since: float
     redrives: int
     """The highest redrive count seen while held: a terminal for an earlier run is stale."""
+    key: str | None = None
+    """The concurrency key it runs for (None: none, or unknown)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,14 +68,24 @@ class ListingResult:
 class Ledger:
     """The running set, reservations and tombstones of one pool."""
 
-    def __init__(self, limit: int, *, tombstone_capacity: int = 100_000) -> None:
+    def __init__(
+        self,
+        limit: int,
+        *,
+        per_key_limit: int | None = None,
+        key_of: Callable[[str], str | None] = lambda _arn: None,
+        tombstone_capacity: int = 100_000,
+    ) -> None:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
         if tombstone_capacity < 1:
             raise ValueError(f"tombstone_capacity must be >= 1, got {tombstone_capacity}")
         self._limit = limit
+        self._per_key_limit = _checked_key_limit(per_key_limit)
+        self._key_of = key_of  # the key of an execution seen but not started here (its name)
         self._running: dict[str, _Held] = {}  # arn -> since when, latest run seen
-        self._reserved: dict[int, float] = {}  # token -> when it was reserved
+        self._reserved: dict[int, Reservation] = {}  # token -> reservation, oldest first
+        self._by_key: Counter[str] = Counter()  # key -> running + reserved
         self._tombstones: OrderedDict[str, int] = OrderedDict()  # arn -> redrive count
         self._tombstone_capacity = tombstone_capacity
         self._tokens = itertools.count(1)
@@ -82,6 +96,28 @@ class Ledger:
     def limit(self) -> int:
         """The most slots that may be held by running executions and starts in flight."""
         return self._limit
+
+    @property
+    def per_key_limit(self) -> int | None:
+        """The most slots one key may hold (None: no per-key limit)."""
+        return self._per_key_limit
+
+    def key_held(self, key: str) -> int:
+        """Slots held by ``key``: its running executions and its starts in flight."""
+        return self._by_key[key]
+
+    def key_free(self, key: str | None) -> int:
+        """Slots a new start for ``key`` may take now (the pool's free slots and the key's)."""
+        if key is None or self._per_key_limit is None:
+            return self.free
+        return max(0, min(self.free, self._per_key_limit - self._by_key[key]))
+
+    @property
+    def keys_at_limit(self) -> int:
+        """How many keys hold all the slots their per-key limit allows."""
+        if self._per_key_limit is None:
+            return 0
+        return sum(1 for held in self._by_key.values() if held >= self._per_key_limit)
 
     @property
     def running(self) -> frozenset[str]:
@@ -119,16 +155,24 @@ class Ledger:
             raise ValueError(f"limit must be >= 0, got {limit}")
         self._limit = limit
 
+    def set_per_key_limit(self, per_key_limit: int | None) -> None:
+        """Change the per-key limit; like the limit, lowering it only holds starts back."""
+        self._per_key_limit = _checked_key_limit(per_key_limit)
+
     # -- starts ----------------------------------------------------------------------
 
-    def reserve(self, n: int, now: float) -> list[Reservation]:
-        """Hold up to ``n`` free slots for starts about to be made; may return fewer."""
-        granted = min(max(n, 0), self.free)
+    def reserve(self, n: int, now: float, key: str | None = None) -> list[Reservation]:
+        """Hold up to ``n`` free slots for starts (for ``key``) about to be made; may return
+        fewer. ``now`` is accepted for symmetry with the other inputs."""
+        del now
+        granted = min(max(n, 0), self.key_free(key))
         out = []
         for _ in range(granted):
-            token = next(self._tokens)
-            self._reserved[token] = now
-            out.append(Reservation(token))
+            reservation = Reservation(next(self._tokens), key)
+            self._reserved[reservation.token] = reservation
+            if key is not None:
+                self._by_key[key] += 1
+            out.append(reservation)
         return out
 
     def admitted(self, reservation: Reservation) -> bool:
@@ -141,22 +185,49 @@ class Ledger:
         """
         if reservation.token not in self._reserved:
             return False
-        headroom = self._limit - len(self._running)
-        if len(self._reserved) <= headroom:
+        if not _among_oldest(
+            self._reserved.values(), reservation, self._limit - len(self._running)
+        ):
+            return False
+        key = reservation.key
+        if key is None or self._per_key_limit is None:
             return True
-        for position, token in enumerate(self._reserved):
-            if position >= headroom:
-                return False
-            if token == reservation.token:
-                return True
-        return False  # pragma: no cover - the token is in the dict
+        keyed = [r for r in self._reserved.values() if r.key == key]
+        running = self._by_key[key] - len(keyed)
+        return _among_oldest(keyed, reservation, self._per_key_limit - running)
 
     def cancel(self, reservation: Reservation) -> bool:
         """Give a reserved slot back (the start failed or was not needed).
 
         Returns whether the reservation was still held; cancelling twice is harmless.
         """
-        return self._reserved.pop(reservation.token, None) is not None
+        return self._unreserve(reservation.token)
+
+    def _unreserve(self, token: int) -> bool:
+        reservation = self._reserved.pop(token, None)
+        if reservation is None:
+            return False
+        if reservation.key is not None:
+            self._drop_key(reservation.key)
+        return True
+
+    def _drop_key(self, key: str) -> None:
+        self._by_key[key] -= 1
+        if self._by_key[key] <= 0:
+            del self._by_key[key]
+
+    def _hold(self, arn: str, held: _Held) -> None:
+        self._running[arn] = held
+        if held.key is not None:
+            self._by_key[held.key] += 1
+
+    def _release(self, arn: str) -> bool:
+        held = self._running.pop(arn, None)
+        if held is None:
+            return False
+        if held.key is not None:
+            self._drop_key(held.key)
+        return True
 
     def started(self, reservation: Reservation, arn: str, now: float) -> Change:
         """Turn a reservation into a running execution once ``StartExecution`` answered.
@@ -165,12 +236,12 @@ class Ledger:
         execution is already running the reservation is simply dropped, and if it has
         already finished (tombstone) it does not come back.
         """
-        self._reserved.pop(reservation.token, None)
+        self._unreserve(reservation.token)
         if arn in self._tombstones:
             return Change.STALE
         if arn in self._running:
             return Change.UNCHANGED
-        self._running[arn] = _Held(now, 0)
+        self._hold(arn, _Held(now, 0, reservation.key))
         return Change.ADDED
 
     # -- events and listings ---------------------------------------------------------
@@ -190,7 +261,7 @@ class Ledger:
         if held is not None:
             held.redrives = max(held.redrives, redrive_count)
             return Change.UNCHANGED
-        self._running[arn] = _Held(now, redrive_count)
+        self._hold(arn, _Held(now, redrive_count, self._key_of(arn)))
         return Change.ADDED
 
     def observe_terminal(self, arn: str, redrive_count: int = 0) -> Change:
@@ -208,7 +279,7 @@ class Ledger:
         self._tombstones.move_to_end(arn)
         while len(self._tombstones) > self._tombstone_capacity:
             self._tombstones.popitem(last=False)
-        if self._running.pop(arn, None) is not None:
+        if self._release(arn):
             return Change.FREED
         return Change.UNCHANGED if previous is not None else Change.NOTED
 
@@ -239,3 +310,19 @@ class Ledger:
             arn for arn, held in self._running.items() if arn not in counts and held.since <= cutoff
         ]
         return ListingResult(adopted=tuple(adopted), suspects=tuple(suspects))
+
+
+def _among_oldest(reservations: Iterable[Reservation], reservation: Reservation, room: int) -> bool:
+    """Whether ``reservation`` is among the oldest ``room`` of ``reservations``."""
+    for position, other in enumerate(reservations):
+        if position >= room:
+            return False
+        if other.token == reservation.token:
+            return True
+    return False
+
+
+def _checked_key_limit(per_key_limit: int | None) -> int | None:
+    if per_key_limit is not None and per_key_limit < 1:
+        raise ValueError(f"per_key_limit must be >= 1 (or None), got {per_key_limit}")
+    return per_key_limit

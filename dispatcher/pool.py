@@ -1,8 +1,10 @@
-"""A pool: one governed state machine, its ledger, and the wake-up for waiting intake.
+"""A pool: one governed state machine, its ledger, its waiting room, and the wake-up.
 
-The ledger decides; the pool adds what the async side needs: a condition intake waits
-on when no slot is free (woken by whatever frees one - never a timer), gauges kept in
-step with the ledger, and the refill clock (slot freed -> next start).
+The ledger decides; the pool adds what the async side needs: the waiting room of
+requests received but not yet startable (key at its limit, higher priorities first), a
+condition intake waits on (woken by whatever frees a slot or adds a request - never a
+timer), gauges kept in step with the ledger, and the refill clock (slot freed -> next
+start).
 """
 
 from __future__ import annotations
@@ -10,13 +12,22 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 
+from dispatcher.layout import PoolConfig
 from dispatcher.ledger import Change, Ledger, Reservation
 from dispatcher.metrics import Metrics
+from dispatcher.requests import tag_of
+from dispatcher.waiting import WaitingRoom
 
 Clock = Callable[[], float]
+
+LOOKAHEAD = 10
+"""Startable requests a queue keeps waiting in a pool that chooses (priorities, keys)."""
+KEY_SHARE = 10
+"""Least room one key may take in a waiting room (more when its per-key limit is higher)."""
 
 
 class Pool:
@@ -24,31 +35,64 @@ class Pool:
 
     def __init__(
         self,
-        name: str,
-        state_machine_arn: str,
-        ledger: Ledger,
+        config: PoolConfig,
         metrics: Metrics,
         clock: Clock = time.monotonic,
+        *,
+        queues: int = 1,
     ) -> None:
-        self.name = name
-        self.state_machine_arn = state_machine_arn
-        self.ledger = ledger
+        self.config = config
+        self.name = config.name
+        self.state_machine_arn = config.state_machine_arn
+        self.ledger = Ledger(config.limit, per_key_limit=config.per_key_limit, key_of=tag_of)
+        self.room: WaitingRoom[Any] = WaitingRoom(
+            config.max_waiting,
+            key_capacity=_key_capacity(config),
+            reserved_share=config.reserved_share,
+        )
+        # A pool with one queue and no keys has nothing to choose between: it receives
+        # only for free slots. Otherwise each queue keeps a few startable requests waiting.
+        self.lookahead = 0 if queues == 1 and config.key_attribute is None else LOOKAHEAD
         self.metrics = metrics
         self.clock = clock
         self._changed = anyio.Event()
         self._freed_at: deque[float] = deque(maxlen=10_000)
         self.queued: int | None = None  # approximate request-queue depth, from reconcile
-        self.receiving = 0  # reserved slots held by receives in flight (not yet starts)
+        self.receiving = 0  # messages asked for by receives in flight
         self.started_total = 0
         self.finished_total = 0
         self.max_running_seen = 0
-        metrics.prefill(name)
+        metrics.prefill(self.name)
         self.update()
 
+    def reset(self) -> None:
+        """A fresh ledger (same limits) for a new reign: it starts from the listing."""
+        self.ledger = Ledger(
+            self.ledger.limit, per_key_limit=self.ledger.per_key_limit, key_of=tag_of
+        )
+        self.update()
+
+    def reconfigure(self, config: PoolConfig) -> None:
+        """Apply a reloaded pool config: per-key limit and waiting room (never evicts)."""
+        self.config = config
+        self.ledger.set_per_key_limit(config.per_key_limit)
+        self.room.reconfigure(
+            capacity=config.max_waiting,
+            key_capacity=_key_capacity(config),
+            reserved_share=config.reserved_share,
+        )
+        self.update()
+
+    def key_ok(self, key: str | None) -> bool:
+        """Whether a request for ``key`` could start now."""
+        return self.ledger.key_free(key) > 0
+
     def update(self) -> None:
-        """Refresh gauges and wake intake; call after every ledger change."""
+        """Refresh gauges and wake intake; call after every ledger or waiting-room change."""
         ledger = self.ledger
         labels = {"pool": self.name}
+        self.metrics.waiting.labels(**labels).set(len(self.room))
+        self.metrics.per_key_limit.labels(**labels).set(ledger.per_key_limit or 0)
         self.metrics.limit.labels(**labels).set(ledger.limit)
         self.metrics.running.labels(**labels).set(ledger.running_count)
         self.metrics.starting.labels(**labels).set(self.starting)
@@ -61,14 +105,28 @@ class Pool:
 
     @property
     def starting(self) -> int:
-        """Reserved slots whose request has arrived: starts in flight."""
-        return max(0, self.ledger.reserved_count - self.receiving)
+        """Reserved slots: starts in flight."""
+        return self.ledger.reserved_count
 
-    async def wait_free(self) -> int:
-        """Wait until at least one slot is free; return how many are."""
-        while (free := self.ledger.free) == 0:
-            await self._changed.wait()
-        return free
+    def wanted(self, from_queue: int) -> int:
+        """How many messages a receive on a queue feeding this pool may take now (<= 10).
+
+        Enough to fill the free slots no waiting request can take, and, in a pool that
+        chooses between queues or keys, to keep ``lookahead`` startable requests of that
+        queue waiting; never more than the waiting room has room for.
+        """
+        startable = self.room.startable(self.key_ok)
+        unclaimed = self.ledger.free - startable - self.receiving
+        ahead = self.lookahead - from_queue - self.receiving if self.lookahead else 0
+        room_left = self.room.capacity - len(self.room) - self.receiving
+        want = max(unclaimed, ahead)
+        if self.lookahead or unclaimed <= 0:  # taking more than free slots waits in the room
+            want = min(want, room_left + max(0, unclaimed))
+        return max(0, min(10, want))
+
+    async def changed(self) -> None:
+        """Wait for the next change (a slot freed or taken, a request added or picked)."""
+        await self._changed.wait()
 
     async def wait_admitted(self, reservation: Reservation, at_most: float) -> bool:
         """Wait (``at_most`` seconds) until the reservation may start; return whether it may."""
@@ -94,3 +152,9 @@ class Pool:
     def backlog_drained(self) -> None:
         """The request queue ran dry: pending frees are no longer hand-overs."""
         self._freed_at.clear()
+
+
+def _key_capacity(config: PoolConfig) -> int | None:
+    if config.key_attribute is None:
+        return None
+    return max(KEY_SHARE, 2 * (config.per_key_limit or 0))

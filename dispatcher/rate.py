@@ -329,6 +329,10 @@ class RateLimiters:
             self._limiters[account, region] = limiter
         return limiter
 
+    def all(self) -> list[StartRateLimiter]:
+        """Every limiter made so far."""
+        return list(self._limiters.values())
+
     def reconfigure(self, *, rate: float | None, burst: int | None, floor: float) -> None:
         """Apply new settings to every limiter made so far and to those made later."""
         self._check(rate, burst, floor)

@@ -9,6 +9,7 @@ every status event lost, reconcile alone keeps the pool moving.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import anyio
@@ -39,9 +40,19 @@ class Reconciler:
     """Periodic ListExecutions + DescribeExecution for one pool."""
 
     def __init__(
-        self, settings: Settings, clients: Clients, pool: Pool, metrics: Metrics, health: Health
+        self,
+        settings: Settings,
+        clients: Clients,
+        pool: Pool,
+        metrics: Metrics,
+        health: Health,
+        *,
+        queue_urls: Sequence[str] = (),
     ) -> None:
         self.settings = settings
+        self.queue_urls = tuple(queue_urls) or (
+            (settings.request_queue_url,) if settings.request_queue_url else ()
+        )
         self.sfn = clients.sfn
         self.sqs = clients.sqs
         self.pool = pool
@@ -122,20 +133,23 @@ class Reconciler:
         return report
 
     async def _estimate_backlog(self) -> None:
-        """Read the request queue's approximate depth (for /status and the dashboard)."""
-        try:
-            response = await self.sqs.get_queue_attributes(
-                QueueUrl=self.settings.request_queue_url,
-                AttributeNames=[
-                    "ApproximateNumberOfMessages",
-                    "ApproximateNumberOfMessagesDelayed",
-                ],
-            )
-        except AWS_ERRORS as exc:  # an estimate only: keep the last one
-            log.debug("dispatcher.queue_depth_unavailable", error=str(exc))
-            return
-        attributes = response.get("Attributes", {})
-        self.pool.queued = sum(int(value) for value in attributes.values())
+        """Read the request queues' approximate depth (for /status and the dashboard)."""
+        queued = 0
+        for url in self.queue_urls:
+            try:
+                response = await self.sqs.get_queue_attributes(
+                    QueueUrl=url,
+                    AttributeNames=[
+                        "ApproximateNumberOfMessages",
+                        "ApproximateNumberOfMessagesDelayed",
+                    ],
+                )
+            except AWS_ERRORS as exc:  # an estimate only: keep the last one
+                log.debug("dispatcher.queue_depth_unavailable", error=str(exc))
+                return
+            attributes = response.get("Attributes", {})
+            queued += sum(int(value) for value in attributes.values())
+        self.pool.queued = queued
         self.metrics.queued.labels(pool=self.pool.name).set(self.pool.queued)
 
     async def _confirm(self, arn: str) -> bool:

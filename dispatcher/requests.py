@@ -7,6 +7,8 @@ message id, so a redelivered message maps to the same execution.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -15,6 +17,8 @@ from typing import Any
 from dispatcher.config import InputFormat
 
 IDEMPOTENCY_ATTRIBUTE = "idempotency-key"
+KEY_TAG_RE = re.compile(r"^k(?P<tag>[0-9a-f]{10})_")
+KEY_TAG_LENGTH = 12  # "k" + 10 hex digits + "_"
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}\Z")
 MAX_INPUT_BYTES = 256 * 1024  # the Step Functions input limit
 
@@ -114,3 +118,32 @@ def parse(message: dict[str, Any], fmt: InputFormat) -> StartRequest | BadReques
 def execution_arn(state_machine_arn: str, name: str) -> str:
     """The ARN an execution named ``name`` of this (standard) state machine has."""
     return state_machine_arn.replace(":stateMachine:", ":execution:", 1) + ":" + name
+
+
+def key_tag(key: str) -> str:
+    """The short, stable tag of a concurrency key that keyed execution names start with.
+
+    The tag lets a restarted dispatcher count running executions per key from a listing
+    alone; a hash keeps tenant ids out of execution names and keeps the length fixed.
+    """
+    return hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def tag_of(arn_or_name: str) -> str | None:
+    """The key tag an execution name (or ARN) carries, or None for an untagged one."""
+    match = KEY_TAG_RE.match(arn_or_name.rsplit(":", 1)[-1])
+    return match["tag"] if match else None
+
+
+def keyed(request: StartRequest, tag: str) -> StartRequest | BadRequest:
+    """The request with its execution name prefixed by the key tag (names stay <= 80)."""
+    name = f"k{tag}_{request.name}"
+    if len(name) > 80:
+        return BadRequest(
+            request.message_id,
+            request.receipt_handle,
+            "invalid_idempotency_key",
+            f"{IDEMPOTENCY_ATTRIBUTE} {request.name!r} is too long for a pool with per-key "
+            f"limits: at most {80 - KEY_TAG_LENGTH} characters (the name carries a key tag)",
+        )
+    return dataclasses.replace(request, name=name)

@@ -1,11 +1,14 @@
-"""The service: preflight, start-up listing, then intake, events, reconcile and HTTP in one
-task group, with an ordered, bounded shutdown on SIGTERM/SIGINT (a second signal: at once).
+"""The service: preflight, start-up listing, then intake, events, reconcile, live limits
+and HTTP in one task group, with an ordered, bounded shutdown on SIGTERM/SIGINT (a second
+signal: at once); SIGHUP reloads the config file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,16 +23,16 @@ from dispatcher.events import Events
 from dispatcher.health import Health
 from dispatcher.http import build_app, serve
 from dispatcher.intake import Intake
+from dispatcher.layout import Layout, from_settings
 from dispatcher.lease import Lease, LeaseConfig
-from dispatcher.ledger import Ledger
+from dispatcher.limits import LiveLimits
 from dispatcher.metrics import Metrics
 from dispatcher.pool import Clock, Pool
+from dispatcher.rate import RateLimiters
 from dispatcher.reconcile import Reconciler
 from dispatcher.startup import preflight
 
 log = structlog.get_logger("dispatcher.service")
-
-DEFAULT_POOL = "default"
 
 
 @dataclass(frozen=True)
@@ -47,33 +50,44 @@ class Summary:
 
 
 class Dispatcher:
-    """One dispatcher process governing one pool."""
+    """One dispatcher process governing its pools."""
 
     def __init__(
         self,
         settings: Settings,
         *,
+        layout: Layout | None = None,
         metrics: Metrics | None = None,
         clock: Clock = time.monotonic,
         endpoint_url: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
+        self.layout = layout if layout is not None else from_settings(settings)
+        self.overrides = dict(overrides or {})
         self.metrics = metrics if metrics is not None else Metrics()
         self.health = Health(self.metrics)
         self.health.refresh()
         self.clock = clock
         self.endpoint_url = endpoint_url
-        self.pool = Pool(
-            DEFAULT_POOL,
-            settings.state_machine_arn,
-            Ledger(settings.limit),
+        self.pools = {
+            p.name: Pool(p, self.metrics, clock, queues=len(self.layout.queues_of(p.name)))
+            for p in self.layout.pools
+        }
+        self.pool = next(iter(self.pools.values()))  # the first (with no file: the only) pool
+        self.limiters = RateLimiters(
             self.metrics,
-            clock,
+            rate=settings.start_rate,
+            burst=settings.start_burst,
+            floor=settings.start_rate_floor,
         )
+        for pool in self.pools.values():
+            self.limiters.for_arn(pool.state_machine_arn)  # export the rate from the start
+        self.limits: LiveLimits | None = None
         self.http_port: int | None = None
         self.intake: Intake | None = None
         self.events: Events | None = None
-        self.reconciler: Reconciler | None = None
+        self.reconcilers: dict[str, Reconciler] = {}
         self.serving = anyio.Event()  # HTTP endpoints answer (start-up may still run)
         self.started = anyio.Event()  # start-up listing done: ready
         self._stop = anyio.Event()
@@ -89,11 +103,39 @@ class Dispatcher:
         """Begin the ordered shutdown (what SIGTERM does)."""
         self._stop.set()
 
+    @property
+    def reconciler(self) -> Reconciler | None:
+        """The first pool's reconciler (the only one without a config file)."""
+        return self.reconcilers.get(self.pool.name)
+
+    def pool_status(self, pool: Pool) -> dict[str, Any]:
+        """One pool's part of `/status`."""
+        ledger = pool.ledger
+        return {
+            "state_machine_arn": pool.state_machine_arn,
+            "limit": ledger.limit,
+            "per_key_limit": ledger.per_key_limit,
+            "running": ledger.running_count,
+            "starting": pool.starting,
+            "waiting": len(pool.room),
+            "keys_at_limit": ledger.keys_at_limit,
+            "free": ledger.free,
+            "queued_estimate": pool.queued,
+            "started": pool.started_total,
+            "finished": pool.finished_total,
+        }
+
     def status(self) -> dict[str, Any]:
-        """The `/status` document."""
+        """The `/status` document: the first pool's figures at the top, every pool under
+        ``pools``."""
         ledger = self.pool.ledger
         return {
             "pool": self.pool.name,
+            "pools": {name: self.pool_status(pool) for name, pool in self.pools.items()},
+            "start_rate": {
+                f"{lim.account}/{lim.region}": round(lim.rate, 3) for lim in self.limiters.all()
+            },
+            "config": self.layout.source,
             "role": self.role,
             "lease": None
             if self.lease is None
@@ -121,6 +163,7 @@ class Dispatcher:
                 "in_flight": len(self.intake.stats.in_flight),
                 "dead_lettered": self.intake.stats.dead_lettered,
                 "handed_back": self.intake.stats.handed_back,
+                "deferred": self.intake.stats.deferred,
             },
         }
 
@@ -141,10 +184,11 @@ class Dispatcher:
         async with (
             open_clients(
                 self.metrics,
-                region=settings.region,
+                region=self.layout.region,
                 long_poll_seconds=settings.receive_wait_seconds,
                 endpoint_url=self.endpoint_url,
                 dynamodb=settings.lease_table is not None,
+                ssm=any(p.limit_parameter for p in self.layout.pools),
             ) as clients,
             anyio.create_task_group() as tg,
         ):
@@ -153,7 +197,17 @@ class Dispatcher:
             self.serving.set()
             if handle_signals:
                 tg.start_soon(self._watch_signals, tg.cancel_scope)
-            await preflight(settings, clients)
+            await preflight(settings, self.layout, clients)
+            self.limits = LiveLimits(
+                settings,
+                self.layout,
+                self.pools,
+                ssm=clients.ssm,
+                metrics=self.metrics,
+                limiters=self.limiters,
+            )
+            self.limits.overrides = self.overrides
+            await self.limits.refresh_once()  # the limits in force before the first start
             if settings.lease_table is None:
                 await self._reign(clients, None, task_status)
             else:
@@ -169,8 +223,7 @@ class Dispatcher:
         assert self.settings.lease_table is not None  # noqa: S101
         ttl = self.settings.lease_ttl
         self.lease = Lease(
-            clients.dynamodb,
-            LeaseConfig(self.settings.lease_table, self.pool.state_machine_arn, ttl, ttl / 5),
+            clients.dynamodb, LeaseConfig(self.settings.lease_table, self.lease_key, ttl, ttl / 5)
         )
         while not self._stop.is_set():
             try:
@@ -190,21 +243,43 @@ class Dispatcher:
             self._report_started(task_status)
             await self._sleep_unless_stopped(self.lease.config.renew_every)
 
+    def _build(self, clients: Clients, lease: Lease | None) -> tuple[Intake, Events]:
+        """Fresh ledgers, reconcilers, events and intake for a reign."""
+        settings = self.settings
+        for pool in self.pools.values():
+            pool.reset()  # each reign starts from the listing
+        self.reconcilers = {
+            name: Reconciler(
+                settings,
+                clients,
+                pool,
+                self.metrics,
+                self.health,
+                queue_urls=[q.url for q in self.layout.queues_of(name)],
+            )
+            for name, pool in self.pools.items()
+        }
+        by_arn = {pool.state_machine_arn: pool for pool in self.pools.values()}
+        self.events = Events(settings, clients, by_arn, self.metrics, self.health)
+        self.intake = Intake(
+            settings,
+            clients,
+            self.pools,
+            self.layout,
+            metrics=self.metrics,
+            health=self.health,
+            limiters=self.limiters,
+        )
+        if lease is not None:
+            self.intake.set_may_start(lease.valid)
+        return self.intake, self.events
+
     async def _reign(
         self, clients: Clients, lease: Lease | None, task_status: TaskStatus[Dispatcher]
     ) -> None:
         """Govern the pool: start-up listing, then events, reconcile and intake, until a stop
         (ordered shutdown) or the loss of the lease (intake stops at once)."""
-        settings = self.settings
-        self.pool.ledger = Ledger(settings.limit)  # each reign starts from the listing
-        self.pool.update()
-        self.reconciler = Reconciler(settings, clients, self.pool, self.metrics, self.health)
-        self.events = Events(
-            settings, clients, {self.pool.state_machine_arn: self.pool}, self.metrics, self.health
-        )
-        self.intake = intake = Intake(settings, clients, self.pool, self.metrics, self.health)
-        if lease is not None:
-            intake.may_start = lease.valid
+        intake, events = self._build(clients, lease)
         await self._startup_listing()
         self.role = "single" if lease is None else "leader"
         self.metrics.leader.set(1)
@@ -215,8 +290,8 @@ class Dispatcher:
         log.info(
             "dispatcher.ready",
             role=self.role,
-            limit=self.pool.ledger.limit,
-            running=self.pool.ledger.running_count,
+            pools={name: pool.ledger.limit for name, pool in self.pools.items()},
+            running=sum(pool.ledger.running_count for pool in self.pools.values()),
             http_port=self.http_port,
         )
         over = anyio.Event()
@@ -233,8 +308,12 @@ class Dispatcher:
             over.set()
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self.health.supervise, "events", self.events.run)
-            tg.start_soon(self.health.supervise, "reconcile", self.reconciler.run)
+            tg.start_soon(self.health.supervise, "events", events.run)
+            for name, reconciler in self.reconcilers.items():
+                loop = "reconcile" if len(self.reconcilers) == 1 else f"reconcile:{name}"
+                tg.start_soon(self.health.supervise, loop, reconciler.run)
+            if self.limits is not None and self.limits.parameters:
+                tg.start_soon(self.health.supervise, "limits", self.limits.run)
             tg.start_soon(run_intake)
             tg.start_soon(stop_requested)
             if lease is not None:
@@ -287,22 +366,50 @@ class Dispatcher:
             dead_lettered=stats.dead_lettered if stats else 0,
             handed_back=stats.handed_back if stats else 0,
             events_applied=self.events.applied if self.events else 0,
-            reconcile_passes=self.reconciler.passes if self.reconciler else 0,
-            max_running=self.pool.max_running_seen,
+            reconcile_passes=sum(r.passes for r in self.reconcilers.values()),
+            max_running=max(pool.max_running_seen for pool in self.pools.values()),
             uptime_seconds=round(time.monotonic() - self._began, 3),
         )
 
     async def _startup_listing(self) -> None:
-        """Rebuild the running set from ListExecutions before anything is started."""
-        assert self.reconciler is not None  # noqa: S101
-        async for attempt in stamina.retry_context(on=is_retryable, attempts=None, timeout=60.0):
-            with attempt:
-                report = await self.reconciler.run_once()
-        log.info("dispatcher.startup_listing", running=report.listed, adopted=report.adopted)
+        """Rebuild the running sets from ListExecutions before anything is started."""
+        for name, reconciler in self.reconcilers.items():
+            async for attempt in stamina.retry_context(
+                on=is_retryable, attempts=None, timeout=60.0
+            ):
+                with attempt:
+                    report = await reconciler.run_once()
+            log.info(
+                "dispatcher.startup_listing",
+                pool=name,
+                running=report.listed,
+                adopted=report.adopted,
+            )
+
+    @property
+    def lease_key(self) -> str:
+        """The lease's key: the state machine's ARN, or for several pools a digest of all."""
+        arns = sorted(pool.state_machine_arn for pool in self.pools.values())
+        if len(arns) == 1:
+            return arns[0]
+        return "pools-" + hashlib.sha256("\n".join(arns).encode()).hexdigest()[:32]
+
+    def reload(self) -> bool:
+        """Re-read the config file (what SIGHUP does); returns whether it was applied."""
+        if self.limits is None:
+            return False
+        applied = self.limits.reload()
+        if applied:
+            self.layout = self.limits.layout
+        return applied
 
     async def _watch_signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("dispatcher.signal", signal="SIGHUP")
+                    self.reload()
+                    continue
                 self._signals += 1
                 if self._signals == 1:
                     log.info("dispatcher.signal", signal=signal.Signals(signum).name)

@@ -7,7 +7,7 @@ import argparse
 import anyio
 import structlog
 
-from dispatcher import config, logs
+from dispatcher import config, layout, logs
 from dispatcher.service import Dispatcher
 
 
@@ -16,7 +16,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser = subparsers.add_parser(
         "run",
         help="run the dispatcher (the daemon)",
-        description="Start executions from the request queue, never more than the limit at once. "
+        description="Start executions from the request queue(s), never more than each pool's "
+        "limit at once. "
         "Every flag can also be given as the DISPATCHER_* variable shown; flags win. AWS endpoint, "
         "region and credentials come from the standard AWS_* variables.",
     )
@@ -26,13 +27,19 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def run(args: argparse.Namespace) -> int:
     """Load settings, run until SIGTERM/SIGINT, exit 0 after an orderly shutdown."""
-    settings = config.Settings.load(config.overrides_from(args))
+    overrides = config.overrides_from(args)
+    loaded = layout.load(overrides)
+    settings = loaded.settings
     logs.configure(settings.log_level.value, settings.log_format)
     structlog.get_logger("dispatcher").info(
         "dispatcher.starting",
-        state_machine_arn=settings.state_machine_arn,
-        limit=settings.limit,
+        config=loaded.layout.source,
+        pools={
+            p.name: {"state_machine_arn": p.state_machine_arn, "limit": p.limit}
+            for p in loaded.layout.pools
+        },
+        queues=len(loaded.layout.queues),
         input_format=settings.input_format.value,
     )
-    anyio.run(Dispatcher(settings).run)
+    anyio.run(Dispatcher(settings, layout=loaded.layout, overrides=overrides).run)
     return 0

@@ -10,20 +10,47 @@ from botocore.exceptions import BotoCoreError, ClientError
 from dispatcher.aws import Clients, error_code
 from dispatcher.config import Settings
 from dispatcher.errors import UserError
+from dispatcher.layout import Layout
 
 
-async def preflight(settings: Settings, clients: Clients) -> None:
-    """Check the state machine and queues exist and fit; raise UserError naming the fix."""
+async def preflight(settings: Settings, layout: Layout, clients: Clients) -> None:
+    """Check the state machines and queues exist and fit; raise UserError naming the fix."""
+    for pool in layout.pools:
+        await _check_state_machine(pool.state_machine_arn, pool.name, layout, clients)
+    queues = {q.url: f"request queue of {', '.join(q.pools)}" for q in layout.queues}
+    queues[settings.events_queue_url] = "DISPATCHER_EVENTS_QUEUE_URL"
+    if settings.dead_letter_queue_url:
+        queues[settings.dead_letter_queue_url] = "DISPATCHER_DEAD_LETTER_QUEUE_URL"
+    attributes: dict[str, dict[str, str]] = {}
+    for url, role in queues.items():
+        try:
+            response = await clients.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
+        except (ClientError, BotoCoreError) as exc:
+            raise UserError(
+                f"cannot use queue {url} ({role}): {exc}; check the URL and "
+                "sqs:GetQueueAttributes permission"
+            ) from None
+        attributes[url] = {str(k): v for k, v in response.get("Attributes", {}).items()}
+    if settings.dead_letter_queue_url:
+        return
+    for queue in layout.queues:
+        if not attributes[queue.url].get("RedrivePolicy"):
+            raise UserError(
+                f"bad requests on {queue.url} would have nowhere to go: set "
+                "DISPATCHER_DEAD_LETTER_QUEUE_URL, or give the request queue a redrive policy "
+                "(maxReceiveCount) to a dead-letter queue"
+            )
+
+
+async def _check_state_machine(arn: str, pool: str, layout: Layout, clients: Clients) -> None:
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "the AWS endpoint")
+    where = "DISPATCHER_STATE_MACHINE_ARN" if layout.source == "environment" else f"pool {pool}"
     try:
-        described = await clients.sfn.describe_state_machine(
-            stateMachineArn=settings.state_machine_arn
-        )
+        described = await clients.sfn.describe_state_machine(stateMachineArn=arn)
     except ClientError as exc:
         raise UserError(
-            f"cannot use state machine {settings.state_machine_arn} "
-            f"(DISPATCHER_STATE_MACHINE_ARN): {error_code(exc)}: {exc}; check the ARN, "
-            "its region and states:DescribeStateMachine permission"
+            f"cannot use state machine {arn} ({where}): {error_code(exc)}: {exc}; check the "
+            "ARN, its region and states:DescribeStateMachine permission"
         ) from None
     except BotoCoreError as exc:
         raise UserError(
@@ -32,30 +59,7 @@ async def preflight(settings: Settings, clients: Clients) -> None:
         ) from None
     if described.get("type") != "STANDARD":
         raise UserError(
-            f"state machine {settings.state_machine_arn} is {described.get('type')}; only "
+            f"state machine {arn} ({where}) is {described.get('type')}; only "
             "STANDARD state machines can be governed: EXPRESS executions have no idempotent "
             "names, send no status-change events and are not listed by ListExecutions"
-        )
-    queues = {
-        "DISPATCHER_REQUEST_QUEUE_URL": settings.request_queue_url,
-        "DISPATCHER_EVENTS_QUEUE_URL": settings.events_queue_url,
-    }
-    if settings.dead_letter_queue_url:
-        queues["DISPATCHER_DEAD_LETTER_QUEUE_URL"] = settings.dead_letter_queue_url
-    attributes: dict[str, dict[str, str]] = {}
-    for variable, url in queues.items():
-        try:
-            response = await clients.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
-        except (ClientError, BotoCoreError) as exc:
-            raise UserError(
-                f"cannot use queue {url} ({variable}): {exc}; check the URL and "
-                "sqs:GetQueueAttributes permission"
-            ) from None
-        attributes[variable] = {str(k): v for k, v in response.get("Attributes", {}).items()}
-    if not settings.dead_letter_queue_url and not attributes["DISPATCHER_REQUEST_QUEUE_URL"].get(
-        "RedrivePolicy"
-    ):
-        raise UserError(
-            "bad requests would have nowhere to go: set DISPATCHER_DEAD_LETTER_QUEUE_URL, or "
-            "give the request queue a redrive policy (maxReceiveCount) to a dead-letter queue"
         )

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from dispatcher.aws import Clients
 from dispatcher.config import Settings
 from dispatcher.health import Health
-from dispatcher.ledger import Ledger
+from dispatcher.layout import Layout, from_settings
 from dispatcher.metrics import Metrics
 from dispatcher.pool import Pool
 from dispatcher.requests import execution_arn
@@ -198,6 +198,13 @@ class FakeSQS(_Recorder):
         """Record the new timeout (the fake has no timers: nothing reappears by itself)."""
         self._record("change_message_visibility", locals())
         return {}
+
+    async def change_message_visibility_batch(
+        self, *, QueueUrl: str, Entries: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Record the new timeouts; every entry succeeds unless failures were queued."""
+        self._record("change_message_visibility_batch", locals())
+        return {"Successful": [{"Id": e["Id"]} for e in Entries], "Failed": []}
 
     async def send_message(
         self, *, QueueUrl: str, MessageBody: str, MessageAttributes: dict[str, Any] | None = None
@@ -430,6 +437,7 @@ class World:
     health: Health
     pool: Pool
     log: list[Call] = field(default_factory=list)
+    layout: Layout | None = None
 
     def sample(self, name: str, **labels: str) -> float:
         """A metric sample's value (0 when it has not been recorded)."""
@@ -458,6 +466,7 @@ def build_world(
     clock = FakeClock()
     metrics = Metrics(CollectorRegistry())
     health = Health(metrics)
-    pool = Pool("default", STATE_MACHINE_ARN, Ledger(limit), metrics, clock)
+    layout = from_settings(settings)
+    pool = Pool(layout.pools[0], metrics, clock)
     clients = make_clients(sqs, sfn)
-    return World(settings, sqs, sfn, clients, clock, metrics, health, pool, log)
+    return World(settings, sqs, sfn, clients, clock, metrics, health, pool, log, layout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,7 @@ from dispatcher.config import (
     overrides_from,
 )
 from dispatcher.errors import UserError
+from dispatcher.layout import Layout, from_settings
 from dispatcher.startup import preflight
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
@@ -179,6 +181,12 @@ def test_a_trailing_newline_is_refused(variable: str) -> None:
 # -- preflight: the settings checked against the account (fakes) ---------------------------
 
 
+def settled(**overrides: Any) -> tuple[Settings, Layout]:
+    """Unit-test settings and their one-pool layout."""
+    settings = make_settings(**overrides)
+    return settings, from_settings(settings)
+
+
 def deployment(*, redrive: bool = True) -> tuple[FakeSQS, FakeSFN]:
     """A state machine and the two queues; the request queue has a redrive policy."""
     sqs, sfn = FakeSQS(), FakeSFN()
@@ -190,7 +198,7 @@ def deployment(*, redrive: bool = True) -> tuple[FakeSQS, FakeSFN]:
 
 async def test_preflight_accepts_a_standard_machine_and_existing_queues() -> None:
     sqs, sfn = deployment()
-    await preflight(make_settings(), make_clients(sqs, sfn))
+    await preflight(*settled(), make_clients(sqs, sfn))
     assert [kwargs["QueueUrl"] for kwargs in sqs.calls_to("get_queue_attributes")] == [
         REQUEST_QUEUE,
         EVENTS_QUEUE,
@@ -201,7 +209,7 @@ async def test_preflight_refuses_an_express_machine_and_says_why() -> None:
     sqs, sfn = deployment()
     sfn.state_machines[STATE_MACHINE_ARN] = "EXPRESS"
     with pytest.raises(UserError) as info:
-        await preflight(make_settings(), make_clients(sqs, sfn))
+        await preflight(*settled(), make_clients(sqs, sfn))
     message = str(info.value)
     assert "EXPRESS" in message
     assert "only STANDARD" in message
@@ -213,7 +221,7 @@ async def test_preflight_names_a_missing_state_machine() -> None:
     sqs, sfn = deployment()
     sfn.state_machines.clear()
     with pytest.raises(UserError, match=r"DISPATCHER_STATE_MACHINE_ARN.*StateMachineDoesNotExist"):
-        await preflight(make_settings(), make_clients(sqs, sfn))
+        await preflight(*settled(), make_clients(sqs, sfn))
 
 
 @pytest.mark.parametrize(
@@ -229,7 +237,7 @@ async def test_preflight_names_the_variable_of_a_missing_queue(variable: str, ur
     del sqs.visible[url]
     settings = make_settings(dead_letter_queue_url=DEAD_LETTER_QUEUE)
     with pytest.raises(UserError) as info:
-        await preflight(settings, make_clients(sqs, sfn))
+        await preflight(settings, from_settings(settings), make_clients(sqs, sfn))
     assert f"({variable})" in str(info.value)
     assert url in str(info.value)
 
@@ -237,6 +245,6 @@ async def test_preflight_names_the_variable_of_a_missing_queue(variable: str, ur
 async def test_preflight_refuses_nowhere_to_put_bad_requests() -> None:
     sqs, sfn = deployment(redrive=False)
     with pytest.raises(UserError, match=r"DISPATCHER_DEAD_LETTER_QUEUE_URL.*redrive policy"):
-        await preflight(make_settings(), make_clients(sqs, sfn))
+        await preflight(*settled(), make_clients(sqs, sfn))
     sqs.create_queue(DEAD_LETTER_QUEUE)
-    await preflight(make_settings(dead_letter_queue_url=DEAD_LETTER_QUEUE), make_clients(sqs, sfn))
+    await preflight(*settled(dead_letter_queue_url=DEAD_LETTER_QUEUE), make_clients(sqs, sfn))

@@ -9,8 +9,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from dispatcher.events import DETAIL_TYPE, Events, parse_event
-from dispatcher.intake import Intake
 from dispatcher.requests import execution_arn
+from tests.fake_intake import handle
 from tests.fakes import (
     ACCOUNT,
     EVENTS_QUEUE,
@@ -286,9 +286,7 @@ async def test_the_next_start_closes_the_hand_over() -> None:
     hold(world)
     events_of(world).apply(event("ABORTED"))
     world.clock.advance(0.02)
-    intake = Intake(world.settings, world.clients, world.pool, world.metrics, world.health)
-    [reservation] = world.pool.ledger.reserve(1, world.clock())
-    await intake.handle(sqs_message(message_id="next"), reservation)
+    await handle(world, sqs_message(message_id="next"))
     assert world.sample("dispatcher_slot_refill_seconds_count", pool="default") == 1
     assert world.sample("dispatcher_slot_refill_seconds_sum", pool="default") == pytest.approx(0.02)
     assert world.pool.ledger.running == {execution_arn(STATE_MACHINE_ARN, "next")}

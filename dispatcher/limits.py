@@ -1,0 +1,219 @@
+"""Live limits: SSM parameters re-read on an interval, the config file reloaded on SIGHUP.
+
+Raising a limit takes effect at once (intake is woken); lowering it never stops a running
+execution, it only holds starts until the count falls below (the ledger never evicts).
+A value that is not a limit is refused with a log line naming it, and the limit in
+force is kept; so is a config file that does not load. Nothing here can crash the loop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from dispatcher.aws import AWS_ERRORS
+from dispatcher.config import ConfigError, Settings
+from dispatcher.layout import Layout, read_file
+from dispatcher.metrics import Metrics
+from dispatcher.pool import Pool
+from dispatcher.rate import RateLimiters
+
+if TYPE_CHECKING:
+    from types_aiobotocore_ssm import SSMClient
+
+log = structlog.get_logger("dispatcher.limits")
+
+MAX_LIMIT = 100_000
+_LIMIT_RE = re.compile(r"^\s*\d{1,9}\s*\Z")
+_SSM_BATCH = 10  # GetParameters takes at most ten names
+
+
+def parse_limit(text: str) -> int:
+    """A limit from a parameter's text; ValueError saying what is accepted."""
+    if not _LIMIT_RE.match(text) or int(text) > MAX_LIMIT:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise ValueError(f"{shown!r} is not a limit: use a whole number from 0 to {MAX_LIMIT}")
+    return int(text)
+
+
+class LiveLimits:
+    """Keeps each pool's limit in step with its SSM parameter and the config file."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        layout: Layout,
+        pools: Mapping[str, Pool],
+        *,
+        ssm: SSMClient | None,
+        metrics: Metrics,
+        limiters: RateLimiters,
+    ) -> None:
+        self.settings = settings
+        self.layout = layout
+        self.pools = pools
+        self.ssm = ssm
+        self.metrics = metrics
+        self.limiters = limiters
+        self.reloads = 0
+        self.overrides: Mapping[str, Any] = {}  # the flags given at start-up
+        self.environ: Mapping[str, str] = os.environ
+        self.on_reload: Callable[[Layout], None] = lambda _layout: None
+
+    @property
+    def parameters(self) -> dict[str, str]:
+        """Parameter name -> pool name, for the pools whose limit lives in SSM."""
+        return {p.limit_parameter: p.name for p in self.layout.pools if p.limit_parameter}
+
+    def apply(self, pool: Pool, limit: int, source: str) -> bool:
+        """Set a pool's limit (already validated); returns whether it changed."""
+        before = pool.ledger.limit
+        if limit == before:
+            return False
+        pool.ledger.set_limit(limit)
+        pool.update()  # raising wakes intake at once; lowering holds starts back
+        self.metrics.limit_updates.labels(pool=pool.name, source=source, result="applied").inc()
+        log.info(
+            "dispatcher.limit_changed",
+            pool=pool.name,
+            source=source,
+            previous=before,
+            limit=limit,
+            running=pool.ledger.running_count,
+            held_back=max(0, pool.ledger.running_count - limit),
+        )
+        return True
+
+    def _refuse(self, pool: str, source: str, why: str) -> None:
+        self.metrics.limit_updates.labels(pool=pool, source=source, result="rejected").inc()
+        kept = self.pools[pool].ledger.limit if pool in self.pools else None
+        log.error("dispatcher.limit_rejected", pool=pool, source=source, error=why, kept=kept)
+
+    # -- SSM -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Re-read the parameters every interval until cancelled."""
+        while True:
+            await anyio.sleep(self.settings.limit_refresh_interval)
+            await self.refresh_once()
+
+    async def refresh_once(self) -> int:
+        """Read every limit parameter once and apply the valid ones; returns how many
+        limits changed. A parameter that cannot be read or holds no limit keeps the limit."""
+        names = list(self.parameters)
+        if not names or self.ssm is None:
+            return 0
+        changed = 0
+        for start in range(0, len(names), _SSM_BATCH):
+            batch = names[start : start + _SSM_BATCH]
+            try:
+                response = await self.ssm.get_parameters(Names=batch)
+            except AWS_ERRORS as exc:
+                for name in batch:
+                    self._refuse(self.parameters[name], "ssm", f"cannot read {name}: {exc}")
+                continue
+            for name in response.get("InvalidParameters", []):
+                self._refuse(self.parameters[name], "ssm", f"parameter {name} does not exist")
+            for parameter in response.get("Parameters", []):
+                name = str(parameter.get("Name"))
+                pool = self.parameters.get(name)
+                if pool is None:
+                    continue
+                try:
+                    limit = parse_limit(str(parameter.get("Value", "")))
+                except ValueError as exc:
+                    self._refuse(pool, "ssm", f"parameter {name}: {exc}")
+                    continue
+                changed += self.apply(self.pools[pool], limit, "ssm")
+        return changed
+
+    # -- the config file -----------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the config file (SIGHUP) and apply what can change live: limits (where
+        no parameter holds them), per-key limits, waiting rooms, shares, the start rate.
+        A file that does not load changes nothing; a change that needs a restart (pools,
+        queues, ARNs, process settings) is logged and left out."""
+        if self.settings.config is None:
+            log.warning("dispatcher.reload_skipped", why="no config file (DISPATCHER_CONFIG)")
+            return False
+        try:
+            file_settings, layout = read_file(Path(self.settings.config))
+            # Variables and flags win over the file, on a reload as at start-up.
+            settings = Settings.load(
+                {**self.overrides, "config": self.settings.config},
+                self.environ,
+                base=file_settings,
+                base_source=str(self.settings.config),
+            )
+        except ConfigError as exc:
+            for name in self.pools:
+                self._refuse(name, "config", str(exc))
+            log.error("dispatcher.reload_failed", error=str(exc), kept="the running config")  # noqa: TRY400 - the message says it all
+            return False
+        needs_restart = _structural_changes(self.layout, layout)
+        if needs_restart:
+            log.warning("dispatcher.reload_needs_restart", changes=needs_restart)
+        for new in layout.pools:
+            pool = self.pools.get(new.name)
+            if pool is None or new.state_machine_arn != pool.state_machine_arn:
+                continue
+            pool.reconfigure(new)
+            if new.limit_parameter is None:
+                self.apply(pool, new.limit, "config")
+        try:
+            self.limiters.reconfigure(
+                rate=settings.start_rate,
+                burst=settings.start_burst,
+                floor=settings.start_rate_floor,
+            )
+        except ValueError as exc:  # Settings checks these; belt and braces for a live change
+            log.error("dispatcher.start_rate_rejected", error=str(exc))  # noqa: TRY400
+        self.layout = _merge(self.layout, layout)
+        self.reloads += 1
+        self.on_reload(self.layout)
+        log.info("dispatcher.config_reloaded", path=str(self.settings.config))
+        return True
+
+
+def _structural_changes(old: Layout, new: Layout) -> list[str]:
+    """What a reload cannot apply without a restart."""
+    changes = []
+    old_pools = {p.name: p for p in old.pools}
+    new_pools = {p.name: p for p in new.pools}
+    changes += [f"pool {n} added" for n in sorted(set(new_pools) - set(old_pools))]
+    changes += [f"pool {n} removed" for n in sorted(set(old_pools) - set(new_pools))]
+    for name in sorted(set(old_pools) & set(new_pools)):
+        before, after = old_pools[name], new_pools[name]
+        for attr in ("state_machine_arn", "key_attribute", "limit_parameter"):
+            if getattr(before, attr) != getattr(after, attr):
+                changes.append(f"pool {name} {attr} changed")
+    if old.queues != new.queues:
+        changes.append("queues changed")
+    return changes
+
+
+def _merge(old: Layout, new: Layout) -> Layout:
+    """The layout in force after a reload: the old structure with the new live values."""
+    kept = {p.name: p for p in old.pools}
+    pools = tuple(
+        next(
+            (
+                n
+                for n in new.pools
+                if n.name == p.name
+                and n.state_machine_arn == p.state_machine_arn
+                and n.key_attribute == p.key_attribute
+                and n.limit_parameter == p.limit_parameter
+            ),
+            kept[p.name],
+        )
+        for p in old.pools
+    )
+    return Layout(pools, old.queues, old.source)

@@ -1,0 +1,351 @@
+"""Starting one request: exactly once, and every outcome settles its message.
+
+A request picked from its pool's waiting room arrives here with a reserved slot. The
+starter waits for admission (the limit in force, the key's limit, the lease) and a
+start-rate token, calls ``StartExecution`` under the request's deterministic name
+(retrying throttles and 5xx with jittered back-off while keeping the message hidden),
+and deletes the message only once the execution is known to exist; a bad request goes
+to the dead-letter queue with its reason first (invariant 5).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import stamina
+import structlog
+
+from dispatcher.aws import THROTTLE_CODES, Clients, ErrorKind, classify, error_code, is_retryable
+from dispatcher.config import Settings
+from dispatcher.health import Health
+from dispatcher.ledger import Reservation
+from dispatcher.metrics import Metrics
+from dispatcher.pool import Pool
+from dispatcher.queues import RequestQueue
+from dispatcher.rate import RateLimiters
+from dispatcher.requests import StartRequest, execution_arn
+
+log = structlog.get_logger("dispatcher.intake")
+
+REASON_ATTRIBUTE = "dispatcher-reason"
+DETAIL_ATTRIBUTE = "dispatcher-detail"
+ORIGINAL_ID_ATTRIBUTE = "dispatcher-original-message-id"
+_MAX_SQS_ATTRIBUTES = 10
+
+
+class AbandonedError(Exception):
+    """Shutting down (or the lease is gone): hand the request back instead of retrying."""
+
+
+@dataclass(eq=False)
+class Waiting:
+    """A received, valid request: waiting in its pool's room, then being started."""
+
+    request: StartRequest
+    message: dict[str, Any]
+    queue: RequestQueue
+    pool: Pool
+    key: str | None  # the key tag the ledger counts it under (None: no key)
+    hidden_since: float  # when its visibility was last set
+    bound: Any  # its logger, bound to message id and execution name
+
+
+@dataclass
+class _Handling:
+    """One request being handled; ``phase`` tells shutdown whether it may be cut short."""
+
+    scope: anyio.CancelScope
+    phase: str = "received"  # received | calling | backoff | finishing
+
+
+@dataclass
+class IntakeStats:
+    """Totals for the shutdown summary and `/status`."""
+
+    received: int = 0
+    started: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    handed_back: int = 0
+    deferred: int = 0
+    in_flight: dict[int, _Handling] = field(default_factory=dict)
+
+
+class Starter:
+    """Starts the executions of requests whose turn has come, for every pool."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        clients: Clients,
+        metrics: Metrics,
+        health: Health,
+        limiters: RateLimiters,
+    ) -> None:
+        self.settings = settings
+        self.sqs = clients.sqs
+        self.sfn = clients.sfn
+        self.metrics = metrics
+        self.health = health
+        self.limiters = limiters
+        self.stats = IntakeStats()
+        self.may_start: Callable[[], bool] = lambda: True  # the lease sets this
+        self.stopping = False
+        self.force = False
+        self._ids = iter(range(1, 1 << 62))
+
+    def cut_short_waiting(self) -> None:
+        """Cancel handlers that are only waiting (admission, back-off): they hand back."""
+        for handling in list(self.stats.in_flight.values()):
+            if handling.phase in ("received", "backoff") or self.force:
+                handling.scope.cancel()
+
+    # -- one request -------------------------------------------------------------------
+
+    async def handle(self, entry: Waiting, reservation: Reservation) -> None:
+        """Start, dead-letter or hand back one request; always settles its reservation."""
+        ident = next(self._ids)
+        handling = _Handling(scope=anyio.CancelScope())
+        self.stats.in_flight[ident] = handling
+        try:
+            with handling.scope:
+                self._check_not_stopping(2)
+                await self._start(entry, reservation, handling)
+        except AbandonedError:
+            await entry.queue.hand_back(entry.request.receipt_handle, 0, entry.bound, "stopping")
+        finally:
+            del self.stats.in_flight[ident]
+            self._release(entry.pool, reservation)
+        if handling.scope.cancelled_caught and not self.force:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await entry.queue.hand_back(
+                    entry.request.receipt_handle, 0, entry.bound, "shutting down"
+                )
+
+    def _release(self, pool: Pool, reservation: Reservation) -> None:
+        if pool.ledger.cancel(reservation):
+            pool.update()
+
+    async def _start(self, entry: Waiting, reservation: Reservation, handling: _Handling) -> None:
+        pool, request, bound = entry.pool, entry.request, entry.bound
+        # Held before our first attempt: AWS's idempotent success is a duplicate, not a start.
+        held_before = pool.ledger.holds(execution_arn(pool.state_machine_arn, request.name))
+        try:
+            arn, attempts = await self._call_start(entry, reservation, handling)
+        except AbandonedError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is sorted just below
+            handling.phase = "finishing"
+            await self._start_failed(exc, entry, reservation)
+            return
+        handling.phase = "finishing"
+        self._commit(pool, reservation, arn)
+        if held_before:
+            self.stats.duplicates += 1
+            self.metrics.starts.labels(pool=pool.name, outcome="duplicate").inc()
+            bound.info("dispatcher.duplicate_request", execution_arn=arn, status="RUNNING")
+            await entry.queue.delete(request.receipt_handle, bound)
+            return
+        self.stats.started += 1
+        pool.started_total += 1
+        self.metrics.starts.labels(pool=pool.name, outcome="started").inc()
+        if request.sent_at is not None:
+            self.metrics.queue_wait.labels(pool=pool.name).observe(
+                max(0.0, time.time() - request.sent_at)
+            )
+        bound.info("dispatcher.execution_started", execution_arn=arn, attempts=attempts)
+        await entry.queue.delete(request.receipt_handle, bound)
+
+    async def _call_start(
+        self, entry: Waiting, reservation: Reservation, handling: _Handling
+    ) -> tuple[str, int]:
+        """StartExecution with jittered back-off on throttles/5xx; returns (ARN, attempts)."""
+        pool, request, bound = entry.pool, entry.request, entry.bound
+        kwargs: dict[str, Any] = {
+            "stateMachineArn": pool.state_machine_arn,
+            "name": request.name,
+            "input": request.input,
+        }
+        if request.trace_header:
+            kwargs["traceHeader"] = request.trace_header
+        limiter = self.limiters.for_arn(pool.state_machine_arn)
+        attempts = 0
+        async for attempt in stamina.retry_context(
+            on=is_retryable,
+            attempts=None,
+            timeout=self.settings.start_retry_timeout,
+            wait_initial=0.05,
+            wait_max=5.0,
+        ):
+            with attempt:
+                attempts += 1
+                self._check_not_stopping(attempts)
+                await self._admission(entry, reservation)
+                await limiter.acquire()
+                await self._admission(entry, reservation)  # the wait may have been long
+                handling.phase = "calling"
+                pool.note_start_sent()
+                began = time.perf_counter()
+                try:
+                    response = await self.sfn.start_execution(**kwargs)
+                except Exception as exc:
+                    handling.phase = "backoff"
+                    if error_code(exc) in THROTTLE_CODES:
+                        limiter.throttled()
+                    if classify(exc) is not ErrorKind.PERMANENT:
+                        bound.info("dispatcher.start_retrying", error=error_code(exc) or str(exc))
+                    raise
+                finally:
+                    self.metrics.start_latency.labels(pool=pool.name).observe(
+                        time.perf_counter() - began
+                    )
+                limiter.succeeded()
+                return str(response["executionArn"]), attempts
+        raise AssertionError("unreachable: stamina either returns or raises")  # pragma: no cover
+
+    async def _admission(self, entry: Waiting, reservation: Reservation) -> None:
+        """Wait until this start fits under the limits in force (and the lease, if any),
+        keeping the request hidden meanwhile."""
+        pool = entry.pool
+        await self.keep_hidden(entry)
+        waited = False
+        while not (pool.ledger.admitted(reservation) and self.may_start()):
+            if not self.may_start():
+                raise AbandonedError  # not the leader any more: hand the request back
+            if not waited:
+                entry.bound.info("dispatcher.start_held", why="slots taken by other executions")
+                waited = True
+            await pool.wait_admitted(reservation, self.settings.visibility_timeout / 3)
+            await self.keep_hidden(entry)
+
+    def _check_not_stopping(self, attempts: int) -> None:
+        if self.stopping and attempts > 1:
+            raise AbandonedError
+
+    async def _start_failed(self, exc: Exception, entry: Waiting, reservation: Reservation) -> None:
+        if error_code(exc) == "ExecutionAlreadyExists":
+            await self._already_exists(entry, reservation)
+            return
+        self._release(entry.pool, reservation)
+        if classify(exc) is ErrorKind.PERMANENT:
+            detail = f"StartExecution refused the request: {error_code(exc)}: {exc}"
+            reason = error_code(exc) or type(exc).__name__
+            await self.dead_letter(entry.queue, entry.pool.name, entry.message, reason, detail)
+        else:
+            self.stats.handed_back += 1
+            self.metrics.starts.labels(pool=entry.pool.name, outcome="retried").inc()
+            entry.bound.warning("dispatcher.start_gave_up", error=str(exc))
+            await entry.queue.hand_back(
+                entry.request.receipt_handle, 30, entry.bound, "start kept failing"
+            )
+
+    def _commit(self, pool: Pool, reservation: Reservation, arn: str) -> None:
+        pool.ledger.started(reservation, arn, pool.clock())
+        pool.update()
+
+    async def _already_exists(self, entry: Waiting, reservation: Reservation) -> None:
+        """Same name seen before: running -> adopt it; closed -> already served."""
+        pool, request, bound = entry.pool, entry.request, entry.bound
+        arn = execution_arn(pool.state_machine_arn, request.name)
+        try:
+            async for attempt in stamina.retry_context(
+                on=lambda e: is_retryable(e) or error_code(e) == "ExecutionDoesNotExist",
+                attempts=5,
+                timeout=self.settings.start_retry_timeout,
+            ):
+                with attempt:
+                    described = await self.sfn.describe_execution(executionArn=arn)
+        except Exception as exc:  # noqa: BLE001 - any failure: keep the request, try later
+            self._release(pool, reservation)
+            bound.warning("dispatcher.describe_failed", execution_arn=arn, error=str(exc))
+            await entry.queue.hand_back(request.receipt_handle, 30, bound, "describe failed")
+            return
+        existing = described.get("input")
+        if existing is not None and not _same_json(existing, request.input):
+            self._release(pool, reservation)
+            detail = f"execution {request.name!r} already exists with a different input"
+            await self.dead_letter(
+                entry.queue, pool.name, entry.message, "idempotency_conflict", detail
+            )
+            return
+        status = described["status"]
+        redrives = int(described.get("redriveCount", 0) or 0)
+        if status == "RUNNING":
+            self._commit(pool, reservation, arn)
+            # Record which run is live, so a late terminal of an earlier run frees nothing.
+            pool.ledger.observe_running(arn, pool.clock(), redrives)
+        else:
+            self._release(pool, reservation)
+            pool.ledger.observe_terminal(arn, redrives)
+            pool.update()
+        self.stats.duplicates += 1
+        self.metrics.starts.labels(pool=pool.name, outcome="duplicate").inc()
+        bound.info("dispatcher.duplicate_request", execution_arn=arn, status=status)
+        await entry.queue.delete(request.receipt_handle, bound)
+
+    # -- SQS side effects ----------------------------------------------------------------
+
+    async def keep_hidden(self, entry: Waiting) -> None:
+        """Extend the message's visibility once half of it has passed (long waits)."""
+        now = entry.pool.clock()
+        if now - entry.hidden_since < self.settings.visibility_timeout / 2:
+            return
+        try:
+            await self.sqs.change_message_visibility(
+                QueueUrl=entry.queue.url,
+                ReceiptHandle=entry.request.receipt_handle,
+                VisibilityTimeout=self.settings.visibility_timeout,
+            )
+        except Exception as exc:  # noqa: BLE001 - worst case it is redelivered: idempotent
+            entry.bound.warning("dispatcher.extend_visibility_failed", error=str(exc))
+        entry.hidden_since = now
+
+    async def dead_letter(
+        self, queue: RequestQueue, pool: str, message: dict[str, Any], reason: str, detail: str
+    ) -> None:
+        """Move a bad request to the dead-letter queue with its reason, then delete it."""
+        bound = log.bind(message_id=message.get("MessageId"), pool=pool)
+        self.stats.dead_lettered += 1
+        self.metrics.dead_letters.labels(pool=pool, reason=reason).inc()
+        self.metrics.starts.labels(pool=pool, outcome="dead_lettered").inc()
+        bound.warning("dispatcher.request_dead_lettered", reason=reason, detail=detail[:500])
+        handle = str(message["ReceiptHandle"])
+        dlq = self.settings.dead_letter_queue_url
+        if dlq is None:
+            # The queue's redrive policy moves it after maxReceiveCount receives.
+            await queue.hand_back(handle, 0, bound, f"bad request ({reason}); redrive policy")
+            return
+        attributes: dict[str, Any] = {
+            REASON_ATTRIBUTE: {"DataType": "String", "StringValue": reason},
+            DETAIL_ATTRIBUTE: {"DataType": "String", "StringValue": detail[:1000]},
+            ORIGINAL_ID_ATTRIBUTE: {"DataType": "String", "StringValue": str(message["MessageId"])},
+        }
+        for name, value in (message.get("MessageAttributes") or {}).items():
+            if len(attributes) >= _MAX_SQS_ATTRIBUTES:
+                break
+            attributes.setdefault(name, value)
+        try:
+            await self.sqs.send_message(
+                QueueUrl=dlq,
+                MessageBody=str(message.get("Body") or "(empty)"),
+                MessageAttributes=attributes,
+            )
+        except Exception as exc:  # noqa: BLE001 - keep the request; it will come back
+            bound.error("dispatcher.dead_letter_failed", error=str(exc))
+            await queue.hand_back(handle, 30, bound, "dead-letter queue unavailable")
+            return
+        await queue.delete(handle, bound)
+
+
+def _same_json(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return bool(json.loads(a) == json.loads(b))
+    except ValueError:
+        return False
