@@ -65,7 +65,9 @@ class Intake:
         self.health = health
         self.starter = Starter(settings, clients, metrics, health, limiters)
         self.queues = [RequestQueue(clients.sqs, q) for q in layout.queues]
-        self._waiting_from: dict[str, int] = {q.url: 0 for q in layout.queues}
+        self._waiting_from: dict[tuple[str, str], int] = {
+            (q.url, p): 0 for q in layout.queues for p in q.pools
+        }
         self._pollers: anyio.CancelScope | None = None
 
     @property
@@ -138,8 +140,10 @@ class Intake:
 
     def wanted(self, queue: RequestQueue) -> int:
         """How many messages a receive on ``queue`` may take now."""
-        waiting = self._waiting_from[queue.url]
-        return max(self.pools[name].wanted(waiting) for name in queue.config.pools)
+        return max(
+            self.pools[name].wanted(self._waiting_from[queue.url, name])
+            for name in queue.config.pools
+        )
 
     async def receive_once(self, queue: RequestQueue) -> int:
         """Wait until the queue's pools want requests, receive, route and hold them."""
@@ -200,8 +204,10 @@ class Intake:
             pool.clock(),
             bound.bind(pool=pool.name, execution_name=request.name),
         )
-        if pool.room.offer(entry, priority=queue.priority, key=key):
-            self._waiting_from[queue.url] += 1
+        # A request a free slot is waiting for gets in even when the room is full.
+        can_start_now = pool.key_ok(key) and pool.ledger.free > pool.room.startable(pool.key_ok)
+        if pool.room.offer(entry, priority=queue.priority, key=key, beyond_capacity=can_start_now):
+            self._waiting_from[queue.url, pool.name] += 1
             pool.update()
             return
         # No room (overall, or for this key): back to the queue, later each time it returns.
@@ -233,7 +239,7 @@ class Intake:
         entry: Waiting | None = pool.room.pick(pool.key_ok)
         if entry is None:
             return False
-        self._waiting_from[entry.queue.url] -= 1
+        self._waiting_from[entry.queue.url, pool.name] -= 1
         [reservation] = pool.ledger.reserve(1, pool.clock(), entry.key)
         pool.update()
         handlers.start_soon(self.starter.handle, entry, reservation)
@@ -265,7 +271,7 @@ class Intake:
                 for entry in mine:
                     if entry.request.receipt_handle in failed:
                         if pool.room.remove(entry):
-                            self._waiting_from[queue.url] -= 1
+                            self._waiting_from[queue.url, pool.name] -= 1
                     else:
                         entry.hidden_since = now
                         extended += 1
@@ -282,7 +288,7 @@ class Intake:
                 handles = [e.request.receipt_handle for e in entries if e.queue is queue]
                 if handles:
                     await queue.set_visibility(handles, 0)
-                    self._waiting_from[queue.url] -= len(handles)
+                    self._waiting_from[queue.url, pool.name] -= len(handles)
                     handed += len(handles)
         if handed:
             log.info("dispatcher.waiting_handed_back", count=handed)

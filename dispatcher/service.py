@@ -6,6 +6,7 @@ signal: at once); SIGHUP reloads the config file.
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import time
 from collections.abc import Mapping
@@ -61,10 +62,12 @@ class Dispatcher:
         clock: Clock = time.monotonic,
         endpoint_url: str | None = None,
         overrides: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
         self.layout = layout if layout is not None else from_settings(settings)
         self.overrides = dict(overrides or {})
+        self.environ = environ if environ is not None else os.environ  # re-read on SIGHUP
         self.metrics = metrics if metrics is not None else Metrics()
         self.health = Health(self.metrics)
         self.health.refresh()
@@ -207,6 +210,7 @@ class Dispatcher:
                 limiters=self.limiters,
             )
             self.limits.overrides = self.overrides
+            self.limits.environ = self.environ
             await self.limits.refresh_once()  # the limits in force before the first start
             if settings.lease_table is None:
                 await self._reign(clients, None, task_status)

@@ -124,12 +124,17 @@ class WaitingRoom(Generic[T]):
 
     # -- changing --------------------------------------------------------------------
 
-    def offer(self, item: T, *, priority: int, key: _Key) -> bool:
-        """Hold ``item``; False (not held) when the room or the key's share of it is full."""
-        if self._size >= self._capacity:
-            return False
+    def offer(self, item: T, *, priority: int, key: _Key, beyond_capacity: bool = False) -> bool:
+        """Hold ``item``; False (not held) when the room or the key's share of it is full.
+
+        ``beyond_capacity`` holds it regardless: for an item that is about to be picked
+        (a free slot is waiting for it), which must not be turned away by a small room.
+        """
         held = self._key_counts.get(key, 0)
-        if key is not None and self._key_capacity is not None and held >= self._key_capacity:
+        full = self._size >= self._capacity or (
+            key is not None and self._key_capacity is not None and held >= self._key_capacity
+        )
+        if full and not beyond_capacity:
             return False
         level = self._levels.get(priority)
         if level is None:

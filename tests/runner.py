@@ -14,7 +14,8 @@ from typing import Any
 import anyio
 from anyio.abc import Process
 
-from dispatcher.config import Settings
+from dispatcher import layout
+from dispatcher.config import POOL_FIELDS, Settings, env_name
 from dispatcher.sandbox.provision import SandboxResources
 from dispatcher.service import Dispatcher
 
@@ -107,3 +108,28 @@ async def child_process(
             with anyio.CancelScope(shield=True):
                 await process.wait()
             tg.cancel_scope.cancel()
+
+
+def config_env(resources: SandboxResources, path: str, **extra: str) -> dict[str, str]:
+    """Variables of a dispatcher run from config file ``path`` (test-speed loops)."""
+    pool_variables = {env_name(f) for f in POOL_FIELDS}
+    env = {k: v for k, v in resources.env().items() if k not in pool_variables}
+    return {**env, **FAST, "DISPATCHER_CONFIG": path, **extra}
+
+
+@asynccontextmanager
+async def running_config(
+    resources: SandboxResources, path: str, **extra: str
+) -> AsyncIterator[Dispatcher]:
+    """Run a dispatcher from a config file in this process until the block ends."""
+    env = config_env(resources, path, **extra)
+    loaded = layout.load(env=env)
+    dispatcher = Dispatcher(
+        loaded.settings, layout=loaded.layout, endpoint_url=resources.endpoint, environ=env
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(partial(dispatcher.run, handle_signals=False))
+        try:
+            yield dispatcher
+        finally:
+            dispatcher.stop()

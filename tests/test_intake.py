@@ -1,4 +1,5 @@
-"""Intake on fakes: one request at a time (`Intake.handle`) and one pass (`Intake.run_once`)."""
+"""Intake on fakes: one request at a time (`handle`: admit, dispatch, start) and one
+receive pass (`Intake.receive_once`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ from typing import Any
 import anyio
 import pytest
 import stamina
-from botocore.exceptions import (
-    ClientError,
-)
+from botocore.exceptions import ClientError
 
-from dispatcher.intake import DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REASON_ATTRIBUTE, Intake
 from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
+from dispatcher.starter import DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REASON_ATTRIBUTE
+from tests.fake_intake import dispatch_all, finish, handle, intake_of, waiting
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
     REQUEST_QUEUE,
@@ -39,19 +39,6 @@ def fast_retries() -> Iterator[None]:
     """stamina's test mode: up to 5 attempts, no back-off sleeps; restored afterwards."""
     with stamina.set_testing(True, attempts=5):
         yield
-
-
-def intake_of(world: World) -> Intake:
-    """The intake under test, wired to the world's fakes."""
-    return Intake(world.settings, world.clients, world.pool, world.metrics, world.health)
-
-
-async def handle(world: World, message: dict[str, Any], intake: Intake | None = None) -> Intake:
-    """Reserve one slot and handle ``message`` with it, as `run_once` would."""
-    intake = intake or intake_of(world)
-    [reservation] = world.pool.ledger.reserve(1, world.clock())
-    await intake.handle(message, reservation)
-    return intake
 
 
 def assert_slot_free(world: World) -> None:
@@ -287,7 +274,7 @@ async def test_failed_delete_after_a_start_keeps_the_execution_held() -> None:
     assert world.pool.ledger.running == {ARN}
 
 
-# -- one pass ----------------------------------------------------------------------------
+# -- one receive pass --------------------------------------------------------------------
 
 
 def queue_requests(world: World, count: int) -> None:
@@ -297,12 +284,12 @@ def queue_requests(world: World, count: int) -> None:
 
 
 @pytest.mark.parametrize(("limit", "asked"), [(3, 3), (25, 10), (1, 1)])
-async def test_run_once_asks_for_no_more_than_the_free_slots(limit: int, asked: int) -> None:
+async def test_receive_once_asks_for_no_more_than_the_free_slots(limit: int, asked: int) -> None:
     world = build_world(limit=limit)
+    assert world.pool.lookahead == 0  # one queue, no keys: nothing to choose between
     queue_requests(world, 30)
     intake = intake_of(world)
-    async with anyio.create_task_group() as tg:
-        assert await intake.run_once(tg) == asked
+    assert await intake.receive_once(intake.queues[0]) == asked
     [receive] = world.sqs.calls_to("receive_message")
     assert receive == {
         "QueueUrl": REQUEST_QUEUE,
@@ -312,26 +299,45 @@ async def test_run_once_asks_for_no_more_than_the_free_slots(limit: int, asked: 
         "MessageAttributeNames": ["All"],
         "MessageSystemAttributeNames": ["All"],
     }
-    assert world.pool.ledger.running_count == asked
     assert len(world.sqs.visible[REQUEST_QUEUE]) == 30 - asked
     assert intake.stats.received == asked
+    # Slots with a request waiting are claimed: only the rest is wanted.
+    assert intake.wanted(intake.queues[0]) == min(10, limit - asked)
+    assert await dispatch_all(intake, world.pool) == asked
+    assert world.pool.ledger.running_count == asked
 
 
-async def test_run_once_counts_held_executions() -> None:
+async def test_receive_once_counts_held_executions() -> None:
     world = build_world(limit=3)
     world.pool.ledger.observe_running("arn:elsewhere", world.clock())
     queue_requests(world, 5)
-    async with anyio.create_task_group() as tg:
-        await intake_of(world).run_once(tg)
+    intake = intake_of(world)
+    await intake.receive_once(intake.queues[0])
     assert world.sqs.calls_to("receive_message")[0]["MaxNumberOfMessages"] == 2
 
 
-async def test_unused_reservations_are_released_when_fewer_messages_arrive() -> None:
+async def test_received_requests_wait_in_the_room_until_dispatched() -> None:
+    world = build_world(limit=3)
+    queue_requests(world, 2)
+    intake = intake_of(world)
+    assert await intake.receive_once(intake.queues[0]) == 2
+    assert [w.request.name for w in waiting(world)] == ["m-0", "m-1"]
+    assert world.sample("dispatcher_requests_waiting", pool="default") == 2
+    assert world.pool.ledger.reserved_count == 0
+    assert world.sfn.calls_to("start_execution") == []
+    assert intake.wanted(intake.queues[0]) == 1  # the third slot is still unclaimed
+
+
+async def test_fewer_messages_than_asked_reserve_only_what_they_start() -> None:
     world = build_world(limit=5)
     queue_requests(world, 2)
     world.sfn.start_gate = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        assert await intake_of(world).run_once(tg) == 2
+    intake = intake_of(world)
+    assert await intake.receive_once(intake.queues[0]) == 2
+    assert world.pool.receiving == 0
+    async with anyio.create_task_group() as handlers:
+        while intake.dispatch_once(world.pool, handlers):
+            pass
         await anyio.wait_all_tasks_blocked()  # both handlers wait inside StartExecution
         assert world.pool.ledger.reserved_count == 2
         assert world.pool.ledger.free == 3
@@ -341,35 +347,56 @@ async def test_unused_reservations_are_released_when_fewer_messages_arrive() -> 
     assert world.pool.ledger.reserved_count == 0
 
 
-async def test_empty_receive_releases_every_reservation() -> None:
+async def test_empty_receive_leaves_every_slot_free() -> None:
     world = build_world(limit=4)
-    async with anyio.create_task_group() as tg:
-        assert await intake_of(world).run_once(tg) == 0
+    intake = intake_of(world)
+    assert await intake.receive_once(intake.queues[0]) == 0
     assert_slot_free(world)
+    assert world.pool.receiving == 0
+    assert waiting(world) == []
+    assert intake.wanted(intake.queues[0]) == 4
 
 
-async def test_failed_receive_releases_every_reservation() -> None:
+async def test_failed_receive_leaves_nothing_claimed() -> None:
     world = build_world(limit=4)
     world.sqs.fail("receive_message", client_error("InternalError", 500))
-    async with anyio.create_task_group() as tg:
-        with pytest.raises(ClientError):
-            await intake_of(world).run_once(tg)
+    intake = intake_of(world)
+    with pytest.raises(ClientError):
+        await intake.receive_once(intake.queues[0])
     assert_slot_free(world)
     assert world.pool.receiving == 0
     assert world.sample("dispatcher_starting", pool="default") == 0
+    assert intake.wanted(intake.queues[0]) == 4
 
 
-async def test_run_once_waits_for_a_free_slot_without_receiving() -> None:
+async def test_receive_once_waits_for_a_free_slot_without_receiving() -> None:
     world = build_world(limit=1)
     world.pool.ledger.observe_running("arn:busy", world.clock())
     world.pool.update()
     queue_requests(world, 1)
+    intake = intake_of(world)
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(intake_of(world).run_once, tg)
+            tg.start_soon(intake.receive_once, intake.queues[0])
             await anyio.wait_all_tasks_blocked()
             assert world.sqs.calls_to("receive_message") == []
-            world.pool.ledger.observe_terminal("arn:busy")
-            world.pool.update()  # what an event or reconcile does: wakes intake
+            finish(world.pool, "arn:busy")  # what an event or reconcile does: wakes intake
     assert world.sqs.calls_to("receive_message")[0]["MaxNumberOfMessages"] == 1
+    assert [w.request.name for w in waiting(world)] == ["m-0"]
+    await dispatch_all(intake, world.pool)
     assert world.pool.ledger.running == {execution_arn(STATE_MACHINE_ARN, "m-0")}
+
+
+async def test_receive_once_is_cancellable_while_it_waits() -> None:
+    world = build_world(limit=1)
+    world.pool.ledger.observe_running("arn:busy", world.clock())
+    world.pool.update()
+    queue_requests(world, 1)
+    intake = intake_of(world)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(intake.receive_once, intake.queues[0])
+        await anyio.wait_all_tasks_blocked()
+        tg.cancel_scope.cancel()
+    assert world.sqs.calls_to("receive_message") == []
+    assert world.pool.receiving == 0
+    assert len(world.sqs.visible[REQUEST_QUEUE]) == 1

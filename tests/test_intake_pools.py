@@ -1,0 +1,487 @@
+"""Intake on fakes, across pools, queues and keys: routing, priorities, per-key limits,
+the waiting room (space, look-ahead, visibility) and the start rate."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+import stamina
+
+from dispatcher.intake import MAX_DEFER_SECONDS, UNROUTED, Intake
+from dispatcher.layout import PoolConfig, QueueConfig
+from dispatcher.pool import KEY_SHARE, LOOKAHEAD, Pool
+from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, KEY_TAG_LENGTH, execution_arn, key_tag
+from dispatcher.requests import tag_of as tag_in
+from dispatcher.starter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
+from tests.fake_intake import (
+    build_layout_world,
+    dispatch_all,
+    finish,
+    handle,
+    intake_of,
+    waiting,
+)
+from tests.fakes import (
+    ACCOUNT,
+    QUEUE_BASE,
+    REGION,
+    REQUEST_QUEUE,
+    STATE_MACHINE_ARN,
+    World,
+    build_world,
+    client_error,
+    sqs_message,
+    throttled,
+)
+
+pytestmark = pytest.mark.timeout(10)
+
+SECOND_ARN = f"arn:aws:states:{REGION}:{ACCOUNT}:stateMachine:second"
+SHARED = f"{QUEUE_BASE}/shared"
+HIGH = f"{QUEUE_BASE}/high"
+LOW = f"{QUEUE_BASE}/low"
+
+
+@pytest.fixture
+def fast_retries() -> Iterator[None]:
+    """stamina's test mode: up to 5 attempts, no back-off sleeps; restored afterwards."""
+    with stamina.set_testing(True, attempts=5):
+        yield
+
+
+def request(message_id: str, **attributes: str) -> dict[str, Any]:
+    """A valid request whose execution name is ``message_id``."""
+    return sqs_message(json.dumps({"id": message_id}), message_id=message_id, attributes=attributes)
+
+
+def names(pool: Pool) -> list[str]:
+    """Execution names of the requests waiting in ``pool``'s room, oldest first."""
+    return [entry.request.name for entry in pool.room.items()]
+
+
+def started(world: World) -> list[str]:
+    """Execution names of every StartExecution sent, in order."""
+    return [call["name"] for call in world.sfn.calls_to("start_execution")]
+
+
+def dead_letters(world: World) -> list[dict[str, Any]]:
+    """The message attributes of every request sent to the dead-letter queue."""
+    return [call["MessageAttributes"] for call in world.sqs.calls_to("send_message")]
+
+
+def keyed_name(key: str, name: str) -> str:
+    """The execution name a request ``name`` of concurrency key ``key`` starts under."""
+    return f"k{key_tag(key)}_{name}"
+
+
+# -- routing a shared queue --------------------------------------------------------------
+
+
+def shared_world(pool_attribute: str = "pool") -> tuple[World, dict[str, Pool], Intake]:
+    """Pools ``a`` and ``b`` (own state machines) fed by one queue, routed by attribute."""
+    world, pools = build_layout_world(
+        [
+            PoolConfig(name="a", state_machine_arn=STATE_MACHINE_ARN, limit=5),
+            PoolConfig(name="b", state_machine_arn=SECOND_ARN, limit=5),
+        ],
+        [QueueConfig(url=SHARED, pools=("a", "b"), pool_attribute=pool_attribute)],
+    )
+    return world, pools, intake_of(world, pools=pools)
+
+
+async def test_a_shared_queue_routes_each_request_to_the_pool_it_names() -> None:
+    world, pools, intake = shared_world()
+    world.sqs.put(SHARED, request("to-a", pool="a"))
+    world.sqs.put(SHARED, request("to-b", pool="b"))
+    world.sqs.put(SHARED, request("to-a-too", pool="a"))
+    assert await intake.receive_once(intake.queues[0]) == 3
+    assert names(pools["a"]) == ["to-a", "to-a-too"]
+    assert names(pools["b"]) == ["to-b"]
+    assert await dispatch_all(intake, pools["a"]) == 2
+    assert await dispatch_all(intake, pools["b"]) == 1
+    assert pools["a"].ledger.running == {
+        execution_arn(STATE_MACHINE_ARN, "to-a"),
+        execution_arn(STATE_MACHINE_ARN, "to-a-too"),
+    }
+    assert pools["b"].ledger.running == {execution_arn(SECOND_ARN, "to-b")}
+    by_machine = {c["name"]: c["stateMachineArn"] for c in world.sfn.calls_to("start_execution")}
+    assert by_machine == {
+        "to-a": STATE_MACHINE_ARN,
+        "to-a-too": STATE_MACHINE_ARN,
+        "to-b": SECOND_ARN,
+    }
+
+
+@pytest.mark.parametrize(("attributes", "shown"), [({"pool": "c"}, "pool='c'"), ({}, "pool=None")])
+async def test_a_request_naming_no_pool_of_its_queue_is_dead_lettered(
+    attributes: dict[str, str], shown: str
+) -> None:
+    world, pools, intake = shared_world()
+    message = request("lost", **attributes)
+    world.sqs.put(SHARED, message)
+    assert await intake.receive_once(intake.queues[0]) == 1
+    [dead] = dead_letters(world)
+    assert dead[REASON_ATTRIBUTE]["StringValue"] == "unknown_pool"
+    detail = dead[DETAIL_ATTRIBUTE]["StringValue"]
+    assert shown in detail
+    assert "accepted: a, b" in detail
+    assert world.sqs.names() == ["receive_message", "send_message", "delete_message"]
+    assert all(len(pool.room) == 0 for pool in pools.values())
+    assert world.sample("dispatcher_dead_letters_total", pool=UNROUTED, reason="unknown_pool") == 1
+    assert [await dispatch_all(intake, pool) for pool in pools.values()] == [0, 0]
+    assert started(world) == []
+
+
+async def test_routing_reads_the_queues_own_pool_attribute() -> None:
+    world, pools, intake = shared_world(pool_attribute="workflow")
+    world.sqs.put(SHARED, request("by-workflow", workflow="b"))
+    world.sqs.put(SHARED, request("by-pool", pool="a"))  # not this queue's attribute
+    assert await intake.receive_once(intake.queues[0]) == 2
+    assert names(pools["b"]) == ["by-workflow"]
+    assert names(pools["a"]) == []
+    [dead] = dead_letters(world)
+    assert "workflow=None" in dead[DETAIL_ATTRIBUTE]["StringValue"]
+
+
+async def test_a_queue_of_one_pool_ignores_the_pool_attribute() -> None:
+    world = build_world()
+    await handle(world, request("anywhere", pool="some-other-pool"))
+    assert started(world) == ["anywhere"]
+    assert dead_letters(world) == []
+
+
+async def test_a_shared_queue_keeps_the_lookahead_of_each_pool() -> None:
+    world, pools = build_layout_world(
+        [
+            PoolConfig(name="a", state_machine_arn=STATE_MACHINE_ARN, limit=1, key_attribute="t"),
+            PoolConfig(name="b", state_machine_arn=SECOND_ARN, limit=0),
+        ],
+        [QueueConfig(url=SHARED, pools=("a", "b"))],
+    )
+    assert pools["a"].lookahead == LOOKAHEAD
+    intake = intake_of(world, pools=pools)
+    queue = intake.queues[0]
+    for i in range(LOOKAHEAD):
+        await intake.admit(queue, request(f"for-b-{i}", pool="b"))  # b has no slot free
+    assert len(pools["b"].room) == LOOKAHEAD
+    assert intake.wanted(queue) == LOOKAHEAD  # none of a's requests wait
+
+
+# -- priorities --------------------------------------------------------------------------
+
+
+async def start_order(share: float, picks: int) -> list[str]:
+    """Four requests on a low and a high priority queue of one pool of one slot; the order
+    their executions start in, each finishing before the next may start."""
+    world, pools = build_layout_world(
+        [PoolConfig(name="p", state_machine_arn=STATE_MACHINE_ARN, limit=1, reserved_share=share)],
+        [
+            QueueConfig(url=HIGH, pools=("p",), priority=10),
+            QueueConfig(url=LOW, pools=("p",), priority=0),
+        ],
+    )
+    pool = pools["p"]
+    intake = intake_of(world, pools=pools)
+    high, low = intake.queues
+    for i in range(4):
+        world.sqs.put(HIGH, request(f"high-{i}"))
+        world.sqs.put(LOW, request(f"low-{i}"))
+    assert await intake.receive_once(low) == 4  # the low ones arrive first
+    assert await intake.receive_once(high) == 4
+    for _ in range(picks):
+        assert await dispatch_all(intake, pool) == 1
+        finish(pool, execution_arn(STATE_MACHINE_ARN, started(world)[-1]))
+    return started(world)
+
+
+async def test_without_a_reserved_share_the_higher_priority_always_starts_first() -> None:
+    order = await start_order(0.0, 8)
+    assert order == [f"high-{i}" for i in range(4)] + [f"low-{i}" for i in range(4)]
+
+
+async def test_a_reserved_share_of_a_half_alternates_the_priorities() -> None:
+    order = await start_order(0.5, 6)
+    assert order == ["high-0", "low-0", "high-1", "low-1", "high-2", "low-2"]
+
+
+# -- concurrency keys ----------------------------------------------------------------------
+
+
+def keyed_world(**overrides: Any) -> World:
+    """A pool keyed by the ``tenant`` attribute."""
+    return build_world(key_attribute="tenant", **overrides)
+
+
+async def test_a_key_at_its_limit_waits_without_blocking_other_keys() -> None:
+    world = keyed_world(limit=3, per_key_limit=1)
+    for message_id, tenant in [("a-1", "A"), ("a-2", "A"), ("b-1", "B")]:
+        world.sqs.put(REQUEST_QUEUE, request(message_id, tenant=tenant))
+    intake = intake_of(world)
+    queue = intake.queues[0]
+    assert await intake.receive_once(queue) == 3
+    assert await dispatch_all(intake, world.pool) == 2
+    assert sorted(started(world)) == [keyed_name("A", "a-1"), keyed_name("B", "b-1")]
+    assert names(world.pool) == [keyed_name("A", "a-2")]
+    assert world.pool.ledger.key_held(key_tag("A")) == 1
+    assert await dispatch_all(intake, world.pool) == 0  # a free slot, but not for A
+    assert world.pool.ledger.free == 1
+    assert intake.wanted(queue) > 0  # the free slot is still wanted for other keys
+    finish(world.pool, execution_arn(STATE_MACHINE_ARN, keyed_name("A", "a-1")))
+    assert await dispatch_all(intake, world.pool) == 1
+    assert started(world)[-1] == keyed_name("A", "a-2")
+    assert waiting(world) == []
+
+
+async def test_keyed_execution_names_carry_the_key_tag() -> None:
+    world = keyed_world(per_key_limit=2)
+    await handle(world, request("order-7", tenant="tenant-42"))
+    [name] = started(world)
+    assert name == keyed_name("tenant-42", "order-7")
+    assert tag_in(name) == key_tag("tenant-42")
+    arn = execution_arn(STATE_MACHINE_ARN, name)
+    assert world.pool.ledger.running == {arn}
+    assert world.pool.ledger.key_held(key_tag("tenant-42")) == 1
+
+
+@pytest.mark.parametrize(
+    ("length", "dead"), [(80 - KEY_TAG_LENGTH, False), (81 - KEY_TAG_LENGTH, True)]
+)
+async def test_an_idempotency_key_too_long_for_the_key_tag_is_dead_lettered(
+    length: int, dead: bool
+) -> None:
+    world = keyed_world(per_key_limit=1)
+    name = "i" * length
+    await handle(world, request("m-1", tenant="A", **{IDEMPOTENCY_ATTRIBUTE: name}))
+    if dead:
+        [attributes] = dead_letters(world)
+        assert attributes[REASON_ATTRIBUTE]["StringValue"] == "invalid_idempotency_key"
+        assert started(world) == []
+        assert world.pool.ledger.free == world.pool.ledger.limit
+    else:
+        assert dead_letters(world) == []
+        assert started(world) == [keyed_name("A", name)]
+
+
+# -- waiting-room space ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("receive_count", "delay"), [(1, 2), (3, 8), (10, MAX_DEFER_SECONDS)])
+async def test_a_request_the_room_has_no_space_for_is_deferred(
+    receive_count: int, delay: int
+) -> None:
+    world = build_world(limit=1, max_waiting=1)
+    intake = intake_of(world)
+    queue = intake.queues[0]
+    await intake.admit(queue, request("first"))
+    refused = sqs_message(
+        message_id="second", system={"ApproximateReceiveCount": str(receive_count)}
+    )
+    await intake.admit(queue, refused)
+    assert names(world.pool) == ["first"]
+    assert world.sqs.calls_to("change_message_visibility") == [
+        {
+            "QueueUrl": REQUEST_QUEUE,
+            "ReceiptHandle": refused["ReceiptHandle"],
+            "VisibilityTimeout": delay,
+        }
+    ]
+    assert world.sample("dispatcher_requests_deferred_total", pool="default") == 1
+    assert intake.stats.deferred == 1
+
+
+async def test_one_key_takes_no_more_than_its_share_of_the_room() -> None:
+    world = keyed_world(limit=1, max_waiting=100)
+    intake = intake_of(world)
+    queue = intake.queues[0]
+    for i in range(KEY_SHARE + 1):
+        await intake.admit(queue, request(f"a-{i}", tenant="A"))
+    await intake.admit(queue, request("b-0", tenant="B"))
+    assert world.pool.room.count(key=key_tag("A")) == KEY_SHARE
+    assert names(world.pool)[-1] == keyed_name("B", "b-0")
+    [deferred] = world.sqs.calls_to("change_message_visibility")
+    assert deferred["ReceiptHandle"] == f"rh-a-{KEY_SHARE}"
+    assert world.sample("dispatcher_requests_deferred_total", pool="default") == 1
+
+
+@pytest.mark.parametrize(("limit", "max_waiting"), [(1, 0), (5, 2)])
+async def test_requests_for_free_slots_start_whatever_the_room_holds(
+    limit: int, max_waiting: int
+) -> None:
+    world = build_world(limit=limit, max_waiting=max_waiting)
+    for i in range(limit):
+        world.sqs.put(REQUEST_QUEUE, request(f"m-{i}"))
+    intake = intake_of(world)
+    assert await intake.receive_once(intake.queues[0]) == limit
+    assert await dispatch_all(intake, world.pool) == limit
+    assert intake.stats.deferred == 0
+
+
+# -- how much a receive wants ------------------------------------------------------------
+
+
+async def test_a_choosing_pool_wants_requests_until_lookahead_of_its_queue_wait() -> None:
+    world = keyed_world(limit=1)
+    assert world.pool.lookahead == LOOKAHEAD
+    intake = intake_of(world)
+    queue = intake.queues[0]
+    for i in range(LOOKAHEAD):
+        assert intake.wanted(queue) == LOOKAHEAD - i
+        await intake.admit(queue, request(f"m-{i}", tenant=f"t-{i}"))
+    assert intake.wanted(queue) == 0  # more than the one free slot: the look-ahead is full
+    assert await dispatch_all(intake, world.pool) == 1
+    assert intake.wanted(queue) == 1  # one was picked: one more is wanted
+
+
+async def test_a_receive_for_a_choosing_pool_takes_the_lookahead_then_waits() -> None:
+    world = keyed_world(limit=1)
+    for i in range(3 * LOOKAHEAD):
+        world.sqs.put(REQUEST_QUEUE, request(f"m-{i}", tenant="A"))
+    intake = intake_of(world)
+    queue = intake.queues[0]
+    assert await intake.receive_once(queue) == LOOKAHEAD
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(intake.receive_once, queue)
+        await anyio.wait_all_tasks_blocked()
+        assert len(world.sqs.calls_to("receive_message")) == 1
+        tg.cancel_scope.cancel()
+    assert world.pool.receiving == 0
+
+
+# -- dispatching -------------------------------------------------------------------------
+
+
+async def test_nothing_is_dispatched_while_starts_are_not_allowed() -> None:
+    world = build_world()
+    intake = intake_of(world)
+    intake.set_may_start(lambda: False)  # e.g. the lease is lost
+    await handle(world, request("held"), intake)
+    assert started(world) == []
+    assert names(world.pool) == ["held"]
+    assert world.pool.ledger.reserved_count == 0
+    intake.set_may_start(lambda: True)
+    assert await dispatch_all(intake, world.pool) == 1
+    assert started(world) == ["held"]
+
+
+# -- the waiting requests' messages ------------------------------------------------------
+
+
+async def test_extend_waiting_extends_only_requests_hidden_for_half_their_visibility() -> None:
+    world = build_world(limit=1)
+    half = world.settings.visibility_timeout / 2
+    intake = intake_of(world)
+    queue = intake.queues[0]
+    await intake.admit(queue, request("older"))
+    world.clock.advance(half - 10)
+    await intake.admit(queue, request("newer"))
+    world.clock.advance(10)
+    assert await intake.extend_waiting() == 1
+    [call] = world.sqs.calls_to("change_message_visibility_batch")
+    assert call == {
+        "QueueUrl": REQUEST_QUEUE,
+        "Entries": [
+            {
+                "Id": "0",
+                "ReceiptHandle": "rh-older",
+                "VisibilityTimeout": world.settings.visibility_timeout,
+            }
+        ],
+    }
+    assert await intake.extend_waiting() == 0  # "older" was just extended
+    world.clock.advance(half - 10)
+    assert await intake.extend_waiting() == 1
+    newer = world.sqs.calls_to("change_message_visibility_batch")[-1]["Entries"]
+    assert [e["ReceiptHandle"] for e in newer] == ["rh-newer"]
+    assert names(world.pool) == ["older", "newer"]
+
+
+def two_queue_world() -> tuple[World, Pool, Intake]:
+    """One pool fed by two queues (``HIGH`` and ``LOW``), no slot free."""
+    world, pools = build_layout_world(
+        [PoolConfig(name="p", state_machine_arn=STATE_MACHINE_ARN, limit=0)],
+        [QueueConfig(url=HIGH, pools=("p",), priority=1), QueueConfig(url=LOW, pools=("p",))],
+    )
+    return world, pools["p"], intake_of(world, pools=pools)
+
+
+async def test_a_request_whose_extension_failed_leaves_the_room() -> None:
+    world, pool, intake = two_queue_world()
+    high, low = intake.queues
+    await intake.admit(high, request("on-high"))
+    await intake.admit(low, request("on-low"))
+    world.clock.advance(world.settings.visibility_timeout)
+    world.sqs.fail("change_message_visibility_batch", client_error("InternalError", 500))
+    assert await intake.extend_waiting() == 1
+    assert [c["QueueUrl"] for c in world.sqs.calls_to("change_message_visibility_batch")] == [
+        HIGH,
+        LOW,
+    ]
+    assert names(pool) == ["on-low"]
+    assert world.sample("dispatcher_requests_waiting", pool="p") == 1
+    assert (intake.wanted(high), intake.wanted(low)) == (LOOKAHEAD, LOOKAHEAD - 1)
+
+
+async def test_hand_back_waiting_empties_the_room_and_makes_each_request_visible() -> None:
+    world, pool, intake = two_queue_world()
+    high, low = intake.queues
+    await intake.admit(high, request("h-0"))
+    await intake.admit(low, request("l-0"))
+    await intake.admit(high, request("h-1"))
+    assert await intake.hand_back_waiting() == 3
+    assert len(pool.room) == 0
+    assert world.sample("dispatcher_requests_waiting", pool="p") == 0
+    calls = world.sqs.calls_to("change_message_visibility_batch")
+    handed = {
+        (call["QueueUrl"], entry["ReceiptHandle"], entry["VisibilityTimeout"])
+        for call in calls
+        for entry in call["Entries"]
+    }
+    assert handed == {(HIGH, "rh-h-0", 0), (HIGH, "rh-h-1", 0), (LOW, "rh-l-0", 0)}
+    assert len(calls) == 2  # one batch per queue
+    assert (intake.wanted(high), intake.wanted(low)) == (LOOKAHEAD, LOOKAHEAD)
+    assert await intake.hand_back_waiting() == 0
+
+
+# -- the start rate ----------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("fast_retries")
+async def test_a_throttled_start_lowers_the_start_rate() -> None:
+    world = build_world()
+    world.sfn.fail("start_execution", throttled())
+    # A high rate: the retry's wait for a token (1/rate on the clock) is negligible.
+    intake = intake_of(world, rate=1e6, clock=world.clock)
+    await handle(world, request("m-1"), intake)
+    assert started(world) == ["m-1", "m-1"]
+    labels = {"account": ACCOUNT, "region": REGION}
+    assert world.sample("dispatcher_start_rate_limit", **labels) == 5e5
+    assert world.sample("dispatcher_start_rate_throttles_total", **labels) == 1
+    assert world.pool.ledger.running == {execution_arn(STATE_MACHINE_ARN, "m-1")}
+
+
+async def test_a_start_waits_for_a_token_and_is_handed_back_when_stopped() -> None:
+    world = build_world()
+    intake = intake_of(world, rate=1.0, burst=1, clock=world.clock)
+    await handle(world, request("first"), intake)  # takes the one token
+    await intake.admit(intake.queues[0], request("second"))
+    async with anyio.create_task_group() as handlers:
+        assert intake.dispatch_once(world.pool, handlers)
+        await anyio.wait_all_tasks_blocked()
+        assert started(world) == ["first"]  # "second" waits a second for its token
+        labels = {"account": ACCOUNT, "region": REGION}
+        assert world.sample("dispatcher_start_rate_wait_seconds_total", **labels) == 1.0
+        assert world.pool.ledger.reserved_count == 1
+        intake.stop()
+    assert started(world) == ["first"]
+    [handed] = world.sqs.calls_to("change_message_visibility")
+    assert handed == {
+        "QueueUrl": REQUEST_QUEUE,
+        "ReceiptHandle": "rh-second",
+        "VisibilityTimeout": 0,
+    }
+    assert world.pool.ledger.reserved_count == 0
+    assert world.pool.ledger.running == {execution_arn(STATE_MACHINE_ARN, "first")}
