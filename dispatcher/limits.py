@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from dispatcher.aws import AWS_ERRORS
+from dispatcher.aws import AWS_ERRORS, error_code
 from dispatcher.config import ConfigError, Settings
 from dispatcher.layout import Layout, read_file
 from dispatcher.metrics import Metrics
@@ -31,7 +31,6 @@ log = structlog.get_logger("dispatcher.limits")
 
 MAX_LIMIT = 100_000
 _LIMIT_RE = re.compile(r"^\s*\d{1,9}\s*\Z")
-_SSM_BATCH = 10  # GetParameters takes at most ten names
 
 
 def parse_limit(text: str) -> int:
@@ -110,27 +109,24 @@ class LiveLimits:
         if not names or self.ssm is None:
             return 0
         changed = 0
-        for start in range(0, len(names), _SSM_BATCH):
-            batch = names[start : start + _SSM_BATCH]
+        for name in names:  # one GetParameter each: the IAM action the template grants
+            pool = self.parameters[name]
             try:
-                response = await self.ssm.get_parameters(Names=batch)
+                response = await self.ssm.get_parameter(Name=name)
             except AWS_ERRORS as exc:
-                for name in batch:
-                    self._refuse(self.parameters[name], "ssm", f"cannot read {name}: {exc}")
+                missing = error_code(exc) == "ParameterNotFound"
+                self._refuse(
+                    pool,
+                    "ssm",
+                    f"parameter {name} does not exist" if missing else f"cannot read {name}: {exc}",
+                )
                 continue
-            for name in response.get("InvalidParameters", []):
-                self._refuse(self.parameters[name], "ssm", f"parameter {name} does not exist")
-            for parameter in response.get("Parameters", []):
-                name = str(parameter.get("Name"))
-                pool = self.parameters.get(name)
-                if pool is None:
-                    continue
-                try:
-                    limit = parse_limit(str(parameter.get("Value", "")))
-                except ValueError as exc:
-                    self._refuse(pool, "ssm", f"parameter {name}: {exc}")
-                    continue
-                changed += self.apply(self.pools[pool], limit, "ssm")
+            try:
+                limit = parse_limit(str(response.get("Parameter", {}).get("Value", "")))
+            except ValueError as exc:
+                self._refuse(pool, "ssm", f"parameter {name}: {exc}")
+                continue
+            changed += self.apply(self.pools[pool], limit, "ssm")
         return changed
 
     # -- the config file -----------------------------------------------------------------
