@@ -68,6 +68,7 @@ class Intake:
         self._waiting_from: dict[tuple[str, str], int] = {
             (q.url, p): 0 for q in layout.queues for p in q.pools
         }
+        self._receiving = dict.fromkeys(self._waiting_from, 0)  # asked for, in flight
         self._pollers: anyio.CancelScope | None = None
 
     @property
@@ -141,7 +142,9 @@ class Intake:
     def wanted(self, queue: RequestQueue) -> int:
         """How many messages a receive on ``queue`` may take now."""
         return max(
-            self.pools[name].wanted(self._waiting_from[queue.url, name])
+            self.pools[name].wanted(
+                self._waiting_from[queue.url, name], self._receiving[queue.url, name]
+            )
             for name in queue.config.pools
         )
 
@@ -152,6 +155,7 @@ class Intake:
             await _any_change(pools)
         for pool in pools:
             pool.receiving += wanted
+            self._receiving[queue.url, pool.name] += wanted
         try:
             response = await self.sqs.receive_message(
                 QueueUrl=queue.url,
@@ -164,6 +168,7 @@ class Intake:
         finally:
             for pool in pools:
                 pool.receiving -= wanted
+                self._receiving[queue.url, pool.name] -= wanted
                 pool.update()
         self.health.aws_ok()
         messages: list[Any] = list(response.get("Messages", []))

@@ -85,6 +85,7 @@ class Ledger:
         self._key_of = key_of  # the key of an execution seen but not started here (its name)
         self._running: dict[str, _Held] = {}  # arn -> since when, latest run seen
         self._reserved: dict[int, Reservation] = {}  # token -> reservation, oldest first
+        self._sent: set[int] = set()  # reservations whose StartExecution has been sent
         self._by_key: Counter[str] = Counter()  # key -> running + reserved
         self._tombstones: OrderedDict[str, int] = OrderedDict()  # arn -> redrive count
         self._tombstone_capacity = tombstone_capacity
@@ -180,21 +181,33 @@ class Ledger:
 
         A reservation is granted only while a slot is free, but executions started
         elsewhere (or a lowered limit) can take slots while requests are being received.
-        Then only the oldest ``limit - running`` reservations may start; the others wait
+        Then starts already sent keep their slots, and of the others only the oldest that
+        fit under ``limit - running - sent`` may start (per key likewise); the rest wait
         (their requests stay hidden) until slots free up, so the limit holds even then.
         """
-        if reservation.token not in self._reserved:
+        token = reservation.token
+        if token not in self._reserved:
             return False
-        if not _among_oldest(
-            self._reserved.values(), reservation, self._limit - len(self._running)
-        ):
+        if token in self._sent:
+            return True
+        unsent = [r for r in self._reserved.values() if r.token not in self._sent]
+        room = self._limit - len(self._running) - len(self._sent)
+        if not _among_oldest(unsent, reservation, room):
             return False
         key = reservation.key
         if key is None or self._per_key_limit is None:
             return True
         keyed = [r for r in self._reserved.values() if r.key == key]
+        keyed_unsent = [r for r in keyed if r.token not in self._sent]
         running = self._by_key[key] - len(keyed)
-        return _among_oldest(keyed, reservation, self._per_key_limit - running)
+        sent = len(keyed) - len(keyed_unsent)
+        return _among_oldest(keyed_unsent, reservation, self._per_key_limit - running - sent)
+
+    def mark_sent(self, reservation: Reservation) -> None:
+        """The start of this (admitted) reservation is on the wire: it keeps its slot, and
+        later admissions count it, even if slots are taken elsewhere meanwhile."""
+        if reservation.token in self._reserved:
+            self._sent.add(reservation.token)
 
     def cancel(self, reservation: Reservation) -> bool:
         """Give a reserved slot back (the start failed or was not needed).
@@ -204,6 +217,7 @@ class Ledger:
         return self._unreserve(reservation.token)
 
     def _unreserve(self, token: int) -> bool:
+        self._sent.discard(token)
         reservation = self._reserved.pop(token, None)
         if reservation is None:
             return False

@@ -108,17 +108,20 @@ class Pool:
         """Reserved slots: starts in flight."""
         return self.ledger.reserved_count
 
-    def wanted(self, from_queue: int) -> int:
+    def wanted(self, from_queue: int, receiving: int) -> int:
         """How many messages a receive on a queue feeding this pool may take now (<= 10).
 
         Enough to fill the free slots no waiting request can take, and, in a pool that
         chooses between queues or keys, to keep ``lookahead`` startable requests of that
-        queue waiting; never more than the waiting room has room for.
+        queue waiting; never more than the waiting room has room for. ``from_queue`` and
+        ``receiving`` are that queue's waiting requests and messages asked for in receives
+        in flight: each queue counts only its own, so a long poll on an idle queue never
+        holds back the receives of a busy one (their extra requests wait in the room).
         """
         startable = self.room.startable(self.key_ok)
-        unclaimed = self.ledger.free - startable - self.receiving
-        ahead = self.lookahead - from_queue - self.receiving if self.lookahead else 0
-        room_left = self.room.capacity - len(self.room) - self.receiving
+        unclaimed = self.ledger.free - startable - receiving
+        ahead = self.lookahead - from_queue - receiving if self.lookahead else 0
+        room_left = self.room.capacity - len(self.room) - receiving
         want = max(unclaimed, ahead)
         if self.lookahead or unclaimed <= 0:  # taking more than free slots waits in the room
             want = min(want, room_left + max(0, unclaimed))

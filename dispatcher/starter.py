@@ -189,6 +189,7 @@ class Starter:
                 await limiter.acquire()
                 await self._admission(entry, reservation)  # the wait may have been long
                 handling.phase = "calling"
+                pool.ledger.mark_sent(reservation)  # no await since admission: still true
                 pool.note_start_sent()
                 began = time.perf_counter()
                 try:
