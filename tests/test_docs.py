@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
-from dispatcher.config import Settings, env_name
+import pytest
+
+from dispatcher.config import ConfigError, Settings, env_name
+from dispatcher.layout import parse
 from dispatcher.metrics import Metrics
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -33,3 +37,29 @@ def test_quick_start_is_the_two_commands() -> None:
     quick = README.split("## Quick start", 1)[1].split("```", 2)[1]
     commands = [line.split("#")[0].strip() for line in quick.splitlines()[1:] if line.strip()]
     assert commands == ["make demo", "make test"]
+
+
+def test_the_config_file_example_loads() -> None:
+    """The README's complete config file is accepted, with every pool and queue it shows."""
+    example = README.split("```toml\n", 1)[1].split("```", 1)[0]
+    file_settings, loaded = parse(tomllib.loads(example), "README.md")
+    assert [p.name for p in loaded.pools] == ["reports", "exports"]
+    assert [q.priority for q in loaded.queues] == [10, 0, 0]
+    assert loaded.queues[2].pools == ("reports", "exports")
+    assert loaded.pool("reports").per_key_limit == 3
+    assert file_settings["start_rate"] == 100
+
+
+def test_a_config_file_mistake_names_where_it_is() -> None:
+    """A wrong value and an unknown pool are both reported, each with its place."""
+    bad = tomllib.loads(
+        '[pools.a]\nstate_machine_arn = "arn:aws:states:us-east-1:123456789012:stateMachine:a"\n'
+        'limit = -1\nlimti = 3\n[[queues]]\nurl = "https://sqs.us-east-1.amazonaws.com/1/q"\n'
+        'pool = "b"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        parse(bad, "f.toml")
+    message = str(info.value)
+    assert "[pools.a] limit=-1 is invalid" in message
+    assert "[pools.a] limti: unknown key" in message
+    assert "[[queues]] #1: unknown pool(s) b; defined are a" in message

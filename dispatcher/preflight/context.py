@@ -15,7 +15,7 @@ import aioboto3
 import anyio
 from aiobotocore.config import AioConfig
 
-from dispatcher import config
+from dispatcher import config, layout
 from dispatcher.aws import AWS_ERRORS
 from dispatcher.config import ConfigError, Settings
 from dispatcher.preflight.report import Finding, Skip, Status
@@ -87,6 +87,30 @@ class Target:
         return value
 
 
+def _from_config_file(
+    overrides: Mapping[str, Any], environ: Mapping[str, str], values: dict[str, Any]
+) -> tuple[dict[str, Any], Finding]:
+    """Validate the config file; the AWS checks then look at its first pool and queue."""
+    try:
+        loaded = layout.load(overrides, environ)
+    except ConfigError as exc:
+        return values, Finding(Status.FAIL, str(exc), "fix the config file (see the README)")
+    first = loaded.layout.pools[0]
+    queue = loaded.layout.queues_of(first.name)[0]
+    values = {
+        **loaded.settings.model_dump(),
+        "state_machine_arn": first.state_machine_arn,
+        "request_queue_url": queue.url,
+        "limit": first.limit,
+    }
+    names = ", ".join(p.name for p in loaded.layout.pools)
+    return values, Finding(
+        Status.OK,
+        f"config file {loaded.layout.source}: pools {names}; the checks below look at pool "
+        f"{first.name} and its queue {queue.url} (the other pools are not checked yet)",
+    )
+
+
 def load_target(
     overrides: Mapping[str, Any], env: Mapping[str, str] | None
 ) -> tuple[Target, Finding]:
@@ -121,6 +145,8 @@ def load_target(
             f"reconcile every {settings.reconcile_interval:g} s, "
             f"input {settings.input_format.value}",
         )
+        if settings.config is not None:
+            values, finding = _from_config_file(overrides, environ, values)
     arn = config.STATE_MACHINE_ARN_RE.match(values.get("state_machine_arn") or "")
     region = (
         environ.get("AWS_REGION")
