@@ -46,7 +46,7 @@ def test_invalid_constructor_values_raise_naming_the_value(
 ) -> None:
     """A bad limit or tombstone capacity is refused, and the message shows what was given."""
     with pytest.raises(ValueError, match=rf"got {named}$"):
-        Ledger(**kwargs)
+        Ledger(kwargs["limit"], tombstone_capacity=kwargs.get("tombstone_capacity", 1))
 
 
 def test_invalid_limit_change_raises_and_keeps_the_old_limit() -> None:
@@ -516,11 +516,11 @@ def test_the_ledger_survives_the_world() -> None:
 class GreedyLedger(Ledger):
     """Forgets that starts in flight hold slots: two intakes could both fill the last one."""
 
-    def reserve(self, n: int, now: float) -> list[Reservation]:
+    def reserve(self, n: int, now: float, key: str | None = None) -> list[Reservation]:
         """Grant against running executions only."""
         in_flight, self._reserved = self._reserved, {}
         try:
-            return super().reserve(n, now)
+            return super().reserve(n, now, key)
         finally:
             self._reserved = in_flight | self._reserved
 
