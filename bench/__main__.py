@@ -13,14 +13,14 @@ from typing import Any
 
 import anyio
 
-from bench import comparison, report, scale, summary, throughput
+from bench import comparison, fairness, report, scale, summary, throughput
 from bench.machine import machine_info, uptime
 from bench.patterns import PatternRun, sfn_dispatcher
 from dispatcher import logs
 from dispatcher.config import LogFormat
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("comparison", "throughput", "scale")
+SCENARIOS = ("comparison", "throughput", "scale", "fairness")
 
 # The emulator's fixed test credentials; no developer AWS settings may leak into a run.
 _EMULATOR_ENV = {
@@ -57,13 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configs(quick: bool) -> tuple[comparison.Config, throughput.Config, scale.Config]:
+def _configs(
+    quick: bool,
+) -> tuple[comparison.Config, throughput.Config, scale.Config, fairness.Config]:
     if not quick:
-        return comparison.Config(), throughput.Config(), scale.Config()
+        return comparison.Config(), throughput.Config(), scale.Config(), fairness.Config()
     return (
         comparison.Config(requests=100, limit=10, budget_scale=0.5),
         throughput.Config(requests=600, raw_starts=400, delete_messages=200, events=1000),
         scale.Config(running=1000, queued_small=100, queued_large=2000, reconcile_interval=5),
+        fairness.Config(big=100, small=5, within=600),
     )
 
 
@@ -89,7 +92,7 @@ async def _scenario(
 
 
 async def _main(args: argparse.Namespace) -> None:
-    cmp_config, tp_config, scale_config = _configs(args.quick)
+    cmp_config, tp_config, scale_config, fair_config = _configs(args.quick)
     chosen = args.only or SCENARIOS
     if "comparison" in chosen:
         runs: list[PatternRun] = []
@@ -109,6 +112,8 @@ async def _main(args: argparse.Namespace) -> None:
         await _scenario(args.out, "throughput", lambda: throughput.run(tp_config))
     if "scale" in chosen:
         await _scenario(args.out, "scale", lambda: scale.run(scale_config))
+    if "fairness" in chosen:
+        await _scenario(args.out, "fairness", lambda: fairness.run(fair_config))
 
 
 def _merged(out: Path, document: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The two pictures: concurrency over time per pattern (limit drawn), hand-over latency."""
+"""The pictures: concurrency over time per pattern (limit drawn), hand-over latency, fairness."""
 
 from __future__ import annotations
 
@@ -101,6 +101,56 @@ def handover(document: dict[str, Any], path: Path) -> None:
     right.set_title("How long a freed slot stays idle, end to end", fontsize=10)
     right.legend(fontsize=8, loc="lower right")
     right.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fairness(document: dict[str, Any], path: Path) -> None:
+    """One panel per fairness run: the big tenant's and the small tenants' running executions."""
+    runs: dict[str, Any] = document["runs"]
+    config = document["config"]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(11, 2.8 * len(runs)), sharex=True)
+    axes_list = list(axes) if len(runs) > 1 else [axes]
+    for ax, run in zip(axes_list, runs.values(), strict=True):
+        for group, colour, label in (
+            ("big", "#b2182b", "big tenant"),
+            ("small", "#2166ac", f"{config['small_tenants']} small tenants together"),
+        ):
+            xs, ys = _steps(run["series"][group])
+            ax.step(xs, ys, where="post", color=colour, linewidth=1.1, label=label)
+        ax.axhline(config["limit"], color="black", linestyle="--", linewidth=1, label="limit")
+        small = run["small_finished"]["max"]
+        ax.axvline(small, color="#2166ac", linestyle=":", linewidth=1, label="last small done")
+        ax.set_ylim(0, config["limit"] * 1.25)
+        ax.set_ylabel("running")
+        ended = run["tenants"].get("big", {}).get("ended", 0)
+        big = (
+            f"by {run['big_finished']:.0f} s"
+            if ended == config["big"]
+            else f"{ended} of {config['big']} ended when stopped"
+        )
+        ax.set_title(
+            f"{run['label']}: small tenants done by {small:.0f} s, big tenant {big}",
+            fontsize=10,
+            loc="left",
+        )
+        ax.legend(loc="upper right", fontsize=8)
+        ax.grid(alpha=0.3)
+    # Linear to 10 s, log beyond: the small tenants' first seconds and a long tail both show.
+    last = axes_list[-1]
+    last.set_xscale("symlog", linthresh=10, linscale=1.5)
+    end = max(run["wall_seconds"] for run in runs.values())
+    ticks = [t for t in (0, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if t <= end * 1.2]
+    last.set_xticks(ticks, [str(t) for t in ticks])
+    last.set_xlim(0, end * 1.05)
+    last.set_xlabel("seconds since the first execution started (linear to 10 s, log beyond)")
+    fig.suptitle(
+        f"{config['big']} requests of one tenant enqueued before {config['small_tenants']} x "
+        f"{config['small']} of small ones, {config['seconds']:g} s each, limit "
+        f"{config['limit']} (from the executions' own records)",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

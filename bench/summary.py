@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench import plots
+from bench import fairness, plots
 from bench.report import (
     comparison_section,
     handover_section,
@@ -41,7 +41,8 @@ def _machine(documents: list[dict[str, Any]]) -> list[str]:
 
 def write(out: Path) -> Path:
     """Write ``summary.md`` and the plots for whatever scenarios have results."""
-    found = {name: load(out, name) for name in ("comparison", "handover", "throughput", "scale")}
+    names = ("comparison", "handover", "throughput", "scale", "fairness")
+    found = {name: load(out, name) for name in names}
     documents = [d for d in found.values() if d is not None]
     lines = ["# sfn-dispatcher benchmarks", ""]
     if not documents:
@@ -64,6 +65,9 @@ def write(out: Path) -> Path:
         lines += throughput_section(found["throughput"])
     if found["scale"]:
         lines += scale_section(found["scale"])
+    if found["fairness"]:
+        plots.fairness(found["fairness"]["results"], out / "fairness.png")
+        lines += fairness.section(found["fairness"])
     path = out / "summary.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path

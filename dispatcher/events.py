@@ -172,8 +172,9 @@ class Events:
                 change.execution_arn, pool.clock(), change.redrive_count
             )
         elif change.status in TERMINAL_STATUSES:
+            since = ledger.held_since(change.execution_arn)
             outcome = ledger.observe_terminal(change.execution_arn, change.redrive_count)
-            pool.note_freed(outcome, was_full)
+            pool.note_freed(outcome, was_full, since)
         else:  # PENDING_REDRIVE and statuses newer than this code: a RUNNING event follows
             self.metrics.events.labels(status=change.status, result="ignored").inc()
             return "ignored"

@@ -41,7 +41,6 @@ log = structlog.get_logger("dispatcher.intake")
 
 UNROUTED = "unrouted"
 """The pool label of requests that named no pool their queue feeds."""
-MAX_DEFER_SECONDS = 900
 
 
 class Intake:
@@ -215,8 +214,9 @@ class Intake:
             self._waiting_from[queue.url, pool.name] += 1
             pool.update()
             return
-        # No room (overall, or for this key): back to the queue, later each time it returns.
-        delay = min(MAX_DEFER_SECONDS, 2 ** min(request.receive_count, 10))
+        # No room (overall, or for this key): back to the queue until about when the
+        # requests already waiting will have started.
+        delay = pool.defer_seconds(key)
         self.stats.deferred += 1
         self.metrics.deferred.labels(pool=pool.name).inc()
         await queue.hand_back(request.receipt_handle, delay, entry.bound, "waiting room full")

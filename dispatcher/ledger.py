@@ -140,6 +140,11 @@ class Ledger:
         """Slots a new start may take now (0 while over the limit, e.g. after lowering it)."""
         return max(0, self._limit - len(self._running) - len(self._reserved))
 
+    def held_since(self, arn: str) -> float | None:
+        """When ``arn`` was last confirmed running (for ours: when it started)."""
+        held = self._running.get(arn)
+        return None if held is None else held.since
+
     def holds(self, arn: str) -> bool:
         """Whether ``arn`` is in the running set."""
         return arn in self._running

@@ -26,8 +26,9 @@ Clock = Callable[[], float]
 
 LOOKAHEAD = 10
 """Startable requests a queue keeps waiting in a pool that chooses (priorities, keys)."""
-KEY_SHARE = 10
-"""Least room one key may take in a waiting room (more when its per-key limit is higher)."""
+DEFAULT_DURATION = 10.0
+"""Seconds an execution is assumed to run until the first status events tell."""
+MAX_DEFER_SECONDS = 900
 
 
 class Pool:
@@ -51,8 +52,13 @@ class Pool:
             reserved_share=config.reserved_share,
         )
         # A pool with one queue and no keys has nothing to choose between: it receives
-        # only for free slots. Otherwise each queue keeps a few startable requests waiting.
-        self.lookahead = 0 if queues == 1 and config.key_attribute is None else LOOKAHEAD
+        # only for free slots. With priorities each queue keeps a few startable requests
+        # waiting; with keys the room is kept full, so that keys behind a long run of one
+        # key's requests in the queue are seen and served in turn.
+        if config.key_attribute is not None:
+            self.lookahead = max(LOOKAHEAD, config.max_waiting)
+        else:
+            self.lookahead = 0 if queues == 1 else LOOKAHEAD
         self.metrics = metrics
         self.clock = clock
         self._changed = anyio.Event()
@@ -62,6 +68,8 @@ class Pool:
         self.started_total = 0
         self.finished_total = 0
         self.max_running_seen = 0
+        self.duration = DEFAULT_DURATION  # mean execution run time (EWMA), for deferrals
+        self._durations = 0
         metrics.prefill(self.name)
         self.update()
 
@@ -75,6 +83,8 @@ class Pool:
     def reconfigure(self, config: PoolConfig) -> None:
         """Apply a reloaded pool config: per-key limit and waiting room (never evicts)."""
         self.config = config
+        if config.key_attribute is not None:
+            self.lookahead = max(LOOKAHEAD, config.max_waiting)
         self.ledger.set_per_key_limit(config.per_key_limit)
         self.room.reconfigure(
             capacity=config.max_waiting,
@@ -138,12 +148,29 @@ class Pool:
                 await self._changed.wait()
         return self.ledger.admitted(reservation)
 
-    def note_freed(self, change: Change, was_full: bool) -> None:
-        """Record a slot freed while the pool was full: a hand-over has begun."""
+    def note_freed(self, change: Change, was_full: bool, since: float | None = None) -> None:
+        """Record a freed slot: how long its execution ran (``since`` its start, when the
+        status event tells), and whether a hand-over has begun (the pool was full)."""
         if change is Change.FREED:
             self.finished_total += 1
+            if since is not None:
+                ran = max(0.0, self.clock() - since)
+                self.duration = ran if self._durations == 0 else 0.9 * self.duration + 0.1 * ran
+                self._durations += 1
             if was_full:
                 self._freed_at.append(self.clock())
+
+    def defer_seconds(self, key: str | None) -> int:
+        """How long a request the waiting room has no space for should stay in its queue:
+        about the time the requests already waiting (for its key) need to start, from the
+        executions' mean duration; 1 s to 15 min. One hand-back per message is the aim:
+        every hand-back is a receive, and receives count towards the redrive policy."""
+        ledger = self.ledger
+        if key is not None and ledger.per_key_limit is not None:
+            ahead, lanes = self.room.count(key=key), ledger.per_key_limit
+        else:
+            ahead, lanes = len(self.room), max(1, ledger.limit)
+        return int(min(MAX_DEFER_SECONDS, max(1.0, ahead / lanes * self.duration)))
 
     def note_start_sent(self) -> None:
         """A StartExecution is being sent: close the oldest open hand-over, if any."""
@@ -158,6 +185,8 @@ class Pool:
 
 
 def _key_capacity(config: PoolConfig) -> int | None:
+    """One key may take half the room (at least twice its per-key limit): the other half
+    stays for the other keys."""
     if config.key_attribute is None:
         return None
-    return max(KEY_SHARE, 2 * (config.per_key_limit or 0))
+    return max(1, config.max_waiting // 2, 2 * (config.per_key_limit or 0))

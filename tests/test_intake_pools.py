@@ -11,9 +11,10 @@ import anyio
 import pytest
 import stamina
 
-from dispatcher.intake import MAX_DEFER_SECONDS, UNROUTED, Intake
+from dispatcher.intake import UNROUTED, Intake
 from dispatcher.layout import PoolConfig, QueueConfig
-from dispatcher.pool import KEY_SHARE, LOOKAHEAD, Pool
+from dispatcher.ledger import Change
+from dispatcher.pool import DEFAULT_DURATION, LOOKAHEAD, Pool
 from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, KEY_TAG_LENGTH, execution_arn, key_tag
 from dispatcher.requests import tag_of as tag_in
 from dispatcher.starter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
@@ -157,7 +158,13 @@ async def test_a_queue_of_one_pool_ignores_the_pool_attribute() -> None:
 async def test_a_shared_queue_keeps_the_lookahead_of_each_pool() -> None:
     world, pools = build_layout_world(
         [
-            PoolConfig(name="a", state_machine_arn=STATE_MACHINE_ARN, limit=1, key_attribute="t"),
+            PoolConfig(
+                name="a",
+                state_machine_arn=STATE_MACHINE_ARN,
+                limit=1,
+                key_attribute="t",
+                max_waiting=LOOKAHEAD,  # a keyed pool keeps its room full: look-ahead = room
+            ),
             PoolConfig(name="b", state_machine_arn=SECOND_ARN, limit=0),
         ],
         [QueueConfig(url=SHARED, pools=("a", "b"))],
@@ -269,17 +276,18 @@ async def test_an_idempotency_key_too_long_for_the_key_tag_is_dead_lettered(
 # -- waiting-room space ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("receive_count", "delay"), [(1, 2), (3, 8), (10, MAX_DEFER_SECONDS)])
-async def test_a_request_the_room_has_no_space_for_is_deferred(
-    receive_count: int, delay: int
-) -> None:
+@pytest.mark.parametrize(
+    ("duration", "delay"), [(0.2, 1), (30.0, 30), (DEFAULT_DURATION, 10), (5000.0, 900)]
+)
+async def test_a_request_the_room_has_no_space_for_is_deferred(duration: float, delay: int) -> None:
+    """Deferred for about as long as the one request waiting ahead of it needs to start:
+    the executions' mean duration, 1 s to 15 min."""
     world = build_world(limit=1, max_waiting=1)
+    world.pool.duration = duration
     intake = intake_of(world)
     queue = intake.queues[0]
     await intake.admit(queue, request("first"))
-    refused = sqs_message(
-        message_id="second", system={"ApproximateReceiveCount": str(receive_count)}
-    )
+    refused = sqs_message(message_id="second")
     await intake.admit(queue, refused)
     assert names(world.pool) == ["first"]
     assert world.sqs.calls_to("change_message_visibility") == [
@@ -297,13 +305,15 @@ async def test_one_key_takes_no_more_than_its_share_of_the_room() -> None:
     world = keyed_world(limit=1, max_waiting=100)
     intake = intake_of(world)
     queue = intake.queues[0]
-    for i in range(KEY_SHARE + 1):
+    share = world.pool.room.key_capacity
+    assert share == 50  # half the room
+    for i in range(share + 1):
         await intake.admit(queue, request(f"a-{i}", tenant="A"))
     await intake.admit(queue, request("b-0", tenant="B"))
-    assert world.pool.room.count(key=key_tag("A")) == KEY_SHARE
+    assert world.pool.room.count(key=key_tag("A")) == share
     assert names(world.pool)[-1] == keyed_name("B", "b-0")
     [deferred] = world.sqs.calls_to("change_message_visibility")
-    assert deferred["ReceiptHandle"] == f"rh-a-{KEY_SHARE}"
+    assert deferred["ReceiptHandle"] == f"rh-a-{share}"
     assert world.sample("dispatcher_requests_deferred_total", pool="default") == 1
 
 
@@ -324,7 +334,7 @@ async def test_requests_for_free_slots_start_whatever_the_room_holds(
 
 
 async def test_a_choosing_pool_wants_requests_until_lookahead_of_its_queue_wait() -> None:
-    world = keyed_world(limit=1)
+    world = keyed_world(limit=1, max_waiting=LOOKAHEAD)
     assert world.pool.lookahead == LOOKAHEAD
     intake = intake_of(world)
     queue = intake.queues[0]
@@ -337,9 +347,9 @@ async def test_a_choosing_pool_wants_requests_until_lookahead_of_its_queue_wait(
 
 
 async def test_a_receive_for_a_choosing_pool_takes_the_lookahead_then_waits() -> None:
-    world = keyed_world(limit=1)
+    world = keyed_world(limit=1, max_waiting=LOOKAHEAD)
     for i in range(3 * LOOKAHEAD):
-        world.sqs.put(REQUEST_QUEUE, request(f"m-{i}", tenant="A"))
+        world.sqs.put(REQUEST_QUEUE, request(f"m-{i}", tenant=f"t-{i}"))
     intake = intake_of(world)
     queue = intake.queues[0]
     assert await intake.receive_once(queue) == LOOKAHEAD
@@ -485,3 +495,30 @@ async def test_a_start_waits_for_a_token_and_is_handed_back_when_stopped() -> No
     }
     assert world.pool.ledger.reserved_count == 0
     assert world.pool.ledger.running == {execution_arn(STATE_MACHINE_ARN, "first")}
+
+
+def test_the_mean_duration_follows_the_executions_that_end() -> None:
+    """Freed slots with a known start feed the mean run time deferrals are sized by."""
+    world = build_world(limit=2)
+    pool = world.pool
+    assert pool.duration == DEFAULT_DURATION
+    start = world.clock()
+    world.clock.advance(4.0)
+    pool.note_freed(Change.FREED, was_full=False, since=start)
+    assert pool.duration == 4.0  # the first measurement replaces the assumption
+    world.clock.advance(10.0)
+    pool.note_freed(Change.FREED, was_full=False, since=start + 4.0)
+    assert pool.duration == pytest.approx(0.9 * 4.0 + 0.1 * 10.0)
+    pool.note_freed(Change.NOTED, was_full=False, since=start)
+    assert pool.duration == pytest.approx(4.6)
+
+
+def test_a_deferral_is_sized_by_the_requests_of_its_key() -> None:
+    """Twelve of A's requests wait at per-key limit 2 with 3 s runs: A's next waits 18 s."""
+    world = keyed_world(limit=4, per_key_limit=2, max_waiting=100)
+    pool = world.pool
+    pool.duration = 3.0
+    for i in range(12):
+        assert pool.room.offer(i, priority=0, key=key_tag("A"))
+    assert pool.defer_seconds(key_tag("A")) == 18
+    assert pool.defer_seconds(key_tag("B")) == 1
