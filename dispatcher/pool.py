@@ -70,6 +70,7 @@ class Pool:
         self.max_running_seen = 0
         self.duration = DEFAULT_DURATION  # mean execution run time (EWMA), for deferrals
         self._durations = 0
+        self._deferred: dict[str | None, deque[float]] = {}  # key -> when deferrals return
         metrics.prefill(self.name)
         self.update()
 
@@ -162,15 +163,21 @@ class Pool:
 
     def defer_seconds(self, key: str | None) -> int:
         """How long a request the waiting room has no space for should stay in its queue:
-        about the time the requests already waiting (for its key) need to start, from the
-        executions' mean duration; 1 s to 15 min. One hand-back per message is the aim:
-        every hand-back is a receive, and receives count towards the redrive policy."""
+        about the time the requests ahead of it (of its key: waiting here, or deferred
+        earlier and not back yet) need to start, from the executions' mean run time;
+        1 s to 15 min. Each deferral is spaced after the previous ones, so a deep backlog
+        of one key comes back in turn, about once per message: every hand-back is a
+        receive, and receives count towards the queue's redrive policy."""
+        now = self.clock()
+        pending = self._deferred.setdefault(key, deque())
+        while pending and pending[0] <= now:
+            pending.popleft()
         ledger = self.ledger
-        if key is not None and ledger.per_key_limit is not None:
-            ahead, lanes = self.room.count(key=key), ledger.per_key_limit
-        else:
-            ahead, lanes = len(self.room), max(1, ledger.limit)
-        return int(min(MAX_DEFER_SECONDS, max(1.0, ahead / lanes * self.duration)))
+        lanes = ledger.per_key_limit if key is not None and ledger.per_key_limit else ledger.limit
+        ahead = self.room.count(key=key) + len(pending)
+        delay = int(min(MAX_DEFER_SECONDS, max(1.0, ahead / max(1, lanes) * self.duration)))
+        pending.append(now + delay)
+        return delay
 
     def note_start_sent(self) -> None:
         """A StartExecution is being sent: close the oldest open hand-over, if any."""

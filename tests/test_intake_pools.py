@@ -521,4 +521,7 @@ def test_a_deferral_is_sized_by_the_requests_of_its_key() -> None:
     for i in range(12):
         assert pool.room.offer(i, priority=0, key=key_tag("A"))
     assert pool.defer_seconds(key_tag("A")) == 18
+    assert pool.defer_seconds(key_tag("A")) == 19, "spaced after the one deferred before"
     assert pool.defer_seconds(key_tag("B")) == 1
+    world.clock.advance(18.0)
+    assert pool.defer_seconds(key_tag("A")) == 19, "the first deferral is back: not ahead"
