@@ -356,8 +356,9 @@ def section(doc: dict[str, Any]) -> list[str]:
         "![running executions per tenant group](fairness.png)",
         "",
         "*Deferred* is the dispatcher's `dispatcher_requests_deferred_total`: requests "
-        "handed back to the queue (with a growing delay) because their key's share of the "
-        "waiting room was full; each hand-back costs a receive more.",
+        "handed back to the queue (hidden until about when the requests ahead of them "
+        "will have started) because their key's share of the waiting room was full; each "
+        "hand-back costs a receive more.",
         "",
     ]
     for r in runs.values():

@@ -140,6 +140,10 @@ class Ledger:
         """Slots a new start may take now (0 while over the limit, e.g. after lowering it)."""
         return max(0, self._limit - len(self._running) - len(self._reserved))
 
+    def oldest_since(self) -> float | None:
+        """When the longest-held running execution was last confirmed (None: none runs)."""
+        return min((held.since for held in self._running.values()), default=None)
+
     def held_since(self, arn: str) -> float | None:
         """When ``arn`` was last confirmed running (for ours: when it started)."""
         held = self._running.get(arn)

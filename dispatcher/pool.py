@@ -26,8 +26,6 @@ Clock = Callable[[], float]
 
 LOOKAHEAD = 10
 """Startable requests a queue keeps waiting in a pool that chooses (priorities, keys)."""
-DEFAULT_DURATION = 10.0
-"""Seconds an execution is assumed to run until the first status events tell."""
 MAX_DEFER_SECONDS = 900
 
 
@@ -68,7 +66,7 @@ class Pool:
         self.started_total = 0
         self.finished_total = 0
         self.max_running_seen = 0
-        self.duration = DEFAULT_DURATION  # mean execution run time (EWMA), for deferrals
+        self.duration = 0.0  # mean execution run time (EWMA) once one has ended
         self._durations = 0
         self._deferred: dict[str | None, deque[float]] = {}  # key -> when deferrals return
         metrics.prefill(self.name)
@@ -161,6 +159,14 @@ class Pool:
             if was_full:
                 self._freed_at.append(self.clock())
 
+    def run_time(self) -> float:
+        """The executions' mean run time; until one has ended, how long the oldest has run
+        so far (a lower bound that grows with the truth), at least 1 s."""
+        if self._durations:
+            return self.duration
+        oldest = self.ledger.oldest_since()
+        return max(1.0, 0.0 if oldest is None else self.clock() - oldest)
+
     def defer_seconds(self, key: str | None) -> int:
         """How long a request the waiting room has no space for should stay in its queue:
         about the time the requests ahead of it (of its key: waiting here, or deferred
@@ -175,7 +181,7 @@ class Pool:
         ledger = self.ledger
         lanes = ledger.per_key_limit if key is not None and ledger.per_key_limit else ledger.limit
         ahead = self.room.count(key=key) + len(pending)
-        delay = int(min(MAX_DEFER_SECONDS, max(1.0, ahead / max(1, lanes) * self.duration)))
+        delay = int(min(MAX_DEFER_SECONDS, max(1.0, ahead / max(1, lanes) * self.run_time())))
         pending.append(now + delay)
         return delay
 

@@ -14,7 +14,7 @@ import stamina
 from dispatcher.intake import UNROUTED, Intake
 from dispatcher.layout import PoolConfig, QueueConfig
 from dispatcher.ledger import Change
-from dispatcher.pool import DEFAULT_DURATION, LOOKAHEAD, Pool
+from dispatcher.pool import LOOKAHEAD, Pool
 from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, KEY_TAG_LENGTH, execution_arn, key_tag
 from dispatcher.requests import tag_of as tag_in
 from dispatcher.starter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
@@ -276,14 +276,12 @@ async def test_an_idempotency_key_too_long_for_the_key_tag_is_dead_lettered(
 # -- waiting-room space ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("duration", "delay"), [(0.2, 1), (30.0, 30), (DEFAULT_DURATION, 10), (5000.0, 900)]
-)
+@pytest.mark.parametrize(("duration", "delay"), [(0.2, 1), (30.0, 30), (5000.0, 900)])
 async def test_a_request_the_room_has_no_space_for_is_deferred(duration: float, delay: int) -> None:
     """Deferred for about as long as the one request waiting ahead of it needs to start:
     the executions' mean duration, 1 s to 15 min."""
     world = build_world(limit=1, max_waiting=1)
-    world.pool.duration = duration
+    measured(world, duration)
     intake = intake_of(world)
     queue = intake.queues[0]
     await intake.admit(queue, request("first"))
@@ -501,7 +499,7 @@ def test_the_mean_duration_follows_the_executions_that_end() -> None:
     """Freed slots with a known start feed the mean run time deferrals are sized by."""
     world = build_world(limit=2)
     pool = world.pool
-    assert pool.duration == DEFAULT_DURATION
+    assert pool.run_time() == 1.0, "nothing ran yet: at least 1 s"
     start = world.clock()
     world.clock.advance(4.0)
     pool.note_freed(Change.FREED, was_full=False, since=start)
@@ -517,7 +515,7 @@ def test_a_deferral_is_sized_by_the_requests_of_its_key() -> None:
     """Twelve of A's requests wait at per-key limit 2 with 3 s runs: A's next waits 18 s."""
     world = keyed_world(limit=4, per_key_limit=2, max_waiting=100)
     pool = world.pool
-    pool.duration = 3.0
+    measured(world, 3.0)
     for i in range(12):
         assert pool.room.offer(i, priority=0, key=key_tag("A"))
     assert pool.defer_seconds(key_tag("A")) == 18
@@ -525,3 +523,18 @@ def test_a_deferral_is_sized_by_the_requests_of_its_key() -> None:
     assert pool.defer_seconds(key_tag("B")) == 1
     world.clock.advance(18.0)
     assert pool.defer_seconds(key_tag("A")) == 19, "the first deferral is back: not ahead"
+
+
+def measured(world: World, seconds: float) -> None:
+    """Let the pool see one execution that ran ``seconds`` end."""
+    world.pool.note_freed(Change.FREED, was_full=False, since=world.clock() - seconds)
+
+
+def test_before_any_execution_ended_the_oldest_running_one_sizes_deferrals() -> None:
+    """No run time measured yet: the age of the oldest running execution stands in."""
+    world = build_world(limit=2)
+    pool = world.pool
+    pool.ledger.observe_running("arn:old", world.clock())
+    world.clock.advance(7.0)
+    pool.ledger.observe_running("arn:new", world.clock())
+    assert pool.run_time() == 7.0
