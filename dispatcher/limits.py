@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,7 @@ import structlog
 
 from dispatcher.aws import AWS_ERRORS, error_code
 from dispatcher.config import ConfigError, Settings
-from dispatcher.layout import Layout, read_file
+from dispatcher.layout import Layout, PoolConfig, read_file
 from dispatcher.metrics import Metrics
 from dispatcher.pool import Pool
 from dispatcher.rate import RateLimiters
@@ -60,10 +60,8 @@ class LiveLimits:
         self.ssm = ssm
         self.metrics = metrics
         self.limiters = limiters
-        self.reloads = 0
         self.overrides: Mapping[str, Any] = {}  # the flags given at start-up
         self.environ: Mapping[str, str] = os.environ
-        self.on_reload: Callable[[Layout], None] = lambda _layout: None
 
     @property
     def parameters(self) -> dict[str, str]:
@@ -158,8 +156,8 @@ class LiveLimits:
             log.warning("dispatcher.reload_needs_restart", changes=needs_restart)
         for new in layout.pools:
             pool = self.pools.get(new.name)
-            if pool is None or new.state_machine_arn != pool.state_machine_arn:
-                continue
+            if pool is None or not _same_structure(pool.config, new):
+                continue  # logged above: needs a restart
             pool.reconfigure(new)
             if new.limit_parameter is None:
                 self.apply(pool, new.limit, "config")
@@ -172,24 +170,31 @@ class LiveLimits:
         except ValueError as exc:  # Settings checks these; belt and braces for a live change
             log.error("dispatcher.start_rate_rejected", error=str(exc))  # noqa: TRY400
         self.layout = _merge(self.layout, layout)
-        self.reloads += 1
-        self.on_reload(self.layout)
         log.info("dispatcher.config_reloaded", path=str(self.settings.config))
         return True
 
 
+_STRUCTURE = ("state_machine_arn", "key_attribute", "limit_parameter")
+"""Pool settings a reload cannot change (routing, counting and limit source hang on them)."""
+
+
+def _same_structure(before: PoolConfig, after: PoolConfig) -> bool:
+    return all(getattr(before, attr) == getattr(after, attr) for attr in _STRUCTURE)
+
+
 def _structural_changes(old: Layout, new: Layout) -> list[str]:
     """What a reload cannot apply without a restart."""
-    changes = []
     old_pools = {p.name: p for p in old.pools}
     new_pools = {p.name: p for p in new.pools}
-    changes += [f"pool {n} added" for n in sorted(set(new_pools) - set(old_pools))]
+    changes = [f"pool {n} added" for n in sorted(set(new_pools) - set(old_pools))]
     changes += [f"pool {n} removed" for n in sorted(set(old_pools) - set(new_pools))]
     for name in sorted(set(old_pools) & set(new_pools)):
         before, after = old_pools[name], new_pools[name]
-        for attr in ("state_machine_arn", "key_attribute", "limit_parameter"):
-            if getattr(before, attr) != getattr(after, attr):
-                changes.append(f"pool {name} {attr} changed")
+        changes += [
+            f"pool {name} {a} changed"
+            for a in _STRUCTURE
+            if getattr(before, a) != getattr(after, a)
+        ]
     if old.queues != new.queues:
         changes.append("queues changed")
     return changes
@@ -197,19 +202,9 @@ def _structural_changes(old: Layout, new: Layout) -> list[str]:
 
 def _merge(old: Layout, new: Layout) -> Layout:
     """The layout in force after a reload: the old structure with the new live values."""
-    kept = {p.name: p for p in old.pools}
+    reloaded = {p.name: p for p in new.pools}
     pools = tuple(
-        next(
-            (
-                n
-                for n in new.pools
-                if n.name == p.name
-                and n.state_machine_arn == p.state_machine_arn
-                and n.key_attribute == p.key_attribute
-                and n.limit_parameter == p.limit_parameter
-            ),
-            kept[p.name],
-        )
+        reloaded[p.name] if p.name in reloaded and _same_structure(p, reloaded[p.name]) else p
         for p in old.pools
     )
     return Layout(pools, old.queues, old.source)
