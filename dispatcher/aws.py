@@ -11,7 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import aioboto3
 from aiobotocore.config import AioConfig
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+)
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from dispatcher.metrics import Metrics
@@ -91,6 +96,19 @@ def classify(exc: BaseException) -> ErrorKind:
     return ErrorKind.PERMANENT
 
 
+def outcome_unknown(exc: BaseException) -> bool:
+    """Whether a failed call may still have taken effect on AWS's side.
+
+    An error answer below 500 (a throttle, a validation error) says the request was
+    refused; so does a connection that was never made. A 5xx, a timeout, a reset or a
+    lost answer says nothing: the request may have arrived and been applied.
+    """
+    if isinstance(exc, ClientError):
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return status >= 500 or status == 0
+    return not isinstance(exc, EndpointConnectionError | ConnectTimeoutError)
+
+
 AWS_ERRORS = (ClientError, BotoCoreError, OSError, TimeoutError)
 """What a failed AWS call raises; anything else escaping a loop is a bug and ends it."""
 
@@ -109,6 +127,9 @@ class Clients:
     sfn: SFNClient
     dynamodb: DynamoDBClient | None = None
     ssm: SSMClient | None = None
+    starts: SFNClient | None = None
+    """The client StartExecution goes through: one attempt per call, no SDK retries, so
+    every attempt re-checks the lease (None: ``sfn``)."""
 
 
 def _count_attempt(metrics: Metrics) -> Any:
@@ -152,6 +173,7 @@ async def open_clients(
     endpoint_url: str | None = None,
     dynamodb: bool = False,
     ssm: bool = False,
+    start_timeout: float = 5.0,
 ) -> AsyncIterator[Clients]:
     """Open SQS and Step Functions clients; endpoint and credentials come from ``AWS_*``.
 
@@ -175,6 +197,19 @@ async def open_clients(
         sfn = await stack.enter_async_context(
             session.client("stepfunctions", config=config, endpoint_url=endpoint_url)
         )
+        # StartExecution: one attempt, bounded by D (the caller also holds a hard deadline).
+        starts = await stack.enter_async_context(
+            session.client(
+                "stepfunctions",
+                config=AioConfig(
+                    retries={"mode": "standard", "total_max_attempts": 1},
+                    connect_timeout=min(5.0, start_timeout),
+                    read_timeout=start_timeout,
+                    max_pool_connections=64,
+                ),
+                endpoint_url=endpoint_url,
+            )
+        )
         ddb = None
         if dynamodb:
             ddb = await stack.enter_async_context(
@@ -185,7 +220,7 @@ async def open_clients(
             parameters = await stack.enter_async_context(
                 session.client("ssm", config=config, endpoint_url=endpoint_url)
             )
-        for client in (sqs, sfn, ddb, parameters):
+        for client in (sqs, sfn, starts, ddb, parameters):
             if client is not None:
                 client.meta.events.register("needs-retry.*.*", hook)
-        yield Clients(sqs=sqs, sfn=sfn, dynamodb=ddb, ssm=parameters)
+        yield Clients(sqs=sqs, sfn=sfn, dynamodb=ddb, ssm=parameters, starts=starts)

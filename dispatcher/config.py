@@ -152,6 +152,15 @@ class Settings(BaseSettings):
         description="Seconds to keep retrying a throttled/failed StartExecution before the "
         "request is handed back to the queue.",
     )
+    start_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="Client-side deadline D of one StartExecution attempt (no hidden SDK "
+        "retries): a start takes effect within D of being sent or never. A start whose "
+        "answer did not come in time stays in doubt (its slot held) until evidence settles "
+        "it; a new lease holder waits D + DISPATCHER_START_GRACE before it lists.",
+    )
     receive_wait_seconds: int = Field(
         default=20, ge=0, le=20, description="SQS long-poll wait per receive."
     )

@@ -13,7 +13,10 @@ Two kinds of passes, each a function of its own with a thin loop around it:
   reserves its slot and hands it to the `Starter`.
 
 Requests waiting in a room keep their messages hidden (visibility extended in batches);
-at shutdown they are handed back at once.
+at shutdown they are handed back at once. A long poll in flight at shutdown is let answer,
+not cut short, and what it brings goes straight back too: SQS may still hand messages to a
+long poll whose caller gave up, and they would stay hidden for the visibility timeout with
+nobody to give them back.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from dispatcher.aws import AWS_ERRORS, Clients
 from dispatcher.config import Settings
+from dispatcher.deadletter import DEFAULT_MAX_SIZE
 from dispatcher.deleter import DeleteBatcher
 from dispatcher.health import Health
 from dispatcher.layout import Layout
@@ -41,6 +45,8 @@ log = structlog.get_logger("dispatcher.intake")
 
 UNROUTED = "unrouted"
 """The pool label of requests that named no pool their queue feeds."""
+RECEIVE_GRACE = 5.0
+"""Seconds beyond its long-poll wait a receive in flight at shutdown may take to answer."""
 
 
 class Intake:
@@ -56,19 +62,29 @@ class Intake:
         metrics: Metrics,
         health: Health,
         limiters: RateLimiters,
+        dead_letter_max_size: int = DEFAULT_MAX_SIZE,
     ) -> None:
         self.settings = settings
         self.sqs = clients.sqs
         self.pools = pools
         self.metrics = metrics
         self.health = health
-        self.starter = Starter(settings, clients, metrics, health, limiters)
+        self.starter = Starter(
+            settings,
+            clients,
+            metrics,
+            health,
+            limiters,
+            dead_letter_max_size=dead_letter_max_size,
+        )
         self.queues = [RequestQueue(clients.sqs, q) for q in layout.queues]
         self._waiting_from: dict[tuple[str, str], int] = {
             (q.url, p): 0 for q in layout.queues for p in q.pools
         }
         self._receiving = dict.fromkeys(self._waiting_from, 0)  # asked for, in flight
-        self._pollers: anyio.CancelScope | None = None
+        self._pollers: anyio.CancelScope | None = None  # dispatch loops: cancelled at stop
+        self._receives: anyio.CancelScope | None = None  # receive loops: let answer at stop
+        self._stopped = anyio.Event()
 
     @property
     def stats(self) -> IntakeStats:
@@ -82,41 +98,64 @@ class Intake:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Receive and start until `stop`; then hand back what waits and let started
-        handlers finish within the shutdown timeout."""
+        """Receive and start until `stop`; then hand back what waits, let started handlers
+        finish within the shutdown timeout, and let receives in flight answer (what they
+        bring goes straight back)."""
         async with anyio.create_task_group() as deleting:
             for queue in self.queues:
                 queue.deleter = DeleteBatcher(self.sqs, queue.url)
                 await deleting.start(queue.deleter.run)
             try:
-                async with anyio.create_task_group() as handlers:
-                    with anyio.CancelScope() as self._pollers:
-                        async with anyio.create_task_group() as loops:
-                            for queue in self.queues:
-                                for _ in range(self.settings.receive_concurrency):
-                                    loops.start_soon(self._receive_loop, queue)
-                            for pool in self.pools.values():
-                                loops.start_soon(self._dispatch_loop, pool, handlers)
-                            loops.start_soon(self._keep_waiting_hidden)
-                            task_status.started()
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                        await self.hand_back_waiting()
-                    handlers.cancel_scope.deadline = (
-                        anyio.current_time() + self.settings.shutdown_timeout
-                    )
-                    self.starter.cut_short_waiting()
+                with anyio.CancelScope() as self._receives:
+                    async with anyio.create_task_group() as receivers:
+                        for queue in self.queues:
+                            for _ in range(self.settings.receive_concurrency):
+                                receivers.start_soon(self._receive_loop, queue)
+                        await self._dispatch_until_stopped(task_status)
+                # Receives admit nothing once stopping (they hand back what they get); this
+                # pass catches a request admitted in a race with `stop`, should there be one.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    await self.hand_back_waiting()
             finally:
                 for queue in self.queues:
                     if queue.deleter is not None:
                         queue.deleter.close()  # the queued deletes still go out
                         queue.deleter = None
 
+    async def _dispatch_until_stopped(self, task_status: TaskStatus[None]) -> None:
+        """Pick and start requests until `stop`; then hand back what waits and give the
+        started handlers the shutdown timeout."""
+        async with anyio.create_task_group() as handlers:
+            with anyio.CancelScope() as self._pollers:
+                if self.starter.stopping:  # stopped before it began
+                    self._pollers.cancel()
+                async with anyio.create_task_group() as loops:
+                    for pool in self.pools.values():
+                        loops.start_soon(self._dispatch_loop, pool, handlers)
+                    loops.start_soon(self._keep_waiting_hidden)
+                    task_status.started()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await self.hand_back_waiting()
+            handlers.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_timeout
+            self.starter.cut_short_waiting()
+
     def stop(self, *, force: bool = False) -> None:
-        """Stop receiving; with ``force`` also abandon handlers without clean-up."""
+        """Stop receiving and starting. A receive waiting for free slots returns at once; a
+        long poll in flight is let answer (its wait, and `RECEIVE_GRACE`, at most) and what
+        it brings goes back to its queue at once. With ``force``, abandon everything now."""
         self.starter.stopping = True
         self.starter.force = self.starter.force or force
+        self._stopped.set()
         if self._pollers is not None:
             self._pollers.cancel()
+        if self._receives is not None:
+            if self.starter.force:
+                self._receives.cancel()
+            else:
+                bound = anyio.current_time() + self.settings.receive_wait_seconds + RECEIVE_GRACE
+                self._receives.deadline = min(self._receives.deadline, bound)
+        for pool in self.pools.values():
+            pool.update()  # wakes the receives waiting for slots: they see `stopping`
         self.starter.cut_short_waiting()
 
     async def _receive_loop(self, queue: RequestQueue) -> None:
@@ -129,7 +168,8 @@ class Intake:
                 failures += 1
                 self.health.aws_failed("ReceiveMessage", exc)
                 log.warning("dispatcher.receive_failed", error=str(exc), failures=failures)
-                await anyio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
+                with anyio.move_on_after(min(30.0, 0.5 * 2 ** min(failures, 6))):
+                    await self._stopped.wait()
 
     async def _dispatch_loop(self, pool: Pool, handlers: TaskGroup) -> None:
         while not self.starter.stopping:
@@ -148,10 +188,18 @@ class Intake:
         )
 
     async def receive_once(self, queue: RequestQueue) -> int:
-        """Wait until the queue's pools want requests, receive, route and hold them."""
+        """Wait until the queue's pools want requests, receive, route and hold them.
+
+        Once stopping it receives nothing more, and what a receive already in flight
+        brings goes straight back to the queue (visibility 0), never into a room.
+        """
         pools = [self.pools[name] for name in queue.config.pools]
         while (wanted := self.wanted(queue)) == 0:
+            if self.starter.stopping:
+                return 0
             await _any_change(pools)
+        if self.starter.stopping:
+            return 0
         for pool in pools:
             pool.receiving += wanted
             self._receiving[queue.url, pool.name] += wanted
@@ -176,9 +224,24 @@ class Intake:
                 pool.backlog_drained()
         self.stats.received += len(messages)
         queue.received += len(messages)
-        for message in messages:
+        for index, message in enumerate(messages):
+            if self.starter.stopping:
+                await self._hand_back_received(queue, messages[index:])
+                break
             await self.admit(queue, message)
         return len(messages)
+
+    async def _hand_back_received(self, queue: RequestQueue, messages: list[Any]) -> None:
+        """Stopping: make messages just received visible again at once."""
+        handles = [str(m["ReceiptHandle"]) for m in messages]
+        with anyio.CancelScope(shield=not self.starter.force), anyio.move_on_after(10):
+            failed = await queue.set_visibility(handles, 0)
+            log.info(
+                "dispatcher.received_while_stopping",
+                queue=queue.url,
+                count=len(handles),
+                handed_back=len(handles) - len(failed),
+            )
 
     async def admit(self, queue: RequestQueue, message: dict[str, Any]) -> None:
         """Route one message to its pool's waiting room, dead-letter it, or defer it."""

@@ -55,6 +55,15 @@ class _Held:
     """The concurrency key it runs for (None: none, or unknown)."""
 
 
+@dataclass(slots=True)
+class _Doubt:
+    """A start whose outcome is unknown: it may be running under ``arn``."""
+
+    since: float
+    """When its last attempt ended: it took effect before then, if at all."""
+    key: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class ListingResult:
     """What one reconcile listing changed and what it could not decide alone."""
@@ -62,7 +71,8 @@ class ListingResult:
     adopted: tuple[str, ...]
     """Running executions the ledger did not know (started elsewhere); now counted."""
     suspects: tuple[str, ...]
-    """Held executions the listing no longer shows, past the grace window: describe them."""
+    """Held executions the listing no longer shows, past the grace window, and starts in
+    doubt past the grace window since their last attempt: describe them."""
 
 
 class Ledger:
@@ -86,7 +96,8 @@ class Ledger:
         self._running: dict[str, _Held] = {}  # arn -> since when, latest run seen
         self._reserved: dict[int, Reservation] = {}  # token -> reservation, oldest first
         self._sent: set[int] = set()  # reservations whose StartExecution has been sent
-        self._by_key: Counter[str] = Counter()  # key -> running + reserved
+        self._doubt: dict[str, _Doubt] = {}  # arn -> start in doubt (may be running)
+        self._by_key: Counter[str] = Counter()  # key -> running + reserved + in doubt
         self._tombstones: OrderedDict[str, int] = OrderedDict()  # arn -> redrive count
         self._tombstone_capacity = tombstone_capacity
         self._tokens = itertools.count(1)
@@ -136,9 +147,24 @@ class Ledger:
         return len(self._reserved)
 
     @property
+    def doubt_count(self) -> int:
+        """How many slots are held by starts whose outcome is unknown (in doubt)."""
+        return len(self._doubt)
+
+    @property
+    def in_doubt(self) -> frozenset[str]:
+        """ARNs of the starts in doubt: each may or may not be running."""
+        return frozenset(self._doubt)
+
+    @property
+    def held(self) -> int:
+        """Slots held: running executions, starts in flight and starts in doubt."""
+        return len(self._running) + len(self._reserved) + len(self._doubt)
+
+    @property
     def free(self) -> int:
         """Slots a new start may take now (0 while over the limit, e.g. after lowering it)."""
-        return max(0, self._limit - len(self._running) - len(self._reserved))
+        return max(0, self._limit - self.held)
 
     def oldest_since(self) -> float | None:
         """When the longest-held running execution was last confirmed (None: none runs)."""
@@ -197,20 +223,34 @@ class Ledger:
         token = reservation.token
         if token not in self._reserved:
             return False
+        held = len(self._running) + len(self._doubt)
         if token in self._sent:
-            return True
+            # A retry: its earlier attempt may have done nothing, so this one may be a new
+            # start. It keeps its place ahead of every start not yet sent, but it goes
+            # only while it fits under the limit in force now (lowered meanwhile, or slots
+            # taken by executions started elsewhere): never a new start while over.
+            sent = [r for r in self._reserved.values() if r.token in self._sent]
+            if not _among_oldest(sent, reservation, self._limit - held):
+                return False
+            return self._key_admits(reservation, sent=True)
         unsent = [r for r in self._reserved.values() if r.token not in self._sent]
-        room = self._limit - len(self._running) - len(self._sent)
-        if not _among_oldest(unsent, reservation, room):
+        if not _among_oldest(unsent, reservation, self._limit - held - len(self._sent)):
             return False
+        return self._key_admits(reservation, sent=False)
+
+    def _key_admits(self, reservation: Reservation, *, sent: bool) -> bool:
+        """`admitted`'s rule for the reservation's key (per-key limit)."""
         key = reservation.key
         if key is None or self._per_key_limit is None:
             return True
         keyed = [r for r in self._reserved.values() if r.key == key]
+        keyed_sent = [r for r in keyed if r.token in self._sent]
+        held = self._by_key[key] - len(keyed)  # its running executions and starts in doubt
+        if sent:
+            return _among_oldest(keyed_sent, reservation, self._per_key_limit - held)
         keyed_unsent = [r for r in keyed if r.token not in self._sent]
-        running = self._by_key[key] - len(keyed)
-        sent = len(keyed) - len(keyed_unsent)
-        return _among_oldest(keyed_unsent, reservation, self._per_key_limit - running - sent)
+        room = self._per_key_limit - held - len(keyed_sent)
+        return _among_oldest(keyed_unsent, reservation, room)
 
     def mark_sent(self, reservation: Reservation) -> None:
         """The start of this (admitted) reservation is on the wire: it keeps its slot, and
@@ -260,12 +300,50 @@ class Ledger:
         already finished (tombstone) it does not come back.
         """
         self._unreserve(reservation.token)
+        self._settle(arn)  # a start of it in doubt: this answer settles it
         if arn in self._tombstones:
             return Change.STALE
         if arn in self._running:
             return Change.UNCHANGED
         self._hold(arn, _Held(now, 0, reservation.key))
         return Change.ADDED
+
+    def doubt(self, reservation: Reservation, arn: str, now: float) -> Change:
+        """The start of this reservation may have taken effect as ``arn``, but no answer
+        says so (a timeout, a reset, a 5xx, retries given up): its slot stays held, in
+        doubt, until evidence settles it (invariant 1) - a status event, a listing, or a
+        describe (`observe_running`, `observe_terminal`, `observe_missing`).
+
+        ``now`` is when the last attempt ended: the start took effect before then, if at
+        all. Nothing to doubt when ``arn`` is already known running or finished (names are
+        never reused): the reservation is simply dropped.
+        """
+        if not self._unreserve(reservation.token):
+            return Change.UNCHANGED  # already settled (started, or given back)
+        if arn in self._running or arn in self._tombstones:
+            return Change.UNCHANGED
+        doubt = self._doubt.get(arn)
+        if doubt is not None:  # doubted twice (two copies of one request): one slot
+            doubt.since = max(doubt.since, now)
+            return Change.UNCHANGED
+        self._doubt[arn] = _Doubt(now, reservation.key)
+        if reservation.key is not None:
+            self._by_key[reservation.key] += 1
+        return Change.ADDED
+
+    def doubted_since(self, arn: str) -> float | None:
+        """When the last attempt of a start in doubt ended (None: not in doubt)."""
+        doubt = self._doubt.get(arn)
+        return None if doubt is None else doubt.since
+
+    def _settle(self, arn: str) -> str | None:
+        """Drop ``arn``'s doubt, if any; return its key (or None)."""
+        doubt = self._doubt.pop(arn, None)
+        if doubt is None:
+            return None
+        if doubt.key is not None:
+            self._drop_key(doubt.key)
+        return doubt.key
 
     # -- events and listings ---------------------------------------------------------
 
@@ -284,8 +362,10 @@ class Ledger:
         if held is not None:
             held.redrives = max(held.redrives, redrive_count)
             return Change.UNCHANGED
-        self._hold(arn, _Held(now, redrive_count, self._key_of(arn)))
-        return Change.ADDED
+        doubted = arn in self._doubt
+        key = self._settle(arn) if doubted else self._key_of(arn)
+        self._hold(arn, _Held(now, redrive_count, key))
+        return Change.UNCHANGED if doubted else Change.ADDED
 
     def observe_terminal(self, arn: str, redrive_count: int = 0) -> Change:
         """Apply "``arn`` has finished": free its slot and leave a tombstone.
@@ -302,15 +382,41 @@ class Ledger:
         self._tombstones.move_to_end(arn)
         while len(self._tombstones) > self._tombstone_capacity:
             self._tombstones.popitem(last=False)
-        if self._release(arn):
+        doubted = arn in self._doubt
+        self._settle(arn)
+        if self._release(arn) or doubted:
             return Change.FREED
         return Change.UNCHANGED if previous is not None else Change.NOTED
 
-    def confirm_running(self, arn: str, now: float) -> None:
-        """A describe said ``arn`` still runs: restart its grace window."""
+    def confirm_running(self, arn: str, now: float, redrive_count: int = 0) -> None:
+        """A describe said ``arn`` still runs: restart its grace window (a start in doubt
+        is settled: it runs)."""
+        if arn in self._doubt:
+            self.observe_running(arn, now, redrive_count)
         held = self._running.get(arn)
         if held is not None:
             held.since = now
+
+    def observe_missing(self, arn: str, now: float, grace: float) -> Change:
+        """Apply "``arn`` does not exist" (``ExecutionDoesNotExist`` from a describe).
+
+        Describes and listings lag behind a start, so this settles a start in doubt only
+        once ``grace`` has passed since its last attempt ended, and frees a held execution
+        only once ``grace`` has passed since it was last confirmed; before that nothing
+        changes. No tombstone: the request may still start it later under the same name.
+        The one rule for "does not exist", whoever asked (the starter or reconcile).
+        """
+        doubt = self._doubt.get(arn)
+        if doubt is not None:
+            if now - doubt.since < grace:
+                return Change.UNCHANGED
+            self._settle(arn)
+            return Change.FREED
+        held = self._running.get(arn)
+        if held is None or now - held.since < grace:
+            return Change.UNCHANGED
+        self._release(arn)
+        return Change.FREED
 
     def apply_listing(
         self, listed: Mapping[str, int] | Iterable[str], listed_at: float, grace: float
@@ -331,6 +437,9 @@ class Ledger:
         cutoff = listed_at - grace
         suspects = [
             arn for arn, held in self._running.items() if arn not in counts and held.since <= cutoff
+        ]
+        suspects += [
+            arn for arn, doubt in self._doubt.items() if arn not in counts and doubt.since <= cutoff
         ]
         return ListingResult(adopted=tuple(adopted), suspects=tuple(suspects))
 

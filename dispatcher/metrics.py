@@ -27,6 +27,13 @@ class Metrics:
         self.starting = Gauge(
             "dispatcher_starting", "Requests received whose start is in flight.", pool, registry=r
         )
+        self.in_doubt = Gauge(
+            "dispatcher_in_doubt",
+            "Starts whose outcome is unknown (answer lost): their slots stay held until a "
+            "status event, a listing or a describe settles them.",
+            pool,
+            registry=r,
+        )
         self.free = Gauge("dispatcher_free_slots", "Slots a new start may take.", pool, registry=r)
         self.queued = Gauge(
             "dispatcher_requests_queued",
@@ -39,7 +46,7 @@ class Metrics:
         )
         self.starts = Counter(
             "dispatcher_starts",
-            "Requests handled, by outcome (started, duplicate, retried, dead_lettered).",
+            "Requests handled, by outcome (started, duplicate, retried, in_doubt, dead_lettered).",
             (*pool, "outcome"),
             registry=r,
         )
@@ -162,7 +169,7 @@ class Metrics:
 
     def prefill(self, pool: str) -> None:
         """Export every known label set at zero, so dashboards and alerts see 0, not "no data"."""
-        for outcome in ("started", "duplicate", "retried", "dead_lettered"):
+        for outcome in ("started", "duplicate", "retried", "in_doubt", "dead_lettered"):
             self.starts.labels(pool=pool, outcome=outcome)
         for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(pool=pool, reason=reason)

@@ -9,6 +9,8 @@ start).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +29,11 @@ Clock = Callable[[], float]
 LOOKAHEAD = 10
 """Startable requests a queue keeps waiting in a pool that chooses (priorities, keys)."""
 MAX_DEFER_SECONDS = 900
+MAX_TRACKED_DEFERRALS = 50_000
+"""Deferrals a pool remembers at most, about 10 MB (past it, the deferral due back first is
+forgotten: its key's next one may come back a little early, one receive more). Deferrals not
+back yet are otherwise bounded only by the backlog: each is a message hidden in SQS, up to
+its in-flight quota of about 120,000 per queue."""
 
 
 class Pool:
@@ -68,7 +75,11 @@ class Pool:
         self.max_running_seen = 0
         self.duration = 0.0  # mean execution run time (EWMA) once one has ended
         self._durations = 0
-        self._deferred: dict[str | None, deque[float]] = {}  # key -> when deferrals return
+        # Deferrals not back yet: when each returns (a heap, earliest first) and how many
+        # each key has. Only these are kept, never every key ever deferred.
+        self._returns: list[tuple[float, int, str | None]] = []  # (returns at, seq, key)
+        self._deferred: dict[str | None, int] = {}
+        self._seq = itertools.count()
         metrics.prefill(self.name)
         self.update()
 
@@ -105,6 +116,7 @@ class Pool:
         self.metrics.limit.labels(**labels).set(ledger.limit)
         self.metrics.running.labels(**labels).set(ledger.running_count)
         self.metrics.starting.labels(**labels).set(self.starting)
+        self.metrics.in_doubt.labels(**labels).set(ledger.doubt_count)
         self.metrics.free.labels(**labels).set(ledger.free)
         self.max_running_seen = max(self.max_running_seen, ledger.running_count)
         # Wake every waiter on every change: intake waits for a free slot, handlers for
@@ -173,17 +185,40 @@ class Pool:
         earlier and not back yet) need to start, from the executions' mean run time;
         1 s to 15 min. Each deferral is spaced after the previous ones, so a deep backlog
         of one key comes back in turn, about once per message: every hand-back is a
-        receive, and receives count towards the queue's redrive policy."""
+        receive, and receives count towards the queue's redrive policy. Only deferrals not
+        back yet are remembered (each is a message hidden in SQS for at most 15 min), so
+        memory does not grow with the number of keys ever seen."""
         now = self.clock()
-        pending = self._deferred.setdefault(key, deque())
-        while pending and pending[0] <= now:
-            pending.popleft()
+        while self._returns and self._returns[0][0] <= now:
+            self._forget_earliest()
         ledger = self.ledger
         lanes = ledger.per_key_limit if key is not None and ledger.per_key_limit else ledger.limit
-        ahead = self.room.count(key=key) + len(pending)
+        ahead = self.room.count(key=key) + self._deferred.get(key, 0)
         delay = int(min(MAX_DEFER_SECONDS, max(1.0, ahead / max(1, lanes) * self.run_time())))
-        pending.append(now + delay)
+        heapq.heappush(self._returns, (now + delay, next(self._seq), key))
+        self._deferred[key] = self._deferred.get(key, 0) + 1
+        if len(self._returns) > MAX_TRACKED_DEFERRALS:
+            self._forget_earliest()
         return delay
+
+    def _forget_earliest(self) -> None:
+        """Drop the deferral that returns first (and its key, once it has none left)."""
+        _, _, key = heapq.heappop(self._returns)
+        left = self._deferred[key] - 1
+        if left:
+            self._deferred[key] = left
+        else:
+            del self._deferred[key]
+
+    @property
+    def deferrals_pending(self) -> int:
+        """Deferrals remembered as not back yet (forgotten lazily, at the next deferral)."""
+        return len(self._returns)
+
+    @property
+    def deferral_keys(self) -> int:
+        """Keys with a deferral remembered as not back yet."""
+        return len(self._deferred)
 
     def note_start_sent(self) -> None:
         """A StartExecution is being sent: close the oldest open hand-over, if any."""

@@ -18,6 +18,7 @@ import structlog
 from dispatcher.aws import AWS_ERRORS, Clients, error_code
 from dispatcher.config import Settings
 from dispatcher.health import Health
+from dispatcher.ledger import Change
 from dispatcher.metrics import Metrics
 from dispatcher.pool import Pool
 
@@ -84,8 +85,10 @@ class Reconciler:
                 listed[item["executionArn"]] = int(item.get("redriveCount", 0) or 0)
         return listed
 
-    async def run_once(self) -> ReconcileReport:
-        """One pass: list, adopt unknown runners, confirm and free the missing ones."""
+    async def run_once(self, *, estimate_backlog: bool = True) -> ReconcileReport:
+        """One pass: list, adopt unknown runners, confirm and free the missing ones; then
+        read the request queues' depth (not at start-up: an estimate must not hold up
+        readiness)."""
         began = time.perf_counter()
         listed_at = self.pool.clock()
         listed = await self.list_running()
@@ -127,7 +130,8 @@ class Reconciler:
         self.metrics.reconcile_duration.observe(time.perf_counter() - began)
         self.metrics.last_reconcile.set(time.time())
         self.health.last_reconcile_at = time.time()
-        await self._estimate_backlog()
+        if estimate_backlog:
+            await self._estimate_backlog()
         report = ReconcileReport(len(listed), len(result.adopted), freed, confirmed)
         log.debug("dispatcher.reconciled", **asdict(report))
         return report
@@ -155,20 +159,25 @@ class Reconciler:
     async def _confirm(self, arn: str) -> bool:
         """Describe a suspect; free it when it is not running. Returns whether it was freed."""
         ledger = self.pool.ledger
+        was_full = ledger.free == 0
         try:
             described = await self.sfn.describe_execution(executionArn=arn)
         except Exception as exc:
             if error_code(exc) != "ExecutionDoesNotExist":
                 raise
-            status, redrives = "MISSING", 0
+            # Describes lag too: the ledger's one rule frees only past the grace window.
+            status = "MISSING"
+            change = ledger.observe_missing(arn, self.pool.clock(), self.settings.start_grace)
         else:
             status = described["status"]
             redrives = int(described.get("redriveCount", 0) or 0)
-        if status == "RUNNING":
-            ledger.confirm_running(arn, self.pool.clock())
+            if status == "RUNNING":
+                ledger.confirm_running(arn, self.pool.clock(), redrives)
+                self.pool.update()
+                return False
+            change = ledger.observe_terminal(arn, redrives)
+        if change is not Change.FREED:
             return False
-        was_full = ledger.free == 0
-        change = ledger.observe_terminal(arn, redrives)
         self.pool.note_freed(change, was_full)
         self.pool.update()
         log.info("dispatcher.reconcile_freed", execution_arn=arn, status=status)

@@ -9,7 +9,8 @@ import hashlib
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,9 +32,13 @@ from dispatcher.metrics import Metrics
 from dispatcher.pool import Clock, Pool
 from dispatcher.rate import RateLimiters
 from dispatcher.reconcile import Reconciler
-from dispatcher.startup import preflight
+from dispatcher.startup import Preflight, preflight
 
 log = structlog.get_logger("dispatcher.service")
+
+ClientsFactory = Callable[..., AbstractAsyncContextManager[Clients]]
+"""Opens the AWS clients (`dispatcher.aws.open_clients`'s signature); the simulation
+passes one that hands out its simulated AWS."""
 
 
 @dataclass(frozen=True)
@@ -60,9 +65,13 @@ class Dispatcher:
         layout: Layout | None = None,
         metrics: Metrics | None = None,
         clock: Clock = time.monotonic,
+        wall: Clock = time.time,
         endpoint_url: str | None = None,
         overrides: Mapping[str, Any] | None = None,
         environ: Mapping[str, str] | None = None,
+        clients: ClientsFactory = open_clients,
+        serve_http: bool = True,
+        lease_owner: str | None = None,
     ) -> None:
         self.settings = settings
         self.layout = layout if layout is not None else from_settings(settings)
@@ -72,6 +81,12 @@ class Dispatcher:
         self.health = Health(self.metrics)
         self.health.refresh()
         self.clock = clock
+        self.wall = wall  # the lease's expiry is written in wall-clock seconds
+        self._born = clock()
+        self._open_clients = clients
+        self._serve_http = serve_http
+        self._lease_owner = lease_owner  # None: host, pid and a random suffix
+        self._reload_pending = False  # a SIGHUP came before the limits were set up
         self.endpoint_url = endpoint_url
         self.pools = {
             p.name: Pool(p, self.metrics, clock, queues=len(self.layout.queues_of(p.name)))
@@ -97,6 +112,7 @@ class Dispatcher:
         self._reported = False
         self.role = "starting"  # single | leader | standby
         self.lease: Lease | None = None
+        self.preflight = Preflight()  # what start-up read (the dead-letter queue's size)
         self._signals = 0
         self._began = time.monotonic()
 
@@ -120,6 +136,7 @@ class Dispatcher:
             "per_key_limit": ledger.per_key_limit,
             "running": ledger.running_count,
             "starting": pool.starting,
+            "in_doubt": ledger.doubt_count,
             "waiting": len(pool.room),
             "keys_at_limit": ledger.keys_at_limit,
             "free": ledger.free,
@@ -185,22 +202,24 @@ class Dispatcher:
         """
         settings = self.settings
         async with (
-            open_clients(
+            self._open_clients(
                 self.metrics,
                 region=self.layout.region,
                 long_poll_seconds=settings.receive_wait_seconds,
                 endpoint_url=self.endpoint_url,
                 dynamodb=settings.lease_table is not None,
                 ssm=any(p.limit_parameter for p in self.layout.pools),
+                start_timeout=settings.start_timeout,
             ) as clients,
             anyio.create_task_group() as tg,
         ):
-            app = build_app(self.health, self.metrics, self.status)
-            self.http_port = await tg.start(serve, app, settings.http_host, settings.http_port)
+            if self._serve_http:
+                app = build_app(self.health, self.metrics, self.status)
+                self.http_port = await tg.start(serve, app, settings.http_host, settings.http_port)
             self.serving.set()
             if handle_signals:
                 tg.start_soon(self._watch_signals, tg.cancel_scope)
-            await preflight(settings, self.layout, clients)
+            self.preflight = await preflight(settings, self.layout, clients)
             self.limits = LiveLimits(
                 settings,
                 self.layout,
@@ -211,9 +230,13 @@ class Dispatcher:
             )
             self.limits.overrides = self.overrides
             self.limits.environ = self.environ
+            if self._reload_pending:
+                self.reload()
             await self.limits.refresh_once()  # the limits in force before the first start
             if settings.lease_table is None:
-                await self._reign(clients, None, task_status)
+                # A predecessor (killed, or stopped by a deploy) died before this process
+                # was born: its last starts land within D of then.
+                await self._reign(clients, None, task_status, self._born)
             else:
                 await self._standby(clients, task_status)
             tg.cancel_scope.cancel()
@@ -227,7 +250,11 @@ class Dispatcher:
         assert self.settings.lease_table is not None  # noqa: S101
         ttl = self.settings.lease_ttl
         self.lease = Lease(
-            clients.dynamodb, LeaseConfig(self.settings.lease_table, self.lease_key, ttl, ttl / 5)
+            clients.dynamodb,
+            LeaseConfig(self.settings.lease_table, self.lease_key, ttl, ttl / 5),
+            owner=self._lease_owner,
+            monotonic=self.clock,
+            wall=self.wall,
         )
         while not self._stop.is_set():
             try:
@@ -238,10 +265,9 @@ class Dispatcher:
                 acquired = False
             if acquired:
                 self.metrics.lease_epoch.set(self.lease.epoch)
-                # Let starts the previous holder still had in flight land before listing.
-                await self._sleep_unless_stopped(self.lease.config.margin)
-                if not self._stop.is_set():
-                    await self._reign(clients, self.lease, task_status)
+                # The previous holder sent its last start before its lease lapsed, which
+                # was before now: it lands within D of now, or never (see `_reign`).
+                await self._reign(clients, self.lease, task_status, self.clock())
                 continue
             self.role = "standby"
             self._report_started(task_status)
@@ -273,18 +299,87 @@ class Dispatcher:
             metrics=self.metrics,
             health=self.health,
             limiters=self.limiters,
+            dead_letter_max_size=self.preflight.dead_letter_max_size,
         )
         if lease is not None:
             self.intake.set_may_start(lease.valid)
         return self.intake, self.events
 
     async def _reign(
-        self, clients: Clients, lease: Lease | None, task_status: TaskStatus[Dispatcher]
+        self,
+        clients: Clients,
+        lease: Lease | None,
+        task_status: TaskStatus[Dispatcher],
+        predecessor_gone: float,
     ) -> None:
         """Govern the pool: start-up listing, then events, reconcile and intake, until a stop
-        (ordered shutdown) or the loss of the lease (intake stops at once)."""
+        (ordered shutdown) or the loss of the lease (intake stops at once).
+
+        ``predecessor_gone`` is when the previous governor could send no more starts (this
+        process's birth; the moment the lease was taken). Its last start takes effect within
+        D of then, and shows in listings within the start grace after that: the start-up
+        listing waits for both, or it could miss executions and start too many.
+        """
         intake, events = self._build(clients, lease)
-        await self._startup_listing()
+        over = anyio.Event()
+        intake_done = anyio.Event()
+
+        async def settle_and_list() -> None:
+            await anyio.sleep(max(0.0, predecessor_gone + self.settle_seconds() - self.clock()))
+            await self._startup_listing()
+            if self.limits is not None:
+                # Read afresh before the first start: a standby read them when it started,
+                # maybe hours ago, and the listing may have taken long.
+                await self.limits.refresh_once()
+
+        async def run_intake() -> None:
+            try:
+                await self.health.supervise("intake", intake.run)
+            finally:
+                intake_done.set()
+
+        async def stop_requested() -> None:
+            await self._stop.wait()
+            over.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_requested)
+            if lease is not None:
+                tg.start_soon(self._keep_lease, lease, over)  # kept while settling, too
+            if await _unless(over, settle_and_list):
+                self._ready(lease)
+                tg.start_soon(self.health.supervise, "events", events.run)
+                for name, reconciler in self.reconcilers.items():
+                    loop = "reconcile" if len(self.reconcilers) == 1 else f"reconcile:{name}"
+                    tg.start_soon(self.health.supervise, loop, reconciler.run)
+                if self.limits is not None and self.limits.parameters:
+                    tg.start_soon(self.health.supervise, "limits", self.limits.run)
+                tg.start_soon(run_intake)
+                self.started.set()
+                self._report_started(task_status)
+                await over.wait()
+                # Ordered: stop intake, drain starts in flight (bounded), then the rest.
+                log.info("dispatcher.stopping", in_flight=len(intake.stats.in_flight))
+                self.health.stopping = True
+                self.health.refresh()
+                intake.stop()
+                await intake_done.wait()
+            tg.cancel_scope.cancel()
+        self.metrics.leader.set(0)
+        self.health.started_up = False
+        self.health.refresh()
+        if lease is not None and self._stop.is_set():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await lease.release()
+
+    def settle_seconds(self) -> float:
+        """How long after its predecessor could last send a start this process waits before
+        it lists: D (the start lands within D of being sent, or never) plus the start grace
+        (then the listing shows it). The bound stated in the README."""
+        return self.settings.start_timeout + self.settings.start_grace
+
+    def _ready(self, lease: Lease | None) -> None:
+        """The start-up listing is in: this process governs the pools now."""
         self.role = "single" if lease is None else "leader"
         self.metrics.leader.set(1)
         self.health.loops.clear()
@@ -298,46 +393,6 @@ class Dispatcher:
             running=sum(pool.ledger.running_count for pool in self.pools.values()),
             http_port=self.http_port,
         )
-        over = anyio.Event()
-        intake_done = anyio.Event()
-
-        async def run_intake() -> None:
-            try:
-                await self.health.supervise("intake", intake.run)
-            finally:
-                intake_done.set()
-
-        async def stop_requested() -> None:
-            await self._stop.wait()
-            over.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self.health.supervise, "events", events.run)
-            for name, reconciler in self.reconcilers.items():
-                loop = "reconcile" if len(self.reconcilers) == 1 else f"reconcile:{name}"
-                tg.start_soon(self.health.supervise, loop, reconciler.run)
-            if self.limits is not None and self.limits.parameters:
-                tg.start_soon(self.health.supervise, "limits", self.limits.run)
-            tg.start_soon(run_intake)
-            tg.start_soon(stop_requested)
-            if lease is not None:
-                tg.start_soon(self._keep_lease, lease, over)
-            self.started.set()
-            self._report_started(task_status)
-            await over.wait()
-            # Ordered: stop intake, drain starts in flight (bounded), then the rest.
-            log.info("dispatcher.stopping", in_flight=len(intake.stats.in_flight))
-            self.health.stopping = True
-            self.health.refresh()
-            intake.stop()
-            await intake_done.wait()
-            tg.cancel_scope.cancel()
-        self.metrics.leader.set(0)
-        self.health.started_up = False
-        self.health.refresh()
-        if lease is not None and self._stop.is_set():
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await lease.release()
 
     async def _keep_lease(self, lease: Lease, over: anyio.Event) -> None:
         """Renew well inside the TTL; end the reign once the lease is gone or lapses."""
@@ -382,7 +437,7 @@ class Dispatcher:
                 on=is_retryable, attempts=None, timeout=60.0
             ):
                 with attempt:
-                    report = await reconciler.run_once()
+                    report = await reconciler.run_once(estimate_backlog=False)
             log.info(
                 "dispatcher.startup_listing",
                 pool=name,
@@ -399,9 +454,15 @@ class Dispatcher:
         return "pools-" + hashlib.sha256("\n".join(arns).encode()).hexdigest()[:32]
 
     def reload(self) -> bool:
-        """Re-read the config file (what SIGHUP does); returns whether it was applied."""
+        """Re-read the config file (what SIGHUP does); returns whether it was applied.
+
+        A SIGHUP during start-up (before the limits are set up) is kept, not dropped: the
+        file is re-read as soon as they are, before anything is started."""
         if self.limits is None:
+            self._reload_pending = True
+            log.info("dispatcher.reload_deferred", why="still starting up")
             return False
+        self._reload_pending = False
         applied = self.limits.reload()
         if applied:
             self.layout = self.limits.layout
@@ -424,3 +485,20 @@ class Dispatcher:
                         self.intake.stop(force=True)
                     scope.cancel()
                     return
+
+
+async def _unless(event: anyio.Event, work: Callable[[], Any]) -> bool:
+    """Run ``work()`` unless ``event`` is set first (then cancel it); return whether it ran
+    to the end."""
+    done = False
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        await work()
+        done = True
+        tg.cancel_scope.cancel()
+    return done

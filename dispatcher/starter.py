@@ -20,10 +20,19 @@ import anyio
 import stamina
 import structlog
 
-from dispatcher.aws import THROTTLE_CODES, Clients, ErrorKind, classify, error_code, is_retryable
+from dispatcher.aws import (
+    THROTTLE_CODES,
+    Clients,
+    ErrorKind,
+    classify,
+    error_code,
+    is_retryable,
+    outcome_unknown,
+)
 from dispatcher.config import Settings
+from dispatcher.deadletter import DEFAULT_MAX_SIZE, DeadLetterQueue
 from dispatcher.health import Health
-from dispatcher.ledger import Reservation
+from dispatcher.ledger import Change, Reservation
 from dispatcher.metrics import Metrics
 from dispatcher.pool import Pool
 from dispatcher.queues import RequestQueue
@@ -31,11 +40,6 @@ from dispatcher.rate import RateLimiters
 from dispatcher.requests import StartRequest, execution_arn
 
 log = structlog.get_logger("dispatcher.intake")
-
-REASON_ATTRIBUTE = "dispatcher-reason"
-DETAIL_ATTRIBUTE = "dispatcher-detail"
-ORIGINAL_ID_ATTRIBUTE = "dispatcher-original-message-id"
-_MAX_SQS_ATTRIBUTES = 10
 
 
 class AbandonedError(Exception):
@@ -61,6 +65,9 @@ class _Handling:
 
     scope: anyio.CancelScope
     phase: str = "received"  # received | calling | backoff | finishing
+    doubt: bool = False
+    """An attempt may have started the execution (its outcome is unknown): the slot is
+    kept, in doubt, until evidence settles it (invariant 1)."""
 
 
 @dataclass
@@ -86,10 +93,13 @@ class Starter:
         metrics: Metrics,
         health: Health,
         limiters: RateLimiters,
+        *,
+        dead_letter_max_size: int = DEFAULT_MAX_SIZE,
     ) -> None:
         self.settings = settings
         self.sqs = clients.sqs
         self.sfn = clients.sfn
+        self.starts = clients.starts or clients.sfn
         self.metrics = metrics
         self.health = health
         self.limiters = limiters
@@ -98,6 +108,9 @@ class Starter:
         self.stopping = False
         self.force = False
         self._ids = iter(range(1, 1 << 62))
+        self.dead_letters = DeadLetterQueue(
+            clients.sqs, settings.dead_letter_queue_url, metrics, dead_letter_max_size
+        )
 
     def cut_short_waiting(self) -> None:
         """Cancel handlers that are only waiting (admission, back-off): they hand back."""
@@ -120,7 +133,7 @@ class Starter:
             await entry.queue.hand_back(entry.request.receipt_handle, 0, entry.bound, "stopping")
         finally:
             del self.stats.in_flight[ident]
-            self._release(entry.pool, reservation)
+            self._settle_slot(entry, reservation, handling)
         if handling.scope.cancelled_caught and not self.force:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await entry.queue.hand_back(
@@ -130,6 +143,18 @@ class Starter:
     def _release(self, pool: Pool, reservation: Reservation) -> None:
         if pool.ledger.cancel(reservation):
             pool.update()
+
+    def _settle_slot(self, entry: Waiting, reservation: Reservation, handling: _Handling) -> None:
+        """The handler is done: a reservation still held is given back, unless an attempt's
+        outcome is unknown - then its slot stays held, in doubt (never freed on a guess)."""
+        pool = entry.pool
+        if not handling.doubt:
+            self._release(pool, reservation)
+            return
+        arn = execution_arn(pool.state_machine_arn, entry.request.name)
+        if pool.ledger.doubt(reservation, arn, pool.clock()) is Change.ADDED:
+            entry.bound.warning("dispatcher.start_in_doubt", execution_arn=arn)
+        pool.update()
 
     async def _start(self, entry: Waiting, reservation: Reservation, handling: _Handling) -> None:
         pool, request, bound = entry.pool, entry.request, entry.bound
@@ -141,7 +166,7 @@ class Starter:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is sorted just below
             handling.phase = "finishing"
-            await self._start_failed(exc, entry, reservation)
+            await self._start_failed(exc, entry, reservation, handling)
             return
         handling.phase = "finishing"
         self._commit(pool, reservation, arn)
@@ -192,10 +217,16 @@ class Starter:
                 pool.ledger.mark_sent(reservation)  # no await since admission: still true
                 pool.note_start_sent()
                 began = time.perf_counter()
+                unknown_before, handling.doubt = handling.doubt, True  # until answered
                 try:
-                    response = await self.sfn.start_execution(**kwargs)
+                    # The fence (invariant 8): sent while the lease was valid, this attempt
+                    # takes effect within D or never; a new holder waits D before listing.
+                    with anyio.fail_after(self.settings.start_timeout):
+                        response = await self.starts.start_execution(**kwargs)
                 except Exception as exc:
                     handling.phase = "backoff"
+                    if not outcome_unknown(exc):
+                        handling.doubt = unknown_before  # refused: this attempt did nothing
                     if error_code(exc) in THROTTLE_CODES:
                         limiter.throttled()
                     if classify(exc) is not ErrorKind.PERMANENT:
@@ -205,6 +236,7 @@ class Starter:
                     self.metrics.start_latency.labels(pool=pool.name).observe(
                         time.perf_counter() - began
                     )
+                handling.doubt = False
                 limiter.succeeded()
                 return str(response["executionArn"]), attempts
         raise AssertionError("unreachable: stamina either returns or raises")  # pragma: no cover
@@ -228,9 +260,23 @@ class Starter:
         if self.stopping and attempts > 1:
             raise AbandonedError
 
-    async def _start_failed(self, exc: Exception, entry: Waiting, reservation: Reservation) -> None:
+    async def _start_failed(
+        self, exc: Exception, entry: Waiting, reservation: Reservation, handling: _Handling
+    ) -> None:
         if error_code(exc) == "ExecutionAlreadyExists":
-            await self._already_exists(entry, reservation)
+            handling.doubt = False  # it exists: the describe decides
+            await self._already_exists(entry, reservation, handling)
+            return
+        if handling.doubt:
+            # Retries given up, and some attempt may have started it: the slot stays held,
+            # in doubt (see `handle`), and the request goes back; its next attempt (same
+            # name), a status event, a listing or a describe settles it.
+            self.stats.handed_back += 1
+            self.metrics.starts.labels(pool=entry.pool.name, outcome="in_doubt").inc()
+            entry.bound.warning("dispatcher.start_gave_up", error=str(exc), in_doubt=True)
+            await entry.queue.hand_back(
+                entry.request.receipt_handle, 30, entry.bound, "start outcome unknown"
+            )
             return
         self._release(entry.pool, reservation)
         if classify(exc) is ErrorKind.PERMANENT:
@@ -249,12 +295,15 @@ class Starter:
         pool.ledger.started(reservation, arn, pool.clock())
         pool.update()
 
-    async def _already_exists(self, entry: Waiting, reservation: Reservation) -> None:
+    async def _already_exists(
+        self, entry: Waiting, reservation: Reservation, handling: _Handling
+    ) -> None:
         """Same name seen before: running -> adopt it; closed -> already served."""
         pool, request, bound = entry.pool, entry.request, entry.bound
         arn = execution_arn(pool.state_machine_arn, request.name)
         try:
             async for attempt in stamina.retry_context(
+                # "Does not exist" right after "already exists": the describe lags; ask again.
                 on=lambda e: is_retryable(e) or error_code(e) == "ExecutionDoesNotExist",
                 attempts=5,
                 timeout=self.settings.start_retry_timeout,
@@ -262,7 +311,9 @@ class Starter:
                 with attempt:
                     described = await self.sfn.describe_execution(executionArn=arn)
         except Exception as exc:  # noqa: BLE001 - any failure: keep the request, try later
-            self._release(pool, reservation)
+            # It exists (AWS said so) but its status is unknown - even "does not exist",
+            # which only says the describe lags: the slot stays held, in doubt.
+            handling.doubt = True
             bound.warning("dispatcher.describe_failed", execution_arn=arn, error=str(exc))
             await entry.queue.hand_back(request.receipt_handle, 30, bound, "describe failed")
             return
@@ -310,37 +361,8 @@ class Starter:
         self, queue: RequestQueue, pool: str, message: dict[str, Any], reason: str, detail: str
     ) -> None:
         """Move a bad request to the dead-letter queue with its reason, then delete it."""
-        bound = log.bind(message_id=message.get("MessageId"), pool=pool)
         self.stats.dead_lettered += 1
-        self.metrics.dead_letters.labels(pool=pool, reason=reason).inc()
-        self.metrics.starts.labels(pool=pool, outcome="dead_lettered").inc()
-        bound.warning("dispatcher.request_dead_lettered", reason=reason, detail=detail[:500])
-        handle = str(message["ReceiptHandle"])
-        dlq = self.settings.dead_letter_queue_url
-        if dlq is None:
-            # The queue's redrive policy moves it after maxReceiveCount receives.
-            await queue.hand_back(handle, 0, bound, f"bad request ({reason}); redrive policy")
-            return
-        attributes: dict[str, Any] = {
-            REASON_ATTRIBUTE: {"DataType": "String", "StringValue": reason},
-            DETAIL_ATTRIBUTE: {"DataType": "String", "StringValue": detail[:1000]},
-            ORIGINAL_ID_ATTRIBUTE: {"DataType": "String", "StringValue": str(message["MessageId"])},
-        }
-        for name, value in (message.get("MessageAttributes") or {}).items():
-            if len(attributes) >= _MAX_SQS_ATTRIBUTES:
-                break
-            attributes.setdefault(name, value)
-        try:
-            await self.sqs.send_message(
-                QueueUrl=dlq,
-                MessageBody=str(message.get("Body") or "(empty)"),
-                MessageAttributes=attributes,
-            )
-        except Exception as exc:  # noqa: BLE001 - keep the request; it will come back
-            bound.error("dispatcher.dead_letter_failed", error=str(exc))
-            await queue.hand_back(handle, 30, bound, "dead-letter queue unavailable")
-            return
-        await queue.delete(handle, bound)
+        await self.dead_letters.move(queue, pool, message, reason, detail)
 
 
 def _same_json(a: str, b: str) -> bool:

@@ -4,17 +4,28 @@ what to fix. (`sfn-dispatcher check` goes much further; this is the minimum to s
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from dispatcher.aws import Clients, error_code
 from dispatcher.config import Settings
+from dispatcher.deadletter import DEFAULT_MAX_SIZE
 from dispatcher.errors import UserError
 from dispatcher.layout import Layout
 
 
-async def preflight(settings: Settings, layout: Layout, clients: Clients) -> None:
-    """Check the state machines and queues exist and fit; raise UserError naming the fix."""
+@dataclass(frozen=True)
+class Preflight:
+    """What the start-up checks read that the run needs."""
+
+    dead_letter_max_size: int = DEFAULT_MAX_SIZE  # the dead-letter queue's MaximumMessageSize
+
+
+async def preflight(settings: Settings, layout: Layout, clients: Clients) -> Preflight:
+    """Check the state machines and queues exist and fit; raise UserError naming the fix.
+    Returns what the run needs of what was read."""
     for pool in layout.pools:
         await _check_state_machine(pool.state_machine_arn, pool.name, layout, clients)
     queues = {q.url: f"request queue of {', '.join(q.pools)}" for q in layout.queues}
@@ -32,7 +43,7 @@ async def preflight(settings: Settings, layout: Layout, clients: Clients) -> Non
             ) from None
         attributes[url] = {str(k): v for k, v in response.get("Attributes", {}).items()}
     if settings.dead_letter_queue_url:
-        return
+        return Preflight(_max_size(attributes[settings.dead_letter_queue_url]))
     for queue in layout.queues:
         if not attributes[queue.url].get("RedrivePolicy"):
             raise UserError(
@@ -40,6 +51,15 @@ async def preflight(settings: Settings, layout: Layout, clients: Clients) -> Non
                 "DISPATCHER_DEAD_LETTER_QUEUE_URL, or give the request queue a redrive policy "
                 "(maxReceiveCount) to a dead-letter queue"
             )
+    return Preflight()
+
+
+def _max_size(attributes: Mapping[str, str]) -> int:
+    """A queue's MaximumMessageSize; the default when missing or not a number."""
+    try:
+        return int(attributes["MaximumMessageSize"])
+    except (KeyError, ValueError):
+        return DEFAULT_MAX_SIZE
 
 
 async def _check_state_machine(arn: str, pool: str, layout: Layout, clients: Clients) -> None:

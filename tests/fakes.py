@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ReadTimeoutError
 from prometheus_client import CollectorRegistry
 
 from dispatcher.aws import Clients
@@ -47,6 +47,8 @@ REQUIRED_ENV = {
 }
 
 Call = tuple[str, dict[str, Any]]
+
+DEFAULT_MAX_MESSAGE_SIZE = 262_144  # a queue's MaximumMessageSize unless created with one
 
 
 def client_error(code: str, status: int = 400, message: str = "", op: str = "Op") -> ClientError:
@@ -78,6 +80,7 @@ class _Recorder:
         self.calls: list[Call] = log if log is not None else []
         self._failures: dict[str, deque[BaseException]] = {}
         self._always: dict[str, BaseException] = {}
+        self._awaited: dict[str, anyio.Event] = {}  # operation -> set at its next call
 
     def fail(self, operation: str, *errors: BaseException) -> None:
         """Make the next calls of ``operation`` raise ``errors``, one per call, in order."""
@@ -91,11 +94,19 @@ class _Recorder:
         """Log a call (its keyword arguments, ``None`` ones left out), then fail if scripted."""
         kwargs = {k: v for k, v in arguments.items() if k != "self" and v is not None}
         self.calls.append((operation, kwargs))
+        awaited = self._awaited.pop(operation, None)
+        if awaited is not None:
+            awaited.set()
         scripted = self._failures.get(operation)
         if scripted:
             raise scripted.popleft()
         if operation in self._always:
             raise self._always[operation]
+
+    async def called(self, operation: str) -> None:
+        """Wait until ``operation`` has been called (at once if it has been)."""
+        if operation not in self.names():
+            await self._awaited.setdefault(operation, anyio.Event()).wait()
 
     def names(self) -> list[str]:
         """The operations called so far, in order (the shared log: both fakes)."""
@@ -137,6 +148,9 @@ class FakeSQS(_Recorder):
         self.in_flight: dict[str, dict[str, Any]] = {}  # receipt handle -> message
         self.attributes: dict[str, dict[str, str]] = {}
         self._ids = itertools.count(1)
+        # Set: a receive takes its messages (they are in flight, hidden), then its answer
+        # waits for the event - as a long poll's answer may arrive after its caller gave up.
+        self.receive_gate: anyio.Event | None = None
 
     def create_queue(self, url: str, **attributes: str) -> None:
         """Make ``url`` exist, with these queue attributes (``RedrivePolicy=...``)."""
@@ -173,6 +187,8 @@ class FakeSQS(_Recorder):
             message["ReceiptHandle"] = f"{message['ReceiptHandle']}#{next(self._ids)}"
             self.in_flight[message["ReceiptHandle"]] = message
             out.append(message)
+        if self.receive_gate is not None:
+            await self.receive_gate.wait()
         return {"Messages": out} if out else {}
 
     async def delete_message(self, *, QueueUrl: str, ReceiptHandle: str) -> dict[str, Any]:
@@ -209,10 +225,36 @@ class FakeSQS(_Recorder):
     async def send_message(
         self, *, QueueUrl: str, MessageBody: str, MessageAttributes: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        """Append a message to ``QueueUrl``."""
+        """Append a message to ``QueueUrl``; refused, as SQS does, over ten attributes or
+        over the queue's ``MaximumMessageSize`` (body plus each attribute's name, data type
+        and value)."""
         self._record("send_message", locals())
+        queue = self._queue(QueueUrl)
+        attributes = MessageAttributes or {}
+        if len(attributes) > 10:
+            raise client_error(
+                "InvalidParameterValue",
+                message=f"Number of message attributes [{len(attributes)}] exceeds the "
+                "allowed maximum [10].",
+                op="SendMessage",
+            )
+        limit = int(self.attributes[QueueUrl].get("MaximumMessageSize", DEFAULT_MAX_MESSAGE_SIZE))
+        size = len(MessageBody.encode("utf-8"))
+        for name, value in attributes.items():
+            size += len(name.encode("utf-8")) + len(value["DataType"].encode("utf-8"))
+            if "StringValue" in value:
+                size += len(value["StringValue"].encode("utf-8"))
+            if "BinaryValue" in value:
+                size += len(value["BinaryValue"])
+        if size > limit:
+            raise client_error(
+                "InvalidParameterValue",
+                message="One or more parameters are invalid. Reason: Message must be shorter "
+                f"than {limit} bytes.",
+                op="SendMessage",
+            )
         message_id = f"sent-{next(self._ids)}"
-        self._queue(QueueUrl).append(
+        queue.append(
             {
                 "MessageId": message_id,
                 "ReceiptHandle": f"rh-{message_id}",
@@ -260,6 +302,7 @@ class FakeSFN(_Recorder):
         self.aws_exact = aws_exact
         self.page_size = page_size
         self.start_gate: anyio.Event | None = None  # set: StartExecution waits for it
+        self.answers_lost = 0  # the next starts take effect, then their answers are lost
 
     def add_execution(
         self,
@@ -301,6 +344,9 @@ class FakeSFN(_Recorder):
                 raise client_error("ExecutionAlreadyExists", op="StartExecution")
         else:
             self.executions[arn] = FakeExecution(arn, name, stateMachineArn, input)
+        if self.answers_lost > 0:
+            self.answers_lost -= 1
+            raise ReadTimeoutError(endpoint_url="https://states.fake")
         return {"executionArn": arn, "startDate": 0}
 
     async def describe_execution(self, *, executionArn: str) -> dict[str, Any]:

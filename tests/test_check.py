@@ -236,10 +236,13 @@ async def test_a_fresh_sandbox_is_all_green(sandbox: SandboxResources, lease_tab
         await sqs.send_message(QueueUrl=sandbox.request_queue_url, MessageBody="{}")
     report = await run_checks(env=env, endpoint_url=sandbox.endpoint)
     assert statuses(report) == {r.id: Status.OK for r in report.results}, render(report)
-    assert len(report.results) == 14
+    assert len(report.results) == 15
     assert report.ok
     found = by_id(report)
     assert found["request_queue"].detail.endswith("-requests (1 waiting)")
+    assert found["dead_letter_size"].detail == (
+        f"{sandbox.prefix}-requests-dlq 1048576 bytes >= {sandbox.prefix}-requests 1048576 bytes"
+    )
     assert found["events_rule"].detail.startswith(f"{sandbox.rule_name} (ENABLED)")
     assert found["limit_parameter"].detail == f"{sandbox.limit_parameter} = {sandbox.limit}"
     # Harmless: the request is still there, visible, and nothing was started.
@@ -304,7 +307,8 @@ async def test_a_missing_request_queue_names_its_variable(sandbox: SandboxResour
     assert f"check DISPATCHER_REQUEST_QUEUE_URL={sandbox.request_queue_url}" in queue.fix
     assert f"aws sqs create-queue --queue-name {sandbox.prefix}-requests" in queue.fix
     got = statuses(report)
-    assert (got.pop("redrive"), got.pop("visibility_timeout")) == (Status.SKIP, Status.SKIP)
+    needs_it = (got.pop("redrive"), got.pop("visibility_timeout"), got.pop("dead_letter_size"))
+    assert needs_it == (Status.SKIP, Status.SKIP, Status.SKIP)
     assert got.pop("request_queue") is Status.FAIL
     assert (got.pop("limit_parameter"), got.pop("lease_table")) == (Status.SKIP, Status.SKIP)
     assert set(got.values()) == {Status.OK}  # everything else is still checked
@@ -389,6 +393,43 @@ async def test_no_dead_letter_route_and_no_queue_policy_fail(sandbox: SandboxRes
     assert statement["Condition"]["ArnEquals"]["aws:SourceArn"].endswith(
         f"rule/{sandbox.rule_name}"
     )
+
+
+async def test_a_dead_letter_queue_smaller_than_the_request_queue_fails(
+    sandbox: SandboxResources,
+) -> None:
+    """Both routes are checked, on one line: the variable's queue, the redrive target."""
+    prefix = sandbox.prefix
+    async with sqs_client(sandbox.endpoint) as sqs:
+        created = await sqs.create_queue(
+            QueueName=f"{prefix}-small-dlq", Attributes={"MaximumMessageSize": "1024"}
+        )
+        small = created["QueueUrl"]
+        env = env_of(sandbox, DISPATCHER_DEAD_LETTER_QUEUE_URL=small)
+        report = await run_checks(env=env, endpoint_url=sandbox.endpoint)
+        size = by_id(report)["dead_letter_size"]
+        assert size.status is Status.FAIL
+        assert size.detail.startswith(
+            f"{prefix}-small-dlq takes at most 1024 bytes, {prefix}-requests 1048576 bytes: "
+        )
+        assert "cannot be dead-lettered with its reason" in size.detail
+        assert size.fix == (
+            f"aws sqs set-queue-attributes --queue-url {small} --attributes "
+            f"MaximumMessageSize=1048576 --region us-east-1 --endpoint-url {sandbox.endpoint}"
+        )
+        assert not report.ok
+
+        await sqs.set_queue_attributes(
+            QueueUrl=sandbox.dead_letter_queue_url, Attributes={"MaximumMessageSize": "2048"}
+        )
+        report = await run_checks(env=env, endpoint_url=sandbox.endpoint)
+    size = by_id(report)["dead_letter_size"]
+    assert size.status is Status.FAIL
+    assert size.detail.startswith(
+        f"{prefix}-small-dlq takes at most 1024 bytes, {prefix}-requests 1048576 bytes; "
+        f"{prefix}-requests-dlq takes at most 2048 bytes, {prefix}-requests 1048576 bytes: "
+    )
+    assert len(size.fix.splitlines()) == 2
 
 
 async def test_a_bad_limit_parameter_and_a_wrong_lease_table(

@@ -345,6 +345,16 @@ def test_requests_queue_redrives_to_the_dead_letter_queue(template: dict[str, An
     assert template["Parameters"]["MaxReceiveCount"]["Default"] == 5
 
 
+def test_the_dead_letter_queue_takes_the_largest_request(template: dict[str, Any]) -> None:
+    """A request as large as its queue allows, plus the reason, fits the dead-letter queue
+    (SQS's maximum and the default of queues made since 2025: 1 MiB)."""
+    resources = template["Resources"]
+    dead = resources["DeadLetterQueue"]["Properties"]["MaximumMessageSize"]
+    requests = resources["RequestQueue"]["Properties"].get("MaximumMessageSize", 1_048_576)
+    assert dead == 1_048_576
+    assert dead >= requests
+
+
 def test_events_queue_accepts_only_the_rule(template: dict[str, Any]) -> None:
     rule_id, _ = _resource(template, "AWS::Events::Rule")
     _, policy = _resource(template, "AWS::SQS::QueuePolicy")

@@ -17,6 +17,7 @@ from dispatcher.config import (
     add_arguments,
     overrides_from,
 )
+from dispatcher.deadletter import DEFAULT_MAX_SIZE
 from dispatcher.errors import UserError
 from dispatcher.layout import Layout, from_settings
 from dispatcher.startup import preflight
@@ -248,3 +249,22 @@ async def test_preflight_refuses_nowhere_to_put_bad_requests() -> None:
         await preflight(*settled(), make_clients(sqs, sfn))
     sqs.create_queue(DEAD_LETTER_QUEUE)
     await preflight(*settled(dead_letter_queue_url=DEAD_LETTER_QUEUE), make_clients(sqs, sfn))
+
+
+@pytest.mark.parametrize(
+    ("attributes", "size"),
+    [({"MaximumMessageSize": "1048576"}, 1_048_576), ({}, DEFAULT_MAX_SIZE)],
+)
+async def test_preflight_reads_the_dead_letter_queues_maximum_message_size(
+    attributes: dict[str, str], size: int
+) -> None:
+    """What the dead-letter copies are fitted to; 256 KiB when the queue does not say."""
+    sqs, sfn = deployment()
+    sqs.create_queue(DEAD_LETTER_QUEUE, **attributes)
+    found = await preflight(
+        *settled(dead_letter_queue_url=DEAD_LETTER_QUEUE), make_clients(sqs, sfn)
+    )
+    assert found.dead_letter_max_size == size
+    assert (await preflight(*settled(), make_clients(sqs, sfn))).dead_letter_max_size == (
+        DEFAULT_MAX_SIZE
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -18,6 +19,7 @@ from dispatcher.sandbox.provision import SandboxResources
 from dispatcher.testing.chaos import EventChaos
 from dispatcher.testing.faults import FaultKind, FaultProxy, FaultRule
 from tests.audit import (
+    Execution,
     drain,
     list_executions,
     no_slot_leaked,
@@ -147,6 +149,58 @@ async def test_sigterm_under_load_exits_0_and_next_run_completes(
     stopped = first.events("dispatcher.stopped")
     assert len(stopped) == 1, "one summary line at exit"
     assert stopped[0]["started"] >= 10
+
+
+@pytest.mark.timeout(150)
+async def test_a_request_sent_during_shutdown_starts_once_the_next_dispatcher_is_ready(
+    sandbox_factory: Factory,
+) -> None:
+    """SIGTERM while long polls are in flight, then a request: the stopping dispatcher's
+    poll takes it and gives it back at once, so it starts as soon as the next dispatcher is
+    ready instead of hiding for the visibility timeout (60 s here)."""
+    resources = await sandbox_factory(limit=5)
+    slow = {"DISPATCHER_RECEIVE_WAIT_SECONDS": "10", "DISPATCHER_VISIBILITY_TIMEOUT": "60"}
+    async with (
+        session().client("sqs", endpoint_url=resources.endpoint) as sqs,
+        session().client("stepfunctions", endpoint_url=resources.endpoint) as sfn,
+    ):
+
+        async def started(name: str) -> Execution | None:
+            executions = await list_executions(sfn, resources.state_machine_arn)
+            return next((e for e in executions if e.name == name), None)
+
+        [probe] = await send_requests(sqs, resources.request_queue_url, [{"seconds": 0}])
+        async with child_process(resources, slow) as first:
+            with anyio.fail_after(60):
+                await first.ready.wait()
+
+            async def probe_started() -> bool:
+                return await started(probe) is not None
+
+            # Once the probe started, the receive loops are polling (10 s long polls).
+            await wait_for(probe_started, within=30, interval=0.05)
+            first.process.send_signal(signal.SIGTERM)
+            [late] = await send_requests(sqs, resources.request_queue_url, [{"seconds": 0}])
+            with anyio.fail_after(10 + 5 + 10):  # the long poll answers, then the exit
+                assert await first.process.wait() == 0
+        assert first.events("dispatcher.received_while_stopping"), "taken while stopping"
+        async with child_process(resources) as second:
+            with anyio.fail_after(60):
+                await second.ready.wait()
+            [ready] = second.events("dispatcher.ready")
+            ready_at = datetime.fromisoformat(ready["timestamp"]).timestamp()
+
+            async def late_started() -> bool:
+                return await started(late) is not None
+
+            await wait_for(late_started, within=90, interval=0.1)
+            execution = await started(late)
+            assert execution is not None
+            waited = execution.start - ready_at
+            assert waited < 5, f"started {waited:.1f} s after the new dispatcher was ready"
+            second.process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(15):
+                assert await second.process.wait() == 0
 
 
 @pytest.mark.timeout(120)

@@ -25,6 +25,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionClosedError
 
 from dispatcher.testing import EventChaos, FaultKind, FaultProxy, FaultRule
+from tests.helpers import wait_until
 
 if TYPE_CHECKING:
     from types_aiobotocore_events import EventBridgeClient
@@ -253,6 +254,20 @@ async def test_latency_delays_then_forwards(aws: Aws) -> None:
     assert time.monotonic() - started >= 0.3
     assert described["stateMachineArn"] == aws.machine_arn
     assert aws.proxy.stats[("DescribeStateMachine", "latency")] == 1
+
+
+async def test_a_delayed_request_whose_client_gave_up_is_never_forwarded(aws: Aws) -> None:
+    """TCP, not a mailbox: a request held on the wire past its client's deadline never
+    reaches AWS (the lease fence relies on it: a start lands within D or never)."""
+    aws.proxy.add(FaultRule("StartExecution", FaultKind.LATENCY, delay=1.0, max_count=1))
+    with pytest.raises(TimeoutError), anyio.fail_after(0.2):
+        await aws.sfn.start_execution(stateMachineArn=aws.machine_arn, name="late", input="{}")
+
+    async def abandoned() -> bool:
+        return aws.proxy.stats[("StartExecution", "abandoned")] == 1
+
+    await wait_until(abandoned, timeout=5, message="the proxy drops the abandoned request")
+    assert await _execution_names(aws.direct_sfn, aws.machine_arn) == set()
 
 
 async def test_list_lag_serves_an_old_listing(emulator: str) -> None:

@@ -13,11 +13,12 @@ import pytest
 import stamina
 from botocore.exceptions import ClientError
 
+from dispatcher.deadletter import DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REASON_ATTRIBUTE
 from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
-from dispatcher.starter import DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REASON_ATTRIBUTE
 from tests.fake_intake import dispatch_all, finish, handle, intake_of, waiting
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
+    DEFAULT_MAX_MESSAGE_SIZE,
     REQUEST_QUEUE,
     STATE_MACHINE_ARN,
     World,
@@ -117,6 +118,31 @@ async def test_permanent_error_dead_letters_with_the_reason_then_deletes(code: s
     assert_slot_free(world)
     assert intake.stats.dead_lettered == 1
     assert world.sample("dispatcher_dead_letters_total", pool="default", reason=code) == 1
+
+
+@pytest.mark.usefixtures("fast_retries")
+async def test_a_request_near_the_size_limit_is_dead_lettered_with_its_reason() -> None:
+    """Body 300 bytes under the dead-letter queue's maximum, a 2,000-character refusal:
+    the copy fits (detail cut), reason and original id kept, body unchanged."""
+    world = build_world()
+    refusal = "Invalid State Machine Execution Input: " + "x" * 2_000
+    world.sfn.fail("start_execution", client_error("InvalidExecutionInput", 400, refusal))
+    body = json.dumps({"pad": "p" * (DEFAULT_MAX_MESSAGE_SIZE - 300 - len('{"pad": ""}'))})
+    assert len(body.encode()) == DEFAULT_MAX_MESSAGE_SIZE - 300
+    message = sqs_message(body, message_id=MESSAGE_ID, attributes={"customer": "c-1"})
+    intake = await handle(world, message)
+    assert world.sqs.names() == ["start_execution", "send_message", "delete_message"]
+    [copy] = world.sqs.visible[DEAD_LETTER_QUEUE]  # accepted by the (size-checking) fake
+    assert copy["Body"] == body
+    attributes = copy["MessageAttributes"]
+    assert attributes[REASON_ATTRIBUTE]["StringValue"] == "InvalidExecutionInput"
+    assert attributes[ORIGINAL_ID_ATTRIBUTE]["StringValue"] == MESSAGE_ID
+    assert attributes["customer"]["StringValue"] == "c-1"
+    detail = attributes[DETAIL_ATTRIBUTE]["StringValue"]
+    assert detail.startswith("StartExecution refused the request: InvalidExecutionInput")
+    assert len(detail) < 1_000
+    assert intake.stats.dead_lettered == 1
+    assert_slot_free(world)
 
 
 async def test_bad_request_is_dead_lettered_without_a_start() -> None:
@@ -247,11 +273,11 @@ async def test_exhausted_retries_hand_the_request_back() -> None:
 async def test_retry_timeout_ends_the_retries() -> None:
     with stamina.set_testing(False):  # real stamina: the tiny timeout is what stops it
         world = build_world(start_retry_timeout=1e-6)
-        world.sfn.fail_always("start_execution", client_error("ServiceUnavailable", 503))
+        world.sfn.fail_always("start_execution", throttled())
         await handle(world, sqs_message())
     assert world.sqs.names()[-1] == "change_message_visibility"
     assert "delete_message" not in world.sqs.names()
-    assert_slot_free(world)
+    assert_slot_free(world)  # every attempt was refused: nothing can have started
 
 
 @pytest.mark.parametrize("code", ["AccessDeniedException", "StateMachineDoesNotExist"])
@@ -399,4 +425,55 @@ async def test_receive_once_is_cancellable_while_it_waits() -> None:
         tg.cancel_scope.cancel()
     assert world.sqs.calls_to("receive_message") == []
     assert world.pool.receiving == 0
+    assert len(world.sqs.visible[REQUEST_QUEUE]) == 1
+
+
+# -- shutdown ------------------------------------------------------------------------------
+
+
+def visibility_set(world: World) -> list[set[tuple[str, int]]]:
+    """Each ChangeMessageVisibilityBatch call: its (receipt handle, timeout) pairs."""
+    return [
+        {(entry["ReceiptHandle"], entry["VisibilityTimeout"]) for entry in call["Entries"]}
+        for call in world.sqs.calls_to("change_message_visibility_batch")
+    ]
+
+
+async def test_what_a_receive_brings_after_stop_goes_straight_back() -> None:
+    """A long poll answers after `stop` (and after the waiting room was handed back): its
+    messages are made visible at once, not held, not left hidden for the visibility timeout."""
+    world = build_world(limit=0, key_attribute="tenant", receive_concurrency=1)  # paused
+    intake = intake_of(world)
+    await intake.admit(intake.queues[0], sqs_message(message_id="early"))  # waits in the room
+    world.sqs.put(REQUEST_QUEUE, sqs_message(message_id="late-1"))
+    world.sqs.put(REQUEST_QUEUE, sqs_message(message_id="late-2"))
+    world.sqs.receive_gate = anyio.Event()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await tg.start(intake.run)
+            await anyio.wait_all_tasks_blocked()
+            late = set(world.sqs.in_flight)  # taken by the receive, its answer on the way
+            assert len(late) == 2
+            intake.stop()
+            await world.sqs.called("change_message_visibility_batch")
+            assert visibility_set(world) == [{("rh-early", 0)}], "the room goes back at once"
+            world.sqs.receive_gate.set()  # the answer arrives while stopping
+    assert visibility_set(world) == [{("rh-early", 0)}, {(handle, 0) for handle in late}]
+    assert waiting(world) == []
+    assert world.sfn.calls_to("start_execution") == []
+    assert intake.stats.received == 2
+
+
+async def test_stop_ends_a_receive_waiting_for_free_slots_without_receiving() -> None:
+    world = build_world(limit=1)
+    world.pool.ledger.observe_running("arn:busy", world.clock())
+    world.pool.update()
+    queue_requests(world, 1)
+    intake = intake_of(world)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await tg.start(intake.run)
+            await anyio.wait_all_tasks_blocked()
+            intake.stop()
+    assert world.sqs.calls_to("receive_message") == []
     assert len(world.sqs.visible[REQUEST_QUEUE]) == 1

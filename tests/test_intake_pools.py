@@ -11,13 +11,13 @@ import anyio
 import pytest
 import stamina
 
+from dispatcher.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
 from dispatcher.intake import UNROUTED, Intake
 from dispatcher.layout import PoolConfig, QueueConfig
 from dispatcher.ledger import Change
 from dispatcher.pool import LOOKAHEAD, Pool
 from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, KEY_TAG_LENGTH, execution_arn, key_tag
 from dispatcher.requests import tag_of as tag_in
-from dispatcher.starter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
 from tests.fake_intake import (
     build_layout_world,
     dispatch_all,
@@ -523,6 +523,37 @@ def test_a_deferral_is_sized_by_the_requests_of_its_key() -> None:
     assert pool.defer_seconds(key_tag("B")) == 1
     world.clock.advance(18.0)
     assert pool.defer_seconds(key_tag("A")) == 19, "the first deferral is back: not ahead"
+
+
+def test_deferrals_that_came_back_are_forgotten_whatever_the_number_of_keys() -> None:
+    """20,000 tenants deferred once each leave nothing behind once their requests are back
+    in the queue; a key with deferrals still out keeps them, its next one spaced after."""
+    world = keyed_world(limit=4, per_key_limit=2, max_waiting=100)
+    pool = world.pool
+    measured(world, 3.0)
+    for i in range(20_000):
+        assert pool.defer_seconds(key_tag(f"tenant-{i}")) == 1  # nothing ahead: 1 s
+    assert (pool.deferral_keys, pool.deferrals_pending) == (20_000, 20_000)
+    world.clock.advance(1.0)  # every one of them is back
+    for i in range(12):
+        assert pool.room.offer(i, priority=0, key=key_tag("A"))
+    assert [pool.defer_seconds(key_tag("A")) for _ in range(3)] == [18, 19, 21]
+    assert (pool.deferral_keys, pool.deferrals_pending) == (1, 3)
+    world.clock.advance(18.0)  # A's first deferral is back, two are still out
+    assert pool.defer_seconds(key_tag("A")) == 21, "spaced after the two not back yet"
+    assert (pool.deferral_keys, pool.deferrals_pending) == (1, 3)
+
+
+def test_the_deferrals_remembered_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the cap the deferral back first is forgotten: memory is bounded even while
+    every deferral is still out."""
+    monkeypatch.setattr("dispatcher.pool.MAX_TRACKED_DEFERRALS", 3)
+    world = keyed_world(limit=4, per_key_limit=2, max_waiting=100)
+    pool = world.pool
+    for i in range(5):
+        pool.defer_seconds(key_tag(f"tenant-{i}"))
+        world.clock.advance(0.1)  # still out: each is away for at least 1 s
+    assert (pool.deferral_keys, pool.deferrals_pending) == (3, 3)
 
 
 def measured(world: World, seconds: float) -> None:

@@ -287,6 +287,21 @@ async def test_provisioning_twice_creates_nothing_new(sandbox: SandboxResources)
     assert again.dead_letter_queue_url.endswith(f"/{sandbox.prefix}-requests-dlq")
 
 
+async def test_the_dead_letter_queue_takes_any_request_with_its_reason(
+    sandbox: SandboxResources,
+) -> None:
+    sizes: list[int] = []
+    async with sqs_client(sandbox.endpoint) as sqs:
+        for url in (sandbox.dead_letter_queue_url, sandbox.request_queue_url):
+            got = await sqs.get_queue_attributes(
+                QueueUrl=url, AttributeNames=["MaximumMessageSize"]
+            )
+            sizes.append(int(got["Attributes"]["MaximumMessageSize"]))
+    dead, requests = sizes
+    assert dead == 1_048_576  # the SQS maximum
+    assert dead >= requests
+
+
 async def test_provisioning_updates_settings_in_place(
     sandbox_factory: SandboxFactory, emulator: str
 ) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
 from dispatcher.aws import AWS_ERRORS, error_code
+from dispatcher.deadletter import DEFAULT_MAX_SIZE
 from dispatcher.preflight.context import DEAD_LETTERS, REQUESTS, Context, QueueRole
 from dispatcher.preflight.report import Finding, Skip, Status, is_denied, text
 
@@ -203,6 +204,70 @@ async def check_redrive(ctx: Context) -> Finding:
             "raise maxReceiveCount to 5 or more (the CloudFormation template's default)",
         )
     return Finding(Status.OK, detail)
+
+
+async def check_dead_letter_size(ctx: Context) -> Finding:
+    """Every dead-letter queue (DISPATCHER_DEAD_LETTER_QUEUE_URL, the redrive policy's target)
+    takes messages as large as the request queue does: a bad request near the request
+    queue's limit must still fit there, with its reason."""
+    requests = await ctx.queue_or_skip(REQUESTS)
+    request_url = ctx.target.need(REQUESTS.field)
+    request_size = max_message_size(requests)
+    targets: dict[str, dict[str, str]] = {}
+    if ctx.target.get(DEAD_LETTERS.field):
+        targets[ctx.target.need(DEAD_LETTERS.field)] = await ctx.queue_or_skip(DEAD_LETTERS)
+    raw = requests.get("RedrivePolicy")
+    if raw:
+        target_arn = str(json.loads(raw).get("deadLetterTargetArn", ""))
+        url = _sibling_url(target_arn, request_url)
+        if url not in targets:
+            targets[url] = await ctx.queue_at(url)
+    if not targets:
+        raise Skip("no dead-letter queue (see the requests dead-lettering line)")
+    requests_name = _name(request_url)
+    small = {url: max_message_size(a) for url, a in targets.items()}
+    small = {url: size for url, size in small.items() if size < request_size}
+    if not small:
+        sizes = ", ".join(f"{_name(u)} {max_message_size(a)} bytes" for u, a in targets.items())
+        return Finding(Status.OK, f"{sizes} >= {requests_name} {request_size} bytes")
+    said = "; ".join(
+        f"{_name(url)} takes at most {size} bytes, {requests_name} {request_size} bytes"
+        for url, size in small.items()
+    )
+    return Finding(
+        Status.FAIL,
+        f"{said}: a bad request that large cannot be dead-lettered with its reason (it is "
+        "received again until the redrive policy moves it)",
+        "\n".join(
+            ctx.aws(
+                "sqs",
+                "set-queue-attributes",
+                "--queue-url",
+                url,
+                "--attributes",
+                f"MaximumMessageSize={request_size}",
+            )
+            for url in small
+        ),
+    )
+
+
+def max_message_size(attributes: dict[str, str]) -> int:
+    """A queue's MaximumMessageSize (the old default when it does not say)."""
+    try:
+        return int(attributes["MaximumMessageSize"])
+    except (KeyError, ValueError):
+        return DEFAULT_MAX_SIZE
+
+
+def _sibling_url(arn: str, url: str) -> str:
+    """The URL of queue ``arn`` in the account and region of the queue at ``url`` (SQS
+    keeps a redrive target there): ``url`` with its last part, the name, replaced."""
+    return f"{url.rstrip('/').rpartition('/')[0]}/{arn.rsplit(':', 1)[-1]}"
+
+
+def _name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
 async def check_visibility(ctx: Context) -> Finding:

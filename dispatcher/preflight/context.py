@@ -276,13 +276,16 @@ class Context:
 
     async def queue(self, role: QueueRole) -> dict[str, str]:
         """All attributes of one of the dispatcher's queues."""
-        url = self.target.need(role.field)
+        return await self.queue_at(self.target.need(role.field))
+
+    async def queue_at(self, url: str) -> dict[str, str]:
+        """All attributes of the queue at ``url`` (also a redrive policy's target)."""
 
         async def fetch() -> dict[str, str]:
             got = await self.clients.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
             return {str(k): v for k, v in got.get("Attributes", {}).items()}
 
-        return await self.once(f"queue:{role.field}", fetch)
+        return await self.once(f"queue-at:{url}", fetch)
 
     async def queue_or_skip(self, role: QueueRole) -> dict[str, str]:
         """As `queue`, for a check that needs a queue another check reports on."""

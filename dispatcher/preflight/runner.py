@@ -11,6 +11,7 @@ import anyio
 from dispatcher.aws import AWS_ERRORS
 from dispatcher.preflight.checks import (
     CREDENTIALS_FIX,
+    check_dead_letter_size,
     check_endpoint,
     check_list_executions,
     check_redrive,
@@ -54,6 +55,7 @@ CHECKS: tuple[Check, ...] = (
     Check("request_queue", "requests queue exists", queue_exists(REQUESTS)),
     Check("redrive", "requests dead-lettering", check_redrive),
     Check("dead_letter_queue", "dead-letter queue exists", queue_exists(DEAD_LETTERS)),
+    Check("dead_letter_size", "dead-letter message size", check_dead_letter_size),
     Check("visibility_timeout", "visibility timeout", check_visibility),
     Check("events_queue", "events queue exists", queue_exists(EVENTS)),
     Check("events_rule", "EventBridge rule to events queue", check_rule),

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 TEST_CREDENTIALS = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
 STATUS_DETAIL_TYPE = "Step Functions Execution Status Change"
 RULE_TARGET_ID = "events-queue"
+SQS_MAX_MESSAGE_SIZE = 1_048_576
 # Every derived name must stay valid: queue names <= 80, rule names <= 64 characters.
 PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,49}$")
 
@@ -137,7 +138,11 @@ async def provision(
             session.client("ssm", endpoint_url=endpoint)
         )
 
-        dlq_url, dlq_arn = await _queue(sqs, f"{prefix}-requests-dlq", {})
+        # The SQS maximum: a bad request's copy, reason attached, fits whatever the request
+        # queue takes (`sfn-dispatcher check` verifies it).
+        dlq_url, dlq_arn = await _queue(
+            sqs, f"{prefix}-requests-dlq", {"MaximumMessageSize": str(SQS_MAX_MESSAGE_SIZE)}
+        )
         request_url, _ = await _queue(
             sqs,
             f"{prefix}-requests",

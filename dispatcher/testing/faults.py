@@ -311,7 +311,11 @@ class FaultProxy:
                 return _drop(request), rule.kind.value
             if rule.kind is not FaultKind.LATENCY:
                 return _error_response(call, *rule.answer(call)), rule.kind.value
+            # Latency the way TCP has it: the request is held *before* it reaches AWS, and
+            # one whose client gave up meanwhile (connection closed) never reaches it.
             await asyncio.sleep(rule.delay)
+            if _client_gone(request):
+                return _drop(request), "abandoned"
         outcome = "forwarded" if rule is None else rule.kind.value
         fresh = await self._forward(request, body)
         if call.operation != _LISTING or fresh.status != 200:
@@ -360,6 +364,12 @@ def _listing_key(body: bytes) -> str:
         return json.dumps(json.loads(body), sort_keys=True)
     except ValueError:
         return body.decode("utf-8", "replace")
+
+
+def _client_gone(request: web.Request) -> bool:
+    """Whether the client closed its connection (it gave up waiting)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _drop(request: web.Request) -> web.Response:

@@ -1,0 +1,141 @@
+"""``python -m sim``: run many seeds of the simulation, or replay one with its trace.
+
+    python -m sim                      # seeds 0..1999, progress bar, summary
+    python -m sim --seeds 200 --first 5000
+    python -m sim --replay 1234        # one seed: its history around each violation
+    python -m sim --bug lost-answer-frees-slot   # put a fixed bug back: the sim must find it
+
+Exit status: 0 when every seed held every invariant, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import structlog
+from tqdm import tqdm
+
+from sim.bugs import BUGS
+from sim.harness import Outcome, simulate
+
+TRACE_WINDOW = 30.0
+
+
+def _quiet_logs(verbose: bool) -> None:
+    """The dispatcher's own log lines: off for many seeds, on (virtual time) for one."""
+    level = logging.INFO if verbose else logging.CRITICAL
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.dev.ConsoleRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def replay_command(seed: int, bugs: tuple[str, ...] = ()) -> str:
+    """The one command that replays ``seed`` exactly."""
+    extra = "".join(f" --bug {b}" for b in bugs)
+    return f"PYTHONHASHSEED=0 .venv/bin/python -m sim --replay {seed}{extra}"
+
+
+def describe(outcome: Outcome, bugs: tuple[str, ...] = ()) -> str:
+    """A failing seed: what broke, the replay command, and the history around it."""
+    lines = [f"seed {outcome.seed} FAILED: {len(outcome.violations)} violation(s)"]
+    lines.append(f"  scenario: {outcome.scenario}")
+    lines += [f"  {v}" for v in outcome.violations[:10]]
+    lines += [f"  error: {e.strip().splitlines()[-1]}" for e in outcome.errors[:3]]
+    lines.append(f"  replay: {replay_command(outcome.seed, bugs)}")
+    if outcome.violations:
+        first = outcome.violations[0]
+        lines.append(f"  history within {TRACE_WINDOW:.0f} s of {first.time:.3f}:")
+        trace = outcome.world.history.trace(first.time, TRACE_WINDOW)
+        lines += ["    " + line for line in trace.splitlines()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the seeds; print the summary (and each failure's replay command)."""
+    parser = argparse.ArgumentParser(prog="python -m sim", description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=2000, help="how many seeds (2000)")
+    parser.add_argument("--first", type=int, default=0, help="the first seed (0)")
+    parser.add_argument("--replay", type=int, help="run this one seed and print its trace")
+    parser.add_argument(
+        "--bug", action="append", default=[], choices=sorted(BUGS), help="put a fixed bug back"
+    )
+    parser.add_argument("--verbose", action="store_true", help="the dispatcher's logs (replay)")
+    parser.add_argument("--json", type=Path, help="write the summary here as JSON")
+    parser.add_argument(
+        "--stop-at-first", action="store_true", help="stop at the first failing seed"
+    )
+    args = parser.parse_args(argv)
+    bugs = tuple(args.bug)
+    if args.replay is not None:
+        _quiet_logs(args.verbose)
+        outcome = simulate(args.replay, bugs=bugs)
+        if outcome.ok:
+            print(
+                f"seed {args.replay}: ok ({outcome.requests} requests, ended at "
+                f"{outcome.ended_at:.0f} s)"
+            )
+            return 0
+        print(describe(outcome, bugs))
+        print("\nfull history:")
+        print("\n".join(r.line() for r in outcome.world.history.records))
+        return 1
+    _quiet_logs(False)
+    seeds = range(args.first, args.first + args.seeds)
+    failed: list[Outcome] = []
+    kinds: Counter[str] = Counter()
+    faults = requests = executions = 0
+    virtual = 0.0
+    began = time.process_time()
+    with tqdm(seeds, unit="seed", file=sys.stderr, disable=None) as bar:
+        for seed in bar:
+            outcome = simulate(seed, bugs=bugs)
+            faults += outcome.nemesis.faults_fired + len(outcome.nemesis.actions)
+            requests += outcome.requests
+            executions += outcome.executions
+            virtual += outcome.ended_at
+            if not outcome.ok:
+                failed.append(outcome)
+                kinds.update(v.kind for v in outcome.violations)
+                kinds.update("error" for _ in outcome.errors)
+                bar.set_postfix(failed=len(failed))
+                tqdm.write(describe(outcome, bugs), file=sys.stderr)
+                if args.stop_at_first:
+                    break
+    cpu = time.process_time() - began
+    ran = seed - args.first + 1
+    summary = {
+        "seeds": ran,
+        "first_seed": args.first,
+        "failed_seeds": [o.seed for o in failed],
+        "violations": dict(kinds),
+        "faults_injected": faults,
+        "faults_per_seed": round(faults / max(1, ran), 1),
+        "requests": requests,
+        "executions": executions,
+        "virtual_hours": round(virtual / 3600, 1),
+        "cpu_seconds": round(cpu, 1),
+        "bugs_put_back": list(bugs),
+    }
+    print(
+        f"{ran} seeds, {len(failed)} failed; {faults} faults injected "
+        f"({summary['faults_per_seed']} per seed), {requests} requests, {executions} "
+        f"executions, {summary['virtual_hours']} h of virtual time in {cpu:.1f} s of CPU"
+    )
+    if kinds:
+        print("violations: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Judge a simulation from its history alone: the dispatcher's invariants as rules.
+
+1. ``limit`` / ``key_limit``: when a dispatcher's StartExecution took effect, the runs
+   running then (the dispatcher's, and outside ones past their grace) fit the limit in
+   force (the highest during the last ``staleness`` seconds), per pool and per key.
+2. ``duplicate_execution``: at most one execution per logical request.
+3. ``lost_request``: by ``quiet_at + settle_bound`` (or that long after a later send)
+   every request has an execution or a dead-letter copy with its reason;
+   ``redrive_move``: a valid request's message moved by the redrive policy;
+   ``bad_request_started``: an execution for a request the harness marked bad.
+4. ``early_delete``: a request message deleted before its execution existed, or before
+   its dead-letter copy was sent.
+
+An execution belongs to a request when its name (without a key tag) is the request's
+idempotency key or message id, or when its input is JSON-equal to the request's body and
+no other request has that body.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from sim.history import (
+    ORIGINAL_ID_ATTRIBUTE,
+    OUTSIDE,
+    REASON_ATTRIBUTE,
+    Execution,
+    History,
+    RequestMessage,
+    Run,
+    key_tag_of,
+)
+
+IDEMPOTENCY_ATTRIBUTE = "idempotency-key"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """One governed state machine's limits: ``limit`` (the initial value when
+    ``parameter`` names the SSM parameter whose puts change it) and the per-key limit."""
+
+    limit: int
+    parameter: str | None = None
+    per_key_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """What the checker needs to know besides the history."""
+
+    pools: Mapping[str, PoolSpec]  # state machine ARN -> its limits
+    request_queues: frozenset[str]
+    dead_letter_queue: str | None
+    quiet_at: float  # when faults stopped
+    settle_bound: float  # how long after that every request must be settled
+    staleness: float = 0.0  # how long a lowered limit may take to be read
+    outside_grace: float = 0.0  # how long before an outside start can be known
+    expected_bad: frozenset[str] = frozenset()  # request ids of poison messages
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """A broken rule: which, when, and what happened."""
+
+    kind: str
+    time: float
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.kind} at {self.time:.3f}] {self.message}"
+
+
+def check(history: History, spec: CheckSpec) -> list[Violation]:
+    """Every violation in the history, in time order."""
+    found: list[Violation] = []
+    for arn, pool in spec.pools.items():
+        found += _check_limits(history, arn, pool, spec)
+    owners = _Owners(history)
+    found += _check_one_execution(owners)
+    found += _check_settled(history, owners, spec)
+    found += _check_deletes(history, owners, spec)
+    found.sort(key=lambda v: (v.time, v.kind))
+    return found
+
+
+def max_concurrency(history: History, arn: str) -> int:
+    """The most runs of ``arn`` running at once (every run counted from its start)."""
+    points: list[tuple[float, int]] = []
+    for _, run in history.runs_of(arn):
+        points.append((run.start, 1))
+        if run.stop is not None:
+            points.append((run.stop, -1))
+    points.sort()  # at equal times an end (-1) comes before a start
+    running = peak = 0
+    for _, delta in points:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+def limit_at(timeline: list[tuple[float, int]], t: float, staleness: float) -> int:
+    """The highest limit in force at any moment of ``[t - staleness, t]``."""
+    since = t - staleness
+    allowed = timeline[0][1]
+    for at, value in timeline:
+        if at <= since:
+            allowed = value  # in force at the start of the window
+    return max(
+        [allowed] + [value for at, value in timeline if since < at <= t],
+    )
+
+
+# -- rule 1 ----------------------------------------------------------------------------------
+
+
+def _check_limits(history: History, arn: str, pool: PoolSpec, spec: CheckSpec) -> list[Violation]:
+    if pool.parameter is not None:
+        timeline = history.limit_timeline(pool.parameter, pool.limit)
+    else:
+        timeline = [(-math.inf, pool.limit)]
+    # Sweep: at equal times ends first, then outside runs coming into view, then starts
+    # (a run that ends as it starts ends after its start).
+    points: list[tuple[float, int, int, Execution, Run]] = []
+    for execution, run in history.runs_of(arn):
+        outside = run.started_by == OUTSIDE
+        counted_from = run.start + spec.outside_grace if outside else run.start
+        if run.stop is not None and counted_from > run.stop:
+            continue  # ended before anyone could know of it
+        points.append((counted_from, 1 if outside else 2, run.seq, execution, run))
+        if run.stop is not None:
+            points.append((run.stop, 0 if run.stop > counted_from else 3, run.seq, execution, run))
+    points.sort(key=lambda p: (p[0], p[1], p[2]))
+    running = 0
+    per_key: dict[str, int] = defaultdict(int)
+    found: list[Violation] = []
+    for at, kind, _, execution, _ in points:
+        tag = execution.key_tag
+        delta = -1 if kind in (0, 3) else 1
+        running += delta
+        if tag is not None:
+            per_key[tag] += delta
+        if kind != 2:
+            continue
+        allowed = limit_at(timeline, at, spec.staleness)
+        if running > allowed:
+            found.append(
+                Violation(
+                    "limit",
+                    at,
+                    f"{arn}: {running} running when {execution.name} started (limit {allowed})",
+                )
+            )
+        key_limit = pool.per_key_limit
+        if tag is not None and key_limit is not None and per_key[tag] > key_limit:
+            found.append(
+                Violation(
+                    "key_limit",
+                    at,
+                    f"{arn}: {per_key[tag]} running with key tag {tag} when "
+                    f"{execution.name} started (per-key limit {key_limit})",
+                )
+            )
+    return found
+
+
+# -- which execution serves which request ---------------------------------------------------
+
+
+def _canonical(text: str) -> str | None:
+    try:
+        return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _base_name(name: str) -> str:
+    return name[len("k0123456789_") :] if key_tag_of(name) is not None else name
+
+
+class _Owners:
+    """The requests, grouped by request id, and the executions that belong to each."""
+
+    def __init__(self, history: History) -> None:
+        self.messages: dict[str, list[RequestMessage]] = defaultdict(list)
+        self.request_of: dict[str, str] = {}  # message id -> request id
+        for message in history.requests:
+            self.messages[message.request_id].append(message)
+            self.request_of[message.message_id] = message.request_id
+        by_name: dict[str, list[Execution]] = defaultdict(list)
+        by_input: dict[str, list[Execution]] = defaultdict(list)
+        for execution in history.executions.values():
+            by_name[_base_name(execution.name)].append(execution)
+            canonical = _canonical(execution.input)
+            if canonical is not None:
+                by_input[canonical].append(execution)
+        bodies: dict[str, set[str]] = defaultdict(set)
+        for message in history.requests:
+            canonical = _canonical(message.body)
+            if canonical is not None:
+                bodies[canonical].add(message.request_id)
+        self.executions: dict[str, list[Execution]] = {}
+        for request_id, messages in self.messages.items():
+            found: dict[str, Execution] = {}
+            for message in messages:
+                name = message.attributes.get(IDEMPOTENCY_ATTRIBUTE) or message.message_id
+                for execution in by_name.get(name, []):
+                    found[execution.arn] = execution
+                canonical = _canonical(message.body)
+                if canonical is not None and bodies[canonical] == {request_id}:
+                    for execution in by_input.get(canonical, []):
+                        found[execution.arn] = execution
+            self.executions[request_id] = sorted(found.values(), key=lambda e: e.first_start)
+
+
+# -- rule 2 ----------------------------------------------------------------------------------
+
+
+def _check_one_execution(owners: _Owners) -> list[Violation]:
+    found: list[Violation] = []
+    for request_id, executions in owners.executions.items():
+        if len(executions) > 1:
+            found.append(
+                Violation(
+                    "duplicate_execution",
+                    executions[1].first_start,
+                    f"request {request_id} has {len(executions)} executions: "
+                    + ", ".join(e.name for e in executions),
+                )
+            )
+    return found
+
+
+# -- rule 3 ----------------------------------------------------------------------------------
+
+
+def _check_settled(history: History, owners: _Owners, spec: CheckSpec) -> list[Violation]:
+    copies = _dead_letter_copies(history, spec)
+    moved: dict[str, float] = {}
+    for move in history.moves:
+        if move.source_url in spec.request_queues:
+            moved.setdefault(move.message_id, move.time)
+    found: list[Violation] = []
+    for request_id, messages in owners.messages.items():
+        executions = owners.executions[request_id]
+        deadline = max(spec.quiet_at, *(m.sent_at for m in messages)) + spec.settle_bound
+        ids = [m.message_id for m in messages]
+        dead_lettered = [copies[i] for i in ids if i in copies]
+        moves = [(moved[i], i) for i in ids if i in moved]
+        bad = request_id in spec.expected_bad
+        if bad:
+            if executions:
+                found.append(
+                    Violation(
+                        "bad_request_started",
+                        executions[0].first_start,
+                        f"request {request_id} is bad but execution {executions[0].name} "
+                        "was started for it",
+                    )
+                )
+            settled = any(t <= deadline for t in dead_lettered) or any(
+                t <= deadline for t, _ in moves
+            )
+        else:
+            for t, message_id in moves:
+                found.append(
+                    Violation(
+                        "redrive_move",
+                        t,
+                        f"message {message_id} of request {request_id} was moved to the "
+                        "dead-letter queue by the redrive policy, without a reason",
+                    )
+                )
+            settled = any(e.first_start <= deadline for e in executions) or any(
+                t <= deadline for t in dead_lettered
+            )
+        if not settled:
+            found.append(
+                Violation(
+                    "lost_request",
+                    deadline,
+                    f"request {request_id} (messages {', '.join(ids)}) has "
+                    + ("no dead-letter copy" if bad else "no execution and no dead-letter copy")
+                    + f" by {deadline:.3f}",
+                )
+            )
+    return found
+
+
+def _dead_letter_copies(history: History, spec: CheckSpec) -> dict[str, float]:
+    """Original message id -> when its first dead-letter copy with a reason was sent."""
+    copies: dict[str, float] = {}
+    for sent in history.dead_letter_copies(spec.dead_letter_queue):
+        original = sent.attributes.get(ORIGINAL_ID_ATTRIBUTE)
+        if original is not None and sent.attributes.get(REASON_ATTRIBUTE):
+            copies.setdefault(original, sent.time)
+    return copies
+
+
+# -- rule 4 ----------------------------------------------------------------------------------
+
+
+def _check_deletes(history: History, owners: _Owners, spec: CheckSpec) -> list[Violation]:
+    copies = _dead_letter_copies(history, spec)
+    found: list[Violation] = []
+    for delete in history.effective_deletes():
+        if delete.queue_url not in spec.request_queues:
+            continue
+        request_id = owners.request_of.get(delete.message_id)
+        if request_id is None:
+            continue
+        started = [e for e in owners.executions[request_id] if e.first_start <= delete.time]
+        copied = copies.get(delete.message_id)
+        if started or (copied is not None and copied <= delete.time):
+            continue
+        found.append(
+            Violation(
+                "early_delete",
+                delete.time,
+                f"{delete.node} deleted message {delete.message_id} of request {request_id} "
+                "before its execution existed or its dead-letter copy was sent",
+            )
+        )
+    return found
+
+
+def summary(violations: Iterable[Violation]) -> str:
+    """One line per violation (empty string: none)."""
+    return "\n".join(str(v) for v in violations)

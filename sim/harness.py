@@ -1,0 +1,544 @@
+"""One simulation run: the production dispatcher against the simulated AWS, under a
+seeded nemesis, on virtual time; then the checker judges the history.
+
+Only the AWS clients are swapped (`Dispatcher(clients=...)`); everything else is the code
+that runs in production: settings and the config file, intake, the starter, events,
+reconcile, live limits, the lease, the ordered shutdown. A crash drops every in-memory
+object of the process (as ``kill -9``): a new `Dispatcher` is built from the config file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+import tempfile
+import traceback
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from prometheus_client import CollectorRegistry
+
+from dispatcher import layout
+from dispatcher.aws import AWS_ERRORS, Clients
+from dispatcher.errors import UserError
+from dispatcher.metrics import Metrics
+from dispatcher.service import Dispatcher
+from sim import loop
+from sim.aws import World, WorldConfig
+from sim.bugs import Bug, put_back
+from sim.checker import CheckSpec, PoolSpec, Violation, check
+from sim.nemesis import STORM_MAX, Action, Nemesis, plan
+
+# Settings of every simulated dispatcher (the [dispatcher] table of its config file).
+# start_grace must cover the simulated listing lag (an assumption the README states).
+DISPATCHER = {
+    "reconcile_interval": 10.0,
+    "start_grace": 10.0,
+    "start_timeout": 5.0,
+    "start_retry_timeout": 120.0,
+    "visibility_timeout": 60,
+    "receive_wait_seconds": 20,
+    "lease_ttl": 15.0,
+    "limit_refresh_interval": 10.0,
+    "shutdown_timeout": 20.0,
+    "http_port": 0,
+}
+MAX_RECEIVE_COUNT = 5  # the deploy template's default
+STOP_TIMEOUT = 30.0  # ECS: SIGKILL this long after SIGTERM
+KEY_ATTRIBUTE = "tenant"
+POOL_ATTRIBUTE = "pool"
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """One governed state machine of a scenario."""
+
+    name: str
+    limit: int
+    parameter: bool  # the limit lives in SSM (else: the config file, changed by SIGHUP)
+    per_key_limit: int | None  # keyed by the tenant attribute when set
+    priorities: bool  # fed by two queues of different priority
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What one seed runs: pools, processes, load and how long faults last."""
+
+    seed: int
+    pools: tuple[PoolPlan, ...]
+    lease: bool  # two dispatchers share the pools through the lease
+    shared_queue: bool  # one queue feeds every pool (routed by attribute)
+    requests: int
+    quiet_at: float
+    max_seconds: int  # executions run 0..max_seconds
+    settings: tuple[tuple[str, Any], ...] = ()  # this seed's [dispatcher] settings, varied
+
+
+def scenario(seed: int) -> Scenario:
+    """The scenario of ``seed``."""
+    rng = random.Random(f"scenario-{seed}")
+    pools = []
+    for index in range(rng.choice((1, 1, 1, 2))):
+        limit = rng.choice((1, 1, 2, 3, 5))
+        pools.append(
+            PoolPlan(
+                name=f"p{index}",
+                limit=limit,
+                parameter=rng.random() < 0.4,
+                per_key_limit=rng.choice((None, None, 1, 2)),
+                priorities=rng.random() < 0.3,
+            )
+        )
+    return Scenario(
+        seed=seed,
+        pools=tuple(pools),
+        lease=rng.random() < 0.4,
+        shared_queue=len(pools) > 1 and rng.random() < 0.5,
+        requests=rng.randint(5, 40),
+        quiet_at=rng.choice((60.0, 120.0, 300.0)),
+        max_seconds=rng.choice((2, 10, 30, 120)),
+        settings=(
+            ("start_retry_timeout", rng.choice((10.0, 30.0, 120.0))),
+            ("reconcile_interval", rng.choice((10.0, 30.0))),
+        ),
+    )
+
+
+@dataclass
+class Outcome:
+    """What one run did and what the checker found."""
+
+    seed: int
+    scenario: Scenario
+    violations: list[Violation]
+    world: World
+    nemesis: Nemesis
+    ended_at: float
+    requests: int = 0
+    executions: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No violation and no unexpected exception."""
+        return not self.violations and not self.errors
+
+
+def simulate(seed: int, *, bugs: tuple[str, ...] = ()) -> Outcome:
+    """Run seed ``seed`` on virtual time and judge it (``bugs``: fixed bugs put back, see
+    `sim.bugs`)."""
+    with put_back(bugs) as active:
+        return loop.run(lambda: Run(seed, active).main())
+
+
+class Run:
+    """The moving parts of one run."""
+
+    def __init__(self, seed: int, bugs: list[Bug] | None = None) -> None:
+        self.seed = seed
+        self.bugs = bugs or []
+        self.plan = scenario(seed)
+        self.rng = random.Random(seed)
+        self.clock: Callable[[], float] = loop.now
+        self.world = World(clock=self.clock, rng=random.Random(f"aws-{seed}"), config=WorldConfig())
+        self.errors: list[str] = []
+        self.nodes = ("d1", "d2") if self.plan.lease else ("d1",)
+        self.incarnations: dict[str, tuple[str, Dispatcher | None, anyio.CancelScope]] = {}
+        self.restart_after: dict[str, float] = dict.fromkeys(self.nodes, 0.0)
+        self.expected_bad: set[str] = set()
+        self.finished = anyio.Event()
+        self._tmp = tempfile.TemporaryDirectory(prefix="sfn-sim-")
+        self.config_path = Path(self._tmp.name) / "dispatcher.toml"
+        self.limits = {p.name: p.limit for p in self.plan.pools}
+        self._setup()
+        self.nemesis = plan(
+            random.Random(f"nemesis-{seed}"),
+            self.clock,
+            quiet_at=self.plan.quiet_at,
+            nodes=self.nodes,
+            pools={p.name: (p.limit, p.parameter) for p in self.plan.pools},
+            operations=(
+                "StartExecution",
+                "DescribeExecution",
+                "ListExecutions",
+                "ReceiveMessage",
+                "DeleteMessageBatch",
+                "ChangeMessageVisibility",
+                "SendMessage",
+                "UpdateItem",
+            ),
+        )
+        self.world.faults = _except_ssm(self.nemesis.call_fault)
+        self.world.event_faults = self.nemesis.event_fault
+
+    # -- the world -------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        world = self.world
+        self.dlq = world.create_queue("dead-letters", visibility_timeout=60)
+        self.events = world.create_queue("events", visibility_timeout=60)
+        self.arns: dict[str, str] = {}
+        self.queues: dict[str, list[str]] = {}
+        for pool in self.plan.pools:
+            self.arns[pool.name] = world.create_state_machine(f"governed-{pool.name}")
+            if pool.parameter:
+                world.put_parameter(_parameter(pool.name), str(pool.limit))
+            world.put_parameter(_config_record(pool.name), str(pool.limit))
+        world.route_events(self.arns.values(), self.events)
+        if self.plan.shared_queue:
+            shared = self._queue("requests")
+            self.queues = {p.name: [shared] for p in self.plan.pools}
+        else:
+            for pool in self.plan.pools:
+                names = ["requests-" + pool.name]
+                if pool.priorities:
+                    names.append("urgent-" + pool.name)
+                self.queues[pool.name] = [self._queue(n) for n in names]
+        if self.plan.lease:
+            world.create_table("leases")
+        self._write_config()
+
+    def _queue(self, name: str) -> str:
+        return self.world.create_queue(
+            name,
+            visibility_timeout=60,
+            dead_letter=self.dlq,
+            max_receive_count=MAX_RECEIVE_COUNT,
+        )
+
+    def _write_config(self) -> None:
+        lines = ["[dispatcher]"]
+        settings: dict[str, Any] = {
+            **DISPATCHER,
+            "events_queue_url": self.events,
+            "dead_letter_queue_url": self.dlq,
+        }
+        settings.update(self.plan.settings)
+        for bug in self.bugs:
+            settings.update(bug.settings)
+        if self.plan.lease:
+            settings["lease_table"] = "leases"
+        lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+        for pool in self.plan.pools:
+            lines += [
+                f"[pools.{pool.name}]",
+                f'state_machine_arn = "{self.arns[pool.name]}"',
+                f"limit = {self.limits[pool.name]}",
+            ]
+            if pool.parameter:
+                lines.append(f'limit_parameter = "{_parameter(pool.name)}"')
+            if pool.per_key_limit is not None:
+                lines += [
+                    f'key_attribute = "{KEY_ATTRIBUTE}"',
+                    f"per_key_limit = {pool.per_key_limit}",
+                ]
+        seen: set[str] = set()
+        for pool in self.plan.pools:
+            for priority, url in enumerate(self.queues[pool.name]):
+                if url in seen:
+                    continue
+                seen.add(url)
+                lines.append("[[queues]]")
+                lines.append(f'url = "{url}"')
+                if self.plan.shared_queue:
+                    names = ", ".join(f'"{p.name}"' for p in self.plan.pools)
+                    lines += [f"pools = [{names}]", f'pool_attribute = "{POOL_ATTRIBUTE}"']
+                else:
+                    lines += [f'pool = "{pool.name}"', f"priority = {priority}"]
+        self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    # -- the run ---------------------------------------------------------------------------
+
+    async def main(self) -> Outcome:
+        """Run until every request settled (or the bound), then judge."""
+        random.seed(self.seed)  # stamina's jitter draws from the global generator
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.world.run)
+                for node in self.nodes:
+                    tg.start_soon(self._life, node)
+                tg.start_soon(self._produce)
+                tg.start_soon(self._act)
+                await self._until_settled()
+                self.finished.set()
+                for _, _, scope in self.incarnations.values():
+                    scope.cancel()
+                tg.cancel_scope.cancel()
+        finally:
+            self._tmp.cleanup()
+        history = self.world.history
+        violations = check(history, self.spec())
+        return Outcome(
+            seed=self.seed,
+            scenario=self.plan,
+            violations=violations,
+            world=self.world,
+            nemesis=self.nemesis,
+            ended_at=self.clock(),
+            requests=len({m.request_id for m in history.requests}),
+            executions=len(history.executions),
+            errors=self.errors,
+        )
+
+    def setting(self, name: str) -> float:
+        """A [dispatcher] setting of this run."""
+        return float(dict(self.plan.settings).get(name, DISPATCHER[name]))
+
+    @property
+    def settle_bound(self) -> float:
+        """How long after the faults stop every request must be settled: the work itself
+        (all requests one after another on one slot), plus a hand-back, a doubt settled
+        by reconcile, a visibility timeout and a deferral."""
+        least = min(p.limit for p in self.plan.pools) or 1
+        work = self.plan.requests * (self.plan.max_seconds + 1) / least
+        return work + 600.0
+
+    def spec(self) -> CheckSpec:
+        """What the checker must know besides the history."""
+        pools = {}
+        for pool in self.plan.pools:
+            parameter = _parameter(pool.name) if pool.parameter else _config_record(pool.name)
+            pools[self.arns[pool.name]] = PoolSpec(
+                limit=pool.limit, parameter=parameter, per_key_limit=pool.per_key_limit
+            )
+        return CheckSpec(
+            pools=pools,
+            request_queues=frozenset(u for urls in self.queues.values() for u in urls),
+            dead_letter_queue=self.dlq,
+            quiet_at=self.plan.quiet_at,
+            settle_bound=self.settle_bound,
+            # A lowered limit is read within one refresh interval (SSM reads are spared by
+            # the nemesis: while they fail, the dispatcher keeps the limit it has).
+            staleness=float(DISPATCHER["limit_refresh_interval"]) + 2.0,
+            # An outside start is known from its status event or the next listing that
+            # works; events may be lost and listings fail while a storm lasts.
+            outside_grace=self.setting("reconcile_interval") + STORM_MAX + 35.0 + 10.0,
+            expected_bad=frozenset(self.expected_bad),
+        )
+
+    async def _until_settled(self) -> None:
+        deadline = self.plan.quiet_at + self.settle_bound
+        while self.clock() < deadline:
+            await anyio.sleep(10.0)
+            if self.clock() > self.plan.quiet_at and self._settled():
+                return
+
+    def _settled(self) -> bool:
+        """Nothing runs, and every request has an execution or a dead-letter copy."""
+        history = self.world.history
+        now = self.clock()
+        if any(run.running_at(now) for e in history.executions.values() for run in e.runs):
+            return False
+        spec = dataclasses.replace(self.spec(), quiet_at=now, settle_bound=0.0)
+        return not any(v.kind == "lost_request" for v in check(history, spec))
+
+    # -- processes -------------------------------------------------------------------------
+
+    def _dispatcher(self, name: str) -> Dispatcher:
+        loaded = layout.load({"config": str(self.config_path)}, env={})
+        skew = 0.0
+        return Dispatcher(
+            loaded.settings,
+            layout=loaded.layout,
+            metrics=Metrics(CollectorRegistry()),
+            clock=self.clock,
+            wall=lambda: self.world.wall(self.clock()) + skew,
+            overrides={"config": str(self.config_path)},
+            environ={},
+            clients=self._clients_of(name),
+            serve_http=False,
+            lease_owner=name,
+        )
+
+    def _clients_of(self, name: str) -> Callable[..., Any]:
+        world = self.world
+
+        @asynccontextmanager
+        async def open_clients(_metrics: Metrics, **options: Any) -> AsyncIterator[Clients]:
+            timeout = float(options.get("start_timeout", 5.0))
+            starts = world.client("stepfunctions", name, read_timeout=timeout)
+            if any(bug.old_start_client for bug in self.bugs):
+                starts = world.client("stepfunctions", name, max_attempts=3)
+            yield Clients(
+                sqs=world.client("sqs", name, max_attempts=3),
+                sfn=world.client("stepfunctions", name, max_attempts=3),
+                starts=starts,
+                dynamodb=world.client("dynamodb", name, max_attempts=3),
+                ssm=world.client("ssm", name, max_attempts=3),
+            )
+
+        return open_clients
+
+    async def _life(self, node: str) -> None:
+        """One process slot: run a dispatcher; after it dies or exits, start a new one."""
+        incarnation = 0
+        while not self.finished.is_set():
+            incarnation += 1
+            name = f"{node}.{incarnation}"
+            dispatcher = self._dispatcher(name)
+            with anyio.CancelScope() as scope:
+                self.incarnations[node] = (name, dispatcher, scope)
+                self.world.history.note(self.clock(), name, "process started")
+                try:
+                    await dispatcher.run(handle_signals=False)
+                    self.world.history.note(self.clock(), name, "process exited 0")
+                except Exception as exc:  # noqa: BLE001 - sorted: expected exit, or a finding
+                    leaves = _leaves(exc)
+                    if all(isinstance(e, (UserError, *AWS_ERRORS)) for e in leaves):
+                        # Preflight or the start-up listing failed under faults: the
+                        # process exits and ECS starts a new one.
+                        why = "; ".join(str(e)[:120] for e in leaves)
+                        self.world.history.note(self.clock(), name, f"process exited: {why}")
+                    else:
+                        text = "".join(traceback.format_exception(exc))
+                        self.errors.append(f"{name} at {self.clock():.3f}: {text}")
+                        self.world.history.note(self.clock(), name, "process died: BUG")
+            await anyio.sleep(max(1.0, self.restart_after[node]))
+
+    async def _act(self) -> None:
+        for action in self.nemesis.actions:
+            await anyio.sleep(max(0.0, action.time - self.clock()))
+            await self._do(action)
+        # Faults end: an operator puts every limit back (a limit left at 0 would hold every
+        # request forever, rightly).
+        await anyio.sleep(max(0.0, self.plan.quiet_at - self.clock()))
+        for pool in self.plan.pools:
+            kind = "set_limit" if pool.parameter else "sighup"
+            await self._do(Action(self.clock(), kind, "", pool.limit, pool.name))
+
+    async def _do(self, action: Action) -> None:
+        if action.kind in ("crash", "sigterm"):
+            self._kill(action)
+        elif action.kind in ("set_limit", "sighup"):
+            self._set_limit(action)
+        elif action.kind == "outside_start":
+            name = f"console-{self.rng.randrange(10**9)}"
+            with contextlib.suppress(Exception):  # a refused outside start changes nothing
+                self.world.start_outside(self.arns[action.pool], name, "{}", float(action.value))
+        elif action.kind == "redrive":
+            now = self.clock()
+            failed = [
+                e.arn
+                for e in self.world.history.executions.values()
+                if e.state_machine_arn == self.arns[action.pool]
+                and e.runs[-1].status == "FAILED"
+                and (e.runs[-1].stop or now) < now
+            ]
+            if failed:
+                self.world.redrive(self.rng.choice(failed), float(action.value))
+
+    def _kill(self, action: Action) -> None:
+        """``kill -9`` (crash), or SIGTERM then SIGKILL after the stop timeout."""
+        if action.node not in self.incarnations:
+            return
+        name, dispatcher, scope = self.incarnations[action.node]
+        self.restart_after[action.node] = self.rng.uniform(0.0, 20.0)
+        if action.kind == "crash":
+            self.world.crash(name)
+            scope.cancel()
+            return
+        self.world.history.note(self.clock(), name, "SIGTERM")
+        if dispatcher is not None:
+            dispatcher.stop()
+        scope.deadline = self.clock() + STOP_TIMEOUT  # then SIGKILL, as ECS does
+
+    def _set_limit(self, action: Action) -> None:
+        """An operator changes a limit: in SSM, or in the config file and then SIGHUP."""
+        pool = next(p for p in self.plan.pools if p.name == action.pool)
+        if action.kind == "set_limit":
+            self.world.put_parameter(_parameter(pool.name), str(action.value))
+            return
+        self.limits[pool.name] = action.value
+        self._write_config()
+        self.world.put_parameter(_config_record(pool.name), str(action.value))
+        for name, dispatcher, _ in self.incarnations.values():
+            if dispatcher is not None:
+                self.world.history.note(self.clock(), name, f"SIGHUP (limit {action.value})")
+                dispatcher.reload()
+
+    # -- the producers ---------------------------------------------------------------------
+
+    async def _produce(self) -> None:
+        """Send the scenario's requests at their times: valid ones (with and without an
+        idempotency key, some sent twice as a producer retry does, some that fail) and
+        poison messages (invalid JSON near the maximum size, an invalid key, an unknown
+        pool)."""
+        rng = random.Random(f"producer-{self.seed}")
+        times = sorted(rng.uniform(0, self.plan.quiet_at * 0.8) for _ in range(self.plan.requests))
+        sent: list[tuple[str, str, str, dict[str, str]]] = []
+        attributes: dict[str, str]
+        for index, at in enumerate(times):
+            await anyio.sleep(max(0.0, at - self.clock()))
+            pool = rng.choice(self.plan.pools)
+            url = rng.choice(self.queues[pool.name])
+            request_id = f"r{index}"
+            roll = rng.random()
+            if roll < 0.1 and sent:
+                # A producer's retry: the same idempotency key maps to the same execution.
+                request_id, url, body, again = rng.choice(sent)
+                self.world.send_request(url, body, again, request_id=request_id)
+                continue
+            body = json.dumps(
+                {"req": request_id, "seconds": rng.randint(0, self.plan.max_seconds)}
+                | ({"fail": True} if rng.random() < 0.1 else {})
+            )
+            attributes = {}
+            if self.plan.shared_queue:
+                attributes[POOL_ATTRIBUTE] = pool.name
+            if pool.per_key_limit is not None:
+                attributes[KEY_ATTRIBUTE] = rng.choice(("a", "a", "a", "b", "c"))
+            if rng.random() < 0.5:
+                attributes["idempotency-key"] = f"key-{request_id}"
+            if roll > 0.95:
+                self.expected_bad.add(request_id)
+                poison = rng.choice(
+                    ("json", "key", "pool") if self.plan.shared_queue else ("json", "key")
+                )
+                if poison == "json":
+                    body = "{" + "x" * (262_144 - 2048)  # invalid JSON near the maximum size
+                elif poison == "key":
+                    attributes["idempotency-key"] = "not a valid name!"
+                else:
+                    attributes[POOL_ATTRIBUTE] = "nowhere"
+            elif "idempotency-key" in attributes:
+                sent.append((request_id, url, body, attributes))
+            try:
+                self.world.send_request(url, body, attributes, request_id=request_id)
+            except Exception as exc:  # noqa: BLE001 - the producer's own send was refused
+                self.expected_bad.discard(request_id)
+                self.world.history.note(self.clock(), "producer", f"send refused: {exc}")
+
+
+def _parameter(pool: str) -> str:
+    return f"/sfn-dispatcher/{pool}/limit"
+
+
+def _config_record(pool: str) -> str:
+    """Not read by the dispatcher: the harness records the config file's limit here, so the
+    checker finds the whole limit timeline in the history."""
+    return f"/sim/config/{pool}/limit"
+
+
+def _except_ssm(faults: Any) -> Any:
+    def decide(node: str, operation: str, params: Any) -> Any:
+        if operation == "GetParameter":
+            return faults("producer", operation, params)  # never faulted
+        return faults(node, operation, params)
+
+    return decide
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+__all__ = ["Outcome", "Run", "Scenario", "scenario", "simulate"]

@@ -1,0 +1,233 @@
+"""The nemesis: a seeded plan of faults, combined, for one simulation run.
+
+Two kinds of faults. *Call faults* are decided per AWS call (`Nemesis.call_fault`, given
+to the simulated AWS): a steady drizzle of lost requests, lost answers, 5xx answers
+before or after the effect, and throttles, plus *storms* (time windows in which one kind
+hits hard: throttling, 5xx, latency spikes past the client's deadline, a node cut off
+from AWS as a paused leader is). *Event faults* lose, duplicate, delay and so reorder
+status events. Process faults (crashes, SIGTERM, SIGHUP, limit changes, outside starts,
+redrives) are planned here as `Action` s and carried out by the harness.
+
+Every fault stops at ``quiet_at``: from then on the system must settle. The plan is a
+pure function of the seed, so a failing seed replays exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sim.aws import EventFault, EventInfo
+from sim.calls import NO_FAULT, CallFault
+
+STORM_MAX = 150.0
+"""The longest storm, in seconds (the checker's grace for outside starts covers it)."""
+STORM_KINDS = ("throttle", "server_error", "latency", "partition", "lost_answers")
+
+# Operations whose failure the dispatcher must survive; the producer's sends go around
+# the nemesis (they are the test's input, not the system under test).
+SFN_OPERATIONS = ("StartExecution", "DescribeExecution", "ListExecutions")
+
+
+@dataclass(frozen=True)
+class Storm:
+    """A window of heavy faults of one kind, on some operations or one node."""
+
+    kind: str
+    start: float
+    end: float
+    rate: float
+    operations: tuple[str, ...] = ()  # empty: every operation
+    node: str | None = None  # a partition cuts one node ("d1": every incarnation of it)
+    delay: float = 0.0  # latency storms: extra seconds on the request leg
+
+    def covers(self, now: float, node: str, operation: str) -> bool:
+        """Whether the storm hits this call."""
+        if not self.start <= now < self.end:
+            return False
+        if self.node is not None and node.split(".", maxsplit=1)[0] != self.node:
+            return False
+        return not self.operations or operation in self.operations
+
+
+@dataclass(frozen=True)
+class Action:
+    """Something the harness does to the system at ``time``."""
+
+    time: float
+    kind: str  # crash | sigterm | sighup | set_limit | outside_start | redrive
+    node: str = ""
+    value: int = 0  # set_limit / sighup: the new limit; outside_start: seconds to run
+    pool: str = ""
+
+
+@dataclass
+class Nemesis:
+    """The fault plan of one run; ``clock`` is the simulation's virtual time."""
+
+    rng: random.Random
+    clock: Callable[[], float]
+    quiet_at: float
+    drizzle: float  # probability of each drizzle fault per call
+    storms: list[Storm] = field(default_factory=list)
+    event_loss: float = 0.0
+    event_duplicate: float = 0.0
+    event_delay: float = 0.0  # events are delayed up to this long (reordering them)
+    actions: list[Action] = field(default_factory=list)
+    fired: dict[str, int] = field(default_factory=dict)
+
+    def _count(self, what: str) -> None:
+        self.fired[what] = self.fired.get(what, 0) + 1
+
+    # -- what the simulated AWS asks -------------------------------------------------------
+
+    def call_fault(self, node: str, operation: str, params: Mapping[str, Any]) -> CallFault:
+        """The fate of one call."""
+        del params
+        now = self.clock()
+        if now >= self.quiet_at or node == "producer":
+            return NO_FAULT
+        for storm in self.storms:
+            if storm.covers(now, node, operation) and self.rng.random() < storm.rate:
+                self._count(storm.kind)
+                return _storm_fault(storm, operation, self.rng)
+        roll = self.rng.random()
+        if roll >= len(_DRIZZLE) * self.drizzle:
+            return NO_FAULT
+        name, fault = _DRIZZLE[int(roll / self.drizzle)]
+        self._count(name)
+        return fault if fault is not None else CallFault(error=_throttle_code(operation))
+
+    def event_fault(self, info: EventInfo) -> EventFault:
+        """The fate of one status event."""
+        if info.time >= self.quiet_at:
+            return EventFault()
+        if self.rng.random() < self.event_loss:
+            self._count("event_lost")
+            return EventFault(lost=True)
+        duplicate = self.rng.random() < self.event_duplicate
+        delay = self.rng.uniform(0, self.event_delay) if self.event_delay else 0.0
+        if duplicate:
+            self._count("event_duplicated")
+        if delay:
+            self._count("event_delayed")
+        return EventFault(
+            duplicate=duplicate,
+            delay=delay,
+            duplicate_delay=self.rng.uniform(0, self.event_delay or 1.0),
+        )
+
+    @property
+    def faults_fired(self) -> int:
+        """How many faults hit so far (calls and events; actions not included)."""
+        return sum(self.fired.values())
+
+
+# The steady faults, equally likely (None: the operation's throttle error).
+_DRIZZLE: tuple[tuple[str, CallFault | None], ...] = (
+    ("lost_request", CallFault(drop_request=True)),
+    ("lost_answer", CallFault(drop_answer=True)),
+    ("5xx_before", CallFault(error="InternalFailure")),
+    ("5xx_after", CallFault(error="ServiceUnavailable", error_after=True)),
+    ("throttle", None),
+)
+
+
+def _throttle_code(operation: str) -> str:
+    if operation in SFN_OPERATIONS or operation.startswith(("Send", "Start", "Stop")):
+        return "ThrottlingException"
+    if operation in ("UpdateItem", "GetItem", "PutItem", "DescribeTable"):
+        return "ProvisionedThroughputExceededException"
+    if operation in ("GetParameter",):
+        return "ThrottlingException"
+    return "RequestThrottled"
+
+
+def _storm_fault(storm: Storm, operation: str, rng: random.Random) -> CallFault:
+    if storm.kind == "throttle":
+        return CallFault(error=_throttle_code(operation))
+    if storm.kind == "server_error":
+        return CallFault(error="ServiceUnavailable", error_after=rng.random() < 0.5)
+    if storm.kind == "latency":
+        return CallFault(request_delay=rng.uniform(0, storm.delay))
+    if storm.kind == "lost_answers":
+        return CallFault(drop_answer=True)
+    # A partition (a paused leader, a broken network): requests are held on the wire until
+    # the window ends; a client that gives up first closes the connection, and a request
+    # whose client gave up never arrives.
+    return CallFault(request_delay=max(0.0, storm.end - storm.start) * rng.uniform(0.5, 1.0))
+
+
+def plan(
+    rng: random.Random,
+    clock: Callable[[], float],
+    *,
+    quiet_at: float,
+    nodes: tuple[str, ...],
+    pools: Mapping[str, tuple[int, bool]],
+    operations: tuple[str, ...],
+) -> Nemesis:
+    """Draw a fault plan. ``pools`` maps pool name -> (limit, has an SSM limit)."""
+    intensity = rng.choice((0.0, 0.5, 1.0, 1.0, 2.0))
+    nemesis = Nemesis(
+        rng=rng,
+        clock=clock,
+        quiet_at=quiet_at,
+        drizzle=0.01 * intensity,
+        event_loss=rng.choice((0.0, 0.05, 0.2, 0.5, 1.0)) if intensity else 0.0,
+        event_duplicate=rng.choice((0.0, 0.1, 0.3)),
+        event_delay=rng.choice((0.0, 2.0, 10.0, 60.0)),
+    )
+    for _ in range(rng.randint(0, int(3 * intensity) + 1)):
+        kind = rng.choice(STORM_KINDS)
+        start = rng.uniform(0, quiet_at * 0.9)
+        end = min(quiet_at, start + rng.choice((rng.uniform(2, 60), rng.uniform(2, STORM_MAX))))
+        ops: tuple[str, ...] = ()
+        if kind in ("throttle", "server_error", "lost_answers"):
+            ops = (rng.choice(operations),) if rng.random() < 0.7 else ()
+        nemesis.storms.append(
+            Storm(
+                kind=kind,
+                start=start,
+                end=end,
+                rate=rng.uniform(0.3, 1.0),
+                operations=ops,
+                node=rng.choice(nodes) if kind == "partition" else None,
+                delay=rng.uniform(1, 30) if kind == "latency" else 0.0,
+            )
+        )
+    nemesis.actions = _actions(rng, quiet_at, nodes, pools, intensity)
+    return nemesis
+
+
+def _actions(
+    rng: random.Random,
+    quiet_at: float,
+    nodes: tuple[str, ...],
+    pools: Mapping[str, tuple[int, bool]],
+    intensity: float,
+) -> list[Action]:
+    actions: list[Action] = []
+
+    def at() -> float:
+        return rng.uniform(0, quiet_at)
+
+    actions += [
+        Action(at(), rng.choice(("crash", "crash", "sigterm")), rng.choice(nodes))
+        for _ in range(rng.randint(0, int(2 * intensity) + 1))
+    ]
+    for name, (limit, parameter) in pools.items():
+        for _ in range(rng.randint(0, 2)):
+            new = max(0, limit + rng.randint(-limit, limit))
+            kind = "set_limit" if parameter else "sighup"
+            actions.append(Action(at(), kind, rng.choice(nodes), new, name))
+        actions += [
+            Action(at(), "outside_start", "", rng.randint(1, 30), name)
+            for _ in range(rng.randint(0, 2))
+        ]
+        if rng.random() < 0.3:
+            actions.append(Action(at(), "redrive", "", rng.randint(1, 20), name))
+    actions.sort(key=lambda a: a.time)
+    return actions

@@ -1,0 +1,406 @@
+"""The checker catches every broken rule in hand-built histories and passes clean ones."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+
+from dispatcher.requests import key_tag
+from sim.aws import World
+from sim.checker import CheckSpec, PoolSpec, Violation, check, limit_at, max_concurrency
+from sim.history import OUTSIDE, History
+from tests.test_sim_aws import make_world, virtual
+
+REGION_ACCOUNT = "eu-west-1:123456789012"
+MACHINE = f"arn:aws:states:{REGION_ACCOUNT}:stateMachine:work"
+QUEUE = "https://sqs.eu-west-1.amazonaws.com/123456789012/requests"
+DLQ = "https://sqs.eu-west-1.amazonaws.com/123456789012/dead"
+
+
+def spec(**overrides: Any) -> CheckSpec:
+    """Limit 2 on one machine, one request queue, settled 60 s after quiet at 100."""
+    values: dict[str, Any] = {
+        "pools": {MACHINE: PoolSpec(limit=2)},
+        "request_queues": frozenset({QUEUE}),
+        "dead_letter_queue": DLQ,
+        "quiet_at": 100.0,
+        "settle_bound": 60.0,
+    }
+    values.update(overrides)
+    return CheckSpec(**values)
+
+
+def execution_arn(name: str) -> str:
+    """The ARN of execution ``name`` of the machine."""
+    return f"arn:aws:states:{REGION_ACCOUNT}:execution:work:{name}"
+
+
+def run(
+    history: History,
+    name: str,
+    start: float,
+    stop: float | None = None,
+    *,
+    node: str = "d1",
+    input: str | None = None,
+) -> str:
+    """An execution ``name`` running from ``start`` to ``stop``."""
+    arn = execution_arn(name)
+    history.execution_started(
+        start,
+        node,
+        arn=arn,
+        state_machine_arn=MACHINE,
+        name=name,
+        input=input if input is not None else json.dumps({"name": name}),
+    )
+    if stop is not None:
+        history.execution_ended(stop, arn, "SUCCEEDED")
+    return arn
+
+
+def request(
+    history: History,
+    request_id: str,
+    message_id: str,
+    at: float = 0.0,
+    *,
+    body: str | None = None,
+    attributes: dict[str, str] | None = None,
+) -> None:
+    """A producer's request message."""
+    history.request_sent(
+        at,
+        "producer",
+        request_id=request_id,
+        queue_url=QUEUE,
+        message_id=message_id,
+        body=body if body is not None else json.dumps({"request": request_id}),
+        attributes=attributes or {},
+    )
+
+
+def delete(history: History, message_id: str, at: float, *, deleted: bool = True) -> None:
+    """A delete of a request message."""
+    history.message_deleted(at, "d1", queue_url=QUEUE, message_id=message_id, deleted=deleted)
+
+
+def dead_letter(history: History, message_id: str, at: float, reason: str = "invalid_json") -> None:
+    """A dead-letter copy the dispatcher sent."""
+    history.message_sent(
+        at,
+        "d1",
+        queue_url=DLQ,
+        message_id=f"dl-{message_id}",
+        body="not json",
+        attributes={
+            "dispatcher-reason": reason,
+            "dispatcher-original-message-id": message_id,
+        },
+    )
+
+
+def kinds(violations: list[Violation]) -> list[str]:
+    """The kinds of the violations, in order."""
+    return [v.kind for v in violations]
+
+
+def served(history: History, request_id: str, message_id: str, start: float, stop: float) -> None:
+    """A request whose execution (named after the message) ran, then was deleted."""
+    request(history, request_id, message_id, start - 1)
+    run(history, message_id, start, stop, input=json.dumps({"request": request_id}))
+    delete(history, message_id, start + 0.5)
+
+
+# -- a clean history --------------------------------------------------------------------------
+
+
+def test_a_clean_history_passes() -> None:
+    history = History()
+    served(history, "q1", "m1", 1, 10)
+    served(history, "q2", "m2", 2, 11)
+    served(history, "q3", "m3", 10, 20)  # starts as m1 ends: two running
+    served(history, "q4", "m4", 11, 21)
+    assert check(history, spec()) == []
+    assert max_concurrency(history, MACHINE) == 2
+
+
+# -- rule 1: limits ---------------------------------------------------------------------------
+
+
+def test_one_too_many_running_is_caught() -> None:
+    history = History()
+    run(history, "a", 1, 10)
+    run(history, "b", 2, 10)
+    run(history, "c", 3, 10)
+    [violation] = check(history, spec())
+    assert violation.kind == "limit"
+    assert violation.time == 3
+    assert "3 running" in violation.message
+    assert "limit 2" in violation.message
+    assert MACHINE in violation.message
+    assert max_concurrency(history, MACHINE) == 3
+
+
+def test_simultaneous_starts_count_each_other() -> None:
+    history = History()
+    run(history, "a", 1, 10)
+    run(history, "b", 1, 10)
+    run(history, "c", 1, 10)
+    assert kinds(check(history, spec())) == ["limit"]
+
+
+def test_outside_runs_count_after_their_grace() -> None:
+    history = History()
+    run(history, "console", 0, 100, node=OUTSIDE)
+    run(history, "a", 1, 100)
+    run(history, "b", 2, 100)  # the outside run is not knowable yet: 2 of 2
+    assert check(history, spec(outside_grace=5.0)) == []
+    run(history, "c", 6, 100)  # now it counts: 4 of 2
+    [violation] = check(history, spec(outside_grace=5.0))
+    assert (violation.kind, violation.time) == ("limit", 6)
+    assert "4 running" in violation.message
+
+
+def test_redrives_are_outside_runs() -> None:
+    history = History()
+    a = run(history, "a", 0, 5)
+    run(history, "b", 1, 100)
+    history.execution_redriven(6, OUTSIDE, a)
+    run(history, "c", 7, 100)  # b and c: the redrive is 1 s old, not knowable yet
+    assert check(history, spec(outside_grace=2.0)) == []
+    run(history, "d", 9, 100)  # b, c, d and the redriven a
+    [violation] = check(history, spec(outside_grace=2.0))
+    assert (violation.kind, violation.time) == ("limit", 9)
+    assert "4 running" in violation.message
+
+
+def test_a_lowered_limit_is_judged_after_the_staleness() -> None:
+    history = History()
+    for i in range(4):
+        run(history, f"r{i}", i + 1, 100)
+    history.parameter_put(10, "/limit", "2", 2)
+    pool = {MACHINE: PoolSpec(limit=5, parameter="/limit")}
+    run(history, "r4", 11, 100)  # 5 of 5: the old limit may still be in force
+    assert check(history, spec(pools=pool, staleness=3.0)) == []
+    run(history, "r5", 14, 100)  # 6 of 2
+    [violation] = check(history, spec(pools=pool, staleness=3.0))
+    assert (violation.kind, violation.time) == ("limit", 14)
+    assert "limit 2" in violation.message
+
+
+def test_a_value_that_is_not_a_limit_keeps_the_limit() -> None:
+    history = History()
+    history.parameter_put(0, "/limit", "lots", 1)
+    pool = {MACHINE: PoolSpec(limit=1, parameter="/limit")}
+    run(history, "a", 1, 10)
+    run(history, "b", 2, 10)
+    assert kinds(check(history, spec(pools=pool))) == ["limit"]
+    timeline = history.limit_timeline("/limit", 1)
+    assert limit_at(timeline, 5, 0) == 1
+
+
+def test_per_key_limit() -> None:
+    history = History()
+    alice, bob = key_tag("alice"), key_tag("bob")
+    run(history, f"k{alice}_1", 1, 10)
+    run(history, f"k{bob}_1", 2, 10)
+    pool = {MACHINE: PoolSpec(limit=10, per_key_limit=1)}
+    assert check(history, spec(pools=pool)) == []
+    run(history, f"k{alice}_2", 3, 10)
+    [violation] = check(history, spec(pools=pool))
+    assert violation.kind == "key_limit"
+    assert alice in violation.message
+
+
+# -- rule 2: one execution per request --------------------------------------------------------
+
+
+def test_two_executions_for_one_request_are_caught() -> None:
+    history = History()
+    request(history, "q1", "m1", body='{"order": 1}')
+    run(history, "m1", 1, 5, input='{"order": 1}')
+    run(history, "random-name", 2, 5, input='{"order":1}')  # same input, another name
+    violations = check(history, spec())
+    assert kinds(violations) == ["duplicate_execution"]
+    assert "q1" in violations[0].message
+
+
+def test_a_producer_retry_with_the_same_key_is_one_request() -> None:
+    history = History()
+    tag = key_tag("tenant")
+    for message_id in ("m1", "m2"):
+        request(history, "q1", message_id, attributes={"idempotency-key": "order-1"})
+    run(history, f"k{tag}_order-1", 1, 5)
+    delete(history, "m1", 2)
+    delete(history, "m2", 3)
+    assert check(history, spec()) == []
+    # Started again under the message id (the key ignored): a second execution.
+    run(history, "m2", 4, 8, input=json.dumps({"request": "q1"}))
+    assert "duplicate_execution" in kinds(check(history, spec()))
+
+
+# -- rule 3: no request lost ------------------------------------------------------------------
+
+
+def test_a_request_without_execution_is_lost() -> None:
+    history = History()
+    request(history, "q1", "m1", 5)
+    [violation] = check(history, spec())
+    assert (violation.kind, violation.time) == ("lost_request", 160.0)
+    assert "q1" in violation.message
+    run(history, "m1", 170, 175)  # too late
+    assert kinds(check(history, spec())) == ["lost_request"]
+
+
+def test_a_late_request_gets_its_own_settle_time() -> None:
+    history = History()
+    request(history, "q1", "m1", 150)
+    run(history, "m1", 200, 205)
+    assert check(history, spec()) == []
+
+
+def test_a_dead_letter_copy_with_a_reason_settles_a_request() -> None:
+    history = History()
+    request(history, "q1", "m1", body="not json")
+    dead_letter(history, "m1", 3)
+    delete(history, "m1", 4)
+    assert check(history, spec(expected_bad=frozenset({"q1"}))) == []
+    assert check(history, spec()) == []
+
+
+def test_a_copy_without_a_reason_does_not_count() -> None:
+    history = History()
+    request(history, "q1", "m1")
+    history.message_sent(
+        3, "d1", queue_url=DLQ, message_id="x", body="{}",
+        attributes={"dispatcher-original-message-id": "m1"},
+    )  # fmt: skip
+    assert kinds(check(history, spec())) == ["lost_request"]
+
+
+def test_a_redrive_move_is_a_violation_for_a_valid_request() -> None:
+    history = History()
+    request(history, "q1", "m1")
+    history.message_moved(
+        40, source_url=QUEUE, target_url=DLQ, message_id="m1", body="{}", attributes={}
+    )
+    assert kinds(check(history, spec())) == ["redrive_move", "lost_request"]
+    assert check(history, spec(expected_bad=frozenset({"q1"}))) == []
+
+
+def test_a_bad_request_must_not_start_and_must_be_dead_lettered() -> None:
+    history = History()
+    request(history, "q1", "m1", body="not json")
+    assert kinds(check(history, spec(expected_bad=frozenset({"q1"})))) == ["lost_request"]
+    run(history, "m1", 2, 3, input="{}")
+    assert "bad_request_started" in kinds(check(history, spec(expected_bad=frozenset({"q1"}))))
+
+
+# -- rule 4: no delete before the execution or the dead-letter copy ---------------------------
+
+
+def test_a_delete_before_the_start_is_caught() -> None:
+    history = History()
+    request(history, "q1", "m1")
+    delete(history, "m1", 1)
+    run(history, "m1", 2, 5)
+    [violation] = check(history, spec())
+    assert (violation.kind, violation.time) == ("early_delete", 1)
+    assert "m1" in violation.message
+
+
+def test_a_delete_before_the_dead_letter_copy_is_caught() -> None:
+    history = History()
+    request(history, "q1", "m1", body="not json")
+    delete(history, "m1", 1)
+    dead_letter(history, "m1", 2)
+    assert kinds(check(history, spec(expected_bad=frozenset({"q1"})))) == ["early_delete"]
+
+
+def test_a_stale_handle_delete_deletes_nothing_and_is_fine() -> None:
+    history = History()
+    request(history, "q1", "m1")
+    delete(history, "m1", 1, deleted=False)
+    run(history, "m1", 2, 5)
+    delete(history, "m1", 3)
+    assert check(history, spec()) == []
+
+
+def test_deleting_after_an_earlier_execution_of_the_request_is_fine() -> None:
+    history = History()
+    request(history, "q1", "m1", 0, attributes={"idempotency-key": "k"})
+    run(history, "k", 1, 5)
+    request(history, "q1", "m2", 10, attributes={"idempotency-key": "k"})  # retry
+    delete(history, "m2", 11)  # ExecutionAlreadyExists on a closed execution: done
+    delete(history, "m1", 12)
+    assert check(history, spec()) == []
+
+
+# -- histories recorded by the simulated world ------------------------------------------------
+
+
+async def _mini_dispatcher(world: World, queue: str, machine: str, *, careful: bool) -> None:
+    """Receive, start, delete; ``careful=False`` deletes first and ignores the limit."""
+    sqs = world.client("sqs", "d1")
+    sfn = world.client("stepfunctions", "d1")
+    running: dict[str, float] = {}
+    while anyio.current_time() < 60:
+        now = anyio.current_time()
+        running = {arn: end for arn, end in running.items() if end > now}
+        if careful and len(running) >= 2:
+            await anyio.sleep(min(running.values()) - now + 0.001)
+            continue
+        got = await sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=1, WaitTimeSeconds=1)
+        for message in got.get("Messages", []):
+            if not careful:
+                await sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
+            started = await sfn.start_execution(
+                stateMachineArn=machine, name=message["MessageId"], input=message["Body"]
+            )
+            running[started["executionArn"]] = anyio.current_time() + 3.5
+            if careful:
+                await sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
+
+
+def _simulate(*, careful: bool) -> list[Violation]:
+    found: list[Violation] = []
+
+    @virtual
+    async def scenario() -> None:
+        world = make_world()
+        machine = world.create_state_machine("work")
+        dead = world.create_queue("dead")
+        queue = world.create_queue("requests", dead_letter=dead)
+        for i in range(6):
+            world.send_request(queue, json.dumps({"seconds": 3, "i": i}), {}, request_id=f"q{i}")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(world.run)
+            await _mini_dispatcher(world, queue, machine, careful=careful)
+            tg.cancel_scope.cancel()
+        found.extend(
+            check(
+                world.history,
+                CheckSpec(
+                    pools={machine: PoolSpec(limit=2)},
+                    request_queues=frozenset({queue}),
+                    dead_letter_queue=dead,
+                    quiet_at=0.0,
+                    settle_bound=50.0,
+                ),
+            )
+        )
+
+    scenario()
+    return found
+
+
+def test_a_careful_dispatcher_in_the_world_passes() -> None:
+    assert _simulate(careful=True) == []
+
+
+def test_a_careless_dispatcher_in_the_world_is_caught() -> None:
+    found = set(kinds(_simulate(careful=False)))
+    assert found == {"limit", "early_delete"}
