@@ -21,6 +21,7 @@ nobody to give them back.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,7 +37,7 @@ from dispatcher.health import Health
 from dispatcher.layout import Layout
 from dispatcher.metrics import Metrics
 from dispatcher.pool import Pool
-from dispatcher.queues import RequestQueue
+from dispatcher.queues import RequestQueue, receive_count
 from dispatcher.rate import RateLimiters
 from dispatcher.requests import BadRequest, key_tag, keyed, parse, string_attributes
 from dispatcher.starter import IntakeStats, Starter, Waiting
@@ -63,6 +64,7 @@ class Intake:
         health: Health,
         limiters: RateLimiters,
         dead_letter_max_size: int = DEFAULT_MAX_SIZE,
+        max_receive_counts: Mapping[str, int] | None = None,
     ) -> None:
         self.settings = settings
         self.sqs = clients.sqs
@@ -78,6 +80,10 @@ class Intake:
             dead_letter_max_size=dead_letter_max_size,
         )
         self.queues = [RequestQueue(clients.sqs, q) for q in layout.queues]
+        for queue in self.queues:
+            queue.max_receive_count = (max_receive_counts or {}).get(queue.url)
+            queue.last_chance = functools.partial(self._last_chance, queue)
+        self._late: list[tuple[RequestQueue, dict[str, Any]]] = []  # received while stopping
         self._waiting_from: dict[tuple[str, str], int] = {
             (q.url, p): 0 for q in layout.queues for p in q.pools
         }
@@ -112,9 +118,11 @@ class Intake:
                             for _ in range(self.settings.receive_concurrency):
                                 receivers.start_soon(self._receive_loop, queue)
                         await self._dispatch_until_stopped(task_status)
-                # Receives admit nothing once stopping (they hand back what they get); this
-                # pass catches a request admitted in a race with `stop`, should there be one.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                # Receives admit nothing once stopping (what they brought goes back now that
+                # the last has answered); this pass also catches a request admitted in a race
+                # with `stop`, should there be one.
+                with anyio.CancelScope(shield=not self.starter.force), anyio.move_on_after(10):
+                    await self._hand_back_late()
                     await self.hand_back_waiting()
             finally:
                 for queue in self.queues:
@@ -232,16 +240,36 @@ class Intake:
         return len(messages)
 
     async def _hand_back_received(self, queue: RequestQueue, messages: list[Any]) -> None:
-        """Stopping: make messages just received visible again at once."""
-        handles = [str(m["ReceiptHandle"]) for m in messages]
-        with anyio.CancelScope(shield=not self.starter.force), anyio.move_on_after(10):
-            failed = await queue.set_visibility(handles, 0)
-            log.info(
-                "dispatcher.received_while_stopping",
-                queue=queue.url,
-                count=len(handles),
-                handed_back=len(handles) - len(failed),
-            )
+        """Stopping: keep what a receive brought aside; it goes back (visible at once) when
+        the last receive in flight has answered, so another of this process's long polls
+        cannot take it again (each receive counts towards the redrive policy)."""
+        self._late += [(queue, m) for m in messages]
+        log.info("dispatcher.received_while_stopping", queue=queue.url, count=len(messages))
+
+    async def _hand_back_late(self) -> None:
+        """Hand back what receives brought while stopping (see `_hand_back_received`)."""
+        late, self._late = self._late, []
+        for queue in self.queues:
+            mine = [m for q, m in late if q is queue]
+            if mine:
+                handed = await queue.hand_back_all(mine, "received while stopping")
+                log.info("dispatcher.late_requests_handed_back", queue=queue.url, count=handed)
+
+    async def _last_chance(self, queue: RequestQueue, message: Mapping[str, Any], why: str) -> bool:
+        """A valid request that would be handed back on its last receive: dead-letter it
+        with the reason (SQS would move it there on its own, without one)."""
+        if self.settings.dead_letter_queue_url is None:
+            return False
+        names = queue.config.pools
+        pool = names[0] if len(names) == 1 else UNROUTED
+        detail = (
+            f"received {receive_count(message)} times, the queue's maxReceiveCount "
+            f"({queue.max_receive_count}), and it had to go back ({why}): SQS would have moved "
+            "it to the dead-letter queue on its next receive without a reason. Raise "
+            "maxReceiveCount; redrive it from the dead-letter queue to run it"
+        )
+        await self.starter.dead_letter(queue, pool, dict(message), "receive_limit", detail)
+        return True
 
     async def admit(self, queue: RequestQueue, message: dict[str, Any]) -> None:
         """Route one message to its pool's waiting room, dead-letter it, or defer it."""
@@ -271,9 +299,11 @@ class Intake:
             pool.clock(),
             bound.bind(pool=pool.name, execution_name=request.name),
         )
-        # A request a free slot is waiting for gets in even when the room is full.
+        # A request a free slot is waiting for gets in even when the room is full; so does
+        # one on its last receive (deferred, SQS would move it away without a reason).
         can_start_now = pool.key_ok(key) and pool.ledger.free > pool.room.startable(pool.key_ok)
-        if pool.room.offer(entry, priority=queue.priority, key=key, beyond_capacity=can_start_now):
+        beyond = can_start_now or queue.is_last_receive(message)
+        if pool.room.offer(entry, priority=queue.priority, key=key, beyond_capacity=beyond):
             self._waiting_from[queue.url, pool.name] += 1
             pool.update()
             return
@@ -282,7 +312,9 @@ class Intake:
         delay = pool.defer_seconds(key)
         self.stats.deferred += 1
         self.metrics.deferred.labels(pool=pool.name).inc()
-        await queue.hand_back(request.receipt_handle, delay, entry.bound, "waiting room full")
+        await queue.hand_back(
+            request.receipt_handle, delay, entry.bound, "waiting room full", message=message
+        )
 
     def _route(self, queue: RequestQueue, message: dict[str, Any]) -> Pool | str:
         """The pool a message is for, or why it names none."""
@@ -353,11 +385,11 @@ class Intake:
             entries: list[Waiting] = pool.room.drain()
             pool.update()
             for queue in self.queues:
-                handles = [e.request.receipt_handle for e in entries if e.queue is queue]
-                if handles:
-                    await queue.set_visibility(handles, 0)
-                    self._waiting_from[queue.url, pool.name] -= len(handles)
-                    handed += len(handles)
+                messages = [e.message for e in entries if e.queue is queue]
+                if messages:
+                    await queue.hand_back_all(messages, "waiting at shutdown")
+                    self._waiting_from[queue.url, pool.name] -= len(messages)
+                    handed += len(messages)
         if handed:
             log.info("dispatcher.waiting_handed_back", count=handed)
         return handed

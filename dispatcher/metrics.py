@@ -197,6 +197,7 @@ DEAD_LETTER_REASONS = (
     "input_too_large",
     "invalid_idempotency_key",
     "idempotency_conflict",
+    "receive_limit",
     "InvalidExecutionInput",
     "InvalidName",
     "ValidationException",

@@ -189,8 +189,7 @@ class Pool:
         back yet are remembered (each is a message hidden in SQS for at most 15 min), so
         memory does not grow with the number of keys ever seen."""
         now = self.clock()
-        while self._returns and self._returns[0][0] <= now:
-            self._forget_earliest()
+        self.forget_returned_deferrals()
         ledger = self.ledger
         lanes = ledger.per_key_limit if key is not None and ledger.per_key_limit else ledger.limit
         ahead = self.room.count(key=key) + self._deferred.get(key, 0)
@@ -200,6 +199,12 @@ class Pool:
         if len(self._returns) > MAX_TRACKED_DEFERRALS:
             self._forget_earliest()
         return delay
+
+    def forget_returned_deferrals(self) -> None:
+        """Forget the deferrals that are back (their keys too, once none is left)."""
+        now = self.clock()
+        while self._returns and self._returns[0][0] <= now:
+            self._forget_earliest()
 
     def _forget_earliest(self) -> None:
         """Drop the deferral that returns first (and its key, once it has none left)."""

@@ -7,7 +7,7 @@ queues never acknowledges a message on the wrong one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -23,6 +23,17 @@ log = structlog.get_logger("dispatcher.queues")
 
 MAX_VISIBILITY = 43_200  # SQS: 12 hours
 
+LastChance = Callable[[Mapping[str, Any], str], Awaitable[bool]]
+"""Dead-letters a valid request on its last receive, with the reason; False if it cannot."""
+
+
+def receive_count(message: Mapping[str, Any]) -> int:
+    """How many times SQS has delivered the message (0 when it did not say)."""
+    try:
+        return int((message.get("Attributes") or {}).get("ApproximateReceiveCount", 0))
+    except (TypeError, ValueError):
+        return 0
+
 
 class RequestQueue:
     """The SQS side effects of one request queue (deletes batched while `deleter` runs)."""
@@ -34,6 +45,14 @@ class RequestQueue:
         self.priority = config.priority
         self.deleter: DeleteBatcher | None = None
         self.received = 0
+        self.max_receive_count: int | None = None  # the redrive policy's, read at start-up
+        self.last_chance: LastChance | None = None
+
+    def is_last_receive(self, message: Mapping[str, Any]) -> bool:
+        """Whether handing ``message`` back would let SQS move it to the dead-letter queue
+        without a reason on its next receive (its redrive policy's maxReceiveCount)."""
+        limit = self.max_receive_count
+        return limit is not None and receive_count(message) >= limit
 
     async def delete(self, receipt_handle: str, bound: Any) -> None:
         """Delete one message (after its execution exists, or it was dead-lettered)."""
@@ -45,8 +64,25 @@ class RequestQueue:
         except Exception as exc:  # noqa: BLE001 - redelivery maps to the same name: safe
             bound.warning("dispatcher.delete_failed", error=str(exc))
 
-    async def hand_back(self, receipt_handle: str, delay: int, bound: Any, why: str) -> None:
-        """Make one message visible again after ``delay`` seconds."""
+    async def hand_back(
+        self,
+        receipt_handle: str,
+        delay: int,
+        bound: Any,
+        why: str,
+        *,
+        message: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Make one message visible again after ``delay`` seconds. A valid request
+        (``message`` given) on its last receive is dead-lettered with the reason instead:
+        handed back, SQS would move it there on its own, without one."""
+        if (
+            message is not None
+            and self.last_chance is not None
+            and self.is_last_receive(message)
+            and await self.last_chance(message, why)
+        ):
+            return
         try:
             await self.sqs.change_message_visibility(
                 QueueUrl=self.url, ReceiptHandle=receipt_handle, VisibilityTimeout=delay
@@ -54,6 +90,21 @@ class RequestQueue:
             bound.info("dispatcher.request_handed_back", why=why, visible_in=delay)
         except Exception as exc:  # noqa: BLE001 - it becomes visible at its timeout anyway
             bound.warning("dispatcher.hand_back_failed", error=str(exc))
+
+    async def hand_back_all(self, messages: Sequence[Mapping[str, Any]], why: str) -> int:
+        """Make many valid requests visible again at once (those on their last receive are
+        dead-lettered with the reason instead); returns how many went back."""
+        back = []
+        for message in messages:
+            if (
+                self.last_chance is not None
+                and self.is_last_receive(message)
+                and await self.last_chance(message, why)
+            ):
+                continue
+            back.append(str(message["ReceiptHandle"]))
+        failed = await self.set_visibility(back, 0) if back else set()
+        return len(back) - len(failed)
 
     async def set_visibility(self, receipt_handles: Sequence[str], seconds: int) -> set[str]:
         """Set the visibility of many messages (batches of ten); return the handles that

@@ -300,6 +300,7 @@ class Dispatcher:
             health=self.health,
             limiters=self.limiters,
             dead_letter_max_size=self.preflight.dead_letter_max_size,
+            max_receive_counts=self.preflight.max_receive_counts,
         )
         if lease is not None:
             self.intake.set_may_start(lease.valid)

@@ -130,14 +130,20 @@ class Starter:
                 self._check_not_stopping(2)
                 await self._start(entry, reservation, handling)
         except AbandonedError:
-            await entry.queue.hand_back(entry.request.receipt_handle, 0, entry.bound, "stopping")
+            await entry.queue.hand_back(
+                entry.request.receipt_handle, 0, entry.bound, "stopping", message=entry.message
+            )
         finally:
             del self.stats.in_flight[ident]
             self._settle_slot(entry, reservation, handling)
         if handling.scope.cancelled_caught and not self.force:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await entry.queue.hand_back(
-                    entry.request.receipt_handle, 0, entry.bound, "shutting down"
+                    entry.request.receipt_handle,
+                    0,
+                    entry.bound,
+                    "shutting down",
+                    message=entry.message,
                 )
 
     def _release(self, pool: Pool, reservation: Reservation) -> None:
@@ -275,7 +281,11 @@ class Starter:
             self.metrics.starts.labels(pool=entry.pool.name, outcome="in_doubt").inc()
             entry.bound.warning("dispatcher.start_gave_up", error=str(exc), in_doubt=True)
             await entry.queue.hand_back(
-                entry.request.receipt_handle, 30, entry.bound, "start outcome unknown"
+                entry.request.receipt_handle,
+                30,
+                entry.bound,
+                "start outcome unknown",
+                message=entry.message,
             )
             return
         self._release(entry.pool, reservation)
@@ -288,7 +298,11 @@ class Starter:
             self.metrics.starts.labels(pool=entry.pool.name, outcome="retried").inc()
             entry.bound.warning("dispatcher.start_gave_up", error=str(exc))
             await entry.queue.hand_back(
-                entry.request.receipt_handle, 30, entry.bound, "start kept failing"
+                entry.request.receipt_handle,
+                30,
+                entry.bound,
+                "start kept failing",
+                message=entry.message,
             )
 
     def _commit(self, pool: Pool, reservation: Reservation, arn: str) -> None:
@@ -315,7 +329,9 @@ class Starter:
             # which only says the describe lags: the slot stays held, in doubt.
             handling.doubt = True
             bound.warning("dispatcher.describe_failed", execution_arn=arn, error=str(exc))
-            await entry.queue.hand_back(request.receipt_handle, 30, bound, "describe failed")
+            await entry.queue.hand_back(
+                request.receipt_handle, 30, bound, "describe failed", message=entry.message
+            )
             return
         existing = described.get("input")
         if existing is not None and not _same_json(existing, request.input):

@@ -3,9 +3,10 @@ what to fix. (`sfn-dispatcher check` goes much further; this is the minimum to s
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -21,6 +22,8 @@ class Preflight:
     """What the start-up checks read that the run needs."""
 
     dead_letter_max_size: int = DEFAULT_MAX_SIZE  # the dead-letter queue's MaximumMessageSize
+    max_receive_counts: Mapping[str, int] = field(default_factory=dict)
+    """Request queue URL -> its redrive policy's maxReceiveCount (queues that have one)."""
 
 
 async def preflight(settings: Settings, layout: Layout, clients: Clients) -> Preflight:
@@ -42,8 +45,9 @@ async def preflight(settings: Settings, layout: Layout, clients: Clients) -> Pre
                 "sqs:GetQueueAttributes permission"
             ) from None
         attributes[url] = {str(k): v for k, v in response.get("Attributes", {}).items()}
+    receives = {q.url: n for q in layout.queues if (n := _max_receives(attributes[q.url]))}
     if settings.dead_letter_queue_url:
-        return Preflight(_max_size(attributes[settings.dead_letter_queue_url]))
+        return Preflight(_max_size(attributes[settings.dead_letter_queue_url]), receives)
     for queue in layout.queues:
         if not attributes[queue.url].get("RedrivePolicy"):
             raise UserError(
@@ -51,7 +55,15 @@ async def preflight(settings: Settings, layout: Layout, clients: Clients) -> Pre
                 "DISPATCHER_DEAD_LETTER_QUEUE_URL, or give the request queue a redrive policy "
                 "(maxReceiveCount) to a dead-letter queue"
             )
-    return Preflight()
+    return Preflight(max_receive_counts=receives)
+
+
+def _max_receives(attributes: Mapping[str, str]) -> int | None:
+    """The maxReceiveCount of a queue's redrive policy (None: no policy, or unreadable)."""
+    try:
+        return int(json.loads(attributes["RedrivePolicy"])["maxReceiveCount"])
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def _max_size(attributes: Mapping[str, str]) -> int:

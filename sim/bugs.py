@@ -11,7 +11,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from collections import deque
+
 from dispatcher.ledger import Reservation
+from dispatcher.pool import MAX_DEFER_SECONDS, Pool
 from dispatcher.service import Dispatcher
 from dispatcher.starter import Starter, Waiting, _Handling
 
@@ -40,6 +43,32 @@ def _old_settle(self: Dispatcher) -> float:
     return 3.0 if self.settings.lease_table is not None else 0.0
 
 
+def _old_defer_seconds(self: Pool, key: str | None) -> int:
+    """Before the fix: a deque of return times for every key ever deferred."""
+    now = self.clock()
+    pending = self._deferred.setdefault(key, deque())  # type: ignore[arg-type]
+    while pending and pending[0] <= now:  # type: ignore[operator]
+        pending.popleft()  # type: ignore[attr-defined]
+    ledger = self.ledger
+    lanes = ledger.per_key_limit if key is not None and ledger.per_key_limit else ledger.limit
+    ahead = self.room.count(key=key) + len(pending)  # type: ignore[arg-type]
+    delay = int(min(MAX_DEFER_SECONDS, max(1.0, ahead / max(1, lanes) * self.run_time())))
+    pending.append(now + delay)  # type: ignore[attr-defined]
+    return delay
+
+
+def _old_forget(self: Pool) -> None:
+    """Before the fix: returned deferrals leave their key's (empty) deque behind."""
+    now = self.clock()
+    for pending in self._deferred.values():
+        while pending and pending[0] <= now:  # type: ignore[attr-defined]
+            pending.popleft()  # type: ignore[attr-defined]
+
+
+def _old_pending(self: Pool) -> int:
+    return sum(len(p) for p in self._deferred.values())  # type: ignore[arg-type]
+
+
 BUGS: dict[str, Bug] = {
     "lost-answer-frees-slot": Bug(
         "issue 11 bug 1: a start whose answers were lost until give-up frees its slot",
@@ -50,6 +79,19 @@ BUGS: dict[str, Bug] = {
         patches=((Dispatcher, "settle_seconds", _old_settle),),
         settings=(("start_timeout", 60.0),),
         old_start_client=True,
+    ),
+    "deferrals-never-forgotten": Bug(
+        "issue 11 bug 3: deferral state is kept for every key ever deferred",
+        patches=(
+            (Pool, "defer_seconds", _old_defer_seconds),
+            (Pool, "forget_returned_deferrals", _old_forget),
+            (Pool, "deferrals_pending", property(_old_pending)),
+        ),
+    ),
+    "takeover-without-waiting": Bug(
+        "issue 11 bug 2, the lease half: a new holder lists 3 s after taking the lease, "
+        "a restarted process at once (D-bounded starts kept)",
+        patches=((Dispatcher, "settle_seconds", _old_settle),),
     ),
 }
 

@@ -49,7 +49,7 @@ DISPATCHER = {
     "shutdown_timeout": 20.0,
     "http_port": 0,
 }
-MAX_RECEIVE_COUNT = 5  # the deploy template's default
+MAX_RECEIVE_COUNT = 20  # the deploy template's default
 STOP_TIMEOUT = 30.0  # ECS: SIGKILL this long after SIGTERM
 KEY_ATTRIBUTE = "tenant"
 POOL_ATTRIBUTE = "pool"
@@ -64,6 +64,7 @@ class PoolPlan:
     parameter: bool  # the limit lives in SSM (else: the config file, changed by SIGHUP)
     per_key_limit: int | None  # keyed by the tenant attribute when set
     priorities: bool  # fed by two queues of different priority
+    max_waiting: int = 100  # the waiting room (small: requests are deferred)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class Scenario:
     quiet_at: float
     max_seconds: int  # executions run 0..max_seconds
     settings: tuple[tuple[str, Any], ...] = ()  # this seed's [dispatcher] settings, varied
+    tenants: int = 3  # distinct tenants of keyed pools (many: each request its own, mostly)
 
 
 def scenario(seed: int) -> Scenario:
@@ -93,6 +95,7 @@ def scenario(seed: int) -> Scenario:
                 parameter=rng.random() < 0.4,
                 per_key_limit=rng.choice((None, None, 1, 2)),
                 priorities=rng.random() < 0.3,
+                max_waiting=rng.choice((100, 100, 2, 4)),
             )
         )
     return Scenario(
@@ -107,6 +110,7 @@ def scenario(seed: int) -> Scenario:
             ("start_retry_timeout", rng.choice((10.0, 30.0, 120.0))),
             ("reconcile_interval", rng.choice((10.0, 30.0))),
         ),
+        tenants=rng.choice((3, 3, 1000)),
     )
 
 
@@ -148,6 +152,7 @@ class Run:
         self.clock: Callable[[], float] = loop.now
         self.world = World(clock=self.clock, rng=random.Random(f"aws-{seed}"), config=WorldConfig())
         self.errors: list[str] = []
+        self.memory: list[Violation] = []
         self.nodes = ("d1", "d2") if self.plan.lease else ("d1",)
         self.incarnations: dict[str, tuple[str, Dispatcher | None, anyio.CancelScope]] = {}
         self.restart_after: dict[str, float] = dict.fromkeys(self.nodes, 0.0)
@@ -235,6 +240,7 @@ class Run:
                 lines.append(f'limit_parameter = "{_parameter(pool.name)}"')
             if pool.per_key_limit is not None:
                 lines += [
+                    f"max_waiting = {pool.max_waiting}",
                     f'key_attribute = "{KEY_ATTRIBUTE}"',
                     f"per_key_limit = {pool.per_key_limit}",
                 ]
@@ -273,7 +279,7 @@ class Run:
         finally:
             self._tmp.cleanup()
         history = self.world.history
-        violations = check(history, self.spec())
+        violations = check(history, self.spec()) + self.memory[:1]
         return Outcome(
             seed=self.seed,
             scenario=self.plan,
@@ -326,8 +332,28 @@ class Run:
         deadline = self.plan.quiet_at + self.settle_bound
         while self.clock() < deadline:
             await anyio.sleep(10.0)
+            self._check_memory()
             if self.clock() > self.plan.quiet_at and self._settled():
                 return
+
+    def _check_memory(self) -> None:
+        """Memory stays O(running + waiting room): deferral state is kept only for keys
+        with a deferral not back yet, whatever the number of keys seen."""
+        for name, dispatcher, _ in self.incarnations.values():
+            if dispatcher is None:
+                continue
+            for pool in dispatcher.pools.values():
+                pool.forget_returned_deferrals()
+                if pool.deferral_keys > pool.deferrals_pending:
+                    self.memory.append(
+                        Violation(
+                            "memory",
+                            self.clock(),
+                            f"{name} pool {pool.name} remembers deferral state for "
+                            f"{pool.deferral_keys} keys, {pool.deferrals_pending} deferrals "
+                            "not back yet",
+                        )
+                    )
 
     def _settled(self) -> bool:
         """Nothing runs, and every request has an execution or a dead-letter copy."""
@@ -492,7 +518,10 @@ class Run:
             if self.plan.shared_queue:
                 attributes[POOL_ATTRIBUTE] = pool.name
             if pool.per_key_limit is not None:
-                attributes[KEY_ATTRIBUTE] = rng.choice(("a", "a", "a", "b", "c"))
+                if self.plan.tenants <= 3:
+                    attributes[KEY_ATTRIBUTE] = rng.choice(("a", "a", "a", "b", "c"))
+                else:
+                    attributes[KEY_ATTRIBUTE] = f"t{rng.randrange(self.plan.tenants)}"
             if rng.random() < 0.5:
                 attributes["idempotency-key"] = f"key-{request_id}"
             if roll > 0.95:

@@ -342,7 +342,7 @@ def test_requests_queue_redrives_to_the_dead_letter_queue(template: dict[str, An
     redrive = template["Resources"]["RequestQueue"]["Properties"]["RedrivePolicy"]
     assert redrive["deadLetterTargetArn"] == {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}
     assert redrive["maxReceiveCount"] == {"Ref": "MaxReceiveCount"}
-    assert template["Parameters"]["MaxReceiveCount"]["Default"] == 5
+    assert template["Parameters"]["MaxReceiveCount"]["Default"] == 20
 
 
 def test_the_dead_letter_queue_takes_the_largest_request(template: dict[str, Any]) -> None:

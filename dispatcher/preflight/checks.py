@@ -28,7 +28,7 @@ AUTH_CODES = frozenset(
 )
 NO_QUEUE_CODES = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
 # Below this, a request handed back a few times (throttling) dead-letters without a reason.
-MIN_RECEIVE_COUNT = 3
+MIN_RECEIVE_COUNT = 10
 
 
 def queue_arn(url: str, region: str) -> str:
@@ -177,7 +177,7 @@ async def check_redrive(ctx: Context) -> Finding:
             )
         url = ctx.target.need(REQUESTS.field)
         dlq_arn = queue_arn(url, ctx.target.region) + "-dlq"
-        policy = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
+        policy = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "20"})
         return Finding(
             Status.FAIL,
             "no redrive policy and no DISPATCHER_DEAD_LETTER_QUEUE_URL: bad requests would "
@@ -201,7 +201,8 @@ async def check_redrive(ctx: Context) -> Finding:
             Status.WARN,
             detail + ": a request handed back after retrying a throttled start is dead-lettered "
             "without a reason after so few receives",
-            "raise maxReceiveCount to 5 or more (the CloudFormation template's default)",
+            f"raise maxReceiveCount to {MIN_RECEIVE_COUNT} or more (the CloudFormation "
+            "template's default is 20)",
         )
     return Finding(Status.OK, detail)
 

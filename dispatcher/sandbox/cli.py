@@ -27,7 +27,7 @@ from dispatcher.sandbox.provision import SandboxResources, provision
 DEFAULT_PORT = 4566
 DEFAULT_PREFIX = "sfn-dispatcher-demo"
 DEFAULT_LIMIT = 10
-DEFAULT_MAX_RECEIVE_COUNT = 5
+DEFAULT_MAX_RECEIVE_COUNT = 20
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -113,7 +113,7 @@ async def provision(
     prefix: str = "sfn-dispatcher-demo",
     region: str = "us-east-1",
     limit: int = 10,
-    max_receive_count: int = 5,
+    max_receive_count: int = 20,
     visibility_timeout: int = 60,
     raw_events: bool = False,
 ) -> SandboxResources:
