@@ -5,13 +5,14 @@ EMULATOR_VENV ?= .venv-emulator
 PY := $(VENV)/bin/python
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: demo test test-fast lint format bench lock clean help
+.PHONY: demo test test-fast lint format bench simulate lock clean help
 
 help:
 	@echo "make demo   - sandbox + dispatcher + 200 requests, limit held, summary"
 	@echo "make test   - the full test suite (unit + integration against the emulator)"
 	@echo "make lint   - ruff + mypy strict"
 	@echo "make bench  - benchmarks, results in bench/results/"
+	@echo "make simulate - the deterministic simulation: 2,000 seeds, then each fixed bug put back"
 	@echo "make lock   - refresh requirements.lock (pinned runtime deps for the image)"
 
 $(VENV)/.installed: pyproject.toml
@@ -47,6 +48,13 @@ format: $(VENV)/.installed
 
 bench: $(VENV)/.installed $(EMULATOR_VENV)/.installed
 	$(PY) -m bench
+
+# The deterministic simulation (sim/): every seed, then its teeth; results in sim/results/.
+SEEDS ?= 2000
+simulate: $(VENV)/.installed
+	@mkdir -p sim/results
+	PYTHONHASHSEED=0 $(PY) -m sim --seeds $(SEEDS) --json sim/results/simulate.json
+	PYTHONHASHSEED=0 $(PY) -m sim --teeth --seeds $(SEEDS) --json sim/results/teeth.json
 
 # Pinned runtime dependencies (with hashes) for the container image.
 lock: $(VENV)/.installed

@@ -29,6 +29,9 @@ Clock = Callable[[], float]
 LOOKAHEAD = 10
 """Startable requests a queue keeps waiting in a pool that chooses (priorities, keys)."""
 MAX_DEFER_SECONDS = 900
+PAUSED_DEFER_SECONDS = 300
+"""A request for a paused pool (limit 0) that a shared queue brought comes back this late:
+20 receives (the template's maxReceiveCount) last 100 minutes of pause."""
 MAX_TRACKED_DEFERRALS = 50_000
 """Deferrals a pool remembers at most, about 10 MB (past it, the deferral due back first is
 forgotten: its key's next one may come back a little early, one receive more). Deferrals not
@@ -139,6 +142,8 @@ class Pool:
         in flight: each queue counts only its own, so a long poll on an idle queue never
         holds back the receives of a busy one (their extra requests wait in the room).
         """
+        if self.ledger.limit == 0:
+            return 0  # paused: the backlog stays in SQS, untouched (no receive is spent)
         startable = self.room.startable(self.key_ok)
         unclaimed = self.ledger.free - startable - receiving
         ahead = self.lookahead - from_queue - receiving if self.lookahead else 0
@@ -194,6 +199,8 @@ class Pool:
         lanes = ledger.per_key_limit if key is not None and ledger.per_key_limit else ledger.limit
         ahead = self.room.count(key=key) + self._deferred.get(key, 0)
         delay = int(min(MAX_DEFER_SECONDS, max(1.0, ahead / max(1, lanes) * self.run_time())))
+        if ledger.limit == 0:  # paused (a queue shared with other pools brought it): a while
+            delay = PAUSED_DEFER_SECONDS
         heapq.heappush(self._returns, (now + delay, next(self._seq), key))
         self._deferred[key] = self._deferred.get(key, 0) + 1
         if len(self._returns) > MAX_TRACKED_DEFERRALS:

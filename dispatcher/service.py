@@ -98,6 +98,7 @@ class Dispatcher:
             rate=settings.start_rate,
             burst=settings.start_burst,
             floor=settings.start_rate_floor,
+            clock=clock,
         )
         for pool in self.pools.values():
             self.limiters.for_arn(pool.state_machine_arn)  # export the rate from the start

@@ -4,6 +4,7 @@
     python -m sim --seeds 200 --first 5000
     python -m sim --replay 1234        # one seed: its history around each violation
     python -m sim --bug lost-answer-frees-slot   # put a fixed bug back: the sim must find it
+    python -m sim --teeth              # each fixed bug put back in turn: seeds to find it
 
 Exit status: 0 when every seed held every invariant, 1 otherwise.
 """
@@ -17,6 +18,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import structlog
 from tqdm import tqdm
@@ -73,8 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stop-at-first", action="store_true", help="stop at the first failing seed"
     )
+    parser.add_argument(
+        "--teeth",
+        action="store_true",
+        help="put each fixed bug back in turn; report the seeds it took to find it",
+    )
     args = parser.parse_args(argv)
     bugs = tuple(args.bug)
+    if args.teeth:
+        _quiet_logs(False)
+        return _teeth(range(args.first, args.first + args.seeds), args.json)
     if args.replay is not None:
         _quiet_logs(args.verbose)
         outcome = simulate(args.replay, bugs=bugs)
@@ -89,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(r.line() for r in outcome.world.history.records))
         return 1
     _quiet_logs(False)
-    seeds = range(args.first, args.first + args.seeds)
+    return _run_seeds(range(args.first, args.first + args.seeds), bugs, args)
+
+
+def _run_seeds(seeds: range, bugs: tuple[str, ...], args: argparse.Namespace) -> int:
+    """Run every seed with a progress bar; print each failure and the summary."""
     failed: list[Outcome] = []
     kinds: Counter[str] = Counter()
     faults = requests = executions = 0
@@ -135,6 +149,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return 1 if failed else 0
+
+
+def _teeth(seeds: range, out: Path | None) -> int:
+    """Each bug of `sim.bugs` put back alone: the first seed that finds it."""
+    found: dict[str, Any] = {}
+    for name, bug in BUGS.items():
+        began = time.process_time()
+        hit = None
+        for seed in tqdm(seeds, desc=name, unit="seed", file=sys.stderr, disable=None):
+            outcome = simulate(seed, bugs=(name,))
+            if not outcome.ok:
+                hit = outcome
+                break
+        found[name] = {
+            "issue": bug.issue,
+            "found_at_seed": None if hit is None else hit.seed,
+            "seeds_needed": None if hit is None else hit.seed - seeds.start + 1,
+            "violations": [] if hit is None else sorted({v.kind for v in hit.violations}),
+            "cpu_seconds": round(time.process_time() - began, 1),
+        }
+        where = "NOT FOUND" if hit is None else f"found by seed {hit.seed}"
+        print(f"{name}: {where} ({bug.issue})")
+    if out is not None:
+        out.write_text(json.dumps(found, indent=2) + "\n", encoding="utf-8")
+    return 0 if all(f["found_at_seed"] is not None for f in found.values()) else 1
 
 
 if __name__ == "__main__":

@@ -7,11 +7,10 @@ one run, and says what the harness must change to match (the old client set-up).
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
-
-from collections import deque
+from typing import Any, cast
 
 from dispatcher.ledger import Reservation
 from dispatcher.pool import MAX_DEFER_SECONDS, Pool
@@ -43,30 +42,35 @@ def _old_settle(self: Dispatcher) -> float:
     return 3.0 if self.settings.lease_table is not None else 0.0
 
 
+def _old_deferred(pool: Pool) -> dict[str | None, deque[float]]:
+    """The old shape of ``Pool._deferred``: key -> return times of its deferrals."""
+    return cast(dict[str | None, deque[float]], pool._deferred)
+
+
 def _old_defer_seconds(self: Pool, key: str | None) -> int:
     """Before the fix: a deque of return times for every key ever deferred."""
     now = self.clock()
-    pending = self._deferred.setdefault(key, deque())  # type: ignore[arg-type]
-    while pending and pending[0] <= now:  # type: ignore[operator]
-        pending.popleft()  # type: ignore[attr-defined]
+    pending = _old_deferred(self).setdefault(key, deque())
+    while pending and pending[0] <= now:
+        pending.popleft()
     ledger = self.ledger
     lanes = ledger.per_key_limit if key is not None and ledger.per_key_limit else ledger.limit
-    ahead = self.room.count(key=key) + len(pending)  # type: ignore[arg-type]
+    ahead = self.room.count(key=key) + len(pending)
     delay = int(min(MAX_DEFER_SECONDS, max(1.0, ahead / max(1, lanes) * self.run_time())))
-    pending.append(now + delay)  # type: ignore[attr-defined]
+    pending.append(now + delay)
     return delay
 
 
 def _old_forget(self: Pool) -> None:
     """Before the fix: returned deferrals leave their key's (empty) deque behind."""
     now = self.clock()
-    for pending in self._deferred.values():
-        while pending and pending[0] <= now:  # type: ignore[attr-defined]
-            pending.popleft()  # type: ignore[attr-defined]
+    for pending in _old_deferred(self).values():
+        while pending and pending[0] <= now:
+            pending.popleft()
 
 
 def _old_pending(self: Pool) -> int:
-    return sum(len(p) for p in self._deferred.values())  # type: ignore[arg-type]
+    return sum(len(p) for p in _old_deferred(self).values())
 
 
 BUGS: dict[str, Bug] = {

@@ -28,6 +28,7 @@ from dispatcher import layout
 from dispatcher.aws import AWS_ERRORS, Clients
 from dispatcher.errors import UserError
 from dispatcher.metrics import Metrics
+from dispatcher.pool import MAX_DEFER_SECONDS
 from dispatcher.service import Dispatcher
 from sim import loop
 from sim.aws import World, WorldConfig
@@ -80,6 +81,7 @@ class Scenario:
     max_seconds: int  # executions run 0..max_seconds
     settings: tuple[tuple[str, Any], ...] = ()  # this seed's [dispatcher] settings, varied
     tenants: int = 3  # distinct tenants of keyed pools (many: each request its own, mostly)
+    listing_lag: float = 2.0  # up to this long before ListExecutions shows a change
 
 
 def scenario(seed: int) -> Scenario:
@@ -111,6 +113,8 @@ def scenario(seed: int) -> Scenario:
             ("reconcile_interval", rng.choice((10.0, 30.0))),
         ),
         tenants=rng.choice((3, 3, 1000)),
+        # Up to the start grace the dispatcher assumes (an assumption the README states).
+        listing_lag=rng.choice((0.0, 2.0, 9.5)),
     )
 
 
@@ -150,7 +154,12 @@ class Run:
         self.plan = scenario(seed)
         self.rng = random.Random(seed)
         self.clock: Callable[[], float] = loop.now
-        self.world = World(clock=self.clock, rng=random.Random(f"aws-{seed}"), config=WorldConfig())
+        lag = self.plan.listing_lag
+        self.world = World(
+            clock=self.clock,
+            rng=random.Random(f"aws-{seed}"),
+            config=WorldConfig(listing_lag=lag, describe_lag=min(lag, 1.0)),
+        )
         self.errors: list[str] = []
         self.memory: list[Violation] = []
         self.nodes = ("d1", "d2") if self.plan.lease else ("d1",)
@@ -303,7 +312,7 @@ class Run:
         by reconcile, a visibility timeout and a deferral."""
         least = min(p.limit for p in self.plan.pools) or 1
         work = self.plan.requests * (self.plan.max_seconds + 1) / least
-        return work + 600.0
+        return work + 600.0 + MAX_DEFER_SECONDS  # a deferral may last 15 min
 
     def spec(self) -> CheckSpec:
         """What the checker must know besides the history."""
@@ -514,27 +523,10 @@ class Run:
                 {"req": request_id, "seconds": rng.randint(0, self.plan.max_seconds)}
                 | ({"fail": True} if rng.random() < 0.1 else {})
             )
-            attributes = {}
-            if self.plan.shared_queue:
-                attributes[POOL_ATTRIBUTE] = pool.name
-            if pool.per_key_limit is not None:
-                if self.plan.tenants <= 3:
-                    attributes[KEY_ATTRIBUTE] = rng.choice(("a", "a", "a", "b", "c"))
-                else:
-                    attributes[KEY_ATTRIBUTE] = f"t{rng.randrange(self.plan.tenants)}"
-            if rng.random() < 0.5:
-                attributes["idempotency-key"] = f"key-{request_id}"
+            attributes = self._attributes(rng, pool, request_id)
             if roll > 0.95:
                 self.expected_bad.add(request_id)
-                poison = rng.choice(
-                    ("json", "key", "pool") if self.plan.shared_queue else ("json", "key")
-                )
-                if poison == "json":
-                    body = "{" + "x" * (262_144 - 2048)  # invalid JSON near the maximum size
-                elif poison == "key":
-                    attributes["idempotency-key"] = "not a valid name!"
-                else:
-                    attributes[POOL_ATTRIBUTE] = "nowhere"
+                body = self._poison(rng, body, attributes)
             elif "idempotency-key" in attributes:
                 sent.append((request_id, url, body, attributes))
             try:
@@ -542,6 +534,34 @@ class Run:
             except Exception as exc:  # noqa: BLE001 - the producer's own send was refused
                 self.expected_bad.discard(request_id)
                 self.world.history.note(self.clock(), "producer", f"send refused: {exc}")
+
+    def _attributes(self, rng: random.Random, pool: PoolPlan, request_id: str) -> dict[str, str]:
+        """A request's attributes: its pool (shared queue), tenant (keyed pool), and an
+        idempotency key half the time."""
+        attributes = {}
+        if self.plan.shared_queue:
+            attributes[POOL_ATTRIBUTE] = pool.name
+        if pool.per_key_limit is not None:
+            if self.plan.tenants <= 3:
+                attributes[KEY_ATTRIBUTE] = rng.choice(("a", "a", "a", "b", "c"))
+            else:
+                attributes[KEY_ATTRIBUTE] = f"t{rng.randrange(self.plan.tenants)}"
+        if rng.random() < 0.5:
+            attributes["idempotency-key"] = f"key-{request_id}"
+        return attributes
+
+    def _poison(self, rng: random.Random, body: str, attributes: dict[str, str]) -> str:
+        """Spoil a request (returns its body): invalid JSON near the maximum message size,
+        an invalid idempotency key, or a pool the queue does not feed."""
+        kinds = ("json", "key", "pool") if self.plan.shared_queue else ("json", "key")
+        poison = rng.choice(kinds)
+        if poison == "json":
+            return "{" + "x" * (262_144 - 2048)
+        if poison == "key":
+            attributes["idempotency-key"] = "not a valid name!"
+        else:
+            attributes[POOL_ATTRIBUTE] = "nowhere"
+        return body
 
 
 def _parameter(pool: str) -> str:

@@ -14,10 +14,11 @@ import asyncio
 import contextlib
 import selectors
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping, MutableSet
 from typing import Any, TypeVar
 
 import anyio
+from anyio._backends import _asyncio as anyio_asyncio
 
 T = TypeVar("T")
 
@@ -80,6 +81,55 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._now += seconds
 
 
+class _OrderedSet(MutableSet[Any]):
+    """A set that iterates in insertion order (a dict underneath)."""
+
+    def __init__(self) -> None:
+        self._items: dict[Hashable, None] = {}
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._items
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, value: Any) -> None:
+        self._items[value] = None
+
+    def discard(self, value: Any) -> None:
+        self._items.pop(value, None)
+
+
+@contextlib.contextmanager
+def _ordered_task_sets() -> Iterator[None]:
+    """anyio keeps the tasks of a cancel scope or task group in plain sets, which iterate
+    in the order of the tasks' memory addresses: the order in which a cancellation reaches
+    them would change from one process to the next. Insertion order instead, so a seed
+    replays exactly. (The dispatcher's own code is untouched.)"""
+    scope_init = anyio_asyncio.CancelScope.__init__
+    group_init = anyio_asyncio.TaskGroup.__init__
+
+    def ordered_scope(self: Any, *args: Any, **kwargs: Any) -> None:
+        scope_init(self, *args, **kwargs)
+        self._tasks = _OrderedSet()
+        self._child_scopes = _OrderedSet()
+
+    def ordered_group(self: Any) -> None:
+        group_init(self)
+        self._tasks = _OrderedSet()
+
+    anyio_asyncio.CancelScope.__init__ = ordered_scope  # type: ignore[method-assign]
+    anyio_asyncio.TaskGroup.__init__ = ordered_group  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        anyio_asyncio.CancelScope.__init__ = scope_init  # type: ignore[method-assign]
+        anyio_asyncio.TaskGroup.__init__ = group_init  # type: ignore[method-assign]
+
+
 @contextlib.contextmanager
 def _time_follows(loop: VirtualTimeLoop) -> Iterator[None]:
     """Point the ``time`` module's clocks at the loop while the simulation runs."""
@@ -106,7 +156,8 @@ def run(main: Callable[[], Awaitable[T]]) -> T:
         with _time_follows(loop_box[0]):
             return await main()
 
-    return anyio.run(timed, backend="asyncio", backend_options={"loop_factory": factory})
+    with _ordered_task_sets():
+        return anyio.run(timed, backend="asyncio", backend_options={"loop_factory": factory})
 
 
 def now() -> float:
