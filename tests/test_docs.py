@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -63,3 +64,21 @@ def test_a_config_file_mistake_names_where_it_is() -> None:
     assert "[pools.a] limit=-1 is invalid" in message
     assert "[pools.a] limti: unknown key" in message
     assert "[[queues]] #1: unknown pool(s) b; defined are a" in message
+
+
+def test_the_simulation_figures_come_from_the_stored_results() -> None:
+    """The README's "How we test" figures are the ones `make simulate` stored."""
+    results = Path(__file__).resolve().parent.parent / "sim" / "results"
+    run = json.loads((results / "simulate.json").read_text())
+    teeth = json.loads((results / "teeth.json").read_text())
+    assert f"| seeds run | {run['seeds']:,}, {len(run['failed_seeds'])} violations |" in README
+    assert (
+        f"| faults injected | {run['faults_injected']:,} ({run['faults_per_seed']} per seed), "
+        f"over {run['requests']:,} requests and {run['virtual_hours']} h of virtual time |"
+    ) in README
+    assert f"| CPU | {run['cpu_seconds']} s for the {run['seeds']:,} seeds" in README
+    for bug in teeth.values():
+        seed, needed = bug["found_at_seed"], bug["seeds_needed"]
+        plural = "seed" if needed == 1 else "seeds"
+        kinds = ", ".join(f"`{k}`" for k in bug["violations"])
+        assert f"found by seed {seed} ({needed} {plural}): {kinds} |" in README, bug["issue"]
