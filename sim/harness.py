@@ -82,6 +82,7 @@ class Scenario:
     settings: tuple[tuple[str, Any], ...] = ()  # this seed's [dispatcher] settings, varied
     tenants: int = 3  # distinct tenants of keyed pools (many: each request its own, mostly)
     listing_lag: float = 2.0  # up to this long before ListExecutions shows a change
+    request_times: tuple[float, ...] = ()  # a scripted scenario's send times (else drawn)
 
 
 def scenario(seed: int) -> Scenario:
@@ -131,6 +132,7 @@ class Outcome:
     requests: int = 0
     executions: int = 0
     errors: list[str] = field(default_factory=list)
+    state_machines: dict[str, str] = field(default_factory=dict)  # pool -> ARN
 
     @property
     def ok(self) -> bool:
@@ -138,20 +140,36 @@ class Outcome:
         return not self.violations and not self.errors
 
 
-def simulate(seed: int, *, bugs: tuple[str, ...] = ()) -> Outcome:
+NemesisFactory = Callable[["Run"], Nemesis]
+"""Builds a run's fault plan (a scripted scenario's; default: drawn from the seed)."""
+
+
+def simulate(
+    seed: int,
+    *,
+    bugs: tuple[str, ...] = (),
+    plan: Scenario | None = None,
+    nemesis: NemesisFactory | None = None,
+) -> Outcome:
     """Run seed ``seed`` on virtual time and judge it (``bugs``: fixed bugs put back, see
-    `sim.bugs`)."""
+    `sim.bugs`; ``plan`` and ``nemesis``: a scripted scenario instead of the seed's)."""
     with put_back(bugs) as active:
-        return loop.run(lambda: Run(seed, active).main())
+        return loop.run(lambda: Run(seed, active, plan, nemesis).main())
 
 
 class Run:
     """The moving parts of one run."""
 
-    def __init__(self, seed: int, bugs: list[Bug] | None = None) -> None:
+    def __init__(
+        self,
+        seed: int,
+        bugs: list[Bug] | None = None,
+        plan: Scenario | None = None,
+        nemesis: NemesisFactory | None = None,
+    ) -> None:
         self.seed = seed
         self.bugs = bugs or []
-        self.plan = scenario(seed)
+        self.plan = plan if plan is not None else scenario(seed)
         self.rng = random.Random(seed)
         self.clock: Callable[[], float] = loop.now
         lag = self.plan.listing_lag
@@ -171,8 +189,14 @@ class Run:
         self.config_path = Path(self._tmp.name) / "dispatcher.toml"
         self.limits = {p.name: p.limit for p in self.plan.pools}
         self._setup()
-        self.nemesis = plan(
-            random.Random(f"nemesis-{seed}"),
+        self.nemesis = nemesis(self) if nemesis is not None else self._drawn_nemesis()
+        self.world.faults = _except_ssm(self.nemesis.call_fault)
+        self.world.event_faults = self.nemesis.event_fault
+
+    def _drawn_nemesis(self) -> Nemesis:
+        """The seed's fault plan."""
+        return plan(
+            random.Random(f"nemesis-{self.seed}"),
             self.clock,
             quiet_at=self.plan.quiet_at,
             nodes=self.nodes,
@@ -188,8 +212,6 @@ class Run:
                 "UpdateItem",
             ),
         )
-        self.world.faults = _except_ssm(self.nemesis.call_fault)
-        self.world.event_faults = self.nemesis.event_fault
 
     # -- the world -------------------------------------------------------------------------
 
@@ -299,6 +321,7 @@ class Run:
             requests=len({m.request_id for m in history.requests}),
             executions=len(history.executions),
             errors=self.errors,
+            state_machines=dict(self.arns),
         )
 
     def setting(self, name: str) -> float:
@@ -505,7 +528,9 @@ class Run:
         poison messages (invalid JSON near the maximum size, an invalid key, an unknown
         pool)."""
         rng = random.Random(f"producer-{self.seed}")
-        times = sorted(rng.uniform(0, self.plan.quiet_at * 0.8) for _ in range(self.plan.requests))
+        times = list(self.plan.request_times) or sorted(
+            rng.uniform(0, self.plan.quiet_at * 0.8) for _ in range(self.plan.requests)
+        )
         sent: list[tuple[str, str, str, dict[str, str]]] = []
         attributes: dict[str, str]
         for index, at in enumerate(times):
@@ -513,7 +538,7 @@ class Run:
             pool = rng.choice(self.plan.pools)
             url = rng.choice(self.queues[pool.name])
             request_id = f"r{index}"
-            roll = rng.random()
+            roll = 0.5 if self.plan.request_times else rng.random()  # scripted: plain
             if roll < 0.1 and sent:
                 # A producer's retry: the same idempotency key maps to the same execution.
                 request_id, url, body, again = rng.choice(sent)

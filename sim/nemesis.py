@@ -92,7 +92,7 @@ class Nemesis:
         for storm in self.storms:
             if storm.covers(now, node, operation) and self.rng.random() < storm.rate:
                 self._count(storm.kind)
-                return _storm_fault(storm, operation, self.rng)
+                return _storm_fault(storm, operation, self.rng, now)
         roll = self.rng.random()
         if roll >= len(_DRIZZLE) * self.drizzle:
             return NO_FAULT
@@ -145,7 +145,7 @@ def _throttle_code(operation: str) -> str:
     return "RequestThrottled"
 
 
-def _storm_fault(storm: Storm, operation: str, rng: random.Random) -> CallFault:
+def _storm_fault(storm: Storm, operation: str, rng: random.Random, now: float) -> CallFault:
     if storm.kind == "throttle":
         return CallFault(error=_throttle_code(operation))
     if storm.kind == "server_error":
@@ -157,7 +157,7 @@ def _storm_fault(storm: Storm, operation: str, rng: random.Random) -> CallFault:
     # A partition (a paused leader, a broken network): requests are held on the wire until
     # the window ends; a client that gives up first closes the connection, and a request
     # whose client gave up never arrives.
-    return CallFault(request_delay=max(0.0, storm.end - storm.start) * rng.uniform(0.5, 1.0))
+    return CallFault(request_delay=max(0.0, storm.end - now) + rng.uniform(0.0, 0.1))
 
 
 def plan(

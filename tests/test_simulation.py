@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import pytest
 import structlog
 
 from sim import __main__ as sim_cli
 from sim.bugs import BUGS
-from sim.harness import Outcome, simulate
+from sim.checker import max_concurrency
+from sim.harness import Outcome, PoolPlan, Run, Scenario, simulate
+from sim.calls import CallFault
+from sim.nemesis import Nemesis
 
 DEFAULT_SEEDS = 2000  # `make simulate`'s count: each bug put back must be found within it
 FAST_SEEDS = 200
@@ -97,3 +102,65 @@ def test_the_replay_command_names_the_seed_and_the_bugs() -> None:
     assert sim_cli.replay_command(42, ("lost-answer-frees-slot",)) == (
         "PYTHONHASHSEED=0 .venv/bin/python -m sim --replay 42 --bug lost-answer-frees-slot"
     )
+
+
+class LeaderCutOff(Nemesis):
+    """Cuts whichever node holds the lease at ``at`` off from AWS until ``until``: its
+    requests are held on the wire (a paused leader, a broken network)."""
+
+    def __init__(self, run: Run, at: float, until: float) -> None:
+        super().__init__(
+            rng=random.Random(0), clock=run.clock, quiet_at=run.plan.quiet_at, drizzle=0
+        )
+        self.run, self.at, self.until = run, at, until
+        self.leader: str | None = None
+
+    def call_fault(self, node: str, operation: str, params: Mapping[str, Any]) -> CallFault:
+        now = self.clock()
+        if not self.at <= now < self.until:
+            return CallFault()
+        if self.leader is None:
+            self.leader = self.run.world.history.lease_writes[-1].owner
+        if node != self.leader:
+            return CallFault()
+        return CallFault(request_delay=self.until - now)
+
+
+def lease_lapse(run: Run) -> Nemesis:
+    """Issue 11's repro of bug 2: the leader is cut off from AWS from just before it sends
+    its first start until t=45 s: the start is held on the wire, its lease renewals too,
+    so the standby takes the lease over meanwhile."""
+    return LeaderCutOff(run, at=19.9, until=45.0)
+
+
+LEASE_LAPSE = Scenario(
+    seed=0,
+    pools=(PoolPlan("p0", limit=1, parameter=False, per_key_limit=None, priorities=False),),
+    lease=True,
+    shared_queue=False,
+    requests=2,
+    quiet_at=150.0,
+    max_seconds=60,
+    request_times=(20.0, 25.0),
+)
+
+
+@pytest.mark.parametrize(("bugs", "holds"), [((), True), (("lease-fence-unbounded",), False)])
+def test_a_lease_lapse_while_a_start_is_held_on_the_wire(
+    bugs: tuple[str, ...], holds: bool
+) -> None:
+    """Fixed: the held start is dropped when its client gives up at D, and d2 lists only
+    D + start grace after taking over. Put back (35 s read timeout, 3 SDK attempts, a 3 s
+    wait), the held start lands after d2 started the other request: 2 under limit 1."""
+    outcome = simulate(3, bugs=bugs, plan=LEASE_LAPSE, nemesis=lease_lapse)
+    history = outcome.world.history
+    owners = [w.owner for w in history.lease_writes if w.what == "taken"]
+    assert len(set(owners)) == 2, f"no take-over: {owners}"
+    arn = outcome.state_machines["p0"]
+    if holds:
+        assert outcome.ok, sim_cli.describe(outcome)
+        assert max_concurrency(history, arn) == 1
+        assert len(history.executions) == 2  # both requests started, one after the other
+    else:
+        assert [v.kind for v in outcome.violations] == ["limit"], sim_cli.describe(outcome)
+        assert max_concurrency(history, arn) == 2
