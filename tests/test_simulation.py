@@ -20,9 +20,9 @@ import structlog
 
 from sim import __main__ as sim_cli
 from sim.bugs import BUGS
+from sim.calls import CallFault
 from sim.checker import max_concurrency
 from sim.harness import Outcome, PoolPlan, Run, Scenario, simulate
-from sim.calls import CallFault
 from sim.nemesis import Nemesis
 
 DEFAULT_SEEDS = 2000  # `make simulate`'s count: each bug put back must be found within it
