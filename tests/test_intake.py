@@ -441,8 +441,11 @@ def visibility_set(world: World) -> list[set[tuple[str, int]]]:
 
 async def test_what_a_receive_brings_after_stop_goes_straight_back() -> None:
     """A long poll answers after `stop` (and after the waiting room was handed back): its
-    messages are made visible at once, not held, not left hidden for the visibility timeout."""
-    world = build_world(limit=0, key_attribute="tenant", receive_concurrency=1)  # paused
+    messages are made visible as soon as the last receive has answered, not left hidden
+    for the visibility timeout."""
+    world = build_world(limit=1, key_attribute="tenant", receive_concurrency=1)
+    world.pool.ledger.observe_running("arn:busy", world.clock())  # no slot free
+    world.pool.update()
     intake = intake_of(world)
     await intake.admit(intake.queues[0], sqs_message(message_id="early"))  # waits in the room
     world.sqs.put(REQUEST_QUEUE, sqs_message(message_id="late-1"))

@@ -408,11 +408,14 @@ async def test_extend_waiting_extends_only_requests_hidden_for_half_their_visibi
 
 
 def two_queue_world() -> tuple[World, Pool, Intake]:
-    """One pool fed by two queues (``HIGH`` and ``LOW``), no slot free."""
+    """One pool fed by two queues (``HIGH`` and ``LOW``), no slot free (one busy: a
+    paused pool, limit 0, would receive nothing)."""
     world, pools = build_layout_world(
-        [PoolConfig(name="p", state_machine_arn=STATE_MACHINE_ARN, limit=0)],
+        [PoolConfig(name="p", state_machine_arn=STATE_MACHINE_ARN, limit=1)],
         [QueueConfig(url=HIGH, pools=("p",), priority=1), QueueConfig(url=LOW, pools=("p",))],
     )
+    pools["p"].ledger.observe_running("arn:busy", world.clock())
+    pools["p"].update()
     return world, pools["p"], intake_of(world, pools=pools)
 
 
