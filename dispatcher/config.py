@@ -194,6 +194,24 @@ class Settings(BaseSettings):
         default=InputFormat.JSON,
         description="json: body is the input; envelope: input wraps a plain-text body.",
     )
+    task_token_attribute: str = Field(
+        default="task-token",
+        pattern=r"^[A-Za-z0-9_.-]{1,256}$",
+        description="Message attribute carrying a parent workflow's task token: the "
+        "dispatcher answers it with the child's result (see 'From inside a workflow').",
+    )
+    heartbeat_interval: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Seconds between SendTaskHeartbeat calls for every task token held "
+        "(waiting in memory, or child running).",
+    )
+    stop_orphaned_children: bool = Field(
+        default=False,
+        description="Stop (StopExecution) a child whose parent no longer waits (its token "
+        "timed out or its execution ended); false: let it run to its end.",
+    )
 
     @field_validator("state_machine_arn")
     @classmethod

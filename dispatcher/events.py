@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import structlog
 
 from dispatcher.aws import AWS_ERRORS, Clients
+from dispatcher.callbacks import result_of_event
 from dispatcher.config import Settings
 from dispatcher.deleter import DeleteBatcher
 from dispatcher.health import Health
@@ -37,6 +38,7 @@ class StatusChange:
     state_machine_arn: str
     status: str
     redrive_count: int
+    result: dict[str, Any] = field(default_factory=dict)  # output, error, cause (terminal)
 
 
 def parse_event(body: str) -> StatusChange:
@@ -61,6 +63,7 @@ def parse_event(body: str) -> StatusChange:
             state_machine_arn=str(detail["stateMachineArn"]),
             status=str(detail["status"]),
             redrive_count=int(detail.get("redriveCount") or 0),
+            result=result_of_event(detail),
         )
     except KeyError as exc:
         raise ValueError(f"event detail lacks {exc.args[0]!r}") from None
@@ -175,6 +178,8 @@ class Events:
             since = ledger.held_since(change.execution_arn)
             outcome = ledger.observe_terminal(change.execution_arn, change.redrive_count)
             pool.note_freed(outcome, was_full, since)
+            if outcome is not Change.STALE:
+                pool.ended(change.execution_arn, change.status, change.result)
         else:  # PENDING_REDRIVE and statuses newer than this code: a RUNNING event follows
             self.metrics.events.labels(status=change.status, result="ignored").inc()
             return "ignored"

@@ -278,7 +278,7 @@ class Intake:
         if isinstance(pool, str):
             await self.starter.dead_letter(queue, UNROUTED, message, "unknown_pool", pool)
             return
-        request = parse(message, self.settings.input_format)
+        request = parse(message, self.settings.input_format, self.settings.task_token_attribute)
         key: str | None = None
         if not isinstance(request, BadRequest) and pool.config.key_attribute is not None:
             raw = string_attributes(message).get(pool.config.key_attribute, "")

@@ -153,6 +153,32 @@ class Metrics:
             pool,
             registry=r,
         )
+        self.callbacks = Counter(
+            "dispatcher_callbacks",
+            "Answers to parents' task tokens, by outcome (success, failure, parent_gone, "
+            "error: not answered yet, tried again).",
+            (*pool, "outcome"),
+            registry=r,
+        )
+        self.tokens_held = Gauge(
+            "dispatcher_tokens_held",
+            "Task tokens the dispatcher holds: child running, or request waiting in memory.",
+            pool,
+            registry=r,
+        )
+        self.heartbeats = Counter(
+            "dispatcher_heartbeats",
+            "SendTaskHeartbeat calls, by outcome (ok, parent_gone, error).",
+            ("outcome",),
+            registry=r,
+        )
+        self.orphans = Counter(
+            "dispatcher_orphaned_children",
+            "Children whose parent stopped waiting, by what was done (stopped, left, dropped: "
+            "never started).",
+            (*pool, "action"),
+            registry=r,
+        )
         self.deferred = Counter(
             "dispatcher_requests_deferred",
             "Requests handed back to their queue for later because the pool's in-memory "
@@ -167,10 +193,20 @@ class Metrics:
             registry=r,
         )
 
+    def _prefill_callbacks(self, pool: str) -> None:
+        for outcome in ("success", "failure", "parent_gone", "error"):
+            self.callbacks.labels(pool=pool, outcome=outcome)
+        self.tokens_held.labels(pool=pool)
+        for action in ("stopped", "left", "dropped"):
+            self.orphans.labels(pool=pool, action=action)
+        for outcome in ("ok", "parent_gone", "error"):
+            self.heartbeats.labels(outcome=outcome)
+
     def prefill(self, pool: str) -> None:
         """Export every known label set at zero, so dashboards and alerts see 0, not "no data"."""
         for outcome in ("started", "duplicate", "retried", "in_doubt", "dead_lettered"):
             self.starts.labels(pool=pool, outcome=outcome)
+        self._prefill_callbacks(pool)
         for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(pool=pool, reason=reason)
         for kind in ("adopted", "freed"):

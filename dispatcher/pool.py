@@ -13,7 +13,7 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -81,6 +81,7 @@ class Pool:
         # Deferrals not back yet: when each returns (a heap, earliest first) and how many
         # each key has. Only these are kept, never every key ever deferred.
         self._returns: list[tuple[float, int, str | None]] = []  # (returns at, seq, key)
+        self.on_ended: Callable[[str, str, Mapping[str, Any] | None], None] | None = None
         self._deferred: dict[str | None, int] = {}
         self._seq = itertools.count()
         metrics.prefill(self.name)
@@ -105,6 +106,12 @@ class Pool:
             reserved_share=config.reserved_share,
         )
         self.update()
+
+    def ended(self, arn: str, status: str, result: Mapping[str, Any] | None) -> None:
+        """An execution of this pool ended (status event, describe): tell whoever waits
+        for it (a parent's task token)."""
+        if self.on_ended is not None:
+            self.on_ended(arn, status, result)
 
     def key_ok(self, key: str | None) -> bool:
         """Whether a request for ``key`` could start now."""

@@ -176,6 +176,8 @@ class Reconciler:
                 self.pool.update()
                 return False
             change = ledger.observe_terminal(arn, redrives)
+            if change is not Change.STALE:
+                self.pool.ended(arn, status, described)
         if change is not Change.FREED:
             return False
         self.pool.note_freed(change, was_full)

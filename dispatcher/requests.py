@@ -34,6 +34,7 @@ class StartRequest:
     trace_header: str | None
     sent_at: float | None  # Unix seconds, from SentTimestamp
     receive_count: int
+    task_token: str | None = None  # a parent workflow waits for the child's result
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +75,16 @@ def execution_name(message: dict[str, Any]) -> tuple[str | None, str | None]:
     return None, f"message id {message_id!r} is not a valid execution name"
 
 
-def parse(message: dict[str, Any], fmt: InputFormat) -> StartRequest | BadRequest:
+def task_token(message: dict[str, Any], attribute: str) -> str | None:
+    """The parent's task token a request carries in ``attribute`` (None: none)."""
+    return string_attributes(message).get(attribute) or None
+
+
+def parse(
+    message: dict[str, Any],
+    fmt: InputFormat,
+    token_attribute: str = "task-token",  # noqa: S107 - an attribute's name, not a secret
+) -> StartRequest | BadRequest:
     """Validate one received message and build its start request."""
     message_id = str(message["MessageId"])
     handle = str(message["ReceiptHandle"])
@@ -112,6 +122,7 @@ def parse(message: dict[str, Any], fmt: InputFormat) -> StartRequest | BadReques
         trace_header=system.get("AWSTraceHeader"),
         sent_at=int(sent_ms) / 1000 if sent_ms else None,
         receive_count=int(system.get("ApproximateReceiveCount", 1)),
+        task_token=task_token(message, token_attribute),
     )
 
 

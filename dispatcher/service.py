@@ -20,6 +20,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from dispatcher.aws import AWS_ERRORS, Clients, is_retryable, open_clients
+from dispatcher.callbacks import Callbacks
 from dispatcher.config import Settings
 from dispatcher.events import Events
 from dispatcher.health import Health
@@ -107,6 +108,7 @@ class Dispatcher:
         self.intake: Intake | None = None
         self.events: Events | None = None
         self.reconcilers: dict[str, Reconciler] = {}
+        self.callbacks: Callbacks | None = None
         self.serving = anyio.Event()  # HTTP endpoints answer (start-up may still run)
         self.started = anyio.Event()  # start-up listing done: ready
         self._stop = anyio.Event()
@@ -305,6 +307,10 @@ class Dispatcher:
         )
         if lease is not None:
             self.intake.set_may_start(lease.valid)
+        self.callbacks = Callbacks(settings, clients, self.metrics, self.pools, self.clock)
+        self.intake.starter.callbacks = self.callbacks
+        for pool in self.pools.values():
+            pool.on_ended = self.callbacks.ended
         return self.intake, self.events
 
     async def _reign(
@@ -351,6 +357,8 @@ class Dispatcher:
             if await _unless(over, settle_and_list):
                 self._ready(lease)
                 tg.start_soon(self.health.supervise, "events", events.run)
+                if self.callbacks is not None:
+                    tg.start_soon(self.health.supervise, "callbacks", self.callbacks.run)
                 for name, reconciler in self.reconcilers.items():
                     loop = "reconcile" if len(self.reconcilers) == 1 else f"reconcile:{name}"
                     tg.start_soon(self.health.supervise, loop, reconciler.run)

@@ -29,6 +29,7 @@ from dispatcher.aws import (
     is_retryable,
     outcome_unknown,
 )
+from dispatcher.callbacks import BAD_REQUEST, DEAD_LETTERED, Callbacks
 from dispatcher.config import Settings
 from dispatcher.deadletter import DEFAULT_MAX_SIZE, DeadLetterQueue
 from dispatcher.health import Health
@@ -37,7 +38,7 @@ from dispatcher.metrics import Metrics
 from dispatcher.pool import Pool
 from dispatcher.queues import RequestQueue
 from dispatcher.rate import RateLimiters
-from dispatcher.requests import StartRequest, execution_arn
+from dispatcher.requests import StartRequest, execution_arn, task_token
 
 log = structlog.get_logger("dispatcher.intake")
 
@@ -104,6 +105,7 @@ class Starter:
         self.health = health
         self.limiters = limiters
         self.stats = IntakeStats()
+        self.callbacks: Callbacks | None = None  # answers parents (task tokens)
         self.may_start: Callable[[], bool] = lambda: True  # the lease sets this
         self.stopping = False
         self.force = False
@@ -180,7 +182,7 @@ class Starter:
             self.stats.duplicates += 1
             self.metrics.starts.labels(pool=pool.name, outcome="duplicate").inc()
             bound.info("dispatcher.duplicate_request", execution_arn=arn, status="RUNNING")
-            await entry.queue.delete(request.receipt_handle, bound)
+            await self._settled(entry, arn)
             return
         self.stats.started += 1
         pool.started_total += 1
@@ -190,7 +192,23 @@ class Starter:
                 max(0.0, time.time() - request.sent_at)
             )
         bound.info("dispatcher.execution_started", execution_arn=arn, attempts=attempts)
-        await entry.queue.delete(request.receipt_handle, bound)
+        await self._settled(entry, arn)
+
+    async def _settled(self, entry: Waiting, arn: str) -> None:
+        """The request's execution runs: delete its message - unless a parent waits for
+        the child (task token): then the message is kept until the parent was answered."""
+        request = entry.request
+        if request.task_token is not None and self.callbacks is not None:
+            self.callbacks.hold(
+                entry.pool,
+                queue=entry.queue,
+                token=request.task_token,
+                arn=arn,
+                receipt=request.receipt_handle,
+                bound=entry.bound,
+            )
+            return
+        await entry.queue.delete(request.receipt_handle, entry.bound)
 
     async def _call_start(
         self, entry: Waiting, reservation: Reservation, handling: _Handling
@@ -354,7 +372,18 @@ class Starter:
         self.stats.duplicates += 1
         self.metrics.starts.labels(pool=pool.name, outcome="duplicate").inc()
         bound.info("dispatcher.duplicate_request", execution_arn=arn, status=status)
-        await entry.queue.delete(request.receipt_handle, bound)
+        if status == "RUNNING" or request.task_token is None or self.callbacks is None:
+            await self._settled(entry, arn)
+            return
+        # Closed already (a restart, a redelivery): its parent is answered now.
+        await self.callbacks.answer_closed(
+            pool,
+            queue=entry.queue,
+            token=request.task_token,
+            receipt=request.receipt_handle,
+            described=described,
+            bound=bound,
+        )
 
     # -- SQS side effects ----------------------------------------------------------------
 
@@ -376,8 +405,14 @@ class Starter:
     async def dead_letter(
         self, queue: RequestQueue, pool: str, message: dict[str, Any], reason: str, detail: str
     ) -> None:
-        """Move a bad request to the dead-letter queue with its reason, then delete it."""
+        """Move a bad request to the dead-letter queue with its reason, then delete it; a
+        parent waiting on it (task token) is answered with the reason first."""
         self.stats.dead_lettered += 1
+        token = task_token(message, self.settings.task_token_attribute)
+        if token is not None and self.callbacks is not None:
+            error = DEAD_LETTERED if reason == "receive_limit" else BAD_REQUEST
+            bound = log.bind(message_id=message.get("MessageId"), pool=pool)
+            await self.callbacks.fail_request(pool, token, error, f"{reason}: {detail}", bound)
         await self.dead_letters.move(queue, pool, message, reason, detail)
 
 

@@ -284,6 +284,9 @@ class FakeExecution:
     status: str = "RUNNING"
     redrive_count: int = 0
     listed: bool = True  # False: ListExecutions lags behind and does not show it yet
+    output: str | None = None
+    error: str | None = None
+    cause: str | None = None
 
 
 class FakeSFN(_Recorder):
@@ -303,6 +306,8 @@ class FakeSFN(_Recorder):
         self.page_size = page_size
         self.start_gate: anyio.Event | None = None  # set: StartExecution waits for it
         self.answers_lost = 0  # the next starts take effect, then their answers are lost
+        self.answers: dict[str, tuple[Any, ...]] = {}  # task token -> the answer it got
+        self.gone_tokens: set[str] = set()  # parents that no longer wait
 
     def add_execution(
         self,
@@ -319,9 +324,19 @@ class FakeSFN(_Recorder):
         self.executions[arn].listed = listed
         return arn
 
-    def finish(self, arn: str, status: str = "SUCCEEDED") -> None:
-        """End a running execution."""
-        self.executions[arn].status = status
+    def finish(
+        self,
+        arn: str,
+        status: str = "SUCCEEDED",
+        *,
+        output: str | None = None,
+        error: str | None = None,
+        cause: str | None = None,
+    ) -> None:
+        """End a running execution (with its output, or error and cause)."""
+        execution = self.executions[arn]
+        execution.status, execution.output = status, output
+        execution.error, execution.cause = error, cause
 
     async def start_execution(
         self, *, stateMachineArn: str, name: str, input: str = "{}", traceHeader: str | None = None
@@ -362,7 +377,50 @@ class FakeSFN(_Recorder):
             "status": execution.status,
             "input": execution.input,
             "redriveCount": execution.redrive_count,
+            **{
+                k: v
+                for k, v in (
+                    ("output", execution.output),
+                    ("error", execution.error),
+                    ("cause", execution.cause),
+                )
+                if v is not None
+            },
         }
+
+    async def send_task_success(self, *, taskToken: str, output: str) -> dict[str, Any]:
+        """Answer a parent's task (``TaskDoesNotExist`` once answered or gone)."""
+        self._record("send_task_success", locals())
+        self._answer(taskToken, ("success", output))
+        return {}
+
+    async def send_task_failure(
+        self, *, taskToken: str, error: str | None = None, cause: str | None = None
+    ) -> dict[str, Any]:
+        """Fail a parent's task (``TaskDoesNotExist`` once answered or gone)."""
+        self._record("send_task_failure", locals())
+        self._answer(taskToken, ("failure", error, cause))
+        return {}
+
+    async def send_task_heartbeat(self, *, taskToken: str) -> dict[str, Any]:
+        """A heartbeat (``TaskTimedOut`` for a token marked gone)."""
+        self._record("send_task_heartbeat", locals())
+        if taskToken in self.gone_tokens or taskToken in self.answers:
+            raise client_error("TaskTimedOut", op="SendTaskHeartbeat")
+        return {}
+
+    async def stop_execution(
+        self, *, executionArn: str, error: str | None = None, cause: str | None = None
+    ) -> dict[str, Any]:
+        """Stop a running execution (ABORTED)."""
+        self._record("stop_execution", locals())
+        self.finish(executionArn, "ABORTED", error=error, cause=cause)
+        return {"stopDate": 0}
+
+    def _answer(self, token: str, answer: tuple[Any, ...]) -> None:
+        if token in self.gone_tokens or token in self.answers:
+            raise client_error("TaskDoesNotExist", op="SendTask")
+        self.answers[token] = answer
 
     async def describe_state_machine(self, *, stateMachineArn: str) -> dict[str, Any]:
         """The state machine's type, or ``StateMachineDoesNotExist``."""
