@@ -144,6 +144,10 @@ class Callbacks:
         """Tokens held for running children."""
         return sum(len(h) for h in self._held.values())
 
+    def tokens(self) -> list[tuple[str, str]]:
+        """(task token, child ARN) of every token held."""
+        return [(h.token, h.arn) for hs in self._held.values() for h in hs]
+
     # -- the loop --------------------------------------------------------------------------
 
     async def run(self) -> None:
