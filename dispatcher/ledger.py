@@ -225,12 +225,12 @@ class Ledger:
             return False
         held = len(self._running) + len(self._doubt)
         if token in self._sent:
-            # A retry: its earlier attempt may have done nothing, so this one may be a new
-            # start. It keeps its place ahead of every start not yet sent, but it goes
-            # only while it fits under the limit in force now (lowered meanwhile, or slots
-            # taken by executions started elsewhere): never a new start while over.
-            sent = [r for r in self._reserved.values() if r.token in self._sent]
-            if not _among_oldest(sent, reservation, self._limit - held):
+            # A retry after an attempt whose outcome is unknown: it may run already, and if
+            # it does not, this attempt may start it - while every other start sent may
+            # run too. It goes only while all of them fit under the limit in force now
+            # (lowered meanwhile, or slots taken by executions started elsewhere): never a
+            # new start while over. (A refused attempt did nothing: see `unsend`.)
+            if held + len(self._sent) > self._limit:
                 return False
             return self._key_admits(reservation, sent=True)
         unsent = [r for r in self._reserved.values() if r.token not in self._sent]
@@ -247,7 +247,7 @@ class Ledger:
         keyed_sent = [r for r in keyed if r.token in self._sent]
         held = self._by_key[key] - len(keyed)  # its running executions and starts in doubt
         if sent:
-            return _among_oldest(keyed_sent, reservation, self._per_key_limit - held)
+            return held + len(keyed_sent) <= self._per_key_limit
         keyed_unsent = [r for r in keyed if r.token not in self._sent]
         room = self._per_key_limit - held - len(keyed_sent)
         return _among_oldest(keyed_unsent, reservation, room)
@@ -257,6 +257,12 @@ class Ledger:
         later admissions count it, even if slots are taken elsewhere meanwhile."""
         if reservation.token in self._reserved:
             self._sent.add(reservation.token)
+
+    def unsend(self, reservation: Reservation) -> None:
+        """The start of this reservation was refused (a throttle, a validation error: it did
+        nothing): it is among the starts not yet sent again, keeping its age, and its retry
+        is admitted as a first attempt is."""
+        self._sent.discard(reservation.token)
 
     def cancel(self, reservation: Reservation) -> bool:
         """Give a reserved slot back (the start failed or was not needed).
@@ -396,6 +402,8 @@ class Ledger:
         held = self._running.get(arn)
         if held is not None:
             held.since = now
+            # The run described is the live one: a late terminal of an earlier run is stale.
+            held.redrives = max(held.redrives, redrive_count)
 
     def observe_missing(self, arn: str, now: float, grace: float) -> Change:
         """Apply "``arn`` does not exist" (``ExecutionDoesNotExist`` from a describe).

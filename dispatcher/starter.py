@@ -47,6 +47,10 @@ class AbandonedError(Exception):
     """Shutting down (or the lease is gone): hand the request back instead of retrying."""
 
 
+class OverLimitError(Exception):
+    """A retry of a start in doubt does not fit under the limit in force: stop retrying."""
+
+
 @dataclass(eq=False)
 class Waiting:
     """A received, valid request: waiting in its pool's room, then being started."""
@@ -234,9 +238,9 @@ class Starter:
             with attempt:
                 attempts += 1
                 self._check_not_stopping(attempts)
-                await self._admission(entry, reservation)
+                await self._admission(entry, reservation, handling)
                 await limiter.acquire()
-                await self._admission(entry, reservation)  # the wait may have been long
+                await self._admission(entry, reservation, handling)  # the wait may be long
                 handling.phase = "calling"
                 pool.ledger.mark_sent(reservation)  # no await since admission: still true
                 pool.note_start_sent()
@@ -251,6 +255,8 @@ class Starter:
                     handling.phase = "backoff"
                     if not outcome_unknown(exc):
                         handling.doubt = unknown_before  # refused: this attempt did nothing
+                        if not handling.doubt:  # nor did any before: a first attempt again
+                            pool.ledger.unsend(reservation)
                     if error_code(exc) in THROTTLE_CODES:
                         limiter.throttled()
                     if classify(exc) is not ErrorKind.PERMANENT:
@@ -265,7 +271,9 @@ class Starter:
                 return str(response["executionArn"]), attempts
         raise AssertionError("unreachable: stamina either returns or raises")  # pragma: no cover
 
-    async def _admission(self, entry: Waiting, reservation: Reservation) -> None:
+    async def _admission(
+        self, entry: Waiting, reservation: Reservation, handling: _Handling
+    ) -> None:
         """Wait until this start fits under the limits in force (and the lease, if any),
         keeping the request hidden meanwhile."""
         pool = entry.pool
@@ -274,6 +282,11 @@ class Starter:
         while not (pool.ledger.admitted(reservation) and self.may_start()):
             if not self.may_start():
                 raise AbandonedError  # not the leader any more: hand the request back
+            if handling.doubt:
+                # A retry of a start that may run already, over the limit now: waiting
+                # could wait on itself. It stays in doubt; evidence settles it, and the
+                # request comes back as a new one.
+                raise OverLimitError
             if not waited:
                 entry.bound.info("dispatcher.start_held", why="slots taken by other executions")
                 waited = True
