@@ -125,8 +125,13 @@ class Callbacks:
     ) -> None:
         """The child of a request carrying ``token`` runs (started, or adopted): answer the
         parent when it ends. Its message stays in flight until then."""
+        tokens = self._held.setdefault(arn, [])
+        for held in tokens:
+            if held.token == token:  # received again (SQS's 12 h visibility cap): newer handle
+                held.queue, held.receipt_handle, held.hidden_since = queue, receipt, self.clock()
+                return
         held = Held(token, arn, pool, queue, receipt, self.clock(), bound)
-        self._held.setdefault(arn, []).append(held)
+        tokens.append(held)
         self._gauge(pool)
         bound.info("dispatcher.token_held", child_arn=arn)
         if pool.ledger.is_tombstoned(arn):  # it ended before its start was answered

@@ -1,8 +1,9 @@
 """``sfn-dispatcher check``: the preflight to run before deploying or when something looks wrong.
 
 One line per check, with the fix for each failure. Every AWS call is harmless (describe, get,
-or list one item): nothing is started, received or deleted. The checks themselves live in
-`dispatcher.preflight`; this module is the sub-command around them.
+or list one item; the task-token answers with a made-up token, StopExecution of an execution
+that cannot exist): nothing is started, stopped, answered, received or deleted. The checks
+themselves live in `dispatcher.preflight`; this module is the sub-command around them.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser = subparsers.add_parser(
         "check",
         help="check settings, permissions and wiring (harmless calls only)",
-        description="Verify the settings, the state machine, the queues, the EventBridge "
-        "rule and queue policy, and the optional limit parameter "
+        description="Verify the settings, the state machine, the permissions to answer "
+        "parent workflows (task tokens) and to stop their orphaned children, the queues, the "
+        "EventBridge rule and queue policy, and the optional limit parameter "
         f"(${LIMIT_PARAMETER_ENV}) and lease table (${LEASE_TABLE_ENV}), with harmless "
         "calls only; print one line per check and the fix for each failure. Exit 0 when "
         "nothing failed, 1 otherwise. Takes the same settings as `run`.",

@@ -165,14 +165,14 @@ async def delete_sandbox(resources: SandboxResources) -> None:
             if ids:
                 await events.remove_targets(Rule=resources.rule_name, Ids=ids)
             await events.delete_rule(Name=resources.rule_name)
-        paginator = sfn.get_paginator("list_executions")
-        async for page in paginator.paginate(
-            stateMachineArn=resources.state_machine_arn, statusFilter="RUNNING"
-        ):
-            for execution in page["executions"]:
-                with contextlib.suppress(ClientError):
-                    await sfn.stop_execution(executionArn=execution["executionArn"])
-        await sfn.delete_state_machine(stateMachineArn=resources.state_machine_arn)
+        # Parents first: a parent still waiting would otherwise request more children.
+        for machine in (resources.parent_state_machine_arn, resources.state_machine_arn):
+            paginator = sfn.get_paginator("list_executions")
+            async for page in paginator.paginate(stateMachineArn=machine, statusFilter="RUNNING"):
+                for execution in page["executions"]:
+                    with contextlib.suppress(ClientError):
+                        await sfn.stop_execution(executionArn=execution["executionArn"])
+            await sfn.delete_state_machine(stateMachineArn=machine)
         prefix = f"{resources.prefix}-"
         listed = await sqs.list_queues(QueueNamePrefix=prefix)
         for url in listed.get("QueueUrls", []):

@@ -221,3 +221,18 @@ async def test_held_messages_stay_hidden() -> None:
     assert await callbacks.keep_hidden_once() == 1
     [call] = world.sqs.calls_to("change_message_visibility_batch")
     assert call["Entries"][0]["VisibilityTimeout"] == world.settings.visibility_timeout
+
+
+async def test_a_request_received_again_while_its_child_runs_is_held_once() -> None:
+    """SQS hides a message at most 12 h from its receive: a long child's request comes back,
+    meets its running child, and its token is held once, under the newer receipt."""
+    world = build_world(aws_exact=False)
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    again = child_request()
+    again["ReceiptHandle"] = "rh-m-1-again"
+    await handle(world, again, intake)
+    assert callbacks.tokens() == [(TOKEN, CHILD)]
+    events_of(world).apply(terminal_event("SUCCEEDED", output="{}"))
+    await callbacks.answer_due()
+    assert [c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")] == ["rh-m-1-again"]

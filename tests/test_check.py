@@ -17,6 +17,7 @@ from botocore.exceptions import ClientError
 from dispatcher.cli import main
 from dispatcher.preflight import (
     ALL_STATUSES,
+    Check,
     Clients,
     Context,
     Report,
@@ -25,12 +26,15 @@ from dispatcher.preflight import (
     UnsupportedPatternError,
     check_lease_table,
     check_rule,
+    check_stop_executions,
+    check_task_tokens,
     load_target,
     matches,
     mismatch,
     policy_allows,
     render,
     run_checks,
+    run_one,
     sample_event,
     status_pattern,
 )
@@ -231,12 +235,13 @@ async def test_a_fresh_sandbox_is_all_green(sandbox: SandboxResources, lease_tab
         sandbox,
         DISPATCHER_LIMIT_PARAMETER=sandbox.limit_parameter,
         DISPATCHER_LEASE_TABLE=lease_table,
+        DISPATCHER_STOP_ORPHANED_CHILDREN="true",
     )
     async with sqs_client(sandbox.endpoint) as sqs:
         await sqs.send_message(QueueUrl=sandbox.request_queue_url, MessageBody="{}")
     report = await run_checks(env=env, endpoint_url=sandbox.endpoint)
     assert statuses(report) == {r.id: Status.OK for r in report.results}, render(report)
-    assert len(report.results) == 15
+    assert len(report.results) == 17
     assert report.ok
     found = by_id(report)
     assert found["request_queue"].detail.endswith("-requests (1 waiting)")
@@ -245,6 +250,11 @@ async def test_a_fresh_sandbox_is_all_green(sandbox: SandboxResources, lease_tab
     )
     assert found["events_rule"].detail.startswith(f"{sandbox.rule_name} (ENABLED)")
     assert found["limit_parameter"].detail == f"{sandbox.limit_parameter} = {sandbox.limit}"
+    assert found["task_tokens"].detail == (
+        "SendTaskSuccess, SendTaskFailure, SendTaskHeartbeat permitted (a made-up token: "
+        "TaskDoesNotExist)"
+    )
+    assert found["stop_executions"].detail == f"permitted on the executions of {sandbox.prefix}"
     # Harmless: the request is still there, visible, and nothing was started.
     async with sqs_client(sandbox.endpoint) as sqs, sfn_client(sandbox.endpoint) as sfn:
         attributes = await sqs.get_queue_attributes(
@@ -265,6 +275,8 @@ async def test_without_the_optional_settings_those_checks_are_skipped(
     report = await run_checks(env=env_of(sandbox), endpoint_url=sandbox.endpoint)
     got = statuses(report)
     assert (got.pop("limit_parameter"), got.pop("lease_table")) == (Status.SKIP, Status.SKIP)
+    assert got.pop("stop_executions") is Status.SKIP  # DISPATCHER_STOP_ORPHANED_CHILDREN false
+    assert "runs to its end" in by_id(report)["stop_executions"].detail
     assert set(got.values()) == {Status.OK}
     assert report.ok
 
@@ -310,7 +322,8 @@ async def test_a_missing_request_queue_names_its_variable(sandbox: SandboxResour
     needs_it = (got.pop("redrive"), got.pop("visibility_timeout"), got.pop("dead_letter_size"))
     assert needs_it == (Status.SKIP, Status.SKIP, Status.SKIP)
     assert got.pop("request_queue") is Status.FAIL
-    assert (got.pop("limit_parameter"), got.pop("lease_table")) == (Status.SKIP, Status.SKIP)
+    optional = (got.pop("limit_parameter"), got.pop("lease_table"), got.pop("stop_executions"))
+    assert optional == (Status.SKIP, Status.SKIP, Status.SKIP)
     assert set(got.values()) == {Status.OK}  # everything else is still checked
 
 
@@ -343,7 +356,8 @@ async def test_a_bad_setting_is_a_fail_line_and_the_rest_still_runs(
     got = statuses(report)
     assert got.pop("settings") is Status.FAIL
     assert "DISPATCHER_LIMIT='-1' is invalid" in by_id(report)["settings"].detail
-    assert (got.pop("limit_parameter"), got.pop("lease_table")) == (Status.SKIP, Status.SKIP)
+    optional = (got.pop("limit_parameter"), got.pop("lease_table"), got.pop("stop_executions"))
+    assert optional == (Status.SKIP, Status.SKIP, Status.SKIP)
     assert set(got.values()) == {Status.OK}
     assert not report.ok
 
@@ -593,3 +607,111 @@ async def test_reads_the_dispatcher_never_makes_warn_when_denied() -> None:
         assert finding.status is Status.WARN
         assert reason in finding.detail
         assert finding.fix.startswith("the dispatcher itself does not need this permission")
+
+
+class FakeSFN:
+    """Step Functions for a role that may or may not make the callback and stop calls."""
+
+    def __init__(self, denied: set[str], answer: str = "InvalidToken") -> None:
+        self.denied = denied
+        self.answer = answer  # the error code for the made-up token
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def _call(self, operation: str, code: str, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append((operation, kwargs))
+        if operation in self.denied:
+            raise denied(operation)
+        raise ClientError({"Error": {"Code": code, "Message": "no such thing"}}, operation)
+
+    async def send_task_success(self, **kwargs: Any) -> dict[str, Any]:
+        return await self._call("SendTaskSuccess", self.answer, **kwargs)
+
+    async def send_task_failure(self, **kwargs: Any) -> dict[str, Any]:
+        return await self._call("SendTaskFailure", self.answer, **kwargs)
+
+    async def send_task_heartbeat(self, **kwargs: Any) -> dict[str, Any]:
+        return await self._call("SendTaskHeartbeat", self.answer, **kwargs)
+
+    async def stop_execution(self, **kwargs: Any) -> dict[str, Any]:
+        return await self._call("StopExecution", "ExecutionDoesNotExist", **kwargs)
+
+
+def fake_context(sfn: FakeSFN, **env: str) -> Context:
+    """A context on ``sfn`` alone, for the checks that call nothing else."""
+    target, _ = load_target({}, {**VALID_ENV, **env})
+    clients = Clients(
+        sqs=cast(Any, None),
+        sfn=cast(Any, sfn),
+        events=cast(Any, None),
+        ssm=None,
+        dynamodb=None,
+        credentials="container-role",
+    )
+    return Context(target, clients, None)
+
+
+async def test_callbacks_to_parents_are_tried_with_a_made_up_token() -> None:
+    sfn = FakeSFN(denied=set())
+    finding = await check_task_tokens(fake_context(sfn))
+    assert finding.status is Status.OK
+    assert finding.detail.endswith("permitted (a made-up token: InvalidToken)")
+    assert [name for name, _ in sfn.calls] == [
+        "SendTaskSuccess",
+        "SendTaskFailure",
+        "SendTaskHeartbeat",
+    ]
+    assert {kwargs["taskToken"] for _, kwargs in sfn.calls} == {
+        "sfn-dispatcher-check-made-up-task-token"
+    }
+
+
+async def test_callbacks_denied_warn_with_the_statement_to_grant() -> None:
+    sfn = FakeSFN(denied={"SendTaskHeartbeat", "SendTaskFailure"})
+    finding = await check_task_tokens(
+        fake_context(sfn, **{"DISPATCHER_TASK_TOKEN_ATTRIBUTE": "cb"})
+    )
+    assert finding.status is Status.WARN
+    assert finding.detail.startswith("SendTaskFailure, SendTaskHeartbeat denied: ")
+    assert "message attribute cb" in finding.detail
+    statement = json.loads(finding.fix.split("grant the role ", 1)[1].split(" (", 1)[0])
+    assert statement == {
+        "Effect": "Allow",
+        "Action": ["states:SendTaskSuccess", "states:SendTaskFailure", "states:SendTaskHeartbeat"],
+        "Resource": "*",
+    }
+
+
+async def test_an_unexpected_callback_answer_is_a_fail_line() -> None:
+    sfn = FakeSFN(denied=set(), answer="ThrottlingException")
+    ctx = fake_context(sfn)
+    result = await run_one(Check("task_tokens", "parents answered", check_task_tokens), ctx)
+    assert result.status is Status.FAIL
+    assert result.detail.startswith("ThrottlingException")
+
+
+async def test_stopping_orphans_is_checked_only_when_switched_on() -> None:
+    sfn = FakeSFN(denied=set())
+    result = await run_one(
+        Check("stop_executions", "orphans", check_stop_executions), fake_context(sfn)
+    )
+    assert result.status is Status.SKIP
+    assert sfn.calls == []
+
+    finding = await check_stop_executions(
+        fake_context(sfn, DISPATCHER_STOP_ORPHANED_CHILDREN="true")
+    )
+    assert finding.status is Status.OK
+    [(operation, kwargs)] = sfn.calls
+    assert operation == "StopExecution"
+    prefix = "arn:aws:states:us-east-1:123456789012:execution:orders:sfn-dispatcher-check-"
+    assert kwargs["executionArn"].startswith(prefix)
+
+    denying = FakeSFN(denied={"StopExecution"})
+    finding = await check_stop_executions(
+        fake_context(denying, DISPATCHER_STOP_ORPHANED_CHILDREN="true")
+    )
+    assert finding.status is Status.FAIL
+    assert "keep running and holding their slots" in finding.detail
+    assert finding.fix.startswith(
+        "grant states:StopExecution on arn:aws:states:us-east-1:123456789012:execution:orders:*"
+    )

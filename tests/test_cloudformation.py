@@ -239,7 +239,13 @@ EXPECTED_ACTIONS = {
     "sqs:SendMessage",
     "ssm:GetParameter",
     "dynamodb:UpdateItem",
+    "states:SendTaskSuccess",
+    "states:SendTaskFailure",
+    "states:SendTaskHeartbeat",
+    "states:StopExecution",
 }
+# Answering a parent's task token: no resource-level permissions exist for these actions.
+TOKEN_ACTIONS = {"states:SendTaskSuccess", "states:SendTaskFailure", "states:SendTaskHeartbeat"}
 
 EXECUTION_ARN = "arn:${AWS::Partition}:states:${AWS::Region}:${AWS::AccountId}:execution:${Name}:*"
 PARAMETER_ARN = (
@@ -265,10 +271,13 @@ EXPECTED_GRANTS = {
     ("sqs:GetQueueAttributes", "DeadLetterQueue.Arn"),
     ("ssm:GetParameter", PARAMETER_ARN),
     ("dynamodb:UpdateItem", "LeaseTable.Arn"),
+    *((action, "*") for action in TOKEN_ACTIONS),
+    ("states:StopExecution", EXECUTION_ARN),
 }
 
 
 def test_task_role_has_no_wildcards(template: dict[str, Any]) -> None:
+    """Only the task-token answers are on "*": AWS allows no other Resource for them."""
     for statement in _task_role_statements(template):
         assert statement["Effect"] == "Allow"
         assert "NotAction" not in statement
@@ -276,7 +285,51 @@ def test_task_role_has_no_wildcards(template: dict[str, Any]) -> None:
         for action in _as_list(statement["Action"]):
             assert "*" not in action, statement
         for resource in _as_list(statement["Resource"]):
-            assert resource != "*", statement
+            if resource == "*":
+                assert set(_as_list(statement["Action"])) == TOKEN_ACTIONS, statement
+                assert "Condition" not in statement
+
+
+def test_parents_are_answered_and_orphans_stopped_only_when_asked(
+    template: dict[str, Any],
+) -> None:
+    [answers] = [
+        s for s in _task_role_statements(template) if TOKEN_ACTIONS & set(_as_list(s["Action"]))
+    ]
+    assert set(answers["Action"]) == TOKEN_ACTIONS
+    assert answers["Resource"] == "*"
+    conditions = _conditional_statements(template)
+    stop, otherwise = conditions["StopChildren"]
+    assert _as_list(stop["Action"]) == ["states:StopExecution"]
+    _, variables = stop["Resource"]["Fn::Sub"]
+    assert variables["Name"] == {
+        "Fn::Select": [6, {"Fn::Split": [":", {"Ref": "StateMachineArn"}]}]
+    }
+    assert otherwise == {"Ref": "AWS::NoValue"}
+    assert template["Conditions"]["StopChildren"] == {
+        "Fn::Equals": [{"Ref": "StopOrphanedChildren"}, "true"]
+    }
+    parameter = template["Parameters"]["StopOrphanedChildren"]
+    assert (parameter["Default"], parameter["AllowedValues"]) == ("false", ["true", "false"])
+    container = _container(template)
+    env = {e["Name"]: e["Value"] for item in container["Environment"] for e in _branches(item)}
+    assert env["DISPATCHER_STOP_ORPHANED_CHILDREN"] == {"Ref": "StopOrphanedChildren"}
+    groups = template["Metadata"]["AWS::CloudFormation::Interface"]["ParameterGroups"]
+    assert any("StopOrphanedChildren" in g["Parameters"] for g in groups)
+
+
+def _conditional_statements(template: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The task role's ``Fn::If`` statements: condition -> (statement, otherwise)."""
+    _, task = _resource(template, "AWS::ECS::TaskDefinition")
+    role = template["Resources"][task["Properties"]["TaskRoleArn"]["Fn::GetAtt"][0]]
+    found: dict[str, tuple[Any, Any]] = {}
+    for policy in role["Properties"]["Policies"]:
+        for item in policy["PolicyDocument"]["Statement"]:
+            if "Fn::If" in item:
+                condition, statement, otherwise = item["Fn::If"]
+                assert condition not in found
+                found[condition] = (statement, otherwise)
+    return found
 
 
 def test_task_role_actions_are_exactly_the_dispatchers(template: dict[str, Any]) -> None:
@@ -312,17 +365,9 @@ def test_describe_execution_resource_takes_the_name_from_the_arn(
 def test_lease_permissions_and_table_exist_only_with_the_condition(
     template: dict[str, Any],
 ) -> None:
-    _, task = _resource(template, "AWS::ECS::TaskDefinition")
-    role = template["Resources"][task["Properties"]["TaskRoleArn"]["Fn::GetAtt"][0]]
-    conditional = [
-        item["Fn::If"]
-        for policy in role["Properties"]["Policies"]
-        for item in policy["PolicyDocument"]["Statement"]
-        if "Fn::If" in item
-    ]
-    assert len(conditional) == 1
-    condition, statement, otherwise = conditional[0]
-    assert condition == "UseLeaseTable"
+    conditional = _conditional_statements(template)
+    assert set(conditional) == {"UseLeaseTable", "StopChildren"}
+    statement, otherwise = conditional["UseLeaseTable"]
     assert all(a.startswith("dynamodb:") for a in statement["Action"])
     assert otherwise == {"Ref": "AWS::NoValue"}
     table_id, table = _resource(template, "AWS::DynamoDB::Table")

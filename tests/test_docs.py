@@ -82,3 +82,15 @@ def test_the_simulation_figures_come_from_the_stored_results() -> None:
         plural = "seed" if needed == 1 else "seeds"
         kinds = ", ".join(f"`{k}`" for k in bug["violations"])
         assert f"found by seed {seed} ({needed} {plural}): {kinds} |" in README, bug["issue"]
+
+
+def test_the_parent_definition_in_the_readme_is_the_sandboxs() -> None:
+    """The copy-pasteable parent is the one the sandbox runs (and the tests drive)."""
+    from dispatcher.sandbox.provision import parent_definition  # noqa: PLC0415
+
+    section = README.split("## From inside a workflow", 1)[1]
+    shown = json.loads(section.split("```json\n", 1)[1].split("\n```", 1)[0])
+    url = shown["States"]["Children"]["ItemProcessor"]["States"]["RunChild"]["Parameters"][
+        "QueueUrl"
+    ]
+    assert shown == parent_definition(url)

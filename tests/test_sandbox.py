@@ -1,5 +1,6 @@
 """The local sandbox: the emulator process never outlives us, provisioning is idempotent,
-the demo machine's status changes reach the events queue in EventBridge's envelope."""
+the demo machine's status changes reach the events queue in EventBridge's envelope, and the
+parent workflow requests its children through the requests queue with task tokens."""
 
 from __future__ import annotations
 
@@ -17,14 +18,22 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import anyio
 import pytest
+from botocore.exceptions import ClientError
 
 from dispatcher.cli import main
 from dispatcher.errors import UserError
-from dispatcher.sandbox import Emulator, SandboxResources, demo_definition, free_port, provision
+from dispatcher.sandbox import (
+    Emulator,
+    SandboxResources,
+    demo_definition,
+    free_port,
+    parent_definition,
+    provision,
+)
 from dispatcher.sandbox.emulator import probe
 from tests.conftest import SandboxFactory, unique_prefix
 from tests.helpers import (
@@ -35,7 +44,12 @@ from tests.helpers import (
     sfn_client,
     sqs_client,
     ssm_client,
+    wait_until,
 )
+
+if TYPE_CHECKING:
+    from types_aiobotocore_stepfunctions import SFNClient
+    from types_aiobotocore_stepfunctions.type_defs import DescribeExecutionOutputTypeDef
 
 REPO = Path(__file__).resolve().parent.parent
 ENV_KEYS = {
@@ -48,6 +62,7 @@ ENV_KEYS = {
     "DISPATCHER_EVENTS_QUEUE_URL",
     "DISPATCHER_DEAD_LETTER_QUEUE_URL",
     "DISPATCHER_LIMIT",
+    "SFN_DISPATCHER_PARENT_ARN",
 }
 
 
@@ -199,7 +214,7 @@ def sandbox_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], _Li
 
 def _emulator_of(stdout: _Lines, stderr: _Lines) -> tuple[int, int, dict[str, str], Path]:
     """Wait for the exports and the hint; (pid, start time, exports, log directory)."""
-    exports, _ = stdout.until(r"^export DISPATCHER_LIMIT=", timeout=30)
+    exports, _ = stdout.until(r"^export SFN_DISPATCHER_PARENT_ARN=", timeout=30)
     env = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in exports)
     _, match = stderr.until(r"emulator pid (\d+) at \S+ \(log (\S+)\)", timeout=10)
     pid = int(match[1])
@@ -262,7 +277,7 @@ def test_sigkill_of_the_sandbox_leaves_no_emulator_behind(
 
 
 async def _counts(resources: SandboxResources) -> tuple[int, int, int]:
-    """(queues with the prefix, targets of the rule, state machines with the name)."""
+    """(queues with the prefix, targets of the rule, state machines: the child, the parent)."""
     async with (
         sqs_client(resources.endpoint) as sqs,
         events_client(resources.endpoint) as events,
@@ -274,7 +289,7 @@ async def _counts(resources: SandboxResources) -> tuple[int, int, int]:
             machine
             async for page in sfn.get_paginator("list_state_machines").paginate()
             for machine in page["stateMachines"]
-            if machine["name"] == resources.prefix
+            if machine["name"] in (resources.prefix, f"{resources.prefix}-parent")
         ]
     return len(queues), len(targets), len(machines)
 
@@ -282,7 +297,8 @@ async def _counts(resources: SandboxResources) -> tuple[int, int, int]:
 async def test_provisioning_twice_creates_nothing_new(sandbox: SandboxResources) -> None:
     again = await provision(sandbox.endpoint, prefix=sandbox.prefix)
     assert again == sandbox
-    assert await _counts(again) == (3, 1, 1)
+    assert await _counts(again) == (3, 1, 2)
+    assert again.parent_state_machine_arn.endswith(f":stateMachine:{sandbox.prefix}-parent")
     assert again.raw_events_queue_url is None
     assert again.dead_letter_queue_url.endswith(f"/{sandbox.prefix}-requests-dlq")
 
@@ -320,7 +336,7 @@ async def test_provisioning_updates_settings_in_place(
     assert second.state_machine_arn == first.state_machine_arn
     assert second.request_queue_url == first.request_queue_url
     assert second.raw_events_queue_url is not None
-    assert await _counts(second) == (4, 1, 1)
+    assert await _counts(second) == (4, 1, 2)
 
     async with (
         sfn_client(emulator) as sfn,
@@ -331,6 +347,9 @@ async def test_provisioning_updates_settings_in_place(
         machine = await sfn.describe_state_machine(stateMachineArn=second.state_machine_arn)
         assert json.loads(machine["definition"]) == demo_definition()
         assert machine["roleArn"] == f"arn:aws:iam::000000000000:role/{prefix}"
+        parent = await sfn.describe_state_machine(stateMachineArn=second.parent_state_machine_arn)
+        assert json.loads(parent["definition"]) == parent_definition(second.request_queue_url)
+        assert parent["type"] == "STANDARD"
         attributes = (
             await sqs.get_queue_attributes(
                 QueueUrl=second.request_queue_url, AttributeNames=["All"]
@@ -351,6 +370,7 @@ async def test_provisioning_updates_settings_in_place(
         parameter = await ssm.get_parameter(Name=f"/{prefix}/limit")
         assert parameter["Parameter"]["Value"] == "7"
     assert second.env()["DISPATCHER_LIMIT"] == "7"
+    assert second.env()["SFN_DISPATCHER_PARENT_ARN"] == second.parent_state_machine_arn
 
 
 async def test_bad_prefix_is_a_user_error(emulator: str) -> None:
@@ -403,6 +423,116 @@ async def test_input_without_seconds_succeeds_at_once(sandbox: SandboxResources)
     async with sfn_client(sandbox.endpoint) as sfn:
         described = await sfn.describe_execution(executionArn=started["executionArn"])
     assert described["status"] == "SUCCEEDED"
+
+
+# --- the parent workflow: children requested with task tokens --------------------------------
+
+
+def test_the_parent_sends_each_item_with_its_token_and_key() -> None:
+    queue = "https://sqs.us-east-1.amazonaws.com/123456789012/orders-requests"
+    definition = parent_definition(queue)
+    children = definition["States"]["Children"]
+    assert children["Type"] == "Map"
+    assert (children["ItemsPath"], children["ResultPath"]) == ("$.items", "$.results")
+    assert children["MaxConcurrency"] == 0, "every child requested at once: the dispatcher limits"
+    steps = children["ItemProcessor"]["States"]
+    task = steps["RunChild"]
+    assert task["Resource"] == "arn:aws:states:::sqs:sendMessage.waitForTaskToken"
+    parameters = task["Parameters"]
+    assert (parameters["QueueUrl"], parameters["MessageBody.$"]) == (queue, "$")
+    assert parameters["MessageAttributes"] == {
+        "task-token": {"DataType": "String", "StringValue.$": "$$.Task.Token"},
+        "idempotency-key": {
+            "DataType": "String",
+            "StringValue.$": "States.Format('{}-{}', $$.Execution.Name, $$.Map.Item.Index)",
+        },
+    }
+    [catch] = task["Catch"]
+    assert catch["ErrorEquals"] == ["States.ALL"]
+    assert steps[catch["Next"]] == {"Type": "Pass", "End": True}
+
+
+@pytest.mark.parametrize(
+    ("document", "heading"),
+    [("docs/task-tokens.md", "## The parent"), ("README.md", "## From inside a workflow")],
+)
+def test_the_documented_parent_is_the_sandboxs(document: str, heading: str) -> None:
+    """The copy-pasteable parent in the docs is exactly the one the sandbox provisions."""
+    text = (REPO / document).read_text()
+    if heading not in text:
+        pytest.skip(f"{document} has no section {heading!r} yet")
+    shown = json.loads(text.split(heading, 1)[1].split("```json\n", 1)[1].split("```", 1)[0])
+    queue = shown["States"]["Children"]["ItemProcessor"]["States"]["RunChild"]["Parameters"]
+    assert shown == parent_definition(queue["QueueUrl"])
+
+
+async def _closed(sfn: SFNClient, arn: str) -> DescribeExecutionOutputTypeDef:
+    """DescribeExecution once the execution has ended."""
+    described: list[DescribeExecutionOutputTypeDef] = []
+
+    async def ended() -> bool:
+        described.append(await sfn.describe_execution(executionArn=arn))
+        return described[-1]["status"] != "RUNNING"
+
+    await wait_until(ended, timeout=15, message=f"{arn} ended")
+    return described[-1]
+
+
+@pytest.mark.timeout(60)
+async def test_the_parent_waits_for_children_answered_through_their_tokens(
+    sandbox: SandboxResources,
+) -> None:
+    """No dispatcher: this test plays its part, straight from the requests queue, to show the
+    sandbox's parent works on the emulator on its own."""
+    name = "parent-run-1"
+    items = [{"seconds": 1}, {"fail": True}, {"seconds": 2}]
+    async with sfn_client(sandbox.endpoint) as sfn:
+        started = await sfn.start_execution(
+            stateMachineArn=sandbox.parent_state_machine_arn,
+            name=name,
+            input=json.dumps({"items": items}),
+        )
+        messages = await receive_all(
+            sandbox.endpoint, sandbox.request_queue_url, count=3, timeout=15
+        )
+        by_key = {m["MessageAttributes"]["idempotency-key"]["StringValue"]: m for m in messages}
+        assert sorted(by_key) == [f"{name}-0", f"{name}-1", f"{name}-2"]
+        tokens = []
+        for index, item in enumerate(items):
+            message = by_key[f"{name}-{index}"]
+            assert json.loads(message["Body"]) == item, "the item is the child's input"
+            attribute = message["MessageAttributes"]["task-token"]
+            assert attribute["DataType"] == "String"
+            assert attribute["StringValue"]
+            tokens.append(attribute["StringValue"])
+        assert len(set(tokens)) == 3
+
+        # Answered out of order; the results still come in item order.
+        for token in tokens:
+            await sfn.send_task_heartbeat(taskToken=token)
+        await sfn.send_task_success(taskToken=tokens[2], output=json.dumps({"child": 2}))
+        await sfn.send_task_success(taskToken=tokens[0], output=json.dumps({"child": 0}))
+        running = await sfn.describe_execution(executionArn=started["executionArn"])
+        assert running["status"] == "RUNNING", "one child is still unanswered"
+        await sfn.send_task_failure(
+            taskToken=tokens[1], error="DemoFailure", cause="the input asked to fail"
+        )
+        ended = await _closed(sfn, started["executionArn"])
+        assert ended["status"] == "SUCCEEDED", "the failed child was caught by its parent"
+        assert json.loads(ended["output"]) == {
+            "items": items,
+            "results": [
+                {"child": 0},
+                {
+                    "fail": True,
+                    "error": {"Error": "DemoFailure", "Cause": "the input asked to fail"},
+                },
+                {"child": 2},
+            ],
+        }
+        with pytest.raises(ClientError) as again:
+            await sfn.send_task_success(taskToken=tokens[0], output="{}")
+        assert again.value.response["Error"]["Code"] == "TaskDoesNotExist"
 
 
 # --- the command with --endpoint ------------------------------------------------------------

@@ -7,7 +7,7 @@ EventBridge pattern and queue-policy evaluation), `checks` and `wiring` (the che
 `runner` (running them all into a `Report`).
 """
 
-from dispatcher.preflight.checks import queue_arn
+from dispatcher.preflight.checks import check_stop_executions, check_task_tokens, queue_arn
 from dispatcher.preflight.context import (
     LEASE_TABLE_ENV,
     LIMIT_PARAMETER_ENV,
@@ -48,6 +48,8 @@ __all__ = [
     "UnsupportedPatternError",
     "check_lease_table",
     "check_rule",
+    "check_stop_executions",
+    "check_task_tokens",
     "glob",
     "load_target",
     "matches",

@@ -1,10 +1,12 @@
-"""The checks of the endpoint, the state machine and the queues."""
+"""The checks of the endpoint, the state machine, the callbacks to parents and the queues."""
 
 from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
@@ -29,6 +31,11 @@ AUTH_CODES = frozenset(
 NO_QUEUE_CODES = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
 # Below this, a request handed back a few times (throttling) dead-letters without a reason.
 MIN_RECEIVE_COUNT = 10
+# A task token no workflow ever had: answering it can change nothing.
+MADE_UP_TOKEN = "sfn-dispatcher-check-made-up-task-token"  # noqa: S105 - no secret
+# What AWS answers for a made-up token once the caller may make the call at all.
+TOKEN_CODES = frozenset({"InvalidToken", "TaskDoesNotExist", "TaskTimedOut"})
+TOKEN_ACTIONS = ("SendTaskSuccess", "SendTaskFailure", "SendTaskHeartbeat")
 
 
 def queue_arn(url: str, region: str) -> str:
@@ -135,6 +142,87 @@ async def check_list_executions(ctx: Context) -> Finding:
         raise Skip(f"{text(exc)} (see the state machine lines)") from None
     running = "executions are running" if listed.get("executions") else "none running"
     return Finding(Status.OK, f"permitted ({running})")
+
+
+async def check_task_tokens(ctx: Context) -> Finding:
+    """A parent waiting for its child (task token) is answered with SendTask*: permitted?
+
+    Each action is called with a made-up token, which no workflow ever had: an answer about
+    the token (``InvalidToken``, ``TaskDoesNotExist``) means the call itself was let through,
+    ``AccessDenied`` that the role lacks the action. These actions take no resource ARN.
+    """
+    attribute = ctx.target.need("task_token_attribute")
+    sfn = ctx.clients.sfn
+    calls = {
+        "SendTaskSuccess": partial(sfn.send_task_success, taskToken=MADE_UP_TOKEN, output="{}"),
+        "SendTaskFailure": partial(
+            sfn.send_task_failure,
+            taskToken=MADE_UP_TOKEN,
+            error="SfnDispatcher.Check",
+            cause="sfn-dispatcher check: a made-up token, answered by no one",
+        ),
+        "SendTaskHeartbeat": partial(sfn.send_task_heartbeat, taskToken=MADE_UP_TOKEN),
+    }
+    denied: list[str] = []
+    answers: set[str] = set()
+    for action, call in calls.items():
+        try:
+            await call()
+        except ClientError as exc:
+            if is_denied(exc):
+                denied.append(action)
+                continue
+            if error_code(exc) not in TOKEN_CODES:
+                raise
+            answers.add(error_code(exc))
+        else:
+            answers.add("accepted")  # an emulator may take any token; AWS never does
+    if denied:
+        return Finding(
+            Status.WARN,
+            f"{', '.join(denied)} denied: a parent workflow waiting for a child (a request "
+            f"with message attribute {attribute}) would never be answered by the dispatcher "
+            "and waits until its own timeout; requests without a token are not affected",
+            'grant the role {"Effect": "Allow", "Action": ['
+            + ", ".join(f'"states:{a}"' for a in TOKEN_ACTIONS)
+            + '], "Resource": "*"} (these actions take no resource ARN; the CloudFormation '
+            "template grants them)",
+        )
+    return Finding(
+        Status.OK,
+        f"{', '.join(TOKEN_ACTIONS)} permitted (a made-up token: {', '.join(sorted(answers))})",
+    )
+
+
+async def check_stop_executions(ctx: Context) -> Finding:
+    """With DISPATCHER_STOP_ORPHANED_CHILDREN, children of parents gone are stopped."""
+    if ctx.target.get("stop_orphaned_children") is False:
+        raise Skip(
+            "DISPATCHER_STOP_ORPHANED_CHILDREN is false: a child whose parent no longer "
+            "waits runs to its end"
+        )
+    ctx.target.need("stop_orphaned_children")
+    arn = ctx.target.need("state_machine_arn")
+    executions = arn.replace(":stateMachine:", ":execution:", 1)
+    # An execution that cannot exist (a fresh UUID in its name): stopping it changes nothing.
+    made_up = f"{executions}:sfn-dispatcher-check-{uuid.uuid4()}"
+    try:
+        await ctx.clients.sfn.stop_execution(
+            executionArn=made_up, error="SfnDispatcher.Check", cause="sfn-dispatcher check"
+        )
+    except ClientError as exc:
+        if is_denied(exc):
+            return Finding(
+                Status.FAIL,
+                f"{text(exc)}: children whose parent no longer waits keep running and "
+                "holding their slots",
+                f"grant states:StopExecution on {executions}:* to the role (the "
+                "CloudFormation template does with StopOrphanedChildren=true), or set "
+                "DISPATCHER_STOP_ORPHANED_CHILDREN=false",
+            )
+        if error_code(exc) != "ExecutionDoesNotExist":
+            raise
+    return Finding(Status.OK, f"permitted on the executions of {arn.rsplit(':', 1)[-1]}")
 
 
 def queue_exists(role: QueueRole) -> Callable[[Context], Awaitable[Finding]]:

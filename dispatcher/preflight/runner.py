@@ -17,6 +17,8 @@ from dispatcher.preflight.checks import (
     check_redrive,
     check_standard,
     check_state_machine,
+    check_stop_executions,
+    check_task_tokens,
     check_visibility,
     queue_exists,
 )
@@ -52,6 +54,8 @@ CHECKS: tuple[Check, ...] = (
     Check("state_machine", "state machine exists", check_state_machine),
     Check("state_machine_type", "state machine is STANDARD", check_standard),
     Check("list_executions", "ListExecutions permitted", check_list_executions),
+    Check("task_tokens", "parents answered (task tokens)", check_task_tokens),
+    Check("stop_executions", "orphaned children stopped", check_stop_executions),
     Check("request_queue", "requests queue exists", queue_exists(REQUESTS)),
     Check("redrive", "requests dead-lettering", check_redrive),
     Check("dead_letter_queue", "dead-letter queue exists", queue_exists(DEAD_LETTERS)),

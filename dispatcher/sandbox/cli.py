@@ -28,6 +28,11 @@ DEFAULT_PORT = 4566
 DEFAULT_PREFIX = "sfn-dispatcher-demo"
 DEFAULT_LIMIT = 10
 DEFAULT_MAX_RECEIVE_COUNT = 20
+# A parent run by hand: once a dispatcher runs, it succeeds with 3 results (one an error).
+PARENT_EXAMPLE = (
+    'aws stepfunctions start-execution --state-machine-arn "$SFN_DISPATCHER_PARENT_ARN" '
+    """--input '{"items": [{"seconds": 2}, {"seconds": 1}, {"fail": true}]}'"""
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,8 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "sandbox",
         help="run a local AWS emulator with queues, rule and demo state machine",
         description="Start MiniStack on 127.0.0.1, create the request/dead-letter/events "
-        "queues, the EventBridge status rule, a demo STANDARD state machine and the limit "
-        "parameter, print the settings as shell exports, and stay up until Ctrl-C.",
+        "queues, the EventBridge status rule, a demo STANDARD state machine, a parent "
+        "workflow that requests one child per item and waits for it (task tokens), and the "
+        "limit parameter, print the settings as shell exports, and stay up until Ctrl-C.",
     )
     parser.add_argument(
         "--port",
@@ -185,6 +191,8 @@ def _hint(emulator: Emulator, args: argparse.Namespace) -> None:
         f"(log {emulator.log_path}); Ctrl-C stops it",
         f"# in another shell: {load}",
         "# then: sfn-dispatcher submit --count 20",
+        "# or a workflow waiting for 3 children (task tokens; one fails, caught by it): "
+        + PARENT_EXAMPLE,
     ]
     print("\n".join(lines), file=sys.stderr, flush=True)
 

@@ -1,9 +1,12 @@
 """Create (or bring up to date) everything the dispatcher needs, in an emulator or account.
 
 Idempotent by construction: queues are created by name and then configured, the state
-machine is described by its derived ARN and updated in place when its definition or role
-differ, the rule and its single target are upserts, the parameter is overwritten. Running
-it twice returns the same URLs and ARNs and creates nothing new.
+machines are described by their derived ARNs and updated in place when their definition or
+role differ, the rule and its single target are upserts, the parameter is overwritten.
+Running it twice returns the same URLs and ARNs and creates nothing new.
+
+Two machines: the governed demo child ``<prefix>`` and ``<prefix>-parent``, a workflow that
+asks the dispatcher for one child per item and waits for each (task tokens).
 """
 
 from __future__ import annotations
@@ -31,8 +34,14 @@ if TYPE_CHECKING:
 TEST_CREDENTIALS = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
 STATUS_DETAIL_TYPE = "Step Functions Execution Status Change"
 RULE_TARGET_ID = "events-queue"
+# The message attributes a parent sets (the dispatcher's defaults).
+TASK_TOKEN_ATTRIBUTE = "task-token"  # noqa: S105 - an attribute's name, not a secret
+IDEMPOTENCY_KEY_ATTRIBUTE = "idempotency-key"
+PARENT_SUFFIX = "-parent"
+PARENT_ARN_ENV = "SFN_DISPATCHER_PARENT_ARN"
 SQS_MAX_MESSAGE_SIZE = 1_048_576
-# Every derived name must stay valid: queue names <= 80, rule names <= 64 characters.
+# Every derived name must stay valid: queue and state machine names <= 80 (the longest is
+# `<prefix>-requests-dlq`), rule names <= 64 characters.
 PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,49}$")
 
 
@@ -44,6 +53,7 @@ class SandboxResources:
     region: str
     prefix: str
     state_machine_arn: str
+    parent_state_machine_arn: str
     request_queue_url: str
     dead_letter_queue_url: str
     events_queue_url: str
@@ -53,7 +63,11 @@ class SandboxResources:
     limit: int
 
     def env(self) -> dict[str, str]:
-        """The variables ``sfn-dispatcher run`` (and ``submit``) read, for this sandbox."""
+        """The variables ``sfn-dispatcher run`` (and ``submit``) read, for this sandbox.
+
+        Also ``SFN_DISPATCHER_PARENT_ARN``, the parent machine, for trying task tokens by
+        hand; the dispatcher does not read it.
+        """
         return {
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_DEFAULT_REGION": self.region,
@@ -64,6 +78,7 @@ class SandboxResources:
             "DISPATCHER_EVENTS_QUEUE_URL": self.events_queue_url,
             "DISPATCHER_DEAD_LETTER_QUEUE_URL": self.dead_letter_queue_url,
             "DISPATCHER_LIMIT": str(self.limit),
+            PARENT_ARN_ENV: self.parent_state_machine_arn,
         }
 
 
@@ -94,6 +109,68 @@ def demo_definition() -> dict[str, Any]:
             },
             "Failed": {"Type": "Fail", "Error": "DemoFailure", "Cause": "the input asked to fail"},
             "Done": {"Type": "Succeed"},
+        },
+    }
+
+
+def parent_definition(request_queue_url: str) -> dict[str, Any]:
+    """The parent machine: one governed child per item of ``$.items``, each awaited.
+
+    Every item is sent to the requests queue as a child's input, with the task token and an
+    idempotency key ``<execution name>-<item index>`` as message attributes; the dispatcher
+    starts the child under the limit and answers the token when the child ends. A child
+    that fails is caught per item: the parent still succeeds, and its ``$.results`` lists
+    every child's output in item order, a failed child's slot holding the item with
+    ``error`` = ``{"Error", "Cause"}`` (e.g. ``DemoFailure``, ``Dispatcher.ChildTimedOut``).
+    """
+    return {
+        "Comment": "sfn-dispatcher demo parent: one governed child per item of $.items, "
+        "all requested at once; $.results holds their outputs in order, a failed child's "
+        "item with its error",
+        "StartAt": "Children",
+        "States": {
+            "Children": {
+                "Type": "Map",
+                "ItemsPath": "$.items",
+                # 0: every child is requested at once; the dispatcher holds the limit.
+                "MaxConcurrency": 0,
+                "ItemProcessor": {
+                    "ProcessorConfig": {"Mode": "INLINE"},
+                    "StartAt": "RunChild",
+                    "States": {
+                        "RunChild": {
+                            "Type": "Task",
+                            "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
+                            "Parameters": {
+                                "QueueUrl": request_queue_url,
+                                "MessageBody.$": "$",
+                                "MessageAttributes": {
+                                    TASK_TOKEN_ATTRIBUTE: {
+                                        "DataType": "String",
+                                        "StringValue.$": "$$.Task.Token",
+                                    },
+                                    IDEMPOTENCY_KEY_ATTRIBUTE: {
+                                        "DataType": "String",
+                                        "StringValue.$": "States.Format('{}-{}', "
+                                        "$$.Execution.Name, $$.Map.Item.Index)",
+                                    },
+                                },
+                            },
+                            "Catch": [
+                                {
+                                    "ErrorEquals": ["States.ALL"],
+                                    "ResultPath": "$.error",
+                                    "Next": "ChildFailed",
+                                }
+                            ],
+                            "End": True,
+                        },
+                        "ChildFailed": {"Type": "Pass", "End": True},
+                    },
+                },
+                "ResultPath": "$.results",
+                "End": True,
+            }
         },
     }
 
@@ -158,7 +235,13 @@ async def provision(
             await _queue(sqs, f"{prefix}-events-raw", {}) if raw_events else (None, None)
         )
 
-        machine_arn = await _state_machine(sfn, prefix, _sibling_arn(dlq_arn, "states", prefix))
+        machine_arn = await _state_machine(
+            sfn, prefix, _sibling_arn(dlq_arn, "states", prefix), demo_definition()
+        )
+        parent = prefix + PARENT_SUFFIX
+        parent_arn = await _state_machine(
+            sfn, parent, _sibling_arn(dlq_arn, "states", parent), parent_definition(request_url)
+        )
 
         rule_name = f"{prefix}-status"
         rule = await events.put_rule(
@@ -188,6 +271,7 @@ async def provision(
         region=region,
         prefix=prefix,
         state_machine_arn=machine_arn,
+        parent_state_machine_arn=parent_arn,
         request_queue_url=request_url,
         dead_letter_queue_url=dlq_url,
         events_queue_url=events_url,
@@ -237,9 +321,8 @@ def _sibling_arn(queue_arn: str, service: str, machine: str) -> str:
     return f"arn:{partition}:{service}:{region}:{account}:stateMachine:{machine}"
 
 
-async def _state_machine(sfn: SFNClient, name: str, arn: str) -> str:
-    """Create the demo machine, or update it in place when definition or role differ."""
-    definition = demo_definition()
+async def _state_machine(sfn: SFNClient, name: str, arn: str, definition: dict[str, Any]) -> str:
+    """Create a machine, or update it in place when definition or role differ."""
     role = f"arn:aws:iam::000000000000:role/{name}"
     try:
         current = await sfn.describe_state_machine(stateMachineArn=arn)
