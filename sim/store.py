@@ -23,8 +23,8 @@ class Parameter:
     modified: float
 
 
-class SSM:
-    """SSM Parameter Store: String parameters, versioned."""
+class _Service:
+    """What every simulated service holds: the clocks, the history, where it is."""
 
     def __init__(
         self,
@@ -40,6 +40,13 @@ class SSM:
         self._wall = wall
         self.region = region
         self.account = account
+
+
+class SSM(_Service):
+    """SSM Parameter Store: String parameters, versioned."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.parameters: dict[str, Parameter] = {}
 
     def put(self, name: str, value: str) -> int:
@@ -83,23 +90,11 @@ class Table:
 _RETURN_VALUES = ("NONE", "ALL_OLD", "UPDATED_OLD", "ALL_NEW", "UPDATED_NEW")
 
 
-class DynamoDB:
+class DynamoDB(_Service):
     """Tables and UpdateItem with conditions, atomic (one event loop)."""
 
-    def __init__(
-        self,
-        *,
-        clock: Callable[[], float],
-        history: History,
-        wall: Callable[[float], float],
-        region: str,
-        account: str,
-    ) -> None:
-        self._clock = clock
-        self._history = history
-        self._wall = wall
-        self.region = region
-        self.account = account
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.tables: dict[str, Table] = {}
 
     def create_table(self, name: str, key: str = "pool") -> None:
