@@ -5,6 +5,7 @@
     python -m sim --replay 1234        # one seed: its history around each violation
     python -m sim --bug lost-answer-frees-slot   # put a fixed bug back: the sim must find it
     python -m sim --teeth              # each fixed bug put back in turn: seeds to find it
+    python -m sim --no-parents         # without the task-token parents a share of seeds has
 
 Exit status: 0 when every seed held every invariant, 1 otherwise.
 """
@@ -23,6 +24,7 @@ from typing import Any
 import structlog
 from tqdm import tqdm
 
+from sim import harness
 from sim.bugs import BUGS
 from sim.harness import Outcome, simulate
 
@@ -43,6 +45,8 @@ def _quiet_logs(verbose: bool) -> None:
 def replay_command(seed: int, bugs: tuple[str, ...] = ()) -> str:
     """The one command that replays ``seed`` exactly."""
     extra = "".join(f" --bug {b}" for b in bugs)
+    if not harness.PARENTS:
+        extra += " --no-parents"
     return f"PYTHONHASHSEED=0 .venv/bin/python -m sim --replay {seed}{extra}"
 
 
@@ -80,7 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="put each fixed bug back in turn; report the seeds it took to find it",
     )
+    parser.add_argument(
+        "--no-parents",
+        action="store_true",
+        help="no parent workflows waiting on task tokens (a share of the seeds has them)",
+    )
     args = parser.parse_args(argv)
+    if args.no_parents:
+        harness.PARENTS = False
     bugs = tuple(args.bug)
     if args.teeth:
         _quiet_logs(False)

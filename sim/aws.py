@@ -15,7 +15,7 @@ import json
 import math
 import random
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,10 +26,12 @@ from sim.calls import CallFaults, Signal, Transport, no_faults
 from sim.clients import Client, DynamoDBClient, SFNClient, SSMClient
 from sim.history import OUTSIDE, History
 from sim.sfn import REDRIVABLE, Change, StepFunctions
+from sim.sfn_model import MAX_EVENT_PAYLOAD
 from sim.sqs import SQS
 from sim.sqs_client import SQSClient
 from sim.sqs_model import check_message, flat
 from sim.store import SSM, DynamoDB
+from sim.tokens import Tokens
 
 DETAIL_TYPE = "Step Functions Execution Status Change"
 CLIENTS: dict[str, type[Client]] = {
@@ -68,6 +70,9 @@ class WorldConfig:
     buckets: Mapping[str, tuple[float, float]] = field(default_factory=_default_buckets)
     sqs_duplicate_rate: float = 0.0  # share of messages SQS stores twice
     event_latency: tuple[float, float] = (0.05, 0.5)  # status change -> on the events queue
+    # What a token whose task was closed (answered, parent ended) answers: TaskTimedOut as
+    # the API reference says; TaskDoesNotExist to try a caller's handling of both.
+    closed_task_error: str = "TaskTimedOut"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +149,17 @@ class World:
             next_change=self.sfn.next_change,
             region=region,
             account=account,
+        )
+        self.tokens = Tokens(
+            sfn=self.sfn,
+            history=self.history,
+            clock=clock,
+            rng=rng,
+            send=lambda url, body, attributes, request_id: self.send_request(
+                url, body, attributes, request_id=request_id, sender="aws"
+            ),
+            wake=self._signal.notify,
+            closed_error=config.closed_task_error,
         )
         self.ssm = SSM(
             clock=clock, history=self.history, wall=self.wall, region=region, account=account
@@ -254,7 +270,13 @@ class World:
         return self.sfn.stop(execution_arn, status)
 
     def send_request(
-        self, queue_url: str, body: str, attributes: Mapping[str, str], *, request_id: str
+        self,
+        queue_url: str,
+        body: str,
+        attributes: Mapping[str, str],
+        *,
+        request_id: str,
+        sender: str = "producer",
     ) -> str:
         """A producer's SendMessage (no faults) for logical request ``request_id``; returns
         the MessageId. Raises the ClientError SQS would answer (too large...)."""
@@ -262,10 +284,10 @@ class World:
         queue = self.sqs.queue(queue_url, "SendMessage")
         typed = {k: {"DataType": "String", "StringValue": v} for k, v in attributes.items()}
         check_message(queue, body, typed, 0, "SendMessage")
-        message_id, copies = self.sqs.store(queue, body, typed, sender="producer")
+        message_id, copies = self.sqs.store(queue, body, typed, sender=sender)
         self.history.request_sent(
             self.clock(),
-            "producer",
+            sender,
             request_id=request_id,
             queue_url=queue_url,
             message_id=message_id,
@@ -275,6 +297,37 @@ class World:
         if copies > 1:
             self.history.note(self.clock(), "aws", f"{message_id} stored TWICE")
         return message_id
+
+    def start_parent(
+        self,
+        state_machine_arn: str,
+        name: str,
+        request_queue_url: str,
+        items: Sequence[Mapping[str, Any]],
+        *,
+        heartbeat_seconds: float | None = None,
+        timeout_seconds: float | None = None,
+        attributes: Mapping[str, str] | None = None,
+        bad_items: Collection[int] = (),
+    ) -> str:
+        """Start parent workflow ``name`` (a Map of ``sqs:sendMessage.waitForTaskToken``
+        tasks, see `sim.tokens`); returns its ARN. It sends one request per item to
+        ``request_queue_url`` now: body ``{"req": "<name>-<i>", **item}`` (a child input:
+        ``seconds``, ``fail``, ``output_bytes``...), attributes ``task-token`` (a fresh token),
+        ``idempotency-key`` ``<name>-<i>`` (invalid for ``bad_items``) and ``attributes``;
+        request id ``<name>-<i>``. ``heartbeat_seconds``: the task's HeartbeatSeconds;
+        ``timeout_seconds``: the state machine's TimeoutSeconds. Abort it with
+        `stop_outside`."""
+        return self.tokens.start_parent(
+            state_machine_arn,
+            name,
+            request_queue_url,
+            items,
+            heartbeat_seconds=heartbeat_seconds,
+            timeout_seconds=timeout_seconds,
+            attributes=attributes,
+            bad_items=bad_items,
+        )
 
     def crash(self, node: str) -> None:
         """``node`` was killed (kill -9). Call this *before* cancelling its tasks: its
@@ -328,7 +381,11 @@ class World:
         execution, status = change.execution, change.status
         run = execution.runs[change.run_index]
         closed = status != "RUNNING"
-        failed = status in ("FAILED", "TIMED_OUT")
+        succeeded = status == "SUCCEEDED"
+        # EventBridge leaves out an input or output over its payload limit ("included": false).
+        shows_input = len(execution.input.encode()) <= MAX_EVENT_PAYLOAD
+        output = run.output if succeeded else None
+        shows_output = output is not None and len(output.encode()) <= MAX_EVENT_PAYLOAD
         detail: dict[str, Any] = {
             "executionArn": execution.arn,
             "stateMachineArn": execution.state_machine_arn,
@@ -336,14 +393,12 @@ class World:
             "status": status,
             "startDate": self._ms(execution.key[0]),
             "stopDate": self._ms(change.time) if closed else None,
-            "input": execution.input,
-            "output": execution.input if status == "SUCCEEDED" else None,
-            "inputDetails": {"included": True},
-            "outputDetails": {"included": True} if status == "SUCCEEDED" else None,
-            "error": ("States.Timeout" if status == "TIMED_OUT" else "Simulated.Failure")
-            if failed
-            else None,
-            "cause": "the simulated execution failed" if failed else None,
+            "input": execution.input if shows_input else None,
+            "output": output if shows_output else None,
+            "inputDetails": {"included": shows_input},
+            "outputDetails": {"included": shows_output} if succeeded else None,
+            "error": run.error if closed else None,
+            "cause": run.cause if closed else None,
             "redriveCount": change.run_index,
             "redriveDate": self._ms(run.start) if change.run_index else None,
             "redriveStatus": "REDRIVABLE" if status in REDRIVABLE else "NOT_REDRIVABLE",

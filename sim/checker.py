@@ -10,6 +10,8 @@
    ``bad_request_started``: an execution for a request the harness marked bad.
 4. ``early_delete``: a request message deleted before its execution existed, or before
    its dead-letter copy was sent.
+5-8. Parent workflows and their task tokens: `sim.token_rules`. A token's request whose
+   parent has ended needs no execution (rules 3 and 4 let it go).
 
 An execution belongs to a request when its name (without a key tag) is the request's
 idempotency key or message id, or when its input is JSON-equal to the request's body and
@@ -24,6 +26,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from sim import token_rules
 from sim.history import (
     ORIGINAL_ID_ATTRIBUTE,
     OUTSIDE,
@@ -34,6 +37,9 @@ from sim.history import (
     Run,
     key_tag_of,
 )
+from sim.violation import Violation
+
+__all__ = ["CheckSpec", "PoolSpec", "Violation", "check", "limit_at", "max_concurrency"]
 
 IDEMPOTENCY_ATTRIBUTE = "idempotency-key"
 
@@ -60,18 +66,10 @@ class CheckSpec:
     staleness: float = 0.0  # how long a lowered limit may take to be read
     outside_grace: float = 0.0  # how long before an outside start can be known
     expected_bad: frozenset[str] = frozenset()  # request ids of poison messages
-
-
-@dataclass(frozen=True, slots=True)
-class Violation:
-    """A broken rule: which, when, and what happened."""
-
-    kind: str
-    time: float
-    message: str
-
-    def __str__(self) -> str:
-        return f"[{self.kind} at {self.time:.3f}] {self.message}"
+    # A token whose child runs is heartbeated at least this often, from heartbeat_grace
+    # after quiet_at on (None: heartbeat timeouts are not judged).
+    heartbeat_every: float | None = None
+    heartbeat_grace: float = 0.0
 
 
 def check(history: History, spec: CheckSpec) -> list[Violation]:
@@ -80,9 +78,14 @@ def check(history: History, spec: CheckSpec) -> list[Violation]:
     for arn, pool in spec.pools.items():
         found += _check_limits(history, arn, pool, spec)
     owners = _Owners(history)
+    released = token_rules.released(history)
     found += _check_one_execution(owners)
-    found += _check_settled(history, owners, spec)
-    found += _check_deletes(history, owners, spec)
+    found += _check_settled(history, owners, spec, released)
+    found += _check_deletes(history, owners, spec, released)
+    dead_lettered = _dead_letter_copies(history, spec)
+    for move in history.moves:
+        dead_lettered.setdefault(move.message_id, move.time)
+    found += token_rules.check_tokens(history, spec, owners.executions, dead_lettered)
     found.sort(key=lambda v: (v.time, v.kind))
     return found
 
@@ -237,7 +240,9 @@ def _check_one_execution(owners: _Owners) -> list[Violation]:
 # -- rule 3 ----------------------------------------------------------------------------------
 
 
-def _check_settled(history: History, owners: _Owners, spec: CheckSpec) -> list[Violation]:
+def _check_settled(
+    history: History, owners: _Owners, spec: CheckSpec, released: Mapping[str, float]
+) -> list[Violation]:
     copies = _dead_letter_copies(history, spec)
     moved: dict[str, float] = {}
     for move in history.moves:
@@ -277,6 +282,8 @@ def _check_settled(history: History, owners: _Owners, spec: CheckSpec) -> list[V
             settled = any(e.first_start <= deadline for e in executions) or any(
                 t <= deadline for t in dead_lettered
             )
+        if released.get(request_id, math.inf) <= deadline:
+            settled = True  # its parent ended: nobody waits for it (see the token rules)
         if not settled:
             found.append(
                 Violation(
@@ -303,14 +310,16 @@ def _dead_letter_copies(history: History, spec: CheckSpec) -> dict[str, float]:
 # -- rule 4 ----------------------------------------------------------------------------------
 
 
-def _check_deletes(history: History, owners: _Owners, spec: CheckSpec) -> list[Violation]:
+def _check_deletes(
+    history: History, owners: _Owners, spec: CheckSpec, released: Mapping[str, float]
+) -> list[Violation]:
     copies = _dead_letter_copies(history, spec)
     found: list[Violation] = []
     for delete in history.effective_deletes():
         if delete.queue_url not in spec.request_queues:
             continue
         request_id = owners.request_of.get(delete.message_id)
-        if request_id is None:
+        if request_id is None or released.get(request_id, math.inf) <= delete.time:
             continue
         started = [e for e in owners.executions[request_id] if e.first_start <= delete.time]
         copied = copies.get(delete.message_id)

@@ -242,6 +242,69 @@ class SFNClient(Client):
         sfn = self._world.sfn
         return await self._call("ListStateMachines", params, now_apply(sfn.list_state_machines))
 
+    async def stop_execution(
+        self, *, executionArn: str, error: str | None = None, cause: str | None = None
+    ) -> Answer:
+        """StopExecution."""
+        params = given(executionArn=executionArn, error=error, cause=cause)
+        check_types(params, {"executionArn": str, "error": str, "cause": str})
+        sfn = self._world.sfn
+        return await self._call(
+            "StopExecution",
+            params,
+            now_apply(lambda: sfn.stop_execution(self.node, executionArn, error, cause)),
+            f"name={short(executionArn)}",
+        )
+
+    async def send_task_success(self, *, taskToken: str, output: str) -> Answer:
+        """SendTaskSuccess."""
+        params = given(taskToken=taskToken, output=output)
+        check_types(params, {"taskToken": str, "output": str})
+        check_token(taskToken)
+        tokens = self._world.tokens
+        return await self._call(
+            "SendTaskSuccess",
+            params,
+            now_apply(lambda: tokens.send_task_success(self.node, taskToken, output)),
+            self._world.history.tokens.label(taskToken),
+        )
+
+    async def send_task_failure(
+        self, *, taskToken: str, error: str | None = None, cause: str | None = None
+    ) -> Answer:
+        """SendTaskFailure."""
+        params = given(taskToken=taskToken, error=error, cause=cause)
+        check_types(params, {"taskToken": str, "error": str, "cause": str})
+        check_token(taskToken)
+        tokens = self._world.tokens
+        return await self._call(
+            "SendTaskFailure",
+            params,
+            now_apply(lambda: tokens.send_task_failure(self.node, taskToken, error, cause)),
+            f"{self._world.history.tokens.label(taskToken)} error={error}",
+        )
+
+    async def send_task_heartbeat(self, *, taskToken: str) -> Answer:
+        """SendTaskHeartbeat."""
+        params = given(taskToken=taskToken)
+        check_types(params, {"taskToken": str})
+        check_token(taskToken)
+        tokens = self._world.tokens
+        return await self._call(
+            "SendTaskHeartbeat",
+            params,
+            now_apply(lambda: tokens.send_task_heartbeat(self.node, taskToken)),
+            self._world.history.tokens.label(taskToken),
+        )
+
+
+def check_token(token: str) -> None:
+    """botocore checks a task token's minimum length (1) before sending."""
+    if not token:
+        raise ParamValidationError(
+            report="Invalid length for parameter taskToken, value: 0, valid min length: 1"
+        )
+
 
 class ListExecutionsPaginator:
     """``paginate(...)`` yields pages; each page is its own ListExecutions call."""

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from dispatcher import layout
 from dispatcher.aws import AWS_ERRORS, Clients
+from dispatcher.config import Settings
 from dispatcher.errors import UserError
 from dispatcher.metrics import Metrics
 from dispatcher.pool import MAX_DEFER_SECONDS
@@ -35,6 +36,12 @@ from sim.aws import World, WorldConfig
 from sim.bugs import Bug, put_back
 from sim.checker import CheckSpec, PoolSpec, Violation, check
 from sim.nemesis import STORM_MAX, Action, Nemesis, plan
+from sim.parents import ParentsPlan, draw, run_parents
+from sim.token_rules import SETTLE_KINDS
+
+PARENTS = True
+"""Whether a share of the seeds runs parent workflows that ask for children through task
+tokens (`sim.parents`)."""
 
 # Settings of every simulated dispatcher (the [dispatcher] table of its config file).
 # start_grace must cover the simulated listing lag (an assumption the README states).
@@ -54,6 +61,7 @@ MAX_RECEIVE_COUNT = 20  # the deploy template's default
 STOP_TIMEOUT = 30.0  # ECS: SIGKILL this long after SIGTERM
 KEY_ATTRIBUTE = "tenant"
 POOL_ATTRIBUTE = "pool"
+HEARTBEAT_INTERVAL = 30.0  # the dispatcher's heartbeat_interval when a seed has parents
 
 
 @dataclass(frozen=True)
@@ -83,10 +91,12 @@ class Scenario:
     tenants: int = 3  # distinct tenants of keyed pools (many: each request its own, mostly)
     listing_lag: float = 2.0  # up to this long before ListExecutions shows a change
     request_times: tuple[float, ...] = ()  # a scripted scenario's send times (else drawn)
+    parents: ParentsPlan = field(default_factory=ParentsPlan)  # task-token workflows
 
 
-def scenario(seed: int) -> Scenario:
-    """The scenario of ``seed``."""
+def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
+    """The scenario of ``seed`` (``parents``: whether seeds may have parent workflows;
+    None: as `PARENTS`)."""
     rng = random.Random(f"scenario-{seed}")
     pools = []
     for index in range(rng.choice((1, 1, 1, 2))):
@@ -101,7 +111,7 @@ def scenario(seed: int) -> Scenario:
                 max_waiting=rng.choice((100, 100, 2, 4)),
             )
         )
-    return Scenario(
+    made = Scenario(
         seed=seed,
         pools=tuple(pools),
         lease=rng.random() < 0.4,
@@ -117,6 +127,15 @@ def scenario(seed: int) -> Scenario:
         # Up to the start grace the dispatcher assumes (an assumption the README states).
         listing_lag=rng.choice((0.0, 2.0, 9.5)),
     )
+    if not (PARENTS if parents is None else parents):
+        return made
+    drawn = draw(
+        seed,
+        pools={p.name: p.limit for p in made.pools},
+        quiet_at=made.quiet_at,
+        max_seconds=made.max_seconds,
+    )
+    return dataclasses.replace(made, parents=drawn)
 
 
 @dataclass
@@ -176,7 +195,11 @@ class Run:
         self.world = World(
             clock=self.clock,
             rng=random.Random(f"aws-{seed}"),
-            config=WorldConfig(listing_lag=lag, describe_lag=min(lag, 1.0)),
+            config=WorldConfig(
+                listing_lag=lag,
+                describe_lag=min(lag, 1.0),
+                closed_task_error=self.plan.parents.closed_task_error,
+            ),
         )
         self.errors: list[str] = []
         self.memory: list[Violation] = []
@@ -195,6 +218,7 @@ class Run:
 
     def _drawn_nemesis(self) -> Nemesis:
         """The seed's fault plan."""
+        tokens = ("SendTaskSuccess", "SendTaskFailure", "SendTaskHeartbeat", "StopExecution")
         return plan(
             random.Random(f"nemesis-{self.seed}"),
             self.clock,
@@ -210,6 +234,7 @@ class Run:
                 "ChangeMessageVisibility",
                 "SendMessage",
                 "UpdateItem",
+                *(tokens if self.plan.parents.parents else ()),
             ),
         )
 
@@ -227,6 +252,8 @@ class Run:
                 world.put_parameter(_parameter(pool.name), str(pool.limit))
             world.put_parameter(_config_record(pool.name), str(pool.limit))
         world.route_events(self.arns.values(), self.events)
+        if self.plan.parents.parents:  # not governed: its events are not routed
+            self.arns["parents"] = world.create_state_machine("parents")
         if self.plan.shared_queue:
             shared = self._queue("requests")
             self.queues = {p.name: [shared] for p in self.plan.pools}
@@ -260,6 +287,12 @@ class Run:
             settings.update(bug.settings)
         if self.plan.lease:
             settings["lease_table"] = "leases"
+        if self.plan.parents.parents:  # the settings the dispatcher has (before and after)
+            wanted = {
+                "heartbeat_interval": HEARTBEAT_INTERVAL,
+                "stop_orphaned_children": self.plan.parents.stop_orphans,
+            }
+            settings.update({k: v for k, v in wanted.items() if k in Settings.model_fields})
         lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
         for pool in self.plan.pools:
             lines += [
@@ -302,6 +335,8 @@ class Run:
                     tg.start_soon(self._life, node)
                 tg.start_soon(self._produce)
                 tg.start_soon(self._act)
+                if self.plan.parents.parents:
+                    tg.start_soon(run_parents, self, self.plan.parents)
                 await self._until_settled()
                 self.finished.set()
                 for _, _, scope in self.incarnations.values():
@@ -335,6 +370,8 @@ class Run:
         by reconcile, a visibility timeout and a deferral."""
         least = min(p.limit for p in self.plan.pools) or 1
         work = self.plan.requests * (self.plan.max_seconds + 1) / least
+        for parent in self.plan.parents.parents:
+            work += sum(s + 1 for s in parent.seconds) / least
         return work + 600.0 + MAX_DEFER_SECONDS  # a deferral may last 15 min
 
     def spec(self) -> CheckSpec:
@@ -358,7 +395,21 @@ class Run:
             # works; events may be lost and listings fail while a storm lasts.
             outside_grace=self.setting("reconcile_interval") + STORM_MAX + 35.0 + 10.0,
             expected_bad=frozenset(self.expected_bad),
+            # A held token is heartbeated every interval (slack: one more); after a crash
+            # its message comes back within a visibility timeout, a process within a stop
+            # timeout and 20 s.
+            heartbeat_every=2 * HEARTBEAT_INTERVAL if self._heartbeats else None,
+            heartbeat_grace=DISPATCHER["visibility_timeout"]
+            + DISPATCHER["receive_wait_seconds"]
+            + STOP_TIMEOUT
+            + 20.0
+            + HEARTBEAT_INTERVAL,
         )
+
+    @property
+    def _heartbeats(self) -> bool:
+        """Whether the dispatcher of this run heartbeats task tokens."""
+        return bool(self.plan.parents.parents) and "heartbeat_interval" in Settings.model_fields
 
     async def _until_settled(self) -> None:
         deadline = self.plan.quiet_at + self.settle_bound
@@ -394,7 +445,7 @@ class Run:
         if any(run.running_at(now) for e in history.executions.values() for run in e.runs):
             return False
         spec = dataclasses.replace(self.spec(), quiet_at=now, settle_bound=0.0)
-        return not any(v.kind == "lost_request" for v in check(history, spec))
+        return not any(v.kind in SETTLE_KINDS for v in check(history, spec))
 
     # -- processes -------------------------------------------------------------------------
 

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sim.token_log import TokenLog
+
 OUTSIDE = "outside"
 """The node of people and systems outside the dispatcher (console, redrive, operator)."""
 AWS = "aws"
@@ -64,6 +66,9 @@ class Run:
     redrive_count: int
     stop: float | None = None
     status: str | None = None
+    output: str | None = None  # what it returned (SUCCEEDED)
+    error: str | None = None  # its error and cause (FAILED, TIMED_OUT, a stop that gave one)
+    cause: str | None = None
 
     def running_at(self, t: float) -> bool:
         """Whether this run is running at ``t`` (a run stopping at ``t`` is not)."""
@@ -207,6 +212,7 @@ class History:
         self.lost_answers: list[LostAnswer] = []
         self.events: list[EventFate] = []
         self._seq = itertools.count()
+        self.tokens = TokenLog(self.add)  # parent workflows and their task tokens
 
     def add(self, time: float, node: str, kind: str, text: str, **details: Any) -> Record:
         """Append a record (kept in time order)."""
@@ -274,10 +280,20 @@ class History:
         """A StartExecution of a running execution with the same input: no new run."""
         self.add(time, node, "execution_repeated", f"execution {short(arn)} idempotent repeat")
 
-    def execution_ended(self, time: float, arn: str, status: str) -> None:
-        """The current run of ``arn`` ended with ``status``."""
+    def execution_ended(
+        self,
+        time: float,
+        arn: str,
+        status: str,
+        *,
+        output: str | None = None,
+        error: str | None = None,
+        cause: str | None = None,
+    ) -> None:
+        """The current run of ``arn`` ended with ``status`` (and this result)."""
         run = self.executions[arn].runs[-1]
         run.stop, run.status = time, status
+        run.output, run.error, run.cause = output, error, cause
         self.add(time, AWS, "execution_ended", f"execution {short(arn)} {status}", arn=arn)
 
     def execution_redriven(

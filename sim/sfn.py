@@ -5,6 +5,11 @@ noticed lazily (`StepFunctions.advance`, called before every call is served and 
 `World.run`), which records them and emits their status-change events. Listings are
 eventually consistent (each run becomes visible, and its end visible, after its own lag);
 DescribeExecution may not know an execution for a moment after it started.
+
+A run's result is fixed when its end is planned: a child's output is a function of its
+input (`child_result`), so the checker can tell whether a parent got the right answer.
+A parent workflow (`sim.tokens`) is a run without a planned stop until its tokens are
+answered, time out or it is aborted.
 """
 
 from __future__ import annotations
@@ -16,10 +21,8 @@ import itertools
 import json
 import math
 import random
-import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,72 +30,26 @@ from botocore.exceptions import ClientError
 
 from sim.calls import Answer, aws_error
 from sim.history import OUTSIDE, History
+from sim.sfn_model import (
+    EXECUTION_ARN_RE,
+    MAX_CAUSE_CHARS,
+    MAX_ERROR_CHARS,
+    MAX_INPUT_BYTES,
+    NAME_RE,
+    REDRIVABLE,
+    STATE_MACHINE_ARN_RE,
+    TERMINAL,
+    Change,
+    SimExecution,
+    SimRun,
+    StateMachine,
+    check_length,
+    child_result,
+    failure,
+    parse,
+)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}\Z")
-MAX_INPUT_BYTES = 256 * 1024
-TERMINAL = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"})
-REDRIVABLE = frozenset({"FAILED", "TIMED_OUT", "ABORTED"})
-_STATE_MACHINE_ARN_RE = re.compile(r"^arn:aws:states:[a-z0-9-]+:\d{12}:stateMachine:[^:]+\Z")
-_EXECUTION_ARN_RE = re.compile(r"^arn:aws:states:[a-z0-9-]+:\d{12}:execution:[^:]+:[^:]+\Z")
-
-
-@dataclass(slots=True)
-class _Run:
-    start: float
-    stop: float | None  # None: open-ended (kept open for task tokens)
-    final: str  # the status it ends with
-    started_by: str
-    visible_from: float  # listings show it from here
-    visible_end: float = math.inf  # listings show its end from here (set when it ends)
-    ended: bool = False
-
-
-@dataclass(slots=True)
-class SimExecution:
-    """One standard execution."""
-
-    arn: str
-    name: str
-    state_machine_arn: str
-    input: str
-    describable_from: float
-    key: tuple[float, int]  # (start, serial): listing order
-    runs: list[_Run] = field(default_factory=list)
-
-    def status(self, t: float) -> str:
-        """The true status at ``t``."""
-        run = self.runs[-1]
-        if run.stop is None or t < run.stop:
-            return "RUNNING"
-        return run.final
-
-    def listed(self, t: float) -> tuple[str, int] | None:
-        """(status, redrive count) a listing at ``t`` shows, None while it shows nothing."""
-        for index in range(len(self.runs) - 1, -1, -1):
-            run = self.runs[index]
-            if run.visible_from <= t:
-                return ("RUNNING" if t < run.visible_end else run.final), index
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class StateMachine:
-    """A state machine: its ARN, name and type."""
-
-    arn: str
-    name: str
-    type: str
-    created: float
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """A status change to announce: which execution, which run, the new status."""
-
-    execution: SimExecution
-    run_index: int
-    status: str
-    time: float
+__all__ = ["REDRIVABLE", "TERMINAL", "Change", "SimExecution", "StepFunctions"]
 
 
 class StepFunctions:
@@ -129,6 +86,7 @@ class StepFunctions:
         self._listing: dict[str, list[SimExecution]] = {}  # by machine, ascending key
         self._ends: list[tuple[float, int, str, int]] = []  # (stop, serial, arn, run index)
         self._serial = itertools.count()
+        self.on_end: Callable[[SimExecution], None] | None = None  # told of every end
 
     # -- time ----------------------------------------------------------------------------
 
@@ -152,7 +110,16 @@ class StepFunctions:
         assert run.stop is not None  # noqa: S101 - only runs with a stop end
         run.ended = True
         run.visible_end = run.stop + self._rng.uniform(0.0, self._listing_lag)
-        self._history.execution_ended(run.stop, execution.arn, run.final)
+        self._history.execution_ended(
+            run.stop,
+            execution.arn,
+            run.final,
+            output=run.output,
+            error=run.error,
+            cause=run.cause,
+        )
+        if self.on_end is not None:
+            self.on_end(execution)
         self._emit(Change(execution, index, run.final, run.stop))
 
     def _plan_end(self, execution: SimExecution, index: int) -> None:
@@ -172,19 +139,29 @@ class StepFunctions:
         return arn
 
     def start(
-        self, node: str, machine_arn: str, name: str, input: str, duration: float | None = None
+        self,
+        node: str,
+        machine_arn: str,
+        name: str,
+        input: str,
+        duration: float | None = None,
+        *,
+        open_ended: bool = False,
     ) -> SimExecution:
-        """Create an execution and its first run (validation done by the caller)."""
+        """Create an execution and its first run (validation done by the caller);
+        ``open_ended``: no planned stop (a parent workflow waiting for its tokens)."""
         now = self._clock()
         arn = machine_arn.replace(":stateMachine:", ":execution:", 1) + ":" + name
-        parsed = _parse(input)
-        if duration is None:
+        parsed = parse(input)
+        if duration is None and not open_ended:
             seconds = parsed.get("seconds") if isinstance(parsed, dict) else None
             if isinstance(seconds, int) and not isinstance(seconds, bool) and seconds >= 0:
                 duration = float(seconds)
             else:
                 duration = self._default_duration(self._rng)
         failing = isinstance(parsed, dict) and parsed.get("fail") is True
+        final, output, error, cause = child_result(input, "FAILED" if failing else "SUCCEEDED")
+        stop = None if open_ended or duration is None else now + duration
         lagged = self._rng.random() < self._describe_lag_rate
         execution = SimExecution(
             arn,
@@ -193,14 +170,18 @@ class StepFunctions:
             input,
             now + (self._rng.uniform(0.0, self._describe_lag) if lagged else 0.0),
             (now, next(self._serial)),
+            open_ended=open_ended,
         )
         execution.runs.append(
-            _Run(
+            SimRun(
                 now,
-                now + duration,
-                "FAILED" if failing else "SUCCEEDED",
+                stop,
+                final,
                 node,
                 now + self._rng.uniform(0.0, self._listing_lag),
+                output=output,
+                error=error,
+                cause=cause,
             )
         )
         self.executions[arn] = execution
@@ -212,7 +193,7 @@ class StepFunctions:
             state_machine_arn=machine_arn,
             name=name,
             input=input,
-            planned_stop=now + duration,
+            planned_stop=stop,
         )
         self._emit(Change(execution, 0, "RUNNING", now))
         self._plan_end(execution, 0)
@@ -227,8 +208,18 @@ class StepFunctions:
             return False
         if status not in TERMINAL:
             raise ValueError(f"a run ends {sorted(TERMINAL)}, not {status!r}")
-        run = _Run(
-            now, now + duration, status, OUTSIDE, now + self._rng.uniform(0.0, self._listing_lag)
+        if execution.open_ended:
+            return False  # a parent workflow: not modelled (new tokens for failed items)
+        final, output, error, cause = child_result(execution.input, status)
+        run = SimRun(
+            now,
+            now + duration,
+            final,
+            OUTSIDE,
+            now + self._rng.uniform(0.0, self._listing_lag),
+            output=output,
+            error=error,
+            cause=cause,
         )
         execution.runs.append(run)
         index = len(execution.runs) - 1
@@ -237,8 +228,16 @@ class StepFunctions:
         self._plan_end(execution, index)
         return True
 
-    def stop(self, arn: str, status: str = "ABORTED") -> bool:
-        """End a running execution now (an outside StopExecution); False if not running."""
+    def stop(
+        self,
+        arn: str,
+        status: str = "ABORTED",
+        *,
+        error: str | None = None,
+        cause: str | None = None,
+    ) -> bool:
+        """End a running execution now with ``status`` (a StopExecution); False if not
+        running. FAILED and TIMED_OUT get the simulated error and cause unless given."""
         self.advance()
         now = self._clock()
         execution = self.executions.get(arn)
@@ -246,8 +245,28 @@ class StepFunctions:
             return False
         run = execution.runs[-1]
         run.stop, run.final = now, status
+        default_error, default_cause = failure(status)
+        run.output = None
+        run.error = error if error is not None else default_error
+        run.cause = cause if cause is not None else default_cause
         self._end(execution, len(execution.runs) - 1)
         return True
+
+    def plan_stop(
+        self,
+        execution: SimExecution,
+        at: float | None,
+        status: str,
+        error: str | None = None,
+        cause: str | None = None,
+        *,
+        output: str | None = None,
+    ) -> None:
+        """(Re)plan when a running open-ended run ends by itself (None: not by itself), and
+        with what result (a parent's answers, heartbeat or execution timeout)."""
+        run = execution.runs[-1]
+        run.stop, run.final, run.output, run.error, run.cause = at, status, output, error, cause
+        self._plan_end(execution, len(execution.runs) - 1)
 
     # -- API -----------------------------------------------------------------------------
 
@@ -301,7 +320,7 @@ class StepFunctions:
     def describe_execution(self, arn: str) -> Answer:
         """DescribeExecution (strongly consistent, but may not know a new execution yet)."""
         op = "DescribeExecution"
-        if not _EXECUTION_ARN_RE.match(arn):
+        if not EXECUTION_ARN_RE.match(arn):
             raise aws_error("InvalidArn", f"Invalid Arn: '{arn}'", op)
         now = self._clock()
         execution = self.executions.get(arn)
@@ -325,11 +344,13 @@ class StepFunctions:
             assert run.stop is not None  # noqa: S101 - a closed run has a stop
             out["stopDate"] = self.date(run.stop)
         if status == "SUCCEEDED":
-            out["output"] = execution.input
+            out["output"] = run.output
             out["outputDetails"] = {"included": True}
-        elif status in ("FAILED", "TIMED_OUT"):
-            out["error"] = "States.Timeout" if status == "TIMED_OUT" else "Simulated.Failure"
-            out["cause"] = "the simulated execution failed"
+        elif status != "RUNNING":
+            if run.error is not None:
+                out["error"] = run.error
+            if run.cause is not None:
+                out["cause"] = run.cause
         out["redriveStatus"] = "REDRIVABLE" if status in REDRIVABLE else "NOT_REDRIVABLE"
         if status not in REDRIVABLE:
             out["redriveStatusReason"] = f"Execution is {status} and cannot be redriven"
@@ -444,13 +465,29 @@ class StepFunctions:
             ]
         }
 
-    # Task tokens (send_task_success / send_task_failure / send_task_heartbeat) come later:
-    # a waiting parent is a run with ``stop=None`` until the answer ends it.
+    def stop_execution(self, node: str, arn: str, error: str | None, cause: str | None) -> Answer:
+        """StopExecution: a running execution ends ABORTED now (a closed one stays as it
+        is: the call succeeds and changes nothing)."""
+        op = "StopExecution"
+        if not EXECUTION_ARN_RE.match(arn):
+            raise aws_error("InvalidArn", f"Invalid Arn: '{arn}'", op)
+        check_length(op, "error", error, MAX_ERROR_CHARS)
+        check_length(op, "cause", cause, MAX_CAUSE_CHARS)
+        execution = self.executions.get(arn)
+        if execution is None:
+            raise aws_error("ExecutionDoesNotExist", f"Execution Does Not Exist: '{arn}'", op)
+        now = self._clock()
+        if execution.status(now) == "RUNNING":
+            self._history.tokens.child_stopped(now, node, arn, error, cause)
+            self.stop(arn, "ABORTED", error=error, cause=cause)
+        stop = execution.runs[-1].stop
+        assert stop is not None  # noqa: S101 - closed now
+        return {"stopDate": self.date(stop)}
 
     # -- helpers -------------------------------------------------------------------------
 
     def _machine(self, arn: str, op: str) -> StateMachine:
-        if not _STATE_MACHINE_ARN_RE.match(arn):
+        if not STATE_MACHINE_ARN_RE.match(arn):
             raise aws_error("InvalidArn", f"Invalid Arn: '{arn}'", op)
         machine = self.machines.get(arn)
         if machine is None:
@@ -476,13 +513,6 @@ class StepFunctions:
             return aws_error(
                 "ExecutionAlreadyExists", f"Execution Already Exists: '{arn}'", "StartExecution"
             )
-        return None
-
-
-def _parse(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
         return None
 
 

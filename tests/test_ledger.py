@@ -1,9 +1,12 @@
 """The slot ledger: unit tests of every input, and a simulated world that tries to break it.
 
-The state machine below plays the world the dispatcher lives in - a truth of which
-executions really run (ours, the console's, redriven ones), an event channel that
-duplicates, reorders, delays and drops, listings that lag, describes that answer from the
-truth, a limit that changes - and checks the ledger against that truth after every step.
+The state machine below plays the world the dispatcher lives in - what AWS really runs
+(our executions, the console's, redriven ones, starts that took effect though their
+answer was lost), an event channel that duplicates, reorders, delays and drops, listings
+and describes that lag, limits that change - and drives the ledger as the starter and the
+reconciler do: reserve, admit, send, retry, give up, doubt. It judges the ledger from
+AWS's truth after every step and at every send: no new start is ever sent while what runs
+fills the limit in force, and no slot of a running execution is freed on a guess.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,13 +22,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    Bundle,
-    MultipleResults,
     RuleBasedStateMachine,
-    consumes,
     initialize,
     invariant,
-    multiple,
     precondition,
     rule,
     run_state_machine_as_test,
@@ -241,6 +241,37 @@ def test_stale_listing_cannot_revive_a_finished_execution() -> None:
 
 
 # -- the simulated world -----------------------------------------------------------------
+#
+# Two models side by side: AWS (what really runs, whoever started it) and the dispatcher's
+# handlers (reservations, StartExecution attempts and what each handler knows of them).
+# The ledger is driven the way the starter and the reconciler drive it, and judged from
+# AWS's truth, like sim/checker.py judges a whole simulation.
+
+OURS, OUTSIDE = "ours", "outside"
+KEYS = ("a", "b")
+
+
+def key_of(arn: str) -> str | None:
+    """The key tag of an execution name, as production parses it: ``a/ours-7`` -> ``a``."""
+    return arn.split("/", maxsplit=1)[0] if "/" in arn else None
+
+
+def _looser(a: int | None, b: int | None) -> int | None:
+    """The looser of two per-key limits (None: no limit)."""
+    return None if a is None or b is None else max(a, b)
+
+
+@dataclass
+class Execution:
+    """One execution as AWS has it."""
+
+    origin: str
+    """OURS (a StartExecution of the dispatcher took effect) or OUTSIDE (the console)."""
+    created: float
+    """When it first existed: describes and listings may miss it until ``created + GRACE``."""
+    run: int = 0
+    """The redrive count of its latest run (a redrive is started by someone else)."""
+    running: bool = True
 
 
 @dataclass(frozen=True)
@@ -252,251 +283,509 @@ class Event:
     redrives: int
 
 
-@dataclass(frozen=True)
-class Call:
-    """A StartExecution that the service has answered but the dispatcher has not applied."""
+@dataclass
+class Attempt:
+    """One StartExecution on the wire. It takes effect at once, later, or never; once it
+    has ended (answered, refused, outcome unknown) it can no longer take effect."""
+
+    known: dict[str, int]
+    """The runs counted against it at its send (arn -> run): what the ledger could know."""
+    limit: int
+    """The highest pool limit in force since the send."""
+    key_limit: int | None
+    """The loosest per-key limit in force since the send (None: none)."""
+    took_effect: bool = False
+
+
+@dataclass
+class Handler:
+    """One request being handled: its reservation and its execution's deterministic ARN."""
 
     reservation: Reservation
     arn: str
+    wire: Attempt | None = None
+    """The attempt on the wire, if any."""
+    unknown: bool = False
+    """Some attempt's outcome is unknown (it may have started the execution): giving up
+    leaves the slot in doubt instead of giving it back (the starter's ``handling.doubt``)."""
 
 
 class World(RuleBasedStateMachine):
-    """The dispatcher's ledger against a truth it only sees through hints and the API."""
+    """The ledger, driven like the dispatcher drives it, against what AWS really runs.
+
+    AWS (``aws``): every execution that exists, who started it (OURS: a StartExecution of
+    the dispatcher took effect; OUTSIDE: the console), when it was created, its latest run
+    (redrives) and whether it runs; ``history`` records what ran when, for listings that
+    lag. The dispatcher (``handlers``): one handler per request received, holding its
+    reservation, the attempt it has on the wire (which takes effect at once, later or
+    never) and whether an earlier attempt's outcome is unknown. ``told_running`` and
+    ``told_ended`` record the evidence the ledger was given (events, listings, describes,
+    start answers), so that the checks hold the ledger only to what it could know.
+    """
 
     ledger_class: ClassVar[type[Ledger]] = Ledger
-    reservations = Bundle[Reservation]("reservations")
-    calls = Bundle[Call]("calls")
 
     def __init__(self) -> None:
         super().__init__()
-        self.ledger = self.ledger_class(1)
+        self.ledger = self.ledger_class(1, key_of=key_of)
         self.clock = 0.0
-        self.truth: dict[str, int] = {}  # running arn -> redrive count of its current run
-        self.ended: dict[str, int] = {}  # finished arn -> redrive count of its last run
-        self.ours: set[str] = set()  # ARNs we started and whose start we applied
-        self.pending: dict[int, str | None] = {}  # token -> ARN once StartExecution answered
+        # AWS
+        self.aws: dict[str, Execution] = {}
+        self.history: list[tuple[float, dict[str, int]]] = [(0.0, {})]  # what ran when
         self.events: list[Event] = []
-        self.snapshots: list[dict[str, int]] = []  # what lagging listings will show
-        self.suspects: list[str] = []  # awaiting DescribeExecution
-        self.told_running: dict[str, int] = {}  # highest run the ledger was told is running
+        # the dispatcher
+        self.handlers: dict[int, Handler] = {}  # token -> live handler
+        self.requests: list[str] = []  # ARNs of requests received: SQS may redeliver them
+        self.suspects: list[str] = []  # from listings, awaiting DescribeExecution
+        self.told_running: dict[str, int] = {}  # highest run the ledger was told runs
         self.told_ended: dict[str, int] = {}  # highest run the ledger was told has ended
         self.names = itertools.count(1)
-        self.foreign = self.redriven = self.lowered = False
 
-    @initialize(limit=st.integers(0, 5))
-    def open_pool(self, limit: int) -> None:
-        """Start from an empty pool with a random limit."""
-        self.ledger = self.ledger_class(limit)
+    @initialize(limit=st.sampled_from([3, 2, 4, 1]), per_key=st.sampled_from([None, 2, 1]))
+    def open_pool(self, limit: int, per_key: int | None) -> None:
+        """An empty pool with random limits (set_limit may take the pool's to 0 later)."""
+        self.ledger = self.ledger_class(limit, per_key_limit=per_key, key_of=key_of)
 
-    # -- what the ledger is told ---------------------------------------------------------
+    # -- AWS -----------------------------------------------------------------------------
 
-    def _running(self, arn: str, redrives: int) -> Change:
-        self.told_running[arn] = max(redrives, self.told_running.get(arn, -1))
-        return self.ledger.observe_running(arn, self.clock, redrives)
+    def _record(self) -> None:
+        """Note what runs now: a lagging listing may show any state of the last GRACE."""
+        running = {arn: e.run for arn, e in self.aws.items() if e.running}
+        self.history.append((self.clock, running))
 
-    def _terminal(self, arn: str, redrives: int) -> Change:
-        self.told_ended[arn] = max(redrives, self.told_ended.get(arn, -1))
-        return self.ledger.observe_terminal(arn, redrives)
+    def _known(self) -> dict[str, int]:
+        """The runs that count against the dispatcher now (arn -> run): every run it started
+        (its executions' first runs), and any other run it has been told about. A run it
+        cannot know of yet (a console start, a redrive, before any event or listing shows
+        it) cannot be held against it."""
+        return {
+            arn: e.run
+            for arn, e in self.aws.items()
+            if e.running
+            and ((e.origin == OURS and e.run == 0) or self.told_running.get(arn, -1) >= e.run)
+        }
 
-    def _started(self, reservation: Reservation, arn: str) -> Change:
-        self.pending.pop(reservation.token)
-        self.told_running[arn] = max(0, self.told_running.get(arn, -1))
-        self.ours.add(arn)
-        return self.ledger.started(reservation, arn, self.clock)
-
-    # -- the dispatcher ------------------------------------------------------------------
-
-    @rule(target=reservations, n=st.integers(0, 4))
-    def reserve(self, n: int) -> MultipleResults[Reservation]:
-        """Intake reserves before receiving; (a) a start is only ever made into a free slot."""
-        held = self.ledger.running_count + self.ledger.reserved_count
-        granted = self.ledger.reserve(n, self.clock)
-        assert len(granted) <= min(n, max(0, self.ledger.limit - held))
-        self.pending.update((r.token, None) for r in granted)
-        if granted:
-            answered = {arn for arn in self.pending.values() if arn is not None}
-            ours_running = {a for a, r in self.truth.items() if a in self.ours and r == 0}
-            assert len(ours_running - answered) + len(self.pending) <= self.ledger.limit
-        return multiple(*granted)
-
-    @rule(target=calls, reservation=consumes(reservations))
-    def start_execution(self, reservation: Reservation) -> Call:
-        """StartExecution succeeds: the execution runs and will send RUNNING."""
-        arn = f"ours-{next(self.names)}"
-        self.truth[arn] = 0
-        self.pending[reservation.token] = arn
-        self.events.append(Event(arn, "RUNNING", 0))
-        return Call(reservation, arn)
-
-    @rule(call=consumes(calls))
-    def start_answered(self, call: Call) -> None:
-        """The dispatcher applies StartExecution's answer, maybe after events about it."""
-        # Stale when the latest run the ledger knows of has already been reported ended.
-        ended_first = self.told_ended.get(call.arn, -1) >= max(
-            0, self.told_running.get(call.arn, -1)
-        )
-        change = self._started(call.reservation, call.arn)
-        assert (change is Change.STALE) == ended_first
-        assert self.ledger.holds(call.arn) != ended_first
-
-    @rule(reservation=consumes(reservations))
-    def start_failed(self, reservation: Reservation) -> None:
-        """StartExecution failed (or the request was bad): the slot goes back."""
-        self.pending.pop(reservation.token)
-        assert self.ledger.cancel(reservation) is True
-
-    @precondition(lambda self: bool(self.ours))
-    @rule(reservation=consumes(reservations), data=st.data())
-    def redelivered_request(self, reservation: Reservation, data: st.DataObject) -> None:
-        """ExecutionAlreadyExists: running -> adopt, closed -> give the slot back."""
-        arn = data.draw(st.sampled_from(sorted(self.ours)))
-        if arn in self.truth:
-            self._started(reservation, arn)
+    def _describe(self, arn: str, lag: bool) -> None:
+        """DescribeExecution, answered from the truth; it may miss an execution created in
+        the last GRACE (``lag``): the ledger then gets ExecutionDoesNotExist."""
+        execution = self.aws.get(arn)
+        if execution is None or (lag and execution.created > self.clock - GRACE):
+            self.ledger.observe_missing(arn, self.clock, GRACE)
+        elif execution.running:
+            if self.ledger.holds(arn) or arn in self.ledger.in_doubt:
+                self._tell_running(arn, execution.run)
+            self.ledger.confirm_running(arn, self.clock, execution.run)
         else:
-            self.pending.pop(reservation.token)
-            self.ledger.cancel(reservation)
-            self._terminal(arn, self.ended[arn])
+            self._terminal(arn, execution.run)
 
-    @rule(limit=st.integers(0, 6))
-    def set_limit(self, limit: int) -> None:
-        """The operator changes the limit; nothing already held is evicted."""
-        before = (self.ledger.running, self.ledger.reserved_count)
-        self.lowered |= limit < self.ledger.limit
-        self.ledger.set_limit(limit)
-        assert (self.ledger.running, self.ledger.reserved_count) == before
+    @precondition(
+        lambda self: sum(e.running and e.origin == OUTSIDE for e in self.aws.values()) < 2
+    )
+    @rule(key=st.sampled_from([None, *KEYS]), seen=st.booleans())
+    def outside_start(self, key: str | None, seen: bool) -> None:
+        """Someone else starts an execution of the state machine (the console); at most two
+        run at once, or they would fill the pool for most of a sequence."""
+        tag = f"{key}/" if key else ""
+        arn = f"{tag}console-{next(self.names)}"
+        self.aws[arn] = Execution(OUTSIDE, self.clock)
+        self._record()
+        if seen:  # its RUNNING event comes at once
+            self._running(arn, 0)
+        else:
+            self.events.append(Event(arn, "RUNNING", 0))
 
-    # -- the world -----------------------------------------------------------------------
+    @precondition(lambda self: bool(self.aws))
+    @rule(data=st.data(), seen=st.booleans())
+    def execution_changes(self, data: st.DataObject, seen: bool) -> None:
+        """A running execution finishes, or (a third of the time) someone redrives a
+        finished one: the same ARN runs again, one run later. Its event is delivered at
+        once (``seen``) or queued."""
+        running = sorted(arn for arn, e in self.aws.items() if e.running)
+        ended = sorted(arn for arn, e in self.aws.items() if not e.running)
+        redrive = not running or (bool(ended) and data.draw(st.integers(0, 2)) == 0)
+        arn = data.draw(st.sampled_from(ended if redrive else running))
+        execution = self.aws[arn]
+        if execution.running:
+            event = Event(arn, data.draw(st.sampled_from(sorted(TERMINAL_STATUSES))), execution.run)
+        else:
+            execution.run += 1
+            event = Event(arn, "RUNNING", execution.run)
+        execution.running = not execution.running
+        self._record()
+        if seen:
+            self._deliver(event)
+        else:
+            self.events.append(event)
 
-    @rule(dt=st.sampled_from([0.0, 0.5, 1.0, 3.0, GRACE + 1]))
+    @rule(dt=st.sampled_from([0.5, 1.0, GRACE / 2, GRACE + 1]))
     def tick(self, dt: float) -> None:
         """Monotonic time passes."""
         self.clock += dt
 
-    @rule()
-    def console_start(self) -> None:
-        """Someone else starts an execution of the same state machine."""
-        arn = f"console-{next(self.names)}"
-        self.foreign = True
-        self.truth[arn] = 0
-        self.events.append(Event(arn, "RUNNING", 0))
+    # -- what the ledger is told ---------------------------------------------------------
 
-    @precondition(lambda self: bool(self.truth))
-    @rule(data=st.data(), status=st.sampled_from(sorted(TERMINAL_STATUSES)))
-    def execution_ends(self, data: st.DataObject, status: str) -> None:
-        """A running execution finishes and sends its terminal event."""
-        arn = data.draw(st.sampled_from(sorted(self.truth)))
-        self.ended[arn] = self.truth.pop(arn)
-        self.events.append(Event(arn, status, self.ended[arn]))
+    def _tell_running(self, arn: str, run: int) -> None:
+        self.told_running[arn] = max(run, self.told_running.get(arn, -1))
 
-    @precondition(lambda self: bool(self.ended))
-    @rule(data=st.data())
-    def redrive(self, data: st.DataObject) -> None:
-        """Someone redrives a finished execution: the same ARN runs again, one run later."""
-        arn = data.draw(st.sampled_from(sorted(self.ended)))
-        self.redriven = True
-        self.truth[arn] = self.ended.pop(arn) + 1
-        self.events.append(Event(arn, "RUNNING", self.truth[arn]))
+    def _running(self, arn: str, run: int) -> Change:
+        self._tell_running(arn, run)
+        return self.ledger.observe_running(arn, self.clock, run)
+
+    def _terminal(self, arn: str, run: int) -> Change:
+        self.told_ended[arn] = max(run, self.told_ended.get(arn, -1))
+        return self.ledger.observe_terminal(arn, run)
 
     @precondition(lambda self: bool(self.events))
-    @rule(data=st.data(), duplicate=st.booleans())
-    def deliver_event(self, data: st.DataObject, duplicate: bool) -> None:
-        """Deliver any queued event (reordering); keep it queued to deliver it again."""
+    @rule(data=st.data(), fate=st.sampled_from(["deliver", "duplicate", "drop"]))
+    def event(self, data: st.DataObject, fate: str) -> None:
+        """Deliver any queued event (reordering), keep it queued to deliver it again
+        (duplicate), or lose it for good (drop)."""
         index = data.draw(st.integers(0, len(self.events) - 1))
-        event = self.events[index] if duplicate else self.events.pop(index)
+        event = self.events[index] if fate == "duplicate" else self.events.pop(index)
+        if fate != "drop":
+            self._deliver(event)
+
+    def _deliver(self, event: Event) -> None:
         if event.status == "RUNNING":
             self._running(event.arn, event.redrives)
         else:
             self._terminal(event.arn, event.redrives)
 
-    @precondition(lambda self: bool(self.events))
-    @rule(data=st.data())
-    def drop_event(self, data: st.DataObject) -> None:
-        """An event is lost for good."""
-        self.events.pop(data.draw(st.integers(0, len(self.events) - 1)))
+    @rule(data=st.data(), fresh=st.booleans())
+    def reconcile(self, data: st.DataObject, fresh: bool) -> None:
+        """The reconciler lists RUNNING executions and describes the suspects: a listing
+        that may lag (`_lagging_listing`), or a fresh one (`_fresh_listing`)."""
+        if fresh:
+            self._fresh_listing(drain_events=data.draw(st.booleans()))
+        else:
+            self._lagging_listing(data, describe_now=data.draw(st.booleans()))
 
-    @rule()
-    def snapshot(self) -> None:
-        """Record what a listing taken now would show; it may be applied much later."""
-        self.snapshots.append(dict(self.truth))
-
-    @precondition(lambda self: bool(self.snapshots))
-    @rule(data=st.data())
-    def lagging_reconcile(self, data: st.DataObject) -> None:
-        """Apply an old snapshot as if ListExecutions returned it now; queue the suspects."""
-        listed = data.draw(st.sampled_from(self.snapshots))
-        held = self.ledger.running
-        for arn, redrives in listed.items():
-            self.told_running[arn] = max(redrives, self.told_running.get(arn, -1))
+    def _lagging_listing(self, data: st.DataObject, describe_now: bool) -> None:
+        """ListExecutions(RUNNING) taken now shows AWS as it was at some instant of the last
+        GRACE (eventually consistent: a run started before ``now - GRACE`` that still runs
+        is listed). Its suspects are described at once (``describe_now``, each answer may
+        lag) or queued to be described later."""
+        cutoff = self.clock - GRACE
+        first = max((i for i, (at, _) in enumerate(self.history) if at <= cutoff), default=0)
+        listed = self.history[data.draw(st.integers(first, len(self.history) - 1))][1]
+        held, doubted = self.ledger.running, self.ledger.in_doubt
+        for arn, run in listed.items():
+            self._tell_running(arn, run)
         result = self.ledger.apply_listing(listed, self.clock, GRACE)
         assert set(result.adopted) <= set(listed) - held
-        assert set(result.suspects) <= held - set(listed)
-        self.suspects.extend(result.suspects)
-
-    @precondition(lambda self: bool(self.suspects))
-    @rule(data=st.data())
-    def describe_suspect(self, data: st.DataObject) -> None:
-        """DescribeExecution answers from the truth as it is now."""
-        arn = self.suspects.pop(data.draw(st.integers(0, len(self.suspects) - 1)))
-        if arn in self.truth:
-            self.ledger.confirm_running(arn, self.clock)
-        else:
-            self._terminal(arn, self.ended[arn])
-
-    @rule()
-    def fresh_reconcile(self) -> None:
-        """(c) No leak: a listing equal to the truth, past the grace window, then describes."""
-        self.clock += GRACE + 1
-        held = self.ledger.running
-        for arn, redrives in self.truth.items():
-            self.told_running[arn] = max(redrives, self.told_running.get(arn, -1))
-        result = self.ledger.apply_listing(dict(self.truth), self.clock, GRACE)
-        assert set(result.adopted) <= set(self.truth) - held
-        assert set(result.suspects) == held - set(self.truth)
+        assert set(result.suspects) <= (held | doubted) - set(listed)
         for arn in result.suspects:
-            assert self._terminal(arn, self.ended[arn]) is Change.FREED
-        assert self.ledger.running == set(self.truth)
+            if describe_now:
+                self._describe(arn, lag=data.draw(st.booleans()))
+            else:
+                self.suspects.append(arn)
+
+    def _fresh_listing(self, drain_events: bool) -> None:
+        """No leak: once the grace window has passed (and maybe every queued event was
+        delivered), a listing equal to the truth and describes of its suspects leave
+        exactly what runs held, and nothing in doubt."""
+        while drain_events and self.events:
+            self._deliver(self.events.pop(0))
+        self.clock += GRACE
+        listed = {arn: e.run for arn, e in self.aws.items() if e.running}
+        for arn, run in listed.items():
+            self._tell_running(arn, run)
+        for arn in self.ledger.apply_listing(listed, self.clock, GRACE).suspects:
+            self._describe(arn, lag=True)
+        assert self.ledger.running == set(listed)
+        assert self.ledger.in_doubt == frozenset()
+
+    def _describable(self) -> list[str]:
+        return sorted(self.ledger.in_doubt | set(self.suspects) | self.ledger.running)
+
+    @precondition(lambda self: bool(self._describable()))
+    @rule(data=st.data(), lag=st.booleans())
+    def describe(self, data: st.DataObject, lag: bool) -> None:
+        """DescribeExecution of a start in doubt (half the time, when there is one), of a
+        suspect of a listing (maybe long after it), or of any held execution, at any time
+        (the starter does, the reconciler does): ExecutionDoesNotExist may come while AWS
+        still lags."""
+        doubted = sorted(self.ledger.in_doubt)
+        if not doubted or data.draw(st.booleans()):
+            doubted = self._describable()
+        arn = data.draw(st.sampled_from(doubted))
+        if arn in self.suspects:
+            self.suspects.remove(arn)
+        self._describe(arn, lag)
+
+    # -- the dispatcher: reservations, sends, answers ------------------------------------
+
+    def _handlers(self, wanted: Callable[[Handler], bool]) -> list[int]:
+        return sorted(t for t, h in self.handlers.items() if wanted(h))
+
+    def _receive(self, arn: str, key: str | None, n: int) -> list[int]:
+        free = self.ledger.key_free(key)
+        granted = self.ledger.reserve(n, self.clock, key)
+        assert len(granted) == min(n, free), (len(granted), n, free)
+        assert all(r.key == key for r in granted)
+        for reservation in granted:
+            name = arn or f"{key}/ours-{next(self.names)}".removeprefix("None/")
+            self.handlers[reservation.token] = Handler(reservation, name)
+            self.requests.append(name)
+        return [r.token for r in granted]
+
+    # The dispatcher's three rules can each drive it all (the next when theirs has nothing
+    # to do): hypothesis' swarm testing turns rules off at random for a whole sequence,
+    # and a dispatcher behind one rule would then be idle in half of them.
+
+    @rule(data=st.data())
+    def request_arrives(self, data: st.DataObject) -> None:
+        """Intake reserves slots for new requests (never more than the pool's and the key's
+        free slots), or for a request SQS delivers again (handed back, or its visibility
+        ran out): the same execution name, hence the same ARN. Each new handler sends its
+        start at once (if admitted) or later."""
+        if self.requests and data.draw(st.integers(0, 3)) == 0:
+            arn = data.draw(st.sampled_from(self.requests))
+            received = self._receive(arn, key_of(arn), 1)
+        else:
+            key = data.draw(st.sampled_from([None, *KEYS]))
+            received = self._receive("", key, data.draw(st.integers(1, 3)))
+        for token in received:
+            if token in self._sendable() and data.draw(st.booleans()):
+                self._send(self.handlers[token], at_once=data.draw(st.booleans()))
+
+    def _sendable(self) -> list[int]:
+        return self._handlers(lambda h: h.wire is None and self.ledger.admitted(h.reservation))
+
+    @rule(data=st.data())
+    def handler_acts(self, data: st.DataObject) -> None:
+        """One handler takes its next step (none: a request arrives): its start on the wire
+        goes on or ends (`_attempt_goes_on`); or, waiting, it sends its start (a first
+        attempt or a retry) only when admitted - then marked sent; it takes effect at once,
+        later, or never - or gives up (a quarter of the time: a bad request, retries
+        exhausted, shutdown). One whose earlier outcome is unknown and that is not admitted
+        gives up: it stays in doubt."""
+        if not self.handlers:
+            self.request_arrives(data)
+            return
+        token = data.draw(st.sampled_from(sorted(self.handlers)))
+        if self.handlers[token].wire is not None:
+            self._attempt_goes_on(token, data)
+        elif data.draw(st.integers(0, 3)) == 0:
+            self._give_up(token)
+        elif token in self._sendable():
+            self._send(self.handlers[token], at_once=data.draw(st.booleans()))
+        elif self.handlers[token].unknown:  # over the limit: it may not wait on itself
+            self._give_up(token)
+
+    @rule(data=st.data())
+    def start_goes_on(self, data: st.DataObject) -> None:
+        """A start on the wire goes on or ends (`_attempt_goes_on`); none: a handler acts."""
+        on_wire = self._handlers(lambda h: h.wire is not None)
+        if on_wire:
+            self._attempt_goes_on(data.draw(st.sampled_from(on_wire)), data)
+        else:
+            self.handler_acts(data)
+
+    def _send(self, handler: Handler, at_once: bool) -> None:
+        known = self._judge_send(handler) if handler.arn not in self.aws else {}
+        self.ledger.mark_sent(handler.reservation)
+        handler.wire = Attempt(known, self.ledger.limit, self.ledger.per_key_limit)
+        if at_once:
+            self._take_effect(handler)
+
+    def _judge_send(self, handler: Handler) -> dict[str, int]:
+        """(1) No overshoot: a start that may create an execution is sent only while what
+        runs and counts against the dispatcher leaves room under the limits in force."""
+        known = self._known()
+        limit = self.ledger.limit
+        assert len(known) < limit, f"a start sent with {sorted(known)} running, limit {limit}"
+        key, key_limit = handler.reservation.key, self.ledger.per_key_limit
+        if key is not None and key_limit is not None:
+            keyed = sorted(arn for arn in known if key_of(arn) == key)
+            assert len(keyed) < key_limit, f"a start of {key} sent with {keyed} running"
+        return known
+
+    def _take_effect(self, handler: Handler) -> None:
+        attempt = handler.wire
+        assert attempt is not None
+        if attempt.took_effect:
+            return
+        attempt.took_effect = True
+        if handler.arn in self.aws:
+            return  # same name: a no-op (running) or ExecutionAlreadyExists (closed)
+        self.aws[handler.arn] = Execution(OURS, self.clock)
+        self.events.append(Event(handler.arn, "RUNNING", 0))
+        self._record()
+        self._judge_effect(handler, attempt)
+
+    def _judge_effect(self, handler: Handler, attempt: Attempt) -> None:
+        """(1) No overshoot, judged when the start took effect (as sim/checker.py does): the
+        dispatcher's runs and the runs it knew of at the send fit the highest limit in
+        force since the send."""
+        known = self._known()
+        ours = {a for a, e in self.aws.items() if e.running and e.origin == OURS and e.run == 0}
+        counted = ours | {a for a, run in attempt.known.items() if known.get(a) == run}
+        assert len(counted) <= attempt.limit, f"{sorted(counted)} running, {attempt.limit=}"
+        key = handler.reservation.key
+        if key is not None and attempt.key_limit is not None:
+            keyed = sorted(arn for arn in counted if key_of(arn) == key)
+            assert len(keyed) <= attempt.key_limit, f"{keyed} running, {attempt.key_limit=}"
+
+    def _attempt_goes_on(self, token: int, data: st.DataObject) -> None:
+        """A StartExecution on the wire goes on, or ends:
+
+        - it takes effect (the answer is still to come);
+        - it is answered: the execution runs (a retry of a start that took effect answers
+          the same ARN) -> started(); or ExecutionAlreadyExists and a describe saying it
+          has finished -> the slot goes back and the ledger learns it has finished;
+        - it is refused before it did anything (throttled, 4xx);
+        - its outcome is unknown (a timeout, a reset, a 5xx after the request left, the
+          answer lost): it took effect or not, and now never will.
+
+        A refused attempt did nothing: unless an earlier one's outcome is unknown, the
+        reservation goes back among the unsent (``unsend``). Then the handler retries at
+        once if admitted (a retry after an unknown outcome that is not admitted gives up at
+        once, as the starter's OverLimitError does: it may not wait on itself), gives up
+        (retries exhausted; maybe describing the execution at once), or waits.
+        """
+        handler = self.handlers[token]
+        attempt = handler.wire
+        assert attempt is not None
+        outcomes = ["outcome unknown", "answered"]
+        if not attempt.took_effect:
+            outcomes[1:1] = ["took effect, outcome unknown", "refused", "takes effect"]
+        outcome = data.draw(st.sampled_from(outcomes))
+        if outcome in ("takes effect", "took effect, outcome unknown", "answered"):
+            self._take_effect(handler)
+        if outcome == "answered":
+            del self.handlers[token]
+            execution = self.aws[handler.arn]
+            if execution.running:
+                self._tell_running(handler.arn, 0)
+                self.ledger.started(handler.reservation, handler.arn, self.clock)
+            else:
+                assert self.ledger.cancel(handler.reservation) is True
+                self._terminal(handler.arn, execution.run)
+            return
+        if outcome == "takes effect":
+            return
+        handler.wire = None
+        refused = outcome == "refused"
+        if refused and not handler.unknown:  # it did nothing, nor did any attempt before
+            self.ledger.unsend(handler.reservation)
+        handler.unknown |= not refused
+        # (The order only steers generation: hypothesis favours the first choice a little.)
+        gives_up_first = outcome == "took effect, outcome unknown"
+        then = data.draw(
+            st.sampled_from(
+                ["gives up", "retries", "waits"]
+                if gives_up_first
+                else ["retries", "gives up", "waits"]
+            )
+        )
+        if then == "retries":
+            if token in self._sendable():
+                self._send(handler, at_once=data.draw(st.booleans()))
+            elif handler.unknown:  # over the limit: it may not wait on itself
+                then = "gives up"
+        if then == "gives up":
+            self._give_up(token)
+            if data.draw(st.booleans()):  # and describes it at once: AWS may still lag
+                self._describe(handler.arn, lag=True)
+
+    def _give_up(self, token: int) -> None:
+        """An unknown outcome leaves the slot in doubt under the execution's ARN (its last
+        attempt ended by now); else the slot goes back."""
+        handler = self.handlers.pop(token)
+        if handler.unknown:
+            self.ledger.doubt(handler.reservation, handler.arn, self.clock)
+        else:
+            assert self.ledger.cancel(handler.reservation) is True
+
+    @rule(
+        limit=st.sampled_from([2, 1, 3, 4, 0]),
+        squeeze=st.booleans(),
+        change_per_key=st.booleans(),
+        per_key=st.sampled_from([None, 1, 2, 3]),
+    )
+    def set_limits(
+        self, limit: int, squeeze: bool, change_per_key: bool, per_key: int | None
+    ) -> None:
+        """The operator changes the limit (and maybe the per-key limit); nothing already
+        held is evicted. ``squeeze``: to no more than what runs now (for the per-key
+        limit: the most any key runs), so that no new start may go until some end."""
+        known = self._known()
+        if squeeze:
+            limit = min(limit, len(known))
+            most = max((sum(key_of(arn) == key for arn in known) for key in KEYS), default=0)
+            per_key = max(1, min(per_key or 3, most))
+        held = [self.ledger.held, *(self.ledger.key_held(k) for k in KEYS)]
+        self.ledger.set_limit(limit)
+        if change_per_key:
+            self.ledger.set_per_key_limit(per_key)
+        assert [self.ledger.held, *(self.ledger.key_held(k) for k in KEYS)] == held
+        for handler in self.handlers.values():
+            if handler.wire is not None:
+                handler.wire.limit = max(handler.wire.limit, self.ledger.limit)
+                handler.wire.key_limit = _looser(handler.wire.key_limit, self.ledger.per_key_limit)
 
     # -- invariants ----------------------------------------------------------------------
 
     @invariant()
-    def within_the_limit(self) -> None:
-        """(b) With only our own starts and a limit never lowered, slots held <= limit.
-
-        A RUNNING event applied before started() counts the execution and its reservation
-        both (conservative, until started() drops the reservation): count that slot once.
-        """
-        if self.foreign or self.redriven or self.lowered:
-            return
-        answered = {arn for arn in self.pending.values() if arn is not None}
-        both = len(answered & self.ledger.running)
-        assert self.ledger.running_count + self.ledger.reserved_count - both <= self.ledger.limit
+    def dispatched_executions_keep_their_slots(self) -> None:
+        """(2) Never freed on a guess. For every execution AWS has running, in its current
+        run r: if the ledger was told that run r (or a later one) runs - an event, a
+        listing, a describe, a start's answer - it holds the execution as running; else if
+        it is the first run of an execution the dispatcher started, the ledger holds it as
+        running, in doubt, or by the reservation of a live handler for its name (one yet to
+        apply the answer or to give up). Hence every run counted against the dispatcher
+        (`_known`) has a slot of its own: ``held >= len(known)``, per key likewise."""
+        live = {h.arn for h in self.handlers.values()}
+        for arn, execution in self.aws.items():
+            if not execution.running:
+                continue
+            if self.told_running.get(arn, -1) >= execution.run:
+                assert self.ledger.holds(arn), f"{arn} runs (run {execution.run}): freed"
+            elif execution.origin == OURS and execution.run == 0:
+                kept = self.ledger.holds(arn) or arn in self.ledger.in_doubt or arn in live
+                assert kept, f"{arn} runs, started by us: its slot was freed"
+        known = self._known()
+        assert self.ledger.held >= len(known)
+        for key in KEYS:
+            assert self.ledger.key_held(key) >= sum(key_of(arn) == key for arn in known), key
 
     @invariant()
     def finished_runs_stay_finished(self) -> None:
-        """(d) A held execution was told running in a later run than any it was told ended."""
+        """(3) Tombstones keep finished runs out: an execution held as running was told
+        running in a later run than any it was told ended (a late RUNNING event, a stale
+        listing or a late start answer cannot bring it back); nothing whose latest news is
+        "ended" is in doubt."""
         for arn in self.ledger.running:
             assert self.told_running.get(arn, -1) > self.told_ended.get(arn, -1), arn
+        for arn in self.ledger.in_doubt:
+            ended = arn in self.told_ended
+            assert not ended or self.told_running.get(arn, -1) > self.told_ended[arn], arn
 
     @invariant()
-    def never_forgets_a_run_it_has_seen(self) -> None:
-        """No under-count: a running execution whose current run the ledger saw is held."""
-        for arn, redrives in self.truth.items():
-            if self.told_running.get(arn, -1) >= redrives:
-                assert self.ledger.holds(arn), arn
+    def slots_add_up(self) -> None:
+        """(4) The reservations are exactly the live handlers'; held = running + reserved +
+        in doubt, free = max(0, limit - held) (never negative), per key too; only our own
+        requests are in doubt, and never also as running."""
+        ledger = self.ledger
+        assert ledger.reserved_count == len(self.handlers)
+        held = ledger.running_count + ledger.reserved_count + ledger.doubt_count
+        assert ledger.held == held
+        assert ledger.free == max(0, ledger.limit - held) >= 0
+        assert ledger.in_doubt <= set(self.requests)
+        assert not ledger.in_doubt & ledger.running
+        for key in KEYS:
+            slots = sum(key_of(arn) == key for arn in ledger.running | ledger.in_doubt)
+            slots += sum(h.reservation.key == key for h in self.handlers.values())
+            assert ledger.key_held(key) == slots, key
 
-    @invariant()
-    def reservations_match(self) -> None:
-        """Every start in flight, and nothing else, holds a reservation."""
-        assert self.ledger.reserved_count == len(self.pending)
 
-
-# Settings profile: 300 sequences of up to 60 steps take ~3.5 s on 2 cores; over 30 random
-# seeds that budget caught the redrive bug fixed above 29 times. derandomize keeps CI
-# deterministic (the seed follows the test's source). For a soak run with fresh random
-# seeds: LEDGER_EXAMPLES=5000 pytest tests/test_ledger.py --timeout=0 (about a minute).
+# Settings profile: 500 sequences of up to 60 steps, about 5 s. derandomize keeps CI
+# deterministic. For a soak run with fresh random seeds (about 10 ms a sequence):
+# LEDGER_EXAMPLES=5000 pytest tests/test_ledger.py --timeout=0.
 _SOAK = int(os.environ.get("LEDGER_EXAMPLES", "0"))
 STATEFUL = settings(
-    max_examples=_SOAK or 300,
+    max_examples=_SOAK or 500,
     stateful_step_count=60,
     derandomize=not _SOAK,
     database=None,
@@ -506,8 +795,49 @@ STATEFUL = settings(
 
 
 def test_the_ledger_survives_the_world() -> None:
-    """Random interleavings of starts, events, listings and limits never break an invariant."""
+    """Random interleavings of admissions, sends, retries, lost answers, doubts, events,
+    listings, describes, outside starts, redrives and limit changes break no invariant."""
     run_state_machine_as_test(World, settings=STATEFUL)
+
+
+@pytest.mark.parametrize("refused", [True, False], ids=["refused", "outcome-unknown"])
+@pytest.mark.parametrize(
+    "take_a_slot",
+    [
+        lambda ledger: ledger.observe_running("console-1", 1.0),
+        lambda ledger: ledger.set_limit(1),
+    ],
+    ids=["outside-start", "lowered-limit"],
+)
+def test_a_retry_waits_while_another_sent_start_may_run(
+    take_a_slot: Callable[[Ledger], object], refused: bool
+) -> None:
+    """Found by the state machine: two starts sent under limit 2, the newer took effect (its
+    answer not back yet), then a slot went (an outside start the ledger saw, or a lowered
+    limit). The older was refused (it did nothing: unsend) or its outcome is unknown; its
+    retry may be a new start while 2 run: it must wait. admitted() let it go, as the oldest
+    sent one within ``limit - running - doubt``, not counting the newer one on the wire."""
+    ledger = Ledger(2)
+    older, newer = ledger.reserve(2, 0.0)
+    for reservation in (older, newer):
+        assert ledger.admitted(reservation)
+        ledger.mark_sent(reservation)
+    take_a_slot(ledger)
+    if refused:
+        ledger.unsend(older)
+    assert not ledger.admitted(older), "its start would make 3 run"
+
+
+def test_a_describe_of_a_redriven_run_protects_it() -> None:
+    """Found by the state machine: a held execution ended and was redriven; run 1's RUNNING
+    event was lost, run 0's terminal event is late. A describe says run 1 runs
+    (confirm_running with its redrive count), then run 0's terminal event arrives: it must
+    not free run 1's slot (the ledger kept the redrive count only for starts in doubt)."""
+    ledger = Ledger(2)
+    assert ledger.observe_running("console-1", 0.0) is Change.ADDED
+    ledger.confirm_running("console-1", 10.0, redrive_count=1)
+    assert ledger.observe_terminal("console-1", 0) is Change.STALE
+    assert ledger.holds("console-1")
 
 
 # -- the state machine can fail ----------------------------------------------------------
@@ -557,31 +887,59 @@ class RedriveBlindLedger(Ledger):
         return super().observe_terminal(arn, redrive_count)
 
 
-@pytest.mark.parametrize(
-    ("broken", "caught_by"),
-    [
-        (GreedyLedger, {"reserve"}),
-        (CounterLedger, {"never_forgets_a_run_it_has_seen"}),
-        (ForgetfulLedger, {"finished_runs_stay_finished", "start_answered"}),
-        (RedriveBlindLedger, {"never_forgets_a_run_it_has_seen"}),
-    ],
-)
+class GraceBlindLedger(Ledger):
+    """(a) Takes "does not exist" at its word: a start in doubt is freed while AWS lags."""
+
+    def observe_missing(self, arn: str, now: float, grace: float) -> Change:
+        """No grace for starts in doubt."""
+        return super().observe_missing(arn, now, 0.0 if arn in self._doubt else grace)
+
+
+class RetryBlindLedger(Ledger):
+    """(b) The old admission rule: a start once sent is always admitted again."""
+
+    def admitted(self, reservation: Reservation) -> bool:
+        """A retry goes whatever the limit in force."""
+        if reservation.token in self._sent:
+            return reservation.token in self._reserved
+        return super().admitted(reservation)
+
+
+class DoubtDroppingLedger(Ledger):
+    """(c) Treats an unknown outcome as a failure: the slot goes back (a guess)."""
+
+    def doubt(self, reservation: Reservation, arn: str, now: float) -> Change:
+        """Behave like cancel."""
+        self.cancel(reservation)
+        return Change.UNCHANGED
+
+
+# Each broken ledger and the checks that may catch it. Derandomized, the first failing
+# sequence was about the 8th, 56th, 10th, 216th, 176th, 53rd and 12th (in this order) when
+# this was written; over 8 random seeds each the slowest took about 470 (RetryBlindLedger).
+BROKEN: list[tuple[type[Ledger], set[str]]] = [
+    (GreedyLedger, {"_receive"}),
+    (CounterLedger, {"dispatched_executions_keep_their_slots", "_fresh_listing"}),
+    (ForgetfulLedger, {"finished_runs_stay_finished"}),
+    (RedriveBlindLedger, {"dispatched_executions_keep_their_slots"}),
+    (GraceBlindLedger, {"dispatched_executions_keep_their_slots"}),
+    (RetryBlindLedger, {"_judge_send", "_judge_effect"}),
+    (DoubtDroppingLedger, {"dispatched_executions_keep_their_slots"}),
+]
+
+
+@pytest.mark.parametrize(("broken", "caught_by"), BROKEN, ids=[b.__name__ for b, _ in BROKEN])
 def test_the_state_machine_catches_a_broken_ledger(
     broken: type[Ledger], caught_by: set[str]
 ) -> None:
-    """Each deliberately broken ledger fails the check meant for it, on a small budget."""
+    """Each deliberately broken ledger fails a check meant for it, within the budget of
+    `test_the_ledger_survives_the_world` (stopping at the first failure, not shrinking)."""
     machine = type(f"WorldWith{broken.__name__}", (World,), {"ledger_class": broken})
-    quick = settings(
-        STATEFUL,
-        max_examples=1000,  # stops at the first failure: usually < 1 s, 40/40 seeds < 10 s
-        derandomize=True,
-        phases=[Phase.generate],
-        report_multiple_bugs=False,
-    )
+    until_caught = settings(STATEFUL, phases=[Phase.generate], report_multiple_bugs=False)
     with pytest.raises(AssertionError) as caught:
-        run_state_machine_as_test(machine, settings=quick)
+        run_state_machine_as_test(machine, settings=until_caught)
     ours = [f.name for f in traceback.extract_tb(caught.tb) if f.filename == __file__]
-    assert ours[-1] in caught_by
+    assert ours[-1] in caught_by, ours
 
 
 def test_only_the_oldest_reservations_within_the_headroom_are_admitted() -> None:

@@ -1,0 +1,267 @@
+"""The checker's rules for parent workflows and their task tokens (only when the history
+has parents; see `sim.checker` for the rest).
+
+5. ``parent_waiting``: by ``max(quiet_at, its start) + settle_bound`` every parent has
+   ended: its tokens answered, or it ended for its own reasons (aborted, timed out, a
+   sibling's failure). A parent never waits forever.
+   ``token_message_kept``: by then, each token's request message was deleted or
+   dead-lettered (the dispatcher let go of it).
+   ``heartbeat_lapse`` (when ``CheckSpec.heartbeat_every`` is set): a parent failed with
+   ``States.HeartbeatTimeout`` although the child of the expired token had run for
+   ``heartbeat_every`` seconds (a heartbeat interval and some slack) counted from
+   ``heartbeat_grace`` after the faults stopped: a token whose child runs is heartbeated.
+   (A token still in the queue cannot be: HeartbeatSeconds must cover the queueing.)
+6. ``wrong_answer``: a ``SendTaskSuccess`` carries exactly its child's output; a
+   ``SendTaskFailure`` carries its child's error and cause (or the documented
+   ``Dispatcher.Child*`` / ``Dispatcher.OutputTooLarge`` names); a token without a child
+   is failed with a ``Dispatcher.*`` error, ``Dispatcher.BadRequest`` for a bad request.
+7. ``early_answer``: no token answered before its child ended (a token without a child,
+   a bad request, is the exception).
+8. ``early_token_delete``: a token's request message is deleted only after the token was
+   answered or its parent ended, never before.
+   ``stopped_waited_child``: a dispatcher stops a child only when its parent no longer
+   waits for it.
+
+At most one execution per item is rule 2 (each item is a request of its own).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from sim.history import OUTSIDE, Execution, History, Run
+from sim.token_log import FAILURE, SUCCESS, IssuedToken, Parent, TokenCall
+from sim.violation import Violation
+
+if TYPE_CHECKING:
+    from sim.checker import CheckSpec
+
+SETTLE_KINDS = frozenset({"lost_request", "parent_waiting", "token_message_kept"})
+"""Violations that only say "not settled yet" while a run goes on."""
+MAX_OUTPUT_BYTES = 262_144
+MAX_ERROR_CHARS = 256
+MAX_CAUSE_CHARS = 32_768
+BAD_REQUEST = "Dispatcher.BadRequest"
+CHILD_ERRORS = {"TIMED_OUT": "Dispatcher.ChildTimedOut", "ABORTED": "Dispatcher.ChildAborted"}
+CHILD_FAILED = "Dispatcher.ChildFailed"
+OUTPUT_TOO_LARGE = "Dispatcher.OutputTooLarge"
+
+
+def released(history: History) -> dict[str, float]:
+    """Request id of a token never answered -> when its parent ended (its request needs no
+    child since). A token answered is judged as any request: its parent's end may be
+    that very answer."""
+    tokens = history.tokens
+    return {
+        issued.request_id: parent.ended
+        for parent in tokens.parents.values()
+        if parent.ended is not None
+        for issued in parent.tokens
+        if tokens.answer_of(issued.token) is None
+    }
+
+
+def check_tokens(
+    history: History,
+    spec: CheckSpec,
+    children: Mapping[str, list[Execution]],
+    dead_lettered: Mapping[str, float],
+) -> list[Violation]:
+    """Every broken token rule. ``children``: request id -> its executions;
+    ``dead_lettered``: message id -> when its dead-letter copy (or move) was made."""
+    log = history.tokens
+    if not log.parents:
+        return []
+    found: list[Violation] = []
+    deleted: dict[str, list[float]] = {}
+    for delete in history.effective_deletes():
+        if delete.queue_url in spec.request_queues:
+            deleted.setdefault(delete.message_id, []).append(delete.time)
+    for parent in log.parents.values():
+        deadline = max(spec.quiet_at, parent.started) + spec.settle_bound
+        waiting = [t for t in parent.tokens if _waits(log.answer_of(t.token), deadline)]
+        if not parent.closed_by(deadline):
+            found.append(
+                Violation(
+                    "parent_waiting",
+                    deadline,
+                    f"parent {parent.name} still waits at {deadline:.3f}: "
+                    + (", ".join(f"item {t.index}" for t in waiting) or "no item")
+                    + " unanswered",
+                )
+            )
+        found += _check_heartbeats(parent, log.issued, children, spec)
+        for issued in parent.tokens:
+            answer = log.answer_of(issued.token)
+            if answer is not None:
+                found += _check_answer(answer, issued, children.get(issued.request_id, []), spec)
+            deletes = deleted.get(issued.message_id, [])
+            found += _check_message(parent, issued, answer, deletes)
+            copied = dead_lettered.get(issued.message_id, math.inf)
+            deadline = max(spec.quiet_at, issued.time) + spec.settle_bound
+            if min([copied, *deletes]) > deadline:
+                found.append(
+                    Violation(
+                        "token_message_kept",
+                        deadline,
+                        f"message {issued.message_id} of {parent.name} item {issued.index} "
+                        f"is neither deleted nor dead-lettered by {deadline:.3f}",
+                    )
+                )
+    found += _check_stops(history, children)
+    return found
+
+
+def _waits(answer: TokenCall | None, t: float) -> bool:
+    return answer is None or answer.time > t
+
+
+# -- rule 5: no parent waits forever --------------------------------------------------------
+
+
+def _check_heartbeats(
+    parent: Parent,
+    issued: Mapping[str, IssuedToken],
+    children: Mapping[str, list[Execution]],
+    spec: CheckSpec,
+) -> list[Violation]:
+    every, expired, ended = spec.heartbeat_every, parent.expired, parent.ended
+    if every is None or expired is None or ended is None:
+        return []
+    token = issued[expired]
+    settled = spec.quiet_at + spec.heartbeat_grace  # faults, and the recovery from them
+    for execution in children.get(token.request_id, []):
+        for run in execution.runs:
+            since = max(run.start, settled, ended - (parent.heartbeat_seconds or 0.0))
+            if ended - since >= every and (run.stop is None or run.stop >= ended):
+                return [
+                    Violation(
+                        "heartbeat_lapse",
+                        ended,
+                        f"parent {parent.name} timed out waiting for item {token.index}: no "
+                        f"heartbeat although its child {execution.name} ran from "
+                        f"{run.start:.3f} (faults stopped at {spec.quiet_at:.3f})",
+                    )
+                ]
+    return []
+
+
+def _check_message(
+    parent: Parent, issued: IssuedToken, answer: TokenCall | None, deletes: list[float]
+) -> list[Violation]:
+    return [
+        Violation(
+            "early_token_delete",
+            at,
+            f"message {issued.message_id} of {parent.name} item {issued.index} was "
+            "deleted while its parent still waited for the answer",
+        )
+        for at in deletes
+        if _waits(answer, at) and not parent.closed_by(at)
+    ]
+
+
+# -- rules 6 and 7: the right answer, after the child ended --------------------------------
+
+
+def _check_answer(
+    answer: TokenCall, issued: IssuedToken, executions: list[Execution], spec: CheckSpec
+) -> list[Violation]:
+    item = f"{short_parent(issued)} item {issued.index}"
+    what = answer.operation + (f" error={answer.error}" if answer.operation == FAILURE else "")
+    if not executions:
+        bad = issued.request_id in spec.expected_bad
+        if answer.operation == SUCCESS:
+            why = "it has no child"
+        elif bad and answer.error != BAD_REQUEST:
+            why = f"its request is bad: {BAD_REQUEST} expected"
+        elif not (answer.error or "").startswith("Dispatcher."):
+            why = "it has no child: a Dispatcher.* error expected"
+        else:
+            return []
+        return [Violation("wrong_answer", answer.time, f"{item} got {what}, but {why}")]
+    closed = [
+        (execution, run)
+        for execution in executions
+        for run in execution.runs
+        if run.stop is not None and run.stop <= answer.time
+    ]
+    if not closed:
+        return [
+            Violation(
+                "early_answer",
+                answer.time,
+                f"{item} got {what} before its child {executions[0].name} ended",
+            )
+        ]
+    if any(_fits(answer, run) for _, run in closed):
+        return []
+    execution, run = closed[-1]
+    got = answer.output if answer.operation == SUCCESS else f"{answer.error!r} {answer.cause!r}"
+    child = run.output if run.status == "SUCCEEDED" else f"{run.error!r} {run.cause!r}"
+    return [
+        Violation(
+            "wrong_answer",
+            answer.time,
+            f"{item} got {answer.operation} {_cut(got)}, but its child {execution.name} "
+            f"ended {run.status} with {_cut(child)}",
+        )
+    ]
+
+
+def _fits(answer: TokenCall, run: Run) -> bool:
+    """Whether ``answer`` is the answer for a child whose run ended so."""
+    if answer.operation == SUCCESS:
+        return run.status == "SUCCEEDED" and answer.output == run.output
+    if run.status == "SUCCEEDED":
+        large = run.output is not None and len(run.output.encode()) > MAX_OUTPUT_BYTES
+        return large and answer.error == OUTPUT_TOO_LARGE
+    if run.status == "FAILED":
+        if answer.error != (run.error or CHILD_FAILED)[:MAX_ERROR_CHARS]:
+            return False
+        return not run.cause or answer.cause == run.cause[:MAX_CAUSE_CHARS]
+    return answer.error == CHILD_ERRORS.get(run.status or "")
+
+
+def _cut(text: str | None, most: int = 120) -> str:
+    text = str(text)
+    return text if len(text) <= most else text[:most] + "..."
+
+
+def short_parent(issued: IssuedToken) -> str:
+    """The parent's name, from its ARN."""
+    return issued.parent_arn.rsplit(":", 1)[-1]
+
+
+# -- rule 8: stops -----------------------------------------------------------------------------
+
+
+def _check_stops(history: History, children: Mapping[str, list[Execution]]) -> list[Violation]:
+    log = history.tokens
+    tokens_of: dict[str, list[IssuedToken]] = {}
+    for issued in log.issued.values():
+        for execution in children.get(issued.request_id, []):
+            tokens_of.setdefault(execution.arn, []).append(issued)
+    found: list[Violation] = []
+    for stop in log.stops:
+        if stop.node == OUTSIDE:
+            continue
+        waited = [
+            issued
+            for issued in tokens_of.get(stop.arn, [])
+            if _waits(log.answer_of(issued.token), stop.time)
+            and not log.parents[issued.parent_arn].closed_by(stop.time)
+        ]
+        if waited or stop.arn not in tokens_of:
+            whom = ", ".join(f"{short_parent(i)} item {i.index}" for i in waited)
+            found.append(
+                Violation(
+                    "stopped_waited_child",
+                    stop.time,
+                    f"{stop.node} stopped {stop.arn.rsplit(':', 1)[-1]}, "
+                    + (f"still awaited by {whom}" if whom else "a child of no parent"),
+                )
+            )
+    return found
