@@ -39,7 +39,14 @@ from dispatcher.metrics import Metrics
 from dispatcher.pool import Pool
 from dispatcher.queues import RequestQueue, receive_count
 from dispatcher.rate import RateLimiters
-from dispatcher.requests import BadRequest, key_tag, keyed, parse, string_attributes
+from dispatcher.requests import (
+    PARENT_ATTRIBUTE,
+    BadRequest,
+    key_tag,
+    keyed,
+    parse,
+    string_attributes,
+)
 from dispatcher.starter import IntakeStats, Starter, Waiting
 
 log = structlog.get_logger("dispatcher.intake")
@@ -285,6 +292,9 @@ class Intake:
             key = key_tag(raw)
             request = keyed(request, key)
             bound = bound.bind(key=raw[:64])
+        parent = string_attributes(message).get(PARENT_ATTRIBUTE)
+        if parent:
+            bound = bound.bind(parent_arn=parent[:300])
         if isinstance(request, BadRequest):
             await self.starter.dead_letter(
                 queue, pool.name, message, request.reason, request.detail

@@ -17,6 +17,8 @@ from typing import Any
 from dispatcher.config import InputFormat
 
 IDEMPOTENCY_ATTRIBUTE = "idempotency-key"
+PARENT_ATTRIBUTE = "parent-execution"
+"""Optional: the ARN of the parent workflow that asked (logged with the child's ARN)."""
 KEY_TAG_RE = re.compile(r"^k(?P<tag>[0-9a-f]{10})_")
 KEY_TAG_LENGTH = 12  # "k" + 10 hex digits + "_"
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}\Z")

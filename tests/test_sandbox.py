@@ -446,6 +446,7 @@ def test_the_parent_sends_each_item_with_its_token_and_key() -> None:
             "DataType": "String",
             "StringValue.$": "States.Format('{}-{}', $$.Execution.Name, $$.Map.Item.Index)",
         },
+        "parent-execution": {"DataType": "String", "StringValue.$": "$$.Execution.Id"},
     }
     [catch] = task["Catch"]
     assert catch["ErrorEquals"] == ["States.ALL"]

@@ -37,6 +37,7 @@ RULE_TARGET_ID = "events-queue"
 # The message attributes a parent sets (the dispatcher's defaults).
 TASK_TOKEN_ATTRIBUTE = "task-token"  # noqa: S105 - an attribute's name, not a secret
 IDEMPOTENCY_KEY_ATTRIBUTE = "idempotency-key"
+PARENT_ATTRIBUTE = "parent-execution"
 PARENT_SUFFIX = "-parent"
 PARENT_ARN_ENV = "SFN_DISPATCHER_PARENT_ARN"
 SQS_MAX_MESSAGE_SIZE = 1_048_576
@@ -153,6 +154,11 @@ def parent_definition(request_queue_url: str) -> dict[str, Any]:
                                         "DataType": "String",
                                         "StringValue.$": "States.Format('{}-{}', "
                                         "$$.Execution.Name, $$.Map.Item.Index)",
+                                    },
+                                    # Optional: the dispatcher logs it with the child's ARN.
+                                    PARENT_ATTRIBUTE: {
+                                        "DataType": "String",
+                                        "StringValue.$": "$$.Execution.Id",
                                     },
                                 },
                             },
