@@ -311,8 +311,15 @@ async def _demo(plan: Plan) -> DemoResult:
             resources = await provision(emulator.endpoint, limit=plan.limit)
             # The demo is self-contained: its clients use the sandbox's test credentials.
             os.environ.update(resources.env())
+            # MiniStack's ListExecutions is immediately consistent: a 1 s start grace is
+            # plenty, and the start-up wait (D + grace) stays short.
             settings = Settings.load(
-                {"http_port": 0, "reconcile_interval": 5, "receive_wait_seconds": 2},
+                {
+                    "http_port": 0,
+                    "reconcile_interval": 5,
+                    "receive_wait_seconds": 2,
+                    "start_grace": 1,
+                },
                 env=resources.env(),
             )
             dispatcher = Dispatcher(settings, endpoint_url=emulator.endpoint)

@@ -82,12 +82,12 @@ def test_a_seed_replays_exactly_in_another_process() -> None:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize(
-    "bug", ["lost-answer-frees-slot", "lease-fence-unbounded", "deferrals-never-forgotten"]
-)
+@pytest.mark.parametrize("bug", ["lease-fence-unbounded", "deferrals-never-forgotten"])
 def test_the_simulation_finds_each_fixed_bug_put_back(bug: str) -> None:
-    """The simulator's teeth: issue 11's bugs 1-3, put back one at a time, are each found
-    within the default seed count (the seed it took is printed)."""
+    """The simulator's teeth: issue 11's bugs, put back one at a time, are each found within
+    the default seed count (the seed it took is printed). Bug 1 takes about 400 seeds
+    (30 s): `make simulate` puts every bug back (`python -m sim --teeth`) and fails when
+    one is not found; here, the two quick ones."""
     for seed in range(DEFAULT_SEEDS):
         outcome = simulate(seed, bugs=(bug,))
         if not outcome.ok:
