@@ -409,16 +409,21 @@ async def _start_parents(
     )
 
 
-async def _await_parents(sfn: SFNClient, machine: str, count: int) -> None:
-    """Show how many parents have been answered and ended, until all have."""
-    with tqdm(
-        total=count,
-        desc="parents ended",
-        unit="parent",
+def _progress(total: int, desc: str, unit: str) -> tqdm[Any]:
+    """A progress bar on stderr: lively on a terminal, a line every 5 s in a log."""
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
         file=sys.stderr,
         dynamic_ncols=True,
         mininterval=0.2 if sys.stderr.isatty() else 5.0,
-    ) as bar:
+    )
+
+
+async def _await_parents(sfn: SFNClient, machine: str, count: int) -> None:
+    """Show how many parents have been answered and ended, until all have."""
+    with _progress(count, "parents ended", "parent") as bar:
         while True:
             running = 0
             paginator = sfn.get_paginator("list_executions")
@@ -439,14 +444,7 @@ async def _watch(dispatcher: Dispatcher, sent: int, bad: int) -> None:
     """Show the live line until every valid request has finished and every bad one is out."""
     pool = dispatcher.pool
     valid = sent - bad
-    with tqdm(
-        total=valid,
-        desc="finished",
-        unit="exec",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        mininterval=0.2 if sys.stderr.isatty() else 5.0,
-    ) as bar:
+    with _progress(valid, "finished", "exec") as bar:
         while True:
             intake = dispatcher.intake
             dead = intake.stats.dead_lettered if intake else 0
