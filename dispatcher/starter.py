@@ -76,6 +76,15 @@ class _Handling:
 
 
 @dataclass
+class _Copies:
+    """Handlers starting one execution name at the same time (copies of one request)."""
+
+    handlers: int = 0
+    started: bool = False
+    """One of them counted the start: AWS answers the others' repeat with success too."""
+
+
+@dataclass
 class IntakeStats:
     """Totals for the shutdown summary and `/status`."""
 
@@ -114,6 +123,7 @@ class Starter:
         self.stopping = False
         self.force = False
         self._ids = iter(range(1, 1 << 62))
+        self._copies: dict[str, _Copies] = {}  # ARN -> handlers starting it now
         self.dead_letters = DeadLetterQueue(
             clients.sqs, settings.dead_letter_queue_url, metrics, dead_letter_max_size
         )
@@ -169,9 +179,31 @@ class Starter:
         pool.update()
 
     async def _start(self, entry: Waiting, reservation: Reservation, handling: _Handling) -> None:
+        """Count a start once per execution: AWS answers a repeat of a running execution
+        (same name and input) with success and its ARN, so a success is a start only if the
+        ARN was not held before our first attempt (a redelivery) and no other copy of the
+        request in flight with ours counted it. Not the ledger's hold after the answer: a
+        RUNNING event of our own start may have come first."""
+        arn = execution_arn(entry.pool.state_machine_arn, entry.request.name)
+        held_before = entry.pool.ledger.holds(arn)
+        copies = self._copies.setdefault(arn, _Copies())
+        copies.handlers += 1
+        try:
+            await self._start_counted(entry, reservation, handling, copies, held_before)
+        finally:
+            copies.handlers -= 1
+            if copies.handlers == 0:
+                del self._copies[arn]
+
+    async def _start_counted(
+        self,
+        entry: Waiting,
+        reservation: Reservation,
+        handling: _Handling,
+        copies: _Copies,
+        held_before: bool,
+    ) -> None:
         pool, request, bound = entry.pool, entry.request, entry.bound
-        # Held before our first attempt: AWS's idempotent success is a duplicate, not a start.
-        held_before = pool.ledger.holds(execution_arn(pool.state_machine_arn, request.name))
         try:
             arn, attempts = await self._call_start(entry, reservation, handling)
         except AbandonedError:
@@ -182,12 +214,13 @@ class Starter:
             return
         handling.phase = "finishing"
         self._commit(pool, reservation, arn)
-        if held_before:
+        if held_before or copies.started:
             self.stats.duplicates += 1
             self.metrics.starts.labels(pool=pool.name, outcome="duplicate").inc()
             bound.info("dispatcher.duplicate_request", execution_arn=arn, status="RUNNING")
             await self._settled(entry, arn)
             return
+        copies.started = True
         self.stats.started += 1
         pool.started_total += 1
         self.metrics.starts.labels(pool=pool.name, outcome="started").inc()

@@ -91,9 +91,18 @@ async def all_done(
 
 
 def workload(n: int, low: float, high: float, seed: int = 7) -> list[dict[str, Any] | str]:
-    """``n`` demo-machine inputs waiting ``low``-``high`` seconds."""
+    """``n`` demo-machine inputs waiting ``low``-``high`` seconds on average, in whole seconds.
+
+    AWS reads a Wait state's ``SecondsPath`` as an integer (moto fails ``2.0`` at once), so
+    each draw is rounded down or up at random, in proportion: the mean wait stays the same.
+    """
     rng = random.Random(seed)
-    return [{"seconds": round(rng.uniform(low, high), 2)} for _ in range(n)]
+    out: list[dict[str, Any] | str] = []
+    for _ in range(n):
+        wait = rng.uniform(low, high)
+        whole = int(wait)
+        out.append({"seconds": whole + (rng.random() < wait - whole)})
+    return out
 
 
 async def verdict(

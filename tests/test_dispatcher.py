@@ -1,7 +1,9 @@
 """The real dispatcher against the real emulator: the limit holds, nothing is lost or doubled.
 
 Every verdict comes from the executions' own records (ListExecutions start/stop dates),
-never from the dispatcher's opinion of itself.
+never from the dispatcher's opinion of itself. The first tests count starts on fakes, under
+both answers a repeated start can get: AWS's success with the same ARN, MiniStack's
+``ExecutionAlreadyExists``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
+from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
 from dispatcher.sandbox.provision import SandboxResources
 from dispatcher.testing.chaos import EventChaos
 from dispatcher.testing.faults import FaultKind, FaultProxy, FaultRule
@@ -29,9 +32,80 @@ from tests.audit import (
     wait_for,
     workload,
 )
+from tests.fake_intake import intake_of
+from tests.fakes import REQUEST_QUEUE, STATE_MACHINE_ARN, build_world, sqs_message
 from tests.runner import Child, child_process, running
 
 Factory = Callable[..., Awaitable[SandboxResources]]
+
+ORDER_ARN = execution_arn(STATE_MACHINE_ARN, "order-42")
+
+
+# -- counting starts (fakes) -------------------------------------------------------------
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    "aws_exact", [True, False], ids=["repeat-answered-success", "repeat-answered-already-exists"]
+)
+async def test_two_copies_in_flight_at_once_count_one_start(aws_exact: bool) -> None:
+    """Two copies of one request (same key) call StartExecution at the same time: one
+    execution, counted once as started and once as a duplicate, whatever AWS answers
+    the repeat (success with the same ARN, or ExecutionAlreadyExists)."""
+    world = build_world(limit=3, aws_exact=aws_exact)
+    for message_id in ("copy-1", "copy-2"):
+        world.sqs.put(
+            REQUEST_QUEUE,
+            sqs_message(
+                '{"seconds": 1}',
+                message_id=message_id,
+                attributes={IDEMPOTENCY_ATTRIBUTE: "order-42"},
+            ),
+        )
+    world.sfn.start_gate = anyio.Event()
+    intake = intake_of(world)
+    assert await intake.receive_once(intake.queues[0]) == 2
+    async with anyio.create_task_group() as handlers:
+        while intake.dispatch_once(world.pool, handlers):
+            pass
+        await anyio.wait_all_tasks_blocked()  # both copies wait inside StartExecution
+        assert len(world.sfn.calls_to("start_execution")) == 2
+        world.sfn.start_gate.set()
+    assert list(world.sfn.executions) == [ORDER_ARN]
+    assert world.pool.ledger.running == {ORDER_ARN}
+    assert world.pool.ledger.reserved_count == 0
+    assert (intake.stats.started, intake.stats.duplicates) == (1, 1)
+    assert world.pool.started_total == 1
+    assert world.sample("dispatcher_starts_total", pool="default", outcome="started") == 1
+    assert world.sample("dispatcher_starts_total", pool="default", outcome="duplicate") == 1
+    assert len(world.sqs.calls_to("delete_message")) == 2
+
+
+@pytest.mark.timeout(10)
+async def test_a_running_event_before_the_start_answer_still_counts_a_start() -> None:
+    """The status event of our own start may be applied before StartExecution answers:
+    the ledger then holds the ARN already, yet the start is ours (not a duplicate)."""
+    world = build_world(limit=3)
+    world.sqs.put(
+        REQUEST_QUEUE,
+        sqs_message("{}", message_id="m-1", attributes={IDEMPOTENCY_ATTRIBUTE: "order-42"}),
+    )
+    world.sfn.start_gate = anyio.Event()
+    intake = intake_of(world)
+    assert await intake.receive_once(intake.queues[0]) == 1
+    async with anyio.create_task_group() as handlers:
+        intake.dispatch_once(world.pool, handlers)
+        await anyio.wait_all_tasks_blocked()
+        world.pool.ledger.observe_running(ORDER_ARN, world.clock())  # the RUNNING event
+        world.pool.update()
+        world.sfn.start_gate.set()
+    assert world.pool.ledger.running == {ORDER_ARN}
+    assert (intake.stats.started, intake.stats.duplicates) == (1, 0)
+    assert world.sample("dispatcher_starts_total", pool="default", outcome="started") == 1
+    assert world.sample("dispatcher_starts_total", pool="default", outcome="duplicate") == 0
+
+
+# -- the real dispatcher against the emulator ---------------------------------------------
 
 
 @pytest.mark.timeout(180)
@@ -248,8 +322,8 @@ async def test_bad_requests_are_dead_lettered_with_reasons(sandbox_factory: Fact
     bad: list[dict[str, Any] | str] = [
         "this is not json",
         json.dumps({"pad": "x" * (300 * 1024)}),
-        json.dumps({"seconds": 0.1}),  # sent with an invalid idempotency key
-        json.dumps({"seconds": 0.1, "marker": "reject-me"}),  # the state machine refuses it
+        json.dumps({"seconds": 0}),  # sent with an invalid idempotency key
+        json.dumps({"seconds": 0, "marker": "reject-me"}),  # the state machine refuses it
     ]
     async with (
         session().client("sqs", endpoint_url=resources.endpoint) as sqs,
@@ -309,7 +383,7 @@ async def test_idempotency_key_maps_repeated_requests_to_one_execution(
     sandbox_factory: Factory,
 ) -> None:
     resources = await sandbox_factory(limit=2)
-    body = {"seconds": 0.2}
+    body = {"seconds": 1}
     async with session().client("sqs", endpoint_url=resources.endpoint) as sqs:
         names = await send_requests(
             sqs, resources.request_queue_url, [body, body, body], ["order-42", "order-42", None]

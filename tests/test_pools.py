@@ -158,9 +158,9 @@ async def test_a_shared_queue_routes_by_the_pool_attribute(
         },
         [{"url": a.request_queue_url, "pools": ["a", "b"], "pool_attribute": "pool"}],
     )
-    await send_with(a, a.request_queue_url, [{"seconds": 0.2}] * 5, {"pool": "a"})
-    await send_with(a, a.request_queue_url, [{"seconds": 0.2}] * 4, {"pool": "b"})
-    await send_with(a, a.request_queue_url, [{"seconds": 0.2}], {"pool": "nowhere"})
+    await send_with(a, a.request_queue_url, [{"seconds": 0}] * 5, {"pool": "a"})
+    await send_with(a, a.request_queue_url, [{"seconds": 0}] * 4, {"pool": "b"})
+    await send_with(a, a.request_queue_url, [{"seconds": 0}], {"pool": "nowhere"})
     async with running_config(a, path):
         await wait_all_ended(a, 5, within=60)
         await wait_all_ended(b, 4, within=60)
@@ -199,8 +199,8 @@ async def test_priorities_go_first_with_a_share_reserved_for_the_lower(
             {"url": low, "pool": "p", "priority": 0},
         ],
     )
-    await send_with(a, a.request_queue_url, [{"seconds": 0.2, "urgent": True}] * 12, {})
-    await send_with(a, low, [{"seconds": 0.2, "urgent": False}] * 12, {})
+    await send_with(a, a.request_queue_url, [{"seconds": 0, "urgent": True}] * 12, {})
+    await send_with(a, low, [{"seconds": 0, "urgent": False}] * 12, {})
     async with running_config(a, path):
         await wait_all_ended(a, 24, within=150)
     executions = sorted(await records(a), key=lambda e: e.start)
@@ -371,10 +371,14 @@ async def test_per_key_limits_hold_and_small_tenants_are_not_starved(
         },
         [{"url": a.request_queue_url, "pool": "p"}],
     )
-    await send_with(a, a.request_queue_url, [{"seconds": 0.5}] * 40, {"tenant": "big"})
+    await send_with(
+        a, a.request_queue_url, [{"seconds": i % 2} for i in range(40)], {"tenant": "big"}
+    )
     small = [f"small-{i}" for i in range(5)]
     for tenant in small:
-        await send_with(a, a.request_queue_url, [{"seconds": 0.5}] * 3, {"tenant": tenant})
+        await send_with(
+            a, a.request_queue_url, [{"seconds": i % 2} for i in range(3)], {"tenant": tenant}
+        )
     async with running_config(a, path):
         await wait_all_ended(a, 55, within=200)
     executions = await records(a)
