@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 from aiohttp import web
 from anyio.abc import TaskStatus
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from dispatcher.errors import UserError
 from dispatcher.health import Health
@@ -21,10 +21,12 @@ StatusFn = Callable[[], dict[str, Any]]
 def build_app(health: Health, metrics: Metrics, status: StatusFn) -> web.Application:
     """The HTTP application; separate from serving so tests can drive it directly."""
 
-    async def metrics_view(_: web.Request) -> web.Response:
+    async def metrics_view(request: web.Request) -> web.Response:
         health.refresh()
-        body = generate_latest(metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # prometheus_client's own negotiation: OpenMetrics for a scraper that asks for it
+        # (Prometheus does), the text format otherwise, each with its matching header.
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(metrics.registry), headers={"Content-Type": content_type})
 
     async def healthz(_: web.Request) -> web.Response:
         dead = sorted(name for name, alive in health.loops.items() if not alive)

@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from dispatcher import __version__
+
+# A `_created` series per counter and histogram doubles the series count and no panel or
+# alert reads them; the switch is process-wide in prometheus_client.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
+
+NO_POOL = "(none)"
+"""The ``pool`` label of events that belong to no governed pool (foreign, malformed): pool
+names are ``A-Z a-z 0-9 _ -`` only, so it cannot clash with one."""
+
+AWS_OUTCOMES = ("ok", "expected", "throttled", "error")
+"""``dispatcher_aws_calls_total`` outcomes: ``expected`` is an error answer the dispatcher
+asked for and acts on (``ExecutionAlreadyExists`` for a redelivered request, ...), not a
+failure."""
 
 # Hand-over and API latencies are milliseconds to seconds; queue wait can be hours.
 _FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -17,6 +41,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        _register_runtime(r)
         pool = ("pool",)
         self.build_info = Info("dispatcher_build", "Version of the running dispatcher.", registry=r)
         self.build_info.info({"version": __version__})
@@ -80,16 +105,21 @@ class Metrics:
         )
         self.events = Counter(
             "dispatcher_events",
-            "Status-change events, by status and result (applied, duplicate, foreign, malformed).",
-            ("status", "result"),
+            "Status-change events, by status and result (applied, duplicate, stale, foreign, "
+            "malformed, ignored); pool (none) for events of no governed pool.",
+            (*pool, "status", "result"),
             registry=r,
         )
         self.reconcile_runs = Counter(
-            "dispatcher_reconcile_runs", "Reconcile passes, by result.", ("result",), registry=r
+            "dispatcher_reconcile_runs",
+            "Reconcile passes, by result.",
+            (*pool, "result"),
+            registry=r,
         )
         self.reconcile_duration = Histogram(
             "dispatcher_reconcile_duration_seconds",
             "Duration of one reconcile pass (listing + describes).",
+            pool,
             buckets=_FAST_BUCKETS,
             registry=r,
         )
@@ -102,6 +132,7 @@ class Metrics:
         self.last_reconcile = Gauge(
             "dispatcher_last_reconcile_timestamp_seconds",
             "Unix time of the last successful reconcile.",
+            pool,
             registry=r,
         )
         self.leader = Gauge(
@@ -188,7 +219,8 @@ class Metrics:
         )
         self.aws_calls = Counter(
             "dispatcher_aws_calls",
-            "AWS API calls, by operation and outcome (ok, throttled, error).",
+            "AWS API calls (HTTP attempts), by operation and outcome (ok; expected: an error "
+            "answer the dispatcher acts on, such as ExecutionAlreadyExists; throttled; error).",
             ("operation", "outcome"),
             registry=r,
         )
@@ -213,19 +245,36 @@ class Metrics:
             self.reconcile_corrections.labels(pool=pool, kind=kind)
         for status in ("RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"):
             for result in ("applied", "duplicate", "stale"):
-                self.events.labels(status=status, result=result)
-        self.events.labels(status="unknown", result="malformed")
-        for operation in ("StartExecution", "ReceiveMessage", "ListExecutions"):
-            for outcome in ("ok", "throttled", "error"):
+                self.events.labels(pool=pool, status=status, result=result)
+        self.events.labels(pool=NO_POOL, status="unknown", result="malformed")
+        for operation in (
+            "StartExecution",
+            "ReceiveMessage",
+            "ListExecutions",
+            "DescribeExecution",
+        ):
+            for outcome in AWS_OUTCOMES:
                 self.aws_calls.labels(operation=operation, outcome=outcome)
         for result in ("ok", "error"):
-            self.reconcile_runs.labels(result=result)
+            self.reconcile_runs.labels(pool=pool, result=result)
+        self.reconcile_duration.labels(pool=pool)
         for source in ("ssm", "config"):
             for result in ("applied", "rejected"):
                 self.limit_updates.labels(pool=pool, source=source, result=result)
         self.deferred.labels(pool=pool)
         for histogram in (self.start_latency, self.queue_wait, self.refill):
             histogram.labels(pool=pool)
+
+
+def _register_runtime(registry: CollectorRegistry) -> None:
+    """Export ``process_*`` and ``python_*`` (CPU, memory, open files, GC) on ``registry``.
+
+    On the global registry prometheus_client has registered them already."""
+    if registry is REGISTRY:
+        return
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
 
 
 DEAD_LETTER_REASONS = (

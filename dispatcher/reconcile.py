@@ -68,7 +68,7 @@ class Reconciler:
             try:
                 await self.run_once()
             except AWS_ERRORS as exc:  # a bug is not caught: the loop dies, /healthz says so
-                self.metrics.reconcile_runs.labels(result="error").inc()
+                self.metrics.reconcile_runs.labels(pool=self.pool.name, result="error").inc()
                 self.health.aws_failed("ListExecutions", exc)
                 log.warning("dispatcher.reconcile_failed", error=str(exc))
 
@@ -126,9 +126,11 @@ class Reconciler:
         if freed:
             self.metrics.reconcile_corrections.labels(pool=self.pool.name, kind="freed").inc(freed)
         self.passes += 1
-        self.metrics.reconcile_runs.labels(result="ok").inc()
-        self.metrics.reconcile_duration.observe(time.perf_counter() - began)
-        self.metrics.last_reconcile.set(time.time())
+        self.metrics.reconcile_runs.labels(pool=self.pool.name, result="ok").inc()
+        self.metrics.reconcile_duration.labels(pool=self.pool.name).observe(
+            time.perf_counter() - began
+        )
+        self.metrics.last_reconcile.labels(pool=self.pool.name).set(time.time())
         self.health.last_reconcile_at = time.time()
         if estimate_backlog:
             await self._estimate_backlog()

@@ -544,9 +544,17 @@ class World:
     layout: Layout | None = None
 
     def sample(self, name: str, **labels: str) -> float:
-        """A metric sample's value (0 when it has not been recorded)."""
+        """A metric sample's value (0 when it has not been recorded); labels left out are
+        summed over."""
         value = self.metrics.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else float(value)
+        if value is not None:
+            return float(value)
+        return sum(
+            sample.value
+            for family in self.metrics.registry.collect()
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
 
 
 def build_world(

@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from dispatcher.errors import UserError
 from dispatcher.health import AWS_FAILURES_BEFORE_UNREADY, Health
@@ -99,19 +99,58 @@ async def test_a_loop_that_returns_while_not_stopping_is_dead() -> None:
     assert health.loops["events"] is True
 
 
-async def test_metrics_use_the_exposition_format() -> None:
+# What Prometheus 2.x and 3.x send when they scrape.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+async def test_metrics_use_the_text_format_by_default() -> None:
     world = build_world(limit=3)
     world.pool.ledger.observe_running("arn:x", world.clock())
     world.pool.update()
     async with client_for(world) as client:
         response = await client.get("/metrics")
         assert response.status == 200
-        assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
+        # The body is the 0.0.4 text format: the header says so (it said version=1.0.0).
+        assert response.headers["Content-Type"] == CONTENT_TYPE_PLAIN_0_0_4
         text = await response.text()
     assert 'dispatcher_running{pool="default"} 1.0' in text
     assert 'dispatcher_limit{pool="default"} 3.0' in text
     assert "dispatcher_ready 0.0" in text
     assert "# TYPE dispatcher_starts_total counter" in text
+
+
+async def test_metrics_negotiate_openmetrics_for_prometheus() -> None:
+    world = build_world(limit=3)
+    async with client_for(world) as client:
+        response = await client.get("/metrics", headers={"Accept": PROMETHEUS_ACCEPT})
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith(
+            "application/openmetrics-text; version=1.0.0"
+        )
+        text = await response.text()
+    assert text.endswith("# EOF\n")
+    assert "# TYPE dispatcher_starts counter" in text
+    assert 'dispatcher_limit{pool="default"} 3.0' in text
+
+
+async def test_metrics_export_process_and_python_but_no_created_series() -> None:
+    world = build_world()
+    async with client_for(world) as client:
+        text = await (await client.get("/metrics")).text()
+        openmetrics = await (
+            await client.get("/metrics", headers={"Accept": PROMETHEUS_ACCEPT})
+        ).text()
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
+    assert "process_cpu_seconds_total" in names
+    assert "process_resident_memory_bytes" in names
+    assert "python_info" in names
+    assert "python_gc_collections_total" in names
+    assert "dispatcher_starts_total" in names
+    for exposition in (text, openmetrics):
+        assert "_created" not in exposition
 
 
 async def test_status_returns_the_status_document() -> None:

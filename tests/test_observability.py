@@ -20,7 +20,12 @@ from typing import Any
 import aiohttp
 import anyio
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.parser import text_string_to_metric_families
 
+from dispatcher.aws import attempt_outcome
+from dispatcher.metrics import Metrics
 from dispatcher.sandbox.provision import SandboxResources
 from dispatcher.service import Dispatcher
 from dispatcher.testing.faults import FaultKind, FaultProxy, FaultRule
@@ -30,6 +35,7 @@ from tests.runner import running, settings_for
 Factory = Callable[..., Awaitable[SandboxResources]]
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "sfn-dispatcher.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 METRIC_RE = re.compile(r"\bdispatcher_[a-z0-9_]+")
 
 
@@ -51,10 +57,24 @@ async def busy_dispatcher_metrics(resources: SandboxResources) -> str:
         await sfn.start_execution(
             stateMachineArn=resources.state_machine_arn,
             name="foreign-1",
-            input=json.dumps({"seconds": 0.5}),
+            input=json.dumps({"seconds": 1}),
         )
-        bodies: list[dict[str, Any] | str] = [{"seconds": 0.1}] * 6 + ["not json"]
+        bodies: list[dict[str, Any] | str] = [{"seconds": 0}] * 6 + ["not json"]
         await send_requests(sqs, resources.request_queue_url, bodies)
+        # A request for an execution that ran already (same name, same input): StartExecution
+        # answers ExecutionAlreadyExists, an expected answer (a duplicate), not an error.
+        done = await sfn.start_execution(
+            stateMachineArn=resources.state_machine_arn,
+            name="done-1",
+            input=json.dumps({"seconds": 0}),
+        )
+
+        async def ended() -> bool:
+            described = await sfn.describe_execution(executionArn=done["executionArn"])
+            return bool(described["status"] != "RUNNING")
+
+        await wait_for(ended, within=30, interval=0.05)
+        await send_requests(sqs, resources.request_queue_url, [{"seconds": 0}], ["done-1"])
         async with running(resources, limit=3) as dispatcher:
             assert dispatcher.http_port is not None
 
@@ -64,6 +84,7 @@ async def busy_dispatcher_metrics(resources: SandboxResources) -> str:
                     intake is not None
                     and dispatcher.pool.finished_total >= 6
                     and intake.stats.dead_lettered == 1
+                    and intake.stats.duplicates == 1
                 )
 
             await wait_for(settled, within=60, interval=0.05)
@@ -107,6 +128,28 @@ async def test_live_metrics_pass_promtool_and_cover_the_dashboard(
         assert expected in names, f"{expected} is exported"
     assert 'dispatcher_dead_letters_total{pool="default",reason="invalid_json"} 1.0' in text
     assert 'kind="adopted"' in text
+    samples = [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+    start_calls = {
+        labels["outcome"]: value
+        for name, labels, value in samples
+        if name == "dispatcher_aws_calls_total" and labels["operation"] == "StartExecution"
+    }
+    assert start_calls["expected"] >= 1, start_calls  # ExecutionAlreadyExists
+    assert start_calls["error"] == 0, start_calls
+    # Events and reconcile series carry the pool, like every per-pool series.
+    for name in ("dispatcher_events_total", "dispatcher_reconcile_runs_total"):
+        assert any(
+            n == name and labels.get("pool") == "default" and value > 0
+            for n, labels, value in samples
+        ), name
+    assert any(
+        n == "dispatcher_last_reconcile_timestamp_seconds" and labels == {"pool": "default"}
+        for n, labels, _ in samples
+    )
 
     dashboard = DASHBOARD.read_text()
     used = set(METRIC_RE.findall(dashboard))
@@ -140,8 +183,10 @@ async def test_prometheus_scrapes_the_running_dispatcher(
     resources = await sandbox_factory(limit=4)
     async with running(resources, limit=4) as dispatcher:
         config = tmp_path / "prometheus.yml"
+        shutil.copy(ALERTS, tmp_path / ALERTS.name)
         config.write_text(
-            "global: {scrape_interval: 1s}\n"
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            f"rule_files: [{ALERTS.name}]\n"
             "scrape_configs:\n"
             "  - job_name: sfn-dispatcher\n"
             f"    static_configs: [{{targets: ['127.0.0.1:{dispatcher.http_port}']}}]\n"
@@ -188,6 +233,22 @@ async def test_prometheus_scrapes_the_running_dispatcher(
             ):
                 body = await response.json()
             assert body["data"]["result"], "dispatcher_running is read back through Prometheus"
+            rules: list[dict[str, Any]] = []
+
+            async def evaluated() -> bool:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(f"http://127.0.0.1:{port}/api/v1/rules") as response,
+                ):
+                    groups = (await response.json())["data"]["groups"]
+                rules[:] = [rule for group in groups for rule in group["rules"]]
+                return bool(rules) and all(r["lastEvaluation"] > "2000" for r in rules)
+
+            await wait_for(evaluated, within=30, interval=0.25)
+            broken = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
+            assert not broken, f"rules failing on the live series: {broken}"
+            firing = {r["name"] for r in rules if r["state"] == "firing"}
+            assert "DispatcherDown" not in firing
         finally:
             process.terminate()
             with anyio.CancelScope(shield=True):
@@ -228,7 +289,7 @@ async def test_healthz_fails_when_a_loop_dies(sandbox_factory: Factory) -> None:
         status, _ = await get(dispatcher.http_port, "/healthz")
         assert status == 200
 
-        def bug(body: str, message_id: str = "") -> str:
+        def bug(body: str, message_id: str = "", *, sent_ms: int | None = None) -> str:
             raise RuntimeError("a bug in event handling")
 
         dispatcher.events.apply = bug  # type: ignore[method-assign]
@@ -246,3 +307,100 @@ async def test_healthz_fails_when_a_loop_dies(sandbox_factory: Factory) -> None:
         assert json.loads(body)["dead_loops"] == ["events"]
         status, _ = await get(dispatcher.http_port, "/readyz")
         assert status == 503
+
+
+# -- the dashboard and the label policy, without a dispatcher --------------------------------
+
+# Process-wide series: one value per process, not per pool.
+PROCESS_WIDE = {
+    "dispatcher_ready",
+    "dispatcher_build",
+    "dispatcher_leader",
+    "dispatcher_lease_epoch",
+    "dispatcher_aws_calls",
+    "dispatcher_heartbeats",
+    "dispatcher_start_rate_limit",
+    "dispatcher_start_rate_throttles",
+    "dispatcher_start_rate_wait_seconds",
+}
+_SELECTOR_RE = re.compile(r"\b(dispatcher_[a-z0-9_]+)(\{[^}]*\})?")
+_SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_info")
+
+
+def _labels_by_metric() -> dict[str, tuple[str, ...]]:
+    """Metric name (without suffix) -> label names, for every metric of ``Metrics``."""
+    metrics = Metrics(CollectorRegistry())
+    found: dict[str, tuple[str, ...]] = {}
+    for metric in vars(metrics).values():
+        if isinstance(metric, MetricWrapperBase):
+            found[metric._name] = tuple(metric._labelnames)
+    return found
+
+
+def _base(series: str) -> str:
+    for suffix in _SUFFIXES:
+        if series.endswith(suffix):
+            return series.removesuffix(suffix)
+    return series
+
+
+def test_every_per_pool_metric_carries_the_pool_label() -> None:
+    labels = _labels_by_metric()
+    assert labels
+    without = {name for name, names in labels.items() if "pool" not in names}
+    assert without == PROCESS_WIDE, (
+        f"metrics without a pool label: {sorted(without - PROCESS_WIDE)}; if one is truly "
+        "process-wide, add it to PROCESS_WIDE (and the README's list)"
+    )
+
+
+def test_dashboard_imports_anywhere_and_filters_every_query() -> None:
+    """Datasource through a variable; job, instance and (per-pool series) pool on every
+    selector, so the filters work on every panel."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    source = {"type": "prometheus", "uid": "${datasource}"}
+    for name in ("job", "instance", "pool"):
+        assert variables[name]["datasource"] == source, name
+    assert "$job" in variables["instance"]["definition"]
+    assert '$job"' in variables["pool"]["definition"]
+    assert '$instance"' in variables["pool"]["definition"]
+    assert 'uid": "prometheus"' not in DASHBOARD.read_text(), "a fixed datasource uid is left"
+    labels = _labels_by_metric()
+    checked = 0
+    for panel in dashboard["panels"]:
+        assert panel["datasource"] == source, panel["title"]
+        for target in panel["targets"]:
+            where = f"panel {panel['title']!r} {target['refId']}"
+            assert target["datasource"] == source, where
+            selectors = _SELECTOR_RE.findall(target["expr"])
+            assert selectors, where
+            for series, matchers in selectors:
+                assert 'job=~"$job"' in matchers, f"{where}: {series} not filtered by job"
+                assert 'instance=~"$instance"' in matchers, f"{where}: {series} by instance"
+                if "pool" in labels[_base(series)]:
+                    assert 'pool=~"$pool"' in matchers, f"{where}: {series} not filtered by pool"
+                checked += 1
+    assert checked >= 25
+
+
+def test_expected_aws_answers_are_not_errors() -> None:
+    cases = {
+        ("StartExecution", 400, "ExecutionAlreadyExists"): "expected",
+        ("DescribeExecution", 400, "ExecutionDoesNotExist"): "expected",
+        ("SendTaskSuccess", 400, "TaskTimedOut"): "expected",
+        ("SendTaskFailure", 400, "TaskDoesNotExist"): "expected",
+        ("SendTaskHeartbeat", 400, "InvalidToken"): "expected",
+        ("UpdateItem", 400, "ConditionalCheckFailedException"): "expected",
+        # The same codes from other operations, and real failures, stay errors.
+        ("StartExecution", 400, "ExecutionDoesNotExist"): "error",
+        ("StartExecution", 400, "StateMachineDoesNotExist"): "error",
+        ("StartExecution", 400, "AccessDeniedException"): "error",
+        ("StartExecution", 500, "InternalServerError"): "error",
+        ("StartExecution", 400, "ThrottlingException"): "throttled",
+        ("ReceiveMessage", 200, ""): "ok",
+    }
+    for (operation, status, code), outcome in cases.items():
+        assert attempt_outcome(operation, status, code) == outcome, (operation, code)
