@@ -1,8 +1,10 @@
 """``sfn-dispatcher check``: the preflight to run before deploying or when something looks wrong.
 
-One line per check, with the fix for each failure. Every AWS call is harmless (describe, get,
-or list one item; the task-token answers with a made-up token, StopExecution of an execution
-that cannot exist): nothing is started, stopped, answered, received or deleted. The checks
+One line per finding, each naming the pool or queue it is about, with the fix for each failure.
+It reads the settings exactly as ``run`` does (flags, ``DISPATCHER_*`` variables, the config
+file) and checks every pool and request queue. Every AWS call is harmless (describe, get, or
+list one item; the task-token answers with a made-up token, StopExecution of an execution that
+cannot exist): nothing is started, stopped, answered, received or deleted. The checks
 themselves live in `dispatcher.preflight`; this module is the sub-command around them.
 """
 
@@ -17,23 +19,46 @@ from functools import partial
 import anyio
 
 from dispatcher import config
-from dispatcher.preflight import LEASE_TABLE_ENV, LIMIT_PARAMETER_ENV, render, run_checks
+from dispatcher.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_STATUS_HELP
+from dispatcher.preflight import render, run_checks
+
+CHECK_FIELDS = (
+    "config",
+    "state_machine_arn",
+    "request_queue_url",
+    "events_queue_url",
+    "dead_letter_queue_url",
+    "limit",
+    "limit_parameter",
+    "key_attribute",
+    "visibility_timeout",
+    "lease_table",
+    "task_token_attribute",
+    "stop_orphaned_children",
+)
+"""The settings ``check`` takes as flags: those that name what it checks (resources, the
+config file) or change a verdict. The others (log level, ports, intervals, ...) are still read
+from their variables and the config file and validated as ``run`` does; they are not flags of
+``check`` because nothing it checks depends on them."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``check``: the same settings and flags as ``run``, plus ``--json``."""
+    """Register ``check``: the settings that matter to it as flags, plus ``--json``."""
     parser = subparsers.add_parser(
         "check",
         help="check settings, permissions and wiring (harmless calls only)",
-        description="Verify the settings, the state machine, the permissions to answer "
-        "parent workflows (task tokens) and to stop their orphaned children, the queues, the "
-        "EventBridge rule and queue policy, and the optional limit parameter "
-        f"(${LIMIT_PARAMETER_ENV}) and lease table (${LEASE_TABLE_ENV}), with harmless "
-        "calls only; print one line per check and the fix for each failure. Exit 0 when "
-        "nothing failed, 1 otherwise. Takes the same settings as `run`.",
+        description="Verify the settings (read as `run` reads them, config file included) and, "
+        "for every pool and request queue, the state machine, the queues, redrive policies, "
+        "the dead-letter queue, the EventBridge rule and queue policy, the permissions to "
+        "answer parent workflows (task tokens) and to stop their orphaned children, the "
+        "optional limit parameters (SSM) and lease table (DynamoDB), with harmless calls only; "
+        "print one line per finding, naming the pool or queue, and the fix for each failure. "
+        "Settings not listed below are read from their DISPATCHER_* variables and the config "
+        "file. See README section 'Preflight: `sfn-dispatcher check`'.",
+        epilog=EXIT_STATUS_HELP,
     )
-    config.add_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    config.add_arguments(parser, CHECK_FIELDS)
     parser.set_defaults(func=run)
 
 
@@ -45,4 +70,4 @@ def run(args: argparse.Namespace) -> int:
     else:
         colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
         print(render(report, colour=colour))
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_CHECK_FAILED

@@ -1,4 +1,8 @@
-"""The ``sfn-dispatcher`` command: one sub-command per module, errors as one line, exit 2."""
+"""The ``sfn-dispatcher`` command: one sub-command per module; errors one line per problem.
+
+The exit status says what kind of problem it was (see `dispatcher.errors`): 2 for a usage or
+configuration error, 3 when AWS cannot be used at start-up.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from dispatcher import __version__
-from dispatcher.config import ConfigError
-from dispatcher.errors import UserError
+from dispatcher.errors import EXIT_INTERRUPTED, EXIT_STATUS_HELP, UserError
 
 # Each module has `add_parser(subparsers)`, which registers its sub-command and sets
 # `func` (args -> exit code) as a default. Imported lazily-by-name so `--help` stays fast.
@@ -20,6 +23,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "dispatcher.submit",
     "dispatcher.demo",
     "dispatcher.check",
+    "dispatcher.control",
+    "dispatcher.redrive",
 )
 
 
@@ -33,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfn-dispatcher",
         description="Cross-execution concurrency limits for AWS Step Functions.",
+        epilog=EXIT_STATUS_HELP,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
@@ -57,19 +63,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (UserError, ConfigError, BaseExceptionGroup) as exc:
+    except (UserError, BaseExceptionGroup) as exc:
         user_error = _user_error(exc)
         if args.debug or user_error is None:
             raise
-        print(f"sfn-dispatcher {args.command}: error: {user_error}", file=sys.stderr)
-        return 2
+        for line in str(user_error).splitlines() or [type(user_error).__name__]:
+            print(f"sfn-dispatcher {args.command}: error: {line}", file=sys.stderr)
+        return user_error.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
-def _user_error(exc: BaseException) -> BaseException | None:
+def _user_error(exc: BaseException) -> UserError | None:
     """The user-fixable error in ``exc``, looking inside task-group exception groups."""
-    if isinstance(exc, UserError | ConfigError):
+    if isinstance(exc, UserError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:

@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Mapping
-from collections.abc import Set as AbstractSet
+from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Self
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from dispatcher.errors import UserError
 
 ENV_PREFIX = "DISPATCHER_"
 
@@ -27,8 +30,13 @@ STATE_MACHINE_ARN_RE = re.compile(
 QUEUE_URL_RE = re.compile(r"^https?://[^\s/]+(/[^\s/]+)*/[^\s/]+\Z")
 
 
-class ConfigError(Exception):
-    """A setting is missing or invalid; the message names it and what is accepted."""
+class ConfigError(UserError):
+    """Settings are missing or invalid: one line per problem, naming the setting as the user
+    gave it (flag, variable or config-file key) and what is accepted. Exit status 2."""
+
+    def __init__(self, *problems: str) -> None:
+        self.problems = tuple(line for p in problems for line in p.splitlines() if line)
+        super().__init__("\n".join(self.problems))
 
 
 class LogFormat(StrEnum):
@@ -64,8 +72,9 @@ class Settings(BaseSettings):
 
     config: Path | None = Field(
         default=None,
-        description="TOML file with several pools, queues and priorities (see 'Config file'); "
-        "unset: one pool from the variables below. SIGHUP reloads it.",
+        description="TOML file with several pools, queues and priorities (see README section "
+        "'Pools, priorities and fairness'); unset: one pool from the settings below. SIGHUP "
+        "reloads it.",
     )
     state_machine_arn: str | None = Field(
         default=None,
@@ -198,7 +207,8 @@ class Settings(BaseSettings):
         default="task-token",
         pattern=r"^[A-Za-z0-9_.-]{1,256}$",
         description="Message attribute carrying a parent workflow's task token: the "
-        "dispatcher answers it with the child's result (see 'From inside a workflow').",
+        "dispatcher answers it with the child's result (see README section 'From inside a "
+        "workflow').",
     )
     heartbeat_interval: float = Field(
         default=60.0,
@@ -236,39 +246,31 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _one_pool_or_a_file(self) -> Self:
+        named = _named
         if self.config is not None:
             given = [f for f in POOL_FIELDS if f in self.model_fields_set]
             if given:
-                names = ", ".join(env_name(f) for f in given)
-                raise ValueError(
-                    f"{names} cannot be combined with {env_name('config')}: set them per pool "
-                    "in the config file's [pools.NAME] tables"
-                )
+                raise ValueError("\n".join(_not_with_a_file(given, named)))
             return self
         missing = [
             f for f in ("state_machine_arn", "request_queue_url") if getattr(self, f) is None
         ]
         if missing:
-            raise ValueError(
-                "; ".join(
-                    f"{env_name(f)} is required (or {env_name('config')} with [pools]): "
-                    f"{type(self).model_fields[f].description}"
-                    for f in missing
-                )
-            )
+            raise ValueError("\n".join(required_line(f) for f in missing))
         if self.per_key_limit is not None and self.key_attribute is None:
             raise ValueError(
-                f"{env_name('per_key_limit')} needs {env_name('key_attribute')}: the message "
+                f"{named('per_key_limit')} needs {either('key_attribute')}: the message "
                 "attribute that holds the key"
             )
         return self
 
     @model_validator(mode="after")
     def _floor_below_rate(self) -> Self:
+        named = _named
         if self.start_rate is not None and self.start_rate_floor > self.start_rate:
             raise ValueError(
-                f"{env_name('start_rate_floor')}={self.start_rate_floor} is above "
-                f"{env_name('start_rate')}={self.start_rate}: the floor must be <= the rate"
+                f"{named('start_rate_floor')}={self.start_rate_floor:g} is above "
+                f"{named('start_rate')}={self.start_rate:g}: give a floor <= the rate"
             )
         return self
 
@@ -278,7 +280,9 @@ class Settings(BaseSettings):
         given = [u for u in urls if u]
         if len(set(given)) != len(given):
             raise ValueError(
-                "request, events and dead-letter queues must be three different queues"
+                "request, events and dead-letter queues must be three different queues "
+                f"({either('request_queue_url')}, {either('events_queue_url')}, "
+                f"{either('dead_letter_queue_url')})"
             )
         return self
 
@@ -300,16 +304,35 @@ class Settings(BaseSettings):
         """Build settings from ``base`` (a config file's ``[dispatcher]`` table), then ``env``
         (default: the process environment), then ``overrides`` (flags): later ones win.
 
-        Raises `ConfigError` with one line per bad setting, naming the variable (or the file).
+        Raises `ConfigError` with one line per bad setting, naming it as it was given: the
+        flag (``--limit``), the variable (``DISPATCHER_LIMIT``) or the file's key.
         """
         kwargs = {k: v for k, v in (overrides or {}).items() if v is not None}
         scoped = scoped_env(os.environ if env is None else env)
         values = {**(base or {}), **scoped, **kwargs}
-        from_file = {k for k in (base or {}) if k not in scoped and k not in kwargs}
+        names = given_names(kwargs, env, base=base, base_source=base_source)
+        token = _GIVEN_NAMES.set(names)
         try:
             return _Given.model_validate(values)
         except ValidationError as exc:
-            raise ConfigError(_describe(exc, values, from_file, base_source)) from None
+            raise ConfigError(*_describe(exc, values, names)) from None
+        finally:
+            _GIVEN_NAMES.reset(token)
+
+
+def given_names(
+    overrides: Mapping[str, Any] | None,
+    env: Mapping[str, str] | None,
+    *,
+    base: Mapping[str, Any] | None = None,
+    base_source: str = "",
+) -> dict[str, str]:
+    """How each given setting was named by the user, the source that wins last: the flag
+    (``--limit``), the variable (``DISPATCHER_LIMIT``) or the file's ``[dispatcher]`` key."""
+    scoped = scoped_env(os.environ if env is None else env)
+    names = {k: f"config file {base_source}: [dispatcher] {k}" for k in base or {}}
+    names |= {k: env_name(k) for k in scoped}
+    return names | {k: flag_name(k) for k, v in (overrides or {}).items() if v is not None}
 
 
 def scoped_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -352,39 +375,142 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def _describe(
-    exc: ValidationError, values: Mapping[str, Any], from_file: AbstractSet[str], source: str
-) -> str:
-    lines = [  # without a file, the single pool's two required settings, named up front
-        f"{env_name(field)} is required (or {env_name('config')} with [pools]): "
+def flag_name(field: str) -> str:
+    """The command-line flag of a settings field."""
+    return "--" + field.replace("_", "-")
+
+
+def either(field: str) -> str:
+    """A setting named both ways, for a message about a value that was not given."""
+    return f"{flag_name(field)} / {env_name(field)}"
+
+
+def required_line(field: str) -> str:
+    """The line for a missing setting of the single pool."""
+    return (
+        f"{either(field)} is required (or {either('config')} with [pools]): "
         f"{Settings.model_fields[field].description}"
+    )
+
+
+_GIVEN_NAMES: ContextVar[Mapping[str, str]] = ContextVar(
+    "given_names", default=MappingProxyType({})
+)
+"""How `Settings.load`'s caller named each given setting, for the cross-field validators.
+(Not pydantic's validation context: pydantic-settings validates without it.)"""
+
+
+def _named(field: str) -> str:
+    """How to name a field in a message: as it was given (see `Settings.load`)."""
+    return _GIVEN_NAMES.get().get(field, env_name(field))
+
+
+def _not_with_a_file(fields: Iterable[str], named: Callable[[str], str]) -> list[str]:
+    """The lines for single-pool settings given next to a config file."""
+    return [
+        f"{named(f)} cannot be combined with {named('config')}: set {f} per pool in the "
+        "config file's [pools.NAME] tables"
+        for f in fields
+    ]
+
+
+def _describe(
+    exc: ValidationError, values: Mapping[str, Any], names: Mapping[str, str]
+) -> list[str]:
+    lines = [  # without a file, the single pool's two required settings, named up front
+        required_line(field)
         for field in ("state_machine_arn", "request_queue_url")
         if not values.get("config") and not values.get(field)
     ]
+    if values.get("config"):  # also when another setting is invalid (no model validation)
+        given = [f for f in POOL_FIELDS if values.get(f) is not None]
+        lines += _not_with_a_file(given, lambda f: names.get(f, env_name(f)))
     for err in exc.errors():
         field = str(err["loc"][0]) if err["loc"] else ""
         msg = err["msg"].removeprefix("Value error, ")
-        named = f"{source} [dispatcher] {field}" if field in from_file else env_name(field)
         if err["type"] == "missing":
-            lines.append(f"{named} is required: {Settings.model_fields[field].description}")
+            lines.append(f"{either(field)} is required: {Settings.model_fields[field].description}")
         elif field:
+            named = names.get(field, env_name(field))
             lines.append(f"{named}={err.get('input')!r} is invalid: {msg}")
-        elif msg not in lines and not any(line.startswith(msg[:40]) for line in lines):
-            lines.append(msg)
-    return "; ".join(lines)
+        else:
+            lines += [line for line in msg.splitlines() if line not in lines]
+    return lines
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--flag`` per setting; each defaults to its ``DISPATCHER_*`` variable."""
-    for name, field in Settings.model_fields.items():
-        default = "required" if field.is_required() else f"default {field.default!s}"
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
+def add_arguments(parser: argparse.ArgumentParser, fields: Iterable[str] | None = None) -> None:
+    """Add one ``--flag`` per setting (or per setting of ``fields``); each defaults to its
+    ``DISPATCHER_*`` variable, and its help shows the accepted values and the default."""
+    group = parser.add_argument_group(
+        "settings",
+        "each flag can also be given as the DISPATCHER_* variable shown (flags win), or, except "
+        "for the single-pool ones, in the config file's [dispatcher] table",
+    )
+    for name in Settings.model_fields if fields is None else fields:
+        field = Settings.model_fields[name]
+        group.add_argument(
+            flag_name(name),
             dest=name,
             default=None,
-            metavar="VALUE",
-            help=f"{field.description} [{env_name(name)}, {default}]",
+            metavar=_metavar(name),
+            help=f"{field.description} [{env_name(name)}; {_bounds(name)}{_default(name)}]",
         )
+
+
+def _metavar(name: str) -> str:
+    """What a flag takes: the choices of an enum or a switch, else the kind of value."""
+    annotation = Settings.model_fields[name].annotation
+    kinds = getattr(annotation, "__args__", None) or (annotation,)
+    for kind in kinds:
+        if isinstance(kind, type) and issubclass(kind, StrEnum):
+            return "{" + ",".join(member.value for member in kind) + "}"
+        if kind is bool:
+            return "{true,false}"
+    if int in kinds:
+        return "N"
+    if float in kinds:
+        return "PER_SECOND" if name in {"start_rate", "start_rate_floor"} else "SECONDS"
+    if name.endswith("_url"):
+        return "URL"
+    return {"config": "FILE", "state_machine_arn": "ARN", "http_host": "ADDRESS"}.get(name, "NAME")
+
+
+def _bounds(name: str) -> str:
+    """The accepted range of a number, as ``--help`` shows it (``0..20; ``), or nothing."""
+    low = high = ""
+    for rule in Settings.model_fields[name].metadata:
+        for attr, sign in (("ge", ">="), ("gt", ">")):
+            if getattr(rule, attr, None) is not None:
+                low = f"{sign} {getattr(rule, attr):g}" if attr == "gt" else f"{rule.ge:g}"
+        for attr in ("le", "lt"):
+            if getattr(rule, attr, None) is not None:
+                high = f"{getattr(rule, attr):g}"
+    if low and high:
+        return f"{low}, <= {high}; " if low.startswith(">") else f"{low}..{high}; "
+    if low:
+        return (low if low.startswith(">") else f">= {low}") + "; "
+    return f"<= {high}; " if high else ""
+
+
+def _default(name: str) -> str:
+    """The default shown in ``--help``."""
+    field = Settings.model_fields[name]
+    if name in {"state_machine_arn", "request_queue_url"}:
+        return "required without --config"
+    if field.is_required():
+        return "required"
+    return f"default: {_shown(field.default)}"
+
+
+def _shown(value: Any) -> str:
+    """A default as a user would type it."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, StrEnum):
+        return value.value
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:

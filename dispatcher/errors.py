@@ -1,9 +1,40 @@
-"""Errors a user can fix: the CLI prints them as one line and exits 2."""
+"""Errors a user can fix, and the exit status each one gives the ``sfn-dispatcher`` command.
+
+Exit statuses (also in ``sfn-dispatcher --help`` and the README's exit status table):
+
+- 0: done (``check``: nothing failed);
+- 1: ``check`` found a FAIL line;
+- 2: usage or configuration error: a bad flag, variable or config file (fix the value named);
+- 3: AWS could not be used at start-up: endpoint unreachable, credentials rejected, a state
+  machine or queue missing, a permission or the wiring wrong (fix the account, not the flags);
+- 130: interrupted (Ctrl-C).
+"""
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_AWS = 3
+EXIT_INTERRUPTED = 130
+
+EXIT_STATUS_HELP = (
+    "exit status: 0 done (check: nothing failed); 1 check found a FAIL line; 2 usage or "
+    "configuration error (a bad flag, variable or config file); 3 AWS could not be used at "
+    "start-up (endpoint unreachable, credentials rejected, a resource missing, a permission or "
+    "the wiring wrong); 130 interrupted. See the README section 'Exit status'."
+)
 
 
 class UserError(Exception):
     """A problem the user can fix (bad setting, unreachable endpoint, port in use, ...).
 
-    The message says what is wrong and how to fix it; the CLI prints it on one line
-    without a traceback (unless ``--debug``) and exits with status 2.
+    The message says what is wrong and how to fix it, one problem per line; the CLI prints
+    each line without a traceback (unless ``--debug``) and exits with `exit_code`.
     """
+
+    exit_code = EXIT_USAGE
+
+
+class AwsSetupError(UserError):
+    """AWS cannot be used as configured at start-up: unreachable, refused, missing, denied."""
+
+    exit_code = EXIT_AWS

@@ -105,6 +105,14 @@ class QueueConfig(BaseModel):
         return value
 
 
+class FileError(ConfigError):
+    """A config file with mistakes; ``globals_`` holds its valid ``[dispatcher]`` settings."""
+
+    def __init__(self, *problems: str, globals_: Mapping[str, Any]) -> None:
+        super().__init__(*problems)
+        self.globals_ = dict(globals_)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Every pool and queue of one dispatcher process."""
@@ -147,7 +155,15 @@ def load(
     if not path:
         settings = Settings.load(overrides, environ)
         return Config(settings, from_settings(settings))
-    globals_, layout = read_file(Path(path))
+    try:
+        globals_, layout = read_file(Path(path))
+    except FileError as exc:  # also name what is wrong with the flags and variables
+        problems = list(exc.problems)
+        try:
+            Settings.load(overrides, environ, base=exc.globals_, base_source=str(path))
+        except ConfigError as more:
+            problems += [p for p in more.problems if p not in problems]
+        raise ConfigError(*problems) from None
     settings = Settings.load(overrides, environ, base=globals_, base_source=str(path))
     return Config(settings, layout)
 
@@ -196,7 +212,8 @@ def parse(data: Mapping[str, Any], source: str) -> tuple[dict[str, Any], Layout]
     if pools:
         _check_together(pools, queues, globals_, problems)
     if problems:
-        raise ConfigError(f"config file {source}: " + "; ".join(problems))
+        lines = (f"config file {source}: {problem}" for problem in problems)
+        raise FileError(*lines, globals_=globals_)
     return globals_, Layout(tuple(pools), tuple(queues), source)
 
 

@@ -22,6 +22,7 @@ from anyio.abc import TaskStatus
 from dispatcher.aws import AWS_ERRORS, Clients, is_retryable, open_clients
 from dispatcher.callbacks import Callbacks
 from dispatcher.config import Settings
+from dispatcher.errors import AwsSetupError, UserError
 from dispatcher.events import Events
 from dispatcher.health import Health
 from dispatcher.http import build_app, serve
@@ -146,6 +147,7 @@ class Dispatcher:
             "queued_estimate": pool.queued,
             "started": pool.started_total,
             "finished": pool.finished_total,
+            "tokens_held": 0 if self.callbacks is None else self.callbacks.held_for(pool),
         }
 
     def status(self) -> dict[str, Any]:
@@ -222,7 +224,10 @@ class Dispatcher:
             self.serving.set()
             if handle_signals:
                 tg.start_soon(self._watch_signals, tg.cancel_scope)
-            self.preflight = await preflight(settings, self.layout, clients)
+            try:
+                self.preflight = await preflight(settings, self.layout, clients)
+            except UserError as exc:  # unreachable, refused, missing or denied: exit 3, not 2
+                raise AwsSetupError(str(exc)) from None
             self.limits = LiveLimits(
                 settings,
                 self.layout,

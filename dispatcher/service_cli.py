@@ -8,6 +8,7 @@ import anyio
 import structlog
 
 from dispatcher import config, layout, logs
+from dispatcher.errors import EXIT_STATUS_HELP
 from dispatcher.service import Dispatcher
 
 
@@ -19,7 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Start executions from the request queue(s), never more than each pool's "
         "limit at once. "
         "Every flag can also be given as the DISPATCHER_* variable shown; flags win. AWS endpoint, "
-        "region and credentials come from the standard AWS_* variables.",
+        "region and credentials come from the standard AWS_* variables (see README section "
+        "'Configuration').",
+        epilog=EXIT_STATUS_HELP,
     )
     config.add_arguments(parser)
     parser.set_defaults(func=run)

@@ -22,6 +22,7 @@ from dispatcher.preflight import (
     Context,
     Report,
     Result,
+    Skip,
     Status,
     UnsupportedPatternError,
     check_lease_table,
@@ -167,7 +168,7 @@ def test_queue_policy_verdicts(statements: list[dict[str, Any]], verdict: bool |
 
 
 def test_a_bad_setting_fails_its_line_and_keeps_the_valid_ones() -> None:
-    target, finding = load_target({}, {**VALID_ENV, "DISPATCHER_LIMIT": "-1"})
+    target, (finding,) = load_target({}, {**VALID_ENV, "DISPATCHER_LIMIT": "-1"})
     assert finding.status is Status.FAIL
     assert "DISPATCHER_LIMIT='-1' is invalid" in finding.detail
     assert target.get("state_machine_arn") == ARN
@@ -180,7 +181,7 @@ def test_a_bad_setting_fails_its_line_and_keeps_the_valid_ones() -> None:
 def test_flags_win_over_variables_and_extras_come_from_the_environment() -> None:
     env = {**VALID_ENV, "DISPATCHER_LEASE_TABLE": "leases", "DISPATCHER_LIMIT_PARAMETER": "/l"}
     env.pop("AWS_DEFAULT_REGION")
-    target, finding = load_target({"limit": "3"}, env)
+    target, (finding,) = load_target({"limit": "3"}, env)
     assert finding.status is Status.OK
     assert target.get("limit") == 3
     assert (target.lease_table, target.limit_parameter) == ("leases", "/l")
@@ -715,3 +716,168 @@ async def test_stopping_orphans_is_checked_only_when_switched_on() -> None:
     assert finding.fix.startswith(
         "grant states:StopExecution on arn:aws:states:us-east-1:123456789012:execution:orders:*"
     )
+
+
+# --- a config file: read as `run` reads it, every pool and queue checked ---------------------
+
+POOLS_FILE = """
+[dispatcher]
+events_queue_url = "https://sqs.us-east-1.amazonaws.com/123456789012/shared-events"
+
+[pools.orders]
+state_machine_arn = "arn:aws:states:us-east-1:123456789012:stateMachine:orders"
+limit = 4
+
+[pools.billing]
+state_machine_arn = "arn:aws:states:us-east-1:123456789012:stateMachine:billing"
+limit_parameter = "/billing/limit"
+
+[[queues]]
+url = "https://sqs.us-east-1.amazonaws.com/123456789012/orders"
+pool = "orders"
+
+[[queues]]
+url = "https://sqs.us-east-1.amazonaws.com/123456789012/billing"
+pool = "billing"
+"""
+
+
+def test_the_config_file_is_read_as_run_reads_it(tmp_path: Any) -> None:
+    path = tmp_path / "pools.toml"
+    path.write_text(POOLS_FILE)
+    for overrides, env in (({}, {"DISPATCHER_CONFIG": str(path)}), ({"config": str(path)}, {})):
+        target, findings = load_target(overrides, env)
+        assert [f.status for f in findings] == [Status.OK], findings
+        assert findings[0].detail.startswith(
+            f"config file {path}: pools orders (limit 4), billing (limit 10), 2 request queue(s)"
+        )
+        assert target.get("events_queue_url").endswith("/shared-events")
+        assert [p.name for p in target.pools] == ["orders", "billing"]
+        billing = target.for_pool(target.pools[1])
+        assert billing.limit_parameter == "/billing/limit"
+        assert billing.name("limit_parameter") == "[pools.billing] limit_parameter"
+        assert billing.about == "pool billing"
+        queue = target.for_queue(target.queues[0])
+        assert queue.get("request_queue_url").endswith("/orders")
+        assert queue.name("request_queue_url") == "[[queues]] #1 url"
+        assert target.limit_parameters == {"/billing/limit"}
+
+
+def test_a_single_pool_variable_next_to_the_file_is_refused_as_run_refuses_it(
+    tmp_path: Any,
+) -> None:
+    path = tmp_path / "pools.toml"
+    path.write_text(POOLS_FILE)
+    env = {"DISPATCHER_CONFIG": str(path), "DISPATCHER_LIMIT": "3", "DISPATCHER_HTTP_PORT": "x"}
+    target, findings = load_target({}, env)
+    assert [(f.status, f.detail) for f in findings] == [
+        (
+            Status.FAIL,
+            "DISPATCHER_LIMIT cannot be combined with DISPATCHER_CONFIG: set limit per pool in "
+            "the config file's [pools.NAME] tables",
+        ),
+        (
+            Status.FAIL,
+            "DISPATCHER_HTTP_PORT='x' is invalid: Input should be a valid integer, unable to "
+            "parse string as an integer",
+        ),
+    ]
+    # The file itself is fine: its pools and queues are still checked.
+    assert [p.name for p in target.pools] == ["orders", "billing"]
+    assert target.get("events_queue_url").endswith("/shared-events")
+
+
+async def test_every_pool_and_queue_of_a_config_file_is_checked(
+    sandbox_factory: SandboxFactory, tmp_path: Any
+) -> None:
+    """Two pools from two sandboxes, one events queue: each finding names its pool or queue.
+
+    The second sandbox's rule sends to its own events queue, not the shared one; its request
+    queue dead-letters after 3 receives; the first pool has keys (it defers requests), so
+    its queue's 20 receives are too few.
+    """
+    first = await sandbox_factory()
+    second = await sandbox_factory(max_receive_count=3)
+    path = tmp_path / "pools.toml"
+    path.write_text(
+        f"""
+[dispatcher]
+events_queue_url = "{first.events_queue_url}"
+dead_letter_queue_url = "{first.dead_letter_queue_url}"
+
+[pools.first]
+state_machine_arn = "{first.state_machine_arn}"
+limit_parameter = "{first.limit_parameter}"
+key_attribute = "tenant"
+
+[pools.second]
+state_machine_arn = "{second.state_machine_arn}"
+
+[[queues]]
+url = "{first.request_queue_url}"
+pool = "first"
+
+[[queues]]
+url = "{second.request_queue_url}"
+pool = "second"
+"""
+    )
+    env = {"DISPATCHER_CONFIG": str(path), "AWS_DEFAULT_REGION": "us-east-1"}
+    report = await run_checks(env=env, endpoint_url=first.endpoint)
+    lines = {(r.id, r.about): r for r in report.results}
+    table = render(report)
+    assert lines["settings", ""].status is Status.OK, table
+    for pool, sandbox in (("first", first), ("second", second)):
+        machine = lines["state_machine", f"pool {pool}"]
+        assert (machine.status, machine.detail) == (Status.OK, f"{sandbox.prefix} (ACTIVE)")
+        assert lines["state_machine_type", f"pool {pool}"].status is Status.OK
+        queue = lines["request_queue", f"queue {sandbox.prefix}-requests"]
+        assert queue.status is Status.OK, table
+    assert lines["events_rule", "pool first"].status is Status.OK, table
+    rule = lines["events_rule", "pool second"]
+    assert rule.status is Status.FAIL, table
+    assert f"no rule sends this machine's events to {first.prefix}" in rule.detail.replace(
+        "arn:aws:sqs:us-east-1:000000000000:", ""
+    )
+    assert json.dumps(status_pattern(second.state_machine_arn)) in rule.fix.replace("'", "")
+    assert lines["events_queue_policy", "pool first"].status is Status.OK, table
+    assert lines["events_queue_policy", "pool second"].status is Status.SKIP, table
+    deferring = lines["redrive", f"queue {first.prefix}-requests"]
+    assert deferring.status is Status.WARN, table
+    assert "pool(s) first hand requests back" in deferring.detail
+    assert '\\"maxReceiveCount\\": \\"100\\"' in deferring.fix
+    few = lines["redrive", f"queue {second.prefix}-requests"]
+    assert few.status is Status.WARN
+    assert "after 3 receives: a request handed back" in few.detail
+    parameter = lines["limit_parameter", "pool first"]
+    assert (parameter.status, parameter.detail) == (
+        Status.OK,
+        f"{first.limit_parameter} = {first.limit}",
+    )
+    skipped = lines["limit_parameter", "pool second"]
+    assert skipped.status is Status.SKIP
+    assert skipped.detail.startswith("[pools.second] limit_parameter unset: the limit is ")
+    # One line per finding, each naming what it is about.
+    assert f"[queue {second.prefix}-requests]" in table
+    assert "[pool second]" in table
+    assert not report.ok
+
+
+def test_a_broken_config_file_is_a_line_per_mistake_and_the_pool_checks_say_why(
+    tmp_path: Any,
+) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text('[pools.a]\nstate_machine_arn = "nope"\n')
+    target, findings = load_target({"config": str(path)}, {})
+    assert [f.detail for f in findings] == [
+        f"config file {path}: [pools.a] state_machine_arn='nope' is invalid: must look like "
+        "arn:aws:states:REGION:ACCOUNT:stateMachine:NAME",
+        f"config file {path}: no queues: add at least one [[queues]] entry with url and pool",
+        "--events-queue-url / DISPATCHER_EVENTS_QUEUE_URL is required: SQS queue the "
+        "EventBridge rule sends Execution Status Change events to.",
+    ]
+    assert {f.status for f in findings} == {Status.FAIL}
+    assert "Pools, priorities and fairness" in findings[0].fix
+    assert "Configuration" in findings[2].fix
+    with pytest.raises(Skip, match="the config file has no valid pools and queues"):
+        target.need("state_machine_arn")

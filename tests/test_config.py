@@ -155,9 +155,62 @@ def test_every_setting_has_a_flag_that_names_its_variable() -> None:
         assert f"DISPATCHER_{name.upper()}" in helps[name]
 
 
-def test_bad_flag_value_is_reported_under_its_variable() -> None:
-    with pytest.raises(ConfigError, match="DISPATCHER_LIMIT='many' is invalid"):
+def test_a_bad_value_is_named_as_the_user_gave_it() -> None:
+    """The flag if a flag was used, the variable if the variable, the key in the file."""
+    with pytest.raises(ConfigError) as info:
         Settings.load({"limit": "many"}, env=REQUIRED_ENV)
+    assert str(info.value) == (
+        "--limit='many' is invalid: Input should be a valid integer, unable to parse string "
+        "as an integer"
+    )
+    with pytest.raises(ConfigError) as info:
+        Settings.load(env={**REQUIRED_ENV, "DISPATCHER_LIMIT": "many"})
+    assert str(info.value).startswith("DISPATCHER_LIMIT='many' is invalid: ")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(
+            env={**REQUIRED_ENV, "DISPATCHER_START_RATE": "5"},
+            overrides={"start_rate_floor": "9"},
+            base={"reconcile_interval": "soon"},
+            base_source="d.toml",
+        )
+    assert info.value.problems == (
+        "config file d.toml: [dispatcher] reconcile_interval='soon' is invalid: Input should "
+        "be a valid number, unable to parse string as a number",
+    )
+    with pytest.raises(ConfigError) as info:
+        Settings.load({"start_rate_floor": "9"}, env={**REQUIRED_ENV, "DISPATCHER_START_RATE": "5"})
+    assert str(info.value) == (
+        "--start-rate-floor=9 is above DISPATCHER_START_RATE=5: give a floor <= the rate"
+    )
+
+
+def test_every_problem_is_a_line_of_its_own() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.load({"limit": "-1", "log_level": "loud"}, env={})
+    problems = info.value.problems
+    assert str(info.value).splitlines() == list(problems)
+    assert [p.split(" ", 1)[0] for p in problems] == [
+        "--state-machine-arn",
+        "--request-queue-url",
+        "--events-queue-url",
+        "--limit='-1'",
+        "--log-level='LOUD'",
+    ]
+    assert all(";" not in p.split(":", 1)[0] for p in problems)
+
+
+def test_single_pool_flags_next_to_a_config_file_are_refused_by_their_names() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.load(
+            {"config": "pools.toml", "limit": "3"},
+            env={"DISPATCHER_EVENTS_QUEUE_URL": EVENTS_QUEUE, "DISPATCHER_MAX_WAITING": "5"},
+        )
+    assert info.value.problems == (
+        "--limit cannot be combined with --config: set limit per pool in the config file's "
+        "[pools.NAME] tables",
+        "DISPATCHER_MAX_WAITING cannot be combined with --config: set max_waiting per pool in "
+        "the config file's [pools.NAME] tables",
+    )
 
 
 def test_region_is_derived_from_the_state_machine_arn() -> None:

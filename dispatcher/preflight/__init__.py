@@ -17,7 +17,16 @@ from dispatcher.preflight.context import (
     load_target,
     open_clients,
 )
-from dispatcher.preflight.report import Check, Finding, Report, Result, Skip, Status, render
+from dispatcher.preflight.report import (
+    Check,
+    Finding,
+    Report,
+    Result,
+    Scope,
+    Skip,
+    Status,
+    render,
+)
 from dispatcher.preflight.rules import (
     UnsupportedPatternError,
     glob,
@@ -42,6 +51,7 @@ __all__ = [
     "Finding",
     "Report",
     "Result",
+    "Scope",
     "Skip",
     "Status",
     "Target",

@@ -31,6 +31,8 @@ AUTH_CODES = frozenset(
 NO_QUEUE_CODES = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
 # Below this, a request handed back a few times (throttling) dead-letters without a reason.
 MIN_RECEIVE_COUNT = 10
+# A queue whose pools defer requests (each hand-back is a receive): as the fairness benchmark.
+DEFERRING_MIN_RECEIVE_COUNT = 100
 # A task token no workflow ever had: answering it can change nothing.
 MADE_UP_TOKEN = "sfn-dispatcher-check-made-up-task-token"  # noqa: S105 - no secret
 # What AWS answers for a made-up token once the caller may make the call at all.
@@ -88,7 +90,7 @@ async def check_state_machine(ctx: Context) -> Finding:
         if is_denied(exc):
             fix = f"grant states:DescribeStateMachine on {arn} to the dispatcher's role"
         else:
-            fix = "check DISPATCHER_STATE_MACHINE_ARN: account, region and name"
+            fix = f"check {ctx.target.name('state_machine_arn')}: account, region and name"
             arn_region = arn.split(":")[3]
             if arn_region != ctx.target.region:
                 fix += (
@@ -196,11 +198,9 @@ async def check_task_tokens(ctx: Context) -> Finding:
 
 async def check_stop_executions(ctx: Context) -> Finding:
     """With DISPATCHER_STOP_ORPHANED_CHILDREN, children of parents gone are stopped."""
+    switch = ctx.target.name("stop_orphaned_children")
     if ctx.target.get("stop_orphaned_children") is False:
-        raise Skip(
-            "DISPATCHER_STOP_ORPHANED_CHILDREN is false: a child whose parent no longer "
-            "waits runs to its end"
-        )
+        raise Skip(f"{switch} is false: a child whose parent no longer waits runs to its end")
     ctx.target.need("stop_orphaned_children")
     arn = ctx.target.need("state_machine_arn")
     executions = arn.replace(":stateMachine:", ":execution:", 1)
@@ -217,8 +217,8 @@ async def check_stop_executions(ctx: Context) -> Finding:
                 f"{text(exc)}: children whose parent no longer waits keep running and "
                 "holding their slots",
                 f"grant states:StopExecution on {executions}:* to the role (the "
-                "CloudFormation template does with StopOrphanedChildren=true), or set "
-                "DISPATCHER_STOP_ORPHANED_CHILDREN=false",
+                f"CloudFormation template does with StopOrphanedChildren=true), or set {switch} "
+                "to false",
             )
         if error_code(exc) != "ExecutionDoesNotExist":
             raise
@@ -230,8 +230,9 @@ def queue_exists(role: QueueRole) -> Callable[[Context], Awaitable[Finding]]:
 
     async def check(ctx: Context) -> Finding:
         unset = role.field not in ctx.target.invalid and ctx.target.get(role.field) is None
+        named = ctx.target.name(role.field)
         if role is DEAD_LETTERS and unset:
-            raise Skip(f"{role.variable} unset: bad requests are left to the redrive policy")
+            raise Skip(f"{named} unset: bad requests are left to the redrive policy")
         url = ctx.target.need(role.field)
         try:
             attributes = await ctx.queue(role)
@@ -241,12 +242,12 @@ def queue_exists(role: QueueRole) -> Callable[[Context], Awaitable[Finding]]:
                 return Finding(
                     Status.FAIL, text(exc), f"grant sqs:GetQueueAttributes on {arn} to the role"
                 )
-            fix = f"check {role.variable}={url} (account, region, name)"
+            fix = f"check {named}={url} (account, region, name)"
             if error_code(exc) in NO_QUEUE_CODES:
                 fix += "; or create it: " + ctx.aws(
                     "sqs", "create-queue", "--queue-name", arn.rsplit(":", 1)[-1]
                 )
-            return Finding(Status.FAIL, f"{role.variable}: {text(exc)}", fix)
+            return Finding(Status.FAIL, f"{named}: {text(exc)}", fix)
         waiting = attributes.get("ApproximateNumberOfMessages", "?")
         return Finding(Status.OK, f"{attributes.get('QueueArn', url)} ({waiting} waiting)")
 
@@ -254,23 +255,23 @@ def queue_exists(role: QueueRole) -> Callable[[Context], Awaitable[Finding]]:
 
 
 async def check_redrive(ctx: Context) -> Finding:
-    """Bad requests need somewhere to go; `run` refuses to start without it."""
+    """Bad requests need somewhere to go (`run` refuses to start without it), and the
+    redrive policy must leave room for the receives a request may need before it starts."""
     attributes = await ctx.queue_or_skip(REQUESTS)
     dead_letter_url = ctx.target.get(DEAD_LETTERS.field)
+    dead_letter = ctx.target.name(DEAD_LETTERS.field)
     raw = attributes.get("RedrivePolicy")
     if not raw:
         if dead_letter_url:
-            return Finding(
-                Status.OK, "no redrive policy; bad requests go to DISPATCHER_DEAD_LETTER_QUEUE_URL"
-            )
+            return Finding(Status.OK, f"no redrive policy; bad requests go to {dead_letter}")
         url = ctx.target.need(REQUESTS.field)
         dlq_arn = queue_arn(url, ctx.target.region) + "-dlq"
         policy = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "20"})
         return Finding(
             Status.FAIL,
-            "no redrive policy and no DISPATCHER_DEAD_LETTER_QUEUE_URL: bad requests would "
-            "have nowhere to go (sfn-dispatcher run refuses to start)",
-            "set DISPATCHER_DEAD_LETTER_QUEUE_URL, or give the queue a redrive policy: "
+            f"no redrive policy and no {dead_letter}: bad requests would have nowhere to go "
+            "(sfn-dispatcher run refuses to start)",
+            f"set {dead_letter}, or give the queue a redrive policy: "
             + ctx.aws(
                 "sqs",
                 "set-queue-attributes",
@@ -284,15 +285,50 @@ async def check_redrive(ctx: Context) -> Finding:
     target = str(policy.get("deadLetterTargetArn", "?"))
     receives = int(policy.get("maxReceiveCount", 0))
     detail = f"to {target.rsplit(':', 1)[-1]} after {receives} receives"
+    deferring = _deferring_pools(ctx)
+    if deferring and receives < DEFERRING_MIN_RECEIVE_COUNT:
+        return Finding(
+            Status.WARN,
+            f"{detail}: pool(s) {', '.join(deferring)} hand requests back to wait their turn "
+            "(per-key limits, priorities, a shared queue), one receive each; a request "
+            f"received {receives} times is no longer deferred but held in memory beyond "
+            "max_waiting, or dead-lettered with reason receive_limit",
+            f"raise the queue's maxReceiveCount to {DEFERRING_MIN_RECEIVE_COUNT} or more: "
+            + _redrive_command(ctx, target, DEFERRING_MIN_RECEIVE_COUNT),
+        )
     if receives < MIN_RECEIVE_COUNT:
         return Finding(
             Status.WARN,
             detail + ": a request handed back after retrying a throttled start is dead-lettered "
             "without a reason after so few receives",
             f"raise maxReceiveCount to {MIN_RECEIVE_COUNT} or more (the CloudFormation "
-            "template's default is 20)",
+            "template's default is 20): " + _redrive_command(ctx, target, 20),
         )
     return Finding(Status.OK, detail)
+
+
+def _deferring_pools(ctx: Context) -> list[str]:
+    """The pools fed by this queue that defer requests (hand them back for later): those
+    that choose among waiting requests (keys, several queues) or share the queue."""
+    fed = ctx.target.fed
+    shared = len(fed) > 1
+    return [
+        pool.name
+        for pool in fed
+        if shared or pool.key_attribute is not None or len(ctx.target.queues_of(pool.name)) > 1
+    ]
+
+
+def _redrive_command(ctx: Context, dead_letter_arn: str, receives: int) -> str:
+    policy = json.dumps({"deadLetterTargetArn": dead_letter_arn, "maxReceiveCount": str(receives)})
+    return ctx.aws(
+        "sqs",
+        "set-queue-attributes",
+        "--queue-url",
+        ctx.target.need(REQUESTS.field),
+        "--attributes",
+        json.dumps({"RedrivePolicy": policy}),
+    )
 
 
 async def check_dead_letter_size(ctx: Context) -> Finding:
@@ -363,12 +399,13 @@ async def check_visibility(ctx: Context) -> Finding:
     """The queue's default visibility only matters to consumers other than the dispatcher."""
     attributes = await ctx.queue_or_skip(REQUESTS)
     want = ctx.target.need("visibility_timeout")
+    named = ctx.target.name("visibility_timeout")
     have = int(attributes.get("VisibilityTimeout", "30"))
     if have == want:
-        return Finding(Status.OK, f"{have} s, as DISPATCHER_VISIBILITY_TIMEOUT")
+        return Finding(Status.OK, f"{have} s, as {named}")
     return Finding(
         Status.INFO,
-        f"queue default {have} s, DISPATCHER_VISIBILITY_TIMEOUT {want} s: the dispatcher sets "
+        f"queue default {have} s, {named} {want} s: the dispatcher sets "
         f"{want} s on every receive, the queue default applies only to other consumers",
         "to align them: "
         + ctx.aws(

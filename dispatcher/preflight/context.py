@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import aioboto3
@@ -18,6 +20,7 @@ from aiobotocore.config import AioConfig
 from dispatcher import config, layout
 from dispatcher.aws import AWS_ERRORS
 from dispatcher.config import ConfigError, Settings
+from dispatcher.layout import PoolConfig, QueueConfig
 from dispatcher.preflight.report import Finding, Skip, Status
 
 if TYPE_CHECKING:
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# Not settings yet (issue 6): read from the environment so that `check` verifies them today.
+# Named in messages: both are settings (and config-file [dispatcher] keys) of their own.
 LIMIT_PARAMETER_ENV = "DISPATCHER_LIMIT_PARAMETER"
 LEASE_TABLE_ENV = "DISPATCHER_LEASE_TABLE"
 
@@ -62,92 +65,200 @@ _PLACEHOLDERS = {
     "events_queue_url": "https://sqs.us-east-1.amazonaws.com/000000000000/placeholder-events",
 }
 _INVALID = object()
+_PER_POOL = frozenset({*config.POOL_FIELDS, "request_queue_url"})
 
 
 @dataclass(frozen=True)
 class Target:
-    """What is checked: the settings' values (None where unset or invalid) and the extras."""
+    """What is checked: the settings' values (None where unset or invalid), every pool and
+    queue, and how the user named each setting (flag, variable or config-file key).
+
+    A check of one pool or queue reads a `scoped` copy: its values are the pool's (state
+    machine, limit, limit parameter, ...) or the queue's (request queue URL), and ``about``
+    says which, so that each finding names what it is about.
+    """
 
     region: str
     values: Mapping[str, Any]
     invalid: frozenset[str] = frozenset()  # given, but not valid on its own
     limit_parameter: str | None = None
     lease_table: str | None = None
+    pools: tuple[PoolConfig, ...] = ()
+    queues: tuple[QueueConfig, ...] = ()
+    names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    source: str = "environment"  # or the config file's path
+    about: str = ""  # "pool NAME" or "queue NAME" for a scoped copy, else ""
+    fed: tuple[PoolConfig, ...] = ()  # a queue's copy: the pools it feeds
 
     def get(self, field: str) -> Any:
         """A setting's value, None when unset or invalid."""
         return self.values.get(field)
 
     def need(self, field: str) -> Any:
-        """A setting's value; `Skip` naming its variable when it is unusable."""
+        """A setting's value; `Skip` naming it when it is unusable."""
         value = self.values.get(field)
+        if value is None and self.from_file and field in _PER_POOL and not self.pools:
+            raise Skip("the config file has no valid pools and queues (see settings)")
         if value is None:
             state = "invalid" if field in self.invalid else "unset"
-            raise Skip(f"{config.env_name(field)} is {state} (see settings)")
+            raise Skip(f"{self.name(field)} is {state} (see settings)")
         return value
 
+    def name(self, field: str) -> str:
+        """How the user gave setting ``field`` (``--limit``, ``DISPATCHER_LIMIT``,
+        ``[pools.a] limit``); the variable when it was not given at all."""
+        return self.names.get(field) or config.env_name(field)
 
-def _from_config_file(
-    overrides: Mapping[str, Any], environ: Mapping[str, str], values: dict[str, Any]
-) -> tuple[dict[str, Any], Finding]:
-    """Validate the config file; the AWS checks then look at its first pool and queue."""
-    try:
-        loaded = layout.load(overrides, environ)
-    except ConfigError as exc:
-        return values, Finding(Status.FAIL, str(exc), "fix the config file (see the README)")
-    first = loaded.layout.pools[0]
-    queue = loaded.layout.queues_of(first.name)[0]
-    values = {
-        **loaded.settings.model_dump(),
-        "state_machine_arn": first.state_machine_arn,
-        "request_queue_url": queue.url,
-        "limit": first.limit,
-    }
-    names = ", ".join(p.name for p in loaded.layout.pools)
-    return values, Finding(
-        Status.OK,
-        f"config file {loaded.layout.source}: pools {names}; the checks below look at pool "
-        f"{first.name} and its queue {queue.url} (the other pools are not checked yet)",
-    )
+    def for_pool(self, pool: PoolConfig) -> Target:
+        """The copy a check of ``pool`` reads."""
+        values = {
+            f: getattr(pool, f)
+            for f in config.POOL_FIELDS
+            if f != "request_queue_url" and f not in self.invalid
+        }
+        names = dict(self.names)
+        if self.from_file:
+            names |= {f: f"[pools.{pool.name}] {f}" for f in values}
+        queues = [q for q in self.queues if pool.name in q.pools]
+        first = queues[0].url if queues else None
+        return replace(
+            self,
+            values={**self.values, **values, "request_queue_url": first},
+            invalid=self.invalid - set(values),
+            limit_parameter=pool.limit_parameter,
+            names=names,
+            about=f"pool {pool.name}",
+            fed=(pool,),
+        )
+
+    def for_queue(self, queue: QueueConfig) -> Target:
+        """The copy a check of request queue ``queue`` reads."""
+        names = dict(self.names)
+        if self.from_file:
+            index = self.queues.index(queue) + 1
+            names["request_queue_url"] = f"[[queues]] #{index} url"
+        return replace(
+            self,
+            values={**self.values, "request_queue_url": queue.url},
+            invalid=self.invalid - {"request_queue_url"},
+            names=names,
+            about=f"queue {queue.url.rstrip('/').rsplit('/', 1)[-1]}",
+            fed=tuple(p for p in self.pools if p.name in queue.pools),
+        )
+
+    def queues_of(self, pool: str) -> list[QueueConfig]:
+        """The request queues that feed ``pool``."""
+        return [q for q in self.queues if pool in q.pools]
+
+    @property
+    def limit_parameters(self) -> set[str]:
+        """Every SSM limit parameter to read: the pools' (or the single pool's)."""
+        named = {p.limit_parameter for p in self.pools if p.limit_parameter}
+        return named | ({self.limit_parameter} if self.limit_parameter else set())
+
+    @property
+    def from_file(self) -> bool:
+        """Whether the pools and queues come from a config file."""
+        return self.source != "environment"
+
+
+_SETTINGS_FIX = {
+    False: "give the setting named a valid value; `sfn-dispatcher check --help` lists them, "
+    "the README section 'Configuration' explains them",
+    True: "fix the config file; the README section 'Pools, priorities and fairness' has a "
+    "complete example",
+}
+
+
+def _from_loaded(loaded: layout.Config) -> dict[str, Any]:
+    """The values of loaded settings; with one pool, its settings as the process's."""
+    values = loaded.settings.model_dump()
+    if len(loaded.layout.pools) == 1 and len(loaded.layout.queues) == 1:
+        pool, queue = loaded.layout.pools[0], loaded.layout.queues[0]
+        values |= {f: getattr(pool, f) for f in config.POOL_FIELDS if f != "request_queue_url"}
+        values["request_queue_url"] = queue.url
+    return values
 
 
 def load_target(
     overrides: Mapping[str, Any], env: Mapping[str, str] | None
-) -> tuple[Target, Finding]:
-    """The values to check and the settings check's finding; bad settings never stop it.
+) -> tuple[Target, tuple[Finding, ...]]:
+    """The values to check and the settings findings (one per problem); bad settings never
+    stop it. Reads the settings exactly as `run` does (`dispatcher.layout.load`): flags,
+    ``DISPATCHER_*`` variables and the config file with every pool and queue.
 
     When the settings are invalid each one is validated on its own, so that the checks of
     the valid ones still run: one run shows every problem.
     """
     environ = os.environ if env is None else env
-    values: dict[str, Any]
+    names = config.given_names(overrides, environ)
+    path = _raw_settings(overrides, environ).get("config")
+    pools: tuple[PoolConfig, ...] = ()
+    queues: tuple[QueueConfig, ...] = ()
     invalid: set[str] = set()
     try:
-        settings = Settings.load(overrides, env)
+        loaded = layout.load(overrides, environ)
     except ConfigError as exc:
         fields = Settings.model_fields
-        values = {name: f.default for name, f in fields.items() if not f.is_required()}
-        for name, raw in _raw_settings(overrides, environ).items():
+        values: dict[str, Any] = {
+            name: f.default for name, f in fields.items() if not f.is_required()
+        }
+        base: dict[str, Any] = {}
+        if path:
+            try:  # the file alone may be fine: its pools are still checked
+                base, file_layout = layout.read_file(Path(path))
+                pools, queues = file_layout.pools, file_layout.queues
+                names = config.given_names(overrides, environ, base=base, base_source=str(path))
+            except ConfigError:
+                pass
+        for name, raw in (base | _raw_settings(overrides, environ)).items():
+            if name == "config" or (path and name in config.POOL_FIELDS):
+                continue
             parsed = _alone(name, raw)
             values[name] = None if parsed is _INVALID else parsed
             invalid |= {name} if parsed is _INVALID else set()
-        finding = Finding(
-            Status.FAIL,
-            str(exc),
-            "give the variables named valid values (or use the matching flags); "
-            "`sfn-dispatcher check --help` lists every setting",
+        findings = tuple(
+            Finding(Status.FAIL, problem, _SETTINGS_FIX[problem.startswith("config file ")])
+            for problem in exc.problems
         )
+        if not path and values.get("state_machine_arn") and values.get("request_queue_url"):
+            pool = layout.PoolConfig(
+                name=layout.DEFAULT_POOL,
+                state_machine_arn=values["state_machine_arn"],
+                limit=10 if values.get("limit") is None else values["limit"],
+                limit_parameter=values.get("limit_parameter"),
+            )
+            pools = (pool,)
+            queues = (layout.QueueConfig(url=values["request_queue_url"], pools=(pool.name,)),)
     else:
-        values = settings.model_dump()
-        finding = Finding(
-            Status.OK,
-            f"limit {settings.limit}, visibility timeout {settings.visibility_timeout} s, "
-            f"reconcile every {settings.reconcile_interval:g} s, "
-            f"input {settings.input_format.value}",
-        )
+        settings = loaded.settings
+        values = _from_loaded(loaded)
+        pools, queues = loaded.layout.pools, loaded.layout.queues
         if settings.config is not None:
-            values, finding = _from_config_file(overrides, environ, values)
-    arn = config.STATE_MACHINE_ARN_RE.match(values.get("state_machine_arn") or "")
+            path = str(settings.config)
+            names = config.given_names(
+                overrides,
+                environ,
+                base=layout.read_file(settings.config)[0],
+                base_source=str(settings.config),
+            )
+            summary = (
+                f"config file {loaded.layout.source}: pools "
+                + ", ".join(f"{p.name} (limit {p.limit})" for p in pools)
+                + f", {len(queues)} request queue(s)"
+            )
+        else:
+            summary = f"limit {values['limit']}"
+        findings = (
+            Finding(
+                Status.OK,
+                f"{summary}, visibility timeout {settings.visibility_timeout} s, "
+                f"reconcile every {settings.reconcile_interval:g} s, "
+                f"input {settings.input_format.value}",
+            ),
+        )
+    arns = [p.state_machine_arn for p in pools] or [values.get("state_machine_arn") or ""]
+    arn = config.STATE_MACHINE_ARN_RE.match(arns[0])
     region = (
         environ.get("AWS_REGION")
         or environ.get("AWS_DEFAULT_REGION")
@@ -157,17 +268,19 @@ def load_target(
         region=region,
         values=values,
         invalid=frozenset(invalid),
-        limit_parameter=environ.get(LIMIT_PARAMETER_ENV) or None,
-        lease_table=environ.get(LEASE_TABLE_ENV) or None,
+        limit_parameter=values.get("limit_parameter"),
+        lease_table=values.get("lease_table"),
+        pools=pools,
+        queues=queues,
+        names=names,
+        source=str(path) if path else "environment",
     )
-    return target, finding
+    return target, findings
 
 
 def _raw_settings(overrides: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """The settings as given (variables, then flags), before validation."""
-    prefix = config.ENV_PREFIX
-    raw = {k[len(prefix) :].lower(): v for k, v in environ.items() if k.upper().startswith(prefix)}
-    given: dict[str, Any] = {k: v for k, v in raw.items() if k in Settings.model_fields}
+    given: dict[str, Any] = config.scoped_env(environ)
     return given | {k: v for k, v in overrides.items() if v is not None}
 
 
@@ -210,7 +323,7 @@ async def open_clients(target: Target, endpoint_url: str | None) -> AsyncIterato
             sqs=await enter(new("sqs")),
             sfn=await enter(new("stepfunctions")),
             events=await enter(new("events")),
-            ssm=await enter(new("ssm")) if target.limit_parameter else None,
+            ssm=await enter(new("ssm")) if target.limit_parameters else None,
             dynamodb=await enter(new("dynamodb")) if target.lease_table else None,
             credentials=getattr(credentials, "method", None),
         )
@@ -243,6 +356,12 @@ class Context:
         self.endpoint = endpoint
         self._cells: dict[str, _Cell] = {}
 
+    def scoped(self, target: Target) -> Context:
+        """The context of one pool's or queue's checks; look-ups stay shared (memoised once)."""
+        ctx = Context(target, self.clients, self.endpoint)
+        ctx._cells = self._cells
+        return ctx
+
     async def once(self, key: str, fetch: Callable[[], Awaitable[T]]) -> T:
         """``fetch()``, called once per key however many checks ask; errors re-raised to all."""
         cell = self._cells.get(key)
@@ -271,7 +390,8 @@ class Context:
         """DescribeStateMachine of the governed machine."""
         arn = self.target.need("state_machine_arn")
         return await self.once(
-            "state_machine", partial(self.clients.sfn.describe_state_machine, stateMachineArn=arn)
+            f"state_machine:{arn}",
+            partial(self.clients.sfn.describe_state_machine, stateMachineArn=arn),
         )
 
     async def queue(self, role: QueueRole) -> dict[str, str]:

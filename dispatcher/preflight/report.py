@@ -36,18 +36,25 @@ class Finding:
 
 @dataclass(frozen=True)
 class Result:
-    """One line of the report: a stable id (for machines), a title, and the finding."""
+    """One line of the report: a stable id (for machines), a title, the finding, and what it
+    is about when the check runs once per pool or queue (``pool orders``, ``queue x``)."""
 
     id: str
     title: str
     status: Status
     detail: str
     fix: str = ""
+    about: str = ""
 
     @classmethod
-    def of(cls, id_: str, title: str, finding: Finding) -> Result:
+    def of(cls, id_: str, title: str, finding: Finding, about: str = "") -> Result:
         """The line for ``finding``."""
-        return cls(id_, title, finding.status, finding.detail, finding.fix)
+        return cls(id_, title, finding.status, finding.detail, finding.fix, about)
+
+    @property
+    def label(self) -> str:
+        """The title, with what the line is about."""
+        return f"{self.title} [{self.about}]" if self.about else self.title
 
 
 class Skip(Exception):  # noqa: N818 - a signal ("cannot run"), not an error
@@ -76,13 +83,23 @@ class Report:
         return {"ok": self.ok, "subject": self.subject, "counts": self.counts(), "checks": checks}
 
 
+class Scope(StrEnum):
+    """What a check looks at: the process once, each pool, or each request queue."""
+
+    PROCESS = "process"
+    POOL = "pool"
+    QUEUE = "queue"
+
+
 @dataclass(frozen=True)
 class Check:
-    """One line of the report: an id, a title, and the coroutine that decides it."""
+    """One kind of line of the report: an id, a title, the coroutine that decides it, and
+    whether it runs once or once per pool or request queue."""
 
     id: str
     title: str
     run: Callable[[Context], Awaitable[Finding]]
+    scope: Scope = Scope.PROCESS
 
 
 def text(exc: BaseException) -> str:
@@ -110,13 +127,13 @@ _COLOURS = {
 
 def render(report: Report, *, colour: bool = False) -> str:
     """The readable table: status, check, detail, and each fix on the lines below."""
-    width = max(len(r.title) for r in report.results)
+    width = max(len(r.label) for r in report.results)
     lines = [f"checking {report.subject}", ""]
     for r in report.results:
         status = f"{r.status.value:<4}"
         if colour:
             status = f"\x1b[{_COLOURS[r.status]}m{status}\x1b[0m"
-        lines.append(f"{status}  {r.title:<{width}}  {r.detail}")
+        lines.append(f"{status}  {r.label:<{width}}  {r.detail}")
         for i, fix in enumerate(r.fix.splitlines()):
             lines.append(" " * (width + 8) + ("fix: " if i == 0 else "     ") + fix)
     counts = ", ".join(f"{n} {s}" for s, n in report.counts().items() if n)

@@ -12,7 +12,7 @@ import re
 from botocore.exceptions import ClientError
 
 from dispatcher.ledger import TERMINAL_STATUSES
-from dispatcher.preflight.context import EVENTS, LEASE_TABLE_ENV, LIMIT_PARAMETER_ENV, Context
+from dispatcher.preflight.context import EVENTS, Context, Rule
 from dispatcher.preflight.report import Finding, Skip, Status, is_denied, text
 from dispatcher.preflight.rules import (
     UnsupportedPatternError,
@@ -37,7 +37,7 @@ def rule_fix(ctx: Context, name: str, queue: str, *, target: bool) -> str:
     return "\n".join(lines)
 
 
-async def check_rule(ctx: Context) -> Finding:
+async def check_rule(ctx: Context) -> Finding:  # noqa: PLR0912 - a branch per way a rule fails
     """An ENABLED rule sends this machine's status changes, untransformed, to the events queue."""
     arn = ctx.target.need("state_machine_arn")
     queue = (await ctx.queue_or_skip(EVENTS))["QueueArn"]
@@ -56,8 +56,12 @@ async def check_rule(ctx: Context) -> Finding:
             rule_fix(ctx, name, queue, target=True)
             + "\nthen run check again: the events queue policy line says whether it may send",
         )
+    # Several pools share the events queue, each with its own rule: only the rules that match
+    # this machine's events matter, and one good rule is enough.
     problems: list[str] = []
     fixes: list[str] = []
+    unmatched: list[str] = []
+    partial: Finding | None = None
     for rule in rules:
         if rule.pattern is None:
             problems.append(f"{rule.name} has no event pattern")
@@ -69,16 +73,16 @@ async def check_rule(ctx: Context) -> Finding:
             continue
         if not matched & TERMINAL_STATUSES:
             fields = ", ".join(mismatch(rule.pattern, sample_event(arn, "SUCCEEDED")))
-            problems.append(f"{rule.name} does not match this machine's events (on {fields})")
+            unmatched.append(f"{rule.name} does not match this machine's events (on {fields})")
             fixes.append(rule_fix(ctx, rule.name, queue, target=False))
         elif rule.state != "ENABLED":
             problems.append(f"{rule.name} is {rule.state}")
-            fixes.append(ctx.aws("events", "enable-rule", "--name", rule.name))
+            fixes.insert(0, ctx.aws("events", "enable-rule", "--name", rule.name))
         elif any(k in t for t in rule.targets for k in ("Input", "InputPath", "InputTransformer")):
             problems.append(f"{rule.name} rewrites the event; the dispatcher reads the envelope")
-            fixes.append(f"remove Input/InputPath/InputTransformer from {rule.name}'s target")
+            fixes.insert(0, f"remove Input/InputPath/InputTransformer from {rule.name}'s target")
         elif missing := TERMINAL_STATUSES - matched:
-            return Finding(
+            partial = partial or Finding(
                 Status.WARN,
                 f"{rule.name} drops {', '.join(sorted(missing))} events: those executions "
                 "free their slots only at the next reconcile",
@@ -86,8 +90,30 @@ async def check_rule(ctx: Context) -> Finding:
             )
         else:
             return Finding(Status.OK, f"{rule.name} (ENABLED) sends this machine's events")
-    status = Status.FAIL if fixes or not problems else Status.WARN
-    return Finding(status, "; ".join(problems), "\n".join(fixes) or "check the rule by hand")
+    if partial is not None:
+        return partial
+    if problems:  # a rule for this machine, but disabled, rewriting or unreadable
+        status = Status.FAIL if fixes else Status.WARN
+        fixes = [f for f in fixes if not f.startswith("aws events put-rule")] or fixes
+        return Finding(status, "; ".join(problems), "\n".join(fixes) or "check the rule by hand")
+    name = f"sfn-dispatcher-{arn.rsplit(':', 1)[-1]}"[:64]
+    return Finding(
+        Status.FAIL,
+        "; ".join(unmatched) + f": no rule sends this machine's events to {queue}",
+        "\n".join(fixes)  # the one rule of the one pool: correct it
+        if len(unmatched) == 1 and len(ctx.target.pools) <= 1
+        else rule_fix(ctx, name, queue, target=True),
+    )
+
+
+def _sends_endings(rule: Rule, arn: str) -> bool:
+    """Whether ``rule`` matches some of this machine's terminal status events."""
+    if rule.pattern is None:
+        return False
+    try:
+        return any(matches(rule.pattern, sample_event(arn, s)) for s in TERMINAL_STATUSES)
+    except UnsupportedPatternError:
+        return True  # cannot tell: let the policy be judged for it
 
 
 _NOT_NEEDED = (
@@ -98,12 +124,18 @@ _NOT_NEEDED = (
 
 
 async def check_policy(ctx: Context) -> Finding:
-    """On AWS a queue takes EventBridge's messages only if its policy allows the rule."""
+    """On AWS a queue takes EventBridge's messages only if its policy allows the rule: for
+    each pool, one of the rules that send its machine's events."""
     attributes = await ctx.queue_or_skip(EVENTS)
     queue = attributes["QueueArn"]
     rules = await ctx.rules_or_skip()
     if not rules:
         raise Skip("no rule targets the events queue (see above)")
+    arn = ctx.target.get("state_machine_arn")
+    if arn is not None:
+        rules = [rule for rule in rules if _sends_endings(rule, arn)]
+        if not rules:
+            raise Skip("no rule sends this machine's events to the events queue (see above)")
     statement = {
         "Sid": "AllowTheStatusChangeRule",
         "Effect": "Allow",
@@ -148,7 +180,10 @@ async def check_limit_parameter(ctx: Context) -> Finding:
     name = ctx.target.limit_parameter
     if name is None or ctx.clients.ssm is None:
         limit = ctx.target.get("limit")
-        raise Skip(f"{LIMIT_PARAMETER_ENV} unset: the limit is DISPATCHER_LIMIT ({limit})")
+        raise Skip(
+            f"{ctx.target.name('limit_parameter')} unset: the limit is "
+            f"{ctx.target.name('limit')} ({limit})"
+        )
     limit = ctx.target.get("limit")
     value = str(10 if limit is None else limit)
     put = ctx.aws(
@@ -159,7 +194,9 @@ async def check_limit_parameter(ctx: Context) -> Finding:
     except ClientError as exc:
         if is_denied(exc):
             return Finding(Status.FAIL, text(exc), f"grant ssm:GetParameter on {name}")
-        return Finding(Status.FAIL, f"{LIMIT_PARAMETER_ENV}={name}: {text(exc)}", put)
+        return Finding(
+            Status.FAIL, f"{ctx.target.name('limit_parameter')}={name}: {text(exc)}", put
+        )
     found = got.get("Parameter", {}).get("Value", "")
     if not re.fullmatch(r"\d+", found.strip()):
         return Finding(Status.FAIL, f"{name} is {found!r}, not a non-negative integer", put)
@@ -170,7 +207,7 @@ async def check_lease_table(ctx: Context) -> Finding:
     """The lease table exists, is usable, and is keyed by ``pool`` alone."""
     table = ctx.target.lease_table
     if table is None or ctx.clients.dynamodb is None:
-        raise Skip(f"{LEASE_TABLE_ENV} unset: no single-active lease")
+        raise Skip(f"{ctx.target.name('lease_table')} unset: no single-active lease")
     create = ctx.aws(
         "dynamodb",
         "create-table",
@@ -188,7 +225,9 @@ async def check_lease_table(ctx: Context) -> Finding:
     except ClientError as exc:
         if is_denied(exc):
             return Finding(Status.WARN, f"cannot describe {table}: {text(exc)}", _NOT_NEEDED)
-        return Finding(Status.FAIL, f"{LEASE_TABLE_ENV}={table}: {text(exc)}", create)
+        return Finding(
+            Status.FAIL, f"{ctx.target.name('lease_table')}={table}: {text(exc)}", create
+        )
     keys = {k["KeyType"]: k["AttributeName"] for k in described.get("KeySchema", [])}
     types = {
         a["AttributeName"]: a["AttributeType"] for a in described.get("AttributeDefinitions", [])
