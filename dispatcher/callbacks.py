@@ -149,6 +149,10 @@ class Callbacks:
         """Tokens held for running children."""
         return sum(len(h) for h in self._held.values())
 
+    def held_for(self, pool: Pool) -> int:
+        """Tokens held for running children of ``pool`` (its `/status` figure)."""
+        return sum(1 for hs in self._held.values() for h in hs if h.pool is pool)
+
     def tokens(self) -> list[tuple[str, str]]:
         """(task token, child ARN) of every token held."""
         return [(h.token, h.arn) for hs in self._held.values() for h in hs]
@@ -232,7 +236,7 @@ class Callbacks:
         sent = 0
         for held in [h for hs in list(self._held.values()) for h in hs]:
             sent += 1
-            if not await self._heartbeat(held.token, held.bound):
+            if not await self._heartbeat(held.token, held.bound, held.pool.name):
                 await self._orphaned(held)
         for pool in self.pools.values():
             for entry in list(pool.room.items()):
@@ -240,7 +244,9 @@ class Callbacks:
                 if token is None:
                     continue
                 sent += 1
-                if not await self._heartbeat(token, entry.bound) and pool.room.remove(entry):
+                if not await self._heartbeat(token, entry.bound, pool.name) and pool.room.remove(
+                    entry
+                ):
                     # Its parent no longer waits: drop it, never start it.
                     self.metrics.orphans.labels(pool=pool.name, action="dropped").inc()
                     entry.bound.info("dispatcher.request_dropped", why="parent gone")
@@ -248,18 +254,18 @@ class Callbacks:
                     pool.update()
         return sent
 
-    async def _heartbeat(self, token: str, bound: Any) -> bool:
+    async def _heartbeat(self, token: str, bound: Any, pool: str) -> bool:
         """One heartbeat; False when the parent no longer waits."""
         try:
             await self._call("send_task_heartbeat", taskToken=token)
         except AWS_ERRORS as exc:
             if error_code(exc) in PARENT_GONE:
-                self.metrics.heartbeats.labels(outcome="parent_gone").inc()
+                self.metrics.heartbeats.labels(pool=pool, outcome="parent_gone").inc()
                 return False
-            self.metrics.heartbeats.labels(outcome="error").inc()
+            self.metrics.heartbeats.labels(pool=pool, outcome="error").inc()
             bound.warning("dispatcher.heartbeat_failed", error=str(exc))
             return True
-        self.metrics.heartbeats.labels(outcome="ok").inc()
+        self.metrics.heartbeats.labels(pool=pool, outcome="ok").inc()
         return True
 
     async def _orphaned(self, held: Held) -> None:

@@ -200,7 +200,7 @@ class Metrics:
         self.heartbeats = Counter(
             "dispatcher_heartbeats",
             "SendTaskHeartbeat calls, by outcome (ok, parent_gone, error).",
-            ("outcome",),
+            (*pool, "outcome"),
             registry=r,
         )
         self.orphans = Counter(
@@ -232,7 +232,7 @@ class Metrics:
         for action in ("stopped", "left", "dropped"):
             self.orphans.labels(pool=pool, action=action)
         for outcome in ("ok", "parent_gone", "error"):
-            self.heartbeats.labels(outcome=outcome)
+            self.heartbeats.labels(pool=pool, outcome=outcome)
 
     def prefill(self, pool: str) -> None:
         """Export every known label set at zero, so dashboards and alerts see 0, not "no data"."""

@@ -318,7 +318,6 @@ PROCESS_WIDE = {
     "dispatcher_leader",
     "dispatcher_lease_epoch",
     "dispatcher_aws_calls",
-    "dispatcher_heartbeats",
     "dispatcher_start_rate_limit",
     "dispatcher_start_rate_throttles",
     "dispatcher_start_rate_wait_seconds",
