@@ -32,9 +32,9 @@ async def preflight(settings: Settings, layout: Layout, clients: Clients) -> Pre
     for pool in layout.pools:
         await _check_state_machine(pool.state_machine_arn, pool.name, layout, clients)
     queues = {q.url: f"request queue of {', '.join(q.pools)}" for q in layout.queues}
-    queues[settings.events_queue_url] = "DISPATCHER_EVENTS_QUEUE_URL"
+    queues[settings.events_queue_url] = _named("events_queue_url", layout)
     if settings.dead_letter_queue_url:
-        queues[settings.dead_letter_queue_url] = "DISPATCHER_DEAD_LETTER_QUEUE_URL"
+        queues[settings.dead_letter_queue_url] = _named("dead_letter_queue_url", layout)
     attributes: dict[str, dict[str, str]] = {}
     for url, role in queues.items():
         try:
@@ -52,10 +52,18 @@ async def preflight(settings: Settings, layout: Layout, clients: Clients) -> Pre
         if not attributes[queue.url].get("RedrivePolicy"):
             raise UserError(
                 f"bad requests on {queue.url} would have nowhere to go: set "
-                "DISPATCHER_DEAD_LETTER_QUEUE_URL, or give the request queue a redrive policy "
-                "(maxReceiveCount) to a dead-letter queue"
+                f"{_named('dead_letter_queue_url', layout)}, or give the request queue a "
+                "redrive policy (maxReceiveCount) to a dead-letter queue"
             )
     return Preflight(max_receive_counts=receives)
+
+
+def _named(setting: str, layout: Layout) -> str:
+    """How the user set ``setting``: its variable, or also its key when a config file is used."""
+    variable = "DISPATCHER_" + setting.upper()
+    if layout.source == "environment":
+        return variable
+    return f"{variable} or {setting} in the [dispatcher] table of {layout.source}"
 
 
 def _max_receives(attributes: Mapping[str, str]) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -320,4 +321,16 @@ async def test_preflight_reads_the_dead_letter_queues_maximum_message_size(
     assert found.dead_letter_max_size == size
     assert (await preflight(*settled(), make_clients(sqs, sfn))).dead_letter_max_size == (
         DEFAULT_MAX_SIZE
+    )
+
+
+async def test_preflight_names_the_file_key_when_a_config_file_is_used() -> None:
+    sqs, sfn = deployment()
+    del sqs.visible[EVENTS_QUEUE]
+    settings, layout = settled()
+    from_file = dataclasses.replace(layout, source="/etc/sfn-dispatcher.toml")
+    with pytest.raises(UserError) as info:
+        await preflight(settings, from_file, make_clients(sqs, sfn))
+    assert "events_queue_url in the [dispatcher] table of /etc/sfn-dispatcher.toml" in str(
+        info.value
     )
