@@ -1,5 +1,9 @@
 """Live limits: SSM parameters re-read on an interval, the config file reloaded on SIGHUP.
 
+The same parameter is how an operator pauses, resumes and drains a pool without a
+redeploy (``sfn-dispatcher pause``): limit 0 receives nothing and starts nothing, while
+running executions finish. The read/write helpers for that are at the end.
+
 Raising a limit takes effect at once (intake is woken); lowering it never stops a running
 execution, it only holds starts until the count falls below (the ledger never evicts).
 A value that is not a limit is refused with a log line naming it, and the limit in
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +23,9 @@ import anyio
 import structlog
 
 from dispatcher.aws import AWS_ERRORS, error_code
-from dispatcher.config import ConfigError, Settings
-from dispatcher.layout import Layout, PoolConfig, read_file
+from dispatcher.config import ENV_PREFIX, ConfigError, Settings
+from dispatcher.errors import UserError
+from dispatcher.layout import DEFAULT_POOL, Layout, PoolConfig, read_file
 from dispatcher.metrics import Metrics
 from dispatcher.pool import Pool
 from dispatcher.rate import RateLimiters
@@ -208,3 +214,141 @@ def _merge(old: Layout, new: Layout) -> Layout:
         for p in old.pools
     )
     return Layout(pools, old.queues, old.source)
+
+
+# -- pause, resume, drain: the operator's side of the same parameter ---------------------
+
+LIMIT_PARAMETER_ENV = "DISPATCHER_LIMIT_PARAMETER"
+REFRESH_ENV = "DISPATCHER_LIMIT_REFRESH_INTERVAL"
+DEFAULT_REFRESH = 30.0
+
+
+@dataclass(frozen=True)
+class LimitTarget:
+    """Where one pool's live limit is kept, as the dispatcher's own settings say."""
+
+    pool: str
+    parameter: str
+    state_machine_arn: str | None
+    refresh_interval: float  # how soon a running dispatcher sees a change
+    source: str  # "environment" or the config file's path
+
+
+def limit_target(
+    pool: str | None, parameter: str | None = None, environ: Mapping[str, str] | None = None
+) -> LimitTarget:
+    """The pool's limit parameter, from the same ``DISPATCHER_*`` variables or config file
+    the dispatcher reads (only the few settings needed: no queue URL is required here).
+    ``parameter`` names it directly and wins. UserError naming the setting to add."""
+    env = os.environ if environ is None else environ
+    refresh = _refresh(env.get(REFRESH_ENV), REFRESH_ENV)
+    path = env.get(ENV_PREFIX + "CONFIG")
+    if not path:
+        name = pool or DEFAULT_POOL
+        if name != DEFAULT_POOL:
+            raise UserError(
+                f"--pool {name!r}: without a config file (DISPATCHER_CONFIG) the only pool is "
+                f"{DEFAULT_POOL!r}"
+            )
+        found = parameter or env.get(LIMIT_PARAMETER_ENV)
+        if not found:
+            raise UserError(
+                f"pool {name!r} has no limit parameter: set {LIMIT_PARAMETER_ENV} (here and "
+                "on the dispatcher, which then needs one restart) to an SSM parameter "
+                "holding the limit, or pass --parameter NAME"
+            )
+        arn = env.get(ENV_PREFIX + "STATE_MACHINE_ARN")
+        return LimitTarget(name, found, arn, refresh, "environment")
+    try:
+        globals_, layout = read_file(Path(path))
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    if REFRESH_ENV not in env and "limit_refresh_interval" in globals_:
+        refresh = _refresh(
+            str(globals_["limit_refresh_interval"]), f"{path} limit_refresh_interval"
+        )
+    names = [p.name for p in layout.pools]
+    if pool is None:
+        if len(names) > 1:
+            raise UserError(f"give --pool: {path} has pools {', '.join(names)}")
+        pool = names[0]
+    if pool not in names:
+        raise UserError(f"--pool {pool!r} is not in {path}: its pools are {', '.join(names)}")
+    config = layout.pool(pool)
+    found = parameter or config.limit_parameter
+    if not found:
+        raise UserError(
+            f'pool {pool!r} has no limit parameter: add limit_parameter = "/NAME" to '
+            f"[pools.{pool}] in {path} (an SSM parameter holding the limit; the dispatcher "
+            "then needs one restart), or pass --parameter NAME"
+        )
+    return LimitTarget(pool, found, config.state_machine_arn, refresh, path)
+
+
+def _refresh(text: str | None, where: str) -> float:
+    if text is None:
+        return DEFAULT_REFRESH
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UserError(f"{where}={text!r} is invalid: give seconds > 0")
+    return value
+
+
+async def read_limit(ssm: SSMClient, parameter: str) -> int:
+    """The limit a parameter holds now; UserError when it is missing or holds no limit."""
+    try:
+        response = await ssm.get_parameter(Name=parameter)
+    except AWS_ERRORS as exc:
+        if error_code(exc) == "ParameterNotFound":
+            raise UserError(
+                f"SSM parameter {parameter} does not exist: create it with the limit, e.g. "
+                f"aws ssm put-parameter --name {parameter} --type String --value 10"
+            ) from None
+        raise UserError(f"cannot read SSM parameter {parameter}: {exc}") from None
+    try:
+        return parse_limit(str(response.get("Parameter", {}).get("Value", "")))
+    except ValueError as exc:
+        raise UserError(f"SSM parameter {parameter}: {exc}") from None
+
+
+async def write_limit(ssm: SSMClient, parameter: str, limit: int, note: str) -> None:
+    """Overwrite the parameter with ``limit``; ``note`` becomes its description (shown in
+    the console and the parameter's history, so a pause says who paused and from what)."""
+    try:
+        await ssm.put_parameter(
+            Name=parameter, Value=str(limit), Overwrite=True, Description=note[:1024]
+        )
+    except AWS_ERRORS as exc:
+        raise UserError(
+            f"cannot write SSM parameter {parameter}: {exc} (needs ssm:PutParameter on it)"
+        ) from None
+
+
+async def last_running_limit(ssm: SSMClient, parameter: str) -> int | None:
+    """The newest non-zero limit in the parameter's history (what ``resume`` restores),
+    or None when every version kept (SSM keeps the last 100) is 0 or not a limit."""
+    found: tuple[int, int] | None = None  # (version, limit)
+    kwargs: dict[str, Any] = {"Name": parameter, "MaxResults": 50}
+    try:
+        while True:
+            page = await ssm.get_parameter_history(**kwargs)
+            for entry in page.get("Parameters", []):
+                try:
+                    limit = parse_limit(str(entry.get("Value", "")))
+                except ValueError:
+                    continue
+                version = int(entry.get("Version", 0))
+                if limit > 0 and (found is None or version > found[0]):
+                    found = (version, limit)
+            if not page.get("NextToken"):
+                break
+            kwargs["NextToken"] = page["NextToken"]
+    except AWS_ERRORS as exc:
+        raise UserError(
+            f"cannot read the history of SSM parameter {parameter}: {exc} (needs "
+            "ssm:GetParameterHistory on it; or pass --limit N)"
+        ) from None
+    return None if found is None else found[1]

@@ -2,7 +2,8 @@
 
 `submit_requests` is what ``sfn-dispatcher submit``, the demo and the benchmarks use. An
 entry that SQS rejects is reported with its code and message, never dropped; only entries
-SQS marks as not the sender's fault are retried.
+SQS marks as not the sender's fault are retried. docs/producers.md shows it in use, next to
+plain boto3 and AWS CLI producers.
 """
 
 from __future__ import annotations

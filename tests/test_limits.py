@@ -1,14 +1,18 @@
-"""Live limits without AWS: parsing a limit, and what a config reload may change."""
+"""Live limits without AWS: parsing a limit, what a config reload may change, and reading
+the parameter for pause and resume."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
 
+from dispatcher.errors import UserError
 from dispatcher.layout import load
-from dispatcher.limits import LiveLimits, parse_limit
+from dispatcher.limits import LiveLimits, last_running_limit, parse_limit, read_limit
 from dispatcher.metrics import Metrics
 from dispatcher.pool import Pool
 from dispatcher.rate import RateLimiters
@@ -72,3 +76,43 @@ def test_a_reload_applies_limits_and_leaves_structure_alone(tmp_path: Path) -> N
     assert (pool.ledger.limit, pool.ledger.per_key_limit) == (5, 2)
     assert pool.config.key_attribute == "tenant"
     assert limits.layout.pools[0].key_attribute == "tenant"
+
+
+# --- the operator's side: reading the parameter for pause/resume/drain ----------------------
+
+
+class FakeSsm:
+    """A parameter's history in pages of two (newest version last, as SSM lists it)."""
+
+    def __init__(self, values: list[str]) -> None:
+        self.values = values
+        self.pages = 0
+
+    async def get_parameter_history(self, **kwargs: Any) -> dict[str, Any]:
+        """One page of two versions."""
+        self.pages += 1
+        start = int(kwargs.get("NextToken", 0))
+        entries = [
+            {"Version": n + 1, "Value": v}
+            for n, v in enumerate(self.values)
+            if start <= n < start + 2
+        ]
+        more = start + 2 < len(self.values)
+        return {"Parameters": entries, **({"NextToken": str(start + 2)} if more else {})}
+
+    async def get_parameter(self, **kwargs: Any) -> dict[str, Any]:
+        """Missing, as SSM says it."""
+        error = {"Error": {"Code": "ParameterNotFound", "Message": "nope"}}
+        raise ClientError(error, "GetParameter")  # type: ignore[arg-type]
+
+
+async def test_resume_finds_the_newest_non_zero_limit_across_pages() -> None:
+    fake = FakeSsm(["5", "9", "0", "x", "0"])
+    assert await last_running_limit(fake, "/l") == 9  # type: ignore[arg-type]
+    assert fake.pages == 3
+    assert await last_running_limit(FakeSsm(["0", "0"]), "/l") is None  # type: ignore[arg-type]
+
+
+async def test_a_missing_parameter_says_how_to_create_it() -> None:
+    with pytest.raises(UserError, match=r"SSM parameter /l does not exist: create it with"):
+        await read_limit(FakeSsm([]), "/l")  # type: ignore[arg-type]

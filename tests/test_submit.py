@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,13 +12,18 @@ import anyio
 import pytest
 
 from dispatcher.cli import main
+from dispatcher.config import InputFormat
+from dispatcher.layout import PoolConfig
 from dispatcher.producer import endpoint_for
+from dispatcher.requests import StartRequest, parse, string_attributes
 from dispatcher.sandbox import SandboxResources
 from dispatcher.submit import (
     IDEMPOTENCY_ATTRIBUTE,
     FailedEntry,
     SubmitItem,
     generate,
+    parse_seconds,
+    read_jsonl,
     submit_requests,
 )
 from tests.helpers import queue_depth, receive_all
@@ -88,9 +94,7 @@ async def test_cli_sends_exactly_the_requested_messages(
     bodies = [json.loads(m["Body"]) for m in messages]
     keys = sorted(m["MessageAttributes"][IDEMPOTENCY_ATTRIBUTE]["StringValue"] for m in messages)
     assert keys == sorted(f"job-{n}" for n in range(1, 51))
-    assert all(
-        1.0 <= b["seconds"] <= 3.0 and round(b["seconds"], 1) == b["seconds"] for b in bodies
-    )
+    assert all(type(b["seconds"]) is int and 1 <= b["seconds"] <= 3 for b in bodies)
     assert sum(1 for b in bodies if b.get("fail") is True) == 10
     assert all(set(b) <= {"seconds", "fail"} for b in bodies)
     assert await queue_depth(sandbox.endpoint, sandbox.request_queue_url) == 0
@@ -114,6 +118,34 @@ async def test_cli_reads_json_lines_from_a_file(
         (m["Body"], m["MessageAttributes"][IDEMPOTENCY_ATTRIBUTE]["StringValue"]) for m in messages
     )
     assert got == [('{"fail": true, "note": "x"}', "f-2"), ('{"seconds": 0}', "f-1")]
+
+
+async def test_cli_attributes_reach_the_queue(
+    sandbox: SandboxResources, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--attribute`` on every request; a file line's own attributes win over it."""
+    source = tmp_path / "requests.jsonl"
+    source.write_text(
+        '{"input": {"n": 1}, "attributes": {"tenant": "b", "idempotency-key": "o-1"}}\n{"n": 2}\n',
+        encoding="utf-8",
+    )
+    argv = ["submit", "--queue-url", sandbox.request_queue_url, "--attribute", "tenant=a"]
+    assert await _cli(*argv, "--attribute", "pool=p", "--from-file", str(source)) == 0
+    assert await _cli(*argv, "--count", "1", "--seconds", "2:2") == 0
+    assert capsys.readouterr().out.count("sent ") == 2
+    messages = await receive_all(sandbox.endpoint, sandbox.request_queue_url, count=3)
+    got = sorted(
+        (
+            m["Body"],
+            sorted((k, v["StringValue"]) for k, v in m.get("MessageAttributes", {}).items()),
+        )
+        for m in messages
+    )
+    assert got == [
+        ('{"n": 1}', [("idempotency-key", "o-1"), ("pool", "p"), ("tenant", "b")]),
+        ('{"n": 2}', [("pool", "p"), ("tenant", "a")]),
+        ('{"seconds": 2}', [("tenant", "a")]),
+    ]
 
 
 async def test_rejected_entries_are_reported_not_dropped(
@@ -154,7 +186,7 @@ async def test_missing_queue_is_one_line_exit_2(
 
 
 async def test_thousand_messages_go_in_quickly(sandbox: SandboxResources) -> None:
-    items = generate(1000, (0.0, 1.0), 0.1, "bulk", seed=1)
+    items = generate(1000, (0, 1), 0.1, "bulk", seed=1)
     report = await submit_requests(
         sandbox.request_queue_url, items, endpoint_url=sandbox.endpoint, total=1000
     )
@@ -245,7 +277,28 @@ async def test_batches_never_exceed_ten_entries_or_256_kib() -> None:
     [
         (["--count", "5", "--seconds", "3:1"], "--seconds '3:1' is invalid: MIN must not exceed"),
         (["--count", "5", "--seconds=-1:2"], "--seconds '-1:2' is invalid: MIN and MAX"),
-        (["--count", "5", "--seconds", "a:b"], "--seconds 'a:b' is invalid: give MIN:MAX"),
+        (["--count", "5", "--seconds", "a:b"], "--seconds 'a:b' is invalid: give whole seconds"),
+        (["--count", "5", "--seconds", "1.5:2"], "--seconds '1.5:2' is invalid: give whole"),
+        (
+            ["--count", "5", "--seconds", "1:100000000"],
+            "--seconds '1:100000000' is invalid: a Wait state waits at most 99999999",
+        ),
+        (["--count", "5", "--attribute", "tenant"], "--attribute 'tenant' is invalid: give NAME="),
+        (["--count", "5", "--attribute", "AWS.x=1"], "--attribute 'AWS.x=1' is invalid: names"),
+        (["--count", "5", "--attribute", "a b=1"], "--attribute 'a b=1' is invalid: a name is"),
+        (["--count", "5", "--attribute", "tenant="], "--attribute 'tenant=' is invalid: the value"),
+        (
+            ["--count", "5", "--attribute", "dispatcher-reason=x"],
+            "--attribute 'dispatcher-reason=x' is invalid: dispatcher-* names are reserved",
+        ),
+        (
+            ["--count", "5", "--attribute", "idempotency-key=a b"],
+            "--attribute 'idempotency-key=a b' is invalid: idempotency-key is 1-80",
+        ),
+        (
+            ["--count", "5", "--attribute", "idempotency-key=a", "--idempotency-keys", "p"],
+            "--attribute idempotency-key=... and --idempotency-keys both name the execution",
+        ),
         (["--count", "5", "--fail-ratio", "2"], "--fail-ratio 2 is invalid: give 0 to 1"),
         (["--count", "0"], "--count 0 is invalid"),
         (["--count", "5", "--rate", "0"], "--rate 0 is invalid"),
@@ -274,6 +327,16 @@ def test_missing_queue_url_names_the_variable(capsys: pytest.CaptureFixture[str]
         ('{"a": 1}\n{"a": \n', "requests.jsonl:2: not JSON"),
         ('{"a": 1}\n\n[1, 2]\n', "requests.jsonl:3: expected a JSON object"),
         ("\n\n", "has no requests"),
+        ('{"a": 1}\n{"input": {}, "attributes": {"t": 1}}\n', "requests.jsonl:2: attribute 't'=1"),
+        ('{"input": {}, "attributes": ["t"]}\n', 'requests.jsonl:1: "attributes" must be'),
+        ('{"a": 1}\n{"a": 2}\n{"input": 3}\n', 'requests.jsonl:3: "input" must be a JSON'),
+        (
+            "".join(f'{{"input": {{}}, "attributes": {{"a{n}": "x"}}}}\n' for n in range(3))
+            + '{"input": {}, "attributes": {'
+            + ", ".join(f'"b{n}": "x"' for n in range(11))
+            + "}}\n",
+            "requests.jsonl:4: 11 message attributes; SQS accepts at most 10",
+        ),
     ],
 )
 def test_bad_file_names_the_line_and_sends_nothing(
@@ -287,14 +350,52 @@ def test_bad_file_names_the_line_and_sends_nothing(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert message in err
+    if "no requests" not in message:
+        assert err.strip().endswith("nothing was sent")
+
+
+def test_seconds_are_whole_numbers_in_the_body() -> None:
+    """``--seconds 2:2`` gives ``{"seconds": 2}``: SecondsPath takes an integer."""
+    assert parse_seconds("2:2") == (2, 2)
+    assert parse_seconds("4") == (4, 4)
+    assert [item.body for item in generate(3, (2, 2), 0.0, None, seed=1)] == ['{"seconds": 2}'] * 3
+
+
+def test_file_lines_carry_attributes_and_plain_lines_still_work(tmp_path: Path) -> None:
+    source = tmp_path / "requests.jsonl"
+    source.write_text(
+        '{"input": {"n": 1}, "attributes": {"tenant": "a", "idempotency-key": "o-1"}}\n'
+        '{"n": 2}\n'
+        '{"input": {"n": 3}}\n'
+        '{"input": {"n": 4}, "note": "not the request shape: sent as it is"}\n',
+        encoding="utf-8",
+    )
+    items = read_jsonl(source, None, attributes={"tenant": "z", "pool": "p"})
+    assert [(line, item) for line, item in items] == [
+        (1, SubmitItem('{"n": 1}', "o-1", {"tenant": "a", "pool": "p"})),
+        (2, SubmitItem('{"n": 2}', None, {"tenant": "z", "pool": "p"})),
+        (3, SubmitItem('{"n": 3}', None, {"tenant": "z", "pool": "p"})),
+        (
+            4,
+            SubmitItem(
+                '{"input": {"n": 4}, "note": "not the request shape: sent as it is"}',
+                None,
+                {"tenant": "z", "pool": "p"},
+            ),
+        ),
+    ]
+    verbatim = read_jsonl(source, "v", verbatim=True)
+    assert verbatim[0][1] == SubmitItem(
+        '{"input": {"n": 1}, "attributes": {"tenant": "a", "idempotency-key": "o-1"}}', "v-1"
+    )
 
 
 def test_generate_is_seeded_and_exact() -> None:
-    first = list(generate(40, (0.5, 0.7), 0.25, None, seed=3))
-    assert first == list(generate(40, (0.5, 0.7), 0.25, None, seed=3))
+    first = list(generate(40, (5, 7), 0.25, None, seed=3))
+    assert first == list(generate(40, (5, 7), 0.25, None, seed=3))
     bodies = [json.loads(item.body) for item in first]
     assert sum(1 for b in bodies if b.get("fail")) == 10
-    assert {b["seconds"] for b in bodies} <= {0.5, 0.6, 0.7}
+    assert {b["seconds"] for b in bodies} == {5, 6, 7}
     assert all(item.idempotency_key is None for item in first)
     assert [json.loads(i.body) for i in generate(2, None, 0.0, "p", None)] == [{}, {}]
 
@@ -305,3 +406,48 @@ def test_endpoint_comes_from_a_non_aws_queue_url(monkeypatch: pytest.MonkeyPatch
     assert endpoint_for("https://sqs.eu-west-1.amazonaws.com/123456789012/q") is None
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://elsewhere:1")
     assert endpoint_for(local) is None, "a configured endpoint wins"
+
+
+# --- the producer guide's snippets, run as they are -----------------------------------------
+
+GUIDE = Path(__file__).parent.parent / "docs" / "producers.md"
+
+
+def snippet(name: str) -> str:
+    """The code block after ``<!-- snippet: NAME ...-->`` in docs/producers.md."""
+    text = GUIDE.read_text(encoding="utf-8")
+    after = text.split(f"<!-- snippet: {name} ", 1)[1]
+    block = after.split("```", 2)[1]
+    return block.split("\n", 1)[1]  # drop the language tag
+
+
+async def test_the_producer_guide_snippets_send_what_the_dispatcher_reads(
+    sandbox: SandboxResources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """boto3, AWS CLI and helper snippets of docs/producers.md, run against the emulator: each
+    request's key becomes its execution name, and its tenant is the pool's concurrency key."""
+    monkeypatch.setenv("DISPATCHER_REQUEST_QUEUE_URL", sandbox.request_queue_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", sandbox.endpoint)
+    await anyio.to_thread.run_sync(exec, snippet("boto3"), {})
+    await anyio.to_thread.run_sync(exec, snippet("helper"), {})
+    if shutil.which("aws") is not None:  # the AWS CLI is optional on a development machine
+        # AWS CLI v1 ignores AWS_ENDPOINT_URL: name the emulator on the command line.
+        command = snippet("aws-cli").replace("aws sqs", "aws --endpoint-url $AWS_ENDPOINT_URL sqs")
+        cli = await anyio.run_process(["bash", "-c", command], check=False)
+        assert cli.returncode == 0, cli.stderr.decode()
+    expected = {"order-42", "order-43"} if shutil.which("aws") else {"order-42"}
+    expected |= {f"order-{n}" for n in range(100, 120)}
+
+    messages = await receive_all(sandbox.endpoint, sandbox.request_queue_url, count=len(expected))
+    pool = PoolConfig(
+        name="default", state_machine_arn=sandbox.state_machine_arn, key_attribute="tenant"
+    )
+    names = set()
+    for message in messages:
+        request = parse(dict(message), InputFormat.JSON)
+        assert isinstance(request, StartRequest), request
+        names.add(request.name)
+        assert request.input == message["Body"]
+        assert pool.key_attribute is not None
+        assert string_attributes(dict(message))[pool.key_attribute] in {"acme", "globex"}
+    assert names == expected

@@ -1,0 +1,234 @@
+"""``status``, ``pause``, ``resume``, ``drain``: a running dispatcher operated through its SSM
+limit parameter and read through ``/status``; judged from the executions' own records."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from dispatcher.cli import main
+from dispatcher.control import EXIT_NOT_ANSWERING, render_status
+from dispatcher.errors import UserError
+from dispatcher.limits import last_running_limit, limit_target
+from dispatcher.sandbox import SandboxResources
+from dispatcher.submit import SubmitItem, submit_requests
+from tests.helpers import queue_depth, sfn_client, ssm_client, wait_until
+from tests.runner import running
+
+pytestmark = pytest.mark.timeout(60)
+
+ARN = "arn:aws:states:eu-west-1:123456789012:stateMachine:reports"
+QUEUE = "https://sqs.eu-west-1.amazonaws.com/123456789012/requests"
+
+
+async def _cli(*argv: str) -> int:
+    """Run the command in a worker thread (it starts its own event loop)."""
+    return await anyio.to_thread.run_sync(main, list(argv))
+
+
+# --- against a running dispatcher and the emulator ------------------------------------------
+
+
+async def test_pause_drain_resume_a_running_dispatcher(
+    sandbox: SandboxResources,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Paused: requests sent afterwards stay queued; drain returns only once every execution
+    has stopped (by their stop dates); resume brings the old limit back and they start."""
+    for name, value in {
+        "AWS_ENDPOINT_URL": sandbox.endpoint,
+        "DISPATCHER_LIMIT_PARAMETER": sandbox.limit_parameter,
+        "DISPATCHER_STATE_MACHINE_ARN": sandbox.state_machine_arn,
+        "DISPATCHER_LIMIT_REFRESH_INTERVAL": "0.2",
+    }.items():
+        monkeypatch.setenv(name, value)
+    async with ssm_client(sandbox.endpoint) as ssm:
+        await ssm.put_parameter(Name=sandbox.limit_parameter, Value="3", Overwrite=True)
+
+    async def submit(prefix: str) -> None:
+        items = [SubmitItem('{"seconds": 2}', f"{prefix}-{n}") for n in (1, 2)]
+        report = await submit_requests(
+            sandbox.request_queue_url, items, endpoint_url=sandbox.endpoint
+        )
+        assert report.ok
+
+    async with (
+        sfn_client(sandbox.endpoint) as sfn,
+        running(
+            sandbox, limit_parameter=sandbox.limit_parameter, limit_refresh_interval=0.2
+        ) as dispatcher,
+    ):
+        pool = dispatcher.pools["default"]
+        url = f"http://127.0.0.1:{dispatcher.http_port}/status"
+
+        async def executions() -> dict[str, Any]:
+            listed = await sfn.list_executions(stateMachineArn=sandbox.state_machine_arn)
+            return {e["name"]: e for e in listed["executions"]}
+
+        async def names_are(*names: str) -> bool:
+            return set(await executions()) == set(names)
+
+        await wait_until(lambda: _true(pool.ledger.limit == 3), message="limit 3 read")
+        await submit("a")
+        await wait_until(lambda: names_are("a-1", "a-2"), message="a-1, a-2 started")
+
+        assert await _cli("pause") == 0
+        assert "limit 3 -> 0" in capsys.readouterr().out
+        await wait_until(lambda: _true(pool.ledger.limit == 0), message="pause seen")
+        await submit("b")
+
+        assert await _cli("status", "--url", url) == 0
+        table = capsys.readouterr().out  # the in-process dispatcher logs to stdout too
+        row = next(line for line in table.splitlines() if line.startswith("default "))
+        assert row.split()[:4] == ["default", "0", "paused", "2"]
+
+        assert await _cli("drain", "--wait", "--interval", "0.2", "--url", url) == 0
+        drained_at = datetime.now(UTC)  # the emulator runs on this machine's clock
+        out = capsys.readouterr().out
+        assert "already paused" in out
+        assert out.strip().endswith("it stays paused until `resume`")
+        records = await executions()
+        assert set(records) == {"a-1", "a-2"}, "nothing starts while paused"
+        stopped = [
+            (await sfn.describe_execution(executionArn=e["executionArn"])) for e in records.values()
+        ]
+        assert all(e["status"] == "SUCCEEDED" for e in stopped)
+        assert all(e["stopDate"] <= drained_at for e in stopped)
+        assert await queue_depth(sandbox.endpoint, sandbox.request_queue_url) == 2
+
+        assert await _cli("resume") == 0
+        assert "limit 0 -> 3" in capsys.readouterr().out
+        await wait_until(lambda: names_are("a-1", "a-2", "b-1", "b-2"), message="b-1, b-2 started")
+    async with ssm_client(sandbox.endpoint) as ssm:
+        parameter = await ssm.get_parameter(Name=sandbox.limit_parameter)
+    assert parameter["Parameter"]["Value"] == "3"
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_status_json_is_the_dispatchers_document(
+    sandbox: SandboxResources, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running(sandbox) as dispatcher:
+        url = f"http://127.0.0.1:{dispatcher.http_port}/status"
+        assert await _cli("status", "--url", url, "--json") == 0
+        out = capsys.readouterr().out  # the in-process dispatcher logs to stdout too
+        document, _ = json.JSONDecoder().raw_decode(out, out.index("{\n"))
+        assert document["pools"]["default"]["limit"] == dispatcher.pool.ledger.limit
+        assert document["pools"]["default"]["tokens_held"] == 0
+        assert document["role"] == dispatcher.status()["role"]
+
+
+async def test_resume_restores_the_newest_non_zero_limit(sandbox: SandboxResources) -> None:
+    async with ssm_client(sandbox.endpoint) as ssm:
+        for value in ("4", "7", "0", "lots", "0"):
+            await ssm.put_parameter(Name=sandbox.limit_parameter, Value=value, Overwrite=True)
+        assert await last_running_limit(ssm, sandbox.limit_parameter) == 7
+
+
+# --- without AWS ----------------------------------------------------------------------------
+
+
+def test_nothing_answering_is_one_line_and_its_own_exit_status(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["status", "--url", "http://127.0.0.1:1/status", "--timeout", "2"]) == 4
+    assert EXIT_NOT_ANSWERING == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(
+        "sfn-dispatcher status: error: nothing answers at http://127.0.0.1:1/status ("
+    )
+    assert "DISPATCHER_HTTP_PORT" in err
+
+
+def test_the_table_shows_every_pool_and_the_lease() -> None:
+    pool = {"limit": 5, "running": 2, "starting": 1, "in_doubt": 0, "waiting": 3}
+    document = {
+        "role": "leader",
+        "ready": True,
+        "config": "c.toml",
+        "lease": {"owner": "task-1", "epoch": 4, "valid_for_seconds": 9.5},
+        "pools": {
+            "b": {**pool, "queued_estimate": 40, "free": 2, "tokens_held": 1},
+            "a": {**pool, "limit": 0},
+        },
+    }
+    lines = render_status(document, "http://x/status").splitlines()
+    assert lines[0] == (
+        "dispatcher at http://x/status: role leader, ready, lease epoch 4 held by task-1, "
+        "9.5 s left; config c.toml"
+    )
+    assert lines[1].split() == [
+        "POOL", "LIMIT", "RUNNING", "STARTING", "IN", "DOUBT", "WAITING", "QUEUED", "FREE",
+        "TOKENS",
+    ]  # fmt: skip
+    assert lines[2].split() == ["a", "0", "paused", "2", "1", "0", "3", "-", "-", "-"]
+    assert lines[3].split() == ["b", "5", "2", "1", "0", "3", "40", "2", "1"]
+
+
+@pytest.mark.parametrize(
+    ("env", "pool", "message"),
+    [
+        ({}, None, "pool 'default' has no limit parameter: set DISPATCHER_LIMIT_PARAMETER"),
+        (
+            {},
+            "other",
+            "--pool 'other': without a config file (DISPATCHER_CONFIG) the only pool is 'default'",
+        ),
+        ({"DISPATCHER_CONFIG": "TWO"}, None, "give --pool: TWO has pools a, b"),
+        ({"DISPATCHER_CONFIG": "TWO"}, "c", "--pool 'c' is not in TWO: its pools are a, b"),
+        (
+            {"DISPATCHER_CONFIG": "TWO"},
+            "b",
+            "pool 'b' has no limit parameter: add limit_parameter = \"/NAME\" to [pools.b]",
+        ),
+        (
+            {"DISPATCHER_LIMIT_PARAMETER": "/p", "DISPATCHER_LIMIT_REFRESH_INTERVAL": "soon"},
+            None,
+            "DISPATCHER_LIMIT_REFRESH_INTERVAL='soon' is invalid: give seconds > 0",
+        ),
+    ],
+)
+def test_a_pool_without_a_parameter_names_the_setting_to_add(
+    tmp_path: Path, env: dict[str, str], pool: str | None, message: str
+) -> None:
+    two = _two_pools(tmp_path)
+    env = {k: two if v == "TWO" else v for k, v in env.items()}
+    with pytest.raises(UserError) as caught:
+        limit_target(pool, environ=env)
+    assert str(caught.value).startswith(message.replace("TWO", two))
+
+
+def test_the_parameter_comes_from_the_dispatchers_settings(tmp_path: Path) -> None:
+    two = _two_pools(tmp_path)
+    target = limit_target("a", environ={"DISPATCHER_CONFIG": two})
+    assert (target.parameter, target.state_machine_arn, target.refresh_interval) == (
+        "/limits/a",
+        ARN,
+        7.0,
+    )
+    env = {"DISPATCHER_LIMIT_PARAMETER": "/l", "DISPATCHER_STATE_MACHINE_ARN": ARN}
+    target = limit_target(None, environ=env)
+    assert (target.pool, target.parameter, target.refresh_interval) == ("default", "/l", 30.0)
+    assert limit_target(None, "/given", environ={}).parameter == "/given"
+
+
+def _two_pools(tmp_path: Path) -> str:
+    path = tmp_path / "two.toml"
+    path.write_text(
+        "[dispatcher]\nlimit_refresh_interval = 7\n"
+        f'[pools.a]\nstate_machine_arn = "{ARN}"\nlimit_parameter = "/limits/a"\n'
+        f'[pools.b]\nstate_machine_arn = "{ARN}2"\n'
+        f'[[queues]]\nurl = "{QUEUE}"\npools = ["a", "b"]\n',
+        encoding="utf-8",
+    )
+    return str(path)
