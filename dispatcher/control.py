@@ -29,7 +29,7 @@ import aioboto3
 import anyio
 
 from dispatcher.aws import AWS_ERRORS
-from dispatcher.errors import UserError
+from dispatcher.errors import EXIT_NOT_ANSWERING, UserError
 from dispatcher.limits import (
     LimitTarget,
     last_running_limit,
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 STATUS_URL_ENV = "DISPATCHER_STATUS_URL"
 DEFAULT_STATUS_URL = "http://127.0.0.1:8080/status"
-EXIT_NOT_ANSWERING = 4
 EXIT_STILL_RUNNING = 1
 
 

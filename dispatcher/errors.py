@@ -3,10 +3,12 @@
 Exit statuses (also in ``sfn-dispatcher --help`` and the README's exit status table):
 
 - 0: done (``check``: nothing failed);
-- 1: ``check`` found a FAIL line;
+- 1: ``check`` found a FAIL line; ``submit``/``redrive``: some entries were refused (listed);
+  ``drain --wait``: still running when ``--timeout`` passed;
 - 2: usage or configuration error: a bad flag, variable or config file (fix the value named);
 - 3: AWS could not be used at start-up: endpoint unreachable, credentials rejected, a state
   machine or queue missing, a permission or the wiring wrong (fix the account, not the flags);
+- 4: ``status`` (or ``drain --url``): no dispatcher answers at the status URL;
 - 130: interrupted (Ctrl-C).
 """
 
@@ -14,13 +16,16 @@ EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_AWS = 3
+EXIT_NOT_ANSWERING = 4
 EXIT_INTERRUPTED = 130
 
 EXIT_STATUS_HELP = (
-    "exit status: 0 done (check: nothing failed); 1 check found a FAIL line; 2 usage or "
+    "exit status: 0 done (check: nothing failed); 1 check found a FAIL line (submit, "
+    "redrive: some entries refused; drain --wait: timed out); 2 usage or "
     "configuration error (a bad flag, variable or config file); 3 AWS could not be used at "
     "start-up (endpoint unreachable, credentials rejected, a resource missing, a permission or "
-    "the wiring wrong); 130 interrupted. See the README section 'Exit status'."
+    "the wiring wrong); 4 no dispatcher answers at the status URL; 130 interrupted. See the "
+    "README section 'Exit status'."
 )
 
 

@@ -183,7 +183,7 @@ def test_exit_statuses_are_in_the_help_and_the_readme() -> None:
     readme = README.read_text()
     table = readme.split("### Exit status", 1)[1].split("\n\n", 2)[1]
     codes = [row.split("|")[1].strip(" `") for row in table.splitlines()[2:]]
-    assert codes == ["0", "1", "2", "3", "130"]
+    assert codes == ["0", "1", "2", "3", "4", "130"]
 
 
 def test_every_setting_shows_what_it_accepts_and_its_default() -> None:
