@@ -6,6 +6,7 @@ a copy of it. The IAM tests pin the task role to exactly the calls the dispatche
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -402,8 +403,12 @@ def test_the_dead_letter_queue_takes_the_largest_request(template: dict[str, Any
 
 def test_events_queue_accepts_only_the_rule(template: dict[str, Any]) -> None:
     rule_id, _ = _resource(template, "AWS::Events::Rule")
-    _, policy = _resource(template, "AWS::SQS::QueuePolicy")
-    props = policy["Properties"]
+    (props,) = (
+        r["Properties"]
+        for r in template["Resources"].values()
+        if r["Type"] == "AWS::SQS::QueuePolicy"
+        and r["Properties"]["Queues"] == [{"Ref": "EventsQueue"}]
+    )
     assert props["Queues"] == [{"Ref": "EventsQueue"}]
     rule_arn = {"Fn::GetAtt": [rule_id, "Arn"]}
     statements = props["PolicyDocument"]["Statement"]
@@ -459,3 +464,208 @@ def test_loader_understands_every_short_tag() -> None:
         "b": {"Fn::Sub": ["x", {"y": {"Ref": "Z"}}]},
         "c": {"Fn::If": ["C", 1, {"Ref": "AWS::NoValue"}]},
     }
+
+
+# -- the rule's delivery guarantees ---------------------------------------------------------
+
+
+def _queues(template: dict[str, Any]) -> set[str]:
+    return {k for k, v in template["Resources"].items() if v["Type"] == "AWS::SQS::Queue"}
+
+
+def test_rule_target_retries_then_dead_letters_undeliverable_events(
+    template: dict[str, Any],
+) -> None:
+    rule_id, rule = _resource(template, "AWS::Events::Rule")
+    (target,) = rule["Properties"]["Targets"]
+    retry = target["RetryPolicy"]
+    # EventBridge's limits: 0-185 attempts, 60-86400 seconds.
+    assert 0 < retry["MaximumRetryAttempts"] <= 185
+    assert 60 <= retry["MaximumEventAgeInSeconds"] <= 86_400
+    # Past an hour an event is stale: reconcile has corrected the ledger long before.
+    assert retry["MaximumEventAgeInSeconds"] <= 3600
+    dead_letter = target["DeadLetterConfig"]["Arn"]["Fn::GetAtt"]
+    queue_id = dead_letter[0]
+    assert dead_letter == [queue_id, "Arn"]
+    assert queue_id in _queues(template)
+    assert queue_id not in {"EventsQueue", "DeadLetterQueue", "RequestQueue"}, (
+        "undelivered events must not mix with requests or feed the dispatcher"
+    )
+    assert template["Resources"][queue_id]["Properties"]["SqsManagedSseEnabled"] is True
+    # EventBridge may send to it only on behalf of this rule.
+    (policy,) = (
+        r["Properties"]
+        for r in template["Resources"].values()
+        if r["Type"] == "AWS::SQS::QueuePolicy" and r["Properties"]["Queues"] == [{"Ref": queue_id}]
+    )
+    (statement,) = policy["PolicyDocument"]["Statement"]
+    assert statement["Effect"] == "Allow"
+    assert statement["Principal"] == {"Service": "events.amazonaws.com"}
+    assert _as_list(statement["Action"]) == ["sqs:SendMessage"]
+    assert statement["Resource"] == {"Fn::GetAtt": [queue_id, "Arn"]}
+    assert statement["Condition"] == {
+        "ArnEquals": {"aws:SourceArn": {"Fn::GetAtt": [rule_id, "Arn"]}}
+    }
+
+
+# -- alarms --------------------------------------------------------------------------------
+
+
+def _alarms(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        k: v["Properties"]
+        for k, v in template["Resources"].items()
+        if v["Type"] == "AWS::CloudWatch::Alarm"
+    }
+
+
+def _alarm_metrics(alarm: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(namespace, metric name, {dimension: value}) of a plain or a metric-math alarm."""
+    if "MetricName" in alarm:
+        metrics = [alarm]
+    else:
+        metrics = [m["MetricStat"]["Metric"] for m in alarm["Metrics"] if "MetricStat" in m]
+    return [
+        (m["Namespace"], m["MetricName"], {d["Name"]: d["Value"] for d in m["Dimensions"]})
+        for m in metrics
+    ]
+
+
+def _resource_of(template: dict[str, Any], value: Any, type_: str, attribute: str | None) -> str:
+    """The logical id ``value`` refers to (``Ref``, or ``GetAtt`` of ``attribute``); asserts
+    that it is a resource of ``type_`` in this template."""
+    if attribute is None:
+        assert set(value) == {"Ref"}, value
+        logical_id = value["Ref"]
+    else:
+        assert set(value) == {"Fn::GetAtt"}, value
+        logical_id, got = value["Fn::GetAtt"]
+        assert got == attribute, value
+    resource = template["Resources"].get(logical_id)
+    assert resource is not None, f"{logical_id} is not a resource of the template"
+    assert resource["Type"] == type_, f"{logical_id} is a {resource['Type']}, not a {type_}"
+    return str(logical_id)
+
+
+# Every dimension an alarm may use, and what its value must be: a resource of this template
+# (resolved by _resource_of) or the governed state machine.
+def _dimension_target(template: dict[str, Any], namespace: str, name: str, value: Any) -> str:
+    match namespace, name:
+        case "AWS/SQS", "QueueName":
+            return _resource_of(template, value, "AWS::SQS::Queue", "QueueName")
+        case "ECS/ContainerInsights", "ClusterName":
+            return _resource_of(template, value, "AWS::ECS::Cluster", None)
+        case "ECS/ContainerInsights", "ServiceName":
+            return _resource_of(template, value, "AWS::ECS::Service", "Name")
+        case "AWS/States", "StateMachineArn":
+            assert value == {"Ref": "StateMachineArn"}
+            return "StateMachineArn"
+        case "AWS/States", "APIName":
+            assert value == "StartExecution", "the only API the dispatcher calls at volume"
+            return "StartExecution"
+    raise AssertionError(f"unexpected dimension {namespace} {name}={value!r}")
+
+
+# Documented metric names per namespace (SQS, ECS Container Insights, Step Functions).
+KNOWN_METRICS = {
+    "AWS/SQS": {"ApproximateAgeOfOldestMessage", "ApproximateNumberOfMessagesVisible"},
+    "ECS/ContainerInsights": {"RunningTaskCount", "DesiredTaskCount"},
+    "AWS/States": {"ExecutionThrottled", "ThrottledEvents"},
+}
+
+
+def test_every_alarm_watches_a_resource_of_this_template(template: dict[str, Any]) -> None:
+    alarms = _alarms(template)
+    assert alarms
+    for alarm_id, alarm in alarms.items():
+        metrics = _alarm_metrics(alarm)
+        assert metrics, alarm_id
+        for namespace, metric, dimensions in metrics:
+            assert metric in KNOWN_METRICS.get(namespace, set()), (alarm_id, namespace, metric)
+            assert dimensions, f"{alarm_id}: a metric without dimensions watches everything"
+            for name, value in dimensions.items():
+                _dimension_target(template, namespace, name, value)
+
+
+def test_alarms_cover_the_signals_aws_already_has(template: dict[str, Any]) -> None:
+    watched = {
+        (metric, tuple(sorted(_dimension_target(template, ns, n, v) for n, v in dims.items())))
+        for alarm in _alarms(template).values()
+        for ns, metric, dims in _alarm_metrics(alarm)
+    }
+    (events_dead_letters,) = _queues(template) - {"RequestQueue", "DeadLetterQueue", "EventsQueue"}
+    assert watched == {
+        ("ApproximateAgeOfOldestMessage", ("RequestQueue",)),
+        ("ApproximateNumberOfMessagesVisible", ("DeadLetterQueue",)),
+        ("ApproximateAgeOfOldestMessage", ("EventsQueue",)),
+        ("ApproximateNumberOfMessagesVisible", (events_dead_letters,)),
+        ("RunningTaskCount", ("Cluster", "Service")),
+        ("DesiredTaskCount", ("Cluster", "Service")),
+        ("ExecutionThrottled", ("StateMachineArn",)),
+        ("ThrottledEvents", ("StartExecution",)),
+    }
+
+
+def test_dead_letter_alarms_fire_on_the_first_message(template: dict[str, Any]) -> None:
+    for alarm in _alarms(template).values():
+        if alarm.get("MetricName") == "ApproximateNumberOfMessagesVisible":
+            assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+            assert alarm["Threshold"] == 0
+            assert alarm["EvaluationPeriods"] == 1
+            assert alarm["Statistic"] == "Maximum"
+
+
+def test_request_age_alarm_threshold_is_a_parameter(template: dict[str, Any]) -> None:
+    (alarm,) = (
+        a
+        for a in _alarms(template).values()
+        if a.get("MetricName") == "ApproximateAgeOfOldestMessage"
+        and a["Dimensions"][0]["Value"] == {"Fn::GetAtt": ["RequestQueue", "QueueName"]}
+    )
+    assert alarm["Threshold"] == {"Ref": "RequestAgeAlarmSeconds"}
+    parameter = template["Parameters"]["RequestAgeAlarmSeconds"]
+    # A backlog is normal while the limit is reached: the default allows an hour of it.
+    assert parameter["Default"] == 3600
+    assert parameter["MaxValue"] == 1_209_600, "the request queue's retention"
+
+
+def test_task_count_alarm_compares_running_with_desired(template: dict[str, Any]) -> None:
+    (alarm,) = (a for a in _alarms(template).values() if "Metrics" in a)
+    by_id = {m["Id"]: m for m in alarm["Metrics"]}
+    (expression,) = (m for m in alarm["Metrics"] if m.get("ReturnData", True))
+    assert expression["Expression"] == "FILL(desired, 1) - FILL(running, 0)"
+    assert by_id["desired"]["MetricStat"]["Metric"]["MetricName"] == "DesiredTaskCount"
+    assert by_id["running"]["MetricStat"]["Metric"]["MetricName"] == "RunningTaskCount"
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert alarm["Threshold"] == 0
+    # No data at all (Container Insights silent) counts as not running.
+    assert alarm["TreatMissingData"] == "breaching"
+    # Deployments stop the old task first: shorter gaps than 5 minutes are expected.
+    assert alarm["EvaluationPeriods"] * by_id["running"]["MetricStat"]["Period"] >= 300
+    # Those metrics exist only with Container Insights on the cluster.
+    _, cluster = _resource(template, "AWS::ECS::Cluster")
+    settings = cluster["Properties"]["ClusterSettings"]
+    assert {"Name": "containerInsights", "Value": "enabled"} in settings
+
+
+def test_alarms_notify_the_topic_only_when_one_is_given(template: dict[str, Any]) -> None:
+    notify = {"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
+    for alarm_id, alarm in _alarms(template).items():
+        assert alarm["AlarmActions"] == notify, alarm_id
+        assert alarm["OKActions"] == notify, alarm_id
+        assert alarm.get("ActionsEnabled", True) is True
+        assert "AlarmName" not in alarm, "generated names: two stacks must not collide"
+    assert template["Conditions"]["HasAlarmTopic"] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "AlarmTopicArn"}, ""]}]
+    }
+    parameter = template["Parameters"]["AlarmTopicArn"]
+    assert parameter["Default"] == ""
+    pattern = re.compile(parameter["AllowedPattern"])
+    assert pattern.fullmatch("")
+    assert pattern.fullmatch("arn:aws:sns:eu-west-1:123456789012:oncall")
+    assert pattern.fullmatch("arn:aws-us-gov:sns:us-gov-west-1:123456789012:alerts.fifo")
+    assert not pattern.fullmatch("oncall")
+    assert not pattern.fullmatch("arn:aws:sqs:eu-west-1:123456789012:oncall")
+    assert "SNS topic ARN" in parameter["ConstraintDescription"]
+    groups = template["Metadata"]["AWS::CloudFormation::Interface"]["ParameterGroups"]
+    assert any({"AlarmTopicArn", "RequestAgeAlarmSeconds"} <= set(g["Parameters"]) for g in groups)

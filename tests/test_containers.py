@@ -84,6 +84,26 @@ def test_published_ports_are_loopback_only() -> None:
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
 
 
+PUBLISHED_PORT_RE = re.compile(r"^127\.0\.0\.1:\$\{(SFN_STACK_[A-Z]+_PORT):-(\d+)\}:(\d+)$")
+
+
+def test_every_published_port_is_a_documented_variable() -> None:
+    """Two stacks (or a stack and a sandbox) can run side by side: no host port is fixed."""
+    header = COMPOSE.read_text(encoding="utf-8").split("\nservices:", 1)[0]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    names: set[str] = set()
+    for name, service in _services().items():
+        for port in service.get("ports", []):
+            match = PUBLISHED_PORT_RE.match(str(port))
+            assert match is not None, f"{name} publishes {port}: use 127.0.0.1:${{VAR:-N}}:N"
+            variable, default, inside = match.groups()
+            assert default == inside, f"{name}: the default host port is the container's"
+            assert re.search(rf"{variable}\s+\(default {default}\)", header), variable
+            assert variable in readme, f"{variable} is not in the README"
+            names.add(variable)
+    assert len(names) == 4, names
+
+
 def test_third_party_images_are_pinned() -> None:
     emulator_pin = (ROOT / "requirements-emulator.txt").read_text(encoding="utf-8")
     match = re.search(r"^ministack==(\S+)$", emulator_pin, re.MULTILINE)
@@ -233,6 +253,74 @@ def test_dockerfile_has_no_secrets_and_labels_the_version() -> None:
     assert _env(_final_stage(), "ARG")["VERSION"] == _pyproject()["project"]["version"]
 
 
+BUILD_TOOLS = ROOT / "requirements-build.txt"
+PINNED_BASE_RE = re.compile(r"^python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}$")
+
+
+def test_dockerfile_base_image_is_pinned_by_full_version_and_digest() -> None:
+    froms = [i.args.split() for i in _dockerfile() if i.keyword == "FROM"]
+    # One literal base (Dependabot updates no ARG in FROM); every other stage builds on it.
+    image, as_, name = froms[0]
+    assert PINNED_BASE_RE.match(image), f"{image}: pin python:3.11.X-slim-bookworm@sha256:..."
+    assert as_.upper() == "AS"
+    assert all(words[0] == name for words in froms[1:]), froms
+    assert "ARG" not in [i.keyword for i in _dockerfile() if i.stage == -1]
+
+
+def _hashed_pins(path: Path) -> dict[str, str]:
+    """name -> version of a ``--require-hashes`` requirements file; asserts every pin is hashed."""
+    text = path.read_text(encoding="utf-8")
+    pins: dict[str, str] = {
+        canonicalize_name(m.group(1)): m.group(2)
+        for m in re.finditer(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+) \\$", text, re.M)
+    }
+    blocks = re.findall(r"^\S+==\S+ \\\n((?:\s+--hash=sha256:[0-9a-f]{64}\s*\\?\n)+)", text, re.M)
+    assert len(blocks) == len(pins), f"{path.name}: a pin without --hash"
+    return pins
+
+
+def test_dockerfile_build_tools_are_pinned_and_nothing_unpinned_is_fetched() -> None:
+    pins = _hashed_pins(BUILD_TOOLS)
+    assert set(pins) == {"pip", "setuptools"}
+    # The build backend pyproject asks for must be satisfied by the pinned setuptools,
+    # since the wheel is built without isolation (isolation would fetch an unpinned one).
+    (backend,) = (
+        Requirement(r)
+        for r in _pyproject()["build-system"]["requires"]
+        if r.startswith("setuptools")
+    )
+    assert backend.specifier.contains(pins["setuptools"])
+    runs = [i.args for i in _dockerfile() if i.keyword == "RUN"]
+    installs = [r for r in runs if re.search(r"\bpip install\b", r)]
+    wheels = "/tmp/wheels/"  # noqa: S108 - the builder stage's own directory, not the host's
+    assert any("--require-hashes" in r and "-r requirements-build.txt" in r for r in installs)
+    assert any("--require-hashes" in r and "-r requirements.lock" in r for r in installs)
+    for run in installs:
+        for command in run.split("&&"):
+            if re.search(r"\bpip install\b", command):
+                assert "--require-hashes" in command or (
+                    "--no-deps" in command and wheels in command
+                ), f"unpinned install: {command.strip()}"
+    (wheel,) = (r for r in runs if "pip wheel" in r)
+    assert "--no-build-isolation" in wheel
+    assert "--no-deps" in wheel
+
+
+def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies() -> None:
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.startswith("!")
+    }
+    copied = {
+        source.rstrip("/")
+        for i in _dockerfile()
+        if i.keyword == "COPY" and "--from=" not in i.args
+        for source in i.args.split()[:-1]
+    }
+    assert copied == allowed
+
+
 # -- Prometheus and Grafana ----------------------------------------------------------------
 
 
@@ -241,14 +329,17 @@ def test_prometheus_scrapes_the_dispatcher_service() -> None:
     dispatcher = services["dispatcher"]
     port = _env(_final_stage())["DISPATCHER_HTTP_PORT"]
     port = dispatcher.get("environment", {}).get("DISPATCHER_HTTP_PORT", port)
-    assert f"127.0.0.1:{port}:{port}" in dispatcher["ports"]
+    assert f"127.0.0.1:${{SFN_STACK_DISPATCHER_PORT:-{port}}}:{port}" in dispatcher["ports"]
     config = _load_yaml(PROMETHEUS_CONFIG)
     (job,) = (j for j in config["scrape_configs"] if j["job_name"] == "sfn-dispatcher")
     targets = [t for group in job["static_configs"] for t in group["targets"]]
     assert targets == [f"dispatcher:{port}"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
-    mount = "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
-    assert mount in services["prometheus"]["volumes"]
+    # The whole directory, so that rule files named relative to prometheus.yml load too.
+    assert services["prometheus"]["volumes"] == ["./deploy/prometheus:/etc/prometheus:ro"]
+    for rule_file in config.get("rule_files", []):
+        assert not Path(rule_file).is_absolute(), rule_file
+        assert list(PROMETHEUS_CONFIG.parent.glob(rule_file)), f"{rule_file} is not in the mount"
 
 
 def test_prometheus_config_passes_promtool() -> None:
@@ -311,7 +402,8 @@ def test_dashboard_identity_and_layout() -> None:
 
 
 def test_every_datasource_is_the_provisioned_one() -> None:
-    uid = _datasource_uid()
+    # The provisioned source is the default, which the dashboard's ${datasource} picks.
+    uid = "${datasource}" if _datasource_uid() else ""
     dashboard = _dashboard()
     refs = [panel["datasource"] for panel in dashboard["panels"]]
     refs += [
@@ -382,6 +474,7 @@ def test_dashboard_uses_only_exported_metrics_and_labels() -> None:
         unknown = metrics - series.keys()
         assert not unknown, f"{where}: {sorted(unknown)} not exported by the dispatcher"
         available = set().union(*(series[m] for m in metrics))
+        available |= {"job", "instance"}  # target labels: Prometheus adds them
         assert labels <= available, f"{where}: labels {sorted(labels - available)} unknown"
         used |= metrics
     required = {
