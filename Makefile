@@ -8,28 +8,37 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 .PHONY: demo test test-fast lint format bench simulate lock clean help
 
 help:
-	@echo "make demo   - sandbox + dispatcher + 200 requests, limit held, summary"
+	@echo "make demo   - sandbox + dispatcher + 200 requests, limit held, summary (DEMO_ARGS=... for more flags)"
 	@echo "make test   - the full test suite (unit + integration against the emulator)"
 	@echo "make lint   - ruff + mypy strict"
 	@echo "make bench  - benchmarks, results in bench/results/"
 	@echo "make simulate - the deterministic simulation: 2,000 seeds, then each fixed bug put back"
 	@echo "make lock   - refresh requirements.lock (pinned runtime deps for the image)"
 
-$(VENV)/.installed: pyproject.toml
+# Two stamps: `make demo` needs only the package and its runtime dependencies
+# (.runtime); test, lint and the rest add the dev extra (mypy, cfn-lint, hypothesis,
+# matplotlib, ...), which takes minutes to install and the demo never imports.
+$(VENV)/.runtime: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (found %s); set PYTHON=python3.11" % sys.version.split()[0])'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) -e .
+	@touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[dev]'
 	@touch $@
 
 # The emulator lives in its own virtualenv: it pins a botocore that aiobotocore cannot use.
+# It also holds the AWS CLI v1 (`.venv-emulator/bin/aws`) that tests the sandbox's printed commands.
 $(EMULATOR_VENV)/.installed: requirements-emulator.txt
 	@test -x $(EMULATOR_VENV)/bin/python || $(PYTHON) -m venv $(EMULATOR_VENV)
 	$(EMULATOR_VENV)/bin/python -m pip install $(PIP_FLAGS) -r requirements-emulator.txt
 	@touch $@
 
-demo: $(VENV)/.installed $(EMULATOR_VENV)/.installed
-	$(VENV)/bin/sfn-dispatcher demo
+# Runtime dependencies only: the first run on a fresh clone installs no dev tools.
+demo: $(VENV)/.runtime $(EMULATOR_VENV)/.installed
+	$(VENV)/bin/sfn-dispatcher demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed $(EMULATOR_VENV)/.installed
 	$(PY) -m pytest

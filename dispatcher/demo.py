@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -34,7 +35,6 @@ from dispatcher.records import Execution, list_executions, max_overlap
 from dispatcher.sandbox.emulator import Emulator
 from dispatcher.sandbox.provision import provision
 from dispatcher.service import Dispatcher
-from dispatcher.submit import generate
 
 if TYPE_CHECKING:
     from types_aiobotocore_stepfunctions import SFNClient
@@ -176,7 +176,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="give up waiting after SECONDS (default: from the work sent and the limit)",
     )
     parser.add_argument("--port", type=int, default=0, help="emulator port (default: any free)")
-    parser.add_argument("--log-file", type=Path, help="dispatcher log (default: a temp file)")
+    parser.add_argument(
+        "--log-file",
+        type=Path,
+        metavar="PATH",
+        help="dispatcher log (default: a new sfn-dispatcher-demo-*.log in the temp directory, "
+        "so two demos never share one); printed at the start and the end",
+    )
     parser.set_defaults(func=run)
 
 
@@ -223,9 +229,48 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; exit 0 when every request was served, the limit held, and every parent
     ended as designed."""
     plan = plan_from(args)
-    result = anyio.run(_demo, plan)
+    log_path = plan.log_file or new_log_file()
+    result = anyio.run(_demo, plan, log_path)
     print("\n" + summary(result))
+    print(f"dispatcher log: {log_path}", file=sys.stderr)
     return 0 if result.ok else 1
+
+
+def new_log_file() -> Path:
+    """A fresh, uniquely named log file in the temp directory (created empty, mode 0600)."""
+    import tempfile  # noqa: PLC0415 - keep `--help` light
+
+    fd, name = tempfile.mkstemp(prefix="sfn-dispatcher-demo-", suffix=".log")
+    os.close(fd)
+    return Path(name)
+
+
+def demo_requests(
+    count: int, seconds: tuple[float, float], fail_ratio: float, seed: int | None = None
+) -> list[SubmitItem]:
+    """Plain demo requests: ``{"seconds": S}`` with S a whole number of seconds (a Wait
+    state's ``SecondsPath`` must be an integer), exactly ``round(count * fail_ratio)`` of them
+    also ``"fail": true``."""
+    rng = random.Random(seed)
+    low, high = seconds
+    failing = set(rng.sample(range(count), round(count * fail_ratio)))
+    items: list[SubmitItem] = []
+    for index in range(count):
+        body: dict[str, Any] = {"seconds": whole_seconds(rng.uniform(low, high), low, high)}
+        if index in failing:
+            body["fail"] = True
+        items.append(SubmitItem(json.dumps(body)))
+    return items
+
+
+def whole_seconds(value: float, low: float, high: float) -> int:
+    """``value`` rounded to an int, kept within ``[low, high]`` where a whole number fits
+    (``1.5:1.7`` has none: then the nearest, never below 0)."""
+    rounded = round(value)
+    lowest, highest = math.ceil(low), math.floor(high)
+    if lowest <= highest:
+        rounded = min(max(rounded, lowest), highest)
+    return max(0, rounded)
 
 
 def summary(result: DemoResult) -> str:
@@ -295,16 +340,21 @@ def parent_inputs(
     inputs: dict[str, dict[str, Any]] = {}
     for number in range(1, parents + 1):
         children: list[dict[str, Any]] = [
-            {"seconds": max(0, round(rng.uniform(low, high)))} for _ in range(items)
+            {"seconds": whole_seconds(rng.uniform(low, high), low, high)} for _ in range(items)
         ]
         children[-1]["fail"] = True
         inputs[f"parent-{number:03d}"] = {"items": children}
     return inputs
 
 
-async def _demo(plan: Plan) -> DemoResult:
-    log_path = plan.log_file or Path(_tempdir()) / "sfn-dispatcher-demo.log"
-    with log_path.open("w") as log_file:
+async def _demo(plan: Plan, log_path: Path) -> DemoResult:
+    try:
+        log_file = log_path.open("w")
+    except OSError as exc:
+        from dispatcher.errors import UserError  # noqa: PLC0415
+
+        raise UserError(f"cannot write --log-file {log_path}: {exc.strerror}") from None
+    with log_file:
         logs.configure("INFO", LogFormat.JSON, stream=log_file)
         print(f"dispatcher log: {log_path}", file=sys.stderr)
         async with Emulator(port=plan.port) as emulator:
@@ -326,7 +376,7 @@ async def _demo(plan: Plan) -> DemoResult:
             items: list[SubmitItem] = []
             bad = BAD_REQUESTS if plan.count else ()
             if plan.count:
-                items = list(generate(plan.count, plan.seconds, plan.fail_ratio, None, seed=None))
+                items = demo_requests(plan.count, plan.seconds, plan.fail_ratio)
                 items += [SubmitItem(body) for body in bad]
             inputs = parent_inputs(plan.parents, plan.items, plan.seconds)
             print(f"giving up after {plan.timeout:g} s (--timeout)", file=sys.stderr)
@@ -459,9 +509,3 @@ async def _watch(dispatcher: Dispatcher, sent: int, bad: int) -> None:
             if (pool.finished_total >= valid and dead >= bad) or dispatcher.health.stopping:
                 return
             await anyio.sleep(0.2)  # a display refresh, not synchronisation
-
-
-def _tempdir() -> str:
-    import tempfile  # noqa: PLC0415
-
-    return tempfile.gettempdir()

@@ -17,6 +17,8 @@ from dispatcher.demo import (
     ParentOutcome,
     Plan,
     default_timeout,
+    demo_requests,
+    new_log_file,
     parent_inputs,
     plan_from,
     summary,
@@ -77,6 +79,63 @@ def test_each_parent_maps_whole_seconds_and_its_last_child_fails() -> None:
         assert [c.get("fail", False) for c in children] == [False, False, False, True]
     assert parent_inputs(3, 4, (0.5, 2.5), seed=7) == inputs, "a seed replays"
     assert parent_inputs(1, 1, (1, 1))["parent-001"] == {"items": [{"seconds": 1, "fail": True}]}
+
+
+@pytest.mark.parametrize(
+    ("seconds", "allowed"),
+    [((1, 3), {1, 2, 3}), ((0.5, 2.5), {1, 2}), ((1.2, 1.8), {1, 2}), ((0, 0.4), {0})],
+)
+def test_plain_requests_wait_whole_seconds(seconds: tuple[float, float], allowed: set[int]) -> None:
+    """AWS documents a Wait state's SecondsPath as an integer: never send 2.3."""
+    bodies = [json.loads(item.body) for item in demo_requests(200, seconds, 0.05, seed=3)]
+    assert all(type(body["seconds"]) is int for body in bodies), bodies[:5]
+    assert {body["seconds"] for body in bodies} <= allowed
+    assert sum(body.get("fail", False) for body in bodies) == 10
+    assert all(set(body) <= {"seconds", "fail"} for body in bodies)
+
+
+def test_each_demo_gets_its_own_log_file() -> None:
+    first, second = new_log_file(), new_log_file()
+    try:
+        assert first != second
+        assert first.name.startswith("sfn-dispatcher-demo-")
+        assert first.suffix == ".log"
+        assert first.stat().st_mode & 0o777 == 0o600
+    finally:
+        first.unlink()
+        second.unlink()
+    assert plan("--log-file", "demo.log").log_file == Path("demo.log")
+    assert plan().log_file is None, "no fixed default path: run() makes a new file"
+
+
+def _make_dry_run(target: str, tmp_path: Path) -> str:
+    done = subprocess.run(
+        [
+            "make",
+            "--dry-run",
+            "--always-make",
+            target,
+            f"VENV={tmp_path / 'venv'}",
+            f"EMULATOR_VENV={tmp_path / 'emulator'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return done.stdout
+
+
+def test_make_demo_installs_no_dev_extra(tmp_path: Path) -> None:
+    """The first `make demo` installed mypy, cfn-lint, matplotlib, hypothesis: minutes."""
+    demo = _make_dry_run("demo", tmp_path)
+    assert "pip install --quiet --disable-pip-version-check -e ." in demo
+    assert "[dev]" not in demo, demo
+    assert "-r requirements-emulator.txt" in demo
+    assert "sfn-dispatcher demo" in demo
+    for target in ("test", "lint"):
+        assert "-e '.[dev]'" in _make_dry_run(target, tmp_path), target
 
 
 # --- what a parent saw -----------------------------------------------------------------------
@@ -250,3 +309,14 @@ def test_the_demo_with_parents_holds_the_limit_and_every_parent_gets_its_answers
         "Maximum concurrency from the executions' own start/stop dates: 2 (limit 2: held), "
         "across the parents' 9 children."
     )
+    # No --log-file: a log of its own, named at the end (two demos never share one).
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("dispatcher log: "), done.stderr[-500:]
+    log = Path(last.removeprefix("dispatcher log: "))
+    try:
+        assert log.name.startswith("sfn-dispatcher-demo-")
+        assert log.name != "sfn-dispatcher-demo.log"
+        events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+        assert "dispatcher.execution_started" in events, events[:20]
+    finally:
+        log.unlink(missing_ok=True)

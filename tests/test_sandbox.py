@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+import aioboto3
 import anyio
 import pytest
 from botocore.exceptions import ClientError
@@ -35,6 +36,7 @@ from dispatcher.sandbox import (
     provision,
 )
 from dispatcher.sandbox.emulator import probe
+from dispatcher.sandbox.provision import TEST_CREDENTIALS
 from tests.conftest import SandboxFactory, unique_prefix
 from tests.helpers import (
     delete_sandbox,
@@ -273,6 +275,128 @@ def test_sigkill_of_the_sandbox_leaves_no_emulator_behind(
         shutil.rmtree(workdir, ignore_errors=True)  # nobody was left to clean it up
 
 
+AWS_CLI_V1 = REPO / ".venv-emulator" / "bin" / "aws"
+
+
+def _printed_commands(stderr: _Lines) -> list[str]:
+    """The shell lines the sandbox's hint tells a human to run, in the order printed."""
+    seen, _ = stderr.until(r"stepfunctions start-execution", timeout=10)
+    commands = [m[1] for line in seen if (m := re.match(r"^# in another shell: (.+)$", line))]
+    commands += [m[1] for line in seen if (m := re.match(r"^#\s+(aws .+)$", line))]
+    return commands
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("region", ["us-east-1", "eu-west-1"])
+def test_the_printed_commands_work_with_the_real_aws_cli_v1(region: str, tmp_path: Path) -> None:
+    """The AWS CLI v1 sends `aws sqs` to queue.amazonaws.com (us-east-1) or
+    <region>.queue.amazonaws.com despite AWS_ENDPOINT_URL: what the sandbox prints must work
+    anyway, in a second shell that loads the settings the way the hint says. (About 6 s.)"""
+    assert AWS_CLI_V1.is_file(), f"{AWS_CLI_V1} is missing: `make test` installs it"
+    version = subprocess.run(
+        [str(AWS_CLI_V1), "--version"], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert (version.stdout + version.stderr).startswith("aws-cli/1."), version
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dispatcher",
+            "sandbox",
+            "--port",
+            str(free_port()),
+            "--region",
+            region,
+            "--prefix",
+            "cli",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    stdout, stderr = _Lines(process.stdout), _Lines(process.stderr)
+    try:
+        _, _, env, _ = _emulator_of(stdout, stderr)
+        assert env["AWS_DEFAULT_REGION"] == region
+        assert f":states:{region}:" in env["DISPATCHER_STATE_MACHINE_ARN"]
+        commands = _printed_commands(stderr)
+        assert len(commands) == 4, commands
+        assert f"--region {region}" in commands[0] or region == "us-east-1"
+        # A second shell: no settings but what the printed `eval` line loads, no user config.
+        bin_dirs = [str(AWS_CLI_V1.parent), str(Path(sys.executable).parent), "/usr/bin", "/bin"]
+        shell_env = {
+            "PATH": os.pathsep.join(bin_dirs),
+            "HOME": str(tmp_path),
+            "AWS_CONFIG_FILE": str(tmp_path / "config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials"),
+            "AWS_MAX_ATTEMPTS": "1",
+        }
+        # One shell, as a human would: load the settings once, then each command.
+        marker = "--- next ---"
+        script = f"set -e; {commands[0]}; " + f"; echo '{marker}'; ".join(commands[1:])
+        done = subprocess.run(
+            ["bash", "-c", script],
+            env=shell_env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, f"{script}\n{done.stderr[-2000:]}"
+        outputs = [json.loads(part) for part in done.stdout.split(marker)]
+        sent, listed, started = outputs
+        assert listed == {"executions": []}, "nothing runs the requests yet"
+        assert ":execution:cli-parent:" in started["executionArn"]
+        assert f":states:{region}:" in started["executionArn"]
+
+        async def check() -> None:
+            session = aioboto3.Session(region_name=region, **TEST_CREDENTIALS)
+            endpoint = env["AWS_ENDPOINT_URL"]
+            async with session.client("sqs", endpoint_url=endpoint) as sqs:
+                got = await sqs.receive_message(
+                    QueueUrl=env["DISPATCHER_REQUEST_QUEUE_URL"], MaxNumberOfMessages=10
+                )
+            ids = {m["MessageId"] for m in got.get("Messages", [])}
+            assert sent["MessageId"] in ids, "the CLI's message reached the sandbox's queue"
+            async with session.client("stepfunctions", endpoint_url=endpoint) as sfn:
+                described = await sfn.describe_execution(executionArn=started["executionArn"])
+            assert described["stateMachineArn"] == env["SFN_DISPATCHER_PARENT_ARN"]
+
+        anyio.run(check)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        stdout.close()
+        stderr.close()
+
+
+def test_every_printed_aws_command_names_the_endpoint() -> None:
+    """The AWS CLI v1 ignores AWS_ENDPOINT_URL for `aws sqs`: only --endpoint-url works."""
+    from dispatcher.sandbox.cli import LIST_EXAMPLE, PARENT_EXAMPLE, SEND_EXAMPLE  # noqa: PLC0415
+
+    for command in (SEND_EXAMPLE, LIST_EXAMPLE, PARENT_EXAMPLE):
+        assert shlex.split(command)[:3] == ["aws", "--endpoint-url", "$AWS_ENDPOINT_URL"]
+
+
+def test_a_bad_region_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sandbox", "--region", "Mars"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "sfn-dispatcher sandbox: error: --region 'Mars' is invalid: give a region name such as "
+        "us-east-1 or eu-west-1"
+    )
+
+
 # --- provisioning ---------------------------------------------------------------------------
 
 
@@ -386,7 +510,7 @@ async def test_demo_machine_status_events_reach_the_events_queue(
 ) -> None:
     async with sfn_client(sandbox.endpoint) as sfn:
         waits = await sfn.start_execution(
-            stateMachineArn=sandbox.state_machine_arn, input=json.dumps({"seconds": 0.3})
+            stateMachineArn=sandbox.state_machine_arn, input=json.dumps({"seconds": 1})
         )
         fails = await sfn.start_execution(
             stateMachineArn=sandbox.state_machine_arn, input=json.dumps({"fail": True})
@@ -411,7 +535,7 @@ async def test_demo_machine_status_events_reach_the_events_queue(
         assert detail["stateMachineArn"] == sandbox.state_machine_arn
         assert {"executionArn", "name", "status", "startDate", "stopDate", "input"} <= set(detail)
     succeeded = next(e["detail"] for e in events if e["detail"]["status"] == "SUCCEEDED")
-    assert succeeded["stopDate"] - succeeded["startDate"] >= 300, "the Wait state waited"
+    assert succeeded["stopDate"] - succeeded["startDate"] >= 1000, "the Wait state waited"
 
 
 async def test_input_without_seconds_succeeds_at_once(sandbox: SandboxResources) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -28,9 +29,26 @@ DEFAULT_PORT = 4566
 DEFAULT_PREFIX = "sfn-dispatcher-demo"
 DEFAULT_LIMIT = 10
 DEFAULT_MAX_RECEIVE_COUNT = 20
+DEFAULT_REGION = "us-east-1"
+REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+# Every `aws` command printed carries --endpoint-url. The AWS CLI v1 ignores
+# AWS_ENDPOINT_URL(_SQS) for `aws sqs` in every region of its SSL common-name table
+# (us-east-1 -> https://queue.amazonaws.com, eu-west-1 -> eu-west-1.queue.amazonaws.com,
+# ...; awscli/customizations/overridesslcommonname.py): that customisation sets the
+# endpoint itself unless --endpoint-url is on the command line. v2 (>= 2.13) honours the
+# variable too, so the flag is merely redundant there.
+AWS = 'aws --endpoint-url "$AWS_ENDPOINT_URL"'
+# A request sent by hand, and what the dispatcher made of it.
+SEND_EXAMPLE = (
+    f'{AWS} sqs send-message --queue-url "$DISPATCHER_REQUEST_QUEUE_URL" '
+    """--message-body '{"seconds": 2}'"""
+)
+LIST_EXAMPLE = (
+    f'{AWS} stepfunctions list-executions --state-machine-arn "$DISPATCHER_STATE_MACHINE_ARN"'
+)
 # A parent run by hand: once a dispatcher runs, it succeeds with 3 results (one an error).
 PARENT_EXAMPLE = (
-    'aws stepfunctions start-execution --state-machine-arn "$SFN_DISPATCHER_PARENT_ARN" '
+    f'{AWS} stepfunctions start-execution --state-machine-arn "$SFN_DISPATCHER_PARENT_ARN" '
     """--input '{"items": [{"seconds": 2}, {"seconds": 1}, {"fail": true}]}'"""
 )
 
@@ -68,6 +86,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--prefix", default=DEFAULT_PREFIX, help=f"name prefix (default {DEFAULT_PREFIX})"
     )
     parser.add_argument(
+        "--region",
+        default=DEFAULT_REGION,
+        metavar="NAME",
+        help=f"the region of the ARNs, printed as AWS_DEFAULT_REGION (default {DEFAULT_REGION})",
+    )
+    parser.add_argument(
         "--limit",
         type=int,
         default=DEFAULT_LIMIT,
@@ -100,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port {args.port} is invalid: give 1 to 65535")
     if args.wait <= 0:
         raise UserError(f"--wait {args.wait:g} is invalid: give a positive number of seconds")
+    if not REGION_RE.match(args.region):
+        raise UserError(
+            f"--region {args.region!r} is invalid: give a region name such as us-east-1 "
+            "or eu-west-1"
+        )
     try:
         result: int = anyio.run(_main, args)
     except BaseExceptionGroup as group:
@@ -140,6 +169,7 @@ async def _provision(args: argparse.Namespace, endpoint: str) -> SandboxResource
         return await provision(
             endpoint,
             prefix=args.prefix,
+            region=args.region,
             limit=args.limit,
             max_receive_count=args.max_receive_count,
         )
@@ -180,6 +210,7 @@ def _hint(emulator: Emulator, args: argparse.Namespace) -> None:
         command = ["sfn-dispatcher", "sandbox", "--endpoint", emulator.endpoint]
         for flag, value, default in (
             ("--prefix", args.prefix, DEFAULT_PREFIX),
+            ("--region", args.region, DEFAULT_REGION),
             ("--limit", args.limit, DEFAULT_LIMIT),
             ("--max-receive-count", args.max_receive_count, DEFAULT_MAX_RECEIVE_COUNT),
         ):
@@ -191,8 +222,12 @@ def _hint(emulator: Emulator, args: argparse.Namespace) -> None:
         f"(log {emulator.log_path}); Ctrl-C stops it",
         f"# in another shell: {load}",
         "# then: sfn-dispatcher submit --count 20",
-        "# or a workflow waiting for 3 children (task tokens; one fails, caught by it): "
-        + PARENT_EXAMPLE,
+        "# or with the AWS CLI (v1 or v2; v1 needs --endpoint-url for sqs), a request and "
+        "the executions:",
+        f"#   {SEND_EXAMPLE}",
+        f"#   {LIST_EXAMPLE}",
+        "# a workflow waiting for 3 children (task tokens; one fails, caught by it):",
+        f"#   {PARENT_EXAMPLE}",
     ]
     print("\n".join(lines), file=sys.stderr, flush=True)
 

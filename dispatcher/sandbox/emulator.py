@@ -38,6 +38,10 @@ HEALTH_PATH = "/_ministack/health"
 _POLL_INTERVAL = 0.05  # waiting on an external process, not synchronising tests
 _PR_SET_PDEATHSIG = 1
 _SPAWN_ATTEMPTS = 3  # only a picked free port is retried, when another process took it first
+# SIGTERM to SIGKILL. MiniStack's SIGTERM handler calls sys.exit(), and the interpreter then
+# waits for its non-daemon threads: an execution still RUNNING (a parent waiting for a task
+# token) held every stop for the whole grace. Its state is throwaway, so the grace is short.
+STOP_GRACE = 2.0
 
 
 def find_executable() -> Path:
@@ -200,7 +204,7 @@ class Emulator:
                 raise
             return
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = STOP_GRACE) -> None:
         """Stop the emulator (SIGTERM, then SIGKILL after ``timeout``) and clean up."""
         self._discard(keep_log=False, timeout=timeout)
 
@@ -323,7 +327,7 @@ class Emulator:
         text = path.read_text(errors="replace").strip().splitlines()
         return " | ".join(line.strip() for line in text[-lines:] if line.strip())
 
-    def _discard(self, keep_log: bool, timeout: float = 10.0) -> None:
+    def _discard(self, keep_log: bool, timeout: float = STOP_GRACE) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:
