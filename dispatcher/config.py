@@ -7,6 +7,7 @@ variables (``AWS_ENDPOINT_URL`` included) are read by botocore as usual.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -174,7 +175,7 @@ class Settings(BaseSettings):
         default=20, ge=0, le=20, description="SQS long-poll wait per receive."
     )
     receive_concurrency: int = Field(
-        default=2, ge=1, le=64, description="Concurrent receives on the request queue."
+        default=4, ge=1, le=64, description="Concurrent receives on the request queue."
     )
     lease_table: str | None = Field(
         default=None,
@@ -311,13 +312,41 @@ class Settings(BaseSettings):
         scoped = scoped_env(os.environ if env is None else env)
         values = {**(base or {}), **scoped, **kwargs}
         names = given_names(kwargs, env, base=base, base_source=base_source)
+        unknown = unknown_variables(os.environ if env is None else env)
         token = _GIVEN_NAMES.set(names)
         try:
-            return _Given.model_validate(values)
+            settings = _Given.model_validate(values)
         except ValidationError as exc:
-            raise ConfigError(*_describe(exc, values, names)) from None
+            raise ConfigError(*unknown, *_describe(exc, values, names)) from None
         finally:
             _GIVEN_NAMES.reset(token)
+        if unknown:
+            raise ConfigError(*unknown)
+        return settings
+
+
+# DISPATCHER_* variables that are not settings of `run` but are read elsewhere.
+OTHER_VARIABLES = frozenset(
+    {
+        "DISPATCHER_CONFIG",  # the config file (layout.load)
+        "DISPATCHER_STATUS_URL",  # `status`, `drain --url`
+        "DISPATCHER_SANDBOX_EMULATOR",  # the sandbox's emulator command
+    }
+)
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """One line per ``DISPATCHER_*`` variable that names nothing (a typo would otherwise
+    leave the setting at its default, silently), with the closest setting's name."""
+    known = {env_name(k) for k in Settings.model_fields} | OTHER_VARIABLES
+    problems = []
+    for name in sorted(k for k in env if k.upper().startswith(ENV_PREFIX)):
+        if name.upper() in known:
+            continue
+        close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
+        hint = f"did you mean {close[0]}?" if close else "see `sfn-dispatcher run --help`"
+        problems.append(f"{name} is not a setting: {hint}")
+    return problems
 
 
 def given_names(

@@ -117,8 +117,18 @@ def test_log_level_is_case_insensitive() -> None:
 
 
 def test_variable_names_are_case_insensitive_and_foreign_ones_ignored() -> None:
-    settings = load(dispatcher_limit="4", DISPATCHER_NOT_A_SETTING="x", OTHER="y")
+    settings = load(dispatcher_limit="4", DISPATCHER_STATUS_URL="http://x/status", OTHER="y")
     assert settings.limit == 4
+
+
+def test_a_misspelt_variable_is_refused_with_the_setting_it_resembles() -> None:
+    # Ignored, it would leave the limit at its default (10) without a word.
+    with pytest.raises(ConfigError) as info:
+        load(DISPATCHER_LIMT="2", DISPATCHER_NOT_A_SETTING="x", DISPATCHER_LIMIT="bad")
+    lines = str(info.value).splitlines()
+    assert "DISPATCHER_LIMT is not a setting: did you mean DISPATCHER_LIMIT?" in lines
+    assert any(line.startswith("DISPATCHER_NOT_A_SETTING is not a setting") for line in lines)
+    assert any("DISPATCHER_LIMIT" in line and "bad" in line for line in lines)
 
 
 def test_values_are_converted() -> None:
