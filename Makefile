@@ -40,8 +40,11 @@ $(EMULATOR_VENV)/.installed: requirements-emulator.txt
 demo: $(VENV)/.runtime $(EMULATOR_VENV)/.installed
 	$(VENV)/bin/sfn-dispatcher demo $(DEMO_ARGS)
 
+# Three workers on two cores: most integration tests wait on the emulator, not the CPU.
+# Each worker has its own emulator. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 3
 test: $(VENV)/.installed $(EMULATOR_VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --durations=10
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not integration"

@@ -411,7 +411,7 @@ async def test_express_state_machine_is_refused_with_a_reason(
     async with child_process(resources, env) as child:
         with anyio.fail_after(30):
             code = await child.process.wait()
-    assert code == 2
+    assert code == 3  # AWS not usable as configured (errors.EXIT_AWS), not a usage error
     text = " ".join(line.get("text", "") for line in child.lines)
     assert "EXPRESS" in text
     assert "STANDARD" in text

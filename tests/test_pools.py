@@ -341,7 +341,9 @@ async def test_the_start_rate_holds_the_configured_rate(
             "dispatcher_start_rate_limit", {"account": account, "region": region}
         )
     starts = sorted(e.start for e in await records(a))
-    tolerance = 0.15  # the emulator's start dates vs our clock
+    # The emulator's start dates vs our sends: a loaded machine (make test runs tests in
+    # parallel) delays some requests and bunches the next ones by a few hundred ms.
+    tolerance = 0.4
     for i, first in enumerate(starts):
         for j in range(i + 1, len(starts)):
             window = starts[j] - first
