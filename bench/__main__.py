@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         "--pattern",
         action="append",
         choices=tuple(comparison.PATTERNS),
-        help="comparison: run only this pattern (repeatable)",
+        help="comparison: run only this pattern (repeatable; default: "
+        + ", ".join(comparison.DEFAULT_PATTERNS)
+        + ")",
     )
     parser.add_argument(
         "--quick",
@@ -63,7 +65,14 @@ def _configs(
     if not quick:
         return comparison.Config(), throughput.Config(), scale.Config(), fairness.Config()
     return (
-        comparison.Config(requests=100, limit=10, budget_scale=0.5),
+        comparison.Config(
+            requests=100,
+            limit=10,
+            budget_scale=0.5,
+            lags=(0.0, 2.0),
+            sweep_requests=60,
+            delayed_requests=60,
+        ),
         throughput.Config(requests=600, raw_starts=400, delete_messages=200, events=1000),
         scale.Config(running=1000, queued_small=100, queued_large=2000, reconcile_interval=5),
         fairness.Config(big=100, small=5, within=600),
@@ -103,11 +112,12 @@ async def _main(args: argparse.Namespace) -> None:
             return _merged(args.out, document)
 
         cmp_doc = await _scenario(args.out, "comparison", compare)
-        if any(run.name == sfn_dispatcher.NAME for run in runs):
-            # Hand-over comes from the comparison's dispatcher run: same stream, same limit.
-            load = cmp_doc["results"]["patterns"][sfn_dispatcher.NAME]["load"]
-            hand = comparison.handover(runs) | {"load": load}
-            await _scenario(args.out, "handover", _constant(hand))
+        if runs:
+            # Hand-over comes from the comparison's runs: same stream, same limit.
+            patterns = cmp_doc["results"]["patterns"]
+            load = patterns.get(sfn_dispatcher.NAME, {}).get("load")
+            hand = _merged_handover(args.out, comparison.handover(runs), cmp_doc["results"])
+            await _scenario(args.out, "handover", _constant(hand | {"load": load}))
     if "throughput" in chosen:
         await _scenario(args.out, "throughput", lambda: throughput.run(tp_config))
     if "scale" in chosen:
@@ -117,12 +127,28 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def _merged(out: Path, document: dict[str, Any]) -> dict[str, Any]:
-    """Keep the patterns not re-run (``--pattern``) from the last run of the same size."""
+    """Keep the runs not re-run (``--pattern``) from the last run of the same size."""
     previous = report.load(out, "comparison")
     if previous is None or previous["results"]["config"] != document["config"]:
         return document
-    patterns = {**previous["results"]["patterns"], **document["patterns"]}
-    return document | {"patterns": patterns}
+    kept: dict[str, Any] = previous["results"]
+    return kept | document | {"patterns": kept["patterns"] | document["patterns"]}
+
+
+def _merged_handover(
+    out: Path, hand: dict[str, Any], comparison_results: dict[str, Any]
+) -> dict[str, Any]:
+    """Keep the hand-overs of runs not re-run (``--pattern``) from a run of the same size."""
+    config = comparison_results["config"]
+    hand = hand | {"config": config}
+    previous = report.load(out, "handover")
+    if previous is None or previous["results"].get("config") != config:
+        return hand
+    old = previous["results"]
+    merged = hand | {"refill_gap_seconds": old["refill_gap_seconds"] | hand["refill_gap_seconds"]}
+    if "dispatcher_share_seconds" not in hand and "dispatcher_share_seconds" in old:
+        merged["dispatcher_share_seconds"] = old["dispatcher_share_seconds"]
+    return merged
 
 
 def _constant(value: dict[str, Any]) -> Callable[[], Awaitable[dict[str, Any]]]:

@@ -172,7 +172,7 @@ def figures(executions: Sequence[Execution], tenant_names: Sequence[str]) -> dic
 
 async def _enqueue(resources: SandboxResources, cfg: Config) -> int:
     """Send every request, the big tenant's first, each carrying its tenant attribute."""
-    body = f'{{"seconds": {cfg.seconds}}}'
+    body = f'{{"seconds": {cfg.seconds:g}}}'
     sent = 0
     for tenant in tenants(cfg):
         # One tenant at a time: the batches of one submission go out concurrently.

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -23,14 +24,25 @@ class Trace:
     name: str
     work_start: float | None  # entered the Work state (Unix seconds)
     work_stop: float | None  # left it
-    transitions: int  # states entered: what Step Functions Standard bills
-    task_calls: int  # service integrations called (DynamoDB requests, for the semaphore)
+    states_entered: int
+    task_calls: int  # service integrations called, retries included (DynamoDB, semaphore)
+    retries: int  # task attempts after the first, per state entered (Retry fields)
+    # Service calls made by states the history does not show (MiniStack records no events
+    # of states inside a Parallel branch), by resource ARN.
+    unrecorded_calls: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def transitions(self) -> int:
+        """What Step Functions Standard bills: every state entered, and every retry."""
+        return self.states_entered + self.retries
 
 
-async def trace(sfn: SFNClient, execution: Execution) -> Trace:
-    """Page through one execution's history."""
+async def trace(sfn: SFNClient, execution: Execution, work_state: str = WORK_STATE) -> Trace:
+    """Page through one execution's history; the work is the time in ``work_state``."""
     work_start = work_stop = None
-    transitions = task_calls = 0
+    entered = task_calls = retries = 0
+    attempts: int | None = None  # attempts in the recorded Task state we are in, if any
+    unrecorded: Counter[str] = Counter()
     token: str | None = None
     while True:
         kwargs: dict[str, Any] = {"nextToken": token} if token else {}
@@ -40,21 +52,33 @@ async def trace(sfn: SFNClient, execution: Execution) -> Trace:
         for event in page["events"]:
             kind = event["type"]
             if kind.endswith("StateEntered"):
-                transitions += 1
-                if event.get("stateEnteredEventDetails", {}).get("name") == WORK_STATE:
+                entered += 1
+                attempts = 0 if kind == "TaskStateEntered" else None
+                if event.get("stateEnteredEventDetails", {}).get("name") == work_state:
                     work_start = event["timestamp"].timestamp()
             elif kind.endswith("StateExited"):
-                if event.get("stateExitedEventDetails", {}).get("name") == WORK_STATE:
+                attempts = None
+                if event.get("stateExitedEventDetails", {}).get("name") == work_state:
                     work_stop = event["timestamp"].timestamp()
             elif kind == "TaskScheduled":
                 task_calls += 1
+                if attempts is None:
+                    unrecorded[event["taskScheduledEventDetails"]["resource"]] += 1
+                else:
+                    retries += attempts > 0
+                    attempts += 1
         token = page.get("nextToken")
         if not token:
-            return Trace(execution.name, work_start, work_stop, transitions, task_calls)
+            return Trace(
+                execution.name, work_start, work_stop, entered, task_calls, retries, unrecorded
+            )
 
 
 async def trace_all(
-    sfn: SFNClient, executions: Sequence[Execution], concurrency: int = 16
+    sfn: SFNClient,
+    executions: Sequence[Execution],
+    concurrency: int = 16,
+    work_state: str = WORK_STATE,
 ) -> dict[str, Trace]:
     """Trace every execution, ``concurrency`` at a time; keyed by execution name."""
     out: dict[str, Trace] = {}
@@ -62,7 +86,7 @@ async def trace_all(
 
     async def one(execution: Execution) -> None:
         async with limiter:
-            out[execution.name] = await trace(sfn, execution)
+            out[execution.name] = await trace(sfn, execution, work_state)
 
     async with anyio.create_task_group() as tg:
         for execution in executions:

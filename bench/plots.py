@@ -15,6 +15,8 @@ COLOURS = {
     "sfn-dispatcher": "#1b7837",
     "check-then-act": "#b2182b",
     "dynamodb-semaphore": "#2166ac",
+    "dynamodb-semaphore-simplified": "#67a9cf",
+    "dispatcher_events_delayed": "#7fbc41",
 }
 
 
@@ -65,6 +67,38 @@ def concurrency(comparison: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def lag_sweep(comparison: dict[str, Any], path: Path) -> None:
+    """Check-then-act's work in progress over time, one panel per ListExecutions lag."""
+    sweep: dict[str, Any] = comparison["check_then_act_lag_sweep"]
+    limit = comparison["config"]["limit"]
+    fig, axes = plt.subplots(len(sweep), 1, figsize=(11, 2.4 * len(sweep)), sharex=True)
+    axes_list = list(axes) if len(sweep) > 1 else [axes]
+    peak = max(max((p[1] for p in d["series"]["work"]), default=0) for d in sweep.values())
+    for ax, (lag, doc) in zip(axes_list, sweep.items(), strict=True):
+        xs, ys = _steps(doc["series"]["work"])
+        ax.step(xs, ys, where="post", color=COLOURS["check-then-act"], linewidth=1.1)
+        ax.axhline(limit, color="black", linestyle="--", linewidth=1, label=f"limit {limit}")
+        ax.set_ylim(0, max(peak, limit) * 1.2)
+        ax.set_ylabel("running")
+        ax.set_title(
+            f"ListExecutions {lag} s old: max {doc.get('max_concurrency')}, "
+            f"{doc.get('seconds_above_limit', 0):.1f} s above the limit, "
+            f"{doc['extra']['dead_lettered']} dead-lettered",
+            fontsize=10,
+            loc="left",
+        )
+        ax.legend(loc="upper right", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes_list[-1].set_xlabel("seconds since the first request was sent")
+    fig.suptitle(
+        "check-then-act against a lagging ListExecutions (from the executions' own records)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def handover(document: dict[str, Any], path: Path) -> None:
     """Left: the dispatcher's own share of a hand-over. Right: slot refill gap per pattern."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
@@ -91,7 +125,8 @@ def handover(document: dict[str, Any], path: Path) -> None:
             continue
         negative = sum(1 for g in gaps["samples"] if g < 0)
         cdf = [(i + 1) / len(values) for i in range(len(values))]
-        label = f"{name}: p50 {gaps['p50']:.2f} s, p99 {gaps['p99']:.2f} s"
+        shown = "sfn-dispatcher, events delayed" if name == "dispatcher_events_delayed" else name
+        label = f"{shown}: p50 {gaps['p50']:.2f} s, p99 {gaps['p99']:.2f} s"
         if negative:
             label += f" ({negative} negative: over the limit)"
         right.step(values, cdf, where="post", color=COLOURS.get(name, "black"), label=label)

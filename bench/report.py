@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any
 
 MIB_PER_MB = 1e6 / 2**20  # the targets are in MB (10^6 bytes); /proc reports KiB
-PATTERN_ORDER = ("sfn-dispatcher", "check-then-act", "dynamodb-semaphore")
+PATTERN_ORDER = (
+    "sfn-dispatcher",
+    "check-then-act",
+    "dynamodb-semaphore",
+    "dynamodb-semaphore-simplified",
+)
+SWEEP = "check_then_act_lag_sweep"
+DELAYED = "dispatcher_events_delayed"
+HANDOVER_FALLBACK = "k-th work end to (k + limit)-th work start"
+AWS_LIST_EXECUTIONS_REFILL = 5.0  # per second, the largest regions' ListExecutions refill
 
 
 def write_json(out: Path, scenario: str, document: dict[str, Any]) -> Path:
@@ -106,37 +115,142 @@ def comparison_section(doc: dict[str, Any]) -> list[str]:
             + "; ".join(p["notes"])
             + f". Calls: {', '.join(f'{k} {v:,}' for k, v in p['api_calls'].items())}."
         )
-    return [*lines, ""]
+    return [*lines, "", *lag_sweep_section(doc)]
+
+
+def lag_sweep_section(doc: dict[str, Any]) -> list[str]:
+    """Check-then-act against a lagging ListExecutions: table, plot, what AWS documents."""
+    table = lag_sweep_table(doc)
+    if not table:
+        return []
+    sweep = doc["results"][SWEEP]
+    loads = ", ".join(
+        f"{lag} s: {num(p['load']['machine_busy_cores'])}" for lag, p in sweep.items()
+    )
+    return [
+        "## Check-then-act against a lagging ListExecutions",
+        "",
+        'AWS documents `ListExecutions` as eventually consistent ("This operation is '
+        "eventually consistent. The results are best effort and may not reflect very recent "
+        'updates and changes.", Step Functions API reference, ListExecutions) and gives no '
+        "bound on the lag; MiniStack's listing is immediately consistent. The fault proxy "
+        "(`dispatcher/testing/faults.py`) serves each listing as it was that many seconds "
+        f"earlier. One run per lag on the first {doc['results']['config']['sweep_requests']} "
+        "requests of the stream, the runs side by side, each against its own emulator.",
+        "",
+        *table,
+        "",
+        overshoot_line(doc),
+        "",
+        "*Starts while all slots were taken*: hand-overs with a negative gap (a start before "
+        "any slot was free), from the records. *ListExecutions calls / s*: AWS refills "
+        f"{AWS_LIST_EXECUTIONS_REFILL:g}/s (bucket 200) in the largest regions, so beyond that "
+        "rate the pattern would also be throttled on AWS; MiniStack does not throttle. "
+        f"Machine cores busy during each run: {loads}.",
+        "",
+        "![check-then-act concurrency per lag](lag_sweep.png)",
+        "",
+    ]
+
+
+def lag_sweep_table(doc: dict[str, Any]) -> list[str]:
+    """Check-then-act at each ListExecutions lag: how often and by how much it overshot."""
+    sweep = doc["results"].get(SWEEP)
+    if not sweep:
+        return []
+    limit = doc["results"]["config"]["limit"]
+    rows = [
+        f"| ListExecutions lag (s) | requests | max concurrency (limit {limit}) | seconds above "
+        "limit | starts while all slots were taken | requests dead-lettered | utilisation "
+        "while backlog | makespan (s) | ListExecutions calls / s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for lag, p in sweep.items():
+        extra = p["extra"]
+        rows.append(
+            f"| {lag} | {p['requests']} | {p.get('max_concurrency', 'n/a')} | "
+            f"{num(p.get('seconds_above_limit'), 1)} | "
+            f"{p.get('starts_before_a_slot_was_free', 'n/a')} | {extra['dead_lettered']} | "
+            f"{num(p.get('utilisation_while_backlog'))} | {num(p.get('makespan_seconds'), 1)} | "
+            f"{num(list_rate(p), 1)} |"
+        )
+    return rows
+
+
+def overshoot_line(doc: dict[str, Any]) -> str:
+    """How often check-then-act went over the limit across its stored runs, and how far."""
+    results = doc["results"]
+    limit = results["config"]["limit"]
+    runs = [results["patterns"][n] for n in ("check-then-act",) if n in results["patterns"]]
+    runs += list(results.get(SWEEP, {}).values())
+    runs = [r for r in runs if "max_concurrency" in r]
+    if not runs:
+        return ""
+    over = [r for r in runs if r["max_concurrency"] > limit]
+    worst = max(r["max_concurrency"] for r in runs)
+    return (
+        f"Check-then-act went over the limit in {len(over)} of its {len(runs)} stored runs "
+        f"(the side-by-side run and the lag runs), at most {worst} at limit {limit}."
+    )
+
+
+def list_rate(p: dict[str, Any]) -> float | None:
+    """ListExecutions calls per second over a check-then-act run's backlog."""
+    seconds = p.get("backlog_seconds")
+    calls = p["api_calls"].get("ListExecutions", 0)
+    return calls / seconds if seconds else None
+
+
+def handover_table(doc: dict[str, Any]) -> list[str]:
+    """p50/p99 of every run's hand-over, from the records."""
+    rows = [
+        "| run | hand-overs | p50 (s) | p90 (s) | p99 (s) | negative (a start with no slot free) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, gaps in doc["results"]["refill_gap_seconds"].items():
+        label = name
+        if name == DELAYED:
+            label = "sfn-dispatcher, status events delayed (chaos relay)"
+        rows.append(
+            f"| {label} | {gaps['count']:,} | {num(gaps['p50'], 3)} | {num(gaps['p90'], 3)} | "
+            f"{num(gaps['p99'], 3)} | {gaps.get('negative', 'n/a')} |"
+        )
+    return rows
+
+
+def share_line(doc: dict[str, Any]) -> str:
+    """The dispatcher's own share of a hand-over (its histogram, recorded exactly)."""
+    share = doc["results"].get("dispatcher_share_seconds")
+    if not share:
+        return ""
+    return (
+        f"The dispatcher's own share ({share['definition']}): {share['count']:,} hand-overs, "
+        f"p50 {num(share['p50'] * 1000, 1)} ms, p99 {num(share['p99'] * 1000, 1)} ms, max "
+        f"{num(share['max'] * 1000, 1)} ms."
+    )
 
 
 def handover_section(doc: dict[str, Any]) -> list[str]:
-    """The dispatcher's own share of a hand-over, and every pattern's refill gap."""
+    """Every run's hand-over from the records, then the dispatcher's own share."""
     results = doc["results"]
-    lines = ["## Hand-over latency", ""]
-    share = results.get("dispatcher_share_seconds")
-    if share:
+    lines = [
+        "## Hand-over latency",
+        "",
+        f"Judged on the records ({results.get('definition', HANDOVER_FALLBACK)}).",
+        "",
+        *handover_table(doc),
+        "",
+    ]
+    line = share_line(doc)
+    if line:
+        share = results["dispatcher_share_seconds"]
         lines += [
-            f"sfn-dispatcher's own share ({share['definition']}): {share['count']:,} "
-            f"hand-overs, p50 {num(share['p50'] * 1000, 1)} ms, p90 "
-            f"{num(share['p90'] * 1000, 1)} ms, p99 {num(share['p99'] * 1000, 1)} ms, max "
-            f"{num(share['max'] * 1000, 1)} ms (exact samples; its own "
-            f"`dispatcher_slot_refill_seconds` histogram says p50 "
+            line + f" Its `dispatcher_slot_refill_seconds` histogram says p50 "
             f"{num(share['from_histogram_p50'] * 1000, 1)} ms, p99 "
-            f"{num(share['from_histogram_p99'] * 1000, 1)} ms by bucket interpolation).",
+            f"{num(share['from_histogram_p99'] * 1000, 1)} ms by bucket interpolation.",
             "",
         ]
-    lines += [
-        "End to end, how long a freed slot stays idle (k-th work end to (k + limit)-th "
-        "work start; it includes the emulator's event delivery for the dispatcher):",
-        "",
-        "| pattern | p50 (s) | p90 (s) | p99 (s) |",
-        "|---|---|---|---|",
-    ]
-    for name, gaps in results["refill_gap_seconds"].items():
-        lines.append(
-            f"| {name} | {num(gaps['p50'], 3)} | {num(gaps['p90'], 3)} | {num(gaps['p99'], 3)} |"
-        )
-    return [*lines, "", "![hand-over latency](handover.png)", ""]
+    return [*lines, "![hand-over latency](handover.png)", ""]
 
 
 def throughput_section(doc: dict[str, Any]) -> list[str]:
@@ -246,3 +360,134 @@ def scale_section(doc: dict[str, Any]) -> list[str]:
         f"- {_load_line(doc)}.",
         "",
     ]
+
+
+def _minutes(documents: dict[str, dict[str, Any] | None]) -> str:
+    parts = [
+        f"{name} {d['duration_seconds'] / 60:.1f}"
+        for name, d in documents.items()
+        if d and name != "handover"
+    ]
+    total = sum(d["duration_seconds"] for d in documents.values() if d) / 60
+    return f"{total:.1f} min of scenarios: " + ", ".join(parts)
+
+
+def raw_ratio_lines(doc: dict[str, Any] | None) -> list[str]:
+    """What the ratio to raw StartExecution charges the dispatcher for: emulator CPU."""
+    if not doc:
+        return []
+    r = doc["results"]
+    d, raw = r.get("dispatcher", {}), r.get("raw_start_execution", {})
+    bare = [raw[w].get("emulator_cpu_ms_per_start") for w in ("before", "after") if w in raw]
+    bare = [b for b in bare if b is not None]
+    if d.get("ratio_to_raw") is None or d.get("emulator_cpu_ms_per_start") is None or not bare:
+        return []
+    return [
+        f"The ratio to raw StartExecution ({num(d['ratio_to_raw'])}, bench/results/"
+        f"throughput.json) is measured on a shared emulator: each dispatcher start cost the "
+        f"emulator {num(d['emulator_cpu_ms_per_start'])} ms of CPU (a receive, a share of a "
+        f"batched delete and two status events come with it) against "
+        f"{' and '.join(num(b) for b in bare)} ms per bare start, on the same two cores. The "
+        "emulator is one Python process, so the dispatcher's rate is bounded by that extra "
+        "emulator work as much as by its own.",
+        "",
+    ]
+
+
+def readme_block(out: Path) -> list[str]:
+    """The README's generated performance figures, from the JSON files in ``out``."""
+    from bench.targets import targets  # noqa: PLC0415 - bench.targets imports this module
+
+    names = ("comparison", "handover", "throughput", "scale", "fairness")
+    found = {name: load(out, name) for name in names}
+    lines = [BEGIN]
+    cmp = found["comparison"]
+    if cmp:
+        m, config = cmp["machine"], cmp["results"]["config"]
+        lines += [
+            f"Measured with `make bench` ({_minutes(found)}; `python -m bench --only "
+            f"comparison` runs one part) on {m['nproc']} cores of {m['cpu_model']}, "
+            f"{m['emulator']}, {m['python_implementation']} {m['python']}; the dispatcher, "
+            "the emulator and the driver share the cores. Full numbers, load averages and "
+            "methods: [bench/results/summary.md](bench/results/summary.md).",
+            "",
+            f"The same stream to each pattern: {config['requests']:,} requests of "
+            f"{config['low']:g}-{config['high']:g} s, limit {config['limit']}.",
+            "",
+            *comparison_table(cmp),
+            "",
+        ]
+        for name in [n for n in PATTERN_ORDER if n in cmp["results"]["patterns"]]:
+            notes = cmp["results"]["patterns"][name]["notes"]
+            lines.append(f"- **{name}**: " + "; ".join(notes) + ".")
+        lines.append("")
+        over = overshoot_line(cmp)
+        if over:
+            lines += [over, ""]
+        sweep = lag_sweep_table(cmp)
+        if sweep:
+            lines += [
+                f"Check-then-act with `ListExecutions` answers served stale by the fault proxy "
+                f"(first {config['sweep_requests']} requests of the stream, one run per lag, "
+                "the runs side by side):",
+                "",
+                *sweep,
+                "",
+            ]
+    hand = found["handover"]
+    if hand:
+        lines += ["Hand-over, from the records (k-th work end to (k + limit)-th work start):", ""]
+        lines += [*handover_table(hand), ""]
+        share = share_line(hand)
+        if share:
+            lines += [share, ""]
+    lines += raw_ratio_lines(found["throughput"])
+    rows = targets(out)
+    if rows:
+        lines += ["| target | measured | |", "|---|---|---|"]
+        lines += [
+            f"| {t} | {v} | {'n/a' if ok is None else ('met' if ok else '**missed**')} |"
+            for t, v, ok in rows
+        ]
+        lines.append("")
+    return [*lines, END]
+
+
+BEGIN = "<!-- bench:begin - generated: python -m bench.report --readme -->"
+END = "<!-- bench:end -->"
+
+
+def readme_section(text: str) -> list[str]:
+    """The generated block as it stands in a README's text (markers included)."""
+    lines = text.splitlines()
+    return lines[lines.index(BEGIN) : lines.index(END) + 1]
+
+
+def write_readme(readme: Path, out: Path) -> None:
+    """Replace the generated block in ``readme`` with one rendered from ``out``."""
+    lines = readme.read_text().splitlines()
+    begin, end = lines.index(BEGIN), lines.index(END)
+    readme.write_text("\n".join([*lines[:begin], *readme_block(out), *lines[end + 1 :]]) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.report --readme``: print (or ``--write``) the README's figures."""
+    import argparse  # noqa: PLC0415 - only for the command line
+
+    root = Path(__file__).resolve().parent
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    parser.add_argument("--readme", action="store_true", help="print the README block")
+    parser.add_argument("--write", action="store_true", help="rewrite the block in README.md")
+    parser.add_argument("--out", type=Path, default=root / "results", help="results folder")
+    args = parser.parse_args(argv)
+    if args.write:
+        write_readme(root.parent / "README.md", args.out)
+    elif args.readme:
+        print("\n".join(readme_block(args.out)))
+    else:
+        parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

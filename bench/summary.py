@@ -57,6 +57,8 @@ def write(out: Path) -> Path:
         lines.append("")
     if found["comparison"]:
         plots.concurrency(found["comparison"]["results"], out / "concurrency.png")
+        if found["comparison"]["results"].get("check_then_act_lag_sweep"):
+            plots.lag_sweep(found["comparison"]["results"], out / "lag_sweep.png")
         lines += comparison_section(found["comparison"])
     if found["handover"]:
         plots.handover(found["handover"]["results"], out / "handover.png")

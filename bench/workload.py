@@ -8,6 +8,7 @@ recorded here, so queue wait is measured the same way for every pattern.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -18,10 +19,13 @@ from dispatcher.producer import SubmitItem, SubmitReport, submit_requests
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One request: its key (= execution name) and how long its work takes (None: no wait)."""
+    """One request: its key (= execution name) and how long its work takes (None: no wait).
+
+    Whole seconds: AWS documents a Wait state's ``SecondsPath`` as a non-negative integer.
+    """
 
     key: str
-    seconds: float | None
+    seconds: int | None
 
     @property
     def body(self) -> str:
@@ -35,11 +39,20 @@ class Request:
 def stream(
     count: int, low: float | None, high: float | None, *, seed: int = 5, prefix: str = "req"
 ) -> list[Request]:
-    """``count`` requests of ``low``-``high`` seconds (uniform, seeded; None: zero-length)."""
+    """``count`` requests of ``low``-``high`` whole seconds (uniform, seeded; None: no wait).
+
+    The bounds are rounded inwards to whole seconds, which must leave at least one.
+    """
+    if low is not None and high is not None and math.ceil(low) > math.floor(high):
+        raise ValueError(
+            f"no whole second between low={low} and high={high}: give bounds that span one"
+        )
     rng = random.Random(seed)
     out: list[Request] = []
     for i in range(count):
-        seconds = None if low is None or high is None else round(rng.uniform(low, high), 2)
+        seconds = (
+            None if low is None or high is None else rng.randint(math.ceil(low), math.floor(high))
+        )
         out.append(Request(f"{prefix}-{i:05d}", seconds))
     return out
 

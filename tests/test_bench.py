@@ -6,13 +6,17 @@ emulator, then the whole reporting path (JSON, summary, plots) on what it measur
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bench import comparison, fairness, report, summary
+from bench import comparison, fairness, plots, report, summary
 from bench.__main__ import _configs
 from bench.analysis import (
     Interval,
@@ -22,7 +26,10 @@ from bench.analysis import (
     summarise,
     time_above,
 )
+from bench.history import trace
+from bench.patterns import semaphore
 from bench.prom import Sample, histogram_quantile
+from bench.workload import stream
 from dispatcher.records import Execution, concurrency_series
 from dispatcher.requests import key_tag
 
@@ -78,7 +85,9 @@ def test_percentile_and_histogram_quantile() -> None:
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 async def test_toy_comparison_run_and_report(tmp_path: Path) -> None:
-    config = comparison.Config(requests=20, limit=4, low=0.2, high=0.5)
+    config = comparison.Config(
+        requests=20, limit=4, low=1, high=1, event_delay=2, delayed_requests=8, start_grace=0
+    )
     document, runs = await comparison.run(config, only=["sfn-dispatcher"])
     figures = document["patterns"]["sfn-dispatcher"]
     assert figures["complete"], figures["notes"]
@@ -89,6 +98,15 @@ async def test_toy_comparison_run_and_report(tmp_path: Path) -> None:
     hand = comparison.handover(runs)
     assert hand["dispatcher_share_seconds"]["count"] > 0
     assert 0 < hand["dispatcher_share_seconds"]["p50"] < 5
+    # From the records: 20 ends, the first 16 each hand a slot to start number k + 4.
+    assert hand["refill_gap_seconds"]["sfn-dispatcher"]["count"] == 16
+    assert hand["refill_gap_seconds"]["sfn-dispatcher"]["negative"] == 0
+    # The same dispatcher with its status events held back 0-2 s: slower hand-overs.
+    delayed = document[comparison.DELAYED]
+    assert delayed["completed"] == 8
+    assert delayed["max_concurrency"] <= 4
+    assert delayed["extra"]["events_delayed"] > 0
+    assert max(hand["refill_gap_seconds"][comparison.DELAYED]["samples"]) >= 0.9
 
     for name, results in (("comparison", document), ("handover", hand)):
         report.write_json(
@@ -201,3 +219,222 @@ def test_fairness_figures_and_section_from_hand_made_records(tmp_path: Path) -> 
     assert "`.venv/bin/python -m bench --only fairness`" in text
     assert "at per-key limit 2 the big tenant alone at least 3 s" in text
     assert (tmp_path / "fairness.png").stat().st_size > 10_000
+
+
+def test_requests_carry_whole_seconds() -> None:
+    requests = stream(200, 1, 3, seed=5)
+    assert {r.seconds for r in requests} == {1, 2, 3}
+    assert all(isinstance(r.seconds, int) for r in requests)
+    assert json.loads(requests[0].body)["seconds"] == requests[0].seconds
+    assert stream(3, 2.5, 3.5)[0].seconds == 3  # bounds rounded inwards
+    assert stream(2, None, None)[0].body == '{"req": "req-00000"}'
+    with pytest.raises(ValueError, match=r"no whole second between low=0.2 and high=0.5"):
+        stream(1, 0.2, 0.5)
+
+
+def _states(machine: dict[str, Any]) -> dict[str, Any]:
+    """Every state of a definition, Parallel branches included, by name."""
+    out: dict[str, Any] = {}
+    for name, state in machine["States"].items():
+        out[name] = state
+        for branch in state.get("Branches", []):
+            out |= _states(branch)
+    return out
+
+
+def test_semaphore_is_the_aws_sample() -> None:
+    states = _states(semaphore.definition("t", 20))
+    assert states["Get Lock"]["Type"] == states["Do Work"]["Type"] == "Parallel"
+    acquire = states["Acquire Lock"]
+    # The sample's Retry on States.ALL catches ConditionalCheckFailed before its Catch does.
+    assert acquire["Retry"][1] == {
+        "ErrorEquals": ["States.ALL"],
+        "MaxAttempts": 6,
+        "BackoffRate": 2,
+    }
+    assert [c["Next"] for c in acquire["Catch"]] == [
+        "Initialize Lock Item",
+        "Get Current Lock Record",
+    ]
+    params = acquire["Parameters"]
+    assert params["ExpressionAttributeNames"]["#lockownerid.$"] == "$$.Execution.Id"
+    assert params["ConditionExpression"] == (
+        "currentlockcount <> :limit and attribute_not_exists(#lockownerid)"
+    )
+    assert params["ExpressionAttributeValues"][":limit"] == {"N": "20"}
+    assert states["Get Current Lock Record"]["Next"] == "Check If Lock Already Acquired"
+    assert states["Wait to Get Lock"] == {"Type": "Wait", "Seconds": 3, "Next": "Acquire Lock"}
+    assert states["Work"] == {"Type": "Wait", "SecondsPath": "$.seconds", "End": True}
+    assert states["Release Lock"]["Parameters"]["ConditionExpression"] == (
+        "attribute_exists(#lockownerid)"
+    )
+    cleanup = _states(semaphore.cleanup_definition("t"))
+    assert cleanup["Clean Up Lock"]["Parameters"]["UpdateExpression"].endswith(
+        "REMOVE #lockownerid"
+    )
+    # The simplified loop stays available, without the sample's Retry.
+    simple = _states(semaphore.simplified_definition("t", 20))
+    assert [r["ErrorEquals"] for r in simple["Acquire"]["Retry"]] == [
+        ["DynamoDB.ProvisionedThroughputExceededException"]
+    ]
+
+
+class _History:
+    """Stands in for Step Functions' GetExecutionHistory: one page of hand-made events."""
+
+    def __init__(self, events: list[tuple[str, str, str]]) -> None:
+        at = datetime(2026, 1, 1, tzinfo=UTC)
+        self.events = []
+        for i, (kind, name, resource) in enumerate(events):
+            event: dict[str, Any] = {"type": kind, "timestamp": at + timedelta(seconds=i)}
+            if kind.endswith("StateEntered"):
+                event["stateEnteredEventDetails"] = {"name": name}
+            elif kind.endswith("StateExited"):
+                event["stateExitedEventDetails"] = {"name": name}
+            elif kind == "TaskScheduled":
+                event["taskScheduledEventDetails"] = {"resource": resource}
+            self.events.append(event)
+
+    async def get_execution_history(self, **_: Any) -> dict[str, Any]:
+        return {"events": self.events}
+
+
+async def test_trace_counts_retries_and_the_calls_of_unrecorded_branch_states() -> None:
+    update, get = semaphore.UPDATE_ITEM, semaphore.GET_ITEM
+    # As MiniStack records the sample: nothing of the Parallel branches but their calls.
+    history = _History(
+        [
+            ("ParallelStateEntered", "Get Lock", ""),
+            *[("TaskScheduled", "", update)] * 7,  # first round: 1 + 6 retries
+            ("TaskScheduled", "", get),  # GetItem, Choice, Wait 3 s
+            ("TaskScheduled", "", update),  # second round: acquired
+            ("ParallelStateExited", "Get Lock", ""),
+            ("ParallelStateEntered", "Do Work", ""),
+            ("ParallelStateExited", "Do Work", ""),
+            ("TaskStateEntered", "Release Lock", ""),
+            ("TaskScheduled", "", update),
+            ("TaskScheduled", "", update),  # one retry of a recorded Task state
+            ("TaskStateExited", "Release Lock", ""),
+            ("SucceedStateEntered", "Success State", ""),
+        ]
+    )
+    execution = Execution("arn", "req-1", "SUCCEEDED", 0.0, 20.0)
+    got = await trace(history, execution, work_state="Do Work")  # type: ignore[arg-type]
+    assert (got.work_stop or 0) - (got.work_start or 0) == 1.0
+    assert got.task_calls == 11
+    assert got.retries == 1
+    assert got.unrecorded_calls == {update: 8, get: 1}
+    assert got.transitions == 4 + 1  # recorded states entered + the recorded retry
+    # Get Lock branch: Acquire x2, 6 retries, GetItem, Choice, Wait; Do Work branch: 5.
+    assert semaphore.branch_transitions(got) == 2 + 6 + 3 + 5
+
+
+def _sweep_run(max_concurrency: int, dead: int) -> dict[str, Any]:
+    return {
+        "requests": 10,
+        "max_concurrency": max_concurrency,
+        "seconds_above_limit": 1.25,
+        "starts_before_a_slot_was_free": 3,
+        "utilisation_while_backlog": 0.5,
+        "makespan_seconds": 40.0,
+        "backlog_seconds": 20.0,
+        "api_calls": {"ListExecutions": 100},
+        "extra": {"dead_lettered": dead},
+        "load": {"machine_busy_cores": 1.0},
+        "series": {"work": [(0.0, 0), (1.0, max_concurrency), (3.0, 0)]},
+    }
+
+
+def test_lag_sweep_section_and_plot(tmp_path: Path) -> None:
+    doc = {
+        "results": {
+            "config": asdict(comparison.Config(lags=(0.0, 2.0))),
+            "patterns": {},
+            comparison.SWEEP: {"0": _sweep_run(20, 0), "2": _sweep_run(31, 4)},
+        }
+    }
+    lines = report.lag_sweep_section(doc)
+    assert "| 2 | 10 | 31 | 1.2 | 3 | 4 | 0.50 | 40.0 | 5.0 |" in lines
+    assert any("may not reflect very recent updates and changes" in line for line in lines)
+    plots.lag_sweep(doc["results"], tmp_path / "lag.png")
+    assert (tmp_path / "lag.png").stat().st_size > 10_000
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+# A figure typed by hand: a number with a unit or a percent sign.
+_FIGURE = re.compile(r"(\d[\d,]*(?:\.\d+)?)\s*(%|ms\b|s\b|/s\b|MB\b|MiB\b|min\b)")
+_SCALE = {"%": (1.0, 100.0), "ms": (1000.0, 1.0), "min": (1 / 60, 1.0)}
+
+
+def _stored_numbers(value: Any) -> list[float]:
+    """Every number in a results document, but the long sample and series lists."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int | float):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _stored_numbers(v)]
+    if isinstance(value, list) and len(value) <= 50:
+        return [n for v in value for n in _stored_numbers(v)]
+    return []
+
+
+def _stored(figure: str, unit: str, numbers: list[float]) -> bool:
+    """Whether a hand-typed figure is one of the stored numbers, at its shown precision."""
+    shown = float(figure.replace(",", ""))
+    digits = len(figure.partition(".")[2])
+    scales = _SCALE.get(unit, (1.0, 1.0))
+    return any(round(n * k, digits) == shown for n in numbers for k in scales)
+
+
+def test_readme_performance_figures_match_the_stored_results() -> None:
+    text = README.read_text()
+    assert report.readme_section(text) == report.readme_block(RESULTS), (
+        "README.md's performance figures differ from bench/results/: run "
+        "`.venv/bin/python -m bench.report --write` after `make bench`"
+    )
+    # Figures typed by hand around the generated block must be stored numbers too.
+    performance = text[text.index("## Performance") : text.index("### Fairness")]
+    begin, end = performance.index(report.BEGIN), performance.index(report.END)
+    hand_written = performance[:begin] + performance[end:]
+    numbers = [
+        n for path in RESULTS.glob("*.json") for n in _stored_numbers(json.loads(path.read_text()))
+    ]
+    unstored = [f"{f} {u}" for f, u in _FIGURE.findall(hand_written) if not _stored(f, u, numbers)]
+    assert unstored == [], f"README figures with nothing stored behind them: {unstored}"
+    # The check has teeth: a made-up figure is caught.
+    assert not _stored("12345.678", "ms", numbers)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+async def test_check_then_act_overshoots_when_the_listing_lags() -> None:
+    # Six 3 s requests, threshold 3, listings 2 s stale: every check in the first 2 s sees
+    # the first listing (nothing running), so all six start; the records show it.
+    config = comparison.Config(
+        requests=6, limit=3, low=3, high=3, list_lag=2.0, lags=(), event_delay=0
+    )
+    document, _ = await comparison.run(config, only=["check-then-act"])
+    figures = document["patterns"]["check-then-act"]
+    assert figures["complete"], figures["notes"]
+    assert figures["max_concurrency"] > 3
+    assert figures["seconds_above_limit"] > 0
+    assert figures["api_calls"]["GetParameter"] == figures["extra"]["invocations"]
+    assert figures["extra"]["stale_listings_served"] > 0
+    assert figures["extra"]["dead_lettered"] == 0
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+async def test_semaphore_as_the_aws_sample_runs_in_the_emulator() -> None:
+    config = comparison.Config(requests=4, limit=2, low=1, high=1, lags=(), event_delay=0)
+    document, _ = await comparison.run(config, only=["dynamodb-semaphore"])
+    figures = document["patterns"]["dynamodb-semaphore"]
+    assert figures["complete"], figures["notes"]
+    assert figures["max_concurrency"] <= 2  # from the Work states' records
+    assert figures["max_executions_running"] == 4  # all started at once, two waited
+    assert figures["extra"]["holders_after"] == 0
+    assert figures["extra"]["task_retries"] > 0  # the sample's Retry on States.ALL fired
+    # Uncontended: 4 recorded + 1 acquire + 5 work states; the waiters paid more.
+    assert figures["state_transitions_per_request"] > 10

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from bench.analysis import Interval
-from bench.history import Trace, trace_all
+from bench.history import WORK_STATE, Trace, trace_all
 from bench.workload import Submitted
 from dispatcher.records import Execution, list_executions
 
@@ -38,11 +38,14 @@ class PatternRun:
     complete: bool
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Transitions the emulator's histories do not show (states inside Parallel branches),
+    # worked out by the pattern from the calls those states made.
+    unrecorded_transitions: int = 0
 
     @property
     def transitions(self) -> int:
-        """State transitions of every execution (Standard workflows bill these)."""
-        return sum(t.transitions for t in self.traces.values())
+        """State transitions of every execution (Standard workflows bill these, retries too)."""
+        return sum(t.transitions for t in self.traces.values()) + self.unrecorded_transitions
 
     @property
     def task_calls(self) -> int:
@@ -65,17 +68,17 @@ async def wait_finished(sfn: SFNClient, machine_arn: str, *, within: float) -> b
 
 
 async def collect(
-    sfn: SFNClient, machine_arn: str, *, with_work_state: bool
+    sfn: SFNClient, machine_arn: str, *, work_state: str | None = None
 ) -> tuple[list[Execution], dict[str, Trace], list[Interval], list[Interval]]:
     """List and trace every finished execution; return (executions, traces, work, lives).
 
-    Without ``with_work_state`` the work of a request is its whole execution (what the
-    dispatcher and check-then-act limit); with it, the time spent in the Work state.
+    Without ``work_state`` the work of a request is its whole execution (what the
+    dispatcher and check-then-act limit); with it, the time spent in that state.
     """
     executions = [e for e in await list_executions(sfn, machine_arn) if e.stop is not None]
-    traces = await trace_all(sfn, executions)
+    traces = await trace_all(sfn, executions, work_state=work_state or WORK_STATE)
     lives = [Interval(e.name, e.start, e.stop) for e in executions if e.stop is not None]
-    if not with_work_state:
+    if work_state is None:
         return executions, traces, lives, lives
     work = [
         Interval(t.name, t.work_start, t.work_stop)
