@@ -8,28 +8,37 @@ bare receive-10-then-delete-batch loop empties a queue with one task or several.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
+import aiohttp
 import anyio
 
 from bench.aws import config, session
 from bench.proc import sample
+from dispatcher.aws import client_config
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
 
 
 async def raw_capacity(
-    endpoint: str, machine_arn: str, count: int, tag: str, tasks: int
+    endpoint: str, machine_arn: str, count: int, tag: str, tasks: int, *, tuned: bool = False
 ) -> dict[str, Any]:
-    """StartExecution as fast as ``tasks`` concurrent callers can."""
+    """StartExecution as fast as ``tasks`` concurrent callers can: with botocore's defaults,
+    or (``tuned``) with the dispatcher's client options (fixed User-Agent, no client-side
+    parameter validation; `dispatcher.aws.client_config`)."""
     body = json.dumps({"req": tag})
     numbers = iter(range(count))
-    async with session().client(
-        "stepfunctions", endpoint_url=endpoint, config=config(tasks)
-    ) as sfn:
+    options = config(tasks)
+    if tuned:
+        options = options.merge(client_config())
+    async with session().client("stepfunctions", endpoint_url=endpoint, config=options) as sfn:
 
         async def caller() -> None:
             for i in numbers:  # shared: each number is taken by exactly one caller
@@ -143,3 +152,150 @@ async def drain_rate(endpoint: str, queue_url: str, count: int, tasks: int) -> d
             await finished.wait()
             elapsed = time.perf_counter() - began
     return {"tasks": tasks, "messages": done, "per_second": round(done / elapsed, 1)}
+
+
+async def sqs_cost_by_depth(
+    endpoint: str, emulator_pid: int, depths: tuple[int, ...] = (300, 3000), calls: int = 100
+) -> dict[str, Any]:
+    """The emulator's CPU per ``ReceiveMessage`` of ten with ``depth`` messages waiting (the
+    queue's depth held constant: received with visibility 0), and per
+    ``DeleteMessageBatch`` of ten (30 calls, from that depth down): what a dispatcher
+    start costs the emulator beyond the start itself depends on how deep the request queue
+    is. Real SQS does not scan a queue per call; this emulator does."""
+    out: dict[str, Any] = {}
+    async with session().client("sqs", endpoint_url=endpoint, config=config(4)) as sqs:
+        for depth in depths:
+            url = (await sqs.create_queue(QueueName=f"bench-depth-{depth}"))["QueueUrl"]
+            for _ in range(0, depth, 10):
+                await sqs.send_message_batch(
+                    QueueUrl=url,
+                    Entries=[{"Id": str(i), "MessageBody": "{}"} for i in range(10)],
+                )
+            began = sample(emulator_pid).cpu_seconds
+            for _ in range(calls):
+                await sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0)
+            receive_cpu = sample(emulator_pid).cpu_seconds - began
+            handles = await _fill_handles(sqs, url, 300)
+            began = sample(emulator_pid).cpu_seconds
+            for start in range(0, len(handles), 10):
+                await _delete(sqs, url, handles[start : start + 10])
+            delete_cpu = sample(emulator_pid).cpu_seconds - began
+            await sqs.delete_queue(QueueUrl=url)
+            out[f"depth_{depth}"] = {
+                "emulator_cpu_ms_per_receive_of_10": round(receive_cpu / calls * 1000, 3),
+                "emulator_cpu_ms_per_delete_batch_of_10": round(
+                    delete_cpu / max(1, len(handles) // 10) * 1000, 3
+                ),
+            }
+    return out
+
+
+async def _fill_handles(sqs: SQSClient, queue_url: str, count: int) -> list[str]:
+    """Receive (hide) ``count`` messages already in the queue; their receipt handles."""
+    handles: list[str] = []
+    while len(handles) < count:
+        got = await sqs.receive_message(
+            QueueUrl=queue_url, MaxNumberOfMessages=10, VisibilityTimeout=600
+        )
+        handles += [m["ReceiptHandle"] for m in got.get("Messages", [])]
+    return handles[:count]
+
+
+def thin_sigv4(
+    *,
+    url: str,
+    region: str,
+    service: str,
+    target: str,
+    body: bytes,
+    credentials: tuple[str, str, str | None],
+    now: datetime | None = None,
+) -> dict[str, str]:
+    """Headers of a SigV4-signed JSON-protocol POST to ``url`` (path ``/``, no query): the
+    least a hand-written client would do per call. Only a yardstick for `thin_capacity`
+    (its signature equals botocore's ``SigV4Auth`` for the same request and time)."""
+    access_key, secret_key, token = credentials
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    day = stamp[:8]
+    headers = {
+        "content-type": "application/x-amz-json-1.0",
+        "host": urlsplit(url).netloc,
+        "x-amz-date": stamp,
+        "x-amz-target": target,
+    }
+    if token:
+        headers["x-amz-security-token"] = token
+    names = sorted(headers)
+    signed = ";".join(names)
+    canonical = "\n".join(
+        [
+            "POST",
+            "/",
+            "",
+            "".join(f"{name}:{headers[name]}\n" for name in names),
+            signed,
+            hashlib.sha256(body).hexdigest(),
+        ]
+    )
+    scope = f"{day}/{region}/{service}/aws4_request"
+    to_sign = "\n".join(
+        ["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    )
+    key = ("AWS4" + secret_key).encode()
+    for part in (day, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    headers["authorization"] = (
+        f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={signed}, "
+        f"Signature={signature}"
+    )
+    return headers
+
+
+async def thin_capacity(
+    endpoint: str, machine_arn: str, count: int, tag: str, tasks: int
+) -> dict[str, Any]:
+    """`raw_capacity` through a hand-written client (aiohttp, `thin_sigv4`, json): what
+    the call would cost the client without botocore's per-request machinery."""
+    credentials = ("test", "test", None)  # the emulator's fixed test credentials
+    region = machine_arn.split(":")[3]
+    url = endpoint.rstrip("/") + "/"
+    numbers = iter(range(count))
+    connector = aiohttp.TCPConnector(limit=tasks)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def caller() -> None:
+            for i in numbers:
+                body = json.dumps(
+                    {
+                        "stateMachineArn": machine_arn,
+                        "name": f"{tag}-{i:05d}",
+                        "input": json.dumps({"req": tag}),
+                    }
+                ).encode()
+                headers = thin_sigv4(
+                    url=url,
+                    region=region,
+                    service="states",
+                    target="AWSStepFunctions.StartExecution",
+                    body=body,
+                    credentials=credentials,
+                )
+                async with http.post(url, data=body, headers=headers) as response:
+                    answer = json.loads(await response.read())
+                    if response.status != 200 or "executionArn" not in answer:
+                        raise RuntimeError(f"StartExecution refused: {answer}")
+
+        cpu, began = time.process_time(), time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for _ in range(tasks):
+                tg.start_soon(caller)
+        elapsed = time.perf_counter() - began
+        cpu = time.process_time() - cpu
+    return {
+        "starts": count,
+        "tasks": tasks,
+        "seconds": round(elapsed, 3),
+        "starts_per_second": round(count / elapsed, 1),
+        "client_cpu_ms_per_start": round(cpu / count * 1000, 3),
+    }

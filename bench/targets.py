@@ -47,17 +47,18 @@ def _throughput(doc: dict[str, Any]) -> list[Row]:
     raw = doc["results"]["raw_start_execution"]["mean_starts_per_second"]
     rate = r["starts_per_second"]["middle_80_percent"]
     ratio = r["ratio_to_raw"]
-    return [
+    over_bare = r["cpu_per_start_over_bare_start_execution"]
+    rows: list[Row] = [
         (
-            "throughput >= 0.8 of raw StartExecution capacity",
-            f"{num(ratio)} ({num(rate, 0)} vs {num(raw, 0)} starts/s)",
-            ratio is not None and ratio >= 0.8,
+            "throughput >= 0.85 of raw StartExecution capacity (limit 10,000)",
+            f"{num(ratio)} ({num(rate, 0)} vs {num(raw, 0)} starts/s; the emulator's CPU per "
+            f"start x{num(r.get('emulator_cpu_over_bare_start'))} a bare start's)",
+            ratio is not None and ratio >= 0.85,
         ),
         (
-            "<= 1 ms CPU per start",
-            f"{num(r['cpu_ms_per_start'])} ms ({num(r['cpu_per_start_over_bare_start_execution'])}"
-            " x a bare StartExecution call's client CPU in the same run)",
-            r["cpu_ms_per_start"] <= 1.0,
+            "client CPU per start <= 1.3x a bare StartExecution call's (same run)",
+            f"x{num(over_bare)} ({num(r['cpu_ms_per_start'])} ms per start)",
+            over_bare is not None and over_bare <= 1.3,
         ),
         (
             "dispatcher max concurrency <= limit (throughput run, from records)",
@@ -65,6 +66,16 @@ def _throughput(doc: dict[str, Any]) -> list[Row]:
             r["max_concurrency_from_records"] <= doc["results"]["config"]["limit"],
         ),
     ]
+    for queue, batches in sorted(r.get("delete_batches", {}).items()):
+        per_start = batches["calls_per_start"]
+        rows.append(
+            (
+                f"<= 0.15 DeleteMessageBatch calls per start on the {queue} queue",
+                f"{num(per_start, 3)} ({num(batches['handles_per_call'], 1)} handles a call)",
+                per_start <= 0.15,
+            )
+        )
+    return rows
 
 
 def _scale(doc: dict[str, Any]) -> list[Row]:
@@ -97,13 +108,16 @@ def targets(out: Path) -> list[Row]:
         rows += _comparison(comparison)
     if throughput:
         rows += _throughput(throughput)
+    # Judged on the records (work end to next start, events delivered by MiniStack at once).
+    gaps = handover["results"]["refill_gap_seconds"].get("sfn-dispatcher") if handover else None
     share = handover["results"].get("dispatcher_share_seconds") if handover else None
-    if share:
+    if gaps:
+        own = f"; its own share {num(share['p99'] * 1000, 1)} ms" if share else ""
         rows.append(
             (
-                "hand-over p99 <= 20 ms (the dispatcher's own share)",
-                f"{num(share['p99'] * 1000, 1)} ms",
-                share["p99"] <= 0.020,
+                "hand-over p99 <= 20 ms (from the records)",
+                f"{num(gaps['p99'] * 1000, 1)} ms{own}",
+                gaps["p99"] <= 0.020,
             )
         )
     if scale:

@@ -7,13 +7,20 @@ pooled connections to Step Functions (64), once before and once after the dispat
 The dispatcher runs as a child process, so its CPU and RSS are its own. A second run at
 limit 200 shows the rate when slots must be handed over (freed by terminal events), and
 the events loop is measured on its own (`bench.events_capacity`).
+
+Yardsticks in the same run: the bare loop with the dispatcher's client options
+(``tuned``: fixed User-Agent, no client-side validation) and through a hand-written client
+(``thin``: aiohttp and a SigV4 signer, no botocore); the emulator's CPU per receive and
+delete at two queue depths (it scans the queue on every call, which real SQS does not);
+DeleteMessageBatch calls per start on each queue, from the deleters' closing lines.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,7 +29,7 @@ import anyio
 from bench import events_capacity, prom
 from bench.analysis import percentile
 from bench.aws import session
-from bench.capacity import delete_costs, raw_capacity
+from bench.capacity import delete_costs, raw_capacity, sqs_cost_by_depth, thin_capacity
 from bench.child import Child, dispatcher_child
 from bench.proc import LoadMeter, ProcSample, sample
 from bench.workload import Request, stream, submit
@@ -87,6 +94,30 @@ async def _until_done(
             await anyio.sleep(0.5)
 
 
+def deletes_per_queue(
+    lines: Iterable[str], queues: dict[str, str], count: int
+) -> dict[str, dict[str, float]]:
+    """``DeleteMessageBatch`` calls and handles per call on each queue (name -> URL), from
+    the deleters' closing lines (``dispatcher.deletes_flushed``), per start."""
+    out: dict[str, dict[str, float]] = {}
+    by_url = {url: name for name, url in queues.items()}
+    for line in lines:
+        if '"dispatcher.deletes_flushed"' not in line:
+            continue
+        record = json.loads(line)
+        name = by_url.get(record["queue"])
+        if name is None:
+            continue
+        calls, deleted = int(record["calls"]), int(record["deleted"])
+        out[name] = {
+            "calls": calls,
+            "deleted": deleted,
+            "calls_per_start": round(calls / count, 3),
+            "handles_per_call": round(deleted / calls, 2) if calls else 0.0,
+        }
+    return out
+
+
 async def _dispatcher_run(
     endpoint: str, emulator_pid: int, prefix: str, requests: list[Request], limit: int
 ) -> dict[str, Any]:
@@ -130,6 +161,11 @@ async def _dispatcher_run(
             (emulator_done.cpu_seconds - emulator_ready.cpu_seconds) / count * 1000, 3
         ),
         "api_calls_per_start": {op: round(n / count, 3) for op, n in sorted(calls.items())},
+        "delete_batches": deletes_per_queue(
+            child.tail,
+            {"requests": resources.request_queue_url, "events": resources.events_queue_url},
+            count,
+        ),
         "start_execution_latency_p50_s": round(prom.histogram_quantile(samples, LATENCY, 0.5), 4),
         "start_execution_latency_p99_s": round(prom.histogram_quantile(samples, LATENCY, 0.99), 4),
         "median_gap_between_starts_ms": round(percentile(gaps, 50) * 1000, 3),
@@ -155,6 +191,17 @@ async def run(cfg: Config) -> dict[str, Any]:
             raw_capacity(endpoint, arn, cfg.raw_starts, "before", cfg.concurrency),
             cfg.raw_starts,
         )
+        tuned = await _emulator_cpu(
+            emulator.pid,
+            raw_capacity(endpoint, arn, cfg.raw_starts, "tuned", cfg.concurrency, tuned=True),
+            cfg.raw_starts,
+        )
+        # The floor a hand-written client (no botocore) would reach: a yardstick only.
+        thin = await _emulator_cpu(
+            emulator.pid,
+            thin_capacity(endpoint, arn, cfg.raw_starts, "thin", cfg.concurrency),
+            cfg.raw_starts,
+        )
         unbounded = await _dispatcher_run(
             endpoint, emulator.pid, "tp-dispatcher", requests, cfg.limit
         )
@@ -175,6 +222,7 @@ async def run(cfg: Config) -> dict[str, Any]:
         costs = await delete_costs(
             endpoint, raw.request_queue_url, cfg.delete_messages, emulator.pid
         )
+        depth_costs = await sqs_cost_by_depth(endpoint, emulator.pid)
         print(f"[bench] throughput: events loop, {cfg.events} status events")
         spare = await provision(endpoint, prefix="tp-events", limit=0)
         events = await events_capacity.run(spare, cfg.events)
@@ -182,7 +230,17 @@ async def run(cfg: Config) -> dict[str, Any]:
     # The machine's speed drifts (a shared VM): judge CPU against a bare call made in the
     # same run, before and after, as well as in absolute terms.
     bare_cpu = (before["client_cpu_ms_per_start"] + after["client_cpu_ms_per_start"]) / 2
+    bare_emulator = (before["emulator_cpu_ms_per_start"] + after["emulator_cpu_ms_per_start"]) / 2
     for result in (unbounded, bounded):
+        # The same call with the dispatcher's client options: the floor for its own calls.
+        result["cpu_per_start_over_tuned_start_execution"] = round(
+            result["cpu_ms_per_start"] / tuned["client_cpu_ms_per_start"], 2
+        )
+        # The emulator's extra work (receives, deletes, events) shares the cores: the ratio
+        # to raw charges the dispatcher for it.
+        result["emulator_cpu_over_bare_start"] = round(
+            result["emulator_cpu_ms_per_start"] / bare_emulator, 2
+        )
         rate = result["starts_per_second"]["middle_80_percent"]
         result["ratio_to_raw"] = round(rate / raw_rate, 3) if raw_rate else None
         result["cpu_per_start_over_bare_start_execution"] = round(
@@ -194,10 +252,13 @@ async def run(cfg: Config) -> dict[str, Any]:
             "before": before,
             "after": after,
             "mean_starts_per_second": round(raw_rate, 1),
+            "tuned": tuned,
+            "thin": thin,
         },
         "dispatcher": unbounded,
         "dispatcher_bounded": bounded,
         "delete_costs": costs,
+        "emulator_sqs_cost_by_depth": depth_costs,
         "events_loop": events,
         "load": asdict(load) | {"others_busy_cores": round(load.others_busy_cores, 3)},
     }

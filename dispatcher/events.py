@@ -21,7 +21,7 @@ from dispatcher.config import Settings
 from dispatcher.deleter import DeleteBatcher
 from dispatcher.health import Health
 from dispatcher.ledger import TERMINAL_STATUSES, Change
-from dispatcher.metrics import Metrics
+from dispatcher.metrics import NO_POOL, Metrics
 from dispatcher.pool import Pool
 
 log = structlog.get_logger("dispatcher.events")
@@ -133,13 +133,21 @@ class Events:
             MaxNumberOfMessages=10,
             WaitTimeSeconds=self.settings.receive_wait_seconds,
             VisibilityTimeout=60,
+            # When each event reached the queue: the debug line shows how long it waited
+            # there (bench/cycle.py attributes the slot cycle with it).
+            MessageSystemAttributeNames=["SentTimestamp"],
         )
         self.health.aws_ok()
         messages: list[Any] = list(response.get("Messages", []))
         if not messages:
             return 0
         for message in messages:
-            self.apply(str(message.get("Body", "")), str(message.get("MessageId", "")))
+            sent = (message.get("Attributes") or {}).get("SentTimestamp")
+            self.apply(
+                str(message.get("Body", "")),
+                str(message.get("MessageId", "")),
+                sent_ms=int(sent) if sent else None,
+            )
         if self._deleter is not None:  # batched while `run` runs; applied already either way
             for message in messages:
                 await self._deleter.delete(message["ReceiptHandle"])
@@ -155,17 +163,18 @@ class Events:
             log.warning("dispatcher.event_delete_failed", code=failed.get("Code"))
         return len(messages)
 
-    def apply(self, body: str, message_id: str = "") -> str:
-        """Apply one event body; return the result label it was counted under."""
+    def apply(self, body: str, message_id: str = "", *, sent_ms: int | None = None) -> str:
+        """Apply one event body; return the result label it was counted under (``sent_ms``:
+        when it reached the queue, for the debug line)."""
         try:
             change = parse_event(body)
         except ValueError as exc:
-            self.metrics.events.labels(status="unknown", result="malformed").inc()
+            self.metrics.events.labels(pool=NO_POOL, status="unknown", result="malformed").inc()
             log.warning("dispatcher.event_malformed", message_id=message_id, error=str(exc))
             return "malformed"
         pool = self.pools.get(change.state_machine_arn)
         if pool is None:
-            self.metrics.events.labels(status=change.status, result="foreign").inc()
+            self.metrics.events.labels(pool=NO_POOL, status=change.status, result="foreign").inc()
             log.debug("dispatcher.event_foreign", state_machine_arn=change.state_machine_arn)
             return "foreign"
         ledger = pool.ledger
@@ -181,11 +190,11 @@ class Events:
             if outcome is not Change.STALE:
                 pool.ended(change.execution_arn, change.status, change.result)
         else:  # PENDING_REDRIVE and statuses newer than this code: a RUNNING event follows
-            self.metrics.events.labels(status=change.status, result="ignored").inc()
+            self.metrics.events.labels(pool=pool.name, status=change.status, result="ignored").inc()
             return "ignored"
         pool.update()
         result = _RESULTS[outcome]
-        self.metrics.events.labels(status=change.status, result=result).inc()
+        self.metrics.events.labels(pool=pool.name, status=change.status, result=result).inc()
         self.health.mark_event()
         self.applied += 1
         log.debug(
@@ -194,5 +203,6 @@ class Events:
             status=change.status,
             result=result,
             change=outcome.value,
+            sent_ms=sent_ms,
         )
         return result

@@ -1,15 +1,18 @@
-"""Batched deletes: nothing waits for a batch to fill, every handle is deleted once."""
+"""Batched deletes: full batches of ten, a lone delete only ``linger`` late, each handle once."""
 
 from __future__ import annotations
 
 from typing import Any, cast
 
 import anyio
+import pytest
 
 from dispatcher.deleter import DeleteBatcher
 from tests.fakes import FakeSQS, client_error
 
 QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/requests"
+
+pytestmark = pytest.mark.timeout(10)
 
 
 class SlowSQS(FakeSQS):
@@ -25,36 +28,69 @@ class SlowSQS(FakeSQS):
         QueueUrl: str,  # noqa: N803 - botocore's keyword names
         Entries: list[dict[str, str]],  # noqa: N803
     ) -> dict[str, Any]:
+        result = await super().delete_message_batch(QueueUrl=QueueUrl, Entries=Entries)
         await self.release.wait()
-        return await super().delete_message_batch(QueueUrl=QueueUrl, Entries=Entries)
+        return result
 
 
-async def test_a_burst_shares_batches_of_at_most_ten() -> None:
-    sqs = SlowSQS()
-    batcher = DeleteBatcher(cast(Any, sqs), QUEUE, flushers=2)
+def _sizes(sqs: FakeSQS) -> list[int]:
+    return [len(call["Entries"]) for call in sqs.calls_to("delete_message_batch")]
+
+
+def _handles(sqs: FakeSQS) -> list[str]:
+    calls = sqs.calls_to("delete_message_batch")
+    return [entry["ReceiptHandle"] for call in calls for entry in call["Entries"]]
+
+
+async def test_a_burst_goes_out_in_full_batches() -> None:
+    sqs = FakeSQS()
+    batcher = DeleteBatcher(cast(Any, sqs), QUEUE, linger=60)
     async with anyio.create_task_group() as tg:
         await tg.start(batcher.run)
         for i in range(45):
-            await batcher.delete(f"rh-{i}")  # the first two calls are in flight meanwhile
-        sqs.release.set()
-        batcher.close()
-    calls = sqs.calls_to("delete_message_batch")
-    handles = [entry["ReceiptHandle"] for call in calls for entry in call["Entries"]]
-    assert sorted(handles) == sorted(f"rh-{i}" for i in range(45)), "each deleted exactly once"
-    assert all(1 <= len(call["Entries"]) <= 10 for call in calls)
-    assert len(calls) <= 2 + 5, "two in flight, then the other 43 in batches of ten"
+            await batcher.delete(f"rh-{i}")
+        with anyio.fail_after(5):
+            while len(_sizes(sqs)) < 4:
+                await sqs.called("delete_message_batch")
+                await anyio.lowlevel.checkpoint()
+        # Four full batches at once; the last five wait for company (the linger is long).
+        assert _sizes(sqs) == [10, 10, 10, 10]
+        batcher.close()  # closing sends the partial batch without waiting out the linger
+    assert _sizes(sqs) == [10, 10, 10, 10, 5]
+    assert sorted(_handles(sqs)) == sorted(f"rh-{i}" for i in range(45)), "each deleted once"
     assert batcher.deleted == 45
+    assert batcher.calls == 5
 
 
-async def test_a_lone_delete_goes_out_without_waiting_for_company() -> None:
+async def test_a_lone_delete_goes_out_after_the_linger() -> None:
     sqs = FakeSQS()
-    batcher = DeleteBatcher(cast(Any, sqs), QUEUE)
+    batcher = DeleteBatcher(cast(Any, sqs), QUEUE, linger=0.01)
     async with anyio.create_task_group() as tg:
         await tg.start(batcher.run)
         await batcher.delete("rh-alone")
-        batcher.close()  # closing does not wait for a batch to fill: the lone one goes out
-    [call] = sqs.calls_to("delete_message_batch")
-    assert call["Entries"] == [{"Id": "0", "ReceiptHandle": "rh-alone"}]
+        with anyio.fail_after(5):  # not closed: only the linger sends it
+            await sqs.called("delete_message_batch")
+        batcher.close()
+    assert sqs.calls_to("delete_message_batch") == [
+        {"QueueUrl": QUEUE, "Entries": [{"Id": "0", "ReceiptHandle": "rh-alone"}]}
+    ]
+
+
+async def test_batches_fill_while_every_flusher_is_busy() -> None:
+    sqs = SlowSQS()
+    batcher = DeleteBatcher(cast(Any, sqs), QUEUE, flushers=1, linger=0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(batcher.run)
+        await batcher.delete("rh-0")
+        with anyio.fail_after(5):
+            await sqs.called("delete_message_batch")  # the one flusher is now busy
+        for i in range(1, 13):
+            await batcher.delete(f"rh-{i}")
+        sqs.release.set()
+        batcher.close()
+    # No linger at all, yet the twelve queued behind the busy call went out as 10 + 2.
+    assert _sizes(sqs) == [1, 10, 2]
+    assert sorted(_handles(sqs)) == sorted(f"rh-{i}" for i in range(13))
 
 
 async def test_a_failed_batch_is_logged_not_fatal() -> None:

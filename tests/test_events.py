@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 from botocore.exceptions import ClientError
 
 from dispatcher.events import DETAIL_TYPE, Events, parse_event
@@ -247,6 +249,23 @@ async def test_junk_is_counted_and_deleted_and_the_batch_goes_on() -> None:
     assert not world.pool.ledger.holds(ARN)
     [delete] = world.sqs.calls_to("delete_message_batch")
     assert len(delete["Entries"]) == 3
+
+
+async def test_the_applied_line_says_when_the_event_reached_the_queue() -> None:
+    """bench/cycle.py times the slot cycle with it: stop -> queued -> applied."""
+    world = build_world()
+    hold(world)
+    world.sqs.put(
+        EVENTS_QUEUE,
+        sqs_message(event("SUCCEEDED"), message_id="ev-0", system={"SentTimestamp": "1700"}),
+    )
+    with structlog.testing.capture_logs() as lines:
+        assert await events_of(world).run_once() == 1
+    [receive] = world.sqs.calls_to("receive_message")
+    assert receive["MessageSystemAttributeNames"] == ["SentTimestamp"]
+    [applied] = [line for line in lines if line["event"] == "dispatcher.event_applied"]
+    assert applied["sent_ms"] == 1700
+    assert applied["execution_arn"] == ARN
 
 
 async def test_empty_receive_deletes_nothing() -> None:

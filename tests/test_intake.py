@@ -480,3 +480,66 @@ async def test_stop_ends_a_receive_waiting_for_free_slots_without_receiving() ->
             intake.stop()
     assert world.sqs.calls_to("receive_message") == []
     assert len(world.sqs.visible[REQUEST_QUEUE]) == 1
+
+
+# -- the starts' client ----------------------------------------------------------------
+
+
+async def test_the_start_client_sends_a_fixed_user_agent_and_leaves_validation_to_aws(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`client_config`: botocore rebuilds its User-Agent and validates parameters on every
+    call (about a third of a bare StartExecution's client CPU, bench/); the dispatcher's
+    clients send a fixed User-Agent and let AWS validate (a bad value comes back as an
+    error answer, which `classify` sorts as permanent)."""
+    from aiohttp import web  # noqa: PLC0415 - only this test serves HTTP
+
+    from dispatcher.aws import USER_AGENT, ErrorKind, classify, open_clients  # noqa: PLC0415
+    from dispatcher.metrics import Metrics  # noqa: PLC0415
+
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        seen.append((request.headers["User-Agent"], body))
+        if not isinstance(body.get("input"), str):
+            return web.json_response(
+                {"__type": "ValidationException", "message": "input must be a string"},
+                status=400,
+            )
+        return web.json_response({"executionArn": ARN, "startDate": time.time()})
+
+    app = web.Application()
+    app.router.add_post("/", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_REGION": "eu-west-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    try:
+        async with open_clients(
+            Metrics(), region="eu-west-1", endpoint_url=f"http://127.0.0.1:{port}"
+        ) as clients:
+            assert clients.starts is not None
+            await clients.starts.start_execution(
+                stateMachineArn=STATE_MACHINE_ARN, name="a", input="{}"
+            )
+            with pytest.raises(ClientError) as refused:
+                # Not a string: botocore would refuse it before sending; AWS refuses it here.
+                await clients.starts.start_execution(
+                    stateMachineArn=STATE_MACHINE_ARN,
+                    name="b",
+                    input=7,  # type: ignore[arg-type]
+                )
+    finally:
+        await runner.cleanup()
+    assert seen[0][0].startswith(USER_AGENT), seen[0][0]
+    assert seen[1][0] == seen[0][0], "built once, not per request"
+    assert seen[1][1]["input"] == 7, "sent as given: no client-side validation"
+    assert classify(refused.value) is ErrorKind.PERMANENT
