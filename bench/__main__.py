@@ -13,14 +13,14 @@ from typing import Any
 
 import anyio
 
-from bench import comparison, fairness, report, scale, summary, throughput
+from bench import comparison, cycle, fairness, report, scale, summary, throughput
 from bench.machine import machine_info, uptime
 from bench.patterns import PatternRun, sfn_dispatcher
 from dispatcher import logs
 from dispatcher.config import LogFormat
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("comparison", "throughput", "scale", "fairness")
+SCENARIOS = ("comparison", "throughput", "cycle", "scale", "fairness")
 
 # The emulator's fixed test credentials; no developer AWS settings may leak into a run.
 _EMULATOR_ENV = {
@@ -120,6 +120,8 @@ async def _main(args: argparse.Namespace) -> None:
             await _scenario(args.out, "handover", _constant(hand | {"load": load}))
     if "throughput" in chosen:
         await _scenario(args.out, "throughput", lambda: throughput.run(tp_config))
+    if "cycle" in chosen and not args.quick:  # the slot cycle at limit 200, both rules
+        await _scenario(args.out, "cycle", lambda: cycle.run(cycle.Config()))
     if "scale" in chosen:
         await _scenario(args.out, "scale", lambda: scale.run(scale_config))
     if "fairness" in chosen:

@@ -181,7 +181,11 @@ async def test_a_parent_that_stopped_waiting_lets_the_dispatcher_stop_the_child(
             return d.callbacks is not None and d.callbacks.held == 0
 
         await wait_for(released, within=10)
-        assert await depth(sqs, resources.request_queue_url) == 0
+
+        async def deleted() -> bool:  # deletes go out in batches: ten handles or 50 ms
+            return await depth(sqs, resources.request_queue_url) == 0
+
+        await wait_for(deleted, within=10)
         [described] = await finished(sfn, [parent], within=30)
         assert json.loads(described["output"])["results"][0]["error"]["Error"] == "Elsewhere"
         orphans = d.metrics.registry.get_sample_value(
