@@ -434,8 +434,22 @@ def test_rule_matches_this_state_machines_status_changes(template: dict[str, Any
     assert props["EventPattern"] == {
         "source": ["aws.states"],
         "detail-type": ["Step Functions Execution Status Change"],
-        "detail": {"stateMachineArn": [{"Ref": "StateMachineArn"}]},
+        "detail": {
+            "stateMachineArn": [{"Ref": "StateMachineArn"}],
+            # StatusEvents=terminal: only the statuses that free a slot.
+            "status": {
+                "Fn::If": [
+                    "TerminalEventsOnly",
+                    ["SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"],
+                    {"Ref": "AWS::NoValue"},
+                ]
+            },
+        },
     }
+    assert template["Conditions"]["TerminalEventsOnly"] == {
+        "Fn::Equals": [{"Ref": "StatusEvents"}, "terminal"]
+    }
+    assert template["Parameters"]["StatusEvents"]["Default"] == "all"
     assert [t["Arn"] for t in props["Targets"]] == [{"Fn::GetAtt": ["EventsQueue", "Arn"]}]
     assert props.get("State", "ENABLED") == "ENABLED"
 
