@@ -96,3 +96,26 @@ def test_the_parent_definition_in_the_readme_is_the_sandboxs() -> None:
         "QueueUrl"
     ]
     assert shown == parent_definition(url)
+
+
+def test_the_configuration_table_gives_each_settings_default() -> None:
+    rows = dict(
+        re.findall(r"^\| `(DISPATCHER_[A-Z_]+)` \| `--[a-z-]+` \| ([^|]+) \|", README, re.M)
+    )
+    wrong = {}
+    for name, field in Settings.model_fields.items():
+        shown = rows[env_name(name)].strip()
+        default = field.default
+        if default is None or not shown.startswith("`"):
+            continue  # unset, required or described in words (quota)
+        value = default.value if hasattr(default, "value") else default
+        text = (
+            str(value).lower()
+            if isinstance(value, bool)
+            else f"{value:g}"
+            if isinstance(value, float)
+            else str(value)
+        )
+        if shown.strip("`") != text:
+            wrong[env_name(name)] = (shown, text)
+    assert wrong == {}
