@@ -26,7 +26,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from dispatcher.cli import main
-from dispatcher.errors import UserError
+from dispatcher.errors import EXIT_AWS, UserError
 from dispatcher.sandbox import (
     Emulator,
     SandboxResources,
@@ -690,11 +690,11 @@ async def test_endpoint_mode_prints_json_and_writes_env_file(
     await delete_sandbox(await provision(emulator, prefix=prefix, limit=4))
 
 
-def test_endpoint_that_never_answers_is_one_line_exit_2(
+def test_endpoint_that_never_answers_is_one_line_exit_3(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    assert main(["sandbox", "--endpoint", url, "--wait", "0.3"]) == 2
+    assert main(["sandbox", "--endpoint", url, "--wait", "0.3"]) == EXIT_AWS
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert err.startswith("sfn-dispatcher sandbox: error: no AWS emulator answers at")

@@ -21,7 +21,7 @@ import anyio
 from anyio.abc import TaskStatus
 from botocore.exceptions import BotoCoreError, ClientError
 
-from dispatcher.errors import UserError
+from dispatcher.errors import AwsSetupError, UserError
 from dispatcher.sandbox.emulator import Emulator, wait_healthy
 from dispatcher.sandbox.provision import SandboxResources, provision
 
@@ -174,7 +174,8 @@ async def _provision(args: argparse.Namespace, endpoint: str) -> SandboxResource
             max_receive_count=args.max_receive_count,
         )
     except (BotoCoreError, ClientError) as exc:
-        raise UserError(f"provisioning into {endpoint} failed: {exc}") from None
+        # The endpoint, not the flags: exit 3, as `run` does when AWS cannot be used.
+        raise AwsSetupError(f"provisioning into {endpoint} failed: {exc}") from None
 
 
 def _publish(resources: SandboxResources, args: argparse.Namespace) -> None:

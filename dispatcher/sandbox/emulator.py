@@ -30,7 +30,7 @@ from typing import Self
 
 import anyio
 
-from dispatcher.errors import UserError
+from dispatcher.errors import AwsSetupError, UserError
 
 EXECUTABLE_ENV = "DISPATCHER_SANDBOX_EMULATOR"
 EMULATOR_VENV = ".venv-emulator"
@@ -117,7 +117,7 @@ async def wait_healthy(endpoint: str, wait_seconds: float) -> None:
             if await anyio.to_thread.run_sync(probe, endpoint, min(1.0, wait_seconds)):
                 return
             await anyio.sleep(_POLL_INTERVAL)
-    raise UserError(
+    raise AwsSetupError(  # unreachable: exit 3, not a usage error
         f"no AWS emulator answers at {endpoint}{HEALTH_PATH} after {wait_seconds:g} s; "
         "start it first or check the URL"
     )
