@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import aioboto3
 import aiobotocore
+import botocore
 from aiobotocore.config import AioConfig
 from botocore.exceptions import (
     BotoCoreError,
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
     from types_aiobotocore_ssm import SSMClient
     from types_aiobotocore_stepfunctions import SFNClient
+
+    from dispatcher.startclient import ThinStarts
 
 THROTTLE_CODES = frozenset(
     {
@@ -130,7 +133,7 @@ class Clients:
     sfn: SFNClient
     dynamodb: DynamoDBClient | None = None
     ssm: SSMClient | None = None
-    starts: SFNClient | None = None
+    starts: SFNClient | ThinStarts | None = None
     """The client StartExecution goes through: one attempt per call, no SDK retries, so
     every attempt re-checks the lease (None: ``sfn``)."""
 
@@ -218,12 +221,15 @@ async def open_clients(
     dynamodb: bool = False,
     ssm: bool = False,
     start_timeout: float = 5.0,
+    start_client: str = "thin",
 ) -> AsyncIterator[Clients]:
     """Open SQS and Step Functions clients; endpoint and credentials come from ``AWS_*``.
 
     ``region`` is used only when no ``AWS_REGION``/``AWS_DEFAULT_REGION`` is set (the
     dispatcher passes the state machine's region). ``endpoint_url`` overrides
     ``AWS_ENDPOINT_URL`` (tests point one dispatcher at a fault proxy this way).
+    ``start_client``: ``thin`` (`dispatcher.startclient.ThinStarts`, same endpoint,
+    region and credentials as the SFN client) or ``botocore`` for StartExecution.
     """
     session = aioboto3.Session(region_name=_region(region))
     config = client_config(
@@ -242,18 +248,35 @@ async def open_clients(
             session.client("stepfunctions", config=config, endpoint_url=endpoint_url)
         )
         # StartExecution: one attempt, bounded by D (the caller also holds a hard deadline).
-        starts = await stack.enter_async_context(
-            session.client(
-                "stepfunctions",
-                config=client_config(
-                    retries={"mode": "standard", "total_max_attempts": 1},
-                    connect_timeout=min(5.0, start_timeout),
-                    read_timeout=start_timeout,
-                    max_pool_connections=64,
-                ),
-                endpoint_url=endpoint_url,
+        starts: SFNClient | ThinStarts
+        if start_client == "thin":
+            from dispatcher.startclient import ThinStarts  # noqa: PLC0415 - it imports us
+
+            starts = await stack.enter_async_context(
+                ThinStarts(
+                    endpoint_url=sfn.meta.endpoint_url,
+                    region=sfn.meta.region_name,
+                    credentials=await session.get_credentials(),
+                    metrics=metrics,
+                    timeout=start_timeout,
+                    user_agent=f"{USER_AGENT} botocore/{botocore.__version__}",
+                )
             )
-        )
+        else:
+            sdk = await stack.enter_async_context(
+                session.client(
+                    "stepfunctions",
+                    config=client_config(
+                        retries={"mode": "standard", "total_max_attempts": 1},
+                        connect_timeout=min(5.0, start_timeout),
+                        read_timeout=start_timeout,
+                        max_pool_connections=64,
+                    ),
+                    endpoint_url=endpoint_url,
+                )
+            )
+            sdk.meta.events.register("needs-retry.*.*", hook)
+            starts = sdk
         ddb = None
         if dynamodb:
             ddb = await stack.enter_async_context(
@@ -264,7 +287,7 @@ async def open_clients(
             parameters = await stack.enter_async_context(
                 session.client("ssm", config=config, endpoint_url=endpoint_url)
             )
-        for client in (sqs, sfn, starts, ddb, parameters):
+        for client in (sqs, sfn, ddb, parameters):
             if client is not None:
                 client.meta.events.register("needs-retry.*.*", hook)
         yield Clients(sqs=sqs, sfn=sfn, dynamodb=ddb, ssm=parameters, starts=starts)

@@ -64,6 +64,13 @@ class InputFormat(StrEnum):
     ENVELOPE = "envelope"  # {"body": <text>, "messageId": ..., "attributes": {...}}
 
 
+class StartClient(StrEnum):
+    """The client StartExecution goes through."""
+
+    THIN = "thin"  # dispatcher.startclient: botocore's signer, aiohttp, no SDK pipeline
+    BOTOCORE = "botocore"  # an aiobotocore Step Functions client
+
+
 class Settings(BaseSettings):
     """Every setting of ``sfn-dispatcher run``; field ``x`` is ``DISPATCHER_X`` / ``--x``."""
 
@@ -170,6 +177,11 @@ class Settings(BaseSettings):
         "retries): a start takes effect within D of being sent or never. A start whose "
         "answer did not come in time stays in doubt (its slot held) until evidence settles "
         "it; a new lease holder waits D + DISPATCHER_START_GRACE before it lists.",
+    )
+    start_client: StartClient = Field(
+        default=StartClient.THIN,
+        description="StartExecution client: thin (SigV4 over one aiohttp session, less CPU "
+        "per start) or botocore (the SDK client).",
     )
     receive_wait_seconds: int = Field(
         default=20, ge=0, le=20, description="SQS long-poll wait per receive."

@@ -215,6 +215,7 @@ class Dispatcher:
                 dynamodb=settings.lease_table is not None,
                 ssm=any(p.limit_parameter for p in self.layout.pools),
                 start_timeout=settings.start_timeout,
+                start_client=settings.start_client.value,
             ) as clients,
             anyio.create_task_group() as tg,
         ):
