@@ -8,13 +8,11 @@ bare receive-10-then-delete-batch loop empties a queue with one task or several.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import time
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
@@ -22,9 +20,29 @@ import anyio
 from bench.aws import config, session
 from bench.proc import sample
 from dispatcher.aws import client_config
+from dispatcher.startclient import Signer
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
+
+
+async def _timed(
+    caller: Callable[[], Coroutine[Any, Any, None]], count: int, tasks: int
+) -> dict[str, Any]:
+    """Run ``tasks`` copies of ``caller`` (which share ``count`` starts); rate and CPU."""
+    cpu, began = time.process_time(), time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(tasks):
+            tg.start_soon(caller)
+    elapsed = time.perf_counter() - began
+    cpu = time.process_time() - cpu
+    return {
+        "starts": count,
+        "tasks": tasks,
+        "seconds": round(elapsed, 3),
+        "starts_per_second": round(count / elapsed, 1),
+        "client_cpu_ms_per_start": round(cpu / count * 1000, 3),
+    }
 
 
 async def raw_capacity(
@@ -46,19 +64,7 @@ async def raw_capacity(
                     stateMachineArn=machine_arn, name=f"{tag}-{i:05d}", input=body
                 )
 
-        cpu, began = time.process_time(), time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for _ in range(tasks):
-                tg.start_soon(caller)
-        elapsed = time.perf_counter() - began
-        cpu = time.process_time() - cpu
-    return {
-        "starts": count,
-        "tasks": tasks,
-        "seconds": round(elapsed, 3),
-        "starts_per_second": round(count / elapsed, 1),
-        "client_cpu_ms_per_start": round(cpu / count * 1000, 3),
-    }
+        return await _timed(caller, count, tasks)
 
 
 async def _fill(sqs: SQSClient, queue_url: str, count: int) -> list[str]:
@@ -201,65 +207,14 @@ async def _fill_handles(sqs: SQSClient, queue_url: str, count: int) -> list[str]
     return handles[:count]
 
 
-def thin_sigv4(
-    *,
-    url: str,
-    region: str,
-    service: str,
-    target: str,
-    body: bytes,
-    credentials: tuple[str, str, str | None],
-    now: datetime | None = None,
-) -> dict[str, str]:
-    """Headers of a SigV4-signed JSON-protocol POST to ``url`` (path ``/``, no query): the
-    least a hand-written client would do per call. Only a yardstick for `thin_capacity`
-    (its signature equals botocore's ``SigV4Auth`` for the same request and time)."""
-    access_key, secret_key, token = credentials
-    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
-    day = stamp[:8]
-    headers = {
-        "content-type": "application/x-amz-json-1.0",
-        "host": urlsplit(url).netloc,
-        "x-amz-date": stamp,
-        "x-amz-target": target,
-    }
-    if token:
-        headers["x-amz-security-token"] = token
-    names = sorted(headers)
-    signed = ";".join(names)
-    canonical = "\n".join(
-        [
-            "POST",
-            "/",
-            "",
-            "".join(f"{name}:{headers[name]}\n" for name in names),
-            signed,
-            hashlib.sha256(body).hexdigest(),
-        ]
-    )
-    scope = f"{day}/{region}/{service}/aws4_request"
-    to_sign = "\n".join(
-        ["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()]
-    )
-    key = ("AWS4" + secret_key).encode()
-    for part in (day, region, service, "aws4_request"):
-        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    headers["authorization"] = (
-        f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={signed}, "
-        f"Signature={signature}"
-    )
-    return headers
-
-
 async def thin_capacity(
     endpoint: str, machine_arn: str, count: int, tag: str, tasks: int
 ) -> dict[str, Any]:
-    """`raw_capacity` through a hand-written client (aiohttp, `thin_sigv4`, json): what
-    the call would cost the client without botocore's per-request machinery."""
-    credentials = ("test", "test", None)  # the emulator's fixed test credentials
+    """`raw_capacity` through a hand-written client (aiohttp, the dispatcher's `Signer`,
+    json): what the call costs the client without botocore's per-request machinery."""
     region = machine_arn.split(":")[3]
     url = endpoint.rstrip("/") + "/"
+    signer = Signer(url, region)  # the dispatcher's own signer
     numbers = iter(range(count))
     connector = aiohttp.TCPConnector(limit=tasks)
     async with aiohttp.ClientSession(connector=connector) as http:
@@ -273,29 +228,11 @@ async def thin_capacity(
                         "input": json.dumps({"req": tag}),
                     }
                 ).encode()
-                headers = thin_sigv4(
-                    url=url,
-                    region=region,
-                    service="states",
-                    target="AWSStepFunctions.StartExecution",
-                    body=body,
-                    credentials=credentials,
-                )
+                # The emulator's fixed test credentials.
+                headers = signer.headers(body, "test", "test", None, datetime.now(UTC))
                 async with http.post(url, data=body, headers=headers) as response:
                     answer = json.loads(await response.read())
                     if response.status != 200 or "executionArn" not in answer:
                         raise RuntimeError(f"StartExecution refused: {answer}")
 
-        cpu, began = time.process_time(), time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for _ in range(tasks):
-                tg.start_soon(caller)
-        elapsed = time.perf_counter() - began
-        cpu = time.process_time() - cpu
-    return {
-        "starts": count,
-        "tasks": tasks,
-        "seconds": round(elapsed, 3),
-        "starts_per_second": round(count / elapsed, 1),
-        "client_cpu_ms_per_start": round(cpu / count * 1000, 3),
-    }
+        return await _timed(caller, count, tasks)
