@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +29,7 @@ from typing import Any, Protocol
 import pytest
 
 from dispatcher.sandbox import SandboxResources, provision
-from dispatcher.sandbox.emulator import free_port
+from dispatcher.sandbox.emulator import free_port, pdeathsig_preexec, stop_group
 
 EXECUTE_STATE_MACHINES = {"stepfunctions": {"execute_state_machine": True}}
 _CONFIG_PATH = "/moto-api/config"
@@ -76,6 +74,8 @@ class MotoServer:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # own process group: stop() signals all of it
+                    # SIGTERM if pytest itself dies (kill -9), as the sandbox's emulator.
+                    preexec_fn=pdeathsig_preexec(),  # noqa: PLW1509 - prctl only, no locks
                 )
             if self._wait_answering():
                 break
@@ -119,21 +119,8 @@ class MotoServer:
     def _kill(self, timeout: float = 5.0) -> None:
         """SIGTERM its process group, SIGKILL after ``timeout``; by PID, never by name."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
-                proc.wait()
-        _signal_group(proc.pid, signal.SIGKILL)  # anything it left in its group
-
-
-def _signal_group(pgid: int, signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
+        if proc is not None:
+            stop_group(proc, timeout)
 
 
 class MotoSandboxFactory(Protocol):

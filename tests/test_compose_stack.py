@@ -44,7 +44,7 @@ import yaml
 from dispatcher.config import Settings
 from dispatcher.records import list_executions, max_overlap
 from dispatcher.sandbox import free_port
-from dispatcher.sandbox.emulator import _pdeathsig_preexec
+from dispatcher.sandbox.emulator import pdeathsig_preexec
 from dispatcher.sandbox.provision import TEST_CREDENTIALS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -383,7 +383,7 @@ class Stack:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # down() signals its whole group
-                preexec_fn=_pdeathsig_preexec(),  # noqa: PLW1509 - gone with pytest, even on kill -9
+                preexec_fn=pdeathsig_preexec(),  # noqa: PLW1509 - gone with pytest, even on kill -9
             )
             log.close()
 

@@ -123,7 +123,7 @@ async def wait_healthy(endpoint: str, wait_seconds: float) -> None:
     )
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
+def pdeathsig_preexec() -> Callable[[], None] | None:
     """A ``preexec_fn`` that makes the child get SIGTERM when its parent dies (Linux)."""
     if not sys.platform.startswith("linux"):
         return None
@@ -300,7 +300,7 @@ class Emulator:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # own process group: stop() signals all of it
-                    preexec_fn=_pdeathsig_preexec(),  # noqa: PLW1509 - prctl only, no locks
+                    preexec_fn=pdeathsig_preexec(),  # noqa: PLW1509 - prctl only, no locks
                 )
         except OSError as exc:
             shutil.rmtree(self._workdir, ignore_errors=True)
@@ -330,19 +330,25 @@ class Emulator:
     def _discard(self, keep_log: bool, timeout: float = STOP_GRACE) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.poll() is None:
-                _signal_group(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    _signal_group(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            # Anything it started in its group goes too. The group id cannot be reused
-            # while a member is alive, so this never hits a stranger.
-            _signal_group(proc.pid, signal.SIGKILL)
+            stop_group(proc, timeout)
         if self._workdir is not None and not keep_log:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Stop a child started in its own session: SIGTERM its group, SIGKILL after
+    ``timeout``; by process group, never by name."""
+    if proc.poll() is None:
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+    # Anything it started in its group goes too. The group id cannot be reused while a
+    # member is alive, so this never hits a stranger.
+    _signal_group(proc.pid, signal.SIGKILL)
 
 
 class _AddressInUseError(Exception):
