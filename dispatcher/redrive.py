@@ -14,9 +14,10 @@ sent after the run started (``SentTimestamp``), or a request already moved by th
 (the same identity: the dispatcher dead-lettered the copy again), is left where it is.
 
 Why not SQS's own ``StartMessageMoveTask``: it cannot filter by reason, it keeps every
-attribute (in the envelope input format the ``dispatcher-*`` ones would reach the
-execution's input), it cannot show counts by reason first, and it only applies to a queue
-that is some queue's redrive-policy dead-letter queue. For a plain move of everything,
+attribute (harmless: the dispatcher ignores the ``dispatcher-*`` ones but the request id),
+it cannot show counts by reason first, it cannot give a message the redrive policy moved its
+identity, and it only applies to a queue that is some queue's redrive-policy dead-letter
+queue. For a plain move of everything,
 ``aws sqs start-message-move-task --source-arn DLQ_ARN --destination-arn QUEUE_ARN``
 does it server-side.
 """
