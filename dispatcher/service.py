@@ -311,6 +311,9 @@ class Dispatcher:
             dead_letter_max_size=self.preflight.dead_letter_max_size,
             max_receive_counts=self.preflight.max_receive_counts,
         )
+        # Wall-clock time like SQS's timestamps: a message first received before now may have
+        # been started by a predecessor, under a name its configuration gave it.
+        self.intake.starter.reign_began = self.wall()
         if lease is not None:
             self.intake.set_may_start(lease.valid)
         self.callbacks = Callbacks(settings, clients, self.metrics, self.pools, self.clock)
