@@ -41,7 +41,7 @@ async def test_a_child_running_across_a_key_attribute_change_is_not_started_agai
 
             async def parent_ended() -> bool:
                 described = await sfn.describe_execution(executionArn=started["executionArn"])
-                return described["status"] != "RUNNING"
+                return bool(described["status"] != "RUNNING")
 
             await wait_for(parent_ended, within=100, interval=0.5)
             found = after.metrics.registry.get_sample_value(
