@@ -62,7 +62,9 @@ DEAD_LETTERED = "Dispatcher.DeadLettered"
 CLOSED = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"})
 """A child in any other status (RUNNING, PENDING_REDRIVE) has not ended: no answer yet."""
 LAST_BEATS = 16
-"""Heartbeats sent at once when a reign ends (each token's last one)."""
+"""Heartbeats sent at once when a reign ends (each token's last one)..."""
+LAST_BEATS_SECONDS = 5.0
+"""...for at most this long: then the messages go back all the same."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +305,7 @@ class Callbacks:
             async with limiter:
                 await self._heartbeat(one.token, one.bound, one.pool.name, attempts=1)
 
-        with anyio.move_on_after(self.settings.start_timeout):
+        with anyio.move_on_after(LAST_BEATS_SECONDS):
             async with anyio.create_task_group() as tg:
                 for one in held:
                     tg.start_soon(last_beat, one)
