@@ -44,6 +44,7 @@ def wired(world: World) -> tuple[Intake, Callbacks]:
         world.settings, world.clients, world.metrics, {"default": world.pool}, world.clock
     )
     intake.starter.callbacks = callbacks
+    callbacks.starting = intake.starter.starting
     world.pool.on_ended = callbacks.ended
     return intake, callbacks
 
@@ -286,6 +287,25 @@ async def test_a_child_a_waiting_retry_will_wait_on_is_not_stopped() -> None:
     assert world.sfn.calls_to("stop_execution") == []
     assert callbacks.held == 0
     assert len(world.pool.room) == 1
+
+
+async def test_a_child_a_retry_being_started_will_wait_on_is_not_stopped() -> None:
+    """The retry's request is being started (its StartExecution in flight) when the first
+    token is found gone: it will wait on the same child, which is not stopped."""
+    world = build_world(stop_orphaned_children=True)
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    world.sfn.start_gate = anyio.Event()
+    async with anyio.create_task_group() as handlers:
+        await intake.admit(intake.queues[0], retry_request())
+        assert intake.dispatch_once(world.pool, handlers)
+        await anyio.wait_all_tasks_blocked()  # the retry's start waits at the gate
+        assert len(world.sfn.calls_to("start_execution")) == 2
+        world.sfn.gone_tokens.add(TOKEN)
+        await callbacks.heartbeat_once()
+        assert world.sfn.calls_to("stop_execution") == []
+        world.sfn.start_gate.set()
+    assert callbacks.tokens() == [(RETRY_TOKEN, CHILD)]
 
 
 async def test_two_gone_tokens_of_one_child_stop_it_once() -> None:
