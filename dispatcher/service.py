@@ -318,6 +318,7 @@ class Dispatcher:
             self.intake.set_may_start(lease.valid)
         self.callbacks = Callbacks(settings, clients, self.metrics, self.pools, self.clock)
         self.intake.starter.callbacks = self.callbacks
+        self.callbacks.starting = self.intake.starter.starting
         for pool in self.pools.values():
             pool.on_ended = self.callbacks.ended
         return self.intake, self.events
@@ -384,6 +385,11 @@ class Dispatcher:
                 intake.stop()
                 await intake_done.wait()
             tg.cancel_scope.cancel()
+        if self.callbacks is not None and not intake.starter.force:
+            # Tokens held go back to the queue at once, each after a last heartbeat: the
+            # successor takes them over without waiting for their visibility to run out.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(15):
+                await self.callbacks.hand_back()
         self.metrics.leader.set(0)
         self.health.started_up = False
         self.health.refresh()

@@ -142,6 +142,10 @@ class Starter:
             clients.sqs, settings.dead_letter_queue_url, metrics, dead_letter_max_size
         )
 
+    def starting(self, arn: str) -> bool:
+        """Whether a request for execution ``arn`` is being started now."""
+        return arn in self._copies
+
     def cut_short_waiting(self) -> None:
         """Cancel handlers that are only waiting (admission, back-off): they hand back."""
         for handling in list(self.stats.in_flight.values()):
@@ -239,6 +243,13 @@ class Starter:
                 bound.info("dispatcher.found_under_former_name", execution_arn=former)
                 await self._already_exists(entry, reservation, handling, arn=former)
                 return
+        if (
+            request.task_token is not None
+            and self.callbacks is not None
+            and not held_before
+            and await self.callbacks.dropped_unstarted(entry, others=copies.handlers > 1)
+        ):
+            return  # its parent no longer waits: deleted unstarted (the slot goes back)
         try:
             arn, attempts = await self._call_start(entry, reservation, handling)
         except AbandonedError:
