@@ -381,7 +381,10 @@ class Run:
                 tg.start_soon(self._act)
                 if self.plan.parents.parents:
                     tg.start_soon(run_parents, self, self.plan.parents)
-                tg.start_soon(run_extras, self, self.plan.extras)
+                if self.plan.extras != ExtrasPlan():
+                    tg.start_soon(run_extras, self, self.plan.extras)
+                else:
+                    self.extras_done.set()
                 await self._until_settled()
                 self.finished.set()
                 for _, _, scope in self.incarnations.values():
