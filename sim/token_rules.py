@@ -302,10 +302,11 @@ def _check_superseded(
         later = [r for r in execution.runs if r.start <= answer.time]
         if not current or _fits(answer, current[-1]) or _fits(answer, later[-1]):
             continue
-        if current[-1].stop is not None and current[-1].stop > answer.time:
-            why = f"was running again since {current[-1].start:.3f} (redriven)"
+        run = current[-1]
+        if run.stop is None or run.stop > answer.time:
+            why = f"was running again since {run.start:.3f} (redriven)"
         else:
-            why = f"had ended {current[-1].status} since"
+            why = f"had run again from {run.start:.3f} and ended {run.status}"
         return [
             Violation(
                 "superseded_answer",
