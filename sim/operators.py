@@ -36,11 +36,21 @@ class _Killable:
     """An SQS client of a redrive process that is killed at its first delete (after the
     send it follows succeeded): that delete and every later call never happen."""
 
-    def __init__(self, client: Any, *, kill: bool, on_kill: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        kill: bool,
+        on_kill: Callable[[], None],
+        most: int,
+        on_most: Callable[[], None],
+    ) -> None:
         self._client = client
         self._kill = kill
         self._on_kill = on_kill
+        self._most, self._on_most = most, on_most
         self.killed = False
+        self.sent = 0
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._client, name)
@@ -52,6 +62,10 @@ class _Killable:
                 self.killed = True
                 self._on_kill()
                 raise KilledError
+            if name == "send_message_batch":
+                self.sent += len(kwargs.get("Entries", []))
+                if self.sent > self._most:
+                    self._on_most()  # moving more than was there: it will not end
             return await method(**kwargs)
 
         return call
@@ -73,6 +87,8 @@ async def run_extras(run: Run, plan: ExtrasPlan) -> None:
                 _watch_failed_children(run, tg)
             await anyio.sleep(max(0.0, plan.last_action - run.clock()) + 1.0)
             run.extras_done.set()
+            if plan.child_redrives:
+                await anyio.sleep_forever()  # children fail until the run ends
     finally:
         run.extras_done.set()
 
@@ -107,13 +123,15 @@ async def _cli_redrive(run: Run, cli: CliRedrive, index: int) -> None:
         f" started ({depth} dead letters)"
         + (" - to be killed after its send" if cli.killed else ""),
     )
-    sqs = _Killable(
-        world.client("sqs", node, max_attempts=3),
-        kill=cli.killed,
-        on_kill=lambda: world.history.note(run.clock(), node, "KILLED between send and delete"),
-    )
-    report = None
     with anyio.move_on_after(REDRIVE_BOUND) as bound:
+        sqs = _Killable(
+            world.client("sqs", node, max_attempts=3),
+            kill=cli.killed,
+            on_kill=lambda: world.history.note(run.clock(), node, "KILLED between send and delete"),
+            most=2 * depth + 10,  # well past what was there: stopped, judged below
+            on_most=bound.cancel,
+        )
+        report = None
         try:
             report = await redrive(
                 sqs,  # type: ignore[arg-type]
@@ -125,10 +143,14 @@ async def _cli_redrive(run: Run, cli: CliRedrive, index: int) -> None:
             )
         except KilledError:
             return
-    moved = sum(report.moved.values()) if report is not None else _moved_by(run, node)
+    moved = sum(report.moved.values()) if report is not None else sqs.sent
     world.history.note(run.clock(), node, f"redrive ended: {moved} moved")
     if bound.cancelled_caught or moved > depth:
-        why = f"still running after {REDRIVE_BOUND:.0f} s" if bound.cancelled_caught else "it ended"
+        why = (
+            f"stopped after {run.clock() - began:.0f} s, not done"
+            if bound.cancelled_caught
+            else "it ended"
+        )
         run.extra_violations.append(
             Violation(
                 "redrive_unbounded",
@@ -137,11 +159,6 @@ async def _cli_redrive(run: Run, cli: CliRedrive, index: int) -> None:
                 f"moved {moved}: a redrive moves what was there when it started, then ends",
             )
         )
-
-
-def _moved_by(run: Run, node: str) -> int:
-    """How many messages ``node`` sent to a request queue."""
-    return sum(1 for s in run.world.history.sends if s.node == node)
 
 
 async def _move_task(run: Run) -> None:
