@@ -1,6 +1,7 @@
 """Operator scenarios of a seed: what people and AWS do around the dispatcher besides the
-nemesis's faults, drawn per seed from their own generator (``extras-<seed>``) and only for
-the scenarios `ENABLED` names, so that a seed without them runs exactly as before.
+nemesis's faults, drawn per seed, each scenario from its own generator
+(``extras-<name>-<seed>``), and only for the scenarios `ENABLED` names, so that a seed
+without them runs exactly as before.
 
 - ``envelope``: the pools run the envelope input format (``input_format = "envelope"``).
 - ``retries``: producers that retry (the same idempotency key and body, again, soon) and
@@ -18,6 +19,9 @@ the scenarios `ENABLED` names, so that a seed without them runs exactly as befor
   parents with ``HeartbeatSeconds`` run (their heartbeats must go on across it).
 - ``child_redrive``: a failed child of a parent redriven from the console moments after it
   failed (its parent must get its final result, not a superseded one).
+- ``receive_limit``: request queues with a low ``maxReceiveCount`` (3 to 6): requests in
+  doubt, deferred or handed back reach their last receive and are dead-lettered (then
+  redriven by the scenarios above).
 
 `ENABLED` comes from ``SIM_EXTRAS`` (``all`` or a comma-separated list) or ``python -m sim
 --extras``. To turn them on by default, change `DEFAULT` below to ``"all"``.
@@ -39,6 +43,7 @@ SCENARIOS = (
     "reconfigure",
     "deploys",
     "child_redrive",
+    "receive_limit",
 )
 SHARE = {
     "envelope": 0.2,
@@ -48,6 +53,7 @@ SHARE = {
     "reconfigure": 0.25,
     "deploys": 0.5,  # of the seeds with parents that heartbeat
     "child_redrive": 0.5,  # of the seeds with parents
+    "receive_limit": 0.3,
 }
 REDRIVE_VISIBILITY = 300  # the CLI's default --visibility-timeout
 REDRIVE_BOUND = 600.0  # seconds a CLI redrive may run before it is judged endless
@@ -99,6 +105,7 @@ class ExtrasPlan:
     reconfigures: tuple[Reconfigure, ...] = ()
     deploys: tuple[float, ...] = ()  # SIGTERM of every node, after the faults
     child_redrives: bool = False
+    max_receive_count: int | None = None  # the request queues' (None: the default)
 
     @property
     def names(self) -> list[str]:
@@ -119,6 +126,8 @@ class ExtrasPlan:
             out.append("deploys")
         if self.child_redrives:
             out.append("child_redrive")
+        if self.max_receive_count is not None:
+            out.append(f"receive_limit:{self.max_receive_count}")
         return out
 
     @property
@@ -144,11 +153,14 @@ def draw(
     ``one_target``: every request queue feeds the same pools (a redrive has one target);
     ``heartbeat_grace``: how long after ``quiet_at`` heartbeats are judged."""
     on = ENABLED if enabled is None else enabled
-    rng = random.Random(f"extras-{seed}")
-    rolls = {name: rng.random() for name in SCENARIOS}  # one draw each, whatever is on
+    # One generator per scenario: adding or turning on one changes no other's draws.
+    gens = {name: random.Random(f"extras-{name}-{seed}") for name in SCENARIOS}
+    rng = gens["envelope"]
 
     def has(name: str) -> bool:
-        return name in on and rolls[name] < SHARE[name]
+        nonlocal rng
+        rng = gens[name]
+        return rng.random() < SHARE[name] and name in on
 
     plan: dict[str, object] = {}
     if has("envelope"):
@@ -187,4 +199,6 @@ def draw(
         plan["deploys"] = tuple(first + i * rng.uniform(40, 150) for i in range(rng.randint(1, 3)))
     if has("child_redrive") and parents:
         plan["child_redrives"] = True
+    if has("receive_limit"):
+        plan["max_receive_count"] = rng.choice((3, 4, 6))
     return ExtrasPlan(**plan)  # type: ignore[arg-type]

@@ -314,7 +314,7 @@ class Run:
             name,
             visibility_timeout=60,
             dead_letter=self.dlq,
-            max_receive_count=MAX_RECEIVE_COUNT,
+            max_receive_count=self.plan.extras.max_receive_count or MAX_RECEIVE_COUNT,
         )
 
     def _write_config(self) -> None:
