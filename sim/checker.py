@@ -281,7 +281,10 @@ def _check_settled(
                 t <= deadline for t, _ in moves
             )
         else:
+            killed = [(t, m) for t, m in moves if copy_rules.held_by_killed(history, m, t)]
             for t, message_id in moves:
+                if (t, message_id) in killed:
+                    continue  # its last receiver was killed holding it: nobody could say why
                 found.append(
                     Violation(
                         "redrive_move",
@@ -291,7 +294,7 @@ def _check_settled(
                     )
                 )
             settled = any(e.first_start <= deadline for e in executions) or any(
-                t <= deadline for t in dead_lettered
+                t <= deadline for t in dead_lettered + [t for t, _ in killed]
             )
         if released.get(request_id, math.inf) <= deadline:
             settled = True  # its parent ended: nobody waits for it (see the token rules)
@@ -325,6 +328,7 @@ def _check_deletes(
     history: History, owners: _Owners, spec: CheckSpec, released: Mapping[str, float]
 ) -> list[Violation]:
     copies = _dead_letter_copies(history, spec)
+    let_go = token_rules.released_messages(history)
     found: list[Violation] = []
     for delete in history.effective_deletes():
         if delete.queue_url not in spec.request_queues:
@@ -332,6 +336,8 @@ def _check_deletes(
         request_id = owners.request_of.get(delete.message_id)
         if request_id is None or released.get(request_id, math.inf) <= delete.time:
             continue
+        if let_go.get(delete.message_id, math.inf) <= delete.time:
+            continue  # its token's parent ended (another parent may wait on the request)
         started = [e for e in owners.executions[request_id] if e.first_start <= delete.time]
         copied = copies.get(delete.message_id)
         if started or (copied is not None and copied <= delete.time):

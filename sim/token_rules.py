@@ -60,12 +60,30 @@ OUTPUT_TOO_LARGE = "Dispatcher.OutputTooLarge"
 
 
 def released(history: History) -> dict[str, float]:
-    """Request id of a token never answered -> when its parent ended (its request needs no
-    child since). A token answered is judged as any request: its parent's end may be
-    that very answer."""
+    """Request id whose every token was never answered -> when the last of their parents
+    ended (its request needs no child since). A token answered is judged as any request:
+    its parent's end may be that very answer; so is a request some parent still waits for
+    (a parent's retry with the same keys)."""
+    tokens = history.tokens
+    ends: dict[str, list[float | None]] = {}
+    for parent in tokens.parents.values():
+        for issued in parent.tokens:
+            unanswered = tokens.answer_of(issued.token) is None
+            end = parent.ended if unanswered else None
+            ends.setdefault(issued.request_id, []).append(end)
+    return {
+        request_id: max(t for t in times if t is not None)
+        for request_id, times in ends.items()
+        if all(t is not None for t in times)
+    }
+
+
+def released_messages(history: History) -> dict[str, float]:
+    """Message id of a token never answered -> when its parent ended (its message may be
+    deleted since, whatever other tokens of the same request wait for)."""
     tokens = history.tokens
     return {
-        issued.request_id: parent.ended
+        issued.message_id: parent.ended
         for parent in tokens.parents.values()
         if parent.ended is not None
         for issued in parent.tokens
