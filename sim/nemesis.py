@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sim.aws import EventFault, EventInfo
+from sim.buggify import OFF, Knobs
 from sim.calls import NO_FAULT, CallFault
 
 STORM_MAX = 150.0
@@ -53,6 +54,28 @@ class Storm:
 
 
 @dataclass(frozen=True)
+class EventStorm:
+    """A stretch of time in which every status event is lost, or late by ``delay`` (up
+    to twice it): buggify's ``event_storms``."""
+
+    start: float
+    end: float
+    lost: bool
+    delay: float = 0.0
+
+
+# How late the events of a late stretch are: seconds to hours.
+EVENT_DELAYS = (5.0, 30.0, 300.0, 3600.0, 7200.0)
+LATE_START_FAILURES: tuple[tuple[str | None, bool], ...] = (
+    (None, False),  # the client times out at D, as AWS applies it
+    (None, False),
+    ("ServiceUnavailable", False),  # a 5xx first, applied later
+    ("InternalFailure", False),
+    (None, True),  # the connection reset first, applied later
+)
+
+
+@dataclass(frozen=True)
 class Action:
     """Something the harness does to the system at ``time``."""
 
@@ -77,6 +100,10 @@ class Nemesis:
     event_delay: float = 0.0  # events are delayed up to this long (reordering them)
     actions: list[Action] = field(default_factory=list)
     fired: dict[str, int] = field(default_factory=dict)
+    knobs: Knobs = OFF
+    event_storms: list[EventStorm] = field(default_factory=list)
+    late_start_rate: float = 0.0  # share of StartExecution attempts applied at D
+    late_start_windows: list[tuple[float, float]] = field(default_factory=list)  # all of them
 
     def _count(self, what: str) -> None:
         self.fired[what] = self.fired.get(what, 0) + 1
@@ -89,6 +116,10 @@ class Nemesis:
         now = self.clock()
         if now >= self.quiet_at or node == "producer":
             return NO_FAULT
+        if operation == "StartExecution" and self._late_start(now):
+            error, reset = self.rng.choice(LATE_START_FAILURES)
+            self._count("start_applied_at_deadline")
+            return CallFault(apply_at_deadline=True, error=error, reset=reset)
         for storm in self.storms:
             if storm.covers(now, node, operation) and self.rng.random() < storm.rate:
                 self._count(storm.kind)
@@ -100,10 +131,22 @@ class Nemesis:
         self._count(name)
         return fault if fault is not None else CallFault(error=_throttle_code(operation))
 
+    def _late_start(self, now: float) -> bool:
+        if any(start <= now < end for start, end in self.late_start_windows):
+            return True
+        return bool(self.late_start_rate) and self.rng.random() < self.late_start_rate
+
     def event_fault(self, info: EventInfo) -> EventFault:
         """The fate of one status event."""
         if info.time >= self.quiet_at:
             return EventFault()
+        for storm in self.event_storms:
+            if storm.start <= info.time < storm.end:
+                if storm.lost:
+                    self._count("event_lost_in_storm")
+                    return EventFault(lost=True)
+                self._count("event_late_in_storm")
+                return EventFault(delay=self.rng.uniform(storm.delay, 2 * storm.delay))
         if self.rng.random() < self.event_loss:
             self._count("event_lost")
             return EventFault(lost=True)
@@ -168,8 +211,10 @@ def plan(
     nodes: tuple[str, ...],
     pools: Mapping[str, tuple[int, bool]],
     operations: tuple[str, ...],
+    knobs: Knobs = OFF,
 ) -> Nemesis:
-    """Draw a fault plan. ``pools`` maps pool name -> (limit, has an SSM limit)."""
+    """Draw a fault plan. ``pools`` maps pool name -> (limit, has an SSM limit);
+    ``knobs``: the seed's buggify knobs (`sim.buggify`)."""
     intensity = rng.choice((0.0, 0.5, 1.0, 1.0, 2.0))
     nemesis = Nemesis(
         rng=rng,
@@ -199,7 +244,45 @@ def plan(
             )
         )
     nemesis.actions = _actions(rng, quiet_at, nodes, pools, intensity)
+    if knobs.on:
+        _buggify(nemesis, random.Random(rng.getrandbits(64)), knobs, pools)
     return nemesis
+
+
+def _buggify(
+    nemesis: Nemesis,
+    rng: random.Random,
+    knobs: Knobs,
+    pools: Mapping[str, tuple[int, bool]],
+) -> None:
+    """Add the plan of the seed's buggify knobs (drawn from their own stream)."""
+    nemesis.knobs = knobs
+    quiet_at = nemesis.quiet_at
+    if knobs.event_storms:
+        for _ in range(rng.randint(1, 3)):
+            start = rng.uniform(0, quiet_at * 0.9)
+            end = min(quiet_at, start + rng.uniform(10, quiet_at))
+            lost = rng.random() < 0.4
+            delay = 0.0 if lost else rng.choice(EVENT_DELAYS)
+            nemesis.event_storms.append(EventStorm(start, end, lost, delay))
+    if knobs.late_starts:
+        nemesis.late_start_rate = rng.choice((0.05, 0.2, 0.5))
+        if rng.random() < 0.6:
+            # Longer than the start retry timeout (10-120 s): every attempt of a start
+            # gives up in doubt, and each was applied.
+            start = rng.uniform(0, quiet_at * 0.7)
+            nemesis.late_start_windows.append((start, start + rng.uniform(30, 200)))
+    if knobs.long_outside:
+        kept = [a for a in nemesis.actions if a.kind not in ("outside_start", "redrive")]
+        for name in pools:
+            for _ in range(rng.randint(1, 3)):
+                at = rng.uniform(0, quiet_at)
+                kept.append(Action(at, "outside_start", "", rng.randint(240, 600), name))
+            for _ in range(rng.randint(1, 2)):
+                at = rng.uniform(quiet_at * 0.3, quiet_at)
+                kept.append(Action(at, "redrive", "", rng.randint(240, 600), name))
+        kept.sort(key=lambda a: a.time)
+        nemesis.actions = kept
 
 
 def _actions(

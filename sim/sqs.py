@@ -18,7 +18,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from sim.calls import Answer, aws_error, error_code
+from sim.calls import CURRENT_CALL, Answer, aws_error, error_code
 from sim.history import History
 from sim.sqs_model import (
     MAX_VISIBILITY,
@@ -225,7 +225,11 @@ class SQS:
             wake = min(end, queue.next_change(now), self._next_world_change())
             await queue.signal.wait(wake - now)
         self._history.messages_received(
-            now, node, url, [(m.message_id, m.receive_count) for m in taken]
+            now,
+            node,
+            url,
+            [(m.message_id, m.receive_count) for m in taken],
+            call_id=CURRENT_CALL.get(),
         )
         if not taken:
             return {}
