@@ -311,6 +311,7 @@ class Transport:
             call.deadline,
         )
         call.orphaned = True
+        call.fault = CallFault()  # the client's failure below is not AWS's answer
         call.note = " (held on the wire, applied at the client's deadline)"
         heapq.heappush(self._orphans, (deadline, ident, call))
         self._wake()
