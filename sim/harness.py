@@ -149,7 +149,13 @@ def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
     lag = made.listing_lag
     if knobs.lag_at_grace:
         lag = float(DISPATCHER["start_grace"]) - GRACE_MARGIN
-    return dataclasses.replace(made, knobs=knobs, listing_lag=lag)
+    settings = made.settings
+    if knobs.late_starts:
+        # Late starts come in windows longer than the start retry timeout, before the
+        # faults stop: a retry timeout of 10 or 30 s.
+        retry = min(float(dict(settings)["start_retry_timeout"]), 30.0)
+        settings = (*settings, ("start_retry_timeout", retry))
+    return dataclasses.replace(made, knobs=knobs, listing_lag=lag, settings=settings)
 
 
 @dataclass
@@ -253,6 +259,7 @@ class Run:
                 *(tokens if self.plan.parents.parents else ()),
             ),
             knobs=self.plan.knobs,
+            give_up_after=self.setting("start_retry_timeout"),
         )
 
     # -- the world -------------------------------------------------------------------------

@@ -253,6 +253,7 @@ class SQS:
             message.receive_count += 1
             if message.first_receive_at is None:
                 message.first_receive_at = now
+            message.received_at = now
             message.hidden_until = now + (
                 queue.visibility_timeout if visibility is None else visibility
             )
@@ -380,6 +381,15 @@ class SQS:
                 raise aws_error(
                     "AWS.SimpleQueueService.MessageNotInflight",
                     "The message referred to isn't in flight.",
+                    op,
+                )
+            if now + timeout > message.received_at + MAX_VISIBILITY:
+                # At most 12 hours in flight from the receive; no silent shortening.
+                raise aws_error(
+                    "InvalidParameterValue",
+                    f"Value {timeout} for parameter VisibilityTimeout is invalid. Reason: "
+                    f"Total VisibilityTimeout for the message is beyond the limit "
+                    f"[{MAX_VISIBILITY} seconds]",
                     op,
                 )
         except ClientError as exc:

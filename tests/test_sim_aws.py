@@ -440,6 +440,38 @@ async def test_change_visibility_of_a_message_not_in_flight() -> None:
 
 
 @virtual
+async def test_visibility_is_capped_at_12_hours_from_the_receive() -> None:
+    """SQS: a message stays in flight at most 12 hours from its receive; an extension
+    beyond that is rejected, not shortened."""
+    world = make_world()
+    queue = world.create_queue("requests", visibility_timeout=60)
+    world.send_request(queue, "{}", {}, request_id="q1")
+    sqs = world.client("sqs", "d1")
+    message = (await sqs.receive_message(QueueUrl=queue))["Messages"][0]
+    received = world.history.receives[0].time
+    handle = message["ReceiptHandle"]
+    await sqs.change_message_visibility(
+        QueueUrl=queue, ReceiptHandle=handle, VisibilityTimeout=21_600
+    )
+    await anyio.sleep(21_000)
+    left = int(received + 43_200 - anyio.current_time()) - 1  # the request leg takes 10 ms
+    with pytest.raises(ClientError) as beyond:
+        await sqs.change_message_visibility(
+            QueueUrl=queue, ReceiptHandle=handle, VisibilityTimeout=left + 2
+        )
+    assert code_of(beyond) == "InvalidParameterValue"
+    assert "Total VisibilityTimeout" in str(beyond.value)
+    await sqs.change_message_visibility(
+        QueueUrl=queue, ReceiptHandle=handle, VisibilityTimeout=left
+    )
+    await anyio.sleep(left - 10)
+    assert "Messages" not in await sqs.receive_message(QueueUrl=queue)
+    await anyio.sleep(20)
+    again = await sqs.receive_message(QueueUrl=queue)
+    assert again["Messages"][0]["MessageId"] == message["MessageId"]
+
+
+@virtual
 async def test_redrive_policy_moves_after_max_receive_count() -> None:
     world = make_world()
     dlq = world.create_queue("dead")
