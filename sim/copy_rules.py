@@ -100,24 +100,6 @@ def copies(history: History) -> list[RequestMessage]:
     return found
 
 
-def held_by_killed(history: History, message_id: str, moved_at: float) -> bool:
-    """Whether the last receive of ``message_id`` before SQS moved it at ``moved_at`` (its
-    receive count then at ``maxReceiveCount``) was by a process killed (kill -9) before the
-    move: nobody was left to dead-letter it with a reason (low ``maxReceiveCount`` and a
-    crash; a process that stops in order hands it back or dead-letters it)."""
-    receiver, received_at = None, -1.0
-    for record in history.records:
-        if record.time > moved_at:
-            break
-        if record.kind == "messages_received" and any(
-            m == message_id for m, _ in record.details.get("messages", ())
-        ):
-            receiver, received_at = record.node, record.time
-    return receiver is not None and any(
-        c.node == receiver and received_at <= c.time <= moved_at for c in history.crashes
-    )
-
-
 def check_dead_letters(
     history: History,
     spec: CheckSpec,
