@@ -381,3 +381,51 @@ def test_parse_names_the_scenarios() -> None:
     assert extras.parse("") == frozenset()
     with pytest.raises(ValueError, match="unknown"):
         extras.parse("everything")
+
+
+# -- a parent's retry: two tokens on one request ---------------------------------------------
+
+
+RETRY = "arn:aws:states:eu-west-1:123456789012:execution:parents:pr"
+RETRY_TOKEN = "tokr"  # noqa: S105 - a made-up task token
+
+
+def retried(history: History) -> tuple[str, str]:
+    """Parent ``p`` (token tok0, message m0) and its retry ``pr`` (token tokr, message mr),
+    both waiting on request p-0; returns the tokens."""
+    [first] = parent(history)
+    history.tokens.parent_started(1.0, arn=RETRY, items=1, heartbeat_seconds=None)
+    request(
+        history,
+        "p-0",
+        "mr",
+        1.0,
+        body=json.dumps({"req": "p-0"}),
+        attributes={"idempotency-key": "p-0", "task-token": RETRY_TOKEN},
+    )
+    history.tokens.token_issued(
+        1.0, token=RETRY_TOKEN, parent_arn=RETRY, index=0, request_id="p-0", message_id="mr"
+    )
+    return first, RETRY_TOKEN
+
+
+def test_a_token_message_may_go_once_its_own_parent_ended() -> None:
+    history = History()
+    _, second = retried(history)
+    end(history, 3.0, "ABORTED")  # the first parent: its caller gave up
+    delete(history, "m0", 4.0)  # its message let go while the retry still waits
+    child(history, 0, 5, 9)
+    succeed(history, second, 9.5)
+    history.tokens.parent_ended(9.5, RETRY, "SUCCEEDED")
+    delete(history, "mr", 9.6)
+    assert check(history, spec()) == []
+
+
+def test_a_request_a_retry_still_waits_for_is_not_released() -> None:
+    history = History()
+    retried(history)
+    end(history, 3.0, "ABORTED")
+    delete(history, "m0", 4.0)
+    found = kinds(check(history, spec()))
+    assert "lost_request" in found  # the retry's request still needs its child
+    assert "parent_waiting" in found
