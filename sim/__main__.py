@@ -6,6 +6,7 @@
     python -m sim --bug lost-answer-frees-slot   # put a fixed bug back: the sim must find it
     python -m sim --teeth              # each fixed bug put back in turn: seeds to find it
     python -m sim --no-parents         # without the task-token parents a share of seeds has
+    python -m sim --extras all         # with the operator scenarios of sim/extras.py
 
 Exit status: 0 when every seed held every invariant, 1 otherwise.
 """
@@ -24,8 +25,9 @@ from typing import Any
 import structlog
 from tqdm import tqdm
 
-from sim import harness
+from sim import extras, harness
 from sim.bugs import BUGS
+from sim.findings import FINDINGS
 from sim.harness import Outcome, simulate
 
 TRACE_WINDOW = 30.0
@@ -47,6 +49,8 @@ def replay_command(seed: int, bugs: tuple[str, ...] = ()) -> str:
     extra = "".join(f" --bug {b}" for b in bugs)
     if not harness.PARENTS:
         extra += " --no-parents"
+    if extras.parse(extras.DEFAULT) != extras.ENABLED:
+        extra += " --extras " + (",".join(sorted(extras.ENABLED)) or '""')
     return f"PYTHONHASHSEED=0 .venv/bin/python -m sim --replay {seed}{extra}"
 
 
@@ -89,9 +93,26 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="no parent workflows waiting on task tokens (a share of the seeds has them)",
     )
+    parser.add_argument(
+        "--findings",
+        action="store_true",
+        help="replay what the operator scenarios found (sim/findings.py): still failing?",
+    )
+    parser.add_argument(
+        "--extras",
+        metavar="NAMES",
+        help="operator scenarios a share of the seeds runs: all, or some of "
+        + ", ".join(extras.SCENARIOS)
+        + " (default $SIM_EXTRAS)",
+    )
     args = parser.parse_args(argv)
     if args.no_parents:
         harness.PARENTS = False
+    if args.extras is not None:
+        extras.ENABLED = extras.parse(args.extras)
+    if args.findings:
+        _quiet_logs(False)
+        return _findings()
     bugs = tuple(args.bug)
     if args.teeth:
         _quiet_logs(False)
@@ -160,6 +181,22 @@ def _run_seeds(seeds: range, bugs: tuple[str, ...], args: argparse.Namespace) ->
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return 1 if failed else 0
+
+
+def _findings() -> int:
+    """Replay each finding of `sim.findings`; 0 when none fails any more."""
+    failing = 0
+    for finding in FINDINGS:
+        extras.ENABLED = extras.parse(finding.extras)
+        outcome = simulate(finding.seed)
+        kinds = sorted({v.kind for v in outcome.violations})
+        still = finding.kind in kinds
+        failing += still
+        state = f"STILL FAILS ({finding.kind}; needs {finding.fix})" if still else "holds"
+        flag = finding.extras or '""'
+        print(f"seed {finding.seed} --extras {flag}: {state} - {finding.what}")
+    print(f"{failing} of {len(FINDINGS)} findings still fail")
+    return 1 if failing else 0
 
 
 def _teeth(seeds: range, out: Path | None) -> int:

@@ -6,7 +6,9 @@
 2. ``duplicate_execution``: at most one execution per logical request.
 3. ``lost_request``: by ``quiet_at + settle_bound`` (or that long after a later send)
    every request has an execution or a dead-letter copy with its reason;
-   ``redrive_move``: a valid request's message moved by the redrive policy;
+   ``redrive_move``: a valid request's message moved by the redrive policy (unless a
+   receive of it never reached a dispatcher: its answer was lost, or its receiver was
+   killed before it could act; such a move settles the request, as SQS's own doing);
    ``bad_request_started``: an execution for a request the harness marked bad.
 4. ``early_delete``: a request message deleted before its execution existed, or before
    its dead-letter copy was sent.
@@ -26,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from sim import token_rules
+from sim import copy_rules, token_rules
 from sim.history import (
     ORIGINAL_ID_ATTRIBUTE,
     OUTSIDE,
@@ -70,6 +72,12 @@ class CheckSpec:
     # after quiet_at on (None: heartbeat timeouts are not judged).
     heartbeat_every: float | None = None
     heartbeat_grace: float = 0.0
+    # Across a process restart a held token's heartbeats may pause this long (kill -9:
+    # heartbeat_restart_gap; SIGTERM only: heartbeat_deploy_gap); None: gaps not judged.
+    heartbeat_restart_gap: float | None = None
+    heartbeat_deploy_gap: float | None = None
+    late_start: float = 0.0  # a StartExecution may take effect this long after it was given up
+    answer_slack: float = 30.0  # an answer may trail a redrive of its child this long
 
 
 def check(history: History, spec: CheckSpec) -> list[Violation]:
@@ -86,6 +94,7 @@ def check(history: History, spec: CheckSpec) -> list[Violation]:
     for move in history.moves:
         dead_lettered.setdefault(move.message_id, move.time)
     found += token_rules.check_tokens(history, spec, owners.executions, dead_lettered)
+    found += copy_rules.check_dead_letters(history, spec, owners.executions, owners.request_of)
     found.sort(key=lambda v: (v.time, v.kind))
     return found
 
@@ -193,13 +202,17 @@ class _Owners:
         for message in history.requests:
             self.messages[message.request_id].append(message)
             self.request_of[message.message_id] = message.request_id
+        # Copies (dead-letter, redrive, move task) name the same request (sim.copy_rules).
+        copied: dict[str, list[RequestMessage]] = defaultdict(list)
+        for copy in copy_rules.copies(history):
+            copied[copy.request_id].append(copy)
+            self.request_of.setdefault(copy.message_id, copy.request_id)
         by_name: dict[str, list[Execution]] = defaultdict(list)
         by_input: dict[str, list[Execution]] = defaultdict(list)
         for execution in history.executions.values():
             by_name[_base_name(execution.name)].append(execution)
-            canonical = _canonical(execution.input)
-            if canonical is not None:
-                by_input[canonical].append(execution)
+            for work in copy_rules.work_inputs(execution.input):
+                by_input[work].append(execution)
         bodies: dict[str, set[str]] = defaultdict(set)
         for message in history.requests:
             canonical = _canonical(message.body)
@@ -208,7 +221,7 @@ class _Owners:
         self.executions: dict[str, list[Execution]] = {}
         for request_id, messages in self.messages.items():
             found: dict[str, Execution] = {}
-            for message in messages:
+            for message in messages + copied.get(request_id, []):
                 name = message.attributes.get(IDEMPOTENCY_ATTRIBUTE) or message.message_id
                 for execution in by_name.get(name, []):
                     found[execution.arn] = execution
@@ -245,6 +258,7 @@ def _check_settled(
 ) -> list[Violation]:
     copies = _dead_letter_copies(history, spec)
     moved: dict[str, float] = {}
+    excused = _moves_out_of_reach(history)
     for move in history.moves:
         if move.source_url in spec.request_queues:
             moved.setdefault(move.message_id, move.time)
@@ -271,6 +285,8 @@ def _check_settled(
             )
         else:
             for t, message_id in moves:
+                if message_id in excused:
+                    continue
                 found.append(
                     Violation(
                         "redrive_move",
@@ -279,8 +295,10 @@ def _check_settled(
                         "dead-letter queue by the redrive policy, without a reason",
                     )
                 )
-            settled = any(e.first_start <= deadline for e in executions) or any(
-                t <= deadline for t in dead_lettered
+            settled = (
+                any(e.first_start <= deadline for e in executions)
+                or any(t <= deadline for t in dead_lettered)
+                or any(t <= deadline and i in excused for t, i in moves)
             )
         if released.get(request_id, math.inf) <= deadline:
             settled = True  # its parent ended: nobody waits for it (see the token rules)
@@ -295,6 +313,28 @@ def _check_settled(
                 )
             )
     return found
+
+
+def _moves_out_of_reach(history: History) -> set[str]:
+    """Ids of messages the redrive policy moved after a receive that no dispatcher could
+    act on: its answer was lost (SQS counted a receive nobody saw), or the node that
+    received it was killed or told to stop afterwards (it held the message until it was
+    too late, or its last act, a dead-letter copy, was cut short)."""
+    lost = {a.call_id for a in history.lost_answers if a.operation == "ReceiveMessage"}
+    crashed: dict[str, float] = {}
+    for crash in history.crashes:
+        crashed.setdefault(crash.node, crash.time)
+    for record in history.records:
+        if record.kind == "note" and record.text == "SIGTERM":
+            crashed.setdefault(record.node, record.time)
+    moved = {(m.source_url, m.message_id) for m in history.moves}
+    out: set[str] = set()
+    for receive in history.receives:
+        unseen = receive.call_id in lost or crashed.get(receive.node, -math.inf) >= receive.time
+        if not unseen:
+            continue
+        out.update(mid for mid, _ in receive.messages if (receive.queue_url, mid) in moved)
+    return out
 
 
 def _dead_letter_copies(history: History, spec: CheckSpec) -> dict[str, float]:
@@ -314,6 +354,7 @@ def _check_deletes(
     history: History, owners: _Owners, spec: CheckSpec, released: Mapping[str, float]
 ) -> list[Violation]:
     copies = _dead_letter_copies(history, spec)
+    let_go = token_rules.released_messages(history)
     found: list[Violation] = []
     for delete in history.effective_deletes():
         if delete.queue_url not in spec.request_queues:
@@ -321,6 +362,8 @@ def _check_deletes(
         request_id = owners.request_of.get(delete.message_id)
         if request_id is None or released.get(request_id, math.inf) <= delete.time:
             continue
+        if let_go.get(delete.message_id, math.inf) <= delete.time:
+            continue  # its token's parent ended (another parent may wait on the request)
         started = [e for e in owners.executions[request_id] if e.first_start <= delete.time]
         copied = copies.get(delete.message_id)
         if started or (copied is not None and copied <= delete.time):
