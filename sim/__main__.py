@@ -5,6 +5,8 @@
     python -m sim --replay 1234        # one seed: its history around each violation
     python -m sim --bug lost-answer-frees-slot   # put a fixed bug back: the sim must find it
     python -m sim --teeth              # each fixed bug put back in turn: seeds to find it
+    python -m sim --mutate             # the kill matrix: each mutation of sim.mutations
+    python -m sim --mutate --only no-tombstone --seeds 500 --workers 1
     python -m sim --no-parents         # without the task-token parents a share of seeds has
 
 Exit status: 0 when every seed held every invariant, 1 otherwise.
@@ -24,7 +26,7 @@ from typing import Any
 import structlog
 from tqdm import tqdm
 
-from sim import harness
+from sim import harness, mutations
 from sim.bugs import BUGS
 from sim.harness import Outcome, simulate
 
@@ -68,11 +70,17 @@ def describe(outcome: Outcome, bugs: tuple[str, ...] = ()) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the seeds; print the summary (and each failure's replay command)."""
     parser = argparse.ArgumentParser(prog="python -m sim", description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=2000, help="how many seeds (2000)")
+    parser.add_argument(
+        "--seeds", type=int, help="how many seeds (2000; --mutate: 200 per mutation)"
+    )
     parser.add_argument("--first", type=int, default=0, help="the first seed (0)")
     parser.add_argument("--replay", type=int, help="run this one seed and print its trace")
     parser.add_argument(
-        "--bug", action="append", default=[], choices=sorted(BUGS), help="put a fixed bug back"
+        "--bug",
+        action="append",
+        default=[],
+        choices=sorted(BUGS) + sorted(mutations.MUTATIONS),
+        help="put a fixed bug back, or apply a mutation (a safety rule taken out)",
     )
     parser.add_argument("--verbose", action="store_true", help="the dispatcher's logs (replay)")
     parser.add_argument("--json", type=Path, help="write the summary here as JSON")
@@ -89,7 +97,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="no parent workflows waiting on task tokens (a share of the seeds has them)",
     )
+    parser.add_argument(
+        "--mutate",
+        action="store_true",
+        help="the kill matrix: each mutation until a seed catches it (exit 1: one is not)",
+    )
+    parser.add_argument(
+        "--only", action="append", choices=sorted(mutations.MUTATIONS), help="--mutate: these"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="--mutate: processes (2)")
+    parser.add_argument(
+        "--budget", type=float, help="--mutate: CPU seconds per mutation at most (no bound)"
+    )
     args = parser.parse_args(argv)
+    if args.mutate:
+        _quiet_logs(False)
+        seeds = range(args.first, args.first + (args.seeds or mutations.SEEDS))
+        return _mutate(seeds, args)
+    args.seeds = args.seeds or 2000
     if args.no_parents:
         harness.PARENTS = False
     bugs = tuple(args.bug)
@@ -185,6 +210,22 @@ def _teeth(seeds: range, out: Path | None) -> int:
     if out is not None:
         out.write_text(json.dumps(found, indent=2) + "\n", encoding="utf-8")
     return 0 if all(f["found_at_seed"] is not None for f in found.values()) else 1
+
+
+def _mutate(seeds: range, args: argparse.Namespace) -> int:
+    """The kill matrix: a row per mutation as its hunt ends, then the summary."""
+    names = args.only or list(mutations.MUTATIONS)
+    print(f"{len(names)} mutations, up to {len(seeds)} seeds each, {args.workers} processes")
+
+    def progress(name: str, result: dict[str, Any], done: int, total: int) -> None:
+        print(f"[{done:>2}/{total}] {mutations.line(name, result)}", flush=True)
+
+    began = time.monotonic()
+    results = mutations.matrix(
+        names, seeds, workers=args.workers, budget=args.budget, progress=progress
+    )
+    print(f"{time.monotonic() - began:.0f} s")
+    return mutations.report(results, seeds, args.json)
 
 
 if __name__ == "__main__":

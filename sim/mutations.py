@@ -1,0 +1,569 @@
+"""Mutations: each takes one safety rule out of the dispatcher; the simulation must notice.
+
+`sim.bugs` puts back bugs that were fixed; a mutation is the same mechanism turned on the
+rules themselves. Each is one small edit of one production function or method - a piece
+of its source replaced - compiled for the length of a run (`sim.bugs.put_back` applies
+it, by name, like a bug). The kill matrix (`python -m sim --mutate`, `make mutate`) runs
+each mutation over the seeds until one catches it: a mutation no seed catches is a rule
+the simulation cannot see broken.
+
+An edit names the text it replaces; `Edit.compile` refuses an edit whose text is not found
+exactly once in the function's source, so a catalogue that no longer matches the code
+fails loudly instead of testing nothing.
+"""
+
+from __future__ import annotations
+import __future__
+
+import ast
+import inspect
+import json
+import logging
+import os
+import re
+import sys
+import textwrap
+import time
+import types
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+import dispatcher.aws
+import dispatcher.requests
+import dispatcher.starter
+from dispatcher.callbacks import Callbacks
+from dispatcher.events import Events
+from dispatcher.intake import Intake
+from dispatcher.ledger import Ledger
+from dispatcher.pool import Pool
+from dispatcher.reconcile import Reconciler
+from dispatcher.service import Dispatcher
+from dispatcher.starter import Starter
+from sim.bugs import Bug
+
+SEEDS = 200
+"""Seeds each mutation is tried on (the subset `make test` runs): caught within, or a gap."""
+
+
+class MutationError(Exception):
+    """An edit that does not apply: its text is not found exactly once."""
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Replace ``old`` by ``new`` in the source of ``owner.attribute`` (a function, a
+    method or a property's getter). ``source`` is where the function is defined when
+    ``owner`` only imported it (the edited copy is installed on ``owner``)."""
+
+    owner: Any
+    attribute: str
+    old: str
+    new: str
+    source: Any = None
+
+    @property
+    def target(self) -> str:
+        """``module.Class.attribute`` of the function edited."""
+        origin = self.source if self.source is not None else self.owner
+        return f"{getattr(origin, '__module__', None) or origin.__name__}.{_qualname(self)}"
+
+    def original(self) -> Any:
+        """The attribute as it is in production (a function, or a property)."""
+        origin = self.source if self.source is not None else self.owner
+        return inspect.getattr_static(origin, self.attribute)
+
+    def apply(self, source: str) -> str:
+        """``source`` with ``old`` replaced by ``new``. Lines after the first of either are
+        written relative to the first's indentation (which `old` must start a line with)."""
+        lines = self.old.split("\n")
+        pattern = re.compile(
+            r"(?:^(?P<indent>[ \t]*))?"
+            + re.escape(lines[0])
+            + "".join(r"\n(?P=indent)" + re.escape(line) for line in lines[1:]),
+            re.MULTILINE,
+        )
+        found = len(list(pattern.finditer(source)))
+        if found != 1:
+            raise MutationError(
+                f"{self.target}: the text to replace is found {found} times, not once: {self.old!r}"
+            )
+
+        def edited(match: re.Match[str]) -> str:
+            indent = match.groupdict().get("indent") or ""
+            return indent + self.new.replace("\n", "\n" + indent)
+
+        return pattern.sub(edited, source)
+
+    def compile(self) -> Any:
+        """The edited function (a property again if the original is one)."""
+        original = self.original()
+        function = function_of(original)
+        source = textwrap.dedent(inspect.getsource(function))
+        tree = ast.parse(self.apply(source))
+        ast.increment_lineno(tree, function.__code__.co_firstlineno - 1)
+        code = compile(
+            tree,
+            inspect.getsourcefile(function) or "<mutation>",
+            "exec",
+            flags=__future__.annotations.compiler_flag,
+            dont_inherit=True,
+        )
+        scope: dict[str, Any] = {}
+        exec(code, function.__globals__, scope)  # noqa: S102 - our own source, edited
+        edited = scope[function.__name__]
+        edited.__qualname__ = function.__qualname__
+        if function.__closure__:
+            raise MutationError(f"{self.target}: a closure cannot be recompiled")
+        if isinstance(original, property):
+            return property(edited, original.fset, original.fdel, original.__doc__)
+        return edited
+
+
+def function_of(attribute: Any) -> types.FunctionType:
+    """The function behind a class attribute or module function (a property's getter)."""
+    function = attribute.fget if isinstance(attribute, property) else attribute
+    if not isinstance(function, types.FunctionType):
+        raise MutationError(f"{attribute!r} is not a function")
+    return function
+
+
+def _qualname(edit: Edit) -> str:
+    origin = edit.source if edit.source is not None else edit.owner
+    if inspect.ismodule(origin):
+        return edit.attribute
+    return f"{origin.__qualname__}.{edit.attribute}"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One safety rule taken out: ``rule`` says which, ``kind`` its class."""
+
+    name: str
+    kind: str
+    rule: str
+    edit: Edit
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    def as_bug(self) -> Bug:
+        """The mutation in `sim.bugs`' form: what `put_back` applies for a run."""
+        return Bug(
+            issue=f"mutation ({self.kind}): {self.rule}",
+            patches=((self.edit.owner, self.edit.attribute, self.edit.compile()),),
+            settings=self.settings,
+        )
+
+
+def _m(  # noqa: PLR0917 - a catalogue row: its fields in order
+    name: str, kind: str, rule: str, owner: Any, attribute: str, old: str, new: str, **extra: Any
+) -> Mutation:
+    source = extra.pop("source", None)
+    return Mutation(name, kind, rule, Edit(owner, attribute, old, new, source), **extra)
+
+
+CATALOGUE: tuple[Mutation, ...] = (
+    # -- outcome classification ------------------------------------------------------------
+    _m(
+        "timeout-means-not-started",
+        "outcome classification",
+        "a timeout or reset after the request left may have started the execution",
+        dispatcher.starter,
+        "outcome_unknown",
+        "return not isinstance(exc, EndpointConnectionError | ConnectTimeoutError)",
+        "return False",
+        source=dispatcher.aws,
+    ),
+    _m(
+        "5xx-means-not-started",
+        "outcome classification",
+        "a 5xx answer may come after the start took effect",
+        dispatcher.starter,
+        "outcome_unknown",
+        "return status >= 500 or status == 0",
+        "return status == 0",
+        source=dispatcher.aws,
+    ),
+    _m(
+        "refusal-erases-earlier-doubt",
+        "outcome classification",
+        "a refused retry does not undo an earlier attempt whose outcome is unknown",
+        Starter,
+        "_call_start",
+        "handling.doubt = unknown_before  # refused",
+        "handling.doubt = False  # refused",
+    ),
+    # -- retry admission ---------------------------------------------------------------------
+    _m(
+        "retry-admitted-over-limit",
+        "retry admission",
+        "a retry of a start sent goes only while every start sent fits under the limit",
+        Ledger,
+        "admitted",
+        "if held + len(self._sent) > self._limit:",
+        "if False:",
+    ),
+    _m(
+        "new-start-ignores-starts-sent",
+        "retry admission",
+        "a new start counts the starts already on the wire",
+        Ledger,
+        "admitted",
+        "self._limit - held - len(self._sent)",
+        "self._limit - held",
+    ),
+    _m(
+        "key-retry-admitted-over-key-limit",
+        "retry admission",
+        "a retry goes only while the key's starts sent fit under its per-key limit",
+        Ledger,
+        "_key_admits",
+        "return held + len(keyed_sent) <= self._per_key_limit",
+        "return True",
+    ),
+    _m(
+        "retry-without-lease",
+        "take-over wait",
+        "a start is sent only while this process holds the lease",
+        Starter,
+        "_admission",
+        "while not (pool.ledger.admitted(reservation) and self.may_start()):",
+        "while not pool.ledger.admitted(reservation):",
+    ),
+    # -- doubt settlement and its grace -----------------------------------------------------
+    _m(
+        "give-up-frees-doubt",
+        "doubt settlement",
+        "a start given up with its outcome unknown keeps its slot, in doubt",
+        Starter,
+        "_settle_slot",
+        "if not handling.doubt:",
+        "if True:",
+    ),
+    _m(
+        "describe-failure-frees-slot",
+        "doubt settlement",
+        "an execution that exists but could not be described keeps its slot, in doubt",
+        Starter,
+        "_already_exists",
+        "handling.doubt = True",
+        "handling.doubt = False",
+    ),
+    _m(
+        "missing-frees-doubt-without-grace",
+        "doubt settlement",
+        "'does not exist' settles a start in doubt only after the grace since its last attempt",
+        Ledger,
+        "observe_missing",
+        "if now - doubt.since < grace:",
+        "if False:",
+    ),
+    _m(
+        "missing-frees-held-without-grace",
+        "doubt settlement",
+        "'does not exist' frees a held execution only after the grace since it was confirmed",
+        Ledger,
+        "observe_missing",
+        "if held is None or now - held.since < grace:",
+        "if held is None:",
+    ),
+    # -- listing cutoff ----------------------------------------------------------------------
+    _m(
+        "listing-frees-without-describe",
+        "listing cutoff",
+        "a held execution missing from a listing is freed only once a describe confirms it",
+        Reconciler,
+        "_confirm",
+        "described = await self.sfn.describe_execution(executionArn=arn)",
+        "described = {'status': 'SUCCEEDED'}",
+    ),
+    _m(
+        "listing-cutoff-after-listing",
+        "listing cutoff",
+        "a listing's cutoff is taken when the listing starts, not when it ends",
+        Reconciler,
+        "run_once",
+        "ledger.apply_listing(listed, listed_at, self.settings.start_grace)",
+        "ledger.apply_listing(listed, self.pool.clock(), self.settings.start_grace)",
+    ),
+    # -- take-over wait ----------------------------------------------------------------------
+    _m(
+        "takeover-waits-only-d",
+        "take-over wait",
+        "a new governor lists only D plus the start grace after its predecessor's last start",
+        Dispatcher,
+        "settle_seconds",
+        "return self.settings.start_timeout + self.settings.start_grace",
+        "return self.settings.start_timeout",
+    ),
+    _m(
+        "takeover-waits-only-grace",
+        "take-over wait",
+        "a new governor waits D (a start sent lands within D) before it lists",
+        Dispatcher,
+        "settle_seconds",
+        "return self.settings.start_timeout + self.settings.start_grace",
+        "return self.settings.start_grace",
+    ),
+    # -- tombstones and redrive counts ------------------------------------------------------
+    _m(
+        "no-tombstone",
+        "tombstones",
+        "a terminal event leaves a tombstone, so a late RUNNING cannot revive the run",
+        Ledger,
+        "observe_running",
+        "if redrive_count <= ended_at_redrive:",
+        "if False:",
+    ),
+    _m(
+        "late-terminal-frees-redriven-run",
+        "redrive counts",
+        "a terminal event of a run before a redrive frees nothing of the redriven run",
+        Ledger,
+        "observe_terminal",
+        "if held is not None and redrive_count < held.redrives:",
+        "if False:",
+    ),
+    _m(
+        "redrive-count-dropped-from-events",
+        "redrive counts",
+        "a status event's redrive count is applied with it",
+        Events,
+        "apply",
+        "ledger.observe_terminal(change.execution_arn, change.redrive_count)",
+        "ledger.observe_terminal(change.execution_arn, 0)",
+    ),
+    # -- adoption of outside and redriven runs ----------------------------------------------
+    _m(
+        "outside-runs-ignored",
+        "adoption",
+        "a running execution started elsewhere takes a slot",
+        Ledger,
+        "observe_running",
+        "doubted = arn in self._doubt",
+        "doubted = arn in self._doubt\nif not doubted:\n    return Change.STALE",
+    ),
+    _m(
+        "redriven-run-not-adopted",
+        "adoption",
+        "a finished execution redriven since it ended takes a slot again",
+        Ledger,
+        "observe_running",
+        "if redrive_count <= ended_at_redrive:",
+        "if True:",
+    ),
+    _m(
+        "adopted-runs-not-counted-per-key",
+        "adoption",
+        "a listed execution counts against its key (the tag in its name)",
+        Ledger,
+        "observe_running",
+        "key = self._settle(arn) if doubted else self._key_of(arn)",
+        "key = self._settle(arn) if doubted else None",
+    ),
+    # -- deferral memory ---------------------------------------------------------------------
+    _m(
+        "deferral-keys-kept",
+        "deferral memory",
+        "a key whose deferrals are all back is forgotten",
+        Pool,
+        "_forget_earliest",
+        "del self._deferred[key]",
+        "self._deferred[key] = 0",
+    ),
+    _m(
+        "deferrals-not-spaced",
+        "deferral memory",
+        "a deferral is spaced after the key's deferrals not back yet",
+        Pool,
+        "defer_seconds",
+        "ahead = self.room.count(key=key) + self._deferred.get(key, 0)",
+        "ahead = self.room.count(key=key)",
+    ),
+    # -- token answer order and deletion -----------------------------------------------------
+    _m(
+        "token-message-deleted-at-start",
+        "token answer and deletion",
+        "a token's request message is kept until its parent was answered",
+        Starter,
+        "_settled",
+        "    bound=entry.bound,\n)\nreturn",
+        "    bound=entry.bound,\n)\nawait entry.queue.delete(request.receipt_handle, entry.bound)\n"
+        "return",
+    ),
+    _m(
+        "token-released-when-answer-failed",
+        "token answer and deletion",
+        "a token whose answer failed stays held (its message too) and is answered again",
+        Callbacks,
+        "_send",
+        'held.bound.warning("dispatcher.callback_failed", error=str(exc))\nreturn False',
+        'held.bound.warning("dispatcher.callback_failed", error=str(exc))\n'
+        "await self._release(held)\nreturn False",
+    ),
+    _m(
+        "answer-before-child-ended",
+        "token answer and deletion",
+        "a parent is answered only once its child has ended",
+        Callbacks,
+        "heartbeat_once",
+        "if any(h.pool.ledger.is_tombstoned(arn) for h in self._held[arn]):",
+        "if True:",
+    ),
+    _m(
+        "message-deleted-before-start",
+        "token answer and deletion",
+        "a request's message is deleted only once its execution exists",
+        Starter,
+        "_start_counted",
+        "try:\n    arn, attempts = await self._call_start(entry, reservation, handling)",
+        "await entry.queue.delete(request.receipt_handle, bound)\n"
+        "try:\n    arn, attempts = await self._call_start(entry, reservation, handling)",
+    ),
+    # -- orphan checks -----------------------------------------------------------------------
+    _m(
+        "any-heartbeat-error-orphans",
+        "orphan checks",
+        "only an answer that says the parent is gone lets its request go",
+        Callbacks,
+        "_heartbeat",
+        'bound.warning("dispatcher.heartbeat_failed", error=str(exc))\nreturn True',
+        'bound.warning("dispatcher.heartbeat_failed", error=str(exc))\nreturn False',
+    ),
+    # -- name derivation ---------------------------------------------------------------------
+    _m(
+        "name-from-message-id",
+        "name derivation",
+        "a request with an idempotency key is named by its key, not by its message id",
+        dispatcher.requests,
+        "execution_name",
+        "if IDEMPOTENCY_ATTRIBUTE in attrs:",
+        "if False:",
+    ),
+    _m(
+        "name-without-key-tag",
+        "name derivation",
+        "a keyed request's execution name carries its key tag",
+        Intake,
+        "admit",
+        "request = keyed(request, key)",
+        "pass",
+    ),
+)
+
+MUTATIONS: dict[str, Mutation] = {m.name: m for m in CATALOGUE}
+
+
+# -- the kill matrix -------------------------------------------------------------------------
+
+
+def _quiet() -> None:
+    """Worker processes: the dispatcher's log lines off (thousands per seed)."""
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL),
+        cache_logger_on_first_use=False,
+    )
+
+
+def hunt(name: str, seeds: Sequence[int], budget: float | None = None) -> dict[str, Any]:
+    """Run ``name`` over ``seeds`` until one catches it (or the CPU ``budget`` runs out)."""
+    from sim.harness import simulate  # noqa: PLC0415 - the harness imports `sim.bugs`
+
+    _quiet()
+    mutation = MUTATIONS[name]
+    began = time.process_time()
+    result: dict[str, Any] = {
+        "kind": mutation.kind,
+        "rule": mutation.rule,
+        "target": mutation.edit.target,
+        "caught_at_seed": None,
+        "seeds_run": 0,
+        "violations": [],
+        "first_violation": None,
+        "errors": [],
+    }
+    for seed in seeds:
+        outcome = simulate(seed, bugs=(name,))
+        result["seeds_run"] += 1
+        if not outcome.ok:
+            result["caught_at_seed"] = seed
+            result["violations"] = sorted({v.kind for v in outcome.violations})
+            if outcome.violations:
+                result["first_violation"] = str(outcome.violations[0])[:300]
+            result["errors"] = [e.strip().splitlines()[-1][:300] for e in outcome.errors[:2]]
+            break
+        if budget is not None and time.process_time() - began > budget:
+            result["budget_exhausted"] = True
+            break
+    result["cpu_seconds"] = round(time.process_time() - began, 1)
+    return result
+
+
+def matrix(
+    names: Iterable[str],
+    seeds: Sequence[int],
+    *,
+    workers: int = 2,
+    budget: float | None = None,
+    progress: Callable[[str, dict[str, Any], int, int], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Hunt every mutation in ``names`` (``workers`` processes); results by name, in the
+    catalogue's order. ``progress(name, result, done, total)`` is called as each ends."""
+    names = list(names)
+    results: dict[str, dict[str, Any]] = {}
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    if workers <= 1:
+        for name in names:
+            results[name] = hunt(name, seeds, budget)
+            if progress is not None:
+                progress(name, results[name], len(results), len(names))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(hunt, n, list(seeds), budget): n for n in names}
+            for future in as_completed(futures):
+                name = futures[future]
+                results[name] = future.result()
+                if progress is not None:
+                    progress(name, results[name], len(results), len(names))
+    return {n: results[n] for n in names}
+
+
+def line(name: str, result: dict[str, Any]) -> str:
+    """One row of the kill matrix."""
+    seed = result["caught_at_seed"]
+    if seed is None:
+        why = "budget exhausted" if result.get("budget_exhausted") else "NOT CAUGHT"
+        caught = f"{why} in {result['seeds_run']} seeds"
+    else:
+        kinds = ", ".join(result["violations"]) or "error: " + "; ".join(result["errors"])
+        caught = f"seed {seed:<4} {kinds}"
+    return f"{name:<38} {caught}  ({result['cpu_seconds']} s)"
+
+
+def report(results: dict[str, dict[str, Any]], seeds: Sequence[int], out: Path | None) -> int:
+    """Print the summary, write the JSON; 0 when every mutation was caught."""
+    caught = [n for n, r in results.items() if r["caught_at_seed"] is not None]
+    missed = [n for n in results if n not in caught]
+    print(
+        f"{len(caught)} of {len(results)} mutations caught within {len(seeds)} seeds "
+        f"(seeds {seeds[0]}..{seeds[-1]})"
+    )
+    for name in missed:
+        print(f"  not caught: {name} - {results[name]['rule']}")
+    if out is not None:
+        summary = {
+            "seeds": len(seeds),
+            "first_seed": seeds[0],
+            "mutations": len(results),
+            "caught": len(caught),
+            "not_caught": missed,
+            "cpu_seconds": round(sum(r["cpu_seconds"] for r in results.values()), 1),
+            "python": sys.version.split()[0],
+            "matrix": results,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return 0 if not missed else 1
