@@ -215,17 +215,21 @@ def _teeth(seeds: range, out: Path | None) -> int:
 def _mutate(seeds: range, args: argparse.Namespace) -> int:
     """The kill matrix: a row per mutation as its hunt ends, then the summary."""
     names = args.only or list(mutations.MUTATIONS)
-    print(f"{len(names)} mutations, up to {len(seeds)} seeds each, {args.workers} processes")
+    print(
+        f"{len(names)} mutations, up to {len(seeds)} seeds each, {args.workers} processes: "
+        "the seeds unmutated first (which reach each mutation's line), then each mutation "
+        "over the seeds that reach it, until one catches it"
+    )
 
     def progress(name: str, result: dict[str, Any], done: int, total: int) -> None:
         print(f"[{done:>2}/{total}] {mutations.line(name, result)}", flush=True)
 
     began = time.monotonic()
-    results = mutations.matrix(
+    found = mutations.matrix(
         names, seeds, workers=args.workers, budget=args.budget, progress=progress
     )
     print(f"{time.monotonic() - began:.0f} s")
-    return mutations.report(results, seeds, args.json)
+    return mutations.report(found, args.json)
 
 
 if __name__ == "__main__":

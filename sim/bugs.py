@@ -7,6 +7,7 @@ one run, and says what the harness must change to match (the old client set-up).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -113,13 +114,19 @@ def lookup(name: str) -> Bug:
 def put_back(names: tuple[str, ...]) -> Iterator[list[Bug]]:
     """Apply the patches of ``names`` (bugs or mutations) until the block ends."""
     bugs = [lookup(n) for n in names]
+    with patched(tuple(p for bug in bugs for p in bug.patches)):
+        yield bugs
+
+
+@contextlib.contextmanager
+def patched(patches: tuple[tuple[Any, str, Any], ...]) -> Iterator[None]:
+    """Set each ``(owner, attribute, replacement)`` until the block ends."""
     saved: list[tuple[Any, str, Callable[..., Any]]] = []
     try:
-        for bug in bugs:
-            for owner, attribute, replacement in bug.patches:
-                saved.append((owner, attribute, getattr(owner, attribute)))
-                setattr(owner, attribute, replacement)
-        yield bugs
+        for owner, attribute, replacement in patches:
+            saved.append((owner, attribute, inspect.getattr_static(owner, attribute)))
+            setattr(owner, attribute, replacement)
+        yield
     finally:
         for owner, attribute, original in reversed(saved):
             setattr(owner, attribute, original)

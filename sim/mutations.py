@@ -44,7 +44,7 @@ from dispatcher.pool import Pool
 from dispatcher.reconcile import Reconciler
 from dispatcher.service import Dispatcher
 from dispatcher.starter import Starter
-from sim.bugs import Bug
+from sim.bugs import Bug, patched
 
 SEEDS = 200
 """Seeds each mutation is tried on (the subset `make test` runs): caught within, or a gap."""
@@ -77,21 +77,26 @@ class Edit:
         origin = self.source if self.source is not None else self.owner
         return inspect.getattr_static(origin, self.attribute)
 
-    def apply(self, source: str) -> str:
-        """``source`` with ``old`` replaced by ``new``. Lines after the first of either are
-        written relative to the first's indentation (which `old` must start a line with)."""
-        lines = self.old.split("\n")
+    def _match(self, source: str, old: str = "") -> tuple[re.Pattern[str], re.Match[str]]:
+        old = old or self.old
+        lines = old.split("\n")
         pattern = re.compile(
             r"(?:^(?P<indent>[ \t]*))?"
             + re.escape(lines[0])
             + "".join(r"\n(?P=indent)" + re.escape(line) for line in lines[1:]),
             re.MULTILINE,
         )
-        found = len(list(pattern.finditer(source)))
-        if found != 1:
+        found = list(pattern.finditer(source))
+        if len(found) != 1:
             raise MutationError(
-                f"{self.target}: the text to replace is found {found} times, not once: {self.old!r}"
+                f"{self.target}: the text to replace is found {len(found)} times, not once: {old!r}"
             )
+        return pattern, found[0]
+
+    def apply(self, source: str) -> str:
+        """``source`` with ``old`` replaced by ``new``. Lines after the first of either are
+        written relative to the first's indentation (which `old` must start a line with)."""
+        pattern, _ = self._match(source)
 
         def edited(match: re.Match[str]) -> str:
             indent = match.groupdict().get("indent") or ""
@@ -99,12 +104,23 @@ class Edit:
 
         return pattern.sub(edited, source)
 
-    def compile(self) -> Any:
-        """The edited function (a property again if the original is one)."""
+    def probe(self, source: str, name: str, at: str = "") -> str:
+        """``source`` unchanged but for a statement that records ``name`` in `REACHED` when
+        it runs, before the last line of ``at`` (default ``old``; it must start a
+        statement): the line where the mutated code first differs."""
+        _, match = self._match(source, at)
+        begins = source.rfind("\n", 0, match.end()) + 1
+        indent = source[begins : len(source) - len(source[begins:].lstrip(" \t"))]
+        record = f"__import__('sys').modules[{__name__!r}].REACHED.add({name!r})\n"
+        return source[:begins] + indent + record + source[begins:]
+
+    def compile(self, edit: Callable[[str], str] | None = None) -> Any:
+        """The edited function (a property again if the original is one); ``edit``: what
+        to do to its source instead of `apply`."""
         original = self.original()
         function = function_of(original)
         source = textwrap.dedent(inspect.getsource(function))
-        tree = ast.parse(self.apply(source))
+        tree = ast.parse((edit or self.apply)(source))
         ast.increment_lineno(tree, function.__code__.co_firstlineno - 1)
         code = compile(
             tree,
@@ -148,6 +164,9 @@ class Mutation:
     rule: str
     edit: Edit
     settings: tuple[tuple[str, Any], ...] = ()
+    reach: str = ""
+    """Where the mutated code first behaves differently (default: the edited text): a
+    seed whose unmutated run never gets there runs the same mutated, and is skipped."""
 
     def as_bug(self) -> Bug:
         """The mutation in `sim.bugs`' form: what `put_back` applies for a run."""
@@ -205,6 +224,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "admitted",
         "if held + len(self._sent) > self._limit:",
         "if False:",
+        reach="if held + len(self._sent) > self._limit:\n    return False",
     ),
     _m(
         "new-start-ignores-starts-sent",
@@ -232,6 +252,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "_admission",
         "while not (pool.ledger.admitted(reservation) and self.may_start()):",
         "while not pool.ledger.admitted(reservation):",
+        reach="if not self.may_start():\n    raise AbandonedError",
     ),
     # -- doubt settlement and its grace -----------------------------------------------------
     _m(
@@ -242,6 +263,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "_settle_slot",
         "if not handling.doubt:",
         "if True:",
+        reach="arn = execution_arn(pool.state_machine_arn, entry.request.name)",
     ),
     _m(
         "describe-failure-frees-slot",
@@ -260,6 +282,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "observe_missing",
         "if now - doubt.since < grace:",
         "if False:",
+        reach="if now - doubt.since < grace:\n    return Change.UNCHANGED",
     ),
     _m(
         "missing-frees-held-without-grace",
@@ -317,6 +340,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "observe_running",
         "if redrive_count <= ended_at_redrive:",
         "if False:",
+        reach="if redrive_count <= ended_at_redrive:\n    return Change.STALE",
     ),
     _m(
         "late-terminal-frees-redriven-run",
@@ -326,6 +350,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "observe_terminal",
         "if held is not None and redrive_count < held.redrives:",
         "if False:",
+        reach="if held is not None and redrive_count < held.redrives:\n    return Change.STALE",
     ),
     _m(
         "redrive-count-dropped-from-events",
@@ -354,6 +379,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "observe_running",
         "if redrive_count <= ended_at_redrive:",
         "if True:",
+        reach="del self._tombstones[arn]",
     ),
     _m(
         "adopted-runs-not-counted-per-key",
@@ -390,9 +416,8 @@ CATALOGUE: tuple[Mutation, ...] = (
         "a token's request message is kept until its parent was answered",
         Starter,
         "_settled",
-        "    bound=entry.bound,\n)\nreturn",
-        "    bound=entry.bound,\n)\nawait entry.queue.delete(request.receipt_handle, entry.bound)\n"
         "return",
+        "await entry.queue.delete(request.receipt_handle, entry.bound)\nreturn",
     ),
     _m(
         "token-released-when-answer-failed",
@@ -442,6 +467,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "execution_name",
         "if IDEMPOTENCY_ATTRIBUTE in attrs:",
         "if False:",
+        reach='key = attrs[IDEMPOTENCY_ATTRIBUTE].get("StringValue")',
     ),
     _m(
         "name-without-key-tag",
@@ -468,8 +494,52 @@ def _quiet() -> None:
     )
 
 
-def hunt(name: str, seeds: Sequence[int], budget: float | None = None) -> dict[str, Any]:
-    """Run ``name`` over ``seeds`` until one catches it (or the CPU ``budget`` runs out)."""
+REACHED: set[str] = set()
+"""The mutations whose edited line a run reached (`probes` record them here)."""
+
+
+def probes(names: Iterable[str]) -> tuple[tuple[Any, str, Any], ...]:
+    """Patches that leave the code as it is but record in `REACHED` each mutation of
+    ``names`` whose line is reached (several in one function: one patch)."""
+    groups: dict[tuple[int, str], list[Mutation]] = {}
+    for name in names:
+        mutation = MUTATIONS[name]
+        groups.setdefault((id(mutation.edit.owner), mutation.edit.attribute), []).append(mutation)
+    patches = []
+    for group in groups.values():
+
+        def probed(source: str, group: list[Mutation] = group) -> str:
+            for mutation in group:
+                source = mutation.edit.probe(source, mutation.name, mutation.reach)
+            return source
+
+        edit = group[0].edit
+        patches.append((edit.owner, edit.attribute, edit.compile(probed)))
+    return tuple(patches)
+
+
+def survey(names: Sequence[str], seeds: Sequence[int]) -> dict[int, tuple[bool, list[str]]]:
+    """Run ``seeds`` unmutated: for each, whether it held and which mutations' lines it
+    reached. A run is deterministic, so a mutation whose line a seed never reaches runs
+    that seed exactly as unmutated: the hunt skips it."""
+    from sim.harness import simulate  # noqa: PLC0415 - the harness imports `sim.bugs`
+
+    _quiet()
+    found: dict[int, tuple[bool, list[str]]] = {}
+    with patched(probes(names)):
+        for seed in seeds:
+            REACHED.clear()
+            outcome = simulate(seed)
+            found[seed] = (outcome.ok, sorted(REACHED))
+    REACHED.clear()
+    return found
+
+
+def hunt(
+    name: str, seeds: Sequence[int], budget: float | None = None, *, reached: int | None = None
+) -> dict[str, Any]:
+    """Run ``name`` over ``seeds`` until one catches it (or the CPU ``budget`` runs out);
+    ``reached``: in how many seeds of the survey its line was reached."""
     from sim.harness import simulate  # noqa: PLC0415 - the harness imports `sim.bugs`
 
     _quiet()
@@ -480,6 +550,7 @@ def hunt(name: str, seeds: Sequence[int], budget: float | None = None) -> dict[s
         "rule": mutation.rule,
         "target": mutation.edit.target,
         "caught_at_seed": None,
+        "reached_in_seeds": len(seeds) if reached is None else reached,
         "seeds_run": 0,
         "violations": [],
         "first_violation": None,
@@ -502,6 +573,16 @@ def hunt(name: str, seeds: Sequence[int], budget: float | None = None) -> dict[s
     return result
 
 
+@dataclass
+class Matrix:
+    """The kill matrix: each mutation's hunt, and the unmutated survey it pruned by."""
+
+    seeds: Sequence[int]
+    results: dict[str, dict[str, Any]]
+    failing_unmutated: list[int]
+    survey_cpu: float
+
+
 def matrix(
     names: Iterable[str],
     seeds: Sequence[int],
@@ -509,48 +590,57 @@ def matrix(
     workers: int = 2,
     budget: float | None = None,
     progress: Callable[[str, dict[str, Any], int, int], None] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Hunt every mutation in ``names`` (``workers`` processes); results by name, in the
-    catalogue's order. ``progress(name, result, done, total)`` is called as each ends."""
+) -> Matrix:
+    """Survey ``seeds`` unmutated, then hunt every mutation of ``names`` over the seeds that
+    reach its line and hold unmutated (``workers`` processes). ``progress(name, result,
+    done, total)`` is called as each hunt ends."""
     names = list(names)
-    results: dict[str, dict[str, Any]] = {}
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    if workers <= 1:
-        for name in names:
-            results[name] = hunt(name, seeds, budget)
+    began = time.process_time()
+    surveyed: dict[int, tuple[bool, list[str]]] = {}
+    results: dict[str, dict[str, Any]] = {}
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        chunks = [list(seeds[i :: max(1, workers) * 4]) for i in range(max(1, workers) * 4)]
+        for future in as_completed([pool.submit(survey, names, c) for c in chunks if c]):
+            surveyed.update(future.result())
+        survey_cpu = time.process_time() - began  # this process only: see each hunt's own
+        failing = sorted(s for s, (ok, _) in surveyed.items() if not ok)
+        relevant = {n: [s for s in seeds if surveyed[s][0] and n in surveyed[s][1]] for n in names}
+        futures = {
+            pool.submit(hunt, n, relevant[n], budget, reached=len(relevant[n])): n for n in names
+        }
+        for future in as_completed(futures):
+            name = futures[future]
+            results[name] = future.result()
             if progress is not None:
                 progress(name, results[name], len(results), len(names))
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(hunt, n, list(seeds), budget): n for n in names}
-            for future in as_completed(futures):
-                name = futures[future]
-                results[name] = future.result()
-                if progress is not None:
-                    progress(name, results[name], len(results), len(names))
-    return {n: results[n] for n in names}
+    return Matrix(seeds, {n: results[n] for n in names}, failing, round(survey_cpu, 1))
 
 
 def line(name: str, result: dict[str, Any]) -> str:
     """One row of the kill matrix."""
     seed = result["caught_at_seed"]
+    reached = f"reached in {result['reached_in_seeds']:>3} seeds"
     if seed is None:
         why = "budget exhausted" if result.get("budget_exhausted") else "NOT CAUGHT"
-        caught = f"{why} in {result['seeds_run']} seeds"
+        caught = f"{why} ({reached}, {result['seeds_run']} run)"
     else:
         kinds = ", ".join(result["violations"]) or "error: " + "; ".join(result["errors"])
-        caught = f"seed {seed:<4} {kinds}"
-    return f"{name:<38} {caught}  ({result['cpu_seconds']} s)"
+        caught = f"seed {seed:<4} {kinds} ({reached})"
+    return f"{name:<38} {caught}  [{result['cpu_seconds']} s]"
 
 
-def report(results: dict[str, dict[str, Any]], seeds: Sequence[int], out: Path | None) -> int:
+def report(found: Matrix, out: Path | None) -> int:
     """Print the summary, write the JSON; 0 when every mutation was caught."""
+    results, seeds = found.results, found.seeds
     caught = [n for n, r in results.items() if r["caught_at_seed"] is not None]
     missed = [n for n in results if n not in caught]
     print(
         f"{len(caught)} of {len(results)} mutations caught within {len(seeds)} seeds "
         f"(seeds {seeds[0]}..{seeds[-1]})"
     )
+    if found.failing_unmutated:
+        print(f"seeds that fail unmutated (skipped): {found.failing_unmutated}")
     for name in missed:
         print(f"  not caught: {name} - {results[name]['rule']}")
     if out is not None:
@@ -560,6 +650,7 @@ def report(results: dict[str, dict[str, Any]], seeds: Sequence[int], out: Path |
             "mutations": len(results),
             "caught": len(caught),
             "not_caught": missed,
+            "failing_unmutated": found.failing_unmutated,
             "cpu_seconds": round(sum(r["cpu_seconds"] for r in results.values()), 1),
             "python": sys.version.split()[0],
             "matrix": results,

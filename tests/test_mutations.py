@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import inspect
 import textwrap
+from collections.abc import Iterator
 
 import pytest
+import structlog
 
 from dispatcher.ledger import Change, Ledger
 from sim import __main__ as sim_cli
-from sim.bugs import put_back
+from sim.bugs import patched, put_back
+from sim.harness import simulate
 from sim.mutations import (
     CATALOGUE,
     MUTATIONS,
@@ -24,7 +27,19 @@ from sim.mutations import (
     MutationError,
     function_of,
     matrix,
+    probes,
+    survey,
 )
+from tests.test_simulation import digest
+
+
+@pytest.fixture(autouse=True)
+def quiet_logs() -> Iterator[None]:
+    """The dispatcher's log lines, thousands per seed, are not what is tested here."""
+    sim_cli._quiet_logs(verbose=False)
+    yield
+    structlog.reset_defaults()
+
 
 KINDS = {
     "outcome classification",
@@ -92,6 +107,21 @@ def test_a_mutation_takes_its_rule_out_for_the_run_only() -> None:
     assert not freed_at_once()
 
 
+def test_the_probes_change_nothing_but_record_the_lines_reached() -> None:
+    """The hunt skips the seeds whose unmutated run never reaches a mutation's line: sound
+    only if the probes leave the run as it is."""
+    plain = simulate(11)
+    found = survey(list(MUTATIONS), [11])
+    again = simulate(11)
+    assert found[11][0] == plain.ok
+    assert set(found[11][1]) <= set(MUTATIONS)
+    assert "message-deleted-before-start" in found[11][1]  # every start reaches it
+    assert digest(plain) == digest(again)
+    with patched(probes(list(MUTATIONS))):
+        probed = simulate(11)
+    assert digest(probed) == digest(plain)
+
+
 def test_the_replay_command_of_a_mutation_names_it() -> None:
     assert sim_cli.replay_command(7, ("no-tombstone",)).endswith("--replay 7 --bug no-tombstone")
 
@@ -100,7 +130,7 @@ def test_the_replay_command_of_a_mutation_names_it() -> None:
 def test_every_mutation_is_caught_within_the_fast_subset() -> None:
     """The kill matrix over the 200 seeds `make test` runs (two processes, each mutation
     stopped at its first catching seed)."""
-    results = matrix(list(MUTATIONS), range(SEEDS), workers=2)
+    results = matrix(list(MUTATIONS), range(SEEDS), workers=2).results
     missed = {n: r["rule"] for n, r in results.items() if r["caught_at_seed"] is None}
     assert not missed, f"not caught within {SEEDS} seeds: {missed}"
     for name, result in results.items():
