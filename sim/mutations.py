@@ -106,10 +106,10 @@ class Edit:
 
     def probe(self, source: str, name: str, at: str = "") -> str:
         """``source`` unchanged but for a statement that records ``name`` in `REACHED` when
-        it runs, before the last line of ``at`` (default ``old``; it must start a
-        statement): the line where the mutated code first differs."""
+        it runs: before the last line of ``at``, or else before the line ``old`` begins on
+        (either must start a statement) - where the mutated code first differs."""
         _, match = self._match(source, at)
-        begins = source.rfind("\n", 0, match.end()) + 1
+        begins = source.rfind("\n", 0, match.end() if at else match.start()) + 1
         indent = source[begins : len(source) - len(source[begins:].lstrip(" \t"))]
         record = f"__import__('sys').modules[{__name__!r}].REACHED.add({name!r})\n"
         return source[:begins] + indent + record + source[begins:]
@@ -164,15 +164,27 @@ class Mutation:
     rule: str
     edit: Edit
     settings: tuple[tuple[str, Any], ...] = ()
+    also: tuple[Edit, ...] = ()
+    """A rule kept in two places (each guards the other): taken out of both."""
     reach: str = ""
     """Where the mutated code first behaves differently (default: the edited text): a
     seed whose unmutated run never gets there runs the same mutated, and is skipped."""
+
+    @property
+    def edits(self) -> tuple[Edit, ...]:
+        """Every edit the mutation makes."""
+        return (self.edit, *self.also)
+
+    @property
+    def target(self) -> str:
+        """The functions edited."""
+        return ", ".join(e.target for e in self.edits)
 
     def as_bug(self) -> Bug:
         """The mutation in `sim.bugs`' form: what `put_back` applies for a run."""
         return Bug(
             issue=f"mutation ({self.kind}): {self.rule}",
-            patches=((self.edit.owner, self.edit.attribute, self.edit.compile()),),
+            patches=tuple((e.owner, e.attribute, e.compile()) for e in self.edits),
             settings=self.settings,
         )
 
@@ -283,15 +295,16 @@ CATALOGUE: tuple[Mutation, ...] = (
         "if now - doubt.since < grace:",
         "if False:",
         reach="if now - doubt.since < grace:\n    return Change.UNCHANGED",
-    ),
-    _m(
-        "missing-frees-held-without-grace",
-        "doubt settlement",
-        "'does not exist' frees a held execution only after the grace since it was confirmed",
-        Ledger,
-        "observe_missing",
-        "if held is None or now - held.since < grace:",
-        "if held is None:",
+        also=(
+            Edit(
+                Ledger,
+                "apply_listing",
+                "suspects += [\n"
+                "    arn for arn, doubt in self._doubt.items() if arn not in counts"
+                " and doubt.since <= cutoff",
+                "suspects += [\n    arn for arn, doubt in self._doubt.items() if arn not in counts",
+            ),
+        ),
     ),
     # -- listing cutoff ----------------------------------------------------------------------
     _m(
@@ -304,13 +317,22 @@ CATALOGUE: tuple[Mutation, ...] = (
         "described = {'status': 'SUCCEEDED'}",
     ),
     _m(
-        "listing-cutoff-after-listing",
+        "listing-without-grace",
         "listing cutoff",
-        "a listing's cutoff is taken when the listing starts, not when it ends",
-        Reconciler,
-        "run_once",
-        "ledger.apply_listing(listed, listed_at, self.settings.start_grace)",
-        "ledger.apply_listing(listed, self.pool.clock(), self.settings.start_grace)",
+        "a held execution missing from a listing is freed only past the grace since it was "
+        "last confirmed (listings and describes lag)",
+        Ledger,
+        "apply_listing",
+        "cutoff = listed_at - grace",
+        "cutoff = listed_at",
+        also=(
+            Edit(
+                Ledger,
+                "observe_missing",
+                "if held is None or now - held.since < grace:",
+                "if held is None:",
+            ),
+        ),
     ),
     # -- take-over wait ----------------------------------------------------------------------
     _m(
@@ -501,20 +523,22 @@ REACHED: set[str] = set()
 def probes(names: Iterable[str]) -> tuple[tuple[Any, str, Any], ...]:
     """Patches that leave the code as it is but record in `REACHED` each mutation of
     ``names`` whose line is reached (several in one function: one patch)."""
-    groups: dict[tuple[int, str], list[Mutation]] = {}
+    groups: dict[tuple[int, str], list[tuple[str, Edit, str]]] = {}
     for name in names:
         mutation = MUTATIONS[name]
-        groups.setdefault((id(mutation.edit.owner), mutation.edit.attribute), []).append(mutation)
+        for edit in mutation.edits:
+            at = mutation.reach if edit is mutation.edit else ""
+            groups.setdefault((id(edit.owner), edit.attribute), []).append((name, edit, at))
     patches = []
     for group in groups.values():
 
-        def probed(source: str, group: list[Mutation] = group) -> str:
-            for mutation in group:
-                source = mutation.edit.probe(source, mutation.name, mutation.reach)
+        def probed(source: str, group: list[tuple[str, Edit, str]] = group) -> str:
+            for name, edit, at in group:
+                source = edit.probe(source, name, at)
             return source
 
-        edit = group[0].edit
-        patches.append((edit.owner, edit.attribute, edit.compile(probed)))
+        first = group[0][1]
+        patches.append((first.owner, first.attribute, first.compile(probed)))
     return tuple(patches)
 
 
@@ -548,7 +572,7 @@ def hunt(
     result: dict[str, Any] = {
         "kind": mutation.kind,
         "rule": mutation.rule,
-        "target": mutation.edit.target,
+        "target": mutation.target,
         "caught_at_seed": None,
         "reached_in_seeds": len(seeds) if reached is None else reached,
         "seeds_run": 0,
@@ -601,8 +625,8 @@ def matrix(
     results: dict[str, dict[str, Any]] = {}
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         chunks = [list(seeds[i :: max(1, workers) * 4]) for i in range(max(1, workers) * 4)]
-        for future in as_completed([pool.submit(survey, names, c) for c in chunks if c]):
-            surveyed.update(future.result())
+        for part in as_completed([pool.submit(survey, names, c) for c in chunks if c]):
+            surveyed.update(part.result())
         survey_cpu = time.process_time() - began  # this process only: see each hunt's own
         failing = sorted(s for s, (ok, _) in surveyed.items() if not ok)
         relevant = {n: [s for s in seeds if surveyed[s][0] and n in surveyed[s][1]] for n in names}

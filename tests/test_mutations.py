@@ -70,20 +70,24 @@ def test_the_catalogue_covers_every_class_with_at_least_twenty_mutations() -> No
 def test_each_mutation_changes_the_code_it_names(mutation: Mutation) -> None:
     """The target exists, its text is found once, the edit compiles to other code, and a
     run with the mutation sees the edited function (put back afterwards)."""
-    edit = mutation.edit
-    function = function_of(edit.original())
-    source = textwrap.dedent(inspect.getsource(function))
-    assert edit.apply(source) != source
-    edited_function = function_of(edit.compile())
-    assert edited_function.__code__.co_code != function.__code__.co_code or (
-        edited_function.__code__.co_consts != function.__code__.co_consts
-    )
-    before = inspect.getattr_static(edit.owner, edit.attribute)
+    edited = []
+    for edit in mutation.edits:
+        function = function_of(edit.original())
+        source = textwrap.dedent(inspect.getsource(function))
+        assert edit.apply(source) != source
+        changed = function_of(edit.compile()).__code__
+        assert (changed.co_code, changed.co_consts) != (
+            function.__code__.co_code,
+            function.__code__.co_consts,
+        )
+        edited.append((edit, inspect.getattr_static(edit.owner, edit.attribute), changed))
     with put_back((mutation.name,)):
-        live = inspect.getattr_static(edit.owner, edit.attribute)
-        assert live is not before
-        assert function_of(live).__code__.co_code == edited_function.__code__.co_code
-    assert inspect.getattr_static(edit.owner, edit.attribute) is before
+        for edit, before, changed in edited:
+            live = inspect.getattr_static(edit.owner, edit.attribute)
+            assert live is not before
+            assert function_of(live).__code__.co_code == changed.co_code
+    for edit, before, _ in edited:
+        assert inspect.getattr_static(edit.owner, edit.attribute) is before
 
 
 def test_an_edit_whose_text_is_gone_is_refused() -> None:
