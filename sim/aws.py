@@ -64,6 +64,7 @@ class WorldConfig:
     epoch: float = 1_767_225_600.0  # wall-clock seconds at virtual time 0 (2026-01-01)
     latency: tuple[float, float] = (0.002, 0.020)  # each leg of each call, uniform
     listing_lag: float = 2.0  # a start (and an end) shows in listings within this
+    listing_lag_at_max: float = 0.0  # share of changes that take the whole listing lag
     describe_lag: float = 1.0  # DescribeExecution may not know a new execution this long
     describe_lag_rate: float = 0.3  # ...for this share of executions
     default_duration: Callable[[random.Random], float] = _default_duration
@@ -134,6 +135,7 @@ class World:
             listing_lag=config.listing_lag,
             describe_lag=config.describe_lag,
             describe_lag_rate=config.describe_lag_rate,
+            listing_lag_at_max=config.listing_lag_at_max,
             default_duration=config.default_duration,
             emit=self._emit,
             region=region,

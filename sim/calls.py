@@ -15,11 +15,12 @@ import itertools
 import math
 import random
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
-from botocore.exceptions import ClientError, ReadTimeoutError
+from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
 
 if TYPE_CHECKING:
     from sim.history import History
@@ -40,9 +41,17 @@ class CallFault:
     drop_request: bool = False  # the request never arrives: the client times out
     drop_answer: bool = False  # applied, the answer is lost: the client times out
     status: int | None = None  # the HTTP status of ``error`` (None: the code's usual one)
+    # Held on the wire and applied at the client's deadline (sent + read timeout: for a
+    # start, D - the latest a start may take effect), whatever the client does meanwhile:
+    # it times out then, or earlier gets ``error`` (a 5xx) or a reset connection (``reset``).
+    apply_at_deadline: bool = False
+    reset: bool = False
 
 
 NO_FAULT = CallFault()
+
+CURRENT_CALL: ContextVar[int | None] = ContextVar("CURRENT_CALL", default=None)
+"""The id of the call whose effect is being applied (records link to its fate)."""
 
 CallFaults = Callable[[str, str, Mapping[str, Any]], CallFault]
 """``faults(node, operation, params)``: the fate of one call (operation as AWS names it)."""
@@ -119,7 +128,7 @@ def _status(exc: ClientError) -> int:
 
 def sdk_retries(exc: BaseException) -> bool:
     """Whether botocore's standard retry mode retries this failure."""
-    if isinstance(exc, ReadTimeoutError):
+    if isinstance(exc, ReadTimeoutError | ConnectionClosedError):
         return True
     if isinstance(exc, ClientError):
         code = error_code(exc)
@@ -186,6 +195,7 @@ class _Call:
     deadline: float
     apply: Apply
     orphaned: bool = False
+    note: str = " (arrived after the sender died)"
     outcome: _Outcome | None = None
     done: anyio.Event | None = None
 
@@ -251,7 +261,7 @@ class Transport:
 
     async def deliver(self, call: _Call) -> None:
         """Apply a request whose sender died while it travelled (run by `World.run`)."""
-        call.outcome = await self._serve(call, note=" (arrived after the sender died)")
+        call.outcome = await self._serve(call, note=call.note)
         if call.done is not None:
             call.done.set()
 
@@ -283,11 +293,46 @@ class Transport:
                     endpoint=endpoint,
                     attempt=attempt,
                 )
-            except (ClientError, ReadTimeoutError) as exc:
+            except (ClientError, ReadTimeoutError, ConnectionClosedError) as exc:
                 if attempt >= max_attempts or not sdk_retries(exc):
                     raise
             await anyio.sleep(self._rng.random() * min(20.0, 2.0 ** (attempt - 1)))
             attempt += 1
+
+    async def _held_until_deadline(self, call: _Call, start: float, endpoint: str) -> NoReturn:
+        """A request held on the wire (a proxy, a slow front end) that AWS applies at the
+        client's deadline, after the client gave up: `World.run` applies it then, as it
+        applies a dead node's requests. The client times out, or fails earlier."""
+        node, ident, label, fault, deadline = (
+            call.node,
+            call.ident,
+            call.label,
+            call.fault,
+            call.deadline,
+        )
+        call.orphaned = True
+        call.fault = CallFault()  # the client's failure below is not AWS's answer
+        call.note = " (held on the wire, applied at the client's deadline)"
+        heapq.heappush(self._orphans, (deadline, ident, call))
+        self._wake()
+        if fault.error is None and not fault.reset:
+            why = "request HELD until the client's deadline: applied then, client times out"
+            self._history.call(start, node, ident, label, why)
+            await _time_out(deadline - start, endpoint)
+        await anyio.sleep(min(self._draw_latency() * 2, max(0.0, deadline - start) / 2))
+        failure = "connection reset" if fault.reset else f"{fault.error}"
+        self._history.call(
+            self._clock(),
+            node,
+            ident,
+            label,
+            f"request HELD until the client's deadline: client got {failure} first",
+        )
+        if fault.reset:
+            raise ConnectionClosedError(endpoint_url=endpoint)
+        assert fault.error is not None  # noqa: S101 - checked above
+        status = fault.status or max(_STATUS.get(fault.error, 500), 500)
+        raise aws_error(fault.error, f"simulated {fault.error}", call.operation, status)
 
     def _draw_latency(self) -> float:
         low, high = self._latency
@@ -312,6 +357,9 @@ class Transport:
         label = f"{operation} {summary}".rstrip()
         if attempt > 1:
             label += f" (attempt {attempt})"
+        if fault.apply_at_deadline:
+            held = _Call(ident, node, operation, label, fault, deadline, deadline, apply)
+            await self._held_until_deadline(held, start, endpoint)
         arrival = start + self._draw_latency() + fault.request_delay
         if fault.drop_request or arrival >= deadline:
             why = "request LOST" if fault.drop_request else "request too slow"
@@ -356,7 +404,7 @@ class Transport:
             self._history.call(now, call.node, call.ident, call.label, f"THROTTLED{note}")
             return self._fate(call, None, error, applied=False)
         try:
-            answer = await call.apply(call.deadline)
+            answer = await _apply(call)
         except ClientError as exc:
             outcome = self._fate(call, None, exc, applied=False)
             self._history.call(
@@ -417,6 +465,15 @@ class Transport:
             raise outcome.error
         assert outcome.answer is not None  # noqa: S101 - an outcome has one or the other
         return outcome.answer
+
+
+async def _apply(call: _Call) -> Answer:
+    """Apply a call's effect, with `CURRENT_CALL` telling the world which call it is."""
+    current = CURRENT_CALL.set(call.ident)
+    try:
+        return await call.apply(call.deadline)
+    finally:
+        CURRENT_CALL.reset(current)
 
 
 async def _time_out(seconds: float, endpoint: str) -> NoReturn:

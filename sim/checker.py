@@ -6,7 +6,9 @@
 2. ``duplicate_execution``: at most one execution per logical request.
 3. ``lost_request``: by ``quiet_at + settle_bound`` (or that long after a later send)
    every request has an execution or a dead-letter copy with its reason;
-   ``redrive_move``: a valid request's message moved by the redrive policy;
+   ``redrive_move``: a valid request's message moved by the redrive policy (unless a
+   receive of it never reached a dispatcher: its answer was lost, or its receiver was
+   killed before it could act; such a move settles the request, as SQS's own doing);
    ``bad_request_started``: an execution for a request the harness marked bad.
 4. ``early_delete``: a request message deleted before its execution existed, or before
    its dead-letter copy was sent.
@@ -245,6 +247,7 @@ def _check_settled(
 ) -> list[Violation]:
     copies = _dead_letter_copies(history, spec)
     moved: dict[str, float] = {}
+    excused = _moves_out_of_reach(history)
     for move in history.moves:
         if move.source_url in spec.request_queues:
             moved.setdefault(move.message_id, move.time)
@@ -271,6 +274,8 @@ def _check_settled(
             )
         else:
             for t, message_id in moves:
+                if message_id in excused:
+                    continue
                 found.append(
                     Violation(
                         "redrive_move",
@@ -279,8 +284,10 @@ def _check_settled(
                         "dead-letter queue by the redrive policy, without a reason",
                     )
                 )
-            settled = any(e.first_start <= deadline for e in executions) or any(
-                t <= deadline for t in dead_lettered
+            settled = (
+                any(e.first_start <= deadline for e in executions)
+                or any(t <= deadline for t in dead_lettered)
+                or any(t <= deadline and i in excused for t, i in moves)
             )
         if released.get(request_id, math.inf) <= deadline:
             settled = True  # its parent ended: nobody waits for it (see the token rules)
@@ -295,6 +302,28 @@ def _check_settled(
                 )
             )
     return found
+
+
+def _moves_out_of_reach(history: History) -> set[str]:
+    """Ids of messages the redrive policy moved after a receive that no dispatcher could
+    act on: its answer was lost (SQS counted a receive nobody saw), or the node that
+    received it was killed or told to stop afterwards (it held the message until it was
+    too late, or its last act, a dead-letter copy, was cut short)."""
+    lost = {a.call_id for a in history.lost_answers if a.operation == "ReceiveMessage"}
+    crashed: dict[str, float] = {}
+    for crash in history.crashes:
+        crashed.setdefault(crash.node, crash.time)
+    for record in history.records:
+        if record.kind == "note" and record.text == "SIGTERM":
+            crashed.setdefault(record.node, record.time)
+    moved = {(m.source_url, m.message_id) for m in history.moves}
+    out: set[str] = set()
+    for receive in history.receives:
+        unseen = receive.call_id in lost or crashed.get(receive.node, -math.inf) >= receive.time
+        if not unseen:
+            continue
+        out.update(mid for mid, _ in receive.messages if (receive.queue_url, mid) in moved)
+    return out
 
 
 def _dead_letter_copies(history: History, spec: CheckSpec) -> dict[str, float]:

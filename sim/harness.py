@@ -33,6 +33,8 @@ from dispatcher.pool import MAX_DEFER_SECONDS
 from dispatcher.service import Dispatcher
 from sim import loop
 from sim.aws import World, WorldConfig
+from sim.buggify import GRACE_MARGIN, OFF, Knobs
+from sim.buggify import draw as draw_knobs
 from sim.bugs import Bug, put_back
 from sim.checker import CheckSpec, PoolSpec, Violation, check
 from sim.nemesis import STORM_MAX, Action, Nemesis, plan
@@ -92,6 +94,7 @@ class Scenario:
     listing_lag: float = 2.0  # up to this long before ListExecutions shows a change
     request_times: tuple[float, ...] = ()  # a scripted scenario's send times (else drawn)
     parents: ParentsPlan = field(default_factory=ParentsPlan)  # task-token workflows
+    knobs: Knobs = OFF  # buggify: the rare cases made common (`sim.buggify`)
 
 
 def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
@@ -127,6 +130,7 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
         # Up to the start grace the dispatcher assumes (an assumption the README states).
         listing_lag=rng.choice((0.0, 2.0, 9.5)),
     )
+    made = _buggified(made, draw_knobs(seed))
     if not (PARENTS if parents is None else parents):
         return made
     drawn = draw(
@@ -136,6 +140,22 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
         max_seconds=made.max_seconds,
     )
     return dataclasses.replace(made, parents=drawn)
+
+
+def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
+    """The scenario with the seed's buggify knobs (a listing lag at the start grace)."""
+    if not knobs.on:
+        return made
+    lag = made.listing_lag
+    if knobs.lag_at_grace:
+        lag = float(DISPATCHER["start_grace"]) - GRACE_MARGIN
+    settings = made.settings
+    if knobs.late_starts:
+        # Late starts come in windows longer than the start retry timeout, before the
+        # faults stop: a retry timeout of 10 or 30 s.
+        retry = min(float(dict(settings)["start_retry_timeout"]), 30.0)
+        settings = (*settings, ("start_retry_timeout", retry))
+    return dataclasses.replace(made, knobs=knobs, listing_lag=lag, settings=settings)
 
 
 @dataclass
@@ -198,6 +218,8 @@ class Run:
             config=WorldConfig(
                 listing_lag=lag,
                 describe_lag=min(lag, 1.0),
+                listing_lag_at_max=0.5 if self.plan.knobs.lag_at_grace else 0.0,
+                sqs_duplicate_rate=self.plan.knobs.sqs_duplicates,
                 closed_task_error=self.plan.parents.closed_task_error,
             ),
         )
@@ -236,6 +258,8 @@ class Run:
                 "UpdateItem",
                 *(tokens if self.plan.parents.parents else ()),
             ),
+            knobs=self.plan.knobs,
+            give_up_after=self.setting("start_retry_timeout"),
         )
 
     # -- the world -------------------------------------------------------------------------
@@ -272,7 +296,7 @@ class Run:
             name,
             visibility_timeout=60,
             dead_letter=self.dlq,
-            max_receive_count=MAX_RECEIVE_COUNT,
+            max_receive_count=self.plan.knobs.max_receive_count or MAX_RECEIVE_COUNT,
         )
 
     def _write_config(self) -> None:
@@ -372,6 +396,8 @@ class Run:
         work = self.plan.requests * (self.plan.max_seconds + 1) / least
         for parent in self.plan.parents.parents:
             work += sum(s + 1 for s in parent.seconds) / least
+        # Outside runs may hold every slot of a pool while they last.
+        work += sum(a.value for a in self.nemesis.actions if a.kind == "outside_start") / least
         return work + 600.0 + MAX_DEFER_SECONDS  # a deferral may last 15 min
 
     def spec(self) -> CheckSpec:

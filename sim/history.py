@@ -119,6 +119,18 @@ class SentMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class Receive:
+    """A receive that handed out messages: (message id, receive count) pairs, and the id
+    of its call (None: not made through the transport)."""
+
+    time: float
+    node: str
+    queue_url: str
+    messages: tuple[tuple[str, int], ...]
+    call_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Delete:
     """A delete of a received message; ``deleted`` is False for a stale receipt handle."""
 
@@ -205,6 +217,7 @@ class History:
         self.requests: list[RequestMessage] = []
         self.sends: list[SentMessage] = []
         self.deletes: list[Delete] = []
+        self.receives: list[Receive] = []
         self.moves: list[Move] = []
         self.parameter_puts: list[ParameterPut] = []
         self.lease_writes: list[LeaseWrite] = []
@@ -390,10 +403,18 @@ class History:
         return sent
 
     def messages_received(
-        self, time: float, node: str, queue_url: str, received: Iterable[tuple[str, int]]
+        self,
+        time: float,
+        node: str,
+        queue_url: str,
+        received: Iterable[tuple[str, int]],
+        *,
+        call_id: int | None = None,
     ) -> None:
         """A receive handed out these (message id, receive count) pairs."""
         got = list(received)
+        if got:
+            self.receives.append(Receive(time, node, queue_url, tuple(got), call_id))
         listed = ", ".join(f"{mid}#{count}" for mid, count in got)
         self.add(
             time,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sim.aws import EventFault, EventInfo
+from sim.buggify import OFF, Knobs
 from sim.calls import NO_FAULT, CallFault
 
 STORM_MAX = 150.0
@@ -53,6 +54,28 @@ class Storm:
 
 
 @dataclass(frozen=True)
+class EventStorm:
+    """A stretch of time in which every status event is lost, or late by ``delay`` (up
+    to twice it): buggify's ``event_storms``."""
+
+    start: float
+    end: float
+    lost: bool
+    delay: float = 0.0
+
+
+# How late the events of a late stretch are: seconds to hours.
+EVENT_DELAYS = (5.0, 30.0, 300.0, 3600.0, 7200.0)
+LATE_START_FAILURES: tuple[tuple[str | None, bool], ...] = (
+    (None, False),  # the client times out at D, as AWS applies it
+    (None, False),
+    ("ServiceUnavailable", False),  # a 5xx first, applied later
+    ("InternalFailure", False),
+    (None, True),  # the connection reset first, applied later
+)
+
+
+@dataclass(frozen=True)
 class Action:
     """Something the harness does to the system at ``time``."""
 
@@ -77,6 +100,17 @@ class Nemesis:
     event_delay: float = 0.0  # events are delayed up to this long (reordering them)
     actions: list[Action] = field(default_factory=list)
     fired: dict[str, int] = field(default_factory=dict)
+    knobs: Knobs = OFF
+    event_storms: list[EventStorm] = field(default_factory=list)
+    late_start_rate: float = 0.0  # share of StartExecution attempts applied at D
+    # Dark starts: this share of the executions the dispatcher starts have every attempt
+    # applied at D for ``dark_for`` seconds from their first (longer than the start retry
+    # timeout: the start gives up in doubt), and their status events lost or late.
+    dark_share: float = 0.0
+    dark_for: float = 0.0
+    held_from_end: float = 0.0  # ...the last attempts (this long before dark_for) held
+    dark_events: EventStorm | None = None  # what happens to a dark start's events
+    _dark: dict[str, float | None] = field(default_factory=dict)  # name -> first attempt
 
     def _count(self, what: str) -> None:
         self.fired[what] = self.fired.get(what, 0) + 1
@@ -85,10 +119,13 @@ class Nemesis:
 
     def call_fault(self, node: str, operation: str, params: Mapping[str, Any]) -> CallFault:
         """The fate of one call."""
-        del params
         now = self.clock()
         if now >= self.quiet_at or node == "producer":
             return NO_FAULT
+        if operation == "StartExecution":
+            late = self._late_start(now, params)
+            if late is not None:
+                return late
         for storm in self.storms:
             if storm.covers(now, node, operation) and self.rng.random() < storm.rate:
                 self._count(storm.kind)
@@ -100,10 +137,42 @@ class Nemesis:
         self._count(name)
         return fault if fault is not None else CallFault(error=_throttle_code(operation))
 
+    def _late_start(self, now: float, params: Mapping[str, Any]) -> CallFault | None:
+        """A start's attempt held on the wire and applied at D (None: not this one). The
+        attempts of a dark start are lost until the last ones before it gives up, which
+        are held: it exists from about when the dispatcher gives up on it."""
+        name = str(params.get("name", ""))
+        if self.dark_share and name not in self._dark:
+            dark = self.rng.random() < self.dark_share
+            self._dark[name] = now if dark else None
+            if dark:
+                self._count("dark_start")
+        first = self._dark.get(name)
+        late = bool(self.late_start_rate) and self.rng.random() < self.late_start_rate
+        if first is not None and now < first + self.dark_for:
+            if now < first + self.dark_for - self.held_from_end:
+                self._count("dark_start_lost")
+                return CallFault(drop_request=True)
+            late = True
+        if not late:
+            return None
+        error, reset = self.rng.choice(LATE_START_FAILURES)
+        self._count("start_applied_at_deadline")
+        return CallFault(apply_at_deadline=True, error=error, reset=reset)
+
     def event_fault(self, info: EventInfo) -> EventFault:
         """The fate of one status event."""
         if info.time >= self.quiet_at:
             return EventFault()
+        name = info.execution_arn.rsplit(":", 1)[-1]
+        dark = self.dark_events if self._dark.get(name) is not None else None
+        storm = dark or next((e for e in self.event_storms if e.start <= info.time < e.end), None)
+        if storm is not None:
+            if storm.lost:
+                self._count("event_lost_in_storm")
+                return EventFault(lost=True)
+            self._count("event_late_in_storm")
+            return EventFault(delay=self.rng.uniform(storm.delay, 2 * storm.delay))
         if self.rng.random() < self.event_loss:
             self._count("event_lost")
             return EventFault(lost=True)
@@ -168,8 +237,12 @@ def plan(
     nodes: tuple[str, ...],
     pools: Mapping[str, tuple[int, bool]],
     operations: tuple[str, ...],
+    knobs: Knobs = OFF,
+    give_up_after: float = 120.0,
 ) -> Nemesis:
-    """Draw a fault plan. ``pools`` maps pool name -> (limit, has an SSM limit)."""
+    """Draw a fault plan. ``pools`` maps pool name -> (limit, has an SSM limit);
+    ``knobs``: the seed's buggify knobs (`sim.buggify`); ``give_up_after``: the
+    dispatcher's start retry timeout."""
     intensity = rng.choice((0.0, 0.5, 1.0, 1.0, 2.0))
     nemesis = Nemesis(
         rng=rng,
@@ -199,7 +272,52 @@ def plan(
             )
         )
     nemesis.actions = _actions(rng, quiet_at, nodes, pools, intensity)
+    if knobs.on:
+        _buggify(nemesis, random.Random(rng.getrandbits(64)), knobs, pools, give_up_after)
     return nemesis
+
+
+def _buggify(
+    nemesis: Nemesis,
+    rng: random.Random,
+    knobs: Knobs,
+    pools: Mapping[str, tuple[int, bool]],
+    give_up_after: float,
+) -> None:
+    """Add the plan of the seed's buggify knobs (drawn from their own stream)."""
+    nemesis.knobs = knobs
+    quiet_at = nemesis.quiet_at
+    if knobs.event_storms:
+        for _ in range(rng.randint(1, 3)):
+            start = rng.uniform(0, quiet_at * 0.9)
+            end = min(quiet_at, start + rng.uniform(10, quiet_at))
+            lost = rng.random() < 0.4
+            delay = 0.0 if lost else rng.choice(EVENT_DELAYS)
+            nemesis.event_storms.append(EventStorm(start, end, lost, delay))
+    if knobs.late_starts:
+        nemesis.late_start_rate = rng.choice((0.0, 0.05, 0.2))
+        nemesis.dark_share = rng.choice((0.1, 0.3, 0.5))
+        # Longer than the start retry timeout: every attempt of a dark start gives up in
+        # doubt, and each was applied. Mostly its status events are lost or late by
+        # minutes to hours too, so only the dispatcher's doubt (and its listings) keep
+        # the count.
+        nemesis.dark_for = give_up_after + rng.uniform(5, 15)
+        nemesis.held_from_end = rng.uniform(5, 20)
+        if rng.random() < 0.8:
+            lost = rng.random() < 0.5
+            delay = 0.0 if lost else rng.choice(EVENT_DELAYS[2:])
+            nemesis.dark_events = EventStorm(0.0, quiet_at, lost, delay)
+    if knobs.long_outside:
+        kept = [a for a in nemesis.actions if a.kind not in ("outside_start", "redrive")]
+        for name in pools:
+            for _ in range(rng.randint(1, 3)):
+                at = rng.uniform(0, quiet_at)
+                kept.append(Action(at, "outside_start", "", rng.randint(240, 600), name))
+            for _ in range(rng.randint(1, 2)):
+                at = rng.uniform(quiet_at * 0.3, quiet_at)
+                kept.append(Action(at, "redrive", "", rng.randint(240, 600), name))
+        kept.sort(key=lambda a: a.time)
+        nemesis.actions = kept
 
 
 def _actions(

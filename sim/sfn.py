@@ -65,6 +65,7 @@ class StepFunctions:
         listing_lag: float,
         describe_lag: float,
         describe_lag_rate: float,
+        listing_lag_at_max: float = 0.0,
         default_duration: Callable[[random.Random], float],
         emit: Callable[[Change], None],
         region: str,
@@ -77,6 +78,7 @@ class StepFunctions:
         self._listing_lag = listing_lag
         self._describe_lag = describe_lag
         self._describe_lag_rate = describe_lag_rate
+        self._lag_at_max = listing_lag_at_max
         self._default_duration = default_duration
         self._emit = emit
         self.region = region
@@ -101,6 +103,13 @@ class StepFunctions:
                 continue  # aborted earlier: already ended
             self._end(execution, index)
 
+    def _lag(self) -> float:
+        """How long a change takes to show in listings: up to the listing lag, exactly
+        it for a share ``listing_lag_at_max`` of the changes."""
+        if self._lag_at_max and self._rng.random() < self._lag_at_max:
+            return self._listing_lag
+        return self._rng.uniform(0.0, self._listing_lag)
+
     def next_change(self) -> float:
         """When the next run ends (inf: none planned)."""
         return self._ends[0][0] if self._ends else math.inf
@@ -109,7 +118,7 @@ class StepFunctions:
         run = execution.runs[index]
         assert run.stop is not None  # noqa: S101 - only runs with a stop end
         run.ended = True
-        run.visible_end = run.stop + self._rng.uniform(0.0, self._listing_lag)
+        run.visible_end = run.stop + self._lag()
         self._history.execution_ended(
             run.stop,
             execution.arn,
@@ -178,7 +187,7 @@ class StepFunctions:
                 stop,
                 final,
                 node,
-                now + self._rng.uniform(0.0, self._listing_lag),
+                now + self._lag(),
                 output=output,
                 error=error,
                 cause=cause,
@@ -216,7 +225,7 @@ class StepFunctions:
             now + duration,
             final,
             OUTSIDE,
-            now + self._rng.uniform(0.0, self._listing_lag),
+            now + self._lag(),
             output=output,
             error=error,
             cause=cause,

@@ -18,7 +18,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from sim.calls import Answer, aws_error, error_code
+from sim.calls import CURRENT_CALL, Answer, aws_error, error_code
 from sim.history import History
 from sim.sqs_model import (
     MAX_VISIBILITY,
@@ -225,7 +225,11 @@ class SQS:
             wake = min(end, queue.next_change(now), self._next_world_change())
             await queue.signal.wait(wake - now)
         self._history.messages_received(
-            now, node, url, [(m.message_id, m.receive_count) for m in taken]
+            now,
+            node,
+            url,
+            [(m.message_id, m.receive_count) for m in taken],
+            call_id=CURRENT_CALL.get(),
         )
         if not taken:
             return {}
@@ -249,6 +253,7 @@ class SQS:
             message.receive_count += 1
             if message.first_receive_at is None:
                 message.first_receive_at = now
+            message.received_at = now
             message.hidden_until = now + (
                 queue.visibility_timeout if visibility is None else visibility
             )
@@ -376,6 +381,15 @@ class SQS:
                 raise aws_error(
                     "AWS.SimpleQueueService.MessageNotInflight",
                     "The message referred to isn't in flight.",
+                    op,
+                )
+            if now + timeout > message.received_at + MAX_VISIBILITY:
+                # At most 12 hours in flight from the receive; no silent shortening.
+                raise aws_error(
+                    "InvalidParameterValue",
+                    f"Value {timeout} for parameter VisibilityTimeout is invalid. Reason: "
+                    f"Total VisibilityTimeout for the message is beyond the limit "
+                    f"[{MAX_VISIBILITY} seconds]",
                     op,
                 )
         except ClientError as exc:

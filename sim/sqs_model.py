@@ -86,6 +86,7 @@ class StoredMessage:
     hidden_until: float = -math.inf
     receive_count: int = 0
     first_receive_at: float | None = None
+    received_at: float = -math.inf  # the latest receive (visibility is capped from here)
     handle: str | None = None  # the latest receipt handle
     deleted: bool = False
 

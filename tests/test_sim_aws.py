@@ -10,9 +10,14 @@ from typing import Any
 
 import anyio
 import pytest
-from botocore.exceptions import ClientError, ParamValidationError, ReadTimeoutError
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ParamValidationError,
+    ReadTimeoutError,
+)
 
-from dispatcher.aws import ErrorKind, classify, error_code
+from dispatcher.aws import ErrorKind, classify, error_code, outcome_unknown
 from dispatcher.events import parse_event
 from dispatcher.lease import Lease, LeaseConfig
 from sim import loop
@@ -435,6 +440,38 @@ async def test_change_visibility_of_a_message_not_in_flight() -> None:
 
 
 @virtual
+async def test_visibility_is_capped_at_12_hours_from_the_receive() -> None:
+    """SQS: a message stays in flight at most 12 hours from its receive; an extension
+    beyond that is rejected, not shortened."""
+    world = make_world()
+    queue = world.create_queue("requests", visibility_timeout=60)
+    world.send_request(queue, "{}", {}, request_id="q1")
+    sqs = world.client("sqs", "d1")
+    message = (await sqs.receive_message(QueueUrl=queue))["Messages"][0]
+    received = world.history.receives[0].time
+    handle = message["ReceiptHandle"]
+    await sqs.change_message_visibility(
+        QueueUrl=queue, ReceiptHandle=handle, VisibilityTimeout=21_600
+    )
+    await anyio.sleep(21_000)
+    left = int(received + 43_200 - anyio.current_time()) - 1  # the request leg takes 10 ms
+    with pytest.raises(ClientError) as beyond:
+        await sqs.change_message_visibility(
+            QueueUrl=queue, ReceiptHandle=handle, VisibilityTimeout=left + 2
+        )
+    assert code_of(beyond) == "InvalidParameterValue"
+    assert "Total VisibilityTimeout" in str(beyond.value)
+    await sqs.change_message_visibility(
+        QueueUrl=queue, ReceiptHandle=handle, VisibilityTimeout=left
+    )
+    await anyio.sleep(left - 10)
+    assert "Messages" not in await sqs.receive_message(QueueUrl=queue)
+    await anyio.sleep(20)
+    again = await sqs.receive_message(QueueUrl=queue)
+    assert again["Messages"][0]["MessageId"] == message["MessageId"]
+
+
+@virtual
 async def test_redrive_policy_moves_after_max_receive_count() -> None:
     world = make_world()
     dlq = world.create_queue("dead")
@@ -795,6 +832,72 @@ async def test_a_request_on_the_wire_arrives_after_its_sender_died() -> None:
     # A new process under the same name is not affected by the old crash.
     await sfn.start_execution(stateMachineArn=arn, name="r2", input="{}")
     assert len(world.history.executions) == 2
+
+
+@pytest.mark.parametrize(
+    ("fault", "raised", "gave_up_at"),
+    [
+        (CallFault(apply_at_deadline=True), ReadTimeoutError, 5.0),
+        (CallFault(apply_at_deadline=True, error="ServiceUnavailable"), ClientError, 0.02),
+        (CallFault(apply_at_deadline=True, reset=True), ConnectionClosedError, 0.02),
+    ],
+)
+def test_a_start_held_on_the_wire_is_applied_at_the_clients_deadline(
+    fault: CallFault, raised: type[Exception], gave_up_at: float
+) -> None:
+    """Buggify's late starts: the request is applied at send + read timeout (D for the
+    dispatcher's start client: the latest a start may take effect), after the client
+    timed out - or failed earlier with a 5xx or a reset, an unknown outcome either way."""
+
+    async def scenario() -> None:
+        world = make_world(faults=only("StartExecution", fault))
+        arn = world.create_state_machine("work")
+        sfn = world.client("stepfunctions", "d1", read_timeout=5.0)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(world.run)
+            with pytest.raises(raised) as failed:
+                await sfn.start_execution(stateMachineArn=arn, name="r", input="{}")
+            assert outcome_unknown(failed.value)
+            assert anyio.current_time() == pytest.approx(gave_up_at, abs=0.01)
+            assert world.history.executions == {}
+            await anyio.sleep(10.0)
+            tg.cancel_scope.cancel()
+        [execution] = world.history.executions.values()
+        assert execution.first_start == pytest.approx(5.0)
+        assert [a.why for a in world.history.lost_answers] == ["answer lost"]
+        assert any("applied at the client's deadline" in t for t in lines(world.history, "call"))
+
+    loop.run(scenario)
+
+
+@virtual
+async def test_a_listing_lag_at_its_maximum() -> None:
+    """Buggify's lag at the grace: a share of the changes take the whole listing lag."""
+    world = make_world(listing_lag=9.999, listing_lag_at_max=1.0)
+    arn = world.create_state_machine("work")
+    sfn = world.client("stepfunctions", "d1")
+    await sfn.start_execution(stateMachineArn=arn, name="r", input='{"seconds": 100}')
+    [execution] = world.history.executions.values()
+    # A listing's request takes 10 ms to arrive: this one arrives 2 ms before the lag ends.
+    await anyio.sleep(execution.first_start + 9.999 - 0.012 - anyio.current_time())
+    assert await _running(sfn, arn) == []
+    await anyio.sleep(0.01)
+    assert await _running(sfn, arn) == ["r"]
+
+
+@virtual
+async def test_a_receive_record_names_its_call() -> None:
+    """A receive is linked to its call, so the checker can tell a receive whose answer
+    was lost (nobody saw it) from one a dispatcher saw."""
+    world = make_world(faults=only("ReceiveMessage", CallFault(drop_answer=True)))
+    url = world.create_queue("q")
+    world.send_request(url, "{}", {}, request_id="r1")
+    sqs = world.client("sqs", "d1", read_timeout=1.0)
+    with pytest.raises(ReadTimeoutError):
+        await sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1)
+    [receive] = world.history.receives
+    assert [lost.call_id for lost in world.history.lost_answers] == [receive.call_id]
+    assert receive.messages[0][1] == 1
 
 
 def test_the_same_seed_gives_the_same_history() -> None:

@@ -291,6 +291,40 @@ def test_a_redrive_move_is_a_violation_for_a_valid_request() -> None:
     assert check(history, spec(expected_bad=frozenset({"q1"}))) == []
 
 
+def _moved_after_receives(*, lost: bool = False, crashed: bool = False) -> History:
+    """Request q1 received twice by d1 (the second time its answer lost, or d1 killed
+    after it), then moved by the redrive policy (maxReceiveCount 2)."""
+    history = History()
+    request(history, "q1", "m1")
+    history.messages_received(1, "d1", QUEUE, [("m1", 1)], call_id=1)
+    history.messages_received(62, "d1", QUEUE, [("m1", 2)], call_id=2)
+    if lost:
+        history.answer_lost(62, "d1", 2, "ReceiveMessage", "answer lost")
+    if crashed:
+        history.crash(70, "d1")
+    history.message_moved(
+        130, source_url=QUEUE, target_url=DLQ, message_id="m1", body="{}", attributes={}
+    )
+    return history
+
+
+def test_a_move_after_receives_a_dispatcher_saw_is_a_violation() -> None:
+    assert kinds(check(_moved_after_receives(), spec())) == ["redrive_move", "lost_request"]
+
+
+def test_a_move_no_dispatcher_could_prevent_settles_the_request() -> None:
+    """A receive whose answer was lost (SQS counted it, nobody saw it), or a receiver
+    killed while it held the message: SQS's move is not the dispatcher's doing."""
+    assert check(_moved_after_receives(lost=True), spec()) == []
+    assert check(_moved_after_receives(crashed=True), spec()) == []
+    history = _moved_after_receives()
+    history.note(80, "d1", "SIGTERM")
+    assert check(history, spec()) == []
+    history = _moved_after_receives()
+    history.crash(0.5, "d1")  # killed before the receives: it saw them
+    assert kinds(check(history, spec())) == ["redrive_move", "lost_request"]
+
+
 def test_a_bad_request_must_not_start_and_must_be_dead_lettered() -> None:
     history = History()
     request(history, "q1", "m1", body="not json")

@@ -1,0 +1,83 @@
+"""Buggify (FoundationDB's idea): in a share of the seeds, make the rare cases common.
+
+Each knob is drawn from the seed alone (its own random stream, so a seed's other draws do
+not move), and is on in about a third of the seeds. A knob makes AWS behave at the edge
+of what it is documented (or, for bounds AWS does not state, what the dispatcher is
+documented to assume: the README's "What the simulation assumes about AWS") - never
+beyond it. `BUGGIFY` turns them all off (``python -m sim --no-buggify``).
+
+- ``event_storms``: stretches of time in which every status event is lost, or late by
+  seconds to hours (EventBridge delivers best effort).
+- ``late_starts``: StartExecution requests held on the wire and applied at the client's
+  deadline D (the bound the dispatcher relies on: a start takes effect within D of being
+  sent, or never), the client timing out then or failing earlier with a 5xx or a reset
+  connection; sometimes every start of a window, longer than the start retry timeout.
+- ``lag_at_grace``: ListExecutions lagging at the start grace (just under it, as the
+  README assumes) for half of the runs, the rest below.
+- ``sqs_duplicates``: SQS storing a share of the messages twice (at-least-once), both
+  copies visible at once: delivered twice concurrently.
+- ``max_receive_count``: the request queues' redrive policy at 2, 3 or 5 receives.
+- ``long_outside``: executions started and redriven outside the dispatcher run minutes,
+  long enough to be judged against the limit.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+BUGGIFY = True
+"""Whether seeds draw buggify knobs at all."""
+
+SHARE = 0.3
+"""The share of seeds in which each knob is on."""
+
+GRACE_MARGIN = 0.001
+"""How far under the start grace a listing lag at the grace stays (the README assumes a
+lag *less than* the grace)."""
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The buggify knobs of one seed (all off: the default)."""
+
+    event_storms: bool = False
+    late_starts: bool = False
+    lag_at_grace: bool = False
+    sqs_duplicates: float = 0.0  # share of messages stored twice
+    max_receive_count: int | None = None  # None: the template's default
+    long_outside: bool = False
+
+    @property
+    def on(self) -> tuple[str, ...]:
+        """The names of the knobs that are on."""
+        names = (
+            "event_storms",
+            "late_starts",
+            "lag_at_grace",
+            "sqs_duplicates",
+            "max_receive_count",
+            "long_outside",
+        )
+        return tuple(name for name in names if getattr(self, name))
+
+
+OFF = Knobs()
+
+
+def draw(seed: int) -> Knobs:
+    """The knobs of ``seed`` (all off when `BUGGIFY` is off)."""
+    if not BUGGIFY:
+        return OFF
+    rng = random.Random(f"buggify-{seed}")
+    return Knobs(
+        event_storms=rng.random() < SHARE,
+        late_starts=rng.random() < SHARE,
+        lag_at_grace=rng.random() < SHARE,
+        sqs_duplicates=rng.choice((0.1, 0.3, 0.5)) if rng.random() < SHARE else 0.0,
+        max_receive_count=rng.choice((2, 3, 5)) if rng.random() < SHARE else None,
+        long_outside=rng.random() < SHARE,
+    )
+
+
+__all__ = ["BUGGIFY", "GRACE_MARGIN", "OFF", "SHARE", "Knobs", "draw"]
