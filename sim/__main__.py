@@ -8,6 +8,7 @@
     python -m sim --mutate             # the kill matrix: each mutation of sim.mutations
     python -m sim --mutate --only no-tombstone --seeds 500 --workers 1
     python -m sim --no-parents         # without the task-token parents a share of seeds has
+    python -m sim --extras all         # with the operator scenarios of sim/extras.py
 
 Exit status: 0 when every seed held every invariant, 1 otherwise.
 """
@@ -26,7 +27,7 @@ from typing import Any
 import structlog
 from tqdm import tqdm
 
-from sim import harness, mutations
+from sim import extras, harness, mutations
 from sim.bugs import BUGS
 from sim.harness import Outcome, simulate
 
@@ -49,6 +50,8 @@ def replay_command(seed: int, bugs: tuple[str, ...] = ()) -> str:
     extra = "".join(f" --bug {b}" for b in bugs)
     if not harness.PARENTS:
         extra += " --no-parents"
+    if extras.parse(extras.DEFAULT) != extras.ENABLED:
+        extra += " --extras " + (",".join(sorted(extras.ENABLED)) or '""')
     return f"PYTHONHASHSEED=0 .venv/bin/python -m sim --replay {seed}{extra}"
 
 
@@ -109,14 +112,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--budget", type=float, help="--mutate: CPU seconds per mutation at most (no bound)"
     )
+    parser.add_argument(
+        "--extras",
+        metavar="NAMES",
+        help="operator scenarios a share of the seeds runs: all, or some of "
+        + ", ".join(extras.SCENARIOS)
+        + " (default $SIM_EXTRAS)",
+    )
     args = parser.parse_args(argv)
+    if args.no_parents:
+        harness.PARENTS = False
+    if args.extras is not None:
+        extras.ENABLED = extras.parse(args.extras)
     if args.mutate:
         _quiet_logs(False)
         seeds = range(args.first, args.first + (args.seeds or mutations.SEEDS))
         return _mutate(seeds, args)
     args.seeds = args.seeds or 2000
-    if args.no_parents:
-        harness.PARENTS = False
     bugs = tuple(args.bug)
     if args.teeth:
         _quiet_logs(False)

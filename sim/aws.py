@@ -311,6 +311,7 @@ class World:
         timeout_seconds: float | None = None,
         attributes: Mapping[str, str] | None = None,
         bad_items: Collection[int] = (),
+        key_prefix: str | None = None,
     ) -> str:
         """Start parent workflow ``name`` (a Map of ``sqs:sendMessage.waitForTaskToken``
         tasks, see `sim.tokens`); returns its ARN. It sends one request per item to
@@ -329,6 +330,7 @@ class World:
             timeout_seconds=timeout_seconds,
             attributes=attributes,
             bad_items=bad_items,
+            key_prefix=key_prefix,
         )
 
     def crash(self, node: str) -> None:

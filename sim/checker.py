@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from sim import token_rules
+from sim import copy_rules, token_rules
 from sim.history import (
     ORIGINAL_ID_ATTRIBUTE,
     OUTSIDE,
@@ -72,6 +72,12 @@ class CheckSpec:
     # after quiet_at on (None: heartbeat timeouts are not judged).
     heartbeat_every: float | None = None
     heartbeat_grace: float = 0.0
+    # Across a process restart a held token's heartbeats may pause this long (kill -9:
+    # heartbeat_restart_gap; SIGTERM only: heartbeat_deploy_gap); None: gaps not judged.
+    heartbeat_restart_gap: float | None = None
+    heartbeat_deploy_gap: float | None = None
+    late_start: float = 0.0  # a StartExecution may take effect this long after it was given up
+    answer_slack: float = 30.0  # an answer may trail a redrive of its child this long
 
 
 def check(history: History, spec: CheckSpec) -> list[Violation]:
@@ -88,6 +94,7 @@ def check(history: History, spec: CheckSpec) -> list[Violation]:
     for move in history.moves:
         dead_lettered.setdefault(move.message_id, move.time)
     found += token_rules.check_tokens(history, spec, owners.executions, dead_lettered)
+    found += copy_rules.check_dead_letters(history, spec, owners.executions, owners.request_of)
     found.sort(key=lambda v: (v.time, v.kind))
     return found
 
@@ -195,13 +202,17 @@ class _Owners:
         for message in history.requests:
             self.messages[message.request_id].append(message)
             self.request_of[message.message_id] = message.request_id
+        # Copies (dead-letter, redrive, move task) name the same request (sim.copy_rules).
+        copied: dict[str, list[RequestMessage]] = defaultdict(list)
+        for copy in copy_rules.copies(history):
+            copied[copy.request_id].append(copy)
+            self.request_of.setdefault(copy.message_id, copy.request_id)
         by_name: dict[str, list[Execution]] = defaultdict(list)
         by_input: dict[str, list[Execution]] = defaultdict(list)
         for execution in history.executions.values():
             by_name[_base_name(execution.name)].append(execution)
-            canonical = _canonical(execution.input)
-            if canonical is not None:
-                by_input[canonical].append(execution)
+            for work in copy_rules.work_inputs(execution.input):
+                by_input[work].append(execution)
         bodies: dict[str, set[str]] = defaultdict(set)
         for message in history.requests:
             canonical = _canonical(message.body)
@@ -210,7 +221,7 @@ class _Owners:
         self.executions: dict[str, list[Execution]] = {}
         for request_id, messages in self.messages.items():
             found: dict[str, Execution] = {}
-            for message in messages:
+            for message in messages + copied.get(request_id, []):
                 name = message.attributes.get(IDEMPOTENCY_ATTRIBUTE) or message.message_id
                 for execution in by_name.get(name, []):
                     found[execution.arn] = execution
@@ -343,6 +354,7 @@ def _check_deletes(
     history: History, owners: _Owners, spec: CheckSpec, released: Mapping[str, float]
 ) -> list[Violation]:
     copies = _dead_letter_copies(history, spec)
+    let_go = token_rules.released_messages(history)
     found: list[Violation] = []
     for delete in history.effective_deletes():
         if delete.queue_url not in spec.request_queues:
@@ -350,6 +362,8 @@ def _check_deletes(
         request_id = owners.request_of.get(delete.message_id)
         if request_id is None or released.get(request_id, math.inf) <= delete.time:
             continue
+        if let_go.get(delete.message_id, math.inf) <= delete.time:
+            continue  # its token's parent ended (another parent may wait on the request)
         started = [e for e in owners.executions[request_id] if e.first_start <= delete.time]
         copied = copies.get(delete.message_id)
         if started or (copied is not None and copied <= delete.time):

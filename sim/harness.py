@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import random
 import tempfile
 import traceback
@@ -31,14 +32,16 @@ from dispatcher.errors import UserError
 from dispatcher.metrics import Metrics
 from dispatcher.pool import MAX_DEFER_SECONDS
 from dispatcher.service import Dispatcher
-from sim import loop
+from sim import extras, loop
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.buggify import draw as draw_knobs
 from sim.bugs import Bug, put_back
 from sim.checker import CheckSpec, PoolSpec, Violation, check
+from sim.extras import ExtrasPlan
 from sim.nemesis import STORM_MAX, Action, Nemesis, plan
-from sim.parents import ParentsPlan, draw, run_parents
+from sim.operators import run_extras
+from sim.parents import ParentsPlan, draw, run_parents, with_retries
 from sim.token_rules import SETTLE_KINDS
 
 PARENTS = True
@@ -64,6 +67,16 @@ STOP_TIMEOUT = 30.0  # ECS: SIGKILL this long after SIGTERM
 KEY_ATTRIBUTE = "tenant"
 POOL_ATTRIBUTE = "pool"
 HEARTBEAT_INTERVAL = 30.0  # the dispatcher's heartbeat_interval when a seed has parents
+# After a crash a held token's message comes back within a visibility timeout, a process
+# within a stop timeout and 20 s; then a receive, and a heartbeat interval.
+HEARTBEAT_GRACE = (
+    DISPATCHER["visibility_timeout"]
+    + DISPATCHER["receive_wait_seconds"]
+    + STOP_TIMEOUT
+    + 20.0
+    + HEARTBEAT_INTERVAL
+)
+RESTART_MAX = 20.0  # a process slot starts a new process within this after one ended
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,7 @@ class Scenario:
     request_times: tuple[float, ...] = ()  # a scripted scenario's send times (else drawn)
     parents: ParentsPlan = field(default_factory=ParentsPlan)  # task-token workflows
     knobs: Knobs = OFF  # buggify: the rare cases made common (`sim.buggify`)
+    extras: ExtrasPlan = field(default_factory=ExtrasPlan)  # operator scenarios (sim.extras)
 
 
 def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
@@ -131,15 +145,29 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
         listing_lag=rng.choice((0.0, 2.0, 9.5)),
     )
     made = _buggified(made, draw_knobs(seed))
-    if not (PARENTS if parents is None else parents):
+    if PARENTS if parents is None else parents:
+        drawn = draw(
+            seed,
+            pools={p.name: p.limit for p in made.pools},
+            quiet_at=made.quiet_at,
+            max_seconds=made.max_seconds,
+        )
+        made = dataclasses.replace(made, parents=drawn)
+    if not extras.ENABLED:
         return made
-    drawn = draw(
+    heartbeats = any(p.heartbeat_seconds for p in made.parents.parents)
+    chosen = extras.draw(
         seed,
-        pools={p.name: p.limit for p in made.pools},
+        pools={p.name: p.per_key_limit is not None for p in made.pools},
+        one_target=len(made.pools) == 1 or made.shared_queue,
         quiet_at=made.quiet_at,
-        max_seconds=made.max_seconds,
+        parents=bool(made.parents.parents),
+        heartbeats=heartbeats and "heartbeat_interval" in Settings.model_fields,
+        heartbeat_grace=HEARTBEAT_GRACE,
     )
-    return dataclasses.replace(made, parents=drawn)
+    if chosen.parent_retries:
+        made = dataclasses.replace(made, parents=with_retries(seed, made.parents))
+    return dataclasses.replace(made, extras=chosen)
 
 
 def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
@@ -233,6 +261,20 @@ class Run:
         self._tmp = tempfile.TemporaryDirectory(prefix="sfn-sim-")
         self.config_path = Path(self._tmp.name) / "dispatcher.toml"
         self.limits = {p.name: p.limit for p in self.plan.pools}
+        # What the config file says now (configuration changes across restarts, sim.extras).
+        changed = {(r.what, r.pool) for r in self.plan.extras.reconfigures}
+        self.keyed = {p.name: p.per_key_limit is not None for p in self.plan.pools}
+        self.key_limits = {
+            p.name: p.per_key_limit or 2
+            for p in self.plan.pools
+            if p.per_key_limit is not None or ("key_attribute", p.name) in changed
+        }
+        self.in_ssm = {p.name: p.parameter for p in self.plan.pools}
+        self.limit_moves = {pool for what, pool in changed if what == "limit_source"}
+        self.input_format = "envelope" if self.plan.extras.envelope else "json"
+        self.extra_violations: list[Violation] = []
+        self.extras_done = anyio.Event()
+        self.extras_pending = 0
         self._setup()
         self.nemesis = nemesis(self) if nemesis is not None else self._drawn_nemesis()
         self.world.faults = _except_ssm(self.nemesis.call_fault)
@@ -272,7 +314,7 @@ class Run:
         self.queues: dict[str, list[str]] = {}
         for pool in self.plan.pools:
             self.arns[pool.name] = world.create_state_machine(f"governed-{pool.name}")
-            if pool.parameter:
+            if pool.parameter or pool.name in self.limit_moves:
                 world.put_parameter(_parameter(pool.name), str(pool.limit))
             world.put_parameter(_config_record(pool.name), str(pool.limit))
         world.route_events(self.arns.values(), self.events)
@@ -296,7 +338,9 @@ class Run:
             name,
             visibility_timeout=60,
             dead_letter=self.dlq,
-            max_receive_count=self.plan.knobs.max_receive_count or MAX_RECEIVE_COUNT,
+            max_receive_count=self.plan.extras.max_receive_count
+            or self.plan.knobs.max_receive_count
+            or MAX_RECEIVE_COUNT,
         )
 
     def _write_config(self) -> None:
@@ -311,6 +355,8 @@ class Run:
             settings.update(bug.settings)
         if self.plan.lease:
             settings["lease_table"] = "leases"
+        if self.input_format != "json":
+            settings["input_format"] = self.input_format
         if self.plan.parents.parents:  # the settings the dispatcher has (before and after)
             wanted = {
                 "heartbeat_interval": HEARTBEAT_INTERVAL,
@@ -324,13 +370,13 @@ class Run:
                 f'state_machine_arn = "{self.arns[pool.name]}"',
                 f"limit = {self.limits[pool.name]}",
             ]
-            if pool.parameter:
+            if self.in_ssm[pool.name]:
                 lines.append(f'limit_parameter = "{_parameter(pool.name)}"')
-            if pool.per_key_limit is not None:
+            if self.keyed[pool.name]:
                 lines += [
                     f"max_waiting = {pool.max_waiting}",
                     f'key_attribute = "{KEY_ATTRIBUTE}"',
-                    f"per_key_limit = {pool.per_key_limit}",
+                    f"per_key_limit = {self.key_limits[pool.name]}",
                 ]
         seen: set[str] = set()
         for pool in self.plan.pools:
@@ -361,6 +407,10 @@ class Run:
                 tg.start_soon(self._act)
                 if self.plan.parents.parents:
                     tg.start_soon(run_parents, self, self.plan.parents)
+                if self.plan.extras != ExtrasPlan():
+                    tg.start_soon(run_extras, self, self.plan.extras)
+                else:
+                    self.extras_done.set()
                 await self._until_settled()
                 self.finished.set()
                 for _, _, scope in self.incarnations.values():
@@ -369,7 +419,7 @@ class Run:
         finally:
             self._tmp.cleanup()
         history = self.world.history
-        violations = check(history, self.spec()) + self.memory[:1]
+        violations = check(history, self.spec()) + self.memory[:1] + self.extra_violations
         return Outcome(
             seed=self.seed,
             scenario=self.plan,
@@ -405,8 +455,10 @@ class Run:
         pools = {}
         for pool in self.plan.pools:
             parameter = _parameter(pool.name) if pool.parameter else _config_record(pool.name)
+            if pool.name in self.limit_moves:
+                parameter = _config_record(pool.name)  # the harness records every change
             pools[self.arns[pool.name]] = PoolSpec(
-                limit=pool.limit, parameter=parameter, per_key_limit=pool.per_key_limit
+                limit=pool.limit, parameter=parameter, per_key_limit=self.key_limits.get(pool.name)
             )
         return CheckSpec(
             pools=pools,
@@ -425,11 +477,21 @@ class Run:
             # its message comes back within a visibility timeout, a process within a stop
             # timeout and 20 s.
             heartbeat_every=2 * HEARTBEAT_INTERVAL if self._heartbeats else None,
-            heartbeat_grace=DISPATCHER["visibility_timeout"]
+            heartbeat_grace=HEARTBEAT_GRACE,
+            # Across a restart: the last heartbeat, the message hidden (kill -9: a visibility
+            # timeout; SIGTERM: the shutdown), a new process, a receive, a heartbeat.
+            heartbeat_restart_gap=HEARTBEAT_INTERVAL
+            + DISPATCHER["visibility_timeout"]
+            + RESTART_MAX
             + DISPATCHER["receive_wait_seconds"]
-            + STOP_TIMEOUT
-            + 20.0
-            + HEARTBEAT_INTERVAL,
+            + 10.0,
+            # A start given up may still take effect this long after (the fence, D).
+            late_start=float(DISPATCHER["start_timeout"]),
+            heartbeat_deploy_gap=HEARTBEAT_INTERVAL
+            + DISPATCHER["shutdown_timeout"]
+            + RESTART_MAX
+            + DISPATCHER["receive_wait_seconds"]
+            + 10.0,
         )
 
     @property
@@ -442,7 +504,12 @@ class Run:
         while self.clock() < deadline:
             await anyio.sleep(10.0)
             self._check_memory()
-            if self.clock() > self.plan.quiet_at and self._settled():
+            if (
+                self.clock() > self.plan.quiet_at
+                and self.extras_done.is_set()
+                and not self.extras_pending
+                and self._settled()
+            ):
                 return
 
     def _check_memory(self) -> None:
@@ -573,7 +640,7 @@ class Run:
         if action.node not in self.incarnations:
             return
         name, dispatcher, scope = self.incarnations[action.node]
-        self.restart_after[action.node] = self.rng.uniform(0.0, 20.0)
+        self.restart_after[action.node] = self.rng.uniform(0.0, RESTART_MAX)
         if action.kind == "crash":
             self.world.crash(name)
             scope.cancel()
@@ -583,15 +650,50 @@ class Run:
             dispatcher.stop()
         scope.deadline = self.clock() + STOP_TIMEOUT  # then SIGKILL, as ECS does
 
+    @property
+    def _any_envelope(self) -> bool:
+        """Whether some process of this run may run the envelope input format."""
+        extra = self.plan.extras
+        return extra.envelope or any(r.what == "input_format" for r in extra.reconfigures)
+
+    def kill(self, action: Action) -> None:
+        """A crash or SIGTERM of ``action.node`` (the operator scenarios' restarts)."""
+        self._kill(action)
+
+    def reconfigure(self, what: str, pool: str) -> str:
+        """Change the config file (a restart applies it); returns what changed."""
+        if what == "key_attribute":
+            self.keyed[pool] = not self.keyed[pool]
+            done = f"pool {pool} key_attribute {'on' if self.keyed[pool] else 'off'}"
+        elif what == "input_format":
+            self.input_format = "envelope" if self.input_format == "json" else "json"
+            done = f"input_format {self.input_format}"
+        else:  # limit_source: the limit in force moves to the other place, same value
+            limit = self.world.ssm.parameters[_config_record(pool)].value
+            if self.in_ssm[pool]:
+                self.limits[pool] = int(limit)
+            else:
+                self.world.put_parameter(_parameter(pool), limit)
+            self.in_ssm[pool] = not self.in_ssm[pool]
+            done = f"pool {pool} limit in {'SSM' if self.in_ssm[pool] else 'the file'}"
+        self._write_config()
+        return done
+
     def _set_limit(self, action: Action) -> None:
-        """An operator changes a limit: in SSM, or in the config file and then SIGHUP."""
+        """An operator changes a limit: in SSM, or in the config file and then SIGHUP
+        (wherever the pool's limit is now, when it moves between the two)."""
         pool = next(p for p in self.plan.pools if p.name == action.pool)
-        if action.kind == "set_limit":
+        kind = action.kind
+        if pool.name in self.limit_moves:
+            kind = "set_limit" if self.in_ssm[pool.name] else "sighup"
+            self.world.put_parameter(_config_record(pool.name), str(action.value))
+        if kind == "set_limit":
             self.world.put_parameter(_parameter(pool.name), str(action.value))
             return
         self.limits[pool.name] = action.value
         self._write_config()
-        self.world.put_parameter(_config_record(pool.name), str(action.value))
+        if pool.name not in self.limit_moves:
+            self.world.put_parameter(_config_record(pool.name), str(action.value))
         for name, dispatcher, _ in self.incarnations.values():
             if dispatcher is not None:
                 self.world.history.note(self.clock(), name, f"SIGHUP (limit {action.value})")
@@ -610,7 +712,19 @@ class Run:
         )
         sent: list[tuple[str, str, str, dict[str, str]]] = []
         attributes: dict[str, str]
+        # Producers that retry soon (sim.extras "retries"): the same key and body again.
+        again_rng = random.Random(f"producer-retries-{self.seed}")
+        retries: list[tuple[float, tuple[str, str, str, dict[str, str]]]] = []
+
+        async def retry_until(t: float) -> None:
+            retries.sort(key=lambda r: r[0])
+            while retries and retries[0][0] <= t:
+                when, (request_id, url, body, again) = retries.pop(0)
+                await anyio.sleep(max(0.0, when - self.clock()))
+                self.world.send_request(url, body, again, request_id=request_id)
+
         for index, at in enumerate(times):
+            await retry_until(at)
             await anyio.sleep(max(0.0, at - self.clock()))
             pool = rng.choice(self.plan.pools)
             url = rng.choice(self.queues[pool.name])
@@ -631,11 +745,14 @@ class Run:
                 body = self._poison(rng, body, attributes)
             elif "idempotency-key" in attributes:
                 sent.append((request_id, url, body, attributes))
+                if again_rng.random() < self.plan.extras.producer_retries:
+                    retries.append((at + again_rng.uniform(0.1, 20.0), sent[-1]))
             try:
                 self.world.send_request(url, body, attributes, request_id=request_id)
             except Exception as exc:  # noqa: BLE001 - the producer's own send was refused
                 self.expected_bad.discard(request_id)
                 self.world.history.note(self.clock(), "producer", f"send refused: {exc}")
+        await retry_until(math.inf)
 
     def _attributes(self, rng: random.Random, pool: PoolPlan, request_id: str) -> dict[str, str]:
         """A request's attributes: its pool (shared queue), tenant (keyed pool), and an
@@ -643,7 +760,7 @@ class Run:
         attributes = {}
         if self.plan.shared_queue:
             attributes[POOL_ATTRIBUTE] = pool.name
-        if pool.per_key_limit is not None:
+        if pool.name in self.key_limits:  # keyed, now or after a configuration change
             if self.plan.tenants <= 3:
                 attributes[KEY_ATTRIBUTE] = rng.choice(("a", "a", "a", "b", "c"))
             else:
@@ -657,6 +774,8 @@ class Run:
         an invalid idempotency key, or a pool the queue does not feed."""
         kinds = ("json", "key", "pool") if self.plan.shared_queue else ("json", "key")
         poison = rng.choice(kinds)
+        if poison == "json" and self._any_envelope:
+            poison = "key"  # the envelope format takes any body: not a bad request there
         if poison == "json":
             return "{" + "x" * (262_144 - 2048)
         if poison == "key":

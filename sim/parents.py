@@ -8,6 +8,7 @@ while `sim.harness.PARENTS` is on, so that every other seed runs exactly as befo
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class ParentPlan:
     bad: frozenset[int] = frozenset()  # items sent with an invalid idempotency key
     large: frozenset[int] = frozenset()  # items whose child's output is LARGE_OUTPUT
     too_large: frozenset[int] = frozenset()  # ... TOO_LARGE_OUTPUT
+    retry_of: str | None = None  # a retry of that parent: its items carry the same keys
 
     def items(self) -> list[dict[str, Any]]:
         """The child inputs, in item order."""
@@ -113,6 +115,32 @@ def draw(seed: int, *, pools: Mapping[str, int], quiet_at: float, max_seconds: i
     )
 
 
+def with_retries(seed: int, plan: ParentsPlan) -> ParentsPlan:
+    """The plan with some parents retried by their caller (`sim.extras` "retries"): a
+    second parent, a little later, whose items carry the same idempotency keys and bodies
+    (the same business items), so that two tokens wait on one child; the first one is
+    sometimes aborted (its caller gave up on it) while the retry waits."""
+    rng = random.Random(f"parent-retries-{seed}")
+    parents = list(plan.parents)
+    for parent in plan.parents:
+        if rng.random() < 0.6:
+            abort = parent.abort_at
+            if abort is None and rng.random() < 0.5:
+                abort = parent.at + rng.uniform(5.0, 200.0)
+                parents[parents.index(parent)] = dataclasses.replace(parent, abort_at=abort)
+            parents.append(
+                dataclasses.replace(
+                    parent,
+                    name=f"{parent.name}r",
+                    at=parent.at + rng.uniform(1.0, 150.0),
+                    abort_at=None,
+                    timeout_seconds=None,
+                    retry_of=parent.name,
+                )
+            )
+    return dataclasses.replace(plan, parents=tuple(parents))
+
+
 async def run_parents(run: Run, plan: ParentsPlan) -> None:
     """Start each parent at its time, and abort those planned to be (the nemesis's part)."""
     world = run.world
@@ -124,6 +152,7 @@ async def run_parents(run: Run, plan: ParentsPlan) -> None:
         if parent.abort_at is not None:
             steps.append((parent.abort_at, 1, parent))
     arns: dict[str, str] = {}
+    tenants: dict[str, str] = {}
     for at, kind, parent in sorted(steps, key=lambda s: (s[0], s[1], s[2].name)):
         await anyio.sleep(max(0.0, at - run.clock()))
         if kind == 1:
@@ -134,9 +163,13 @@ async def run_parents(run: Run, plan: ParentsPlan) -> None:
         attributes = {}
         if run.plan.shared_queue:
             attributes[POOL_ATTRIBUTE] = pool.name
-        if pool.per_key_limit is not None:
+        if pool.name in run.key_limits:  # keyed, now or after a configuration change
             attributes[KEY_ATTRIBUTE] = rng.choice(TENANTS)
-        run.expected_bad.update(f"{parent.name}-{i}" for i in parent.bad)
+        retried = next((p for p in plan.parents if p.name == parent.retry_of), None)
+        if retried is not None and KEY_ATTRIBUTE in attributes:
+            attributes[KEY_ATTRIBUTE] = tenants[retried.name]  # the same items, same tenant
+        tenants[parent.name] = attributes.get(KEY_ATTRIBUTE, "")
+        run.expected_bad.update(f"{parent.retry_of or parent.name}-{i}" for i in parent.bad)
         arns[parent.name] = world.start_parent(
             machine,
             parent.name,
@@ -146,4 +179,5 @@ async def run_parents(run: Run, plan: ParentsPlan) -> None:
             timeout_seconds=parent.timeout_seconds,
             attributes=attributes,
             bad_items=parent.bad,
+            **({"key_prefix": parent.retry_of} if parent.retry_of else {}),
         )

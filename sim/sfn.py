@@ -46,7 +46,7 @@ from sim.sfn_model import (
     check_length,
     child_result,
     failure,
-    parse,
+    work,
 )
 
 __all__ = ["REDRIVABLE", "TERMINAL", "Change", "SimExecution", "StepFunctions"]
@@ -161,7 +161,7 @@ class StepFunctions:
         ``open_ended``: no planned stop (a parent workflow waiting for its tokens)."""
         now = self._clock()
         arn = machine_arn.replace(":stateMachine:", ":execution:", 1) + ":" + name
-        parsed = parse(input)
+        parsed = work(input)
         if duration is None and not open_ended:
             seconds = parsed.get("seconds") if isinstance(parsed, dict) else None
             if isinstance(seconds, int) and not isinstance(seconds, bool) and seconds >= 0:

@@ -119,7 +119,7 @@ def child_output(input: str) -> str:
     """What a simulated execution returns: ``{"req": <its input's req>, "done": true}``
     (padded to about ``output_bytes`` when the input asks), or its input when that is not
     a JSON object."""
-    parsed = parse(input)
+    parsed = work(input)
     if not isinstance(parsed, dict):
         return input
     result: dict[str, Any] = {"req": parsed.get("req"), "done": True}
@@ -135,7 +135,7 @@ def child_result(input: str, status: str) -> tuple[str, str | None, str | None, 
     an output over the payload limit fails it (States.DataLimitExceeded), as on AWS."""
     if status != "SUCCEEDED":
         error, cause = failure(status)
-        parsed = parse(input)
+        parsed = work(input)
         if status == "FAILED" and isinstance(parsed, dict):
             error = parsed["error"] if isinstance(parsed.get("error"), str) else error
             cause = parsed["cause"] if isinstance(parsed.get("cause"), str) else cause
@@ -151,6 +151,16 @@ def child_result(input: str, status: str) -> tuple[str, str | None, str | None, 
             f"the maximum number of bytes service limit ({MAX_INPUT_BYTES}).",
         )
     return "SUCCEEDED", output, None, None
+
+
+def work(text: str) -> Any:
+    """What a child's input asks for: the parsed input, or in the dispatcher's envelope
+    format (``{"body": ..., "messageId": ...}``) the parsed body, as a state machine reading
+    ``$.body`` would."""
+    parsed = parse(text)
+    if isinstance(parsed, dict) and isinstance(parsed.get("body"), str) and "messageId" in parsed:
+        return parse(parsed["body"])
+    return parsed
 
 
 def parse(text: str) -> Any:

@@ -11,12 +11,21 @@ has parents; see `sim.checker` for the rest).
    ``heartbeat_every`` seconds (a heartbeat interval and some slack) counted from
    ``heartbeat_grace`` after the faults stopped: a token whose child runs is heartbeated.
    (A token still in the queue cannot be: HeartbeatSeconds must cover the queueing.)
+   ``heartbeat_gap`` (when ``CheckSpec.heartbeat_restart_gap`` is set): from
+   ``heartbeat_grace`` after the faults stopped, while a token's child runs and its parent
+   waits, its accepted heartbeats are never further apart than ``heartbeat_every``, or
+   across a process restart (the token held by a process that stopped, taken up by the
+   next) ``heartbeat_deploy_gap`` (SIGTERM) / ``heartbeat_restart_gap`` (kill -9) - whether
+   or not the parent's ``HeartbeatSeconds`` was short enough to fail it.
 6. ``wrong_answer``: a ``SendTaskSuccess`` carries exactly its child's output; a
    ``SendTaskFailure`` carries its child's error and cause (or the documented
    ``Dispatcher.Child*`` / ``Dispatcher.OutputTooLarge`` names); a token without a child
    is failed with a ``Dispatcher.*`` error, ``Dispatcher.BadRequest`` for a bad request.
 7. ``early_answer``: no token answered before its child ended (a token without a child,
    a bad request, is the exception).
+   ``superseded_answer``: an answer is its child's final result: the result of the run
+   current when it was sent - not of a run a redrive had replaced more than
+   ``answer_slack`` seconds before, nor a status the child never ended with (RUNNING).
 8. ``early_token_delete``: a token's request message is deleted only after the token was
    answered or its parent ended, never before.
    ``stopped_waited_child``: a dispatcher stops a child only when its parent no longer
@@ -27,12 +36,13 @@ At most one execution per item is rule 2 (each item is a request of its own).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from sim.history import OUTSIDE, Execution, History, Run
-from sim.token_log import FAILURE, SUCCESS, IssuedToken, Parent, TokenCall
+from sim.token_log import FAILURE, HEARTBEAT, SUCCESS, IssuedToken, Parent, TokenCall
 from sim.violation import Violation
 
 if TYPE_CHECKING:
@@ -50,12 +60,30 @@ OUTPUT_TOO_LARGE = "Dispatcher.OutputTooLarge"
 
 
 def released(history: History) -> dict[str, float]:
-    """Request id of a token never answered -> when its parent ended (its request needs no
-    child since). A token answered is judged as any request: its parent's end may be
-    that very answer."""
+    """Request id whose every token was never answered -> when the last of their parents
+    ended (its request needs no child since). A token answered is judged as any request:
+    its parent's end may be that very answer; so is a request some parent still waits for
+    (a parent's retry with the same keys)."""
+    tokens = history.tokens
+    ends: dict[str, list[float | None]] = {}
+    for parent in tokens.parents.values():
+        for issued in parent.tokens:
+            unanswered = tokens.answer_of(issued.token) is None
+            end = parent.ended if unanswered else None
+            ends.setdefault(issued.request_id, []).append(end)
+    return {
+        request_id: max(t for t in times if t is not None)
+        for request_id, times in ends.items()
+        if all(t is not None for t in times)
+    }
+
+
+def released_messages(history: History) -> dict[str, float]:
+    """Message id of a token never answered -> when its parent ended (its message may be
+    deleted since, whatever other tokens of the same request wait for)."""
     tokens = history.tokens
     return {
-        issued.request_id: parent.ended
+        issued.message_id: parent.ended
         for parent in tokens.parents.values()
         if parent.ended is not None
         for issued in parent.tokens
@@ -93,6 +121,7 @@ def check_tokens(
                 )
             )
         found += _check_heartbeats(parent, log.issued, children, spec)
+        found += _check_heartbeat_gaps(history, parent, children, spec)
         for issued in parent.tokens:
             answer = log.answer_of(issued.token)
             if answer is not None:
@@ -148,6 +177,68 @@ def _check_heartbeats(
     return []
 
 
+def _restarts(history: History) -> list[tuple[float, bool]]:
+    """(time, killed) of every dispatcher process that stopped: kill -9 (True) or SIGTERM."""
+    out = [(c.time, True) for c in history.crashes if c.node != OUTSIDE]
+    out += [(r.time, False) for r in history.records if r.kind == "note" and r.text == "SIGTERM"]
+    return sorted(out)
+
+
+def _check_heartbeat_gaps(
+    history: History, parent: Parent, children: Mapping[str, list[Execution]], spec: CheckSpec
+) -> list[Violation]:
+    every, restart, deploy = (
+        spec.heartbeat_every,
+        spec.heartbeat_restart_gap,
+        spec.heartbeat_deploy_gap,
+    )
+    if every is None or restart is None or parent.heartbeat_seconds is None:
+        return []
+    log = history.tokens
+    restarts = _restarts(history)
+    settled = spec.quiet_at + spec.heartbeat_grace
+    found: list[Violation] = []
+    for issued in parent.tokens:
+        answer = log.answer_of(issued.token)
+        beats = sorted(
+            c.time
+            for c in log.calls
+            if c.token == issued.token and c.operation == HEARTBEAT and c.accepted
+        )
+        for execution in children.get(issued.request_id, [])[:1]:
+            run = execution.runs[0]
+            ends = [t for t in (run.stop, parent.ended, answer.time if answer else None) if t]
+            begin, end = max(run.start, settled), min(ends, default=math.inf)
+            if end == math.inf:
+                end = history.end
+            if end <= begin:
+                continue
+            points = [max([b for b in beats if b <= begin], default=begin)]
+            points += [b for b in beats if begin < b < end] + [end]
+            for a, b in itertools.pairwise(points):
+                kinds = [killed for t, killed in restarts if a <= t < b]
+                allowed = every if not kinds else (restart if any(kinds) else deploy or restart)
+                if b - a > allowed:
+                    across = (
+                        ""
+                        if not kinds
+                        else " across a restart"
+                        if any(kinds)
+                        else " across a deploy"
+                    )
+                    found.append(
+                        Violation(
+                            "heartbeat_gap",
+                            b,
+                            f"{parent.name} item {issued.index}: no heartbeat from {a:.3f} to "
+                            f"{b:.3f}{across} ({b - a:.0f} s > {allowed:.0f} s) while its child "
+                            f"{execution.name} ran",
+                        )
+                    )
+                    break
+    return found
+
+
 def _check_message(
     parent: Parent, issued: IssuedToken, answer: TokenCall | None, deletes: list[float]
 ) -> list[Violation]:
@@ -197,7 +288,7 @@ def _check_answer(
             )
         ]
     if any(_fits(answer, run) for _, run in closed):
-        return []
+        return _check_superseded(answer, item, what, executions, spec)
     execution, run = closed[-1]
     got = answer.output if answer.operation == SUCCESS else f"{answer.error!r} {answer.cause!r}"
     child = run.output if run.status == "SUCCEEDED" else f"{run.error!r} {run.cause!r}"
@@ -209,6 +300,39 @@ def _check_answer(
             f"ended {run.status} with {_cut(child)}",
         )
     ]
+
+
+def _check_superseded(
+    answer: TokenCall, item: str, what: str, executions: list[Execution], spec: CheckSpec
+) -> list[Violation]:
+    """The answer fits some run that had ended: it must be the run current then (a redrive
+    may have started another less than ``answer_slack`` before), and never say RUNNING."""
+    if answer.operation == FAILURE and "RUNNING" in (answer.cause or ""):
+        return [
+            Violation(
+                "superseded_answer",
+                answer.time,
+                f"{item} got {what} cause={_cut(answer.cause)!r}: a child never ends RUNNING",
+            )
+        ]
+    for execution in executions:
+        current = [r for r in execution.runs if r.start <= answer.time - spec.answer_slack]
+        later = [r for r in execution.runs if r.start <= answer.time]
+        if not current or _fits(answer, current[-1]) or _fits(answer, later[-1]):
+            continue
+        run = current[-1]
+        if run.stop is None or run.stop > answer.time:
+            why = f"was running again since {run.start:.3f} (redriven)"
+        else:
+            why = f"had run again from {run.start:.3f} and ended {run.status}"
+        return [
+            Violation(
+                "superseded_answer",
+                answer.time,
+                f"{item} got {what} from an earlier run, but its child {execution.name} {why}",
+            )
+        ]
+    return []
 
 
 def _fits(answer: TokenCall, run: Run) -> bool:

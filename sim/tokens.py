@@ -112,13 +112,16 @@ class Tokens:
         timeout_seconds: float | None = None,
         attributes: Mapping[str, str] | None = None,
         bad_items: Collection[int] = (),
+        key_prefix: str | None = None,
     ) -> str:
-        """Start a parent and send its requests (see `sim.aws.World.start_parent`)."""
+        """Start a parent and send its requests (see `sim.aws.World.start_parent`);
+        ``key_prefix``: its items' request ids, keys and ``req`` (default: its name)."""
         self._sfn.advance()
         refused = self._sfn.check_start(machine_arn, name)
         if refused is not None:
             raise refused
-        bodies = [json.dumps({"req": f"{name}-{i}", **item}) for i, item in enumerate(items)]
+        prefix = key_prefix or name
+        bodies = [json.dumps({"req": f"{prefix}-{i}", **item}) for i, item in enumerate(items)]
         document = json.dumps({"items": [json.loads(body) for body in bodies]})
         execution = self._sfn.start(OUTSIDE, machine_arn, name, document, open_ended=True)
         now = self._clock()
@@ -134,7 +137,7 @@ class Tokens:
         self._parents[execution.arn] = parent
         for index, body in enumerate(bodies):
             token = self._new_token()
-            request_id = f"{name}-{index}"
+            request_id = f"{prefix}-{index}"
             key = f"{request_id} bad!" if index in bad_items else request_id
             sent = {**(attributes or {}), TOKEN_ATTRIBUTE: token, KEY_ATTRIBUTE: key}
             message_id = self._send(queue_url, body, sent, request_id)
