@@ -9,14 +9,22 @@ deterministic name meets ``ExecutionAlreadyExists``, and the describe answers at
 (closed) or the token is held again (running). Memory is O(children running).
 
 Answers are idempotent: ``TaskDoesNotExist``, ``TaskTimedOut`` or ``InvalidToken`` after a
-send that may have succeeded (or for a parent aborted or timed out) means done. Every
-``heartbeat_interval`` each token held is heartbeated, those of requests still waiting in
-memory too; a parent found gone drops the request (never started) or, with
-``stop_orphaned_children``, stops the child.
+send that may have succeeded (or for a parent aborted or timed out) means done. A parent is
+answered only with its child's final result: from a closed describe (or a ``SUCCEEDED``
+event, final by nature), never from a run that a redrive has reopened.
+
+A token is heartbeated as soon as it is held (its request received, or its child found
+running), then every ``heartbeat_interval``; a token request is checked once more just
+before its child is started. A parent found gone drops the request (never started, unless
+its child may exist), or lets its child go - stopped, with ``stop_orphaned_children``, only
+once no other token waits on it. At an orderly end of a reign every token held gets a last
+heartbeat and its message is handed back (visible at once), so the successor takes it over
+without waiting for the visibility timeout.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,10 +36,12 @@ import structlog
 from dispatcher.aws import AWS_ERRORS, Clients, error_code, is_retryable
 from dispatcher.config import Settings
 from dispatcher.metrics import Metrics
+from dispatcher.requests import execution_arn
 
 if TYPE_CHECKING:
     from dispatcher.pool import Pool
     from dispatcher.queues import RequestQueue
+    from dispatcher.starter import Waiting
 
 log = structlog.get_logger("dispatcher.callbacks")
 
@@ -50,6 +60,11 @@ OUTPUT_TOO_LARGE = "Dispatcher.OutputTooLarge"
 BAD_REQUEST = "Dispatcher.BadRequest"
 DEAD_LETTERED = "Dispatcher.DeadLettered"
 CLOSED = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"})
+"""A child in any other status (RUNNING, PENDING_REDRIVE) has not ended: no answer yet."""
+LAST_BEATS = 16
+"""Heartbeats sent at once when a reign ends (each token's last one)..."""
+LAST_BEATS_SECONDS = 5.0
+"""...for at most this long: then the messages go back all the same."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +131,12 @@ class Callbacks:
         self.clock = clock
         self._held: dict[str, list[Held]] = {}  # child ARN -> tokens waiting on it
         self._due: dict[str, tuple[str, Mapping[str, Any] | None]] = {}  # ended, to answer
+        self._beaten: dict[str, float] = {}  # token -> when its parent last took a heartbeat
+        self._fresh: dict[str, tuple[Pool, Any]] = {}  # tokens to heartbeat now: just held
         self._wake = anyio.Event()
+        self.starting: Callable[[str], bool] = lambda _arn: False
+        """Whether a request for this child is being started now (the service points this
+        at the starter): its token will wait on the child too."""
 
     # -- what the rest of the dispatcher tells -------------------------------------------
 
@@ -134,8 +154,15 @@ class Callbacks:
         tokens.append(held)
         self._gauge(pool)
         bound.info("dispatcher.token_held", child_arn=arn)
+        self._beat_soon(token, pool, bound)
         if pool.ledger.is_tombstoned(arn):  # it ended before its start was answered
             self.ended(arn, "", None)
+
+    def waiting(self, entry: Waiting) -> None:
+        """A request carrying a token entered its pool's waiting room: heartbeat it now, not
+        an interval later (after a restart its parent has had no heartbeat for a while)."""
+        if entry.request.task_token is not None:
+            self._beat_soon(entry.request.task_token, entry.pool, entry.bound)
 
     def ended(self, arn: str, status: str, result: Mapping[str, Any] | None) -> None:
         """A child ended (a status event, or a describe): answer its parents (idempotent;
@@ -160,7 +187,8 @@ class Callbacks:
     # -- the loop --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Answer ended children as they end; heartbeat and keep messages hidden."""
+        """Answer ended children as they end; heartbeat tokens as they come and then every
+        interval; keep messages hidden."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._heartbeat_loop)
             tg.start_soon(self._keep_hidden_loop)
@@ -168,6 +196,7 @@ class Callbacks:
                 await self._wake.wait()
                 self._wake = anyio.Event()
                 await self.answer_due()
+                await self.heartbeat_new()
 
     async def answer_due(self) -> int:
         """Answer every parent whose child has ended; returns how many were answered."""
@@ -179,6 +208,9 @@ class Callbacks:
                 answer = await self._answer_of(arn, status, result)
             except AWS_ERRORS as exc:  # kept: tried again at the next heartbeat
                 log.warning("dispatcher.child_describe_failed", child_arn=arn, error=str(exc))
+                continue
+            if answer is None:  # redriven: it runs again, its next end is answered
+                log.info("dispatcher.child_runs_again", child_arn=arn)
                 continue
             for held in list(self._held.get(arn, [])):
                 if await self._send(held, answer):
@@ -195,9 +227,14 @@ class Callbacks:
         described: Mapping[str, Any],
         bound: Any,
     ) -> None:
-        """A request whose child had already ended (a restart, a redelivery): answer now."""
-        held = Held(token, str(described["executionArn"]), pool, queue, receipt, 0.0, bound)
-        await self._send(held, answer_for(str(described["status"]), described), keep=False)
+        """A request whose child had already ended (a restart, a redelivery): answer now.
+        A child about to run again (``PENDING_REDRIVE``) is awaited instead."""
+        arn, status = str(described["executionArn"]), str(described["status"])
+        if status not in CLOSED:
+            self.hold(pool, queue=queue, token=token, arn=arn, receipt=receipt, bound=bound)
+            return
+        held = Held(token, arn, pool, queue, receipt, 0.0, bound)
+        await self._send(held, answer_for(status, described), keep=False)
 
     async def fail_request(self, pool: str, token: str, error: str, cause: str, bound: Any) -> None:
         """A request that will never start (bad, dead-lettered): its parent must not wait."""
@@ -218,12 +255,93 @@ class Callbacks:
         self.metrics.callbacks.labels(pool=pool, outcome="failure").inc()
         bound.info("dispatcher.parent_answered", error=error)
 
+    async def dropped_unstarted(self, entry: Waiting, *, others: bool = False) -> bool:
+        """Just before a token request's child is started: does its parent still wait? (One
+        heartbeat, which also counts as one.) If the parent is gone and no child of the
+        request can exist, the request is deleted unstarted and True returned.
+
+        A child that may exist - running or in doubt in the ledger, being started by
+        another copy (``others``), or found by a describe - is left to the start, which
+        finds it and lets it go as an orphan; a failed check lets the start go ahead."""
+        token, pool, bound = entry.request.task_token, entry.pool, entry.bound
+        if token is None:
+            return False
+        outcome = await self._heartbeat(token, bound, pool.name, attempts=1)
+        if outcome != "parent_gone":
+            if outcome == "ok":
+                self._beaten[token] = self.clock()
+            return False
+        arn = execution_arn(pool.state_machine_arn, entry.request.name)
+        if others or pool.ledger.holds(arn) or arn in pool.ledger.in_doubt:
+            return False
+        try:
+            described = await self._call("describe_execution", executionArn=arn)
+        except AWS_ERRORS as exc:
+            if error_code(exc) != "ExecutionDoesNotExist":
+                return False
+        else:
+            if str(described["status"]) not in CLOSED:
+                return False  # it runs (started before a restart): the start finds it
+        self.metrics.orphans.labels(pool=pool.name, action="dropped").inc()
+        bound.info("dispatcher.request_dropped", why="parent gone before the start")
+        await entry.queue.delete(entry.request.receipt_handle, bound)
+        return True
+
+    async def hand_back(self) -> int:
+        """The reign ends (an orderly stop, or the lease lost): give every token held a last
+        heartbeat (its parent's clock starts again now), then make its message visible at
+        once, for the successor to take over; returns how many went back. The children run
+        on, untouched; the tokens are forgotten here."""
+        held = [h for hs in self._held.values() for h in hs]
+        self._held.clear()
+        self._due.clear()
+        for pool in self.pools.values():
+            self._gauge(pool)
+        if not held:
+            return 0
+        limiter = anyio.CapacityLimiter(LAST_BEATS)
+
+        async def last_beat(one: Held) -> None:
+            async with limiter:
+                await self._heartbeat(one.token, one.bound, one.pool.name, attempts=1)
+
+        with anyio.move_on_after(LAST_BEATS_SECONDS):
+            async with anyio.create_task_group() as tg:
+                for one in held:
+                    tg.start_soon(last_beat, one)
+        handed = 0
+        for queue in {id(h.queue): h.queue for h in held}.values():
+            handles = [h.receipt_handle for h in held if h.queue is queue]
+            handed += len(handles) - len(await queue.set_visibility(handles, 0))
+        log.info("dispatcher.tokens_handed_back", count=handed)
+        return handed
+
     # -- heartbeats ------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await anyio.sleep(self.settings.heartbeat_interval)
             await self.heartbeat_once()
+
+    def _beat_soon(self, token: str, pool: Pool, bound: Any) -> None:
+        """Heartbeat ``token`` from the loop at once, unless it had one within the interval."""
+        if self.clock() - self._beaten.get(token, -math.inf) < self.settings.heartbeat_interval:
+            return
+        self._fresh[token] = (pool, bound)
+        self._wake.set()
+
+    async def heartbeat_new(self) -> int:
+        """Heartbeat the tokens held since the last pass that had none yet; returns how many
+        heartbeats were sent."""
+        fresh, self._fresh = self._fresh, {}
+        now, interval = self.clock(), self.settings.heartbeat_interval
+        return await self._beat(
+            [
+                (token, pool, bound)
+                for token, (pool, bound) in fresh.items()
+                if now - self._beaten.get(token, -math.inf) >= interval  # none since
+            ]
+        )
 
     async def heartbeat_once(self) -> int:
         """Heartbeat every token held (children running, requests waiting in memory); act on
@@ -233,75 +351,124 @@ class Callbacks:
                 self._due[arn] = ("", None)  # ended, its answer not sent yet
         if self._due:
             self._wake.set()
-        sent = 0
-        for held in [h for hs in list(self._held.values()) for h in hs]:
-            sent += 1
-            if not await self._heartbeat(held.token, held.bound, held.pool.name):
-                await self._orphaned(held)
+        targets: dict[str, tuple[Pool, Any]] = {}
+        for hs in self._held.values():
+            for held in hs:
+                targets.setdefault(held.token, (held.pool, held.bound))
         for pool in self.pools.values():
-            for entry in list(pool.room.items()):
-                token = entry.request.task_token
-                if token is None:
-                    continue
-                sent += 1
-                if not await self._heartbeat(token, entry.bound, pool.name) and pool.room.remove(
-                    entry
-                ):
-                    # Its parent no longer waits: drop it, never start it.
-                    self.metrics.orphans.labels(pool=pool.name, action="dropped").inc()
-                    entry.bound.info("dispatcher.request_dropped", why="parent gone")
-                    await entry.queue.delete(entry.request.receipt_handle, entry.bound)
-                    pool.update()
-        return sent
+            for entry in pool.room.items():
+                if entry.request.task_token is not None:
+                    targets.setdefault(entry.request.task_token, (pool, entry.bound))
+        self._beaten = {t: at for t, at in self._beaten.items() if t in targets}
+        return await self._beat([(t, pool, bound) for t, (pool, bound) in targets.items()])
 
-    async def _heartbeat(self, token: str, bound: Any, pool: str) -> bool:
-        """One heartbeat; False when the parent no longer waits."""
+    async def _beat(self, targets: list[tuple[str, Pool, Any]]) -> int:
+        """Heartbeat each token, then let go of those whose parent is gone."""
+        gone: set[str] = set()
+        for token, pool, bound in targets:
+            outcome = await self._heartbeat(token, bound, pool.name)
+            if outcome == "ok":
+                self._beaten[token] = self.clock()
+            elif outcome == "parent_gone":
+                gone.add(token)
+        if gone:
+            await self._let_go(gone)
+        return len(targets)
+
+    async def _heartbeat(self, token: str, bound: Any, pool: str, *, attempts: int = 5) -> str:
+        """One heartbeat: ``ok``, ``parent_gone`` (it no longer waits) or ``error``."""
         try:
-            await self._call("send_task_heartbeat", taskToken=token)
+            await self._call("send_task_heartbeat", attempts=attempts, taskToken=token)
         except AWS_ERRORS as exc:
             if error_code(exc) in PARENT_GONE:
                 self.metrics.heartbeats.labels(pool=pool, outcome="parent_gone").inc()
-                return False
+                return "parent_gone"
             self.metrics.heartbeats.labels(pool=pool, outcome="error").inc()
             bound.warning("dispatcher.heartbeat_failed", error=str(exc))
-            return True
+            return "error"
         self.metrics.heartbeats.labels(pool=pool, outcome="ok").inc()
-        return True
+        return "ok"
 
-    async def _orphaned(self, held: Held) -> None:
-        """The parent of a running child stopped waiting: stop the child if so configured,
-        and let the request go."""
+    async def _let_go(self, gone: set[str]) -> None:
+        """The parents of ``gone`` no longer wait: forget their tokens and delete their
+        requests; a child no token waits on any more is let go (or stopped). A request still
+        waiting in a room is dropped unstarted - unless a start of it may have run (in
+        doubt): its start settles it, finds the child and lets it go."""
+        for arn in [a for a, hs in self._held.items() if any(h.token in gone for h in hs)]:
+            leaving = [h for h in self._held.get(arn, []) if h.token in gone]
+            if leaving:
+                await self._orphaned(arn, leaving[0].pool, leaving[0].bound, gone)
+                for held in leaving:
+                    await self._release(held)
+        for pool in self.pools.values():
+            for entry in pool.room.items():
+                token = entry.request.task_token
+                if token is None or token not in gone:
+                    continue
+                arn = execution_arn(pool.state_machine_arn, entry.request.name)
+                if arn in pool.ledger.in_doubt or not pool.room.remove(entry):
+                    continue
+                pool.update()
+                if pool.ledger.holds(arn):  # its child runs (started before a restart)
+                    await self._orphaned(arn, pool, entry.bound, gone)
+                else:  # never started: dropped
+                    self.metrics.orphans.labels(pool=pool.name, action="dropped").inc()
+                    entry.bound.info("dispatcher.request_dropped", why="parent gone")
+                await entry.queue.delete(entry.request.receipt_handle, entry.bound)
+
+    def _waiters(self, arn: str, gone: set[str]) -> int:
+        """Tokens other than ``gone`` that wait on child ``arn``: held for it, in a waiting
+        room for its name (a parent's retry with the same key), or being started."""
+        count = sum(1 for h in self._held.get(arn, []) if h.token not in gone)
+        for pool in self.pools.values():
+            count += sum(
+                1
+                for entry in pool.room.items()
+                if entry.request.task_token not in (None, *gone)
+                and execution_arn(pool.state_machine_arn, entry.request.name) == arn
+            )
+        return count + int(self.starting(arn))
+
+    async def _orphaned(self, arn: str, pool: Pool, bound: Any, gone: set[str]) -> None:
+        """A parent of running child ``arn`` stopped waiting. Another token may still wait on
+        the same child (a parent's retry with the same key): then the child is kept for it.
+        Otherwise it is orphaned: stopped if so configured, else left to run."""
+        if self._waiters(arn, gone):
+            bound.info("dispatcher.parent_gone", child_arn=arn, child="awaited by another token")
+            return
         action = "left"
         if self.settings.stop_orphaned_children:
             try:
                 await self._call(
                     "stop_execution",
-                    executionArn=held.arn,
+                    executionArn=arn,
                     error="Dispatcher.ParentGone",
                     cause="the parent no longer waits for this child",
                 )
                 action = "stopped"
             except AWS_ERRORS as exc:
-                held.bound.warning("dispatcher.stop_child_failed", error=str(exc))
-        self.metrics.orphans.labels(pool=held.pool.name, action=action).inc()
-        held.bound.info("dispatcher.child_orphaned", child_arn=held.arn, action=action)
-        await self._release(held)
+                bound.warning("dispatcher.stop_child_failed", error=str(exc))
+        self.metrics.orphans.labels(pool=pool.name, action=action).inc()
+        bound.info("dispatcher.child_orphaned", child_arn=arn, action=action)
 
     # -- answering -------------------------------------------------------------------------
 
-    async def _answer_of(self, arn: str, status: str, result: Mapping[str, Any] | None) -> Answer:
-        """The answer, from the terminal event when it carries what is needed, else from
-        DescribeExecution."""
-        usable = result is not None and status in CLOSED
-        if usable and status == "SUCCEEDED" and result is not None and "output" not in result:
-            usable = False
-        if usable and status == "FAILED" and result is not None and "error" not in result:
-            usable = False
-        if not usable:
-            described = await self._call("describe_execution", executionArn=arn)
-            status, result = str(described["status"]), described
-        assert result is not None  # noqa: S101 - set just above
-        return answer_for(status, result)
+    async def _answer_of(
+        self, arn: str, status: str, result: Mapping[str, Any] | None
+    ) -> Answer | None:
+        """The answer for an ended child: its final result, or None while it runs again.
+
+        A ``SUCCEEDED`` event carrying the output is final (a run that succeeded cannot be
+        redriven). Anything else - a failure, an event without what is needed, a child
+        known only to have ended - is described: a redrive may have reopened the child
+        since that event was sent, and then the answer waits for its next end. A describe
+        that does not show it closed is never answered."""
+        if status == "SUCCEEDED" and result is not None and "output" in result:
+            return answer_for(status, result)
+        described = await self._call("describe_execution", executionArn=arn)
+        if str(described["status"]) not in CLOSED:
+            return None
+        return answer_for(str(described["status"]), described)
 
     async def _send(self, held: Held, answer: Answer, *, keep: bool = True) -> bool:
         """Send one answer; the message is deleted once the parent was answered (or gone).
@@ -344,12 +511,12 @@ class Callbacks:
         self._gauge(held.pool)
         await held.queue.delete(held.receipt_handle, held.bound)
 
-    async def _call(self, operation: str, **kwargs: Any) -> Any:
+    async def _call(self, operation: str, *, attempts: int = 5, **kwargs: Any) -> Any:
         """A Step Functions call with jittered retries of transient errors."""
         method = getattr(self.sfn, operation)
         async for attempt in stamina.retry_context(
             on=lambda e: is_retryable(e) and error_code(e) not in PARENT_GONE,
-            attempts=5,
+            attempts=attempts,
             timeout=30.0,
         ):
             with attempt:

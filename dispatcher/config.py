@@ -61,7 +61,7 @@ class InputFormat(StrEnum):
     """How a request message becomes an execution input."""
 
     JSON = "json"  # the body is the input, verbatim JSON
-    ENVELOPE = "envelope"  # {"body": <text>, "messageId": ..., "attributes": {...}}
+    ENVELOPE = "envelope"  # {"body": <text>, "requestId": ..., "attributes": {...}}
 
 
 class StartClient(StrEnum):

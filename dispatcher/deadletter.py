@@ -3,8 +3,10 @@
 SQS counts a message's body and each message attribute (name, data type and value)
 against the queue's ``MaximumMessageSize``, and refuses a message over it. A request may
 already be close to that size, so what the dispatcher adds to the copy is fitted to the
-room the body leaves: the reason and the original message id first (both short), then the
-request's own attributes, each whole, then as much of the detail as still fits. The body
+room the body leaves: the reason, the request's identity and the original message id first
+(all short), then the request's own attributes, each whole, then as much of the detail as
+still fits. The identity (``dispatcher-request-id``: the base of the execution name) makes
+every later copy - a redrive, SQS's own move task - map to the same execution. The body
 itself is never changed. A copy that could not be sent would be retried until the
 request queue's redrive policy moved the request, without its reason.
 """
@@ -18,16 +20,35 @@ import structlog
 
 from dispatcher.metrics import Metrics
 from dispatcher.queues import RequestQueue
+from dispatcher.requests import (
+    ORIGINAL_ID_ATTRIBUTE,
+    OUR_PREFIX,
+    REQUEST_ID_ATTRIBUTE,
+    request_identity,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
 
 log = structlog.get_logger("dispatcher.intake")
 
+__all__ = [
+    "DEFAULT_MAX_SIZE",
+    "DETAIL_ATTRIBUTE",
+    "ORIGINAL_ID_ATTRIBUTE",
+    "OURS",
+    "REASON_ATTRIBUTE",
+    "REQUEST_ID_ATTRIBUTE",
+    "DeadLetterQueue",
+    "attribute_size",
+    "body_of",
+    "fitted_attributes",
+    "message_size",
+]
+
 REASON_ATTRIBUTE = "dispatcher-reason"
 DETAIL_ATTRIBUTE = "dispatcher-detail"
-ORIGINAL_ID_ATTRIBUTE = "dispatcher-original-message-id"
-OURS = frozenset({REASON_ATTRIBUTE, DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE})
+OURS = frozenset({REASON_ATTRIBUTE, DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REQUEST_ID_ATTRIBUTE})
 
 DEFAULT_MAX_SIZE = 262_144
 """Assumed when the dead-letter queue's ``MaximumMessageSize`` is unknown: the smallest
@@ -61,8 +82,9 @@ def fitted_attributes(
     message: Mapping[str, Any], reason: str, detail: str, max_size: int
 ) -> dict[str, Any]:
     """The message attributes of the dead-letter copy of ``message`` that fit, with its
-    body, in ``max_size`` bytes (at most ten): the reason, the original message id, the
-    request's own attributes while they fit, then the detail cut to the room left (up to
+    body, in ``max_size`` bytes (at most ten): the reason, the request's identity (when
+    it has a valid one), the original message id, the request's own attributes (never an
+    earlier ``dispatcher-*`` one) while they fit, then the detail cut to the room left (up to
     1,000 characters). A body over ``max_size`` by itself shows the limit is not what we
     think (a queue delivered that body): then nothing is left out and SQS decides.
     """
@@ -79,9 +101,12 @@ def fitted_attributes(
             room -= size
 
     add(REASON_ATTRIBUTE, _string(reason))
+    identity, _ = request_identity(message)
+    if identity is not None:
+        add(REQUEST_ID_ATTRIBUTE, _string(identity))
     add(ORIGINAL_ID_ATTRIBUTE, _string(str(message["MessageId"])))
     for name, value in (message.get("MessageAttributes") or {}).items():
-        if name not in OURS and len(fitted) < MAX_ATTRIBUTES - 1:  # one left for the detail
+        if not name.startswith(OUR_PREFIX) and len(fitted) < MAX_ATTRIBUTES - 1:  # detail
             add(name, value)
     left = room - attribute_size(DETAIL_ATTRIBUTE, _string(""))
     cut = detail[:DETAIL_CHARS].encode()[: max(0, left)].decode("utf-8", "ignore")

@@ -316,6 +316,8 @@ class Intake:
         if pool.room.offer(entry, priority=queue.priority, key=key, beyond_capacity=beyond):
             self._waiting_from[queue.url, pool.name] += 1
             pool.update()
+            if self.starter.callbacks is not None:  # a parent waits: heartbeat it now
+                self.starter.callbacks.waiting(entry)
             return
         # No room (overall, or for this key): back to the queue until about when the
         # requests already waiting will have started.

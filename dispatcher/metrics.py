@@ -217,6 +217,19 @@ class Metrics:
             pool,
             registry=r,
         )
+        self.former_names = Counter(
+            "dispatcher_former_name_lookups",
+            "Requests received before this process governed the pool, looked for under the "
+            "names a former configuration gave them, by result (found, not_found, failed).",
+            (*pool, "result"),
+            registry=r,
+        )
+        self.former_name_describes = Counter(
+            "dispatcher_former_name_describes",
+            "DescribeExecution calls made to look for requests under former names.",
+            pool,
+            registry=r,
+        )
         self.aws_calls = Counter(
             "dispatcher_aws_calls",
             "AWS API calls (HTTP attempts), by operation and outcome (ok; expected: an error "
@@ -243,6 +256,9 @@ class Metrics:
             self.dead_letters.labels(pool=pool, reason=reason)
         for kind in ("adopted", "freed"):
             self.reconcile_corrections.labels(pool=pool, kind=kind)
+        for result in ("found", "not_found", "failed"):
+            self.former_names.labels(pool=pool, result=result)
+        self.former_name_describes.labels(pool=pool)
         for status in ("RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"):
             for result in ("applied", "duplicate", "stale"):
                 self.events.labels(pool=pool, status=status, result=result)

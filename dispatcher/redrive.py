@@ -2,15 +2,22 @@
 
 Each dead letter carries the reason the dispatcher gave (``dispatcher-reason``, see
 `dispatcher.deadletter`). Redrive picks them by reason, sends a copy without the
-``dispatcher-*`` attributes to the request queue, and deletes the dead letter only after
-that send succeeded: a message is never lost, at worst (a failed delete) it is on both
-queues and reported. What is not moved (another reason, ``--dry-run``, ``--max`` reached)
-is made visible again at the end.
+``dispatcher-*`` attributes but with the request's identity (``dispatcher-request-id``, so
+the copy maps to the same execution name; written here when a redrive policy moved the
+message and nothing wrote it), and deletes the dead letter only after that send
+succeeded: a message is never lost, at worst (a failed delete) it is on both queues and
+reported, and a later run's copy maps to the same execution. What is not moved (another
+reason, ``--dry-run``, ``--max`` reached) is made visible again at the end.
+
+A run moves what was in the dead-letter queue when it started, then ends: a dead letter
+sent after the run started (``SentTimestamp``), or a request already moved by this run
+(the same identity: the dispatcher dead-lettered the copy again), is left where it is.
 
 Why not SQS's own ``StartMessageMoveTask``: it cannot filter by reason, it keeps every
-attribute (in the envelope input format the ``dispatcher-*`` ones would reach the
-execution's input), it cannot show counts by reason first, and it only applies to a queue
-that is some queue's redrive-policy dead-letter queue. For a plain move of everything,
+attribute (harmless: the dispatcher ignores the ``dispatcher-*`` ones but the request id),
+it cannot show counts by reason first, it cannot give a message the redrive policy moved its
+identity, and it only applies to a queue that is some queue's redrive-policy dead-letter
+queue. For a plain move of everything,
 ``aws sqs start-message-move-task --source-arn DLQ_ARN --destination-arn QUEUE_ARN``
 does it server-side.
 """
@@ -18,8 +25,11 @@ does it server-side.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +43,7 @@ from dispatcher.aws import AWS_ERRORS, error_code
 from dispatcher.deadletter import REASON_ATTRIBUTE
 from dispatcher.errors import UserError
 from dispatcher.producer import open_sqs
+from dispatcher.requests import OUR_PREFIX, REQUEST_ID_ATTRIBUTE, request_identity
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -40,7 +51,6 @@ if TYPE_CHECKING:
 
 DEAD_LETTER_ENV = "DISPATCHER_DEAD_LETTER_QUEUE_URL"
 REQUEST_QUEUE_ENV = "DISPATCHER_REQUEST_QUEUE_URL"
-OUR_PREFIX = "dispatcher-"
 NO_REASON = "(none)"  # moved by a queue's redrive policy, not by the dispatcher
 DEFAULT_VISIBILITY = 300  # seconds a received dead letter stays hidden during the run
 
@@ -54,7 +64,10 @@ class RedriveReport:
     failed: list[tuple[str, str, str]] = field(default_factory=list)  # (id, code, message)
     not_deleted: list[tuple[str, str]] = field(default_factory=list)  # sent, still in the DLQ
     error: str | None = None  # why the run stopped early
+    arrived: int = 0  # left: sent to the dead-letter queue after the run started
+    came_back: int = 0  # left: the same request as one this run moved (dead-lettered again?)
     seen_ids: set[str] = field(default_factory=set, repr=False)
+    moved_requests: set[str] = field(default_factory=set, repr=False)  # `request_key`s
 
     @property
     def ok(self) -> bool:
@@ -123,6 +136,16 @@ def run(args: argparse.Namespace) -> int:
             f"--visibility-timeout {args.visibility_timeout} is invalid: give 1 to 43200 s"
         )
     report = anyio.run(partial(_run, args, source, target or ""))
+    _print_report(report, args)
+    if report.error and not report.seen:
+        raise UserError(f"cannot redrive from {source}: {report.error}")
+    if report.error:
+        print(f"stopped early: {report.error}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _print_report(report: RedriveReport, args: argparse.Namespace) -> None:
+    """Counts by reason on stdout; what failed or was left on both queues on stderr."""
     verb = "would move" if args.dry_run else "moved"
     chosen = report.seen if args.dry_run else report.moved
     if args.dry_run and args.reason:
@@ -130,19 +153,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"{sum(report.seen.values())} dead letters seen; {verb} {sum(chosen.values())}")
     for reason in sorted(report.seen):
         print(f"  {reason:<32} {report.seen[reason]:>7} seen {chosen.get(reason, 0):>7} {verb}")
+    if report.arrived:
+        print(f"left {report.arrived} sent to the dead-letter queue after the run started")
+    if report.came_back:
+        print(f"left {report.came_back} copies of requests this run moved (same request id)")
     for message_id, code, message in report.failed[:20]:
         print(f"failed: {message_id}: {code}: {message} (left in the DLQ)", file=sys.stderr)
     for message_id, why in report.not_deleted[:20]:
         print(
             f"not deleted: {message_id}: {why} (sent, and still in the DLQ: a later redrive "
-            "sends it again)",
+            "sends it again, with the same request id: one execution)",
             file=sys.stderr,
         )
-    if report.error:
-        if not report.seen:
-            raise UserError(f"cannot redrive from {source}: {report.error}")
-        print(f"stopped early: {report.error}", file=sys.stderr)
-    return 0 if report.ok else 1
 
 
 async def _run(args: argparse.Namespace, source: str, target: str) -> RedriveReport:
@@ -180,12 +202,43 @@ def reason_of(message: Mapping[str, Any]) -> str:
 
 
 def request_attributes(message: Mapping[str, Any]) -> dict[str, Any]:
-    """The request's own attributes: the dead letter's without ``dispatcher-*``."""
-    return {
+    """What the copy carries: the request's own attributes (the dead letter's without
+    ``dispatcher-*``) and its identity, ``dispatcher-request-id``: kept, or written from
+    the message id of a message a redrive policy moved (its id is the original's) when
+    SQS's ten attributes leave room."""
+    attributes = {
         name: value
+        for name, value in (message.get("MessageAttributes") or {}).items()
+        if not name.startswith(OUR_PREFIX) or name == REQUEST_ID_ATTRIBUTE
+    }
+    identity, _ = request_identity(message)
+    if identity is not None and REQUEST_ID_ATTRIBUTE not in attributes and len(attributes) < 10:
+        attributes[REQUEST_ID_ATTRIBUTE] = {"DataType": "String", "StringValue": identity}
+    return attributes
+
+
+def request_key(message: Mapping[str, Any]) -> str:
+    """Which request a dead letter is a copy of: its identity (the base of its execution
+    name); without a valid one, a digest of its body and own attributes."""
+    identity, _ = request_identity(message)
+    if identity is not None:
+        return identity
+    own = {
+        name: value.get("StringValue")
         for name, value in (message.get("MessageAttributes") or {}).items()
         if not name.startswith(OUR_PREFIX)
     }
+    content = json.dumps([message.get("Body", ""), sorted(own.items())], default=str)
+    return "#" + hashlib.sha256(content.encode()).hexdigest()
+
+
+def sent_after(message: Mapping[str, Any], started_ms: int) -> bool:
+    """Whether the dead letter was sent after the run started (SQS's SentTimestamp)."""
+    sent = (message.get("Attributes") or {}).get("SentTimestamp")
+    try:
+        return sent is not None and int(sent) > started_ms
+    except ValueError:
+        return False
 
 
 async def redrive(
@@ -199,12 +252,19 @@ async def redrive(
     visibility: int = DEFAULT_VISIBILITY,
     wait_seconds: int = 1,
     advance: Callable[[int], object] = lambda _: None,
+    started_ms: int | None = None,
 ) -> RedriveReport:
     """Receive every dead letter once; move the chosen ones, release the rest at the end.
 
-    Stops when a receive returns nothing new (a long poll: the queue has nothing visible).
+    Only what was in the queue at ``started_ms`` (default: now) is moved, each request at
+    most once: a dead letter sent later, or a copy of a request this run moved, is left.
+    Stops when a receive returns nothing new (a long poll: the queue has nothing visible),
+    which comes, whatever a dispatcher does meanwhile: every message is received once,
+    and only messages already in the queue are moved.
     """
     report = RedriveReport()
+    if started_ms is None:
+        started_ms = int(time.time() * 1000)
     held: dict[str, str] = {}  # message id -> receipt handle, to make visible again
     try:
         while True:
@@ -215,7 +275,7 @@ async def redrive(
                     WaitTimeSeconds=wait_seconds,
                     VisibilityTimeout=visibility,
                     MessageAttributeNames=["All"],
-                    MessageSystemAttributeNames=["MessageGroupId"],
+                    MessageSystemAttributeNames=["MessageGroupId", "SentTimestamp"],
                 )
             except AWS_ERRORS as exc:
                 report.error = f"{error_code(exc) or type(exc).__name__}: {exc}"
@@ -230,6 +290,12 @@ async def redrive(
             chosen: list[MessageTypeDef] = []
             for message in fresh:
                 report.seen_ids.add(message["MessageId"])
+                if request_key(message) in report.moved_requests:
+                    report.came_back += 1  # moved by this run, dead-lettered again: left
+                    continue
+                if sent_after(message, started_ms):
+                    report.arrived += 1
+                    continue
                 reason = reason_of(message)
                 report.seen[reason] += 1
                 moved_or_chosen = sum(report.moved.values()) + len(chosen)
@@ -283,6 +349,7 @@ async def _move(
         message = messages[int(failure["Id"])]
         report.failed.append((message["MessageId"], failure["Code"], failure.get("Message", "")))
     sent = [messages[int(ok["Id"])] for ok in result.get("Successful", [])]
+    report.moved_requests.update(request_key(m) for m in sent)
     if not sent:
         return
     try:

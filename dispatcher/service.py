@@ -311,10 +311,14 @@ class Dispatcher:
             dead_letter_max_size=self.preflight.dead_letter_max_size,
             max_receive_counts=self.preflight.max_receive_counts,
         )
+        # Wall-clock time like SQS's timestamps: a message first received before now may have
+        # been started by a predecessor, under a name its configuration gave it.
+        self.intake.starter.reign_began = self.wall()
         if lease is not None:
             self.intake.set_may_start(lease.valid)
         self.callbacks = Callbacks(settings, clients, self.metrics, self.pools, self.clock)
         self.intake.starter.callbacks = self.callbacks
+        self.callbacks.starting = self.intake.starter.starting
         for pool in self.pools.values():
             pool.on_ended = self.callbacks.ended
         return self.intake, self.events
@@ -381,6 +385,11 @@ class Dispatcher:
                 intake.stop()
                 await intake_done.wait()
             tg.cancel_scope.cancel()
+        if self.callbacks is not None and not intake.starter.force:
+            # Tokens held go back to the queue at once, each after a last heartbeat: the
+            # successor takes them over without waiting for their visibility to run out.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(15):
+                await self.callbacks.hand_back()
         self.metrics.leader.set(0)
         self.health.started_up = False
         self.health.refresh()

@@ -38,9 +38,19 @@ from dispatcher.metrics import Metrics
 from dispatcher.pool import Pool
 from dispatcher.queues import RequestQueue
 from dispatcher.rate import RateLimiters
-from dispatcher.requests import StartRequest, execution_arn, task_token
+from dispatcher.requests import (
+    REQUEST_ID_ATTRIBUTE,
+    StartRequest,
+    execution_arn,
+    former_names,
+    task_token,
+)
 
 log = structlog.get_logger("dispatcher.intake")
+
+FIRST_RECEIVE_SKEW = 5.0
+"""Seconds of clock difference allowed between this host and SQS when telling whether a
+message was first received before this process began to govern (see `Starter.reign_began`)."""
 
 
 class AbandonedError(Exception):
@@ -124,9 +134,17 @@ class Starter:
         self.force = False
         self._ids = iter(range(1, 1 << 62))
         self._copies: dict[str, _Copies] = {}  # ARN -> handlers starting it now
+        # Built with the intake at the start of each reign (after the predecessor's last
+        # receive, before this reign's first): a message first received before then may
+        # have been started by a process under another configuration, by another name.
+        self.reign_began = time.time()
         self.dead_letters = DeadLetterQueue(
             clients.sqs, settings.dead_letter_queue_url, metrics, dead_letter_max_size
         )
+
+    def starting(self, arn: str) -> bool:
+        """Whether a request for execution ``arn`` is being started now."""
+        return arn in self._copies
 
     def cut_short_waiting(self) -> None:
         """Cancel handlers that are only waiting (admission, back-off): they hand back."""
@@ -204,6 +222,34 @@ class Starter:
         held_before: bool,
     ) -> None:
         pool, request, bound = entry.pool, entry.request, entry.bound
+        if self._may_have_former_name(entry):
+            try:
+                former = await self._find_former_name(entry)
+            except Exception as exc:  # noqa: BLE001 - unknown: never start on a guess
+                handling.phase = "finishing"
+                self._release(pool, reservation)
+                self.stats.handed_back += 1
+                self.metrics.former_names.labels(pool=pool.name, result="failed").inc()
+                self.metrics.starts.labels(pool=pool.name, outcome="retried").inc()
+                bound.warning("dispatcher.former_name_lookup_failed", error=str(exc))
+                await entry.queue.hand_back(
+                    request.receipt_handle, 30, bound, "former names unknown", message=entry.message
+                )
+                return
+            result = "not_found" if former is None else "found"
+            self.metrics.former_names.labels(pool=pool.name, result=result).inc()
+            if former is not None:
+                handling.phase = "finishing"
+                bound.info("dispatcher.found_under_former_name", execution_arn=former)
+                await self._already_exists(entry, reservation, handling, arn=former)
+                return
+        if (
+            request.task_token is not None
+            and self.callbacks is not None
+            and not held_before
+            and await self.callbacks.dropped_unstarted(entry, others=copies.handlers > 1)
+        ):
+            return  # its parent no longer waits: deleted unstarted (the slot goes back)
         try:
             arn, attempts = await self._call_start(entry, reservation, handling)
         except AbandonedError:
@@ -230,6 +276,55 @@ class Starter:
             )
         bound.info("dispatcher.execution_started", execution_arn=arn, attempts=attempts)
         await self._settled(entry, arn)
+
+    def _may_have_former_name(self, entry: Waiting) -> bool:
+        """Whether the request may have started under a name a former configuration gave
+        it (``key_attribute`` changed across a restart): its current name is not known, and
+        it was first received before this reign began, or it is a copy (a dead letter
+        moved back) that may have started before it was dead-lettered."""
+        pool, message = entry.pool, entry.message
+        arn = execution_arn(pool.state_machine_arn, entry.request.name)
+        ledger = pool.ledger
+        if ledger.holds(arn) or ledger.is_tombstoned(arn) or ledger.doubted_since(arn):
+            return False
+        if REQUEST_ID_ATTRIBUTE in (message.get("MessageAttributes") or {}):
+            return True
+        first = (message.get("Attributes") or {}).get("ApproximateFirstReceiveTimestamp")
+        try:
+            return first is not None and int(first) / 1000 < self.reign_began + FIRST_RECEIVE_SKEW
+        except ValueError:
+            return True
+
+    async def _find_former_name(self, entry: Waiting) -> str | None:
+        """The ARN of the request's execution under a former name, or None: first what the
+        ledger knows (the start-up listing, tombstones: free), then ``DescribeExecution`` of
+        each candidate (bounded, see `former_names`). A describe that fails for another
+        reason than "does not exist" raises: the request must not start on a guess."""
+        pool, request = entry.pool, entry.request
+        names = former_names(
+            request,
+            entry.message,
+            pool.config.key_attribute,
+            self.settings.task_token_attribute,
+        )
+        arns = [execution_arn(pool.state_machine_arn, name) for name in names]
+        for arn in arns:
+            if pool.ledger.holds(arn) or pool.ledger.is_tombstoned(arn):
+                return arn
+        for arn in arns:
+            self.metrics.former_name_describes.labels(pool=pool.name).inc()
+            try:
+                async for attempt in stamina.retry_context(
+                    on=is_retryable, attempts=5, timeout=self.settings.start_retry_timeout
+                ):
+                    with attempt:
+                        await self.sfn.describe_execution(executionArn=arn)
+            except Exception as exc:
+                if error_code(exc) == "ExecutionDoesNotExist":
+                    continue
+                raise
+            return arn
+        return None
 
     async def _settled(self, entry: Waiting, arn: str) -> None:
         """The request's execution runs: delete its message - unless a parent waits for
@@ -374,11 +469,17 @@ class Starter:
         pool.update()
 
     async def _already_exists(
-        self, entry: Waiting, reservation: Reservation, handling: _Handling
+        self,
+        entry: Waiting,
+        reservation: Reservation,
+        handling: _Handling,
+        *,
+        arn: str | None = None,
     ) -> None:
-        """Same name seen before: running -> adopt it; closed -> already served."""
+        """Same name seen before: running -> adopt it; closed -> already served. ``arn``:
+        the request's execution found under a former name (default: its current name)."""
         pool, request, bound = entry.pool, entry.request, entry.bound
-        arn = execution_arn(pool.state_machine_arn, request.name)
+        arn = arn or execution_arn(pool.state_machine_arn, request.name)
         try:
             async for attempt in stamina.retry_context(
                 # "Does not exist" right after "already exists": the describe lags; ask again.
@@ -466,6 +567,20 @@ def _same_json(a: str, b: str) -> bool:
     if a == b:
         return True
     try:
-        return bool(json.loads(a) == json.loads(b))
+        existing, wanted = json.loads(a), json.loads(b)
     except ValueError:
         return False
+    return bool(existing == wanted) or _same_envelope(existing, wanted)
+
+
+def _same_envelope(existing: Any, wanted: Any) -> bool:
+    """An envelope input written before envelopes named the request instead of the message
+    (``messageId``; attributes with the task token) is the same request when its body is:
+    a request in flight across that upgrade is not an idempotency conflict."""
+    return (
+        isinstance(existing, dict)
+        and isinstance(wanted, dict)
+        and set(existing) == {"body", "messageId", "attributes"}
+        and set(wanted) == {"body", "requestId", "attributes"}
+        and existing["body"] == wanted["body"]
+    )

@@ -338,6 +338,12 @@ class FakeSFN(_Recorder):
         execution.status, execution.output = status, output
         execution.error, execution.cause = error, cause
 
+    def redrive(self, arn: str) -> None:
+        """Redrive a closed execution (RedriveExecution): it runs again, one redrive more."""
+        execution = self.executions[arn]
+        execution.status, execution.redrive_count = "RUNNING", execution.redrive_count + 1
+        execution.output = execution.error = execution.cause = None
+
     async def start_execution(
         self, *, stateMachineArn: str, name: str, input: str = "{}", traceHeader: str | None = None
     ) -> dict[str, Any]:

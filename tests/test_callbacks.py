@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 import stamina
 
@@ -43,6 +44,7 @@ def wired(world: World) -> tuple[Intake, Callbacks]:
         world.settings, world.clients, world.metrics, {"default": world.pool}, world.clock
     )
     intake.starter.callbacks = callbacks
+    callbacks.starting = intake.starter.starting
     world.pool.on_ended = callbacks.ended
     return intake, callbacks
 
@@ -178,8 +180,9 @@ async def test_heartbeats_go_to_every_token_held_and_a_gone_parent_lets_the_chil
     world = build_world(stop_orphaned_children=True)
     intake, callbacks = wired(world)
     await handle(world, child_request(), intake)
+    assert world.sfn.calls_to("send_task_heartbeat") == [{"taskToken": TOKEN}], "before the start"
     assert await callbacks.heartbeat_once() == 1
-    assert world.sfn.calls_to("send_task_heartbeat") == [{"taskToken": TOKEN}]
+    assert world.sfn.calls_to("send_task_heartbeat") == [{"taskToken": TOKEN}] * 2
     world.sfn.gone_tokens.add(TOKEN)
     await callbacks.heartbeat_once()
     assert world.sfn.calls_to("stop_execution")[0]["executionArn"] == CHILD
@@ -236,3 +239,251 @@ async def test_a_request_received_again_while_its_child_runs_is_held_once() -> N
     events_of(world).apply(terminal_event("SUCCEEDED", output="{}"))
     await callbacks.answer_due()
     assert [c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")] == ["rh-m-1-again"]
+
+
+# -- a child another token waits on ----------------------------------------------------------
+
+RETRY_TOKEN = "AQCEAAAAKgAAAAMAAAAAAAAAB" + "y" * 300
+
+
+def retry_request(message_id: str = "m-2") -> dict[str, Any]:
+    """The parent's retry of the same item: a new token, the same key (the same child)."""
+    attributes = {"task-token": RETRY_TOKEN, IDEMPOTENCY_ATTRIBUTE: "parent-1-0"}
+    return sqs_message('{"n": 1}', message_id=message_id, attributes=attributes)
+
+
+async def test_a_child_another_held_token_waits_on_is_not_stopped() -> None:
+    """The first token's parent step timed out and retried with the same key: the retry's
+    token waits on the same child. The first token found gone must not stop it; once the
+    retry's parent is gone too, it is stopped."""
+    world = build_world(stop_orphaned_children=True)
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    await handle(world, retry_request(), intake)
+    assert sorted(callbacks.tokens()) == sorted([(TOKEN, CHILD), (RETRY_TOKEN, CHILD)])
+    world.sfn.gone_tokens.add(TOKEN)
+    await callbacks.heartbeat_once()
+    assert world.sfn.calls_to("stop_execution") == [], "the retry's parent still waits on it"
+    assert world.sfn.executions[CHILD].status == "RUNNING"
+    assert callbacks.tokens() == [(RETRY_TOKEN, CHILD)]
+    assert [c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")] == ["rh-m-1"]
+    assert world.sample("dispatcher_orphaned_children_total") == 0
+    world.sfn.gone_tokens.add(RETRY_TOKEN)
+    await callbacks.heartbeat_once()
+    assert [c["executionArn"] for c in world.sfn.calls_to("stop_execution")] == [CHILD]
+    assert callbacks.held == 0
+
+
+async def test_a_child_a_waiting_retry_will_wait_on_is_not_stopped() -> None:
+    """The retry's request waits in the room for a slot (every slot taken): it will find
+    the same child and wait on it, so the first token found gone stops nothing."""
+    world = build_world(limit=1, stop_orphaned_children=True)
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    await intake.admit(intake.queues[0], retry_request())
+    assert len(world.pool.room) == 1
+    world.sfn.gone_tokens.add(TOKEN)
+    await callbacks.heartbeat_once()
+    assert world.sfn.calls_to("stop_execution") == []
+    assert callbacks.held == 0
+    assert len(world.pool.room) == 1
+
+
+async def test_a_child_a_retry_being_started_will_wait_on_is_not_stopped() -> None:
+    """The retry's request is being started (its StartExecution in flight) when the first
+    token is found gone: it will wait on the same child, which is not stopped."""
+    world = build_world(stop_orphaned_children=True)
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    world.sfn.start_gate = anyio.Event()
+    async with anyio.create_task_group() as handlers:
+        await intake.admit(intake.queues[0], retry_request())
+        assert intake.dispatch_once(world.pool, handlers)
+        await anyio.wait_all_tasks_blocked()  # the retry's start waits at the gate
+        assert len(world.sfn.calls_to("start_execution")) == 2
+        world.sfn.gone_tokens.add(TOKEN)
+        await callbacks.heartbeat_once()
+        assert world.sfn.calls_to("stop_execution") == []
+        world.sfn.start_gate.set()
+    assert callbacks.tokens() == [(RETRY_TOKEN, CHILD)]
+
+
+async def test_two_gone_tokens_of_one_child_stop_it_once() -> None:
+    world = build_world(stop_orphaned_children=True)
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    await handle(world, retry_request(), intake)
+    world.sfn.gone_tokens.update({TOKEN, RETRY_TOKEN})
+    await callbacks.heartbeat_once()
+    assert len(world.sfn.calls_to("stop_execution")) == 1
+    assert world.sample("dispatcher_orphaned_children_total", action="stopped") == 1
+    assert sorted(c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")) == [
+        "rh-m-1",
+        "rh-m-2",
+    ]
+
+
+# -- the final result, never a run a redrive reopened ----------------------------------------
+
+
+async def test_a_failure_superseded_by_a_redrive_is_not_the_answer() -> None:
+    """The child failed and was redriven before its FAILED event was applied: the parent
+    gets the redriven run's result, not the first run's failure."""
+    world = build_world()
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    world.sfn.finish(CHILD, "FAILED", error="Flaky", cause="first run")
+    world.sfn.redrive(CHILD)
+    events_of(world).apply(terminal_event("FAILED", error="Flaky", cause="first run"))
+    assert await callbacks.answer_due() == 0
+    assert TOKEN not in world.sfn.answers
+    assert callbacks.held == 1
+    world.sfn.finish(CHILD, "SUCCEEDED", output='{"second": true}')
+    events_of(world).apply(terminal_event("SUCCEEDED", output='{"second": true}', redriveCount=1))
+    assert await callbacks.answer_due() == 1
+    assert world.sfn.answers[TOKEN] == ("success", '{"second": true}')
+
+
+async def test_a_describe_showing_the_child_running_again_is_not_an_answer() -> None:
+    """Known only to have ended (an event without its error): the describe shows it
+    running again (redriven) - "the child ended RUNNING" must never be an answer."""
+    world = build_world()
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    world.sfn.finish(CHILD, "TIMED_OUT")
+    world.sfn.redrive(CHILD)
+    events_of(world).apply(terminal_event("TIMED_OUT"))
+    await callbacks.answer_due()
+    assert TOKEN not in world.sfn.answers
+    world.clock.advance(world.settings.heartbeat_interval)
+    await callbacks.heartbeat_once()  # the tombstone says ended: described again
+    await callbacks.answer_due()
+    assert TOKEN not in world.sfn.answers, "still running"
+    world.sfn.finish(CHILD, "FAILED", error="Again", cause="second run")
+    await callbacks.heartbeat_once()
+    await callbacks.answer_due()
+    assert world.sfn.answers[TOKEN] == ("failure", "Again", "second run")
+
+
+async def test_a_child_pending_redrive_is_awaited_not_answered() -> None:
+    """After a restart the request meets its child about to run again (PENDING_REDRIVE)."""
+    world = build_world()
+    world.sfn.add_execution("parent-1-0", input='{"n": 1}', status="PENDING_REDRIVE")
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    assert TOKEN not in world.sfn.answers
+    assert callbacks.tokens() == [(TOKEN, CHILD)]
+    world.sfn.finish(CHILD, "SUCCEEDED", output='"redriven"')
+    events_of(world).apply(terminal_event("SUCCEEDED", output='"redriven"', redriveCount=1))
+    await callbacks.answer_due()
+    assert world.sfn.answers[TOKEN] == ("success", '"redriven"')
+
+
+# -- heartbeats at once, and handed back at the end of a reign -------------------------------
+
+
+async def until_called(world: World, operation: str, callbacks: Callbacks) -> None:
+    """Run the callbacks loop until ``operation`` was called (a few seconds at most)."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(callbacks.run)
+        with anyio.fail_after(3):
+            await world.sfn.called(operation)
+        tg.cancel_scope.cancel()
+
+
+async def test_a_token_is_heartbeated_as_soon_as_it_is_held() -> None:
+    """After a restart the listing found the child running; its request comes back and its
+    token is held again: heartbeated now, not an interval later (its parent has gone
+    without one since the old process's last)."""
+    world = build_world()
+    world.sfn.add_execution("parent-1-0", input='{"n": 1}')
+    world.pool.ledger.observe_running(CHILD, world.clock())
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    assert callbacks.tokens() == [(TOKEN, CHILD)]
+    await until_called(world, "send_task_heartbeat", callbacks)
+    assert world.sfn.calls_to("send_task_heartbeat") == [{"taskToken": TOKEN}]
+
+
+async def test_a_request_waiting_for_a_slot_is_heartbeated_as_soon_as_it_is_received() -> None:
+    world = build_world(limit=1)
+    world.pool.ledger.observe_running("arn:busy", world.clock())
+    world.pool.update()
+    intake, callbacks = wired(world)
+    await intake.admit(intake.queues[0], child_request())
+    assert len(world.pool.room) == 1
+    await until_called(world, "send_task_heartbeat", callbacks)
+    assert world.sfn.calls_to("send_task_heartbeat") == [{"taskToken": TOKEN}]
+
+
+async def test_a_token_heartbeated_just_before_its_start_is_not_heartbeated_again_at_once() -> None:
+    world = build_world()
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    assert await callbacks.heartbeat_new() == 0
+    assert len(world.sfn.calls_to("send_task_heartbeat")) == 1
+
+
+async def test_at_the_end_of_a_reign_held_tokens_get_a_last_heartbeat_and_go_back() -> None:
+    world = build_world()
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    beats = len(world.sfn.calls_to("send_task_heartbeat"))
+    assert await callbacks.hand_back() == 1
+    assert len(world.sfn.calls_to("send_task_heartbeat")) == beats + 1
+    [call] = world.sqs.calls_to("change_message_visibility_batch")
+    assert call["Entries"] == [{"Id": "0", "ReceiptHandle": "rh-m-1", "VisibilityTimeout": 0}]
+    assert callbacks.held == 0
+    assert world.sample("dispatcher_tokens_held", pool="default") == 0
+    assert world.sqs.calls_to("delete_message") == [], "its parent still waits"
+    assert world.sfn.calls_to("stop_execution") == []
+
+
+# -- a request whose parent is already gone --------------------------------------------------
+
+
+async def test_a_request_whose_parent_is_gone_takes_no_slot_and_starts_nothing() -> None:
+    world = build_world(limit=1)
+    world.sfn.gone_tokens.add(TOKEN)
+    intake, _ = wired(world)
+    await handle(world, child_request(), intake)
+    assert world.sfn.calls_to("start_execution") == []
+    assert CHILD not in world.sfn.executions
+    assert [c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")] == ["rh-m-1"]
+    assert world.sample("dispatcher_orphaned_children_total", action="dropped") == 1
+    assert world.pool.ledger.free == 1, "its slot went back"
+
+
+async def test_a_gone_parents_request_whose_child_ended_is_deleted_unstarted() -> None:
+    """Redelivered after its answer's delete was lost: the child ended, the parent was
+    answered (TaskDoesNotExist now): nothing to start, nothing to answer."""
+    world = build_world()
+    world.sfn.add_execution("parent-1-0", input='{"n": 1}', status="SUCCEEDED")
+    world.sfn.answers[TOKEN] = ("success", "{}")
+    intake, _ = wired(world)
+    await handle(world, child_request(), intake)
+    assert world.sfn.calls_to("start_execution") == []
+    assert [c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")] == ["rh-m-1"]
+
+
+@pytest.mark.parametrize("known", ["running", "in_doubt", "described"])
+async def test_a_gone_parents_request_whose_child_may_run_is_not_dropped(known: str) -> None:
+    """The child may exist (the ledger holds it, a start of it is in doubt, or a describe
+    finds it running): the request goes the start's way, which finds the child; the child
+    is let go as an orphan (stopped here), and only then the request deleted."""
+    world = build_world(aws_exact=False, stop_orphaned_children=True)
+    world.sfn.add_execution("parent-1-0", input='{"n": 1}')
+    if known == "running":
+        world.pool.ledger.observe_running(CHILD, world.clock())
+    elif known == "in_doubt":
+        [reservation] = world.pool.ledger.reserve(1, world.clock())
+        world.pool.ledger.doubt(reservation, CHILD, world.clock())
+    world.sfn.gone_tokens.add(TOKEN)
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    assert world.sqs.calls_to("delete_message") == [], "not before its child was dealt with"
+    assert callbacks.tokens() == [(TOKEN, CHILD)]
+    await callbacks.heartbeat_new()
+    assert [c["executionArn"] for c in world.sfn.calls_to("stop_execution")] == [CHILD]
+    assert [c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")] == ["rh-m-1"]
+    assert len(world.sfn.executions) == 1

@@ -12,6 +12,7 @@ from dispatcher.deadletter import (
     MAX_ATTRIBUTES,
     ORIGINAL_ID_ATTRIBUTE,
     REASON_ATTRIBUTE,
+    REQUEST_ID_ATTRIBUTE,
     attribute_size,
     fitted_attributes,
     message_size,
@@ -20,7 +21,7 @@ from tests.fakes import sqs_message
 
 MAX = 262_144
 MESSAGE_ID = "6f0c1f43-6d55-4f73-a3d8-8c2f5a1d9e01"
-OURS = (REASON_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE)
+OURS = (REASON_ATTRIBUTE, REQUEST_ID_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE)
 
 
 def string(value: str) -> dict[str, Any]:
@@ -43,6 +44,7 @@ def test_with_room_everything_goes_the_detail_cut_at_1000_characters() -> None:
     fitted = fitted_attributes(message, "invalid_json", "d" * 5_000, MAX)
     assert fitted == {
         REASON_ATTRIBUTE: string("invalid_json"),
+        REQUEST_ID_ATTRIBUTE: string(MESSAGE_ID),
         ORIGINAL_ID_ATTRIBUTE: string(MESSAGE_ID),
         "tenant": string("t-1"),
         DETAIL_ATTRIBUTE: string("d" * 1_000),
@@ -54,8 +56,8 @@ def test_at_most_ten_attributes_ours_first_and_one_kept_for_the_detail() -> None
     message = sqs_message("{}", message_id=MESSAGE_ID, attributes=many)
     fitted = fitted_attributes(message, "invalid_json", "why", MAX)
     assert len(fitted) == MAX_ATTRIBUTES
-    assert list(fitted)[:2] == list(OURS)
-    assert [name for name in fitted if name.startswith("a")] == [f"a{i:02}" for i in range(7)]
+    assert list(fitted)[:3] == list(OURS)
+    assert [name for name in fitted if name.startswith("a")] == [f"a{i:02}" for i in range(6)]
     assert fitted[DETAIL_ATTRIBUTE] == string("why")
 
 
@@ -72,6 +74,7 @@ def test_near_the_limit_the_detail_goes_first_then_the_copied_attributes() -> No
         message["Body"],
         {
             REASON_ATTRIBUTE: string("invalid_json"),
+            REQUEST_ID_ATTRIBUTE: string(MESSAGE_ID),
             ORIGINAL_ID_ATTRIBUTE: string(MESSAGE_ID),
             "tenant": string("t-1"),
         },
@@ -89,7 +92,12 @@ def test_near_the_limit_the_detail_goes_first_then_the_copied_attributes() -> No
 def test_the_detail_is_cut_between_characters_never_inside_one() -> None:
     message = sqs_message("{}", message_id=MESSAGE_ID)
     base = message_size(
-        "{}", {REASON_ATTRIBUTE: string("r"), ORIGINAL_ID_ATTRIBUTE: string(MESSAGE_ID)}
+        "{}",
+        {
+            REASON_ATTRIBUTE: string("r"),
+            REQUEST_ID_ATTRIBUTE: string(MESSAGE_ID),
+            ORIGINAL_ID_ATTRIBUTE: string(MESSAGE_ID),
+        },
     )
     overhead = attribute_size(DETAIL_ATTRIBUTE, string(""))
     fitted = fitted_attributes(message, "r", "ééé", base + overhead + 3)  # 1.5 characters
@@ -122,6 +130,7 @@ def test_the_copy_always_fits_and_keeps_the_reason_when_it_can(
     assert len(fitted) <= MAX_ATTRIBUTES
     required = {
         REASON_ATTRIBUTE: string("InvalidExecutionInput"),
+        REQUEST_ID_ATTRIBUTE: string(MESSAGE_ID),
         ORIGINAL_ID_ATTRIBUTE: string(MESSAGE_ID),
     }
     if message_size(body, required) <= maximum:
@@ -129,3 +138,23 @@ def test_the_copy_always_fits_and_keeps_the_reason_when_it_can(
     for name, value in fitted.items():
         if name not in (*OURS, DETAIL_ATTRIBUTE):
             assert value == string(attributes[name]), "copied whole, never cut"
+
+
+def test_the_copy_carries_the_requests_identity_whatever_copy_it_is() -> None:
+    """The key when there is one, else the message id; a copy of a copy keeps the identity
+    it carries (not its own new message id), and no earlier dispatcher-* attribute."""
+    keyed = sqs_message("{}", message_id=MESSAGE_ID, attributes={"idempotency-key": "order-1"})
+    assert fitted_attributes(keyed, "r", "d", MAX)[REQUEST_ID_ATTRIBUTE] == string("order-1")
+    copy = sqs_message(
+        "{}",
+        message_id="a-new-id-for-the-copy",
+        attributes={REQUEST_ID_ATTRIBUTE: MESSAGE_ID, REASON_ATTRIBUTE: "old", "tenant": "t"},
+    )
+    fitted = fitted_attributes(copy, "invalid_json", "d", MAX)
+    assert fitted[REQUEST_ID_ATTRIBUTE] == string(MESSAGE_ID)
+    assert fitted[ORIGINAL_ID_ATTRIBUTE] == string("a-new-id-for-the-copy")
+    assert set(fitted) == {*OURS, "tenant", DETAIL_ATTRIBUTE}
+    invalid = sqs_message("{}", attributes={"idempotency-key": "not valid"})
+    assert REQUEST_ID_ATTRIBUTE not in fitted_attributes(
+        invalid, "invalid_idempotency_key", "", MAX
+    )

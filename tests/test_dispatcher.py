@@ -375,7 +375,7 @@ async def test_envelope_format_accepts_plain_text_producers(sandbox_factory: Fac
         )
     document = json.loads(described["input"])
     assert document["body"] == "test message 0"
-    assert document["messageId"] == names[0]
+    assert document["requestId"] == names[0]
 
 
 @pytest.mark.timeout(60)

@@ -12,8 +12,10 @@ import pytest
 from dispatcher.cli import main
 from dispatcher.deadletter import DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REASON_ATTRIBUTE
 from dispatcher.redrive import redrive
+from dispatcher.requests import REQUEST_ID_ATTRIBUTE
 from dispatcher.sandbox import SandboxResources
-from tests.helpers import queue_depth, receive_all, sqs_client
+from tests.helpers import queue_depth, receive_all, sqs_client, wait_until
+from tests.runner import running
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -73,12 +75,55 @@ async def test_dry_run_counts_then_redrive_moves_only_the_reason_asked(
     got = sorted(
         (json.loads(m["Body"])["n"], sorted(m.get("MessageAttributes", {}))) for m in moved
     )
-    assert got == [(n, ["tenant"]) for n in (0, 1, 2, 5)]
+    assert got == [(n, [REQUEST_ID_ATTRIBUTE, "tenant"]) for n in (0, 1, 2, 5)]
+    # Each copy carries the request's identity: the original message id the dead letter names.
+    ids = {
+        json.loads(m["Body"])["n"]: m["MessageAttributes"][REQUEST_ID_ATTRIBUTE]["StringValue"]
+        for m in moved
+    }
+    assert [ids[n] for n in (0, 1, 2)] == ["m0", "m1", "m2"]
     left = await receive_all(sandbox.endpoint, sandbox.dead_letter_queue_url, count=2)
     assert sorted(m["MessageAttributes"][REASON_ATTRIBUTE]["StringValue"] for m in left) == [
         "start_failed",
         "start_failed",
     ]
+
+
+async def test_redrive_ends_while_the_dispatcher_dead_letters_every_copy_again(
+    sandbox: SandboxResources,
+) -> None:
+    """The README's example, `redrive --reason invalid_json` while the dispatcher runs: each
+    copy is dead-lettered again at once. The run moves the five that were there, leaves the
+    copies that come back, and ends; every copy keeps its request's identity."""
+    url, dlq = sandbox.request_queue_url, sandbox.dead_letter_queue_url
+    async with sqs_client(sandbox.endpoint) as sqs:
+        ids = [
+            (await sqs.send_message(QueueUrl=url, MessageBody=f"not json {n}"))["MessageId"]
+            for n in range(5)
+        ]
+        async with running(sandbox):
+
+            async def dead_lettered() -> bool:
+                return await queue_depth(sandbox.endpoint, dlq) == 5
+
+            await wait_until(dead_lettered, timeout=20, message="five dead letters")
+            with anyio.fail_after(30):  # the old redrive went on for ever
+                report = await redrive(
+                    sqs, dlq, url, reasons={"invalid_json"}, visibility=60, wait_seconds=1
+                )
+            assert report.moved == {"invalid_json": 5}
+            assert report.ok
+
+            async def settled() -> bool:  # every copy dead-lettered again, no more
+                return await queue_depth(sandbox.endpoint, url) == 0 and (
+                    await queue_depth(sandbox.endpoint, dlq) == 5
+                )
+
+            await wait_until(settled, timeout=20, message="the copies back in the DLQ")
+    letters = await receive_all(sandbox.endpoint, dlq, count=5)
+    assert sorted(m["MessageAttributes"][REQUEST_ID_ATTRIBUTE]["StringValue"] for m in letters) == (
+        sorted(ids)
+    ), "each copy of a copy still names the request it came from"
 
 
 def test_nothing_to_redrive_from_names_the_variable(capsys: pytest.CaptureFixture[str]) -> None:
@@ -115,6 +160,7 @@ class FakeQueues:
                 "ReceiptHandle": f"h-{m['MessageId']}",
                 "Body": m["Body"],
                 "MessageAttributes": m["MessageAttributes"],
+                "Attributes": m.get("Attributes", {}),
             }
             for m in visible
         ]
@@ -160,7 +206,9 @@ async def test_a_refused_copy_keeps_its_dead_letter_and_is_reported() -> None:
     assert not report.ok
     assert list(fake.letters) == ["id4"], "only the refused one is left, and visible again"
     assert fake.hidden == set()
-    assert all(set(e.get("MessageAttributes", {})) == {"tenant"} for e in fake.sent)
+    assert all(
+        set(e.get("MessageAttributes", {})) == {"tenant", REQUEST_ID_ATTRIBUTE} for e in fake.sent
+    )
     # Each delete comes after the send of the same messages, and never names the refused one.
     sends = [i for i, (call, _) in enumerate(fake.calls) if call == "send"]
     deletes = [i for i, (call, _) in enumerate(fake.calls) if call == "delete"]
@@ -174,3 +222,91 @@ async def test_max_moves_at_most_n_and_releases_the_rest() -> None:
     assert (report.moved, report.seen) == ({"start_failed": 2}, {"start_failed": 5})
     assert len(fake.letters) == 3
     assert fake.hidden == set()
+
+
+class EchoingQueues(FakeQueues):
+    """A dispatcher that dead-letters every copy again at once: each sent entry comes back
+    to the dead-letter queue as a new message (new id, sent now), as the dispatcher writes
+    it (its reason, the request id the copy carried)."""
+
+    def __init__(self, letters: list[dict[str, Any]], started_ms: int) -> None:
+        super().__init__(letters, refuse=set())
+        self.started_ms = started_ms
+        self.ids = iter(range(1000, 10**9))
+
+    async def send_message_batch(self, **kwargs: Any) -> dict[str, Any]:
+        result = await super().send_message_batch(**kwargs)
+        for entry in kwargs["Entries"]:
+            message_id = f"id{next(self.ids)}"
+            attributes = dict(entry.get("MessageAttributes", {}))
+            attributes[REASON_ATTRIBUTE] = _string("invalid_json")
+            self.letters[message_id] = {
+                "MessageId": message_id,
+                "Body": entry["MessageBody"],
+                "MessageAttributes": attributes,
+                "Attributes": {"SentTimestamp": str(self.started_ms + 5)},
+            }
+        return result
+
+
+async def test_redrive_ends_when_every_copy_comes_back_at_once() -> None:
+    """Three dead letters, each dead-lettered again the moment it is sent: three moved, the
+    copies left (sent after the run started), and the run ends."""
+    started = 1_700_000_000_000
+    fake = EchoingQueues([_dead_letter(n, "invalid_json") for n in range(3)], started)
+    with anyio.fail_after(5):
+        report = await redrive(fake, "dlq", "q", started_ms=started)  # type: ignore[arg-type]
+    assert report.moved == {"invalid_json": 3}
+    assert (report.arrived, report.came_back) == (0, 3)
+    assert len(fake.sent) == 3
+    assert len(fake.letters) == 3, "the copies that came back are left, visible again"
+    assert fake.hidden == set()
+
+
+async def test_a_copy_of_a_request_already_moved_is_left_whatever_its_timestamp() -> None:
+    """Even a host clock ahead of SQS's cannot make it go round: a dead letter of a request
+    this run moved is left."""
+    started = 1_700_000_000_000
+    fake = EchoingQueues([_dead_letter(n, "invalid_json") for n in range(2)], started + 10_000)
+    with anyio.fail_after(5):
+        report = await redrive(fake, "dlq", "q", started_ms=started + 60_000)  # type: ignore[arg-type]
+    assert (report.moved, report.came_back) == ({"invalid_json": 2}, 2)
+
+
+async def test_dead_letters_sent_after_the_run_started_are_left() -> None:
+    started = 1_700_000_000_000
+    letters = [_dead_letter(n, "start_failed") for n in range(3)]
+    for n, letter in enumerate(letters):
+        letter["Attributes"] = {"SentTimestamp": str(started + (n - 1) * 1000)}  # -1 s, 0, +1 s
+    fake = FakeQueues(letters, refuse=set())
+    report = await redrive(fake, "dlq", "q", started_ms=started)  # type: ignore[arg-type]
+    assert (report.moved, report.arrived) == ({"start_failed": 2}, 1)
+    assert list(fake.letters) == ["id2"]
+
+
+class UndeletableQueues(FakeQueues):
+    """A dead-letter queue whose deletes fail: each run sends a copy and leaves the letter."""
+
+    async def delete_message_batch(self, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append(("delete", []))
+        return {
+            "Successful": [],
+            "Failed": [
+                {"Id": e["Id"], "Code": "InternalError", "SenderFault": False}
+                for e in kwargs["Entries"]
+            ],
+        }
+
+
+async def test_a_redrive_run_again_after_a_failed_delete_sends_the_same_identity() -> None:
+    """The delete failed (or the run was killed between send and delete): the next run
+    sends the request again, under the same request id, so it maps to the same execution."""
+    letters = [_dead_letter(0, "start_failed"), _dead_letter(1, None)]
+    fake = UndeletableQueues(letters, refuse=set())
+    first = await redrive(fake, "dlq", "q")  # type: ignore[arg-type]
+    second = await redrive(fake, "dlq", "q")  # type: ignore[arg-type]
+    assert len(first.not_deleted) == len(second.not_deleted) == 2
+    ids = [e["MessageAttributes"][REQUEST_ID_ATTRIBUTE]["StringValue"] for e in fake.sent]
+    # The dispatcher's dead letter names its original (m0); the one a redrive policy moved
+    # keeps its message id, which is the original's (id1).
+    assert ids == ["m0", "id1", "m0", "id1"]

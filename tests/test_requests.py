@@ -12,6 +12,7 @@ from dispatcher.config import InputFormat
 from dispatcher.requests import (
     IDEMPOTENCY_ATTRIBUTE,
     MAX_INPUT_BYTES,
+    REQUEST_ID_ATTRIBUTE,
     BadRequest,
     StartRequest,
     execution_arn,
@@ -144,9 +145,59 @@ def test_envelope_wraps_a_plain_text_body_and_its_attributes() -> None:
     assert request.name == "k-1"
     assert json.loads(request.input) == {
         "body": "plain text, not JSON",
-        "messageId": MESSAGE_ID,
+        "requestId": "k-1",
         "attributes": {"customer": "c-1", IDEMPOTENCY_ATTRIBUTE: "k-1"},
     }
+
+
+def test_envelope_is_the_same_for_a_producers_retry_and_for_every_copy() -> None:
+    """Same key, body and attributes sent twice (new message id, attributes in another
+    order, the parent's new task token), a dead-letter copy (dispatcher-* attributes), a
+    redrive (new id, request id kept): one input, so no idempotency conflict."""
+    body, attrs = "plain text", {IDEMPOTENCY_ATTRIBUTE: "k-1", "customer": "c-1"}
+    first = sqs_message(body, message_id=MESSAGE_ID, attributes={**attrs, "task-token": "t1"})
+    retry = sqs_message(
+        body, message_id="retry-id", attributes={"customer": "c-1", **attrs, "task-token": "t2"}
+    )
+    copy = sqs_message(
+        body,
+        message_id="copy-id",
+        attributes={
+            **attrs,
+            REQUEST_ID_ATTRIBUTE: "k-1",
+            "dispatcher-reason": "invalid_json",
+            "dispatcher-original-message-id": MESSAGE_ID,
+        },
+    )
+    inputs = {started(m, InputFormat.ENVELOPE).input for m in (first, retry, copy)}
+    assert len(inputs) == 1
+    [document] = [json.loads(i) for i in inputs]
+    assert document["attributes"] == attrs
+    plain = sqs_message(body, message_id=MESSAGE_ID)
+    redriven = sqs_message(body, message_id="new-id", attributes={REQUEST_ID_ATTRIBUTE: MESSAGE_ID})
+    assert (
+        started(plain, InputFormat.ENVELOPE).input == started(redriven, InputFormat.ENVELOPE).input
+    )
+
+
+def test_every_copy_of_a_request_maps_to_its_name() -> None:
+    """A copy (dead letter, redrive, SQS move task) has a new message id but carries the
+    request's identity: the same name as the original."""
+    original = started(sqs_message(message_id=MESSAGE_ID))
+    copy = started(sqs_message(message_id="copy-id", attributes={REQUEST_ID_ATTRIBUTE: MESSAGE_ID}))
+    assert original.name == copy.name == copy.identity == MESSAGE_ID
+    keyed = sqs_message(
+        message_id="copy-id",
+        attributes={REQUEST_ID_ATTRIBUTE: "order-1", IDEMPOTENCY_ATTRIBUTE: "order-1"},
+    )
+    assert started(keyed).name == "order-1"
+
+
+@pytest.mark.parametrize("value", ["", "A" * 81, "a b", "x\n"])
+def test_an_invalid_request_id_is_refused_not_replaced(value: str) -> None:
+    bad = refused(sqs_message(message_id=MESSAGE_ID, attributes={REQUEST_ID_ATTRIBUTE: value}))
+    assert bad.reason == "invalid_idempotency_key"
+    assert REQUEST_ID_ATTRIBUTE in bad.detail
 
 
 def test_envelope_size_limit_counts_the_wrapped_input() -> None:

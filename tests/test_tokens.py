@@ -192,3 +192,42 @@ async def test_a_parent_that_stopped_waiting_lets_the_dispatcher_stop_the_child(
             "dispatcher_orphaned_children_total", {"pool": "default", "action": "stopped"}
         )
         assert orphans == 1
+
+
+@pytest.mark.timeout(150)
+async def test_an_orderly_stop_hands_held_tokens_back_at_once_and_the_next_one_answers(
+    sandbox_factory: Factory,
+) -> None:
+    """A deploy: the dispatcher stops while a child runs and its parent waits. The token's
+    message is visible again as the process ends (not a visibility timeout later), after a
+    last heartbeat; the next dispatcher takes it over and answers the parent once the child
+    ends. One child, no second start."""
+    resources = await sandbox_factory(limit=2)
+    async with (
+        session().client("stepfunctions", endpoint_url=resources.endpoint) as sfn,
+        session().client("sqs", endpoint_url=resources.endpoint) as sqs,
+    ):
+        [parent] = await start_parents(sfn, resources, [[{"seconds": 6}]])
+        async with running(resources, limit=2, visibility_timeout=300) as first:
+
+            async def token_held() -> bool:
+                return first.callbacks is not None and first.callbacks.held == 1
+
+            await wait_for(token_held, within=30)
+            beats = first.metrics.registry.get_sample_value(
+                "dispatcher_heartbeats_total", {"pool": "default", "outcome": "ok"}
+            )
+        after = first.metrics.registry.get_sample_value(
+            "dispatcher_heartbeats_total", {"pool": "default", "outcome": "ok"}
+        )
+        assert (after or 0) > (beats or 0), "a last heartbeat as it left"
+        visible = await sqs.get_queue_attributes(
+            QueueUrl=resources.request_queue_url, AttributeNames=["ApproximateNumberOfMessages"]
+        )
+        assert visible["Attributes"]["ApproximateNumberOfMessages"] == "1", "handed back"
+        async with running(resources, limit=2, visibility_timeout=300):
+            [described] = await finished(sfn, [parent], within=60)
+        assert described["status"] == "SUCCEEDED", described
+        assert json.loads(described["output"])["results"] == [{"seconds": 6}]
+        assert len(await list_executions(sfn, resources.state_machine_arn)) == 1
+        assert await depth(sqs, resources.request_queue_url) == 0

@@ -1,0 +1,273 @@
+"""One identity per request, whatever copy of it arrives and whatever the configuration: a
+dead-letter copy, a redrive by ``sfn-dispatcher redrive`` or by SQS's move task, a
+producer's retry (with its key), a request in flight across a ``key_attribute`` change -
+each maps to the request's one execution (on fakes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import stamina
+
+from dispatcher.callbacks import Callbacks
+from dispatcher.config import InputFormat
+from dispatcher.intake import Intake
+from dispatcher.redrive import request_attributes
+from dispatcher.requests import (
+    IDEMPOTENCY_ATTRIBUTE,
+    REQUEST_ID_ATTRIBUTE,
+    StartRequest,
+    execution_arn,
+    former_names,
+    key_tag,
+    parse,
+)
+from tests.fake_intake import handle, intake_of
+from tests.fakes import (
+    DEAD_LETTER_QUEUE,
+    STATE_MACHINE_ARN,
+    World,
+    build_world,
+    client_error,
+    sqs_message,
+)
+
+pytestmark = pytest.mark.timeout(10)
+
+MESSAGE_ID = "2f6c0f7e-8b1a-4c3d-9e5f-0a1b2c3d4e5f"
+PLAIN_ARN = execution_arn(STATE_MACHINE_ARN, MESSAGE_ID)
+TOKEN = "AQCEAAAAKgAAAAMAAAAAAAAAA" + "x" * 300
+
+
+@pytest.fixture(autouse=True)
+def fast_retries() -> Iterator[None]:
+    with stamina.set_testing(True, attempts=3):
+        yield
+
+
+def keyed_name(key: str, name: str) -> str:
+    return f"k{key_tag(key)}_{name}"
+
+
+def copy_of(letter: dict[str, Any], message_id: str, attributes: dict[str, Any]) -> dict[str, Any]:
+    """The dead letter as it comes back to the request queue with a new message id."""
+    return {
+        "MessageId": message_id,
+        "ReceiptHandle": f"rh-{message_id}",
+        "Body": letter["Body"],
+        "MessageAttributes": attributes,
+        "Attributes": {"ApproximateReceiveCount": "1"},
+    }
+
+
+# -- every copy maps to the same execution --------------------------------------------------
+
+
+@pytest.mark.parametrize("key_attribute", [None, "tenant"])
+async def test_every_copy_of_a_dead_lettered_request_maps_to_its_one_execution(
+    key_attribute: str | None,
+) -> None:
+    """The request started, then was dead-lettered anyway (say, on its last receive): the
+    copy SQS's move task brings back (every attribute kept, new id) and the copy `redrive`
+    sends (dispatcher-* dropped but the request id, new id) start nothing new."""
+    world = build_world(key_attribute=key_attribute)
+    message = sqs_message('{"n": 1}', message_id=MESSAGE_ID, attributes={"tenant": "t-1"})
+    intake = await handle(world, message)
+    [first] = world.sfn.executions
+    await intake.starter.dead_letter(intake.queues[0], "default", message, "receive_limit", "why")
+    [letter] = world.sqs.visible[DEAD_LETTER_QUEUE]
+    assert letter["MessageAttributes"][REQUEST_ID_ATTRIBUTE]["StringValue"] == MESSAGE_ID
+    moved = copy_of(letter, "moved-by-sqs", letter["MessageAttributes"])
+    redriven = copy_of(letter, "redriven", request_attributes(letter))
+    again = copy_of(letter, "redriven-again", request_attributes(letter))  # delete had failed
+    for copy in (moved, redriven, again):
+        await handle(world, copy, intake)
+    assert list(world.sfn.executions) == [first], "one execution for the request and its copies"
+    assert {call["name"] for call in world.sfn.calls_to("start_execution")} == {
+        first.rsplit(":", 1)[-1]
+    }
+    assert intake.stats.started == 1
+    assert intake.stats.duplicates == 3
+
+
+async def test_a_producers_retry_in_envelope_format_is_the_same_request() -> None:
+    """Same key, same text, sent twice: the second is a duplicate of the first execution,
+    not an idempotency conflict (the envelope no longer embeds the message id)."""
+    world = build_world(input_format="envelope")
+    intake = intake_of(world)
+    for message_id in ("m-1", "m-2"):
+        attributes = {IDEMPOTENCY_ATTRIBUTE: "order-7", "customer": "c-1"}
+        await handle(
+            world, sqs_message("plain", message_id=message_id, attributes=attributes), intake
+        )
+    assert list(world.sfn.executions) == [execution_arn(STATE_MACHINE_ARN, "order-7")]
+    assert "send_message" not in world.sqs.names(), "nothing dead-lettered"
+    assert intake.stats.duplicates == 1
+    [execution] = world.sfn.executions.values()
+    assert json.loads(execution.input) == {
+        "body": "plain",
+        "requestId": "order-7",
+        "attributes": {"customer": "c-1", IDEMPOTENCY_ATTRIBUTE: "order-7"},
+    }
+
+
+# -- names across a key_attribute change -----------------------------------------------------
+
+
+def old_message(**attributes: str) -> dict[str, Any]:
+    """A request first received (by the previous process) a minute ago."""
+    first = str(int((time.time() - 60) * 1000))
+    return sqs_message(
+        '{"n": 1}',
+        message_id=MESSAGE_ID,
+        attributes=attributes,
+        system={"ApproximateFirstReceiveTimestamp": first, "ApproximateReceiveCount": "2"},
+    )
+
+
+def restarted(world: World) -> Intake:
+    """This reign's intake: its reign began now (after the message's first receive)."""
+    return intake_of(world)
+
+
+async def test_turning_on_a_key_attribute_adopts_the_running_execution_of_its_former_name() -> None:
+    """Plain before the restart, keyed after: the start-up listing shows the request's
+    execution under its plain name; the message comes back and starts nothing."""
+    world = build_world(key_attribute="tenant")
+    world.sfn.add_execution(MESSAGE_ID, '{"n": 1}')
+    world.pool.ledger.observe_running(PLAIN_ARN, world.clock())  # the start-up listing
+    intake = restarted(world)
+    await handle(world, old_message(tenant="t-1"), intake)
+    assert world.sfn.calls_to("start_execution") == []
+    assert list(world.sfn.executions) == [PLAIN_ARN]
+    assert world.pool.ledger.running == {PLAIN_ARN}
+    assert world.pool.ledger.reserved_count == 0
+    assert world.sqs.names() == ["describe_execution", "delete_message"]
+    assert world.sample("dispatcher_former_name_lookups_total", result="found") == 1
+    assert world.sample("dispatcher_former_name_describes_total") == 0, "the ledger knew it"
+
+
+async def test_turning_off_a_key_attribute_finds_the_closed_execution_by_describing() -> None:
+    """Keyed before, plain after; the execution already ended (the listing cannot show
+    it): a describe of the former keyed name finds it, and the request is done."""
+    world = build_world()
+    former = execution_arn(STATE_MACHINE_ARN, keyed_name("t-1", MESSAGE_ID))
+    world.sfn.add_execution(keyed_name("t-1", MESSAGE_ID), '{"n": 1}', status="SUCCEEDED")
+    intake = restarted(world)
+    await handle(world, old_message(tenant="t-1", region="eu"), intake)
+    assert world.sfn.calls_to("start_execution") == []
+    assert world.pool.ledger.is_tombstoned(former)
+    assert world.pool.ledger.free == world.pool.ledger.limit
+    assert "delete_message" in world.sqs.names()
+    assert intake.stats.duplicates == 1
+    described = [c["executionArn"] for c in world.sfn.calls_to("describe_execution")]
+    # The plain name is the current one; then the other attributes' keys by name (region,
+    # tenant): found at the second, then described once more to settle it.
+    assert described == [
+        execution_arn(STATE_MACHINE_ARN, keyed_name("eu", MESSAGE_ID)),
+        former,
+        former,
+    ]
+
+
+async def test_a_changed_key_attribute_answers_the_parent_of_a_child_that_ended() -> None:
+    """A parent's token message across a restart that changed the key attribute: its child
+    ended meanwhile, under the former keyed name. The parent gets the child's result; no
+    second child starts."""
+    world = build_world(key_attribute="region")
+    callbacks = Callbacks(
+        world.settings, world.clients, world.metrics, {"default": world.pool}, world.clock
+    )
+    child = keyed_name("t-1", "parent-1-0")
+    arn = world.sfn.add_execution(child, '{"n": 1}')
+    world.sfn.finish(arn, output='{"result": 42}')
+    intake = restarted(world)
+    intake.starter.callbacks = callbacks
+    message = old_message(
+        tenant="t-1", region="eu", **{"task-token": TOKEN, IDEMPOTENCY_ATTRIBUTE: "parent-1-0"}
+    )
+    await handle(world, message, intake)
+    assert world.sfn.calls_to("start_execution") == []
+    assert world.sfn.answers[TOKEN] == ("success", '{"result": 42}')
+
+
+async def test_a_failed_describe_keeps_the_request_and_starts_nothing() -> None:
+    world = build_world(key_attribute="tenant")
+    world.sfn.fail_always("describe_execution", client_error("InternalFailure", 500))
+    intake = restarted(world)
+    await handle(world, old_message(tenant="t-1"), intake)
+    assert world.sfn.calls_to("start_execution") == []
+    assert world.sfn.executions == {}
+    [back] = world.sqs.calls_to("change_message_visibility")
+    assert back["VisibilityTimeout"] == 30
+    assert world.pool.ledger.free == world.pool.ledger.limit
+    assert world.sample("dispatcher_former_name_lookups_total", result="failed") == 1
+
+
+async def test_a_request_first_received_in_this_reign_costs_no_lookup() -> None:
+    """The rule's cost is paid only by requests older than the reign (and by copies)."""
+    world = build_world(key_attribute="tenant")
+    intake = restarted(world)
+    later = str(int((intake.starter.reign_began + 10) * 1000))
+    message = sqs_message(
+        '{"n": 1}',
+        message_id=MESSAGE_ID,
+        attributes={"tenant": "t-1"},
+        system={"ApproximateFirstReceiveTimestamp": later},
+    )
+    await handle(world, message, intake)
+    assert world.sqs.names() == ["start_execution", "delete_message"]
+    assert world.sample("dispatcher_former_name_lookups_total") == 0
+
+
+async def test_nothing_under_a_former_name_starts_it_under_the_current_one() -> None:
+    world = build_world(key_attribute="tenant")
+    intake = restarted(world)
+    await handle(world, old_message(tenant="t-1"), intake)
+    [start] = world.sfn.calls_to("start_execution")
+    assert start["name"] == keyed_name("t-1", MESSAGE_ID)
+    described = world.sfn.calls_to("describe_execution")
+    # The plain name; then the name a former key attribute the message lacks gave it.
+    empty_key = execution_arn(STATE_MACHINE_ARN, keyed_name("", MESSAGE_ID))
+    assert [c["executionArn"] for c in described] == [PLAIN_ARN, empty_key]
+    assert world.sample("dispatcher_former_name_lookups_total", result="not_found") == 1
+    assert world.sample("dispatcher_former_name_describes_total") == 2
+
+
+def test_former_names_are_bounded_and_exclude_the_current_name() -> None:
+    attributes = {f"a{i}": f"v{i}" for i in range(9)} | {
+        "task-token": TOKEN,
+        IDEMPOTENCY_ATTRIBUTE: "order-1",
+        "tenant": "t-1",
+        REQUEST_ID_ATTRIBUTE: "order-1",
+    }
+    message = sqs_message("{}", message_id=MESSAGE_ID, attributes=attributes)
+    request = parse(message, InputFormat.JSON)
+    assert isinstance(request, StartRequest)
+    plain = former_names(request, message, None)
+    assert plain[0] == keyed_name("v0", "order-1")
+    assert len(plain) == 5  # four attribute values and the empty key
+    assert "order-1" not in plain, "the current name"
+    assert keyed_name(TOKEN, "order-1") not in plain
+    keyed = former_names(
+        dataclasses.replace(request, name=keyed_name("t-1", "order-1")), message, "tenant"
+    )
+    assert keyed[0] == "order-1"
+    assert keyed_name("t-1", "order-1") not in keyed
+
+
+async def test_an_envelope_written_before_the_upgrade_is_the_same_request() -> None:
+    """An execution started with the former envelope (the message id, every attribute) and
+    the request redelivered after the upgrade: a duplicate, not an idempotency conflict."""
+    world = build_world(input_format="envelope", aws_exact=False)
+    attributes = {IDEMPOTENCY_ATTRIBUTE: "order-7", "task-token": TOKEN}
+    former = {"body": "plain", "messageId": "m-1", "attributes": attributes}
+    world.sfn.add_execution("order-7", json.dumps(former))
+    intake = await handle(world, sqs_message("plain", message_id="m-1", attributes=attributes))
+    assert intake.stats.duplicates == 1
+    assert "send_message" not in world.sqs.names()
