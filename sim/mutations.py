@@ -34,6 +34,7 @@ from typing import Any
 import structlog
 
 import dispatcher.aws
+import dispatcher.redrive
 import dispatcher.requests
 import dispatcher.starter
 from dispatcher.callbacks import Callbacks
@@ -452,6 +453,15 @@ CATALOGUE: tuple[Mutation, ...] = (
         "await self._release(held)\nreturn False",
     ),
     _m(
+        "answer-from-reopened-child",
+        "token answer and deletion",
+        "a parent is answered only with its child's final result (not a run a redrive reopened)",
+        Callbacks,
+        "_answer_of",
+        'if str(described["status"]) not in CLOSED:',
+        "if False:",
+    ),
+    _m(
         "answer-before-child-ended",
         "token answer and deletion",
         "a parent is answered only once its child has ended",
@@ -477,8 +487,17 @@ CATALOGUE: tuple[Mutation, ...] = (
         "only an answer that says the parent is gone lets its request go",
         Callbacks,
         "_heartbeat",
-        'bound.warning("dispatcher.heartbeat_failed", error=str(exc))\nreturn True',
-        'bound.warning("dispatcher.heartbeat_failed", error=str(exc))\nreturn False',
+        'bound.warning("dispatcher.heartbeat_failed", error=str(exc))\nreturn "error"',
+        'bound.warning("dispatcher.heartbeat_failed", error=str(exc))\nreturn "parent_gone"',
+    ),
+    _m(
+        "orphan-stopped-while-awaited",
+        "orphan checks",
+        "a child is orphaned (stopped) only when no other token waits on it",
+        Callbacks,
+        "_orphaned",
+        "if self._waiters(arn, gone):",
+        "if False:",
     ),
     # -- name derivation ---------------------------------------------------------------------
     _m(
@@ -486,10 +505,46 @@ CATALOGUE: tuple[Mutation, ...] = (
         "name derivation",
         "a request with an idempotency key is named by its key, not by its message id",
         dispatcher.requests,
-        "execution_name",
-        "if IDEMPOTENCY_ATTRIBUTE in attrs:",
-        "if False:",
-        reach='key = attrs[IDEMPOTENCY_ATTRIBUTE].get("StringValue")',
+        "request_identity",
+        "for attribute in (REQUEST_ID_ATTRIBUTE, IDEMPOTENCY_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE):",
+        "for attribute in (REQUEST_ID_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE):",
+    ),
+    _m(
+        "copies-named-by-message-id",
+        "redrive identity",
+        "every copy of a request (dead letter, redrive, move task) keeps its identity",
+        dispatcher.requests,
+        "request_identity",
+        "for attribute in (REQUEST_ID_ATTRIBUTE, IDEMPOTENCY_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE):",
+        "for attribute in (IDEMPOTENCY_ATTRIBUTE,):",
+    ),
+    _m(
+        "redrive-drops-identity",
+        "redrive identity",
+        "a redrive's copy carries the request's identity",
+        dispatcher.redrive,
+        "request_attributes",
+        "if not name.startswith(OUR_PREFIX) or name == REQUEST_ID_ATTRIBUTE",
+        "if not name.startswith(OUR_PREFIX)",
+        reach="attributes = {",
+        also=(
+            Edit(
+                dispatcher.redrive,
+                "request_attributes",
+                "attributes[REQUEST_ID_ATTRIBUTE] = {",
+                "attributes['dispatcher-dropped'] = {",
+            ),
+        ),
+    ),
+    _m(
+        "former-names-not-looked-up",
+        "name derivation",
+        "a request received before a restart is looked for under the names a former "
+        "configuration gave it",
+        Starter,
+        "_may_have_former_name",
+        'if REQUEST_ID_ATTRIBUTE in (message.get("MessageAttributes") or {}):',
+        'return False\nif REQUEST_ID_ATTRIBUTE in (message.get("MessageAttributes") or {}):',
     ),
     _m(
         "name-without-key-tag",
