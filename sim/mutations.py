@@ -181,11 +181,27 @@ class Mutation:
         """The functions edited."""
         return ", ".join(e.target for e in self.edits)
 
+    def patches(self) -> tuple[tuple[Any, str, Any], ...]:
+        """``(owner, attribute, edited)`` for each function edited (its edits together)."""
+        groups: dict[tuple[int, str], list[Edit]] = {}
+        for edit in self.edits:
+            groups.setdefault((id(edit.owner), edit.attribute), []).append(edit)
+        patches = []
+        for group in groups.values():
+
+            def edited(source: str, group: list[Edit] = group) -> str:
+                for edit in group:
+                    source = edit.apply(source)
+                return source
+
+            patches.append((group[0].owner, group[0].attribute, group[0].compile(edited)))
+        return tuple(patches)
+
     def as_bug(self) -> Bug:
         """The mutation in `sim.bugs`' form: what `put_back` applies for a run."""
         return Bug(
             issue=f"mutation ({self.kind}): {self.rule}",
-            patches=tuple((e.owner, e.attribute, e.compile()) for e in self.edits),
+            patches=self.patches(),
             settings=self.settings,
         )
 
