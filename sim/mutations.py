@@ -575,6 +575,31 @@ CATALOGUE: tuple[Mutation, ...] = (
 
 MUTATIONS: dict[str, Mutation] = {m.name: m for m in CATALOGUE}
 
+NOT_YET_CAUGHT = frozenset(
+    {
+        "5xx-means-not-started",
+        "refusal-erases-earlier-doubt",
+        "retry-admitted-over-limit",
+        "new-start-ignores-starts-sent",
+        "key-retry-admitted-over-key-limit",
+        "retry-without-lease",
+        "describe-failure-frees-slot",
+        "late-terminal-frees-redriven-run",
+        "redrive-count-dropped-from-events",
+        "deferrals-not-spaced",
+        "token-released-when-answer-failed",
+        "answer-before-child-ended",
+        "any-heartbeat-error-orphans",
+        "orphan-stopped-while-awaited",
+        "copies-named-by-message-id",
+        "redrive-drops-identity",
+        "name-without-key-tag",
+    }
+)
+"""Mutations no seed of the 200 catches yet (the simulation's gaps, /work/MUTATION-GAPS.md
+says why): `make mutate` fails on them; the test of `make test` hunts only the others, so
+that a rule the simulation once caught stays caught. Remove a name once it is caught."""
+
 
 # -- the kill matrix -------------------------------------------------------------------------
 
