@@ -5,7 +5,7 @@ EMULATOR_VENV ?= .venv-emulator
 PY := $(VENV)/bin/python
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: demo test test-fast lint format bench simulate lock clean help
+.PHONY: demo test test-fast lint format bench simulate mutate lock clean help
 
 help:
 	@echo "make demo   - sandbox + dispatcher + 200 requests, limit held, summary (DEMO_ARGS=... for more flags)"
@@ -13,6 +13,7 @@ help:
 	@echo "make lint   - ruff + mypy strict"
 	@echo "make bench  - benchmarks, results in bench/results/"
 	@echo "make simulate - the deterministic simulation: 2,000 seeds, then each fixed bug put back"
+	@echo "make mutate - the kill matrix: each safety rule taken out, the first seed that notices"
 	@echo "make lock   - refresh requirements.lock (pinned runtime deps for the image)"
 
 # Two stamps: `make demo` needs only the package and its runtime dependencies
@@ -67,6 +68,15 @@ simulate: $(VENV)/.installed
 	@mkdir -p sim/results
 	PYTHONHASHSEED=0 $(PY) -m sim --seeds $(SEEDS) --json sim/results/simulate.json
 	PYTHONHASHSEED=0 $(PY) -m sim --teeth --seeds $(SEEDS) --json sim/results/teeth.json
+
+# The simulation's power: each mutation of sim/mutations.py takes one safety rule out of the
+# dispatcher; every one must be caught within the 200 seeds (exit 1 otherwise). Results in
+# sim/results/mutations.json. MUTATE_WORKERS processes; MUTATE_BUDGET: CPU s per mutation.
+MUTATE_WORKERS ?= 2
+MUTATE_BUDGET ?= 300
+mutate: $(VENV)/.installed
+	@mkdir -p sim/results
+	PYTHONHASHSEED=0 $(PY) -m sim --mutate --seeds 200 --workers $(MUTATE_WORKERS) --budget $(MUTATE_BUDGET) --json sim/results/mutations.json
 
 # Pinned runtime dependencies (with hashes) for the container image.
 lock: $(VENV)/.installed

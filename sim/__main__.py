@@ -5,6 +5,8 @@
     python -m sim --replay 1234        # one seed: its history around each violation
     python -m sim --bug lost-answer-frees-slot   # put a fixed bug back: the sim must find it
     python -m sim --teeth              # each fixed bug put back in turn: seeds to find it
+    python -m sim --mutate             # the kill matrix: each mutation of sim.mutations
+    python -m sim --mutate --only no-tombstone --seeds 500 --workers 1
     python -m sim --no-parents         # without the task-token parents a share of seeds has
     python -m sim --extras all         # with the operator scenarios of sim/extras.py
 
@@ -25,7 +27,7 @@ from typing import Any
 import structlog
 from tqdm import tqdm
 
-from sim import extras, harness
+from sim import extras, harness, mutations
 from sim.bugs import BUGS
 from sim.findings import FINDINGS
 from sim.harness import Outcome, simulate
@@ -72,11 +74,17 @@ def describe(outcome: Outcome, bugs: tuple[str, ...] = ()) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the seeds; print the summary (and each failure's replay command)."""
     parser = argparse.ArgumentParser(prog="python -m sim", description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=2000, help="how many seeds (2000)")
+    parser.add_argument(
+        "--seeds", type=int, help="how many seeds (2000; --mutate: 200 per mutation)"
+    )
     parser.add_argument("--first", type=int, default=0, help="the first seed (0)")
     parser.add_argument("--replay", type=int, help="run this one seed and print its trace")
     parser.add_argument(
-        "--bug", action="append", default=[], choices=sorted(BUGS), help="put a fixed bug back"
+        "--bug",
+        action="append",
+        default=[],
+        choices=sorted(BUGS) + sorted(mutations.MUTATIONS),
+        help="put a fixed bug back, or apply a mutation (a safety rule taken out)",
     )
     parser.add_argument("--verbose", action="store_true", help="the dispatcher's logs (replay)")
     parser.add_argument("--json", type=Path, help="write the summary here as JSON")
@@ -99,6 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         help="replay what the operator scenarios found (sim/findings.py): still failing?",
     )
     parser.add_argument(
+        "--mutate",
+        action="store_true",
+        help="the kill matrix: each mutation until a seed catches it (exit 1: one is not)",
+    )
+    parser.add_argument(
+        "--only", action="append", choices=sorted(mutations.MUTATIONS), help="--mutate: these"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="--mutate: processes (2)")
+    parser.add_argument(
+        "--budget", type=float, help="--mutate: CPU seconds per mutation at most (no bound)"
+    )
+    parser.add_argument(
         "--extras",
         metavar="NAMES",
         help="operator scenarios a share of the seeds runs: all, or some of "
@@ -113,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.findings:
         _quiet_logs(False)
         return _findings()
+    if args.mutate:
+        _quiet_logs(False)
+        seeds = range(args.first, args.first + (args.seeds or mutations.SEEDS))
+        return _mutate(seeds, args)
+    args.seeds = args.seeds or 2000
     bugs = tuple(args.bug)
     if args.teeth:
         _quiet_logs(False)
@@ -222,6 +247,26 @@ def _teeth(seeds: range, out: Path | None) -> int:
     if out is not None:
         out.write_text(json.dumps(found, indent=2) + "\n", encoding="utf-8")
     return 0 if all(f["found_at_seed"] is not None for f in found.values()) else 1
+
+
+def _mutate(seeds: range, args: argparse.Namespace) -> int:
+    """The kill matrix: a row per mutation as its hunt ends, then the summary."""
+    names = args.only or list(mutations.MUTATIONS)
+    print(
+        f"{len(names)} mutations, up to {len(seeds)} seeds each, {args.workers} processes: "
+        "the seeds unmutated first (which reach each mutation's line), then each mutation "
+        "over the seeds that reach it, until one catches it"
+    )
+
+    def progress(name: str, result: dict[str, Any], done: int, total: int) -> None:
+        print(f"[{done:>2}/{total}] {mutations.line(name, result)}", flush=True)
+
+    began = time.monotonic()
+    found = mutations.matrix(
+        names, seeds, workers=args.workers, budget=args.budget, progress=progress
+    )
+    print(f"{time.monotonic() - began:.0f} s")
+    return mutations.report(found, args.json)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ one run, and says what the harness must change to match (the old client set-up).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -100,17 +101,32 @@ BUGS: dict[str, Bug] = {
 }
 
 
+def lookup(name: str) -> Bug:
+    """A fixed bug, or a mutation of `sim.mutations` (a safety rule taken out) as one."""
+    if name in BUGS:
+        return BUGS[name]
+    from sim.mutations import MUTATIONS  # noqa: PLC0415 - it builds on this module
+
+    return MUTATIONS[name].as_bug()
+
+
 @contextlib.contextmanager
 def put_back(names: tuple[str, ...]) -> Iterator[list[Bug]]:
-    """Apply the patches of ``names`` until the block ends."""
-    bugs = [BUGS[n] for n in names]
+    """Apply the patches of ``names`` (bugs or mutations) until the block ends."""
+    bugs = [lookup(n) for n in names]
+    with patched(tuple(p for bug in bugs for p in bug.patches)):
+        yield bugs
+
+
+@contextlib.contextmanager
+def patched(patches: tuple[tuple[Any, str, Any], ...]) -> Iterator[None]:
+    """Set each ``(owner, attribute, replacement)`` until the block ends."""
     saved: list[tuple[Any, str, Callable[..., Any]]] = []
     try:
-        for bug in bugs:
-            for owner, attribute, replacement in bug.patches:
-                saved.append((owner, attribute, getattr(owner, attribute)))
-                setattr(owner, attribute, replacement)
-        yield bugs
+        for owner, attribute, replacement in patches:
+            saved.append((owner, attribute, inspect.getattr_static(owner, attribute)))
+            setattr(owner, attribute, replacement)
+        yield
     finally:
         for owner, attribute, original in reversed(saved):
             setattr(owner, attribute, original)
