@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from dispatcher.callbacks import BAD_REQUEST, DEAD_LETTERED, Callbacks
 from dispatcher.config import Settings
 from dispatcher.deadletter import DEFAULT_MAX_SIZE, DeadLetterQueue
 from dispatcher.health import Health
+from dispatcher.lastreceive import LastReceives
 from dispatcher.ledger import Change, Reservation
 from dispatcher.metrics import Metrics
 from dispatcher.pool import Pool
@@ -127,6 +128,7 @@ class Starter:
         self.dead_letters = DeadLetterQueue(
             clients.sqs, settings.dead_letter_queue_url, metrics, dead_letter_max_size
         )
+        self.last_receives = LastReceives(self)  # kept until their execution is settled
 
     def cut_short_waiting(self) -> None:
         """Cancel handlers that are only waiting (admission, back-off): they hand back."""
@@ -146,21 +148,26 @@ class Starter:
                 self._check_not_stopping(2)
                 await self._start(entry, reservation, handling)
         except AbandonedError:
-            await entry.queue.hand_back(
-                entry.request.receipt_handle, 0, entry.bound, "stopping", message=entry.message
-            )
+            await self._hand_back(entry, 0, "stopping")
         finally:
             del self.stats.in_flight[ident]
             self._settle_slot(entry, reservation, handling)
         if handling.scope.cancelled_caught and not self.force:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await entry.queue.hand_back(
-                    entry.request.receipt_handle,
-                    0,
-                    entry.bound,
-                    "shutting down",
-                    message=entry.message,
-                )
+                await self._hand_back(entry, 0, "shutting down")
+
+    async def _hand_back(
+        self, entry: Waiting, delay: int, why: str, *, exists: bool = False
+    ) -> None:
+        """Make the request visible again in ``delay`` seconds - unless this is its last
+        receive: handed back, SQS would move it to the dead-letter queue without a reason,
+        and dead-lettered, its execution may yet exist (an earlier attempt, here or in an
+        earlier process). Then it is kept, hidden, until a describe settles it
+        (`LastReceives`). ``exists``: AWS said its execution exists."""
+        if entry.queue.is_last_receive(entry.message):
+            self.last_receives.keep(entry, why, exists=exists)
+            return
+        await entry.queue.hand_back(entry.request.receipt_handle, delay, entry.bound, why)
 
     def _release(self, pool: Pool, reservation: Reservation) -> None:
         if pool.ledger.cancel(reservation):
@@ -292,7 +299,18 @@ class Starter:
                             pool.ledger.unsend(reservation)
                     if error_code(exc) in THROTTLE_CODES:
                         limiter.throttled()
-                    if classify(exc) is not ErrorKind.PERMANENT:
+                    kind = classify(exc)
+                    if kind in (ErrorKind.SETUP, ErrorKind.UNKNOWN):
+                        # The deployment's or AWS's error, never the request's: kept, alerted.
+                        self.health.aws_failed("StartExecution", exc)
+                        bound.warning(
+                            "dispatcher.start_failed_not_request",
+                            error=error_code(exc) or str(exc),
+                            kind=str(kind),
+                            status=_status_of(exc),
+                            in_doubt=handling.doubt,
+                        )
+                    elif kind is not ErrorKind.PERMANENT:
                         bound.info("dispatcher.start_retrying", error=error_code(exc) or str(exc))
                     raise
                 finally:
@@ -344,13 +362,7 @@ class Starter:
             self.stats.handed_back += 1
             self.metrics.starts.labels(pool=entry.pool.name, outcome="in_doubt").inc()
             entry.bound.warning("dispatcher.start_gave_up", error=str(exc), in_doubt=True)
-            await entry.queue.hand_back(
-                entry.request.receipt_handle,
-                30,
-                entry.bound,
-                "start outcome unknown",
-                message=entry.message,
-            )
+            await self._hand_back(entry, 30, "start outcome unknown")
             return
         self._release(entry.pool, reservation)
         if classify(exc) is ErrorKind.PERMANENT:
@@ -361,24 +373,21 @@ class Starter:
             self.stats.handed_back += 1
             self.metrics.starts.labels(pool=entry.pool.name, outcome="retried").inc()
             entry.bound.warning("dispatcher.start_gave_up", error=str(exc))
-            await entry.queue.hand_back(
-                entry.request.receipt_handle,
-                30,
-                entry.bound,
-                "start kept failing",
-                message=entry.message,
-            )
+            await self._hand_back(entry, 30, "start kept failing")
 
-    def _commit(self, pool: Pool, reservation: Reservation, arn: str) -> None:
-        pool.ledger.started(reservation, arn, pool.clock())
+    def _commit(self, pool: Pool, reservation: Reservation | None, arn: str) -> None:
+        if reservation is None:
+            pool.ledger.observe_running(arn, pool.clock())
+        else:
+            pool.ledger.started(reservation, arn, pool.clock())
         pool.update()
 
     async def _already_exists(
         self, entry: Waiting, reservation: Reservation, handling: _Handling
     ) -> None:
         """Same name seen before: running -> adopt it; closed -> already served."""
-        pool, request, bound = entry.pool, entry.request, entry.bound
-        arn = execution_arn(pool.state_machine_arn, request.name)
+        request, bound = entry.request, entry.bound
+        arn = execution_arn(entry.pool.state_machine_arn, request.name)
         try:
             async for attempt in stamina.retry_context(
                 # "Does not exist" right after "already exists": the describe lags; ask again.
@@ -393,13 +402,22 @@ class Starter:
             # which only says the describe lags: the slot stays held, in doubt.
             handling.doubt = True
             bound.warning("dispatcher.describe_failed", execution_arn=arn, error=str(exc))
-            await entry.queue.hand_back(
-                request.receipt_handle, 30, bound, "describe failed", message=entry.message
-            )
+            await self._hand_back(entry, 30, "describe failed", exists=True)
             return
+        await self.existing(entry, reservation, described)
+
+    async def existing(
+        self, entry: Waiting, reservation: Reservation | None, described: Mapping[str, Any]
+    ) -> None:
+        """The request's execution exists (``described``): running -> count it (with the
+        start's ``reservation``, if any) and settle the message as a start's; closed ->
+        already served (its parent, if any, is answered now)."""
+        pool, request, bound = entry.pool, entry.request, entry.bound
+        arn = execution_arn(pool.state_machine_arn, request.name)
         existing = described.get("input")
         if existing is not None and not _same_json(existing, request.input):
-            self._release(pool, reservation)
+            if reservation is not None:
+                self._release(pool, reservation)
             detail = f"execution {request.name!r} already exists with a different input"
             await self.dead_letter(
                 entry.queue, pool.name, entry.message, "idempotency_conflict", detail
@@ -412,7 +430,8 @@ class Starter:
             # Record which run is live, so a late terminal of an earlier run frees nothing.
             pool.ledger.observe_running(arn, pool.clock(), redrives)
         else:
-            self._release(pool, reservation)
+            if reservation is not None:
+                self._release(pool, reservation)
             pool.ledger.observe_terminal(arn, redrives)
             pool.update()
         self.stats.duplicates += 1
@@ -460,6 +479,14 @@ class Starter:
             bound = log.bind(message_id=message.get("MessageId"), pool=pool)
             await self.callbacks.fail_request(pool, token, error, f"{reason}: {detail}", bound)
         await self.dead_letters.move(queue, pool, message, reason, detail)
+
+
+def _status_of(exc: Exception) -> int | None:
+    """The HTTP status of an error answer (None: no answer)."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0) or None
 
 
 def _same_json(a: str, b: str) -> bool:
