@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 import stamina
 
@@ -198,3 +199,30 @@ async def test_an_idempotency_key_names_the_execution_described() -> None:
     described = world.sfn.calls_to("describe_execution")[-1]
     assert described == {"executionArn": execution_arn(STATE_MACHINE_ARN, "order-7")}
     assert dead_letters(world) == []
+
+
+async def test_at_shutdown_what_a_describe_settles_is_served() -> None:
+    world = world_of(limit=2)
+    world.sfn.answers_lost = 10
+    intake, _ = intake_for(world)
+    await handle(world, last_receive(), intake)
+    world.clock.advance(D + GRACE)
+    await intake.starter.last_receives.finish()
+    assert len(intake.starter.last_receives) == 0
+    assert dead_letters(world) == []
+    assert world.pool.ledger.running == {ARN}
+
+
+async def test_at_shutdown_an_unsettled_request_is_left_hidden_not_dead_lettered() -> None:
+    """AWS does not answer the describes before the shutdown's deadline: the request is
+    neither dead-lettered nor handed back (its message stays hidden)."""
+    world = world_of(limit=2)
+    world.sfn.answers_lost = 10
+    world.sfn.fail_always("describe_execution", client_error("InternalFailure", 500))
+    intake, _ = intake_for(world)
+    await handle(world, last_receive(), intake)
+    with anyio.move_on_after(0.2):
+        await intake.starter.last_receives.finish()
+    assert len(intake.starter.last_receives) == 0
+    assert dead_letters(world) == []
+    assert handed_back(world) == []
