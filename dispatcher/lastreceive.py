@@ -107,7 +107,10 @@ class LastReceives:
     async def _settle(self, kept: _Kept) -> bool:
         entry = kept.entry
         try:
-            described = await self.starter.sfn.describe_execution(executionArn=kept.arn)
+            # Bounded: a describe hung on the wire must not hold up the other messages'
+            # extensions (this pass and `keep_hidden_once` share one loop).
+            with anyio.fail_after(self.settings.visibility_timeout / 4):
+                described = await self.starter.sfn.describe_execution(executionArn=kept.arn)
         except Exception as exc:  # noqa: BLE001 - anything but proof: keep it, ask again
             now = entry.pool.clock()
             if error_code(exc) == "ExecutionDoesNotExist" and not kept.exists:
@@ -185,6 +188,7 @@ class LastReceives:
     async def run(self) -> None:
         """Settle and keep hidden until cancelled (intake's stop)."""
         while True:
+            await self.keep_hidden_once()
             await self.settle_once()
             await self.keep_hidden_once()
             with anyio.move_on_after(self._next_due()):

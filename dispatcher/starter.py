@@ -396,7 +396,11 @@ class Starter:
                 timeout=self.settings.start_retry_timeout,
             ):
                 with attempt:
-                    described = await self.sfn.describe_execution(executionArn=arn)
+                    # The message stays hidden meanwhile: an attempt (with the SDK's own
+                    # retries) is cut at a quarter of the visibility, extended in between.
+                    await self.keep_hidden(entry)
+                    with anyio.fail_after(self.settings.visibility_timeout / 4):
+                        described = await self.sfn.describe_execution(executionArn=arn)
         except Exception as exc:  # noqa: BLE001 - any failure: keep the request, try later
             # It exists (AWS said so) but its status is unknown - even "does not exist",
             # which only says the describe lags: the slot stays held, in doubt.

@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import pytest
 import stamina
+from botocore.exceptions import ReadTimeoutError
 
 from dispatcher.callbacks import DEAD_LETTERED, Callbacks
 from dispatcher.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
@@ -226,3 +227,28 @@ async def test_at_shutdown_an_unsettled_request_is_left_hidden_not_dead_lettered
     assert len(intake.starter.last_receives) == 0
     assert dead_letters(world) == []
     assert handed_back(world) == []
+
+
+async def test_slow_describes_after_already_exists_keep_the_message_hidden() -> None:
+    """Each describe takes 20 s and times out: the message's visibility (60 s) is extended
+    between them, or it would come back mid-describe - on its last receive, for SQS to
+    move without a reason."""
+    world = world_of(limit=2, aws_exact=False)
+    world.sfn.add_execution("m-1", '{"n": 1}')
+    describe = world.sfn.describe_execution
+    slow = iter(range(4))
+
+    async def slow_describe(*, executionArn: str) -> dict[str, Any]:  # noqa: N803 - botocore's
+        world.clock.advance(20)
+        if next(slow, None) is not None:
+            raise ReadTimeoutError(endpoint_url="https://states.fake")
+        return await describe(executionArn=executionArn)
+
+    world.sfn.describe_execution = slow_describe  # type: ignore[method-assign]
+    intake, _ = intake_for(world)
+    with stamina.set_testing(True, attempts=5):
+        await handle(world, last_receive(), intake)
+    extended = [c["VisibilityTimeout"] for c in world.sqs.calls_to("change_message_visibility")]
+    assert len(extended) >= 2, "extended between the slow describes"
+    assert set(extended) == {world.settings.visibility_timeout}
+    assert world.pool.ledger.running == {ARN}
