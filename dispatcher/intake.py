@@ -118,6 +118,10 @@ class Intake:
             for queue in self.queues:
                 queue.deleter = DeleteBatcher(self.sqs, queue.url)
                 await deleting.start(queue.deleter.run)
+            # Requests kept on their last receive stay hidden and are settled until the very
+            # end (through the shutdown's drain too), then get one last bounded chance.
+            keeping = anyio.CancelScope()
+            deleting.start_soon(self._keep_last_receives, keeping)
             try:
                 with anyio.CancelScope() as self._receives:
                     async with anyio.create_task_group() as receivers:
@@ -131,15 +135,20 @@ class Intake:
                 with anyio.CancelScope(shield=not self.starter.force), anyio.move_on_after(10):
                     await self._hand_back_late()
                     await self.hand_back_waiting()
-                # Requests kept on their last receive: settled if D and the grace allow.
+                keeping.cancel()
                 settle = self.settings.start_timeout + self.settings.start_grace + 5
                 with anyio.CancelScope(shield=not self.starter.force), anyio.move_on_after(settle):
                     await self.starter.last_receives.finish()
             finally:
+                keeping.cancel()
                 for queue in self.queues:
                     if queue.deleter is not None:
                         queue.deleter.close()  # the queued deletes still go out
                         queue.deleter = None
+
+    async def _keep_last_receives(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            await self.starter.last_receives.run()
 
     async def _dispatch_until_stopped(self, task_status: TaskStatus[None]) -> None:
         """Pick and start requests until `stop`; then hand back what waits and give the
@@ -152,7 +161,6 @@ class Intake:
                     for pool in self.pools.values():
                         loops.start_soon(self._dispatch_loop, pool, handlers)
                     loops.start_soon(self._keep_waiting_hidden)
-                    loops.start_soon(self.starter.last_receives.run)
                     task_status.started()
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await self.hand_back_waiting()

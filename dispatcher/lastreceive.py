@@ -209,6 +209,7 @@ class LastReceives:
         the grace, at most, if AWS answers); then let the rest go, hidden."""
         try:
             while self._kept:
+                await self.keep_hidden_once()
                 await self.settle_once()
                 if self._kept:
                     await anyio.sleep(self._next_due())
