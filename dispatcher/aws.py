@@ -67,9 +67,35 @@ SETUP_CODES = frozenset(
         "InvalidClientTokenId",
         "KmsAccessDeniedException",
         "KmsThrottlingException",
+        "KmsInvalidStateException",
         "InvalidArn",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+        "SignatureDoesNotMatch",
+        "RequestExpired",
+        "NotAuthorized",
+        "OptInRequired",
     }
 )
+# Errors that blame the request itself (or, for the other calls, their arguments): only
+# these dead-letter a request. StartExecution's own: a bad input, a bad name, a value AWS
+# refused; the rest are the answers other calls act on (not retried).
+REQUEST_CODES = frozenset(
+    {
+        "InvalidExecutionInput",
+        "InvalidName",
+        "ValidationException",
+        "ExecutionAlreadyExists",
+        "ExecutionDoesNotExist",
+        "InvalidOutput",
+        "InvalidToken",
+        "TaskDoesNotExist",
+        "TaskTimedOut",
+    }
+)
+KNOWN_CODES = TRANSIENT_CODES | SETUP_CODES | REQUEST_CODES
+"""Error codes the dispatcher recognises: any other answer (a proxy's HTML page, a wrong
+endpoint's 404, a code AWS added since) says nothing about the request."""
 
 
 class ErrorKind(StrEnum):
@@ -77,6 +103,8 @@ class ErrorKind(StrEnum):
 
     TRANSIENT = "transient"  # retry with back-off
     SETUP = "setup"  # the deployment is broken: keep the request, alert, retry later
+    UNKNOWN = "unknown"  # not an AWS error we know (a proxy, a wrong endpoint): as SETUP,
+    # and whether the call took effect is unknown (`outcome_unknown`)
     PERMANENT = "permanent"  # the request itself is bad: dead-letter it
 
 
@@ -87,16 +115,23 @@ def error_code(exc: BaseException) -> str:
     return ""
 
 
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
 def classify(exc: BaseException) -> ErrorKind:
-    """Sort a failure into retry / hold / dead-letter."""
+    """Sort a failure into retry / hold / dead-letter. Only a recognised AWS error about
+    the request is permanent: an answer without one (an HTML page from a proxy or a wrong
+    endpoint, whose code botocore makes up from the HTTP status) or with a code not known
+    here is the deployment's or AWS's, never the request's."""
     if isinstance(exc, ClientError):
         code = error_code(exc)
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        status = _status(exc)
         if code in TRANSIENT_CODES or status >= 500 or status == 429:
             return ErrorKind.TRANSIENT
-        if code in SETUP_CODES or status in (401, 403):
+        if code in SETUP_CODES or (code not in REQUEST_CODES and status in (401, 403)):
             return ErrorKind.SETUP
-        return ErrorKind.PERMANENT
+        return ErrorKind.PERMANENT if code in REQUEST_CODES else ErrorKind.UNKNOWN
     if isinstance(exc, BotoConnectionError | BotoCoreError | OSError | TimeoutError):
         return ErrorKind.TRANSIENT
     return ErrorKind.PERMANENT
@@ -105,13 +140,16 @@ def classify(exc: BaseException) -> ErrorKind:
 def outcome_unknown(exc: BaseException) -> bool:
     """Whether a failed call may still have taken effect on AWS's side.
 
-    An error answer below 500 (a throttle, a validation error) says the request was
-    refused; so does a connection that was never made. A 5xx, a timeout, a reset or a
-    lost answer says nothing: the request may have arrived and been applied.
+    An AWS error answer below 500 (a throttle, a validation error) says the request was
+    refused; so does a connection that was never made. A 5xx, a timeout, a reset, a lost
+    answer or an answer that is not an AWS error we know (a proxy's page, which may come
+    after the request went on) says nothing: the request may have arrived and been applied.
     """
     if isinstance(exc, ClientError):
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        return status >= 500 or status == 0
+        status = _status(exc)
+        if status >= 500 or status == 0:
+            return True
+        return status != 429 and error_code(exc) not in KNOWN_CODES
     return not isinstance(exc, EndpointConnectionError | ConnectTimeoutError)
 
 

@@ -37,7 +37,7 @@ from dispatcher.health import Health
 from dispatcher.layout import Layout
 from dispatcher.metrics import Metrics
 from dispatcher.pool import Pool
-from dispatcher.queues import RequestQueue, receive_count
+from dispatcher.queues import RequestQueue
 from dispatcher.rate import RateLimiters
 from dispatcher.requests import (
     PARENT_ATTRIBUTE,
@@ -118,6 +118,10 @@ class Intake:
             for queue in self.queues:
                 queue.deleter = DeleteBatcher(self.sqs, queue.url)
                 await deleting.start(queue.deleter.run)
+            # Requests kept on their last receive stay hidden and are settled until the very
+            # end (through the shutdown's drain too), then get one last bounded chance.
+            keeping = anyio.CancelScope()
+            deleting.start_soon(self._keep_last_receives, keeping)
             try:
                 with anyio.CancelScope() as self._receives:
                     async with anyio.create_task_group() as receivers:
@@ -131,11 +135,20 @@ class Intake:
                 with anyio.CancelScope(shield=not self.starter.force), anyio.move_on_after(10):
                     await self._hand_back_late()
                     await self.hand_back_waiting()
+                keeping.cancel()
+                settle = self.settings.start_timeout + self.settings.start_grace + 5
+                with anyio.CancelScope(shield=not self.starter.force), anyio.move_on_after(settle):
+                    await self.starter.last_receives.finish()
             finally:
+                keeping.cancel()
                 for queue in self.queues:
                     if queue.deleter is not None:
                         queue.deleter.close()  # the queued deletes still go out
                         queue.deleter = None
+
+    async def _keep_last_receives(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            await self.starter.last_receives.run()
 
     async def _dispatch_until_stopped(self, task_status: TaskStatus[None]) -> None:
         """Pick and start requests until `stop`; then hand back what waits and give the
@@ -263,20 +276,32 @@ class Intake:
                 log.info("dispatcher.late_requests_handed_back", queue=queue.url, count=handed)
 
     async def _last_chance(self, queue: RequestQueue, message: Mapping[str, Any], why: str) -> bool:
-        """A valid request that would be handed back on its last receive: dead-letter it
-        with the reason (SQS would move it there on its own, without one)."""
-        if self.settings.dead_letter_queue_url is None:
+        """A valid request that would be handed back on its last receive (SQS would move
+        it to the dead-letter queue on its own, without a reason): kept hidden until its
+        execution is known to exist (then served) or not (then dead-lettered with the
+        reason); an earlier attempt, in an earlier process too, may have started it."""
+        entry = self._entry_of(queue, dict(message))
+        if entry is None:
             return False
-        names = queue.config.pools
-        pool = names[0] if len(names) == 1 else UNROUTED
-        detail = (
-            f"received {receive_count(message)} times, the queue's maxReceiveCount "
-            f"({queue.max_receive_count}), and it had to go back ({why}): SQS would have moved "
-            "it to the dead-letter queue on its next receive without a reason. Raise "
-            "maxReceiveCount; redrive it from the dead-letter queue to run it"
-        )
-        await self.starter.dead_letter(queue, pool, dict(message), "receive_limit", detail)
+        self.starter.last_receives.keep(entry, why)
         return True
+
+    def _entry_of(self, queue: RequestQueue, message: dict[str, Any]) -> Waiting | None:
+        """The request a valid message is, as `admit` makes it (None: not a valid one)."""
+        pool = self._route(queue, message)
+        if isinstance(pool, str):
+            return None
+        request = parse(message, self.settings.input_format, self.settings.task_token_attribute)
+        key: str | None = None
+        if not isinstance(request, BadRequest) and pool.config.key_attribute is not None:
+            key = key_tag(string_attributes(message).get(pool.config.key_attribute, ""))
+            request = keyed(request, key)
+        if isinstance(request, BadRequest):
+            return None
+        bound = log.bind(
+            message_id=message.get("MessageId"), pool=pool.name, execution_name=request.name
+        )
+        return Waiting(request, message, queue, pool, key, pool.clock(), bound)
 
     async def admit(self, queue: RequestQueue, message: dict[str, Any]) -> None:
         """Route one message to its pool's waiting room, dead-letter it, or defer it."""
@@ -399,9 +424,9 @@ class Intake:
             for queue in self.queues:
                 messages = [e.message for e in entries if e.queue is queue]
                 if messages:
-                    await queue.hand_back_all(messages, "waiting at shutdown")
+                    # Those on their last receive are kept instead (`_last_chance`).
+                    handed += await queue.hand_back_all(messages, "waiting at shutdown")
                     self._waiting_from[queue.url, pool.name] -= len(messages)
-                    handed += len(messages)
         if handed:
             log.info("dispatcher.waiting_handed_back", count=handed)
         return handed

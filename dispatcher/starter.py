@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from dispatcher.callbacks import BAD_REQUEST, DEAD_LETTERED, Callbacks
 from dispatcher.config import Settings
 from dispatcher.deadletter import DEFAULT_MAX_SIZE, DeadLetterQueue
 from dispatcher.health import Health
+from dispatcher.lastreceive import LastReceives
 from dispatcher.ledger import Change, Reservation
 from dispatcher.metrics import Metrics
 from dispatcher.pool import Pool
@@ -141,6 +142,7 @@ class Starter:
         self.dead_letters = DeadLetterQueue(
             clients.sqs, settings.dead_letter_queue_url, metrics, dead_letter_max_size
         )
+        self.last_receives = LastReceives(self)  # kept until their execution is settled
 
     def starting(self, arn: str) -> bool:
         """Whether a request for execution ``arn`` is being started now."""
@@ -164,21 +166,26 @@ class Starter:
                 self._check_not_stopping(2)
                 await self._start(entry, reservation, handling)
         except AbandonedError:
-            await entry.queue.hand_back(
-                entry.request.receipt_handle, 0, entry.bound, "stopping", message=entry.message
-            )
+            await self._hand_back(entry, 0, "stopping")
         finally:
             del self.stats.in_flight[ident]
             self._settle_slot(entry, reservation, handling)
         if handling.scope.cancelled_caught and not self.force:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await entry.queue.hand_back(
-                    entry.request.receipt_handle,
-                    0,
-                    entry.bound,
-                    "shutting down",
-                    message=entry.message,
-                )
+                await self._hand_back(entry, 0, "shutting down")
+
+    async def _hand_back(
+        self, entry: Waiting, delay: int, why: str, *, exists: bool = False
+    ) -> None:
+        """Make the request visible again in ``delay`` seconds - unless this is its last
+        receive: handed back, SQS would move it to the dead-letter queue without a reason,
+        and dead-lettered, its execution may yet exist (an earlier attempt, here or in an
+        earlier process). Then it is kept, hidden, until a describe settles it
+        (`LastReceives`). ``exists``: AWS said its execution exists."""
+        if entry.queue.is_last_receive(entry.message):
+            self.last_receives.keep(entry, why, exists=exists)
+            return
+        await entry.queue.hand_back(entry.request.receipt_handle, delay, entry.bound, why)
 
     def _release(self, pool: Pool, reservation: Reservation) -> None:
         if pool.ledger.cancel(reservation):
@@ -387,7 +394,18 @@ class Starter:
                             pool.ledger.unsend(reservation)
                     if error_code(exc) in THROTTLE_CODES:
                         limiter.throttled()
-                    if classify(exc) is not ErrorKind.PERMANENT:
+                    kind = classify(exc)
+                    if kind in (ErrorKind.SETUP, ErrorKind.UNKNOWN):
+                        # The deployment's or AWS's error, never the request's: kept, alerted.
+                        self.health.aws_failed("StartExecution", exc)
+                        bound.warning(
+                            "dispatcher.start_failed_not_request",
+                            error=error_code(exc) or str(exc),
+                            kind=str(kind),
+                            status=_status_of(exc),
+                            in_doubt=handling.doubt,
+                        )
+                    elif kind is not ErrorKind.PERMANENT:
                         bound.info("dispatcher.start_retrying", error=error_code(exc) or str(exc))
                     raise
                 finally:
@@ -439,13 +457,7 @@ class Starter:
             self.stats.handed_back += 1
             self.metrics.starts.labels(pool=entry.pool.name, outcome="in_doubt").inc()
             entry.bound.warning("dispatcher.start_gave_up", error=str(exc), in_doubt=True)
-            await entry.queue.hand_back(
-                entry.request.receipt_handle,
-                30,
-                entry.bound,
-                "start outcome unknown",
-                message=entry.message,
-            )
+            await self._hand_back(entry, 30, "start outcome unknown")
             return
         self._release(entry.pool, reservation)
         if classify(exc) is ErrorKind.PERMANENT:
@@ -456,16 +468,13 @@ class Starter:
             self.stats.handed_back += 1
             self.metrics.starts.labels(pool=entry.pool.name, outcome="retried").inc()
             entry.bound.warning("dispatcher.start_gave_up", error=str(exc))
-            await entry.queue.hand_back(
-                entry.request.receipt_handle,
-                30,
-                entry.bound,
-                "start kept failing",
-                message=entry.message,
-            )
+            await self._hand_back(entry, 30, "start kept failing")
 
-    def _commit(self, pool: Pool, reservation: Reservation, arn: str) -> None:
-        pool.ledger.started(reservation, arn, pool.clock())
+    def _commit(self, pool: Pool, reservation: Reservation | None, arn: str) -> None:
+        if reservation is None:
+            pool.ledger.observe_running(arn, pool.clock())
+        else:
+            pool.ledger.started(reservation, arn, pool.clock())
         pool.update()
 
     async def _already_exists(
@@ -488,19 +497,35 @@ class Starter:
                 timeout=self.settings.start_retry_timeout,
             ):
                 with attempt:
-                    described = await self.sfn.describe_execution(executionArn=arn)
+                    # The message stays hidden meanwhile: an attempt (with the SDK's own
+                    # retries) is cut at a quarter of the visibility, extended in between.
+                    await self.keep_hidden(entry)
+                    with anyio.fail_after(self.settings.visibility_timeout / 4):
+                        described = await self.sfn.describe_execution(executionArn=arn)
         except Exception as exc:  # noqa: BLE001 - any failure: keep the request, try later
             # It exists (AWS said so) but its status is unknown - even "does not exist",
             # which only says the describe lags: the slot stays held, in doubt.
             handling.doubt = True
             bound.warning("dispatcher.describe_failed", execution_arn=arn, error=str(exc))
-            await entry.queue.hand_back(
-                request.receipt_handle, 30, bound, "describe failed", message=entry.message
-            )
+            await self._hand_back(entry, 30, "describe failed", exists=True)
             return
+        await self.existing(entry, reservation, described)
+
+    async def existing(
+        self, entry: Waiting, reservation: Reservation | None, described: Mapping[str, Any]
+    ) -> None:
+        """The request's execution exists (``described``): running -> count it (with the
+        start's ``reservation``, if any) and settle the message as a start's; closed ->
+        already served (its parent, if any, is answered now)."""
+        pool, request, bound = entry.pool, entry.request, entry.bound
+        # The described ARN: the request's execution may have been found under a former name.
+        arn = str(
+            described.get("executionArn") or execution_arn(pool.state_machine_arn, request.name)
+        )
         existing = described.get("input")
         if existing is not None and not _same_json(existing, request.input):
-            self._release(pool, reservation)
+            if reservation is not None:
+                self._release(pool, reservation)
             detail = f"execution {request.name!r} already exists with a different input"
             await self.dead_letter(
                 entry.queue, pool.name, entry.message, "idempotency_conflict", detail
@@ -513,7 +538,8 @@ class Starter:
             # Record which run is live, so a late terminal of an earlier run frees nothing.
             pool.ledger.observe_running(arn, pool.clock(), redrives)
         else:
-            self._release(pool, reservation)
+            if reservation is not None:
+                self._release(pool, reservation)
             pool.ledger.observe_terminal(arn, redrives)
             pool.update()
         self.stats.duplicates += 1
@@ -563,14 +589,38 @@ class Starter:
         await self.dead_letters.move(queue, pool, message, reason, detail)
 
 
+def _status_of(exc: Exception) -> int | None:
+    """The HTTP status of an error answer (None: no answer)."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0) or None
+
+
 def _same_json(a: str, b: str) -> bool:
+    """Whether an existing execution's input ``a`` is this request's input ``b``."""
     if a == b:
         return True
     try:
         existing, wanted = json.loads(a), json.loads(b)
     except ValueError:
         return False
-    return bool(existing == wanted) or _same_envelope(existing, wanted)
+    return (
+        bool(existing == wanted)
+        or _same_envelope(existing, wanted)
+        or _same_body(existing, wanted)
+        or _same_body(wanted, existing)
+    )
+
+
+_ENVELOPE_KEYS = ({"body", "requestId", "attributes"}, {"body", "messageId", "attributes"})
+
+
+def _envelope_body(value: Any) -> str | None:
+    """The producer's body an envelope input carries (None: not an envelope)."""
+    if isinstance(value, dict) and set(value) in _ENVELOPE_KEYS and isinstance(value["body"], str):
+        return value["body"]
+    return None
 
 
 def _same_envelope(existing: Any, wanted: Any) -> bool:
@@ -584,3 +634,15 @@ def _same_envelope(existing: Any, wanted: Any) -> bool:
         and set(wanted) == {"body", "requestId", "attributes"}
         and existing["body"] == wanted["body"]
     )
+
+
+def _same_body(envelope: Any, raw: Any) -> bool:
+    """An envelope input and a raw (verbatim JSON) input of the same body are one request:
+    a request in flight across a change of ``input_format`` is not an idempotency conflict."""
+    body = _envelope_body(envelope)
+    if body is None or _envelope_body(raw) is not None:
+        return False
+    try:
+        return bool(json.loads(body) == raw)
+    except ValueError:
+        return False

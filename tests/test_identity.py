@@ -271,3 +271,35 @@ async def test_an_envelope_written_before_the_upgrade_is_the_same_request() -> N
     intake = await handle(world, sqs_message("plain", message_id="m-1", attributes=attributes))
     assert intake.stats.duplicates == 1
     assert "send_message" not in world.sqs.names()
+
+
+async def test_a_request_started_raw_is_the_same_request_after_switching_to_envelope() -> None:
+    """``input_format`` changed from raw to envelope across a restart: the request in flight
+    meets its own execution (raw input, same body) - a duplicate, not a conflict."""
+    world = build_world(input_format="envelope", aws_exact=False)
+    attributes = {IDEMPOTENCY_ATTRIBUTE: "order-8"}
+    world.sfn.add_execution("order-8", json.dumps({"amount": 3}))
+    intake = await handle(world, sqs_message('{"amount": 3}', attributes=attributes))
+    assert intake.stats.duplicates == 1
+    assert "send_message" not in world.sqs.names()
+
+
+async def test_a_request_started_as_envelope_is_the_same_request_after_switching_to_raw() -> None:
+    """The other way: started as an envelope, redelivered with ``input_format`` raw."""
+    world = build_world(aws_exact=False)
+    attributes = {IDEMPOTENCY_ATTRIBUTE: "order-9"}
+    envelope = {"body": '{"amount": 4}', "requestId": "order-9", "attributes": attributes}
+    world.sfn.add_execution("order-9", json.dumps(envelope))
+    intake = await handle(world, sqs_message('{"amount": 4}', attributes=attributes))
+    assert intake.stats.duplicates == 1
+    assert "send_message" not in world.sqs.names()
+
+
+async def test_another_body_is_still_a_conflict_across_a_format_switch() -> None:
+    """A raw execution of another body is a real conflict, whatever the format."""
+    world = build_world(input_format="envelope", aws_exact=False)
+    attributes = {IDEMPOTENCY_ATTRIBUTE: "order-10"}
+    world.sfn.add_execution("order-10", json.dumps({"amount": 5}))
+    intake = await handle(world, sqs_message('{"amount": 6}', attributes=attributes))
+    assert intake.stats.duplicates == 0
+    assert "send_message" in world.sqs.names()

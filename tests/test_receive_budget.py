@@ -46,11 +46,16 @@ def dead_letters(world: World) -> list[dict[str, Any]]:
 
 
 async def test_a_start_given_up_on_the_last_receive_is_dead_lettered_with_the_reason() -> None:
+    """Once its execution is known not to exist: an attempt in an earlier receive (or
+    process) may have started it, so it is described after D and the grace first."""
     world = build_world()
     world.sfn.fail_always("start_execution", throttled())
     intake = intake_of(world)
     intake.queues[0].max_receive_count = MAX_RECEIVES
     await handle(world, received(MAX_RECEIVES), intake)
+    assert dead_letters(world) == []
+    world.clock.advance(world.settings.start_timeout + world.settings.start_grace)
+    assert await intake.starter.last_receives.settle_once() == 1
     [copy] = dead_letters(world)
     assert copy["MessageAttributes"][REASON_ATTRIBUTE]["StringValue"] == "receive_limit"
     assert world.sample("dispatcher_dead_letters_total", pool="default", reason="receive_limit")
@@ -103,6 +108,9 @@ async def test_handing_back_many_dead_letters_only_those_on_their_last_receive()
         [received(MAX_RECEIVES, "last"), received(1, "first")], "waiting at shutdown"
     )
     assert back == 1
+    assert dead_letters(world) == [], "not before its execution is known not to exist"
+    world.clock.advance(world.settings.start_timeout + world.settings.start_grace)
+    await intake.starter.last_receives.settle_once()
     [copy] = dead_letters(world)
     assert copy["MessageAttributes"]["dispatcher-original-message-id"]["StringValue"] == "last"
     [batch] = world.sqs.calls_to("change_message_visibility_batch")

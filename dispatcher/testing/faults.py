@@ -59,6 +59,12 @@ class FaultKind(StrEnum):
     LATENCY = "latency"
     DROP = "drop"
     DROP_RESPONSE = "drop_response"
+    HTML_PAGE = "html_page"
+    """An HTML page (404 unless ``status``), as a proxy or a wrong endpoint answers: no
+    AWS error type; the request is not forwarded."""
+    HTML_PAGE_AFTER = "html_page_after"
+    """The request is forwarded (it takes effect), then answered with the HTML page, as a
+    gateway in front of AWS may answer once its own deadline passed."""
 
 
 @dataclass(frozen=True)
@@ -306,11 +312,12 @@ class FaultProxy:
         if rule is not None:
             if rule.kind is FaultKind.DROP:
                 return _drop(request), rule.kind.value
-            if rule.kind is FaultKind.DROP_RESPONSE:
+            if rule.kind in (FaultKind.DROP_RESPONSE, FaultKind.HTML_PAGE_AFTER):
                 await self._forward(request, body)  # the side effect happens; the answer is lost
+            if rule.kind is FaultKind.DROP_RESPONSE:
                 return _drop(request), rule.kind.value
             if rule.kind is not FaultKind.LATENCY:
-                return _error_response(call, *rule.answer(call)), rule.kind.value
+                return self._fault_answer(call, rule), rule.kind.value
             # Latency the way TCP has it: the request is held *before* it reaches AWS, and
             # one whose client gave up meanwhile (connection closed) never reaches it.
             await asyncio.sleep(rule.delay)
@@ -324,6 +331,13 @@ class FaultProxy:
             _listing_key(body), self._clock(), fresh, self.list_lag
         )
         return served.to_response(), outcome if served is fresh else "stale"
+
+    @staticmethod
+    def _fault_answer(call: _Call, rule: FaultRule) -> web.Response:
+        """What an answering rule answers: an HTML page, or an AWS error."""
+        if rule.kind in (FaultKind.HTML_PAGE, FaultKind.HTML_PAGE_AFTER):
+            return _html_response(rule.status or 404, rule.message)
+        return _error_response(call, *rule.answer(call))
 
     async def _forward(self, request: web.Request, body: bytes) -> _Captured:
         """Send the request upstream verbatim and read the whole answer."""
@@ -378,6 +392,13 @@ def _drop(request: web.Request) -> web.Response:
         request.transport.close()
     # Never written: aiohttp finds the transport closed and gives up quietly.
     return web.Response(status=503)
+
+
+def _html_response(status: int, message: str | None) -> web.Response:
+    """A proxy's or web server's own error page: HTML, no AWS error type anywhere."""
+    title = f"{status} {message or 'Not Found'}"
+    page = f"<html><head><title>{escape(title)}</title></head><body><h1>{escape(title)}</h1>"
+    return web.Response(status=status, text=page + "</body></html>", content_type="text/html")
 
 
 def _error_response(call: _Call, status: int, code: str, message: str) -> web.Response:

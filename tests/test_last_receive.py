@@ -1,0 +1,254 @@
+"""A request on its last receive whose execution may exist is never dead-lettered: it is
+kept hidden until a describe settles it - started (served as a start) or, once D and the
+grace have passed, known never to have started (only then dead-lettered). On fakes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+import stamina
+from botocore.exceptions import ReadTimeoutError
+
+from dispatcher.callbacks import DEAD_LETTERED, Callbacks
+from dispatcher.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
+from dispatcher.intake import Intake
+from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
+from tests.fake_intake import handle, intake_of
+from tests.fakes import (
+    DEAD_LETTER_QUEUE,
+    STATE_MACHINE_ARN,
+    World,
+    build_world,
+    client_error,
+    sqs_message,
+)
+
+pytestmark = pytest.mark.timeout(10)
+
+MAX_RECEIVES = 5
+D = 5.0
+GRACE = 10.0
+TOKEN = "AQCEAAAAKgAAAAMAAAAAAAAAA" + "t" * 100
+ARN = execution_arn(STATE_MACHINE_ARN, "m-1")
+
+
+@pytest.fixture(autouse=True)
+def fast_retries() -> Iterator[None]:
+    with stamina.set_testing(True, attempts=2):
+        yield
+
+
+def world_of(**overrides: Any) -> World:
+    return build_world(start_timeout=D, start_grace=GRACE, **overrides)
+
+
+def last_receive(**attributes: str) -> dict[str, Any]:
+    """A valid request received for the queue's maxReceiveCount-th time."""
+    return sqs_message(
+        '{"n": 1}',
+        message_id="m-1",
+        attributes=attributes or None,
+        system={"ApproximateReceiveCount": str(MAX_RECEIVES)},
+    )
+
+
+def intake_for(world: World) -> tuple[Intake, Callbacks]:
+    intake = intake_of(world)
+    intake.queues[0].max_receive_count = MAX_RECEIVES
+    callbacks = Callbacks(
+        world.settings, world.clients, world.metrics, {"default": world.pool}, world.clock
+    )
+    intake.starter.callbacks = callbacks
+    world.pool.on_ended = callbacks.ended
+    return intake, callbacks
+
+
+def dead_letters(world: World) -> list[dict[str, Any]]:
+    return [c for c in world.sqs.calls_to("send_message") if c["QueueUrl"] == DEAD_LETTER_QUEUE]
+
+
+def handed_back(world: World) -> list[dict[str, Any]]:
+    calls = world.sqs.calls_to("change_message_visibility")
+    return [c for c in calls if c["VisibilityTimeout"] < world.settings.visibility_timeout]
+
+
+async def test_a_start_in_doubt_on_its_last_receive_is_not_dead_lettered_and_is_served() -> None:
+    """Every attempt takes effect and loses its answer: the execution runs. It used to be
+    dead-lettered as receive_limit, inviting a redrive that starts it again."""
+    world = world_of(limit=2)
+    world.sfn.answers_lost = 10
+    intake, _ = intake_for(world)
+    await handle(world, last_receive(), intake)
+    assert world.sfn.executions[ARN].status == "RUNNING"
+    assert dead_letters(world) == [], "dead-lettered while its execution runs"
+    assert handed_back(world) == [], "handed back: SQS would move it without a reason"
+    assert len(intake.starter.last_receives) == 1
+    assert world.pool.ledger.in_doubt == {ARN}, "its slot held meanwhile"
+    world.clock.advance(D + GRACE)
+    assert await intake.starter.last_receives.settle_once() == 1
+    assert dead_letters(world) == []
+    assert world.pool.ledger.running == {ARN}
+    assert world.pool.ledger.in_doubt == frozenset()
+    assert world.sqs.calls_to("delete_message") or world.sqs.calls_to("delete_message_batch")
+    assert len(intake.starter.last_receives) == 0
+
+
+async def test_a_parent_is_not_told_dead_lettered_while_its_child_runs() -> None:
+    world = world_of(limit=2)
+    world.sfn.answers_lost = 10
+    intake, callbacks = intake_for(world)
+    await handle(world, last_receive(**{"task-token": TOKEN}), intake)
+    assert TOKEN not in world.sfn.answers, f"parent answered: {world.sfn.answers.get(TOKEN)}"
+    world.clock.advance(D + GRACE)
+    await intake.starter.last_receives.settle_once()
+    assert callbacks.tokens() == [(TOKEN, ARN)], "held for the child, as a start's"
+    assert "delete_message" not in world.sqs.names(), "the durable record of the callback"
+    world.sfn.finish(ARN, "SUCCEEDED", output='{"done": true}')
+    callbacks.ended(ARN, "", None)
+    assert await callbacks.answer_due() == 1
+    assert world.sfn.answers[TOKEN] == ("success", '{"done": true}')
+    assert dead_letters(world) == []
+
+
+async def test_a_describe_failed_after_already_exists_is_kept_until_it_answers() -> None:
+    """AWS said the execution exists; describes then fail (and even lag: "does not
+    exist"). It used to be dead-lettered as receive_limit."""
+    world = world_of(limit=2, aws_exact=False)  # MiniStack: a running repeat is refused
+    world.sfn.add_execution("m-1", '{"n": 1}')
+    world.sfn.fail_always("describe_execution", client_error("InternalFailure", 500))
+    intake, _ = intake_for(world)
+    await handle(world, last_receive(), intake)
+    assert dead_letters(world) == []
+    assert handed_back(world) == []
+    world.clock.advance(D + GRACE)
+    await intake.starter.last_receives.settle_once()
+    world.sfn._always.clear()
+    world.sfn.fail("describe_execution", client_error("ExecutionDoesNotExist"))
+    world.clock.advance(100)
+    assert await intake.starter.last_receives.settle_once() == 0, "a lag, not proof"
+    assert dead_letters(world) == []
+    world.clock.advance(100)
+    assert await intake.starter.last_receives.settle_once() == 1
+    assert dead_letters(world) == []
+    assert world.pool.ledger.running == {ARN}
+
+
+async def test_a_start_that_did_nothing_is_dead_lettered_only_once_known_not_to_exist() -> None:
+    """5xx answers that in truth did nothing: "does not exist" settles it only after D and
+    the grace; then it is dead-lettered, and only now does the detail invite a redrive."""
+    world = world_of(limit=1)
+    world.sfn.fail_always("start_execution", client_error("InternalFailure", 500))
+    intake, _ = intake_for(world)
+    await handle(world, last_receive(**{"task-token": TOKEN}), intake)
+    assert dead_letters(world) == [], "dead-lettered before the doubt was settled"
+    assert TOKEN not in world.sfn.answers
+    world.clock.advance(GRACE)  # past the grace alone, not D + grace
+    await intake.starter.last_receives.settle_once()
+    assert dead_letters(world) == []
+    assert world.pool.ledger.in_doubt == {ARN}
+    world.clock.advance(D)
+    assert await intake.starter.last_receives.settle_once() == 1
+    [copy] = dead_letters(world)
+    attributes = copy["MessageAttributes"]
+    assert attributes[REASON_ATTRIBUTE]["StringValue"] == "receive_limit"
+    assert "does not exist" in attributes[DETAIL_ATTRIBUTE]["StringValue"]
+    assert world.pool.ledger.in_doubt == frozenset(), "the slot given back"
+    assert world.pool.ledger.free == 1
+    assert world.sfn.answers[TOKEN][:2] == ("failure", DEAD_LETTERED)
+
+
+async def test_a_closed_execution_found_on_the_last_receive_answers_its_parent() -> None:
+    """The start's answer was lost, the child ran and ended before anyone looked."""
+    world = world_of(limit=2)
+    world.sfn.answers_lost = 10
+    intake, _ = intake_for(world)
+    await handle(world, last_receive(**{"task-token": TOKEN}), intake)
+    world.sfn.finish(ARN, "FAILED", error="Boom", cause="it broke")
+    world.clock.advance(D + GRACE)
+    await intake.starter.last_receives.settle_once()
+    assert world.sfn.answers[TOKEN] == ("failure", "Boom", "it broke")
+    assert dead_letters(world) == []
+    assert world.pool.ledger.free == 2
+
+
+async def test_waiting_requests_on_their_last_receive_are_kept_at_shutdown() -> None:
+    """Handed back from the waiting room (shutdown): an earlier process may have started
+    it. Kept, described, and served, not dead-lettered."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world)
+    world.sfn.add_execution("m-1", '{"n": 1}')  # started by an earlier process
+    await intake.admit(intake.queues[0], last_receive())
+    assert await intake.hand_back_waiting() == 0
+    assert dead_letters(world) == []
+    world.clock.advance(D + GRACE)
+    await intake.starter.last_receives.settle_once()
+    assert dead_letters(world) == []
+    assert world.pool.ledger.running == {ARN}
+
+
+async def test_an_idempotency_key_names_the_execution_described() -> None:
+    world = world_of(limit=2)
+    world.sfn.answers_lost = 10
+    intake, _ = intake_for(world)
+    await handle(world, last_receive(**{IDEMPOTENCY_ATTRIBUTE: "order-7"}), intake)
+    world.clock.advance(D + GRACE)
+    await intake.starter.last_receives.settle_once()
+    described = world.sfn.calls_to("describe_execution")[-1]
+    assert described == {"executionArn": execution_arn(STATE_MACHINE_ARN, "order-7")}
+    assert dead_letters(world) == []
+
+
+async def test_at_shutdown_what_a_describe_settles_is_served() -> None:
+    world = world_of(limit=2)
+    world.sfn.answers_lost = 10
+    intake, _ = intake_for(world)
+    await handle(world, last_receive(), intake)
+    world.clock.advance(D + GRACE)
+    await intake.starter.last_receives.finish()
+    assert len(intake.starter.last_receives) == 0
+    assert dead_letters(world) == []
+    assert world.pool.ledger.running == {ARN}
+
+
+async def test_at_shutdown_an_unsettled_request_is_left_hidden_not_dead_lettered() -> None:
+    """AWS does not answer the describes before the shutdown's deadline: the request is
+    neither dead-lettered nor handed back (its message stays hidden)."""
+    world = world_of(limit=2)
+    world.sfn.answers_lost = 10
+    world.sfn.fail_always("describe_execution", client_error("InternalFailure", 500))
+    intake, _ = intake_for(world)
+    await handle(world, last_receive(), intake)
+    with anyio.move_on_after(0.2):
+        await intake.starter.last_receives.finish()
+    assert len(intake.starter.last_receives) == 0
+    assert dead_letters(world) == []
+    assert handed_back(world) == []
+
+
+async def test_slow_describes_after_already_exists_keep_the_message_hidden() -> None:
+    """Each describe takes 20 s and times out: the message's visibility (60 s) is extended
+    between them, or it would come back mid-describe - on its last receive, for SQS to
+    move without a reason."""
+    world = world_of(limit=2, aws_exact=False)
+    world.sfn.add_execution("m-1", '{"n": 1}')
+    describe = world.sfn.describe_execution
+    slow = iter(range(4))
+
+    async def slow_describe(*, executionArn: str) -> dict[str, Any]:  # noqa: N803 - botocore's
+        world.clock.advance(20)
+        if next(slow, None) is not None:
+            raise ReadTimeoutError(endpoint_url="https://states.fake")
+        return await describe(executionArn=executionArn)
+
+    world.sfn.describe_execution = slow_describe  # type: ignore[method-assign]
+    intake, _ = intake_for(world)
+    with stamina.set_testing(True, attempts=5):
+        await handle(world, last_receive(), intake)
+    extended = [c["VisibilityTimeout"] for c in world.sqs.calls_to("change_message_visibility")]
+    assert len(extended) >= 2, "extended between the slow describes"
+    assert set(extended) == {world.settings.visibility_timeout}
+    assert world.pool.ledger.running == {ARN}
