@@ -20,6 +20,7 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,7 @@ from dispatcher.config import LogFormat, Settings
 from dispatcher.producer import SubmitItem, submit_requests
 from dispatcher.records import Execution, list_executions, max_overlap
 from dispatcher.sandbox.emulator import Emulator
-from dispatcher.sandbox.provision import provision
+from dispatcher.sandbox.provision import child_key, provision
 from dispatcher.service import Dispatcher
 
 if TYPE_CHECKING:
@@ -407,7 +408,7 @@ async def _demo(plan: Plan, log_path: Path) -> DemoResult:
                 outcomes = [
                     await _outcome(sfn, name, arn) for name, arn in sorted(parent_arns.items())
                 ]
-    plain, children = _split(executions, inputs)
+    plain, children = _split(executions, inputs, parent_arns)
     return DemoResult(
         requests=len(items),
         succeeded=sum(e.status == "SUCCEEDED" for e in plain),
@@ -424,11 +425,11 @@ async def _demo(plan: Plan, log_path: Path) -> DemoResult:
 
 
 def _split(
-    executions: list[Execution], inputs: dict[str, dict[str, Any]]
+    executions: list[Execution], inputs: dict[str, dict[str, Any]], arns: Mapping[str, str]
 ) -> tuple[list[Execution], list[Execution]]:
-    """(executions for plain requests, children of the parents: named ``<parent>-<index>``)."""
+    """(executions for plain requests, children of the parents: named by `child_key`)."""
     names = {
-        f"{parent}-{i}" for parent, given in inputs.items() for i in range(len(given["items"]))
+        child_key(arn, i) for name, arn in arns.items() for i in range(len(inputs[name]["items"]))
     }
     return [e for e in executions if e.name not in names], [
         e for e in executions if e.name in names

@@ -30,6 +30,7 @@ from dispatcher.errors import EXIT_AWS, UserError
 from dispatcher.sandbox import (
     Emulator,
     SandboxResources,
+    child_key,
     demo_definition,
     free_port,
     parent_definition,
@@ -568,10 +569,12 @@ def test_the_parent_sends_each_item_with_its_token_and_key() -> None:
         "task-token": {"DataType": "String", "StringValue.$": "$$.Task.Token"},
         "idempotency-key": {
             "DataType": "String",
-            "StringValue.$": "States.Format('{}-{}', $$.Execution.Name, $$.Map.Item.Index)",
+            "StringValue.$": "States.Format('{}-{}', States.Hash($$.Execution.Id, 'SHA-1'), "
+            "$$.Map.Item.Index)",
         },
         "parent-execution": {"DataType": "String", "StringValue.$": "$$.Execution.Id"},
     }
+    assert task["TimeoutSeconds"] == 3600, "the whole wait is bounded"
     [catch] = task["Catch"]
     assert catch["ErrorEquals"] == ["States.ALL"]
     assert steps[catch["Next"]] == {"Type": "Pass", "End": True}
@@ -621,10 +624,11 @@ async def test_the_parent_waits_for_children_answered_through_their_tokens(
             sandbox.endpoint, sandbox.request_queue_url, count=3, timeout=15
         )
         by_key = {m["MessageAttributes"]["idempotency-key"]["StringValue"]: m for m in messages}
-        assert sorted(by_key) == [f"{name}-0", f"{name}-1", f"{name}-2"]
+        keys = [child_key(started["executionArn"], index) for index in range(3)]
+        assert sorted(by_key) == sorted(keys), "the emulator's States.Hash is hashlib's SHA-1"
         tokens = []
         for index, item in enumerate(items):
-            message = by_key[f"{name}-{index}"]
+            message = by_key[keys[index]]
             assert json.loads(message["Body"]) == item, "the item is the child's input"
             attribute = message["MessageAttributes"]["task-token"]
             assert attribute["DataType"] == "String"
