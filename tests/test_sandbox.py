@@ -65,6 +65,7 @@ ENV_KEYS = {
     "DISPATCHER_EVENTS_QUEUE_URL",
     "DISPATCHER_DEAD_LETTER_QUEUE_URL",
     "DISPATCHER_LIMIT",
+    "DISPATCHER_LIMIT_PARAMETER",
     "SFN_DISPATCHER_PARENT_ARN",
 }
 
@@ -253,6 +254,19 @@ def test_sandbox_command_prints_settings_and_stops_on_sigterm(
     assert submit.stdout.startswith("sent 20, failed 0")
     depth = anyio.run(queue_depth, env["AWS_ENDPOINT_URL"], env["DISPATCHER_REQUEST_QUEUE_URL"])
     assert depth == 20
+    # The exports name the limit parameter: pause and resume work without a restart.
+    for command, said in (("pause", "limit 10 -> 0"), ("resume", "limit 0 -> 10")):
+        done = subprocess.run(
+            [sys.executable, "-m", "dispatcher", command],
+            cwd=REPO,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert said in done.stdout
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=15) == 0
@@ -681,6 +695,7 @@ async def test_endpoint_mode_prints_json_and_writes_env_file(
     assert set(printed) == ENV_KEYS
     assert printed["AWS_ENDPOINT_URL"] == emulator
     assert printed["DISPATCHER_LIMIT"] == "4"
+    assert printed["DISPATCHER_LIMIT_PARAMETER"] == f"/{prefix}/limit"
     assert printed["DISPATCHER_REQUEST_QUEUE_URL"].endswith(f"/{prefix}-requests")
     assert env_file.stat().st_mode & 0o777 == 0o600
     lines = env_file.read_text().splitlines()

@@ -64,12 +64,16 @@ class SandboxResources:
     limit_parameter: str
     limit: int
 
-    def env(self) -> dict[str, str]:
+    def env(self, *, live_limit: bool = False) -> dict[str, str]:
         """The variables ``sfn-dispatcher run`` (and ``submit``) read, for this sandbox.
 
         Also ``SFN_DISPATCHER_PARENT_ARN``, the parent machine, for trying task tokens by
-        hand; the dispatcher does not read it.
+        hand; the dispatcher does not read it. With ``live_limit`` (what ``sandbox`` prints)
+        also ``DISPATCHER_LIMIT_PARAMETER``: the limit is then the parameter's, which
+        ``pause``, ``resume`` and ``drain`` write; without it (tests, the demo, benchmarks)
+        ``DISPATCHER_LIMIT`` alone sets it.
         """
+        live = {"DISPATCHER_LIMIT_PARAMETER": self.limit_parameter} if live_limit else {}
         return {
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_DEFAULT_REGION": self.region,
@@ -80,6 +84,7 @@ class SandboxResources:
             "DISPATCHER_EVENTS_QUEUE_URL": self.events_queue_url,
             "DISPATCHER_DEAD_LETTER_QUEUE_URL": self.dead_letter_queue_url,
             "DISPATCHER_LIMIT": str(self.limit),
+            **live,
             PARENT_ARN_ENV: self.parent_state_machine_arn,
         }
 
