@@ -331,6 +331,19 @@ def _parent_lines(result: DemoResult) -> list[str]:
     return lines
 
 
+def deadline_line(plan: Plan) -> str:
+    """What the run will do, said before it starts: a bound, not a prediction of failure."""
+    work = []
+    if plan.count:
+        work.append(f"{plan.count} requests")
+    if plan.parents:
+        work.append(f"{plan.parents} parents of {plan.items} children")
+    return (
+        f"running {' and '.join(work)} at limit {plan.limit}; the summary follows when "
+        f"everything has finished, or after {plan.timeout:g} s (--timeout) with what did"
+    )
+
+
 def parent_inputs(
     parents: int, items: int, seconds: tuple[float, float], seed: int | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -380,7 +393,7 @@ async def _demo(plan: Plan, log_path: Path) -> DemoResult:
                 items = demo_requests(plan.count, plan.seconds, plan.fail_ratio)
                 items += [SubmitItem(body) for body in bad]
             inputs = parent_inputs(plan.parents, plan.items, plan.seconds)
-            print(f"giving up after {plan.timeout:g} s (--timeout)", file=sys.stderr)
+            print(deadline_line(plan), file=sys.stderr)
             session: Any = aioboto3.Session()
             parent_arns: dict[str, str] = {}  # name -> ARN, filled as they start
             began = time.monotonic()

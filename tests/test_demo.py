@@ -16,6 +16,7 @@ from dispatcher.demo import (
     DemoResult,
     ParentOutcome,
     Plan,
+    deadline_line,
     default_timeout,
     demo_requests,
     new_log_file,
@@ -254,6 +255,16 @@ def test_many_parents_show_only_those_not_as_designed() -> None:
     assert "  parent-031  SUCCEEDED  2 results, caught DemoFailure" in lines
     assert "  (the other 30 as designed)" in lines
     assert not any(line.startswith("  parent-001") for line in lines)
+
+
+def test_the_line_before_the_run_says_what_will_happen() -> None:
+    """Not "giving up after 300 s" before anything ran: the timeout is a bound."""
+    line = deadline_line(plan("--count", "200", "--parents", "2", "--items", "3"))
+    assert line.startswith(
+        "running 200 requests and 2 parents of 3 children at limit 10; the summary follows "
+        "when everything has finished, or after "
+    )
+    assert "giving up" not in line
 
 
 def test_children_of_parents_are_told_apart_from_plain_requests() -> None:
