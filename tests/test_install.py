@@ -73,12 +73,21 @@ def test_the_readmes_pip_install_from_a_git_url_works(tmp_path: Path) -> None:
     assert installed.returncode == 0, installed.stderr[-3000:]
     script = venv / "bin" / "sfn-dispatcher"
     version = subprocess.run(
-        [str(script), "--version"], cwd=tmp_path, env=env, capture_output=True, text=True
+        [str(script), "--version"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert version.stdout.strip().startswith("sfn-dispatcher "), version.stderr
     for command in ("run", "check", "sandbox", "status", "submit"):
         shown = subprocess.run(
-            [str(script), command, "--help"], cwd=tmp_path, env=env, capture_output=True
+            [str(script), command, "--help"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            check=False,
         )
         assert shown.returncode == 0, (command, shown.stderr[-2000:])
     where = subprocess.run(
