@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -43,8 +45,11 @@ if TYPE_CHECKING:
     from types_aiobotocore_stepfunctions import SFNClient
 
 STATUS_URL_ENV = "DISPATCHER_STATUS_URL"
-DEFAULT_STATUS_URL = "http://127.0.0.1:8080/status"
+HTTP_PORT_ENV = "DISPATCHER_HTTP_PORT"
+DEFAULT_HTTP_PORT = 8080
 EXIT_STILL_RUNNING = 1
+PAUSE_SEEN_MARGIN = 5.0
+"""Seconds beyond a refresh interval for a start already under way when the pause is read."""
 
 
 class NotAnsweringError(UserError):
@@ -64,8 +69,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     status.add_argument(
         "--url",
-        default=os.environ.get(STATUS_URL_ENV, DEFAULT_STATUS_URL),
-        help=f"the dispatcher's /status (default ${STATUS_URL_ENV} or {DEFAULT_STATUS_URL})",
+        help="the dispatcher's base URL or its /status, e.g. http://127.0.0.1:8093 (default "
+        f"${STATUS_URL_ENV}, else http://127.0.0.1:${HTTP_PORT_ENV}/status, port "
+        f"{DEFAULT_HTTP_PORT} when unset)",
     )
     status.add_argument("--json", action="store_true", help="print /status as it is (JSON)")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
@@ -110,7 +116,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                 "--wait", action="store_true", help="wait until no execution of the pool runs"
             )
             parser.add_argument(
-                "--timeout", type=float, help="with --wait: give up after this many seconds"
+                "--timeout",
+                type=float,
+                help="with --wait: give up after this many seconds (without --url at least "
+                "the limit refresh interval + 5 s: the pause must be seen first)",
             )
             parser.add_argument(
                 "--interval", type=float, default=5.0, help="seconds between counts (default 5)"
@@ -118,13 +127,35 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
             parser.add_argument(
                 "--url",
                 default=os.environ.get(STATUS_URL_ENV),
-                help="with --wait: also wait for this dispatcher's /status to show the pool "
-                "paused and empty (in doubt included)",
+                help="with --wait: also wait for this dispatcher's /status (or base URL) to "
+                "show the pool paused and empty (in doubt included)",
             )
         parser.set_defaults(func=partial(run_limit_command, name))
 
 
 # -- status --------------------------------------------------------------------------------
+
+
+def status_url(given: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """The /status URL to ask: ``given`` (``--url``), else ``DISPATCHER_STATUS_URL``, else
+    this host at ``DISPATCHER_HTTP_PORT`` - the variable `run` listens on. A base URL (no
+    path) gets ``/status``; one without a scheme gets ``http://``."""
+    environ = os.environ if environ is None else environ
+    url = given or environ.get(STATUS_URL_ENV)
+    if not url:
+        port = environ.get(HTTP_PORT_ENV) or str(DEFAULT_HTTP_PORT)
+        if not port.isdigit() or not 0 < int(port) <= 65_535:
+            raise UserError(
+                f"{HTTP_PORT_ENV}={port!r} is invalid: give the dispatcher's port 1-65535, "
+                f"or --url / ${STATUS_URL_ENV}"
+            )
+        return f"http://127.0.0.1:{int(port)}/status"
+    if "://" not in url:
+        url = f"http://{url}"
+    parts = urllib.parse.urlsplit(url)
+    if parts.path in {"", "/"}:
+        url = urllib.parse.urlunsplit(parts._replace(path="/status"))
+    return url
 
 
 def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
@@ -141,7 +172,8 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
         why = getattr(exc, "reason", exc)
         raise NotAnsweringError(
             f"nothing answers at {url} ({why}): is the dispatcher running there? Its port is "
-            f"DISPATCHER_HTTP_PORT (default 8080); give --url or ${STATUS_URL_ENV}"
+            f"{HTTP_PORT_ENV} (default {DEFAULT_HTTP_PORT}); give --url, ${STATUS_URL_ENV} or "
+            f"{HTTP_PORT_ENV}"
         ) from None
     try:
         document = json.loads(raw)
@@ -164,8 +196,13 @@ COLUMNS: tuple[tuple[str, Callable[[Mapping[str, Any]], object]], ...] = (
 )
 
 
-def render_status(document: Mapping[str, Any], url: str) -> str:
-    """The /status document as a header line and one table row per pool."""
+def render_status(document: Mapping[str, Any], url: str, now: float | None = None) -> str:
+    """The /status document as a header line, one table row per pool, and how old QUEUED is.
+
+    QUEUED is not live: the dispatcher reads SQS's approximate depth once per reconcile, and
+    SQS's figure itself trails the queue; the note under the table says so and how old it
+    is, so that an emptied queue still shown with messages is not mistaken for a backlog.
+    """
     lease = document.get("lease")
     lease_text = (
         "no lease table"
@@ -192,6 +229,14 @@ def render_status(document: Mapping[str, Any], url: str) -> str:
         )
         for row in rows
     ]
+    read = [p.get("queued_read_at") for p in (document.get("pools") or {}).values()]
+    read = [r for r in read if isinstance(r, int | float)]
+    if read:
+        age = max(0.0, (time.time() if now is None else now) - min(read))
+        lines.append(
+            f"QUEUED is SQS's approximate depth (ApproximateNumberOfMessages + Delayed), read "
+            f"at each reconcile, last {age:.0f} s ago: it can show requests already taken"
+        )
     return "\n".join([header, *lines])
 
 
@@ -201,11 +246,12 @@ def _cell(value: object) -> str:
 
 def run_status(args: argparse.Namespace) -> int:
     """``sfn-dispatcher status``: 0 shown; 4 nothing answers."""
-    document = fetch_status(args.url, args.timeout)
+    url = status_url(args.url)
+    document = fetch_status(url, args.timeout)
     if args.json:
         print(json.dumps(document, indent=2, sort_keys=True))
     else:
-        print(render_status(document, args.url))
+        print(render_status(document, url))
     return 0
 
 
@@ -235,6 +281,17 @@ def run_limit_command(name: str, args: argparse.Namespace) -> int:
             raise UserError(
                 "drain --wait counts the pool's executions: set DISPATCHER_STATE_MACHINE_ARN"
             )
+        seen = target.refresh_interval + PAUSE_SEEN_MARGIN
+        if args.url is None and args.timeout is not None and args.timeout <= seen:
+            raise UserError(
+                f"--timeout {args.timeout:g} is too short: without --url, drain --wait first "
+                f"waits {seen:g} s for a running dispatcher to see the pause (its limit "
+                f"refresh interval {target.refresh_interval:g} s + {PAUSE_SEEN_MARGIN:g} s) "
+                f"and would give up before counting anything; give --timeout over {seen:g}, "
+                "or --url to watch its /status; nothing was changed"
+            )
+        if args.url is not None:
+            args.url = status_url(args.url)
     return anyio.run(partial(_limit_command, name, args, target))
 
 
@@ -327,6 +384,7 @@ async def wait_drained(
     """
     assert target.state_machine_arn is not None  # noqa: S101 - checked by the caller
     arn = target.state_machine_arn
+    counting = False
     with anyio.move_on_after(timeout) as scope:
         if url:
             while True:  # another process's state: nothing to wait on but polling it
@@ -335,9 +393,12 @@ async def wait_drained(
                     break
                 await anyio.sleep(min(interval, 1.0))
         else:
-            _say(f"waiting {target.refresh_interval + 5:g} s for the dispatcher to see the pause")
-            await anyio.sleep(target.refresh_interval + 5)
-        zeros, shown = 0, None
+            seen = target.refresh_interval + PAUSE_SEEN_MARGIN
+            then = f"counting RUNNING executions every {interval:g} s"
+            until = "" if timeout is None else f" (giving up {timeout:g} s from now: --timeout)"
+            _say(f"waiting {seen:g} s for the dispatcher to see the pause, then {then}{until}")
+            await anyio.sleep(seen)
+        zeros, shown, counting = 0, None, True
         while zeros < 2:
             try:
                 running = await count_running(sfn, arn)
@@ -355,6 +416,12 @@ async def wait_drained(
             zeros = zeros + 1 if running == 0 else 0
             if zeros < 2:
                 await anyio.sleep(interval)
+    if scope.cancelled_caught and not counting:
+        _say(
+            f"pool {target.pool}: {url} did not show the pause within {timeout:g} s; "
+            "it stays paused"
+        )
+        return EXIT_STILL_RUNNING
     if scope.cancelled_caught:
         _say(f"pool {target.pool}: still running after {timeout:g} s; it stays paused")
         return EXIT_STILL_RUNNING

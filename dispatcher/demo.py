@@ -20,6 +20,7 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,7 @@ from dispatcher.config import LogFormat, Settings
 from dispatcher.producer import SubmitItem, submit_requests
 from dispatcher.records import Execution, list_executions, max_overlap
 from dispatcher.sandbox.emulator import Emulator
-from dispatcher.sandbox.provision import provision
+from dispatcher.sandbox.provision import child_key, provision
 from dispatcher.service import Dispatcher
 
 if TYPE_CHECKING:
@@ -330,6 +331,19 @@ def _parent_lines(result: DemoResult) -> list[str]:
     return lines
 
 
+def deadline_line(plan: Plan) -> str:
+    """What the run will do, said before it starts: a bound, not a prediction of failure."""
+    work = []
+    if plan.count:
+        work.append(f"{plan.count} requests")
+    if plan.parents:
+        work.append(f"{plan.parents} parents of {plan.items} children")
+    return (
+        f"running {' and '.join(work)} at limit {plan.limit}; the summary follows when "
+        f"everything has finished, or after {plan.timeout:g} s (--timeout) with what did"
+    )
+
+
 def parent_inputs(
     parents: int, items: int, seconds: tuple[float, float], seed: int | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -379,7 +393,7 @@ async def _demo(plan: Plan, log_path: Path) -> DemoResult:
                 items = demo_requests(plan.count, plan.seconds, plan.fail_ratio)
                 items += [SubmitItem(body) for body in bad]
             inputs = parent_inputs(plan.parents, plan.items, plan.seconds)
-            print(f"giving up after {plan.timeout:g} s (--timeout)", file=sys.stderr)
+            print(deadline_line(plan), file=sys.stderr)
             session: Any = aioboto3.Session()
             parent_arns: dict[str, str] = {}  # name -> ARN, filled as they start
             began = time.monotonic()
@@ -407,7 +421,7 @@ async def _demo(plan: Plan, log_path: Path) -> DemoResult:
                 outcomes = [
                     await _outcome(sfn, name, arn) for name, arn in sorted(parent_arns.items())
                 ]
-    plain, children = _split(executions, inputs)
+    plain, children = _split(executions, inputs, parent_arns)
     return DemoResult(
         requests=len(items),
         succeeded=sum(e.status == "SUCCEEDED" for e in plain),
@@ -424,11 +438,11 @@ async def _demo(plan: Plan, log_path: Path) -> DemoResult:
 
 
 def _split(
-    executions: list[Execution], inputs: dict[str, dict[str, Any]]
+    executions: list[Execution], inputs: dict[str, dict[str, Any]], arns: Mapping[str, str]
 ) -> tuple[list[Execution], list[Execution]]:
-    """(executions for plain requests, children of the parents: named ``<parent>-<index>``)."""
+    """(executions for plain requests, children of the parents: named by `child_key`)."""
     names = {
-        f"{parent}-{i}" for parent, given in inputs.items() for i in range(len(given["items"]))
+        child_key(arn, i) for name, arn in arns.items() for i in range(len(inputs[name]["items"]))
     }
     return [e for e in executions if e.name not in names], [
         e for e in executions if e.name in names

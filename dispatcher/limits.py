@@ -68,6 +68,7 @@ class LiveLimits:
         self.limiters = limiters
         self.overrides: Mapping[str, Any] = {}  # the flags given at start-up
         self.environ: Mapping[str, str] = os.environ
+        self._read: set[str] = set()  # pools whose parameter has been read once
 
     @property
     def parameters(self) -> dict[str, str]:
@@ -92,6 +93,37 @@ class LiveLimits:
             held_back=max(0, pool.ledger.running_count - limit),
         )
         return True
+
+    def given(self, pool: Pool) -> str:
+        """How the limit a pool started with was given: ``--limit 3``, ``DISPATCHER_LIMIT=3``,
+        the config file's ``[pools.NAME] limit``, or the default."""
+        limit = pool.config.limit
+        if "limit" in self.overrides:
+            return f"--limit {limit}"
+        variable = f"{ENV_PREFIX}LIMIT"
+        if self.environ.get(variable):
+            return f"{variable}={limit}"
+        if self.settings.config is not None:
+            return f"[pools.{pool.name}] limit {limit} in {self.settings.config}"
+        return f"the default limit {limit}"
+
+    def _first_read(self, pool: Pool, parameter: str, limit: int) -> None:
+        """Say once which source sets the limit: a parameter that overrides a limit given
+        another way is a warning, so that ``--limit 3`` is never replaced unnoticed."""
+        self._read.add(pool.name)
+        given = self.given(pool)
+        if limit == pool.config.limit:
+            log.info("dispatcher.limit_source", pool=pool.name, limit=limit, source=parameter)
+            return
+        log.warning(
+            "dispatcher.limit_overridden",
+            pool=pool.name,
+            limit=limit,
+            source=f"SSM parameter {parameter}",
+            overrides=given,
+            why="the limit parameter wins once read (pause, resume and drain write it); to "
+            f"use {given}, write it to the parameter or unset the limit parameter",
+        )
 
     def _refuse(self, pool: str, source: str, why: str) -> None:
         self.metrics.limit_updates.labels(pool=pool, source=source, result="rejected").inc()
@@ -130,6 +162,8 @@ class LiveLimits:
             except ValueError as exc:
                 self._refuse(pool, "ssm", f"parameter {name}: {exc}")
                 continue
+            if pool not in self._read:
+                self._first_read(self.pools[pool], name, limit)
             changed += self.apply(self.pools[pool], limit, "ssm")
         return changed
 

@@ -72,6 +72,7 @@ class Pool:
         self._changed = anyio.Event()
         self._freed_at: deque[float] = deque(maxlen=10_000)
         self.queued: int | None = None  # approximate request-queue depth, from reconcile
+        self.queued_at: float | None = None  # when it was read (wall clock, for /status)
         self.receiving = 0  # messages asked for by receives in flight
         self.started_total = 0
         self.finished_total = 0

@@ -156,6 +156,7 @@ class Reconciler:
             attributes = response.get("Attributes", {})
             queued += sum(int(value) for value in attributes.values())
         self.pool.queued = queued
+        self.pool.queued_at = time.time()
         self.metrics.queued.labels(pool=self.pool.name).set(self.pool.queued)
 
     async def _confirm(self, arn: str) -> bool:

@@ -145,6 +145,7 @@ class Dispatcher:
             "keys_at_limit": ledger.keys_at_limit,
             "free": ledger.free,
             "queued_estimate": pool.queued,
+            "queued_read_at": pool.queued_at,
             "started": pool.started_total,
             "finished": pool.finished_total,
             "tokens_held": 0 if self.callbacks is None else self.callbacks.held_for(pool),

@@ -39,7 +39,12 @@ def run(args: argparse.Namespace) -> int:
         "dispatcher.starting",
         config=loaded.layout.source,
         pools={
-            p.name: {"state_machine_arn": p.state_machine_arn, "limit": p.limit}
+            p.name: {
+                "state_machine_arn": p.state_machine_arn,
+                "limit": p.limit,
+                # Once read, the parameter's value replaces the limit (logged then).
+                **({"limit_parameter": p.limit_parameter} if p.limit_parameter else {}),
+            }
             for p in loaded.layout.pools
         },
         queues=len(loaded.layout.queues),

@@ -50,6 +50,15 @@ MAX_ATTRIBUTES = 10  # SQS: message attributes per message
 ATTRIBUTE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,256}\Z")
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}\Z")  # an execution name (the idempotency key)
 _REQUEST_KEYS = frozenset({"input", "attributes"})
+# Each example must be accepted as written and cannot conflict with itself (a test runs them).
+EXAMPLES = f"""examples:
+  sfn-dispatcher submit --count 20 --seconds 1:5 --attribute tenant=a
+  sfn-dispatcher submit --count 3 --idempotency-keys order-7
+      three requests, {IDEMPOTENCY_ATTRIBUTE} order-7-1, order-7-2, order-7-3
+  sfn-dispatcher submit --count 3 --attribute {IDEMPOTENCY_ATTRIBUTE}=order-7
+      the same request three times: one execution starts, two are duplicates
+  sfn-dispatcher submit --from-file requests.jsonl --attribute tenant=a
+"""
 _SHOWN_FAILURES = 20
 
 
@@ -61,6 +70,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Send requests to the request queue, 10 per SendMessageBatch. Each "
         "request body is the execution input. Generate them with --count (and --seconds, "
         "--fail-ratio for the demo machine) or read them with --from-file.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--queue-url", metavar="URL", help=f"request queue (default: ${QUEUE_URL_ENV})"
@@ -87,8 +98,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a String message attribute on every request, e.g. tenant=a, pool=reports, "
-        f"{IDEMPOTENCY_ATTRIBUTE}=order-7 (repeatable; a file line's own attributes win)",
+        help="a String message attribute on every request, e.g. tenant=a or pool=reports "
+        "(repeatable; a file line's own attributes win). The same "
+        f"{IDEMPOTENCY_ATTRIBUTE} on several requests names one execution: they must have "
+        "the same body (the others count as duplicates); --idempotency-keys gives each "
+        "request its own",
     )
     parser.add_argument(
         "--seconds",
@@ -189,10 +203,39 @@ def _requests(args: argparse.Namespace) -> tuple[int, list[str] | None, Iterable
     if not 0.0 <= args.fail_ratio <= 1.0:
         raise UserError(f"--fail-ratio {args.fail_ratio:g} is invalid: give 0 to 1")
     check_attributes(common, "--attribute")
+    _one_body_per_key(args, common, seconds)
     requests = generate(
         args.count, seconds, args.fail_ratio, args.idempotency_keys, args.seed, attributes=common
     )
     return args.count, None, requests
+
+
+def _one_body_per_key(
+    args: argparse.Namespace, common: Mapping[str, str], seconds: tuple[int, int] | None
+) -> None:
+    """Refuse ``--count`` copies under one fixed key whose bodies would differ: the dispatcher
+    would start the first and dead-letter the others as ``idempotency_conflict``."""
+    key = common.get(IDEMPOTENCY_ATTRIBUTE)
+    if key is None or args.count < 2:
+        return
+    varying = []
+    if seconds is not None and seconds[0] != seconds[1]:
+        varying.append(f"--seconds {args.seconds}")
+    if 0 < round(args.count * args.fail_ratio) < args.count:
+        varying.append(f"--fail-ratio {args.fail_ratio:g}")
+    if varying:
+        raise UserError(
+            f"--count {args.count} with --attribute {IDEMPOTENCY_ATTRIBUTE}={key} names one "
+            f"execution for all {args.count} requests, but {' and '.join(varying)} gives them "
+            "different bodies: all but the first would be dead-lettered as "
+            f"idempotency_conflict; give --idempotency-keys {key} instead ({key}-1 .. "
+            f"{key}-{args.count}), or bodies that are all the same"
+        )
+    print(
+        f"note: all {args.count} requests carry {IDEMPOTENCY_ATTRIBUTE}={key}: the dispatcher "
+        f"starts one execution and counts the other {args.count - 1} as duplicates",
+        file=sys.stderr,
+    )
 
 
 def parse_seconds(text: str) -> tuple[int, int]:
@@ -356,4 +399,23 @@ def read_jsonl(
         items.append((number, _item(text, merged, key)))
     if not items:
         raise UserError(f"--from-file {path} has no requests (no non-blank lines)")
+    _no_conflicts(path, items)
     return items
+
+
+def _no_conflicts(path: Path, items: list[tuple[int, SubmitItem]]) -> None:
+    """Refuse two lines with the same key and attributes but different inputs: whatever the
+    pool's settings, the second would be dead-lettered as ``idempotency_conflict``."""
+    seen: dict[tuple[str, str], tuple[int, object]] = {}
+    for number, item in items:
+        if item.idempotency_key is None:
+            continue
+        same = (item.idempotency_key, json.dumps(sorted(item.attributes.items())))
+        body = json.loads(item.body)
+        first = seen.setdefault(same, (number, body))
+        if first[1] != body:
+            raise UserError(
+                f"{path}:{number}: {IDEMPOTENCY_ATTRIBUTE} {item.idempotency_key} with another "
+                f"input than line {first[0]}: it would be dead-lettered as "
+                "idempotency_conflict; give each request its own key; nothing was sent"
+            )

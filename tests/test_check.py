@@ -6,6 +6,7 @@ own; everything else runs against the emulator with real clients.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -26,6 +27,7 @@ from dispatcher.preflight import (
     Status,
     UnsupportedPatternError,
     check_lease_table,
+    check_policy,
     check_rule,
     check_stop_executions,
     check_task_tokens,
@@ -861,6 +863,78 @@ pool = "second"
     assert f"[queue {second.prefix}-requests]" in table
     assert "[pool second]" in table
     assert not report.ok
+
+
+class RulesEvents:
+    """EventBridge with one rule per pool, each sending its machine's events to the queue."""
+
+    def __init__(self, machines: dict[str, str]) -> None:
+        self.rules = {
+            f"{name}-status": (f"arn:aws:events:us-east-1:123456789012:rule/{name}-status", arn)
+            for name, arn in machines.items()
+        }
+
+    def get_paginator(self, _: str) -> Any:
+        names = list(self.rules)
+
+        class Pages:
+            async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+                yield {"RuleNames": names}
+
+        return type("Paginator", (), {"paginate": lambda _self, **_: Pages()})()
+
+    async def describe_rule(self, Name: str) -> dict[str, Any]:  # noqa: N803 - AWS's name
+        arn, machine = self.rules[Name]
+        return {"Arn": arn, "State": "ENABLED", "EventPattern": json.dumps(status_pattern(machine))}
+
+    async def list_targets_by_rule(self, **_: Any) -> dict[str, Any]:
+        return {"Targets": [{"Id": "events", "Arn": QUEUE}]}
+
+
+class PolicySQS:
+    """GetQueueAttributes of the events queue, with a given policy."""
+
+    def __init__(self, policy: dict[str, Any]) -> None:
+        self.policy = policy
+
+    async def get_queue_attributes(self, **_: Any) -> dict[str, Any]:
+        return {"Attributes": {"QueueArn": QUEUE, "Policy": json.dumps(self.policy)}}
+
+
+async def test_two_pools_on_one_events_queue_get_one_merged_policy_fix(tmp_path: Any) -> None:
+    """The policy allows only the first pool's rule (with the template's deny-all-others):
+    the second pool's fix must allow both rules, or applying it breaks the first pool."""
+    path = tmp_path / "pools.toml"
+    path.write_text(POOLS_FILE)
+    target, _ = load_target({"config": str(path)}, {})
+    events = RulesEvents({p.name: p.state_machine_arn for p in target.pools})
+    orders_rule, billing_rule = (arn for arn, _ in events.rules.values())
+    other = {"Sid": "Ops", "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::1:root"}}
+    other |= {"Action": "sqs:GetQueueAttributes", "Resource": QUEUE}
+    guard = {**allow(ArnNotEquals={"aws:SourceArn": orders_rule}), "Effect": "Deny"}
+    policy = {"Statement": [allow(ArnEquals={"aws:SourceArn": orders_rule}), guard, other]}
+    clients = Clients(
+        sqs=cast(Any, PolicySQS(policy)),
+        sfn=cast(Any, None),
+        events=cast(Any, events),
+        ssm=None,
+        dynamodb=None,
+        credentials="container-role",
+    )
+    ctx = Context(target, clients, None)
+    orders, billing = [await check_policy(ctx.scoped(target.for_pool(p))) for p in target.pools]
+    assert orders.status is Status.OK
+    assert billing.status is Status.FAIL
+    assert billing.fix.startswith("allow the rules of every pool on this queue (keeps the ")
+    fixed = json.loads(json.loads(billing.fix.split("--attributes ")[1].split("'")[1])["Policy"])
+    assert policy_allows(fixed, QUEUE, orders_rule) is True
+    assert policy_allows(fixed, QUEUE, billing_rule) is True
+    assert policy_allows(fixed, QUEUE, orders_rule + "-someone-else") is False  # guard kept
+    assert other in fixed["Statement"]
+    # Applied, it is the policy both pools pass with: no fix puts the other pool back.
+    ctx = Context(target, dataclasses.replace(clients, sqs=cast(Any, PolicySQS(fixed))), None)
+    for pool in target.pools:
+        assert (await check_policy(ctx.scoped(target.for_pool(pool)))).status is Status.OK
 
 
 def test_a_broken_config_file_is_a_line_per_mistake_and_the_pool_checks_say_why(

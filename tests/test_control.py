@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from dispatcher.cli import main
-from dispatcher.control import render_status
+from dispatcher.control import render_status, status_url
 from dispatcher.errors import UserError
 from dispatcher.limits import last_running_limit, limit_target
 from dispatcher.sandbox import SandboxResources
@@ -118,13 +118,28 @@ async def test_status_json_is_the_dispatchers_document(
     sandbox: SandboxResources, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with running(sandbox) as dispatcher:
-        url = f"http://127.0.0.1:{dispatcher.http_port}/status"
+        url = f"http://127.0.0.1:{dispatcher.http_port}"  # the base URL is enough
         assert await _cli("status", "--url", url, "--json") == 0
         out = capsys.readouterr().out  # the in-process dispatcher logs to stdout too
         document, _ = json.JSONDecoder().raw_decode(out, out.index("{\n"))
         assert document["pools"]["default"]["limit"] == dispatcher.pool.ledger.limit
         assert document["pools"]["default"]["tokens_held"] == 0
+        assert "queued_read_at" in document["pools"]["default"], "how old QUEUED is"
         assert document["role"] == dispatcher.status()["role"]
+
+
+async def test_status_asks_the_port_the_dispatcher_listens_on(
+    sandbox: SandboxResources,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`run` listens on DISPATCHER_HTTP_PORT: with the same variable `status` finds it."""
+    monkeypatch.delenv("DISPATCHER_STATUS_URL", raising=False)
+    async with running(sandbox) as dispatcher:
+        monkeypatch.setenv("DISPATCHER_HTTP_PORT", str(dispatcher.http_port))
+        assert await _cli("status") == 0
+        out = capsys.readouterr().out
+        assert f"dispatcher at http://127.0.0.1:{dispatcher.http_port}/status: role " in out
 
 
 async def test_resume_restores_the_newest_non_zero_limit(sandbox: SandboxResources) -> None:
@@ -147,6 +162,63 @@ def test_nothing_answering_is_one_line_and_its_own_exit_status(
         "sfn-dispatcher status: error: nothing answers at http://127.0.0.1:1/status ("
     )
     assert "DISPATCHER_HTTP_PORT" in err
+
+
+@pytest.mark.parametrize(
+    ("given", "env", "url"),
+    [
+        ("http://127.0.0.1:8093", {}, "http://127.0.0.1:8093/status"),
+        ("http://127.0.0.1:8093/", {}, "http://127.0.0.1:8093/status"),
+        ("127.0.0.1:8093", {}, "http://127.0.0.1:8093/status"),
+        ("http://h:1/status", {"DISPATCHER_HTTP_PORT": "2"}, "http://h:1/status"),
+        ("http://h:1/custom/status", {}, "http://h:1/custom/status"),
+        (None, {}, "http://127.0.0.1:8080/status"),
+        (None, {"DISPATCHER_HTTP_PORT": "8093"}, "http://127.0.0.1:8093/status"),
+        (
+            None,
+            {"DISPATCHER_HTTP_PORT": "8093", "DISPATCHER_STATUS_URL": "http://other:9"},
+            "http://other:9/status",
+        ),
+    ],
+)
+def test_the_status_url_takes_a_base_url_and_the_dispatchers_port(
+    given: str | None, env: dict[str, str], url: str
+) -> None:
+    assert status_url(given, env) == url
+
+
+def test_an_invalid_port_variable_is_named() -> None:
+    with pytest.raises(UserError, match="DISPATCHER_HTTP_PORT='http' is invalid"):
+        status_url(None, {"DISPATCHER_HTTP_PORT": "http"})
+
+
+def test_a_drain_timeout_shorter_than_the_pause_takes_is_refused_before_anything_changes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --url, drain --wait sleeps a refresh interval + 5 s before it counts: a
+    shorter --timeout would always give up, after saying it waits longer."""
+    monkeypatch.setenv("DISPATCHER_LIMIT_PARAMETER", "/nowhere/limit")
+    monkeypatch.setenv("DISPATCHER_STATE_MACHINE_ARN", ARN)
+    monkeypatch.delenv("DISPATCHER_STATUS_URL", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # any call would fail
+    assert main(["drain", "--wait", "--timeout", "15"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "sfn-dispatcher drain: error: --timeout 15 is too short: without --url, drain --wait "
+        "first waits 35 s for a running dispatcher to see the pause"
+    )
+    assert err.strip().endswith("nothing was changed")
+
+
+def test_the_table_says_how_old_queued_is() -> None:
+    """QUEUED is read once per reconcile, from a figure SQS itself gives late: an emptied
+    queue still shows its old depth until the next reading, so the table says how old."""
+    pool = {"limit": 5, "queued_estimate": 7, "queued_read_at": 1000.0}
+    lines = render_status({"pools": {"a": pool}}, "http://x/status", now=1025.4).splitlines()
+    assert lines[-1] == (
+        "QUEUED is SQS's approximate depth (ApproximateNumberOfMessages + Delayed), read at "
+        "each reconcile, last 25 s ago: it can show requests already taken"
+    )
 
 
 def test_the_table_shows_every_pool_and_the_lease() -> None:

@@ -16,6 +16,7 @@ from dispatcher.demo import (
     DemoResult,
     ParentOutcome,
     Plan,
+    deadline_line,
     default_timeout,
     demo_requests,
     new_log_file,
@@ -25,7 +26,7 @@ from dispatcher.demo import (
 )
 from dispatcher.errors import UserError
 from dispatcher.records import Execution
-from dispatcher.sandbox import find_executable
+from dispatcher.sandbox import child_key, find_executable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -256,16 +257,28 @@ def test_many_parents_show_only_those_not_as_designed() -> None:
     assert not any(line.startswith("  parent-001") for line in lines)
 
 
+def test_the_line_before_the_run_says_what_will_happen() -> None:
+    """Not "giving up after 300 s" before anything ran: the timeout is a bound."""
+    line = deadline_line(plan("--count", "200", "--parents", "2", "--items", "3"))
+    assert line.startswith(
+        "running 200 requests and 2 parents of 3 children at limit 10; the summary follows "
+        "when everything has finished, or after "
+    )
+    assert "giving up" not in line
+
+
 def test_children_of_parents_are_told_apart_from_plain_requests() -> None:
     from dispatcher.demo import _split  # noqa: PLC0415 - a private helper, tested alone
 
     inputs = parent_inputs(1, 2, (1, 1))
+    arns = {"parent-001": "arn:aws:states:us-east-1:000000000000:execution:parent:parent-001"}
+    keys = [child_key(arns["parent-001"], i) for i in (0, 1)]
     named = [
         Execution(name, f"arn:{name}", "SUCCEEDED", 0.0, 1.0)
-        for name in ("parent-001-0", "parent-001-1", "0b9c4b1e-5a4e-4e47-9d4b-7c2c5a0f1e11")
+        for name in (*keys, "0b9c4b1e-5a4e-4e47-9d4b-7c2c5a0f1e11")
     ]
-    plain, children = _split(named, inputs)
-    assert [e.name for e in children] == ["parent-001-0", "parent-001-1"]
+    plain, children = _split(named, inputs, arns)
+    assert [e.name for e in children] == keys
     assert len(plain) == 1
 
 

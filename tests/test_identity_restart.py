@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from dispatcher.records import list_executions
-from dispatcher.sandbox.provision import SandboxResources
+from dispatcher.sandbox.provision import SandboxResources, child_key
 from tests.audit import session, wait_for
 from tests.runner import running
 
@@ -51,5 +51,6 @@ async def test_a_child_running_across_a_key_attribute_change_is_not_started_agai
         assert parent["status"] == "SUCCEEDED", parent
         assert json.loads(parent["output"])["results"] == [item]
         executions = await list_executions(sfn, resources.state_machine_arn)
-        assert [e.name for e in executions] == ["parent-0-0"], "the child started once"
+        child = child_key(started["executionArn"], 0)
+        assert [e.name for e in executions] == [child], "the child started once"
         assert found == 1

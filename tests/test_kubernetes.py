@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from dispatcher.config import ConfigError, Settings, env_name
+from dispatcher.layout import load as load_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -184,6 +185,84 @@ def test_kustomize_build_renders_valid_namespaced_resources(tmp_path: Path) -> N
     result = _validate(out)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (result.stdout + result.stderr).count(" passed for resource ") == len(CORE_FILES)
+
+
+# -- several pools from a config file (deploy/kubernetes-pools) ------------------------------
+
+POOLS = ROOT / "deploy" / "kubernetes-pools"
+
+
+def _kustomize(directory: Path) -> list[dict[str, Any]]:
+    """``kubectl kustomize DIRECTORY``: what ``kubectl apply -k`` would send."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    built = subprocess.run(
+        [kubectl, "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=50,
+    )
+    assert built.returncode == 0, built.stderr
+    return [d for d in yaml.safe_load_all(built.stdout) if d]
+
+
+@pytest.mark.timeout(60)
+def test_the_config_file_overlay_renders_valid_resources(tmp_path: Path) -> None:
+    rendered = _kustomize(POOLS)
+    kinds = sorted(m["kind"] for m in rendered)
+    assert kinds.count("ConfigMap") == 2, "the settings and the config file"
+    for manifest in rendered:
+        if manifest["kind"] != "Namespace":
+            assert manifest["metadata"]["namespace"] == "sfn-dispatcher", manifest["kind"]
+        assert manifest["metadata"]["labels"]["app.kubernetes.io/part-of"] == "sfn-dispatcher"
+    out = tmp_path / "rendered.yaml"
+    out.write_text(yaml.safe_dump_all(rendered), encoding="utf-8")
+    result = _validate(out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (result.stdout + result.stderr).count(" passed for resource ") == len(CORE_FILES) + 1
+
+
+@pytest.mark.timeout(60)
+def test_the_pod_reads_several_pools_from_the_mounted_file_on_a_read_only_root(
+    tmp_path: Path,
+) -> None:
+    """The settings the pod gets - the ConfigMap's variables and the file at DISPATCHER_CONFIG,
+    from the volume the rendered ConfigMap fills - load as `run` loads them."""
+    rendered = {(m["kind"], m["metadata"]["name"]): m for m in _kustomize(POOLS)}
+    deployment = rendered["Deployment", "sfn-dispatcher"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    env = {e["name"]: e["value"] for e in container["env"]}
+    path = Path(env["DISPATCHER_CONFIG"])
+    [mount] = [m for m in container["volumeMounts"] if path.is_relative_to(m["mountPath"])]
+    assert mount["readOnly"] is True
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    files = rendered["ConfigMap", volume["configMap"]["name"]]["data"]
+    assert files.keys() == {path.name}
+    (tmp_path / path.name).write_text(files[path.name], encoding="utf-8")
+    [source] = container["envFrom"]
+    variables = rendered["ConfigMap", source["configMapRef"]["name"]]["data"]
+    loaded = load_layout(env={**variables, "DISPATCHER_CONFIG": str(tmp_path / path.name)})
+    assert [p.name for p in loaded.layout.pools] == ["reports", "exports"]
+    assert len(loaded.layout.queues) == 3
+    assert loaded.settings.http_host == "0.0.0.0"  # noqa: S104 - the pod's interface
+    assert loaded.settings.shutdown_timeout < pod["terminationGracePeriodSeconds"]
+    assert "REPLACE-ME" in files[path.name], "every value to replace is marked"
+
+
+def test_the_base_variables_next_to_the_file_would_be_refused(tmp_path: Path) -> None:
+    """Why the overlay takes the pool variables out of the base's ConfigMap."""
+    config = tmp_path / "dispatcher.toml"
+    config.write_text((POOLS / "dispatcher.toml").read_text(encoding="utf-8"), encoding="utf-8")
+    data = _load("configmap.yaml")["data"]
+    with pytest.raises(ConfigError, match="cannot be combined with DISPATCHER_CONFIG"):
+        load_layout(env={**data, "DISPATCHER_CONFIG": str(config)})
+    removed = yaml.safe_load((POOLS / "configmap-patch.yaml").read_text(encoding="utf-8"))
+    kept = {k: v for k, v in data.items() if k not in removed["data"]}
+    load_layout(env={**kept, "DISPATCHER_CONFIG": str(config)})
 
 
 def test_core_kinds_are_the_expected_ones() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
 
@@ -116,3 +117,76 @@ async def test_resume_finds_the_newest_non_zero_limit_across_pages() -> None:
 async def test_a_missing_parameter_says_how_to_create_it() -> None:
     with pytest.raises(UserError, match=r"SSM parameter /l does not exist: create it with"):
         await read_limit(FakeSsm([]), "/l")  # type: ignore[arg-type]
+
+
+# --- which source sets the limit --------------------------------------------------------------
+
+
+class ParameterSsm:
+    """One parameter holding a limit."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    async def get_parameter(self, **kwargs: Any) -> dict[str, Any]:
+        return {"Parameter": {"Name": kwargs["Name"], "Value": self.value}}
+
+
+def with_parameter(
+    value: str, overrides: dict[str, Any], env: dict[str, str]
+) -> tuple[LiveLimits, Pool]:
+    """Live limits of one pool whose limit lives in SSM parameter /l, as `run` builds them."""
+    env = {
+        "DISPATCHER_STATE_MACHINE_ARN": ARN,
+        "DISPATCHER_REQUEST_QUEUE_URL": QUEUE,
+        "DISPATCHER_EVENTS_QUEUE_URL": EVENTS,
+        "DISPATCHER_LIMIT_PARAMETER": "/l",
+        **env,
+    }
+    loaded = load(overrides, env=env)
+    metrics = Metrics(CollectorRegistry())
+    pool = Pool(loaded.layout.pools[0], metrics)
+    limits = LiveLimits(
+        loaded.settings,
+        loaded.layout,
+        {pool.name: pool},
+        ssm=ParameterSsm(value),  # type: ignore[arg-type]
+        metrics=metrics,
+        limiters=RateLimiters(metrics, rate=None, burst=None, floor=1.0),
+    )
+    limits.overrides, limits.environ = overrides, env
+    return limits, pool
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "given"),
+    [
+        ({"limit": 3}, {}, "--limit 3"),
+        ({}, {"DISPATCHER_LIMIT": "3"}, "DISPATCHER_LIMIT=3"),
+    ],
+)
+async def test_a_limit_the_parameter_overrides_is_a_warning_naming_both(
+    overrides: dict[str, Any], env: dict[str, str], given: str
+) -> None:
+    limits, pool = with_parameter("10", overrides, env)
+    with structlog.testing.capture_logs() as lines:
+        assert await limits.refresh_once() == 1
+        assert await limits.refresh_once() == 0
+    assert pool.ledger.limit == 10
+    [warning] = [line for line in lines if line["event"] == "dispatcher.limit_overridden"]
+    assert warning["log_level"] == "warning"
+    assert (warning["limit"], warning["source"], warning["overrides"]) == (
+        10,
+        "SSM parameter /l",
+        given,
+    )
+    assert f"to use {given}, write it to the parameter" in warning["why"]
+
+
+async def test_a_parameter_that_agrees_says_it_is_the_source() -> None:
+    limits, _ = with_parameter("3", {"limit": 3}, {})
+    with structlog.testing.capture_logs() as lines:
+        await limits.refresh_once()
+    assert [(line["event"], line["source"]) for line in lines] == [
+        ("dispatcher.limit_source", "/l")
+    ]

@@ -30,6 +30,7 @@ from dispatcher.errors import EXIT_AWS, UserError
 from dispatcher.sandbox import (
     Emulator,
     SandboxResources,
+    child_key,
     demo_definition,
     free_port,
     parent_definition,
@@ -64,6 +65,7 @@ ENV_KEYS = {
     "DISPATCHER_EVENTS_QUEUE_URL",
     "DISPATCHER_DEAD_LETTER_QUEUE_URL",
     "DISPATCHER_LIMIT",
+    "DISPATCHER_LIMIT_PARAMETER",
     "SFN_DISPATCHER_PARENT_ARN",
 }
 
@@ -252,6 +254,19 @@ def test_sandbox_command_prints_settings_and_stops_on_sigterm(
     assert submit.stdout.startswith("sent 20, failed 0")
     depth = anyio.run(queue_depth, env["AWS_ENDPOINT_URL"], env["DISPATCHER_REQUEST_QUEUE_URL"])
     assert depth == 20
+    # The exports name the limit parameter: pause and resume work without a restart.
+    for command, said in (("pause", "limit 10 -> 0"), ("resume", "limit 0 -> 10")):
+        done = subprocess.run(
+            [sys.executable, "-m", "dispatcher", command],
+            cwd=REPO,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert said in done.stdout
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=15) == 0
@@ -568,10 +583,12 @@ def test_the_parent_sends_each_item_with_its_token_and_key() -> None:
         "task-token": {"DataType": "String", "StringValue.$": "$$.Task.Token"},
         "idempotency-key": {
             "DataType": "String",
-            "StringValue.$": "States.Format('{}-{}', $$.Execution.Name, $$.Map.Item.Index)",
+            "StringValue.$": "States.Format('{}-{}', States.Hash($$.Execution.Id, 'SHA-1'), "
+            "$$.Map.Item.Index)",
         },
         "parent-execution": {"DataType": "String", "StringValue.$": "$$.Execution.Id"},
     }
+    assert task["TimeoutSeconds"] == 3600, "the whole wait is bounded"
     [catch] = task["Catch"]
     assert catch["ErrorEquals"] == ["States.ALL"]
     assert steps[catch["Next"]] == {"Type": "Pass", "End": True}
@@ -621,10 +638,11 @@ async def test_the_parent_waits_for_children_answered_through_their_tokens(
             sandbox.endpoint, sandbox.request_queue_url, count=3, timeout=15
         )
         by_key = {m["MessageAttributes"]["idempotency-key"]["StringValue"]: m for m in messages}
-        assert sorted(by_key) == [f"{name}-0", f"{name}-1", f"{name}-2"]
+        keys = [child_key(started["executionArn"], index) for index in range(3)]
+        assert sorted(by_key) == sorted(keys), "the emulator's States.Hash is hashlib's SHA-1"
         tokens = []
         for index, item in enumerate(items):
-            message = by_key[f"{name}-{index}"]
+            message = by_key[keys[index]]
             assert json.loads(message["Body"]) == item, "the item is the child's input"
             attribute = message["MessageAttributes"]["task-token"]
             assert attribute["DataType"] == "String"
@@ -677,6 +695,7 @@ async def test_endpoint_mode_prints_json_and_writes_env_file(
     assert set(printed) == ENV_KEYS
     assert printed["AWS_ENDPOINT_URL"] == emulator
     assert printed["DISPATCHER_LIMIT"] == "4"
+    assert printed["DISPATCHER_LIMIT_PARAMETER"] == f"/{prefix}/limit"
     assert printed["DISPATCHER_REQUEST_QUEUE_URL"].endswith(f"/{prefix}-requests")
     assert env_file.stat().st_mode & 0o777 == 0o600
     lines = env_file.read_text().splitlines()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,13 +12,14 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
-from dispatcher.cli import main
+from dispatcher.cli import build_parser, main
 from dispatcher.config import InputFormat
 from dispatcher.layout import PoolConfig
 from dispatcher.producer import endpoint_for
 from dispatcher.requests import StartRequest, parse, string_attributes
 from dispatcher.sandbox import SandboxResources
 from dispatcher.submit import (
+    EXAMPLES,
     IDEMPOTENCY_ATTRIBUTE,
     FailedEntry,
     SubmitItem,
@@ -26,6 +28,7 @@ from dispatcher.submit import (
     read_jsonl,
     submit_requests,
 )
+from dispatcher.submit import _requests as submit_requests_of
 from tests.helpers import queue_depth, receive_all
 
 if TYPE_CHECKING:
@@ -299,6 +302,18 @@ async def test_batches_never_exceed_ten_entries_or_256_kib() -> None:
             ["--count", "5", "--attribute", "idempotency-key=a", "--idempotency-keys", "p"],
             "--attribute idempotency-key=... and --idempotency-keys both name the execution",
         ),
+        (
+            ["--count", "3", "--seconds", "1:5", "--attribute", "idempotency-key=order-7"],
+            "--count 3 with --attribute idempotency-key=order-7 names one execution for all 3 "
+            "requests, but --seconds 1:5 gives them different bodies: all but the first would "
+            "be dead-lettered as idempotency_conflict; give --idempotency-keys order-7 instead "
+            "(order-7-1 .. order-7-3)",
+        ),
+        (
+            ["--count", "4", "--fail-ratio", "0.5", "--attribute", "idempotency-key=k"],
+            "--count 4 with --attribute idempotency-key=k names one execution for all 4 "
+            "requests, but --fail-ratio 0.5 gives them different bodies",
+        ),
         (["--count", "5", "--fail-ratio", "2"], "--fail-ratio 2 is invalid: give 0 to 1"),
         (["--count", "0"], "--count 0 is invalid"),
         (["--count", "5", "--rate", "0"], "--rate 0 is invalid"),
@@ -337,6 +352,13 @@ def test_missing_queue_url_names_the_variable(capsys: pytest.CaptureFixture[str]
             + "}}\n",
             "requests.jsonl:4: 11 message attributes; SQS accepts at most 10",
         ),
+        (
+            '{"input": {"n": 1}, "attributes": {"idempotency-key": "k"}}\n'
+            '{"input": {"n": 1}, "attributes": {"idempotency-key": "k", "tenant": "b"}}\n'
+            '{"input": {"n": 2}, "attributes": {"idempotency-key": "k"}}\n',
+            "requests.jsonl:3: idempotency-key k with another input than line 1: it would be "
+            "dead-lettered as idempotency_conflict",
+        ),
     ],
 )
 def test_bad_file_names_the_line_and_sends_nothing(
@@ -352,6 +374,42 @@ def test_bad_file_names_the_line_and_sends_nothing(
     assert message in err
     if "no requests" not in message:
         assert err.strip().endswith("nothing was sent")
+
+
+def test_every_help_example_is_accepted_and_cannot_conflict_with_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ``submit --help`` example, as written: requests under one idempotency key (and
+    the same attributes) have one body, or all but the first would be dead-lettered."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "requests.jsonl").write_text('{"n": 1}\n{"n": 2}\n', encoding="utf-8")
+    examples = [
+        line.split()[1:] for line in EXAMPLES.splitlines() if line.strip().startswith("sfn-")
+    ]
+    assert len(examples) >= 3
+    assert any("--count" in argv and "--idempotency-keys" in argv for argv in examples)
+    for argv in examples:
+        args = build_parser().parse_args([*argv, "--queue-url", "http://127.0.0.1:1/0/q"])
+        _, _, items = submit_requests_of(args)
+        bodies: dict[tuple[str, str], set[str]] = {}
+        for item in items:
+            if item.idempotency_key is not None:
+                same = (item.idempotency_key, json.dumps(sorted(item.attributes.items())))
+                bodies.setdefault(same, set()).add(item.body)
+        assert all(len(b) == 1 for b in bodies.values()), (argv, bodies)
+
+
+def test_one_key_on_identical_copies_says_they_are_duplicates(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["submit", "--count", "3", "--attribute", "idempotency-key=order-7", "--seed", "1"]
+    args = build_parser().parse_args([*argv, "--queue-url", "http://127.0.0.1:1/0/q"])
+    count, _, items = submit_requests_of(args)
+    assert (count, {i.body for i in items}) == (3, {"{}"})
+    assert capsys.readouterr().err == (
+        "note: all 3 requests carry idempotency-key=order-7: the dispatcher starts one "
+        "execution and counts the other 2 as duplicates\n"
+    )
 
 
 def test_seconds_are_whole_numbers_in_the_body() -> None:
@@ -411,6 +469,7 @@ def test_endpoint_comes_from_a_non_aws_queue_url(monkeypatch: pytest.MonkeyPatch
 # --- the producer guide's snippets, run as they are -----------------------------------------
 
 GUIDE = Path(__file__).parent.parent / "docs" / "producers.md"
+AWS_CLI_V1 = Path(__file__).parent.parent / ".venv-emulator" / "bin" / "aws"
 
 
 def snippet(name: str) -> str:
@@ -430,13 +489,20 @@ async def test_the_producer_guide_snippets_send_what_the_dispatcher_reads(
     monkeypatch.setenv("AWS_ENDPOINT_URL", sandbox.endpoint)
     await anyio.to_thread.run_sync(exec, snippet("boto3"), {})
     await anyio.to_thread.run_sync(exec, snippet("helper"), {})
-    if shutil.which("aws") is not None:  # the AWS CLI is optional on a development machine
-        # AWS CLI v1 ignores AWS_ENDPOINT_URL: name the emulator on the command line.
-        command = snippet("aws-cli").replace("aws sqs", "aws --endpoint-url $AWS_ENDPOINT_URL sqs")
-        cli = await anyio.run_process(["bash", "-c", command], check=False)
-        assert cli.returncode == 0, cli.stderr.decode()
-    expected = {"order-42", "order-43"} if shutil.which("aws") else {"order-42"}
-    expected |= {f"order-{n}" for n in range(100, 120)}
+    expected = {"order-42"} | {f"order-{n}" for n in range(100, 120)}
+    # The AWS CLI v1 (what `make test` installs) ignores AWS_ENDPOINT_URL for `aws sqs` in
+    # us-east-1: the guide's emulator snippet, as written, is the one that works.
+    cli = AWS_CLI_V1 if AWS_CLI_V1.is_file() else shutil.which("aws")
+    if cli is not None:  # the AWS CLI is optional on a development machine
+        assert "--endpoint-url" not in snippet("aws-cli"), "the one for AWS"
+        path = f"{Path(cli).parent}:{os.environ['PATH']}"
+        env = {**os.environ, "PATH": path, "AWS_DEFAULT_REGION": "us-east-1"}
+        env |= {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+        done = await anyio.run_process(
+            ["bash", "-c", snippet("aws-cli-emulator")], check=False, env=env
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        expected.add("order-44")
 
     messages = await receive_all(sandbox.endpoint, sandbox.request_queue_url, count=len(expected))
     pool = PoolConfig(

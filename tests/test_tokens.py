@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from dispatcher.records import list_executions, max_overlap
-from dispatcher.sandbox.provision import SandboxResources
+from dispatcher.sandbox.provision import SandboxResources, child_key
 from tests.audit import session, wait_for
 from tests.helpers import depth
 from tests.runner import child_process, running
@@ -70,7 +70,7 @@ async def test_three_parents_of_twenty_items_hold_the_limit_and_get_their_result
             assert json.loads(parent["output"])["results"] == children, "in item order"
         executions = await list_executions(sfn, resources.state_machine_arn)
         assert sorted(e.name for e in executions) == sorted(
-            f"parent-{p}-{i}" for p in range(3) for i in range(20)
+            child_key(arn, i) for arn in parents for i in range(20)
         ), "each child started once"
         assert max_overlap(executions) <= 5
         assert await depth(sqs, resources.request_queue_url) == 0, "every message deleted"
@@ -122,29 +122,45 @@ async def test_kill_9_while_children_run_and_tokens_wait_then_every_parent_compl
 async def test_a_bad_request_with_a_token_fails_the_parents_step_and_is_dead_lettered(
     sandbox_factory: Factory,
 ) -> None:
-    """With per-key limits an idempotency key may be 68 characters at most; the parent's
-    (its long name and the item index) is longer: a request no retry can fix."""
+    """An item that is not a JSON object is sent as a body that is not JSON: a request no
+    retry can fix."""
     resources = await sandbox_factory(limit=2)
     async with (
-        running(resources, limit=2, key_attribute="tenant", per_key_limit=1),
+        running(resources, limit=2),
         session().client("stepfunctions", endpoint_url=resources.endpoint) as sfn,
         session().client("sqs", endpoint_url=resources.endpoint) as sqs,
     ):
-        [parent] = await start_parents(sfn, resources, [[{"seconds": 0}]], prefix="p" * 70)
+        [parent] = await start_parents(sfn, resources, [["not json"]])
         [described] = await finished(sfn, [parent], within=60)
         [result] = json.loads(described["output"])["results"]
         assert result["error"]["Error"] == "Dispatcher.BadRequest"
-        assert result["error"]["Cause"].startswith("invalid_idempotency_key: ")
+        assert result["error"]["Cause"].startswith("invalid_json: ")
         got = await sqs.receive_message(
             QueueUrl=resources.dead_letter_queue_url,
             MessageAttributeNames=["All"],
             WaitTimeSeconds=1,
         )
         [dead] = got["Messages"]
-        assert dead["MessageAttributes"]["dispatcher-reason"]["StringValue"] == (
-            "invalid_idempotency_key"
-        )
+        assert dead["MessageAttributes"]["dispatcher-reason"]["StringValue"] == "invalid_json"
         assert await list_executions(sfn, resources.state_machine_arn) == []
+
+
+@pytest.mark.timeout(120)
+async def test_a_parent_of_the_longest_name_gets_its_child_in_a_keyed_pool(
+    sandbox_factory: Factory,
+) -> None:
+    """With per-key limits an idempotency key may be 68 characters at most: the documented
+    key (a hash of the parent's ARN and the index) fits whatever the parent's name (80)."""
+    resources = await sandbox_factory(limit=2)
+    async with (
+        running(resources, limit=2, key_attribute="tenant", per_key_limit=1),
+        session().client("stepfunctions", endpoint_url=resources.endpoint) as sfn,
+    ):
+        [parent] = await start_parents(sfn, resources, [[{"seconds": 0}]], prefix="p" * 78)
+        [described] = await finished(sfn, [parent], within=60)
+        assert json.loads(described["output"])["results"] == [{"seconds": 0}]
+        [child] = await list_executions(sfn, resources.state_machine_arn)
+        assert child.name.endswith(f"_{child_key(parent, 0)}"), "keyed, and it fits"
 
 
 @pytest.mark.timeout(120)

@@ -31,13 +31,14 @@ from dispatcher.preflight.rules import (
     UnsupportedPatternError,
     glob,
     matches,
+    merged_policy,
     mismatch,
     policy_allows,
     sample_event,
     status_pattern,
 )
 from dispatcher.preflight.runner import CHECKS, ENDPOINT, run_checks, run_one
-from dispatcher.preflight.wiring import ALL_STATUSES, check_lease_table, check_rule
+from dispatcher.preflight.wiring import ALL_STATUSES, check_lease_table, check_policy, check_rule
 
 __all__ = [
     "ALL_STATUSES",
@@ -57,12 +58,14 @@ __all__ = [
     "Target",
     "UnsupportedPatternError",
     "check_lease_table",
+    "check_policy",
     "check_rule",
     "check_stop_executions",
     "check_task_tokens",
     "glob",
     "load_target",
     "matches",
+    "merged_policy",
     "mismatch",
     "open_clients",
     "policy_allows",

@@ -175,3 +175,50 @@ def _listed(value: Any) -> list[str]:
     if value is None:
         return []
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+RULES_SID = "AllowTheStatusChangeRules"
+
+
+def merged_policy(
+    document: Mapping[str, Any] | None, queue: str, rule_arns: list[str]
+) -> dict[str, Any]:
+    """A queue policy that lets EventBridge send for every rule in ``rule_arns`` and keeps the
+    rest of ``document``: what one pool's fix must be when several pools share the queue.
+
+    Statements about EventBridge sending for one of those rules are replaced by one Allow
+    naming them all; a Deny that keeps out every other rule (``ArnNotEquals`` on
+    ``aws:SourceArn``, as the CloudFormation template writes it) is kept, widened to them all.
+    Statements about anything else are kept as they are.
+    """
+    statements = (document or {}).get("Statement", [])
+    statements = [statements] if isinstance(statements, Mapping) else list(statements)
+    source: str | list[str] = rule_arns[0] if len(rule_arns) == 1 else rule_arns
+    kept: list[Any] = []
+    for statement in statements:
+        if not isinstance(statement, Mapping) or statement.get("Sid") == RULES_SID:
+            continue
+        if not any(_applies(statement, queue, arn) is not False for arn in rule_arns):
+            kept.append(statement)
+        elif statement.get("Effect") == "Deny" and _guards_source(statement):
+            kept.append({**statement, "Condition": {"ArnNotEquals": {"aws:SourceArn": source}}})
+    allow = {
+        "Sid": RULES_SID,
+        "Effect": "Allow",
+        "Principal": {"Service": "events.amazonaws.com"},
+        "Action": "sqs:SendMessage",
+        "Resource": queue,
+        "Condition": {"ArnEquals": {"aws:SourceArn": source}},
+    }
+    return {"Version": (document or {}).get("Version", "2012-10-17"), "Statement": [allow, *kept]}
+
+
+def _guards_source(statement: Mapping[str, Any]) -> bool:
+    """Whether a statement's only condition is ``ArnNotEquals``/``ArnNotLike`` on the source."""
+    conditions = statement.get("Condition", {})
+    return (
+        isinstance(conditions, Mapping)
+        and len(conditions) == 1
+        and next(iter(conditions)) in {"ArnNotEquals", "ArnNotLike"}
+        and [k.lower() for k in next(iter(conditions.values()))] == ["aws:sourcearn"]
+    )

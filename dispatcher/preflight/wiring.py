@@ -17,6 +17,7 @@ from dispatcher.preflight.report import Finding, Skip, Status, is_denied, text
 from dispatcher.preflight.rules import (
     UnsupportedPatternError,
     matches,
+    merged_policy,
     mismatch,
     policy_allows,
     sample_event,
@@ -125,29 +126,33 @@ _NOT_NEEDED = (
 
 async def check_policy(ctx: Context) -> Finding:
     """On AWS a queue takes EventBridge's messages only if its policy allows the rule: for
-    each pool, one of the rules that send its machine's events."""
+    each pool, one of the rules that send its machine's events.
+
+    The fix is one policy for the whole queue: it allows the rules of every pool that shares
+    it and keeps the policy's other statements, so that correcting one pool cannot break
+    another.
+    """
     attributes = await ctx.queue_or_skip(EVENTS)
     queue = attributes["QueueArn"]
-    rules = await ctx.rules_or_skip()
-    if not rules:
+    every = await ctx.rules_or_skip()
+    if not every:
         raise Skip("no rule targets the events queue (see above)")
+    rules = every
     arn = ctx.target.get("state_machine_arn")
     if arn is not None:
-        rules = [rule for rule in rules if _sends_endings(rule, arn)]
+        rules = [rule for rule in every if _sends_endings(rule, arn)]
         if not rules:
             raise Skip("no rule sends this machine's events to the events queue (see above)")
-    statement = {
-        "Sid": "AllowTheStatusChangeRule",
-        "Effect": "Allow",
-        "Principal": {"Service": "events.amazonaws.com"},
-        "Action": "sqs:SendMessage",
-        "Resource": queue,
-        "Condition": {"ArnEquals": {"aws:SourceArn": rules[0].arn}},
-    }
-    policy = json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+    machines = [p.state_machine_arn for p in ctx.target.pools] or ([arn] if arn else [])
+    needed = [r.arn for r in every if any(_sends_endings(r, m) for m in machines)]
+    needed = needed or [r.arn for r in rules]
+    raw = attributes.get("Policy")
+    document = json.loads(raw) if raw else None
+    policy = json.dumps(merged_policy(document, queue, needed))
+    shared = len(machines) > 1
     fix = (
-        "allow the rule (this replaces the queue's policy: merge by hand if it has other "
-        "statements): "
+        ("allow the rules of every pool on this queue" if shared else "allow the rule")
+        + (" (keeps the policy's other statements): " if raw else ": ")
         + ctx.aws(
             "sqs",
             "set-queue-attributes",
@@ -157,10 +162,9 @@ async def check_policy(ctx: Context) -> Finding:
             json.dumps({"Policy": policy}),
         )
     )
-    raw = attributes.get("Policy")
-    if not raw:
+    if document is None:
         return Finding(Status.FAIL, "no queue policy: EventBridge may not send to it", fix)
-    verdicts = {rule.name: policy_allows(json.loads(raw), queue, rule.arn) for rule in rules}
+    verdicts = {rule.name: policy_allows(document, queue, rule.arn) for rule in rules}
     allowed = [name for name, verdict in verdicts.items() if verdict is True]
     if allowed:
         return Finding(Status.OK, f"events.amazonaws.com may send for {', '.join(allowed)}")
@@ -169,7 +173,7 @@ async def check_policy(ctx: Context) -> Finding:
             Status.WARN,
             "the policy has statements or conditions this check cannot evaluate",
             "make sure it allows events.amazonaws.com sqs:SendMessage with aws:SourceArn "
-            + rules[0].arn,
+            + ", ".join(needed),
         )
     names = ", ".join(verdicts)
     return Finding(Status.FAIL, f"the policy does not let EventBridge send for {names}", fix)

@@ -9,6 +9,7 @@ queues, rule, demo state machine, its parent workflow (task tokens) and limit pa
 from dispatcher.sandbox.emulator import Emulator, find_executable, free_port, wait_healthy
 from dispatcher.sandbox.provision import (
     SandboxResources,
+    child_key,
     demo_definition,
     parent_definition,
     provision,
@@ -17,6 +18,7 @@ from dispatcher.sandbox.provision import (
 __all__ = [
     "Emulator",
     "SandboxResources",
+    "child_key",
     "demo_definition",
     "find_executable",
     "free_port",

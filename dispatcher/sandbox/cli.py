@@ -147,7 +147,7 @@ async def _main(args: argparse.Namespace) -> int:
         async with Emulator(port=args.port) as emulator:
             resources = await _provision(args, emulator.endpoint)
             _publish(resources, args)
-            _hint(emulator, args)
+            _hint(emulator, args, resources)
             await anyio.sleep_forever()
     print("# sandbox stopped", file=sys.stderr, flush=True)
     return 0
@@ -180,7 +180,7 @@ async def _provision(args: argparse.Namespace, endpoint: str) -> SandboxResource
 
 def _publish(resources: SandboxResources, args: argparse.Namespace) -> None:
     """Print the settings (exports or JSON) and write the env file when asked."""
-    env = resources.env()
+    env = resources.env(live_limit=True)
     if args.env_file is not None:
         write_env_file(args.env_file, env)
     if args.json:
@@ -203,7 +203,7 @@ def write_env_file(path: Path, env: dict[str, str]) -> None:
         raise UserError(f"cannot write --env-file {path}: {exc.strerror}") from None
 
 
-def _hint(emulator: Emulator, args: argparse.Namespace) -> None:
+def _hint(emulator: Emulator, args: argparse.Namespace, resources: SandboxResources) -> None:
     """Tell a human (on stderr) how to use the sandbox from another shell."""
     if args.env_file is not None:
         load = f"set -a; . {shlex.quote(str(args.env_file))}; set +a"
@@ -223,6 +223,8 @@ def _hint(emulator: Emulator, args: argparse.Namespace) -> None:
         f"(log {emulator.log_path}); Ctrl-C stops it",
         f"# in another shell: {load}",
         "# then: sfn-dispatcher submit --count 20",
+        f"# the limit lives in {resources.limit_parameter} (DISPATCHER_LIMIT_PARAMETER; it wins "
+        "over --limit once read): sfn-dispatcher pause / resume / drain write it",
         "# or with the AWS CLI (v1 or v2; v1 needs --endpoint-url for sqs), a request and "
         "the executions:",
         f"#   {SEND_EXAMPLE}",

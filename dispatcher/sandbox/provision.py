@@ -12,6 +12,7 @@ asks the dispatcher for one child per item and waits for each (task tokens).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -63,12 +64,16 @@ class SandboxResources:
     limit_parameter: str
     limit: int
 
-    def env(self) -> dict[str, str]:
+    def env(self, *, live_limit: bool = False) -> dict[str, str]:
         """The variables ``sfn-dispatcher run`` (and ``submit``) read, for this sandbox.
 
         Also ``SFN_DISPATCHER_PARENT_ARN``, the parent machine, for trying task tokens by
-        hand; the dispatcher does not read it.
+        hand; the dispatcher does not read it. With ``live_limit`` (what ``sandbox`` prints)
+        also ``DISPATCHER_LIMIT_PARAMETER``: the limit is then the parameter's, which
+        ``pause``, ``resume`` and ``drain`` write; without it (tests, the demo, benchmarks)
+        ``DISPATCHER_LIMIT`` alone sets it.
         """
+        live = {"DISPATCHER_LIMIT_PARAMETER": self.limit_parameter} if live_limit else {}
         return {
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_DEFAULT_REGION": self.region,
@@ -79,6 +84,7 @@ class SandboxResources:
             "DISPATCHER_EVENTS_QUEUE_URL": self.events_queue_url,
             "DISPATCHER_DEAD_LETTER_QUEUE_URL": self.dead_letter_queue_url,
             "DISPATCHER_LIMIT": str(self.limit),
+            **live,
             PARENT_ARN_ENV: self.parent_state_machine_arn,
         }
 
@@ -114,11 +120,23 @@ def demo_definition() -> dict[str, Any]:
     }
 
 
+CHILD_KEY = "States.Format('{}-{}', States.Hash($$.Execution.Id, 'SHA-1'), $$.Map.Item.Index)"
+"""The parent's idempotency key for its child: the SHA-1 of the parent's ARN and the index."""
+PARENT_STEP_TIMEOUT = 3600
+"""How long the parent waits for one child, backlog included (seconds)."""
+
+
+def child_key(parent_arn: str, index: int) -> str:
+    """The idempotency key `CHILD_KEY` gives item ``index`` of the parent ``parent_arn``."""
+    return f"{hashlib.sha1(parent_arn.encode()).hexdigest()}-{index}"  # noqa: S324 - a name
+
+
 def parent_definition(request_queue_url: str) -> dict[str, Any]:
     """The parent machine: one governed child per item of ``$.items``, each awaited.
 
     Every item is sent to the requests queue as a child's input, with the task token and an
-    idempotency key ``<execution name>-<item index>`` as message attributes; the dispatcher
+    idempotency key ``<SHA-1 of the parent's ARN>-<item index>`` (`child_key`) as message
+    attributes, and waits at most `PARENT_STEP_TIMEOUT` seconds for its answer; the dispatcher
     starts the child under the limit and answers the token when the child ends. A child
     that fails is caught per item: the parent still succeeds, and its ``$.results`` lists
     every child's output in item order, a failed child's slot holding the item with
@@ -150,10 +168,12 @@ def parent_definition(request_queue_url: str) -> dict[str, Any]:
                                         "DataType": "String",
                                         "StringValue.$": "$$.Task.Token",
                                     },
+                                    # 40 hex digits, a dash, the index: fits even a
+                                    # keyed pool's 68 characters, whatever the parent's
+                                    # name, and is unique across parent machines.
                                     IDEMPOTENCY_KEY_ATTRIBUTE: {
                                         "DataType": "String",
-                                        "StringValue.$": "States.Format('{}-{}', "
-                                        "$$.Execution.Name, $$.Map.Item.Index)",
+                                        "StringValue.$": CHILD_KEY,
                                     },
                                     # Optional: the dispatcher logs it with the child's ARN.
                                     PARENT_ATTRIBUTE: {
@@ -162,6 +182,8 @@ def parent_definition(request_queue_url: str) -> dict[str, Any]:
                                     },
                                 },
                             },
+                            # The whole wait (backlog, start, the child's run) is bounded.
+                            "TimeoutSeconds": PARENT_STEP_TIMEOUT,
                             "Catch": [
                                 {
                                     "ErrorEquals": ["States.ALL"],
