@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import random
 import tempfile
 import traceback
@@ -359,6 +360,7 @@ class Run:
                     tg.start_soon(self._life, node)
                 tg.start_soon(self._produce)
                 tg.start_soon(self._act)
+                tg.start_soon(self._kill_when_told)
                 if self.plan.parents.parents:
                     tg.start_soon(run_parents, self, self.plan.parents)
                 await self._until_settled()
@@ -567,6 +569,19 @@ class Run:
             ]
             if failed:
                 self.world.redrive(self.rng.choice(failed), float(action.value))
+
+    async def _kill_when_told(self) -> None:
+        """Kills the nemesis decides on as it goes (a node with a start held on the wire)."""
+        nemesis = self.nemesis
+        while True:
+            if not nemesis.kills:
+                await nemesis.kill_signal.wait(math.inf)
+                continue
+            action = nemesis.kills.pop(0)
+            await anyio.sleep(max(0.0, action.time - self.clock()))
+            self.world.history.note(self.clock(), "nemesis", f"kill {action.node}")
+            self._kill(action)
+            self.restart_after[action.node] = 0.0  # back at once: before the start lands
 
     def _kill(self, action: Action) -> None:
         """``kill -9`` (crash), or SIGTERM then SIGKILL after the stop timeout."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from sim.aws import EventFault, EventInfo
 from sim.buggify import OFF, Knobs
-from sim.calls import NO_FAULT, CallFault
+from sim.calls import NO_FAULT, CallFault, Signal
 
 STORM_MAX = 150.0
 """The longest storm, in seconds (the checker's grace for outside starts covers it)."""
@@ -111,6 +111,12 @@ class Nemesis:
     held_from_end: float = 0.0  # ...the last attempts (this long before dark_for) held
     dark_events: EventStorm | None = None  # what happens to a dark start's events
     _dark: dict[str, float | None] = field(default_factory=dict)  # name -> first attempt
+    late_start_windows: list[tuple[float, float]] = field(default_factory=list)  # all late
+    # A node that sent a held start is killed within D this share of the time (the
+    # harness carries out ``kills``): its successor must not miss the start landing.
+    kill_after_held: float = 0.0
+    kills: list[Action] = field(default_factory=list)
+    kill_signal: Signal = field(default_factory=Signal)
 
     def _count(self, what: str) -> None:
         self.fired[what] = self.fired.get(what, 0) + 1
@@ -125,6 +131,11 @@ class Nemesis:
         if operation == "StartExecution":
             late = self._late_start(now, params)
             if late is not None:
+                if late.apply_at_deadline and self.rng.random() < self.kill_after_held:
+                    self._count("killed_while_a_start_is_held")
+                    at = now + self.rng.uniform(0.1, 4.0)
+                    self.kills.append(Action(at, "crash", node.split(".", maxsplit=1)[0]))
+                    self.kill_signal.notify()
                 return late
         for storm in self.storms:
             if storm.covers(now, node, operation) and self.rng.random() < storm.rate:
@@ -148,7 +159,8 @@ class Nemesis:
             if dark:
                 self._count("dark_start")
         first = self._dark.get(name)
-        late = bool(self.late_start_rate) and self.rng.random() < self.late_start_rate
+        late = any(start <= now < end for start, end in self.late_start_windows)
+        late = late or (bool(self.late_start_rate) and self.rng.random() < self.late_start_rate)
         if first is not None and now < first + self.dark_for:
             if now < first + self.dark_for - self.held_from_end:
                 self._count("dark_start_lost")
@@ -295,7 +307,7 @@ def _buggify(
             delay = 0.0 if lost else rng.choice(EVENT_DELAYS)
             nemesis.event_storms.append(EventStorm(start, end, lost, delay))
     if knobs.late_starts:
-        nemesis.late_start_rate = rng.choice((0.0, 0.05, 0.2))
+        nemesis.late_start_rate = rng.choice((0.05, 0.2, 0.5))
         nemesis.dark_share = rng.choice((0.1, 0.3, 0.5))
         # Longer than the start retry timeout: every attempt of a dark start gives up in
         # doubt, and each was applied. Mostly its status events are lost or late by
@@ -303,6 +315,17 @@ def _buggify(
         # the count.
         nemesis.dark_for = give_up_after + rng.uniform(5, 15)
         nemesis.held_from_end = rng.uniform(5, 20)
+        nemesis.kill_after_held = rng.choice((0.0, 0.05, 0.2))
+        for _ in range(rng.choice((0, 1, 1, 2))):
+            # A window in which every start is held (a degraded front end), and mostly
+            # its status events are lost or late too.
+            start = rng.uniform(0, quiet_at * 0.8)
+            end = start + rng.uniform(20, 120)
+            nemesis.late_start_windows.append((start, end))
+            if rng.random() < 0.7:
+                lost = rng.random() < 0.5
+                delay = 0.0 if lost else rng.choice(EVENT_DELAYS[2:])
+                nemesis.event_storms.append(EventStorm(start, end + 60.0, lost, delay))
         if rng.random() < 0.8:
             lost = rng.random() < 0.5
             delay = 0.0 if lost else rng.choice(EVENT_DELAYS[2:])
