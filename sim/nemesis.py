@@ -161,14 +161,16 @@ class Nemesis:
         first = self._dark.get(name)
         late = any(start <= now < end for start, end in self.late_start_windows)
         late = late or (bool(self.late_start_rate) and self.rng.random() < self.late_start_rate)
+        failure = None
         if first is not None and now < first + self.dark_for:
             if now < first + self.dark_for - self.held_from_end:
                 self._count("dark_start_lost")
                 return CallFault(drop_request=True)
-            late = True
+            # Every attempt of one dark start fails the same way (all time out, say).
+            late, failure = True, LATE_START_FAILURES[hash_name(name) % len(LATE_START_FAILURES)]
         if not late:
             return None
-        error, reset = self.rng.choice(LATE_START_FAILURES)
+        error, reset = failure or self.rng.choice(LATE_START_FAILURES)
         self._count("start_applied_at_deadline")
         return CallFault(apply_at_deadline=True, error=error, reset=reset)
 
@@ -214,6 +216,11 @@ _DRIZZLE: tuple[tuple[str, CallFault | None], ...] = (
     ("5xx_after", CallFault(error="ServiceUnavailable", error_after=True)),
     ("throttle", None),
 )
+
+
+def hash_name(name: str) -> int:
+    """A stable small hash of a name (not Python's: it varies by process)."""
+    return sum((i + 1) * ord(c) for i, c in enumerate(name))
 
 
 def _throttle_code(operation: str) -> str:
