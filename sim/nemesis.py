@@ -64,6 +64,7 @@ class EventStorm:
     delay: float = 0.0
 
 
+REDRIVABLE_ENDS = frozenset({"FAILED", "TIMED_OUT", "ABORTED"})
 # How late the events of a late stretch are: seconds to hours.
 EVENT_DELAYS = (5.0, 30.0, 300.0, 3600.0, 7200.0)
 LATE_START_FAILURES: tuple[tuple[str | None, bool], ...] = (
@@ -181,6 +182,9 @@ class Nemesis:
         name = info.execution_arn.rsplit(":", 1)[-1]
         dark = self.dark_events if self._dark.get(name) is not None else None
         storm = dark or next((e for e in self.event_storms if e.start <= info.time < e.end), None)
+        if storm is None and self.knobs.long_outside and info.status in REDRIVABLE_ENDS:
+            # Late news of a failure: a redrive meanwhile must not be freed by it.
+            storm = EventStorm(0.0, self.quiet_at, lost=False, delay=300.0)
         if storm is not None:
             if storm.lost:
                 self._count("event_lost_in_storm")
@@ -343,8 +347,8 @@ def _buggify(
             for _ in range(rng.randint(1, 3)):
                 at = rng.uniform(0, quiet_at)
                 kept.append(Action(at, "outside_start", "", rng.randint(240, 600), name))
-            for _ in range(rng.randint(1, 2)):
-                at = rng.uniform(quiet_at * 0.3, quiet_at)
+            for _ in range(rng.randint(2, 4)):
+                at = rng.uniform(quiet_at * 0.2, quiet_at)
                 kept.append(Action(at, "redrive", "", rng.randint(240, 600), name))
         kept.sort(key=lambda a: a.time)
         nemesis.actions = kept
