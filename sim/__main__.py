@@ -6,6 +6,7 @@
     python -m sim --bug lost-answer-frees-slot   # put a fixed bug back: the sim must find it
     python -m sim --teeth              # each fixed bug put back in turn: seeds to find it
     python -m sim --no-parents         # without the task-token parents a share of seeds has
+    python -m sim --no-buggify         # without the knobs that make rare cases common
 
 Exit status: 0 when every seed held every invariant, 1 otherwise.
 """
@@ -24,7 +25,7 @@ from typing import Any
 import structlog
 from tqdm import tqdm
 
-from sim import harness
+from sim import buggify, harness
 from sim.bugs import BUGS
 from sim.harness import Outcome, simulate
 
@@ -47,6 +48,8 @@ def replay_command(seed: int, bugs: tuple[str, ...] = ()) -> str:
     extra = "".join(f" --bug {b}" for b in bugs)
     if not harness.PARENTS:
         extra += " --no-parents"
+    if not buggify.BUGGIFY:
+        extra += " --no-buggify"
     return f"PYTHONHASHSEED=0 .venv/bin/python -m sim --replay {seed}{extra}"
 
 
@@ -89,7 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="no parent workflows waiting on task tokens (a share of the seeds has them)",
     )
+    parser.add_argument(
+        "--no-buggify",
+        action="store_true",
+        help="no buggify knobs (a share of the seeds makes rare cases common: sim/buggify.py)",
+    )
     args = parser.parse_args(argv)
+    if args.no_buggify:
+        buggify.BUGGIFY = False
     if args.no_parents:
         harness.PARENTS = False
     bugs = tuple(args.bug)
