@@ -238,6 +238,7 @@ class Run:
         self.nemesis = nemesis(self) if nemesis is not None else self._drawn_nemesis()
         self.world.faults = _except_ssm(self.nemesis.call_fault)
         self.world.event_faults = self.nemesis.event_fault
+        self.world.sfn.listing_lag_of = self.nemesis.listing_lag_of
 
     def _drawn_nemesis(self) -> Nemesis:
         """The seed's fault plan."""
@@ -261,6 +262,7 @@ class Run:
             ),
             knobs=self.plan.knobs,
             give_up_after=self.setting("start_retry_timeout"),
+            start_grace=self.setting("start_grace"),
         )
 
     # -- the world -------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sim.aws import EventFault, EventInfo
-from sim.buggify import OFF, Knobs
+from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.calls import NO_FAULT, CallFault, Signal
 
 STORM_MAX = 150.0
@@ -118,6 +118,7 @@ class Nemesis:
     kill_after_held: float = 0.0
     kills: list[Action] = field(default_factory=list)
     kill_signal: Signal = field(default_factory=Signal)
+    dark_listing_lag: float | None = None  # a dark start shows in listings this late
 
     def _count(self, what: str) -> None:
         self.fired[what] = self.fired.get(what, 0) + 1
@@ -174,6 +175,13 @@ class Nemesis:
         error, reset = failure or self.rng.choice(LATE_START_FAILURES)
         self._count("start_applied_at_deadline")
         return CallFault(apply_at_deadline=True, error=error, reset=reset)
+
+    def listing_lag_of(self, name: str) -> float | None:
+        """How late a dispatcher's execution shows in listings (None: as usual): a dark
+        start's, at the start grace (just under it)."""
+        if self.dark_listing_lag is not None and self._dark.get(name) is not None:
+            return self.dark_listing_lag
+        return None
 
     def event_fault(self, info: EventInfo) -> EventFault:
         """The fate of one status event."""
@@ -262,10 +270,11 @@ def plan(
     operations: tuple[str, ...],
     knobs: Knobs = OFF,
     give_up_after: float = 120.0,
+    start_grace: float = 10.0,
 ) -> Nemesis:
     """Draw a fault plan. ``pools`` maps pool name -> (limit, has an SSM limit);
     ``knobs``: the seed's buggify knobs (`sim.buggify`); ``give_up_after``: the
-    dispatcher's start retry timeout."""
+    dispatcher's start retry timeout; ``start_grace``: its start grace."""
     intensity = rng.choice((0.0, 0.5, 1.0, 1.0, 2.0))
     nemesis = Nemesis(
         rng=rng,
@@ -297,6 +306,8 @@ def plan(
     nemesis.actions = _actions(rng, quiet_at, nodes, pools, intensity)
     if knobs.on:
         _buggify(nemesis, random.Random(rng.getrandbits(64)), knobs, pools, give_up_after)
+        if knobs.late_starts:
+            nemesis.dark_listing_lag = start_grace - GRACE_MARGIN
     return nemesis
 
 
