@@ -625,6 +625,8 @@ class Run:
         times = list(self.plan.request_times) or sorted(
             rng.uniform(0, self.plan.quiet_at * 0.8) for _ in range(self.plan.requests)
         )
+        if self.plan.knobs.late_starts and not self.plan.request_times:
+            times = _burst(times, random.Random(f"burst-{self.seed}"), self.plan.quiet_at)
         sent: list[tuple[str, str, str, dict[str, str]]] = []
         attributes: dict[str, str]
         for index, at in enumerate(times):
@@ -681,6 +683,13 @@ class Run:
         else:
             attributes[POOL_ATTRIBUTE] = "nowhere"
         return body
+
+
+def _burst(times: list[float], rng: random.Random, quiet_at: float) -> list[float]:
+    """Half of the requests sent within 5 s (a batch): a backlog while starts go dark."""
+    at = rng.uniform(0, quiet_at * 0.5)
+    burst = sorted(at + rng.uniform(0, 5) for _ in range(len(times) // 2))
+    return sorted(times[len(burst) :] + burst)
 
 
 def _parameter(pool: str) -> str:
