@@ -32,6 +32,9 @@ BUGGIFY = True
 SHARE = 0.3
 """The share of seeds in which each knob is on."""
 
+LATE_STARTS_SHARE = 0.4
+"""Late starts test the most rules (doubt, its grace, the take-over wait): a larger share."""
+
 GRACE_MARGIN = 0.001
 """How far under the start grace a listing lag at the grace stays (the README assumes a
 lag *less than* the grace)."""
@@ -72,7 +75,7 @@ def draw(seed: int) -> Knobs:
     rng = random.Random(f"buggify-{seed}")
     return Knobs(
         event_storms=rng.random() < SHARE,
-        late_starts=rng.random() < SHARE,
+        late_starts=rng.random() < LATE_STARTS_SHARE,
         lag_at_grace=rng.random() < SHARE,
         sqs_duplicates=rng.choice((0.1, 0.3, 0.5)) if rng.random() < SHARE else 0.0,
         max_receive_count=rng.choice((2, 3, 5)) if rng.random() < SHARE else None,
@@ -80,4 +83,4 @@ def draw(seed: int) -> Knobs:
     )
 
 
-__all__ = ["BUGGIFY", "GRACE_MARGIN", "OFF", "SHARE", "Knobs", "draw"]
+__all__ = ["BUGGIFY", "GRACE_MARGIN", "LATE_STARTS_SHARE", "OFF", "SHARE", "Knobs", "draw"]

@@ -279,6 +279,7 @@ class Run:
         self.nemesis = nemesis(self) if nemesis is not None else self._drawn_nemesis()
         self.world.faults = _except_ssm(self.nemesis.call_fault)
         self.world.event_faults = self.nemesis.event_fault
+        self.world.sfn.listing_lag_of = self.nemesis.listing_lag_of
 
     def _drawn_nemesis(self) -> Nemesis:
         """The seed's fault plan."""
@@ -302,6 +303,7 @@ class Run:
             ),
             knobs=self.plan.knobs,
             give_up_after=self.setting("start_retry_timeout"),
+            start_grace=self.setting("start_grace"),
         )
 
     # -- the world -------------------------------------------------------------------------
@@ -405,6 +407,7 @@ class Run:
                     tg.start_soon(self._life, node)
                 tg.start_soon(self._produce)
                 tg.start_soon(self._act)
+                tg.start_soon(self._kill_when_told)
                 if self.plan.parents.parents:
                     tg.start_soon(run_parents, self, self.plan.parents)
                 if self.plan.extras != ExtrasPlan():
@@ -635,6 +638,19 @@ class Run:
             if failed:
                 self.world.redrive(self.rng.choice(failed), float(action.value))
 
+    async def _kill_when_told(self) -> None:
+        """Kills the nemesis decides on as it goes (a node with a start held on the wire)."""
+        nemesis = self.nemesis
+        while True:
+            if not nemesis.kills:
+                await nemesis.kill_signal.wait(math.inf)
+                continue
+            action = nemesis.kills.pop(0)
+            await anyio.sleep(max(0.0, action.time - self.clock()))
+            self.world.history.note(self.clock(), "nemesis", f"kill {action.node}")
+            self._kill(action)
+            self.restart_after[action.node] = 0.0  # back at once: before the start lands
+
     def _kill(self, action: Action) -> None:
         """``kill -9`` (crash), or SIGTERM then SIGKILL after the stop timeout."""
         if action.node not in self.incarnations:
@@ -710,6 +726,8 @@ class Run:
         times = list(self.plan.request_times) or sorted(
             rng.uniform(0, self.plan.quiet_at * 0.8) for _ in range(self.plan.requests)
         )
+        if self.plan.knobs.late_starts and not self.plan.request_times:
+            times = _burst(times, random.Random(f"burst-{self.seed}"), self.plan.quiet_at)
         sent: list[tuple[str, str, str, dict[str, str]]] = []
         attributes: dict[str, str]
         # Producers that retry soon (sim.extras "retries"): the same key and body again.
@@ -783,6 +801,13 @@ class Run:
         else:
             attributes[POOL_ATTRIBUTE] = "nowhere"
         return body
+
+
+def _burst(times: list[float], rng: random.Random, quiet_at: float) -> list[float]:
+    """Half of the requests sent within 5 s (a batch): a backlog while starts go dark."""
+    at = rng.uniform(0, quiet_at * 0.5)
+    burst = sorted(at + rng.uniform(0, 5) for _ in range(len(times) // 2))
+    return sorted(times[len(burst) :] + burst)
 
 
 def _parameter(pool: str) -> str:

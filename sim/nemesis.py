@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sim.aws import EventFault, EventInfo
-from sim.buggify import OFF, Knobs
-from sim.calls import NO_FAULT, CallFault
+from sim.buggify import GRACE_MARGIN, OFF, Knobs
+from sim.calls import NO_FAULT, CallFault, Signal
 
 STORM_MAX = 150.0
 """The longest storm, in seconds (the checker's grace for outside starts covers it)."""
@@ -64,6 +64,7 @@ class EventStorm:
     delay: float = 0.0
 
 
+REDRIVABLE_ENDS = frozenset({"FAILED", "TIMED_OUT", "ABORTED"})
 # How late the events of a late stretch are: seconds to hours.
 EVENT_DELAYS = (5.0, 30.0, 300.0, 3600.0, 7200.0)
 LATE_START_FAILURES: tuple[tuple[str | None, bool], ...] = (
@@ -111,6 +112,13 @@ class Nemesis:
     held_from_end: float = 0.0  # ...the last attempts (this long before dark_for) held
     dark_events: EventStorm | None = None  # what happens to a dark start's events
     _dark: dict[str, float | None] = field(default_factory=dict)  # name -> first attempt
+    late_start_windows: list[tuple[float, float]] = field(default_factory=list)  # all late
+    # A node that sent a held start is killed within D this share of the time (the
+    # harness carries out ``kills``): its successor must not miss the start landing.
+    kill_after_held: float = 0.0
+    kills: list[Action] = field(default_factory=list)
+    kill_signal: Signal = field(default_factory=Signal)
+    dark_listing_lag: float | None = None  # a dark start shows in listings this late
 
     def _count(self, what: str) -> None:
         self.fired[what] = self.fired.get(what, 0) + 1
@@ -125,6 +133,11 @@ class Nemesis:
         if operation == "StartExecution":
             late = self._late_start(now, params)
             if late is not None:
+                if late.apply_at_deadline and self.rng.random() < self.kill_after_held:
+                    self._count("killed_while_a_start_is_held")
+                    at = now + self.rng.uniform(0.1, 4.0)
+                    self.kills.append(Action(at, "crash", node.split(".", maxsplit=1)[0]))
+                    self.kill_signal.notify()
                 return late
         for storm in self.storms:
             if storm.covers(now, node, operation) and self.rng.random() < storm.rate:
@@ -148,17 +161,27 @@ class Nemesis:
             if dark:
                 self._count("dark_start")
         first = self._dark.get(name)
-        late = bool(self.late_start_rate) and self.rng.random() < self.late_start_rate
+        late = any(start <= now < end for start, end in self.late_start_windows)
+        late = late or (bool(self.late_start_rate) and self.rng.random() < self.late_start_rate)
+        failure = None
         if first is not None and now < first + self.dark_for:
             if now < first + self.dark_for - self.held_from_end:
                 self._count("dark_start_lost")
                 return CallFault(drop_request=True)
-            late = True
+            # Every attempt of one dark start fails the same way (all time out, say).
+            late, failure = True, LATE_START_FAILURES[hash_name(name) % len(LATE_START_FAILURES)]
         if not late:
             return None
-        error, reset = self.rng.choice(LATE_START_FAILURES)
+        error, reset = failure or self.rng.choice(LATE_START_FAILURES)
         self._count("start_applied_at_deadline")
         return CallFault(apply_at_deadline=True, error=error, reset=reset)
+
+    def listing_lag_of(self, name: str) -> float | None:
+        """How late a dispatcher's execution shows in listings (None: as usual): a dark
+        start's, at the start grace (just under it)."""
+        if self.dark_listing_lag is not None and self._dark.get(name) is not None:
+            return self.dark_listing_lag
+        return None
 
     def event_fault(self, info: EventInfo) -> EventFault:
         """The fate of one status event."""
@@ -167,6 +190,9 @@ class Nemesis:
         name = info.execution_arn.rsplit(":", 1)[-1]
         dark = self.dark_events if self._dark.get(name) is not None else None
         storm = dark or next((e for e in self.event_storms if e.start <= info.time < e.end), None)
+        if storm is None and self.knobs.long_outside and info.status in REDRIVABLE_ENDS:
+            # Late news of a failure: a redrive meanwhile must not be freed by it.
+            storm = EventStorm(0.0, self.quiet_at, lost=False, delay=300.0)
         if storm is not None:
             if storm.lost:
                 self._count("event_lost_in_storm")
@@ -204,6 +230,11 @@ _DRIZZLE: tuple[tuple[str, CallFault | None], ...] = (
 )
 
 
+def hash_name(name: str) -> int:
+    """A stable small hash of a name (not Python's: it varies by process)."""
+    return sum((i + 1) * ord(c) for i, c in enumerate(name))
+
+
 def _throttle_code(operation: str) -> str:
     if operation in SFN_OPERATIONS or operation.startswith(("Send", "Start", "Stop")):
         return "ThrottlingException"
@@ -239,10 +270,11 @@ def plan(
     operations: tuple[str, ...],
     knobs: Knobs = OFF,
     give_up_after: float = 120.0,
+    start_grace: float = 10.0,
 ) -> Nemesis:
     """Draw a fault plan. ``pools`` maps pool name -> (limit, has an SSM limit);
     ``knobs``: the seed's buggify knobs (`sim.buggify`); ``give_up_after``: the
-    dispatcher's start retry timeout."""
+    dispatcher's start retry timeout; ``start_grace``: its start grace."""
     intensity = rng.choice((0.0, 0.5, 1.0, 1.0, 2.0))
     nemesis = Nemesis(
         rng=rng,
@@ -274,6 +306,8 @@ def plan(
     nemesis.actions = _actions(rng, quiet_at, nodes, pools, intensity)
     if knobs.on:
         _buggify(nemesis, random.Random(rng.getrandbits(64)), knobs, pools, give_up_after)
+        if knobs.late_starts:
+            nemesis.dark_listing_lag = start_grace - GRACE_MARGIN
     return nemesis
 
 
@@ -295,7 +329,7 @@ def _buggify(
             delay = 0.0 if lost else rng.choice(EVENT_DELAYS)
             nemesis.event_storms.append(EventStorm(start, end, lost, delay))
     if knobs.late_starts:
-        nemesis.late_start_rate = rng.choice((0.0, 0.05, 0.2))
+        nemesis.late_start_rate = rng.choice((0.05, 0.2, 0.5))
         nemesis.dark_share = rng.choice((0.1, 0.3, 0.5))
         # Longer than the start retry timeout: every attempt of a dark start gives up in
         # doubt, and each was applied. Mostly its status events are lost or late by
@@ -303,6 +337,17 @@ def _buggify(
         # the count.
         nemesis.dark_for = give_up_after + rng.uniform(5, 15)
         nemesis.held_from_end = rng.uniform(5, 20)
+        nemesis.kill_after_held = rng.choice((0.0, 0.05, 0.2))
+        for _ in range(rng.choice((0, 1, 1, 2))):
+            # A window in which every start is held (a degraded front end), and mostly
+            # its status events are lost or late too.
+            start = rng.uniform(0, quiet_at * 0.8)
+            end = start + rng.uniform(20, 120)
+            nemesis.late_start_windows.append((start, end))
+            if rng.random() < 0.7:
+                lost = rng.random() < 0.5
+                delay = 0.0 if lost else rng.choice(EVENT_DELAYS[2:])
+                nemesis.event_storms.append(EventStorm(start, end + 60.0, lost, delay))
         if rng.random() < 0.8:
             lost = rng.random() < 0.5
             delay = 0.0 if lost else rng.choice(EVENT_DELAYS[2:])
@@ -313,8 +358,8 @@ def _buggify(
             for _ in range(rng.randint(1, 3)):
                 at = rng.uniform(0, quiet_at)
                 kept.append(Action(at, "outside_start", "", rng.randint(240, 600), name))
-            for _ in range(rng.randint(1, 2)):
-                at = rng.uniform(quiet_at * 0.3, quiet_at)
+            for _ in range(rng.randint(2, 4)):
+                at = rng.uniform(quiet_at * 0.2, quiet_at)
                 kept.append(Action(at, "redrive", "", rng.randint(240, 600), name))
         kept.sort(key=lambda a: a.time)
         nemesis.actions = kept

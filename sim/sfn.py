@@ -79,6 +79,8 @@ class StepFunctions:
         self._describe_lag = describe_lag
         self._describe_lag_rate = describe_lag_rate
         self._lag_at_max = listing_lag_at_max
+        # An execution whose changes show in listings this late (None: the usual draw).
+        self.listing_lag_of: Callable[[str], float | None] = lambda name: None
         self._default_duration = default_duration
         self._emit = emit
         self.region = region
@@ -103,9 +105,13 @@ class StepFunctions:
                 continue  # aborted earlier: already ended
             self._end(execution, index)
 
-    def _lag(self) -> float:
+    def _lag(self, name: str = "") -> float:
         """How long a change takes to show in listings: up to the listing lag, exactly
-        it for a share ``listing_lag_at_max`` of the changes."""
+        it for a share ``listing_lag_at_max`` of the changes (or as `listing_lag_of`
+        says for execution ``name``)."""
+        chosen = self.listing_lag_of(name) if name else None
+        if chosen is not None:
+            return chosen
         if self._lag_at_max and self._rng.random() < self._lag_at_max:
             return self._listing_lag
         return self._rng.uniform(0.0, self._listing_lag)
@@ -118,7 +124,7 @@ class StepFunctions:
         run = execution.runs[index]
         assert run.stop is not None  # noqa: S101 - only runs with a stop end
         run.ended = True
-        run.visible_end = run.stop + self._lag()
+        run.visible_end = run.stop + self._lag(execution.name)
         self._history.execution_ended(
             run.stop,
             execution.arn,
@@ -187,7 +193,7 @@ class StepFunctions:
                 stop,
                 final,
                 node,
-                now + self._lag(),
+                now + self._lag(name),
                 output=output,
                 error=error,
                 cause=cause,

@@ -325,6 +325,22 @@ def test_a_move_no_dispatcher_could_prevent_settles_the_request() -> None:
     assert kinds(check(history, spec())) == ["redrive_move", "lost_request"]
 
 
+def test_a_request_dead_lettered_for_a_redrive_while_its_execution_runs() -> None:
+    """Dead-lettered as receive_limit (the detail says: redrive it to run it) although its
+    execution had started: the redrive would start it again."""
+    history = History()
+    request(history, "q1", "m1")
+    run(history, "m1", 5, 100, input=json.dumps({"request": "q1"}))
+    dead_letter(history, "m1", 40, reason="receive_limit")
+    delete(history, "m1", 41)
+    assert kinds(check(history, spec())) == ["dead_lettered_running"]
+    clean = History()
+    request(clean, "q1", "m1")
+    dead_letter(clean, "m1", 40, reason="receive_limit")  # never ran: a redrive runs it
+    delete(clean, "m1", 41)
+    assert check(clean, spec()) == []
+
+
 def test_a_bad_request_must_not_start_and_must_be_dead_lettered() -> None:
     history = History()
     request(history, "q1", "m1", body="not json")
