@@ -33,7 +33,7 @@ import os
 import random
 from dataclasses import dataclass
 
-DEFAULT = ""
+DEFAULT = "all"
 """The scenarios on when ``SIM_EXTRAS`` is not set ("all" turns every one on)."""
 SCENARIOS = (
     "envelope",
