@@ -74,6 +74,7 @@ def main() -> int:
                 capture_output=True,
                 text=True,
                 check=False,
+                timeout=900,
                 env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"},
             )
             failed = [line for line in run.stdout.splitlines() if line.startswith("FAILED")]

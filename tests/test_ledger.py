@@ -229,6 +229,16 @@ def test_a_start_in_doubt_seen_running_or_ended_keeps_then_frees_its_one_slot() 
     assert (ledger.held, ledger.in_doubt) == (1, frozenset())
 
 
+def test_a_copy_that_starts_it_settles_the_doubt_of_another() -> None:
+    """Two copies of one request: the first one's start is in doubt, the second is answered
+    (same name): the execution runs, and holds one slot, not two."""
+    ledger = Ledger(5)
+    first, second = ledger.reserve(2, 0.0)
+    ledger.doubt(first, "a", 1.0)
+    assert ledger.started(second, "a", 2.0) is Change.ADDED
+    assert (ledger.running, ledger.in_doubt, ledger.held) == ({"a"}, frozenset(), 1)
+
+
 def test_a_refused_start_keeps_its_age() -> None:
     """A start refused (unsend) competes again as an unsent one, in its place: when slots
     are taken meanwhile, the older request goes first, not the one that was refused."""
