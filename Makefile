@@ -72,7 +72,7 @@ simulate: $(VENV)/.installed
 # Mutation testing of the slot ledger (dispatcher/ledger.py) with mutmut: every mutant
 # against the ledger's unit and property tests and 20 simulation seeds ([tool.mutmut] in
 # pyproject.toml), then the hand-made mutants of its properties (mutmut skips decorated
-# functions). About 30 min on two busy cores. Fails when a mutant that was not killed is
+# functions). About 8 min on two shared cores. Fails when a mutant that was not killed is
 # not judged in docs/testing-mutation.md, or a property mutant survives.
 MUTMUT_CHILDREN ?= 2
 mutmut: $(VENV)/.installed

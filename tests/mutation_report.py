@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tomllib
 from collections import Counter
 from importlib.metadata import version
 from pathlib import Path
@@ -73,6 +75,10 @@ def main() -> int:
         "tool": f"mutmut {version('mutmut')}",
         "mutated": "dispatcher/ledger.py",
         "command": "make mutmut",
+        "tests": tomllib.loads(Path("pyproject.toml").read_text())["tool"]["mutmut"][
+            "pytest_add_cli_args_test_selection"
+        ],
+        "simulation_seeds": int(os.environ.get("MUTMUT_SIM_SEEDS", "20")),
         "counts": dict(sorted(counts.items())),
         "total": total,
         "score": round(caught / total, 4) if total else 0.0,
