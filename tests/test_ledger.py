@@ -185,6 +185,77 @@ def test_tombstones_are_bounded_and_the_oldest_goes_first() -> None:
     assert ledger.observe_running("b", 1.0) is Change.ADDED  # forgotten: counted again
 
 
+def test_a_tombstone_capacity_of_one_keeps_the_newest() -> None:
+    """The smallest capacity allowed, 1, is accepted and keeps one tombstone."""
+    ledger = Ledger(1, tombstone_capacity=1)
+    ledger.observe_terminal("a")
+    ledger.observe_terminal("b")
+    assert [ledger.is_tombstoned(arn) for arn in ("a", "b")] == [False, True]
+
+
+def test_a_terminal_without_a_count_ends_the_first_run() -> None:
+    """The redrive count defaults to the first run's: a later redrive (run 1) is running."""
+    ledger = Ledger(5)
+    ledger.observe_running("a", 0.0)
+    assert ledger.observe_terminal("a") is Change.FREED
+    assert ledger.observe_running("a", 1.0, redrive_count=1) is Change.ADDED
+
+
+def test_a_start_doubted_twice_holds_one_slot_until_the_later_attempt_ages() -> None:
+    """Two copies of one request both in doubt for the same name: one slot (and one of its
+    key's), judged from the later of their last attempts; settled, both slots come back."""
+    ledger = Ledger(5, per_key_limit=3)
+    first, second, third = ledger.reserve(3, 0.0, key="k")
+    assert ledger.doubt(first, "arn", 1.0) is Change.ADDED
+    assert ledger.doubt(second, "arn", 3.0) is Change.UNCHANGED
+    assert ledger.doubt(third, "arn", 2.0) is Change.UNCHANGED
+    assert (ledger.doubt_count, ledger.held, ledger.key_held("k")) == (1, 1, 1)
+    assert ledger.observe_missing("arn", 1.0 + GRACE, GRACE) is Change.UNCHANGED
+    assert ledger.observe_missing("arn", 3.0 + GRACE, GRACE) is Change.FREED
+    assert (ledger.held, ledger.key_held("k"), ledger.free) == (0, 0, 5)
+
+
+def test_a_start_in_doubt_seen_running_or_ended_keeps_then_frees_its_one_slot() -> None:
+    """Seen running, a start in doubt keeps the slot it held (not adopted as a new one);
+    a terminal for a start still in doubt frees its slot."""
+    ledger = Ledger(5)
+    first, second = ledger.reserve(2, 0.0)
+    ledger.doubt(first, "a", 1.0)
+    ledger.doubt(second, "b", 1.0)
+    assert ledger.observe_running("a", 2.0) is Change.UNCHANGED
+    assert ledger.apply_listing({"a": 0}, 3.0, GRACE).adopted == ()
+    assert ledger.running == {"a"}
+    assert ledger.in_doubt == {"b"}
+    assert ledger.observe_terminal("b") is Change.FREED
+    assert (ledger.held, ledger.in_doubt) == (1, frozenset())
+
+
+def test_a_copy_that_starts_it_settles_the_doubt_of_another() -> None:
+    """Two copies of one request: the first one's start is in doubt, the second is answered
+    (same name): the execution runs, and holds one slot, not two."""
+    ledger = Ledger(5)
+    first, second = ledger.reserve(2, 0.0)
+    ledger.doubt(first, "a", 1.0)
+    assert ledger.started(second, "a", 2.0) is Change.ADDED
+    assert ledger.running == {"a"}
+    assert ledger.in_doubt == frozenset()
+    assert ledger.held == 1
+
+
+def test_a_refused_start_keeps_its_age() -> None:
+    """A start refused (unsend) competes again as an unsent one, in its place: when slots
+    are taken meanwhile, the older request goes first, not the one that was refused."""
+    ledger = Ledger(2)
+    older, refused = ledger.reserve(2, 0.0)
+    assert ledger.admitted(older)
+    assert ledger.admitted(refused)
+    ledger.mark_sent(refused)
+    ledger.unsend(refused)
+    ledger.observe_running("console", 1.0)  # started elsewhere: one slot left
+    assert ledger.admitted(older)
+    assert not ledger.admitted(refused)
+
+
 def test_lowering_the_limit_never_evicts_and_raising_it_frees_slots() -> None:
     """set_limit only changes what may start next."""
     ledger = Ledger(3)
@@ -238,6 +309,54 @@ def test_stale_listing_cannot_revive_a_finished_execution() -> None:
     ledger.observe_terminal("a", 0)
     assert ledger.apply_listing({"a": 0}, 10.0, GRACE).adopted == ()
     assert ledger.apply_listing({"a": 1}, 11.0, GRACE).adopted == ("a",)
+
+
+def test_a_plain_listing_shows_first_runs() -> None:
+    """A listing given as plain ARNs counts every one as a first run: it cannot revive a
+    finished first run."""
+    ledger = Ledger(5)
+    ledger.observe_running("a", 0.0)
+    ledger.observe_terminal("a")
+    assert ledger.apply_listing(["a"], 10.0, GRACE).adopted == ()
+    assert ledger.running == frozenset()
+
+
+def test_held_since_is_when_it_was_last_confirmed() -> None:
+    """held_since: when a running execution started or was last described running."""
+    ledger = Ledger(5)
+    assert ledger.held_since("a") is None
+    ledger.observe_running("a", 3.0)
+    assert ledger.held_since("a") == 3.0
+    ledger.confirm_running("a", 7.0)
+    assert ledger.held_since("a") == 7.0
+    ledger.observe_terminal("a")
+    assert ledger.held_since("a") is None
+
+
+def test_confirm_running_without_a_count_confirms_the_first_run() -> None:
+    """The redrive count defaults to the first run's, as for every other input: the first
+    run's terminal event still frees the slot."""
+    ledger = Ledger(5)
+    ledger.observe_running("a", 0.0)
+    ledger.confirm_running("a", 1.0)
+    assert ledger.observe_terminal("a") is Change.FREED
+
+
+def test_a_held_execution_that_does_not_exist_is_freed_once_the_grace_has_passed() -> None:
+    """A held execution that a describe says does not exist: nothing changes within the
+    grace window since it was last confirmed (describes lag); once it has passed, the slot
+    is freed, and no tombstone is left (the request may still start it under that name)."""
+    ledger = Ledger(1)
+    ledger.observe_running("a", 0.0)
+    ledger.confirm_running("a", 10.0)
+    assert ledger.observe_missing("a", 10.0 + GRACE - 0.5, GRACE) is Change.UNCHANGED
+    assert ledger.holds("a")
+    assert ledger.free == 0
+    assert ledger.observe_missing("a", 10.0 + GRACE, GRACE) is Change.FREED
+    assert ledger.running == frozenset()
+    assert ledger.free == 1
+    assert not ledger.is_tombstoned("a")
+    assert ledger.observe_missing("a", 20.0, GRACE) is Change.UNCHANGED
 
 
 # -- the simulated world -----------------------------------------------------------------

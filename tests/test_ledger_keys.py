@@ -137,6 +137,21 @@ def test_lowering_the_per_key_limit_never_evicts_and_holds_starts_back() -> None
     assert (ledger.admitted(second), ledger.keys_at_limit, ledger.key_free("a")) == (True, 0, 7)
 
 
+def test_a_retry_waits_while_its_keys_sent_starts_exceed_a_lowered_per_key_limit() -> None:
+    """A retry of a sent start goes only while every sent start of its key fits under the
+    per-key limit in force now: lowered meanwhile, neither retry goes (the pool has room)."""
+    ledger = Ledger(10, per_key_limit=2)
+    first, second = ledger.reserve(2, 0.0, key="a")
+    for res in (first, second):
+        assert ledger.admitted(res)
+        ledger.mark_sent(res)
+    ledger.set_per_key_limit(1)
+    assert not ledger.admitted(first)
+    assert not ledger.admitted(second)
+    ledger.cancel(second)  # its start failed for good: one sent start of the key is left
+    assert ledger.admitted(first)
+
+
 def test_a_terminal_event_frees_the_keys_slot_once() -> None:
     """observe_terminal releases the key's slot; a duplicate releases nothing more."""
     ledger = Ledger(5, per_key_limit=1, key_of=key_of)
