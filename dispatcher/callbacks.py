@@ -157,6 +157,21 @@ class Callbacks:
         """(task token, child ARN) of every token held."""
         return [(h.token, h.arn) for hs in self._held.values() for h in hs]
 
+    async def hand_back_all(self) -> int:
+        """The lease is gone: make every held request visible again at once and forget it
+        (the new leader meets its child by name: adopts it running, answers the parent if
+        closed). Returns how many went back."""
+        held = [h for hs in self._held.values() for h in hs]
+        self._held.clear()
+        self._due.clear()
+        for queue in {id(h.queue): h.queue for h in held}.values():
+            await queue.set_visibility([h.receipt_handle for h in held if h.queue is queue], 0)
+        for pool in {id(h.pool): h.pool for h in held}.values():
+            self._gauge(pool)
+        if held:
+            log.info("dispatcher.tokens_handed_back", count=len(held))
+        return len(held)
+
     # -- the loop --------------------------------------------------------------------------
 
     async def run(self) -> None:

@@ -154,7 +154,7 @@ async def test_a_paused_leader_stops_starting_before_another_can_start(
             leader.process.send_signal(signal.SIGCONT)  # wakes with a lapsed lease
 
             async def leader_noticed() -> bool:
-                return bool(leader.events("dispatcher.lease_lost"))
+                return bool(leader.events("dispatcher.reign_over"))
 
             await wait_for(leader_noticed, within=30, interval=0.05)
             await verdict(resources, names, 3, within=120)
