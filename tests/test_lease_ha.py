@@ -7,6 +7,7 @@ child processes where a signal is part of the story."""
 from __future__ import annotations
 
 import signal
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,6 +38,13 @@ TTL = 3.0
 async def lease_table(endpoint: str) -> str:
     """A fresh lease table (partition key ``pool``)."""
     return await create_lease_table(endpoint, f"lease-{uuid.uuid4().hex[:8]}")
+
+
+def free_port() -> int:
+    """A port nothing listens on now (for a child's HTTP endpoints)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def lease_env(table: str) -> dict[str, str]:
@@ -97,13 +105,27 @@ async def test_processes_with_different_pools_never_both_start_one_state_machine
         {"one": {"state_machine_arn": one.state_machine_arn, "limit": 3}},
         [{"url": one.request_queue_url, "pool": "one"}],
     )
-    async with session().client("sqs", endpoint_url=one.endpoint) as sqs:
-        names_one = await send_requests(sqs, one.request_queue_url, workload(24, 1.0, 2.0))
-        names_two = await send_requests(sqs, two.request_queue_url, workload(6, 0.5, 1.0, seed=3))
+    env_a = config_env(one, both, **lease_env(table))
+    port = {"DISPATCHER_HTTP_PORT": str(free_port())}
     env_b = config_env(one, only_one, **lease_env(table))
     async with in_process(one, env_b) as b:
         assert b.role == "leader"
-        async with child_process(one, base_env=config_env(one, both, **lease_env(table))) as a:
+        async with child_process(one, port, base_env=env_a) as a:
+            status_url = f"http://127.0.0.1:{port['DISPATCHER_HTTP_PORT']}/status"
+
+            async def settled() -> bool:  # A is up, as leader or standby
+                try:
+                    role = (await fetch(status_url))["role"]
+                except OSError:
+                    return False
+                return role in ("leader", "standby")
+
+            await wait_for(settled, within=30, interval=0.1)
+            async with session().client("sqs", endpoint_url=one.endpoint) as sqs:
+                names_one = await send_requests(sqs, one.request_queue_url, workload(24, 3.0, 5.0))
+                names_two = await send_requests(
+                    sqs, two.request_queue_url, workload(6, 0.5, 1.0, seed=3)
+                )
             await verdict(one, names_one, 3, within=150)
             assert b.role == "leader"
             assert not await governs(a), "A cannot lead: B holds the lease of `one`"
