@@ -47,6 +47,12 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def append(path: str, text: str) -> None:
+    """Add lines to a file."""
+    with Path(path).open("a") as file:
+        file.write(text)
+
+
 def lease_env(table: str) -> dict[str, str]:
     return {"DISPATCHER_LEASE_TABLE": table, "DISPATCHER_LEASE_TTL": str(TTL)}
 
@@ -162,12 +168,15 @@ async def test_a_take_over_applies_the_config_file_as_it_is_now(
             assert standby.role == "standby"
             assert standby.pool.ledger.limit == 4
             write_config(tmp_path / "c.toml", {"one": {**pool, "limit": 1}}, queues)
+            append(path, "[dispatcher]\nreceive_concurrency = 2\n")  # needs a restart
             leader.process.send_signal(signal.SIGHUP)
 
             async def lowered() -> bool:
                 return bool(leader.events("dispatcher.limit_changed"))
 
             await wait_for(lowered, within=20, interval=0.05)
+            [unapplied] = leader.events("dispatcher.reload_needs_restart")
+            assert unapplied["change"] == "receive_concurrency 4 -> 2"
             leader.process.send_signal(signal.SIGKILL)
             await leader.process.wait()
             async with session().client("sqs", endpoint_url=resources.endpoint) as sqs:
