@@ -348,7 +348,7 @@ class Dispatcher:
         intake, events = self._build(clients, lease)
         over = anyio.Event()
         intake_done = anyio.Event()
-        settle = self.settle_seconds() if lease is None else max(self.settle_seconds(), lease.owed)
+        settle = self.settle_seconds()
 
         async def settle_and_list() -> None:
             await self._take_office(lease, predecessor_gone + settle)
@@ -452,8 +452,10 @@ class Dispatcher:
     def settle_seconds(self) -> float:
         """How long after its predecessor could last send a start this process waits before
         it lists: D (the start lands within D of being sent, or never) plus the start grace
-        (then the listing shows it). The bound stated in the README."""
-        return self.settings.start_timeout + self.settings.start_grace
+        (then the listing shows it). The bound stated in the README. After a take-over, the
+        longer of this process's and the predecessor's, as the lease records them."""
+        own = self.settings.start_timeout + self.settings.start_grace
+        return own if self.lease is None else max(own, self.lease.owed)
 
     def _ready(self, lease: Leases | None) -> None:
         """The start-up listing is in: this process governs the pools now."""
