@@ -33,6 +33,7 @@ from dispatcher.metrics import Metrics
 from dispatcher.pool import Clock, Pool
 from dispatcher.rate import RateLimiters
 from dispatcher.reconcile import Reconciler
+from dispatcher.startclient import ThinStarts
 from dispatcher.startup import Preflight, preflight
 
 log = structlog.get_logger("dispatcher.service")
@@ -319,6 +320,8 @@ class Dispatcher:
         )
         if lease is not None:
             self.intake.set_may_start(lease.valid)
+            if isinstance(clients.starts, ThinStarts):
+                clients.starts.may_send = lease.valid  # checked again just before it leaves
         self.callbacks = Callbacks(settings, clients, self.metrics, self.pools, self.clock)
         self.intake.starter.callbacks = self.callbacks
         for pool in self.pools.values():
