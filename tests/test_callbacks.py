@@ -236,3 +236,18 @@ async def test_a_request_received_again_while_its_child_runs_is_held_once() -> N
     events_of(world).apply(terminal_event("SUCCEEDED", output="{}"))
     await callbacks.answer_due()
     assert [c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")] == ["rh-m-1-again"]
+
+
+async def test_a_lost_lease_hands_back_the_requests_whose_parents_wait() -> None:
+    """Not the leader any more: the held request goes back to its queue at once (visible,
+    not deleted) and no token is held, so the new leader finds the child by name."""
+    world = build_world()
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    assert callbacks.held == 1
+    assert await callbacks.hand_back_all() == 1
+    assert callbacks.held == 0
+    assert world.sample("dispatcher_tokens_held", pool="default") == 0
+    assert "delete_message" not in world.sqs.names()
+    [batch] = world.sqs.calls_to("change_message_visibility_batch")
+    assert [e["VisibilityTimeout"] for e in batch["Entries"]] == [0]
