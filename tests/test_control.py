@@ -231,3 +231,18 @@ def _two_pools(tmp_path: Path) -> str:
         encoding="utf-8",
     )
     return str(path)
+
+
+def test_a_standby_says_it_does_not_hold_the_lease() -> None:
+    document = {
+        "role": "standby",
+        "ready": False,
+        "config": "c.toml",
+        "lease": {"owner": "task-2", "held": False, "epoch": 4, "valid_for_seconds": 0},
+        "pools": {"a": {"limit": 5, "running": 0}},
+    }
+    header = render_status(document, "http://x/status").splitlines()[0]
+    assert header == (
+        "dispatcher at http://x/status: role standby, NOT ready, lease not held by this "
+        "process (task-2); config c.toml"
+    )
