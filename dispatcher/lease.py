@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import structlog
 from botocore.exceptions import ClientError
 
@@ -336,17 +337,17 @@ class Leases:
         return True
 
     async def _give_back(self, taken: list[Lease], *, why: str) -> None:
-        if taken:
-            log.info(
-                "dispatcher.lease_partial",
-                why=why,
-                given_back=[lease.config.pool for lease in taken],
-            )
-        for lease in reversed(taken):
-            try:
-                await lease.release()
-            except Exception as exc:  # noqa: BLE001 - it lapses on its own within the TTL
-                log.warning("dispatcher.lease_release_failed", error=str(exc))
+        if not taken:
+            return
+        log.info(
+            "dispatcher.lease_partial", why=why, given_back=[lease.config.pool for lease in taken]
+        )
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.renew_timeout):
+            for lease in reversed(taken):
+                try:
+                    await lease.release()
+                except Exception as exc:  # noqa: BLE001 - it lapses on its own within the TTL
+                    log.warning("dispatcher.lease_release_failed", error=str(exc))
 
     async def renew(self) -> bool:
         """Renew every lease; False (and every lease lapsed) once one is lost."""

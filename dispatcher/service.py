@@ -274,7 +274,10 @@ class Dispatcher:
         )
         while not self._stop.is_set():
             try:
-                acquired = await self.lease.try_acquire()
+                acquired = False
+                # A table that does not answer must not keep a standby from trying again.
+                with anyio.move_on_after(self.lease.config.renew_timeout):
+                    acquired = await self.lease.try_acquire()
             except AWS_ERRORS as exc:
                 self.health.aws_failed("UpdateItem", exc)
                 log.warning("dispatcher.lease_unavailable", error=str(exc))
