@@ -204,12 +204,15 @@ def render_status(document: Mapping[str, Any], url: str, now: float | None = Non
     is, so that an emptied queue still shown with messages is not mistaken for a backlog.
     """
     lease = document.get("lease")
-    lease_text = (
-        "no lease table"
-        if not lease
-        else f"lease epoch {lease.get('epoch')} held by {lease.get('owner')}, "
-        f"{lease.get('valid_for_seconds')} s left"
-    )
+    if not lease:
+        lease_text = "no lease table"
+    elif lease.get("held") is False:  # a standby (older versions say nothing: held)
+        lease_text = f"lease not held by this process ({lease.get('owner')})"
+    else:
+        lease_text = (
+            f"lease epoch {lease.get('epoch')} held by {lease.get('owner')}, "
+            f"{lease.get('valid_for_seconds')} s left"
+        )
     ready = "ready" if document.get("ready") else "NOT ready"
     header = (
         f"dispatcher at {url}: role {document.get('role', '?')}, {ready}, {lease_text}; "
@@ -385,6 +388,10 @@ async def wait_drained(
     assert target.state_machine_arn is not None  # noqa: S101 - checked by the caller
     arn = target.state_machine_arn
     counting = False
+    if url and (await anyio.to_thread.run_sync(fetch_status, url)).get("role") == "standby":
+        # It governs nothing (another process holds the lease): its figures say nothing.
+        _say(f"the dispatcher at {url} is a standby: judging from the executions alone")
+        url = None
     with anyio.move_on_after(timeout) as scope:
         if url:
             while True:  # another process's state: nothing to wait on but polling it

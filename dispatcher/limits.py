@@ -23,7 +23,7 @@ import anyio
 import structlog
 
 from dispatcher.aws import AWS_ERRORS, error_code
-from dispatcher.config import ENV_PREFIX, ConfigError, Settings
+from dispatcher.config import ENV_PREFIX, POOL_FIELDS, ConfigError, Settings
 from dispatcher.errors import UserError
 from dispatcher.layout import DEFAULT_POOL, Layout, PoolConfig, read_file
 from dispatcher.metrics import Metrics
@@ -169,11 +169,13 @@ class LiveLimits:
 
     # -- the config file -----------------------------------------------------------------
 
-    def reload(self) -> bool:
-        """Re-read the config file (SIGHUP) and apply what can change live: limits (where
-        no parameter holds them), per-key limits, waiting rooms, shares, the start rate.
-        A file that does not load changes nothing; a change that needs a restart (pools,
-        queues, ARNs, process settings) is logged and left out."""
+    def reload(self, why: str = "SIGHUP") -> bool:
+        """Re-read the config file (SIGHUP, or a new leader before its first start) and
+        apply what can change live: limits (where no parameter holds them), per-key limits,
+        waiting rooms, shares, the start rate, the reconcile and limit refresh intervals.
+        A file that does not load changes nothing; every change that needs a restart
+        (pools, queues, ARNs, other process settings) is logged by name, old -> new, and
+        left out."""
         if self.settings.config is None:
             log.warning("dispatcher.reload_skipped", why="no config file (DISPATCHER_CONFIG)")
             return False
@@ -192,8 +194,15 @@ class LiveLimits:
             log.error("dispatcher.reload_failed", error=str(exc), kept="the running config")  # noqa: TRY400 - the message says it all
             return False
         needs_restart = _structural_changes(self.layout, layout)
-        if needs_restart:
-            log.warning("dispatcher.reload_needs_restart", changes=needs_restart)
+        live: dict[str, Any] = {}
+        for name, before, after in _setting_changes(self.settings, settings):
+            if name in LIVE_SETTINGS:
+                live[name] = after
+                log.info("dispatcher.setting_changed", setting=name, previous=before, value=after)
+            else:
+                needs_restart.append(f"{name} {before!r} -> {after!r}")
+        for change in needs_restart:
+            log.warning("dispatcher.reload_needs_restart", change=change, why="needs a restart")
         for new in layout.pools:
             pool = self.pools.get(new.name)
             if pool is None or not _same_structure(pool.config, new):
@@ -209,9 +218,39 @@ class LiveLimits:
             )
         except ValueError as exc:  # Settings checks these; belt and braces for a live change
             log.error("dispatcher.start_rate_rejected", error=str(exc))  # noqa: TRY400
+        if live:
+            self.settings = self.settings.model_copy(update=live)
         self.layout = _merge(self.layout, layout)
-        log.info("dispatcher.config_reloaded", path=str(self.settings.config))
+        log.info(
+            "dispatcher.config_reloaded",
+            path=str(self.settings.config),
+            why=why,
+            not_applied=len(needs_restart),
+        )
         return True
+
+
+LIVE_SETTINGS = frozenset(
+    {
+        "start_rate",
+        "start_burst",
+        "start_rate_floor",
+        "reconcile_interval",
+        "limit_refresh_interval",
+    }
+)
+"""Process settings a reload applies (the others need a restart, and say so)."""
+_NOT_SETTINGS = frozenset({"config", *POOL_FIELDS})
+"""Compared through the layout (pools), or the file itself."""
+
+
+def _setting_changes(before: Settings, after: Settings) -> list[tuple[str, Any, Any]]:
+    """(name, old, new) of every process setting that differs."""
+    return [
+        (name, getattr(before, name), getattr(after, name))
+        for name in type(before).model_fields
+        if name not in _NOT_SETTINGS and getattr(before, name) != getattr(after, name)
+    ]
 
 
 _STRUCTURE = ("state_machine_arn", "key_attribute", "limit_parameter")
@@ -231,13 +270,17 @@ def _structural_changes(old: Layout, new: Layout) -> list[str]:
     for name in sorted(set(old_pools) & set(new_pools)):
         before, after = old_pools[name], new_pools[name]
         changes += [
-            f"pool {name} {a} changed"
+            f"pool {name} {a} {getattr(before, a)!r} -> {getattr(after, a)!r}"
             for a in _STRUCTURE
             if getattr(before, a) != getattr(after, a)
         ]
     if old.queues != new.queues:
-        changes.append("queues changed")
+        changes.append(f"queues {_queues(old)} -> {_queues(new)}")
     return changes
+
+
+def _queues(layout: Layout) -> str:
+    return ", ".join(f"{q.url} ({'/'.join(q.pools)})" for q in layout.queues) or "none"
 
 
 def _merge(old: Layout, new: Layout) -> Layout:

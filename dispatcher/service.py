@@ -5,7 +5,6 @@ signal: at once); SIGHUP reloads the config file.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import time
@@ -28,12 +27,13 @@ from dispatcher.health import Health
 from dispatcher.http import build_app, serve
 from dispatcher.intake import Intake
 from dispatcher.layout import Layout, from_settings
-from dispatcher.lease import Lease, LeaseConfig
+from dispatcher.lease import Leases
 from dispatcher.limits import LiveLimits
 from dispatcher.metrics import Metrics
 from dispatcher.pool import Clock, Pool
 from dispatcher.rate import RateLimiters
 from dispatcher.reconcile import Reconciler
+from dispatcher.startclient import ThinStarts
 from dispatcher.startup import Preflight, preflight
 
 log = structlog.get_logger("dispatcher.service")
@@ -115,7 +115,7 @@ class Dispatcher:
         self._stop = anyio.Event()
         self._reported = False
         self.role = "starting"  # single | leader | standby
-        self.lease: Lease | None = None
+        self.lease: Leases | None = None
         self.preflight = Preflight()  # what start-up read (the dead-letter queue's size)
         self._signals = 0
         self._began = time.monotonic()
@@ -167,7 +167,9 @@ class Dispatcher:
             if self.lease is None
             else {
                 "owner": self.lease.owner,
+                "held": self.role == "leader" and self.lease.valid(),
                 "epoch": self.lease.epoch,
+                "epochs": self.lease.epochs,
                 "valid_for_seconds": round(max(0.0, self.lease.remaining()), 3),
             },
             "state_machine_arn": self.pool.state_machine_arn,
@@ -259,16 +261,24 @@ class Dispatcher:
         assert clients.dynamodb is not None  # noqa: S101 - opened when a table is set
         assert self.settings.lease_table is not None  # noqa: S101
         ttl = self.settings.lease_ttl
-        self.lease = Lease(
+        self.lease = Leases(
             clients.dynamodb,
-            LeaseConfig(self.settings.lease_table, self.lease_key, ttl, ttl / 5),
+            self.settings.lease_table,
+            self.lease_keys,
+            ttl=ttl,
+            margin=ttl / 5,
+            start_timeout=self.settings.start_timeout,
+            start_grace=self.settings.start_grace,
             owner=self._lease_owner,
             monotonic=self.clock,
             wall=self.wall,
         )
         while not self._stop.is_set():
             try:
-                acquired = await self.lease.try_acquire()
+                acquired = False
+                # A table that does not answer must not keep a standby from trying again.
+                with anyio.move_on_after(self.lease.config.renew_timeout):
+                    acquired = await self.lease.try_acquire()
             except AWS_ERRORS as exc:
                 self.health.aws_failed("UpdateItem", exc)
                 log.warning("dispatcher.lease_unavailable", error=str(exc))
@@ -283,7 +293,7 @@ class Dispatcher:
             self._report_started(task_status)
             await self._sleep_unless_stopped(self.lease.config.renew_every)
 
-    def _build(self, clients: Clients, lease: Lease | None) -> tuple[Intake, Events]:
+    def _build(self, clients: Clients, lease: Leases | None) -> tuple[Intake, Events]:
         """Fresh ledgers, reconcilers, events and intake for a reign."""
         settings = self.settings
         for pool in self.pools.values():
@@ -317,6 +327,8 @@ class Dispatcher:
         self.intake.starter.reign_began = self.wall()
         if lease is not None:
             self.intake.set_may_start(lease.valid)
+            if isinstance(clients.starts, ThinStarts):
+                clients.starts.may_send = lease.valid  # checked again just before it leaves
         self.callbacks = Callbacks(settings, clients, self.metrics, self.pools, self.clock)
         self.intake.starter.callbacks = self.callbacks
         self.callbacks.starting = self.intake.starter.starting
@@ -327,29 +339,30 @@ class Dispatcher:
     async def _reign(
         self,
         clients: Clients,
-        lease: Lease | None,
+        lease: Leases | None,
         task_status: TaskStatus[Dispatcher],
         predecessor_gone: float,
     ) -> None:
-        """Govern the pool: start-up listing, then events, reconcile and intake, until a stop
-        (ordered shutdown) or the loss of the lease (intake stops at once).
+        """Govern the pools: start-up listing, then events, reconcile and intake, until a
+        stop (ordered shutdown) or the loss of the lease.
 
         ``predecessor_gone`` is when the previous governor could send no more starts (this
         process's birth; the moment the lease was taken). Its last start takes effect within
         D of then, and shows in listings within the start grace after that: the start-up
-        listing waits for both, or it could miss executions and start too many.
+        listing waits for both (the longer of this process's and the lease's record of the
+        previous holder's), or it could miss executions and start too many.
+
+        Losing the lease (or not renewing it in time) ends the reign at once: nothing more
+        is received, no event consumed, what is held goes back to its queue, and the role,
+        ledger, metrics and `/status` say standby (`_abdicate`).
         """
         intake, events = self._build(clients, lease)
         over = anyio.Event()
         intake_done = anyio.Event()
+        settle = self.settle_seconds()
 
         async def settle_and_list() -> None:
-            await anyio.sleep(max(0.0, predecessor_gone + self.settle_seconds() - self.clock()))
-            await self._startup_listing()
-            if self.limits is not None:
-                # Read afresh before the first start: a standby read them when it started,
-                # maybe hours ago, and the listing may have taken long.
-                await self.limits.refresh_once()
+            await self._take_office(lease, predecessor_gone + settle)
 
         async def run_intake() -> None:
             try:
@@ -367,18 +380,15 @@ class Dispatcher:
                 tg.start_soon(self._keep_lease, lease, over)  # kept while settling, too
             if await _unless(over, settle_and_list):
                 self._ready(lease)
-                tg.start_soon(self.health.supervise, "events", events.run)
-                if self.callbacks is not None:
-                    tg.start_soon(self.health.supervise, "callbacks", self.callbacks.run)
-                for name, reconciler in self.reconcilers.items():
-                    loop = "reconcile" if len(self.reconcilers) == 1 else f"reconcile:{name}"
-                    tg.start_soon(self.health.supervise, loop, reconciler.run)
-                if self.limits is not None and self.limits.parameters:
-                    tg.start_soon(self.health.supervise, "limits", self.limits.run)
+                loops: anyio.CancelScope = await tg.start(self._run_loops, events)
                 tg.start_soon(run_intake)
                 self.started.set()
                 self._report_started(task_status)
                 await over.wait()
+                if not self._stop.is_set():
+                    # Not the leader any more: the status events are the new leader's.
+                    self._step_down()
+                    loops.cancel()
                 # Ordered: stop intake, drain starts in flight (bounded), then the rest.
                 log.info("dispatcher.stopping", in_flight=len(intake.stats.in_flight))
                 self.health.stopping = True
@@ -386,25 +396,84 @@ class Dispatcher:
                 intake.stop()
                 await intake_done.wait()
             tg.cancel_scope.cancel()
-        if self.callbacks is not None and not intake.starter.force:
+        self._step_down()
+        if lease is not None and not self._stop.is_set():
+            await self._abdicate()
+        elif self.callbacks is not None and not intake.starter.force:
             # Tokens held go back to the queue at once, each after a last heartbeat: the
             # successor takes them over without waiting for their visibility to run out.
             with anyio.CancelScope(shield=True), anyio.move_on_after(15):
                 await self.callbacks.hand_back()
+        if lease is not None:
+            # Shutdown: a successor need not wait for the TTL. Lost: give back what is
+            # still ours (another lease of ours may be valid yet).
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                try:
+                    await lease.release()
+                except AWS_ERRORS as exc:  # it lapses on its own within the TTL
+                    log.warning("dispatcher.lease_release_failed", error=str(exc))
+
+    async def _take_office(self, lease: Leases | None, listing_at: float) -> None:
+        """Before the first start: wait until the predecessor's starts show in listings,
+        list, then read everything that sets the limits afresh (the file and the
+        parameters)."""
+        await anyio.sleep(max(0.0, listing_at - self.clock()))
+        await self._startup_listing()
+        if self.limits is not None:
+            # A standby read them when it started, maybe hours ago: the file may have
+            # changed since (and been reloaded by the previous leader only), and the listing
+            # may have taken long.
+            if self.settings.config is not None and lease is not None:
+                self.reload(why="taking over")
+            await self.limits.refresh_once()
+        if lease is not None:
+            lease.settled()  # the predecessor's starts are all in the listing now
+
+    async def _run_loops(
+        self, events: Events, *, task_status: TaskStatus[anyio.CancelScope]
+    ) -> None:
+        """Events, callbacks, reconcile and live limits, under a scope of their own (given to
+        the caller: the loss of the lease cancels them at once, before intake stops)."""
+        with anyio.CancelScope() as scope:
+            task_status.started(scope)
+            async with anyio.create_task_group() as loops:
+                loops.start_soon(self.health.supervise, "events", events.run)
+                if self.callbacks is not None:
+                    loops.start_soon(self.health.supervise, "callbacks", self.callbacks.run)
+                for name, reconciler in self.reconcilers.items():
+                    loop = "reconcile" if len(self.reconcilers) == 1 else f"reconcile:{name}"
+                    loops.start_soon(self.health.supervise, loop, reconciler.run)
+                if self.limits is not None and self.limits.parameters:
+                    loops.start_soon(self.health.supervise, "limits", self.limits.run)
+
+    def _step_down(self) -> None:
+        """Report not governing: role, leader gauge, readiness."""
+        if self.role in ("leader", "starting") and self.lease is not None:
+            self.role = "standby"
         self.metrics.leader.set(0)
         self.health.started_up = False
         self.health.refresh()
-        if lease is not None and self._stop.is_set():
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await lease.release()
+
+    async def _abdicate(self) -> None:
+        """After the lease was lost and intake stopped: hand back the requests whose parents
+        wait (task tokens held) and forget the ledger, so that `/status`, the metrics and
+        the control CLI report nothing running here (the new leader counts them)."""
+        if self.callbacks is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await self.callbacks.hand_back()
+        for pool in self.pools.values():
+            pool.reset()
+        log.info("dispatcher.abdicated", role=self.role)
 
     def settle_seconds(self) -> float:
         """How long after its predecessor could last send a start this process waits before
         it lists: D (the start lands within D of being sent, or never) plus the start grace
-        (then the listing shows it). The bound stated in the README."""
-        return self.settings.start_timeout + self.settings.start_grace
+        (then the listing shows it). The bound stated in the README. After a take-over, the
+        longer of this process's and the predecessor's, as the lease records them."""
+        own = self.settings.start_timeout + self.settings.start_grace
+        return own if self.lease is None else max(own, self.lease.owed)
 
-    def _ready(self, lease: Lease | None) -> None:
+    def _ready(self, lease: Leases | None) -> None:
         """The start-up listing is in: this process governs the pools now."""
         self.role = "single" if lease is None else "leader"
         self.metrics.leader.set(1)
@@ -420,15 +489,28 @@ class Dispatcher:
             http_port=self.http_port,
         )
 
-    async def _keep_lease(self, lease: Lease, over: anyio.Event) -> None:
-        """Renew well inside the TTL; end the reign once the lease is gone or lapses."""
+    async def _keep_lease(self, lease: Leases, over: anyio.Event) -> None:
+        """Renew well inside the TTL, each renewal under its own deadline (shorter than the
+        lease, and never past it); end the reign once the lease is gone or lapses."""
+        retry = False
         while lease.valid():
-            await anyio.sleep(max(0.0, min(lease.config.renew_every, lease.remaining())))
-            try:
-                await lease.renew()
-            except AWS_ERRORS as exc:  # keep governing while the lease is still valid here
-                self.health.aws_failed("UpdateItem", exc)
-                log.warning("dispatcher.lease_renew_failed", error=str(exc))
+            pause = min(1.0 if retry else lease.config.renew_every, lease.remaining())
+            await anyio.sleep(max(0.0, pause))
+            if not lease.valid():
+                break
+            deadline = max(0.0, min(lease.config.renew_timeout, lease.remaining()))
+            retry = True
+            with anyio.move_on_after(deadline) as renewal:
+                try:
+                    if not await lease.renew():
+                        break  # someone else holds it
+                    retry = False
+                except AWS_ERRORS as exc:  # keep governing while the lease is still valid here
+                    self.health.aws_failed("UpdateItem", exc)
+                    log.warning("dispatcher.lease_renew_failed", error=str(exc))
+            if renewal.cancelled_caught:
+                log.warning("dispatcher.lease_renew_timed_out", after_seconds=round(deadline, 3))
+        lease.lapse()  # one lost: none is trusted
         log.warning("dispatcher.reign_over", why="lease lost or lapsed", epoch=lease.epoch)
         self.role = "standby"
         over.set()
@@ -472,14 +554,12 @@ class Dispatcher:
             )
 
     @property
-    def lease_key(self) -> str:
-        """The lease's key: the state machine's ARN, or for several pools a digest of all."""
-        arns = sorted(pool.state_machine_arn for pool in self.pools.values())
-        if len(arns) == 1:
-            return arns[0]
-        return "pools-" + hashlib.sha256("\n".join(arns).encode()).hexdigest()[:32]
+    def lease_keys(self) -> list[str]:
+        """The leases this process must hold to lead: one per governed state machine (its
+        ARN), whatever its pools, queues or settings (invariant 8)."""
+        return sorted({pool.state_machine_arn for pool in self.pools.values()})
 
-    def reload(self) -> bool:
+    def reload(self, why: str = "SIGHUP") -> bool:
         """Re-read the config file (what SIGHUP does); returns whether it was applied.
 
         A SIGHUP during start-up (before the limits are set up) is kept, not dropped: the
@@ -489,9 +569,12 @@ class Dispatcher:
             log.info("dispatcher.reload_deferred", why="still starting up")
             return False
         self._reload_pending = False
-        applied = self.limits.reload()
+        applied = self.limits.reload(why=why)
         if applied:
             self.layout = self.limits.layout
+            self.settings = self.limits.settings  # with the settings applied live
+            for reconciler in self.reconcilers.values():
+                reconciler.settings = self.settings
         return applied
 
     async def _watch_signals(self, scope: anyio.CancelScope) -> None:

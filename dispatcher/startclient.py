@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
@@ -39,6 +40,10 @@ TARGET = "AWSStepFunctions.StartExecution"
 SIGNING_NAME = "states"
 _BODYLESS_CODES = {500: "InternalFailure", 503: "ServiceUnavailable", 429: "ThrottlingException"}
 """The code of an error answer without one (a proxy's bare 5xx): what AWS sends for it."""
+
+
+class NotSentError(Exception):
+    """The gate (`ThinStarts.may_send`: the lease) closed before the request left."""
 
 
 class UnreadableAnswerError(BotoCoreError):
@@ -152,10 +157,19 @@ class ThinStarts:
         self._credentials = credentials
         self._metrics = metrics
         self._user_agent = user_agent
+        self.may_send: Callable[[], bool] = lambda: True
+        """Checked again once the credentials and a connection are in hand, just before
+        the request is written: waiting for either may have taken long (a freeze, a
+        credentials refresh, a new TLS connection), and a lease checked before the wait may
+        have lapsed meanwhile. A closed gate raises as a connection never made: not sent."""
         self._own_http = http is None
+        gate = aiohttp.TraceConfig()
+        gate.on_connection_create_end.append(self._gate)
+        gate.on_connection_reuseconn.append(self._gate)
         self._http = http or aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=64),
             timeout=aiohttp.ClientTimeout(total=timeout, connect=min(5.0, timeout)),
+            trace_configs=[gate],
         )
 
     async def close(self) -> None:
@@ -183,6 +197,10 @@ class ThinStarts:
         headers["user-agent"] = self._user_agent  # never signed (botocore leaves it out too)
         return headers
 
+    async def _gate(self, *_: object) -> None:
+        if not self.may_send():
+            raise NotSentError("the lease lapsed before the request left")
+
     def _count(self, outcome: str) -> None:
         self._metrics.aws_calls.labels(operation=OPERATION, outcome=outcome).inc()
 
@@ -191,9 +209,12 @@ class ThinStarts:
         body = json.dumps(kwargs, separators=(",", ":")).encode()
         headers = await self._signed(body)
         try:
+            await self._gate()  # the credentials may have taken long
             async with self._http.post(self.url, data=body, headers=headers) as response:
                 status, answer = response.status, await response.read()
                 answer_headers = response.headers
+        except NotSentError as exc:  # the lease lapsed while it waited: not sent
+            raise EndpointConnectionError(endpoint_url=self.url, error=exc) from exc
         except aiohttp.ClientConnectorError as exc:  # never connected: not sent
             self._count("error")
             raise EndpointConnectionError(endpoint_url=self.url, error=exc) from exc

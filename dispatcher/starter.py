@@ -54,6 +54,10 @@ FIRST_RECEIVE_SKEW = 5.0
 message was first received before this process began to govern (see `Starter.reign_began`)."""
 
 
+MAX_UNANSWERED = 10_000
+"""Starts with a lost answer remembered at most (to count them started when confirmed)."""
+
+
 class AbandonedError(Exception):
     """Shutting down (or the lease is gone): hand the request back instead of retrying."""
 
@@ -139,6 +143,10 @@ class Starter:
         # receive, before this reign's first): a message first received before then may
         # have been started by a process under another configuration, by another name.
         self.reign_began = time.time()
+        self._unanswered: dict[str, None] = {}
+        """ARNs this process sent a start for whose answer never came (outcome unknown), not
+        counted yet: the first answer that shows the execution exists counts it as started
+        (not as a duplicate), once. Oldest forgotten past `MAX_UNANSWERED`."""
         self.dead_letters = DeadLetterQueue(
             clients.sqs, settings.dead_letter_queue_url, metrics, dead_letter_max_size
         )
@@ -267,7 +275,8 @@ class Starter:
             return
         handling.phase = "finishing"
         self._commit(pool, reservation, arn)
-        if held_before or copies.started:
+        ours = self._unanswered.pop(arn, False) is None  # our earlier attempt started it
+        if (held_before and not ours) or copies.started:
             self.stats.duplicates += 1
             self.metrics.starts.labels(pool=pool.name, outcome="duplicate").inc()
             bound.info("dispatcher.duplicate_request", execution_arn=arn, status="RUNNING")
@@ -392,6 +401,8 @@ class Starter:
                         handling.doubt = unknown_before  # refused: this attempt did nothing
                         if not handling.doubt:  # nor did any before: a first attempt again
                             pool.ledger.unsend(reservation)
+                    else:
+                        self._sent_unanswered(execution_arn(pool.state_machine_arn, request.name))
                     if error_code(exc) in THROTTLE_CODES:
                         limiter.throttled()
                     kind = classify(exc)
@@ -416,6 +427,12 @@ class Starter:
                 limiter.succeeded()
                 return str(response["executionArn"]), attempts
         raise AssertionError("unreachable: stamina either returns or raises")  # pragma: no cover
+
+    def _sent_unanswered(self, arn: str) -> None:
+        """An attempt for ``arn`` may have started it and its answer is lost."""
+        self._unanswered[arn] = None
+        while len(self._unanswered) > MAX_UNANSWERED:
+            del self._unanswered[next(iter(self._unanswered))]
 
     async def _admission(
         self, entry: Waiting, reservation: Reservation, handling: _Handling
@@ -542,9 +559,16 @@ class Starter:
                 self._release(pool, reservation)
             pool.ledger.observe_terminal(arn, redrives)
             pool.update()
-        self.stats.duplicates += 1
-        self.metrics.starts.labels(pool=pool.name, outcome="duplicate").inc()
-        bound.info("dispatcher.duplicate_request", execution_arn=arn, status=status)
+        if self._unanswered.pop(arn, False) is None:
+            # Our own attempt started it (its answer was lost): a start, counted once.
+            self.stats.started += 1
+            pool.started_total += 1
+            self.metrics.starts.labels(pool=pool.name, outcome="started").inc()
+            bound.info("dispatcher.execution_started", execution_arn=arn, status=status)
+        else:
+            self.stats.duplicates += 1
+            self.metrics.starts.labels(pool=pool.name, outcome="duplicate").inc()
+            bound.info("dispatcher.duplicate_request", execution_arn=arn, status=status)
         if status == "RUNNING" or request.task_token is None or self.callbacks is None:
             await self._settled(entry, arn)
             return

@@ -85,12 +85,16 @@ async def _collect(child: Child) -> None:
 
 @asynccontextmanager
 async def child_process(
-    resources: SandboxResources, extra_env: dict[str, str] | None = None
+    resources: SandboxResources,
+    extra_env: dict[str, str] | None = None,
+    *,
+    base_env: dict[str, str] | None = None,
 ) -> AsyncIterator[Child]:
-    """Start the dispatcher CLI as a child process; kill it (SIGKILL) if the block leaves it."""
+    """Start the dispatcher CLI as a child process; kill it (SIGKILL) if the block leaves it.
+    ``base_env`` replaces the sandbox's variables (e.g. `config_env` for a config file)."""
     env = {
         **os.environ,
-        **resources.env(),
+        **(resources.env() if base_env is None else base_env),
         **FAST,
         "DISPATCHER_LOG_FORMAT": "json",
         **(extra_env or {}),

@@ -487,3 +487,18 @@ async def test_a_gone_parents_request_whose_child_may_run_is_not_dropped(known: 
     assert [c["executionArn"] for c in world.sfn.calls_to("stop_execution")] == [CHILD]
     assert [c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")] == ["rh-m-1"]
     assert len(world.sfn.executions) == 1
+
+
+async def test_a_lost_lease_hands_back_the_requests_whose_parents_wait() -> None:
+    """Not the leader any more: the held request goes back to its queue at once (visible,
+    not deleted) and no token is held, so the new leader finds the child by name."""
+    world = build_world()
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    assert callbacks.held == 1
+    assert await callbacks.hand_back() == 1
+    assert callbacks.held == 0
+    assert world.sample("dispatcher_tokens_held", pool="default") == 0
+    assert "delete_message" not in world.sqs.names()
+    [batch] = world.sqs.calls_to("change_message_visibility_batch")
+    assert [e["VisibilityTimeout"] for e in batch["Entries"]] == [0]

@@ -303,3 +303,41 @@ def _two_pools(tmp_path: Path) -> str:
         encoding="utf-8",
     )
     return str(path)
+
+
+def test_a_standby_says_it_does_not_hold_the_lease() -> None:
+    document = {
+        "role": "standby",
+        "ready": False,
+        "config": "c.toml",
+        "lease": {"owner": "task-2", "held": False, "epoch": 4, "valid_for_seconds": 0},
+        "pools": {"a": {"limit": 5, "running": 0}},
+    }
+    header = render_status(document, "http://x/status").splitlines()[0]
+    assert header == (
+        "dispatcher at http://x/status: role standby, NOT ready, lease not held by this "
+        "process (task-2); config c.toml"
+    )
+
+
+async def test_drain_against_a_standby_judges_from_the_executions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A standby governs nothing: its figures (limit never 0, counts of a reign it lost)
+    say nothing, so `drain --wait --url` pointed at it goes by the executions alone."""
+    from dispatcher import control  # noqa: PLC0415
+    from dispatcher.limits import LimitTarget  # noqa: PLC0415
+
+    standby = {
+        "role": "standby",
+        "pools": {"reports": {"limit": 5, "running": 3, "starting": 0, "in_doubt": 0}},
+    }
+    monkeypatch.setattr(control, "fetch_status", lambda _url: standby)
+
+    class NothingRuns:
+        async def list_executions(self, **_: Any) -> dict[str, Any]:
+            return {"executions": []}
+
+    target = LimitTarget("reports", "/limit", ARN, 0.01, "c.toml")
+    sfn: Any = NothingRuns()
+    assert await control.wait_drained(sfn, target, 0.01, 20, url="http://x/status") == 0

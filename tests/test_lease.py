@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.lease import Lease, LeaseConfig
+from dispatcher.lease import Lease, LeaseConfig, Leases
 from dispatcher.sandbox.provision import SandboxResources
 from dispatcher.service import Dispatcher
 from tests.audit import send_requests, session, verdict, wait_for, workload
@@ -154,7 +154,7 @@ async def test_a_paused_leader_stops_starting_before_another_can_start(
             leader.process.send_signal(signal.SIGCONT)  # wakes with a lapsed lease
 
             async def leader_noticed() -> bool:
-                return bool(leader.events("dispatcher.lease_lost"))
+                return bool(leader.events("dispatcher.reign_over"))
 
             await wait_for(leader_noticed, within=30, interval=0.05)
             await verdict(resources, names, 3, within=120)
@@ -165,3 +165,57 @@ async def test_a_paused_leader_stops_starting_before_another_can_start(
         leader.process.send_signal(signal.SIGTERM)
         with anyio.fail_after(15):
             assert await leader.process.wait() == 0
+
+
+@pytest.mark.timeout(30)
+async def test_leases_are_taken_all_or_none_and_record_what_a_successor_waits(
+    emulator: str,
+) -> None:
+    """X governs {a, b}, Y only {b}: while Y holds b, X holds nothing (a given back at
+    once, so Z governing {a} can lead). Each item records its holder's D and grace; a
+    successor owes the longer of its own and the recorded, and records that until it has
+    waited (settled), then its own."""
+    table = await lease_table(emulator)
+    clock = Clock()
+
+    def leases(owner: str, keys: list[str], d: float, grace: float) -> Leases:
+        return Leases(
+            ddb,
+            table,
+            keys,
+            ttl=10,
+            margin=2,
+            start_timeout=d,
+            start_grace=grace,
+            owner=owner,
+            monotonic=clock,
+            wall=clock,
+        )
+
+    async with session().client("dynamodb", endpoint_url=emulator) as ddb:
+        y = leases("y", ["b"], d=8, grace=2)
+        assert await y.try_acquire()
+        x = leases("x", ["b", "a"], d=1, grace=1)
+        assert not await x.try_acquire(), "b is Y's"
+        assert not x.valid()
+        z = leases("z", ["a"], d=1, grace=1)
+        assert await z.try_acquire(), "X gave a back when it could not take b"
+        await z.release()
+        clock.now += 11  # Y's lease of b lapses (Y paused, say)
+        assert await x.try_acquire()
+        assert x.valid()
+        assert x.epochs == {"a": 3, "b": 2}
+        assert x.owed == 10, "Y's D + grace, recorded in b"
+        key = {"pool": {"S": "b"}}
+
+        async def recorded() -> tuple[float, float]:
+            item = (await ddb.get_item(TableName=table, Key=key, ConsistentRead=True))["Item"]
+            return float(item["start_timeout"]["N"]), float(item["start_grace"]["N"])
+
+        assert await recorded() == (8, 2), "until X has waited, its successor owes Y's wait"
+        assert await x.renew()
+        assert await recorded() == (8, 2)
+        x.settled()
+        assert await x.renew()
+        assert await recorded() == (1, 1)
+        assert not await y.renew(), "Y learns it lost b"

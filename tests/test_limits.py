@@ -10,6 +10,7 @@ import pytest
 import structlog.testing
 from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from dispatcher.errors import UserError
 from dispatcher.layout import load
@@ -190,3 +191,34 @@ async def test_a_parameter_that_agrees_says_it_is_the_source() -> None:
     assert [(line["event"], line["source"]) for line in lines] == [
         ("dispatcher.limit_source", "/l")
     ]
+
+
+def test_a_reload_names_every_change_it_cannot_apply(tmp_path: Path) -> None:
+    """Process settings in the file: the reconcile interval applies live; the others are
+    each logged by name, old -> new, as needing a restart (with the pool's ARN and the
+    queues), and the rest of the file still applies."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "[dispatcher]\nreconcile_interval = 60\nreceive_concurrency = 4\n"
+        f'[pools.reports]\nstate_machine_arn = "{ARN}"\nlimit = 3\n'
+        f'[[queues]]\nurl = "{QUEUE}"\npool = "reports"\n'
+    )
+    limits, pool = live(path)
+    other = ARN.replace("reports", "invoices")
+    path.write_text(
+        "[dispatcher]\nreconcile_interval = 20\nreceive_concurrency = 2\nlease_ttl = 30\n"
+        f'[pools.reports]\nstate_machine_arn = "{ARN}"\nlimit = 5\n'
+        f'[pools.invoices]\nstate_machine_arn = "{other}"\nlimit = 1\n'
+        f'[[queues]]\nurl = "{QUEUE}"\npool = "reports"\n'
+        f'[[queues]]\nurl = "{QUEUE}-2"\npool = "invoices"\n'
+    )
+    with capture_logs() as logs:
+        assert limits.reload() is True
+    restart = [e["change"] for e in logs if e["event"] == "dispatcher.reload_needs_restart"]
+    assert restart[0] == "pool invoices added"
+    assert restart[1].startswith(f"queues {QUEUE} (reports) -> {QUEUE} (reports), {QUEUE}-2")
+    assert restart[2:] == ["receive_concurrency 4 -> 2", "lease_ttl 15.0 -> 30.0"]
+    assert all(e["why"] == "needs a restart" for e in logs if "change" in e)
+    assert limits.settings.reconcile_interval == 20
+    assert limits.settings.receive_concurrency == 4
+    assert pool.ledger.limit == 5

@@ -280,3 +280,27 @@ async def test_limit_held_through_either_start_client(
     async with running(resources, limit=3, start_client=choice) as dispatcher:
         await verdict(resources, names, 3, within=60)
         assert dispatcher.pool.started_total == 8
+
+
+async def test_a_lease_that_lapses_while_a_start_waits_for_its_connection_stops_it() -> None:
+    """The lease is checked again once a connection is in hand (new or pooled), just before
+    the request is written: a process frozen while it connected, or while it waited for a
+    pooled connection or its credentials, sends nothing when it resumes with a lapsed
+    lease; the start was not sent (not in doubt)."""
+    arn = "arn:aws:states:us-east-1:123456789012:execution:demo:order-42"
+    ok = answer(200, {"executionArn": arn, "startDate": 1764270000.25})
+    async with server(ok) as (url, seen), thin(url) as (client, _):
+        checks = iter([True, False])  # valid before the connection, lapsed once it is made
+        client.may_send = lambda: next(checks)
+        with pytest.raises(EndpointConnectionError) as caught:
+            await client.start_execution(**KWARGS)
+        assert outcome_unknown(caught.value) is False
+        assert seen == []
+        client.may_send = lambda: True
+        await client.start_execution(**KWARGS)  # leaves a connection in the pool
+        assert len(seen) == 1
+        checks = iter([True, False])  # lapsed while it waited for the pooled connection
+        client.may_send = lambda: next(checks)
+        with pytest.raises(EndpointConnectionError):
+            await client.start_execution(**KWARGS)
+        assert len(seen) == 1
