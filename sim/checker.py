@@ -11,9 +11,8 @@
    killed before it could act; such a move settles the request, as SQS's own doing);
    ``bad_request_started``: an execution for a request the harness marked bad.
 4. ``early_delete``: a request message deleted before its execution existed, or before
-   its dead-letter copy was sent;
-   ``dead_lettered_running``: a request dead-lettered as ``receive_limit`` (whose detail
-   invites a redrive to run it) although its execution had started by then.
+   its dead-letter copy was sent (a dead letter of a request whose execution ran:
+   ``dead_letter_ran`` in `sim.copy_rules`).
 5-8. Parent workflows and their task tokens: `sim.token_rules`. A token's request whose
    parent has ended needs no execution (rules 3 and 4 let it go).
 
@@ -92,7 +91,6 @@ def check(history: History, spec: CheckSpec) -> list[Violation]:
     found += _check_one_execution(owners)
     found += _check_settled(history, owners, spec, released)
     found += _check_deletes(history, owners, spec, released)
-    found += _check_dead_lettered_running(history, owners, spec)
     dead_lettered = _dead_letter_copies(history, spec)
     for move in history.moves:
         dead_lettered.setdefault(move.message_id, move.time)
@@ -379,35 +377,6 @@ def _check_deletes(
                 "before its execution existed or its dead-letter copy was sent",
             )
         )
-    return found
-
-
-INVITES_REDRIVE = frozenset({"receive_limit"})
-"""Dead-letter reasons whose detail tells the operator to redrive the request to run it."""
-
-
-def _check_dead_lettered_running(
-    history: History, owners: _Owners, spec: CheckSpec
-) -> list[Violation]:
-    found: list[Violation] = []
-    for sent in history.dead_letter_copies(spec.dead_letter_queue):
-        if sent.attributes.get(REASON_ATTRIBUTE) not in INVITES_REDRIVE:
-            continue
-        original = sent.attributes.get(ORIGINAL_ID_ATTRIBUTE)
-        request_id = owners.request_of.get(original or "")
-        if request_id is None:
-            continue
-        started = [e for e in owners.executions[request_id] if e.first_start <= sent.time]
-        if started:
-            found.append(
-                Violation(
-                    "dead_lettered_running",
-                    sent.time,
-                    f"{sent.node} dead-lettered message {original} of request {request_id} as "
-                    f"{sent.attributes.get(REASON_ATTRIBUTE)} (redrive it to run it), but "
-                    f"its execution {started[0].name} started at {started[0].first_start:.3f}",
-                )
-            )
     return found
 
 

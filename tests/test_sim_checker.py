@@ -333,7 +333,7 @@ def test_a_request_dead_lettered_for_a_redrive_while_its_execution_runs() -> Non
     run(history, "m1", 5, 100, input=json.dumps({"request": "q1"}))
     dead_letter(history, "m1", 40, reason="receive_limit")
     delete(history, "m1", 41)
-    assert kinds(check(history, spec())) == ["dead_lettered_running"]
+    assert kinds(check(history, spec())) == ["dead_letter_ran"]
     clean = History()
     request(clean, "q1", "m1")
     dead_letter(clean, "m1", 40, reason="receive_limit")  # never ran: a redrive runs it

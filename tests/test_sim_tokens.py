@@ -322,7 +322,15 @@ def test_parents_change_only_the_seeds_that_get_them() -> None:
     with_parents = 0
     for seed in range(200):
         on, off = scenario(seed, parents=True), scenario(seed, parents=False)
-        assert dataclasses.replace(on, parents=off.parents) == off
+        # The operator scenarios that act on parents (their retries, deploys while they
+        # heartbeat, their children's redrives) come with them; nothing else changes.
+        parents_only = dataclasses.replace(
+            on.extras,
+            parent_retries=off.extras.parent_retries,
+            deploys=off.extras.deploys,
+            child_redrives=off.extras.child_redrives,
+        )
+        assert dataclasses.replace(on, parents=off.parents, extras=parents_only) == off
         assert not off.parents.parents
         with_parents += bool(on.parents.parents)
     assert 30 <= with_parents <= 90
