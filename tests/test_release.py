@@ -257,10 +257,28 @@ def test_image_is_multi_arch_and_pushed_to_ghcr() -> None:
     assert build["platforms"].split(",") == ["linux/amd64", "linux/arm64"]
     assert build["push"] is True
     assert build["tags"] == "${{ steps.meta.outputs.tags }}"
-    assert build["labels"] == "${{ steps.meta.outputs.labels }}"
+    assert build["labels"].splitlines() == [
+        "${{ steps.meta.outputs.labels }}",
+        "org.opencontainers.image.base.name=${{ steps.base.outputs.name }}",
+    ]
     meta = _step(release, "image", "docker/metadata-action")
     assert meta["id"] == "meta"
     assert meta["with"]["images"] == "ghcr.io/${{ github.repository }}"
+
+
+def test_release_builds_the_image_as_make_image_does_before_pushing() -> None:
+    """`make image` (scripts/image with docker) first, started hardened; then buildx."""
+    steps = _steps(_load(RELEASE), "image")
+    (local,) = (i for i, s in enumerate(steps) if "make image" in s.get("run", ""))
+    run = steps[local]["run"]
+    for flag in ("--read-only", "--cap-drop=ALL", "--user 10001:10001"):
+        assert flag in run, flag
+    (buildx,) = (
+        i for i, s in enumerate(steps) if s.get("uses", "").startswith("docker/setup-buildx")
+    )
+    assert local < buildx, "after setup-buildx, docker build would not load the image"
+    (base,) = (s for s in steps if s.get("id") == "base")
+    assert "scripts/image base-name" in base["run"]
 
 
 def test_image_timestamps_come_from_the_commit() -> None:
