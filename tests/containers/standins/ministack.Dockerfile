@@ -2,6 +2,7 @@
 # at the version requirements-emulator.txt pins (the image's tag follows that version), on
 # a local Debian base. Built by `scripts/image standins`; used by the container tests only.
 ARG BASE=localhost/python-base:bookworm
+# The base is a build argument (scripts/image passes the local or a registry base).
 # hadolint ignore=DL3006
 FROM ${BASE}
 ARG MINISTACK_VERSION
