@@ -5,11 +5,13 @@ EMULATOR_VENV ?= .venv-emulator
 PY := $(VENV)/bin/python
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: demo test test-fast lint format bench simulate mutate mutmut lock clean help
+.PHONY: demo test test-fast test-containers image lint format bench simulate mutate mutmut lock clean help
 
 help:
 	@echo "make demo   - sandbox + dispatcher + 200 requests, limit held, summary (DEMO_ARGS=... for more flags)"
 	@echo "make test   - the full test suite (unit + integration against the emulator)"
+	@echo "make image  - the container image sfn-dispatcher:local (docker, else podman; IMAGE=... to rename)"
+	@echo "make test-containers - the image run hardened and the compose stack, in a real engine"
 	@echo "make lint   - ruff + mypy strict"
 	@echo "make bench  - benchmarks, results in bench/results/"
 	@echo "make simulate - the deterministic simulation: 2,000 seeds, then each fixed bug put back"
@@ -50,6 +52,20 @@ test: $(VENV)/.installed $(EMULATOR_VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not integration"
+
+# The image from the Dockerfile, with docker where its daemon answers, else podman; where no
+# registry answers, on a local Debian base (scripts/image explains).
+image:
+	scripts/image build
+
+# The image run hardened against the sandbox emulator, then the compose stack for real.
+# Installs podman and docker-compose when there is no docker (root or sudo), builds the
+# image and the compose stack's stand-ins, then runs tests/containers/ in one process.
+test-containers: $(VENV)/.installed $(EMULATOR_VENV)/.installed
+	@if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1; then scripts/image install; fi
+	scripts/image build
+	scripts/image standins
+	SFN_CONTAINER_TESTS=1 $(PY) -m pytest tests/containers --durations=5
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

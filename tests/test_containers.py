@@ -24,6 +24,7 @@ from packaging.utils import canonicalize_name
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dispatcher.config import Settings
 from dispatcher.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,6 +144,69 @@ def test_stack_wiring() -> None:
     )
     for service in (provision, dispatcher, loadgen):
         assert service["build"] == "."
+
+
+STANDINS = ROOT / "tests" / "containers" / "compose.standins.yaml"
+# Variables of the image that are not settings: `sfn-dispatcher sandbox` reads this one.
+OTHER_DISPATCHER_VARIABLES = {"DISPATCHER_SANDBOX_EMULATOR"}
+
+
+def test_every_dispatcher_variable_in_compose_names_a_setting() -> None:
+    """The dispatcher ignores unknown DISPATCHER_* variables (pydantic extra="ignore"), so a
+    misspelt DISPATCHER_LIMT in compose.yaml would silently run with the default limit."""
+    for name, service in _services().items():
+        unknown = {
+            key
+            for key in service.get("environment", {})
+            if key.startswith("DISPATCHER_")
+            and key.removeprefix("DISPATCHER_").lower() not in Settings.model_fields
+            and key not in OTHER_DISPATCHER_VARIABLES
+        }
+        assert not unknown, f"{name}: {sorted(unknown)} name no dispatcher setting"
+
+
+def test_compose_interpolates_only_documented_variables() -> None:
+    text = COMPOSE.read_text(encoding="utf-8")
+    header, _, body = text.partition("\nservices:")
+    used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", body))
+    documented = set(re.findall(r"^#\s+([A-Z][A-Z0-9_]*)\s+\(default \d+\)", header, re.M))
+    assert used == documented, f"interpolated {sorted(used)}, documented {sorted(documented)}"
+
+
+def test_standin_override_replaces_only_third_party_images_at_their_pins() -> None:
+    """The container tests' override (tests/containers/) swaps images, nothing else: the
+    stack they bring up is compose.yaml's own."""
+    override = _load_yaml(STANDINS)["services"]
+    services = _services()
+    for name, service in override.items():
+        assert "build" not in services[name], f"{name} is the project's own image"
+        assert set(service) == {"image"}, f"{name}: the override changes {sorted(service)}"
+    assert "grafana" not in override  # no stand-in: the container tests leave it out
+    pin = re.search(
+        r"^ministack==(\S+)$", (ROOT / "requirements-emulator.txt").read_text(), re.MULTILINE
+    )
+    assert pin is not None
+    assert override["ministack"]["image"].endswith(f":{pin.group(1)}")
+    assert services["ministack"]["image"].endswith(f":{pin.group(1)}")
+
+
+def test_compose_config_with_the_standin_override_is_valid() -> None:
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("neither `docker compose` (v2 plugin) nor `docker-compose` is installed")
+    result = _run([*cli, "--file", str(COMPOSE), "--file", str(STANDINS), "config", "--quiet"])
+    assert result.returncode == 0, result.stderr
+
+
+def test_healthchecks_survive_podmans_docker_api() -> None:
+    """Podman's Docker-compatible API (4.x) joins a CMD healthcheck's arguments and splits
+    them again at spaces: `python -c "import a; b"` becomes `python -c import a; b`. An
+    argument with a space must go through CMD-SHELL (one string for /bin/sh -c)."""
+    for name, service in _services().items():
+        test = (service.get("healthcheck") or {}).get("test")
+        if isinstance(test, list) and test and test[0] == "CMD":
+            spaced = [word for word in test[1:] if " " in word]
+            assert not spaced, f"{name}: CMD healthcheck argument with spaces: {spaced}"
 
 
 # -- Dockerfile ----------------------------------------------------------------------------

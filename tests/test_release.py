@@ -75,8 +75,11 @@ def test_actionlint_passes_on_every_workflow() -> None:
 
 @pytest.mark.timeout(60)
 def test_hadolint_passes_on_the_dockerfile() -> None:
+    """The image's Dockerfile and the container tests' stand-ins (tests/containers/)."""
+    standins = sorted(str(p) for p in ROOT.glob("tests/containers/standins/*.Dockerfile"))
+    assert len(standins) == 2
     result = subprocess.run(
-        [_tool("hadolint"), "--no-color", "--failure-threshold", "info", "Dockerfile"],
+        [_tool("hadolint"), "--no-color", "--failure-threshold", "info", "Dockerfile", *standins],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -257,10 +260,28 @@ def test_image_is_multi_arch_and_pushed_to_ghcr() -> None:
     assert build["platforms"].split(",") == ["linux/amd64", "linux/arm64"]
     assert build["push"] is True
     assert build["tags"] == "${{ steps.meta.outputs.tags }}"
-    assert build["labels"] == "${{ steps.meta.outputs.labels }}"
+    assert build["labels"].splitlines() == [
+        "${{ steps.meta.outputs.labels }}",
+        "org.opencontainers.image.base.name=${{ steps.base.outputs.name }}",
+    ]
     meta = _step(release, "image", "docker/metadata-action")
     assert meta["id"] == "meta"
     assert meta["with"]["images"] == "ghcr.io/${{ github.repository }}"
+
+
+def test_release_builds_the_image_as_make_image_does_before_pushing() -> None:
+    """`make image` (scripts/image with docker) first, started hardened; then buildx."""
+    steps = _steps(_load(RELEASE), "image")
+    (local,) = (i for i, s in enumerate(steps) if "make image" in s.get("run", ""))
+    run = steps[local]["run"]
+    for flag in ("--read-only", "--cap-drop=ALL", "--user 10001:10001"):
+        assert flag in run, flag
+    (buildx,) = (
+        i for i, s in enumerate(steps) if s.get("uses", "").startswith("docker/setup-buildx")
+    )
+    assert local < buildx, "after setup-buildx, docker build would not load the image"
+    (base,) = (s for s in steps if s.get("id") == "base")
+    assert "scripts/image base-name" in base["run"]
 
 
 def test_image_timestamps_come_from_the_commit() -> None:
