@@ -247,7 +247,7 @@ class Starter:
             return
         if self._may_have_former_name(entry):
             try:
-                former = await self._find_former_name(entry)
+                former = await self.find_former_name(entry)
             except Exception as exc:  # noqa: BLE001 - unknown: never start on a guess
                 handling.phase = "finishing"
                 self._release(pool, reservation)
@@ -350,7 +350,7 @@ class Starter:
                 return former
         return None
 
-    async def _find_former_name(self, entry: Waiting) -> str | None:
+    async def find_former_name(self, entry: Waiting) -> str | None:
         """The ARN of the request's execution under a former name, or None: first what the
         ledger knows (the start-up listing, tombstones: free), then ``DescribeExecution`` of
         each candidate (bounded, see `former_names`). A describe that fails for another

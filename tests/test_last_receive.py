@@ -15,7 +15,7 @@ from botocore.exceptions import ReadTimeoutError
 from dispatcher.callbacks import DEAD_LETTERED, Callbacks
 from dispatcher.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
 from dispatcher.intake import Intake
-from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
+from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn, key_tag
 from tests.fake_intake import handle, intake_of
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
@@ -188,6 +188,27 @@ async def test_waiting_requests_on_their_last_receive_are_kept_at_shutdown() -> 
     await intake.starter.last_receives.settle_once()
     assert dead_letters(world) == []
     assert world.pool.ledger.running == {ARN}
+
+
+async def test_an_execution_under_a_former_name_is_found_before_dead_lettering() -> None:
+    """Kept at shutdown on its last receive; its execution ran (and ended) under the name a
+    former ``key_attribute`` gave it, not under its current one. Found, it is served as
+    that execution's, never dead-lettered as never started."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world)
+    former = world.sfn.add_execution(f"k{key_tag('t-1')}_m-1", '{"n": 1}', status="SUCCEEDED")
+    await intake.admit(intake.queues[0], last_receive(tenant="t-1"))
+    assert await intake.hand_back_waiting() == 0
+    world.clock.advance(D + GRACE)
+    await intake.starter.last_receives.settle_once()
+    assert dead_letters(world) == [], "dead-lettered although it ran under its former name"
+    world.clock.advance(D + GRACE)
+    await intake.starter.last_receives.settle_once()
+    assert len(intake.starter.last_receives) == 0
+    assert dead_letters(world) == []
+    assert world.pool.ledger.is_tombstoned(former)
+    assert world.sqs.calls_to("delete_message") or world.sqs.calls_to("delete_message_batch")
 
 
 async def test_an_idempotency_key_names_the_execution_described() -> None:
