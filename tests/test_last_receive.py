@@ -273,3 +273,24 @@ async def test_slow_describes_after_already_exists_keep_the_message_hidden() -> 
     assert len(extended) >= 2, "extended between the slow describes"
     assert set(extended) == {world.settings.visibility_timeout}
     assert world.pool.ledger.running == {ARN}
+
+
+async def test_a_dead_letter_send_failing_on_the_last_receive_is_retried_kept_hidden(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An invalid request on its last receive; the dead-letter queue refuses the copy twice.
+    Handed back, SQS's redrive policy would move it without its reason: it is kept hidden
+    and the send tried again until it goes, then the request is deleted."""
+    monkeypatch.setattr("dispatcher.deadletter.LAST_RECEIVE_MAX_PAUSE", 0.01)
+    world = world_of(limit=2)
+    intake, _ = intake_for(world)
+    world.sqs.fail("send_message", *(client_error("InternalError", 500) for _ in range(2)))
+    bad = sqs_message(
+        "not json", message_id="m-1", system={"ApproximateReceiveCount": str(MAX_RECEIVES)}
+    )
+    await handle(world, bad, intake)
+    *refused, copy = dead_letters(world)
+    assert len(refused) == 2, "tried again on the spot"
+    assert copy["MessageAttributes"][REASON_ATTRIBUTE]["StringValue"] == "invalid_json"
+    assert world.sqs.calls_to("change_message_visibility") == [], "handed back"
+    assert world.sqs.calls_to("delete_message") or world.sqs.calls_to("delete_message_batch")
