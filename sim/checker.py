@@ -96,7 +96,9 @@ def check(history: History, spec: CheckSpec) -> list[Violation]:
     dead_lettered = _dead_letter_copies(history, spec)
     for move in history.moves:
         dead_lettered.setdefault(move.message_id, move.time)
-    found += token_rules.check_tokens(history, spec, owners.executions, dead_lettered)
+    excused = _moves_out_of_reach(history)
+    out_of_reach = {m.message_id: m.time for m in history.moves if m.message_id in excused}
+    found += token_rules.check_tokens(history, spec, owners.executions, dead_lettered, out_of_reach)
     found += copy_rules.check_dead_letters(history, spec, owners.executions, owners.request_of)
     found.sort(key=lambda v: (v.time, v.kind))
     return found
