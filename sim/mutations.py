@@ -40,6 +40,8 @@ import dispatcher.starter
 from dispatcher.callbacks import Callbacks
 from dispatcher.events import Events
 from dispatcher.intake import Intake
+from dispatcher.lastreceive import LastReceives
+from dispatcher.lease import Leases
 from dispatcher.ledger import Ledger
 from dispatcher.pool import Pool
 from dispatcher.reconcile import Reconciler
@@ -231,8 +233,8 @@ CATALOGUE: tuple[Mutation, ...] = (
         "a 5xx answer may come after the start took effect",
         dispatcher.starter,
         "outcome_unknown",
-        "return status >= 500 or status == 0",
-        "return status == 0",
+        "if status >= 500 or status == 0:",
+        "if status >= 500:\n    return False\nif status == 0:",
         source=dispatcher.aws,
     ),
     _m(
@@ -358,7 +360,8 @@ CATALOGUE: tuple[Mutation, ...] = (
         "a new governor lists only D plus the start grace after its predecessor's last start",
         Dispatcher,
         "settle_seconds",
-        "return self.settings.start_timeout + self.settings.start_grace",
+        "own = self.settings.start_timeout + self.settings.start_grace\n"
+        "return own if self.lease is None else max(own, self.lease.owed)",
         "return self.settings.start_timeout",
     ),
     _m(
@@ -367,8 +370,39 @@ CATALOGUE: tuple[Mutation, ...] = (
         "a new governor waits D (a start sent lands within D) before it lists",
         Dispatcher,
         "settle_seconds",
-        "return self.settings.start_timeout + self.settings.start_grace",
+        "own = self.settings.start_timeout + self.settings.start_grace\n"
+        "return own if self.lease is None else max(own, self.lease.owed)",
         "return self.settings.start_grace",
+    ),
+    _m(
+        "takeover-ignores-recorded-wait",
+        "take-over wait",
+        "a new lease holder waits the longer of its own D + grace and its predecessor's, "
+        "as the lease records them",
+        Dispatcher,
+        "settle_seconds",
+        "return own if self.lease is None else max(own, self.lease.owed)",
+        "return own",
+    ),
+    _m(
+        "lease-leads-with-some",
+        "take-over wait",
+        "a process leads only while it holds the lease of every state machine it governs",
+        Leases,
+        "valid",
+        "return all(lease.valid() for lease in self.items)",
+        "return any(lease.valid() for lease in self.items)",
+        also=(
+            Edit(
+                Leases,
+                "try_acquire",
+                "if not await lease.try_acquire():\n"
+                '    await self._give_back(taken, why=f"{lease.config.pool} is held by another")\n'
+                "    return False",
+                "if not await lease.try_acquire():\n    continue",
+            ),
+        ),
+        reach="for lease in self.items:\n    if not await lease.try_acquire():",
     ),
     # -- tombstones and redrive counts ------------------------------------------------------
     _m(
@@ -513,6 +547,56 @@ CATALOGUE: tuple[Mutation, ...] = (
         Callbacks,
         "_orphaned",
         "if self._waiters(arn, gone):",
+        "if False:",
+    ),
+    # -- dead-lettering while in doubt -------------------------------------------------------
+    _m(
+        "last-receive-dead-lettered-at-once",
+        "dead-lettering while in doubt",
+        "a request on its last receive whose execution may exist is kept until a describe "
+        "settles it, not dead-lettered",
+        Starter,
+        "_hand_back",
+        "self.last_receives.keep(entry, why, exists=exists)\nreturn",
+        "await self.dead_letter(\n"
+        '    entry.queue, entry.pool.name, entry.message, "receive_limit", "maxReceiveCount"\n'
+        ")\nreturn",
+    ),
+    _m(
+        "last-receive-describe-failure-means-missing",
+        "dead-lettering while in doubt",
+        "only 'does not exist' (not a failed describe) lets a kept request be dead-lettered",
+        LastReceives,
+        "_settle",
+        'if error_code(exc) == "ExecutionDoesNotExist" and not kept.exists:',
+        "if not kept.exists:",
+    ),
+    _m(
+        "last-receive-existing-then-missing",
+        "dead-lettering while in doubt",
+        "a request AWS said exists is never dead-lettered on a lagging 'does not exist'",
+        LastReceives,
+        "_settle",
+        'if error_code(exc) == "ExecutionDoesNotExist" and not kept.exists:',
+        'if error_code(exc) == "ExecutionDoesNotExist":',
+    ),
+    _m(
+        "last-receive-missing-without-grace",
+        "dead-lettering while in doubt",
+        "'does not exist' proves a kept request never started only D + grace after it was kept",
+        LastReceives,
+        "_settle",
+        "if now >= kept.not_before and await self._never_started(kept, now):",
+        "if await self._never_started(kept, now):",
+    ),
+    _m(
+        "last-receive-ignores-evidence",
+        "dead-lettering while in doubt",
+        "a kept request is not dead-lettered while a status event or listing says it runs",
+        LastReceives,
+        "_never_started",
+        "if ledger.holds(kept.arn) or ledger.is_tombstoned(kept.arn) or kept.arn in "
+        "ledger.in_doubt:",
         "if False:",
     ),
     # -- name derivation ---------------------------------------------------------------------

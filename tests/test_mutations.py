@@ -55,6 +55,8 @@ KINDS = {
     "token answer and deletion",
     "orphan checks",
     "name derivation",
+    "dead-lettering while in doubt",
+    "redrive identity",
 }
 
 
