@@ -389,20 +389,21 @@ CATALOGUE: tuple[Mutation, ...] = (
         "take-over wait",
         "a process leads only while it holds the lease of every state machine it governs",
         Leases,
-        "valid",
-        "return all(lease.valid() for lease in self.items)",
-        "return any(lease.valid() for lease in self.items)",
+        "try_acquire",
+        "if not await lease.try_acquire():\n"
+        '    await self._give_back(taken, why=f"{lease.config.pool} is held by another")\n'
+        "    return False",
+        "if not await lease.try_acquire():\n    continue",
+        reach="if not await lease.try_acquire():\n"
+        '    await self._give_back(taken, why=f"{lease.config.pool} is held by another")',
         also=(
             Edit(
                 Leases,
-                "try_acquire",
-                "if not await lease.try_acquire():\n"
-                '    await self._give_back(taken, why=f"{lease.config.pool} is held by another")\n'
-                "    return False",
-                "if not await lease.try_acquire():\n    continue",
+                "valid",
+                "return all(lease.valid() for lease in self.items)",
+                "return any(lease.valid() for lease in self.items)",
             ),
         ),
-        reach="for lease in self.items:\n    if not await lease.try_acquire():",
     ),
     # -- tombstones and redrive counts ------------------------------------------------------
     _m(
