@@ -863,3 +863,41 @@ def report(found: Matrix, out: Path | None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return 0 if not missed else 1
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The kill matrix of a ``--json`` summary as the README's table (between its
+    ``kill-matrix`` markers): mutation, class, first seed that caught it, violation."""
+    rows = [
+        "| mutation | class | first seed | violation |",
+        "|---|---|---|---|",
+    ]
+    for name, result in summary["matrix"].items():
+        seed = result["caught_at_seed"]
+        caught = "not caught" if seed is None else str(seed)
+        kinds = ", ".join(f"`{v}`" for v in result["violations"]) or "-"
+        rows.append(f"| `{name}` | {result['kind']} | {caught} | {kinds} |")
+    return "\n".join(rows) + "\n"
+
+
+README_MARKERS = ("<!-- kill-matrix:begin -->\n", "<!-- kill-matrix:end -->")
+"""Where the README keeps the table `markdown` makes (``python -m sim.mutations``)."""
+
+
+def update_readme(readme: Path, results: Path) -> bool:
+    """Write the table of ``results`` between the README's markers; whether it changed."""
+    begin, end = README_MARKERS
+    text = readme.read_text(encoding="utf-8")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    table = markdown(json.loads(results.read_text(encoding="utf-8")))
+    new = head + begin + table + end + tail
+    if new == text:
+        return False
+    readme.write_text(new, encoding="utf-8")
+    return True
+
+
+if __name__ == "__main__":  # python -m sim.mutations: the README's table from the results
+    changed = update_readme(Path("README.md"), Path("sim/results/mutations.json"))
+    print("README.md updated" if changed else "README.md already up to date")
