@@ -504,6 +504,16 @@ CATALOGUE: tuple[Mutation, ...] = (
         "await self._release(held)\nreturn False",
     ),
     _m(
+        "held-token-forgets-earlier-handles",
+        "token answer and deletion",
+        "a held token's message received twice keeps every receipt handle: each is extended, "
+        "and deleted once the parent was answered",
+        Callbacks,
+        "hold",
+        "held.earlier.append((held.queue, held.receipt_handle))",
+        "pass",
+    ),
+    _m(
         "answer-from-reopened-child",
         "token answer and deletion",
         "a parent is answered only with its child's final result (not a run a redrive reopened)",
@@ -644,8 +654,16 @@ CATALOGUE: tuple[Mutation, ...] = (
         "configuration gave it",
         Starter,
         "_may_have_former_name",
-        'if REQUEST_ID_ATTRIBUTE in (message.get("MessageAttributes") or {}):',
-        'return False\nif REQUEST_ID_ATTRIBUTE in (message.get("MessageAttributes") or {}):',
+        'attributes = message.get("MessageAttributes") or {}',
+        "return False",
+        also=(
+            Edit(
+                Starter,
+                "_former_name_held",
+                "for name in names:",
+                "for name in ():",
+            ),
+        ),
     ),
     _m(
         "name-without-key-tag",
