@@ -28,8 +28,10 @@ has parents; see `sim.checker` for the rest).
    ``answer_slack`` seconds before, nor a status the child never ended with (RUNNING).
 8. ``early_token_delete``: a token's request message is deleted only after the token was
    answered or its parent ended, never before.
-   ``stopped_waited_child``: a dispatcher stops a child only when its parent no longer
-   waits for it.
+   ``stopped_waited_child``: a dispatcher stops a child only when no parent whose token a
+   dispatcher could know of waits for it: a token whose request message no dispatcher had
+   received by the stop (a parent's retry still in the backlog) is not judged; it finds
+   the child aborted, as docs/task-tokens.md says.
 
 At most one execution per item is rule 2 (each item is a request of its own).
 """
@@ -376,6 +378,10 @@ def _check_stops(history: History, children: Mapping[str, list[Execution]]) -> l
     for issued in log.issued.values():
         for execution in children.get(issued.request_id, []):
             tokens_of.setdefault(execution.arn, []).append(issued)
+    received: dict[str, float] = {}  # message id -> its first receive
+    for receive in history.receives:
+        for message_id, _ in receive.messages:
+            received.setdefault(message_id, receive.time)
     found: list[Violation] = []
     for stop in log.stops:
         if stop.node == OUTSIDE:
@@ -385,6 +391,7 @@ def _check_stops(history: History, children: Mapping[str, list[Execution]]) -> l
             for issued in tokens_of.get(stop.arn, [])
             if _waits(log.answer_of(issued.token), stop.time)
             and not log.parents[issued.parent_arn].closed_by(stop.time)
+            and received.get(issued.message_id, math.inf) <= stop.time
         ]
         if waited or stop.arn not in tokens_of:
             whom = ", ".join(f"{short_parent(i)} item {i.index}" for i in waited)

@@ -304,6 +304,7 @@ def test_a_delete_before_the_answer_is_caught() -> None:
 def test_stopping_a_child_its_parent_waits_for_is_caught() -> None:
     history = History()
     [token] = parent(history)
+    history.messages_received(0.5, "d1", QUEUE, [("m0", 1)])
     arn = child(history, 0, 1, None)
     history.tokens.child_stopped(3, "d1", arn, "Dispatcher.ParentGone", "gone")
     history.execution_ended(3, arn, "ABORTED", error="Dispatcher.ParentGone")
@@ -311,6 +312,18 @@ def test_stopping_a_child_its_parent_waits_for_is_caught() -> None:
     end(history, 3.5, "FAILED")
     delete(history, "m0", 3.6)
     assert kinds(check(history, spec())) == ["stopped_waited_child"]
+    # A token no dispatcher had received by the stop (a retry still in the backlog) cannot
+    # be known: it finds the child aborted, as documented.
+    history = History()
+    [token] = parent(history)
+    arn = child(history, 0, 1, None)
+    history.tokens.child_stopped(3, "d1", arn, "Dispatcher.ParentGone", "gone")
+    history.execution_ended(3, arn, "ABORTED", error="Dispatcher.ParentGone")
+    history.messages_received(3.2, "d1", QUEUE, [("m0", 1)])
+    fail(history, token, 3.5, "Dispatcher.ChildAborted")
+    end(history, 3.5, "FAILED")
+    delete(history, "m0", 3.6)
+    assert check(history, spec()) == []
     # Stopped after its parent ended: fine.
     history = History()
     [token] = parent(history)
