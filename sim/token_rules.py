@@ -10,7 +10,9 @@ has parents; see `sim.checker` for the rest).
    ``States.HeartbeatTimeout`` although the child of the expired token had run for
    ``heartbeat_every`` seconds (a heartbeat interval and some slack) counted from
    ``heartbeat_grace`` after the faults stopped: a token whose child runs is heartbeated.
-   (A token still in the queue cannot be: HeartbeatSeconds must cover the queueing.)
+   (A token still in the queue cannot be: HeartbeatSeconds must cover the queueing. So
+   both heartbeat rules judge a token only from its request message's first receive: a
+   parent's retry whose child was started for another token is unknown until then.)
    ``heartbeat_gap`` (when ``CheckSpec.heartbeat_restart_gap`` is set): from
    ``heartbeat_grace`` after the faults stopped, while a token's child runs and its parent
    waits, its accepted heartbeats are never further apart than ``heartbeat_every``, or
@@ -110,6 +112,7 @@ def check_tokens(
     if not log.parents:
         return []
     found: list[Violation] = []
+    received = first_receives(history)
     deleted: dict[str, list[float]] = {}
     for delete in history.effective_deletes():
         if delete.queue_url in spec.request_queues:
@@ -130,8 +133,8 @@ def check_tokens(
                     + " unanswered",
                 )
             )
-        found += _check_heartbeats(parent, log.issued, children, spec)
-        found += _check_heartbeat_gaps(history, parent, children, spec)
+        found += _check_heartbeats(parent, log.issued, children, spec, received)
+        found += _check_heartbeat_gaps(history, parent, children, spec, received)
         for issued in parent.tokens:
             answer = log.answer_of(issued.token)
             if answer is not None:
@@ -160,11 +163,23 @@ def _waits(answer: TokenCall | None, t: float) -> bool:
 # -- rule 5: no parent waits forever --------------------------------------------------------
 
 
+def first_receives(history: History) -> dict[str, float]:
+    """Message id -> when a dispatcher first received it: before that, no dispatcher could
+    know of the token it carries (a parent's retry in the backlog, its child started for
+    another token): it is not heartbeated, and its child may be stopped."""
+    received: dict[str, float] = {}
+    for receive in history.receives:
+        for message_id, _ in receive.messages:
+            received.setdefault(message_id, receive.time)
+    return received
+
+
 def _check_heartbeats(
     parent: Parent,
     issued: Mapping[str, IssuedToken],
     children: Mapping[str, list[Execution]],
     spec: CheckSpec,
+    received: Mapping[str, float],
 ) -> list[Violation]:
     every, expired, ended = spec.heartbeat_every, parent.expired, parent.ended
     if every is None or expired is None or ended is None:
@@ -173,7 +188,12 @@ def _check_heartbeats(
     settled = spec.quiet_at + spec.heartbeat_grace  # faults, and the recovery from them
     for execution in children.get(token.request_id, []):
         for run in execution.runs:
-            since = max(run.start, settled, ended - (parent.heartbeat_seconds or 0.0))
+            since = max(
+                run.start,
+                settled,
+                ended - (parent.heartbeat_seconds or 0.0),
+                received.get(token.message_id, math.inf),
+            )
             if ended - since >= every and (run.stop is None or run.stop >= ended):
                 return [
                     Violation(
@@ -195,7 +215,11 @@ def _restarts(history: History) -> list[tuple[float, bool]]:
 
 
 def _check_heartbeat_gaps(
-    history: History, parent: Parent, children: Mapping[str, list[Execution]], spec: CheckSpec
+    history: History,
+    parent: Parent,
+    children: Mapping[str, list[Execution]],
+    spec: CheckSpec,
+    received: Mapping[str, float],
 ) -> list[Violation]:
     every, restart, deploy = (
         spec.heartbeat_every,
@@ -218,7 +242,8 @@ def _check_heartbeat_gaps(
         for execution in children.get(issued.request_id, [])[:1]:
             run = execution.runs[0]
             ends = [t for t in (run.stop, parent.ended, answer.time if answer else None) if t]
-            begin, end = max(run.start, settled), min(ends, default=math.inf)
+            known = received.get(issued.message_id, math.inf)
+            begin, end = max(run.start, settled, known), min(ends, default=math.inf)
             if end == math.inf:
                 end = history.end
             if end <= begin:
@@ -378,10 +403,7 @@ def _check_stops(history: History, children: Mapping[str, list[Execution]]) -> l
     for issued in log.issued.values():
         for execution in children.get(issued.request_id, []):
             tokens_of.setdefault(execution.arn, []).append(issued)
-    received: dict[str, float] = {}  # message id -> its first receive
-    for receive in history.receives:
-        for message_id, _ in receive.messages:
-            received.setdefault(message_id, receive.time)
+    received = first_receives(history)
     found: list[Violation] = []
     for stop in log.stops:
         if stop.node == OUTSIDE:

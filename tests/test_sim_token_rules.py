@@ -172,6 +172,7 @@ def test_a_message_never_let_go_is_caught() -> None:
 def test_a_heartbeat_lapse_after_the_faults_is_caught() -> None:
     history = History()
     parent(history, heartbeat=300.0)
+    history.messages_received(240, "d1", QUEUE, [("m0", 1)])
     child(history, 0, 250, None)  # runs on
     end(history, 400, "FAILED", error="States.HeartbeatTimeout", expired="tok0")
     delete(history, "m0", 401)
@@ -183,6 +184,15 @@ def test_a_heartbeat_lapse_after_the_faults_is_caught() -> None:
     assert (violation.kind, violation.time) == ("heartbeat_lapse", 400)
     assert "p-0" in violation.message
     assert "250.000" in violation.message
+    # A token whose message no dispatcher had received (a retry in the backlog while the
+    # child started for another token runs) is judged from its receive only.
+    late = History()
+    parent(late, heartbeat=300.0)
+    child(late, 0, 250, None)
+    late.messages_received(350, "d1", QUEUE, [("m0", 1)])
+    end(late, 400, "FAILED", error="States.HeartbeatTimeout", expired="tok0")
+    delete(late, "m0", 401)
+    assert check(late, spec(**judged, heartbeat_grace=50.0)) == []  # 50 s from 350
 
 
 # -- rules 6 and 7: the right answer, after the child ended ---------------------------------------
