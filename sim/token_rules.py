@@ -82,6 +82,21 @@ def released(history: History) -> dict[str, float]:
     }
 
 
+def all_parents_ended(history: History) -> dict[str, float]:
+    """Request id -> when the last parent of its tokens ended (answered or not), for a
+    request every such parent has ended: a copy received after that (a redrive of its dead
+    letter) finds no parent waiting and is dropped unstarted, as documented."""
+    ends: dict[str, list[float | None]] = {}
+    for parent in history.tokens.parents.values():
+        for issued in parent.tokens:
+            ends.setdefault(issued.request_id, []).append(parent.ended)
+    return {
+        request_id: max(t for t in times if t is not None)
+        for request_id, times in ends.items()
+        if all(t is not None for t in times)
+    }
+
+
 def released_messages(history: History) -> dict[str, float]:
     """Message id of a token never answered -> when its parent ended (its message may be
     deleted since, whatever other tokens of the same request wait for)."""

@@ -8,7 +8,17 @@ import json
 from sim.checker import check
 from sim.history import History
 from sim.token_log import FAILURE, SUCCESS, IssuedToken
-from tests.test_sim_checker import DLQ, MACHINE, QUEUE, delete, execution_arn, kinds, request, spec
+from tests.test_sim_checker import (
+    DLQ,
+    MACHINE,
+    QUEUE,
+    dead_letter,
+    delete,
+    execution_arn,
+    kinds,
+    request,
+    spec,
+)
 
 PARENT = "arn:aws:states:eu-west-1:123456789012:execution:parents:p"
 OUTPUT = '{"req": "p-0", "done": true}'
@@ -366,3 +376,33 @@ def test_tokens_issued_are_recorded_in_item_order() -> None:
     assert [t.index for t in issued] == [0, 1, 2]
     assert history.tokens.label("tok2") == "token p#2"
     assert history.tokens.label("unknown-token-xyz") == "token unknown-toke..."
+
+
+def _redriven_after_the_answer(received: float) -> History:
+    """Item 0 dead-lettered and its parent failed at 5; a copy of the request (a redrive of
+    its dead letter) is received at ``received`` and deleted unstarted at 20."""
+    history = History()
+    [token] = parent(history)
+    history.messages_received(1, "d1", QUEUE, [("m0", 1)])
+    dead_letter(history, "m0", 4, reason="receive_limit")
+    fail(history, token, 5, "Dispatcher.DeadLettered")
+    end(history, 5, "FAILED")
+    delete(history, "m0", 5.5)
+    request(history, "p-0", "m0-copy", at=8, attributes={"idempotency-key": "p-0"})
+    history.messages_received(received, "d1", QUEUE, [("m0-copy", 1)])
+    delete(history, "m0-copy", 20)
+    return history
+
+
+def test_a_copy_received_after_every_parent_ended_may_be_dropped() -> None:
+    """Its parent gone, a request not started is dropped unstarted (docs/task-tokens.md):
+    a redriven copy received after every parent of the request ended is not early_delete."""
+    assert "early_delete" not in kinds(check(_redriven_after_the_answer(10), spec()))
+    # Received while a parent still waited, the same delete is judged as any request's.
+    history = History()
+    [token] = parent(history)
+    history.messages_received(1, "d1", QUEUE, [("m0", 1)])
+    delete(history, "m0", 3)
+    fail(history, token, 5, "Dispatcher.DeadLettered")
+    end(history, 5, "FAILED")
+    assert "early_delete" in kinds(check(history, spec()))
