@@ -38,6 +38,10 @@ from dispatcher.config import Settings
 from dispatcher.metrics import Metrics
 from dispatcher.requests import execution_arn
 
+FIRST_RECEIVE_SKEW = 5.0
+"""Seconds of clock difference allowed between this host and SQS when telling whether a
+message was first received before this reign began (as the starter's)."""
+
 if TYPE_CHECKING:
     from dispatcher.pool import Pool
     from dispatcher.queues import RequestQueue
@@ -110,6 +114,9 @@ class Held:
     receipt_handle: str
     hidden_since: float
     bound: Any
+    before_reign: bool = True
+    """Whether its message may have been received before this reign (a predecessor may
+    have started the child for it); False: first received in this reign."""
     earlier: list[tuple[RequestQueue, str]] = field(default_factory=list)
     """Other receipt handles of the token's message still in flight: SQS delivered it
     again (a duplicate copy) while the first was held. Each is kept hidden and deleted
@@ -151,14 +158,27 @@ class Callbacks:
         self.starting: Callable[[str], bool] = lambda _arn: False
         """Whether a request for this child is being started now (the service points this
         at the starter): its token will wait on the child too."""
+        self.reign_began = math.inf
+        """When this reign began, wall-clock like SQS's timestamps (the service sets it)."""
+        self._ours: set[str] = set()  # children started in this reign
+        self._starter_gone: set[str] = set()  # adopted children a former token let go of
 
     # -- what the rest of the dispatcher tells -------------------------------------------
 
     def hold(
-        self, pool: Pool, *, queue: RequestQueue, token: str, arn: str, receipt: str, bound: Any
+        self,
+        pool: Pool,
+        *,
+        queue: RequestQueue,
+        token: str,
+        arn: str,
+        receipt: str,
+        bound: Any,
+        message: Mapping[str, Any] | None = None,
     ) -> None:
-        """The child of a request carrying ``token`` runs (started, or adopted): answer the
-        parent when it ends. Its message stays in flight until then."""
+        """The child of a request carrying ``token`` (received as ``message``) runs
+        (started, or adopted): answer the parent when it ends. Its message stays in flight
+        until then."""
         tokens = self._held.setdefault(arn, [])
         for held in tokens:
             if held.token == token:  # received again: a copy, or SQS's 12 h visibility cap
@@ -167,6 +187,7 @@ class Callbacks:
                 held.queue, held.receipt_handle, held.hidden_since = queue, receipt, self.clock()
                 return
         held = Held(token, arn, pool, queue, receipt, self.clock(), bound)
+        held.before_reign = self.before_reign(message)
         tokens.append(held)
         self._gauge(pool)
         bound.info("dispatcher.token_held", child_arn=arn)
@@ -180,9 +201,25 @@ class Callbacks:
         if entry.request.task_token is not None:
             self._beat_soon(entry.request.task_token, entry.pool, entry.bound)
 
+    def started(self, arn: str) -> None:
+        """This reign started child ``arn``: it knows every token it started it for."""
+        self._ours.add(arn)
+
+    def before_reign(self, message: Mapping[str, Any] | None) -> bool:
+        """Whether ``message`` may have been received before this reign began (unknown:
+        True), so that a predecessor may have started a child for it."""
+        system = (message or {}).get("Attributes") or {}
+        try:
+            first = int(system["ApproximateFirstReceiveTimestamp"]) / 1000
+        except (KeyError, ValueError):
+            return True
+        return first < self.reign_began + FIRST_RECEIVE_SKEW
+
     def ended(self, arn: str, status: str, result: Mapping[str, Any] | None) -> None:
         """A child ended (a status event, or a describe): answer its parents (idempotent;
         ``status`` and ``result`` may be empty: the child is described)."""
+        self._ours.discard(arn)
+        self._starter_gone.discard(arn)
         if arn in self._held:
             self._due[arn] = (status, result)
             self._wake.set()
@@ -414,7 +451,8 @@ class Callbacks:
         for arn in [a for a, hs in self._held.items() if any(h.token in gone for h in hs)]:
             leaving = [h for h in self._held.get(arn, []) if h.token in gone]
             if leaving:
-                await self._orphaned(arn, leaving[0].pool, leaving[0].bound, gone)
+                former = any(h.before_reign for h in leaving)
+                await self._orphaned(arn, leaving[0].pool, leaving[0].bound, gone, former)
                 for held in leaving:
                     await self._release(held)
         for pool in self.pools.values():
@@ -427,7 +465,8 @@ class Callbacks:
                     continue
                 pool.update()
                 if pool.ledger.holds(arn):  # its child runs (started before a restart)
-                    await self._orphaned(arn, pool, entry.bound, gone)
+                    former = self.before_reign(entry.message)
+                    await self._orphaned(arn, pool, entry.bound, gone, former)
                 else:  # never started: dropped
                     self.metrics.orphans.labels(pool=pool.name, action="dropped").inc()
                     entry.bound.info("dispatcher.request_dropped", why="parent gone")
@@ -446,13 +485,24 @@ class Callbacks:
             )
         return count + int(self.starting(arn))
 
-    async def _orphaned(self, arn: str, pool: Pool, bound: Any, gone: set[str]) -> None:
+    async def _orphaned(
+        self, arn: str, pool: Pool, bound: Any, gone: set[str], former: bool
+    ) -> None:
         """A parent of running child ``arn`` stopped waiting. Another token may still wait on
         the same child (a parent's retry with the same key): then the child is kept for it.
-        Otherwise it is orphaned: stopped if so configured, else left to run."""
+        A child a predecessor started is kept too while only tokens first received in this
+        reign let go of it (``former`` False): it was started for another request, which
+        may be back in the queue, handed back at the restart. Otherwise it is orphaned:
+        stopped if so configured, else left to run."""
+        if former and arn not in self._ours:
+            self._starter_gone.add(arn)
         if self._waiters(arn, gone):
             bound.info("dispatcher.parent_gone", child_arn=arn, child="awaited by another token")
             return
+        if arn not in self._ours and arn not in self._starter_gone:
+            bound.info("dispatcher.parent_gone", child_arn=arn, child="started for another request")
+            return
+        self._starter_gone.discard(arn)
         action = "left"
         if self.settings.stop_orphaned_children:
             try:

@@ -42,6 +42,7 @@ from dispatcher.rate import RateLimiters
 from dispatcher.requests import (
     PARENT_ATTRIBUTE,
     BadRequest,
+    execution_arn,
     key_tag,
     keyed,
     parse,
@@ -335,9 +336,14 @@ class Intake:
             bound.bind(pool=pool.name, execution_name=request.name),
         )
         # A request a free slot is waiting for gets in even when the room is full; so does
-        # one on its last receive (deferred, SQS would move it away without a reason).
+        # one on its last receive (deferred, SQS would move it away without a reason), and
+        # a parent's token for a child that runs (a retry with the same key): deferred, its
+        # parent would get no heartbeat, and the child could be stopped as an orphan.
         can_start_now = pool.key_ok(key) and pool.ledger.free > pool.room.startable(pool.key_ok)
-        beyond = can_start_now or queue.is_last_receive(message)
+        awaits_running = request.task_token is not None and pool.ledger.holds(
+            execution_arn(pool.state_machine_arn, request.name)
+        )
+        beyond = can_start_now or queue.is_last_receive(message) or awaits_running
         if pool.room.offer(entry, priority=queue.priority, key=key, beyond_capacity=beyond):
             self._waiting_from[queue.url, pool.name] += 1
             pool.update()

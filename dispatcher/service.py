@@ -330,6 +330,7 @@ class Dispatcher:
             if isinstance(clients.starts, ThinStarts):
                 clients.starts.may_send = lease.valid  # checked again just before it leaves
         self.callbacks = Callbacks(settings, clients, self.metrics, self.pools, self.clock)
+        self.callbacks.reign_began = self.intake.starter.reign_began
         self.intake.starter.callbacks = self.callbacks
         self.callbacks.starting = self.intake.starter.starting
         for pool in self.pools.values():

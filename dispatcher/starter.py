@@ -29,7 +29,7 @@ from dispatcher.aws import (
     is_retryable,
     outcome_unknown,
 )
-from dispatcher.callbacks import BAD_REQUEST, DEAD_LETTERED, Callbacks
+from dispatcher.callbacks import BAD_REQUEST, DEAD_LETTERED, FIRST_RECEIVE_SKEW, Callbacks
 from dispatcher.config import Settings
 from dispatcher.deadletter import DEFAULT_MAX_SIZE, DeadLetterQueue
 from dispatcher.health import Health
@@ -49,10 +49,6 @@ from dispatcher.requests import (
 )
 
 log = structlog.get_logger("dispatcher.intake")
-
-FIRST_RECEIVE_SKEW = 5.0
-"""Seconds of clock difference allowed between this host and SQS when telling whether a
-message was first received before this process began to govern (see `Starter.reign_began`)."""
 
 
 MAX_UNANSWERED = 10_000
@@ -299,7 +295,7 @@ class Starter:
                 max(0.0, time.time() - request.sent_at)
             )
         bound.info("dispatcher.execution_started", execution_arn=arn, attempts=attempts)
-        await self._settled(entry, arn)
+        await self._settled(entry, arn, started=True)
 
     def _may_have_former_name(self, entry: Waiting) -> bool:
         """Whether the request may have started under a name a former configuration gave
@@ -381,10 +377,13 @@ class Starter:
             return arn
         return None
 
-    async def _settled(self, entry: Waiting, arn: str) -> None:
-        """The request's execution runs: delete its message - unless a parent waits for
-        the child (task token): then the message is kept until the parent was answered."""
+    async def _settled(self, entry: Waiting, arn: str, *, started: bool = False) -> None:
+        """The request's execution runs (``started`` by this reign, or found): delete its
+        message - unless a parent waits for the child (task token): then the message is
+        kept until the parent was answered."""
         request = entry.request
+        if started and self.callbacks is not None:
+            self.callbacks.started(arn)
         if request.task_token is not None and self.callbacks is not None:
             self.callbacks.hold(
                 entry.pool,
@@ -393,6 +392,7 @@ class Starter:
                 arn=arn,
                 receipt=request.receipt_handle,
                 bound=entry.bound,
+                message=entry.message,
             )
             return
         await entry.queue.delete(request.receipt_handle, entry.bound)
@@ -604,6 +604,8 @@ class Starter:
             pool.started_total += 1
             self.metrics.starts.labels(pool=pool.name, outcome="started").inc()
             bound.info("dispatcher.execution_started", execution_arn=arn, status=status)
+            if self.callbacks is not None and status == "RUNNING":
+                self.callbacks.started(arn)
         else:
             self.stats.duplicates += 1
             self.metrics.starts.labels(pool=pool.name, outcome="duplicate").inc()

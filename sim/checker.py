@@ -411,6 +411,8 @@ def _check_deletes(
 ) -> list[Violation]:
     copies = _dead_letter_copies(history, spec)
     let_go = token_rules.released_messages(history)
+    gone = token_rules.all_parents_ended(history)
+    received = token_rules.first_receives(history)
     found: list[Violation] = []
     for delete in history.effective_deletes():
         if delete.queue_url not in spec.request_queues:
@@ -420,6 +422,8 @@ def _check_deletes(
             continue
         if let_go.get(delete.message_id, math.inf) <= delete.time:
             continue  # its token's parent ended (another parent may wait on the request)
+        if gone.get(request_id, math.inf) <= received.get(delete.message_id, -math.inf):
+            continue  # received after every parent ended (a redriven copy): dropped
         started = [e for e in owners.executions[request_id] if e.first_start <= delete.time]
         copied = copies.get(delete.message_id)
         if started or (copied is not None and copied <= delete.time):

@@ -10,7 +10,9 @@ has parents; see `sim.checker` for the rest).
    ``States.HeartbeatTimeout`` although the child of the expired token had run for
    ``heartbeat_every`` seconds (a heartbeat interval and some slack) counted from
    ``heartbeat_grace`` after the faults stopped: a token whose child runs is heartbeated.
-   (A token still in the queue cannot be: HeartbeatSeconds must cover the queueing.)
+   (A token still in the queue cannot be: HeartbeatSeconds must cover the queueing. So
+   both heartbeat rules judge a token only from its request message's first receive: a
+   parent's retry whose child was started for another token is unknown until then.)
    ``heartbeat_gap`` (when ``CheckSpec.heartbeat_restart_gap`` is set): from
    ``heartbeat_grace`` after the faults stopped, while a token's child runs and its parent
    waits, its accepted heartbeats are never further apart than ``heartbeat_every``, or
@@ -28,8 +30,10 @@ has parents; see `sim.checker` for the rest).
    ``answer_slack`` seconds before, nor a status the child never ended with (RUNNING).
 8. ``early_token_delete``: a token's request message is deleted only after the token was
    answered or its parent ended, never before.
-   ``stopped_waited_child``: a dispatcher stops a child only when its parent no longer
-   waits for it.
+   ``stopped_waited_child``: a dispatcher stops a child only when no parent whose token a
+   dispatcher could know of waits for it: a token whose request message no dispatcher had
+   received by the stop (a parent's retry still in the backlog) is not judged; it finds
+   the child aborted, as docs/task-tokens.md says.
 
 At most one execution per item is rule 2 (each item is a request of its own).
 """
@@ -78,6 +82,21 @@ def released(history: History) -> dict[str, float]:
     }
 
 
+def all_parents_ended(history: History) -> dict[str, float]:
+    """Request id -> when the last parent of its tokens ended (answered or not), for a
+    request every such parent has ended: a copy received after that (a redrive of its dead
+    letter) finds no parent waiting and is dropped unstarted, as documented."""
+    ends: dict[str, list[float | None]] = {}
+    for parent in history.tokens.parents.values():
+        for issued in parent.tokens:
+            ends.setdefault(issued.request_id, []).append(parent.ended)
+    return {
+        request_id: max(t for t in times if t is not None)
+        for request_id, times in ends.items()
+        if all(t is not None for t in times)
+    }
+
+
 def released_messages(history: History) -> dict[str, float]:
     """Message id of a token never answered -> when its parent ended (its message may be
     deleted since, whatever other tokens of the same request wait for)."""
@@ -108,6 +127,7 @@ def check_tokens(
     if not log.parents:
         return []
     found: list[Violation] = []
+    received = first_receives(history)
     deleted: dict[str, list[float]] = {}
     for delete in history.effective_deletes():
         if delete.queue_url in spec.request_queues:
@@ -128,8 +148,8 @@ def check_tokens(
                     + " unanswered",
                 )
             )
-        found += _check_heartbeats(parent, log.issued, children, spec)
-        found += _check_heartbeat_gaps(history, parent, children, spec)
+        found += _check_heartbeats(parent, log.issued, children, spec, received)
+        found += _check_heartbeat_gaps(history, parent, children, spec, received)
         for issued in parent.tokens:
             answer = log.answer_of(issued.token)
             if answer is not None:
@@ -158,11 +178,23 @@ def _waits(answer: TokenCall | None, t: float) -> bool:
 # -- rule 5: no parent waits forever --------------------------------------------------------
 
 
+def first_receives(history: History) -> dict[str, float]:
+    """Message id -> when a dispatcher first received it: before that, no dispatcher could
+    know of the token it carries (a parent's retry in the backlog, its child started for
+    another token): it is not heartbeated, and its child may be stopped."""
+    received: dict[str, float] = {}
+    for receive in history.receives:
+        for message_id, _ in receive.messages:
+            received.setdefault(message_id, receive.time)
+    return received
+
+
 def _check_heartbeats(
     parent: Parent,
     issued: Mapping[str, IssuedToken],
     children: Mapping[str, list[Execution]],
     spec: CheckSpec,
+    received: Mapping[str, float],
 ) -> list[Violation]:
     every, expired, ended = spec.heartbeat_every, parent.expired, parent.ended
     if every is None or expired is None or ended is None:
@@ -171,7 +203,12 @@ def _check_heartbeats(
     settled = spec.quiet_at + spec.heartbeat_grace  # faults, and the recovery from them
     for execution in children.get(token.request_id, []):
         for run in execution.runs:
-            since = max(run.start, settled, ended - (parent.heartbeat_seconds or 0.0))
+            since = max(
+                run.start,
+                settled,
+                ended - (parent.heartbeat_seconds or 0.0),
+                received.get(token.message_id, math.inf),
+            )
             if ended - since >= every and (run.stop is None or run.stop >= ended):
                 return [
                     Violation(
@@ -193,7 +230,11 @@ def _restarts(history: History) -> list[tuple[float, bool]]:
 
 
 def _check_heartbeat_gaps(
-    history: History, parent: Parent, children: Mapping[str, list[Execution]], spec: CheckSpec
+    history: History,
+    parent: Parent,
+    children: Mapping[str, list[Execution]],
+    spec: CheckSpec,
+    received: Mapping[str, float],
 ) -> list[Violation]:
     every, restart, deploy = (
         spec.heartbeat_every,
@@ -216,7 +257,8 @@ def _check_heartbeat_gaps(
         for execution in children.get(issued.request_id, [])[:1]:
             run = execution.runs[0]
             ends = [t for t in (run.stop, parent.ended, answer.time if answer else None) if t]
-            begin, end = max(run.start, settled), min(ends, default=math.inf)
+            known = received.get(issued.message_id, math.inf)
+            begin, end = max(run.start, settled, known), min(ends, default=math.inf)
             if end == math.inf:
                 end = history.end
             if end <= begin:
@@ -376,6 +418,7 @@ def _check_stops(history: History, children: Mapping[str, list[Execution]]) -> l
     for issued in log.issued.values():
         for execution in children.get(issued.request_id, []):
             tokens_of.setdefault(execution.arn, []).append(issued)
+    received = first_receives(history)
     found: list[Violation] = []
     for stop in log.stops:
         if stop.node == OUTSIDE:
@@ -385,6 +428,7 @@ def _check_stops(history: History, children: Mapping[str, list[Execution]]) -> l
             for issued in tokens_of.get(stop.arn, [])
             if _waits(log.answer_of(issued.token), stop.time)
             and not log.parents[issued.parent_arn].closed_by(stop.time)
+            and received.get(issued.message_id, math.inf) <= stop.time
         ]
         if waited or stop.arn not in tokens_of:
             whom = ", ".join(f"{short_parent(i)} item {i.index}" for i in waited)

@@ -315,6 +315,55 @@ async def test_a_child_a_waiting_retry_will_wait_on_is_not_stopped() -> None:
     assert len(world.pool.room) == 1
 
 
+async def test_a_retry_for_a_running_child_waits_even_when_the_room_is_full() -> None:
+    """The room is full when the retry's request arrives. It needs no slot of its own: its
+    child runs. Deferred (handed back for minutes), its parent would get no heartbeat and
+    the child, its first token found gone, would be stopped as an orphan. It waits in the
+    room instead, is heartbeated, and keeps the child."""
+    world = build_world(limit=1, max_waiting=1, stop_orphaned_children=True)
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    await intake.admit(intake.queues[0], sqs_message('{"other": 1}', message_id="m-0"))
+    assert len(world.pool.room) == 1, "the room is full"
+    await intake.admit(intake.queues[0], retry_request())
+    assert world.sqs.calls_to("change_message_visibility") == [], "not deferred"
+    assert len(world.pool.room) == 2
+    world.sfn.gone_tokens.add(TOKEN)
+    await callbacks.heartbeat_once()
+    assert world.sfn.calls_to("stop_execution") == []
+    assert world.sfn.executions[CHILD].status == "RUNNING"
+    beaten = [c["taskToken"] for c in world.sfn.calls_to("send_task_heartbeat")]
+    assert RETRY_TOKEN in beaten
+
+
+async def test_a_retry_first_received_after_a_restart_does_not_stop_a_former_child() -> None:
+    """A predecessor started the child for the first token and handed its message back at
+    its orderly stop; the message waits in the queue. The retry's request, never received
+    before this reign, arrives first and its parent is gone. The child was not started for
+    it: it is kept for the first token. When that token comes back and its parent is gone
+    too, the child is stopped."""
+    world = build_world(limit=1, stop_orphaned_children=True)
+    intake, callbacks = wired(world)
+    callbacks.reign_began = 1_000.0
+    world.pool.ledger.observe_running(CHILD, world.clock())  # the start-up listing adopts it
+    world.sfn.add_execution("parent-1-0", input='{"n": 1}')
+    later = {"ApproximateFirstReceiveTimestamp": "1100000"}
+    retry = retry_request()
+    retry["Attributes"].update(later)
+    await intake.admit(intake.queues[0], retry)
+    world.sfn.gone_tokens.add(RETRY_TOKEN)
+    await callbacks.heartbeat_once()
+    assert world.sfn.calls_to("stop_execution") == [], "kept for the token it was started for"
+    assert world.sfn.executions[CHILD].status == "RUNNING"
+    assert [c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")] == ["rh-m-2"]
+    first = child_request()
+    first["Attributes"].update({"ApproximateFirstReceiveTimestamp": "900000"})
+    await intake.admit(intake.queues[0], first)
+    world.sfn.gone_tokens.add(TOKEN)
+    await callbacks.heartbeat_once()
+    assert [c["executionArn"] for c in world.sfn.calls_to("stop_execution")] == [CHILD]
+
+
 async def test_a_child_a_retry_being_started_will_wait_on_is_not_stopped() -> None:
     """The retry's request is being started (its StartExecution in flight) when the first
     token is found gone: it will wait on the same child, which is not stopped."""

@@ -220,12 +220,17 @@ GAPS = {
 
 
 def held(
-    beats: list[float], *, sigterm: float | None = None, crash: float | None = None
+    beats: list[float],
+    *,
+    sigterm: float | None = None,
+    crash: float | None = None,
+    received: float = 140.0,
 ) -> History:
     """Item 0's child runs 150-600 (faults over at 100), heartbeated at ``beats``; answered
-    at 601."""
+    at 601. Its token's message is first received at ``received``."""
     history = History()
     [token] = parent(history, heartbeat=300.0)
+    history.messages_received(received, "d1.1", QUEUE, [("m0", 1)])
     child(history, 0, 150, 600)
     for at in beats:
         beat(history, token, at)
@@ -267,6 +272,14 @@ def test_a_gap_across_a_crash_is_judged_by_the_restart_bound() -> None:
     beats = [t for t in EVERY_30 if not 280 < t < 430]
     [violation] = check(held(beats, crash=300.0), spec(**GAPS))
     assert "across a restart (150 s > 140 s)" in violation.message
+
+
+def test_a_token_no_dispatcher_received_yet_is_judged_from_its_receive() -> None:
+    """A parent's retry waits in the backlog while the child started for another token
+    runs: no dispatcher can know of it, so its gaps count from its message's receive."""
+    assert check(held([460.0, 490.0, 520.0, 550.0, 580.0], received=450.0), spec(**GAPS)) == []
+    [violation] = check(held([520.0, 550.0, 580.0], received=450.0), spec(**GAPS))
+    assert "from 450.000 to 520.000 (70 s > 60 s)" in violation.message
 
 
 def test_gaps_during_the_faults_are_not_judged() -> None:

@@ -8,7 +8,17 @@ import json
 from sim.checker import check
 from sim.history import History
 from sim.token_log import FAILURE, SUCCESS, IssuedToken
-from tests.test_sim_checker import DLQ, MACHINE, QUEUE, delete, execution_arn, kinds, request, spec
+from tests.test_sim_checker import (
+    DLQ,
+    MACHINE,
+    QUEUE,
+    dead_letter,
+    delete,
+    execution_arn,
+    kinds,
+    request,
+    spec,
+)
 
 PARENT = "arn:aws:states:eu-west-1:123456789012:execution:parents:p"
 OUTPUT = '{"req": "p-0", "done": true}'
@@ -172,6 +182,7 @@ def test_a_message_never_let_go_is_caught() -> None:
 def test_a_heartbeat_lapse_after_the_faults_is_caught() -> None:
     history = History()
     parent(history, heartbeat=300.0)
+    history.messages_received(240, "d1", QUEUE, [("m0", 1)])
     child(history, 0, 250, None)  # runs on
     end(history, 400, "FAILED", error="States.HeartbeatTimeout", expired="tok0")
     delete(history, "m0", 401)
@@ -183,6 +194,15 @@ def test_a_heartbeat_lapse_after_the_faults_is_caught() -> None:
     assert (violation.kind, violation.time) == ("heartbeat_lapse", 400)
     assert "p-0" in violation.message
     assert "250.000" in violation.message
+    # A token whose message no dispatcher had received (a retry in the backlog while the
+    # child started for another token runs) is judged from its receive only.
+    late = History()
+    parent(late, heartbeat=300.0)
+    child(late, 0, 250, None)
+    late.messages_received(350, "d1", QUEUE, [("m0", 1)])
+    end(late, 400, "FAILED", error="States.HeartbeatTimeout", expired="tok0")
+    delete(late, "m0", 401)
+    assert check(late, spec(**judged, heartbeat_grace=50.0)) == []  # 50 s from 350
 
 
 # -- rules 6 and 7: the right answer, after the child ended ---------------------------------------
@@ -304,6 +324,7 @@ def test_a_delete_before_the_answer_is_caught() -> None:
 def test_stopping_a_child_its_parent_waits_for_is_caught() -> None:
     history = History()
     [token] = parent(history)
+    history.messages_received(0.5, "d1", QUEUE, [("m0", 1)])
     arn = child(history, 0, 1, None)
     history.tokens.child_stopped(3, "d1", arn, "Dispatcher.ParentGone", "gone")
     history.execution_ended(3, arn, "ABORTED", error="Dispatcher.ParentGone")
@@ -311,6 +332,18 @@ def test_stopping_a_child_its_parent_waits_for_is_caught() -> None:
     end(history, 3.5, "FAILED")
     delete(history, "m0", 3.6)
     assert kinds(check(history, spec())) == ["stopped_waited_child"]
+    # A token no dispatcher had received by the stop (a retry still in the backlog) cannot
+    # be known: it finds the child aborted, as documented.
+    history = History()
+    [token] = parent(history)
+    arn = child(history, 0, 1, None)
+    history.tokens.child_stopped(3, "d1", arn, "Dispatcher.ParentGone", "gone")
+    history.execution_ended(3, arn, "ABORTED", error="Dispatcher.ParentGone")
+    history.messages_received(3.2, "d1", QUEUE, [("m0", 1)])
+    fail(history, token, 3.5, "Dispatcher.ChildAborted")
+    end(history, 3.5, "FAILED")
+    delete(history, "m0", 3.6)
+    assert check(history, spec()) == []
     # Stopped after its parent ended: fine.
     history = History()
     [token] = parent(history)
@@ -343,3 +376,33 @@ def test_tokens_issued_are_recorded_in_item_order() -> None:
     assert [t.index for t in issued] == [0, 1, 2]
     assert history.tokens.label("tok2") == "token p#2"
     assert history.tokens.label("unknown-token-xyz") == "token unknown-toke..."
+
+
+def _redriven_after_the_answer(received: float) -> History:
+    """Item 0 dead-lettered and its parent failed at 5; a copy of the request (a redrive of
+    its dead letter) is received at ``received`` and deleted unstarted at 20."""
+    history = History()
+    [token] = parent(history)
+    history.messages_received(1, "d1", QUEUE, [("m0", 1)])
+    dead_letter(history, "m0", 4, reason="receive_limit")
+    fail(history, token, 5, "Dispatcher.DeadLettered")
+    end(history, 5, "FAILED")
+    delete(history, "m0", 5.5)
+    request(history, "p-0", "m0-copy", at=8, attributes={"idempotency-key": "p-0"})
+    history.messages_received(received, "d1", QUEUE, [("m0-copy", 1)])
+    delete(history, "m0-copy", 20)
+    return history
+
+
+def test_a_copy_received_after_every_parent_ended_may_be_dropped() -> None:
+    """Its parent gone, a request not started is dropped unstarted (docs/task-tokens.md):
+    a redriven copy received after every parent of the request ended is not early_delete."""
+    assert "early_delete" not in kinds(check(_redriven_after_the_answer(10), spec()))
+    # Received while a parent still waited, the same delete is judged as any request's.
+    history = History()
+    [token] = parent(history)
+    history.messages_received(1, "d1", QUEUE, [("m0", 1)])
+    delete(history, "m0", 3)
+    fail(history, token, 5, "Dispatcher.DeadLettered")
+    end(history, 5, "FAILED")
+    assert "early_delete" in kinds(check(history, spec()))
