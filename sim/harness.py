@@ -32,7 +32,7 @@ from dispatcher.errors import UserError
 from dispatcher.metrics import Metrics
 from dispatcher.pool import MAX_DEFER_SECONDS
 from dispatcher.service import Dispatcher
-from sim import extras, loop
+from sim import extras, loop, rolling
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.buggify import draw as draw_knobs
@@ -167,6 +167,11 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
     )
     if chosen.parent_retries:
         made = dataclasses.replace(made, parents=with_retries(seed, made.parents))
+    if chosen.rolling is not None:  # two pools, each fed by its own queues, and the lease
+        pools = made.pools
+        if len(pools) == 1:
+            pools = (*pools, dataclasses.replace(pools[0], name="p1", limit=2))
+        made = dataclasses.replace(made, pools=pools, lease=True, shared_queue=False)
     return dataclasses.replace(made, extras=chosen)
 
 
@@ -254,6 +259,10 @@ class Run:
         self.errors: list[str] = []
         self.memory: list[Violation] = []
         self.nodes = ("d1", "d2") if self.plan.lease else ("d1",)
+        self.rolling = self.plan.extras.rolling  # processes whose configs differ
+        if self.rolling is not None:
+            self.nodes = self.rolling.nodes
+        self.retired: set[str] = set()  # replaced by a rolling deploy: not started again
         self.incarnations: dict[str, tuple[str, Dispatcher | None, anyio.CancelScope]] = {}
         self.restart_after: dict[str, float] = dict.fromkeys(self.nodes, 0.0)
         self.expected_bad: set[str] = set()
@@ -316,7 +325,7 @@ class Run:
         self.queues: dict[str, list[str]] = {}
         for pool in self.plan.pools:
             self.arns[pool.name] = world.create_state_machine(f"governed-{pool.name}")
-            if pool.parameter or pool.name in self.limit_moves:
+            if pool.parameter or pool.name in self.limit_moves or self.rolling is not None:
                 world.put_parameter(_parameter(pool.name), str(pool.limit))
             world.put_parameter(_config_record(pool.name), str(pool.limit))
         world.route_events(self.arns.values(), self.events)
@@ -346,6 +355,26 @@ class Run:
         )
 
     def _write_config(self) -> None:
+        self.config_path.write_text(self._config_text(), encoding="utf-8")
+        for node in self.rolling.nodes if self.rolling is not None else ():
+            self._config_of(node).write_text(
+                self._config_text(self.rolling.variant_of(node)), encoding="utf-8"
+            )
+
+    def write_configs(self) -> None:
+        """Write every process's config file again (what the harness's state says)."""
+        self._write_config()
+
+    def _config_of(self, name: str) -> Path:
+        """The config file of process ``name`` (its slot's, in a rolling seed)."""
+        if self.rolling is None:
+            return self.config_path
+        return self.config_path.with_name(f"dispatcher-{name.split('.', maxsplit=1)[0]}.toml")
+
+    def _config_text(self, variant: rolling.Variant | None = None) -> str:
+        """A config file: this run's, or a rolling deploy's ``variant`` of it."""
+        governed = [p for p in self.plan.pools if variant is None or p.name in variant.pools]
+        in_ssm = dict(self.in_ssm)
         lines = ["[dispatcher]"]
         settings: dict[str, Any] = {
             **DISPATCHER,
@@ -357,6 +386,10 @@ class Run:
             settings.update(bug.settings)
         if self.plan.lease:
             settings["lease_table"] = "leases"
+        if variant is not None:
+            settings["start_timeout"] = variant.start_timeout
+            settings["start_grace"] = variant.start_grace
+            in_ssm = {p.name: p.name in variant.in_ssm for p in self.plan.pools}
         if self.input_format != "json":
             settings["input_format"] = self.input_format
         if self.plan.parents.parents:  # the settings the dispatcher has (before and after)
@@ -366,13 +399,13 @@ class Run:
             }
             settings.update({k: v for k, v in wanted.items() if k in Settings.model_fields})
         lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
-        for pool in self.plan.pools:
+        for pool in governed:
             lines += [
                 f"[pools.{pool.name}]",
                 f'state_machine_arn = "{self.arns[pool.name]}"',
                 f"limit = {self.limits[pool.name]}",
             ]
-            if self.in_ssm[pool.name]:
+            if in_ssm[pool.name]:
                 lines.append(f'limit_parameter = "{_parameter(pool.name)}"')
             if self.keyed[pool.name]:
                 lines += [
@@ -381,7 +414,7 @@ class Run:
                     f"per_key_limit = {self.key_limits[pool.name]}",
                 ]
         seen: set[str] = set()
-        for pool in self.plan.pools:
+        for pool in governed:
             for priority, url in enumerate(self.queues[pool.name]):
                 if url in seen:
                     continue
@@ -393,7 +426,7 @@ class Run:
                     lines += [f"pools = [{names}]", f'pool_attribute = "{POOL_ATTRIBUTE}"']
                 else:
                     lines += [f'pool = "{pool.name}"', f"priority = {priority}"]
-        self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return "\n".join(lines) + "\n"
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -458,7 +491,7 @@ class Run:
         pools = {}
         for pool in self.plan.pools:
             parameter = _parameter(pool.name) if pool.parameter else _config_record(pool.name)
-            if pool.name in self.limit_moves:
+            if pool.name in self.limit_moves or self.rolling is not None:
                 parameter = _config_record(pool.name)  # the harness records every change
             pools[self.arns[pool.name]] = PoolSpec(
                 limit=pool.limit, parameter=parameter, per_key_limit=self.key_limits.get(pool.name)
@@ -489,7 +522,10 @@ class Run:
             + DISPATCHER["receive_wait_seconds"]
             + 10.0,
             # A start given up may still take effect this long after (the fence, D).
-            late_start=float(DISPATCHER["start_timeout"]),
+            late_start=max(
+                [float(DISPATCHER["start_timeout"])]
+                + [self.rolling.variant_of(n).start_timeout for n in self.nodes if self.rolling]
+            ),
             heartbeat_deploy_gap=HEARTBEAT_INTERVAL
             + DISPATCHER["shutdown_timeout"]
             + RESTART_MAX
@@ -546,7 +582,8 @@ class Run:
     # -- processes -------------------------------------------------------------------------
 
     def _dispatcher(self, name: str) -> Dispatcher:
-        loaded = layout.load({"config": str(self.config_path)}, env={})
+        config = self._config_of(name)
+        loaded = layout.load({"config": str(config)}, env={})
         skew = 0.0
         return Dispatcher(
             loaded.settings,
@@ -554,7 +591,7 @@ class Run:
             metrics=Metrics(CollectorRegistry()),
             clock=self.clock,
             wall=lambda: self.world.wall(self.clock()) + skew,
-            overrides={"config": str(self.config_path)},
+            overrides={"config": str(config)},
             environ={},
             clients=self._clients_of(name),
             serve_http=False,
@@ -583,7 +620,8 @@ class Run:
     async def _life(self, node: str) -> None:
         """One process slot: run a dispatcher; after it dies or exits, start a new one."""
         incarnation = 0
-        while not self.finished.is_set():
+        await rolling.born(self, node)
+        while not self.finished.is_set() and node not in self.retired:
             incarnation += 1
             name = f"{node}.{incarnation}"
             dispatcher = self._dispatcher(name)
@@ -604,7 +642,11 @@ class Run:
                         text = "".join(traceback.format_exception(exc))
                         self.errors.append(f"{name} at {self.clock():.3f}: {text}")
                         self.world.history.note(self.clock(), name, "process died: BUG")
+            if node in self.retired:
+                break
             await anyio.sleep(max(1.0, self.restart_after[node]))
+        if node in self.retired:  # replaced by a rolling deploy: gone for good
+            self.incarnations.pop(node, None)
 
     async def _act(self) -> None:
         for action in self.nemesis.actions:
@@ -698,6 +740,9 @@ class Run:
     def _set_limit(self, action: Action) -> None:
         """An operator changes a limit: in SSM, or in the config file and then SIGHUP
         (wherever the pool's limit is now, when it moves between the two)."""
+        if self.rolling is not None:
+            rolling.set_limit(self, action.pool, action.value)
+            return
         pool = next(p for p in self.plan.pools if p.name == action.pool)
         kind = action.kind
         if pool.name in self.limit_moves:
