@@ -168,10 +168,10 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
     if chosen.parent_retries:
         made = dataclasses.replace(made, parents=with_retries(seed, made.parents))
     if chosen.rolling is not None:  # two pools, each fed by its own queues, and the lease
-        pools = made.pools
-        if len(pools) == 1:
-            pools = (*pools, dataclasses.replace(pools[0], name="p1", limit=2))
-        made = dataclasses.replace(made, pools=pools, lease=True, shared_queue=False)
+        rolled = made.pools
+        if len(rolled) == 1:
+            rolled = (*rolled, dataclasses.replace(rolled[0], name="p1", limit=2))
+        made = dataclasses.replace(made, pools=rolled, lease=True, shared_queue=False)
     return dataclasses.replace(made, extras=chosen)
 
 
@@ -258,7 +258,7 @@ class Run:
         )
         self.errors: list[str] = []
         self.memory: list[Violation] = []
-        self.nodes = ("d1", "d2") if self.plan.lease else ("d1",)
+        self.nodes: tuple[str, ...] = ("d1", "d2") if self.plan.lease else ("d1",)
         self.rolling = self.plan.extras.rolling  # processes whose configs differ
         if self.rolling is not None:
             self.nodes = self.rolling.nodes
@@ -356,10 +356,10 @@ class Run:
 
     def _write_config(self) -> None:
         self.config_path.write_text(self._config_text(), encoding="utf-8")
-        for node in self.rolling.nodes if self.rolling is not None else ():
-            self._config_of(node).write_text(
-                self._config_text(self.rolling.variant_of(node)), encoding="utf-8"
-            )
+        if self.rolling is not None:
+            for node in self.rolling.nodes:
+                text = self._config_text(self.rolling.variant_of(node))
+                self._config_of(node).write_text(text, encoding="utf-8")
 
     def write_configs(self) -> None:
         """Write every process's config file again (what the harness's state says)."""
@@ -374,7 +374,7 @@ class Run:
     def _config_text(self, variant: rolling.Variant | None = None) -> str:
         """A config file: this run's, or a rolling deploy's ``variant`` of it."""
         governed = [p for p in self.plan.pools if variant is None or p.name in variant.pools]
-        in_ssm = dict(self.in_ssm)
+        in_ssm = self.in_ssm if variant is None else {p: p in variant.in_ssm for p in self.in_ssm}
         lines = ["[dispatcher]"]
         settings: dict[str, Any] = {
             **DISPATCHER,
@@ -386,10 +386,7 @@ class Run:
             settings.update(bug.settings)
         if self.plan.lease:
             settings["lease_table"] = "leases"
-        if variant is not None:
-            settings["start_timeout"] = variant.start_timeout
-            settings["start_grace"] = variant.start_grace
-            in_ssm = {p.name: p.name in variant.in_ssm for p in self.plan.pools}
+        settings.update(variant.settings if variant is not None else {})
         if self.input_format != "json":
             settings["input_format"] = self.input_format
         if self.plan.parents.parents:  # the settings the dispatcher has (before and after)

@@ -29,7 +29,7 @@ from sim.nemesis import STORM_MAX, Action, Storm
 if TYPE_CHECKING:
     from sim.harness import Run
 
-POOLS = ("p0", "p1")
+POOLS: tuple[str, ...] = ("p0", "p1")
 """The pools a rolling seed has (the harness adds ``p1`` when the seed drew one pool)."""
 PROCESS_STARTS = 3.0  # seconds a new process takes before its old one may be stopped
 LEASE_HELD = ("UpdateItem",)  # a renewal hang: the lease's writes held, the rest answers
@@ -44,6 +44,11 @@ class Variant:
     in_ssm: tuple[str, ...]
     start_timeout: float
     start_grace: float
+
+    @property
+    def settings(self) -> dict[str, float]:
+        """Its [dispatcher] settings that differ from the run's."""
+        return {"start_timeout": self.start_timeout, "start_grace": self.start_grace}
 
     def describe(self) -> str:
         """A short form for the history and the scenario line."""
@@ -70,7 +75,9 @@ class Step:
 @dataclass(frozen=True)
 class Hang:
     """At ``at``, the leader (when there is one) freezes for ``seconds``: ``freeze``, every
-    call of it held; ``renewal``, only its lease writes."""
+    call of it held; ``renewal``, only its lease writes, while every StartExecution takes
+    effect at its sender's D (a degraded network: the last starts of the leader whose
+    lease lapses land late, within its D)."""
 
     at: float
     kind: str  # freeze | renewal
@@ -113,17 +120,19 @@ class RollingPlan:
     def names(self) -> list[str]:
         """For the scenario line of a failing seed."""
         kinds = sorted({h.kind for h in self.hangs})
-        return [f"rolling:{len(self.initial)}p/{len(self.steps)}steps" + "".join(
-            f"+{k}" for k in kinds
-        )]
+        return [
+            f"rolling:{len(self.initial)}p/{len(self.steps)}steps" + "".join(f"+{k}" for k in kinds)
+        ]
 
 
 def _variant(rng: random.Random, *, every_pool: bool) -> Variant:
-    pools = POOLS if every_pool else rng.choice((POOLS, POOLS, ("p0",), ("p1",)))
+    pools: tuple[str, ...] = POOLS
+    if not every_pool:
+        pools = rng.choice((POOLS, POOLS, ("p0",), ("p1",)))
     return Variant(
         pools=pools,
         in_ssm=tuple(p for p in pools if rng.random() < 0.5),
-        start_timeout=rng.choice((3.0, 5.0, 8.0)),
+        start_timeout=rng.choice((3.0, 5.0, 15.0)),
         start_grace=rng.choice((10.0, 15.0, 25.0)),
     )
 
@@ -208,9 +217,9 @@ async def _hang(run: Run, hang: Hang) -> None:
         return
     node = leaders[0]
     end = min(run.plan.quiet_at, run.clock() + min(hang.seconds, STORM_MAX))
-    run.world.history.note(
-        run.clock(), "nemesis", f"{hang.kind} of leader {node} until {end:.3f}"
-    )
+    run.world.history.note(run.clock(), "nemesis", f"{hang.kind} of leader {node} until {end:.3f}")
+    if hang.kind == "renewal":
+        run.nemesis.late_start_windows.append((run.clock(), end))
     run.nemesis.storms.append(
         Storm(
             kind="partition",
