@@ -218,4 +218,7 @@ def draw(
     if has("rolling"):
         plan["rolling"] = rolling.draw(rng, quiet_at)
         plan.pop("reconfigures", None)  # each process's file is the rolling deploy's
+        # Two pools fed by queues of their own: a redrive has no one target any more.
+        plan.pop("cli_redrives", None)
+        plan.pop("move_tasks", None)
     return ExtrasPlan(**plan)  # type: ignore[arg-type]

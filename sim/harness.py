@@ -172,6 +172,8 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
         if len(rolled) == 1:
             rolled = (*rolled, dataclasses.replace(rolled[0], name="p1", limit=2))
         made = dataclasses.replace(made, pools=rolled, lease=True, shared_queue=False)
+        if chosen.rolling.listing_lag is not None:
+            made = dataclasses.replace(made, listing_lag=chosen.rolling.listing_lag)
     return dataclasses.replace(made, extras=chosen)
 
 

@@ -33,6 +33,7 @@ POOLS: tuple[str, ...] = ("p0", "p1")
 """The pools a rolling seed has (the harness adds ``p1`` when the seed drew one pool)."""
 PROCESS_STARTS = 3.0  # seconds a new process takes before its old one may be stopped
 LEASE_HELD = ("UpdateItem",)  # a renewal hang: the lease's writes held, the rest answers
+LISTING_LAG = 9.5  # just under the least start grace a file has (10 s)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class RollingPlan:
     initial: tuple[Variant, ...]  # d1, d2 (, d3)
     steps: tuple[Step, ...]
     hangs: tuple[Hang, ...]
+    listing_lag: float | None = None  # the run's listing lag, when this plan sets it
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -170,7 +172,10 @@ def draw(rng: random.Random, quiet_at: float) -> RollingPlan:
             key=lambda h: h.at,
         )
     )
-    return RollingPlan(initial, tuple(steps), hangs)
+    # Listings late by up to the least start grace of any file, now and then: a late start
+    # of a leader with a long D is then missed by a successor that waits only its own.
+    lag = rng.choice((None, None, LISTING_LAG))
+    return RollingPlan(initial, tuple(steps), hangs, lag)
 
 
 # -- carried out during a run ------------------------------------------------------------------
