@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -110,6 +110,20 @@ class Held:
     receipt_handle: str
     hidden_since: float
     bound: Any
+    earlier: list[tuple[RequestQueue, str]] = field(default_factory=list)
+    """Other receipt handles of the token's message still in flight: SQS delivered it
+    again (a duplicate copy) while the first was held. Each is kept hidden and deleted
+    with the newest, or it would come back and be received again, over and over, until
+    the redrive policy moved it without a reason."""
+
+    def handles(self) -> list[tuple[RequestQueue, str]]:
+        """Every receipt handle of the token's message(s), newest first."""
+        return [(self.queue, self.receipt_handle), *self.earlier]
+
+    async def delete(self) -> None:
+        """Delete the message under every handle held (an invalid one only logs)."""
+        for queue, handle in self.handles():
+            await queue.delete(handle, self.bound)
 
 
 class Callbacks:
@@ -147,7 +161,9 @@ class Callbacks:
         parent when it ends. Its message stays in flight until then."""
         tokens = self._held.setdefault(arn, [])
         for held in tokens:
-            if held.token == token:  # received again (SQS's 12 h visibility cap): newer handle
+            if held.token == token:  # received again: a copy, or SQS's 12 h visibility cap
+                if receipt != held.receipt_handle:
+                    held.earlier.append((held.queue, held.receipt_handle))
                 held.queue, held.receipt_handle, held.hidden_since = queue, receipt, self.clock()
                 return
         held = Held(token, arn, pool, queue, receipt, self.clock(), bound)
@@ -310,8 +326,9 @@ class Callbacks:
                 for one in held:
                     tg.start_soon(last_beat, one)
         handed = 0
-        for queue in {id(h.queue): h.queue for h in held}.values():
-            handles = [h.receipt_handle for h in held if h.queue is queue]
+        every = [pair for h in held for pair in h.handles()]
+        for queue in {id(q): q for q, _ in every}.values():
+            handles = [handle for q, handle in every if q is queue]
             handed += len(handles) - len(await queue.set_visibility(handles, 0))
         log.info("dispatcher.tokens_handed_back", count=handed)
         return handed
@@ -498,7 +515,7 @@ class Callbacks:
         if keep:
             await self._release(held)
         else:
-            await held.queue.delete(held.receipt_handle, held.bound)
+            await held.delete()
         return True
 
     async def _release(self, held: Held) -> None:
@@ -509,7 +526,7 @@ class Callbacks:
             if not tokens:
                 del self._held[held.arn]
         self._gauge(held.pool)
-        await held.queue.delete(held.receipt_handle, held.bound)
+        await held.delete()
 
     async def _call(self, operation: str, *, attempts: int = 5, **kwargs: Any) -> Any:
         """A Step Functions call with jittered retries of transient errors."""
@@ -539,13 +556,18 @@ class Callbacks:
             h for hs in self._held.values() for h in hs if now - h.hidden_since >= visibility / 2
         ]
         extended = 0
-        for queue in {id(h.queue): h.queue for h in due}.values():
-            mine = [h for h in due if h.queue is queue]
-            failed = await queue.set_visibility([h.receipt_handle for h in mine], visibility)
-            for held in mine:
-                if held.receipt_handle not in failed:
-                    held.hidden_since = now
-                    extended += 1
+        failed: set[str] = set()
+        every = [pair for h in due for pair in h.handles()]
+        for queue in {id(q): q for q, _ in every}.values():
+            handles = [handle for q, handle in every if q is queue]
+            failed |= await queue.set_visibility(handles, visibility)
+        for held in due:
+            # An earlier handle that can no longer be extended is stale (the message was
+            # received again after its visibility lapsed): forgotten.
+            held.earlier = [(q, h) for q, h in held.earlier if h not in failed]
+            if held.receipt_handle not in failed:
+                held.hidden_since = now
+                extended += 1
         return extended
 
     def _gauge(self, pool: Pool) -> None:

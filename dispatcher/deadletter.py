@@ -7,8 +7,10 @@ room the body leaves: the reason, the request's identity and the original messag
 (all short), then the request's own attributes, each whole, then as much of the detail as
 still fits. The identity (``dispatcher-request-id``: the base of the execution name) makes
 every later copy - a redrive, SQS's own move task - map to the same execution. The body
-itself is never changed. A copy that could not be sent would be retried until the
-request queue's redrive policy moved the request, without its reason.
+itself is never changed. A copy that could not be sent is retried when the request comes
+back; on the request's last receive (the queue's ``maxReceiveCount``) it is kept hidden and
+the send tried again at once (for `LAST_RECEIVE_RETRY_SECONDS`), as handed back, the redrive
+policy would move it without its reason.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import structlog
 
 from dispatcher.metrics import Metrics
@@ -55,6 +58,12 @@ DEFAULT_MAX_SIZE = 262_144
 default SQS has had (256 KiB; queues made since 2025 default to 1 MiB)."""
 MAX_ATTRIBUTES = 10  # SQS: message attributes per message
 DETAIL_CHARS = 1_000
+LAST_RECEIVE_RETRY_SECONDS = 300.0
+"""How long a dead-letter send that fails on a request's last receive is tried again,
+the request kept hidden meanwhile (handed back, the redrive policy would move it without
+its reason)."""
+LAST_RECEIVE_MAX_PAUSE = 30.0  # seconds between those tries, at most
+LAST_RECEIVE_HIDDEN_MARGIN = 30  # seconds the request stays hidden beyond the next try
 
 
 def attribute_size(name: str, value: Mapping[str, Any]) -> int:
@@ -145,12 +154,30 @@ class DeadLetterQueue:
             await queue.hand_back(handle, 0, bound, f"bad request ({reason}); redrive policy")
             return
         attributes = fitted_attributes(message, reason, detail, self.max_size)
-        try:
-            await self.sqs.send_message(
-                QueueUrl=self.url, MessageBody=body_of(message), MessageAttributes=attributes
-            )
-        except Exception as exc:  # noqa: BLE001 - keep the request; it will come back
-            bound.error("dispatcher.dead_letter_failed", error=str(exc))
-            await queue.hand_back(handle, 30, bound, "dead-letter queue unavailable")
-            return
+        last = queue.is_last_receive(message)
+        waited, failures = 0.0, 0
+        while True:
+            try:
+                await self.sqs.send_message(
+                    QueueUrl=self.url, MessageBody=body_of(message), MessageAttributes=attributes
+                )
+                break
+            except Exception as exc:  # noqa: BLE001 - keep the request; it will come back
+                bound.error("dispatcher.dead_letter_failed", error=str(exc), last_receive=last)
+                if not last:
+                    await queue.hand_back(handle, 30, bound, "dead-letter queue unavailable")
+                    return
+            # Its last receive: handed back, SQS's redrive policy would move it without a
+            # reason. Kept hidden, the send is tried again (a while: then it is let go).
+            if waited >= LAST_RECEIVE_RETRY_SECONDS:
+                bound.error(
+                    "dispatcher.dead_letter_given_up",
+                    advice="the queue's redrive policy moves it without a reason",
+                )
+                return
+            failures += 1
+            pause = min(LAST_RECEIVE_MAX_PAUSE, 2.0**failures)
+            await queue.set_visibility([handle], int(pause) + LAST_RECEIVE_HIDDEN_MARGIN)
+            await anyio.sleep(pause)
+            waited += pause
         await queue.delete(handle, bound)

@@ -12,8 +12,10 @@ until a ``DescribeExecution`` of its deterministic ARN settles it:
 - the execution exists: the request was started - served as a start is (its message
   deleted, or held for its parent's token, or the parent answered);
 - ``ExecutionDoesNotExist`` once D (the start timeout) and the start grace have passed
-  since it was kept, and no evidence here says it runs: it was never started, and only
-  now is it dead-lettered, with a detail that says a redrive runs it.
+  since it was kept, no evidence here says it runs, and no execution exists under a name a
+  former configuration gave it (`Starter.find_former_name`; found: served as that
+  execution's): it was never started, and only now is it dead-lettered, with a detail that
+  says a redrive runs it.
 
 Every attempt it had ended before it was kept, so a start of it takes effect within D of
 then or never, and a describe shows it within the grace after that (invariant 8, and the
@@ -139,6 +141,19 @@ class LastReceives:
         if ledger.observe_missing(kept.arn, now, self.settings.start_grace) is Change.FREED:
             pool.update()
         if ledger.holds(kept.arn) or ledger.is_tombstoned(kept.arn) or kept.arn in ledger.in_doubt:
+            return False
+        # Not under its current name: it may have run under a name a former configuration
+        # gave it (a producer's retry, a copy); that execution ran, so no dead letter.
+        try:
+            former = await self.starter.find_former_name(entry)
+        except Exception as exc:  # noqa: BLE001 - unknown: keep it, ask again
+            entry.bound.warning(
+                "dispatcher.last_receive_describe_failed", execution_arn=kept.arn, error=str(exc)
+            )
+            return False
+        if former is not None:
+            entry.bound.info("dispatcher.found_under_former_name", execution_arn=former)
+            kept.arn, kept.exists = former, True  # the next pass describes and serves it
             return False
         detail = (
             f"received {receive_count(entry.message)} times, the queue's maxReceiveCount "

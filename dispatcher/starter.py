@@ -40,6 +40,7 @@ from dispatcher.pool import Pool
 from dispatcher.queues import RequestQueue
 from dispatcher.rate import RateLimiters
 from dispatcher.requests import (
+    IDEMPOTENCY_ATTRIBUTE,
     REQUEST_ID_ATTRIBUTE,
     StartRequest,
     execution_arn,
@@ -237,9 +238,16 @@ class Starter:
         held_before: bool,
     ) -> None:
         pool, request, bound = entry.pool, entry.request, entry.bound
+        held = self._former_name_held(entry)
+        if held is not None:
+            handling.phase = "finishing"
+            self.metrics.former_names.labels(pool=pool.name, result="found").inc()
+            bound.info("dispatcher.found_under_former_name", execution_arn=held)
+            await self._already_exists(entry, reservation, handling, arn=held)
+            return
         if self._may_have_former_name(entry):
             try:
-                former = await self._find_former_name(entry)
+                former = await self.find_former_name(entry)
             except Exception as exc:  # noqa: BLE001 - unknown: never start on a guess
                 handling.phase = "finishing"
                 self._release(pool, reservation)
@@ -295,23 +303,54 @@ class Starter:
 
     def _may_have_former_name(self, entry: Waiting) -> bool:
         """Whether the request may have started under a name a former configuration gave
-        it (``key_attribute`` changed across a restart): its current name is not known, and
-        it was first received before this reign began, or it is a copy (a dead letter
-        moved back) that may have started before it was dead-lettered."""
+        it (``key_attribute`` changed across a restart) and is worth describing there: its
+        current name is not known, and it was first received before this reign began, or
+        it carries an idempotency key and was *sent* before this reign began (a producer's
+        retry, or a copy SQS stored twice, whose twin a predecessor may have started
+        under its former name), or it is a copy (a dead letter moved back) that may have
+        started before it was dead-lettered. Any other request is looked for under its
+        former names only in what the ledger knows (free, see `_former_name_held`)."""
         pool, message = entry.pool, entry.message
         arn = execution_arn(pool.state_machine_arn, entry.request.name)
         ledger = pool.ledger
         if ledger.holds(arn) or ledger.is_tombstoned(arn) or ledger.doubted_since(arn):
             return False
-        if REQUEST_ID_ATTRIBUTE in (message.get("MessageAttributes") or {}):
+        attributes = message.get("MessageAttributes") or {}
+        if REQUEST_ID_ATTRIBUTE in attributes:
             return True
-        first = (message.get("Attributes") or {}).get("ApproximateFirstReceiveTimestamp")
+        system = message.get("Attributes") or {}
+        began = self.reign_began + FIRST_RECEIVE_SKEW
         try:
-            return first is not None and int(first) / 1000 < self.reign_began + FIRST_RECEIVE_SKEW
+            first = system.get("ApproximateFirstReceiveTimestamp")
+            if first is not None and int(first) / 1000 < began:
+                return True
+            sent = system.get("SentTimestamp")
+            keyed = IDEMPOTENCY_ATTRIBUTE in attributes
+            return keyed and sent is not None and int(sent) / 1000 < began
         except ValueError:
             return True
 
-    async def _find_former_name(self, entry: Waiting) -> str | None:
+    def _former_name_held(self, entry: Waiting) -> str | None:
+        """The ARN of a running (or tombstoned) execution the ledger knows under one of the
+        request's former names, or None: free, checked for every request (a producer's
+        retry sent after the restart while its first execution still runs)."""
+        pool = entry.pool
+        arn = execution_arn(pool.state_machine_arn, entry.request.name)
+        if pool.ledger.holds(arn) or pool.ledger.is_tombstoned(arn):
+            return None
+        names = former_names(
+            entry.request,
+            entry.message,
+            pool.config.key_attribute,
+            self.settings.task_token_attribute,
+        )
+        for name in names:
+            former = execution_arn(pool.state_machine_arn, name)
+            if pool.ledger.holds(former) or pool.ledger.is_tombstoned(former):
+                return former
+        return None
+
+    async def find_former_name(self, entry: Waiting) -> str | None:
         """The ARN of the request's execution under a former name, or None: first what the
         ledger knows (the start-up listing, tombstones: free), then ``DescribeExecution`` of
         each candidate (bounded, see `former_names`). A describe that fails for another

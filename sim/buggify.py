@@ -19,6 +19,14 @@ beyond it. `BUGGIFY` turns them all off (``python -m sim --no-buggify``).
 - ``max_receive_count``: the request queues' redrive policy at 2, 3 or 5 receives.
 - ``long_outside``: executions started and redriven outside the dispatcher run minutes,
   long enough to be judged against the limit.
+- ``refused_retries``: a StartExecution stretch longer than the start retry timeout in
+  which each start's first attempt is applied but answered with a 5xx, a lost answer or a
+  timeout, and every retry is refused (throttled); its status events lost or late, the
+  executions long: a start given up must stay in doubt.
+- ``callback_storms``: SendTaskSuccess/Failure/Heartbeat throttled or failing with 5xx
+  for 40 s to a few minutes (longer than a call's retries), while children run.
+- ``limit_drops``: StartExecution requests lost for 15 to 40 s (every attempt on the wire
+  unknown) while the limit is lowered: a retry must fit under the new limit.
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ class Knobs:
     sqs_duplicates: float = 0.0  # share of messages stored twice
     max_receive_count: int | None = None  # None: the template's default
     long_outside: bool = False
+    refused_retries: bool = False
+    callback_storms: bool = False
+    limit_drops: bool = False
 
     @property
     def on(self) -> tuple[str, ...]:
@@ -61,6 +72,9 @@ class Knobs:
             "sqs_duplicates",
             "max_receive_count",
             "long_outside",
+            "refused_retries",
+            "callback_storms",
+            "limit_drops",
         )
         return tuple(name for name in names if getattr(self, name))
 
@@ -80,6 +94,10 @@ def draw(seed: int) -> Knobs:
         sqs_duplicates=rng.choice((0.1, 0.3, 0.5)) if rng.random() < SHARE else 0.0,
         max_receive_count=rng.choice((2, 3, 5)) if rng.random() < SHARE else None,
         long_outside=rng.random() < SHARE,
+        # Drawn after the others: adding them moved no earlier knob of any seed.
+        refused_retries=rng.random() < SHARE,
+        callback_storms=rng.random() < SHARE,
+        limit_drops=rng.random() < SHARE,
     )
 
 

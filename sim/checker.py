@@ -88,13 +88,15 @@ def check(history: History, spec: CheckSpec) -> list[Violation]:
         found += _check_limits(history, arn, pool, spec)
     owners = _Owners(history)
     released = token_rules.released(history)
-    found += _check_one_execution(owners)
+    found += _check_one_execution(owners, history)
     found += _check_settled(history, owners, spec, released)
     found += _check_deletes(history, owners, spec, released)
     dead_lettered = _dead_letter_copies(history, spec)
     for move in history.moves:
         dead_lettered.setdefault(move.message_id, move.time)
-    found += token_rules.check_tokens(history, spec, owners.executions, dead_lettered)
+    excused = _moves_out_of_reach(history)
+    out_of_reach = {m.message_id: m.time for m in history.moves if m.message_id in excused}
+    found += token_rules.check_tokens(history, spec, owners.executions, dead_lettered, out_of_reach)
     found += copy_rules.check_dead_letters(history, spec, owners.executions, owners.request_of)
     found.sort(key=lambda v: (v.time, v.kind))
     return found
@@ -236,9 +238,62 @@ class _Owners:
 # -- rule 2 ----------------------------------------------------------------------------------
 
 
-def _check_one_execution(owners: _Owners) -> list[Violation]:
+REIGN_SKEW = 5.0
+"""dispatcher.starter.FIRST_RECEIVE_SKEW: a message sent before a reign began + this is
+looked for under its former names (when it carries an idempotency key)."""
+
+
+def _reigns(history: History) -> dict[str, list[float]]:
+    """When each dispatcher process began to govern (may have begun): its start, and each
+    time it took a lease (its reign begins just after)."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for record in history.records:
+        if record.kind == "note" and record.text == "process started":
+            out[record.node].append(record.time)
+    for write in history.lease_writes:
+        if write.what == "taken":
+            out[write.node].append(write.time)
+    return {node: sorted(times) for node, times in out.items()}
+
+
+def _renamed_retry(
+    reigns: Mapping[str, list[float]],
+    messages: list[RequestMessage],
+    earlier: Execution,
+    later: Execution,
+) -> bool:
+    """The documented residual of looking for a request under its former names (README,
+    "Request identity"): ``later`` is the request started again under the name a changed
+    ``key_attribute`` gives it, from a producer's retry sent after the process that started
+    it began to govern (+ the skew), while ``earlier`` (the other naming) had ended before
+    that reign began: no listing shows it, no message of the reign is older than it, and
+    the dispatcher describes former names only for those. Anything else stays a duplicate."""
+    if later.started_by == OUTSIDE or key_tag_of(earlier.name) == key_tag_of(later.name):
+        return False
+    if _base_name(earlier.name) != _base_name(later.name):
+        return False
+    began = [t for t in reigns.get(later.started_by, []) if t <= later.first_start]
+    if not began or not earlier.runs:
+        return False
+    reign = began[-1]
+    if any(r.stop is None or r.stop > reign for r in earlier.runs):
+        return False
+    # ``messages``: the producer's (or a parent's) sends of the request, never copies.
+    return any(reign + REIGN_SKEW < m.sent_at <= later.first_start for m in messages)
+
+
+def _check_one_execution(owners: _Owners, history: History) -> list[Violation]:
     found: list[Violation] = []
-    for request_id, executions in owners.executions.items():
+    reigns = _reigns(history)
+    for request_id, all_executions in owners.executions.items():
+        executions: list[Execution] = []
+        for execution in all_executions:
+            messages = owners.messages.get(request_id, [])
+            if executions and all(
+                _renamed_retry(reigns, messages, e, execution) for e in executions
+            ):
+                continue
+            executions.append(execution)
         if len(executions) > 1:
             found.append(
                 Violation(

@@ -190,7 +190,15 @@ def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
         # faults stop: a retry timeout of 10 or 30 s.
         retry = min(float(dict(settings)["start_retry_timeout"]), 30.0)
         settings = (*settings, ("start_retry_timeout", retry))
-    return dataclasses.replace(made, knobs=knobs, listing_lag=lag, settings=settings)
+    max_seconds = made.max_seconds
+    if knobs.refused_retries:
+        # A start given up in doubt must still run when the next one is admitted.
+        retry = min(float(dict(settings)["start_retry_timeout"]), 30.0)
+        settings = (*settings, ("start_retry_timeout", retry))
+        max_seconds = max(max_seconds, 120)
+    return dataclasses.replace(
+        made, knobs=knobs, listing_lag=lag, settings=settings, max_seconds=max_seconds
+    )
 
 
 @dataclass

@@ -119,6 +119,10 @@ class Nemesis:
     kills: list[Action] = field(default_factory=list)
     kill_signal: Signal = field(default_factory=Signal)
     dark_listing_lag: float | None = None  # a dark start shows in listings this late
+    # Refused retries: in these windows a start's first attempt is applied and answered
+    # with the window's failure; every later attempt of it is throttled.
+    refusal_windows: list[tuple[float, float, str]] = field(default_factory=list)
+    _refused: set[tuple[int, str]] = field(default_factory=set)  # (window, name) applied
 
     def _count(self, what: str) -> None:
         self.fired[what] = self.fired.get(what, 0) + 1
@@ -131,6 +135,9 @@ class Nemesis:
         if now >= self.quiet_at or node == "producer":
             return NO_FAULT
         if operation == "StartExecution":
+            refused = self._refusal(now, params)
+            if refused is not None:
+                return refused
             late = self._late_start(now, params)
             if late is not None:
                 if late.apply_at_deadline and self.rng.random() < self.kill_after_held:
@@ -149,6 +156,25 @@ class Nemesis:
         name, fault = _DRIZZLE[int(roll / self.drizzle)]
         self._count(name)
         return fault if fault is not None else CallFault(error=_throttle_code(operation))
+
+    def _refusal(self, now: float, params: Mapping[str, Any]) -> CallFault | None:
+        """Inside a refusal window: the first attempt of a start applied with its answer
+        failed, every later one throttled (None: outside every window)."""
+        for index, (start, end, first) in enumerate(self.refusal_windows):
+            if not start <= now < end:
+                continue
+            key = (index, str(params.get("name", "")))
+            if key in self._refused:
+                self._count("start_refused")
+                return CallFault(error="ThrottlingException")
+            self._refused.add(key)
+            self._count("start_applied_answer_failed")
+            if first == "5xx_after":
+                return CallFault(error="ServiceUnavailable", error_after=True)
+            if first == "lost_answer":
+                return CallFault(drop_answer=True)
+            return CallFault(apply_at_deadline=True)
+        return None
 
     def _late_start(self, now: float, params: Mapping[str, Any]) -> CallFault | None:
         """A start's attempt held on the wire and applied at D (None: not this one). The
@@ -254,6 +280,8 @@ def _storm_fault(storm: Storm, operation: str, rng: random.Random, now: float) -
         return CallFault(request_delay=rng.uniform(0, storm.delay))
     if storm.kind == "lost_answers":
         return CallFault(drop_answer=True)
+    if storm.kind == "lost_requests":  # buggify's limit_drops only
+        return CallFault(drop_request=True)
     # A partition (a paused leader, a broken network): requests are held on the wire until
     # the window ends; a client that gives up first closes the connection, and a request
     # whose client gave up never arrives.
@@ -306,6 +334,14 @@ def plan(
     nemesis.actions = _actions(rng, quiet_at, nodes, pools, intensity)
     if knobs.on:
         _buggify(nemesis, random.Random(rng.getrandbits(64)), knobs, pools, give_up_after)
+        _buggify_more(
+            nemesis,
+            random.Random(f"buggify-more-{rng.getrandbits(64)}"),
+            knobs,
+            nodes,
+            pools,
+            give_up_after,
+        )
         if knobs.late_starts:
             nemesis.dark_listing_lag = start_grace - GRACE_MARGIN
     return nemesis
@@ -363,6 +399,47 @@ def _buggify(
                 kept.append(Action(at, "redrive", "", rng.randint(240, 600), name))
         kept.sort(key=lambda a: a.time)
         nemesis.actions = kept
+
+
+def _buggify_more(  # noqa: PLR0917 - the plan's parts
+    nemesis: Nemesis,
+    rng: random.Random,
+    knobs: Knobs,
+    nodes: tuple[str, ...],
+    pools: Mapping[str, tuple[int, bool]],
+    give_up_after: float,
+) -> None:
+    """The later knobs (their own stream: the earlier knobs' plans do not move)."""
+    quiet_at = nemesis.quiet_at
+    if knobs.refused_retries:
+        for _ in range(rng.randint(1, 2)):
+            start = rng.uniform(0, quiet_at * 0.5)
+            end = min(quiet_at, start + give_up_after + rng.uniform(10, 60))
+            first = rng.choice(("5xx_after", "lost_answer", "timeout"))
+            nemesis.refusal_windows.append((start, end, first))
+            lost = rng.random() < 0.5
+            delay = 0.0 if lost else rng.choice(EVENT_DELAYS[2:])
+            nemesis.event_storms.append(EventStorm(start, end + 60.0, lost, delay))
+    if knobs.callback_storms:
+        operations = ("SendTaskSuccess", "SendTaskFailure", "SendTaskHeartbeat")
+        for _ in range(rng.randint(1, 3)):
+            start = rng.uniform(0, quiet_at * 0.8)
+            end = min(quiet_at, start + rng.uniform(40, 200))
+            kind = rng.choice(("throttle", "server_error"))
+            nemesis.storms.append(Storm(kind, start, end, rate=1.0, operations=operations))
+    if knobs.limit_drops:
+        for name, (limit, parameter) in pools.items():
+            start = rng.uniform(0, quiet_at * 0.7)
+            end = min(quiet_at, start + rng.uniform(15, 40))
+            nemesis.storms.append(
+                Storm("lost_requests", start, end, rate=1.0, operations=("StartExecution",))
+            )
+            at = start + rng.uniform(0, 3)
+            new = max(0, limit - rng.randint(1, max(1, limit)))
+            kind = "set_limit" if parameter else "sighup"
+            for node in nodes if kind == "sighup" else (rng.choice(nodes),):
+                nemesis.actions.append(Action(at, kind, node, new, name))
+        nemesis.actions.sort(key=lambda a: a.time)
 
 
 def _actions(

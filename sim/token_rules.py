@@ -96,9 +96,14 @@ def check_tokens(
     spec: CheckSpec,
     children: Mapping[str, list[Execution]],
     dead_lettered: Mapping[str, float],
+    out_of_reach: Mapping[str, float] | None = None,
 ) -> list[Violation]:
     """Every broken token rule. ``children``: request id -> its executions;
-    ``dead_lettered``: message id -> when its dead-letter copy (or move) was made."""
+    ``dead_lettered``: message id -> when its dead-letter copy (or move) was made;
+    ``out_of_reach``: message id -> when the redrive policy moved it after a receive no
+    dispatcher could act on (its answer lost, its receiver killed: as ``lost_request``
+    excuses it, a parent waiting only on such tokens is excused from ``parent_waiting``)."""
+    moved_away = out_of_reach or {}
     log = history.tokens
     if not log.parents:
         return []
@@ -110,7 +115,10 @@ def check_tokens(
     for parent in log.parents.values():
         deadline = max(spec.quiet_at, parent.started) + spec.settle_bound
         waiting = [t for t in parent.tokens if _waits(log.answer_of(t.token), deadline)]
-        if not parent.closed_by(deadline):
+        unreachable = bool(waiting) and all(
+            moved_away.get(t.message_id, math.inf) <= deadline for t in waiting
+        )
+        if not parent.closed_by(deadline) and not unreachable:
             found.append(
                 Violation(
                     "parent_waiting",

@@ -238,7 +238,33 @@ async def test_a_request_received_again_while_its_child_runs_is_held_once() -> N
     assert callbacks.tokens() == [(TOKEN, CHILD)]
     events_of(world).apply(terminal_event("SUCCEEDED", output="{}"))
     await callbacks.answer_due()
-    assert [c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")] == ["rh-m-1-again"]
+    # The newest handle first; the earlier one too (stale after the 12 h cap: only logs).
+    assert [c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")] == [
+        "rh-m-1-again",
+        "rh-m-1",
+    ]
+
+
+async def test_a_duplicate_delivery_of_a_held_token_keeps_every_copy_hidden() -> None:
+    """SQS delivered the token's message twice (two receipt handles at once). Both copies
+    are extended while the child runs and deleted when the parent is answered: one
+    forgotten would come back, be held again in place of the other, and the two would
+    alternate until the redrive policy moved one without a reason."""
+    world = build_world(aws_exact=False)
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    again = child_request()
+    again["ReceiptHandle"] = "rh-m-1-copy"
+    await handle(world, again, intake)
+    assert callbacks.tokens() == [(TOKEN, CHILD)]
+    world.clock.advance(world.settings.visibility_timeout / 2)
+    assert await callbacks.keep_hidden_once() == 1
+    [call] = world.sqs.calls_to("change_message_visibility_batch")
+    assert sorted(e["ReceiptHandle"] for e in call["Entries"]) == ["rh-m-1", "rh-m-1-copy"]
+    events_of(world).apply(terminal_event("SUCCEEDED", output="{}"))
+    await callbacks.answer_due()
+    deleted = {c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")}
+    assert deleted == {"rh-m-1", "rh-m-1-copy"}
 
 
 # -- a child another token waits on ----------------------------------------------------------

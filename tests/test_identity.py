@@ -225,6 +225,64 @@ async def test_a_request_first_received_in_this_reign_costs_no_lookup() -> None:
     assert world.sample("dispatcher_former_name_lookups_total") == 0
 
 
+def fresh_retry(sent_ago: float, **attributes: str) -> dict[str, Any]:
+    """A producer's retry (or a copy SQS stored twice) with the request's idempotency key:
+    a new message, first received by this process (just now), sent ``sent_ago`` s ago."""
+    now = time.time()
+    return sqs_message(
+        '{"n": 1}',
+        message_id="retry-1",
+        attributes={IDEMPOTENCY_ATTRIBUTE: "order-7", **attributes},
+        system={
+            "SentTimestamp": str(int((now - sent_ago) * 1000)),
+            "ApproximateFirstReceiveTimestamp": str(int(now * 1000) + 10_000),
+        },
+    )
+
+
+async def test_a_retry_sent_before_the_reign_is_found_under_its_former_name() -> None:
+    """Keyed before the restart, plain after: the request's first message started
+    ``k<tag>_order-7``, which ended; the producer's retry (same key) was sent before this
+    process began to govern but is first received now. It is looked for under its former
+    names and starts nothing."""
+    world = build_world()
+    former = keyed_name("t-1", "order-7")
+    world.sfn.add_execution(former, '{"n": 1}', status="SUCCEEDED")
+    intake = restarted(world)
+    await handle(world, fresh_retry(60, tenant="t-1"), intake)
+    assert world.sfn.calls_to("start_execution") == []
+    assert world.pool.ledger.is_tombstoned(execution_arn(STATE_MACHINE_ARN, former))
+    assert intake.stats.duplicates == 1
+    assert world.sample("dispatcher_former_name_lookups_total", result="found") == 1
+
+
+async def test_a_retry_sent_in_this_reign_finds_a_running_former_name_for_free() -> None:
+    """Plain before the restart, keyed after; the first execution still runs (the start-up
+    listing showed it). A retry sent after the restart is matched against the ledger by its
+    former names, without a describe, and starts nothing."""
+    world = build_world(key_attribute="tenant")
+    plain = world.sfn.add_execution("order-7", '{"n": 1}')
+    world.pool.ledger.observe_running(plain, world.clock())  # the start-up listing
+    intake = restarted(world)
+    await handle(world, fresh_retry(-30, tenant="t-1"), intake)
+    assert world.sfn.calls_to("start_execution") == []
+    assert world.pool.ledger.running == {plain}
+    assert world.sample("dispatcher_former_name_describes_total") == 0
+    assert world.sample("dispatcher_former_name_lookups_total", result="found") == 1
+
+
+async def test_a_request_without_a_key_sent_before_the_reign_costs_no_lookup() -> None:
+    """The backlog of requests nobody received before the restart, without an idempotency
+    key, cannot have started under another name: no describe."""
+    world = build_world(key_attribute="tenant")
+    intake = restarted(world)
+    message = fresh_retry(60, tenant="t-1")
+    del message["MessageAttributes"][IDEMPOTENCY_ATTRIBUTE]
+    await handle(world, message, intake)
+    assert world.sqs.names() == ["start_execution", "delete_message"]
+    assert world.sample("dispatcher_former_name_lookups_total") == 0
+
+
 async def test_nothing_under_a_former_name_starts_it_under_the_current_one() -> None:
     world = build_world(key_attribute="tenant")
     intake = restarted(world)

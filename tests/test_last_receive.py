@@ -15,7 +15,7 @@ from botocore.exceptions import ReadTimeoutError
 from dispatcher.callbacks import DEAD_LETTERED, Callbacks
 from dispatcher.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
 from dispatcher.intake import Intake
-from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
+from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn, key_tag
 from tests.fake_intake import handle, intake_of
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
@@ -190,6 +190,27 @@ async def test_waiting_requests_on_their_last_receive_are_kept_at_shutdown() -> 
     assert world.pool.ledger.running == {ARN}
 
 
+async def test_an_execution_under_a_former_name_is_found_before_dead_lettering() -> None:
+    """Kept at shutdown on its last receive; its execution ran (and ended) under the name a
+    former ``key_attribute`` gave it, not under its current one. Found, it is served as
+    that execution's, never dead-lettered as never started."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world)
+    former = world.sfn.add_execution(f"k{key_tag('t-1')}_m-1", '{"n": 1}', status="SUCCEEDED")
+    await intake.admit(intake.queues[0], last_receive(tenant="t-1"))
+    assert await intake.hand_back_waiting() == 0
+    world.clock.advance(D + GRACE)
+    await intake.starter.last_receives.settle_once()
+    assert dead_letters(world) == [], "dead-lettered although it ran under its former name"
+    world.clock.advance(D + GRACE)
+    await intake.starter.last_receives.settle_once()
+    assert len(intake.starter.last_receives) == 0
+    assert dead_letters(world) == []
+    assert world.pool.ledger.is_tombstoned(former)
+    assert world.sqs.calls_to("delete_message") or world.sqs.calls_to("delete_message_batch")
+
+
 async def test_an_idempotency_key_names_the_execution_described() -> None:
     world = world_of(limit=2)
     world.sfn.answers_lost = 10
@@ -252,3 +273,24 @@ async def test_slow_describes_after_already_exists_keep_the_message_hidden() -> 
     assert len(extended) >= 2, "extended between the slow describes"
     assert set(extended) == {world.settings.visibility_timeout}
     assert world.pool.ledger.running == {ARN}
+
+
+async def test_a_dead_letter_send_failing_on_the_last_receive_is_retried_kept_hidden(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An invalid request on its last receive; the dead-letter queue refuses the copy twice.
+    Handed back, SQS's redrive policy would move it without its reason: it is kept hidden
+    and the send tried again until it goes, then the request is deleted."""
+    monkeypatch.setattr("dispatcher.deadletter.LAST_RECEIVE_MAX_PAUSE", 0.01)
+    world = world_of(limit=2)
+    intake, _ = intake_for(world)
+    world.sqs.fail("send_message", *(client_error("InternalError", 500) for _ in range(2)))
+    bad = sqs_message(
+        "not json", message_id="m-1", system={"ApproximateReceiveCount": str(MAX_RECEIVES)}
+    )
+    await handle(world, bad, intake)
+    *refused, copy = dead_letters(world)
+    assert len(refused) == 2, "tried again on the spot"
+    assert copy["MessageAttributes"][REASON_ATTRIBUTE]["StringValue"] == "invalid_json"
+    assert world.sqs.calls_to("change_message_visibility") == [], "handed back"
+    assert world.sqs.calls_to("delete_message") or world.sqs.calls_to("delete_message_batch")

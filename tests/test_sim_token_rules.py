@@ -8,7 +8,7 @@ import json
 from sim.checker import check
 from sim.history import History
 from sim.token_log import FAILURE, SUCCESS, IssuedToken
-from tests.test_sim_checker import MACHINE, delete, execution_arn, kinds, request, spec
+from tests.test_sim_checker import DLQ, MACHINE, QUEUE, delete, execution_arn, kinds, request, spec
 
 PARENT = "arn:aws:states:eu-west-1:123456789012:execution:parents:p"
 OUTPUT = '{"req": "p-0", "done": true}'
@@ -134,6 +134,28 @@ def test_a_parent_never_answered_is_caught() -> None:
     assert kinds(found) == ["parent_waiting", "token_message_kept"]
     assert found[0].time == 160.0
     assert "item 0" in found[0].message
+
+
+def _token_moved(*, crashed: bool) -> History:
+    """Parent p's token message m0 received by d1, then moved by the redrive policy; d1
+    killed after its receive (``crashed``) or not."""
+    history = History()
+    parent(history)
+    history.messages_received(1, "d1", QUEUE, [("m0", 1)], call_id=1)
+    if crashed:
+        history.crash(2, "d1")
+    history.message_moved(
+        70, source_url=QUEUE, target_url=DLQ, message_id="m0", body="{}", attributes={}
+    )
+    return history
+
+
+def test_a_parent_whose_token_message_was_moved_out_of_reach_is_not_waiting() -> None:
+    """Its receiver killed, SQS's redrive policy moved the token's message: as
+    ``lost_request`` excuses the request, ``parent_waiting`` excuses its parent - but only
+    then: a move after a receive a dispatcher saw leaves the parent waiting."""
+    assert "parent_waiting" not in kinds(check(_token_moved(crashed=True), spec()))
+    assert "parent_waiting" in kinds(check(_token_moved(crashed=False), spec()))
 
 
 def test_a_message_never_let_go_is_caught() -> None:
