@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from sim.nemesis import STORM_MAX, Action, Storm
+from sim.nemesis import STORM_MAX, Action, EventStorm, Storm
 
 if TYPE_CHECKING:
     from sim.harness import Run
@@ -33,6 +33,7 @@ POOLS: tuple[str, ...] = ("p0", "p1")
 """The pools a rolling seed has (the harness adds ``p1`` when the seed drew one pool)."""
 PROCESS_STARTS = 3.0  # seconds a new process takes before its old one may be stopped
 LEASE_HELD = ("UpdateItem",)  # a renewal hang: the lease's writes held, the rest answers
+EVENTS_LOST = 30.0  # a renewal hang loses status events until this long after it
 LISTING_LAG = 9.5  # just under the least start grace a file has (10 s)
 
 
@@ -78,7 +79,7 @@ class Hang:
     """At ``at``, the leader (when there is one) freezes for ``seconds``: ``freeze``, every
     call of it held; ``renewal``, only its lease writes, while every StartExecution takes
     effect at its sender's D (a degraded network: the last starts of the leader whose
-    lease lapses land late, within its D)."""
+    lease lapses land late, within its D) and status events are lost."""
 
     at: float
     kind: str  # freeze | renewal
@@ -225,6 +226,8 @@ async def _hang(run: Run, hang: Hang) -> None:
     run.world.history.note(run.clock(), "nemesis", f"{hang.kind} of leader {node} until {end:.3f}")
     if hang.kind == "renewal":
         run.nemesis.late_start_windows.append((run.clock(), end))
+        # ... and their status events lost: only the listings tell the successor.
+        run.nemesis.event_storms.append(EventStorm(run.clock(), end + EVENTS_LOST, lost=True))
     run.nemesis.storms.append(
         Storm(
             kind="partition",
