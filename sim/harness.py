@@ -523,7 +523,8 @@ class Run:
             heartbeat_grace=HEARTBEAT_GRACE,
             # Across a restart: the last heartbeat, the message hidden (kill -9: a visibility
             # timeout; SIGTERM: the shutdown), a new process, a receive, a heartbeat.
-            heartbeat_restart_gap=HEARTBEAT_INTERVAL
+            heartbeat_restart_gap=self._rolling_gap
+            + HEARTBEAT_INTERVAL
             + DISPATCHER["visibility_timeout"]
             + RESTART_MAX
             + DISPATCHER["receive_wait_seconds"]
@@ -533,12 +534,24 @@ class Run:
                 [float(DISPATCHER["start_timeout"])]
                 + [self.rolling.variant_of(n).start_timeout for n in self.nodes if self.rolling]
             ),
-            heartbeat_deploy_gap=HEARTBEAT_INTERVAL
+            heartbeat_deploy_gap=self._rolling_gap
+            + HEARTBEAT_INTERVAL
             + DISPATCHER["shutdown_timeout"]
             + RESTART_MAX
             + DISPATCHER["receive_wait_seconds"]
             + 10.0,
         )
+
+    @property
+    def _rolling_gap(self) -> float:
+        """How much longer a held token's heartbeats may pause in a rolling seed: a frozen
+        leader sends none, and its successor waits the longest D + grace of any file."""
+        if self.rolling is None:
+            return 0.0
+        variants = [self.rolling.variant_of(n) for n in self.nodes]
+        longest = max(v.start_timeout + v.start_grace for v in variants)
+        frozen = max((h.seconds for h in self.rolling.hangs), default=0.0)
+        return longest + min(frozen, STORM_MAX)
 
     @property
     def _heartbeats(self) -> bool:
