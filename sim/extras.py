@@ -22,6 +22,10 @@ without them runs exactly as before.
 - ``receive_limit``: request queues with a low ``maxReceiveCount`` (3 to 6): requests in
   doubt, deferred or handed back reach their last receive and are dead-lettered (then
   redriven by the scenarios above).
+- ``rolling``: two or three processes sharing the lease with config files that differ
+  (pools added and removed, limits in the file or in SSM, D and start grace), replaced by
+  rolling deploys (a new process started, then the old one stopped), the leader frozen
+  past its lease or its lease renewal hung (`sim.rolling`).
 
 `ENABLED` comes from ``SIM_EXTRAS`` (``all`` or a comma-separated list) or ``python -m sim
 --extras``. To turn them on by default, change `DEFAULT` below to ``"all"``.
@@ -32,6 +36,9 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+
+from sim import rolling
+from sim.rolling import RollingPlan
 
 DEFAULT = "all"
 """The scenarios on when ``SIM_EXTRAS`` is not set ("all" turns every one on)."""
@@ -44,6 +51,7 @@ SCENARIOS = (
     "deploys",
     "child_redrive",
     "receive_limit",
+    "rolling",
 )
 SHARE = {
     "envelope": 0.2,
@@ -54,6 +62,7 @@ SHARE = {
     "deploys": 0.5,  # of the seeds with parents that heartbeat
     "child_redrive": 0.5,  # of the seeds with parents
     "receive_limit": 0.3,
+    "rolling": 0.25,
 }
 REDRIVE_VISIBILITY = 300  # the CLI's default --visibility-timeout
 REDRIVE_BOUND = 600.0  # seconds a CLI redrive may run before it is judged endless
@@ -106,6 +115,7 @@ class ExtrasPlan:
     deploys: tuple[float, ...] = ()  # SIGTERM of every node, after the faults
     child_redrives: bool = False
     max_receive_count: int | None = None  # the request queues' (None: the default)
+    rolling: RollingPlan | None = None  # processes with differing configs (sim.rolling)
 
     @property
     def names(self) -> list[str]:
@@ -128,6 +138,8 @@ class ExtrasPlan:
             out.append("child_redrive")
         if self.max_receive_count is not None:
             out.append(f"receive_limit:{self.max_receive_count}")
+        if self.rolling is not None:
+            out += self.rolling.names
         return out
 
     @property
@@ -135,6 +147,8 @@ class ExtrasPlan:
         """When the last planned action starts (the run lasts until it is done)."""
         times = [r.at for r in self.cli_redrives] + list(self.move_tasks)
         times += [r.at for r in self.reconfigures] + list(self.deploys)
+        if self.rolling is not None:
+            times.append(self.rolling.last_action)
         return max(times, default=0.0)
 
 
@@ -201,4 +215,10 @@ def draw(
         plan["child_redrives"] = True
     if has("receive_limit"):
         plan["max_receive_count"] = rng.choice((3, 4, 6))
+    if has("rolling"):
+        plan["rolling"] = rolling.draw(rng, quiet_at)
+        plan.pop("reconfigures", None)  # each process's file is the rolling deploy's
+        # Two pools fed by queues of their own: a redrive has no one target any more.
+        plan.pop("cli_redrives", None)
+        plan.pop("move_tasks", None)
     return ExtrasPlan(**plan)  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ from dispatcher.errors import UserError
 from dispatcher.metrics import Metrics
 from dispatcher.pool import MAX_DEFER_SECONDS
 from dispatcher.service import Dispatcher
-from sim import extras, loop
+from sim import extras, loop, rolling
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.buggify import draw as draw_knobs
@@ -167,6 +167,13 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
     )
     if chosen.parent_retries:
         made = dataclasses.replace(made, parents=with_retries(seed, made.parents))
+    if chosen.rolling is not None:  # two pools, each fed by its own queues, and the lease
+        rolled = made.pools
+        if len(rolled) == 1:
+            rolled = (*rolled, dataclasses.replace(rolled[0], name="p1", limit=2))
+        made = dataclasses.replace(made, pools=rolled, lease=True, shared_queue=False)
+        if chosen.rolling.listing_lag is not None:
+            made = dataclasses.replace(made, listing_lag=chosen.rolling.listing_lag)
     return dataclasses.replace(made, extras=chosen)
 
 
@@ -261,7 +268,11 @@ class Run:
         )
         self.errors: list[str] = []
         self.memory: list[Violation] = []
-        self.nodes = ("d1", "d2") if self.plan.lease else ("d1",)
+        self.nodes: tuple[str, ...] = ("d1", "d2") if self.plan.lease else ("d1",)
+        self.rolling = self.plan.extras.rolling  # processes whose configs differ
+        if self.rolling is not None:
+            self.nodes = self.rolling.nodes
+        self.retired: set[str] = set()  # replaced by a rolling deploy: not started again
         self.incarnations: dict[str, tuple[str, Dispatcher | None, anyio.CancelScope]] = {}
         self.restart_after: dict[str, float] = dict.fromkeys(self.nodes, 0.0)
         self.expected_bad: set[str] = set()
@@ -324,7 +335,7 @@ class Run:
         self.queues: dict[str, list[str]] = {}
         for pool in self.plan.pools:
             self.arns[pool.name] = world.create_state_machine(f"governed-{pool.name}")
-            if pool.parameter or pool.name in self.limit_moves:
+            if pool.parameter or pool.name in self.limit_moves or self.rolling is not None:
                 world.put_parameter(_parameter(pool.name), str(pool.limit))
             world.put_parameter(_config_record(pool.name), str(pool.limit))
         world.route_events(self.arns.values(), self.events)
@@ -354,6 +365,26 @@ class Run:
         )
 
     def _write_config(self) -> None:
+        self.config_path.write_text(self._config_text(), encoding="utf-8")
+        if self.rolling is not None:
+            for node in self.rolling.nodes:
+                text = self._config_text(self.rolling.variant_of(node))
+                self._config_of(node).write_text(text, encoding="utf-8")
+
+    def write_configs(self) -> None:
+        """Write every process's config file again (what the harness's state says)."""
+        self._write_config()
+
+    def _config_of(self, name: str) -> Path:
+        """The config file of process ``name`` (its slot's, in a rolling seed)."""
+        if self.rolling is None:
+            return self.config_path
+        return self.config_path.with_name(f"dispatcher-{name.split('.', maxsplit=1)[0]}.toml")
+
+    def _config_text(self, variant: rolling.Variant | None = None) -> str:
+        """A config file: this run's, or a rolling deploy's ``variant`` of it."""
+        governed = [p for p in self.plan.pools if variant is None or p.name in variant.pools]
+        in_ssm = self.in_ssm if variant is None else {p: p in variant.in_ssm for p in self.in_ssm}
         lines = ["[dispatcher]"]
         settings: dict[str, Any] = {
             **DISPATCHER,
@@ -365,6 +396,7 @@ class Run:
             settings.update(bug.settings)
         if self.plan.lease:
             settings["lease_table"] = "leases"
+        settings.update(variant.settings if variant is not None else {})
         if self.input_format != "json":
             settings["input_format"] = self.input_format
         if self.plan.parents.parents:  # the settings the dispatcher has (before and after)
@@ -374,13 +406,13 @@ class Run:
             }
             settings.update({k: v for k, v in wanted.items() if k in Settings.model_fields})
         lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
-        for pool in self.plan.pools:
+        for pool in governed:
             lines += [
                 f"[pools.{pool.name}]",
                 f'state_machine_arn = "{self.arns[pool.name]}"',
                 f"limit = {self.limits[pool.name]}",
             ]
-            if self.in_ssm[pool.name]:
+            if in_ssm[pool.name]:
                 lines.append(f'limit_parameter = "{_parameter(pool.name)}"')
             if self.keyed[pool.name]:
                 lines += [
@@ -389,7 +421,7 @@ class Run:
                     f"per_key_limit = {self.key_limits[pool.name]}",
                 ]
         seen: set[str] = set()
-        for pool in self.plan.pools:
+        for pool in governed:
             for priority, url in enumerate(self.queues[pool.name]):
                 if url in seen:
                     continue
@@ -401,7 +433,7 @@ class Run:
                     lines += [f"pools = [{names}]", f'pool_attribute = "{POOL_ATTRIBUTE}"']
                 else:
                     lines += [f'pool = "{pool.name}"', f"priority = {priority}"]
-        self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return "\n".join(lines) + "\n"
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -466,7 +498,7 @@ class Run:
         pools = {}
         for pool in self.plan.pools:
             parameter = _parameter(pool.name) if pool.parameter else _config_record(pool.name)
-            if pool.name in self.limit_moves:
+            if pool.name in self.limit_moves or self.rolling is not None:
                 parameter = _config_record(pool.name)  # the harness records every change
             pools[self.arns[pool.name]] = PoolSpec(
                 limit=pool.limit, parameter=parameter, per_key_limit=self.key_limits.get(pool.name)
@@ -491,19 +523,35 @@ class Run:
             heartbeat_grace=HEARTBEAT_GRACE,
             # Across a restart: the last heartbeat, the message hidden (kill -9: a visibility
             # timeout; SIGTERM: the shutdown), a new process, a receive, a heartbeat.
-            heartbeat_restart_gap=HEARTBEAT_INTERVAL
+            heartbeat_restart_gap=self._rolling_gap
+            + HEARTBEAT_INTERVAL
             + DISPATCHER["visibility_timeout"]
             + RESTART_MAX
             + DISPATCHER["receive_wait_seconds"]
             + 10.0,
             # A start given up may still take effect this long after (the fence, D).
-            late_start=float(DISPATCHER["start_timeout"]),
-            heartbeat_deploy_gap=HEARTBEAT_INTERVAL
+            late_start=max(
+                [float(DISPATCHER["start_timeout"])]
+                + [self.rolling.variant_of(n).start_timeout for n in self.nodes if self.rolling]
+            ),
+            heartbeat_deploy_gap=self._rolling_gap
+            + HEARTBEAT_INTERVAL
             + DISPATCHER["shutdown_timeout"]
             + RESTART_MAX
             + DISPATCHER["receive_wait_seconds"]
             + 10.0,
         )
+
+    @property
+    def _rolling_gap(self) -> float:
+        """How much longer a held token's heartbeats may pause in a rolling seed: a frozen
+        leader sends none, and its successor waits the longest D + grace of any file."""
+        if self.rolling is None:
+            return 0.0
+        variants = [self.rolling.variant_of(n) for n in self.nodes]
+        longest = max(v.start_timeout + v.start_grace for v in variants)
+        frozen = max((h.seconds for h in self.rolling.hangs), default=0.0)
+        return longest + min(frozen, STORM_MAX)
 
     @property
     def _heartbeats(self) -> bool:
@@ -554,7 +602,8 @@ class Run:
     # -- processes -------------------------------------------------------------------------
 
     def _dispatcher(self, name: str) -> Dispatcher:
-        loaded = layout.load({"config": str(self.config_path)}, env={})
+        config = self._config_of(name)
+        loaded = layout.load({"config": str(config)}, env={})
         skew = 0.0
         return Dispatcher(
             loaded.settings,
@@ -562,7 +611,7 @@ class Run:
             metrics=Metrics(CollectorRegistry()),
             clock=self.clock,
             wall=lambda: self.world.wall(self.clock()) + skew,
-            overrides={"config": str(self.config_path)},
+            overrides={"config": str(config)},
             environ={},
             clients=self._clients_of(name),
             serve_http=False,
@@ -591,7 +640,8 @@ class Run:
     async def _life(self, node: str) -> None:
         """One process slot: run a dispatcher; after it dies or exits, start a new one."""
         incarnation = 0
-        while not self.finished.is_set():
+        await rolling.born(self, node)
+        while not self.finished.is_set() and node not in self.retired:
             incarnation += 1
             name = f"{node}.{incarnation}"
             dispatcher = self._dispatcher(name)
@@ -612,7 +662,11 @@ class Run:
                         text = "".join(traceback.format_exception(exc))
                         self.errors.append(f"{name} at {self.clock():.3f}: {text}")
                         self.world.history.note(self.clock(), name, "process died: BUG")
+            if node in self.retired:
+                break
             await anyio.sleep(max(1.0, self.restart_after[node]))
+        if node in self.retired:  # replaced by a rolling deploy: gone for good
+            self.incarnations.pop(node, None)
 
     async def _act(self) -> None:
         for action in self.nemesis.actions:
@@ -706,6 +760,9 @@ class Run:
     def _set_limit(self, action: Action) -> None:
         """An operator changes a limit: in SSM, or in the config file and then SIGHUP
         (wherever the pool's limit is now, when it moves between the two)."""
+        if self.rolling is not None:
+            rolling.set_limit(self, action.pool, action.value)
+            return
         pool = next(p for p in self.plan.pools if p.name == action.pool)
         kind = action.kind
         if pool.name in self.limit_moves:

@@ -21,6 +21,7 @@ from sim.extras import REDRIVE_BOUND, REDRIVE_VISIBILITY, CliRedrive, ExtrasPlan
 from sim.history import key_tag_of
 from sim.move_task import move_task
 from sim.nemesis import Action
+from sim.rolling import run_rolling
 from sim.violation import Violation
 
 if TYPE_CHECKING:
@@ -83,6 +84,8 @@ async def run_extras(run: Run, plan: ExtrasPlan) -> None:
                 tg.start_soon(_at, run, change.at, _reconfigure, run, change)
             for at in plan.deploys:
                 tg.start_soon(_at, run, at, _deploy, run)
+            if plan.rolling is not None:
+                tg.start_soon(run_rolling, run, plan.rolling)
             if plan.child_redrives:
                 _watch_failed_children(run, tg)
             await anyio.sleep(max(0.0, plan.last_action - run.clock()) + 1.0)

@@ -242,39 +242,6 @@ def test_a_producer_retry_with_the_same_key_is_one_request() -> None:
     assert "duplicate_execution" in kinds(check(history, spec()))
 
 
-def _renamed(retry_at: float, first_stop: float, *, later_node: str = "d1.2") -> History:
-    """A request started plain by d1.1, then again keyed by d1.2 (a changed key_attribute),
-    which began to govern at 50, after a retry sent at ``retry_at``."""
-    history = History()
-    history.note(0, "d1.1", "process started")
-    history.note(50, "d1.2", "process started")
-    key = {"idempotency-key": "order-1"}
-    request(history, "q1", "m1", 1, attributes=key)
-    run(history, "order-1", 2, first_stop, node="d1.1")
-    request(history, "q1", "m2", retry_at, attributes=key)
-    run(history, f"k{key_tag('t-1')}_order-1", 70, 75, node=later_node)
-    return history
-
-
-def test_a_retry_after_a_renaming_restart_of_an_ended_request_is_the_documented_case() -> None:
-    """A producer's retry sent in the reign of a process whose key_attribute differs, of a
-    request whose execution had ended before that reign: the documented residual."""
-    assert "duplicate_execution" not in kinds(check(_renamed(60, 10), spec()))
-
-
-def test_the_renaming_residual_is_precise() -> None:
-    """Anything else is still a duplicate: the retry sent before the reign (the dispatcher
-    looks those up), the first execution still running at the reign (the listing shows
-    it), an outside start."""
-    for history in (
-        _renamed(40, 10),  # sent before the reign began
-        _renamed(52, 10),  # within the skew
-        _renamed(60, 55),  # the first ended after the reign began
-        _renamed(60, 10, later_node=OUTSIDE),
-    ):
-        assert "duplicate_execution" in kinds(check(history, spec()))
-
-
 # -- rule 3: no request lost ------------------------------------------------------------------
 
 
