@@ -40,6 +40,7 @@ from dispatcher.pool import Pool
 from dispatcher.queues import RequestQueue
 from dispatcher.rate import RateLimiters
 from dispatcher.requests import (
+    IDEMPOTENCY_ATTRIBUTE,
     REQUEST_ID_ATTRIBUTE,
     StartRequest,
     execution_arn,
@@ -304,12 +305,11 @@ class Starter:
         """Whether the request may have started under a name a former configuration gave
         it (``key_attribute`` changed across a restart) and is worth describing there: its
         current name is not known, and it was first received before this reign began, or
-        it was *sent* before this reign began (a producer's retry with an idempotency key,
-        or a copy SQS stored twice - same message id, so the same request with or without
-        a key - whose twin a predecessor may have started under its former name), or it
-        is a copy (a dead letter moved back) that may have started before it was
-        dead-lettered. Any other request is looked for under its former names only in what
-        the ledger knows (free, see `_former_name_held`)."""
+        it carries an idempotency key and was *sent* before this reign began (a producer's
+        retry, or a copy SQS stored twice, whose twin a predecessor may have started
+        under its former name), or it is a copy (a dead letter moved back) that may have
+        started before it was dead-lettered. Any other request is looked for under its
+        former names only in what the ledger knows (free, see `_former_name_held`)."""
         pool, message = entry.pool, entry.message
         arn = execution_arn(pool.state_machine_arn, entry.request.name)
         ledger = pool.ledger
@@ -325,7 +325,8 @@ class Starter:
             if first is not None and int(first) / 1000 < began:
                 return True
             sent = system.get("SentTimestamp")
-            return sent is not None and int(sent) / 1000 < began
+            keyed = IDEMPOTENCY_ATTRIBUTE in attributes
+            return keyed and sent is not None and int(sent) / 1000 < began
         except ValueError:
             return True
 

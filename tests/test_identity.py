@@ -271,34 +271,16 @@ async def test_a_retry_sent_in_this_reign_finds_a_running_former_name_for_free()
     assert world.sample("dispatcher_former_name_lookups_total", result="found") == 1
 
 
-async def test_a_twin_without_a_key_sent_before_the_reign_is_found_under_its_former_name() -> None:
-    """SQS stored a request without an idempotency key twice (one message id: one
-    request). Plain before the restart: a predecessor started the first copy under its
-    message id, which ended. The twin, sent before this reign but first received in it,
-    keyed now, is looked for under its former names and starts nothing."""
+async def test_a_request_without_a_key_sent_before_the_reign_costs_no_lookup() -> None:
+    """The backlog of requests nobody received before the restart, without an idempotency
+    key, cannot have started under another name: no describe."""
     world = build_world(key_attribute="tenant")
-    world.sfn.add_execution("retry-1", '{"n": 1}', status="SUCCEEDED")
     intake = restarted(world)
     message = fresh_retry(60, tenant="t-1")
     del message["MessageAttributes"][IDEMPOTENCY_ATTRIBUTE]
     await handle(world, message, intake)
-    assert world.sfn.calls_to("start_execution") == []
-    assert intake.stats.duplicates == 1
-    assert world.sample("dispatcher_former_name_lookups_total", result="found") == 1
-
-
-async def test_a_request_sent_in_this_reign_costs_no_lookup() -> None:
-    """A request sent after the restart (and first received now), with or without a key,
-    cannot have started under another name: no describe."""
-    for key in (True, False):
-        world = build_world(key_attribute="tenant")
-        intake = restarted(world)
-        message = fresh_retry(-30, tenant="t-1")
-        if not key:
-            del message["MessageAttributes"][IDEMPOTENCY_ATTRIBUTE]
-        await handle(world, message, intake)
-        assert world.sqs.names() == ["start_execution", "delete_message"]
-        assert world.sample("dispatcher_former_name_lookups_total") == 0
+    assert world.sqs.names() == ["start_execution", "delete_message"]
+    assert world.sample("dispatcher_former_name_lookups_total") == 0
 
 
 async def test_nothing_under_a_former_name_starts_it_under_the_current_one() -> None:
