@@ -69,6 +69,9 @@ class LiveLimits:
         self.overrides: Mapping[str, Any] = {}  # the flags given at start-up
         self.environ: Mapping[str, str] = os.environ
         self._read: set[str] = set()  # pools whose parameter has been read once
+        # What of the pools and queues the last reload of the file could not apply: the
+        # rules that route, count, name and limit (each needs a restart).
+        self.structure_changed: list[str] = []
 
     @property
     def parameters(self) -> dict[str, str]:
@@ -194,6 +197,7 @@ class LiveLimits:
             log.error("dispatcher.reload_failed", error=str(exc), kept="the running config")  # noqa: TRY400 - the message says it all
             return False
         needs_restart = _structural_changes(self.layout, layout)
+        self.structure_changed = list(needs_restart)
         live: dict[str, Any] = {}
         for name, before, after in _setting_changes(self.settings, settings):
             if name in LIVE_SETTINGS:

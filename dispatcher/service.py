@@ -43,6 +43,11 @@ ClientsFactory = Callable[..., AbstractAsyncContextManager[Clients]]
 passes one that hands out its simulated AWS."""
 
 
+class RestartNeededError(UserError):
+    """The config file changed, under a standby, in ways only a restart applies: the
+    process exits (status 2) instead of governing by the rules it started with."""
+
+
 @dataclass(frozen=True)
 class Summary:
     """The one-line account logged at exit."""
@@ -89,6 +94,7 @@ class Dispatcher:
         self._serve_http = serve_http
         self._lease_owner = lease_owner  # None: host, pid and a random suffix
         self._reload_pending = False  # a SIGHUP came before the limits were set up
+        self._restart_needed: list[str] = []  # the file changed under a standby: see below
         self.endpoint_url = endpoint_url
         self.pools = {
             p.name: Pool(p, self.metrics, clock, queues=len(self.layout.queues_of(p.name)))
@@ -254,6 +260,12 @@ class Dispatcher:
             tg.cancel_scope.cancel()
         summary = self.summary()
         log.info("dispatcher.stopped", **asdict(summary))
+        if self._restart_needed:
+            raise RestartNeededError(
+                "the config file changed since this process started ("
+                + "; ".join(self._restart_needed)
+                + "): it did not take over, restart it to apply the file"
+            )
         return summary
 
     async def _standby(self, clients: Clients, task_status: TaskStatus[Dispatcher]) -> None:
@@ -426,6 +438,20 @@ class Dispatcher:
             # may have taken long.
             if self.settings.config is not None and lease is not None:
                 self.reload(why="taking over")
+                if self.limits.structure_changed:
+                    # Governing under the file this process started with would count,
+                    # name or limit by rules the operator has replaced (a limit moved to a
+                    # parameter that is then lowered, a key attribute turned on): hand the
+                    # lease on and exit, so that a process started with the file leads.
+                    self._restart_needed = list(self.limits.structure_changed)
+                    log.error(
+                        "dispatcher.restart_needed",
+                        changes=self._restart_needed,
+                        why="the config file changed the pools or queues, which a reload "
+                        "cannot apply: not taking over, exiting to be restarted with it",
+                    )
+                    self.stop()
+                    await anyio.sleep_forever()  # cancelled by the stop: no reign
             await self.limits.refresh_once()
         if lease is not None:
             lease.settled()  # the predecessor's starts are all in the listing now

@@ -97,7 +97,9 @@ def check(history: History, spec: CheckSpec) -> list[Violation]:
     excused = _moves_out_of_reach(history)
     out_of_reach = {m.message_id: m.time for m in history.moves if m.message_id in excused}
     found += token_rules.check_tokens(history, spec, owners.executions, dead_lettered, out_of_reach)
-    found += copy_rules.check_dead_letters(history, spec, owners.executions, owners.request_of)
+    found += copy_rules.check_dead_letters(
+        history, spec, owners.executions, owners.request_of, owners.fresh
+    )
     found.sort(key=lambda v: (v.time, v.kind))
     return found
 
@@ -207,7 +209,9 @@ class _Owners:
             self.request_of[message.message_id] = message.request_id
         # Copies (dead-letter, redrive, move task) name the same request (sim.copy_rules).
         copied: dict[str, list[RequestMessage]] = defaultdict(list)
-        for copy in copy_rules.copies(history):
+        found_copies = copy_rules.copies(history)
+        self.fresh = copy_rules.fresh_identities(found_copies)  # new requests, by design
+        for copy in found_copies:
             copied[copy.request_id].append(copy)
             self.request_of.setdefault(copy.message_id, copy.request_id)
         by_name: dict[str, list[Execution]] = defaultdict(list)
@@ -286,23 +290,29 @@ def _check_one_execution(owners: _Owners, history: History) -> list[Violation]:
     found: list[Violation] = []
     reigns = _reigns(history)
     for request_id, all_executions in owners.executions.items():
-        executions: list[Execution] = []
+        # A fresh copy (sim.copy_rules) is a request of its own: judged under its identity.
+        lineages: dict[str, list[Execution]] = defaultdict(list)
         for execution in all_executions:
-            messages = owners.messages.get(request_id, [])
-            if executions and all(
-                _renamed_retry(reigns, messages, e, execution) for e in executions
-            ):
-                continue
-            executions.append(execution)
-        if len(executions) > 1:
-            found.append(
-                Violation(
-                    "duplicate_execution",
-                    executions[1].first_start,
-                    f"request {request_id} has {len(executions)} executions: "
-                    + ", ".join(e.name for e in executions),
+            identity = copy_rules.identity_of(execution.name)
+            lineages[identity if identity in owners.fresh else ""].append(execution)
+        for lineage in lineages.values():
+            executions: list[Execution] = []
+            for execution in lineage:
+                messages = owners.messages.get(request_id, [])
+                if executions and all(
+                    _renamed_retry(reigns, messages, e, execution) for e in executions
+                ):
+                    continue
+                executions.append(execution)
+            if len(executions) > 1:
+                found.append(
+                    Violation(
+                        "duplicate_execution",
+                        executions[1].first_start,
+                        f"request {request_id} has {len(executions)} executions: "
+                        + ", ".join(e.name for e in executions),
+                    )
                 )
-            )
     return found
 
 

@@ -17,6 +17,13 @@ them).
    ``false_conflict``: a request dead-lettered as ``idempotency_conflict`` although the
    execution under its name runs this very request's body (a producer's retry, a redrive:
    the same request, not a conflict).
+
+A *fresh* copy (`fresh_identities`) is the documented limit of request identity (README,
+"Request identity"): SQS's move task's copy of a message the redrive policy moved carries
+nothing that names the request it came from (no ``dispatcher-request-id``, no original
+message id), so without an idempotency key it is a new request under its new message id.
+Executions named after a fresh copy (and dead letters of it) are judged as that new
+request's: never two under one identity, none beside a dead letter of it.
 """
 
 from __future__ import annotations
@@ -33,13 +40,18 @@ from sim.history import (
     Execution,
     History,
     RequestMessage,
+    key_tag_of,
 )
+from sim.move_task import NODE as MOVE_TASK
 from sim.violation import Violation
 
 if TYPE_CHECKING:
     from sim.checker import CheckSpec
 
 DETAIL_ATTRIBUTE = "dispatcher-detail"
+REQUEST_ID_ATTRIBUTE = "dispatcher-request-id"
+IDEMPOTENCY_ATTRIBUTE = "idempotency-key"
+_NAMING = (REQUEST_ID_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, IDEMPOTENCY_ATTRIBUTE)
 CONFLICT = "idempotency_conflict"
 _INVITES = re.compile(r"\bredrive\b", re.IGNORECASE)
 _WARNS = re.compile(r"\b(not|never|don't|do not)\b[^.;]{0,40}\bredrive", re.IGNORECASE)
@@ -100,14 +112,35 @@ def copies(history: History) -> list[RequestMessage]:
     return found
 
 
+def fresh_identities(found: list[RequestMessage]) -> set[str]:
+    """Message ids of the fresh copies among ``found`` (`copies`): sent by SQS's move task
+    without any attribute that names a request (what the redrive policy moved), so a new
+    request by the documented identity rules."""
+    return {
+        c.message_id
+        for c in found
+        if c.node == MOVE_TASK and not any(a in c.attributes for a in _NAMING)
+    }
+
+
+def identity_of(execution_name: str) -> str:
+    """An execution's name without a pool's key tag: the identity it was named after."""
+    return (
+        execution_name.split("_", 1)[1]
+        if key_tag_of(execution_name) is not None
+        else execution_name
+    )
+
+
 def check_dead_letters(
     history: History,
     spec: CheckSpec,
     executions: Mapping[str, list[Execution]],
     request_of: Mapping[str, str],
+    fresh: frozenset[str] | set[str] = frozenset(),
 ) -> list[Violation]:
     """Rule 9. ``executions``: request id -> its executions; ``request_of``: message id
-    (producers' and copies') -> request id."""
+    (producers' and copies') -> request id; ``fresh``: `fresh_identities`."""
     found: list[Violation] = []
     for sent in history.dead_letter_copies(spec.dead_letter_queue):
         request_id = request_of.get(sent.message_id) or request_of.get(
@@ -117,10 +150,16 @@ def check_dead_letters(
             continue
         reason = sent.attributes.get(REASON_ATTRIBUTE, "")
         detail = sent.attributes.get(DETAIL_ATTRIBUTE, "")
+        named = sent.attributes.get(REQUEST_ID_ATTRIBUTE) or sent.attributes.get(
+            ORIGINAL_ID_ATTRIBUTE, ""
+        )
+        lineage = named if named in fresh else None  # a fresh copy's: a request of its own
         ran = [
             e
             for e in executions.get(request_id, [])
-            if e.started_by != OUTSIDE and e.first_start <= sent.time + spec.late_start
+            if e.started_by != OUTSIDE
+            and e.first_start <= sent.time + spec.late_start
+            and (identity_of(e.name) == lineage if lineage else identity_of(e.name) not in fresh)
         ]
         if not ran:
             continue

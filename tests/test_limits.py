@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import structlog.testing
 from botocore.exceptions import ClientError
@@ -18,6 +19,7 @@ from dispatcher.limits import LiveLimits, last_running_limit, parse_limit, read_
 from dispatcher.metrics import Metrics
 from dispatcher.pool import Pool
 from dispatcher.rate import RateLimiters
+from dispatcher.service import Dispatcher, RestartNeededError
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -222,3 +224,72 @@ def test_a_reload_names_every_change_it_cannot_apply(tmp_path: Path) -> None:
     assert limits.settings.reconcile_interval == 20
     assert limits.settings.receive_concurrency == 4
     assert pool.ledger.limit == 5
+
+
+class _Lease:
+    """A lease just taken (`_take_office` tells it when the predecessor has settled)."""
+
+    def __init__(self) -> None:
+        self.settled_once = False
+
+    def settled(self) -> None:
+        self.settled_once = True
+
+
+async def test_a_standby_taking_over_under_a_changed_pool_exits_to_be_restarted(
+    tmp_path: Path,
+) -> None:
+    """The limit moves from the file to a parameter (then lowered there) while a standby
+    waits: taking over, it would govern with the file's limit and never read the
+    parameter. It starts nothing, hands the lease on and exits (status 2) to be restarted
+    with the file."""
+    path = tmp_path / "c.toml"
+    write(path, "limit = 7")
+    limits, _ = live(path)
+    service = Dispatcher(limits.settings, layout=limits.layout, serve_http=False)
+    service.limits = limits
+    listed: list[bool] = []
+
+    async def startup_listing() -> None:
+        listed.append(True)
+
+    service._startup_listing = startup_listing  # type: ignore[method-assign]
+    write(path, 'limit = 7\nlimit_parameter = "/sfn-dispatcher/reports/limit"')
+    lease = _Lease()
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(service._take_office, lease, 0.0)  # type: ignore[arg-type]
+            with anyio.fail_after(5):
+                await service._stop.wait()  # what ends the reign before its first start
+            tg.cancel_scope.cancel()  # as the reign's stop does
+    assert listed == [True]
+    assert not lease.settled_once  # never ready: no reign begins
+    [needed] = [e for e in logs if e["event"] == "dispatcher.restart_needed"]
+    assert needed["changes"] == [
+        "pool reports limit_parameter None -> '/sfn-dispatcher/reports/limit'"
+    ]
+    assert service._restart_needed == needed["changes"]  # `run` then raises, status 2:
+    assert RestartNeededError.exit_code == 2
+
+
+async def test_a_standby_taking_over_applies_limits_of_an_unchanged_structure(
+    tmp_path: Path,
+) -> None:
+    """The same take-over with only a live value changed: it takes office, limit applied."""
+    path = tmp_path / "c.toml"
+    write(path, "limit = 7")
+    limits, pool = live(path)
+    service = Dispatcher(limits.settings, layout=limits.layout, serve_http=False)
+    service.limits = limits
+
+    async def startup_listing() -> None:
+        pass
+
+    service._startup_listing = startup_listing  # type: ignore[method-assign]
+    write(path, "limit = 1")
+    lease = _Lease()
+    with anyio.fail_after(5):
+        await service._take_office(lease, 0.0)  # type: ignore[arg-type]
+    assert lease.settled_once
+    assert not service._stop.is_set()
+    assert pool.ledger.limit == 1

@@ -454,3 +454,91 @@ def test_a_careful_dispatcher_in_the_world_passes() -> None:
 def test_a_careless_dispatcher_in_the_world_is_caught() -> None:
     found = set(kinds(_simulate(careful=False)))
     assert found == {"limit", "early_delete"}
+
+
+# -- copies SQS's move task makes of what the redrive policy moved ---------------------------
+
+
+def _moved_back(history: History, new_id: str, at: float, attributes: dict[str, str]) -> None:
+    """SQS's move task sends request q1's message back to the queue as ``new_id``."""
+    history.message_sent(
+        at,
+        "move-task",
+        queue_url=QUEUE,
+        message_id=new_id,
+        body=json.dumps({"request": "q1"}),
+        attributes=attributes,
+    )
+
+
+def _fresh_copy_started(attributes: dict[str, str]) -> History:
+    """q1 started under its message id; the redrive policy had also moved a copy of it
+    (SQS stored it twice), which the move task sends back as m9, started under m9."""
+    history = History()
+    request(history, "q1", "m1")
+    run(history, "m1", 5, 10, input=json.dumps({"request": "q1"}))
+    delete(history, "m1", 6)
+    _moved_back(history, "m9", 20, attributes)
+    run(history, "m9", 25, 30, input=json.dumps({"request": "q1"}))
+    delete(history, "m9", 26)
+    return history
+
+
+def test_a_move_task_copy_of_what_the_redrive_policy_moved_is_a_new_request() -> None:
+    """Nothing on it names q1 and it has no idempotency key: the documented identity rules
+    make it a new request (README "Request identity"), not a second execution of q1."""
+    assert check(_fresh_copy_started({}), spec()) == []
+
+
+def test_a_move_task_copy_that_names_its_request_is_still_one_request() -> None:
+    """The same copy carrying dispatcher-request-id (a dispatcher's dead letter moved back),
+    or an idempotency key: started again under another name, it is a duplicate."""
+    for attributes in (
+        {"dispatcher-request-id": "m1", "dispatcher-original-message-id": "m1"},
+        {"idempotency-key": "order-1"},
+    ):
+        history = _fresh_copy_started(attributes)
+        assert kinds(check(history, spec())) == ["duplicate_execution"], attributes
+    twice = _fresh_copy_started({})
+    run(twice, "m9-again", 40, 45, input=json.dumps({"request": "q1"}))  # same input
+    assert kinds(check(twice, spec())) == ["duplicate_execution"]
+    again = _fresh_copy_started({})
+    run(again, f"k{key_tag('t')}_m9", 40, 45)  # the fresh copy's identity started twice
+    assert kinds(check(again, spec())) == ["duplicate_execution"]
+
+
+def _fresh_copy_dead_lettered(*, fresh_ran: bool, attributes: dict[str, str]) -> History:
+    """q1 ran under m1; a fresh copy m9 of it is dead-lettered as receive_limit, its detail
+    saying m9's execution does not exist and to redrive it."""
+    history = History()
+    request(history, "q1", "m1")
+    run(history, "m1", 5, 10, input=json.dumps({"request": "q1"}))
+    delete(history, "m1", 6)
+    _moved_back(history, "m9", 20, attributes)
+    if fresh_ran:
+        run(history, "m9", 25, 100, input=json.dumps({"request": "q1"}))
+    history.message_sent(
+        40,
+        "d1",
+        queue_url=DLQ,
+        message_id="dl-m9",
+        body=json.dumps({"request": "q1"}),
+        attributes={
+            "dispatcher-reason": "receive_limit",
+            "dispatcher-request-id": "m9",
+            "dispatcher-original-message-id": "m9",
+            "dispatcher-detail": "its execution 'm9' is missing: redrive it to run it",
+        },
+    )
+    delete(history, "m9", 41)
+    return history
+
+
+def test_a_dead_letter_of_a_fresh_copy_is_judged_by_its_own_execution() -> None:
+    """The fresh copy never ran: its dead letter may invite a redrive (the request it
+    came from is not its own). Had it run, or did the copy name q1, it is caught."""
+    assert check(_fresh_copy_dead_lettered(fresh_ran=False, attributes={}), spec()) == []
+    ran = _fresh_copy_dead_lettered(fresh_ran=True, attributes={})
+    assert "dead_letter_ran" in kinds(check(ran, spec()))
+    named = _fresh_copy_dead_lettered(fresh_ran=False, attributes={"dispatcher-request-id": "m1"})
+    assert "dead_letter_ran" in kinds(check(named, spec()))
