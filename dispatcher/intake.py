@@ -32,7 +32,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from dispatcher.aws import AWS_ERRORS, Clients
 from dispatcher.config import Settings
 from dispatcher.deadletter import DEFAULT_MAX_SIZE
-from dispatcher.deleter import DeleteBatcher
+from dispatcher.deleter import BATCH, DeleteBatcher
 from dispatcher.health import Health
 from dispatcher.layout import Layout
 from dispatcher.metrics import Metrics
@@ -99,6 +99,7 @@ class Intake:
         self._pollers: anyio.CancelScope | None = None  # dispatch loops: cancelled at stop
         self._receives: anyio.CancelScope | None = None  # receive loops: let answer at stop
         self._stopped = anyio.Event()
+        self._extending: set[Waiting] = set()  # waiting entries an extension is out for
 
     @property
     def stats(self) -> IntakeStats:
@@ -326,6 +327,8 @@ class Intake:
                 queue, pool.name, message, request.reason, request.detail
             )
             return
+        if self._received_again(queue, pool, message, request):
+            return
         entry = Waiting(
             request,
             message,
@@ -359,6 +362,24 @@ class Intake:
             request.receipt_handle, delay, entry.bound, "waiting room full", message=message
         )
 
+    def _received_again(
+        self, queue: RequestQueue, pool: Pool, message: dict[str, Any], request: Any
+    ) -> bool:
+        """A message received again while its earlier copy still waits (its visibility ran
+        out before an extension got through): the waiting entry takes the newest receipt
+        handle - only it can still change the message's visibility or delete it - and the
+        message is not admitted a second time. False if no copy of it waits."""
+        message_id = message.get("MessageId")
+        if message_id is None:
+            return False
+        for entry in pool.room.items():
+            if entry.queue is queue and entry.message.get("MessageId") == message_id:
+                entry.request, entry.message = request, message
+                entry.hidden_since = max(entry.hidden_since, pool.clock())
+                entry.bound.info("dispatcher.waiting_received_again")
+                return True
+        return False
+
     def _route(self, queue: RequestQueue, message: dict[str, Any]) -> Pool | str:
         """The pool a message is for, or why it names none."""
         names = queue.config.pools
@@ -391,35 +412,66 @@ class Intake:
     # -- the waiting room's messages -----------------------------------------------------
 
     async def _keep_waiting_hidden(self) -> None:
-        """Extend the visibility of waiting requests before it runs out (batched)."""
-        while True:
-            await anyio.sleep(self.settings.visibility_timeout / 4)
-            await self.extend_waiting()
+        """Extend the visibility of waiting requests before it runs out (batched). Each
+        pass starts on schedule, whether or not an earlier one still waits for an answer."""
+        async with anyio.create_task_group() as passes:
+            while True:
+                await anyio.sleep(self.settings.visibility_timeout / 4)
+                passes.start_soon(self.extend_waiting)
 
     async def extend_waiting(self) -> int:
-        """One pass: extend every waiting request hidden for half its visibility or more;
-        a request whose extension failed leaves the room (it will be redelivered)."""
+        """One pass: extend every waiting request hidden for half its visibility or more
+        (and not already being extended by an earlier pass still in flight).
+
+        Batches go out concurrently, each with its own deadline (a quarter of the
+        visibility), so one lost answer never holds back the others. A request SQS refused
+        to extend leaves the room (it will be redelivered); one whose answer did not come
+        (an error, the deadline) stays for the next pass, unless its visibility has surely
+        run out. ``hidden_since`` only ever moves forward, and only for the receipt handle
+        that was extended (a copy received again meanwhile carries a newer one)."""
         visibility = self.settings.visibility_timeout
         extended = 0
-        for pool in self.pools.values():
-            now = pool.clock()
-            due = [e for e in pool.room.items() if now - e.hidden_since >= visibility / 2]
-            for queue in self.queues:
-                mine = [e for e in due if e.queue is queue]
-                if not mine:
-                    continue
-                failed = await queue.set_visibility(
-                    [e.request.receipt_handle for e in mine], visibility
-                )
-                for entry in mine:
-                    if entry.request.receipt_handle in failed:
-                        if pool.room.remove(entry):
-                            self._waiting_from[queue.url, pool.name] -= 1
-                    else:
-                        entry.hidden_since = now
-                        extended += 1
+
+        async def extend(pool: Pool, queue: RequestQueue, batch: list[Waiting], now: float) -> None:
+            nonlocal extended
+            handles = [e.request.receipt_handle for e in batch]
+            try:
+                with anyio.move_on_after(visibility / 4):
+                    failed, unknown = await queue.extend_visibility(handles, visibility)
+                    for entry, handle in zip(batch, handles, strict=True):
+                        if entry.request.receipt_handle != handle:
+                            continue  # received again meanwhile: the newer handle counts
+                        if handle in failed or (
+                            handle in unknown and pool.clock() - entry.hidden_since >= visibility
+                        ):
+                            self._leave_room(entry)
+                        elif handle not in unknown:
+                            entry.hidden_since = max(entry.hidden_since, now)
+                            extended += 1
+            finally:
+                self._extending.difference_update(batch)
             pool.update()
+
+        async with anyio.create_task_group() as batches:
+            for pool in self.pools.values():
+                now = pool.clock()
+                due = [
+                    e
+                    for e in pool.room.items()
+                    if now - e.hidden_since >= visibility / 2 and e not in self._extending
+                ]
+                for queue in self.queues:
+                    mine = [e for e in due if e.queue is queue]
+                    for start in range(0, len(mine), BATCH):
+                        batch = mine[start : start + BATCH]
+                        self._extending.update(batch)
+                        batches.start_soon(extend, pool, queue, batch, now)
         return extended
+
+    def _leave_room(self, entry: Waiting) -> None:
+        """A waiting request whose message can no longer be kept hidden leaves the room."""
+        if entry.pool.room.remove(entry):
+            self._waiting_from[entry.queue.url, entry.pool.name] -= 1
 
     async def hand_back_waiting(self) -> int:
         """Make every waiting request visible again (shutdown, lease lost)."""

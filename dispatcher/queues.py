@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import structlog
 
 from dispatcher.aws import AWS_ERRORS
@@ -107,11 +108,22 @@ class RequestQueue:
         return len(back) - len(failed)
 
     async def set_visibility(self, receipt_handles: Sequence[str], seconds: int) -> set[str]:
-        """Set the visibility of many messages (batches of ten); return the handles that
-        failed (their message may already be visible again: it will come back)."""
+        """Set the visibility of many messages (batches of ten, sent concurrently); return
+        the handles that failed (their message may already be visible again: it will come
+        back)."""
+        failed, unknown = await self.extend_visibility(receipt_handles, seconds)
+        return failed | unknown
+
+    async def extend_visibility(
+        self, receipt_handles: Sequence[str], seconds: int
+    ) -> tuple[set[str], set[str]]:
+        """Set the visibility of many messages, the batches of ten concurrently (a batch
+        whose answer is slow never holds back the others). Returns the handles SQS
+        refused, and those of batches whose call failed (outcome unknown)."""
         failed: set[str] = set()
-        for start in range(0, len(receipt_handles), BATCH):
-            batch = receipt_handles[start : start + BATCH]
+        unknown: set[str] = set()
+
+        async def one(batch: Sequence[str]) -> None:
             try:
                 result = await self.sqs.change_message_visibility_batch(
                     QueueUrl=self.url,
@@ -122,9 +134,13 @@ class RequestQueue:
                 )
             except AWS_ERRORS as exc:
                 log.warning("dispatcher.visibility_failed", error=str(exc), count=len(batch))
-                failed.update(batch)
-                continue
+                unknown.update(batch)
+                return
             for entry in result.get("Failed", []):
                 failed.add(batch[int(entry["Id"])])
                 log.warning("dispatcher.visibility_failed", code=entry.get("Code"))
-        return failed
+
+        async with anyio.create_task_group() as batches:
+            for start in range(0, len(receipt_handles), BATCH):
+                batches.start_soon(one, receipt_handles[start : start + BATCH])
+        return failed, unknown

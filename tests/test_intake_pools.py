@@ -572,3 +572,99 @@ def test_before_any_execution_ended_the_oldest_running_one_sizes_deferrals() -> 
     world.clock.advance(7.0)
     pool.ledger.observe_running("arn:new", world.clock())
     assert pool.run_time() == 7.0
+
+
+class HangingFirstBatchSQS:
+    """Wraps the fake SQS: the first ``ChangeMessageVisibilityBatch`` is recorded, then
+    its answer never comes (until ``release``); later calls answer at once."""
+
+    def __init__(self, world: World) -> None:
+        self.fake = world.sqs
+        self.release = anyio.Event()
+        self.hung = 0
+        answer = world.sqs.change_message_visibility_batch
+
+        async def change_message_visibility_batch(**kwargs: Any) -> dict[str, Any]:
+            result = await answer(**kwargs)
+            if self.hung == 0:
+                self.hung += 1
+                await self.release.wait()
+            return result
+
+        world.sqs.change_message_visibility_batch = change_message_visibility_batch  # type: ignore[method-assign]
+
+
+def by_receipt_handle(world: World) -> dict[str, Any]:
+    """Receipt handle -> the waiting entry holding it."""
+    return {e.request.receipt_handle: e for e in world.pool.room.items()}
+
+
+async def test_a_lost_visibility_answer_does_not_hold_back_the_other_batches() -> None:
+    """Twenty requests due: the first batch's answer hangs, the second is still sent and
+    its requests are extended at once (not after the first batch's retries)."""
+    world = build_world(limit=0, max_waiting=30)
+    world.pool.ledger.set_limit(0)
+    intake = intake_of(world)
+    queue = intake.queues[0]
+    for n in range(20):
+        await intake.admit(queue, request(f"r{n:02}"))
+    assert len(world.pool.room) == 20
+    hanging = HangingFirstBatchSQS(world)
+    world.clock.advance(world.settings.visibility_timeout / 2)
+    now = world.clock()
+    results: list[int] = []
+    async with anyio.create_task_group() as tg:
+
+        async def one_pass() -> None:
+            results.append(await intake.extend_waiting())
+
+        tg.start_soon(one_pass)
+        await anyio.wait_all_tasks_blocked()
+        calls = world.sqs.calls_to("change_message_visibility_batch")
+        assert len(calls) == 2, "the second batch waits behind the first one's answer"
+        entries = by_receipt_handle(world)
+        second = [e["ReceiptHandle"] for e in calls[1]["Entries"]]
+        first = [e["ReceiptHandle"] for e in calls[0]["Entries"]]
+        assert all(entries[h].hidden_since == now for h in second)
+        assert all(entries[h].hidden_since < now for h in first)
+        # A pass on schedule meanwhile leaves the batch in flight alone.
+        world.clock.advance(1)
+        assert await intake.extend_waiting() == 0
+        assert len(world.sqs.calls_to("change_message_visibility_batch")) == 2
+        hanging.release.set()
+    assert results == [20]
+    assert len(world.pool.room) == 20
+    assert all(e.hidden_since == now for e in world.pool.room.items())
+
+
+async def test_a_batch_without_an_answer_keeps_its_requests_for_the_next_pass() -> None:
+    world = build_world(limit=0, max_waiting=30)
+    world.pool.ledger.set_limit(0)
+    intake = intake_of(world)
+    await intake.admit(intake.queues[0], request("slow"))
+    world.clock.advance(world.settings.visibility_timeout / 2)
+    world.sqs.fail("change_message_visibility_batch", client_error("InternalError", 500))
+    assert await intake.extend_waiting() == 0
+    assert names(world.pool) == ["slow"], "its visibility has not run out: try again"
+    assert await intake.extend_waiting() == 1
+
+
+async def test_a_request_received_again_while_waiting_takes_the_newest_receipt_handle() -> None:
+    world = build_world(limit=0, max_waiting=30)
+    world.pool.ledger.set_limit(0)
+    intake = intake_of(world)
+    queue = intake.queues[0]
+    await intake.admit(queue, request("again"))
+    world.clock.advance(world.settings.visibility_timeout)
+    again = request("again")
+    again["ReceiptHandle"] = "rh-again-2"
+    again["Attributes"]["ApproximateReceiveCount"] = "2"
+    await intake.admit(queue, again)
+    [entry] = world.pool.room.items()
+    assert entry.request.receipt_handle == "rh-again-2"
+    assert entry.hidden_since == world.clock()
+    assert world.sample("dispatcher_requests_waiting", pool=world.pool.name) == 1
+    world.clock.advance(world.settings.visibility_timeout / 2)
+    assert await intake.extend_waiting() == 1
+    [call] = world.sqs.calls_to("change_message_visibility_batch")
+    assert [e["ReceiptHandle"] for e in call["Entries"]] == ["rh-again-2"]
