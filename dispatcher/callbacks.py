@@ -175,18 +175,21 @@ class Callbacks:
         receipt: str,
         bound: Any,
         message: Mapping[str, Any] | None = None,
+        hidden_since: float | None = None,
     ) -> None:
         """The child of a request carrying ``token`` (received as ``message``) runs
         (started, or adopted): answer the parent when it ends. Its message stays in flight
-        until then."""
+        until then; ``hidden_since`` is when its visibility was last set (default: now),
+        so its next extension is not put off past the end of the current one."""
+        since = self.clock() if hidden_since is None else hidden_since
         tokens = self._held.setdefault(arn, [])
         for held in tokens:
             if held.token == token:  # received again: a copy, or SQS's 12 h visibility cap
                 if receipt != held.receipt_handle:
                     held.earlier.append((held.queue, held.receipt_handle))
-                held.queue, held.receipt_handle, held.hidden_since = queue, receipt, self.clock()
+                held.queue, held.receipt_handle, held.hidden_since = queue, receipt, since
                 return
-        held = Held(token, arn, pool, queue, receipt, self.clock(), bound)
+        held = Held(token, arn, pool, queue, receipt, since, bound)
         held.before_reign = self.before_reign(message)
         tokens.append(held)
         self._gauge(pool)

@@ -365,17 +365,24 @@ class Intake:
     def _received_again(
         self, queue: RequestQueue, pool: Pool, message: dict[str, Any], request: Any
     ) -> bool:
-        """A message received again while its earlier copy still waits (its visibility ran
-        out before an extension got through): the waiting entry takes the newest receipt
-        handle - only it can still change the message's visibility or delete it - and the
-        message is not admitted a second time. False if no copy of it waits."""
+        """A message received again while it still waits (its visibility ran out before an
+        extension got through): the waiting entry takes the newest receipt handle - only it
+        can still change the message's visibility or delete it - and the message is not
+        admitted a second time. False if it does not wait, or its waiting entry is still
+        hidden: then this is another copy (SQS may store a message twice; each copy has its
+        own receipt handle and receive count), which waits as an entry of its own."""
         message_id = message.get("MessageId")
         if message_id is None:
             return False
+        now, visibility = pool.clock(), self.settings.visibility_timeout
         for entry in pool.room.items():
-            if entry.queue is queue and entry.message.get("MessageId") == message_id:
+            if (
+                entry.queue is queue
+                and entry.message.get("MessageId") == message_id
+                and now - entry.hidden_since >= visibility
+            ):
                 entry.request, entry.message = request, message
-                entry.hidden_since = max(entry.hidden_since, pool.clock())
+                entry.hidden_since = max(entry.hidden_since, now)
                 entry.bound.info("dispatcher.waiting_received_again")
                 return True
         return False

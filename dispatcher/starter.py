@@ -393,6 +393,7 @@ class Starter:
                 receipt=request.receipt_handle,
                 bound=entry.bound,
                 message=entry.message,
+                hidden_since=entry.hidden_since,
             )
             return
         await entry.queue.delete(request.receipt_handle, entry.bound)

@@ -668,3 +668,22 @@ async def test_a_request_received_again_while_waiting_takes_the_newest_receipt_h
     assert await intake.extend_waiting() == 1
     [call] = world.sqs.calls_to("change_message_visibility_batch")
     assert [e["ReceiptHandle"] for e in call["Entries"]] == ["rh-again-2"]
+
+
+async def test_another_copy_of_a_hidden_waiting_request_waits_as_its_own_entry() -> None:
+    """SQS may store a message twice: a copy received while the first still waits hidden
+    has its own receipt handle (and receive count), and both are kept hidden."""
+    world = build_world(limit=0, max_waiting=30)
+    world.pool.ledger.set_limit(0)
+    intake = intake_of(world)
+    queue = intake.queues[0]
+    await intake.admit(queue, request("twice"))
+    copy = request("twice")
+    copy["ReceiptHandle"] = "rh-twice-copy"
+    await intake.admit(queue, copy)
+    assert [e.request.receipt_handle for e in world.pool.room.items()] == [
+        "rh-twice",
+        "rh-twice-copy",
+    ]
+    world.clock.advance(world.settings.visibility_timeout / 2)
+    assert await intake.extend_waiting() == 2
