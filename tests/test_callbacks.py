@@ -16,7 +16,7 @@ from dispatcher.events import Events
 from dispatcher.intake import Intake
 from dispatcher.reconcile import Reconciler
 from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
-from tests.fake_intake import handle, intake_of
+from tests.fake_intake import dispatch_all, handle, intake_of
 from tests.fakes import STATE_MACHINE_ARN, World, build_world, sqs_message
 
 pytestmark = pytest.mark.timeout(10)
@@ -224,6 +224,23 @@ async def test_held_messages_stay_hidden() -> None:
     assert await callbacks.keep_hidden_once() == 1
     [call] = world.sqs.calls_to("change_message_visibility_batch")
     assert call["Entries"][0]["VisibilityTimeout"] == world.settings.visibility_timeout
+
+
+async def test_a_held_message_is_extended_from_when_it_was_last_hidden_in_the_room() -> None:
+    """A request that waited in the room before its start: its message's visibility runs
+    from its last extension there, not from its start."""
+    world = build_world(limit=1)
+    world.pool.ledger.observe_running("arn:busy", world.clock())  # no slot free
+    world.pool.update()
+    intake, callbacks = wired(world)
+    await intake.admit(intake.queues[0], child_request())
+    world.clock.advance(world.settings.visibility_timeout / 4)
+    world.pool.ledger.set_limit(2)
+    world.pool.update()
+    await dispatch_all(intake, world.pool)
+    assert callbacks.held == 1
+    world.clock.advance(world.settings.visibility_timeout / 4)
+    assert await callbacks.keep_hidden_once() == 1, "hidden half its visibility ago"
 
 
 async def test_a_request_received_again_while_its_child_runs_is_held_once() -> None:
