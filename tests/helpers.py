@@ -150,6 +150,17 @@ async def depth(sqs: SQSClient, queue_url: str) -> int:
     return sum(int(value) for value in attributes.values())
 
 
+async def drained(sqs: SQSClient, queue_url: str, *, within: float = 15) -> None:
+    """Wait until no message is left on the queue. A parent's answer comes before its request
+    is deleted (the delete is the last step), so a finished parent does not yet mean an
+    empty queue."""
+
+    with anyio.fail_after(within):
+        # Polling is the only way to observe SQS's counts (no push from AWS).
+        while await depth(sqs, queue_url):  # noqa: ASYNC110
+            await anyio.sleep(0.25)
+
+
 async def delete_sandbox(resources: SandboxResources) -> None:
     """Remove what `provision` made (rule first, so no event lands in a dying queue)."""
     endpoint = resources.endpoint
