@@ -12,9 +12,8 @@ import anyio
 import pytest
 
 from dispatcher.cli import main
-from dispatcher.control import render_status, status_url
+from dispatcher.control import last_running_limit, limit_target, render_status, status_url
 from dispatcher.errors import UserError
-from dispatcher.limits import last_running_limit, limit_target
 from dispatcher.sandbox import SandboxResources
 from dispatcher.submit import SubmitItem, submit_requests
 from tests.helpers import queue_depth, sfn_client, ssm_client, wait_until
@@ -326,7 +325,7 @@ async def test_drain_against_a_standby_judges_from_the_executions(
     """A standby governs nothing: its figures (limit never 0, counts of a reign it lost)
     say nothing, so `drain --wait --url` pointed at it goes by the executions alone."""
     from dispatcher import control  # noqa: PLC0415
-    from dispatcher.limits import LimitTarget  # noqa: PLC0415
+    from dispatcher.control import LimitTarget  # noqa: PLC0415
 
     standby = {
         "role": "standby",

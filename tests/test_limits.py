@@ -13,9 +13,10 @@ from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+from dispatcher.control import last_running_limit, read_limit
 from dispatcher.errors import UserError
 from dispatcher.layout import load
-from dispatcher.limits import LiveLimits, last_running_limit, parse_limit, read_limit
+from dispatcher.limits import LiveLimits, parse_limit
 from dispatcher.metrics import Metrics
 from dispatcher.pool import Pool
 from dispatcher.rate import RateLimiters
