@@ -40,6 +40,7 @@ import anyio
 from tqdm import tqdm
 
 from dispatcher.aws import AWS_ERRORS, error_code
+from dispatcher.config import env_name
 from dispatcher.deadletter import REASON_ATTRIBUTE
 from dispatcher.errors import UserError
 from dispatcher.producer import open_sqs
@@ -49,8 +50,8 @@ if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
     from types_aiobotocore_sqs.type_defs import MessageTypeDef
 
-DEAD_LETTER_ENV = "DISPATCHER_DEAD_LETTER_QUEUE_URL"
-REQUEST_QUEUE_ENV = "DISPATCHER_REQUEST_QUEUE_URL"
+DEAD_LETTER_ENV = env_name("dead_letter_queue_url")
+REQUEST_QUEUE_ENV = env_name("request_queue_url")
 NO_REASON = "(none)"  # moved by a queue's redrive policy, not by the dispatcher
 DEFAULT_VISIBILITY = 300  # seconds a received dead letter stays hidden during the run
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import anyio
 
+from dispatcher.config import env_name
 from dispatcher.errors import UserError
 from dispatcher.producer import (
     DEFAULT_CONCURRENCY,
@@ -42,7 +43,7 @@ __all__ = [
     "submit_requests",
 ]
 
-QUEUE_URL_ENV = "DISPATCHER_REQUEST_QUEUE_URL"
+QUEUE_URL_ENV = env_name("request_queue_url")
 KEY_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,60}$")  # PREFIX-<n> stays a valid name (<= 80)
 MAX_INPUT_BYTES = 256 * 1024  # the Step Functions input limit
 MAX_WAIT_SECONDS = 99_999_999  # a Wait state's Seconds range (SecondsPath: an integer)
