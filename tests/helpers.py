@@ -12,7 +12,7 @@ import aioboto3
 import anyio
 from botocore.exceptions import ClientError
 
-from dispatcher.sandbox import SandboxResources
+from devtools.sandbox import SandboxResources
 
 if TYPE_CHECKING:
     from types_aiobotocore_events import EventBridgeClient
