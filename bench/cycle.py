@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ import anyio
 
 from bench import prom, report
 from bench.analysis import percentile
-from bench.aws import session
+from bench.aws import session, use_emulator_env
 from bench.child import dispatcher_child, wait_until
 from bench.machine import machine_info, uptime
 from bench.throughput import deletes_per_queue, sustained_rate
@@ -256,13 +255,10 @@ def main(argv: list[str]) -> int:
     (``python -m bench.cycle --tee FILE`` is the dispatcher child it runs)."""
     if argv[:1] == ["--tee"]:
         return _child_main(argv[1])
-    from bench.__main__ import _EMULATOR_ENV, _UNSET  # noqa: PLC0415 - the bench's own env
     from dispatcher import logs  # noqa: PLC0415
     from dispatcher.settings.config import LogFormat  # noqa: PLC0415
 
-    for name in _UNSET:
-        os.environ.pop(name, None)
-    os.environ.update(_EMULATOR_ENV)
+    use_emulator_env()
     logs.configure("WARNING", LogFormat.JSON)
     out = Path(argv[0]) if argv else Path(__file__).resolve().parent / "results"
     anyio.run(_main, out, Config())
