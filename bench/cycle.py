@@ -38,10 +38,11 @@ import anyio
 from bench import prom, report
 from bench.analysis import percentile
 from bench.aws import session, use_emulator_env
-from bench.child import dispatcher_child, wait_until
+from bench.child import dispatcher_child
 from bench.machine import machine_info, uptime
 from bench.throughput import deletes_per_queue, sustained_rate
 from bench.workload import stream, submit
+from devtools.polling import wait_until
 from devtools.records import Execution, list_executions, max_overlap
 from devtools.sandbox import Emulator, SandboxResources, provision
 from devtools.sandbox.provision import status_event_pattern

@@ -4,12 +4,10 @@ with the child's result, and the request message is the durable record until the
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
-import stamina
 
 from dispatcher.core.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
 from dispatcher.daemon.callbacks import MAX_OUTPUT_BYTES, Callbacks, answer_for
@@ -19,16 +17,13 @@ from dispatcher.daemon.reconcile import Reconciler
 from tests.fake_intake import dispatch_all, handle, intake_of
 from tests.fakes import STATE_MACHINE_ARN, World, build_world, sqs_message
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("fast_retries")]
 
 TOKEN = "AQCEAAAAKgAAAAMAAAAAAAAAA" + "x" * 300  # opaque, up to 1,024 characters on AWS
 CHILD = execution_arn(STATE_MACHINE_ARN, "parent-1-0")
 
 
-@pytest.fixture(autouse=True)
-def fast_retries() -> Iterator[None]:
-    with stamina.set_testing(True, attempts=2):
-        yield
+RETRY_ATTEMPTS = 2  # stamina's test mode (the fast_retries fixture)
 
 
 def child_request(token: str = TOKEN, body: str = '{"n": 1}', **extra: str) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -33,13 +32,6 @@ pytestmark = pytest.mark.timeout(10)
 MESSAGE_ID = "2f6c0f7e-8b1a-4c3d-9e5f-0a1b2c3d4e5f"
 ARN = execution_arn(STATE_MACHINE_ARN, MESSAGE_ID)
 KEYED_ARN = execution_arn(STATE_MACHINE_ARN, "order-1")
-
-
-@pytest.fixture
-def fast_retries() -> Iterator[None]:
-    """stamina's test mode: up to 5 attempts, no back-off sleeps; restored afterwards."""
-    with stamina.set_testing(True, attempts=5):
-        yield
 
 
 def assert_slot_free(world: World) -> None:

@@ -4,12 +4,10 @@ the waiting room (space, look-ahead, visibility) and the start rate."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
-import stamina
 
 from dispatcher.core.ledger import Change
 from dispatcher.core.pool import LOOKAHEAD, Pool
@@ -45,13 +43,6 @@ SECOND_ARN = f"arn:aws:states:{REGION}:{ACCOUNT}:stateMachine:second"
 SHARED = f"{QUEUE_BASE}/shared"
 HIGH = f"{QUEUE_BASE}/high"
 LOW = f"{QUEUE_BASE}/low"
-
-
-@pytest.fixture
-def fast_retries() -> Iterator[None]:
-    """stamina's test mode: up to 5 attempts, no back-off sleeps; restored afterwards."""
-    with stamina.set_testing(True, attempts=5):
-        yield
 
 
 def request(message_id: str, **attributes: str) -> dict[str, Any]:

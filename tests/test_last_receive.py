@@ -4,7 +4,6 @@ grace have passed, known never to have started (only then dead-lettered). On fak
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -26,7 +25,7 @@ from tests.fakes import (
     sqs_message,
 )
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("fast_retries")]
 
 MAX_RECEIVES = 5
 D = 5.0
@@ -35,10 +34,7 @@ TOKEN = "AQCEAAAAKgAAAAMAAAAAAAAAA" + "t" * 100
 ARN = execution_arn(STATE_MACHINE_ARN, "m-1")
 
 
-@pytest.fixture(autouse=True)
-def fast_retries() -> Iterator[None]:
-    with stamina.set_testing(True, attempts=2):
-        yield
+RETRY_ATTEMPTS = 2  # stamina's test mode (the fast_retries fixture)
 
 
 def world_of(**overrides: Any) -> World:

@@ -26,6 +26,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from devtools.__main__ import dev_main as main
+from devtools.polling import wait_until
 from devtools.sandbox import (
     Emulator,
     SandboxResources,
@@ -47,7 +48,6 @@ from tests.helpers import (
     sfn_client,
     sqs_client,
     ssm_client,
-    wait_until,
 )
 
 if TYPE_CHECKING:
@@ -616,7 +616,7 @@ async def _closed(sfn: SFNClient, arn: str) -> DescribeExecutionOutputTypeDef:
         described.append(await sfn.describe_execution(executionArn=arn))
         return described[-1]["status"] != "RUNNING"
 
-    await wait_until(ended, timeout=15, message=f"{arn} ended")
+    await wait_until(ended, within=15, message=f"{arn} ended")
     return described[-1]
 
 
