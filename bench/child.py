@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,7 +21,7 @@ from anyio.abc import Process
 
 from bench import prom
 from bench.proc import ProcSample, sample
-from dispatcher.sandbox import SandboxResources
+from devtools.sandbox import SandboxResources
 
 
 class Child:
@@ -126,13 +126,3 @@ async def dispatcher_child(
                 with anyio.move_on_after(5):
                     await child.closed.wait()  # its last lines, the exit summary among them
             tg.cancel_scope.cancel()
-
-
-async def wait_until(
-    check: Callable[[], Awaitable[bool]], *, within: float, interval: float = 0.5
-) -> None:
-    """Poll ``check`` until it is true; TimeoutError after ``within`` seconds."""
-    with anyio.fail_after(within):
-        # Polling: another process's state cannot be waited on any other way.
-        while not await check():  # noqa: ASYNC110
-            await anyio.sleep(interval)

@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 
-from dispatcher import layout
-from dispatcher.check import CHECK_FIELDS
-from dispatcher.cli import build_parser
-from dispatcher.config import (
+from dispatcher.cli.check import CHECK_FIELDS
+from dispatcher.cli.control import limit_target
+from dispatcher.cli.main import build_parser
+from dispatcher.errors import UserError
+from dispatcher.settings import layout
+from dispatcher.settings.config import (
     ENV_PREFIX,
     LIVE_FIELDS,
     POOL_FIELDS,
@@ -27,8 +29,6 @@ from dispatcher.config import (
     Spec,
     gather,
 )
-from dispatcher.control import limit_target
-from dispatcher.errors import UserError
 from tests.fakes import REQUIRED_ENV
 
 pytestmark = pytest.mark.timeout(10)

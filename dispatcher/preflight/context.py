@@ -17,11 +17,11 @@ import anyio
 from aiobotocore.config import AioConfig
 from pydantic import ValidationError
 
-from dispatcher import config, layout
-from dispatcher.aws import AWS_ERRORS
-from dispatcher.config import PoolSettings, Settings
-from dispatcher.layout import DEFAULT_POOL, PoolConfig, QueueConfig
+from dispatcher.aws.api import AWS_ERRORS
 from dispatcher.preflight.report import Finding, Skip, Status
+from dispatcher.settings import config, layout
+from dispatcher.settings.config import PoolSettings, Settings
+from dispatcher.settings.layout import DEFAULT_POOL, PoolConfig, QueueConfig
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
@@ -177,8 +177,8 @@ def load_target(
     overrides: Mapping[str, Any], env: Mapping[str, str] | None
 ) -> tuple[Target, tuple[Finding, ...]]:
     """The values to check and the settings findings (one per problem); bad settings never
-    stop it. Reads the settings with `run`'s own loader (`dispatcher.layout.attempt`): flags,
-    ``DISPATCHER_*`` variables and the config file with every pool and queue.
+    stop it. Reads the settings with `run`'s own loader (`dispatcher.settings.layout.attempt`):
+    flags, ``DISPATCHER_*`` variables and the config file with every pool and queue.
 
     When the settings are invalid each one is validated on its own, so that the checks of
     the valid ones still run: one run shows every problem.
