@@ -26,8 +26,8 @@ import anyio
 from prometheus_client import CollectorRegistry
 
 from dispatcher.aws.api import AWS_ERRORS, Clients
-from dispatcher.core.pool import MAX_DEFER_SECONDS
 from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import MAX_DEFER_SECONDS
 from dispatcher.daemon.service import Dispatcher
 from dispatcher.errors import UserError
 from dispatcher.settings import layout

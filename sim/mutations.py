@@ -38,12 +38,12 @@ import dispatcher.cli.redrive
 import dispatcher.core.requests
 import dispatcher.daemon.starter
 from dispatcher.core.ledger import Ledger
-from dispatcher.core.pool import Pool
 from dispatcher.daemon.callbacks import Callbacks
 from dispatcher.daemon.events import Events
 from dispatcher.daemon.intake import Intake
 from dispatcher.daemon.lastreceive import LastReceives
 from dispatcher.daemon.lease import Leases
+from dispatcher.daemon.pool import Pool
 from dispatcher.daemon.reconcile import Reconciler
 from dispatcher.daemon.service import Dispatcher
 from dispatcher.daemon.starter import Starter

@@ -10,11 +10,11 @@ import anyio
 import pytest
 
 from dispatcher.core.ledger import Change
-from dispatcher.core.pool import LOOKAHEAD, Pool
 from dispatcher.core.requests import IDEMPOTENCY_ATTRIBUTE, KEY_TAG_LENGTH, execution_arn, key_tag
 from dispatcher.core.requests import tag_of as tag_in
 from dispatcher.daemon.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
 from dispatcher.daemon.intake import UNROUTED, Intake
+from dispatcher.daemon.pool import LOOKAHEAD, Pool
 from dispatcher.settings.layout import PoolConfig, QueueConfig
 from tests.fake_intake import (
     build_layout_world,
@@ -541,7 +541,7 @@ def test_deferrals_that_came_back_are_forgotten_whatever_the_number_of_keys() ->
 def test_the_deferrals_remembered_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the cap the deferral back first is forgotten: memory is bounded even while
     every deferral is still out."""
-    monkeypatch.setattr("dispatcher.core.pool.MAX_TRACKED_DEFERRALS", 3)
+    monkeypatch.setattr("dispatcher.daemon.pool.MAX_TRACKED_DEFERRALS", 3)
     world = keyed_world(limit=4, per_key_limit=2, max_waiting=100)
     pool = world.pool
     for i in range(5):

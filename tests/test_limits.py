@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from dispatcher.cli.control import last_running_limit, read_limit
-from dispatcher.core.pool import Pool
-from dispatcher.core.rate import RateLimiters
 from dispatcher.daemon.limits import LiveLimits, parse_limit
 from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import Pool
+from dispatcher.daemon.ratelimit import RateLimiters
 from dispatcher.daemon.service import Dispatcher, RestartNeededError
 from dispatcher.errors import UserError
 from dispatcher.settings.layout import load

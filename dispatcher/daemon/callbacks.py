@@ -43,7 +43,7 @@ FIRST_RECEIVE_SKEW = 5.0
 message was first received before this reign began (as the starter's)."""
 
 if TYPE_CHECKING:
-    from dispatcher.core.pool import Pool
+    from dispatcher.daemon.pool import Pool
     from dispatcher.daemon.queues import RequestQueue
     from dispatcher.daemon.starter import Waiting
 

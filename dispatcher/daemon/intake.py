@@ -30,8 +30,6 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from dispatcher.aws.api import AWS_ERRORS, Clients
-from dispatcher.core.pool import Pool
-from dispatcher.core.rate import RateLimiters
 from dispatcher.core.requests import (
     PARENT_ATTRIBUTE,
     BadRequest,
@@ -45,7 +43,9 @@ from dispatcher.daemon.deadletter import DEFAULT_MAX_SIZE
 from dispatcher.daemon.deleter import BATCH, DeleteBatcher
 from dispatcher.daemon.health import Health
 from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import Pool
 from dispatcher.daemon.queues import RequestQueue
+from dispatcher.daemon.ratelimit import RateLimiters
 from dispatcher.daemon.starter import IntakeStats, Starter, Waiting
 from dispatcher.settings.config import Settings
 from dispatcher.settings.layout import Layout

@@ -21,9 +21,9 @@ import anyio
 import structlog
 
 from dispatcher.aws.api import AWS_ERRORS, error_code
-from dispatcher.core.pool import Pool
-from dispatcher.core.rate import RateLimiters
 from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import Pool
+from dispatcher.daemon.ratelimit import RateLimiters
 from dispatcher.settings.config import (
     LIVE_FIELDS,
     POOL_STRUCTURE,

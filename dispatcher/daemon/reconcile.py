@@ -17,9 +17,9 @@ import structlog
 
 from dispatcher.aws.api import AWS_ERRORS, Clients, error_code
 from dispatcher.core.ledger import Change
-from dispatcher.core.pool import Pool
 from dispatcher.daemon.health import Health
 from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import Pool
 from dispatcher.settings.config import Settings
 
 log = structlog.get_logger("dispatcher.reconcile")

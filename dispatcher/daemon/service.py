@@ -20,8 +20,6 @@ from anyio.abc import TaskStatus
 
 from dispatcher.aws.api import AWS_ERRORS, Clients, is_retryable, open_clients
 from dispatcher.aws.startclient import ThinStarts
-from dispatcher.core.pool import Clock, Pool
-from dispatcher.core.rate import RateLimiters
 from dispatcher.daemon.callbacks import Callbacks
 from dispatcher.daemon.events import Events
 from dispatcher.daemon.health import Health
@@ -30,6 +28,8 @@ from dispatcher.daemon.intake import Intake
 from dispatcher.daemon.lease import Leases
 from dispatcher.daemon.limits import LiveLimits
 from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import Clock, Pool
+from dispatcher.daemon.ratelimit import RateLimiters
 from dispatcher.daemon.reconcile import Reconciler
 from dispatcher.daemon.startup import Preflight, preflight
 from dispatcher.errors import AwsSetupError, UserError

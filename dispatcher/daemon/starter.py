@@ -30,8 +30,6 @@ from dispatcher.aws.api import (
     outcome_unknown,
 )
 from dispatcher.core.ledger import Change, Reservation
-from dispatcher.core.pool import Pool
-from dispatcher.core.rate import RateLimiters
 from dispatcher.core.requests import (
     IDEMPOTENCY_ATTRIBUTE,
     REQUEST_ID_ATTRIBUTE,
@@ -45,7 +43,9 @@ from dispatcher.daemon.deadletter import DEFAULT_MAX_SIZE, DeadLetterQueue
 from dispatcher.daemon.health import Health
 from dispatcher.daemon.lastreceive import LastReceives
 from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import Pool
 from dispatcher.daemon.queues import RequestQueue
+from dispatcher.daemon.ratelimit import RateLimiters
 from dispatcher.settings.config import Settings
 
 log = structlog.get_logger("dispatcher.intake")
