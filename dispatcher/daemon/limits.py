@@ -30,6 +30,7 @@ from dispatcher.settings.config import (
     PROCESS_FIELDS,
     ConfigError,
     Settings,
+    env_name,
     gather,
 )
 from dispatcher.settings.layout import Layout, PoolConfig, load
@@ -182,7 +183,7 @@ class LiveLimits:
         (pools, queues, ARNs, other process settings) is logged by name, old -> new, and
         left out."""
         if self.settings.config is None:
-            log.warning("dispatcher.reload_skipped", why="no config file (DISPATCHER_CONFIG)")
+            log.warning("dispatcher.reload_skipped", why=f"no config file ({env_name('config')})")
             return False
         try:  # the same loader and precedence as at start-up
             loaded = load({**self.overrides, "config": self.settings.config}, self.environ)
