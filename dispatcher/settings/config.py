@@ -219,14 +219,15 @@ class PoolConfig(PoolSettings):
     """One governed state machine: a config file's ``[pools.NAME]``, or the single pool of
     the settings (`dispatcher.settings.layout.from_settings`)."""
 
-    name: str
+    name: str = Field(
+        description="The pool's name: the `NAME` of its table, the metrics' pool label."
+    )
     state_machine_arn: StateMachineArn = _required("state_machine_arn")
     reserved_share: Annotated[float, Spec(metavar="FRACTION", live=True)] = Field(
         default=0.1,
         ge=0.0,
         le=0.9,
-        description="Share of the starts kept for lower priorities while higher ones wait "
-        "(a config file's pools only).",
+        description="Share of the starts kept for lower priorities while higher ones wait.",
     )
 
     @property

@@ -44,10 +44,19 @@ class QueueConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    url: QueueUrl
-    pools: tuple[str, ...]
-    priority: int = Field(default=0, ge=-1000, le=1000)
-    pool_attribute: AttributeName = "pool"
+    url: QueueUrl = Field(description="The request queue's URL.")
+    pools: tuple[str, ...] = Field(
+        description="The pool it feeds (`pool = NAME`), or several (`pools = [...]`): each "
+        "message then names its pool in pool_attribute."
+    )
+    priority: int = Field(
+        default=0, ge=-1000, le=1000, description="Higher first, among a pool's queues."
+    )
+    pool_attribute: AttributeName = Field(
+        default="pool",
+        description="The message attribute naming a message's pool, for a queue feeding "
+        "several pools (an unknown or missing pool: dead-lettered).",
+    )
 
 
 class FileError(ConfigError):
