@@ -123,6 +123,7 @@ class Spec:
     check: bool = False  # also a flag of `check`: it names what is checked or changes a verdict
     live: bool = False  # a config reload (SIGHUP) applies it; the others need a restart
     scope: Scope | None = None  # None: POOL for `PoolSettings`' fields, PROCESS for the others
+    single_pool_needs: bool = False  # required without a config file (None in the model)
 
 
 def _arn(value: str) -> str:
@@ -170,7 +171,9 @@ class PoolSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    state_machine_arn: Annotated[StateMachineArn | None, Spec(metavar="ARN", check=True)] = Field(
+    state_machine_arn: Annotated[
+        StateMachineArn | None, Spec(metavar="ARN", check=True, single_pool_needs=True)
+    ] = Field(
         default=None,
         description="ARN of the STANDARD state machine whose executions are limited "
         "(required without a config file).",
@@ -264,7 +267,8 @@ class Settings(PoolSettings):
         "reloads it.",
     )
     request_queue_url: Annotated[
-        QueueUrl | None, Spec(metavar="URL", check=True, scope=Scope.SINGLE_POOL)
+        QueueUrl | None,
+        Spec(metavar="URL", check=True, scope=Scope.SINGLE_POOL, single_pool_needs=True),
     ] = Field(
         default=None,
         description="SQS queue the requests arrive on (required without a config file).",
@@ -403,9 +407,7 @@ class Settings(PoolSettings):
             if given:
                 raise ValueError("\n".join(_not_with_a_file(given, named)))
             return self
-        missing = [
-            f for f in ("state_machine_arn", "request_queue_url") if getattr(self, f) is None
-        ]
+        missing = [f for f in SINGLE_POOL_NEEDS if getattr(self, f) is None]
         if missing:
             raise ValueError("\n".join(required_line(f) for f in missing))
         if self.per_key_limit is not None and self.key_attribute is None:
@@ -516,6 +518,8 @@ POOL_FIELDS = tuple(
     name for name in Settings.model_fields if scope(name) in {Scope.POOL, Scope.SINGLE_POOL}
 )
 """Settings of the single pool; in a config file they are set per pool instead."""
+SINGLE_POOL_NEEDS = tuple(name for name in POOL_FIELDS if spec(name).single_pool_needs)
+"""The settings a single pool cannot do without (a config file's pools have them instead)."""
 PROCESS_FIELDS = tuple(name for name in Settings.model_fields if scope(name) is Scope.PROCESS)
 """Settings of the process: the keys of a config file's ``[dispatcher]`` table."""
 LIVE_FIELDS = frozenset(name for name in PROCESS_FIELDS if spec(name).live)
@@ -696,7 +700,7 @@ def _describe(
 ) -> list[str]:
     lines = [  # without a file, the single pool's two required settings, named up front
         required_line(field)
-        for field in ("state_machine_arn", "request_queue_url")
+        for field in SINGLE_POOL_NEEDS
         if not values.get("config") and not values.get(field)
     ]
     if values.get("config"):  # also when another setting is invalid (no model validation)
@@ -811,7 +815,7 @@ def accepted(name: str) -> str:
 
 def _default(name: str) -> str:
     """The default shown in ``--help``."""
-    if name in {"state_machine_arn", "request_queue_url"}:
+    if name in SINGLE_POOL_NEEDS:
         return "required without --config"
     if _field(name).is_required():
         return "required"
