@@ -544,7 +544,9 @@ config file and validated as ``run`` does."""
 # --- where values come from ---------------------------------------------------------------------
 
 PRECEDENCE = ("flag", "variable", "config file", "default")
-"""Where a setting's value comes from, the first that gives it wins."""
+"""Where a setting's value comes from, the first that gives it wins (`gather` merges so):
+a flag, its ``DISPATCHER_*`` variable, its key in the config file's ``[dispatcher]`` table,
+the field's default. A reload of the file keeps it."""
 
 STATUS_URL_VARIABLE = ENV_PREFIX + "STATUS_URL"
 """Where `status` and `drain --url` find a running dispatcher: not a setting of `run`."""
@@ -633,14 +635,15 @@ def gather(
     table, from ``file_source``), merged by `PRECEDENCE`."""
     environ = os.environ if env is None else env
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
-    sources: list[tuple[PydanticBaseSettingsSource, Callable[[str], str]]] = [  # lowest first
-        (InitSettingsSource(_Sourced, dict(file or {})), _in_file(file_source)),
-        (_EnvSource(environ), env_name),
-        (InitSettingsSource(_Sourced, flags), flag_name),
-    ]
+    sources: dict[str, tuple[PydanticBaseSettingsSource, Callable[[str], str]]] = {
+        "flag": (InitSettingsSource(_Sourced, flags), flag_name),
+        "variable": (_EnvSource(environ), env_name),
+        "config file": (InitSettingsSource(_Sourced, dict(file or {})), _in_file(file_source)),
+    }
     values: dict[str, Any] = {}
     names: dict[str, str] = {}
-    for source, named in sources:
+    for kind in reversed(PRECEDENCE[:-1]):  # the lowest first: a higher one overwrites it
+        source, named = sources[kind]
         for field, value in source().items():
             if field in Settings.model_fields:
                 values[field] = value
