@@ -165,6 +165,13 @@ class Metrics:
             account_region,
             registry=r,
         )
+        self.read_budget_wait = Counter(
+            "dispatcher_read_budget_wait_seconds",
+            "Seconds reconcile's reads waited for the dispatcher's share of the account's "
+            "ListExecutions or DescribeExecution quota.",
+            ["operation", "region"],
+            registry=r,
+        )
         self.limit_updates = Counter(
             "dispatcher_limit_updates",
             "Live limit changes, by source (ssm, config) and result (applied, rejected).",
