@@ -15,6 +15,7 @@ from dispatcher.layout import parse
 from dispatcher.metrics import Metrics
 from scripts import reference
 from tests.test_bench import _FIGURE, RESULTS, _stored, _stored_numbers
+from tests.test_cli import _anchors
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -187,3 +188,17 @@ def test_the_readmes_figures_are_stored_benchmark_figures() -> None:
     figures = [*quoted, *(f for f, _ in _FIGURE.findall(why))]
     unstored = [f for f in figures if not _stored(f, "", numbers)]
     assert unstored == []
+
+
+def test_every_alerts_runbook_url_is_a_docs_heading() -> None:
+    """The alert rules' runbook links point at a page of the docs site and one of its
+    headings (the README no longer holds them)."""
+    prefix = "https://github.com/sfn-dispatcher/sfn-dispatcher/blob/main/"
+    rules = (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text(encoding="utf-8")
+    urls = re.findall(r"runbook_url: (\S+)", rules)
+    assert urls
+    for url in urls:
+        assert url.startswith(prefix + "docs/"), url
+        path, _, anchor = url.removeprefix(prefix).partition("#")
+        assert (ROOT / path).is_file(), url
+        assert anchor in _anchors(ROOT / path), url
