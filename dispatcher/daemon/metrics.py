@@ -112,7 +112,7 @@ class Metrics:
         )
         self.reconcile_runs = Counter(
             "dispatcher_reconcile_runs",
-            "Reconcile passes, by result.",
+            "Reconcile passes, by result (ok, error).",
             (*pool, "result"),
             registry=r,
         )

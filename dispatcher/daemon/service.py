@@ -507,7 +507,7 @@ class Dispatcher:
     def settle_seconds(self) -> float:
         """How long after its predecessor could last send a start this process waits before
         it lists: D (the start lands within D of being sent, or never) plus the start grace
-        (then the listing shows it). The bound stated in the README. After a take-over, the
+        (then the listing shows it). The bound docs/architecture.md states. After a take-over, the
         longer of this process's and the predecessor's, as the lease records them."""
         own = self.settings.start_timeout + self.settings.start_grace
         return own if self.lease is None else max(own, self.lease.owed)
