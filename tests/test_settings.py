@@ -48,13 +48,17 @@ def test_every_setting_has_one_variable_one_flag_and_one_file_key_derived_from_i
         else:
             assert row.variable == ENV_PREFIX + row.name.upper()
             assert row.flag == "--" + row.name.replace("_", "-")
-        if row.scope in {Scope.FILE, Scope.SINGLE_POOL}:
-            assert row.file_key is None, row  # the file itself; its queues are [[queues]]
+        if row.scope is Scope.FILE:
+            assert row.file_key is None, row  # names the file itself
+        elif row.scope is Scope.SINGLE_POOL:
+            assert row.file_key == "[[queues]] url", row  # a file lists its queues
         else:
             table = "[dispatcher]" if row.scope is Scope.PROCESS else "[pools.NAME]"
             assert row.file_key == f"{table} {row.name}"
         assert row.description, row.name
-        assert row.default, row.name
+        assert row.accepted, row.name
+        if row.required or row.required_without_file:
+            assert row.default is None, row.name
     for column in ("variable", "flag", "file_key"):
         given = [getattr(row, column) for row in SETTINGS_TABLE if getattr(row, column)]
         assert len(given) == len(set(given)), column

@@ -35,7 +35,14 @@ from dispatcher.aws.api import AWS_ERRORS, error_code
 from dispatcher.daemon.limits import parse_limit
 from dispatcher.errors import EXIT_NOT_ANSWERING, UserError
 from dispatcher.settings import layout
-from dispatcher.settings.config import STATUS_URL_VARIABLE, Given, Settings, accepted, env_name
+from dispatcher.settings.config import (
+    STATUS_URL_VARIABLE,
+    Given,
+    Settings,
+    accepted,
+    accepted_range,
+    env_name,
+)
 from dispatcher.settings.layout import DEFAULT_POOL
 
 if TYPE_CHECKING:
@@ -322,7 +329,7 @@ def _setting(given: Given, field: str) -> Any:
     """One setting as given, validated on its own; UserError naming it and what it takes."""
     value, problem = given.alone(field)
     if problem is not None:
-        what = accepted(field)
+        what = accepted(field) if accepted_range(field) else ""  # else the check's own words
         raw = given.values[field]
         raise UserError(f"{given.name(field)}={raw!r} is invalid: give {what}" if what else problem)
     return value

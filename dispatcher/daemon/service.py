@@ -30,6 +30,12 @@ from dispatcher.daemon.limits import LiveLimits
 from dispatcher.daemon.metrics import Metrics
 from dispatcher.daemon.pool import Clock, Pool
 from dispatcher.daemon.ratelimit import RateLimiters
+from dispatcher.daemon.readbudget import (
+    DEFAULT_DESCRIBE_RATE,
+    DEFAULT_LIST_RATE,
+    ReadBudgets,
+    ReadRates,
+)
 from dispatcher.daemon.reconcile import Reconciler
 from dispatcher.daemon.startup import Preflight, preflight
 from dispatcher.errors import AwsSetupError, UserError
@@ -110,6 +116,9 @@ class Dispatcher:
         )
         for pool in self.pools.values():
             self.limiters.for_arn(pool.state_machine_arn)  # export the rate from the start
+        self.read_budgets = ReadBudgets(
+            ReadRates(DEFAULT_LIST_RATE, DEFAULT_DESCRIBE_RATE), self.metrics, clock
+        )
         self.limits: LiveLimits | None = None
         self.http_port: int | None = None
         self.intake: Intake | None = None
@@ -310,6 +319,7 @@ class Dispatcher:
         settings = self.settings
         for pool in self.pools.values():
             pool.reset()  # each reign starts from the listing
+        count = len(self.pools)
         self.reconcilers = {
             name: Reconciler(
                 settings,
@@ -318,8 +328,10 @@ class Dispatcher:
                 self.metrics,
                 self.health,
                 queue_urls=[q.url for q in self.layout.queues_of(name)],
+                budget=self.read_budgets.for_arn(pool.state_machine_arn),
+                phase=index / count,  # the pools' passes spread over the interval
             )
-            for name, pool in self.pools.items()
+            for index, (name, pool) in enumerate(self.pools.items())
         }
         by_arn = {pool.state_machine_arn: pool for pool in self.pools.values()}
         self.events = Events(settings, clients, by_arn, self.metrics, self.health)
@@ -495,7 +507,7 @@ class Dispatcher:
     def settle_seconds(self) -> float:
         """How long after its predecessor could last send a start this process waits before
         it lists: D (the start lands within D of being sent, or never) plus the start grace
-        (then the listing shows it). The bound stated in the README. After a take-over, the
+        (then the listing shows it). The bound docs/architecture.md states. After a take-over, the
         longer of this process's and the predecessor's, as the lease records them."""
         own = self.settings.start_timeout + self.settings.start_grace
         return own if self.lease is None else max(own, self.lease.owed)

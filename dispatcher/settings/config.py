@@ -175,8 +175,7 @@ class PoolSettings(BaseModel):
         StateMachineArn | None, Spec(metavar="ARN", check=True, single_pool_needs=True)
     ] = Field(
         default=None,
-        description="ARN of the STANDARD state machine whose executions are limited "
-        "(required without a config file).",
+        description="ARN of the STANDARD state machine whose executions are limited.",
     )
     limit: Annotated[int, Spec(check=True, live=True)] = Field(
         default=10, ge=0, description="Most executions running at once (0 pauses starts)."
@@ -262,8 +261,8 @@ class Settings(PoolSettings):
 
     config: Annotated[Path | None, Spec(metavar="FILE", check=True, scope=Scope.FILE)] = Field(
         default=None,
-        description="TOML file with several pools, queues and priorities (see README section "
-        "'Pools, priorities and fairness'); unset: one pool from the settings below. SIGHUP "
+        description="TOML file with several pools, queues and priorities (see "
+        "docs/pools.md); unset: one pool from the settings below. SIGHUP "
         "reloads it.",
     )
     request_queue_url: Annotated[
@@ -271,7 +270,7 @@ class Settings(PoolSettings):
         Spec(metavar="URL", check=True, scope=Scope.SINGLE_POOL, single_pool_needs=True),
     ] = Field(
         default=None,
-        description="SQS queue the requests arrive on (required without a config file).",
+        description="SQS queue the requests arrive on.",
     )
     events_queue_url: Annotated[QueueUrl, Spec(metavar="URL", check=True)] = Field(
         description="SQS queue the EventBridge rule sends Execution Status Change events to."
@@ -377,8 +376,8 @@ class Settings(PoolSettings):
         default="task-token",
         pattern=r"^[A-Za-z0-9_.-]{1,256}$",
         description="Message attribute carrying a parent workflow's task token: the "
-        "dispatcher answers it with the child's result (see README section 'From inside a "
-        "workflow').",
+        "dispatcher answers it with the child's result (see "
+        "docs/task-tokens.md).",
     )
     heartbeat_interval: float = Field(
         default=60.0,
@@ -478,12 +477,16 @@ def flag_name(field: str) -> str:
 
 def file_key(field: str) -> str | None:
     """Where a setting goes in the config file (``[dispatcher] reconcile_interval``,
-    ``[pools.NAME] limit``); None for those that are not in the file."""
+    ``[pools.NAME] limit``, ``[[queues]] url`` for the single pool's request queue); None
+    for ``config``, which names the file."""
+    where = scope(field)
+    if where is Scope.SINGLE_POOL:  # the single pool's queue; a file lists its queues
+        return "[[queues]] url"
     table = {
         Scope.PROCESS: "[dispatcher]",
         Scope.POOL: "[pools.NAME]",
         Scope.POOL_FILE: "[pools.NAME]",
-    }.get(scope(field))
+    }.get(where)
     return f"{table} {field}" if table else None
 
 
@@ -799,21 +802,23 @@ _KINDS = {
     "SECONDS": "seconds",
     "PER_SECOND": "starts per second",
     "FRACTION": "a fraction",
+    "FILE": "a file path",
+    "ARN": "a state machine ARN",
+    "URL": "an SQS queue URL",
+    "ADDRESS": "a host address",
+    "NAME": "a name",
 }
 
 
 def accepted(name: str) -> str:
-    """What a setting accepts, in words (``seconds > 0``, ``a whole number 0..20``, ``one
-    of json, envelope``); ``""`` for a name, URL or ARN (its own check says what is wrong)."""
+    """What a setting accepts, in words: ``seconds > 0``, ``a whole number 0..20``, ``one
+    of json, envelope``, ``an SQS queue URL``."""
     kind = metavar(name)
     if kind == "{true,false}":
         return "true or false"
     if kind.startswith("{"):
         return "one of " + kind.strip("{}").replace(",", ", ")
-    if kind in _KINDS:
-        bounds = accepted_range(name)
-        return f"{_KINDS[kind]} {bounds}".strip()
-    return ""
+    return f"{_KINDS[kind]} {accepted_range(name)}".strip()
 
 
 def _default(name: str) -> str:
@@ -823,6 +828,14 @@ def _default(name: str) -> str:
     if _field(name).is_required():
         return "required"
     return f"default: {default_text(name)}"
+
+
+def default_value(name: str) -> str | None:
+    """A setting's default as a user would type it; None when it has none (unset, or
+    required)."""
+    return (
+        None if _field(name).is_required() or _field(name).default is None else (default_text(name))
+    )
 
 
 def default_text(name: str) -> str:
@@ -851,8 +864,10 @@ class SettingInfo:
     scope: Scope
     metavar: str  # N, SECONDS, URL, {json,envelope}, ...
     range: str  # the range of a number ("0..20", "> 0"), else ""
-    accepted: str  # in words: "seconds > 0", "one of json, envelope"; "" for names and URLs
-    default: str  # as typed ("10", "unset", "false"), "required", "required without --config"
+    accepted: str  # in words: "seconds > 0", "one of json, envelope", "an SQS queue URL"
+    default: str | None  # as typed ("10", "false", "task-token"); None: unset or required
+    required: bool  # must be given (events_queue_url)
+    required_without_file: bool  # must be given unless a config file names the pools
     description: str
     check: bool  # also a flag of `check`
     live: bool  # applied by a config reload (SIGHUP); the others need a restart
@@ -860,7 +875,6 @@ class SettingInfo:
 
 def _info(name: str) -> SettingInfo:
     in_file_only = scope(name) is Scope.POOL_FILE
-    default = _default(name)
     return SettingInfo(
         name=name,
         variable=None if in_file_only else env_name(name),
@@ -870,7 +884,9 @@ def _info(name: str) -> SettingInfo:
         metavar=metavar(name),
         range=accepted_range(name),
         accepted=accepted(name),
-        default=default.removeprefix("default: "),
+        default=default_value(name),
+        required=_field(name).is_required(),
+        required_without_file=name in SINGLE_POOL_NEEDS,
         description=_field(name).description or "",
         check=spec(name).check,
         live=spec(name).live,
