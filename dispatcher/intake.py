@@ -13,15 +13,20 @@ Two kinds of passes, each a function of its own with a thin loop around it:
   reserves its slot and hands it to the `Starter`.
 
 Requests waiting in a room keep their messages hidden (visibility extended in batches);
-at shutdown they are handed back at once. A long poll in flight at shutdown is let answer,
-not cut short, and what it brings goes straight back too: SQS may still hand messages to a
-long poll whose caller gave up, and they would stay hidden for the visibility timeout with
-nobody to give them back.
+at shutdown they are handed back. A long poll in flight at shutdown is let answer, not cut
+short, and what it brings goes straight back too: SQS may still hand messages to a long
+poll whose caller gave up, and they would stay hidden for the visibility timeout with
+nobody to give them back. Nothing is made visible while this process's own long polls may
+still take it: each receive counts towards the queue's redrive policy, so a request taken
+back by its own dispatcher's last poll could reach ``maxReceiveCount`` on the way out (and
+be moved to the dead-letter queue without a reason). What waits is hidden until the polls
+are surely over, and handed back at once when the last has answered.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,7 +96,10 @@ class Intake:
         for queue in self.queues:
             queue.max_receive_count = (max_receive_counts or {}).get(queue.url)
             queue.last_chance = functools.partial(self._last_chance, queue)
-        self._late: list[tuple[RequestQueue, dict[str, Any]]] = []  # received while stopping
+            queue.min_delay = functools.partial(self._polls_may_take, queue)
+        self._late: list[tuple[RequestQueue, Mapping[str, Any]]] = []  # handed back at the end
+        self._polls = {q.url: 0 for q in layout.queues}  # receive calls in flight
+        self._lingering = {q.url: -math.inf for q in layout.queues}  # see `_polls_may_take`
         self._waiting_from: dict[tuple[str, str], int] = {
             (q.url, p): 0 for q in layout.queues for p in q.pools
         }
@@ -153,8 +161,9 @@ class Intake:
             await self.starter.last_receives.run()
 
     async def _dispatch_until_stopped(self, task_status: TaskStatus[None]) -> None:
-        """Pick and start requests until `stop`; then hand back what waits and give the
-        started handlers the shutdown timeout."""
+        """Pick and start requests until `stop`; then set aside what waits (handed back
+        when the last receive has answered) and give the started handlers the shutdown
+        timeout."""
         async with anyio.create_task_group() as handlers:
             with anyio.CancelScope() as self._pollers:
                 if self.starter.stopping:  # stopped before it began
@@ -165,7 +174,7 @@ class Intake:
                     loops.start_soon(self._keep_waiting_hidden)
                     task_status.started()
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                await self.hand_back_waiting()
+                await self._set_aside_waiting()
             handlers.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_timeout
             self.starter.cut_short_waiting()
 
@@ -233,6 +242,7 @@ class Intake:
         for pool in pools:
             pool.receiving += wanted
             self._receiving[queue.url, pool.name] += wanted
+        self._polls[queue.url] += 1
         try:
             response = await self.sqs.receive_message(
                 QueueUrl=queue.url,
@@ -242,7 +252,15 @@ class Intake:
                 MessageAttributeNames=["All"],
                 MessageSystemAttributeNames=["All"],
             )
+        except BaseException:
+            # Given up (cancelled, failed): its last attempt may still wait at SQS.
+            self._lingering[queue.url] = max(
+                self._lingering[queue.url],
+                anyio.current_time() + self.settings.receive_wait_seconds,
+            )
+            raise
         finally:
+            self._polls[queue.url] -= 1
             for pool in pools:
                 pool.receiving -= wanted
                 self._receiving[queue.url, pool.name] -= wanted
@@ -261,6 +279,45 @@ class Intake:
             await self.admit(queue, message)
         return len(messages)
 
+    def _polls_may_take(self, queue: RequestQueue) -> int:
+        """Stopping: seconds until no long poll of this process on ``queue`` can take a
+        message any more (a hand back makes it visible no earlier; 0 when none can).
+
+        A poll still in flight ends by the receives' deadline (see `stop`), and an SDK
+        retry may have sent its last attempt just before: SQS may answer that one up to a
+        long-poll wait later. One that was given up (cancelled, failed) may likewise still
+        wait at SQS for a long-poll wait."""
+        if not self.starter.stopping:
+            return 0
+        now = anyio.current_time()
+        until = self._lingering[queue.url]
+        if self._polls[queue.url]:
+            wait = self.settings.receive_wait_seconds
+            deadline = self._receives.deadline if self._receives is not None else math.inf
+            until = max(until, min(deadline, now + wait + RECEIVE_GRACE) + wait)
+        return math.ceil(until - now) if until > now else 0
+
+    async def _set_aside_waiting(self) -> None:
+        """Stopping: what waits in the rooms is handed back once the last receive in flight
+        has answered (`_hand_back_late`), not before - one of this process's own polls would
+        take it again, counting a receive. Meanwhile it is hidden until those polls are
+        surely over (what happens should the process be killed before then)."""
+        if not any(self._polls.values()):
+            await self.hand_back_waiting()
+            return
+        for pool in self.pools.values():
+            entries: list[Waiting] = pool.room.drain()
+            pool.update()
+            for queue in self.queues:
+                mine = [e for e in entries if e.queue is queue]
+                if not mine:
+                    continue
+                self._waiting_from[queue.url, pool.name] -= len(mine)
+                self._late += [(queue, e.message) for e in mine]
+                handles = [e.request.receipt_handle for e in mine]
+                await queue.set_visibility(handles, max(1, self._polls_may_take(queue)))
+                log.info("dispatcher.waiting_set_aside", queue=queue.url, count=len(mine))
+
     async def _hand_back_received(self, queue: RequestQueue, messages: list[Any]) -> None:
         """Stopping: keep what a receive brought aside; it goes back (visible at once) when
         the last receive in flight has answered, so another of this process's long polls
@@ -269,7 +326,8 @@ class Intake:
         log.info("dispatcher.received_while_stopping", queue=queue.url, count=len(messages))
 
     async def _hand_back_late(self) -> None:
-        """Hand back what receives brought while stopping (see `_hand_back_received`)."""
+        """Hand back what receives brought while stopping (see `_hand_back_received`) and
+        what waited when they were still in flight (`_set_aside_waiting`)."""
         late, self._late = self._late, []
         for queue in self.queues:
             mine = [m for q, m in late if q is queue]
