@@ -292,8 +292,9 @@ class Callbacks:
         held = Held(token, arn, pool, queue, receipt, 0.0, bound)
         await self._send(held, answer_for(status, described), keep=False)
 
-    async def fail_request(self, pool: str, token: str, error: str, cause: str, bound: Any) -> None:
-        """A request that will never start (bad, dead-lettered): its parent must not wait."""
+    async def fail_request(self, pool: str, token: str, error: str, cause: str, bound: Any) -> bool:
+        """A request that will never start (bad, dead-lettered): its parent must not wait.
+        Returns whether the parent was answered (or is gone); False: it may still wait."""
         try:
             await self._call(
                 "send_task_failure",
@@ -305,11 +306,12 @@ class Callbacks:
             if error_code(exc) not in PARENT_GONE:
                 self.metrics.callbacks.labels(pool=pool, outcome="error").inc()
                 bound.warning("dispatcher.callback_failed", error=str(exc))
-                return
+                return False
             self.metrics.callbacks.labels(pool=pool, outcome="parent_gone").inc()
-            return
+            return True
         self.metrics.callbacks.labels(pool=pool, outcome="failure").inc()
         bound.info("dispatcher.parent_answered", error=error)
+        return True
 
     async def dropped_unstarted(self, entry: Waiting, *, others: bool = False) -> bool:
         """Just before a token request's child is started: does its parent still wait? (One

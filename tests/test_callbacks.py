@@ -17,7 +17,7 @@ from dispatcher.intake import Intake
 from dispatcher.reconcile import Reconciler
 from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
 from tests.fake_intake import dispatch_all, handle, intake_of
-from tests.fakes import STATE_MACHINE_ARN, World, build_world, sqs_message
+from tests.fakes import STATE_MACHINE_ARN, World, build_world, sqs_message, throttled
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -174,6 +174,25 @@ async def test_a_bad_request_with_a_token_fails_the_parent_and_is_dead_lettered(
     assert cause.startswith("invalid_json: ")
     assert world.sample("dispatcher_dead_letters_total", pool="default", reason="invalid_json")
     assert world.sfn.calls_to("start_execution") == []
+
+
+async def test_a_bad_request_whose_parent_could_not_be_answered_stays_to_answer_it_later() -> None:
+    """SendTaskFailure kept failing: the message, the only record of the token, is handed
+    back (not dead-lettered and deleted, leaving the parent to wait for ever); on its
+    next receive the parent is answered and the request dead-lettered."""
+    world = build_world()
+    intake, _ = wired(world)
+    world.sfn.fail("send_task_failure", throttled(), throttled())  # every attempt
+    await handle(world, child_request(body="{not json"), intake)
+    assert TOKEN not in world.sfn.answers
+    assert "delete_message" not in world.sqs.names(), "deleted before the parent was answered"
+    assert world.sqs.calls_to("send_message") == [], "dead-lettered before the parent was answered"
+    [back] = world.sqs.calls_to("change_message_visibility")
+    assert back["ReceiptHandle"] == "rh-m-1"
+    assert back["VisibilityTimeout"] > 0
+    await handle(world, child_request(body="{not json"), intake)
+    assert world.sfn.answers[TOKEN][:2] == ("failure", "Dispatcher.BadRequest")
+    assert world.sample("dispatcher_dead_letters_total", pool="default", reason="invalid_json")
 
 
 async def test_heartbeats_go_to_every_token_held_and_a_gone_parent_lets_the_child_go() -> None:
