@@ -108,6 +108,9 @@ class Intake:
         self._receives: anyio.CancelScope | None = None  # receive loops: let answer at stop
         self._stopped = anyio.Event()
         self._extending: set[Waiting] = set()  # waiting entries an extension is out for
+        # The reign ends but the process goes on (the lease lost): what is kept on its last
+        # receive is left to `LastReceives.finish` (the service's), with no shutdown deadline.
+        self.keep_settling = False
 
     @property
     def stats(self) -> IntakeStats:
@@ -146,9 +149,13 @@ class Intake:
                     await self._hand_back_late()
                     await self.hand_back_waiting()
                 keeping.cancel()
-                settle = self.settings.start_timeout + self.settings.start_grace + 5
-                with anyio.CancelScope(shield=not self.starter.force), anyio.move_on_after(settle):
-                    await self.starter.last_receives.finish()
+                if not self.keep_settling or self.starter.force:
+                    settle = self.settings.start_timeout + self.settings.start_grace + 5
+                    with (
+                        anyio.CancelScope(shield=not self.starter.force),
+                        anyio.move_on_after(settle),
+                    ):
+                        await self.starter.last_receives.finish()
             finally:
                 keeping.cancel()
                 for queue in self.queues:
