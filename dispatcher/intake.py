@@ -423,6 +423,8 @@ class Intake:
         delay = pool.defer_seconds(key)
         self.stats.deferred += 1
         self.metrics.deferred.labels(pool=pool.name).inc()
+        if self.starter.callbacks is not None:  # a parent waits: its child is kept for it
+            self.starter.callbacks.deferred(entry, delay)
         await queue.hand_back(
             request.receipt_handle, delay, entry.bound, "waiting room full", message=message
         )

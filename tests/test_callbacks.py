@@ -16,7 +16,7 @@ from dispatcher.events import Events
 from dispatcher.intake import Intake
 from dispatcher.reconcile import Reconciler
 from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
-from tests.fake_intake import dispatch_all, handle, intake_of
+from tests.fake_intake import dispatch_all, finish, handle, intake_of
 from tests.fakes import STATE_MACHINE_ARN, World, build_world, sqs_message, throttled
 
 pytestmark = pytest.mark.timeout(10)
@@ -370,6 +370,31 @@ async def test_a_retry_for_a_running_child_waits_even_when_the_room_is_full() ->
     assert world.sfn.executions[CHILD].status == "RUNNING"
     beaten = [c["taskToken"] for c in world.sfn.calls_to("send_task_heartbeat")]
     assert RETRY_TOKEN in beaten
+
+
+async def test_a_child_a_deferred_retry_will_wait_on_is_not_stopped() -> None:
+    """The retry's request arrived when the room was full and its child did not run yet:
+    deferred to its queue (for minutes). The first request then starts the child, and its
+    parent is found gone: the retry, on its way back, will wait on that child - it is not
+    stopped. Once the deferral is surely over, nothing keeps it any more."""
+    world = build_world(limit=1, max_waiting=1, stop_orphaned_children=True)
+    intake, callbacks = wired(world)
+    world.pool.ledger.observe_running("arn:busy", world.clock())  # every slot taken
+    world.pool.update()
+    await intake.admit(intake.queues[0], child_request())
+    assert len(world.pool.room) == 1, "the room is full"
+    await intake.admit(intake.queues[0], retry_request())
+    [deferred] = world.sqs.calls_to("change_message_visibility")
+    assert deferred["ReceiptHandle"] == "rh-m-2"
+    finish(world.pool, "arn:busy")
+    assert await dispatch_all(intake, world.pool) == 1
+    assert callbacks.tokens() == [(TOKEN, CHILD)]
+    world.sfn.gone_tokens.add(TOKEN)
+    await callbacks.heartbeat_once()
+    assert world.sfn.calls_to("stop_execution") == [], "the deferred retry will wait on it"
+    assert world.sfn.executions[CHILD].status == "RUNNING"
+    world.clock.advance(deferred["VisibilityTimeout"] + world.settings.visibility_timeout + 1)
+    assert callbacks._waiters(CHILD, {TOKEN}) == 0
 
 
 async def test_a_retry_first_received_after_a_restart_does_not_stop_a_former_child() -> None:
