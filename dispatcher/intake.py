@@ -308,22 +308,24 @@ class Intake:
         """Stopping: what waits in the rooms is handed back once the last receive in flight
         has answered (`_hand_back_late`), not before - one of this process's own polls would
         take it again, counting a receive. Meanwhile it is hidden until those polls are
-        surely over (what happens should the process be killed before then)."""
+        surely over (what happens should the process be killed before then). Every entry
+        is set aside before any call is made: a slow call loses none."""
         if not any(self._polls.values()):
             await self.hand_back_waiting()
             return
         for pool in self.pools.values():
             entries: list[Waiting] = pool.room.drain()
             pool.update()
+            for entry in entries:
+                self._waiting_from[entry.queue.url, pool.name] -= 1
+                self._late.append((entry.queue, entry.message))
+        async with anyio.create_task_group() as calls:
             for queue in self.queues:
-                mine = [e for e in entries if e.queue is queue]
-                if not mine:
-                    continue
-                self._waiting_from[queue.url, pool.name] -= len(mine)
-                self._late += [(queue, e.message) for e in mine]
-                handles = [e.request.receipt_handle for e in mine]
-                await queue.set_visibility(handles, max(1, self._polls_may_take(queue)))
-                log.info("dispatcher.waiting_set_aside", queue=queue.url, count=len(mine))
+                handles = [str(m["ReceiptHandle"]) for q, m in self._late if q is queue]
+                if handles:
+                    log.info("dispatcher.waiting_set_aside", queue=queue.url, count=len(handles))
+                    seconds = max(1, self._polls_may_take(queue))
+                    calls.start_soon(queue.set_visibility, handles, seconds)
 
     async def _hand_back_received(self, queue: RequestQueue, messages: list[Any]) -> None:
         """Stopping: keep what a receive brought aside; it goes back (visible at once) when
@@ -334,13 +336,19 @@ class Intake:
 
     async def _hand_back_late(self) -> None:
         """Hand back what receives brought while stopping (see `_hand_back_received`) and
-        what waited when they were still in flight (`_set_aside_waiting`)."""
+        what waited when they were still in flight (`_set_aside_waiting`); the queues
+        concurrently (one slow to answer holds back no other)."""
         late, self._late = self._late, []
-        for queue in self.queues:
-            mine = [m for q, m in late if q is queue]
-            if mine:
-                handed = await queue.hand_back_all(mine, "received while stopping")
-                log.info("dispatcher.late_requests_handed_back", queue=queue.url, count=handed)
+
+        async def hand_back(queue: RequestQueue, mine: list[Mapping[str, Any]]) -> None:
+            handed = await queue.hand_back_all(mine, "received or waiting while stopping")
+            log.info("dispatcher.late_requests_handed_back", queue=queue.url, count=handed)
+
+        async with anyio.create_task_group() as calls:
+            for queue in self.queues:
+                mine = [m for q, m in late if q is queue]
+                if mine:
+                    calls.start_soon(hand_back, queue, mine)
 
     async def _last_chance(self, queue: RequestQueue, message: Mapping[str, Any], why: str) -> bool:
         """A valid request that would be handed back on its last receive (SQS would move
