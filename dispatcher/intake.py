@@ -97,7 +97,8 @@ class Intake:
             queue.max_receive_count = (max_receive_counts or {}).get(queue.url)
             queue.last_chance = functools.partial(self._last_chance, queue)
             queue.min_delay = functools.partial(self._polls_may_take, queue)
-        self._late: list[tuple[RequestQueue, Mapping[str, Any]]] = []  # handed back at the end
+        # Handed back at the end of a stop: (queue, message, since when it is hidden).
+        self._late: list[tuple[RequestQueue, Mapping[str, Any], float]] = []
         self._polls = {q.url: 0 for q in layout.queues}  # receive calls in flight
         self._lingering = {q.url: -math.inf for q in layout.queues}  # see `_polls_may_take`
         self._waiting_from: dict[tuple[str, str], int] = {
@@ -250,6 +251,8 @@ class Intake:
             pool.receiving += wanted
             self._receiving[queue.url, pool.name] += wanted
         self._polls[queue.url] += 1
+        # Visibility runs from SQS's answer, after this: what it brings is hidden since then.
+        asked = {pool.name: pool.clock() for pool in pools}
         try:
             response = await self.sqs.receive_message(
                 QueueUrl=queue.url,
@@ -281,9 +284,9 @@ class Intake:
         queue.received += len(messages)
         for index, message in enumerate(messages):
             if self.starter.stopping:
-                await self._hand_back_received(queue, messages[index:])
+                await self._hand_back_received(queue, messages[index:], min(asked.values()))
                 break
-            await self.admit(queue, message)
+            await self.admit(queue, message, asked=asked)
         return len(messages)
 
     def _polls_may_take(self, queue: RequestQueue) -> int:
@@ -313,40 +316,65 @@ class Intake:
         if not any(self._polls.values()):
             await self.hand_back_waiting()
             return
+        visibility = self.settings.visibility_timeout
+        # Those on their last receive will be kept (`_hand_back_late`): hidden as long as
+        # they would be waiting; the others only until the polls are surely over.
+        seconds = {q.url: max(1, self._polls_may_take(q)) for q in self.queues}
         for pool in self.pools.values():
             entries: list[Waiting] = pool.room.drain()
             pool.update()
             for entry in entries:
                 self._waiting_from[entry.queue.url, pool.name] -= 1
-                self._late.append((entry.queue, entry.message))
+                hidden = visibility if entry.queue.is_last_receive(entry.message) else 0
+                hidden = max(hidden, seconds[entry.queue.url])
+                # As if hidden since then for the visibility timeout (or the call fails).
+                since = min(entry.hidden_since, pool.clock() + hidden - visibility)
+                self._late.append((entry.queue, entry.message, since))
         async with anyio.create_task_group() as calls:
             for queue in self.queues:
-                handles = [str(m["ReceiptHandle"]) for q, m in self._late if q is queue]
-                if handles:
-                    log.info("dispatcher.waiting_set_aside", queue=queue.url, count=len(handles))
-                    seconds = max(1, self._polls_may_take(queue))
-                    calls.start_soon(queue.set_visibility, handles, seconds)
+                mine = [m for q, m, _ in self._late if q is queue]
+                if not mine:
+                    continue
+                log.info("dispatcher.waiting_set_aside", queue=queue.url, count=len(mine))
+                last = [str(m["ReceiptHandle"]) for m in mine if queue.is_last_receive(m)]
+                rest = [str(m["ReceiptHandle"]) for m in mine if not queue.is_last_receive(m)]
+                for handles, hidden in ((last, visibility), (rest, seconds[queue.url])):
+                    if handles:
+                        calls.start_soon(queue.set_visibility, handles, max(hidden, 1))
 
-    async def _hand_back_received(self, queue: RequestQueue, messages: list[Any]) -> None:
+    async def _hand_back_received(
+        self, queue: RequestQueue, messages: list[Any], hidden_since: float
+    ) -> None:
         """Stopping: keep what a receive brought aside; it goes back (visible at once) when
         the last receive in flight has answered, so another of this process's long polls
         cannot take it again (each receive counts towards the redrive policy)."""
-        self._late += [(queue, m) for m in messages]
+        self._late += [(queue, m, hidden_since) for m in messages]
         log.info("dispatcher.received_while_stopping", queue=queue.url, count=len(messages))
 
     async def _hand_back_late(self) -> None:
         """Hand back what receives brought while stopping (see `_hand_back_received`) and
         what waited when they were still in flight (`_set_aside_waiting`); the queues
-        concurrently (one slow to answer holds back no other)."""
+        concurrently (one slow to answer holds back no other). A valid request on its last
+        receive is kept instead (`_last_chance`), hidden since when it is."""
         late, self._late = self._late, []
+        why = "received or waiting while stopping"
 
         async def hand_back(queue: RequestQueue, mine: list[Mapping[str, Any]]) -> None:
-            handed = await queue.hand_back_all(mine, "received or waiting while stopping")
+            handed = await queue.hand_back_all(mine, why)
             log.info("dispatcher.late_requests_handed_back", queue=queue.url, count=handed)
 
         async with anyio.create_task_group() as calls:
             for queue in self.queues:
-                mine = [m for q, m in late if q is queue]
+                mine = []
+                for q, message, since in late:
+                    if q is not queue:
+                        continue
+                    entry = self._entry_of(queue, dict(message))
+                    if entry is not None and queue.is_last_receive(message):
+                        entry.hidden_since = min(entry.hidden_since, since)
+                        self.starter.last_receives.keep(entry, why)
+                    else:
+                        mine.append(message)
                 if mine:
                     calls.start_soon(hand_back, queue, mine)
 
@@ -378,8 +406,16 @@ class Intake:
         )
         return Waiting(request, message, queue, pool, key, pool.clock(), bound)
 
-    async def admit(self, queue: RequestQueue, message: dict[str, Any]) -> None:
-        """Route one message to its pool's waiting room, dead-letter it, or defer it."""
+    async def admit(
+        self,
+        queue: RequestQueue,
+        message: dict[str, Any],
+        *,
+        asked: Mapping[str, float] | None = None,
+    ) -> None:
+        """Route one message to its pool's waiting room, dead-letter it, or defer it;
+        ``asked``: per pool, when the receive that brought it was sent (its visibility runs
+        from no earlier; default: now)."""
         bound = log.bind(message_id=message.get("MessageId"))
         pool = self._route(queue, message)
         if isinstance(pool, str):
@@ -400,7 +436,8 @@ class Intake:
                 queue, pool.name, message, request.reason, request.detail
             )
             return
-        if self._received_again(queue, pool, message, request):
+        hidden_since = (asked or {}).get(pool.name, pool.clock())
+        if self._received_again(queue, pool, message, request, hidden_since):
             return
         entry = Waiting(
             request,
@@ -408,7 +445,7 @@ class Intake:
             queue,
             pool,
             key,
-            pool.clock(),
+            hidden_since,
             bound.bind(pool=pool.name, execution_name=request.name),
         )
         # A request a free slot is waiting for gets in even when the room is full; so does
@@ -438,7 +475,12 @@ class Intake:
         )
 
     def _received_again(
-        self, queue: RequestQueue, pool: Pool, message: dict[str, Any], request: Any
+        self,
+        queue: RequestQueue,
+        pool: Pool,
+        message: dict[str, Any],
+        request: Any,
+        hidden_since: float,
     ) -> bool:
         """A message received again while it still waits (its visibility ran out before an
         extension got through): the waiting entry takes the newest receipt handle - only it
@@ -457,7 +499,7 @@ class Intake:
                 and now - entry.hidden_since >= visibility
             ):
                 entry.request, entry.message = request, message
-                entry.hidden_since = max(entry.hidden_since, now)
+                entry.hidden_since = max(entry.hidden_since, hidden_since)
                 entry.bound.info("dispatcher.waiting_received_again")
                 return True
         return False
@@ -562,11 +604,18 @@ class Intake:
             entries: list[Waiting] = pool.room.drain()
             pool.update()
             for queue in self.queues:
-                messages = [e.message for e in entries if e.queue is queue]
+                mine = [e for e in entries if e.queue is queue]
+                if not mine:
+                    continue
+                self._waiting_from[queue.url, pool.name] -= len(mine)
+                messages = []
+                for entry in mine:
+                    if queue.is_last_receive(entry.message):  # kept, hidden since it is
+                        self.starter.last_receives.keep(entry, "waiting at shutdown")
+                    else:
+                        messages.append(entry.message)
                 if messages:
-                    # Those on their last receive are kept instead (`_last_chance`).
                     handed += await queue.hand_back_all(messages, "waiting at shutdown")
-                    self._waiting_from[queue.url, pool.name] -= len(messages)
         if handed:
             log.info("dispatcher.waiting_handed_back", count=handed)
         return handed

@@ -171,19 +171,24 @@ class LastReceives:
     async def keep_hidden_once(self) -> int:
         """Extend the visibility of kept messages hidden for half of it or more (batched per
         queue); one SQS no longer lets be extended (its 12-hour cap) is let go: it comes
-        back, and the queue's redrive policy moves it. Returns how many were extended."""
+        back, and the queue's redrive policy moves it. A call that failed (throttled, no
+        answer) lets nothing go: it is tried again at the next pass, as long as the message
+        may still be hidden. Returns how many were extended."""
         visibility = self.settings.visibility_timeout
         extended = 0
         due = [k for k in self if k.entry.pool.clock() - k.entry.hidden_since >= visibility / 2]
         for queue in {id(k.entry.queue): k.entry.queue for k in due}.values():
             mine = [k for k in due if k.entry.queue is queue]
             handles = [k.entry.request.receipt_handle for k in mine]
-            failed = await queue.set_visibility(handles, visibility)
+            now = min(k.entry.pool.clock() for k in mine)  # before the call: its effect's start
+            failed, unknown = await queue.extend_visibility(handles, visibility)
             for kept in mine:
-                if kept.entry.request.receipt_handle in failed:
+                handle = kept.entry.request.receipt_handle
+                surely_out = kept.entry.pool.clock() - kept.entry.hidden_since >= visibility
+                if handle in failed or (handle in unknown and surely_out):
                     self._let_go(kept, "its visibility could not be extended")
-                else:
-                    kept.entry.hidden_since = kept.entry.pool.clock()
+                elif handle not in unknown:
+                    kept.entry.hidden_since = max(kept.entry.hidden_since, now)
                     extended += 1
         return extended
 

@@ -414,6 +414,26 @@ async def test_receive_once_waits_for_a_free_slot_without_receiving() -> None:
     assert world.pool.ledger.running == {execution_arn(STATE_MACHINE_ARN, "m-0")}
 
 
+async def test_a_request_is_hidden_since_its_receive_was_sent_not_since_it_was_admitted() -> None:
+    """The receive's answer (or the admission of the messages before it) may take long:
+    the message's visibility runs from SQS's answer, so the waiting room counts it from
+    when the receive was sent - its extension is then due in time (it used to be counted
+    from its admission, and extended after its visibility had run out)."""
+    world = build_world(limit=1)
+    queue_requests(world, 1)
+    intake = intake_of(world)
+    sent = world.clock()
+    world.sqs.receive_gate = anyio.Event()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(intake.receive_once, intake.queues[0])
+            await world.sqs.called("receive_message")
+            world.clock.advance(40.0)
+            world.sqs.receive_gate.set()
+    [entry] = waiting(world)
+    assert entry.hidden_since == sent
+
+
 async def test_receive_once_is_cancellable_while_it_waits() -> None:
     world = build_world(limit=1)
     world.pool.ledger.observe_running("arn:busy", world.clock())

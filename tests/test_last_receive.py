@@ -337,3 +337,24 @@ async def test_a_dead_letter_on_its_last_receive_is_deleted_even_if_the_delete_f
     deletes = world.sqs.calls_to("delete_message")
     assert [d["ReceiptHandle"] for d in deletes] == ["rh-m-1", "rh-m-1"]
     assert handed_back(world) == []
+
+
+async def test_a_kept_request_is_not_let_go_when_an_extension_call_fails() -> None:
+    """The extension's call failed (throttled): the message is still hidden for a while,
+    so it stays kept and the next pass tries again; it used to be let go at once, for the
+    redrive policy to move without a reason."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world)
+    await intake.admit(intake.queues[0], last_receive())
+    assert await intake.hand_back_waiting() == 0
+    kept = intake.starter.last_receives
+    world.clock.advance(world.settings.visibility_timeout / 2)
+    world.sqs.fail(
+        "change_message_visibility_batch",
+        client_error("RequestThrottled", 400, op="ChangeMessageVisibilityBatch"),
+    )
+    assert await kept.keep_hidden_once() == 0
+    assert len(kept) == 1, "let go on a failed call"
+    assert await kept.keep_hidden_once() == 1, "tried again"
+    assert len(kept) == 1
