@@ -66,6 +66,10 @@ class LastReceives:
         self.settings = starter.settings
         self._kept: list[_Kept] = []
         self._wake = anyio.Event()
+        # Settled after the reign ended (the lease lost): the leader may start the request
+        # from another copy of it (a producer's retry, a message SQS stored twice) at any
+        # time, so "does not exist" no longer proves that a redrive is safe.
+        self.after_reign = False
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -127,6 +131,14 @@ class LastReceives:
             kept.failures += 1
             kept.next_try = max(kept.not_before, now + min(MAX_BACKOFF, 2.0**kept.failures))
             return False
+        if (
+            self.after_reign
+            and entry.request.task_token is not None
+            and (described["status"] == "RUNNING")
+        ):
+            # Its parent waits on a child that runs: only a leader holds tokens.
+            self._let_go(kept, "its parent waits on a running child, and the lease was lost")
+            return True
         entry.bound.info(
             "dispatcher.last_receive_settled", execution_arn=kept.arn, status=described["status"]
         )
@@ -163,6 +175,15 @@ class LastReceives:
             "of it could have taken effect): redrive it from the dead-letter queue to run it; "
             "raise maxReceiveCount"
         )
+        if self.after_reign:
+            detail = (
+                f"received {receive_count(entry.message)} times, the queue's maxReceiveCount "
+                f"({entry.queue.max_receive_count}), and it had to go back ({kept.why}). Its "
+                f"execution {entry.request.name!r} did not exist when described, but this "
+                "dispatcher had lost its lease: the leader may have started it since, from "
+                "another copy of the request. Describe it first; do not redrive the request "
+                "unless it does not exist; raise maxReceiveCount"
+            )
         await self.starter.dead_letter(
             entry.queue, pool.name, entry.message, "receive_limit", detail
         )

@@ -314,10 +314,16 @@ async def test_a_reign_lost_with_a_request_kept_leaves_it_to_be_settled_after() 
     assert dead_letters(world) == []
     assert handed_back(world) == []
     world.clock.advance(D + GRACE)
+    intake.starter.last_receives.after_reign = True  # what the service sets
     with anyio.fail_after(5):
         await intake.starter.last_receives.finish()
     [copy] = dead_letters(world)
     assert copy["MessageAttributes"][REASON_ATTRIBUTE]["StringValue"] == "receive_limit"
+    detail = copy["MessageAttributes"][DETAIL_ATTRIBUTE]["StringValue"]
+    # The leader may start it from another copy meanwhile: no invitation to redrive it.
+    assert "'m-1'" in detail
+    assert "lost its lease" in detail
+    assert "do not redrive" in detail
 
 
 async def test_a_dead_letter_on_its_last_receive_is_deleted_even_if_the_delete_fails_once(
