@@ -284,6 +284,20 @@ def options(parser: argparse.ArgumentParser) -> list[tuple[str, ...]]:
     return rows
 
 
+def command_blocks(prog: str, modules: Sequence[str] | None = None) -> list[list[str]]:
+    """One block per sub-command of ``prog``: its heading, help, description and options."""
+    blocks = []
+    for name, help_, parser in commands(modules):
+        block = [f"### {name}", "", f"`{prog} {name}`: {text(help_)}.", ""]
+        if parser.description:
+            block += [text(parser.description), ""]
+        rows = options(parser)
+        if rows:
+            block += table(("option", "takes", "meaning"), rows)
+        blocks.append(block)
+    return blocks
+
+
 def cli_page() -> str:
     """Every sub-command with its options, then the exit statuses."""
     root = build_parser()
@@ -303,14 +317,7 @@ def cli_page() -> str:
             ),
         ],
     ]
-    for name, help_, parser in commands():
-        block = [f"### {name}", "", f"`sfn-dispatcher {name}`: {text(help_)}.", ""]
-        if parser.description:
-            block += [text(parser.description), ""]
-        rows = options(parser)
-        if rows:
-            block += table(("option", "takes", "meaning"), rows)
-        blocks.append(block)
+    blocks += command_blocks("sfn-dispatcher")
     blocks.append(
         [
             "## Developer tools",
@@ -319,14 +326,7 @@ def cli_page() -> str:
             "package or the image): a local sandbox and the demo.",
         ]
     )
-    for name, help_, parser in commands(DEV_MODULES):
-        block = [f"### {name}", "", f"`python -m devtools {name}`: {text(help_)}.", ""]
-        if parser.description:
-            block += [text(parser.description), ""]
-        rows = options(parser)
-        if rows:
-            block += table(("option", "takes", "meaning"), rows)
-        blocks.append(block)
+    blocks += command_blocks("python -m devtools", DEV_MODULES)
     blocks.append(
         [
             "## Exit status",
