@@ -93,9 +93,14 @@ class Config:
     stress_seconds: float = 1800.0
     stress_churn: float = 0.0002
     """The stress run's churn: about as many ends per second as 10,000 running at ``churn``."""
+    ends: tuple[int, int] | None = (1, 10_000)
+    """Two more runs, budget on and off: (pools, running) ending faster than the describe
+    budget (``ends_churn``) with no status events, for ``ends_seconds``."""
+    ends_churn: float = 0.02
+    ends_seconds: float = 900.0
 
 
-QUICK = Config(running=(100, 2_000), seconds=120.0, stress=None)
+QUICK = Config(running=(100, 2_000), seconds=120.0, stress=None, ends=None)
 """``python -m bench --quick``: the harness checked in a second."""
 
 
@@ -263,7 +268,9 @@ async def _churn(sfn: FakeStepFunctions, config: Config, per_second: float) -> N
             sfn.end_one(rng)
 
 
-async def _simulate(config: Config, pools: int, running: int, variant: Variant) -> dict[str, Any]:
+async def _simulate(
+    config: Config, pools: int, running: int, variant: Variant, kind: str
+) -> dict[str, Any]:
     machines = _machines(pools)
     sfn = FakeStepFunctions(machines, running, config)
     settings = _settings(config, machines[0])
@@ -302,6 +309,8 @@ async def _simulate(config: Config, pools: int, running: int, variant: Variant) 
         "pools": pools,
         "running": running,
         "variant": variant.name,
+        "kind": kind,
+        "churn": config.churn,
         "seconds": round(end, 3),
         "ready_seconds": round(ready, 3),
         "startup_pass_seconds_max": round(max(b - a for a, b in startup_passes), 3),
@@ -395,26 +404,30 @@ def _figures(
     }
 
 
-def simulate(config: Config, pools: int, running: int, variant: Variant) -> dict[str, Any]:
+def simulate(
+    config: Config, pools: int, running: int, variant: Variant, kind: str = "grid"
+) -> dict[str, Any]:
     """One run on a fresh virtual-time loop; its figures, and the call record in
     ``"_calls"`` (operation -> virtual times)."""
-    return loop.run(lambda: _simulate(config, pools, running, variant))
+    return loop.run(lambda: _simulate(config, pools, running, variant, kind))
 
 
 def run(config: Config) -> dict[str, Any]:
     """Every size of the grid, paced and unpaced."""
-    runs = []
-    for pools in config.pools:
-        for running in config.running:
-            for variant in (PACED, UNPACED):
-                result = simulate(config, pools, running, variant)
-                result.pop("_calls")
-                runs.append(result)
+    runs = [
+        simulate(config, pools, running, variant)
+        for pools in config.pools
+        for running in config.running
+        for variant in (PACED, UNPACED)
+    ]
     if config.stress:
         longer = replace(config, seconds=config.stress_seconds, churn=config.stress_churn)
-        result = simulate(longer, *config.stress, PACED)
-        result.pop("_calls")
-        runs.append(result)
+        runs.append(simulate(longer, *config.stress, PACED, "pages"))
+    if config.ends:
+        longer = replace(config, seconds=config.ends_seconds, churn=config.ends_churn)
+        runs += [simulate(longer, *config.ends, v, "ends") for v in (PACED, UNPACED)]
+    for r in runs:
+        r.pop("_calls")
     return {
         "config": asdict(config),
         "budget": {
@@ -442,10 +455,14 @@ def document(config: Config) -> dict[str, Any]:
     }
 
 
-def _row(r: dict[str, Any], seconds: float) -> str:
+def _row(r: dict[str, Any]) -> str:
     lst, dsc = r["operations"][LIST], r["operations"][DESCRIBE]
     small = lst["aws"]["other regions"]
-    longer = "" if r["seconds"] == seconds else f", {num(r['seconds'], 0)} s"
+    longer = (
+        ""
+        if r["kind"] == "grid"
+        else f", {num(r['seconds'], 0)} s, {num(r['churn'] * 100, 2)}% ending"
+    )
     return (
         f"| {r['pools']} | {r['running']:,} | {r['variant']}{longer} | "
         f"{num(r['ready_seconds'], 1)} | {r['passes']} ({r['pools_without_a_pass']}) | "
@@ -467,7 +484,7 @@ def table(doc: dict[str, Any]) -> list[str]:
         "in 1 s | AWS ListExecutions bucket at its lowest, other regions (calls throttled) | "
         "ended to slot freed, mean / max (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        *(_row(r, results["config"]["seconds"]) for r in results["runs"]),
+        *(_row(r) for r in results["runs"]),
     ]
 
 
@@ -482,7 +499,7 @@ def section(doc: dict[str, Any]) -> list[str]:
     results = doc["results"]
     config, budget = results["config"], results["budget"]
     runs = results["runs"]
-    grid = [r for r in runs if r["seconds"] == config["seconds"]]
+    grid = [r for r in runs if r["kind"] == "grid"]
     paced = [r for r in grid if r["variant"] == PACED.name]
     unpaced = [r for r in grid if r["variant"] == UNPACED.name]
     held = all(
@@ -552,12 +569,12 @@ def section(doc: dict[str, Any]) -> list[str]:
         f"its passes {num(late['pass_seconds_mean'], 1)} s instead of "
         f"{num(twin(late)['pass_seconds_mean'], 1)} s).",
     ]
-    for r in (r for r in runs if r["seconds"] != config["seconds"]):
+    for r in (r for r in runs if r["kind"] == "pages"):
         pages = _pages(r, config)
         lines += [
             "",
             f"Past the budget: {r['pools']} pools and {r['running']:,} running executions "
-            f"({num(r['seconds'], 0)} s, {num(config['stress_churn'] * 100, 2)}% ending per "
+            f"({num(r['seconds'], 0)} s, {num(r['churn'] * 100, 2)}% ending per "
             f"interval) need {pages:,} pages a round. The start-up listing takes "
             f"{num(r['ready_seconds'], 1)} s, a pass {num(r['pass_seconds_mean'], 1)} s on "
             f"average ({num(r['pass_seconds_max'], 1)} s at most) instead of the "
@@ -566,6 +583,27 @@ def section(doc: dict[str, Any]) -> list[str]:
             f"ended on average ({num(r['end_to_free_seconds_max'], 1)} s at most). At AWS's "
             f"own refill a round takes {num(pages / 5, 0)} s (5/s) or {num(pages / 2, 0)} s "
             "(2/s) at least.",
+        ]
+    ends = [r for r in runs if r["kind"] == "ends"]
+    for r, off in zip(ends[::2], ends[1::2], strict=True):
+        per_second = r["churn"] * r["running"] / config["reconcile_interval"]
+        aws = off["operations"][DESCRIBE]["aws"]["other regions"]
+        lines += [
+            "",
+            f"Past the describe budget: status events lost and {num(r['churn'] * 100, 0)}% of "
+            f"{r['running']:,} running executions ending per interval ({num(per_second, 1)}/s, "
+            f"under AWS's describe refill, over the budget's {num(budget['describe_rate'], 0)}/s)"
+            f". Describes fall behind and a pass waits for its describes before the next "
+            f"listing: {r['passes']} passes in {num(r['seconds'], 0)} s "
+            f"({num(r['pass_seconds_max'], 1)} s the longest), a slot freed "
+            f"{num(r['end_to_free_seconds_mean'], 1)} s after its execution ended on average "
+            f"({num(r['end_to_free_seconds_max'], 1)} s at most), "
+            f"{r['ended_but_held_at_end']:,} ended executions still holding slots at the end. "
+            f"Without the budget: {off['passes']} passes, freed after "
+            f"{num(off['end_to_free_seconds_mean'], 1)} s on average, "
+            f"{off['ended_but_held_at_end']:,} held at the end, and AWS's describe bucket of "
+            f"the other regions fell to {num(aws['lowest_share'] * 100, 0)}% "
+            f"({aws['throttled']:,} throttled).",
         ]
     return lines
 

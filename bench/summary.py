@@ -72,6 +72,7 @@ def write(out: Path) -> Path:
         lines += fairness.section(found["fairness"])
     reads_doc = load(out, "reads")  # virtual time: not one of the measured minutes above
     if reads_doc:
+        lines += [""] * (lines[-1] != "")
         lines += ["## Reconcile reads against the quotas", "", *reads.section(reads_doc), ""]
     path = out / "summary.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
