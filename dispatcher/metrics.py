@@ -299,6 +299,8 @@ DEAD_LETTER_REASONS = (
     "invalid_idempotency_key",
     "idempotency_conflict",
     "receive_limit",
+    "expired",
+    "invalid_start_by",
     "InvalidExecutionInput",
     "InvalidName",
     "ValidationException",

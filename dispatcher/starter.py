@@ -32,6 +32,8 @@ from dispatcher.aws import (
 from dispatcher.callbacks import BAD_REQUEST, DEAD_LETTERED, FIRST_RECEIVE_SKEW, Callbacks
 from dispatcher.config import Settings
 from dispatcher.deadletter import DEFAULT_MAX_SIZE, DeadLetterQueue
+from dispatcher.deadline import EXPIRED, EXPIRED_ERROR
+from dispatcher.expiry import ExpiredError, Expiries
 from dispatcher.health import Health
 from dispatcher.lastreceive import LastReceives
 from dispatcher.ledger import Change, Reservation
@@ -148,6 +150,7 @@ class Starter:
             clients.sqs, settings.dead_letter_queue_url, metrics, dead_letter_max_size
         )
         self.last_receives = LastReceives(self)  # kept until their execution is settled
+        self.expiries = Expiries(self)  # requests whose start-by passed
 
     def starting(self, arn: str) -> bool:
         """Whether a request for execution ``arn`` is being started now."""
@@ -425,6 +428,10 @@ class Starter:
                 await self._admission(entry, reservation, handling)
                 await limiter.acquire()
                 await self._admission(entry, reservation, handling)  # the wait may be long
+                # Its start-by: no attempt is sent after it, by this clock, read last
+                # before the call (no await in between).
+                if self.expiries.due(entry):
+                    raise ExpiredError
                 handling.phase = "calling"
                 pool.ledger.mark_sent(reservation)  # no await since admission: still true
                 pool.note_start_sent()
@@ -493,7 +500,12 @@ class Starter:
             if not waited:
                 entry.bound.info("dispatcher.start_held", why="slots taken by other executions")
                 waited = True
-            await pool.wait_admitted(reservation, self.settings.visibility_timeout / 3)
+            wait = self.settings.visibility_timeout / 3
+            if entry.request.start_by is not None:  # wake at its start-by, to expire it
+                wait = min(wait, max(0.0, entry.request.start_by - self.expiries.clock()))
+            await pool.wait_admitted(reservation, wait)
+            if self.expiries.due(entry):
+                raise ExpiredError
             await self.keep_hidden(entry)
 
     def _check_not_stopping(self, attempts: int) -> None:
@@ -503,6 +515,13 @@ class Starter:
     async def _start_failed(
         self, exc: Exception, entry: Waiting, reservation: Reservation, handling: _Handling
     ) -> None:
+        if isinstance(exc, ExpiredError):  # its start-by passed: no attempt is sent now
+            copies = self._copies.get(
+                execution_arn(entry.pool.state_machine_arn, entry.request.name)
+            )
+            others = copies is not None and copies.handlers > 1
+            await self.expiries.expire(entry, reservation, doubt=handling.doubt, others=others)
+            return
         if error_code(exc) == "ExecutionAlreadyExists":
             handling.doubt = False  # it exists: the describe decides
             await self._already_exists(entry, reservation, handling)
@@ -649,7 +668,8 @@ class Starter:
         self.stats.dead_lettered += 1
         token = task_token(message, self.settings.task_token_attribute)
         if token is not None and self.callbacks is not None:
-            error = DEAD_LETTERED if reason == "receive_limit" else BAD_REQUEST
+            errors = {"receive_limit": DEAD_LETTERED, EXPIRED: EXPIRED_ERROR}
+            error = errors.get(reason, BAD_REQUEST)
             bound = log.bind(message_id=message.get("MessageId"), pool=pool)
             await self.callbacks.fail_request(pool, token, error, f"{reason}: {detail}", bound)
         await self.dead_letters.move(queue, pool, message, reason, detail)
