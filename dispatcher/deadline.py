@@ -93,5 +93,6 @@ def expired_detail(deadline: float, now: float) -> str:
     return (
         f"{START_BY_ATTRIBUTE} {format_deadline(deadline)} passed "
         f"{max(0.0, now - deadline):.1f} s ago before the request could start; it was never "
-        f"started (redrive it with a later {START_BY_ATTRIBUTE}, or none, to run it)"
+        f"started (`sfn-dispatcher redrive --reason {EXPIRED}` sends it back without its "
+        f"{START_BY_ATTRIBUTE}, to run it)"
     )

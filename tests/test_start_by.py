@@ -5,7 +5,10 @@ gets ``Dispatcher.Expired``. On fakes, with an injected wall clock."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,6 +16,7 @@ import pytest
 import stamina
 
 from dispatcher.callbacks import Callbacks
+from dispatcher.cli import build_parser
 from dispatcher.config import InputFormat
 from dispatcher.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
 from dispatcher.deadline import (
@@ -21,8 +25,13 @@ from dispatcher.deadline import (
     parse_start_by,
     start_by_of,
 )
+from dispatcher.errors import UserError
 from dispatcher.intake import Intake
+from dispatcher.producer import SubmitItem
+from dispatcher.redrive import request_attributes
 from dispatcher.requests import BadRequest, StartRequest, execution_arn, parse
+from dispatcher.submit import _requests as submit_requests_of
+from dispatcher.submit import parse_start_by_flag
 from tests.fake_intake import dispatch_all, intake_of, waiting
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
@@ -315,3 +324,79 @@ async def test_a_deferred_request_comes_back_by_its_deadline() -> None:
     await intake.admit(intake.queues[0], message("2026-12-05T10:00:00Z"))
     [back] = world.sqs.calls_to("change_message_visibility")
     assert back["VisibilityTimeout"] <= 8
+
+
+# -- producers -----------------------------------------------------------------------------
+
+
+def test_submit_start_by_accepts_times_epochs_and_offsets_from_now() -> None:
+    assert parse_start_by_flag("+10m", now=T0) == "2026-12-05T10:10:00Z"
+    assert parse_start_by_flag("+90s", now=T0) == "2026-12-05T10:01:30Z"
+    assert parse_start_by_flag("+2h", now=T0) == "2026-12-05T12:00:00Z"
+    assert parse_start_by_flag("2026-12-05T12:00:00+01:00", now=T0) == "2026-12-05T11:00:00Z"
+    assert parse_start_by_flag("1796468400", now=T0) == "2026-12-05T11:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("soon", "--start-by 'soon' is invalid: not an RFC 3339 timestamp"),
+        ("+10y", "--start-by '+10y' is invalid"),
+        ("2026-12-05T09:00:00Z", "--start-by '2026-12-05T09:00:00Z' is 2026-12-05T09:00:00Z, "),
+    ],
+)
+def test_submit_start_by_refuses_garbage_and_the_past(text: str, message: str) -> None:
+    with pytest.raises(UserError) as caught:
+        parse_start_by_flag(text, now=T0)
+    assert str(caught.value).startswith(message)
+
+
+def test_submit_puts_the_start_by_on_every_request(tmp_path: Path) -> None:
+    argv = ["submit", "--count", "3", "--start-by", "+5m", "--queue-url", "http://q"]
+    _, _, items = submit_requests_of(build_parser().parse_args(argv))
+    deadlines = {item.attributes["start-by"] for item in items}
+    [deadline] = deadlines
+    assert parse_start_by(deadline) == pytest.approx(time.time() + 300, abs=5)
+    both = [*argv, "--attribute", "start-by=2030-01-01T00:00:00Z"]
+    with pytest.raises(UserError, match=r"--attribute start-by=\.\.\. and --start-by: give one"):
+        submit_requests_of(build_parser().parse_args(both))
+    source = tmp_path / "requests.jsonl"
+    source.write_text('{"input": {"n": 1}, "attributes": {"start-by": "tomorrow"}}\n')
+    argv = ["submit", "--from-file", str(source), "--queue-url", "http://q"]
+    with pytest.raises(UserError, match=r"requests.jsonl:1: attribute 'start-by'='tomorrow' is "):
+        submit_requests_of(build_parser().parse_args(argv))
+
+
+def test_the_producer_library_sends_a_start_by_in_rfc_3339_utc() -> None:
+    item = SubmitItem("{}", idempotency_key="o-1", start_by=T0)
+    assert item.message_attributes() == {
+        "idempotency-key": "o-1",
+        "start-by": "2026-12-05T10:00:00Z",
+    }
+    paris = datetime(2026, 12, 5, 11, 0, tzinfo=timezone(timedelta(hours=1)))
+    assert SubmitItem("{}", start_by=paris).message_attributes() == {
+        "start-by": "2026-12-05T10:00:00Z"
+    }
+    with pytest.raises(ValueError, match="no time zone"):
+        SubmitItem("{}", start_by=datetime(2026, 12, 5, 10)).message_attributes()
+
+
+def test_an_expired_request_is_redriven_without_its_start_by() -> None:
+    def letter(reason: str) -> dict[str, Any]:
+        return sqs_message(
+            "{}",
+            attributes={
+                "dispatcher-reason": reason,
+                "dispatcher-request-id": "m-1",
+                "start-by": "2026-12-05T10:00:00Z",
+                "tenant": "a",
+            },
+        )
+
+    expired = request_attributes(letter("expired"))
+    assert sorted(expired) == ["dispatcher-request-id", "tenant"]
+    assert sorted(request_attributes(letter("invalid_json"))) == [
+        "dispatcher-request-id",
+        "start-by",
+        "tenant",
+    ]
