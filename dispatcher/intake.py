@@ -435,7 +435,7 @@ class Intake:
         while True:
             self._deadline_added = anyio.Event()
             wait = self.expire_waiting(handlers)
-            with anyio.move_on_after(self.settings.visibility_timeout if wait is None else wait):
+            with anyio.move_on_after(math.inf if wait is None else wait):
                 await self._deadline_added.wait()
 
     def expire_waiting(self, handlers: TaskGroup) -> float | None:
