@@ -209,13 +209,13 @@ def request_attributes(message: Mapping[str, Any]) -> dict[str, Any]:
     the message id of a message a redrive policy moved (its id is the original's) when
     SQS's ten attributes leave room. An expired request goes back without its start-by
     (kept, it would expire again at once): redriving it asks for it to run."""
-    expired = reason_of(message) == EXPIRED
     attributes = {
         name: value
         for name, value in (message.get("MessageAttributes") or {}).items()
-        if (not name.startswith(OUR_PREFIX) or name == REQUEST_ID_ATTRIBUTE)
-        and not (expired and name == START_BY_ATTRIBUTE)
+        if not name.startswith(OUR_PREFIX) or name == REQUEST_ID_ATTRIBUTE
     }
+    if reason_of(message) == EXPIRED:
+        attributes.pop(START_BY_ATTRIBUTE, None)
     identity, _ = request_identity(message)
     if identity is not None and REQUEST_ID_ATTRIBUTE not in attributes and len(attributes) < 10:
         attributes[REQUEST_ID_ATTRIBUTE] = {"DataType": "String", "StringValue": identity}

@@ -39,6 +39,7 @@ import dispatcher.requests
 import dispatcher.starter
 from dispatcher.callbacks import Callbacks
 from dispatcher.events import Events
+from dispatcher.expiry import Expiries
 from dispatcher.intake import Intake
 from dispatcher.lastreceive import LastReceives
 from dispatcher.lease import Leases
@@ -673,6 +674,33 @@ CATALOGUE: tuple[Mutation, ...] = (
         "admit",
         "request = keyed(request, key)",
         "pass",
+    ),
+    # -- start-by deadlines ------------------------------------------------------------------
+    _m(
+        "deadline-not-checked-before-sending",
+        "start-by deadlines",
+        "no StartExecution attempt is sent after its request's start-by",
+        Starter,
+        "_call_start",
+        'if self.expiries.due(entry):\n    raise ExpiredError\nhandling.phase = "calling"',
+        'handling.phase = "calling"',
+        also=(
+            Edit(
+                Starter,
+                "_admission",
+                "if self.expiries.due(entry):\n    raise ExpiredError",
+                "pass",
+            ),
+        ),
+    ),
+    _m(
+        "expired-while-in-doubt",
+        "start-by deadlines",
+        "a request whose start may have taken effect is never dead-lettered as expired",
+        Expiries,
+        "expire",
+        "if doubt or starting or arn in ledger.in_doubt:",
+        "if False:",
     ),
 )
 
