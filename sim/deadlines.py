@@ -108,9 +108,9 @@ def check_deadlines(history: History, spec: CheckSpec) -> list[Violation]:
     # request) asks for the request to run: from then on it has no deadline.
     released: dict[str, float] = {}
     for sent in history.sends:
-        identity = sent.attributes.get(REQUEST_ID_ATTRIBUTE)
-        if sent.queue_url in spec.request_queues and identity and START_BY not in sent.attributes:
-            released.setdefault(identity, sent.time)
+        named = sent.attributes.get(REQUEST_ID_ATTRIBUTE)
+        if sent.queue_url in spec.request_queues and named and START_BY not in sent.attributes:
+            released.setdefault(named, sent.time)
     found: list[Violation] = []
     sends: dict[str, list[float]] = defaultdict(list)
     for record in history.records:
