@@ -6,32 +6,30 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-import stamina
 
-from dispatcher.callbacks import Callbacks
-from dispatcher.cli import build_parser
-from dispatcher.config import InputFormat
-from dispatcher.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
-from dispatcher.deadline import (
+from dispatcher.cli.main import build_parser
+from dispatcher.cli.redrive import request_attributes
+from dispatcher.cli.submit import _requests as submit_requests_of
+from dispatcher.cli.submit import parse_start_by_flag
+from dispatcher.core.deadline import (
     EXPIRED_ERROR,
     format_deadline,
     parse_start_by,
     start_by_of,
 )
+from dispatcher.core.requests import BadRequest, StartRequest, execution_arn, parse
+from dispatcher.daemon.callbacks import Callbacks
+from dispatcher.daemon.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
+from dispatcher.daemon.intake import Intake
 from dispatcher.errors import UserError
-from dispatcher.intake import Intake
 from dispatcher.producer import SubmitItem
-from dispatcher.redrive import request_attributes
-from dispatcher.requests import BadRequest, StartRequest, execution_arn, parse
-from dispatcher.submit import _requests as submit_requests_of
-from dispatcher.submit import parse_start_by_flag
+from dispatcher.settings.config import InputFormat
 from tests.fake_intake import dispatch_all, intake_of, waiting
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
@@ -42,17 +40,12 @@ from tests.fakes import (
     sqs_message,
 )
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("fast_retries")]
+RETRY_ATTEMPTS = 2  # stamina's test mode (the fast_retries fixture)
 
 T0 = 1_796_464_800.0  # 2026-12-05T10:00:00Z
 TOKEN = "AQCEAAAAKgAAAAMAAAAAAAAAA" + "t" * 100
 ARN = execution_arn(STATE_MACHINE_ARN, "m-1")
-
-
-@pytest.fixture(autouse=True)
-def fast_retries() -> Iterator[None]:
-    with stamina.set_testing(True, attempts=2):
-        yield
 
 
 # -- parsing -------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from dispatcher.deadline import format_deadline
-from dispatcher.records import list_executions
-from dispatcher.sandbox.provision import SandboxResources
-from tests.audit import drain, wait_for
+from devtools.polling import wait_until
+from devtools.records import list_executions
+from devtools.sandbox.provision import SandboxResources
+from dispatcher.core.deadline import format_deadline
+from tests.audit import drain
 from tests.helpers import session
 from tests.runner import running
 
@@ -47,7 +48,7 @@ async def expired_letter(sqs: SQSClient, url: str, message_id: str, within: floa
             for m in found
         )
 
-    await wait_for(arrived, within=within, interval=0.2)
+    await wait_until(arrived, within=within, interval=0.2)
     [letter] = found
     return letter
 
@@ -82,7 +83,7 @@ async def test_a_request_whose_start_by_passes_while_the_pool_is_full_expires_un
             runs = await list_executions(sfn, resources.state_machine_arn)
             return any(e.status == "RUNNING" for e in runs)
 
-        await wait_for(occupied, within=20)
+        await wait_until(occupied, within=20)
         deadline = time.time() + 3
         late = await send(
             sqs,
