@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
+from sim.checker import check
 from sim.deadlines import Producer, check_deadlines, deadline_of
 from sim.history import History
 from sim.loop import EPOCH
-from tests.test_sim_checker import DLQ, QUEUE, request, spec
+from tests.test_sim_checker import DLQ, QUEUE, kinds, request, run, spec
 
 
 def start_sent(history: History, at: float, name: str) -> None:
@@ -68,3 +71,21 @@ def test_a_request_expired_before_its_start_by_is_a_violation() -> None:
     dead_letter(history, 9.0, "m1", "expired")
     [found] = check_deadlines(history, spec())
     assert found.kind == "expired_early"
+
+
+def test_an_execution_a_later_copy_started_is_not_the_dead_letters() -> None:
+    """Dead-lettered as expired at 40; a redrive sends a copy without the start-by at 41,
+    whose start (sent at 41.2) takes effect at 41.5, within the late-start window. Rule 9
+    tells it from a start sent before the dead letter by the record of each attempt."""
+    late_copy = History()
+    request(late_copy, "q1", "m1", attributes={"start-by": f"{EPOCH + 30:.3f}"})
+    dead_letter(late_copy, 40, "m1", "expired")
+    start_sent(late_copy, 41.2, "m1")
+    run(late_copy, "m1", 41.5, 60, input=json.dumps({"request": "q1"}))
+    assert "dead_letter_ran" not in kinds(check(late_copy, spec(late_start=5.0)))
+    in_flight = History()
+    request(in_flight, "q1", "m1", attributes={"start-by": f"{EPOCH + 30:.3f}"})
+    start_sent(in_flight, 29.9, "m1")
+    dead_letter(in_flight, 40, "m1", "expired")
+    run(in_flight, "m1", 41.5, 60, input=json.dumps({"request": "q1"}))
+    assert "dead_letter_ran" in kinds(check(in_flight, spec(late_start=5.0)))
