@@ -112,3 +112,79 @@ async def test_a_request_whose_start_by_passes_while_the_pool_is_full_expires_un
     print(  # the measurement, for the report (pytest -s)
         f"keyed={keyed}: dead-lettered {dead_lettered_at - deadline:.2f} s after its start-by"
     )
+
+
+def deadline_parent(request_queue_url: str) -> dict[str, Any]:
+    """A parent that asks for one child through a task token, with the start-by its input
+    gives, and catches the answer's error into its output."""
+    return {
+        "StartAt": "Child",
+        "States": {
+            "Child": {
+                "Type": "Task",
+                "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
+                "Parameters": {
+                    "QueueUrl": request_queue_url,
+                    "MessageBody.$": "$.child",
+                    "MessageAttributes": {
+                        "task-token": {"DataType": "String", "StringValue.$": "$$.Task.Token"},
+                        "tenant": {"DataType": "String", "StringValue": "b"},
+                        "start-by": {"DataType": "String", "StringValue.$": "$.startBy"},
+                    },
+                },
+                "TimeoutSeconds": 60,
+                "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Done"}],
+                "End": True,
+            },
+            "Done": {"Type": "Pass", "End": True},
+        },
+    }
+
+
+@pytest.mark.timeout(120)
+async def test_a_parent_waiting_on_an_expired_request_gets_dispatcher_expired(
+    sandbox_factory: Factory,
+) -> None:
+    """Limit 1 held by a long execution; a parent asks for a child with a start-by 3 s
+    ahead: the parent's task fails with Dispatcher.Expired, the cause naming the deadline,
+    and no child starts."""
+    resources = await sandbox_factory(limit=1)
+    async with (
+        session().client("sqs", endpoint_url=resources.endpoint) as sqs,
+        session().client("stepfunctions", endpoint_url=resources.endpoint) as sfn,
+        running(resources, limit=1, key_attribute="tenant"),
+    ):
+        machine = await sfn.create_state_machine(
+            name=f"{resources.prefix}-deadline-parent",
+            definition=json.dumps(deadline_parent(resources.request_queue_url)),
+            roleArn="arn:aws:iam::000000000000:role/deadline-parent",
+            type="STANDARD",
+        )
+        await send(sqs, resources.request_queue_url, {"seconds": 25}, tenant="a")
+
+        async def occupied() -> bool:
+            runs = await list_executions(sfn, resources.state_machine_arn)
+            return any(e.status == "RUNNING" for e in runs)
+
+        await wait_until(occupied, within=20)
+        deadline = format_deadline(time.time() + 3)
+        parent = await sfn.start_execution(
+            stateMachineArn=machine["stateMachineArn"],
+            input=json.dumps({"child": json.dumps({"seconds": 0}), "startBy": deadline}),
+        )
+
+        async def parent_done() -> bool:
+            described = await sfn.describe_execution(executionArn=parent["executionArn"])
+            return str(described["status"]) != "RUNNING"
+
+        await wait_until(parent_done, within=20, interval=0.2)
+        described = await sfn.describe_execution(executionArn=parent["executionArn"])
+        executions = await list_executions(sfn, resources.state_machine_arn)
+        for execution in executions:
+            if execution.status == "RUNNING":
+                await sfn.stop_execution(executionArn=execution.arn)
+        await sfn.delete_state_machine(stateMachineArn=machine["stateMachineArn"])
+    error = json.loads(described["output"])["error"]
+    assert error["Error"] == "Dispatcher.Expired"
+    assert deadline in error["Cause"]
+    assert len(executions) == 1, "no child started"
