@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench import reads
 from bench.figures import load, num
 from bench.targets import targets
 
@@ -379,7 +380,8 @@ def raw_ratio_lines(doc: dict[str, Any] | None) -> list[str]:
 
 
 def readme_block(out: Path) -> list[str]:
-    """The README's generated performance figures, from the JSON files in ``out``."""
+    """The performance page's generated figures (docs/performance.md), from the JSON files in
+    ``out``."""
     names = ("comparison", "handover", "throughput", "scale", "fairness")
     found = {name: load(out, name) for name in names}
     lines = [BEGIN]
@@ -432,15 +434,21 @@ def readme_block(out: Path) -> list[str]:
             for t, v, ok in rows
         ]
         lines.append("")
+    reads_doc = load(out, "reads")
+    if reads_doc:
+        lines += [*reads.section(reads_doc), ""]
     return [*lines, END]
 
+
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
+"""Where the generated figures live (between `BEGIN` and `END`)."""
 
 BEGIN = "<!-- bench:begin - generated: python -m bench.report --readme -->"
 END = "<!-- bench:end -->"
 
 
 def readme_section(text: str) -> list[str]:
-    """The generated block as it stands in a README's text (markers included)."""
+    """The generated block as it stands in a page's text (markers included)."""
     lines = text.splitlines()
     return lines[lines.index(BEGIN) : lines.index(END) + 1]
 
@@ -453,17 +461,17 @@ def write_readme(readme: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.report --readme``: print (or ``--write``) the README's figures."""
+    """``python -m bench.report --readme``: print (or ``--write``) docs/performance.md's figures."""
     import argparse  # noqa: PLC0415 - only for the command line
 
     root = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
-    parser.add_argument("--readme", action="store_true", help="print the README block")
-    parser.add_argument("--write", action="store_true", help="rewrite the block in README.md")
+    parser.add_argument("--readme", action="store_true", help="print the generated block")
+    parser.add_argument("--write", action="store_true", help=f"rewrite the block in {PAGE.name}")
     parser.add_argument("--out", type=Path, default=root / "results", help="results folder")
     args = parser.parse_args(argv)
     if args.write:
-        write_readme(root.parent / "README.md", args.out)
+        write_readme(PAGE, args.out)
     elif args.readme:
         print("\n".join(readme_block(args.out)))
     else:

@@ -350,7 +350,7 @@ def test_every_per_pool_metric_carries_the_pool_label() -> None:
     without = {name for name, names in labels.items() if "pool" not in names}
     assert without == PROCESS_WIDE, (
         f"metrics without a pool label: {sorted(without - PROCESS_WIDE)}; if one is truly "
-        "process-wide, add it to PROCESS_WIDE (and the README's list)"
+        "process-wide, add it to PROCESS_WIDE (and docs/observability.md's list)"
     )
 
 

@@ -93,7 +93,7 @@ async def test_dry_run_counts_then_redrive_moves_only_the_reason_asked(
 async def test_redrive_ends_while_the_dispatcher_dead_letters_every_copy_again(
     sandbox: SandboxResources,
 ) -> None:
-    """The README's example, `redrive --reason invalid_json` while the dispatcher runs: each
+    """The docs' example, `redrive --reason invalid_json` while the dispatcher runs: each
     copy is dead-lettered again at once. The run moves the five that were there, leaves the
     copies that come back, and ends; every copy keeps its request's identity."""
     url, dlq = sandbox.request_queue_url, sandbox.dead_letter_queue_url
