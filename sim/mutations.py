@@ -582,6 +582,12 @@ CATALOGUE: tuple[Mutation, ...] = (
         'if error_code(exc) == "ExecutionDoesNotExist" and not kept.exists:',
         "if not kept.exists:",
     ),
+    # Not caught, and hard to catch within what the simulation assumes of AWS: a kept
+    # request "exists" only after StartExecution said ExecutionAlreadyExists (or it was
+    # found under a former name), and a describe says "does not exist" of an execution
+    # that exists only while it lags, for the execution's first second (README, "What the
+    # simulation assumes about AWS"); a kept request is first described D + grace after it
+    # was kept. The rule guards against describes lagging beyond that assumption.
     _m(
         "last-receive-existing-then-missing",
         "dead-lettering while in doubt",
@@ -591,15 +597,27 @@ CATALOGUE: tuple[Mutation, ...] = (
         'if error_code(exc) == "ExecutionDoesNotExist" and not kept.exists:',
         'if error_code(exc) == "ExecutionDoesNotExist":',
     ),
+    # The rule is the wait `keep` sets, not the guard ``now >= kept.not_before`` in
+    # `_settle` (this mutation's first form): `settle_once` describes a kept request only
+    # from its ``next_try``, which `keep` sets to ``not_before`` and every retry to
+    # ``max(not_before, ...)``, so that guard is always true where it is read - taking it
+    # out changed nothing (an equivalent mutant). Without the wait a request kept in doubt
+    # is still protected by its doubt in the ledger (freed on "does not exist" only past
+    # the start grace since its last attempt); the wait matters where the doubt is not
+    # this process's, or where D exceeds the grace.
     _m(
         "last-receive-missing-without-grace",
         "dead-lettering while in doubt",
         "'does not exist' proves a kept request never started only D + grace after it was kept",
         LastReceives,
-        "_settle",
-        "if now >= kept.not_before and await self._never_started(kept, now):",
-        "if await self._never_started(kept, now):",
+        "keep",
+        "wait = self.settings.start_timeout + self.settings.start_grace",
+        "wait = 0.0",
     ),
+    # Observable only when a describe says "does not exist" while a status event or a
+    # listing shows the execution: within its first second (the describe lag the
+    # simulation assumes), i.e. a copy of the request started within the second before
+    # the kept one is described. Not caught within 200 seeds.
     _m(
         "last-receive-ignores-evidence",
         "dead-lettering while in doubt",
@@ -680,14 +698,12 @@ MUTATIONS: dict[str, Mutation] = {m.name: m for m in CATALOGUE}
 
 NOT_YET_CAUGHT = frozenset(
     {
-        "5xx-means-not-started",
         "answer-before-child-ended",
         "copies-named-by-message-id",
         "deferrals-not-spaced",
         "describe-failure-frees-slot",
         "held-token-forgets-earlier-handles",
         "key-retry-admitted-over-key-limit",
-        "last-receive-describe-failure-means-missing",
         "last-receive-existing-then-missing",
         "last-receive-ignores-evidence",
         "last-receive-missing-without-grace",
