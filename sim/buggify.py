@@ -41,6 +41,11 @@ as before they were added.
   short runs (a listing may miss them) and DescribeExecution failing (5xx, throttles) for
   minutes: a request kept on its last receive in doubt must not be dead-lettered on a
   describe that failed.
+- ``slow_starts``: one pool of limit 2, a low start rate (one StartExecution every 14.5 s,
+  a burst of one), a burst of requests, every StartExecution answer lost and every status
+  event lost for 20 to 40 s, and the limit lowered to 1 at the burst: a start waiting for
+  its rate token must then fit under the new limit with the starts already sent (which
+  may run).
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ class Knobs:
     limit_drops: bool = False
     unknown_starts: bool = False
     last_receive_doubts: bool = False
+    slow_starts: bool = False
 
     @property
     def on(self) -> tuple[str, ...]:
@@ -101,7 +107,7 @@ class Knobs:
         return tuple(name for name in self.on if name not in HUNT)
 
 
-HUNT = ("unknown_starts", "last_receive_doubts")
+HUNT = ("unknown_starts", "last_receive_doubts", "slow_starts")
 """Knobs drawn, and planned, from their own stream (added later: no other draw moved)."""
 
 OFF = Knobs()
@@ -126,6 +132,7 @@ def draw(seed: int) -> Knobs:
         limit_drops=rng.random() < SHARE,
         unknown_starts=hunt.random() < SHARE,
         last_receive_doubts=hunt.random() < SHARE,
+        slow_starts=hunt.random() < SHARE,
     )
 
 

@@ -39,7 +39,7 @@ from sim.buggify import draw as draw_knobs
 from sim.bugs import Bug, put_back
 from sim.checker import CheckSpec, PoolSpec, Violation, check
 from sim.extras import ExtrasPlan
-from sim.nemesis import STORM_MAX, Action, Nemesis, plan
+from sim.nemesis import SLOW_START_GAP, STORM_MAX, Action, Nemesis, plan
 from sim.operators import run_extras
 from sim.parents import ParentsPlan, draw, run_parents, with_retries
 from sim.token_rules import SETTLE_KINDS
@@ -116,13 +116,21 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
     None: as `PARENTS`)."""
     knobs = draw_knobs(seed)
     made = _scenario(seed, knobs, parents)
-    if made.lease and knobs.last_receive_doubts:
-        # Not with the lease: a reign that ends (a frozen leader, a renewal lost) lets its
-        # kept requests go, hidden, and the redrive policy moves them without a reason -
-        # as documented (README, Pools), but not excused by the checker as a crash or a
-        # SIGTERM is; with that knob most requests are kept for minutes. The seed is as
-        # if the knob had not been drawn.
-        made = _scenario(seed, dataclasses.replace(knobs, last_receive_doubts=False), parents)
+    # Not with the lease: a reign that ends (a frozen leader, a renewal lost) lets its kept
+    # requests go, hidden, and the redrive policy moves them without a reason - as
+    # documented (README, Pools), but not excused by the checker as a crash or a SIGTERM
+    # is; with that knob most requests are kept for minutes.
+    kept = made.lease and knobs.last_receive_doubts
+    # Not with a second pool (a rolling deploy adds one): more starts would wait for their
+    # rate tokens than half a visibility timeout covers (see `SLOW_START_GAP`).
+    slow = len(made.pools) > 1 and knobs.slow_starts
+    if kept or slow:  # the seed as if the knob had not been drawn
+        without = dataclasses.replace(
+            knobs,
+            last_receive_doubts=knobs.last_receive_doubts and not kept,
+            slow_starts=knobs.slow_starts and not slow,
+        )
+        made = _scenario(seed, without, parents)
     return made
 
 
@@ -219,6 +227,15 @@ def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
         # is admitted); last_receive_doubts alone: short runs (ended before a listing
         # could show them, their end lost: only the doubt knows they may have run).
         max_seconds = max(max_seconds, 120) if knobs.unknown_starts else 10
+    pools, shared = made.pools, made.shared_queue
+    if knobs.slow_starts:
+        # One start every SLOW_START_GAP seconds, one pool of limit 2 (two starts wait for
+        # their tokens at most); runs long enough to overlap the start that waited.
+        gap = 1.0 / SLOW_START_GAP
+        settings = (*settings, ("start_rate", gap), ("start_rate_floor", gap), ("start_burst", 1))
+        pools, shared = (dataclasses.replace(made.pools[0], limit=2),), False
+        quiet_at, requests = max(quiet_at, 300.0), max(requests, 12)
+        max_seconds = max(max_seconds, 60)
     return dataclasses.replace(
         made,
         knobs=knobs,
@@ -227,6 +244,8 @@ def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
         max_seconds=max_seconds,
         quiet_at=quiet_at,
         requests=requests,
+        pools=pools,
+        shared_queue=shared,
     )
 
 

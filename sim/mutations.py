@@ -711,7 +711,6 @@ NOT_YET_CAUGHT = frozenset(
         "lease-leads-with-some",
         "missing-frees-doubt-without-grace",
         "name-without-key-tag",
-        "new-start-ignores-starts-sent",
         "no-tombstone",
         "orphan-stopped-while-awaited",
         "redrive-count-dropped-from-events",

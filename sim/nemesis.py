@@ -356,10 +356,48 @@ def plan(
         )
         if knobs.late_starts:
             nemesis.dark_listing_lag = start_grace - GRACE_MARGIN
-    if hunt_rng is not None and (knobs.unknown_starts or knobs.last_receive_doubts):
+    if hunt_rng is not None and (
+        knobs.unknown_starts or knobs.last_receive_doubts or knobs.slow_starts
+    ):
         nemesis.knobs = knobs
         _buggify_hunt(nemesis, hunt_rng, knobs, give_up_after, start_grace)
+        if knobs.slow_starts:
+            _slow_starts(nemesis, hunt_rng, nodes, pools)
     return nemesis
+
+
+SLOW_START_GAP = 14.5
+"""Seconds between StartExecution calls with buggify's ``slow_starts`` (its start rate):
+longer than the checker's staleness of a lowered limit (limit_refresh_interval + 2 s) with
+the limit lowered within 1.5 s of the first start, and twice it under half the visibility
+timeout (the two starts of a pool of limit 2 wait for their tokens without extending
+their messages' visibility: see the report of the helper that added it)."""
+
+
+def _slow_starts(
+    nemesis: Nemesis,
+    rng: random.Random,
+    nodes: tuple[str, ...],
+    pools: Mapping[str, tuple[int, bool]],
+) -> None:
+    """Buggify's ``slow_starts``: at a burst of requests, StartExecution answers lost (the
+    starts applied) and status events lost for 20 to 40 s, and the pool's limit lowered
+    (2 to 1) within 1.5 s of the first start: a start waiting for its rate token meanwhile
+    must count the start sent, which runs unseen."""
+    quiet_at = nemesis.quiet_at
+    start = rng.uniform(0.05, 0.5) * quiet_at
+    end = min(quiet_at, start + rng.uniform(20, 40))
+    nemesis.storms.insert(0, Storm("lost_answers", start, end, 1.0, operations=("StartExecution",)))
+    nemesis.event_storms.insert(0, EventStorm(start, end + 60.0, lost=True))
+    nemesis.burst_at = start + rng.uniform(0, 2)
+    for name, (limit, parameter) in pools.items():
+        if limit < 2:
+            continue
+        at = nemesis.burst_at + rng.uniform(0.3, 1.5)
+        kind = "set_limit" if parameter else "sighup"
+        for node in nodes if kind == "sighup" else (rng.choice(nodes),):
+            nemesis.actions.append(Action(at, kind, node, limit - 1, name))
+    nemesis.actions.sort(key=lambda a: a.time)
 
 
 def _buggify_hunt(

@@ -16,7 +16,7 @@ from sim import __main__ as sim_cli
 from sim import buggify, harness
 from sim.calls import NO_FAULT
 from sim.harness import DISPATCHER, PoolPlan, Run, Scenario, scenario, simulate
-from sim.nemesis import Action, Nemesis, plan
+from sim.nemesis import SLOW_START_GAP, Action, Nemesis, plan
 
 
 @pytest.fixture(autouse=True)
@@ -186,5 +186,29 @@ def test_last_receive_doubts_is_never_on_with_the_lease() -> None:
     # Dropped with the lease: the seed is exactly as if the knob had not been drawn.
     for seed, m in zip(drawn, made, strict=True):
         if not m.knobs.last_receive_doubts:
-            without = dataclasses.replace(buggify.draw(seed), last_receive_doubts=False)
+            without = dataclasses.replace(
+                buggify.draw(seed), last_receive_doubts=False, slow_starts=m.knobs.slow_starts
+            )
             assert m == harness._scenario(seed, without, None)
+
+
+def test_slow_starts_lowers_the_limit_while_starts_wait_for_their_tokens() -> None:
+    nemesis = _plan(buggify.Knobs(slow_starts=True), random.Random(11))
+    lost = nemesis.storms[0]
+    assert lost.kind == "lost_answers"
+    assert lost.operations == ("StartExecution",)
+    assert nemesis.burst_at is not None
+    assert lost.start <= nemesis.burst_at <= lost.start + 2
+    [lowered] = {(a.pool, a.value) for a in nemesis.actions if a.kind in ("set_limit", "sighup")}
+    assert lowered == ("p0", 1)
+    drop = min(a.time for a in nemesis.actions if a.kind in ("set_limit", "sighup"))
+    staleness = DISPATCHER["limit_refresh_interval"] + 2.0
+    # The start after the first waits a rate token: it comes after the checker's staleness.
+    assert nemesis.burst_at + SLOW_START_GAP - drop > staleness
+    # Two starts waiting their tokens stay within half the visibility timeout.
+    assert DISPATCHER["visibility_timeout"] / 2 > 2 * SLOW_START_GAP
+    made = [scenario(s) for s in range(200) if buggify.draw(s).slow_starts]
+    on = [m for m in made if m.knobs.slow_starts]
+    assert on
+    assert all(len(m.pools) == 1 and m.pools[0].limit == 2 for m in on)
+    assert all(dict(m.settings)["start_burst"] == 1 for m in on)
