@@ -46,6 +46,10 @@ as before they were added.
   event lost for 20 to 40 s, and the limit lowered to 1 at the burst: a start waiting for
   its rate token must then fit under the new limit with the starts already sent (which
   may run).
+- ``early_answers``: half of the starts are dark: their attempts lost but for the last
+  one to three seconds before the start gives up, held on the wire, answered with a 5xx at
+  once and applied at D (after the give-up); their events lost; reconcile every 2 s. A
+  "does not exist" within the start grace after a start in doubt settles nothing.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ class Knobs:
     unknown_starts: bool = False
     last_receive_doubts: bool = False
     slow_starts: bool = False
+    early_answers: bool = False
 
     @property
     def on(self) -> tuple[str, ...]:
@@ -107,7 +112,7 @@ class Knobs:
         return tuple(name for name in self.on if name not in HUNT)
 
 
-HUNT = ("unknown_starts", "last_receive_doubts", "slow_starts")
+HUNT = ("unknown_starts", "last_receive_doubts", "slow_starts", "early_answers")
 """Knobs drawn, and planned, from their own stream (added later: no other draw moved)."""
 
 OFF = Knobs()
@@ -133,6 +138,7 @@ def draw(seed: int) -> Knobs:
         unknown_starts=hunt.random() < SHARE,
         last_receive_doubts=hunt.random() < SHARE,
         slow_starts=hunt.random() < SHARE,
+        early_answers=hunt.random() < SHARE,
     )
 
 

@@ -227,6 +227,11 @@ def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
         # is admitted); last_receive_doubts alone: short runs (ended before a listing
         # could show them, their end lost: only the doubt knows they may have run).
         max_seconds = max(max_seconds, 120) if knobs.unknown_starts else 10
+    if knobs.early_answers:
+        # A reconcile soon after each give-up; a backlog for the slot freed.
+        settings = (*settings, ("reconcile_interval", 2.0))
+        quiet_at, requests = max(quiet_at, 300.0), max(requests, 20)
+        max_seconds = max(max_seconds, 60)
     pools, shared = made.pools, made.shared_queue
     if knobs.slow_starts:
         # One start every SLOW_START_GAP seconds, one pool of limit 2 (two starts wait for

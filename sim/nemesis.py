@@ -111,6 +111,9 @@ class Nemesis:
     dark_for: float = 0.0
     held_from_end: float = 0.0  # ...the last attempts (this long before dark_for) held
     dark_events: EventStorm | None = None  # what happens to a dark start's events
+    dark_failure: tuple[str | None, bool] | None = (
+        None  # how its held attempts fail (None: by name)
+    )
     _dark: dict[str, float | None] = field(default_factory=dict)  # name -> first attempt
     late_start_windows: list[tuple[float, float]] = field(default_factory=list)  # all late
     # A node that sent a held start is killed within D this share of the time (the
@@ -204,7 +207,10 @@ class Nemesis:
                 self._count("dark_start_lost")
                 return CallFault(drop_request=True)
             # Every attempt of one dark start fails the same way (all time out, say).
-            late, failure = True, LATE_START_FAILURES[hash_name(name) % len(LATE_START_FAILURES)]
+            failure = (
+                self.dark_failure or LATE_START_FAILURES[hash_name(name) % len(LATE_START_FAILURES)]
+            )
+            late = True
         if not late:
             return None
         error, reset = failure or self.rng.choice(LATE_START_FAILURES)
@@ -357,12 +363,17 @@ def plan(
         if knobs.late_starts:
             nemesis.dark_listing_lag = start_grace - GRACE_MARGIN
     if hunt_rng is not None and (
-        knobs.unknown_starts or knobs.last_receive_doubts or knobs.slow_starts
+        knobs.unknown_starts
+        or knobs.last_receive_doubts
+        or knobs.slow_starts
+        or knobs.early_answers
     ):
         nemesis.knobs = knobs
         _buggify_hunt(nemesis, hunt_rng, knobs, give_up_after, start_grace)
         if knobs.slow_starts:
             _slow_starts(nemesis, hunt_rng, nodes, pools)
+        if knobs.early_answers:
+            _early_answers(nemesis, hunt_rng, give_up_after)
     return nemesis
 
 
@@ -398,6 +409,20 @@ def _slow_starts(
         for node in nodes if kind == "sighup" else (rng.choice(nodes),):
             nemesis.actions.append(Action(at, kind, node, limit - 1, name))
     nemesis.actions.sort(key=lambda a: a.time)
+
+
+def _early_answers(nemesis: Nemesis, rng: random.Random, give_up_after: float) -> None:
+    """Buggify's ``early_answers``: dark starts (half of the starts) whose attempts are lost
+    until the last 1 to 3 s before the start gives up; those are held on the wire, answered
+    with a 5xx at once and applied at D - after the start gave up, in doubt. Their status
+    events are lost. A describe in the D after the give-up says "does not exist"."""
+    nemesis.dark_share = 0.5
+    nemesis.dark_for = give_up_after + rng.uniform(6, 10)
+    nemesis.held_from_end = nemesis.dark_for - give_up_after + rng.uniform(1, 3)
+    nemesis.dark_failure = ("ServiceUnavailable", False)
+    nemesis.dark_events = EventStorm(0.0, nemesis.quiet_at, lost=True)
+    if nemesis.burst_at is None:
+        nemesis.burst_at = rng.uniform(0.05, 0.4) * nemesis.quiet_at
 
 
 def _buggify_hunt(

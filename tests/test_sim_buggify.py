@@ -212,3 +212,24 @@ def test_slow_starts_lowers_the_limit_while_starts_wait_for_their_tokens() -> No
     assert on
     assert all(len(m.pools) == 1 and m.pools[0].limit == 2 for m in on)
     assert all(dict(m.settings)["start_burst"] == 1 for m in on)
+
+
+def test_early_answers_holds_the_last_attempts_of_dark_starts_past_the_give_up() -> None:
+    """The held attempts of a dark start begin 1 to 3 s before it gives up (in doubt),
+    each answered 5xx at once and applied at D: after the give-up."""
+    nemesis = _plan(buggify.Knobs(early_answers=True), random.Random(13))
+    assert nemesis.dark_share == 0.5
+    assert nemesis.dark_failure == ("ServiceUnavailable", False)
+    held_from = nemesis.dark_for - nemesis.held_from_end  # after the first attempt
+    assert 30.0 - 3 <= held_from <= 30.0 - 1  # give_up_after is 30 s
+    assert nemesis.dark_for > 30.0
+    assert nemesis.dark_events is not None
+    assert nemesis.dark_events.lost
+    names = [f"start-{i}" for i in range(40)]
+    first = {n: nemesis.call_fault("d1", "StartExecution", {"name": n}) for n in names}
+    dark = [n for n in names if nemesis._dark[n] is not None]
+    assert 0 < len(dark) < len(names)
+    assert all(first[n].drop_request for n in dark)  # lost until the last seconds
+    made = [scenario(s) for s in range(200) if scenario(s).knobs.early_answers]
+    assert made
+    assert all(dict(m.settings)["reconcile_interval"] == 2.0 for m in made)
