@@ -166,7 +166,8 @@ class Nemesis:
         """Visibility extensions, in ``last_receive_doubts`` seeds: a failed extension of a
         request kept on its last receive lets it go (`LastReceives.keep_hidden_once`), and
         SQS then moves it without a reason - a gap of the dispatcher, reported, not what
-        that knob is about (seed 192 shows it when extensions are faulted too)."""
+        that knob is about (with extensions faulted too, seeds 234 and 441 end with such a
+        ``redrive_move``)."""
         return self.knobs.last_receive_doubts and operation.startswith("ChangeMessageVisibility")
 
     def _refusal(self, now: float, params: Mapping[str, Any]) -> CallFault | None:
