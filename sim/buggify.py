@@ -27,6 +27,29 @@ beyond it. `BUGGIFY` turns them all off (``python -m sim --no-buggify``).
   for 40 s to a few minutes (longer than a call's retries), while children run.
 - ``limit_drops``: StartExecution requests lost for 15 to 40 s (every attempt on the wire
   unknown) while the limit is lowered: a retry must fit under the new limit.
+
+The knobs below are drawn from a stream of their own (``buggify-hunt-SEED``), and their
+plans too (`sim.nemesis.plan`'s ``hunt_rng``): a seed where they are all off runs exactly
+as before they were added.
+
+- ``unknown_starts``: a burst of requests meets a StartExecution stretch longer than the
+  start retry timeout in which each start's first attempt is applied and answered with a
+  5xx, and every retry is throttled; the status events are lost, the executions long. A
+  5xx says nothing about whether the start took effect: the slot must stay held.
+- ``last_receive_doubts``: the same stretch (first answers 5xx or lost), long enough for
+  two receives, with the request queues' ``maxReceiveCount`` at 2, status events lost,
+  short runs (a listing may miss them) and DescribeExecution failing (5xx, throttles) for
+  minutes: a request kept on its last receive in doubt must not be dead-lettered on a
+  describe that failed.
+- ``slow_starts``: one pool of limit 2, a low start rate (one StartExecution every 14.5 s,
+  a burst of one), a burst of requests, every StartExecution answer lost and every status
+  event lost for 20 to 40 s, and the limit lowered to 1 at the burst: a start waiting for
+  its rate token must then fit under the new limit with the starts already sent (which
+  may run).
+- ``early_answers``: half of the starts are dark: their attempts lost but for the last
+  one to three seconds before the start gives up, held on the wire, answered with a 5xx at
+  once and applied at D (after the give-up); their events lost; reconcile every 2 s. A
+  "does not exist" within the start grace after a start in doubt settles nothing.
 """
 
 from __future__ import annotations
@@ -61,6 +84,10 @@ class Knobs:
     refused_retries: bool = False
     callback_storms: bool = False
     limit_drops: bool = False
+    unknown_starts: bool = False
+    last_receive_doubts: bool = False
+    slow_starts: bool = False
+    early_answers: bool = False
 
     @property
     def on(self) -> tuple[str, ...]:
@@ -75,9 +102,18 @@ class Knobs:
             "refused_retries",
             "callback_storms",
             "limit_drops",
+            *HUNT,
         )
         return tuple(name for name in names if getattr(self, name))
 
+    @property
+    def classic(self) -> tuple[str, ...]:
+        """The knobs on that are not `HUNT` knobs (those plan from their own stream)."""
+        return tuple(name for name in self.on if name not in HUNT)
+
+
+HUNT = ("unknown_starts", "last_receive_doubts", "slow_starts", "early_answers")
+"""Knobs drawn, and planned, from their own stream (added later: no other draw moved)."""
 
 OFF = Knobs()
 
@@ -87,6 +123,7 @@ def draw(seed: int) -> Knobs:
     if not BUGGIFY:
         return OFF
     rng = random.Random(f"buggify-{seed}")
+    hunt = random.Random(f"buggify-hunt-{seed}")
     return Knobs(
         event_storms=rng.random() < SHARE,
         late_starts=rng.random() < LATE_STARTS_SHARE,
@@ -98,7 +135,11 @@ def draw(seed: int) -> Knobs:
         refused_retries=rng.random() < SHARE,
         callback_storms=rng.random() < SHARE,
         limit_drops=rng.random() < SHARE,
+        unknown_starts=hunt.random() < SHARE,
+        last_receive_doubts=hunt.random() < SHARE,
+        slow_starts=hunt.random() < SHARE,
+        early_answers=hunt.random() < SHARE,
     )
 
 
-__all__ = ["BUGGIFY", "GRACE_MARGIN", "LATE_STARTS_SHARE", "OFF", "SHARE", "Knobs", "draw"]
+__all__ = ["BUGGIFY", "GRACE_MARGIN", "HUNT", "LATE_STARTS_SHARE", "OFF", "SHARE", "Knobs", "draw"]

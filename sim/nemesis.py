@@ -111,6 +111,9 @@ class Nemesis:
     dark_for: float = 0.0
     held_from_end: float = 0.0  # ...the last attempts (this long before dark_for) held
     dark_events: EventStorm | None = None  # what happens to a dark start's events
+    dark_failure: tuple[str | None, bool] | None = (
+        None  # how its held attempts fail (None: by name)
+    )
     _dark: dict[str, float | None] = field(default_factory=dict)  # name -> first attempt
     late_start_windows: list[tuple[float, float]] = field(default_factory=list)  # all late
     # A node that sent a held start is killed within D this share of the time (the
@@ -123,6 +126,8 @@ class Nemesis:
     # with the window's failure; every later attempt of it is throttled.
     refusal_windows: list[tuple[float, float, str]] = field(default_factory=list)
     _refused: set[tuple[int, str]] = field(default_factory=set)  # (window, name) applied
+    # Buggify's hunt knobs: when a burst of requests is sent (None: as drawn).
+    burst_at: float | None = None
 
     def _count(self, what: str) -> None:
         self.fired[what] = self.fired.get(what, 0) + 1
@@ -132,7 +137,7 @@ class Nemesis:
     def call_fault(self, node: str, operation: str, params: Mapping[str, Any]) -> CallFault:
         """The fate of one call."""
         now = self.clock()
-        if now >= self.quiet_at or node == "producer":
+        if now >= self.quiet_at or node == "producer" or self._spared(operation):
             return NO_FAULT
         if operation == "StartExecution":
             refused = self._refusal(now, params)
@@ -156,6 +161,14 @@ class Nemesis:
         name, fault = _DRIZZLE[int(roll / self.drizzle)]
         self._count(name)
         return fault if fault is not None else CallFault(error=_throttle_code(operation))
+
+    def _spared(self, operation: str) -> bool:
+        """Visibility extensions, in ``last_receive_doubts`` seeds: a failed extension of a
+        request kept on its last receive lets it go (`LastReceives.keep_hidden_once`), and
+        SQS then moves it without a reason - a gap of the dispatcher, reported, not what
+        that knob is about (with extensions faulted too, seeds 234 and 441 end with such a
+        ``redrive_move``)."""
+        return self.knobs.last_receive_doubts and operation.startswith("ChangeMessageVisibility")
 
     def _refusal(self, now: float, params: Mapping[str, Any]) -> CallFault | None:
         """Inside a refusal window: the first attempt of a start applied with its answer
@@ -195,7 +208,10 @@ class Nemesis:
                 self._count("dark_start_lost")
                 return CallFault(drop_request=True)
             # Every attempt of one dark start fails the same way (all time out, say).
-            late, failure = True, LATE_START_FAILURES[hash_name(name) % len(LATE_START_FAILURES)]
+            failure = (
+                self.dark_failure or LATE_START_FAILURES[hash_name(name) % len(LATE_START_FAILURES)]
+            )
+            late = True
         if not late:
             return None
         error, reset = failure or self.rng.choice(LATE_START_FAILURES)
@@ -299,10 +315,13 @@ def plan(
     knobs: Knobs = OFF,
     give_up_after: float = 120.0,
     start_grace: float = 10.0,
+    hunt_rng: random.Random | None = None,
 ) -> Nemesis:
     """Draw a fault plan. ``pools`` maps pool name -> (limit, has an SSM limit);
     ``knobs``: the seed's buggify knobs (`sim.buggify`); ``give_up_after``: the
-    dispatcher's start retry timeout; ``start_grace``: its start grace."""
+    dispatcher's start retry timeout; ``start_grace``: its start grace; ``hunt_rng``: the
+    stream the `sim.buggify.HUNT` knobs plan from (never ``rng``: seeds without them keep
+    their plans and faults)."""
     intensity = rng.choice((0.0, 0.5, 1.0, 1.0, 2.0))
     nemesis = Nemesis(
         rng=rng,
@@ -332,7 +351,7 @@ def plan(
             )
         )
     nemesis.actions = _actions(rng, quiet_at, nodes, pools, intensity)
-    if knobs.on:
+    if knobs.classic:
         _buggify(nemesis, random.Random(rng.getrandbits(64)), knobs, pools, give_up_after)
         _buggify_more(
             nemesis,
@@ -344,7 +363,100 @@ def plan(
         )
         if knobs.late_starts:
             nemesis.dark_listing_lag = start_grace - GRACE_MARGIN
+    if hunt_rng is not None and (
+        knobs.unknown_starts
+        or knobs.last_receive_doubts
+        or knobs.slow_starts
+        or knobs.early_answers
+    ):
+        nemesis.knobs = knobs
+        _buggify_hunt(nemesis, hunt_rng, knobs, give_up_after, start_grace)
+        if knobs.slow_starts:
+            _slow_starts(nemesis, hunt_rng, nodes, pools)
+        if knobs.early_answers:
+            _early_answers(nemesis, hunt_rng, give_up_after)
     return nemesis
+
+
+SLOW_START_GAP = 14.5
+"""Seconds between StartExecution calls with buggify's ``slow_starts`` (its start rate):
+longer than the checker's staleness of a lowered limit (limit_refresh_interval + 2 s) with
+the limit lowered within 1.5 s of the first start, and twice it under half the visibility
+timeout (the two starts of a pool of limit 2 wait for their tokens without extending
+their messages' visibility: see the report of the helper that added it)."""
+
+
+def _slow_starts(
+    nemesis: Nemesis,
+    rng: random.Random,
+    nodes: tuple[str, ...],
+    pools: Mapping[str, tuple[int, bool]],
+) -> None:
+    """Buggify's ``slow_starts``: at a burst of requests, StartExecution answers lost (the
+    starts applied) and status events lost for 20 to 40 s, and the pool's limit lowered
+    (2 to 1) within 1.5 s of the first start: a start waiting for its rate token meanwhile
+    must count the start sent, which runs unseen."""
+    quiet_at = nemesis.quiet_at
+    start = rng.uniform(0.05, 0.5) * quiet_at
+    end = min(quiet_at, start + rng.uniform(20, 40))
+    nemesis.storms.insert(0, Storm("lost_answers", start, end, 1.0, operations=("StartExecution",)))
+    nemesis.event_storms.insert(0, EventStorm(start, end + 60.0, lost=True))
+    nemesis.burst_at = start + rng.uniform(0, 2)
+    for name, (limit, parameter) in pools.items():
+        if limit < 2:
+            continue
+        at = nemesis.burst_at + rng.uniform(0.3, 1.5)
+        kind = "set_limit" if parameter else "sighup"
+        for node in nodes if kind == "sighup" else (rng.choice(nodes),):
+            nemesis.actions.append(Action(at, kind, node, limit - 1, name))
+    nemesis.actions.sort(key=lambda a: a.time)
+
+
+def _early_answers(nemesis: Nemesis, rng: random.Random, give_up_after: float) -> None:
+    """Buggify's ``early_answers``: dark starts (half of the starts) whose attempts are lost
+    until the last 1 to 3 s before the start gives up; those are held on the wire, answered
+    with a 5xx at once and applied at D - after the start gave up, in doubt. Their status
+    events are lost. A describe in the D after the give-up says "does not exist"."""
+    nemesis.dark_share = 0.5
+    nemesis.dark_for = give_up_after + rng.uniform(6, 10)
+    nemesis.held_from_end = nemesis.dark_for - give_up_after + rng.uniform(1, 3)
+    nemesis.dark_failure = ("ServiceUnavailable", False)
+    nemesis.dark_events = EventStorm(0.0, nemesis.quiet_at, lost=True)
+    if nemesis.burst_at is None:
+        nemesis.burst_at = rng.uniform(0.05, 0.4) * nemesis.quiet_at
+
+
+def _buggify_hunt(
+    nemesis: Nemesis, rng: random.Random, knobs: Knobs, give_up_after: float, start_grace: float
+) -> None:
+    """The plans of `sim.buggify.HUNT` knobs: put first, so that they win where another
+    window overlaps them (a refusal window, an event storm)."""
+    quiet_at = nemesis.quiet_at
+    if knobs.unknown_starts:
+        # Each start's first attempt applied, answered 5xx; its retries refused until it
+        # gives up; its events lost: only its slot, held in doubt, keeps the count.
+        start = rng.uniform(0.05, 0.3) * quiet_at
+        end = min(quiet_at, start + give_up_after + rng.uniform(40, 100))
+        nemesis.refusal_windows.insert(0, (start, end, "5xx_after"))
+        nemesis.event_storms.insert(0, EventStorm(start, end + 60.0, lost=True))
+        nemesis.burst_at = start + rng.uniform(0, 5)
+    if knobs.last_receive_doubts:
+        # The same, long enough for a request's second receive (the harness sets
+        # maxReceiveCount 2: its last) to give up too, and describes failing until well
+        # after: the request is kept, its first start in doubt. (Listings work: the runs
+        # are short, so that a listing may never see one; a listing failing for minutes
+        # stops a process that takes the lease over, which lets its kept requests go.)
+        start = rng.uniform(0.05, 0.3) * quiet_at
+        end = min(quiet_at, start + 2 * give_up_after + 30.0 + rng.uniform(10, 40))
+        first = rng.choice(("5xx_after", "lost_answer"))
+        nemesis.refusal_windows.insert(0, (start, end, first))
+        nemesis.event_storms.insert(0, EventStorm(start, end + 60.0, lost=True))
+        kind = rng.choice(("server_error", "throttle"))
+        failing = min(quiet_at, end + start_grace + rng.uniform(60, 180))
+        nemesis.storms.insert(
+            0, Storm(kind, start, failing, 1.0, operations=("DescribeExecution",))
+        )
+        nemesis.burst_at = start + rng.uniform(0, 5)
 
 
 def _buggify(
