@@ -9,6 +9,7 @@ object of the process (as ``kill -9``): a new `Dispatcher` is built from the con
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -16,7 +17,7 @@ import math
 import random
 import tempfile
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,7 +237,17 @@ def simulate(
     """Run seed ``seed`` on virtual time and judge it (``bugs``: fixed bugs put back, see
     `sim.bugs`; ``plan`` and ``nemesis``: a scripted scenario instead of the seed's)."""
     with put_back(bugs) as active:
-        return loop.run(lambda: Run(seed, active, plan, nemesis).main())
+        runs: list[Run] = []
+
+        def main() -> Awaitable[Outcome]:
+            runs.append(Run(seed, active, plan, nemesis))
+            return runs[0].main()
+
+        try:
+            return loop.run(main)
+        except loop.SimulationBusyError as exc:
+            # A spinning task froze virtual time: the run cannot go on nor be judged.
+            return runs[0].outcome([], [f"at {runs[0].ended_at:.3f}: {exc}"])
 
 
 class Run:
@@ -294,6 +305,7 @@ class Run:
         self.extra_violations: list[Violation] = []
         self.extras_done = anyio.Event()
         self.extras_pending = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._setup()
         self.nemesis = nemesis(self) if nemesis is not None else self._drawn_nemesis()
         self.world.faults = _except_ssm(self.nemesis.call_fault)
@@ -440,6 +452,7 @@ class Run:
     async def main(self) -> Outcome:
         """Run until every request settled (or the bound), then judge."""
         random.seed(self.seed)  # stamina's jitter draws from the global generator
+        self._loop = asyncio.get_running_loop()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.world.run)
@@ -461,18 +474,27 @@ class Run:
                 tg.cancel_scope.cancel()
         finally:
             self._tmp.cleanup()
+        violations = check(self.world.history, self.spec()) + self.memory[:1]
+        return self.outcome(violations + self.extra_violations, self.errors)
+
+    @property
+    def ended_at(self) -> float:
+        """The virtual time now (or when the run's loop stopped)."""
+        return self._loop.time() if self._loop is not None else 0.0
+
+    def outcome(self, violations: list[Violation], errors: list[str]) -> Outcome:
+        """The run's outcome with these findings."""
         history = self.world.history
-        violations = check(history, self.spec()) + self.memory[:1] + self.extra_violations
         return Outcome(
             seed=self.seed,
             scenario=self.plan,
             violations=violations,
             world=self.world,
             nemesis=self.nemesis,
-            ended_at=self.clock(),
+            ended_at=self.ended_at,
             requests=len({m.request_id for m in history.requests}),
             executions=len(history.executions),
-            errors=self.errors,
+            errors=errors,
             state_machines=dict(self.arns),
         )
 
