@@ -511,6 +511,8 @@ class Run:
         work = self.plan.requests * (self.plan.max_seconds + 1) / least
         for parent in self.plan.parents.parents:
             work += sum(s + 1 for s in parent.seconds) / least
+        if self.rolling is not None:
+            work += self.rolling.burst_work([p.limit for p in self.plan.pools]) / least
         # Outside runs may hold every slot of a pool while they last.
         work += sum(a.value for a in self.nemesis.actions if a.kind == "outside_start") / least
         return work + 600.0 + MAX_DEFER_SECONDS  # a deferral may last 15 min
@@ -532,8 +534,12 @@ class Run:
             quiet_at=self.plan.quiet_at,
             settle_bound=self.settle_bound,
             # A lowered limit is read within one refresh interval (SSM reads are spared by
-            # the nemesis: while they fail, the dispatcher keeps the limit it has).
-            staleness=float(DISPATCHER["limit_refresh_interval"]) + 2.0,
+            # the nemesis: while they fail, the dispatcher keeps the limit it has); a start
+            # sent before takes effect within its sender's D (counted beyond the default D:
+            # rolling seeds' files have longer ones).
+            staleness=float(DISPATCHER["limit_refresh_interval"])
+            + 2.0
+            + max(0.0, self._longest_d - float(DISPATCHER["start_timeout"])),
             # An outside start is known from its status event or the next listing that
             # works; events may be lost and listings fail while a storm lasts.
             outside_grace=self.setting("reconcile_interval") + STORM_MAX + 35.0 + 10.0,
@@ -552,16 +558,21 @@ class Run:
             + DISPATCHER["receive_wait_seconds"]
             + 10.0,
             # A start given up may still take effect this long after (the fence, D).
-            late_start=max(
-                [float(DISPATCHER["start_timeout"])]
-                + [self.rolling.variant_of(n).start_timeout for n in self.nodes if self.rolling]
-            ),
+            late_start=self._longest_d,
             heartbeat_deploy_gap=self._rolling_gap
             + HEARTBEAT_INTERVAL
             + DISPATCHER["shutdown_timeout"]
             + RESTART_MAX
             + DISPATCHER["receive_wait_seconds"]
             + 10.0,
+        )
+
+    @property
+    def _longest_d(self) -> float:
+        """The longest D (``start_timeout``) of any process of the run."""
+        return max(
+            [float(DISPATCHER["start_timeout"])]
+            + [self.rolling.variant_of(n).start_timeout for n in self.nodes if self.rolling]
         )
 
     @property
@@ -844,7 +855,7 @@ class Run:
                 {"req": request_id, "seconds": rng.randint(0, self.plan.max_seconds)}
                 | ({"fail": True} if rng.random() < 0.1 else {})
             )
-            attributes = self._attributes(rng, pool, request_id)
+            attributes = self.attributes(rng, pool, request_id)
             if roll > 0.95:
                 self.expected_bad.add(request_id)
                 body = self._poison(rng, body, attributes)
@@ -859,7 +870,7 @@ class Run:
                 self.world.history.note(self.clock(), "producer", f"send refused: {exc}")
         await retry_until(math.inf)
 
-    def _attributes(self, rng: random.Random, pool: PoolPlan, request_id: str) -> dict[str, str]:
+    def attributes(self, rng: random.Random, pool: PoolPlan, request_id: str) -> dict[str, str]:
         """A request's attributes: its pool (shared queue), tenant (keyed pool), and an
         idempotency key half the time."""
         attributes = {}

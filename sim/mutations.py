@@ -703,9 +703,6 @@ NOT_YET_CAUGHT = frozenset(
         "redrive-drops-identity",
         "redriven-run-not-adopted",
         "retry-without-lease",
-        "takeover-ignores-recorded-wait",
-        "takeover-waits-only-d",
-        "takeover-waits-only-grace",
     }
 )
 """Mutations no seed of the 200 catches yet: the simulation's gaps (sim/results/mutations.json
