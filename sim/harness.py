@@ -524,8 +524,15 @@ class Run:
             parameter = _parameter(pool.name) if pool.parameter else _config_record(pool.name)
             if pool.name in self.limit_moves or self.rolling is not None:
                 parameter = _config_record(pool.name)  # the harness records every change
+            # Keyed the whole run (no reconfigure turns its key_attribute on or off): each
+            # run counts against its request's key, whatever its name says.
+            changes = {r.pool for r in self.plan.extras.reconfigures if r.what == "key_attribute"}
+            always_keyed = pool.per_key_limit is not None and pool.name not in changes
             pools[self.arns[pool.name]] = PoolSpec(
-                limit=pool.limit, parameter=parameter, per_key_limit=self.key_limits.get(pool.name)
+                limit=pool.limit,
+                parameter=parameter,
+                per_key_limit=self.key_limits.get(pool.name),
+                key_attribute=KEY_ATTRIBUTE if always_keyed else None,
             )
         return CheckSpec(
             pools=pools,

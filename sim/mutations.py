@@ -695,7 +695,6 @@ NOT_YET_CAUGHT = frozenset(
         "last-receive-missing-without-grace",
         "late-terminal-frees-redriven-run",
         "missing-frees-doubt-without-grace",
-        "name-without-key-tag",
         "new-start-ignores-starts-sent",
         "no-tombstone",
         "orphan-stopped-while-awaited",
