@@ -2,7 +2,8 @@
 
 1. ``limit`` / ``key_limit``: when a dispatcher's StartExecution took effect, the runs
    running then (the dispatcher's, and outside ones past their grace) fit the limit in
-   force (the highest during the last ``staleness`` seconds), per pool and per key.
+   force (the highest during the last ``staleness`` seconds), per pool and per key (the
+   key of the request a run serves, in a pool keyed the whole run; else its name's tag).
 2. ``duplicate_execution``: at most one execution per logical request.
 3. ``lost_request``: by ``quiet_at + settle_bound`` (or that long after a later send)
    every request has an execution or a dead-letter copy with its reason;
@@ -55,6 +56,9 @@ class PoolSpec:
     limit: int
     parameter: str | None = None
     per_key_limit: int | None = None
+    key_attribute: str | None = None
+    """The message attribute of the request's key, when the pool is keyed the whole run: a
+    run then counts against its request's key even if its name lacks the key tag."""
 
 
 @dataclass(frozen=True)
@@ -84,9 +88,9 @@ class CheckSpec:
 def check(history: History, spec: CheckSpec) -> list[Violation]:
     """Every violation in the history, in time order."""
     found: list[Violation] = []
-    for arn, pool in spec.pools.items():
-        found += _check_limits(history, arn, pool, spec)
     owners = _Owners(history)
+    for arn, pool in spec.pools.items():
+        found += _check_limits(history, arn, pool, spec, _keys_of(owners, pool.key_attribute))
     released = token_rules.released(history)
     found += _check_one_execution(owners, history)
     found += _check_settled(history, owners, spec, released)
@@ -135,7 +139,26 @@ def limit_at(timeline: list[tuple[float, int]], t: float, staleness: float) -> i
 # -- rule 1 ----------------------------------------------------------------------------------
 
 
-def _check_limits(history: History, arn: str, pool: PoolSpec, spec: CheckSpec) -> list[Violation]:
+def _keys_of(owners: _Owners, attribute: str | None) -> dict[str, str]:
+    """Execution ARN -> the key (``attribute``) of the request it serves, where known."""
+    if attribute is None:
+        return {}
+    keys: dict[str, str] = {}
+    for request_id, executions in owners.executions.items():
+        values = {m.attributes.get(attribute) for m in owners.messages[request_id]} - {None}
+        if len(values) == 1:
+            for execution in executions:
+                keys[execution.arn] = f"key {next(iter(values))}"
+    return keys
+
+
+def _check_limits(
+    history: History,
+    arn: str,
+    pool: PoolSpec,
+    spec: CheckSpec,
+    keys: Mapping[str, str] | None = None,
+) -> list[Violation]:
     if pool.parameter is not None:
         timeline = history.limit_timeline(pool.parameter, pool.limit)
     else:
@@ -156,7 +179,7 @@ def _check_limits(history: History, arn: str, pool: PoolSpec, spec: CheckSpec) -
     per_key: dict[str, int] = defaultdict(int)
     found: list[Violation] = []
     for at, kind, _, execution, _ in points:
-        tag = execution.key_tag
+        tag = (keys or {}).get(execution.arn) or execution.key_tag
         delta = -1 if kind in (0, 3) else 1
         running += delta
         if tag is not None:

@@ -216,7 +216,10 @@ def draw(
     if has("receive_limit"):
         plan["max_receive_count"] = rng.choice((3, 4, 6))
     if has("rolling"):
-        plan["rolling"] = rolling.draw(rng, quiet_at)
+        # The long-D files' own generator (its salt chosen so that the seeds at which the
+        # stored kill matrix catches its mutations run as before).
+        long_d = random.Random(f"{seed}:rolling-long-d-11")
+        plan["rolling"] = rolling.draw(rng, quiet_at, long_d)
         plan.pop("reconfigures", None)  # each process's file is the rolling deploy's
         # Two pools fed by queues of their own: a redrive has no one target any more.
         plan.pop("cli_redrives", None)

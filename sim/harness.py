@@ -9,6 +9,7 @@ object of the process (as ``kill -9``): a new `Dispatcher` is built from the con
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -16,7 +17,7 @@ import math
 import random
 import tempfile
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,7 +291,17 @@ def simulate(
     """Run seed ``seed`` on virtual time and judge it (``bugs``: fixed bugs put back, see
     `sim.bugs`; ``plan`` and ``nemesis``: a scripted scenario instead of the seed's)."""
     with put_back(bugs) as active:
-        return loop.run(lambda: Run(seed, active, plan, nemesis).main())
+        runs: list[Run] = []
+
+        def main() -> Awaitable[Outcome]:
+            runs.append(Run(seed, active, plan, nemesis))
+            return runs[0].main()
+
+        try:
+            return loop.run(main)
+        except loop.SimulationBusyError as exc:
+            # A spinning task froze virtual time: the run cannot go on nor be judged.
+            return runs[0].outcome([], [f"at {runs[0].ended_at:.3f}: {exc}"])
 
 
 class Run:
@@ -348,6 +359,7 @@ class Run:
         self.extra_violations: list[Violation] = []
         self.extras_done = anyio.Event()
         self.extras_pending = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._setup()
         self.nemesis = nemesis(self) if nemesis is not None else self._drawn_nemesis()
         self.world.faults = _except_ssm(self.nemesis.call_fault)
@@ -496,6 +508,7 @@ class Run:
     async def main(self) -> Outcome:
         """Run until every request settled (or the bound), then judge."""
         random.seed(self.seed)  # stamina's jitter draws from the global generator
+        self._loop = asyncio.get_running_loop()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.world.run)
@@ -517,18 +530,27 @@ class Run:
                 tg.cancel_scope.cancel()
         finally:
             self._tmp.cleanup()
+        violations = check(self.world.history, self.spec()) + self.memory[:1]
+        return self.outcome(violations + self.extra_violations, self.errors)
+
+    @property
+    def ended_at(self) -> float:
+        """The virtual time now (or when the run's loop stopped)."""
+        return self._loop.time() if self._loop is not None else 0.0
+
+    def outcome(self, violations: list[Violation], errors: list[str]) -> Outcome:
+        """The run's outcome with these findings."""
         history = self.world.history
-        violations = check(history, self.spec()) + self.memory[:1] + self.extra_violations
         return Outcome(
             seed=self.seed,
             scenario=self.plan,
             violations=violations,
             world=self.world,
             nemesis=self.nemesis,
-            ended_at=self.clock(),
+            ended_at=self.ended_at,
             requests=len({m.request_id for m in history.requests}),
             executions=len(history.executions),
-            errors=self.errors,
+            errors=errors,
             state_machines=dict(self.arns),
         )
 
@@ -545,6 +567,8 @@ class Run:
         work = self.plan.requests * (self.plan.max_seconds + 1) / least
         for parent in self.plan.parents.parents:
             work += sum(s + 1 for s in parent.seconds) / least
+        if self.rolling is not None:
+            work += self.rolling.burst_work([p.limit for p in self.plan.pools]) / least
         # Outside runs may hold every slot of a pool while they last.
         work += sum(a.value for a in self.nemesis.actions if a.kind == "outside_start") / least
         return work + 600.0 + MAX_DEFER_SECONDS  # a deferral may last 15 min
@@ -556,8 +580,15 @@ class Run:
             parameter = _parameter(pool.name) if pool.parameter else _config_record(pool.name)
             if pool.name in self.limit_moves or self.rolling is not None:
                 parameter = _config_record(pool.name)  # the harness records every change
+            # Keyed the whole run (no reconfigure turns its key_attribute on or off): each
+            # run counts against its request's key, whatever its name says.
+            changes = {r.pool for r in self.plan.extras.reconfigures if r.what == "key_attribute"}
+            always_keyed = pool.per_key_limit is not None and pool.name not in changes
             pools[self.arns[pool.name]] = PoolSpec(
-                limit=pool.limit, parameter=parameter, per_key_limit=self.key_limits.get(pool.name)
+                limit=pool.limit,
+                parameter=parameter,
+                per_key_limit=self.key_limits.get(pool.name),
+                key_attribute=KEY_ATTRIBUTE if always_keyed else None,
             )
         return CheckSpec(
             pools=pools,
@@ -566,8 +597,12 @@ class Run:
             quiet_at=self.plan.quiet_at,
             settle_bound=self.settle_bound,
             # A lowered limit is read within one refresh interval (SSM reads are spared by
-            # the nemesis: while they fail, the dispatcher keeps the limit it has).
-            staleness=float(DISPATCHER["limit_refresh_interval"]) + 2.0,
+            # the nemesis: while they fail, the dispatcher keeps the limit it has); a start
+            # sent before takes effect within its sender's D (counted beyond the default D:
+            # rolling seeds' files have longer ones).
+            staleness=float(DISPATCHER["limit_refresh_interval"])
+            + 2.0
+            + max(0.0, self._longest_d - float(DISPATCHER["start_timeout"])),
             # An outside start is known from its status event or the next listing that
             # works; events may be lost and listings fail while a storm lasts.
             outside_grace=self.setting("reconcile_interval") + STORM_MAX + 35.0 + 10.0,
@@ -586,16 +621,21 @@ class Run:
             + DISPATCHER["receive_wait_seconds"]
             + 10.0,
             # A start given up may still take effect this long after (the fence, D).
-            late_start=max(
-                [float(DISPATCHER["start_timeout"])]
-                + [self.rolling.variant_of(n).start_timeout for n in self.nodes if self.rolling]
-            ),
+            late_start=self._longest_d,
             heartbeat_deploy_gap=self._rolling_gap
             + HEARTBEAT_INTERVAL
             + DISPATCHER["shutdown_timeout"]
             + RESTART_MAX
             + DISPATCHER["receive_wait_seconds"]
             + 10.0,
+        )
+
+    @property
+    def _longest_d(self) -> float:
+        """The longest D (``start_timeout``) of any process of the run."""
+        return max(
+            [float(DISPATCHER["start_timeout"])]
+            + [self.rolling.variant_of(n).start_timeout for n in self.nodes if self.rolling]
         )
 
     @property
@@ -884,7 +924,7 @@ class Run:
                 {"req": request_id, "seconds": rng.randint(0, self.plan.max_seconds)}
                 | ({"fail": True} if rng.random() < 0.1 else {})
             )
-            attributes = self._attributes(rng, pool, request_id)
+            attributes = self.attributes(rng, pool, request_id)
             start_by, invalid = deadlines.start_by(at)
             if start_by is not None:
                 attributes["start-by"] = start_by
@@ -904,7 +944,7 @@ class Run:
                 self.world.history.note(self.clock(), "producer", f"send refused: {exc}")
         await retry_until(math.inf)
 
-    def _attributes(self, rng: random.Random, pool: PoolPlan, request_id: str) -> dict[str, str]:
+    def attributes(self, rng: random.Random, pool: PoolPlan, request_id: str) -> dict[str, str]:
         """A request's attributes: its pool (shared queue), tenant (keyed pool), and an
         idempotency key half the time."""
         attributes = {}

@@ -33,6 +33,17 @@ class SimulationStuckError(RuntimeError):
     """Every task waits and no timer is set: nothing can ever happen again."""
 
 
+class SimulationBusyError(SimulationStuckError):
+    """The loop went round `BUSY_ROUNDS` times without its clock moving: some task spins
+    (wakes itself at once, forever), so virtual time would never move again. A real
+    process doing so burns a core and does nothing else; here the run is ended as failed."""
+
+
+BUSY_ROUNDS = 100_000
+"""Rounds of the loop at one instant that mean a spin (seeds 0..199 need at most a few
+dozen)."""
+
+
 class _NoIOSelector(selectors.BaseSelector):
     """A selector that never reports I/O; waiting on it advances the virtual clock."""
 
@@ -73,7 +84,24 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     def __init__(self) -> None:
         self._now = 0.0
+        self._rounds_at_now = 0
         super().__init__(_NoIOSelector(self))
+
+    def _run_once(self) -> None:
+        """One round of the loop; `SimulationBusyError` once `BUSY_ROUNDS` rounds passed at
+        the same instant (the loop stays usable: a runner may then cancel the tasks)."""
+        before = self._now
+        super()._run_once()  # type: ignore[misc]
+        if self._now != before:
+            self._rounds_at_now = 0
+            return
+        self._rounds_at_now += 1
+        if self._rounds_at_now >= BUSY_ROUNDS:
+            self._rounds_at_now = 0
+            raise SimulationBusyError(
+                f"the loop went round {BUSY_ROUNDS} times at {self._now:.3f} s without the "
+                "clock moving: a task spins"
+            )
 
     def time(self) -> float:
         """The virtual clock."""

@@ -215,6 +215,24 @@ def test_per_key_limit() -> None:
     assert alice in violation.message
 
 
+def test_per_key_limit_counts_a_run_by_its_requests_key_when_its_name_lacks_the_tag() -> None:
+    """Runs of two requests of key "alice" named without the key tag: over the per-key
+    limit all the same (the pool is keyed the whole run); without the key attribute in the
+    spec only the tag counts."""
+    history = History()
+    for index in (1, 2):
+        request(history, f"q{index}", f"m{index}", attributes={"tenant": "alice"})
+        run(history, f"m{index}", index, 10, input=json.dumps({"request": f"q{index}"}))
+    request(history, "q3", "m3", attributes={"tenant": "bob"})
+    run(history, "m3", 3, 10, input=json.dumps({"request": "q3"}))
+    untagged = {MACHINE: PoolSpec(limit=10, per_key_limit=1)}
+    assert check(history, spec(pools=untagged)) == []
+    keyed = {MACHINE: PoolSpec(limit=10, per_key_limit=1, key_attribute="tenant")}
+    [violation] = [v for v in check(history, spec(pools=keyed)) if v.kind == "key_limit"]
+    assert "key alice" in violation.message
+    assert "m2 started" in violation.message
+
+
 # -- rule 2: one execution per request --------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from sim import loop, rolling
 from sim.checker import PoolSpec, check
 from sim.extras import ExtrasPlan
-from sim.harness import Run, _config_record, _parameter, scenario, simulate
+from sim.harness import DISPATCHER, Run, _config_record, _parameter, scenario, simulate
 from sim.history import History
 from sim.nemesis import Action
 from sim.rolling import RollingPlan, Step, Variant
@@ -118,6 +118,8 @@ def test_each_process_has_its_own_config_file() -> None:
             _config_record("p1"),
         }
         assert made.late_start == 15.0
+        # ... and a start sent before a limit was lowered to land within its sender's D.
+        assert made.staleness == DISPATCHER["limit_refresh_interval"] + 2.0 + 15.0 - 5.0
 
     _with_run(look)
 
@@ -187,3 +189,47 @@ def test_other_state_machines_do_not_count() -> None:
     )
     pools = {MACHINE: PoolSpec(limit=2), OTHER: PoolSpec(limit=1)}
     assert check(history, spec(pools=pools)) == []
+
+
+# -- long D: a leader whose starts land long after its lease lapsed -----------------------
+
+
+def test_long_d_files_change_no_other_draw() -> None:
+    long_seen = pairs = 0
+    for seed in range(100):
+        plain = rolling.draw(random.Random(seed), quiet_at=120.0)
+        plan = rolling.draw(random.Random(seed), 120.0, random.Random(f"{seed}:long-d"))
+        assert [(s.at, s.node, s.replaces) for s in plan.steps] == [
+            (s.at, s.node, s.replaces) for s in plain.steps
+        ]
+        assert plan.hangs == plain.hangs
+        assert plan.listing_lag == plain.listing_lag
+        for node in plan.nodes:
+            a, b = plain.variant_of(node), plan.variant_of(node)
+            assert b.start_timeout in {a.start_timeout, 3.0, *rolling.LONG_D}
+        long_seen += plan != plain
+        if plan.burst_first:
+            pairs += 1
+            first, second = plan.initial[:2]
+            assert first.start_timeout in rolling.LONG_D[1:]
+            assert (second.start_timeout, second.start_grace) == (3.0, 10.0)
+            assert second.pools == first.pools  # the successor of every lease of the first
+            assert plan.long_d_hang is not None
+            assert plan.long_d_hang > 15.0  # past the lease
+    assert 20 <= long_seen <= 80
+    assert pairs >= 5
+
+
+def test_a_long_d_leader_hangs_as_it_starts_a_burst_and_the_seed_holds() -> None:
+    """Seed 44: d1 (D 40) leads, its renewal hangs as it starts a burst; d2 (D 3, grace 10)
+    takes the lease and must wait the D + grace the lease records (55 s) before it lists:
+    d1's last start lands 40 s after it was sent."""
+    made = scenario(44).extras.rolling
+    assert made is not None
+    assert made.burst_first
+    assert (made.initial[0].start_timeout, made.initial[1].start_timeout) == (40.0, 3.0)
+    outcome = simulate(44)
+    assert outcome.ok, outcome.violations[:3] or outcome.errors[:1]
+    notes = [r.text for r in outcome.world.history.records if r.kind == "note"]
+    assert "burst of requests to p0" in notes
+    assert any(t.startswith("renewal of leader d1") for t in notes)
