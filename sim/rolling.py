@@ -36,7 +36,7 @@ import anyio
 from sim.nemesis import STORM_MAX, Action, EventStorm, Storm
 
 if TYPE_CHECKING:
-    from dispatcher.service import Dispatcher
+    from dispatcher.daemon.service import Dispatcher
     from sim.harness import Run
 
 POOLS: tuple[str, ...] = ("p0", "p1")

@@ -10,7 +10,7 @@ import anyio.lowlevel
 import pytest
 import structlog
 
-from dispatcher.lease import Leases
+from dispatcher.daemon.lease import Leases
 from sim import __main__ as sim_cli
 from sim import loop
 from sim.bugs import patched
