@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 from tqdm import tqdm
 
-from sim import buggify, extras, harness, mutations
+from sim import buggify, extras, harness, killmatrix, mutations
 from sim.bugs import BUGS
 from sim.findings import FINDINGS
 from sim.harness import Outcome, simulate
@@ -275,14 +275,14 @@ def _mutate(seeds: range, args: argparse.Namespace) -> int:
     )
 
     def progress(name: str, result: dict[str, Any], done: int, total: int) -> None:
-        print(f"[{done:>2}/{total}] {mutations.line(name, result)}", flush=True)
+        print(f"[{done:>2}/{total}] {killmatrix.line(name, result)}", flush=True)
 
     began = time.monotonic()
-    found = mutations.matrix(
+    found = killmatrix.matrix(
         names, seeds, workers=args.workers, budget=args.budget, progress=progress
     )
     print(f"{time.monotonic() - began:.0f} s")
-    return mutations.report(found, args.json)
+    return killmatrix.report(found, args.json)
 
 
 if __name__ == "__main__":

@@ -101,23 +101,6 @@ BUGS: dict[str, Bug] = {
 }
 
 
-def lookup(name: str) -> Bug:
-    """A fixed bug, or a mutation of `sim.mutations` (a safety rule taken out) as one."""
-    if name in BUGS:
-        return BUGS[name]
-    from sim.mutations import MUTATIONS  # noqa: PLC0415 - it builds on this module
-
-    return MUTATIONS[name].as_bug()
-
-
-@contextlib.contextmanager
-def put_back(names: tuple[str, ...]) -> Iterator[list[Bug]]:
-    """Apply the patches of ``names`` (bugs or mutations) until the block ends."""
-    bugs = [lookup(n) for n in names]
-    with patched(tuple(p for bug in bugs for p in bug.patches)):
-        yield bugs
-
-
 @contextlib.contextmanager
 def patched(patches: tuple[tuple[Any, str, Any], ...]) -> Iterator[None]:
     """Set each ``(owner, attribute, replacement)`` until the block ends."""

@@ -37,12 +37,14 @@ from sim import extras, loop, rolling
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.buggify import draw as draw_knobs
-from sim.bugs import Bug, put_back
+from sim.bugs import Bug
+from sim.changes import put_back
 from sim.checker import CheckSpec, PoolSpec, Violation, check
 from sim.deadlines import Producer as StartBys
 from sim.extras import ExtrasPlan
 from sim.nemesis import SLOW_START_GAP, STORM_MAX, Action, Nemesis, plan
 from sim.operators import run_extras
+from sim.parameters import config_record, limit_parameter
 from sim.parents import ParentsPlan, draw, run_parents, with_retries
 from sim.token_rules import SETTLE_KINDS
 
@@ -403,8 +405,8 @@ class Run:
         for pool in self.plan.pools:
             self.arns[pool.name] = world.create_state_machine(f"governed-{pool.name}")
             if pool.parameter or pool.name in self.limit_moves or self.rolling is not None:
-                world.put_parameter(_parameter(pool.name), str(pool.limit))
-            world.put_parameter(_config_record(pool.name), str(pool.limit))
+                world.put_parameter(limit_parameter(pool.name), str(pool.limit))
+            world.put_parameter(config_record(pool.name), str(pool.limit))
         world.route_events(self.arns.values(), self.events)
         if self.plan.parents.parents:  # not governed: its events are not routed
             self.arns["parents"] = world.create_state_machine("parents")
@@ -481,7 +483,7 @@ class Run:
                 f"limit = {self.limits[pool.name]}",
             ]
             if in_ssm[pool.name]:
-                lines.append(f'limit_parameter = "{_parameter(pool.name)}"')
+                lines.append(f'limit_parameter = "{limit_parameter(pool.name)}"')
             if self.keyed[pool.name]:
                 lines += [
                     f"max_waiting = {pool.max_waiting}",
@@ -577,9 +579,9 @@ class Run:
         """What the checker must know besides the history."""
         pools = {}
         for pool in self.plan.pools:
-            parameter = _parameter(pool.name) if pool.parameter else _config_record(pool.name)
+            parameter = limit_parameter(pool.name) if pool.parameter else config_record(pool.name)
             if pool.name in self.limit_moves or self.rolling is not None:
-                parameter = _config_record(pool.name)  # the harness records every change
+                parameter = config_record(pool.name)  # the harness records every change
             # Keyed the whole run (no reconfigure turns its key_attribute on or off): each
             # run counts against its request's key, whatever its name says.
             changes = {r.pool for r in self.plan.extras.reconfigures if r.what == "key_attribute"}
@@ -843,11 +845,11 @@ class Run:
             self.input_format = "envelope" if self.input_format == "json" else "json"
             done = f"input_format {self.input_format}"
         else:  # limit_source: the limit in force moves to the other place, same value
-            limit = self.world.ssm.parameters[_config_record(pool)].value
+            limit = self.world.ssm.parameters[config_record(pool)].value
             if self.in_ssm[pool]:
                 self.limits[pool] = int(limit)
             else:
-                self.world.put_parameter(_parameter(pool), limit)
+                self.world.put_parameter(limit_parameter(pool), limit)
             self.in_ssm[pool] = not self.in_ssm[pool]
             done = f"pool {pool} limit in {'SSM' if self.in_ssm[pool] else 'the file'}"
         self._write_config()
@@ -863,14 +865,14 @@ class Run:
         kind = action.kind
         if pool.name in self.limit_moves:
             kind = "set_limit" if self.in_ssm[pool.name] else "sighup"
-            self.world.put_parameter(_config_record(pool.name), str(action.value))
+            self.world.put_parameter(config_record(pool.name), str(action.value))
         if kind == "set_limit":
-            self.world.put_parameter(_parameter(pool.name), str(action.value))
+            self.world.put_parameter(limit_parameter(pool.name), str(action.value))
             return
         self.limits[pool.name] = action.value
         self._write_config()
         if pool.name not in self.limit_moves:
-            self.world.put_parameter(_config_record(pool.name), str(action.value))
+            self.world.put_parameter(config_record(pool.name), str(action.value))
         for name, dispatcher, _ in self.incarnations.values():
             if dispatcher is not None:
                 self.world.history.note(self.clock(), name, f"SIGHUP (limit {action.value})")
@@ -983,16 +985,6 @@ def _burst(
     at = rng.uniform(0, quiet_at * 0.5) if at is None else at
     burst = sorted(at + rng.uniform(0, 5) for _ in range(len(times) // 2))
     return sorted(times[len(burst) :] + burst)
-
-
-def _parameter(pool: str) -> str:
-    return f"/sfn-dispatcher/{pool}/limit"
-
-
-def _config_record(pool: str) -> str:
-    """Not read by the dispatcher: the harness records the config file's limit here, so the
-    checker finds the whole limit timeline in the history."""
-    return f"/sim/config/{pool}/limit"
 
 
 def _except_ssm(faults: Any) -> Any:

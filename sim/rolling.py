@@ -19,7 +19,7 @@ it lands within its sender's D).
 
 Whatever each file says, the operator keeps a pool's limit the same everywhere: a change
 is put in the parameter and in every file at once (SIGHUP to every process), and recorded
-in the history (`harness._config_record`), so the checker judges each state machine's
+in the history (`sim.parameters.config_record`), so the checker judges each state machine's
 limit from one timeline, whichever process starts its executions.
 """
 
@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from sim.nemesis import STORM_MAX, Action, EventStorm, Storm
+from sim.parameters import config_record, limit_parameter
 
 if TYPE_CHECKING:
     from dispatcher.daemon.service import Dispatcher
@@ -377,10 +378,9 @@ def _hang_now(run: Run, node: str, hang: Hang) -> None:
 def set_limit(run: Run, pool: str, value: int) -> None:
     """An operator changes ``pool``'s limit everywhere: its parameter and every file (then
     SIGHUP to every process), recorded for the checker."""
-    from sim.harness import _config_record, _parameter  # noqa: PLC0415 - the harness imports us
 
-    run.world.put_parameter(_parameter(pool), str(value))
-    run.world.put_parameter(_config_record(pool), str(value))
+    run.world.put_parameter(limit_parameter(pool), str(value))
+    run.world.put_parameter(config_record(pool), str(value))
     run.limits[pool] = value
     run.write_configs()
     for name, dispatcher, _ in run.incarnations.values():

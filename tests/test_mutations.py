@@ -19,21 +19,19 @@ import structlog
 
 from dispatcher.core.ledger import Change, Ledger
 from sim import __main__ as sim_cli
-from sim.bugs import patched, put_back
+from sim.bugs import patched
+from sim.changes import put_back
 from sim.harness import simulate
+from sim.killmatrix import README_MARKERS, markdown, probes, survey
 from sim.mutations import (
     CATALOGUE,
     MUTATIONS,
     NOT_YET_CAUGHT,
-    README_MARKERS,
     SEEDS,
     Edit,
     Mutation,
     MutationError,
     function_of,
-    markdown,
-    probes,
-    survey,
 )
 from tests.test_simulation import digest
 
@@ -175,7 +173,7 @@ def test_every_mutation_is_caught_within_the_fast_subset() -> None:
 
 def test_the_docs_show_the_stored_kill_matrix() -> None:
     """docs/testing.md carries the table of sim/results/mutations.json (regenerate with
-    `python -m sim.mutations` after `make mutate`)."""
+    `python -m sim.killmatrix` after `make mutate`)."""
     root = Path(__file__).resolve().parent.parent
     summary = json.loads((root / "sim/results/mutations.json").read_text(encoding="utf-8"))
     assert set(summary["matrix"]) == set(MUTATIONS), "the stored matrix is of another catalogue"

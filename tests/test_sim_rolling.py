@@ -11,9 +11,10 @@ from typing import Any
 from sim import loop, rolling
 from sim.checker import PoolSpec, check
 from sim.extras import ExtrasPlan
-from sim.harness import DISPATCHER, Run, _config_record, _parameter, scenario, simulate
+from sim.harness import DISPATCHER, Run, scenario, simulate
 from sim.history import History
 from sim.nemesis import Action
+from sim.parameters import config_record, limit_parameter
 from sim.rolling import RollingPlan, Step, Variant
 from tests.test_sim_checker import MACHINE, REGION_ACCOUNT, kinds, run, spec
 
@@ -103,10 +104,10 @@ def test_each_process_has_its_own_config_file() -> None:
         assert sorted(one["pools"]) == ["p0", "p1"]
         assert sorted(two["pools"]) == ["p0"]  # a pool removed
         assert [q["pool"] for q in two["queues"]] == ["p0"] * len(two["queues"])
-        assert one["pools"]["p0"]["limit_parameter"] == _parameter("p0")
+        assert one["pools"]["p0"]["limit_parameter"] == limit_parameter("p0")
         assert "limit_parameter" not in two["pools"]["p0"]  # the same pool, in the file
         assert "limit_parameter" not in one["pools"]["p1"]
-        assert three["pools"]["p1"]["limit_parameter"] == _parameter("p1")
+        assert three["pools"]["p1"]["limit_parameter"] == limit_parameter("p1")
         assert (one["dispatcher"]["start_timeout"], two["dispatcher"]["start_timeout"]) == (3, 15)
         assert two["dispatcher"]["start_grace"] == 25
         assert one["dispatcher"]["lease_table"] == two["dispatcher"]["lease_table"]
@@ -114,8 +115,8 @@ def test_each_process_has_its_own_config_file() -> None:
         # starts given up to land within the longest D.
         made = built.spec()
         assert {p.parameter for p in made.pools.values()} == {
-            _config_record("p0"),
-            _config_record("p1"),
+            config_record("p0"),
+            config_record("p1"),
         }
         assert made.late_start == 15.0
         # ... and a start sent before a limit was lowered to land within its sender's D.
@@ -128,8 +129,8 @@ def test_a_limit_change_goes_everywhere_at_once() -> None:
     def change(built: Run) -> None:
         built._set_limit(Action(0.0, "sighup", "d1", 7, "p0"))
         ssm = built.world.ssm.parameters
-        assert ssm[_parameter("p0")].value == "7"
-        assert ssm[_config_record("p0")].value == "7"
+        assert ssm[limit_parameter("p0")].value == "7"
+        assert ssm[config_record("p0")].value == "7"
         assert all(_config(built, n)["pools"]["p0"]["limit"] == 7 for n in built.nodes)
 
     _with_run(change)
@@ -167,7 +168,7 @@ def test_a_limit_whose_source_moves_is_judged_from_its_record() -> None:
     """The limit in force is what the file or the parameter says when: recorded once per
     change, whichever process reads it from where."""
     history = History()
-    record = _config_record("p0")
+    record = config_record("p0")
     history.parameter_put(0, record, "3", 1)
     pool = {MACHINE: PoolSpec(limit=3, parameter=record)}
     run(history, "a", 1, 100, node="d1.1")  # d1 reads it from SSM
