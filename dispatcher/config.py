@@ -64,13 +64,6 @@ class InputFormat(StrEnum):
     ENVELOPE = "envelope"  # {"body": <text>, "requestId": ..., "attributes": {...}}
 
 
-class StartClient(StrEnum):
-    """The client StartExecution goes through."""
-
-    THIN = "thin"  # dispatcher.startclient: botocore's signer, aiohttp, no SDK pipeline
-    BOTOCORE = "botocore"  # an aiobotocore Step Functions client
-
-
 class Settings(BaseSettings):
     """Every setting of ``sfn-dispatcher run``; field ``x`` is ``DISPATCHER_X`` / ``--x``."""
 
@@ -177,11 +170,6 @@ class Settings(BaseSettings):
         "retries): a start takes effect within D of being sent or never. A start whose "
         "answer did not come in time stays in doubt (its slot held) until evidence settles "
         "it; a new lease holder waits D + DISPATCHER_START_GRACE before it lists.",
-    )
-    start_client: StartClient = Field(
-        default=StartClient.THIN,
-        description="StartExecution client: thin (SigV4 over one aiohttp session, less CPU "
-        "per start) or botocore (the SDK client).",
     )
     receive_wait_seconds: int = Field(
         default=20, ge=0, le=20, description="SQS long-poll wait per receive."
@@ -347,13 +335,43 @@ OTHER_VARIABLES = frozenset(
 )
 
 
+RETIRED = MappingProxyType(
+    {
+        "start_client": "StartExecution always goes through the AWS SDK's client now "
+        "(one attempt, deadline DISPATCHER_START_TIMEOUT)",
+    }
+)
+"""Removed settings still accepted as flag, variable or config-file key, ignored with a
+warning (`retired_given`), so that a rolling upgrade does not fail on them."""
+
+
+def retired_given(
+    overrides: Mapping[str, Any] | None,
+    env: Mapping[str, str],
+    base: Mapping[str, Any] | None = None,
+    base_source: str = "",
+) -> list[str]:
+    """One line per removed setting still given, named as the user gave it."""
+    variables = {k.upper() for k in env}
+    lines = []
+    for key, why in RETIRED.items():
+        named = [
+            f"config file {base_source}: [dispatcher] {key}" if key in (base or {}) else "",
+            env_name(key) if env_name(key) in variables else "",
+            flag_name(key) if (overrides or {}).get(key) is not None else "",
+        ]
+        lines += [f"{n} is no longer a setting and is ignored: {why}" for n in named if n]
+    return lines
+
+
 def unknown_variables(env: Mapping[str, str]) -> list[str]:
     """One line per ``DISPATCHER_*`` variable that names nothing (a typo would otherwise
     leave the setting at its default, silently), with the closest setting's name."""
     known = {env_name(k) for k in Settings.model_fields} | OTHER_VARIABLES
+    retired = {env_name(k) for k in RETIRED}
     problems = []
     for name in sorted(k for k in env if k.upper().startswith(ENV_PREFIX)):
-        if name.upper() in known:
+        if name.upper() in known or name.upper() in retired:
             continue
         close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
         hint = f"did you mean {close[0]}?" if close else "see `sfn-dispatcher run --help`"
@@ -496,6 +514,9 @@ def add_arguments(parser: argparse.ArgumentParser, fields: Iterable[str] | None 
             metavar=_metavar(name),
             help=f"{field.description} [{env_name(name)}; {_bounds(name)}{_default(name)}]",
         )
+    if fields is None:  # accepted and ignored, with a warning (RETIRED)
+        for name in RETIRED:
+            group.add_argument(flag_name(name), dest=name, default=None, help=argparse.SUPPRESS)
 
 
 def _metavar(name: str) -> str:
@@ -558,6 +579,6 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given as flags (flags win over environment variables)."""
     return {
         name: getattr(args, name)
-        for name in Settings.model_fields
+        for name in (*Settings.model_fields, *RETIRED)
         if getattr(args, name, None) is not None
     }

@@ -23,9 +23,11 @@ from dispatcher.config import (
     ENV_PREFIX,
     POOL_FIELDS,
     QUEUE_URL_RE,
+    RETIRED,
     STATE_MACHINE_ARN_RE,
     ConfigError,
     Settings,
+    retired_given,
 )
 
 DEFAULT_POOL = "default"
@@ -141,6 +143,8 @@ class Config:
 
     settings: Settings
     layout: Layout
+    ignored: tuple[str, ...] = ()
+    """Removed settings still given (`config.RETIRED`): one warning line each."""
 
 
 def load(
@@ -154,7 +158,7 @@ def load(
     path = (overrides or {}).get("config") or environ.get(ENV_PREFIX + "CONFIG")
     if not path:
         settings = Settings.load(overrides, environ)
-        return Config(settings, from_settings(settings))
+        return Config(settings, from_settings(settings), tuple(retired_given(overrides, environ)))
     try:
         globals_, layout = read_file(Path(path))
     except FileError as exc:  # also name what is wrong with the flags and variables
@@ -165,7 +169,8 @@ def load(
             problems += [p for p in more.problems if p not in problems]
         raise ConfigError(*problems) from None
     settings = Settings.load(overrides, environ, base=globals_, base_source=str(path))
-    return Config(settings, layout)
+    ignored = retired_given(overrides, environ, globals_, str(path))
+    return Config(settings, layout, tuple(ignored))
 
 
 def from_settings(settings: Settings) -> Layout:
@@ -223,7 +228,9 @@ def _globals(table: Any, problems: list[str]) -> dict[str, Any]:
         return {}
     out = {}
     for key, value in table.items():
-        if key in POOL_FIELDS:
+        if key in RETIRED:
+            out[key] = value  # ignored, with a warning (`Config.ignored`)
+        elif key in POOL_FIELDS:
             problems.append(f"[dispatcher] {key}: set it per pool, in [pools.NAME]")
         elif key == "config" or key not in Settings.model_fields:
             problems.append(

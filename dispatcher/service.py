@@ -33,7 +33,6 @@ from dispatcher.metrics import Metrics
 from dispatcher.pool import Clock, Pool
 from dispatcher.rate import RateLimiters
 from dispatcher.reconcile import Reconciler
-from dispatcher.startclient import ThinStarts
 from dispatcher.startup import Preflight, preflight
 
 log = structlog.get_logger("dispatcher.service")
@@ -224,7 +223,6 @@ class Dispatcher:
                 dynamodb=settings.lease_table is not None,
                 ssm=any(p.limit_parameter for p in self.layout.pools),
                 start_timeout=settings.start_timeout,
-                start_client=settings.start_client.value,
             ) as clients,
             anyio.create_task_group() as tg,
         ):
@@ -339,8 +337,7 @@ class Dispatcher:
         self.intake.starter.reign_began = self.wall()
         if lease is not None:
             self.intake.set_may_start(lease.valid)
-            if isinstance(clients.starts, ThinStarts):
-                clients.starts.may_send = lease.valid  # checked again just before it leaves
+            clients.start_gate.may_send = lease.valid  # checked again just before it leaves
         self.callbacks = Callbacks(settings, clients, self.metrics, self.pools, self.clock)
         self.callbacks.reign_began = self.intake.starter.reign_began
         self.intake.starter.callbacks = self.callbacks

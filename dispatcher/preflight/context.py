@@ -212,7 +212,7 @@ def load_target(
             except ConfigError:
                 pass
         for name, raw in (base | _raw_settings(overrides, environ)).items():
-            if name == "config" or (path and name in config.POOL_FIELDS):
+            if name in ("config", *config.RETIRED) or (path and name in config.POOL_FIELDS):
                 continue
             parsed = _alone(name, raw)
             values[name] = None if parsed is _INVALID else parsed
@@ -256,6 +256,7 @@ def load_target(
                 f"reconcile every {settings.reconcile_interval:g} s, "
                 f"input {settings.input_format.value}",
             ),
+            *(Finding(Status.WARN, line, "remove it") for line in loaded.ignored),
         )
     arns = [p.state_machine_arn for p in pools] or [values.get("state_machine_arn") or ""]
     arn = config.STATE_MACHINE_ARN_RE.match(arns[0])
