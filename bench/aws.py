@@ -6,8 +6,10 @@ import functools
 from collections import Counter
 from typing import Any
 
-import aioboto3
 from aiobotocore.config import AioConfig
+
+from dispatcher import aws
+from dispatcher.sandbox.provision import TEST_CREDENTIALS
 
 REGION = "us-east-1"
 
@@ -15,11 +17,7 @@ REGION = "us-east-1"
 @functools.cache
 def session() -> Any:
     """One aioboto3 session with the emulator's test credentials (a new one re-reads models)."""
-    return aioboto3.Session(
-        aws_access_key_id="test",
-        aws_secret_access_key="test",  # noqa: S106 - the emulator's fixed test credentials
-        region_name=REGION,
-    )
+    return aws.session(region=REGION, credentials=TEST_CREDENTIALS)
 
 
 def config(connections: int = 16) -> AioConfig:

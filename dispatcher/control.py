@@ -27,10 +27,9 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import aioboto3
 import anyio
 
-from dispatcher.aws import AWS_ERRORS
+from dispatcher.aws import AWS_ERRORS, open_client
 from dispatcher.errors import EXIT_NOT_ANSWERING, UserError
 from dispatcher.limits import (
     LimitTarget,
@@ -264,11 +263,8 @@ def run_status(args: argparse.Namespace) -> int:
 @asynccontextmanager
 async def _client(service: str, target: LimitTarget) -> AsyncIterator[Any]:
     """A client configured by ``AWS_*`` (endpoint too); the region defaults to the pool's."""
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region is None and target.state_machine_arn:
-        region = target.state_machine_arn.split(":")[3]
-    session = aioboto3.Session(region_name=region)
-    async with session.client(service) as client:
+    arn = target.state_machine_arn
+    async with open_client(service, default_region=arn.split(":")[3] if arn else None) as client:
         yield client
 
 

@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-import aioboto3
 import anyio
 from botocore.exceptions import ClientError
 
+from dispatcher import aws
 from dispatcher.sandbox import SandboxResources
+from dispatcher.sandbox.provision import TEST_CREDENTIALS
 
 if TYPE_CHECKING:
     from types_aiobotocore_events import EventBridgeClient
@@ -30,11 +31,7 @@ def session() -> Any:
 
     Shared: a new session re-reads every service model, ~0.1 s per client.
     """
-    return aioboto3.Session(
-        aws_access_key_id="test",
-        aws_secret_access_key="test",  # noqa: S106 - the emulator's fixed test credentials
-        region_name=REGION,
-    )
+    return aws.session(region=REGION, credentials=TEST_CREDENTIALS)
 
 
 @asynccontextmanager

@@ -24,7 +24,7 @@ from tests.audit import drain, send_requests, session, verdict, workload
 from tests.fake_intake import dispatch_all, intake_of
 from tests.fakes import DEAD_LETTER_QUEUE, STATE_MACHINE_ARN, build_world, client_error, sqs_message
 from tests.runner import running
-from tests.test_aws_starts import KWARGS, client_of, server, starts
+from tests.test_aws_clients import KWARGS, client_of, server, starts
 
 PAGE = "<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>"
 

@@ -20,11 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-import aioboto3
 import anyio
 import pytest
 from botocore.exceptions import ClientError
 
+from dispatcher import aws
 from dispatcher.cli import main
 from dispatcher.errors import EXIT_AWS, UserError
 from dispatcher.sandbox import (
@@ -370,7 +370,7 @@ def test_the_printed_commands_work_with_the_real_aws_cli_v1(region: str, tmp_pat
         assert f":states:{region}:" in started["executionArn"]
 
         async def check() -> None:
-            session = aioboto3.Session(region_name=region, **TEST_CREDENTIALS)
+            session = aws.session(region=region, credentials=TEST_CREDENTIALS)
             endpoint = env["AWS_ENDPOINT_URL"]
             async with session.client("sqs", endpoint_url=endpoint) as sqs:
                 got = await sqs.receive_message(

@@ -13,12 +13,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-import aioboto3
 import anyio
 from aiobotocore.config import AioConfig
 
 from dispatcher import config, layout
-from dispatcher.aws import AWS_ERRORS
+from dispatcher.aws import AWS_ERRORS, session
 from dispatcher.config import ConfigError, Settings
 from dispatcher.layout import PoolConfig, QueueConfig
 from dispatcher.preflight.report import Finding, Skip, Status
@@ -311,13 +310,13 @@ class Clients:
 @asynccontextmanager
 async def open_clients(target: Target, endpoint_url: str | None) -> AsyncIterator[Clients]:
     """Open the clients; endpoint and credentials from ``AWS_*`` unless ``endpoint_url``."""
-    session = aioboto3.Session(region_name=target.region)
+    aws = session(region=target.region)
     # A preflight answers in seconds: one retry, short timeouts.
     aio = AioConfig(
         retries={"mode": "standard", "max_attempts": 2}, connect_timeout=5, read_timeout=15
     )
-    new = partial(session.client, config=aio, endpoint_url=endpoint_url)
-    credentials = await session.get_credentials()
+    new = partial(aws.client, config=aio, endpoint_url=endpoint_url)
+    credentials = await aws.get_credentials()
     async with AsyncExitStack() as stack:
         enter = stack.enter_async_context
         yield Clients(

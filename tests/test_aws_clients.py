@@ -8,10 +8,12 @@ writes (credentials: the test session's fixed ``AWS_*`` keys, see conftest.py).
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -34,6 +36,7 @@ from dispatcher.aws import (
     error_code,
     open_clients,
     outcome_unknown,
+    session,
 )
 from dispatcher.metrics import Metrics
 
@@ -243,3 +246,34 @@ async def test_the_starts_client_takes_the_endpoint_and_region_of_the_others() -
         assert starter.meta.endpoint_url == clients.sfn.meta.endpoint_url == "http://127.0.0.1:9"
         assert starter.meta.region_name == clients.sfn.meta.region_name
         assert starter.meta.config.retries == {"mode": "standard", "total_max_attempts": 1}  # type: ignore[attr-defined]
+
+
+# -- the one session factory ------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_region_is_the_environments_else_the_default_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    assert session(default_region="eu-west-1").region_name == "eu-west-1"
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
+    assert session(default_region="eu-west-1").region_name == "us-west-2"
+    monkeypatch.setenv("AWS_REGION", "ap-south-1")
+    assert session(default_region="eu-west-1").region_name == "ap-south-1"
+    assert session(region="eu-north-1").region_name == "eu-north-1", "a sandbox's, as given"
+
+
+def test_one_module_makes_aws_sessions() -> None:
+    """Every session comes from `dispatcher.aws.session` (endpoint, region, credentials
+    from the usual places, one place to change them)."""
+    makers = re.compile(r"^\s*(import aioboto3|from aioboto3|.*\baioboto3\.Session\()", re.M)
+    found = [
+        str(path.relative_to(REPO))
+        for folder in ("dispatcher", "sim", "bench", "tests", "scripts")
+        for path in sorted((REPO / folder).rglob("*.py"))
+        if makers.search(path.read_text(encoding="utf-8"))
+    ]
+    assert found == ["dispatcher/aws.py"]
