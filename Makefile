@@ -25,7 +25,7 @@ help:
 $(VENV)/.runtime: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (found %s); set PYTHON=python3.11" % sys.version.split()[0])'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install $(PIP_FLAGS) -e .
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[demo]'
 	@touch $@
 
 $(VENV)/.installed: $(VENV)/.runtime
@@ -42,7 +42,7 @@ $(EMULATOR_VENV)/.installed: requirements-emulator.txt
 
 # Runtime dependencies only: the first run on a fresh clone installs no dev tools.
 demo: $(VENV)/.runtime $(EMULATOR_VENV)/.installed
-	$(VENV)/bin/sfn-dispatcher demo $(DEMO_ARGS)
+	$(PY) -m devtools demo $(DEMO_ARGS)
 
 # Three workers on two cores: most integration tests wait on the emulator, not the CPU.
 # Each worker has its own emulator. TEST_WORKERS=0 runs everything in one process.
@@ -95,7 +95,7 @@ mutate: $(VENV)/.installed
 	@mkdir -p sim/results
 	PYTHONHASHSEED=0 $(PY) -m sim --mutate --seeds 200 --workers $(MUTATE_WORKERS) --budget $(MUTATE_BUDGET) --json sim/results/mutations.json
 
-# Mutation testing of the slot ledger (dispatcher/ledger.py) with mutmut: every mutant
+# Mutation testing of the slot ledger (dispatcher/core/ledger.py) with mutmut: every mutant
 # against the ledger's unit and property tests and 20 simulation seeds ([tool.mutmut] in
 # pyproject.toml), then the hand-made mutants of its properties (mutmut skips decorated
 # functions). About 8 min on two shared cores. Fails when a mutant that was not killed is

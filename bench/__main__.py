@@ -17,7 +17,7 @@ from bench import comparison, cycle, fairness, report, scale, summary, throughpu
 from bench.machine import machine_info, uptime
 from bench.patterns import PatternRun, sfn_dispatcher
 from dispatcher import logs
-from dispatcher.config import LogFormat
+from dispatcher.settings.config import LogFormat
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS = ("comparison", "throughput", "cycle", "scale", "fairness")

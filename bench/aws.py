@@ -8,8 +8,8 @@ from typing import Any
 
 from aiobotocore.config import AioConfig
 
-from dispatcher import aws
-from dispatcher.sandbox.provision import TEST_CREDENTIALS
+from devtools.sandbox.provision import TEST_CREDENTIALS
+from dispatcher.aws import api as aws
 
 REGION = "us-east-1"
 

@@ -17,7 +17,7 @@ import anyio
 
 from bench.aws import config, session
 from bench.proc import sample
-from dispatcher.aws import client_config
+from dispatcher.aws.api import client_config
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -47,7 +47,7 @@ async def raw_capacity(
 ) -> dict[str, Any]:
     """StartExecution as fast as ``tasks`` concurrent callers can: with botocore's defaults,
     or (``tuned``) with the dispatcher's client options (fixed User-Agent, no client-side
-    parameter validation; `dispatcher.aws.client_config`)."""
+    parameter validation; `dispatcher.aws.api.client_config`)."""
     body = json.dumps({"req": tag})
     numbers = iter(range(count))
     options = config(tasks)

@@ -21,7 +21,7 @@ from anyio.abc import Process
 
 from bench import prom
 from bench.proc import ProcSample, sample
-from dispatcher.sandbox import SandboxResources
+from devtools.sandbox import SandboxResources
 
 
 class Child:

@@ -134,7 +134,7 @@ def lag_sweep_section(doc: dict[str, Any]) -> list[str]:
         "eventually consistent. The results are best effort and may not reflect very recent "
         'updates and changes.", Step Functions API reference, ListExecutions) and gives no '
         "bound on the lag; MiniStack's listing is immediately consistent. The fault proxy "
-        "(`dispatcher/testing/faults.py`) serves each listing as it was that many seconds "
+        "(`devtools/faults.py`) serves each listing as it was that many seconds "
         f"earlier. One run per lag on the first {doc['results']['config']['sweep_requests']} "
         "requests of the stream, the runs side by side, each against its own emulator.",
         "",

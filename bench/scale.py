@@ -19,7 +19,7 @@ from bench.aws import session
 from bench.child import Child, dispatcher_child, wait_until
 from bench.proc import sample
 from bench.workload import stream, submit
-from dispatcher.sandbox import Emulator, SandboxResources, provision
+from devtools.sandbox import Emulator, SandboxResources, provision
 
 RECONCILE = "dispatcher_reconcile_duration_seconds"
 

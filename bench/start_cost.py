@@ -39,11 +39,11 @@ from bench.child import Child, dispatcher_child
 from bench.machine import machine_info, uptime
 from bench.proc import LoadMeter, ProcSample
 from bench.workload import stream, submit
+from devtools.sandbox import Emulator, provision
 from dispatcher import logs
-from dispatcher.aws import open_clients
-from dispatcher.config import LogFormat
-from dispatcher.metrics import Metrics
-from dispatcher.sandbox import Emulator, provision
+from dispatcher.aws.api import open_clients
+from dispatcher.daemon.metrics import Metrics
+from dispatcher.settings.config import LogFormat
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUOTA = 300.0  # StartExecution refill per second, the largest regions' default

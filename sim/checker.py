@@ -243,7 +243,7 @@ class _Owners:
 
 
 REIGN_SKEW = 5.0
-"""dispatcher.starter.FIRST_RECEIVE_SKEW: a message sent before a reign began + this is
+"""dispatcher.daemon.starter.FIRST_RECEIVE_SKEW: a message sent before a reign began + this is
 looked for under its former names (when it carries an idempotency key)."""
 
 

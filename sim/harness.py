@@ -25,13 +25,13 @@ from typing import Any
 import anyio
 from prometheus_client import CollectorRegistry
 
-from dispatcher import layout
-from dispatcher.aws import AWS_ERRORS, Clients
-from dispatcher.config import Settings
+from dispatcher.aws.api import AWS_ERRORS, Clients
+from dispatcher.core.pool import MAX_DEFER_SECONDS
+from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.service import Dispatcher
 from dispatcher.errors import UserError
-from dispatcher.metrics import Metrics
-from dispatcher.pool import MAX_DEFER_SECONDS
-from dispatcher.service import Dispatcher
+from dispatcher.settings import layout
+from dispatcher.settings.config import Settings
 from sim import extras, loop, rolling
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs

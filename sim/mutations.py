@@ -33,20 +33,20 @@ from typing import Any
 
 import structlog
 
-import dispatcher.aws
-import dispatcher.redrive
-import dispatcher.requests
-import dispatcher.starter
-from dispatcher.callbacks import Callbacks
-from dispatcher.events import Events
-from dispatcher.intake import Intake
-from dispatcher.lastreceive import LastReceives
-from dispatcher.lease import Leases
-from dispatcher.ledger import Ledger
-from dispatcher.pool import Pool
-from dispatcher.reconcile import Reconciler
-from dispatcher.service import Dispatcher
-from dispatcher.starter import Starter
+import dispatcher.aws.api
+import dispatcher.cli.redrive
+import dispatcher.core.requests
+import dispatcher.daemon.starter
+from dispatcher.core.ledger import Ledger
+from dispatcher.core.pool import Pool
+from dispatcher.daemon.callbacks import Callbacks
+from dispatcher.daemon.events import Events
+from dispatcher.daemon.intake import Intake
+from dispatcher.daemon.lastreceive import LastReceives
+from dispatcher.daemon.lease import Leases
+from dispatcher.daemon.reconcile import Reconciler
+from dispatcher.daemon.service import Dispatcher
+from dispatcher.daemon.starter import Starter
 from sim.bugs import Bug, patched
 
 SEEDS = 200
@@ -221,21 +221,21 @@ CATALOGUE: tuple[Mutation, ...] = (
         "timeout-means-not-started",
         "outcome classification",
         "a timeout or reset after the request left may have started the execution",
-        dispatcher.starter,
+        dispatcher.daemon.starter,
         "outcome_unknown",
         "return not isinstance(exc, EndpointConnectionError | ConnectTimeoutError)",
         "return False",
-        source=dispatcher.aws,
+        source=dispatcher.aws.api,
     ),
     _m(
         "5xx-means-not-started",
         "outcome classification",
         "a 5xx answer may come after the start took effect",
-        dispatcher.starter,
+        dispatcher.daemon.starter,
         "outcome_unknown",
         "if status >= 500 or status == 0:",
         "if status >= 500:\n    return False\nif status == 0:",
-        source=dispatcher.aws,
+        source=dispatcher.aws.api,
     ),
     _m(
         "refusal-erases-earlier-doubt",
@@ -615,7 +615,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "name-from-message-id",
         "name derivation",
         "a request with an idempotency key is named by its key, not by its message id",
-        dispatcher.requests,
+        dispatcher.core.requests,
         "request_identity",
         "for attribute in (REQUEST_ID_ATTRIBUTE, IDEMPOTENCY_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE):",
         "for attribute in (REQUEST_ID_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE):",
@@ -624,7 +624,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "copies-named-by-message-id",
         "redrive identity",
         "every copy of a request (dead letter, redrive, move task) keeps its identity",
-        dispatcher.requests,
+        dispatcher.core.requests,
         "request_identity",
         "for attribute in (REQUEST_ID_ATTRIBUTE, IDEMPOTENCY_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE):",
         "for attribute in (IDEMPOTENCY_ATTRIBUTE,):",
@@ -633,14 +633,14 @@ CATALOGUE: tuple[Mutation, ...] = (
         "redrive-drops-identity",
         "redrive identity",
         "a redrive's copy carries the request's identity",
-        dispatcher.redrive,
+        dispatcher.cli.redrive,
         "request_attributes",
         "if not name.startswith(OUR_PREFIX) or name == REQUEST_ID_ATTRIBUTE",
         "if not name.startswith(OUR_PREFIX)",
         reach="attributes = {",
         also=(
             Edit(
-                dispatcher.redrive,
+                dispatcher.cli.redrive,
                 "request_attributes",
                 "attributes[REQUEST_ID_ATTRIBUTE] = {",
                 "attributes['dispatcher-dropped'] = {",

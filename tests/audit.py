@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from dispatcher.records import Execution, list_executions, max_overlap
-from dispatcher.sandbox.provision import SandboxResources
-from dispatcher.service import Dispatcher
+from devtools.records import Execution, list_executions, max_overlap
+from devtools.sandbox.provision import SandboxResources
+from dispatcher.daemon.service import Dispatcher
 from tests.helpers import depth, session
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from dispatcher.sandbox import Emulator, SandboxResources, provision
+from devtools.sandbox import Emulator, SandboxResources, provision
 from tests.helpers import delete_sandbox
 
 INTEGRATION_FIXTURES = frozenset({"emulator", "sandbox", "sandbox_factory"})

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from botocore.exceptions import ClientError
 
-from dispatcher import aws
-from dispatcher.sandbox import SandboxResources
-from dispatcher.sandbox.provision import TEST_CREDENTIALS
+from devtools.sandbox import SandboxResources
+from devtools.sandbox.provision import TEST_CREDENTIALS
+from dispatcher.aws import api as aws
 
 if TYPE_CHECKING:
     from types_aiobotocore_events import EventBridgeClient

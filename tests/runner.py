@@ -14,10 +14,10 @@ from typing import Any
 import anyio
 from anyio.abc import Process
 
-from dispatcher import layout
-from dispatcher.config import POOL_FIELDS, Settings, env_name
-from dispatcher.sandbox.provision import SandboxResources
-from dispatcher.service import Dispatcher
+from devtools.sandbox.provision import SandboxResources
+from dispatcher.daemon.service import Dispatcher
+from dispatcher.settings import layout
+from dispatcher.settings.config import POOL_FIELDS, Settings, env_name
 
 # Fast loops for tests: short long-polls so shutdown is quick, frequent reconcile.
 FAST = {

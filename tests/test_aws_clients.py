@@ -27,7 +27,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from dispatcher.aws import (
+from dispatcher.aws.api import (
     USER_AGENT,
     Clients,
     ErrorKind,
@@ -38,7 +38,7 @@ from dispatcher.aws import (
     outcome_unknown,
     session,
 )
-from dispatcher.metrics import Metrics
+from dispatcher.daemon.metrics import Metrics
 
 if TYPE_CHECKING:
     from types_aiobotocore_stepfunctions import SFNClient
@@ -272,8 +272,8 @@ def test_one_module_makes_aws_sessions() -> None:
     makers = re.compile(r"^\s*(import aioboto3|from aioboto3|.*\baioboto3\.Session\()", re.M)
     found = [
         str(path.relative_to(REPO))
-        for folder in ("dispatcher", "sim", "bench", "tests", "scripts")
+        for folder in ("dispatcher", "devtools", "sim", "bench", "tests", "scripts")
         for path in sorted((REPO / folder).rglob("*.py"))
         if makers.search(path.read_text(encoding="utf-8"))
     ]
-    assert found == ["dispatcher/aws.py"]
+    assert found == ["dispatcher/aws/api.py"]

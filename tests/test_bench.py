@@ -30,8 +30,8 @@ from bench.history import trace
 from bench.patterns import semaphore
 from bench.prom import Sample, histogram_quantile
 from bench.workload import stream
-from dispatcher.records import Execution, concurrency_series
-from dispatcher.requests import key_tag
+from devtools.records import Execution, concurrency_series
+from dispatcher.core.requests import key_tag
 
 MACHINE = {
     "nproc": 2,

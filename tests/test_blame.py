@@ -16,10 +16,10 @@ import stamina
 from aiohttp import web
 from botocore.exceptions import ClientError
 
-from dispatcher.aws import ErrorKind, classify, error_code, is_retryable, outcome_unknown
-from dispatcher.requests import execution_arn
-from dispatcher.sandbox.provision import SandboxResources
-from dispatcher.testing.faults import FaultKind, FaultProxy, FaultRule
+from devtools.faults import FaultKind, FaultProxy, FaultRule
+from devtools.sandbox.provision import SandboxResources
+from dispatcher.aws.api import ErrorKind, classify, error_code, is_retryable, outcome_unknown
+from dispatcher.core.requests import execution_arn
 from tests.audit import drain, send_requests, session, verdict, workload
 from tests.fake_intake import dispatch_all, intake_of
 from tests.fakes import DEAD_LETTER_QUEUE, STATE_MACHINE_ARN, build_world, client_error, sqs_message

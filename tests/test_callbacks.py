@@ -11,11 +11,11 @@ import anyio
 import pytest
 import stamina
 
-from dispatcher.callbacks import MAX_OUTPUT_BYTES, Callbacks, answer_for
-from dispatcher.events import Events
-from dispatcher.intake import Intake
-from dispatcher.reconcile import Reconciler
-from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
+from dispatcher.core.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
+from dispatcher.daemon.callbacks import MAX_OUTPUT_BYTES, Callbacks, answer_for
+from dispatcher.daemon.events import Events
+from dispatcher.daemon.intake import Intake
+from dispatcher.daemon.reconcile import Reconciler
 from tests.fake_intake import dispatch_all, handle, intake_of
 from tests.fakes import STATE_MACHINE_ARN, World, build_world, sqs_message
 

@@ -15,7 +15,8 @@ import anyio
 import pytest
 from botocore.exceptions import ClientError
 
-from dispatcher.cli import main
+from devtools.sandbox import SandboxResources, free_port
+from dispatcher.cli.main import main
 from dispatcher.preflight import (
     ALL_STATUSES,
     Check,
@@ -41,7 +42,6 @@ from dispatcher.preflight import (
     sample_event,
     status_pattern,
 )
-from dispatcher.sandbox import SandboxResources, free_port
 from tests.conftest import SandboxFactory
 from tests.helpers import (
     create_lease_table,

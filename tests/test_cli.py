@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.check import CHECK_FIELDS
-from dispatcher.cli import build_parser, main
-from dispatcher.config import Settings
+from devtools.sandbox import free_port
+from dispatcher.cli.check import CHECK_FIELDS
+from dispatcher.cli.main import build_parser, main
 from dispatcher.errors import EXIT_AWS, EXIT_STATUS_HELP, EXIT_USAGE
-from dispatcher.sandbox import free_port
+from dispatcher.settings.config import Settings
 
 pytestmark = pytest.mark.timeout(30)
 

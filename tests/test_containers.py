@@ -24,8 +24,8 @@ from packaging.utils import canonicalize_name
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dispatcher.config import Settings
-from dispatcher.metrics import Metrics
+from dispatcher.daemon.metrics import Metrics
+from dispatcher.settings.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -128,6 +128,8 @@ def test_stack_wiring() -> None:
     endpoint = dispatcher["environment"]["AWS_ENDPOINT_URL"]
     assert endpoint == "http://ministack:4566"
     assert provision["command"] == ["sandbox", "--endpoint", endpoint]
+    assert provision["entrypoint"] == ["python", "-m", "devtools"], "the sandbox is not shipped"
+    assert "./devtools:/opt/sfn-dev/devtools:ro" in provision["volumes"]
     assert provision["restart"] == "no"
     assert provision["depends_on"]["ministack"]["condition"] == "service_healthy"
     for service in (dispatcher, loadgen):
@@ -147,7 +149,7 @@ def test_stack_wiring() -> None:
 
 
 STANDINS = ROOT / "tests" / "containers" / "compose.standins.yaml"
-# Variables of the image that are not settings: `sfn-dispatcher sandbox` reads this one.
+# Variables of the image that are not settings: `python -m devtools sandbox` reads this one.
 OTHER_DISPATCHER_VARIABLES = {"DISPATCHER_SANDBOX_EMULATOR"}
 
 

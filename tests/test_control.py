@@ -11,12 +11,12 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.cli import main
-from dispatcher.control import render_status, status_url
+from devtools.sandbox import SandboxResources
+from dispatcher.cli.control import render_status, status_url
+from dispatcher.cli.main import main
+from dispatcher.cli.submit import SubmitItem, submit_requests
+from dispatcher.daemon.limits import last_running_limit, limit_target
 from dispatcher.errors import UserError
-from dispatcher.limits import last_running_limit, limit_target
-from dispatcher.sandbox import SandboxResources
-from dispatcher.submit import SubmitItem, submit_requests
 from tests.helpers import queue_depth, sfn_client, ssm_client, wait_until
 from tests.runner import running
 
@@ -325,8 +325,8 @@ async def test_drain_against_a_standby_judges_from_the_executions(
 ) -> None:
     """A standby governs nothing: its figures (limit never 0, counts of a reign it lost)
     say nothing, so `drain --wait --url` pointed at it goes by the executions alone."""
-    from dispatcher import control  # noqa: PLC0415
-    from dispatcher.limits import LimitTarget  # noqa: PLC0415
+    from dispatcher.cli import control  # noqa: PLC0415
+    from dispatcher.daemon.limits import LimitTarget  # noqa: PLC0415
 
     standby = {
         "role": "standby",

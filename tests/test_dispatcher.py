@@ -17,10 +17,10 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
-from dispatcher.sandbox.provision import SandboxResources
-from dispatcher.testing.chaos import EventChaos
-from dispatcher.testing.faults import FaultKind, FaultProxy, FaultRule
+from devtools.chaos import EventChaos
+from devtools.faults import FaultKind, FaultProxy, FaultRule
+from devtools.sandbox.provision import SandboxResources
+from dispatcher.core.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
 from tests.audit import (
     Execution,
     drain,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.config import ConfigError, Settings, env_name
-from dispatcher.layout import parse
-from dispatcher.metrics import Metrics
+from dispatcher.daemon.metrics import Metrics
+from dispatcher.settings.config import ConfigError, Settings, env_name
+from dispatcher.settings.layout import parse
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -98,7 +98,7 @@ def test_the_simulation_figures_come_from_the_stored_results() -> None:
 
 def test_the_parent_definition_in_the_readme_is_the_sandboxs() -> None:
     """The copy-pasteable parent is the one the sandbox runs (and the tests drive)."""
-    from dispatcher.sandbox.provision import parent_definition  # noqa: PLC0415
+    from devtools.sandbox.provision import parent_definition  # noqa: PLC0415
 
     section = README.split("## From inside a workflow", 1)[1]
     shown = json.loads(section.split("```json\n", 1)[1].split("\n```", 1)[0])

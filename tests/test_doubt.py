@@ -10,10 +10,10 @@ import anyio
 import pytest
 import stamina
 
-from dispatcher.events import Events
-from dispatcher.ledger import Change
-from dispatcher.reconcile import Reconciler
-from dispatcher.requests import execution_arn
+from dispatcher.core.ledger import Change
+from dispatcher.core.requests import execution_arn
+from dispatcher.daemon.events import Events
+from dispatcher.daemon.reconcile import Reconciler
 from tests.fake_intake import handle, intake_of
 from tests.fakes import STATE_MACHINE_ARN, World, build_world, client_error, sqs_message
 

@@ -23,7 +23,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionClosedError
 
-from dispatcher.testing import EventChaos, FaultKind, FaultProxy, FaultRule
+from devtools import EventChaos, FaultKind, FaultProxy, FaultRule
 from tests.helpers import session, wait_until
 
 if TYPE_CHECKING:

@@ -14,11 +14,8 @@ from typing import Any
 import pytest
 import stamina
 
-from dispatcher.callbacks import Callbacks
-from dispatcher.config import InputFormat
-from dispatcher.intake import Intake
-from dispatcher.redrive import request_attributes
-from dispatcher.requests import (
+from dispatcher.cli.redrive import request_attributes
+from dispatcher.core.requests import (
     IDEMPOTENCY_ATTRIBUTE,
     REQUEST_ID_ATTRIBUTE,
     StartRequest,
@@ -27,6 +24,9 @@ from dispatcher.requests import (
     key_tag,
     parse,
 )
+from dispatcher.daemon.callbacks import Callbacks
+from dispatcher.daemon.intake import Intake
+from dispatcher.settings.config import InputFormat
 from tests.fake_intake import handle, intake_of
 from tests.fakes import (
     DEAD_LETTER_QUEUE,

@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from dispatcher.records import list_executions
-from dispatcher.sandbox.provision import SandboxResources, child_key
+from devtools.records import list_executions
+from devtools.sandbox.provision import SandboxResources, child_key
 from tests.audit import session, wait_for
 from tests.runner import running
 

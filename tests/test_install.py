@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dispatcher.config import Settings, env_name
+from dispatcher.settings.config import Settings, env_name
 from tests.test_cloudformation import load_template
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +81,7 @@ def test_the_readmes_pip_install_from_a_git_url_works(tmp_path: Path) -> None:
         check=False,
     )
     assert version.stdout.strip().startswith("sfn-dispatcher "), version.stderr
-    for command in ("run", "check", "sandbox", "status", "submit"):
+    for command in ("run", "check", "status", "pause", "redrive", "submit"):
         shown = subprocess.run(
             [str(script), command, "--help"],
             cwd=tmp_path,
@@ -104,6 +104,15 @@ def test_the_readmes_pip_install_from_a_git_url_works(tmp_path: Path) -> None:
     theirs = {p.relative_to(package) for p in package.rglob("*.py")}
     assert ours <= theirs, sorted(map(str, ours - theirs))
     assert (package / "py.typed").is_file()
+    # The developer tools stay in the checkout: no sandbox, demo or fault proxy installed,
+    # and nothing installed only for them (the demo's progress bars).
+    site = package.parent
+    assert not (site / "devtools").exists(), "developer tools shipped"
+    assert not list(site.glob("tqdm*")), "tqdm installed: only the demo uses it"
+    dev_command = subprocess.run(
+        [str(script), "sandbox", "--help"], cwd=tmp_path, env=env, capture_output=True, check=False
+    )
+    assert dev_command.returncode == 2, "sandbox is a developer tool: python -m devtools sandbox"
 
 
 def test_the_wiring_steps_name_real_parameters_outputs_and_settings() -> None:

@@ -13,8 +13,8 @@ import pytest
 import stamina
 from botocore.exceptions import ClientError
 
-from dispatcher.deadletter import DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REASON_ATTRIBUTE
-from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
+from dispatcher.core.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
+from dispatcher.daemon.deadletter import DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REASON_ATTRIBUTE
 from tests.fake_intake import dispatch_all, finish, handle, intake_of, waiting
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
@@ -494,8 +494,8 @@ async def test_the_start_client_sends_a_fixed_user_agent_and_leaves_validation_t
     error answer, which `classify` sorts as permanent)."""
     from aiohttp import web  # noqa: PLC0415 - only this test serves HTTP
 
-    from dispatcher.aws import USER_AGENT, ErrorKind, classify, open_clients  # noqa: PLC0415
-    from dispatcher.metrics import Metrics  # noqa: PLC0415
+    from dispatcher.aws.api import USER_AGENT, ErrorKind, classify, open_clients  # noqa: PLC0415
+    from dispatcher.daemon.metrics import Metrics  # noqa: PLC0415
 
     seen: list[tuple[str, dict[str, Any]]] = []
 

@@ -12,9 +12,9 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.lease import Lease, LeaseConfig, Leases
-from dispatcher.sandbox.provision import SandboxResources
-from dispatcher.service import Dispatcher
+from devtools.sandbox.provision import SandboxResources
+from dispatcher.daemon.lease import Lease, LeaseConfig, Leases
+from dispatcher.daemon.service import Dispatcher
 from tests.audit import send_requests, session, verdict, wait_for, workload
 from tests.helpers import create_lease_table
 from tests.runner import child_process, settings_for

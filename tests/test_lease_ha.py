@@ -19,11 +19,11 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher import layout
-from dispatcher.records import list_executions
-from dispatcher.sandbox.provision import SandboxResources
-from dispatcher.service import Dispatcher
-from dispatcher.testing.faults import FaultKind, FaultProxy, FaultRule
+from devtools.faults import FaultKind, FaultProxy, FaultRule
+from devtools.records import list_executions
+from devtools.sandbox.provision import SandboxResources
+from dispatcher.daemon.service import Dispatcher
+from dispatcher.settings import layout
 from tests.audit import send_requests, verdict, wait_for, workload
 from tests.conftest import SandboxFactory
 from tests.helpers import create_lease_table, session

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from dispatcher.ledger import Change, Ledger
+from dispatcher.core.ledger import Change, Ledger
 from sim import __main__ as sim_cli
 from sim.bugs import patched, put_back
 from sim.harness import simulate

@@ -24,11 +24,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from dispatcher.aws import attempt_outcome
-from dispatcher.metrics import Metrics
-from dispatcher.sandbox.provision import SandboxResources
-from dispatcher.service import Dispatcher
-from dispatcher.testing.faults import FaultKind, FaultProxy, FaultRule
+from devtools.faults import FaultKind, FaultProxy, FaultRule
+from devtools.sandbox.provision import SandboxResources
+from dispatcher.aws.api import attempt_outcome
+from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.service import Dispatcher
 from tests.audit import send_requests, session, wait_for
 from tests.runner import running, settings_for
 

@@ -15,10 +15,10 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.rate import parse_state_machine_arn
-from dispatcher.records import Execution, list_executions, max_overlap
-from dispatcher.requests import key_tag, tag_of
-from dispatcher.sandbox.provision import RULE_TARGET_ID, SandboxResources
+from devtools.records import Execution, list_executions, max_overlap
+from devtools.sandbox.provision import RULE_TARGET_ID, SandboxResources
+from dispatcher.core.rate import parse_state_machine_arn
+from dispatcher.core.requests import key_tag, tag_of
 from tests.audit import send_requests, verdict, wait_for, workload
 from tests.conftest import SandboxFactory
 from tests.helpers import depth, session

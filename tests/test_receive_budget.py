@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import stamina
 
-from dispatcher.deadletter import REASON_ATTRIBUTE
-from dispatcher.queues import RequestQueue
+from dispatcher.daemon.deadletter import REASON_ATTRIBUTE
+from dispatcher.daemon.queues import RequestQueue
 from tests.fake_intake import handle, intake_of
 from tests.fakes import (
     DEAD_LETTER_QUEUE,

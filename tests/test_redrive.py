@@ -9,11 +9,11 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.cli import main
-from dispatcher.deadletter import DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REASON_ATTRIBUTE
-from dispatcher.redrive import redrive
-from dispatcher.requests import REQUEST_ID_ATTRIBUTE
-from dispatcher.sandbox import SandboxResources
+from devtools.sandbox import SandboxResources
+from dispatcher.cli.main import main
+from dispatcher.cli.redrive import redrive
+from dispatcher.core.requests import REQUEST_ID_ATTRIBUTE
+from dispatcher.daemon.deadletter import DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REASON_ATTRIBUTE
 from tests.helpers import queue_depth, receive_all, sqs_client, wait_until
 from tests.runner import running
 

@@ -24,10 +24,8 @@ import anyio
 import pytest
 from botocore.exceptions import ClientError
 
-from dispatcher import aws
-from dispatcher.cli import main
-from dispatcher.errors import EXIT_AWS, UserError
-from dispatcher.sandbox import (
+from devtools.__main__ import dev_main as main
+from devtools.sandbox import (
     Emulator,
     SandboxResources,
     child_key,
@@ -36,8 +34,10 @@ from dispatcher.sandbox import (
     parent_definition,
     provision,
 )
-from dispatcher.sandbox.emulator import probe
-from dispatcher.sandbox.provision import TEST_CREDENTIALS
+from devtools.sandbox.emulator import probe
+from devtools.sandbox.provision import TEST_CREDENTIALS
+from dispatcher.aws import api as aws
+from dispatcher.errors import EXIT_AWS, UserError
 from tests.conftest import SandboxFactory, unique_prefix
 from tests.helpers import (
     delete_sandbox,
@@ -186,12 +186,12 @@ class _Lines:
 
 @pytest.fixture
 def sandbox_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], _Lines, _Lines]]:
-    """``python -m dispatcher sandbox`` on a free port, killed at the end if still alive."""
+    """``python -m devtools sandbox`` on a free port, killed at the end if still alive."""
     process = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "dispatcher",
+            "devtools",
             "sandbox",
             "--port",
             str(free_port()),
@@ -317,7 +317,7 @@ def test_the_printed_commands_work_with_the_real_aws_cli_v1(region: str, tmp_pat
         [
             sys.executable,
             "-m",
-            "dispatcher",
+            "devtools",
             "sandbox",
             "--port",
             str(free_port()),
@@ -397,7 +397,7 @@ def test_the_printed_commands_work_with_the_real_aws_cli_v1(region: str, tmp_pat
 
 def test_every_printed_aws_command_names_the_endpoint() -> None:
     """The AWS CLI v1 ignores AWS_ENDPOINT_URL for `aws sqs`: only --endpoint-url works."""
-    from dispatcher.sandbox.cli import LIST_EXAMPLE, PARENT_EXAMPLE, SEND_EXAMPLE  # noqa: PLC0415
+    from devtools.sandbox.cli import LIST_EXAMPLE, PARENT_EXAMPLE, SEND_EXAMPLE  # noqa: PLC0415
 
     for command in (SEND_EXAMPLE, LIST_EXAMPLE, PARENT_EXAMPLE):
         assert shlex.split(command)[:3] == ["aws", "--endpoint-url", "$AWS_ENDPOINT_URL"]
@@ -407,7 +407,7 @@ def test_a_bad_region_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["sandbox", "--region", "Mars"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        "sfn-dispatcher sandbox: error: --region 'Mars' is invalid: give a region name such as "
+        "python -m devtools sandbox: error: --region 'Mars' is invalid: give a region name such as "
         "us-east-1 or eu-west-1"
     )
 
@@ -716,7 +716,7 @@ def test_endpoint_that_never_answers_is_one_line_exit_3(
     assert main(["sandbox", "--endpoint", url, "--wait", "0.3"]) == EXIT_AWS
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
-    assert err.startswith("sfn-dispatcher sandbox: error: no AWS emulator answers at")
+    assert err.startswith("python -m devtools sandbox: error: no AWS emulator answers at")
 
 
 def test_sandbox_port_in_use_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -727,6 +727,6 @@ def test_sandbox_port_in_use_is_one_line_exit_2(capsys: pytest.CaptureFixture[st
         assert main(["sandbox", "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        f"sfn-dispatcher sandbox: error: port {port} is in use on 127.0.0.1; "
+        f"python -m devtools sandbox: error: port {port} is in use on 127.0.0.1; "
         "pass --port N or stop what listens there"
     )

@@ -17,9 +17,9 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from dispatcher.aws import ErrorKind, classify, error_code, outcome_unknown
-from dispatcher.events import parse_event
-from dispatcher.lease import Lease, LeaseConfig
+from dispatcher.aws.api import ErrorKind, classify, error_code, outcome_unknown
+from dispatcher.daemon.events import parse_event
+from dispatcher.daemon.lease import Lease, LeaseConfig
 from sim import loop
 from sim.aws import EventFault, EventInfo, World, WorldConfig
 from sim.calls import NO_FAULT, CallFault

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from dispatcher.ledger import Change, Ledger
+from dispatcher.core.ledger import Change, Ledger
 from sim import __main__ as sim_cli
 from sim import buggify
 from sim.harness import DISPATCHER, PoolPlan, Run, Scenario, scenario, simulate

@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 
-from dispatcher.requests import key_tag
+from dispatcher.core.requests import key_tag
 from sim.aws import World
 from sim.checker import CheckSpec, PoolSpec, Violation, check, limit_at, max_concurrency
 from sim.history import OUTSIDE, History

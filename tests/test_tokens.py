@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from dispatcher.records import list_executions, max_overlap
-from dispatcher.sandbox.provision import SandboxResources, child_key
+from devtools.records import list_executions, max_overlap
+from devtools.sandbox.provision import SandboxResources, child_key
 from tests.audit import session, wait_for
 from tests.helpers import depth, drained
 from tests.runner import child_process, running

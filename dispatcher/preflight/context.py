@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import anyio
 from aiobotocore.config import AioConfig
 
-from dispatcher import config, layout
-from dispatcher.aws import AWS_ERRORS, session
-from dispatcher.config import ConfigError, Settings
-from dispatcher.layout import PoolConfig, QueueConfig
+from dispatcher.aws.api import AWS_ERRORS, session
 from dispatcher.preflight.report import Finding, Skip, Status
+from dispatcher.settings import config, layout
+from dispatcher.settings.config import ConfigError, Settings
+from dispatcher.settings.layout import PoolConfig, QueueConfig
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
@@ -183,7 +183,7 @@ def load_target(
     overrides: Mapping[str, Any], env: Mapping[str, str] | None
 ) -> tuple[Target, tuple[Finding, ...]]:
     """The values to check and the settings findings (one per problem); bad settings never
-    stop it. Reads the settings exactly as `run` does (`dispatcher.layout.load`): flags,
+    stop it. Reads the settings exactly as `run` does (`dispatcher.settings.layout.load`): flags,
     ``DISPATCHER_*`` variables and the config file with every pool and queue.
 
     When the settings are invalid each one is validated on its own, so that the checks of

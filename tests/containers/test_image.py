@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from dispatcher.records import list_executions
-from dispatcher.sandbox import free_port
-from dispatcher.sandbox.provision import SandboxResources
+from devtools.records import list_executions
+from devtools.sandbox import free_port
+from devtools.sandbox.provision import SandboxResources
 from tests.audit import send_requests, verdict, wait_for, workload
 from tests.containers.engine import (
     Engine,
