@@ -15,8 +15,9 @@ Three measurements on one local emulator (MiniStack), zero-length executions:
 - ``paced``: the same at ``DISPATCHER_START_RATE=300``: the cores it used while it started
   300 per second.
 
-``python -m bench.start_cost`` (``make bench-start-cost``) writes
-``bench/results/start_cost.json``; ``--quick`` runs small sizes to check the harness.
+``python -m bench.start_cost`` (``make bench-start-cost``; ``make bench`` runs it too)
+writes ``bench/results/start_cost.json``; ``--quick`` runs small sizes to check the
+harness (``start_cost-quick.json``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 
 import anyio
 
+from bench import report
 from bench.aws import config
 from bench.capacity import raw_capacity
 from bench.child import Child, dispatcher_child
@@ -61,6 +63,12 @@ class Config:
     dispatcher_starts: int = 3000
     paced_starts: int = 4500  # 15 s at 300/s
     paced_rate: float = QUOTA
+    fast_rate: float = 100_000.0  # the rate limiter out of the way: as fast as it can
+    rounds: int = 3  # each measurement this often, interleaved; the median is reported
+
+
+QUICK = Config(client_starts=300, warm_up=50, dispatcher_starts=300, paced_starts=600, rounds=1)
+"""Small sizes: checks the harness, not the published figures."""
 
 
 def per_half_core(cpu_ms_per_start: float) -> float:
@@ -115,14 +123,26 @@ async def _window(child: Child, count: int) -> tuple[Mark, Mark]:
             await anyio.sleep(0.2)
 
 
+def _child_command(source: Path | None) -> tuple[str, ...]:
+    """``python -m dispatcher run``, of this checkout or of the one at ``source``."""
+    if source is None:
+        return (sys.executable, "-m", "dispatcher", "run")
+    boot = f"import sys; sys.path.insert(0, {str(source)!r}); from dispatcher.cli import main; "
+    return (sys.executable, "-c", boot + "sys.exit(main())", "run")
+
+
 async def _dispatcher(
-    endpoint: str, prefix: str, count: int, settings: dict[str, Any]
+    endpoint: str,
+    prefix: str,
+    count: int,
+    settings: dict[str, Any],
+    source: Path | None = None,
 ) -> dict[str, Any]:
     """The dispatcher child starting ``count`` queued requests; CPU per start, cores used."""
     resources = await provision(endpoint, prefix=prefix, limit=LIMIT)
     await submit(resources.request_queue_url, stream(count, None, None, prefix=prefix), endpoint)
     given = {"limit": LIMIT, "start_grace": 1, **settings}
-    async with dispatcher_child(resources, given) as child:
+    async with dispatcher_child(resources, given, command=_child_command(source)) as child:
         (first, low), (last, high) = await _window(child, count)
     cpu, seconds, started = last.cpu_seconds - first.cpu_seconds, last.at - first.at, high - low
     ms = cpu / started * 1000
@@ -140,8 +160,23 @@ async def _dispatcher(
     }
 
 
-async def run(cfg: Config) -> dict[str, Any]:
-    """The three measurements (see the module's docstring)."""
+def median_of(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run with the median ``key`` (the lower middle one of an even count), and every
+    run's ``key`` under ``rounds``."""
+    ordered = sorted(runs, key=lambda r: float(r[key]))
+    return ordered[(len(ordered) - 1) // 2] | {"rounds": [r[key] for r in runs]}
+
+
+async def run(cfg: Config, compare_with: Path | None = None) -> dict[str, Any]:
+    """The measurements (see the module's docstring), ``cfg.rounds`` times each, interleaved;
+    with ``compare_with`` (another checkout), its dispatcher too, in the same rounds."""
+    sources: dict[str, Path | None] = {"this": None}
+    if compare_with is not None:
+        sources["compared"] = compare_with
+    clients, bares = [], []
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        name: {"fast": [], "paced": []} for name in sources
+    }
     async with Emulator() as emulator:
         endpoint = emulator.endpoint
         assert emulator.pid is not None
@@ -151,33 +186,59 @@ async def run(cfg: Config) -> dict[str, Any]:
         raw = await provision(endpoint, prefix="sc-client", limit=LIMIT)
         arn = raw.state_machine_arn
         await _client(endpoint, arn, cfg.warm_up, "warm-up")
-        print(f"[bench] start cost: {cfg.client_starts} starts through the start client")
-        client = await _client(endpoint, arn, cfg.client_starts, "client")
-        bare = await raw_capacity(endpoint, arn, cfg.client_starts, "bare", TASKS)
-        bare["starts_per_second_per_half_core"] = per_half_core(bare["client_cpu_ms_per_start"])
-        print(f"[bench] start cost: the dispatcher, {cfg.dispatcher_starts} as fast as it can")
-        unpaced = await _dispatcher(endpoint, "sc-fast", cfg.dispatcher_starts, {})
-        print(f"[bench] start cost: the dispatcher at {cfg.paced_rate:g}/s")
-        paced = await _dispatcher(
-            endpoint, "sc-paced", cfg.paced_starts, {"start_rate": cfg.paced_rate}
-        )
+        for round_ in range(cfg.rounds):
+            tag = f"r{round_}"
+            print(f"[bench] start cost, round {round_ + 1} of {cfg.rounds}: the start client")
+            clients.append(await _client(endpoint, arn, cfg.client_starts, f"client-{tag}"))
+            bare = await raw_capacity(endpoint, arn, cfg.client_starts, f"bare-{tag}", TASKS)
+            bares.append(
+                bare
+                | {
+                    "starts_per_second_per_half_core": per_half_core(
+                        bare["client_cpu_ms_per_start"]
+                    )
+                }
+            )
+            for name, source in sources.items():
+                print(
+                    f"[bench] start cost: the dispatcher ({name}), fast, then {cfg.paced_rate:g}/s"
+                )
+                fast = {"start_rate": cfg.fast_rate}
+                runs[name]["fast"].append(
+                    await _dispatcher(
+                        endpoint, f"sc-{name}-f-{tag}", cfg.dispatcher_starts, fast, source
+                    )
+                )
+                paced = {"start_rate": cfg.paced_rate}
+                runs[name]["paced"].append(
+                    await _dispatcher(
+                        endpoint, f"sc-{name}-p-{tag}", cfg.paced_starts, paced, source
+                    )
+                )
         load = meter.stop()
-    worst = max(unpaced["cpu_ms_per_start"], paced["cpu_ms_per_start"])
-    return {
+    measured = {
+        name: {kind: median_of(r, "cpu_ms_per_start") for kind, r in kinds.items()}
+        for name, kinds in runs.items()
+    }
+    paced = measured["this"]["paced"]
+    results = {
         "config": asdict(cfg) | {"tasks": TASKS, "bare_client_config": str(config(TASKS))},
-        "client": client,
-        "bare_client": bare,
-        "dispatcher": unpaced,
+        "client": median_of(clients, "client_cpu_ms_per_start"),
+        "bare_client": median_of(bares, "client_cpu_ms_per_start"),
+        "dispatcher": measured["this"]["fast"],
         "paced": paced,
         "goal": {
             "quota_starts_per_second": QUOTA,
             "max_cores": 0.5,
             "max_cpu_ms_per_start": round(HALF_CORE_MS / QUOTA, 3),
-            "cores_at_quota": round(worst * QUOTA / 1000, 3),
-            "met": worst * QUOTA / 1000 <= 0.5,
+            "cores_at_quota": paced["cores_at_quota"],
+            "met": paced["cores_at_quota"] <= 0.5,
         },
         "load": asdict(load) | {"others_busy_cores": round(load.others_busy_cores, 3)},
     }
+    if compare_with is not None:
+        results["compared"] = {"source": str(compare_with), **measured["compared"]}
+    return results
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -195,8 +256,24 @@ def summary(results: dict[str, Any]) -> str:
             f"per start, {paced['cores_used']} cores at {paced['starts_per_second']:,}/s",
             f"goal {goal['quota_starts_per_second']:g}/s on <= {goal['max_cores']} core: "
             f"{goal['cores_at_quota']} core ({'met' if goal['met'] else 'missed'})",
+            *_compared_lines(results),
         ]
     )
+
+
+def _compared_lines(results: dict[str, Any]) -> list[str]:
+    compared = results.get("compared")
+    if compared is None:
+        return []
+    lines = [f"compared with {compared['source']}, same rounds:"]
+    for kind, here in (("fast", results["dispatcher"]), ("paced", results["paced"])):
+        there = compared[kind]
+        ours, theirs = here["cpu_ms_per_start"], there["cpu_ms_per_start"]
+        lines.append(
+            f"  {kind}: {theirs} ms per start there, {ours} here ({ours - theirs:+.3f} ms; "
+            f"rounds {there['rounds']} there, {here['rounds']} here)"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.start_cost", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes: checks the harness")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder ({RESULTS})")
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        metavar="DIR",
+        help="also run the dispatcher of another checkout (a folder holding its dispatcher/ "
+        "package, e.g. from `git archive REV dispatcher | tar -x -C DIR`) in the same rounds",
+    )
     args = parser.parse_args(argv)
     for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
         os.environ.pop(name, None)
@@ -212,17 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         | {"AWS_DEFAULT_REGION": "us-east-1"}
     )
     logs.configure("WARNING", LogFormat.JSON)
-    cfg = (
-        Config(client_starts=300, warm_up=50, dispatcher_starts=300, paced_starts=600)
-        if args.quick
-        else Config()
-    )
+    cfg = QUICK if args.quick else Config()
     began_at, before, began = (
         datetime.now(UTC).isoformat(timespec="seconds"),
         uptime(),
         time.monotonic(),
     )
-    results = anyio.run(run, cfg)
+    compare_with = args.compare_with.resolve() if args.compare_with else None
+    results = anyio.run(run, cfg, compare_with)
     document = {
         "scenario": "start_cost",
         "started_at": began_at,
@@ -230,12 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         "uptime_before": before,
         "uptime_after": uptime(),
         "machine": machine_info(),
-        "command": "python -m bench.start_cost" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python -m bench.start_cost", *(argv or sys.argv[1:])]),
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("start_cost-quick.json" if args.quick else "start_cost.json")
-    path.write_text(json.dumps(document, indent=1) + "\n")
+    path = report.write_json(args.out, "start_cost-quick" if args.quick else "start_cost", document)
     print(summary(results))
     print(f"[bench] wrote {path}")
     return 0
