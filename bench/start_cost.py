@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         "uptime_after": uptime(),
         "machine": machine_info(),
         "command": " ".join(["python -m bench.start_cost", *(argv or sys.argv[1:])]),
+        "nice": os.nice(0),  # on a shared machine a run may be given a larger CPU share
         "results": results,
     }
     path = report.write_json(args.out, "start_cost-quick" if args.quick else "start_cost", document)
