@@ -5,14 +5,15 @@ EMULATOR_VENV ?= .venv-emulator
 PY := $(VENV)/bin/python
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: demo test test-fast test-containers image lint format bench bench-start-cost simulate mutate mutmut lock clean help
+.PHONY: demo test test-fast test-containers image lint format docs bench bench-start-cost simulate mutate mutmut lock clean help
 
 help:
 	@echo "make demo   - sandbox + dispatcher + 200 requests, limit held, summary (DEMO_ARGS=... for more flags)"
 	@echo "make test   - the full test suite (unit + integration against the emulator)"
 	@echo "make image  - the container image sfn-dispatcher:local (docker, else podman; IMAGE=... to rename)"
 	@echo "make test-containers - the image run hardened and the compose stack, in a real engine"
-	@echo "make lint   - ruff + mypy strict"
+	@echo "make lint   - ruff + mypy strict + the reference pages current + mkdocs build --strict"
+	@echo "make docs   - regenerate docs/reference/ from the code, build the docs site into site/"
 	@echo "make bench  - benchmarks, results in bench/results/"
 	@echo "make bench-start-cost - CPU per StartExecution and per start (about 2 min), bench/results/start_cost.json"
 	@echo "make simulate - the deterministic simulation: 2,000 seeds, then each fixed bug put back"
@@ -72,6 +73,14 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(PY) -m scripts.reference --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# The docs site (mkdocs.yml, docs/): the reference pages generated from the code
+# (scripts/reference.py), then the site in site/. `mkdocs serve` to read it locally.
+docs: $(VENV)/.installed
+	$(PY) -m scripts.reference
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from dispatcher.core.ledger import Reservation
-from dispatcher.core.pool import MAX_DEFER_SECONDS, Pool
+from dispatcher.daemon.pool import MAX_DEFER_SECONDS, Pool
 from dispatcher.daemon.service import Dispatcher
 from dispatcher.daemon.starter import Starter, Waiting, _Handling
 

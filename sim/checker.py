@@ -266,7 +266,7 @@ def _renamed_retry(
     earlier: Execution,
     later: Execution,
 ) -> bool:
-    """The documented residual of looking for a request under its former names (README,
+    """The documented residual of looking for a request under its former names (docs/requests.md,
     "Request identity"): ``later`` is the request started again under the name a changed
     ``key_attribute`` gives it, from a producer's retry sent after the process that started
     it began to govern (+ the skew), while ``earlier`` (the other naming) had ended before

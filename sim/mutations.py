@@ -38,12 +38,12 @@ import dispatcher.cli.redrive
 import dispatcher.core.requests
 import dispatcher.daemon.starter
 from dispatcher.core.ledger import Ledger
-from dispatcher.core.pool import Pool
 from dispatcher.daemon.callbacks import Callbacks
 from dispatcher.daemon.events import Events
 from dispatcher.daemon.intake import Intake
 from dispatcher.daemon.lastreceive import LastReceives
 from dispatcher.daemon.lease import Leases
+from dispatcher.daemon.pool import Pool
 from dispatcher.daemon.reconcile import Reconciler
 from dispatcher.daemon.service import Dispatcher
 from dispatcher.daemon.starter import Starter
@@ -893,8 +893,8 @@ def report(found: Matrix, out: Path | None) -> int:
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    """The kill matrix of a ``--json`` summary as the README's table (between its
-    ``kill-matrix`` markers): mutation, class, first seed that caught it, violation."""
+    """The kill matrix of a ``--json`` summary as the table of docs/testing.md (between
+    its ``kill-matrix`` markers): mutation, class, first seed that caught it, violation."""
     rows = [
         "| mutation | class | first seed | violation |",
         "|---|---|---|---|",
@@ -908,11 +908,14 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 README_MARKERS = ("<!-- kill-matrix:begin -->\n", "<!-- kill-matrix:end -->")
-"""Where the README keeps the table `markdown` makes (``python -m sim.mutations``)."""
+"""The markers around the table `markdown` makes in `PAGE` (``python -m sim.mutations``)."""
+
+PAGE = Path("docs/testing.md")
+"""The page that shows the kill matrix."""
 
 
 def update_readme(readme: Path, results: Path) -> bool:
-    """Write the table of ``results`` between the README's markers; whether it changed."""
+    """Write the table of ``results`` between the page's markers; whether it changed."""
     begin, end = README_MARKERS
     text = readme.read_text(encoding="utf-8")
     head, rest = text.split(begin, 1)
@@ -925,6 +928,6 @@ def update_readme(readme: Path, results: Path) -> bool:
     return True
 
 
-if __name__ == "__main__":  # python -m sim.mutations: the README's table from the results
-    changed = update_readme(Path("README.md"), Path("sim/results/mutations.json"))
-    print("README.md updated" if changed else "README.md already up to date")
+if __name__ == "__main__":  # python -m sim.mutations: the page's table from the results
+    changed = update_readme(PAGE, Path("sim/results/mutations.json"))
+    print(f"{PAGE} updated" if changed else f"{PAGE} already up to date")

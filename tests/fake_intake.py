@@ -8,9 +8,9 @@ from typing import Any
 
 import anyio
 
-from dispatcher.core.pool import Pool
-from dispatcher.core.rate import RateLimiters
 from dispatcher.daemon.intake import Intake
+from dispatcher.daemon.pool import Pool
+from dispatcher.daemon.ratelimit import RateLimiters
 from dispatcher.daemon.starter import Waiting
 from dispatcher.settings.layout import Layout, PoolConfig, QueueConfig
 from tests.fakes import World, build_world

@@ -22,10 +22,10 @@ from botocore.exceptions import ClientError, ReadTimeoutError
 from prometheus_client import CollectorRegistry
 
 from dispatcher.aws.api import Clients
-from dispatcher.core.pool import Pool
 from dispatcher.core.requests import execution_arn
 from dispatcher.daemon.health import Health
 from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import Pool
 from dispatcher.settings.config import Settings
 from dispatcher.settings.layout import Layout, from_settings
 

@@ -9,10 +9,9 @@ until settled), the request kept and retried, the failure counted as the deploym
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 import pytest
-import stamina
 from aiohttp import web
 from botocore.exceptions import ClientError
 
@@ -29,10 +28,8 @@ from tests.test_aws_clients import KWARGS, client_of, server, starts
 PAGE = "<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>"
 
 
-@pytest.fixture(autouse=True)
-def fast_retries() -> Iterator[None]:
-    with stamina.set_testing(True, attempts=2):
-        yield
+RETRY_ATTEMPTS = 2  # stamina's test mode (the fast_retries fixture)
+pytestmark = pytest.mark.usefixtures("fast_retries")
 
 
 @pytest.mark.parametrize(

@@ -91,7 +91,7 @@ PUBLISHED_PORT_RE = re.compile(r"^127\.0\.0\.1:\$\{(SFN_STACK_[A-Z]+_PORT):-(\d+
 def test_every_published_port_is_a_documented_variable() -> None:
     """Two stacks (or a stack and a sandbox) can run side by side: no host port is fixed."""
     header = COMPOSE.read_text(encoding="utf-8").split("\nservices:", 1)[0]
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    guide = (ROOT / "docs" / "getting-started.md").read_text(encoding="utf-8")
     names: set[str] = set()
     for name, service in _services().items():
         for port in service.get("ports", []):
@@ -100,7 +100,7 @@ def test_every_published_port_is_a_documented_variable() -> None:
             variable, default, inside = match.groups()
             assert default == inside, f"{name}: the default host port is the container's"
             assert re.search(rf"{variable}\s+\(default {default}\)", header), variable
-            assert variable in readme, f"{variable} is not in the README"
+            assert variable in guide, f"{variable} is not in docs/getting-started.md"
             names.add(variable)
     assert len(names) == 4, names
 

@@ -24,7 +24,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionClosedError
 
 from devtools import EventChaos, FaultKind, FaultProxy, FaultRule
-from tests.helpers import session, wait_until
+from devtools.polling import wait_until
+from tests.helpers import session
 
 if TYPE_CHECKING:
     from types_aiobotocore_events import EventBridgeClient
@@ -261,7 +262,7 @@ async def test_a_delayed_request_whose_client_gave_up_is_never_forwarded(aws: Aw
     async def abandoned() -> bool:
         return aws.proxy.stats[("StartExecution", "abandoned")] == 1
 
-    await wait_until(abandoned, timeout=5, message="the proxy drops the abandoned request")
+    await wait_until(abandoned, within=5, message="the proxy drops the abandoned request")
     assert await _execution_names(aws.direct_sfn, aws.machine_arn) == set()
 
 

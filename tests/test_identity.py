@@ -8,11 +8,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import stamina
 
 from dispatcher.cli.redrive import request_attributes
 from dispatcher.core.requests import (
@@ -37,17 +35,14 @@ from tests.fakes import (
     sqs_message,
 )
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("fast_retries")]
 
 MESSAGE_ID = "2f6c0f7e-8b1a-4c3d-9e5f-0a1b2c3d4e5f"
 PLAIN_ARN = execution_arn(STATE_MACHINE_ARN, MESSAGE_ID)
 TOKEN = "AQCEAAAAKgAAAAMAAAAAAAAAA" + "x" * 300
 
 
-@pytest.fixture(autouse=True)
-def fast_retries() -> Iterator[None]:
-    with stamina.set_testing(True, attempts=3):
-        yield
+RETRY_ATTEMPTS = 3  # stamina's test mode (the fast_retries fixture)
 
 
 def keyed_name(key: str, name: str) -> str:

@@ -13,10 +13,10 @@ from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from dispatcher.core.pool import Pool
-from dispatcher.core.rate import RateLimiters
 from dispatcher.daemon.limits import LiveLimits, last_running_limit, parse_limit, read_limit
 from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import Pool
+from dispatcher.daemon.ratelimit import RateLimiters
 from dispatcher.daemon.service import Dispatcher, RestartNeededError
 from dispatcher.errors import UserError
 from dispatcher.settings.layout import load

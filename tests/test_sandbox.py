@@ -25,6 +25,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from devtools.__main__ import dev_main as main
+from devtools.polling import wait_until
 from devtools.sandbox import (
     Emulator,
     SandboxResources,
@@ -47,7 +48,6 @@ from tests.helpers import (
     sfn_client,
     sqs_client,
     ssm_client,
-    wait_until,
 )
 
 if TYPE_CHECKING:
@@ -240,7 +240,7 @@ def test_sandbox_command_prints_settings_and_stops_on_sigterm(
     written = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
     assert written == env
 
-    # The README's second shell: the exports, then `submit --count 20`.
+    # The sandbox's second shell (docs/getting-started.md): the exports, then `submit --count 20`.
     submit = subprocess.run(
         [sys.executable, "-m", "dispatcher", "submit", "--count", "20"],
         cwd=REPO,
@@ -596,7 +596,7 @@ def test_the_parent_sends_each_item_with_its_token_and_key() -> None:
 
 @pytest.mark.parametrize(
     ("document", "heading"),
-    [("docs/task-tokens.md", "## The parent"), ("README.md", "## From inside a workflow")],
+    [("docs/task-tokens.md", "## The parent")],
 )
 def test_the_documented_parent_is_the_sandboxs(document: str, heading: str) -> None:
     """The copy-pasteable parent in the docs is exactly the one the sandbox provisions."""
@@ -616,7 +616,7 @@ async def _closed(sfn: SFNClient, arn: str) -> DescribeExecutionOutputTypeDef:
         described.append(await sfn.describe_execution(executionArn=arn))
         return described[-1]["status"] != "RUNNING"
 
-    await wait_until(ended, timeout=15, message=f"{arn} ended")
+    await wait_until(ended, within=15, message=f"{arn} ended")
     return described[-1]
 
 

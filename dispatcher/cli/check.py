@@ -54,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "optional limit parameters (SSM) and lease table (DynamoDB), with harmless calls only; "
         "print one line per finding, naming the pool or queue, and the fix for each failure. "
         "Settings not listed below are read from their DISPATCHER_* variables and the config "
-        "file. See README section 'Preflight: `sfn-dispatcher check`'.",
+        "file. See docs/configuration.md#preflight.",
         epilog=EXIT_STATUS_HELP,
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -22,8 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Start executions from the request queue(s), never more than each pool's "
         "limit at once. "
         "Every flag can also be given as the DISPATCHER_* variable shown; flags win. AWS endpoint, "
-        "region and credentials come from the standard AWS_* variables (see README section "
-        "'Configuration').",
+        "region and credentials come from the standard AWS_* variables (see "
+        "docs/configuration.md).",
         epilog=EXIT_STATUS_HELP,
     )
     config.add_arguments(parser)

@@ -1,21 +1,10 @@
-"""StartExecution rate control: one token bucket per AWS account and region, lowered on throttles.
+"""Rate control without I/O: a token bucket, an AIMD controller, AWS's default quotas.
 
-Step Functions meters StartExecution per account and region, so every pool of one account
-and region shares one limiter. The bucket and the AIMD controller are pure (time is passed
-in); only ``StartRateLimiter.acquire`` sleeps.
+Time is passed in; `dispatcher.daemon.ratelimit` builds the StartExecution limiters (one
+per AWS account and region) on them and is the only part that sleeps.
 """
 
 from __future__ import annotations
-
-import time
-from collections.abc import Callable
-
-import anyio
-import structlog
-
-from dispatcher.daemon.metrics import Metrics
-
-log = structlog.get_logger("dispatcher.rate")
 
 # Standard workflows' StartExecution quota: (refill per second, bucket size).
 _LARGE_REGIONS = frozenset({"us-east-1", "us-west-2", "eu-west-1"})
@@ -28,13 +17,13 @@ def standard_quota(region: str) -> tuple[float, int]:
     return _LARGE_QUOTA if region in _LARGE_REGIONS else _OTHER_QUOTA
 
 
-def _check_rate(name: str, value: float) -> None:
+def check_rate(name: str, value: float) -> None:
     # `not value > 0` also refuses NaN.
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value:g}")
 
 
-def _check_burst(burst: int) -> None:
+def check_burst(burst: int) -> None:
     if burst < 1:
         raise ValueError(f"burst must be an integer >= 1, got {burst}")
 
@@ -43,8 +32,8 @@ class TokenBucket:
     """A token bucket that hands out reservations: callers queue by waiting, in call order."""
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
-        _check_rate("rate", rate)
-        _check_burst(burst)
+        check_rate("rate", rate)
+        check_burst(burst)
         self._rate = rate
         self._burst = burst
         self._tokens = float(burst)
@@ -83,13 +72,13 @@ class TokenBucket:
 
     def set_rate(self, rate: float, now: float) -> None:
         """Change the refill rate; tokens accrued so far count at the old rate."""
-        _check_rate("rate", rate)
+        check_rate("rate", rate)
         self._settle(now)
         self._rate = rate
 
     def set_burst(self, burst: int, now: float) -> None:
         """Change the bucket size; tokens above the new size are dropped."""
-        _check_burst(burst)
+        check_burst(burst)
         self._settle(now)
         self._burst = burst
         self._tokens = min(self._tokens, float(burst))
@@ -107,11 +96,11 @@ class AdaptiveRate:
         recovery_seconds: float = 30.0,
         window: float = 1.0,
     ) -> None:
-        _check_rate("ceiling", ceiling)
+        check_rate("ceiling", ceiling)
         self._check_floor(floor, ceiling)
         if not 0 < decrease < 1:
             raise ValueError(f"decrease must be > 0 and < 1, got {decrease:g}")
-        _check_rate("recovery_seconds", recovery_seconds)
+        check_rate("recovery_seconds", recovery_seconds)
         if not window >= 0:
             raise ValueError(f"window must be >= 0 seconds, got {window:g}")
         self._ceiling = ceiling
@@ -168,102 +157,11 @@ class AdaptiveRate:
     def set_ceiling(self, ceiling: float, now: float, *, floor: float | None = None) -> None:
         """Reconfigure the ceiling (and floor); the current rate is clamped between them."""
         floor = self._floor if floor is None else floor
-        _check_rate("ceiling", ceiling)
+        check_rate("ceiling", ceiling)
         self._check_floor(floor, ceiling)
         self.succeeded(now)  # settle recovery earned under the old limits
         self._ceiling, self._floor = ceiling, floor
         self._current = min(ceiling, max(floor, self._current))
-
-
-class StartRateLimiter:
-    """Paces StartExecution calls for one account and region, adapting to AWS throttles."""
-
-    def __init__(
-        self,
-        account: str,
-        region: str,
-        *,
-        rate: float,
-        burst: int,
-        floor: float,
-        metrics: Metrics,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        now = clock()
-        self._adaptive = AdaptiveRate(rate, floor)
-        self._bucket = TokenBucket(rate, burst, now)
-        self._account = account
-        self._region = region
-        self._clock = clock
-        labels = {"account": account, "region": region}
-        self._gauge = metrics.start_rate.labels(**labels)
-        self._throttles = metrics.start_rate_throttles.labels(**labels)
-        self._wait = metrics.start_rate_wait.labels(**labels)
-        self._gauge.set(rate)
-
-    @property
-    def account(self) -> str:
-        """The AWS account this limiter paces."""
-        return self._account
-
-    @property
-    def region(self) -> str:
-        """The AWS region this limiter paces."""
-        return self._region
-
-    @property
-    def rate(self) -> float:
-        """StartExecution calls per second currently allowed."""
-        return self._adaptive.current
-
-    @property
-    def burst(self) -> int:
-        """Calls allowed back to back after a quiet spell."""
-        return self._bucket.burst
-
-    async def acquire(self) -> None:
-        """Wait until one StartExecution call may be made."""
-        wait = self._bucket.take(self._clock())
-        if wait > 0:
-            # The token is reserved either way, so the wait counts even if we are cancelled.
-            self._wait.inc(wait)
-            await anyio.sleep(wait)
-
-    def throttled(self) -> None:
-        """Record a throttled StartExecution: slow down and stop spending local tokens."""
-        now = self._clock()
-        before = self._adaptive.current
-        after = self._adaptive.throttled(now)
-        self._bucket.set_rate(after, now)
-        # AWS's bucket is empty, whatever ours says (other clients share the quota).
-        self._bucket.drain(now)
-        self._throttles.inc()
-        self._gauge.set(after)
-        if after != before:
-            log.warning(
-                "dispatcher.start_rate_lowered",
-                rate=after,
-                previous=before,
-                account=self._account,
-                region=self._region,
-            )
-
-    def succeeded(self) -> None:
-        """Record a successful StartExecution: let the rate recover."""
-        now = self._clock()
-        rate = self._adaptive.succeeded(now)
-        if rate != self._bucket.rate:
-            self._bucket.set_rate(rate, now)
-        self._gauge.set(rate)
-
-    def reconfigure(self, rate: float, burst: int, floor: float) -> None:
-        """Apply a new rate ceiling, bucket size and floor (configuration reload)."""
-        _check_burst(burst)
-        now = self._clock()
-        self._adaptive.set_ceiling(rate, now, floor=floor)
-        self._bucket.set_burst(burst, now)
-        self._bucket.set_rate(self._adaptive.current, now)
-        self._gauge.set(self._adaptive.current)
 
 
 def parse_state_machine_arn(arn: str) -> tuple[str, str]:
@@ -275,67 +173,3 @@ def parse_state_machine_arn(arn: str) -> tuple[str, str]:
             "(expected arn:PARTITION:states:REGION:ACCOUNT:stateMachine:NAME)"
         )
     return parts[4], parts[3]
-
-
-class RateLimiters:
-    """One StartRateLimiter per (account, region), created on first use and shared by pools."""
-
-    def __init__(
-        self,
-        metrics: Metrics,
-        *,
-        rate: float | None,
-        burst: int | None,
-        floor: float,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._check(rate, burst, floor)
-        self._metrics = metrics
-        self._rate, self._burst, self._floor = rate, burst, floor
-        self._clock = clock
-        self._limiters: dict[tuple[str, str], StartRateLimiter] = {}
-
-    @staticmethod
-    def _check(rate: float | None, burst: int | None, floor: float) -> None:
-        _check_rate("floor", floor)
-        if rate is not None:
-            AdaptiveRate(rate, floor)  # validates rate and floor <= rate
-        if burst is not None:
-            _check_burst(burst)
-
-    def _settings(self, region: str) -> tuple[float, int, float]:
-        quota_rate, quota_burst = standard_quota(region)
-        rate = quota_rate if self._rate is None else self._rate
-        burst = quota_burst if self._burst is None else self._burst
-        # A floor meant for a large region must not exceed a smaller region's quota.
-        floor = min(self._floor, rate) if self._rate is None else self._floor
-        return rate, burst, floor
-
-    def for_arn(self, state_machine_arn: str) -> StartRateLimiter:
-        """The limiter for the account and region of ``state_machine_arn``."""
-        account, region = parse_state_machine_arn(state_machine_arn)
-        limiter = self._limiters.get((account, region))
-        if limiter is None:
-            rate, burst, floor = self._settings(region)
-            limiter = StartRateLimiter(
-                account,
-                region,
-                rate=rate,
-                burst=burst,
-                floor=floor,
-                metrics=self._metrics,
-                clock=self._clock,
-            )
-            self._limiters[account, region] = limiter
-        return limiter
-
-    def all(self) -> list[StartRateLimiter]:
-        """Every limiter made so far."""
-        return list(self._limiters.values())
-
-    def reconfigure(self, *, rate: float | None, burst: int | None, floor: float) -> None:
-        """Apply new settings to every limiter made so far and to those made later."""
-        self._check(rate, burst, floor)
-        self._rate, self._burst, self._floor = rate, burst, floor
-        for limiter in self._limiters.values():
-            limiter.reconfigure(*self._settings(limiter.region))

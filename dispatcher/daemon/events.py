@@ -17,11 +17,11 @@ import structlog
 
 from dispatcher.aws.api import AWS_ERRORS, Clients
 from dispatcher.core.ledger import TERMINAL_STATUSES, Change
-from dispatcher.core.pool import Pool
 from dispatcher.daemon.callbacks import result_of_event
 from dispatcher.daemon.deleter import DeleteBatcher
 from dispatcher.daemon.health import Health
 from dispatcher.daemon.metrics import NO_POOL, Metrics
+from dispatcher.daemon.pool import Pool
 from dispatcher.settings.config import Settings
 
 log = structlog.get_logger("dispatcher.events")

@@ -23,9 +23,9 @@ import anyio
 import structlog
 
 from dispatcher.aws.api import AWS_ERRORS, error_code
-from dispatcher.core.pool import Pool
-from dispatcher.core.rate import RateLimiters
 from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import Pool
+from dispatcher.daemon.ratelimit import RateLimiters
 from dispatcher.errors import UserError
 from dispatcher.settings.config import ENV_PREFIX, POOL_FIELDS, ConfigError, Settings
 from dispatcher.settings.layout import DEFAULT_POOL, Layout, PoolConfig, read_file

@@ -112,7 +112,7 @@ class Metrics:
         )
         self.reconcile_runs = Counter(
             "dispatcher_reconcile_runs",
-            "Reconcile passes, by result.",
+            "Reconcile passes, by result (ok, error).",
             (*pool, "result"),
             registry=r,
         )
@@ -163,6 +163,13 @@ class Metrics:
             "dispatcher_start_rate_wait_seconds",
             "Seconds starts spent waiting for a StartExecution token.",
             account_region,
+            registry=r,
+        )
+        self.read_budget_wait = Counter(
+            "dispatcher_read_budget_wait_seconds",
+            "Seconds reconcile's reads waited for the dispatcher's share of the account's "
+            "ListExecutions or DescribeExecution quota.",
+            ["operation", "region"],
             registry=r,
         )
         self.limit_updates = Counter(

@@ -11,16 +11,21 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
 
 from dispatcher.aws.api import AWS_ERRORS, Clients, error_code
 from dispatcher.core.ledger import Change
-from dispatcher.core.pool import Pool
 from dispatcher.daemon.health import Health
 from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import Pool
+from dispatcher.daemon.readbudget import ReadBudget
 from dispatcher.settings.config import Settings
+
+if TYPE_CHECKING:
+    from types_aiobotocore_stepfunctions.type_defs import ListExecutionsInputTypeDef
 
 log = structlog.get_logger("dispatcher.reconcile")
 
@@ -49,7 +54,11 @@ class Reconciler:
         health: Health,
         *,
         queue_urls: Sequence[str] = (),
+        budget: ReadBudget | None = None,
+        phase: float = 0.0,
     ) -> None:
+        """``budget`` paces the pass's reads (none: unpaced); ``phase`` (0 to 1) offsets the
+        first pass by that share of the interval, so that pools do not reconcile together."""
         self.settings = settings
         self.queue_urls = tuple(queue_urls) or (
             (settings.request_queue_url,) if settings.request_queue_url else ()
@@ -59,10 +68,13 @@ class Reconciler:
         self.pool = pool
         self.metrics = metrics
         self.health = health
+        self.budget = budget
+        self.phase = phase
         self.passes = 0
 
     async def run(self) -> None:
         """Reconcile every interval until cancelled; a failed pass is retried next interval."""
+        await anyio.sleep(self.settings.reconcile_interval * self.phase)
         while True:
             await anyio.sleep(self.settings.reconcile_interval)
             try:
@@ -75,15 +87,26 @@ class Reconciler:
     async def list_running(self) -> dict[str, int]:
         """Every RUNNING execution of the pool's state machine (all pages): ARN -> redrives."""
         listed: dict[str, int] = {}
-        paginator = self.sfn.get_paginator("list_executions")
-        async for page in paginator.paginate(
-            stateMachineArn=self.pool.state_machine_arn,
-            statusFilter="RUNNING",
-            PaginationConfig={"PageSize": 1000},
-        ):
+        token: str | None = None
+        while True:
+            await self._spend("ListExecutions")
+            request: ListExecutionsInputTypeDef = {
+                "stateMachineArn": self.pool.state_machine_arn,
+                "statusFilter": "RUNNING",
+                "maxResults": 1000,
+            }
+            if token:
+                request["nextToken"] = token
+            page = await self.sfn.list_executions(**request)
             for item in page.get("executions", []):
                 listed[item["executionArn"]] = int(item.get("redriveCount", 0) or 0)
-        return listed
+            token = page.get("nextToken")
+            if not token:
+                return listed
+
+    async def _spend(self, operation: str) -> None:
+        if self.budget is not None:
+            await self.budget.spend(operation)
 
     async def run_once(self, *, estimate_backlog: bool = True) -> ReconcileReport:
         """One pass: list, adopt unknown runners, confirm and free the missing ones; then
@@ -107,6 +130,7 @@ class Reconciler:
         async def confirm(arn: str) -> None:
             nonlocal freed, confirmed
             async with limiter:
+                await self._spend("DescribeExecution")
                 try:
                     ended = await self._confirm(arn)
                 except AWS_ERRORS as exc:  # keep it held: nothing is freed on a guess

@@ -163,9 +163,8 @@ class Target:
 
 _SETTINGS_FIX = {
     False: "give the setting named a valid value; `sfn-dispatcher check --help` lists them, "
-    "the README section 'Configuration' explains them",
-    True: "fix the config file; the README section 'Pools, priorities and fairness' has a "
-    "complete example",
+    "docs/configuration.md explains them",
+    True: "fix the config file; docs/pools.md has a complete example",
 }
 
 

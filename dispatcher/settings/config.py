@@ -73,8 +73,8 @@ class Settings(BaseSettings):
 
     config: Path | None = Field(
         default=None,
-        description="TOML file with several pools, queues and priorities (see README section "
-        "'Pools, priorities and fairness'); unset: one pool from the settings below. SIGHUP "
+        description="TOML file with several pools, queues and priorities (see "
+        "docs/pools.md); unset: one pool from the settings below. SIGHUP "
         "reloads it.",
     )
     state_machine_arn: str | None = Field(
@@ -208,8 +208,8 @@ class Settings(BaseSettings):
         default="task-token",
         pattern=r"^[A-Za-z0-9_.-]{1,256}$",
         description="Message attribute carrying a parent workflow's task token: the "
-        "dispatcher answers it with the child's result (see README section 'From inside a "
-        "workflow').",
+        "dispatcher answers it with the child's result (see "
+        "docs/task-tokens.md).",
     )
     heartbeat_interval: float = Field(
         default=60.0,

@@ -40,14 +40,31 @@ class PoolConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str
-    state_machine_arn: str
-    limit: int = Field(default=10, ge=0)
-    limit_parameter: str | None = None
-    key_attribute: str | None = None
-    per_key_limit: int | None = Field(default=None, ge=1)
-    max_waiting: int = Field(default=100, ge=0, le=100_000)
-    reserved_share: float = Field(default=0.1, ge=0.0, le=0.9)
+    name: str = Field(
+        description="The pool's name: the `NAME` of its table, the metrics' pool label."
+    )
+    state_machine_arn: str = Field(
+        description="ARN of the STANDARD state machine whose executions are limited."
+    )
+    limit: int = Field(default=10, ge=0, description=Settings.model_fields["limit"].description)
+    limit_parameter: str | None = Field(
+        default=None, description=Settings.model_fields["limit_parameter"].description
+    )
+    key_attribute: str | None = Field(
+        default=None, description=Settings.model_fields["key_attribute"].description
+    )
+    per_key_limit: int | None = Field(
+        default=None, ge=1, description=Settings.model_fields["per_key_limit"].description
+    )
+    max_waiting: int = Field(
+        default=100, ge=0, le=100_000, description=Settings.model_fields["max_waiting"].description
+    )
+    reserved_share: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=0.9,
+        description="Share of the starts kept for lower priorities while higher ones wait.",
+    )
 
     @field_validator("state_machine_arn")
     @classmethod
@@ -85,10 +102,19 @@ class QueueConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    url: str
-    pools: tuple[str, ...]
-    priority: int = Field(default=0, ge=-1000, le=1000)
-    pool_attribute: str = "pool"
+    url: str = Field(description="The request queue's URL.")
+    pools: tuple[str, ...] = Field(
+        description="The pool it feeds (`pool = NAME`), or several (`pools = [...]`): each "
+        "message then names its pool in pool_attribute."
+    )
+    priority: int = Field(
+        default=0, ge=-1000, le=1000, description="Higher first, among a pool's queues."
+    )
+    pool_attribute: str = Field(
+        default="pool",
+        description="The message attribute naming a message's pool, for a queue feeding "
+        "several pools (an unknown or missing pool: dead-lettered).",
+    )
 
     @field_validator("url")
     @classmethod
