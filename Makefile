@@ -5,7 +5,7 @@ EMULATOR_VENV ?= .venv-emulator
 PY := $(VENV)/bin/python
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: demo test test-fast test-containers image lint format docs bench simulate mutate mutmut lock clean help
+.PHONY: demo test test-fast test-containers image lint format docs bench bench-start-cost simulate mutate mutmut lock clean help
 
 help:
 	@echo "make demo   - sandbox + dispatcher + 200 requests, limit held, summary (DEMO_ARGS=... for more flags)"
@@ -15,6 +15,7 @@ help:
 	@echo "make lint   - ruff + mypy strict + the reference pages current + mkdocs build --strict"
 	@echo "make docs   - regenerate docs/reference/ from the code, build the docs site into site/"
 	@echo "make bench  - benchmarks, results in bench/results/"
+	@echo "make bench-start-cost - CPU per StartExecution and per start (about 2 min), bench/results/start_cost.json"
 	@echo "make simulate - the deterministic simulation: 2,000 seeds, then each fixed bug put back"
 	@echo "make mutate - the kill matrix: each safety rule taken out, the first seed that notices"
 	@echo "make mutmut - mutation testing of the slot ledger (mutmut), results in sim/results/mutmut.json"
@@ -87,6 +88,9 @@ format: $(VENV)/.installed
 
 bench: $(VENV)/.installed $(EMULATOR_VENV)/.installed
 	$(PY) -m bench
+
+bench-start-cost: $(VENV)/.installed $(EMULATOR_VENV)/.installed
+	$(PY) -m bench.start_cost
 
 # The deterministic simulation (sim/): every seed, then its teeth; results in sim/results/.
 SEEDS ?= 2000

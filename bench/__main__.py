@@ -12,7 +12,18 @@ from typing import Any
 
 import anyio
 
-from bench import comparison, cycle, fairness, figures, reads, report, scale, summary, throughput
+from bench import (
+    comparison,
+    cycle,
+    fairness,
+    figures,
+    reads,
+    report,
+    scale,
+    start_cost,
+    summary,
+    throughput,
+)
 from bench.aws import use_emulator_env
 from bench.machine import machine_info, uptime
 from bench.patterns import PatternRun, sfn_dispatcher
@@ -20,7 +31,7 @@ from dispatcher import logs
 from dispatcher.settings.config import LogFormat
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("comparison", "throughput", "cycle", "scale", "fairness", "reads")
+SCENARIOS = ("comparison", "throughput", "start_cost", "cycle", "scale", "fairness", "reads")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,6 +123,9 @@ async def _main(args: argparse.Namespace) -> None:
             await _scenario(args.out, "handover", _constant(hand | {"load": load}))
     if "throughput" in chosen:
         await _scenario(args.out, "throughput", lambda: throughput.run(tp_config))
+    if "start_cost" in chosen:
+        sc_config = start_cost.QUICK if args.quick else start_cost.Config()
+        await _scenario(args.out, "start_cost", lambda: start_cost.run(sc_config))
     if "cycle" in chosen and not args.quick:  # the slot cycle at limit 200, both rules
         await _scenario(args.out, "cycle", lambda: cycle.run(cycle.Config()))
     if "scale" in chosen:

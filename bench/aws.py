@@ -7,8 +7,10 @@ import os
 from collections import Counter
 from typing import Any
 
-import aioboto3
 from aiobotocore.config import AioConfig
+
+from devtools.sandbox.provision import TEST_CREDENTIALS
+from dispatcher.aws import api as aws
 
 REGION = "us-east-1"
 
@@ -31,11 +33,7 @@ def use_emulator_env() -> None:
 @functools.cache
 def session() -> Any:
     """One aioboto3 session with the emulator's test credentials (a new one re-reads models)."""
-    return aioboto3.Session(
-        aws_access_key_id="test",
-        aws_secret_access_key="test",  # noqa: S106 - the emulator's fixed test credentials
-        region_name=REGION,
-    )
+    return aws.session(region=REGION, credentials=TEST_CREDENTIALS)
 
 
 def config(connections: int = 16) -> AioConfig:

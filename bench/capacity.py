@@ -11,16 +11,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import anyio
 
 from bench.aws import config, session
 from bench.proc import sample
 from dispatcher.aws.api import client_config
-from dispatcher.aws.startclient import Signer
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -205,34 +202,3 @@ async def _fill_handles(sqs: SQSClient, queue_url: str, count: int) -> list[str]
         )
         handles += [m["ReceiptHandle"] for m in got.get("Messages", [])]
     return handles[:count]
-
-
-async def thin_capacity(
-    endpoint: str, machine_arn: str, count: int, tag: str, tasks: int
-) -> dict[str, Any]:
-    """`raw_capacity` through a hand-written client (aiohttp, the dispatcher's `Signer`,
-    json): what the call costs the client without botocore's per-request machinery."""
-    region = machine_arn.split(":")[3]
-    url = endpoint.rstrip("/") + "/"
-    signer = Signer(url, region)  # the dispatcher's own signer
-    numbers = iter(range(count))
-    connector = aiohttp.TCPConnector(limit=tasks)
-    async with aiohttp.ClientSession(connector=connector) as http:
-
-        async def caller() -> None:
-            for i in numbers:
-                body = json.dumps(
-                    {
-                        "stateMachineArn": machine_arn,
-                        "name": f"{tag}-{i:05d}",
-                        "input": json.dumps({"req": tag}),
-                    }
-                ).encode()
-                # The emulator's fixed test credentials.
-                headers = signer.headers(body, "test", "test", None, datetime.now(UTC))
-                async with http.post(url, data=body, headers=headers) as response:
-                    answer = json.loads(await response.read())
-                    if response.status != 200 or "executionArn" not in answer:
-                        raise RuntimeError(f"StartExecution refused: {answer}")
-
-        return await _timed(caller, count, tasks)

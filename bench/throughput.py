@@ -9,8 +9,7 @@ limit 200 shows the rate when slots must be handed over (freed by terminal event
 the events loop is measured on its own (`bench.events_capacity`).
 
 Yardsticks in the same run: the bare loop with the dispatcher's client options
-(``tuned``: fixed User-Agent, no client-side validation) and through a hand-written client
-(``thin``: aiohttp and a SigV4 signer, no botocore); the emulator's CPU per receive and
+(``tuned``: fixed User-Agent, no client-side validation); the emulator's CPU per receive and
 delete at two queue depths (it scans the queue on every call, which real SQS does not);
 DeleteMessageBatch calls per start on each queue, from the deleters' closing lines.
 """
@@ -29,7 +28,7 @@ import anyio
 from bench import events_capacity, prom
 from bench.analysis import percentile
 from bench.aws import session
-from bench.capacity import delete_costs, raw_capacity, sqs_cost_by_depth, thin_capacity
+from bench.capacity import delete_costs, raw_capacity, sqs_cost_by_depth
 from bench.child import Child, dispatcher_child
 from bench.proc import LoadMeter, ProcSample, sample
 from bench.workload import Request, stream, submit
@@ -196,12 +195,6 @@ async def run(cfg: Config) -> dict[str, Any]:
             raw_capacity(endpoint, arn, cfg.raw_starts, "tuned", cfg.concurrency, tuned=True),
             cfg.raw_starts,
         )
-        # The floor a hand-written client (no botocore) would reach: a yardstick only.
-        thin = await _emulator_cpu(
-            emulator.pid,
-            thin_capacity(endpoint, arn, cfg.raw_starts, "thin", cfg.concurrency),
-            cfg.raw_starts,
-        )
         unbounded = await _dispatcher_run(
             endpoint, emulator.pid, "tp-dispatcher", requests, cfg.limit
         )
@@ -253,7 +246,6 @@ async def run(cfg: Config) -> dict[str, Any]:
             "after": after,
             "mean_starts_per_second": round(raw_rate, 1),
             "tuned": tuned,
-            "thin": thin,
         },
         "dispatcher": unbounded,
         "dispatcher_bounded": bounded,

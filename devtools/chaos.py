@@ -12,9 +12,10 @@ import random
 from collections import Counter
 from typing import TYPE_CHECKING
 
-import aioboto3
 import anyio
 from anyio.abc import TaskStatus
+
+from dispatcher.aws.api import session
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -69,7 +70,7 @@ class EventChaos:
         self.stats: Counter[str] = Counter()
         self._rng = random.Random(seed)
         self._held: list[MessageTypeDef] = []
-        self._session = aioboto3.Session(region_name="us-east-1", **_EMULATOR_CREDENTIALS)
+        self._session = session(region="us-east-1", credentials=_EMULATOR_CREDENTIALS)
 
     async def run(
         self, *, burst: bool = False, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aioboto3
 import anyio
 from tqdm import tqdm
 
@@ -33,6 +32,7 @@ from devtools.records import Execution, list_executions, max_overlap
 from devtools.sandbox.emulator import Emulator
 from devtools.sandbox.provision import child_key, provision
 from dispatcher import logs
+from dispatcher.aws.api import open_client
 from dispatcher.daemon.service import Dispatcher
 from dispatcher.producer import SubmitItem, submit_requests
 from dispatcher.settings.config import LogFormat, Settings
@@ -394,10 +394,9 @@ async def _demo(plan: Plan, log_path: Path) -> DemoResult:
                 items += [SubmitItem(body) for body in bad]
             inputs = parent_inputs(plan.parents, plan.items, plan.seconds)
             print(deadline_line(plan), file=sys.stderr)
-            session: Any = aioboto3.Session()
             parent_arns: dict[str, str] = {}  # name -> ARN, filled as they start
             began = time.monotonic()
-            async with session.client("stepfunctions", endpoint_url=emulator.endpoint) as sfn:
+            async with open_client("stepfunctions", endpoint_url=emulator.endpoint) as sfn:
                 async with anyio.create_task_group() as tg:
                     await tg.start(dispatcher.run)
                     with anyio.move_on_after(plan.timeout) as deadline:

@@ -17,12 +17,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
-import aioboto3
 import anyio
 from aiobotocore.config import AioConfig
 from anyio.streams.memory import MemoryObjectReceiveStream
 from botocore.exceptions import BotoCoreError, ClientError
 
+from dispatcher.aws.api import session
 from dispatcher.core.deadline import START_BY_ATTRIBUTE, format_deadline
 from dispatcher.progress import Progress
 
@@ -153,15 +153,15 @@ async def open_sqs(
     queue_url: str, endpoint_url: str | None = None, *, concurrency: int = DEFAULT_CONCURRENCY
 ) -> AsyncIterator[SQSClient]:
     """An SQS client for ``queue_url``, configured by the usual ``AWS_*`` variables."""
-    session = aioboto3.Session()
+    aws = session()
     config = AioConfig(
         max_pool_connections=concurrency + 2,
         retries={"mode": "standard", "max_attempts": 3},
         connect_timeout=5,
         read_timeout=30,
     )
-    region = session.region_name or _region_of(queue_url) or "us-east-1"
-    async with session.client(
+    region = aws.region_name or _region_of(queue_url) or "us-east-1"
+    async with aws.client(
         "sqs",
         endpoint_url=endpoint_url or endpoint_for(queue_url),
         region_name=region,

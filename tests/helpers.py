@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-import aioboto3
 import anyio
 from botocore.exceptions import ClientError
 
 from devtools.polling import wait_until
 from devtools.sandbox import SandboxResources
+from devtools.sandbox.provision import TEST_CREDENTIALS
+from dispatcher.aws import api as aws
 
 if TYPE_CHECKING:
     from types_aiobotocore_events import EventBridgeClient
@@ -31,11 +32,7 @@ def session() -> Any:
 
     Shared: a new session re-reads every service model, ~0.1 s per client.
     """
-    return aioboto3.Session(
-        aws_access_key_id="test",
-        aws_secret_access_key="test",  # noqa: S106 - the emulator's fixed test credentials
-        region_name=REGION,
-    )
+    return aws.session(region=REGION, credentials=TEST_CREDENTIALS)
 
 
 @asynccontextmanager

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import structlog.testing
 
-from bench import comparison, fairness, plots, reads, report, summary
+from bench import comparison, fairness, plots, reads, report, start_cost, summary
 from bench.__main__ import _configs
 from bench.analysis import (
     Interval,
@@ -440,6 +440,40 @@ async def test_semaphore_as_the_aws_sample_runs_in_the_emulator() -> None:
     assert figures["extra"]["task_retries"] > 0  # the sample's Retry on States.ALL fired
     # Uncontended: 4 recorded + 1 acquire + 5 work states; the waiters paid more.
     assert figures["state_transitions_per_request"] > 10
+
+
+def test_start_cost_takes_the_median_round_and_says_the_goal() -> None:
+    runs = [{"cpu_ms_per_start": ms, "n": i} for i, ms in enumerate([1.4, 1.1, 1.2])]
+    assert start_cost.median_of(runs, "cpu_ms_per_start") == {
+        "cpu_ms_per_start": 1.2,
+        "n": 2,
+        "rounds": [1.4, 1.1, 1.2],
+    }
+    assert start_cost.per_half_core(1.25) == 400.0
+    fast: dict[str, Any] = {"cpu_ms_per_start": 1.0, "starts_per_second": 500.0}
+    fast |= {"starts_per_second_per_half_core": 500.0, "rounds": [1.0]}
+    paced: dict[str, Any] = {"cpu_ms_per_start": 1.2, "starts_per_second": 300.0}
+    paced |= {"cores_used": 0.36, "settings": {"start_rate": 300.0}, "rounds": [1.2]}
+    client = {"client_cpu_ms_per_start": 0.5, "starts_per_second_per_half_core": 1000.0}
+    goal = {"quota_starts_per_second": 300.0, "max_cores": 0.5, "cores_at_quota": 0.36}
+    results = {
+        "client": client,
+        "bare_client": {"client_cpu_ms_per_start": 0.6},
+        "dispatcher": fast,
+        "paced": paced,
+        "goal": goal | {"met": True},
+        "compared": {
+            "source": "/old",
+            "fast": {"cpu_ms_per_start": 0.9, "rounds": [0.9]},
+            "paced": {"cpu_ms_per_start": 1.0, "rounds": [1.0]},
+        },
+    }
+    lines = start_cost.summary(results).splitlines()
+    assert lines[3] == "goal 300/s on <= 0.5 core: 0.36 core (met)"
+    assert (
+        lines[-1]
+        == "  paced: 1.0 ms per start there, 1.2 here (+0.200 ms; rounds [1.0] there, [1.2] here)"
+    )
 
 
 def _overdrawn(times: list[float], rate: float, burst: int) -> bool:

@@ -23,7 +23,7 @@ from tests.audit import drain, send_requests, session, verdict, workload
 from tests.fake_intake import dispatch_all, intake_of
 from tests.fakes import DEAD_LETTER_QUEUE, STATE_MACHINE_ARN, build_world, client_error, sqs_message
 from tests.runner import running
-from tests.test_startclient import KWARGS, server, thin
+from tests.test_aws_clients import KWARGS, client_of, server, starts
 
 PAGE = "<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>"
 
@@ -88,13 +88,13 @@ async def test_an_unknown_code_is_retried_not_dead_lettered() -> None:
     assert world.pool.ledger.running == {execution_arn(STATE_MACHINE_ARN, "m-1")}
 
 
-async def test_the_thin_client_reads_an_html_page_as_no_aws_error() -> None:
+async def test_the_starts_client_reads_an_html_page_as_no_aws_error() -> None:
     async def page(_: web.Request) -> web.StreamResponse:
         return web.Response(status=404, text=PAGE, content_type="text/html")
 
-    async with server(page) as (url, _), thin(url) as (client, _metrics):
+    async with server(page) as (url, _), starts(url) as (clients, _metrics):
         with pytest.raises(ClientError) as caught:
-            await client.start_execution(**KWARGS)
+            await client_of(clients).start_execution(**KWARGS)
     assert error_code(caught.value) == "404"
     assert classify(caught.value) is ErrorKind.UNKNOWN
     assert outcome_unknown(caught.value)
@@ -106,22 +106,23 @@ async def test_the_thin_client_reads_an_html_page_as_no_aws_error() -> None:
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("status", [400, 404])
-async def test_both_clients_read_a_proxys_page_as_unknown_and_it_may_have_started(
+async def test_a_proxys_page_reads_as_unknown_and_it_may_have_started(
     sandbox_factory: Callable[..., Awaitable[SandboxResources]], status: int
 ) -> None:
-    """botocore and the thin client see the same: a made-up code, UNKNOWN, in doubt - and
-    a page answered after the request went on did start the execution."""
+    """A plain SDK client and the daemon's StartExecution client see the same: a made-up
+    code, UNKNOWN, in doubt - and a page answered after the request went on did start the
+    execution."""
     resources = await sandbox_factory(limit=1)
     arn = resources.state_machine_arn
     async with (
         FaultProxy(resources.endpoint) as proxy,
         session().client("stepfunctions", endpoint_url=proxy.url) as sdk,
         session().client("stepfunctions", endpoint_url=resources.endpoint) as direct,
-        thin(proxy.url) as (thin_client, _),
+        starts(proxy.url) as (clients, _),
     ):
         proxy.add(FaultRule("StartExecution", FaultKind.HTML_PAGE, status=status))
         errors = []
-        for name, client in (("sdk", sdk), ("thin", thin_client)):
+        for name, client in (("sdk", sdk), ("starts", client_of(clients))):
             with pytest.raises(ClientError) as caught:
                 await client.start_execution(stateMachineArn=arn, name=name, input="{}")
             errors.append(caught.value)
@@ -140,9 +141,8 @@ async def test_both_clients_read_a_proxys_page_as_unknown_and_it_may_have_starte
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("choice", ["thin", "botocore"])
 async def test_a_proxy_answering_html_pages_dead_letters_nothing_and_starts_each_once(
-    sandbox_factory: Callable[..., Awaitable[SandboxResources]], choice: str
+    sandbox_factory: Callable[..., Awaitable[SandboxResources]],
 ) -> None:
     resources = await sandbox_factory(limit=3)
     async with (
@@ -156,7 +156,6 @@ async def test_a_proxy_answering_html_pages_dead_letters_nothing_and_starts_each
             resources,
             proxy.url,
             limit=3,
-            start_client=choice,
             reconcile_interval=0.5,
             start_grace=1.0,
         ):

@@ -180,6 +180,16 @@ def test_a_bad_setting_fails_its_line_and_keeps_the_valid_ones() -> None:
     assert target.region == "us-east-1"
 
 
+def test_a_removed_setting_is_a_warn_line_valid_or_not_the_rest() -> None:
+    env = {**VALID_ENV, "DISPATCHER_START_CLIENT": "thin"}
+    _, (ok, warn) = load_target({}, env)
+    assert (ok.status, warn.status) == (Status.OK, Status.WARN)
+    assert warn.detail.startswith("DISPATCHER_START_CLIENT is no longer a setting and is ignored")
+    target, (finding,) = load_target({}, {**env, "DISPATCHER_LIMIT": "-1"})
+    assert finding.status is Status.FAIL, "only the invalid setting: no traceback, no error"
+    assert target.invalid == {"limit"}
+
+
 def test_flags_win_over_variables_and_extras_come_from_the_environment() -> None:
     env = {**VALID_ENV, "DISPATCHER_LEASE_TABLE": "leases", "DISPATCHER_LIMIT_PARAMETER": "/l"}
     env.pop("AWS_DEFAULT_REGION")

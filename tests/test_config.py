@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from dispatcher.daemon.deadletter import DEFAULT_MAX_SIZE
 from dispatcher.daemon.startup import preflight
 from dispatcher.errors import UserError
+from dispatcher.settings import layout
 from dispatcher.settings.config import (
     ConfigError,
     InputFormat,
@@ -156,6 +158,36 @@ def test_flags_override_variables() -> None:
     assert settings.limit == 7
     assert settings.log_level is LogLevel.ERROR
     assert settings.http_port == 9000  # not given as a flag: the variable stands
+
+
+def test_a_removed_setting_is_ignored_with_a_line_that_names_it(tmp_path: Path) -> None:
+    """``start_client`` is gone (StartExecution always goes through the SDK): a flag,
+    variable or file key that still sets it is accepted, for a rolling upgrade, and named
+    in a warning line; nothing else changes."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    overrides = overrides_from(parser.parse_args(["--start-client", "thin", "--limit", "4"]))
+    loaded = layout.load(overrides, {**REQUIRED_ENV, "DISPATCHER_START_CLIENT": "botocore"})
+    assert loaded.settings.limit == 4
+    assert not hasattr(loaded.settings, "start_client")
+    assert [line.split(" is ", 1)[0] for line in loaded.ignored] == [
+        "DISPATCHER_START_CLIENT",
+        "--start-client",
+    ]
+    assert all("is no longer a setting and is ignored" in line for line in loaded.ignored)
+    path = tmp_path / "pools.toml"
+    path.write_text(
+        f"[dispatcher]\nevents_queue_url = {json.dumps(EVENTS_QUEUE)}\nstart_client = 'thin'\n"
+        f"[pools.p]\nstate_machine_arn = {json.dumps(STATE_MACHINE_ARN)}\n"
+        f"[[queues]]\nurl = {json.dumps(REQUEST_QUEUE)}\npools = ['p']\n"
+    )
+    from_file = layout.load({"config": str(path)}, {})
+    assert from_file.ignored == (
+        f"config file {path}: [dispatcher] start_client is no longer a setting and is ignored: "
+        "StartExecution always goes through the AWS SDK's client now (one attempt, deadline "
+        "DISPATCHER_START_TIMEOUT)",
+    )
+    assert layout.load(None, REQUIRED_ENV).ignored == ()
 
 
 def test_every_setting_has_a_flag_that_names_its_variable() -> None:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import aioboto3
 import anyio
 import pytest
 from botocore.config import Config
@@ -26,6 +25,7 @@ from botocore.exceptions import ClientError, ConnectionClosedError
 
 from devtools import EventChaos, FaultKind, FaultProxy, FaultRule
 from devtools.polling import wait_until
+from tests.helpers import session
 
 if TYPE_CHECKING:
     from types_aiobotocore_events import EventBridgeClient
@@ -39,11 +39,7 @@ ROLE = "arn:aws:iam::000000000000:role/faults-test"
 PASS_MACHINE = json.dumps({"StartAt": "P", "States": {"P": {"Type": "Pass", "End": True}}})
 # One attempt and no retry: the test sees exactly what the proxy answered.
 ONE_ATTEMPT = Config(retries={"total_max_attempts": 1, "mode": "standard"})
-SESSION = aioboto3.Session(
-    aws_access_key_id="test",
-    aws_secret_access_key="test",  # noqa: S106 - the emulator accepts any credentials
-    region_name="us-east-1",
-)
+SESSION = session()
 
 
 def _ministack() -> str:

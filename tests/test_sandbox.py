@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-import aioboto3
 import anyio
 import pytest
 from botocore.exceptions import ClientError
@@ -38,6 +37,7 @@ from devtools.sandbox import (
 )
 from devtools.sandbox.emulator import probe
 from devtools.sandbox.provision import TEST_CREDENTIALS
+from dispatcher.aws import api as aws
 from dispatcher.errors import EXIT_AWS, UserError
 from tests.conftest import SandboxFactory, unique_prefix
 from tests.helpers import (
@@ -370,7 +370,7 @@ def test_the_printed_commands_work_with_the_real_aws_cli_v1(region: str, tmp_pat
         assert f":states:{region}:" in started["executionArn"]
 
         async def check() -> None:
-            session = aioboto3.Session(region_name=region, **TEST_CREDENTIALS)
+            session = aws.session(region=region, credentials=TEST_CREDENTIALS)
             endpoint = env["AWS_ENDPOINT_URL"]
             async with session.client("sqs", endpoint_url=endpoint) as sqs:
                 got = await sqs.receive_message(

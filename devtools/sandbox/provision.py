@@ -20,9 +20,9 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import aioboto3
 from botocore.exceptions import ClientError
 
+from dispatcher.aws import api as aws
 from dispatcher.errors import UserError
 
 if TYPE_CHECKING:
@@ -313,7 +313,7 @@ async def provision(
 @functools.cache
 def _session(region: str) -> Any:
     """One session per region: a new one re-reads every service model (~0.1 s a client)."""
-    return aioboto3.Session(region_name=region, **TEST_CREDENTIALS)
+    return aws.session(region=region, credentials=TEST_CREDENTIALS)
 
 
 def _validate(prefix: str, limit: int, max_receive_count: int, visibility_timeout: int) -> None:

@@ -1,1 +1,2 @@
-"""The AWS boundary: the clients (aioboto3 only) and the classification of their errors."""
+"""The AWS boundary: the one session factory and the clients (aioboto3 only), and the
+classification of their errors (`dispatcher.aws.api`)."""

@@ -1,18 +1,18 @@
-"""AWS clients (aioboto3 only), error classification and per-attempt call metrics."""
+"""The AWS boundary: the one place sessions and clients are made (aioboto3 only), error
+classification and per-attempt call metrics."""
 
 from __future__ import annotations
 
 import os
 import platform
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import aioboto3
 import aiobotocore
-import botocore
 from aiobotocore.config import AioConfig
 from botocore.exceptions import (
     BotoCoreError,
@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
     from types_aiobotocore_ssm import SSMClient
     from types_aiobotocore_stepfunctions import SFNClient
-
-    from dispatcher.aws.startclient import ThinStarts
 
 THROTTLE_CODES = frozenset(
     {
@@ -162,6 +160,52 @@ def is_retryable(exc: Exception) -> bool:
     return classify(exc) is not ErrorKind.PERMANENT
 
 
+class UnreadableAnswerError(BotoCoreError):
+    """A success answer without what the operation returns (a proxy's 200 page, which botocore
+    parses into an empty answer): the call may have taken effect (`outcome_unknown` says so
+    for any BotoCoreError), and it says nothing about the request."""
+
+    fmt = "{operation} answered {status} without {missing}"
+
+
+def _check_answer(
+    http_response: Any = None, parsed: Any = None, model: Any = None, **_: Any
+) -> None:
+    """A botocore ``after-call`` hook: a success must carry the operation's required output
+    (an error answer goes on to be raised as a ClientError)."""
+    status = int(getattr(http_response, "status_code", 0) or 0)
+    if status >= 300 or "Error" in (parsed or {}):
+        return
+    shape = getattr(model, "output_shape", None)
+    required = shape.required_members if shape is not None else ()
+    missing = [name for name in required if name not in (parsed or {})]
+    if missing:
+        raise UnreadableAnswerError(operation=model.name, status=status, missing=missing)
+
+
+class LeaseLapsedError(Exception):
+    """The start gate (the lease) closed before the request left: it was not sent."""
+
+
+class StartGate:
+    """Whether a ``StartExecution`` may still leave: checked once the attempt has its
+    credentials and signature (a credentials refresh may take long, and a lease checked
+    before it may have lapsed meanwhile), just before the request is handed to the
+    connection pool. A closed gate fails the attempt as a connection never made (not sent,
+    not in doubt)."""
+
+    def __init__(self) -> None:
+        self.may_send: Callable[[], bool] = lambda: True
+
+    def before_send(self, request: Any = None, **_: Any) -> None:
+        """A botocore ``before-send`` hook."""
+        if not self.may_send():
+            url = getattr(request, "url", "")
+            raise EndpointConnectionError(
+                endpoint_url=url, error=LeaseLapsedError("the lease lapsed before it was sent")
+            )
+
+
 @dataclass(frozen=True)
 class Clients:
     """The AWS clients the dispatcher uses (DynamoDB only with a lease, SSM only for
@@ -171,9 +215,11 @@ class Clients:
     sfn: SFNClient
     dynamodb: DynamoDBClient | None = None
     ssm: SSMClient | None = None
-    starts: SFNClient | ThinStarts | None = None
+    starts: SFNClient | None = None
     """The client StartExecution goes through: one attempt per call, no SDK retries, so
     every attempt re-checks the lease (None: ``sfn``)."""
+    start_gate: StartGate = field(default_factory=StartGate)
+    """Checked by ``starts`` just before each request leaves (the lease sets it)."""
 
 
 PARENT_GONE_CODES = frozenset({"TaskDoesNotExist", "TaskTimedOut", "InvalidToken"})
@@ -215,6 +261,8 @@ def _count_attempt(metrics: Metrics) -> Any:
         **_: Any,
     ) -> None:
         name = getattr(operation, "name", "unknown")
+        if isinstance(getattr(caught_exception, "kwargs", {}).get("error"), LeaseLapsedError):
+            return  # stopped before it was sent: no attempt
         if caught_exception is not None:
             outcome = "error"
         else:
@@ -244,8 +292,53 @@ def client_config(**options: Any) -> AioConfig:
     return AioConfig(user_agent=USER_AGENT, parameter_validation=False, **options)
 
 
-def _region(fallback: str) -> str:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or fallback
+def region_from_env(
+    default: str | None = None, environ: Mapping[str, str] | None = None
+) -> str | None:
+    """``AWS_REGION``, else ``AWS_DEFAULT_REGION``, else ``default`` (None: botocore's own
+    choice, the profile's region)."""
+    env = os.environ if environ is None else environ
+    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or default
+
+
+def session(
+    *,
+    region: str | None = None,
+    default_region: str | None = None,
+    credentials: Mapping[str, str] | None = None,
+) -> Any:
+    """A new aioboto3 session: the only place one is made (the daemon, the operator CLI,
+    preflight, the sandbox, the tests and the benchmarks all come here).
+
+    Endpoint, region and credentials come from where botocore looks for them (``AWS_*``
+    variables, ``AWS_ENDPOINT_URL`` included, the shared config and credentials files, the
+    container or instance role). ``region`` is used as given (a sandbox's region);
+    ``default_region`` only when no ``AWS_REGION``/``AWS_DEFAULT_REGION`` is set (the
+    daemon passes its state machines' region). ``credentials`` (``aws_access_key_id``,
+    ``aws_secret_access_key``) are for a local emulator's fixed test keys only.
+
+    A session re-reads every service model for its first client of each (about 0.1 s):
+    callers that open many clients keep one.
+    """
+    return aioboto3.Session(
+        region_name=region or region_from_env(default_region), **(credentials or {})
+    )
+
+
+@asynccontextmanager
+async def open_client(
+    service: str,
+    *,
+    region: str | None = None,
+    default_region: str | None = None,
+    endpoint_url: str | None = None,
+    config: AioConfig | None = None,
+) -> AsyncIterator[Any]:
+    """One client of a new `session` (a CLI command's single client)."""
+    async with session(region=region, default_region=default_region).client(
+        service, endpoint_url=endpoint_url, config=config
+    ) as client:
+        yield client
 
 
 @asynccontextmanager
@@ -259,17 +352,19 @@ async def open_clients(
     dynamodb: bool = False,
     ssm: bool = False,
     start_timeout: float = 5.0,
-    start_client: str = "thin",
 ) -> AsyncIterator[Clients]:
-    """Open SQS and Step Functions clients; endpoint and credentials come from ``AWS_*``.
+    """Open the daemon's SQS and Step Functions clients (`session`: endpoint and credentials
+    from ``AWS_*``).
 
     ``region`` is used only when no ``AWS_REGION``/``AWS_DEFAULT_REGION`` is set (the
     dispatcher passes the state machine's region). ``endpoint_url`` overrides
     ``AWS_ENDPOINT_URL`` (tests point one dispatcher at a fault proxy this way).
-    ``start_client``: ``thin`` (`dispatcher.aws.startclient.ThinStarts`, same endpoint,
-    region and credentials as the SFN client) or ``botocore`` for StartExecution.
+    StartExecution goes through a Step Functions client of its own: one attempt (no SDK
+    retries, so every retry of the caller re-checks the lease), connect and read timeouts
+    within the start deadline D (``start_timeout``; the caller also holds D as a hard
+    deadline), and `Clients.start_gate` checked just before each request leaves.
     """
-    session = aioboto3.Session(region_name=_region(region))
+    aws = session(default_region=region)
     config = client_config(
         retries={"mode": "standard", "max_attempts": max_attempts},
         connect_timeout=5,
@@ -278,54 +373,41 @@ async def open_clients(
         max_pool_connections=64,
     )
     hook = _count_attempt(metrics)
+    gate = StartGate()
     async with AsyncExitStack() as stack:
         sqs = await stack.enter_async_context(
-            session.client("sqs", config=config, endpoint_url=endpoint_url)
+            aws.client("sqs", config=config, endpoint_url=endpoint_url)
         )
         sfn = await stack.enter_async_context(
-            session.client("stepfunctions", config=config, endpoint_url=endpoint_url)
+            aws.client("stepfunctions", config=config, endpoint_url=endpoint_url)
         )
-        # StartExecution: one attempt, bounded by D (the caller also holds a hard deadline).
-        starts: SFNClient | ThinStarts
-        if start_client == "thin":
-            from dispatcher.aws.startclient import ThinStarts  # noqa: PLC0415 - it imports us
-
-            starts = await stack.enter_async_context(
-                ThinStarts(
-                    endpoint_url=sfn.meta.endpoint_url,
-                    region=sfn.meta.region_name,
-                    credentials=await session.get_credentials(),
-                    metrics=metrics,
-                    timeout=start_timeout,
-                    user_agent=f"{USER_AGENT} botocore/{botocore.__version__}",
-                )
+        starts = await stack.enter_async_context(
+            aws.client(
+                "stepfunctions",
+                config=client_config(
+                    retries={"mode": "standard", "total_max_attempts": 1},
+                    connect_timeout=min(5.0, start_timeout),
+                    read_timeout=start_timeout,
+                    max_pool_connections=64,
+                ),
+                endpoint_url=endpoint_url,
             )
-        else:
-            sdk = await stack.enter_async_context(
-                session.client(
-                    "stepfunctions",
-                    config=client_config(
-                        retries={"mode": "standard", "total_max_attempts": 1},
-                        connect_timeout=min(5.0, start_timeout),
-                        read_timeout=start_timeout,
-                        max_pool_connections=64,
-                    ),
-                    endpoint_url=endpoint_url,
-                )
-            )
-            sdk.meta.events.register("needs-retry.*.*", hook)
-            starts = sdk
+        )
+        starts.meta.events.register("before-send.sfn.StartExecution", gate.before_send)
+        starts.meta.events.register("after-call.sfn.StartExecution", _check_answer)
         ddb = None
         if dynamodb:
             ddb = await stack.enter_async_context(
-                session.client("dynamodb", config=config, endpoint_url=endpoint_url)
+                aws.client("dynamodb", config=config, endpoint_url=endpoint_url)
             )
         parameters = None
         if ssm:
             parameters = await stack.enter_async_context(
-                session.client("ssm", config=config, endpoint_url=endpoint_url)
+                aws.client("ssm", config=config, endpoint_url=endpoint_url)
             )
-        for client in (sqs, sfn, ddb, parameters):
+        for client in (sqs, sfn, starts, ddb, parameters):
             if client is not None:
                 client.meta.events.register("needs-retry.*.*", hook)
-        yield Clients(sqs=sqs, sfn=sfn, dynamodb=ddb, ssm=parameters, starts=starts)
+        yield Clients(
+            sqs=sqs, sfn=sfn, dynamodb=ddb, ssm=parameters, starts=starts, start_gate=gate
+        )

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import aioboto3
 import anyio
 
-from dispatcher.aws.api import AWS_ERRORS, error_code
+from dispatcher.aws.api import AWS_ERRORS, error_code, open_client
 from dispatcher.daemon.limits import parse_limit
 from dispatcher.errors import EXIT_NOT_ANSWERING, UserError
 from dispatcher.settings import layout
@@ -398,11 +397,8 @@ async def last_running_limit(ssm: SSMClient, parameter: str) -> int | None:
 @asynccontextmanager
 async def _client(service: str, target: LimitTarget) -> AsyncIterator[Any]:
     """A client configured by ``AWS_*`` (endpoint too); the region defaults to the pool's."""
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region is None and target.state_machine_arn:
-        region = target.state_machine_arn.split(":")[3]
-    session = aioboto3.Session(region_name=region)
-    async with session.client(service) as client:
+    arn = target.state_machine_arn
+    async with open_client(service, default_region=arn.split(":")[3] if arn else None) as client:
         yield client
 
 

@@ -36,7 +36,10 @@ def run(args: argparse.Namespace) -> int:
     loaded = layout.load(overrides)
     settings = loaded.settings
     logs.configure(settings.log_level.value, settings.log_format)
-    structlog.get_logger("dispatcher").info(
+    log = structlog.get_logger("dispatcher")
+    for line in loaded.ignored:  # a removed setting: ignored, not refused (rolling upgrades)
+        log.warning("dispatcher.setting_ignored", problem=line)
+    log.info(
         "dispatcher.starting",
         config=loaded.layout.source,
         pools={

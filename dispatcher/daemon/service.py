@@ -19,7 +19,6 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from dispatcher.aws.api import AWS_ERRORS, Clients, is_retryable, open_clients
-from dispatcher.aws.startclient import ThinStarts
 from dispatcher.daemon.callbacks import Callbacks
 from dispatcher.daemon.events import Events
 from dispatcher.daemon.health import Health
@@ -227,7 +226,6 @@ class Dispatcher:
                 dynamodb=settings.lease_table is not None,
                 ssm=any(p.limit_parameter for p in self.layout.pools),
                 start_timeout=settings.start_timeout,
-                start_client=settings.start_client.value,
             ) as clients,
             anyio.create_task_group() as tg,
         ):
@@ -346,8 +344,7 @@ class Dispatcher:
         self.intake.starter.reign_began = self.wall()
         if lease is not None:
             self.intake.set_may_start(lease.valid)
-            if isinstance(clients.starts, ThinStarts):
-                clients.starts.may_send = lease.valid  # checked again just before it leaves
+            clients.start_gate.may_send = lease.valid  # checked again just before it leaves
         self.callbacks = Callbacks(settings, clients, self.metrics, self.pools, self.clock)
         self.callbacks.reign_began = self.intake.starter.reign_began
         self.intake.starter.callbacks = self.callbacks

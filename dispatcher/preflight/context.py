@@ -12,12 +12,11 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-import aioboto3
 import anyio
 from aiobotocore.config import AioConfig
 from pydantic import ValidationError
 
-from dispatcher.aws.api import AWS_ERRORS
+from dispatcher.aws.api import AWS_ERRORS, session
 from dispatcher.preflight.report import Finding, Skip, Status
 from dispatcher.settings import config, layout
 from dispatcher.settings.config import PoolSettings, Settings
@@ -226,6 +225,7 @@ def load_target(
                 f"reconcile every {settings.reconcile_interval:g} s, "
                 f"input {settings.input_format.value}",
             ),
+            *(Finding(Status.WARN, line, "remove it") for line in given.ignored),
         )
     arns = [p.state_machine_arn for p in pools] or [values.get("state_machine_arn") or ""]
     arn = config.STATE_MACHINE_ARN_RE.match(arns[0])
@@ -280,13 +280,13 @@ class Clients:
 @asynccontextmanager
 async def open_clients(target: Target, endpoint_url: str | None) -> AsyncIterator[Clients]:
     """Open the clients; endpoint and credentials from ``AWS_*`` unless ``endpoint_url``."""
-    session = aioboto3.Session(region_name=target.region)
+    aws = session(region=target.region)
     # A preflight answers in seconds: one retry, short timeouts.
     aio = AioConfig(
         retries={"mode": "standard", "max_attempts": 2}, connect_timeout=5, read_timeout=15
     )
-    new = partial(session.client, config=aio, endpoint_url=endpoint_url)
-    credentials = await session.get_credentials()
+    new = partial(aws.client, config=aio, endpoint_url=endpoint_url)
+    credentials = await aws.get_credentials()
     async with AsyncExitStack() as stack:
         enter = stack.enter_async_context
         yield Clients(

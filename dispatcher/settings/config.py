@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, Self
 
 from pydantic import (
@@ -93,13 +94,6 @@ class InputFormat(StrEnum):
 
     JSON = "json"  # the body is the input, verbatim JSON
     ENVELOPE = "envelope"  # {"body": <text>, "requestId": ..., "attributes": {...}}
-
-
-class StartClient(StrEnum):
-    """The client StartExecution goes through."""
-
-    THIN = "thin"  # dispatcher.aws.startclient: botocore's signer, aiohttp, no SDK pipeline
-    BOTOCORE = "botocore"  # an aiobotocore Step Functions client
 
 
 # --- what a field declares besides its type, default and range ---------------------------------
@@ -348,11 +342,6 @@ class Settings(PoolSettings):
         "answer did not come in time stays in doubt (its slot held) until evidence settles "
         "it; a new lease holder waits D + DISPATCHER_START_GRACE before it lists.",
     )
-    start_client: StartClient = Field(
-        default=StartClient.THIN,
-        description="StartExecution client: thin (SigV4 over one aiohttp session, less CPU "
-        "per start) or botocore (the SDK client).",
-    )
     receive_wait_seconds: int = Field(
         default=20, ge=0, le=20, description="SQS long-poll wait per receive."
     )
@@ -577,6 +566,15 @@ OTHER_VARIABLES = frozenset(
 )
 """``DISPATCHER_*`` variables that are not settings of `run` but are read elsewhere."""
 
+RETIRED = MappingProxyType(
+    {
+        "start_client": "StartExecution always goes through the AWS SDK's client now "
+        "(one attempt, deadline DISPATCHER_START_TIMEOUT)",
+    }
+)
+"""Removed settings still accepted as flag, variable or config-file key, ignored with a
+warning (`Given.ignored`), so that a rolling upgrade does not fail on them."""
+
 
 class _Sourced(BaseSettings, Settings):
     """`Settings` as pydantic-settings' sources read it: ``DISPATCHER_`` and the field's name,
@@ -607,6 +605,7 @@ class Given:
     values: Mapping[str, Any]
     names: Mapping[str, str]  # field -> "--limit", "DISPATCHER_LIMIT", "config file f: ..."
     unknown: tuple[str, ...]  # one line per DISPATCHER_* variable that names nothing
+    ignored: tuple[str, ...] = ()  # one line per removed setting still given (`RETIRED`)
 
     def name(self, field: str) -> str:
         """How the user named ``field``; its variable when it was not given."""
@@ -667,7 +666,18 @@ def gather(
             if field in Settings.model_fields:
                 values[field] = value
                 names[field] = named(field)
-    return Given(values, names, tuple(unknown_variables(environ)))
+    variables = {k.upper() for k in environ}
+    ignored = tuple(
+        f"{name} is no longer a setting and is ignored: {why}"
+        for key, why in RETIRED.items()
+        for name, given in (
+            (_in_file(file_source)(key), key in (file or {})),
+            (env_name(key), env_name(key) in variables),
+            (flag_name(key), key in flags),
+        )
+        if given
+    )
+    return Given(values, names, tuple(unknown_variables(environ)), ignored)
 
 
 def _in_file(source: str) -> Callable[[str], str]:
@@ -678,9 +688,10 @@ def unknown_variables(env: Mapping[str, str]) -> list[str]:
     """One line per ``DISPATCHER_*`` variable that names nothing (a typo would otherwise
     leave the setting at its default, silently), with the closest setting's name."""
     known = {env_name(k) for k in Settings.model_fields} | OTHER_VARIABLES
+    retired = {env_name(k) for k in RETIRED}
     problems = []
     for name in sorted(k for k in env if k.upper().startswith(ENV_PREFIX)):
-        if name.upper() in known:
+        if name.upper() in known or name.upper() in retired:
             continue
         problems.append(f"{name} is not a setting: {did_you_mean(name.upper(), known)}")
     return problems
@@ -760,13 +771,16 @@ def add_arguments(parser: argparse.ArgumentParser, fields: Iterable[str] | None 
             metavar=metavar(name),
             help=f"{_field(name).description} [{env_name(name)}; {_bounds(name)}{_default(name)}]",
         )
+    if fields is None:  # accepted and ignored, with a warning (RETIRED)
+        for name in RETIRED:
+            group.add_argument(flag_name(name), dest=name, default=None, help=argparse.SUPPRESS)
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given as flags (flags win over environment variables)."""
     return {
         name: getattr(args, name)
-        for name in Settings.model_fields
+        for name in (*Settings.model_fields, *RETIRED)
         if getattr(args, name, None) is not None
     }
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dispatcher.settings.config import (
     POOL_FIELDS,
     PROCESS_FIELDS,
+    RETIRED,
     AttributeName,
     ConfigError,
     Given,
@@ -95,6 +96,9 @@ class Config:
 
     settings: Settings
     layout: Layout
+    ignored: tuple[str, ...] = ()
+    """Removed settings still given (`dispatcher.settings.config.RETIRED`): one warning line
+    each."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ def _attempted(
         problems += [p for p in exc.problems if p not in problems]
     config = None
     if settings is not None and not problems:
-        config = Config(settings, file_layout or from_settings(settings))
+        config = Config(settings, file_layout or from_settings(settings), given.ignored)
     return Attempt(given, path, file_layout, file_error, tuple(problems), config)
 
 
@@ -209,7 +213,9 @@ def _globals(table: Any, problems: list[str]) -> dict[str, Any]:
         return {}
     out = {}
     for key, value in table.items():
-        if key in POOL_FIELDS:
+        if key in RETIRED:
+            out[key] = value  # ignored, with a warning (`Config.ignored`)
+        elif key in POOL_FIELDS:
             problems.append(f"[dispatcher] {key}: set it per pool, in [pools.NAME]")
         elif key not in PROCESS_FIELDS:
             close = did_you_mean(key, PROCESS_FIELDS)

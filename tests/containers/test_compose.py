@@ -28,7 +28,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import aioboto3
 import anyio
 import pytest
 import yaml
@@ -36,6 +35,7 @@ import yaml
 from devtools.records import Execution, list_executions, max_overlap
 from devtools.sandbox import free_port
 from devtools.sandbox.provision import TEST_CREDENTIALS
+from dispatcher.aws.api import session
 from tests.containers.engine import (
     ROOT,
     STANDIN_OVERRIDE,
@@ -367,10 +367,9 @@ def test_the_compose_stack_comes_up_holds_the_limit_is_scraped_and_goes_away(
             """Every execution, once there are two limits' worth (else None: not yet)."""
 
             async def listed() -> list[Execution]:
-                aws = aioboto3.Session(
-                    region_name=dispatcher_env["AWS_DEFAULT_REGION"], **TEST_CREDENTIALS
-                )
-                async with aws.client("stepfunctions", endpoint_url=endpoint) as sfn:
+                region = dispatcher_env["AWS_DEFAULT_REGION"]
+                emulator = session(region=region, credentials=TEST_CREDENTIALS)
+                async with emulator.client("stepfunctions", endpoint_url=endpoint) as sfn:
                     return await list_executions(sfn, machine)
 
             found = anyio.run(listed)
