@@ -13,7 +13,8 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
 import anyio
@@ -22,6 +23,7 @@ from dispatcher.layout import PoolConfig
 from dispatcher.ledger import Change, Ledger, Reservation
 from dispatcher.metrics import Metrics
 from dispatcher.requests import tag_of
+from dispatcher.shared_limits import SharedLimitConfig, SharedLimits, publish
 from dispatcher.waiting import WaitingRoom
 
 Clock = Callable[[], float]
@@ -85,6 +87,8 @@ class Pool:
         self.on_ended: Callable[[str, str, Mapping[str, Any] | None], None] | None = None
         self._deferred: dict[str | None, int] = {}
         self._seq = itertools.count()
+        self.shared: SharedLimits | None = None  # the named limits it uses (`share`)
+        self._linked: tuple[Pool, ...] = ()  # pools sharing a named limit with it
         metrics.prefill(self.name)
         # The gauges' children, looked up once: `labels()` on every update was 4 % of the
         # CPU per start (bench/, py-spy at limit 200).
@@ -113,7 +117,18 @@ class Pool:
         self.ledger = Ledger(
             self.ledger.limit, per_key_limit=self.ledger.per_key_limit, key_of=tag_of
         )
+        if self.shared is not None:
+            self.ledger.gate = partial(self.shared.admits, self.name)
+            self.shared.withdraw(self.name)
         self.update()
+
+    def share(self, shared: SharedLimits, pools: Iterable[Pool]) -> None:
+        """Use the named limits ``shared`` gives this pool: its starts are admitted by them
+        too, and a change of any pool sharing one of them wakes this pool's waiters."""
+        self.shared = shared
+        self.ledger.gate = partial(shared.admits, self.name)
+        used = set(shared.uses(self.name))
+        self._linked = tuple(p for p in pools if p is not self and used & set(shared.uses(p.name)))
 
     def reconfigure(self, config: PoolConfig) -> None:
         """Apply a reloaded pool config: per-key limit and waiting room (never evicts)."""
@@ -151,8 +166,32 @@ class Pool:
         self.max_running_seen = max(self.max_running_seen, ledger.running_count)
         # Wake every waiter on every change: intake waits for a free slot, handlers for
         # admission; each re-checks its own condition.
+        self._wake()
+        for other in self._linked:  # a unit of a named limit they share freed or taken
+            other._wake()
+
+    def _wake(self) -> None:
         event, self._changed = self._changed, anyio.Event()
         event.set()
+
+    def may_reserve(self, may_start: bool) -> bool:
+        """Whether a start may be reserved now: a free slot, the lease (``may_start``), and
+        room in every named limit the pool uses for one of its waiting requests (which
+        otherwise claims them: see `dispatcher.shared_limits`)."""
+        if self.ledger.free == 0 or not may_start:
+            if self.shared is not None:
+                self.shared.withdraw(self.name)
+            return False
+        if self.shared is None or not self.shared.uses(self.name):
+            return True
+        if not self.room.startable(self.key_ok):
+            self.shared.withdraw(self.name)
+            return False
+        return self.shared.may_reserve(self.name)
+
+    def held_back(self) -> bool:
+        """Whether a named limit it uses is paused or below its weight: nothing can start."""
+        return self.shared is not None and bool(self.shared.blocked(self.name))
 
     @property
     def starting(self) -> int:
@@ -169,7 +208,7 @@ class Pool:
         in flight: each queue counts only its own, so a long poll on an idle queue never
         holds back the receives of a busy one (their extra requests wait in the room).
         """
-        if self.ledger.limit == 0:
+        if self.ledger.limit == 0 or self.held_back():
             return 0  # paused: the backlog stays in SQS, untouched (no receive is spent)
         startable = self.room.startable(self.key_ok)
         unclaimed = self.ledger.free - startable - receiving
@@ -277,3 +316,21 @@ def _key_capacity(config: PoolConfig) -> int | None:
     if config.key_attribute is None:
         return None
     return max(1, config.max_waiting // 2, 2 * (config.per_key_limit or 0))
+
+
+def share_limits(
+    pools: Mapping[str, Pool], limits: Iterable[SharedLimitConfig], metrics: Metrics
+) -> SharedLimits | None:
+    """Give ``pools`` the named limits they use (None: no named limit is configured)."""
+    configs = list(limits)
+    if not configs:
+        return None
+    shared = SharedLimits(
+        configs,
+        {name: pool.config.uses for name, pool in pools.items()},
+        lambda name: pools[name].ledger,
+    )
+    for pool in pools.values():
+        pool.share(shared, pools.values())
+    publish(shared, metrics, lambda name: len(pools[name].room))
+    return shared
