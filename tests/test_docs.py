@@ -13,7 +13,10 @@ from dispatcher.config import ConfigError, Settings, env_name
 from dispatcher.layout import parse
 from dispatcher.metrics import Metrics
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+USER_DOCS = README + "".join(page.read_text() for page in sorted((ROOT / "docs").glob("*.md")))
+"""The README and the pages under docs/: a metric of one feature may be listed on its page."""
 
 
 def test_every_setting_is_in_the_configuration_table() -> None:
@@ -24,7 +27,7 @@ def test_every_setting_is_in_the_configuration_table() -> None:
 
 
 def test_every_metric_is_in_the_metrics_table() -> None:
-    documented = set(re.findall(r"^\| `(dispatcher_[a-z_]+)` \|", README, re.M))
+    documented = set(re.findall(r"^\| `(dispatcher_[a-z_]+)` \|", USER_DOCS, re.M))
     metrics = Metrics()
     exported = set()
     for family in metrics.registry.collect():
