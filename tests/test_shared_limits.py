@@ -8,6 +8,7 @@ import functools
 import heapq
 import json
 import random
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from dispatcher.config import ConfigError
-from dispatcher.layout import PoolConfig, QueueConfig, load
+from dispatcher.layout import PoolConfig, QueueConfig, load, parse
 from dispatcher.ledger import Ledger, Reservation
 from dispatcher.limits import LiveLimits
 from dispatcher.metrics import Metrics
@@ -461,3 +462,14 @@ async def test_a_live_parameter_sets_the_named_limit_and_a_blocked_pool_is_logge
     ssm.value = "6"
     assert await limits.refresh_once() == 1
     assert metrics.registry.get_sample_value("dispatcher_shared_limit_blocked", labels) == 0
+
+
+def test_the_worked_example_of_the_docs_loads() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "shared-limits.md").read_text()
+    example = page.split("```toml\n", 1)[1].split("```", 1)[0]
+    _, layout = parse(tomllib.loads(example), "docs/shared-limits.md")
+    assert [(n.name, n.limit) for n in layout.limits] == [("partner-api", 5)]
+    assert {p.name: p.uses for p in layout.pools} == {
+        "invoices": {"partner-api": 1},
+        "refunds": {"partner-api": 2},
+    }
