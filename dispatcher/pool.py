@@ -264,14 +264,27 @@ class Pool:
         ledger = self.ledger
         lanes = ledger.per_key_limit if key is not None and ledger.per_key_limit else ledger.limit
         ahead = self.room.count(key=key) + self._deferred.get(key, 0)
-        delay = int(min(MAX_DEFER_SECONDS, max(1.0, ahead / max(1, lanes) * self.run_time())))
-        if ledger.limit == 0:  # paused (a queue shared with other pools brought it): a while
+        run_time = self.run_time()
+        if self._linked:  # named limits: its lanes are theirs, shared with the pools waiting
+            lanes = min(lanes, self._shared_lanes())
+            ahead += sum(len(other.room) for other in self._linked)
+            run_time = max(run_time, *(other.run_time() for other in self._linked))
+        delay = int(min(MAX_DEFER_SECONDS, max(1.0, ahead / max(1, lanes) * run_time)))
+        if ledger.limit == 0 or self.held_back():  # paused (a shared queue brought it)
             delay = PAUSED_DEFER_SECONDS
         heapq.heappush(self._returns, (now + delay, next(self._seq), key))
         self._deferred[key] = self._deferred.get(key, 0) + 1
         if len(self._returns) > MAX_TRACKED_DEFERRALS:
             self._forget_earliest()
         return delay
+
+    def _shared_lanes(self) -> int:
+        """How many of its executions the named limits it uses let run at once."""
+        shared = self.shared
+        if shared is None:
+            return self.ledger.limit
+        used = shared.uses(self.name).items()
+        return min((shared.limit(name) // weight for name, weight in used), default=1)
 
     def forget_returned_deferrals(self) -> None:
         """Forget the deferrals that are back (their keys too, once none is left)."""

@@ -32,7 +32,7 @@ from dispatcher.errors import UserError
 from dispatcher.metrics import Metrics
 from dispatcher.pool import MAX_DEFER_SECONDS
 from dispatcher.service import Dispatcher
-from sim import extras, loop, rolling
+from sim import extras, loop, named, rolling
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.buggify import draw as draw_knobs
@@ -109,6 +109,7 @@ class Scenario:
     parents: ParentsPlan = field(default_factory=ParentsPlan)  # task-token workflows
     knobs: Knobs = OFF  # buggify: the rare cases made common (`sim.buggify`)
     extras: ExtrasPlan = field(default_factory=ExtrasPlan)  # operator scenarios (sim.extras)
+    named: named.NamedPlan | None = None  # a named limit shared by the pools (sim.named)
 
 
 def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
@@ -154,7 +155,7 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
         )
         made = dataclasses.replace(made, parents=drawn)
     if not extras.ENABLED:
-        return made
+        return named.draw(seed, made)
     heartbeats = any(p.heartbeat_seconds for p in made.parents.parents)
     chosen = extras.draw(
         seed,
@@ -174,7 +175,7 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
         made = dataclasses.replace(made, pools=rolled, lease=True, shared_queue=False)
         if chosen.rolling.listing_lag is not None:
             made = dataclasses.replace(made, listing_lag=chosen.rolling.listing_lag)
-    return dataclasses.replace(made, extras=chosen)
+    return named.draw(seed, dataclasses.replace(made, extras=chosen))
 
 
 def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
@@ -294,6 +295,7 @@ class Run:
         self.extra_violations: list[Violation] = []
         self.extras_done = anyio.Event()
         self.extras_pending = 0
+        self.named_limit = 0 if self.plan.named is None else self.plan.named.limit  # the file's
         self._setup()
         self.nemesis = nemesis(self) if nemesis is not None else self._drawn_nemesis()
         self.world.faults = _except_ssm(self.nemesis.call_fault)
@@ -352,6 +354,7 @@ class Run:
                 self.queues[pool.name] = [self._queue(n) for n in names]
         if self.plan.lease:
             world.create_table("leases")
+        named.setup(self)
         self._write_config()
 
     def _queue(self, name: str) -> str:
@@ -406,6 +409,7 @@ class Run:
             }
             settings.update({k: v for k, v in wanted.items() if k in Settings.model_fields})
         lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+        lines += named.limit_lines(self.plan.named, self.named_limit)
         for pool in governed:
             lines += [
                 f"[pools.{pool.name}]",
@@ -420,6 +424,7 @@ class Run:
                     f'key_attribute = "{KEY_ATTRIBUTE}"',
                     f"per_key_limit = {self.key_limits[pool.name]}",
                 ]
+            lines += named.pool_lines(self.plan.named, pool.name)
         seen: set[str] = set()
         for pool in governed:
             for priority, url in enumerate(self.queues[pool.name]):
@@ -448,6 +453,7 @@ class Run:
                 tg.start_soon(self._produce)
                 tg.start_soon(self._act)
                 tg.start_soon(self._kill_when_told)
+                tg.start_soon(named.run_changes, self)
                 if self.plan.parents.parents:
                     tg.start_soon(run_parents, self, self.plan.parents)
                 if self.plan.extras != ExtrasPlan():
@@ -462,7 +468,9 @@ class Run:
         finally:
             self._tmp.cleanup()
         history = self.world.history
-        violations = check(history, self.spec()) + self.memory[:1] + self.extra_violations
+        spec = self.spec()
+        violations = check(history, spec) + self.memory[:1] + self.extra_violations
+        violations += named.check(history, self.plan.named, self.arns, spec)
         return Outcome(
             seed=self.seed,
             scenario=self.plan,
@@ -485,7 +493,7 @@ class Run:
         """How long after the faults stop every request must be settled: the work itself
         (all requests one after another on one slot), plus a hand-back, a doubt settled
         by reconcile, a visibility timeout and a deferral."""
-        least = min(p.limit for p in self.plan.pools) or 1
+        least = named.least(self.plan.named, {p.name: p.limit for p in self.plan.pools})
         work = self.plan.requests * (self.plan.max_seconds + 1) / least
         for parent in self.plan.parents.parents:
             work += sum(s + 1 for s in parent.seconds) / least

@@ -46,6 +46,7 @@ from dispatcher.ledger import Ledger
 from dispatcher.pool import Pool
 from dispatcher.reconcile import Reconciler
 from dispatcher.service import Dispatcher
+from dispatcher.shared_limits import SharedLimits
 from dispatcher.starter import Starter
 from sim.bugs import Bug, patched
 
@@ -673,6 +674,33 @@ CATALOGUE: tuple[Mutation, ...] = (
         "admit",
         "request = keyed(request, key)",
         "pass",
+    ),
+    # -- named limits shared by pools (sim.named) ----------------------------------------------
+    _m(
+        "named-limit-ignores-weight",
+        "named limits",
+        "each execution of a pool counts its weight against a named limit it uses",
+        SharedLimits,
+        "__init__",
+        "self._users[name][pool] = weight",
+        "self._users[name][pool] = 1",
+    ),
+    _m(
+        "named-limit-ignores-starts-in-flight",
+        "named limits",
+        "starts reserved and sent count against a named limit until they are answered",
+        SharedLimits,
+        "in_use",
+        "return sum(w * self._ledger_of(p).held for p, w in self._users[name].items())",
+        "return sum(w * self._ledger_of(p).running_count for p, w in self._users[name].items())",
+        also=(
+            Edit(
+                SharedLimits,
+                "admits",
+                "weight * (ledger.running_count + ledger.doubt_count + ledger.sent_count)",
+                "weight * (ledger.running_count + ledger.doubt_count)",
+            ),
+        ),
     ),
 )
 
