@@ -5,14 +5,15 @@ EMULATOR_VENV ?= .venv-emulator
 PY := $(VENV)/bin/python
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: demo test test-fast test-containers image lint format bench simulate mutate mutmut lock clean help
+.PHONY: demo test test-fast test-containers image lint format docs bench simulate mutate mutmut lock clean help
 
 help:
 	@echo "make demo   - sandbox + dispatcher + 200 requests, limit held, summary (DEMO_ARGS=... for more flags)"
 	@echo "make test   - the full test suite (unit + integration against the emulator)"
 	@echo "make image  - the container image sfn-dispatcher:local (docker, else podman; IMAGE=... to rename)"
 	@echo "make test-containers - the image run hardened and the compose stack, in a real engine"
-	@echo "make lint   - ruff + mypy strict"
+	@echo "make lint   - ruff + mypy strict + the reference pages current + mkdocs build --strict"
+	@echo "make docs   - regenerate docs/reference/ from the code, build the docs site into site/"
 	@echo "make bench  - benchmarks, results in bench/results/"
 	@echo "make simulate - the deterministic simulation: 2,000 seeds, then each fixed bug put back"
 	@echo "make mutate - the kill matrix: each safety rule taken out, the first seed that notices"
@@ -25,7 +26,7 @@ help:
 $(VENV)/.runtime: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (found %s); set PYTHON=python3.11" % sys.version.split()[0])'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install $(PIP_FLAGS) -e .
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[demo]'
 	@touch $@
 
 $(VENV)/.installed: $(VENV)/.runtime
@@ -42,7 +43,7 @@ $(EMULATOR_VENV)/.installed: requirements-emulator.txt
 
 # Runtime dependencies only: the first run on a fresh clone installs no dev tools.
 demo: $(VENV)/.runtime $(EMULATOR_VENV)/.installed
-	$(VENV)/bin/sfn-dispatcher demo $(DEMO_ARGS)
+	$(PY) -m devtools demo $(DEMO_ARGS)
 
 # Three workers on two cores: most integration tests wait on the emulator, not the CPU.
 # Each worker has its own emulator. TEST_WORKERS=0 runs everything in one process.
@@ -71,6 +72,14 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(PY) -m scripts.reference --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# The docs site (mkdocs.yml, docs/): the reference pages generated from the code
+# (scripts/reference.py), then the site in site/. `mkdocs serve` to read it locally.
+docs: $(VENV)/.installed
+	$(PY) -m scripts.reference
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
@@ -95,7 +104,7 @@ mutate: $(VENV)/.installed
 	@mkdir -p sim/results
 	PYTHONHASHSEED=0 $(PY) -m sim --mutate --seeds 200 --workers $(MUTATE_WORKERS) --budget $(MUTATE_BUDGET) --json sim/results/mutations.json
 
-# Mutation testing of the slot ledger (dispatcher/ledger.py) with mutmut: every mutant
+# Mutation testing of the slot ledger (dispatcher/core/ledger.py) with mutmut: every mutant
 # against the ledger's unit and property tests and 20 simulation seeds ([tool.mutmut] in
 # pyproject.toml), then the hand-made mutants of its properties (mutmut skips decorated
 # functions). About 8 min on two shared cores. Fails when a mutant that was not killed is

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -13,22 +12,15 @@ from typing import Any
 
 import anyio
 
-from bench import comparison, cycle, fairness, report, scale, summary, throughput
+from bench import comparison, cycle, fairness, figures, report, scale, summary, throughput
+from bench.aws import use_emulator_env
 from bench.machine import machine_info, uptime
 from bench.patterns import PatternRun, sfn_dispatcher
 from dispatcher import logs
-from dispatcher.config import LogFormat
+from dispatcher.settings.config import LogFormat
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS = ("comparison", "throughput", "cycle", "scale", "fairness")
-
-# The emulator's fixed test credentials; no developer AWS settings may leak into a run.
-_EMULATOR_ENV = {
-    "AWS_ACCESS_KEY_ID": "test",
-    "AWS_SECRET_ACCESS_KEY": "test",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-_UNSET = ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,7 +122,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 def _merged(out: Path, document: dict[str, Any]) -> dict[str, Any]:
     """Keep the runs not re-run (``--pattern``) from the last run of the same size."""
-    previous = report.load(out, "comparison")
+    previous = figures.load(out, "comparison")
     if previous is None or previous["results"]["config"] != document["config"]:
         return document
     kept: dict[str, Any] = previous["results"]
@@ -143,7 +135,7 @@ def _merged_handover(
     """Keep the hand-overs of runs not re-run (``--pattern``) from a run of the same size."""
     config = comparison_results["config"]
     hand = hand | {"config": config}
-    previous = report.load(out, "handover")
+    previous = figures.load(out, "handover")
     if previous is None or previous["results"].get("config") != config:
         return hand
     old = previous["results"]
@@ -163,9 +155,7 @@ def _constant(value: dict[str, Any]) -> Callable[[], Awaitable[dict[str, Any]]]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = _parser().parse_args(argv)
-    for name in _UNSET:
-        os.environ.pop(name, None)
-    os.environ.update(_EMULATOR_ENV)
+    use_emulator_env()
     # Warnings only: the in-process dispatcher would print a line per start.
     logs.configure("WARNING", LogFormat.JSON)
     began = time.monotonic()

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dispatcher.records import Execution, concurrency_series, max_overlap
+from devtools.records import Execution, concurrency_series, max_overlap
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +21,7 @@ class Interval:
 
 
 def as_executions(intervals: Iterable[Interval]) -> list[Execution]:
-    """Intervals in the shape `dispatcher.records` works on."""
+    """Intervals in the shape `devtools.records` works on."""
     return [Execution(i.key, i.key, "SUCCEEDED", i.start, i.stop) for i in intervals]
 
 

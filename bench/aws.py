@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections import Counter
 from typing import Any
 
@@ -10,6 +11,21 @@ import aioboto3
 from aiobotocore.config import AioConfig
 
 REGION = "us-east-1"
+
+# The emulator's fixed test credentials; no developer AWS settings may leak into a run.
+EMULATOR_ENV = {
+    "AWS_ACCESS_KEY_ID": "test",
+    "AWS_SECRET_ACCESS_KEY": "test",
+    "AWS_DEFAULT_REGION": REGION,
+}
+UNSET = ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION")
+
+
+def use_emulator_env() -> None:
+    """This process's environment: the emulator's credentials, none of the developer's."""
+    for name in UNSET:
+        os.environ.pop(name, None)
+    os.environ.update(EMULATOR_ENV)
 
 
 @functools.cache

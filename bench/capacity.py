@@ -19,8 +19,8 @@ import anyio
 
 from bench.aws import config, session
 from bench.proc import sample
-from dispatcher.aws import client_config
-from dispatcher.startclient import Signer
+from dispatcher.aws.api import client_config
+from dispatcher.aws.startclient import Signer
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -50,7 +50,7 @@ async def raw_capacity(
 ) -> dict[str, Any]:
     """StartExecution as fast as ``tasks`` concurrent callers can: with botocore's defaults,
     or (``tuned``) with the dispatcher's client options (fixed User-Agent, no client-side
-    parameter validation; `dispatcher.aws.client_config`)."""
+    parameter validation; `dispatcher.aws.api.client_config`)."""
     body = json.dumps({"req": tag})
     numbers = iter(range(count))
     options = config(tasks)

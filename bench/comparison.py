@@ -23,7 +23,7 @@ from bench.analysis import percentile, refill_gaps, series_since, summarise
 from bench.patterns import PatternRun, check_then_act, semaphore, sfn_dispatcher
 from bench.proc import LoadMeter
 from bench.workload import Request, stream
-from dispatcher.sandbox import Emulator
+from devtools.sandbox import Emulator
 
 Runner = Callable[..., Awaitable[PatternRun]]
 PATCHES = Path(__file__).resolve().parent / "emulator_patches"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -38,14 +37,15 @@ import anyio
 
 from bench import prom, report
 from bench.analysis import percentile
-from bench.aws import session
-from bench.child import dispatcher_child, wait_until
+from bench.aws import session, use_emulator_env
+from bench.child import dispatcher_child
 from bench.machine import machine_info, uptime
 from bench.throughput import deletes_per_queue, sustained_rate
 from bench.workload import stream, submit
-from dispatcher.records import Execution, list_executions, max_overlap
-from dispatcher.sandbox import Emulator, SandboxResources, provision
-from dispatcher.sandbox.provision import status_event_pattern
+from devtools.polling import wait_until
+from devtools.records import Execution, list_executions, max_overlap
+from devtools.sandbox import Emulator, SandboxResources, provision
+from devtools.sandbox.provision import status_event_pattern
 
 TERMINAL_STATUSES = ["SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"]
 REFILL = "dispatcher_slot_refill_seconds"
@@ -87,7 +87,7 @@ class _Tee(io.TextIOBase):
 
 def _child_main(path: str) -> int:
     """The dispatcher CLI with its log lines also written to ``path``."""
-    from dispatcher.cli import main  # noqa: PLC0415 - after stderr is replaced
+    from dispatcher.cli.main import main  # noqa: PLC0415 - after stderr is replaced
 
     with Path(path).open("w", encoding="utf-8") as copy:
         sys.stderr = _Tee(sys.stderr, copy)
@@ -256,13 +256,10 @@ def main(argv: list[str]) -> int:
     (``python -m bench.cycle --tee FILE`` is the dispatcher child it runs)."""
     if argv[:1] == ["--tee"]:
         return _child_main(argv[1])
-    from bench.__main__ import _EMULATOR_ENV, _UNSET  # noqa: PLC0415 - the bench's own env
     from dispatcher import logs  # noqa: PLC0415
-    from dispatcher.config import LogFormat  # noqa: PLC0415
+    from dispatcher.settings.config import LogFormat  # noqa: PLC0415
 
-    for name in _UNSET:
-        os.environ.pop(name, None)
-    os.environ.update(_EMULATOR_ENV)
+    use_emulator_env()
     logs.configure("WARNING", LogFormat.JSON)
     out = Path(argv[0]) if argv else Path(__file__).resolve().parent / "results"
     anyio.run(_main, out, Config())

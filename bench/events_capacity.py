@@ -19,9 +19,10 @@ from typing import Any
 from bench import prom
 from bench.aws import session
 from bench.capacity import drain_rate
-from bench.child import dispatcher_child, wait_until
+from bench.child import dispatcher_child
+from devtools.polling import wait_until
+from devtools.sandbox import SandboxResources
 from dispatcher.producer import SubmitItem, submit_requests
-from dispatcher.sandbox import SandboxResources
 
 DETAIL_TYPE = "Step Functions Execution Status Change"
 

@@ -22,10 +22,10 @@ from bench.analysis import busy_slot_seconds, percentile
 from bench.aws import session
 from bench.child import Child, dispatcher_child
 from bench.proc import LoadMeter
+from devtools.records import Execution, concurrency_series, list_executions, max_overlap
+from devtools.sandbox import Emulator, SandboxResources, provision
+from dispatcher.core.requests import KEY_TAG_LENGTH, key_tag, tag_of
 from dispatcher.producer import SubmitItem, submit_requests
-from dispatcher.records import Execution, concurrency_series, list_executions, max_overlap
-from dispatcher.requests import KEY_TAG_LENGTH, key_tag, tag_of
-from dispatcher.sandbox import Emulator, SandboxResources, provision
 
 BIG = "big"
 ATTRIBUTE = "tenant"

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from dispatcher.records import Execution
+from devtools.records import Execution
 
 if TYPE_CHECKING:
     from types_aiobotocore_stepfunctions import SFNClient

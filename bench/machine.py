@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from devtools.sandbox import find_executable
 from dispatcher import __version__ as dispatcher_version
-from dispatcher.sandbox import find_executable
 
 
 def cpu_model() -> str:

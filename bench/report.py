@@ -7,11 +7,12 @@ its rows and leaves the others as they were measured.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-MIB_PER_MB = 1e6 / 2**20  # the targets are in MB (10^6 bytes); /proc reports KiB
+from bench.figures import load, num
+from bench.targets import targets
+
 PATTERN_ORDER = (
     "sfn-dispatcher",
     "check-then-act",
@@ -30,23 +31,6 @@ def write_json(out: Path, scenario: str, document: dict[str, Any]) -> Path:
     path = out / f"{scenario}.json"
     path.write_text(json.dumps(document, indent=1, default=str) + "\n")
     return path
-
-
-def load(out: Path, scenario: str) -> dict[str, Any] | None:
-    """A scenario's JSON document, if it has been run."""
-    path = out / f"{scenario}.json"
-    if not path.exists():
-        return None
-    document: dict[str, Any] = json.loads(path.read_text())
-    return document
-
-
-def num(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:,.{digits}f}"
 
 
 def comparison_table(doc: dict[str, Any]) -> list[str]:
@@ -134,7 +118,7 @@ def lag_sweep_section(doc: dict[str, Any]) -> list[str]:
         "eventually consistent. The results are best effort and may not reflect very recent "
         'updates and changes.", Step Functions API reference, ListExecutions) and gives no '
         "bound on the lag; MiniStack's listing is immediately consistent. The fault proxy "
-        "(`dispatcher/testing/faults.py`) serves each listing as it was that many seconds "
+        "(`devtools/faults.py`) serves each listing as it was that many seconds "
         f"earlier. One run per lag on the first {doc['results']['config']['sweep_requests']} "
         "requests of the stream, the runs side by side, each against its own emulator.",
         "",
@@ -395,9 +379,8 @@ def raw_ratio_lines(doc: dict[str, Any] | None) -> list[str]:
 
 
 def readme_block(out: Path) -> list[str]:
-    """The README's generated performance figures, from the JSON files in ``out``."""
-    from bench.targets import targets  # noqa: PLC0415 - bench.targets imports this module
-
+    """The performance page's generated figures (docs/performance.md), from the JSON files in
+    ``out``."""
     names = ("comparison", "handover", "throughput", "scale", "fairness")
     found = {name: load(out, name) for name in names}
     lines = [BEGIN]
@@ -453,12 +436,15 @@ def readme_block(out: Path) -> list[str]:
     return [*lines, END]
 
 
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
+"""Where the generated figures live (between `BEGIN` and `END`)."""
+
 BEGIN = "<!-- bench:begin - generated: python -m bench.report --readme -->"
 END = "<!-- bench:end -->"
 
 
 def readme_section(text: str) -> list[str]:
-    """The generated block as it stands in a README's text (markers included)."""
+    """The generated block as it stands in a page's text (markers included)."""
     lines = text.splitlines()
     return lines[lines.index(BEGIN) : lines.index(END) + 1]
 
@@ -471,17 +457,17 @@ def write_readme(readme: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.report --readme``: print (or ``--write``) the README's figures."""
+    """``python -m bench.report --readme``: print (or ``--write``) docs/performance.md's figures."""
     import argparse  # noqa: PLC0415 - only for the command line
 
     root = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
-    parser.add_argument("--readme", action="store_true", help="print the README block")
-    parser.add_argument("--write", action="store_true", help="rewrite the block in README.md")
+    parser.add_argument("--readme", action="store_true", help="print the generated block")
+    parser.add_argument("--write", action="store_true", help=f"rewrite the block in {PAGE.name}")
     parser.add_argument("--out", type=Path, default=root / "results", help="results folder")
     args = parser.parse_args(argv)
     if args.write:
-        write_readme(root.parent / "README.md", args.out)
+        write_readme(PAGE, args.out)
     elif args.readme:
         print("\n".join(readme_block(args.out)))
     else:

@@ -16,10 +16,11 @@ import anyio
 
 from bench import prom
 from bench.aws import session
-from bench.child import Child, dispatcher_child, wait_until
+from bench.child import Child, dispatcher_child
 from bench.proc import sample
 from bench.workload import stream, submit
-from dispatcher.sandbox import Emulator, SandboxResources, provision
+from devtools.polling import wait_until
+from devtools.sandbox import Emulator, SandboxResources, provision
 
 RECONCILE = "dispatcher_reconcile_duration_seconds"
 

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import fairness, plots
+from bench.figures import load
 from bench.report import (
     comparison_section,
     handover_section,
-    load,
     scale_section,
     throughput_section,
 )

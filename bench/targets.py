@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.report import MIB_PER_MB, load, num
+from bench.figures import MIB_PER_MB, load, num
 
 Row = tuple[str, str, bool | None]  # None: not measured at the target's size
 

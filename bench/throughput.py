@@ -33,10 +33,10 @@ from bench.capacity import delete_costs, raw_capacity, sqs_cost_by_depth, thin_c
 from bench.child import Child, dispatcher_child
 from bench.proc import LoadMeter, ProcSample, sample
 from bench.workload import Request, stream, submit
-from dispatcher.records import list_executions, max_overlap
-from dispatcher.sandbox import Emulator, provision
+from devtools.records import list_executions, max_overlap
+from devtools.sandbox import Emulator, provision
 
-CONNECTIONS = 64  # max_pool_connections of the dispatcher's clients (dispatcher/aws.py)
+CONNECTIONS = 64  # max_pool_connections of the dispatcher's clients (dispatcher/aws/api.py)
 LATENCY = "dispatcher_start_execution_seconds"
 
 

@@ -1,6 +1,6 @@
 """`python -m dispatcher` is the same as the `sfn-dispatcher` command."""
 
-from dispatcher.cli import main
+from dispatcher.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

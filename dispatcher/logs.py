@@ -8,7 +8,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from dispatcher.config import LogFormat
+from dispatcher.settings.config import LogFormat
 
 
 def configure(

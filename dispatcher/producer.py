@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ import anyio
 from aiobotocore.config import AioConfig
 from anyio.streams.memory import MemoryObjectReceiveStream
 from botocore.exceptions import BotoCoreError, ClientError
-from tqdm import tqdm
+
+from dispatcher.progress import Progress
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -202,9 +202,7 @@ class _Submission:
         # Below 10 msg/s a full batch would go out in one burst: send smaller ones instead.
         size = BATCH_SIZE if rate is None else max(1, min(BATCH_SIZE, int(rate)))
         send, receive = anyio.create_memory_object_stream[_Batch](concurrency)
-        with tqdm(
-            total=total, unit="msg", file=sys.stderr, disable=not progress, leave=True
-        ) as bar:
+        with Progress(total, enabled=progress) as bar:
             async with anyio.create_task_group() as group:
                 for _ in range(concurrency):
                     group.start_soon(self._worker, receive.clone(), bar.update)

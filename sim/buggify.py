@@ -3,7 +3,7 @@
 Each knob is drawn from the seed alone (its own random stream, so a seed's other draws do
 not move), and is on in about a third of the seeds. A knob makes AWS behave at the edge
 of what it is documented (or, for bounds AWS does not state, what the dispatcher is
-documented to assume: the README's "What the simulation assumes about AWS") - never
+documented to assume: docs/testing.md, "What the simulation assumes about AWS") - never
 beyond it. `BUGGIFY` turns them all off (``python -m sim --no-buggify``).
 
 - ``event_storms``: stretches of time in which every status event is lost, or late by
@@ -13,7 +13,7 @@ beyond it. `BUGGIFY` turns them all off (``python -m sim --no-buggify``).
   sent, or never), the client timing out then or failing earlier with a 5xx or a reset
   connection; sometimes every start of a window, longer than the start retry timeout.
 - ``lag_at_grace``: ListExecutions lagging at the start grace (just under it, as the
-  README assumes) for half of the runs, the rest below.
+  docs assume) for half of the runs, the rest below.
 - ``sqs_duplicates``: SQS storing a share of the messages twice (at-least-once), both
   copies visible at once: delivered twice concurrently.
 - ``max_receive_count``: the request queues' redrive policy at 2, 3 or 5 receives.
@@ -44,7 +44,7 @@ LATE_STARTS_SHARE = 0.4
 """Late starts test the most rules (doubt, its grace, the take-over wait): a larger share."""
 
 GRACE_MARGIN = 0.001
-"""How far under the start grace a listing lag at the grace stays (the README assumes a
+"""How far under the start grace a listing lag at the grace stays (the docs assume a
 lag *less than* the grace)."""
 
 

@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
-from dispatcher.ledger import Reservation
-from dispatcher.pool import MAX_DEFER_SECONDS, Pool
-from dispatcher.service import Dispatcher
-from dispatcher.starter import Starter, Waiting, _Handling
+from dispatcher.core.ledger import Reservation
+from dispatcher.daemon.pool import MAX_DEFER_SECONDS, Pool
+from dispatcher.daemon.service import Dispatcher
+from dispatcher.daemon.starter import Starter, Waiting, _Handling
 
 
 @dataclass(frozen=True)

@@ -243,7 +243,7 @@ class _Owners:
 
 
 REIGN_SKEW = 5.0
-"""dispatcher.starter.FIRST_RECEIVE_SKEW: a message sent before a reign began + this is
+"""dispatcher.daemon.starter.FIRST_RECEIVE_SKEW: a message sent before a reign began + this is
 looked for under its former names (when it carries an idempotency key)."""
 
 
@@ -266,7 +266,7 @@ def _renamed_retry(
     earlier: Execution,
     later: Execution,
 ) -> bool:
-    """The documented residual of looking for a request under its former names (README,
+    """The documented residual of looking for a request under its former names (docs/requests.md,
     "Request identity"): ``later`` is the request started again under the name a changed
     ``key_attribute`` gives it, from a producer's retry sent after the process that started
     it began to govern (+ the skew), while ``earlier`` (the other naming) had ended before

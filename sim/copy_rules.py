@@ -18,7 +18,7 @@ them).
    execution under its name runs this very request's body (a producer's retry, a redrive:
    the same request, not a conflict).
 
-A *fresh* copy (`fresh_identities`) is the documented limit of request identity (README,
+A *fresh* copy (`fresh_identities`) is the documented limit of request identity (docs/requests.md,
 "Request identity"): SQS's move task's copy of a message the redrive policy moved carries
 nothing that names the request it came from (no ``dispatcher-request-id``, no original
 message id), so without an idempotency key it is a new request under its new message id.

@@ -7,7 +7,7 @@ without them runs exactly as before.
 - ``retries``: producers that retry (the same idempotency key and body, again, soon) and
   parents that retry with the same keys (a second parent whose items carry the first
   one's keys: two tokens wait on one child).
-- ``cli_redrive``: ``sfn-dispatcher redrive`` (the real `dispatcher.redrive.redrive`) run
+- ``cli_redrive``: ``sfn-dispatcher redrive`` (the real `dispatcher.cli.redrive.redrive`) run
   against the simulated SQS, by reason or for everything; some runs are killed between
   the send and the delete, and run again after the dead letters' visibility ran out.
 - ``move_task``: SQS's own ``StartMessageMoveTask`` from the dead-letter queue back to the

@@ -25,13 +25,13 @@ from typing import Any
 import anyio
 from prometheus_client import CollectorRegistry
 
-from dispatcher import layout
-from dispatcher.aws import AWS_ERRORS, Clients
-from dispatcher.config import Settings
+from dispatcher.aws.api import AWS_ERRORS, Clients
+from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import MAX_DEFER_SECONDS
+from dispatcher.daemon.service import Dispatcher
 from dispatcher.errors import UserError
-from dispatcher.metrics import Metrics
-from dispatcher.pool import MAX_DEFER_SECONDS
-from dispatcher.service import Dispatcher
+from dispatcher.settings import layout
+from dispatcher.settings.config import Settings
 from sim import extras, loop, named, rolling
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
@@ -49,7 +49,7 @@ PARENTS = True
 tokens (`sim.parents`)."""
 
 # Settings of every simulated dispatcher (the [dispatcher] table of its config file).
-# start_grace must cover the simulated listing lag (an assumption the README states).
+# start_grace must cover the simulated listing lag (an assumption docs/testing.md states).
 DISPATCHER = {
     "reconcile_interval": 10.0,
     "start_grace": 10.0,
@@ -142,7 +142,7 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
             ("reconcile_interval", rng.choice((10.0, 30.0))),
         ),
         tenants=rng.choice((3, 3, 1000)),
-        # Up to the start grace the dispatcher assumes (an assumption the README states).
+        # Up to the start grace the dispatcher assumes (an assumption docs/testing.md states).
         listing_lag=rng.choice((0.0, 2.0, 9.5)),
     )
     made = _buggified(made, draw_knobs(seed))

@@ -26,7 +26,7 @@ AWS = "aws"
 MAX_LIMIT = 100_000  # the highest limit the dispatcher accepts
 REASON_ATTRIBUTE = "dispatcher-reason"
 ORIGINAL_ID_ATTRIBUTE = "dispatcher-original-message-id"
-_KEY_TAG_RE = re.compile(r"^k(?P<tag>[0-9a-f]{10})_")  # as dispatcher/requests.py
+_KEY_TAG_RE = re.compile(r"^k(?P<tag>[0-9a-f]{10})_")  # as dispatcher/core/requests.py
 
 
 def key_tag_of(name: str) -> str | None:
@@ -527,7 +527,7 @@ class History:
 
     def limit_timeline(self, name: str, initial: int) -> list[tuple[float, int]]:
         """(time, limit) from a parameter's puts; a value that is not a limit is ignored
-        (the dispatcher keeps the limit in force, as `dispatcher.limits.parse_limit`)."""
+        (the dispatcher keeps the limit in force, as `dispatcher.daemon.limits.parse_limit`)."""
         timeline = [(float("-inf"), initial)]
         timeline += [
             (put.time, int(put.value))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import selectors
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping, MutableSet
@@ -19,6 +20,8 @@ from typing import Any, TypeVar
 
 import anyio
 from anyio._backends import _asyncio as anyio_asyncio
+
+anyio_version = importlib.metadata.version("anyio")
 
 T = TypeVar("T")
 
@@ -103,6 +106,20 @@ class _OrderedSet(MutableSet[Any]):
         self._items.pop(value, None)
 
 
+def _replace_set(owner: Any, name: str) -> None:
+    """Swap ``owner.name``, an empty set in the anyio versions pyproject.toml allows, for an
+    ordered one; fail loudly when an anyio release changed it (a seed would no longer replay
+    exactly, and nothing else would say so)."""
+    current = getattr(owner, name, None)
+    if not isinstance(current, set) or current:
+        raise RuntimeError(
+            f"anyio {anyio_version} changed {type(owner).__name__}.{name}: the simulation orders "
+            "anyio's task sets to replay a seed exactly (sim/loop.py); pin anyio to a release "
+            "it supports"
+        )
+    setattr(owner, name, _OrderedSet())
+
+
 @contextlib.contextmanager
 def _ordered_task_sets() -> Iterator[None]:
     """anyio keeps the tasks of a cancel scope or task group in plain sets, which iterate
@@ -114,12 +131,12 @@ def _ordered_task_sets() -> Iterator[None]:
 
     def ordered_scope(self: Any, *args: Any, **kwargs: Any) -> None:
         scope_init(self, *args, **kwargs)
-        self._tasks = _OrderedSet()
-        self._child_scopes = _OrderedSet()
+        _replace_set(self, "_tasks")
+        _replace_set(self, "_child_scopes")
 
     def ordered_group(self: Any) -> None:
         group_init(self)
-        self._tasks = _OrderedSet()
+        _replace_set(self, "_tasks")
 
     anyio_asyncio.CancelScope.__init__ = ordered_scope  # type: ignore[method-assign]
     anyio_asyncio.TaskGroup.__init__ = ordered_group  # type: ignore[method-assign]

@@ -33,21 +33,21 @@ from typing import Any
 
 import structlog
 
-import dispatcher.aws
-import dispatcher.redrive
-import dispatcher.requests
-import dispatcher.starter
-from dispatcher.callbacks import Callbacks
-from dispatcher.events import Events
-from dispatcher.intake import Intake
-from dispatcher.lastreceive import LastReceives
-from dispatcher.lease import Leases
-from dispatcher.ledger import Ledger
-from dispatcher.pool import Pool
-from dispatcher.reconcile import Reconciler
-from dispatcher.service import Dispatcher
-from dispatcher.shared_limits import SharedLimits
-from dispatcher.starter import Starter
+import dispatcher.aws.api
+import dispatcher.cli.redrive
+import dispatcher.core.requests
+import dispatcher.daemon.starter
+from dispatcher.core.ledger import Ledger
+from dispatcher.core.shared_limits import SharedLimits
+from dispatcher.daemon.callbacks import Callbacks
+from dispatcher.daemon.events import Events
+from dispatcher.daemon.intake import Intake
+from dispatcher.daemon.lastreceive import LastReceives
+from dispatcher.daemon.lease import Leases
+from dispatcher.daemon.pool import Pool
+from dispatcher.daemon.reconcile import Reconciler
+from dispatcher.daemon.service import Dispatcher
+from dispatcher.daemon.starter import Starter
 from sim.bugs import Bug, patched
 
 SEEDS = 200
@@ -222,21 +222,21 @@ CATALOGUE: tuple[Mutation, ...] = (
         "timeout-means-not-started",
         "outcome classification",
         "a timeout or reset after the request left may have started the execution",
-        dispatcher.starter,
+        dispatcher.daemon.starter,
         "outcome_unknown",
         "return not isinstance(exc, EndpointConnectionError | ConnectTimeoutError)",
         "return False",
-        source=dispatcher.aws,
+        source=dispatcher.aws.api,
     ),
     _m(
         "5xx-means-not-started",
         "outcome classification",
         "a 5xx answer may come after the start took effect",
-        dispatcher.starter,
+        dispatcher.daemon.starter,
         "outcome_unknown",
         "if status >= 500 or status == 0:",
         "if status >= 500:\n    return False\nif status == 0:",
-        source=dispatcher.aws,
+        source=dispatcher.aws.api,
     ),
     _m(
         "refusal-erases-earlier-doubt",
@@ -616,7 +616,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "name-from-message-id",
         "name derivation",
         "a request with an idempotency key is named by its key, not by its message id",
-        dispatcher.requests,
+        dispatcher.core.requests,
         "request_identity",
         "for attribute in (REQUEST_ID_ATTRIBUTE, IDEMPOTENCY_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE):",
         "for attribute in (REQUEST_ID_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE):",
@@ -625,7 +625,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "copies-named-by-message-id",
         "redrive identity",
         "every copy of a request (dead letter, redrive, move task) keeps its identity",
-        dispatcher.requests,
+        dispatcher.core.requests,
         "request_identity",
         "for attribute in (REQUEST_ID_ATTRIBUTE, IDEMPOTENCY_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE):",
         "for attribute in (IDEMPOTENCY_ATTRIBUTE,):",
@@ -634,14 +634,14 @@ CATALOGUE: tuple[Mutation, ...] = (
         "redrive-drops-identity",
         "redrive identity",
         "a redrive's copy carries the request's identity",
-        dispatcher.redrive,
+        dispatcher.cli.redrive,
         "request_attributes",
         "if not name.startswith(OUR_PREFIX) or name == REQUEST_ID_ATTRIBUTE",
         "if not name.startswith(OUR_PREFIX)",
         reach="attributes = {",
         also=(
             Edit(
-                dispatcher.redrive,
+                dispatcher.cli.redrive,
                 "request_attributes",
                 "attributes[REQUEST_ID_ATTRIBUTE] = {",
                 "attributes['dispatcher-dropped'] = {",
@@ -697,8 +697,10 @@ CATALOGUE: tuple[Mutation, ...] = (
             Edit(
                 SharedLimits,
                 "admits",
-                "weight * (ledger.running_count + ledger.doubt_count + ledger.sent_count)",
-                "weight * (ledger.running_count + ledger.doubt_count)",
+                "committed += users[user] * (\n"
+                "    ledger.running_count + ledger.doubt_count + ledger.sent_count\n"
+                ")",
+                "committed += users[user] * (ledger.running_count + ledger.doubt_count)",
             ),
         ),
     ),
@@ -921,8 +923,8 @@ def report(found: Matrix, out: Path | None) -> int:
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    """The kill matrix of a ``--json`` summary as the README's table (between its
-    ``kill-matrix`` markers): mutation, class, first seed that caught it, violation."""
+    """The kill matrix of a ``--json`` summary as the table of docs/testing.md (between
+    its ``kill-matrix`` markers): mutation, class, first seed that caught it, violation."""
     rows = [
         "| mutation | class | first seed | violation |",
         "|---|---|---|---|",
@@ -936,11 +938,14 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 README_MARKERS = ("<!-- kill-matrix:begin -->\n", "<!-- kill-matrix:end -->")
-"""Where the README keeps the table `markdown` makes (``python -m sim.mutations``)."""
+"""The markers around the table `markdown` makes in `PAGE` (``python -m sim.mutations``)."""
+
+PAGE = Path("docs/testing.md")
+"""The page that shows the kill matrix."""
 
 
 def update_readme(readme: Path, results: Path) -> bool:
-    """Write the table of ``results`` between the README's markers; whether it changed."""
+    """Write the table of ``results`` between the page's markers; whether it changed."""
     begin, end = README_MARKERS
     text = readme.read_text(encoding="utf-8")
     head, rest = text.split(begin, 1)
@@ -953,6 +958,6 @@ def update_readme(readme: Path, results: Path) -> bool:
     return True
 
 
-if __name__ == "__main__":  # python -m sim.mutations: the README's table from the results
-    changed = update_readme(Path("README.md"), Path("sim/results/mutations.json"))
-    print("README.md updated" if changed else "README.md already up to date")
+if __name__ == "__main__":  # python -m sim.mutations: the page's table from the results
+    changed = update_readme(PAGE, Path("sim/results/mutations.json"))
+    print(f"{PAGE} updated" if changed else f"{PAGE} already up to date")

@@ -1,5 +1,5 @@
 """The operator scenarios of `sim.extras`, carried out during a run: redrives by the CLI
-(the real `dispatcher.redrive.redrive` against the simulated SQS) and by SQS's move task,
+(the real `dispatcher.cli.redrive.redrive` against the simulated SQS) and by SQS's move task,
 configuration changes across restarts, rolling deploys, and console redrives of children
 that just failed.
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from dispatcher.redrive import redrive
+from dispatcher.cli.redrive import redrive
 from sim.extras import REDRIVE_BOUND, REDRIVE_VISIBILITY, CliRedrive, ExtrasPlan, Reconfigure
 from sim.history import key_tag_of
 from sim.move_task import move_task

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
-from dispatcher.records import Execution, list_executions, max_overlap
-from dispatcher.sandbox.provision import SandboxResources
-from dispatcher.service import Dispatcher
+from devtools.polling import wait_until
+from devtools.records import Execution, list_executions, max_overlap
+from devtools.sandbox.provision import SandboxResources
+from dispatcher.daemon.service import Dispatcher
 from tests.helpers import depth, session
 
 if TYPE_CHECKING:
@@ -71,16 +69,6 @@ async def send_requests(
     return names
 
 
-async def wait_for(
-    check: Callable[[], Awaitable[bool]], *, within: float, interval: float = 0.25
-) -> None:
-    """Poll an external condition (AWS state) until true; fail after ``within`` seconds."""
-    with anyio.fail_after(within):
-        # Polling is the only way to observe another system's state (no push from AWS).
-        while not await check():  # noqa: ASYNC110
-            await anyio.sleep(interval)
-
-
 async def all_done(
     sfn: SFNClient, sqs: SQSClient, sm_arn: str, queue: str, names: set[str]
 ) -> bool:
@@ -120,7 +108,7 @@ async def verdict(
                 sfn, sqs, resources.state_machine_arn, resources.request_queue_url, expected
             )
 
-        await wait_for(done, within=within)
+        await wait_until(done, within=within)
         executions = await list_executions(sfn, resources.state_machine_arn)
         started = [e.name for e in executions]
         assert sorted(started) == sorted(expected), "every request started exactly once"
@@ -139,7 +127,7 @@ async def no_slot_leaked(dispatcher: Dispatcher) -> None:
     async def empty() -> bool:
         return ledger.running_count == 0
 
-    await wait_for(empty, within=30, interval=0.05)
+    await wait_until(empty, within=30, interval=0.05)
 
 
 __all__ = ["Execution", "list_executions", "max_overlap", "session"]

@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, Protocol
 
 import pytest
+import stamina
 
-from dispatcher.sandbox import Emulator, SandboxResources, provision
+from devtools.sandbox import Emulator, SandboxResources, provision
 from tests.helpers import delete_sandbox
 
 INTEGRATION_FIXTURES = frozenset({"emulator", "sandbox", "sandbox_factory"})
@@ -34,6 +35,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def fast_retries(request: pytest.FixtureRequest) -> Iterator[None]:
+    """stamina's test mode: no back-off sleeps, and as many attempts as the module's
+    ``RETRY_ATTEMPTS`` (5 when it says nothing); restored afterwards."""
+    attempts = getattr(request.module, "RETRY_ATTEMPTS", 5)
+    with stamina.set_testing(True, attempts=attempts):
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,11 +8,11 @@ from typing import Any
 
 import anyio
 
-from dispatcher.intake import Intake
-from dispatcher.layout import Layout, PoolConfig, QueueConfig
-from dispatcher.pool import Pool
-from dispatcher.rate import RateLimiters
-from dispatcher.starter import Waiting
+from dispatcher.daemon.intake import Intake
+from dispatcher.daemon.pool import Pool
+from dispatcher.daemon.ratelimit import RateLimiters
+from dispatcher.daemon.starter import Waiting
+from dispatcher.settings.layout import Layout, PoolConfig, QueueConfig
 from tests.fakes import World, build_world
 
 

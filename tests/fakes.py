@@ -21,13 +21,13 @@ import anyio
 from botocore.exceptions import ClientError, ReadTimeoutError
 from prometheus_client import CollectorRegistry
 
-from dispatcher.aws import Clients
-from dispatcher.config import Settings
-from dispatcher.health import Health
-from dispatcher.layout import Layout, from_settings
-from dispatcher.metrics import Metrics
-from dispatcher.pool import Pool
-from dispatcher.requests import execution_arn
+from dispatcher.aws.api import Clients
+from dispatcher.core.requests import execution_arn
+from dispatcher.daemon.health import Health
+from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import Pool
+from dispatcher.settings.config import Settings
+from dispatcher.settings.layout import Layout, from_settings
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient

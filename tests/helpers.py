@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +12,8 @@ import aioboto3
 import anyio
 from botocore.exceptions import ClientError
 
-from dispatcher.sandbox import SandboxResources
+from devtools.polling import wait_until
+from devtools.sandbox import SandboxResources
 
 if TYPE_CHECKING:
     from types_aiobotocore_events import EventBridgeClient
@@ -63,26 +64,6 @@ async def ssm_client(endpoint: str) -> AsyncIterator[SSMClient]:
     """An SSM client on ``endpoint``."""
     async with session().client("ssm", endpoint_url=endpoint) as client:
         yield client
-
-
-async def wait_until(
-    predicate: Callable[[], Awaitable[bool]],
-    *,
-    timeout: float = 10.0,  # noqa: ASYNC109 - the deadline is part of the failure message
-    interval: float = 0.05,
-    message: str = "condition",
-) -> None:
-    """Call ``predicate`` until it is true; AssertionError naming ``message`` after ``timeout``.
-
-    For state that lives in another process (the emulator), where there is nothing to
-    wait on but the state itself.
-    """
-    with anyio.move_on_after(timeout):
-        while True:
-            if await predicate():
-                return
-            await anyio.sleep(interval)
-    raise AssertionError(f"{message} not reached within {timeout:g} s")
 
 
 async def receive_all(
@@ -155,10 +136,10 @@ async def drained(sqs: SQSClient, queue_url: str, *, within: float = 15) -> None
     is deleted (the delete is the last step), so a finished parent does not yet mean an
     empty queue."""
 
-    with anyio.fail_after(within):
-        # Polling is the only way to observe SQS's counts (no push from AWS).
-        while await depth(sqs, queue_url):  # noqa: ASYNC110
-            await anyio.sleep(0.25)
+    async def empty() -> bool:
+        return await depth(sqs, queue_url) == 0
+
+    await wait_until(empty, within=within, message=f"{queue_url} empty")
 
 
 async def delete_sandbox(resources: SandboxResources) -> None:

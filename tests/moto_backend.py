@@ -28,8 +28,8 @@ from typing import Any, Protocol
 
 import pytest
 
-from dispatcher.sandbox import SandboxResources, provision
-from dispatcher.sandbox.emulator import free_port, pdeathsig_preexec, stop_group
+from devtools.sandbox import SandboxResources, provision
+from devtools.sandbox.emulator import free_port, pdeathsig_preexec, stop_group
 
 EXECUTE_STATE_MACHINES = {"stepfunctions": {"execute_state_machine": True}}
 _CONFIG_PATH = "/moto-api/config"

@@ -43,7 +43,7 @@ STATUS = {
 
 
 def short(name: str) -> str:
-    """``dispatcher.ledger.xǁLedgerǁdoubt__mutmut_3`` -> ``doubt__mutmut_3`` (as in the doc)."""
+    """``dispatcher.core.ledger.xǁLedgerǁdoubt__mutmut_3`` -> ``doubt__mutmut_3``."""
     last = name.rsplit(".", 1)[-1]
     return last.rsplit("ǁ", 1)[-1] if "ǁ" in last else last.removeprefix("x_")
 
@@ -73,7 +73,7 @@ def main() -> int:
     )
     summary = {
         "tool": f"mutmut {version('mutmut')}",
-        "mutated": "dispatcher/ledger.py",
+        "mutated": "dispatcher/core/ledger.py",
         "command": "make mutmut",
         "tests": tomllib.loads(Path("pyproject.toml").read_text())["tool"]["mutmut"][
             "pytest_add_cli_args_test_selection"

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import anyio
-from anyio.abc import Process
 
-from dispatcher import layout
-from dispatcher.config import POOL_FIELDS, Settings, env_name
-from dispatcher.sandbox.provision import SandboxResources
-from dispatcher.service import Dispatcher
+from devtools.child import DispatcherProcess, dispatcher_process
+from devtools.sandbox.provision import SandboxResources
+from dispatcher.daemon.service import Dispatcher
+from dispatcher.settings import layout
+from dispatcher.settings.config import POOL_FIELDS, Settings, env_name
 
 # Fast loops for tests: short long-polls so shutdown is quick, frequent reconcile.
 FAST = {
@@ -52,35 +49,8 @@ async def running(
             dispatcher.stop()
 
 
-@dataclass
-class Child:
-    """A dispatcher running as ``python -m dispatcher run``; its log lines are collected."""
-
-    process: Process
-    lines: list[dict[str, Any]] = field(default_factory=list)
-    ready: anyio.Event = field(default_factory=anyio.Event)
-    http_port: int | None = None
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        """Log lines with this event name."""
-        return [line for line in self.lines if line.get("event") == name]
-
-
-async def _collect(child: Child) -> None:
-    assert child.process.stderr is not None
-    buffer = b""
-    async for chunk in child.process.stderr:
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for raw in complete:
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                line = {"event": "raw", "text": raw.decode(errors="replace")}
-            child.lines.append(line)
-            if line.get("event") == "dispatcher.ready":
-                child.http_port = line.get("http_port")
-                child.ready.set()
+Child = DispatcherProcess
+"""A dispatcher running as ``python -m dispatcher run``; every log line is kept."""
 
 
 @asynccontextmanager
@@ -99,20 +69,8 @@ async def child_process(
         "DISPATCHER_LOG_FORMAT": "json",
         **(extra_env or {}),
     }
-    process = await anyio.open_process(
-        [sys.executable, "-m", "dispatcher", "run"], env=env, stdout=None
-    )
-    child = Child(process)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_collect, child)
-        try:
-            yield child
-        finally:
-            if process.returncode is None:
-                process.kill()
-            with anyio.CancelScope(shield=True):
-                await process.wait()
-            tg.cancel_scope.cancel()
+    async with dispatcher_process(env, kind=Child, keep_lines=True, leave="kill") as child:
+        yield child
 
 
 def config_env(resources: SandboxResources, path: str, **extra: str) -> dict[str, str]:

@@ -18,8 +18,8 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from dispatcher.http import build_app
-from dispatcher.reconcile import Reconciler
+from dispatcher.daemon.http import build_app
+from dispatcher.daemon.reconcile import Reconciler
 from tests.fakes import build_world
 
 pytestmark = pytest.mark.timeout(30)

@@ -30,8 +30,8 @@ from bench.history import trace
 from bench.patterns import semaphore
 from bench.prom import Sample, histogram_quantile
 from bench.workload import stream
-from dispatcher.records import Execution, concurrency_series
-from dispatcher.requests import key_tag
+from devtools.records import Execution, concurrency_series
+from dispatcher.core.requests import key_tag
 
 MACHINE = {
     "nproc": 2,
@@ -360,7 +360,7 @@ def test_lag_sweep_section_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "lag.png").stat().st_size > 10_000
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGE = report.PAGE  # docs/performance.md
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 # A figure typed by hand: a number with a unit or a percent sign.
 _FIGURE = re.compile(r"(\d[\d,]*(?:\.\d+)?)\s*(%|ms\b|s\b|/s\b|MB\b|MiB\b|min\b)")
@@ -388,21 +388,21 @@ def _stored(figure: str, unit: str, numbers: list[float]) -> bool:
     return any(round(n * k, digits) == shown for n in numbers for k in scales)
 
 
-def test_readme_performance_figures_match_the_stored_results() -> None:
-    text = README.read_text()
+def test_the_performance_page_figures_match_the_stored_results() -> None:
+    text = PAGE.read_text()
     assert report.readme_section(text) == report.readme_block(RESULTS), (
-        "README.md's performance figures differ from bench/results/: run "
+        "docs/performance.md's figures differ from bench/results/: run "
         "`.venv/bin/python -m bench.report --write` after `make bench`"
     )
     # Figures typed by hand around the generated block must be stored numbers too.
-    performance = text[text.index("## Performance") : text.index("### Fairness")]
+    performance = text[: text.index("## Fairness")]
     begin, end = performance.index(report.BEGIN), performance.index(report.END)
     hand_written = performance[:begin] + performance[end:]
     numbers = [
         n for path in RESULTS.glob("*.json") for n in _stored_numbers(json.loads(path.read_text()))
     ]
     unstored = [f"{f} {u}" for f, u in _FIGURE.findall(hand_written) if not _stored(f, u, numbers)]
-    assert unstored == [], f"README figures with nothing stored behind them: {unstored}"
+    assert unstored == [], f"figures with nothing stored behind them: {unstored}"
     # The check has teeth: a made-up figure is caught.
     assert not _stored("12345.678", "ms", numbers)
 

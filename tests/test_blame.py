@@ -9,17 +9,16 @@ until settled), the request kept and retried, the failure counted as the deploym
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 import pytest
-import stamina
 from aiohttp import web
 from botocore.exceptions import ClientError
 
-from dispatcher.aws import ErrorKind, classify, error_code, is_retryable, outcome_unknown
-from dispatcher.requests import execution_arn
-from dispatcher.sandbox.provision import SandboxResources
-from dispatcher.testing.faults import FaultKind, FaultProxy, FaultRule
+from devtools.faults import FaultKind, FaultProxy, FaultRule
+from devtools.sandbox.provision import SandboxResources
+from dispatcher.aws.api import ErrorKind, classify, error_code, is_retryable, outcome_unknown
+from dispatcher.core.requests import execution_arn
 from tests.audit import drain, send_requests, session, verdict, workload
 from tests.fake_intake import dispatch_all, intake_of
 from tests.fakes import DEAD_LETTER_QUEUE, STATE_MACHINE_ARN, build_world, client_error, sqs_message
@@ -29,10 +28,8 @@ from tests.test_startclient import KWARGS, server, thin
 PAGE = "<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>"
 
 
-@pytest.fixture(autouse=True)
-def fast_retries() -> Iterator[None]:
-    with stamina.set_testing(True, attempts=2):
-        yield
+RETRY_ATTEMPTS = 2  # stamina's test mode (the fast_retries fixture)
+pytestmark = pytest.mark.usefixtures("fast_retries")
 
 
 @pytest.mark.parametrize(

@@ -4,31 +4,26 @@ with the child's result, and the request message is the durable record until the
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
-import stamina
 
-from dispatcher.callbacks import MAX_OUTPUT_BYTES, Callbacks, answer_for
-from dispatcher.events import Events
-from dispatcher.intake import Intake
-from dispatcher.reconcile import Reconciler
-from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
+from dispatcher.core.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
+from dispatcher.daemon.callbacks import MAX_OUTPUT_BYTES, Callbacks, answer_for
+from dispatcher.daemon.events import Events
+from dispatcher.daemon.intake import Intake
+from dispatcher.daemon.reconcile import Reconciler
 from tests.fake_intake import dispatch_all, handle, intake_of
 from tests.fakes import STATE_MACHINE_ARN, World, build_world, sqs_message
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("fast_retries")]
 
 TOKEN = "AQCEAAAAKgAAAAMAAAAAAAAAA" + "x" * 300  # opaque, up to 1,024 characters on AWS
 CHILD = execution_arn(STATE_MACHINE_ARN, "parent-1-0")
 
 
-@pytest.fixture(autouse=True)
-def fast_retries() -> Iterator[None]:
-    with stamina.set_testing(True, attempts=2):
-        yield
+RETRY_ATTEMPTS = 2  # stamina's test mode (the fast_retries fixture)
 
 
 def child_request(token: str = TOKEN, body: str = '{"n": 1}', **extra: str) -> dict[str, Any]:

@@ -15,7 +15,8 @@ import anyio
 import pytest
 from botocore.exceptions import ClientError
 
-from dispatcher.cli import main
+from devtools.sandbox import SandboxResources, free_port
+from dispatcher.cli.main import main
 from dispatcher.preflight import (
     ALL_STATUSES,
     Check,
@@ -41,7 +42,6 @@ from dispatcher.preflight import (
     sample_event,
     status_pattern,
 )
-from dispatcher.sandbox import SandboxResources, free_port
 from tests.conftest import SandboxFactory
 from tests.helpers import (
     create_lease_table,
@@ -951,7 +951,7 @@ def test_a_broken_config_file_is_a_line_per_mistake_and_the_pool_checks_say_why(
         "EventBridge rule sends Execution Status Change events to.",
     ]
     assert {f.status for f in findings} == {Status.FAIL}
-    assert "Pools, priorities and fairness" in findings[0].fix
-    assert "Configuration" in findings[2].fix
+    assert "docs/pools.md" in findings[0].fix
+    assert "docs/configuration.md" in findings[2].fix
     with pytest.raises(Skip, match="the config file has no valid pools and queues"):
         target.need("state_machine_arn")

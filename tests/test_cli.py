@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.check import CHECK_FIELDS
-from dispatcher.cli import build_parser, main
-from dispatcher.config import Settings
-from dispatcher.errors import EXIT_AWS, EXIT_STATUS_HELP, EXIT_USAGE
-from dispatcher.sandbox import free_port
+from devtools.sandbox import free_port
+from dispatcher.cli.check import CHECK_FIELDS
+from dispatcher.cli.main import build_parser, main
+from dispatcher.errors import EXIT_AWS, EXIT_STATUS_HELP, EXIT_STATUSES, EXIT_USAGE
+from dispatcher.settings.config import Settings
 
 pytestmark = pytest.mark.timeout(30)
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
 ARN = "arn:aws:states:us-east-1:123456789012:stateMachine:orders"
 QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/"
 
@@ -153,37 +153,54 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
-def test_every_readme_section_named_in_a_help_text_exists() -> None:
-    headings = {
-        line.lstrip("#").strip() for line in README.read_text().splitlines() if line[:1] == "#"
-    }
+def _anchors(page: Path) -> set[str]:
+    """The anchors of a docs page's headings: an explicit ``{#id}``, else mkdocs' slug."""
+    anchors = set()
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#") or line.startswith("#!"):
+            continue
+        heading = line.lstrip("#").strip()
+        explicit = re.search(r"\{#([\w-]+)\}\s*$", heading)
+        if explicit:
+            anchors.add(explicit.group(1))
+            continue
+        slug = re.sub(r"[^\w\s-]", "", heading.lower())
+        anchors.add(re.sub(r"[-\s]+", "-", slug).strip("-"))
+    return anchors
+
+
+def test_every_docs_page_named_in_a_help_text_exists() -> None:
+    """Help texts point at docs pages (``docs/pools.md``, ``docs/x.md#heading``): each page
+    exists, and each anchor is one of its headings."""
     texts = {"": build_parser().format_help()}
     texts |= {name: parser.format_help() for name, parser in sub_commands().items()}
     named = {
-        (name, section)
+        (name, target)
         for name, text in texts.items()
-        for section in re.findall(
-            r"see (?:the )?(?:README section )?'([^']+)'", flat(text), flags=re.IGNORECASE
-        )
+        for target in re.findall(r"docs/[\w/.-]+\.md(?:#[\w-]+)?", flat(text))
     }
-    assert {section for _, section in named} >= {
-        "Configuration",
-        "Exit status",
-        "Pools, priorities and fairness",
-        "From inside a workflow",
-        "Preflight: `sfn-dispatcher check`",
+    assert {target.split("#")[0] for _, target in named} >= {
+        "docs/configuration.md",
+        "docs/reference/cli.md",
+        "docs/pools.md",
+        "docs/task-tokens.md",
     }
-    missing = sorted((name, section) for name, section in named if section not in headings)
+    missing = []
+    for name, target in sorted(named):
+        path, _, anchor = target.partition("#")
+        page = ROOT / path
+        if not page.is_file() or (anchor and anchor not in _anchors(page)):
+            missing.append((name, target))
     assert missing == []
 
 
-def test_exit_statuses_are_in_the_help_and_the_readme() -> None:
+def test_exit_statuses_are_in_the_help_and_the_reference() -> None:
     for parser in (build_parser(), sub_commands()["run"], sub_commands()["check"]):
         assert flat(EXIT_STATUS_HELP) in flat(parser.format_help())
-    readme = README.read_text()
-    table = readme.split("### Exit status", 1)[1].split("\n\n", 2)[1]
-    codes = [row.split("|")[1].strip(" `") for row in table.splitlines()[2:]]
-    assert codes == ["0", "1", "2", "3", "4", "130"]
+    codes = [code for code, _ in EXIT_STATUSES]
+    assert codes == [0, 1, 2, 3, 4, 130]
+    assert {EXIT_USAGE, EXIT_AWS} <= set(codes)
+    assert all(f"; {code} " in EXIT_STATUS_HELP for code in codes[1:])
 
 
 def test_every_setting_shows_what_it_accepts_and_its_default() -> None:

@@ -9,7 +9,10 @@ from typing import Any
 
 import pytest
 
-from dispatcher.config import (
+from dispatcher.daemon.deadletter import DEFAULT_MAX_SIZE
+from dispatcher.daemon.startup import preflight
+from dispatcher.errors import UserError
+from dispatcher.settings.config import (
     ConfigError,
     InputFormat,
     LogFormat,
@@ -18,10 +21,7 @@ from dispatcher.config import (
     add_arguments,
     overrides_from,
 )
-from dispatcher.deadletter import DEFAULT_MAX_SIZE
-from dispatcher.errors import UserError
-from dispatcher.layout import Layout, from_settings
-from dispatcher.startup import preflight
+from dispatcher.settings.layout import Layout, from_settings
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
     EVENTS_QUEUE,

@@ -24,8 +24,8 @@ from packaging.utils import canonicalize_name
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dispatcher.config import Settings
-from dispatcher.metrics import Metrics
+from dispatcher.daemon.metrics import Metrics
+from dispatcher.settings.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -91,7 +91,7 @@ PUBLISHED_PORT_RE = re.compile(r"^127\.0\.0\.1:\$\{(SFN_STACK_[A-Z]+_PORT):-(\d+
 def test_every_published_port_is_a_documented_variable() -> None:
     """Two stacks (or a stack and a sandbox) can run side by side: no host port is fixed."""
     header = COMPOSE.read_text(encoding="utf-8").split("\nservices:", 1)[0]
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    guide = (ROOT / "docs" / "getting-started.md").read_text(encoding="utf-8")
     names: set[str] = set()
     for name, service in _services().items():
         for port in service.get("ports", []):
@@ -100,7 +100,7 @@ def test_every_published_port_is_a_documented_variable() -> None:
             variable, default, inside = match.groups()
             assert default == inside, f"{name}: the default host port is the container's"
             assert re.search(rf"{variable}\s+\(default {default}\)", header), variable
-            assert variable in readme, f"{variable} is not in the README"
+            assert variable in guide, f"{variable} is not in docs/getting-started.md"
             names.add(variable)
     assert len(names) == 4, names
 
@@ -128,6 +128,8 @@ def test_stack_wiring() -> None:
     endpoint = dispatcher["environment"]["AWS_ENDPOINT_URL"]
     assert endpoint == "http://ministack:4566"
     assert provision["command"] == ["sandbox", "--endpoint", endpoint]
+    assert provision["entrypoint"] == ["python", "-m", "devtools"], "the sandbox is not shipped"
+    assert "./devtools:/opt/sfn-dev/devtools:ro" in provision["volumes"]
     assert provision["restart"] == "no"
     assert provision["depends_on"]["ministack"]["condition"] == "service_healthy"
     for service in (dispatcher, loadgen):
@@ -147,7 +149,7 @@ def test_stack_wiring() -> None:
 
 
 STANDINS = ROOT / "tests" / "containers" / "compose.standins.yaml"
-# Variables of the image that are not settings: `sfn-dispatcher sandbox` reads this one.
+# Variables of the image that are not settings: `python -m devtools sandbox` reads this one.
 OTHER_DISPATCHER_VARIABLES = {"DISPATCHER_SANDBOX_EMULATOR"}
 
 

@@ -11,13 +11,14 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.cli import main
-from dispatcher.control import render_status, status_url
+from devtools.polling import wait_until
+from devtools.sandbox import SandboxResources
+from dispatcher.cli.control import render_status, status_url
+from dispatcher.cli.main import main
+from dispatcher.cli.submit import SubmitItem, submit_requests
+from dispatcher.daemon.limits import last_running_limit, limit_target
 from dispatcher.errors import UserError
-from dispatcher.limits import last_running_limit, limit_target
-from dispatcher.sandbox import SandboxResources
-from dispatcher.submit import SubmitItem, submit_requests
-from tests.helpers import queue_depth, sfn_client, ssm_client, wait_until
+from tests.helpers import queue_depth, sfn_client, ssm_client
 from tests.runner import running
 
 pytestmark = pytest.mark.timeout(60)
@@ -74,13 +75,19 @@ async def test_pause_drain_resume_a_running_dispatcher(
         async def names_are(*names: str) -> bool:
             return set(await executions()) == set(names)
 
-        await wait_until(lambda: _true(pool.ledger.limit == 3), message="limit 3 read")
+        await wait_until(
+            lambda: _true(pool.ledger.limit == 3), within=10, interval=0.05, message="limit 3 read"
+        )
         await submit("a")
-        await wait_until(lambda: names_are("a-1", "a-2"), message="a-1, a-2 started")
+        await wait_until(
+            lambda: names_are("a-1", "a-2"), within=10, interval=0.05, message="a-1, a-2 started"
+        )
 
         assert await _cli("pause") == 0
         assert "limit 3 -> 0" in capsys.readouterr().out
-        await wait_until(lambda: _true(pool.ledger.limit == 0), message="pause seen")
+        await wait_until(
+            lambda: _true(pool.ledger.limit == 0), within=10, interval=0.05, message="pause seen"
+        )
         await submit("b")
 
         assert await _cli("status", "--url", url) == 0
@@ -104,7 +111,12 @@ async def test_pause_drain_resume_a_running_dispatcher(
 
         assert await _cli("resume") == 0
         assert "limit 0 -> 3" in capsys.readouterr().out
-        await wait_until(lambda: names_are("a-1", "a-2", "b-1", "b-2"), message="b-1, b-2 started")
+        await wait_until(
+            lambda: names_are("a-1", "a-2", "b-1", "b-2"),
+            within=10,
+            interval=0.05,
+            message="b-1, b-2 started",
+        )
     async with ssm_client(sandbox.endpoint) as ssm:
         parameter = await ssm.get_parameter(Name=sandbox.limit_parameter)
     assert parameter["Parameter"]["Value"] == "3"
@@ -325,8 +337,8 @@ async def test_drain_against_a_standby_judges_from_the_executions(
 ) -> None:
     """A standby governs nothing: its figures (limit never 0, counts of a reign it lost)
     say nothing, so `drain --wait --url` pointed at it goes by the executions alone."""
-    from dispatcher import control  # noqa: PLC0415
-    from dispatcher.limits import LimitTarget  # noqa: PLC0415
+    from dispatcher.cli import control  # noqa: PLC0415
+    from dispatcher.daemon.limits import LimitTarget  # noqa: PLC0415
 
     standby = {
         "role": "standby",

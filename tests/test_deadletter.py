@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatcher.deadletter import (
+from dispatcher.daemon.deadletter import (
     DETAIL_ATTRIBUTE,
     MAX_ATTRIBUTES,
     ORIGINAL_ID_ATTRIBUTE,

@@ -7,7 +7,7 @@ from typing import Any, cast
 import anyio
 import pytest
 
-from dispatcher.deleter import DeleteBatcher
+from dispatcher.daemon.deleter import DeleteBatcher
 from tests.fakes import FakeSQS, client_error
 
 QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/requests"

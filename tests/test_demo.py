@@ -1,4 +1,4 @@
-"""``sfn-dispatcher demo``: the command line, the parents' inputs, and the closing summary
+"""``python -m devtools demo``: the command line, the parents' inputs, and the closing summary
 computed from made-up outcomes; one run of the real thing (parents included) in a child
 process."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.cli import build_parser
-from dispatcher.demo import (
+from devtools.__main__ import DEV_MODULES
+from devtools.demo import (
     DemoResult,
     ParentOutcome,
     Plan,
@@ -24,16 +24,17 @@ from dispatcher.demo import (
     plan_from,
     summary,
 )
+from devtools.records import Execution
+from devtools.sandbox import child_key, find_executable
+from dispatcher.cli.main import build_parser
 from dispatcher.errors import UserError
-from dispatcher.records import Execution
-from dispatcher.sandbox import child_key, find_executable
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def plan(*argv: str) -> Plan:
     """The plan of ``sfn-dispatcher demo ARGV``."""
-    return plan_from(build_parser().parse_args(["demo", *argv]))
+    return plan_from(build_parser(DEV_MODULES).parse_args(["demo", *argv]))
 
 
 # --- the command line ------------------------------------------------------------------------
@@ -131,10 +132,10 @@ def _make_dry_run(target: str, tmp_path: Path) -> str:
 def test_make_demo_installs_no_dev_extra(tmp_path: Path) -> None:
     """The first `make demo` installed mypy, cfn-lint, matplotlib, hypothesis: minutes."""
     demo = _make_dry_run("demo", tmp_path)
-    assert "pip install --quiet --disable-pip-version-check -e ." in demo
+    assert "pip install --quiet --disable-pip-version-check -e '.[demo]'" in demo
     assert "[dev]" not in demo, demo
     assert "-r requirements-emulator.txt" in demo
-    assert "sfn-dispatcher demo" in demo
+    assert "-m devtools demo" in demo
     for target in ("test", "lint"):
         assert "-e '.[dev]'" in _make_dry_run(target, tmp_path), target
 
@@ -268,7 +269,7 @@ def test_the_line_before_the_run_says_what_will_happen() -> None:
 
 
 def test_children_of_parents_are_told_apart_from_plain_requests() -> None:
-    from dispatcher.demo import _split  # noqa: PLC0415 - a private helper, tested alone
+    from devtools.demo import _split  # noqa: PLC0415 - a private helper, tested alone
 
     inputs = parent_inputs(1, 2, (1, 1))
     arns = {"parent-001": "arn:aws:states:us-east-1:000000000000:execution:parent:parent-001"}
@@ -293,7 +294,7 @@ def test_the_demo_with_parents_holds_the_limit_and_every_parent_gets_its_answers
         [
             sys.executable,
             "-m",
-            "dispatcher",
+            "devtools",
             "demo",
             "--parents",
             "3",

@@ -17,10 +17,11 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
-from dispatcher.sandbox.provision import SandboxResources
-from dispatcher.testing.chaos import EventChaos
-from dispatcher.testing.faults import FaultKind, FaultProxy, FaultRule
+from devtools.chaos import EventChaos
+from devtools.faults import FaultKind, FaultProxy, FaultRule
+from devtools.polling import wait_until
+from devtools.sandbox.provision import SandboxResources
+from dispatcher.core.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
 from tests.audit import (
     Execution,
     drain,
@@ -29,7 +30,6 @@ from tests.audit import (
     send_requests,
     session,
     verdict,
-    wait_for,
     workload,
 )
 from tests.fake_intake import intake_of
@@ -190,7 +190,7 @@ async def interrupt_then_resume(
         async with child_process(resources) as first:
             with anyio.fail_after(60):
                 await first.ready.wait()
-            await wait_for(some_started, within=60, interval=0.05)
+            await wait_until(some_started, within=60, interval=0.05)
             first.process.send_signal(signum)
             with anyio.fail_after(5 + 5):  # shutdown timeout + margin
                 await first.process.wait()
@@ -252,7 +252,7 @@ async def test_a_request_sent_during_shutdown_starts_once_the_next_dispatcher_is
                 return await started(probe) is not None
 
             # Once the probe started, the receive loops are polling (10 s long polls).
-            await wait_for(probe_started, within=30, interval=0.05)
+            await wait_until(probe_started, within=30, interval=0.05)
             first.process.send_signal(signal.SIGTERM)
             [late] = await send_requests(sqs, resources.request_queue_url, [{"seconds": 0}])
             with anyio.fail_after(10 + 5 + 10):  # the long poll answers, then the exit
@@ -267,7 +267,7 @@ async def test_a_request_sent_during_shutdown_starts_once_the_next_dispatcher_is
             async def late_started() -> bool:
                 return await started(late) is not None
 
-            await wait_for(late_started, within=90, interval=0.1)
+            await wait_until(late_started, within=90, interval=0.1)
             execution = await started(late)
             assert execution is not None
             waited = execution.start - ready_at
@@ -307,7 +307,7 @@ async def test_executions_started_elsewhere_count_against_the_limit(
             async def four_counted() -> bool:
                 return ledger.running_count >= 4
 
-            await wait_for(four_counted, within=30, interval=0.02)
+            await wait_until(four_counted, within=30, interval=0.02)
             names = await send_requests(sqs, resources.request_queue_url, workload(20, 0.2, 0.5))
             foreign = [f"console-before-{i}" for i in range(2)] + [
                 f"console-during-{i}" for i in range(2)

@@ -4,29 +4,23 @@ evidence settles it - never freed on a guess. On fakes, one request at a time.""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import anyio
 import pytest
-import stamina
 
-from dispatcher.events import Events
-from dispatcher.ledger import Change
-from dispatcher.reconcile import Reconciler
-from dispatcher.requests import execution_arn
+from dispatcher.core.ledger import Change
+from dispatcher.core.requests import execution_arn
+from dispatcher.daemon.events import Events
+from dispatcher.daemon.reconcile import Reconciler
 from tests.fake_intake import handle, intake_of
 from tests.fakes import STATE_MACHINE_ARN, World, build_world, client_error, sqs_message
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("fast_retries")]
 
 GRACE = 10.0
 
 
-@pytest.fixture(autouse=True)
-def fast_retries() -> Iterator[None]:
-    """stamina's test mode: a few attempts, no back-off sleeps."""
-    with stamina.set_testing(True, attempts=3):
-        yield
+RETRY_ATTEMPTS = 3  # stamina's test mode (the fast_retries fixture)
 
 
 def world_of(limit: int = 1) -> World:

@@ -10,8 +10,8 @@ import structlog
 import structlog.testing
 from botocore.exceptions import ClientError
 
-from dispatcher.events import DETAIL_TYPE, Events, parse_event
-from dispatcher.requests import execution_arn
+from dispatcher.core.requests import execution_arn
+from dispatcher.daemon.events import DETAIL_TYPE, Events, parse_event
 from tests.fake_intake import handle
 from tests.fakes import (
     ACCOUNT,

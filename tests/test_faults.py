@@ -24,8 +24,8 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionClosedError
 
-from dispatcher.testing import EventChaos, FaultKind, FaultProxy, FaultRule
-from tests.helpers import wait_until
+from devtools import EventChaos, FaultKind, FaultProxy, FaultRule
+from devtools.polling import wait_until
 
 if TYPE_CHECKING:
     from types_aiobotocore_events import EventBridgeClient
@@ -266,7 +266,7 @@ async def test_a_delayed_request_whose_client_gave_up_is_never_forwarded(aws: Aw
     async def abandoned() -> bool:
         return aws.proxy.stats[("StartExecution", "abandoned")] == 1
 
-    await wait_until(abandoned, timeout=5, message="the proxy drops the abandoned request")
+    await wait_until(abandoned, within=5, message="the proxy drops the abandoned request")
     assert await _execution_names(aws.direct_sfn, aws.machine_arn) == set()
 
 

@@ -12,9 +12,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from dispatcher.daemon.health import AWS_FAILURES_BEFORE_UNREADY, Health
+from dispatcher.daemon.http import build_app, serve
 from dispatcher.errors import UserError
-from dispatcher.health import AWS_FAILURES_BEFORE_UNREADY, Health
-from dispatcher.http import build_app, serve
 from tests.fakes import World, build_world
 
 pytestmark = pytest.mark.timeout(10)

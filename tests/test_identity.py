@@ -8,17 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import stamina
 
-from dispatcher.callbacks import Callbacks
-from dispatcher.config import InputFormat
-from dispatcher.intake import Intake
-from dispatcher.redrive import request_attributes
-from dispatcher.requests import (
+from dispatcher.cli.redrive import request_attributes
+from dispatcher.core.requests import (
     IDEMPOTENCY_ATTRIBUTE,
     REQUEST_ID_ATTRIBUTE,
     StartRequest,
@@ -27,6 +22,9 @@ from dispatcher.requests import (
     key_tag,
     parse,
 )
+from dispatcher.daemon.callbacks import Callbacks
+from dispatcher.daemon.intake import Intake
+from dispatcher.settings.config import InputFormat
 from tests.fake_intake import handle, intake_of
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
@@ -37,17 +35,14 @@ from tests.fakes import (
     sqs_message,
 )
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("fast_retries")]
 
 MESSAGE_ID = "2f6c0f7e-8b1a-4c3d-9e5f-0a1b2c3d4e5f"
 PLAIN_ARN = execution_arn(STATE_MACHINE_ARN, MESSAGE_ID)
 TOKEN = "AQCEAAAAKgAAAAMAAAAAAAAAA" + "x" * 300
 
 
-@pytest.fixture(autouse=True)
-def fast_retries() -> Iterator[None]:
-    with stamina.set_testing(True, attempts=3):
-        yield
+RETRY_ATTEMPTS = 3  # stamina's test mode (the fast_retries fixture)
 
 
 def keyed_name(key: str, name: str) -> str:

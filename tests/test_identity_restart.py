@@ -9,9 +9,10 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from dispatcher.records import list_executions
-from dispatcher.sandbox.provision import SandboxResources, child_key
-from tests.audit import session, wait_for
+from devtools.polling import wait_until
+from devtools.records import list_executions
+from devtools.sandbox.provision import SandboxResources, child_key
+from tests.audit import session
 from tests.runner import running
 
 Factory = Callable[..., Awaitable[SandboxResources]]
@@ -34,7 +35,7 @@ async def test_a_child_running_across_a_key_attribute_change_is_not_started_agai
             async def token_held() -> bool:
                 return before.callbacks is not None and before.callbacks.held == 1
 
-            await wait_for(token_held, within=30)
+            await wait_until(token_held, within=30)
         # Restarted with a per-parent key: the child's name would now carry a key tag. Its
         # token message comes back once its visibility ends (it is never handed back).
         async with running(resources, limit=2, key_attribute="parent-execution") as after:
@@ -43,7 +44,7 @@ async def test_a_child_running_across_a_key_attribute_change_is_not_started_agai
                 described = await sfn.describe_execution(executionArn=started["executionArn"])
                 return bool(described["status"] != "RUNNING")
 
-            await wait_for(parent_ended, within=100, interval=0.5)
+            await wait_until(parent_ended, within=100, interval=0.5)
             found = after.metrics.registry.get_sample_value(
                 "dispatcher_former_name_lookups_total", {"pool": "default", "result": "found"}
             )

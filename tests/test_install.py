@@ -1,6 +1,6 @@
 """The install paths the docs give, as a new user runs them: ``pip install "git+URL"`` from a
-clone of this repository into a fresh virtualenv, and the wiring-only steps of
-docs/operations.md checked against the template and the settings they name."""
+clone of this repository into a fresh virtualenv, and the wiring-only steps of docs/deploy.md
+and the README checked against the template and the settings they name."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dispatcher.config import Settings, env_name
+from dispatcher.settings.config import Settings, env_name
 from tests.test_cloudformation import load_template
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-OPERATIONS = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+DEPLOY = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
 WIRING = ROOT / "deploy" / "cloudformation-wiring.yaml"
 
 
@@ -81,7 +81,7 @@ def test_the_readmes_pip_install_from_a_git_url_works(tmp_path: Path) -> None:
         check=False,
     )
     assert version.stdout.strip().startswith("sfn-dispatcher "), version.stderr
-    for command in ("run", "check", "sandbox", "status", "submit"):
+    for command in ("run", "check", "status", "pause", "redrive", "submit"):
         shown = subprocess.run(
             [str(script), command, "--help"],
             cwd=tmp_path,
@@ -104,10 +104,19 @@ def test_the_readmes_pip_install_from_a_git_url_works(tmp_path: Path) -> None:
     theirs = {p.relative_to(package) for p in package.rglob("*.py")}
     assert ours <= theirs, sorted(map(str, ours - theirs))
     assert (package / "py.typed").is_file()
+    # The developer tools stay in the checkout: no sandbox, demo or fault proxy installed,
+    # and nothing installed only for them (the demo's progress bars).
+    site = package.parent
+    assert not (site / "devtools").exists(), "developer tools shipped"
+    assert not list(site.glob("tqdm*")), "tqdm installed: only the demo uses it"
+    dev_command = subprocess.run(
+        [str(script), "sandbox", "--help"], cwd=tmp_path, env=env, capture_output=True, check=False
+    )
+    assert dev_command.returncode == 2, "sandbox is a developer tool: python -m devtools sandbox"
 
 
 def test_the_wiring_steps_name_real_parameters_outputs_and_settings() -> None:
-    section = _section(OPERATIONS, "## Wiring only: Kubernetes or any other runtime")
+    section = _section(DEPLOY, "## Wiring only: Kubernetes or any other runtime")
     template = load_template(WIRING.read_text(encoding="utf-8"))
     deploy, run = _blocks(section)
     assert "--template-file deploy/cloudformation-wiring.yaml" in deploy
@@ -123,8 +132,8 @@ def test_the_wiring_steps_name_real_parameters_outputs_and_settings() -> None:
     assert "sfn-dispatcher run" in run
 
 
-def test_the_kubernetes_image_override_in_the_readme_is_a_kustomize_images_entry() -> None:
-    [block] = _blocks(_section(README, "## Kubernetes"), "yaml")
+def test_the_kubernetes_image_override_in_the_docs_is_a_kustomize_images_entry() -> None:
+    [block] = _blocks(_section(DEPLOY, "## Kubernetes"), "yaml")
     [entry] = yaml.safe_load(block)["images"]
     kustomization = yaml.safe_load(
         (ROOT / "deploy" / "kubernetes" / "deployment.yaml").read_text(encoding="utf-8")
@@ -132,3 +141,23 @@ def test_the_kubernetes_image_override_in_the_readme_is_a_kustomize_images_entry
     [container] = kustomization["spec"]["template"]["spec"]["containers"]
     assert container["image"].split(":", 1)[0] == entry["name"]
     assert set(entry) == {"name", "newName", "newTag"}
+
+
+def test_the_readmes_run_against_aws_names_real_parameters_outputs_and_settings() -> None:
+    """The README's few commands against your own AWS resources: the wiring template's
+    parameters and outputs, the settings and the commands are all real."""
+    section = _section(README, "## Run it against your own AWS resources")
+    deploy, run = _blocks(section)
+    template = load_template(WIRING.read_text(encoding="utf-8"))
+    assert "--template-file deploy/cloudformation-wiring.yaml" in deploy
+    overrides = re.findall(r"\b([A-Z][A-Za-z]+)=\$?\w", deploy.split("--parameter-overrides")[1])
+    assert overrides, deploy
+    assert set(overrides) <= set(template["Parameters"]), overrides
+    outputs = re.findall(r"\$\(output ([A-Za-z]+)\)", deploy)
+    assert len(outputs) == 4, outputs
+    assert set(outputs) <= set(template["Outputs"]), outputs
+    known = {env_name(field) for field in Settings.model_fields}
+    named = set(re.findall(r"\bDISPATCHER_[A-Z_]+", section))
+    assert named <= known, sorted(named - known)
+    commands = [line.split()[1] for line in run.splitlines() if line.startswith("sfn-dispatcher")]
+    assert commands == ["check", "run", "submit", "status"]

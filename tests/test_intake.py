@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -13,8 +12,8 @@ import pytest
 import stamina
 from botocore.exceptions import ClientError
 
-from dispatcher.deadletter import DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REASON_ATTRIBUTE
-from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
+from dispatcher.core.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
+from dispatcher.daemon.deadletter import DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REASON_ATTRIBUTE
 from tests.fake_intake import dispatch_all, finish, handle, intake_of, waiting
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
@@ -33,13 +32,6 @@ pytestmark = pytest.mark.timeout(10)
 MESSAGE_ID = "2f6c0f7e-8b1a-4c3d-9e5f-0a1b2c3d4e5f"
 ARN = execution_arn(STATE_MACHINE_ARN, MESSAGE_ID)
 KEYED_ARN = execution_arn(STATE_MACHINE_ARN, "order-1")
-
-
-@pytest.fixture
-def fast_retries() -> Iterator[None]:
-    """stamina's test mode: up to 5 attempts, no back-off sleeps; restored afterwards."""
-    with stamina.set_testing(True, attempts=5):
-        yield
 
 
 def assert_slot_free(world: World) -> None:
@@ -494,8 +486,8 @@ async def test_the_start_client_sends_a_fixed_user_agent_and_leaves_validation_t
     error answer, which `classify` sorts as permanent)."""
     from aiohttp import web  # noqa: PLC0415 - only this test serves HTTP
 
-    from dispatcher.aws import USER_AGENT, ErrorKind, classify, open_clients  # noqa: PLC0415
-    from dispatcher.metrics import Metrics  # noqa: PLC0415
+    from dispatcher.aws.api import USER_AGENT, ErrorKind, classify, open_clients  # noqa: PLC0415
+    from dispatcher.daemon.metrics import Metrics  # noqa: PLC0415
 
     seen: list[tuple[str, dict[str, Any]]] = []
 

@@ -4,20 +4,18 @@ the waiting room (space, look-ahead, visibility) and the start rate."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
-import stamina
 
-from dispatcher.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
-from dispatcher.intake import UNROUTED, Intake
-from dispatcher.layout import PoolConfig, QueueConfig
-from dispatcher.ledger import Change
-from dispatcher.pool import LOOKAHEAD, Pool
-from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, KEY_TAG_LENGTH, execution_arn, key_tag
-from dispatcher.requests import tag_of as tag_in
+from dispatcher.core.ledger import Change
+from dispatcher.core.requests import IDEMPOTENCY_ATTRIBUTE, KEY_TAG_LENGTH, execution_arn, key_tag
+from dispatcher.core.requests import tag_of as tag_in
+from dispatcher.daemon.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
+from dispatcher.daemon.intake import UNROUTED, Intake
+from dispatcher.daemon.pool import LOOKAHEAD, Pool
+from dispatcher.settings.layout import PoolConfig, QueueConfig
 from tests.fake_intake import (
     build_layout_world,
     dispatch_all,
@@ -45,13 +43,6 @@ SECOND_ARN = f"arn:aws:states:{REGION}:{ACCOUNT}:stateMachine:second"
 SHARED = f"{QUEUE_BASE}/shared"
 HIGH = f"{QUEUE_BASE}/high"
 LOW = f"{QUEUE_BASE}/low"
-
-
-@pytest.fixture
-def fast_retries() -> Iterator[None]:
-    """stamina's test mode: up to 5 attempts, no back-off sleeps; restored afterwards."""
-    with stamina.set_testing(True, attempts=5):
-        yield
 
 
 def request(message_id: str, **attributes: str) -> dict[str, Any]:
@@ -550,7 +541,7 @@ def test_deferrals_that_came_back_are_forgotten_whatever_the_number_of_keys() ->
 def test_the_deferrals_remembered_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the cap the deferral back first is forgotten: memory is bounded even while
     every deferral is still out."""
-    monkeypatch.setattr("dispatcher.pool.MAX_TRACKED_DEFERRALS", 3)
+    monkeypatch.setattr("dispatcher.daemon.pool.MAX_TRACKED_DEFERRALS", 3)
     world = keyed_world(limit=4, per_key_limit=2, max_waiting=100)
     pool = world.pool
     for i in range(5):

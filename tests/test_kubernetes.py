@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from dispatcher.config import ConfigError, Settings, env_name
-from dispatcher.layout import load as load_layout
+from dispatcher.settings.config import ConfigError, Settings, env_name
+from dispatcher.settings.layout import load as load_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"

@@ -4,7 +4,6 @@ grace have passed, known never to have started (only then dead-lettered). On fak
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -12,10 +11,10 @@ import pytest
 import stamina
 from botocore.exceptions import ReadTimeoutError
 
-from dispatcher.callbacks import DEAD_LETTERED, Callbacks
-from dispatcher.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
-from dispatcher.intake import Intake
-from dispatcher.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn, key_tag
+from dispatcher.core.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn, key_tag
+from dispatcher.daemon.callbacks import DEAD_LETTERED, Callbacks
+from dispatcher.daemon.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
+from dispatcher.daemon.intake import Intake
 from tests.fake_intake import handle, intake_of
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
@@ -26,7 +25,7 @@ from tests.fakes import (
     sqs_message,
 )
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("fast_retries")]
 
 MAX_RECEIVES = 5
 D = 5.0
@@ -35,10 +34,7 @@ TOKEN = "AQCEAAAAKgAAAAMAAAAAAAAAA" + "t" * 100
 ARN = execution_arn(STATE_MACHINE_ARN, "m-1")
 
 
-@pytest.fixture(autouse=True)
-def fast_retries() -> Iterator[None]:
-    with stamina.set_testing(True, attempts=2):
-        yield
+RETRY_ATTEMPTS = 2  # stamina's test mode (the fast_retries fixture)
 
 
 def world_of(**overrides: Any) -> World:
@@ -281,7 +277,7 @@ async def test_a_dead_letter_send_failing_on_the_last_receive_is_retried_kept_hi
     """An invalid request on its last receive; the dead-letter queue refuses the copy twice.
     Handed back, SQS's redrive policy would move it without its reason: it is kept hidden
     and the send tried again until it goes, then the request is deleted."""
-    monkeypatch.setattr("dispatcher.deadletter.LAST_RECEIVE_MAX_PAUSE", 0.01)
+    monkeypatch.setattr("dispatcher.daemon.deadletter.LAST_RECEIVE_MAX_PAUSE", 0.01)
     world = world_of(limit=2)
     intake, _ = intake_for(world)
     world.sqs.fail("send_message", *(client_error("InternalError", 500) for _ in range(2)))

@@ -12,10 +12,11 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.lease import Lease, LeaseConfig, Leases
-from dispatcher.sandbox.provision import SandboxResources
-from dispatcher.service import Dispatcher
-from tests.audit import send_requests, session, verdict, wait_for, workload
+from devtools.polling import wait_until
+from devtools.sandbox.provision import SandboxResources
+from dispatcher.daemon.lease import Lease, LeaseConfig, Leases
+from dispatcher.daemon.service import Dispatcher
+from tests.audit import send_requests, session, verdict, workload
 from tests.helpers import create_lease_table
 from tests.runner import child_process, settings_for
 
@@ -141,7 +142,7 @@ async def test_a_paused_leader_stops_starting_before_another_can_start(
                 listed = await sfn.list_executions(stateMachineArn=resources.state_machine_arn)
                 return len(listed["executions"]) >= 3
 
-            await wait_for(started_some, within=30, interval=0.05)
+            await wait_until(started_some, within=30, interval=0.05)
         leader.process.send_signal(signal.SIGSTOP)  # paused mid-reign, lease in hand
         other = Dispatcher(
             settings_for(resources, lease_table=table, lease_ttl=ttl),
@@ -156,7 +157,7 @@ async def test_a_paused_leader_stops_starting_before_another_can_start(
             async def leader_noticed() -> bool:
                 return bool(leader.events("dispatcher.reign_over"))
 
-            await wait_for(leader_noticed, within=30, interval=0.05)
+            await wait_until(leader_noticed, within=30, interval=0.05)
             await verdict(resources, names, 3, within=120)
             took_over: Any = other.lease
             assert took_over is not None

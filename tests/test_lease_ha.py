@@ -19,12 +19,13 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher import layout
-from dispatcher.records import list_executions
-from dispatcher.sandbox.provision import SandboxResources
-from dispatcher.service import Dispatcher
-from dispatcher.testing.faults import FaultKind, FaultProxy, FaultRule
-from tests.audit import send_requests, verdict, wait_for, workload
+from devtools.faults import FaultKind, FaultProxy, FaultRule
+from devtools.polling import wait_until
+from devtools.records import list_executions
+from devtools.sandbox.provision import SandboxResources
+from dispatcher.daemon.service import Dispatcher
+from dispatcher.settings import layout
+from tests.audit import send_requests, verdict, workload
 from tests.conftest import SandboxFactory
 from tests.helpers import create_lease_table, session
 from tests.runner import Child, child_process, config_env, settings_for
@@ -126,7 +127,7 @@ async def test_processes_with_different_pools_never_both_start_one_state_machine
                     return False
                 return role in ("leader", "standby")
 
-            await wait_for(settled, within=30, interval=0.1)
+            await wait_until(settled, within=30, interval=0.1)
             async with session().client("sqs", endpoint_url=one.endpoint) as sqs:
                 names_one = await send_requests(sqs, one.request_queue_url, workload(24, 3.0, 5.0))
                 names_two = await send_requests(
@@ -174,7 +175,7 @@ async def test_a_take_over_applies_the_config_file_as_it_is_now(
             async def lowered() -> bool:
                 return bool(leader.events("dispatcher.limit_changed"))
 
-            await wait_for(lowered, within=20, interval=0.05)
+            await wait_until(lowered, within=20, interval=0.05)
             [unapplied] = leader.events("dispatcher.reload_needs_restart")
             assert unapplied["change"] == "receive_concurrency 4 -> 2"
             leader.process.send_signal(signal.SIGKILL)
@@ -225,7 +226,7 @@ async def test_a_new_holder_waits_for_the_start_timeout_its_predecessor_recorded
                 recorded = (float(item["start_timeout"]["N"]), float(item["start_grace"]["N"]))
                 return recorded == (1.0, 0.5)
 
-            await wait_for(records_its_own, within=10, interval=0.1)
+            await wait_until(records_its_own, within=10, interval=0.1)
             dispatcher.stop()
 
 
@@ -261,7 +262,7 @@ async def test_a_leader_whose_renewal_hangs_steps_down_within_its_lease(
                 async def started_two() -> bool:
                     return len(await list_executions(sfn, resources.state_machine_arn)) >= 2
 
-                await wait_for(started_two, within=30, interval=0.05)
+                await wait_until(started_two, within=30, interval=0.05)
             proxy.add(FaultRule("UpdateItem", FaultKind.LATENCY, delay=120.0))
             held_at = anyio.current_time()
             events = old.events
@@ -272,7 +273,7 @@ async def test_a_leader_whose_renewal_hangs_steps_down_within_its_lease(
 
             with anyio.fail_after(TTL + 5):
                 await new.started.wait()
-            await wait_for(let_go, within=TTL + 5, interval=0.05)
+            await wait_until(let_go, within=TTL + 5, interval=0.05)
             # Within the lease (and the end of the intake's last one-second long poll).
             assert anyio.current_time() - held_at <= TTL + 3
             applied = events.applied
@@ -307,7 +308,7 @@ async def test_a_leader_paused_past_its_lease_reports_nothing_it_no_longer_gover
             async def started_three() -> bool:
                 return len(await list_executions(sfn, resources.state_machine_arn)) >= 3
 
-            await wait_for(started_three, within=30, interval=0.05)
+            await wait_until(started_three, within=30, interval=0.05)
         leader.process.send_signal(signal.SIGSTOP)
         other = Dispatcher(
             settings_for(resources, lease_table=table, lease_ttl=TTL),
@@ -322,14 +323,14 @@ async def test_a_leader_paused_past_its_lease_reports_nothing_it_no_longer_gover
             async def noticed() -> bool:
                 return bool(leader.events("dispatcher.reign_over"))
 
-            await wait_for(noticed, within=30, interval=0.05)
+            await wait_until(noticed, within=30, interval=0.05)
             url = f"http://127.0.0.1:{leader.http_port}"
 
             async def reports_nothing_running() -> bool:
                 status = await fetch(f"{url}/status")
                 return bool(status["role"] == "standby" and status["running"] == 0)
 
-            await wait_for(reports_nothing_running, within=15, interval=0.1)
+            await wait_until(reports_nothing_running, within=15, interval=0.1)
             status = await fetch(f"{url}/status")
             assert status["pools"]["default"]["running"] == 0
             assert status["lease"]["held"] is False

@@ -30,7 +30,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from dispatcher.ledger import TERMINAL_STATUSES, Change, Ledger, Reservation
+from dispatcher.core.ledger import TERMINAL_STATUSES, Change, Ledger, Reservation
 
 GRACE = 5.0
 

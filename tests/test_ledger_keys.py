@@ -25,7 +25,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from dispatcher.ledger import Change, Ledger, Reservation
+from dispatcher.core.ledger import Change, Ledger, Reservation
 
 KEYS = ("a", "b", "c")
 

@@ -13,13 +13,13 @@ from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+from dispatcher.daemon.limits import LiveLimits, last_running_limit, parse_limit, read_limit
+from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import Pool
+from dispatcher.daemon.ratelimit import RateLimiters
+from dispatcher.daemon.service import Dispatcher, RestartNeededError
 from dispatcher.errors import UserError
-from dispatcher.layout import load
-from dispatcher.limits import LiveLimits, last_running_limit, parse_limit, read_limit
-from dispatcher.metrics import Metrics
-from dispatcher.pool import Pool
-from dispatcher.rate import RateLimiters
-from dispatcher.service import Dispatcher, RestartNeededError
+from dispatcher.settings.layout import load
 
 pytestmark = pytest.mark.timeout(10)
 

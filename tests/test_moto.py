@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dispatcher.sandbox import SandboxResources
-from dispatcher.service import Dispatcher
+from devtools.sandbox import SandboxResources
+from dispatcher.daemon.service import Dispatcher
 from tests.audit import drain, list_executions, send_requests, session, verdict, workload
 from tests.moto_backend import MotoSandboxFactory, moto_sandbox_factory, moto_server
 from tests.runner import running
@@ -73,7 +73,10 @@ async def test_two_copies_in_flight_start_once_and_count_once(
     async with on_moto(resources, 3) as dispatcher:
         await verdict(resources, names, 3, within=30)
         assert dispatcher.intake is not None
-        assert (dispatcher.intake.stats.started, dispatcher.intake.stats.duplicates) == (2, 1)
+        assert (
+            dispatcher.intake.stats.started,
+            dispatcher.intake.stats.duplicates,
+        ) == (2, 1)
         assert dispatcher.http_port is not None
         base = f"http://127.0.0.1:{dispatcher.http_port}"
         async with aiohttp.ClientSession() as http:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from dispatcher.ledger import Change, Ledger
+from dispatcher.core.ledger import Change, Ledger
 from sim import __main__ as sim_cli
 from sim.bugs import patched, put_back
 from sim.harness import simulate
@@ -173,13 +173,13 @@ def test_every_mutation_is_caught_within_the_fast_subset() -> None:
         assert violations, f"{name} was caught only by an error at seed {hunted[name]}"
 
 
-def test_the_readme_shows_the_stored_kill_matrix() -> None:
-    """README "How we test" carries the table of sim/results/mutations.json (regenerate
-    with `python -m sim.mutations` after `make mutate`)."""
+def test_the_docs_show_the_stored_kill_matrix() -> None:
+    """docs/testing.md carries the table of sim/results/mutations.json (regenerate with
+    `python -m sim.mutations` after `make mutate`)."""
     root = Path(__file__).resolve().parent.parent
     summary = json.loads((root / "sim/results/mutations.json").read_text(encoding="utf-8"))
     assert set(summary["matrix"]) == set(MUTATIONS), "the stored matrix is of another catalogue"
     begin, end = README_MARKERS
-    readme = (root / "README.md").read_text(encoding="utf-8")
-    assert begin + markdown(summary) + end in readme
-    assert f"{summary['caught']} of {summary['mutations']}" in readme
+    page = (root / "docs" / "testing.md").read_text(encoding="utf-8")
+    assert begin + markdown(summary) + end in page
+    assert f"{summary['caught']} of {summary['mutations']}" in page

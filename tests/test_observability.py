@@ -24,12 +24,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from dispatcher.aws import attempt_outcome
-from dispatcher.metrics import Metrics
-from dispatcher.sandbox.provision import SandboxResources
-from dispatcher.service import Dispatcher
-from dispatcher.testing.faults import FaultKind, FaultProxy, FaultRule
-from tests.audit import send_requests, session, wait_for
+from devtools.faults import FaultKind, FaultProxy, FaultRule
+from devtools.polling import wait_until
+from devtools.sandbox.provision import SandboxResources
+from dispatcher.aws.api import attempt_outcome
+from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.service import Dispatcher
+from tests.audit import send_requests, session
 from tests.runner import running, settings_for
 
 Factory = Callable[..., Awaitable[SandboxResources]]
@@ -73,7 +74,7 @@ async def busy_dispatcher_metrics(resources: SandboxResources) -> str:
             described = await sfn.describe_execution(executionArn=done["executionArn"])
             return bool(described["status"] != "RUNNING")
 
-        await wait_for(ended, within=30, interval=0.05)
+        await wait_until(ended, within=30, interval=0.05)
         await send_requests(sqs, resources.request_queue_url, [{"seconds": 0}], ["done-1"])
         async with running(resources, limit=3) as dispatcher:
             assert dispatcher.http_port is not None
@@ -87,7 +88,7 @@ async def busy_dispatcher_metrics(resources: SandboxResources) -> str:
                     and intake.stats.duplicates == 1
                 )
 
-            await wait_for(settled, within=60, interval=0.05)
+            await wait_until(settled, within=60, interval=0.05)
             status, text = await get(dispatcher.http_port, "/metrics")
             assert status == 200
             return text
@@ -222,7 +223,7 @@ async def test_prometheus_scrapes_the_running_dispatcher(
                     found.update(results[0])
                 return bool(results)
 
-            await wait_for(scraped, within=60, interval=0.25)
+            await wait_until(scraped, within=60, interval=0.25)
             assert found["metric"]["pool"] == "default"
             assert float(found["value"][1]) == 4.0
             async with (
@@ -244,7 +245,7 @@ async def test_prometheus_scrapes_the_running_dispatcher(
                 rules[:] = [rule for group in groups for rule in group["rules"]]
                 return bool(rules) and all(r["lastEvaluation"] > "2000" for r in rules)
 
-            await wait_for(evaluated, within=30, interval=0.25)
+            await wait_until(evaluated, within=30, interval=0.25)
             broken = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
             assert not broken, f"rules failing on the live series: {broken}"
             firing = {r["name"] for r in rules if r["state"] == "firing"}
@@ -301,7 +302,7 @@ async def test_healthz_fails_when_a_loop_dies(sandbox_factory: Factory) -> None:
         async def dead() -> bool:
             return dispatcher.health.loops.get("events") is False
 
-        await wait_for(dead, within=30, interval=0.05)
+        await wait_until(dead, within=30, interval=0.05)
         status, body = await get(dispatcher.http_port, "/healthz")
         assert status == 503
         assert json.loads(body)["dead_loops"] == ["events"]
@@ -353,7 +354,7 @@ def test_every_per_pool_metric_carries_the_pool_label() -> None:
     }
     assert without == PROCESS_WIDE, (
         f"metrics without a pool label: {sorted(without - PROCESS_WIDE)}; if one is truly "
-        "process-wide, add it to PROCESS_WIDE (and the README's list)"
+        "process-wide, add it to PROCESS_WIDE (and docs/observability.md's list)"
     )
 
 

@@ -15,11 +15,12 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.rate import parse_state_machine_arn
-from dispatcher.records import Execution, list_executions, max_overlap
-from dispatcher.requests import key_tag, tag_of
-from dispatcher.sandbox.provision import RULE_TARGET_ID, SandboxResources
-from tests.audit import send_requests, verdict, wait_for, workload
+from devtools.polling import wait_until
+from devtools.records import Execution, list_executions, max_overlap
+from devtools.sandbox.provision import RULE_TARGET_ID, SandboxResources
+from dispatcher.core.rate import parse_state_machine_arn
+from dispatcher.core.requests import key_tag, tag_of
+from tests.audit import send_requests, verdict, workload
 from tests.conftest import SandboxFactory
 from tests.helpers import depth, session
 from tests.runner import running_config
@@ -106,7 +107,7 @@ async def wait_all_ended(resources: SandboxResources, count: int, *, within: flo
         executions = await records(resources)
         return len(executions) >= count and all(e.status != "RUNNING" for e in executions)
 
-    await wait_for(ended, within=within)
+    await wait_until(ended, within=within)
 
 
 def running_at(executions: Iterable[Execution], instant: float) -> int:
@@ -169,7 +170,7 @@ async def test_a_shared_queue_routes_by_the_pool_attribute(
             async with session().client("sqs", endpoint_url=a.endpoint) as sqs:
                 return await depth(sqs, a.dead_letter_queue_url) == 1
 
-        await wait_for(dead_lettered, within=30)
+        await wait_until(dead_lettered, within=30)
     assert len(await records(a)) == 5
     assert len(await records(b)) == 4
     async with session().client("sqs", endpoint_url=a.endpoint) as sqs:
@@ -250,10 +251,10 @@ async def test_a_limit_lowered_and_raised_through_ssm_holds_at_every_start(
         async def started(n: int) -> bool:
             return pool.started_total >= n
 
-        await wait_for(lambda: started(8), within=60, interval=0.05)
+        await wait_until(lambda: started(8), within=60, interval=0.05)
         lowered_at = time.time()
         await ssm.put_parameter(Name=a.limit_parameter, Value="1", Overwrite=True)
-        await wait_for(lambda: started(16), within=90, interval=0.05)
+        await wait_until(lambda: started(16), within=90, interval=0.05)
         raised_at = time.time()
         await ssm.put_parameter(Name=a.limit_parameter, Value="6", Overwrite=True)
         await verdict(a, names, 6, within=120)

@@ -9,14 +9,9 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatcher.metrics import Metrics
-from dispatcher.rate import (
-    AdaptiveRate,
-    RateLimiters,
-    StartRateLimiter,
-    TokenBucket,
-    standard_quota,
-)
+from dispatcher.core.rate import AdaptiveRate, TokenBucket, standard_quota
+from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.ratelimit import RateLimiters, StartRateLimiter
 
 EPS = 1e-9
 ARN = "arn:aws:states:{region}:{account}:stateMachine:{name}"

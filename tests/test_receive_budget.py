@@ -4,14 +4,12 @@ fakes: a valid request on its last receive is never handed back silently."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import stamina
 
-from dispatcher.deadletter import REASON_ATTRIBUTE
-from dispatcher.queues import RequestQueue
+from dispatcher.daemon.deadletter import REASON_ATTRIBUTE
+from dispatcher.daemon.queues import RequestQueue
 from tests.fake_intake import handle, intake_of
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
@@ -22,15 +20,12 @@ from tests.fakes import (
     throttled,
 )
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("fast_retries")]
 
 MAX_RECEIVES = 5
 
 
-@pytest.fixture(autouse=True)
-def fast_retries() -> Iterator[None]:
-    with stamina.set_testing(True, attempts=2):
-        yield
+RETRY_ATTEMPTS = 2  # stamina's test mode (the fast_retries fixture)
 
 
 def received(times: int, message_id: str = "m-1") -> dict[str, Any]:

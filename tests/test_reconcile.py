@@ -6,7 +6,7 @@ import anyio
 import pytest
 from botocore.exceptions import ClientError
 
-from dispatcher.reconcile import Reconciler
+from dispatcher.daemon.reconcile import Reconciler
 from tests.fakes import STATE_MACHINE_ARN, World, build_world, client_error
 
 pytestmark = pytest.mark.timeout(10)

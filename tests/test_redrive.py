@@ -9,12 +9,13 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.cli import main
-from dispatcher.deadletter import DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REASON_ATTRIBUTE
-from dispatcher.redrive import redrive
-from dispatcher.requests import REQUEST_ID_ATTRIBUTE
-from dispatcher.sandbox import SandboxResources
-from tests.helpers import queue_depth, receive_all, sqs_client, wait_until
+from devtools.polling import wait_until
+from devtools.sandbox import SandboxResources
+from dispatcher.cli.main import main
+from dispatcher.cli.redrive import redrive
+from dispatcher.core.requests import REQUEST_ID_ATTRIBUTE
+from dispatcher.daemon.deadletter import DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REASON_ATTRIBUTE
+from tests.helpers import queue_depth, receive_all, sqs_client
 from tests.runner import running
 
 pytestmark = pytest.mark.timeout(60)
@@ -92,7 +93,7 @@ async def test_dry_run_counts_then_redrive_moves_only_the_reason_asked(
 async def test_redrive_ends_while_the_dispatcher_dead_letters_every_copy_again(
     sandbox: SandboxResources,
 ) -> None:
-    """The README's example, `redrive --reason invalid_json` while the dispatcher runs: each
+    """The docs' example, `redrive --reason invalid_json` while the dispatcher runs: each
     copy is dead-lettered again at once. The run moves the five that were there, leaves the
     copies that come back, and ends; every copy keeps its request's identity."""
     url, dlq = sandbox.request_queue_url, sandbox.dead_letter_queue_url
@@ -106,7 +107,7 @@ async def test_redrive_ends_while_the_dispatcher_dead_letters_every_copy_again(
             async def dead_lettered() -> bool:
                 return await queue_depth(sandbox.endpoint, dlq) == 5
 
-            await wait_until(dead_lettered, timeout=20, message="five dead letters")
+            await wait_until(dead_lettered, within=20, message="five dead letters")
             with anyio.fail_after(30):  # the old redrive went on for ever
                 report = await redrive(
                     sqs, dlq, url, reasons={"invalid_json"}, visibility=60, wait_seconds=1
@@ -119,7 +120,7 @@ async def test_redrive_ends_while_the_dispatcher_dead_letters_every_copy_again(
                     await queue_depth(sandbox.endpoint, dlq) == 5
                 )
 
-            await wait_until(settled, timeout=20, message="the copies back in the DLQ")
+            await wait_until(settled, within=20, message="the copies back in the DLQ")
     letters = await receive_all(sandbox.endpoint, dlq, count=5)
     assert sorted(m["MessageAttributes"][REQUEST_ID_ATTRIBUTE]["StringValue"] for m in letters) == (
         sorted(ids)

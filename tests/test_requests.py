@@ -7,9 +7,8 @@ import json
 import pytest
 from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
 
-from dispatcher.aws import ErrorKind, classify, is_retryable
-from dispatcher.config import InputFormat
-from dispatcher.requests import (
+from dispatcher.aws.api import ErrorKind, classify, is_retryable
+from dispatcher.core.requests import (
     IDEMPOTENCY_ATTRIBUTE,
     MAX_INPUT_BYTES,
     REQUEST_ID_ATTRIBUTE,
@@ -18,6 +17,7 @@ from dispatcher.requests import (
     execution_arn,
     parse,
 )
+from dispatcher.settings.config import InputFormat
 from tests.fakes import STATE_MACHINE_ARN, client_error, sqs_message
 
 pytestmark = pytest.mark.timeout(10)

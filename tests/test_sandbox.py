@@ -25,9 +25,9 @@ import anyio
 import pytest
 from botocore.exceptions import ClientError
 
-from dispatcher.cli import main
-from dispatcher.errors import EXIT_AWS, UserError
-from dispatcher.sandbox import (
+from devtools.__main__ import dev_main as main
+from devtools.polling import wait_until
+from devtools.sandbox import (
     Emulator,
     SandboxResources,
     child_key,
@@ -36,8 +36,9 @@ from dispatcher.sandbox import (
     parent_definition,
     provision,
 )
-from dispatcher.sandbox.emulator import probe
-from dispatcher.sandbox.provision import TEST_CREDENTIALS
+from devtools.sandbox.emulator import probe
+from devtools.sandbox.provision import TEST_CREDENTIALS
+from dispatcher.errors import EXIT_AWS, UserError
 from tests.conftest import SandboxFactory, unique_prefix
 from tests.helpers import (
     delete_sandbox,
@@ -47,7 +48,6 @@ from tests.helpers import (
     sfn_client,
     sqs_client,
     ssm_client,
-    wait_until,
 )
 
 if TYPE_CHECKING:
@@ -186,12 +186,12 @@ class _Lines:
 
 @pytest.fixture
 def sandbox_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], _Lines, _Lines]]:
-    """``python -m dispatcher sandbox`` on a free port, killed at the end if still alive."""
+    """``python -m devtools sandbox`` on a free port, killed at the end if still alive."""
     process = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "dispatcher",
+            "devtools",
             "sandbox",
             "--port",
             str(free_port()),
@@ -240,7 +240,7 @@ def test_sandbox_command_prints_settings_and_stops_on_sigterm(
     written = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
     assert written == env
 
-    # The README's second shell: the exports, then `submit --count 20`.
+    # The sandbox's second shell (docs/getting-started.md): the exports, then `submit --count 20`.
     submit = subprocess.run(
         [sys.executable, "-m", "dispatcher", "submit", "--count", "20"],
         cwd=REPO,
@@ -317,7 +317,7 @@ def test_the_printed_commands_work_with_the_real_aws_cli_v1(region: str, tmp_pat
         [
             sys.executable,
             "-m",
-            "dispatcher",
+            "devtools",
             "sandbox",
             "--port",
             str(free_port()),
@@ -397,7 +397,7 @@ def test_the_printed_commands_work_with_the_real_aws_cli_v1(region: str, tmp_pat
 
 def test_every_printed_aws_command_names_the_endpoint() -> None:
     """The AWS CLI v1 ignores AWS_ENDPOINT_URL for `aws sqs`: only --endpoint-url works."""
-    from dispatcher.sandbox.cli import LIST_EXAMPLE, PARENT_EXAMPLE, SEND_EXAMPLE  # noqa: PLC0415
+    from devtools.sandbox.cli import LIST_EXAMPLE, PARENT_EXAMPLE, SEND_EXAMPLE  # noqa: PLC0415
 
     for command in (SEND_EXAMPLE, LIST_EXAMPLE, PARENT_EXAMPLE):
         assert shlex.split(command)[:3] == ["aws", "--endpoint-url", "$AWS_ENDPOINT_URL"]
@@ -407,7 +407,7 @@ def test_a_bad_region_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["sandbox", "--region", "Mars"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        "sfn-dispatcher sandbox: error: --region 'Mars' is invalid: give a region name such as "
+        "python -m devtools sandbox: error: --region 'Mars' is invalid: give a region name such as "
         "us-east-1 or eu-west-1"
     )
 
@@ -596,7 +596,7 @@ def test_the_parent_sends_each_item_with_its_token_and_key() -> None:
 
 @pytest.mark.parametrize(
     ("document", "heading"),
-    [("docs/task-tokens.md", "## The parent"), ("README.md", "## From inside a workflow")],
+    [("docs/task-tokens.md", "## The parent")],
 )
 def test_the_documented_parent_is_the_sandboxs(document: str, heading: str) -> None:
     """The copy-pasteable parent in the docs is exactly the one the sandbox provisions."""
@@ -616,7 +616,7 @@ async def _closed(sfn: SFNClient, arn: str) -> DescribeExecutionOutputTypeDef:
         described.append(await sfn.describe_execution(executionArn=arn))
         return described[-1]["status"] != "RUNNING"
 
-    await wait_until(ended, timeout=15, message=f"{arn} ended")
+    await wait_until(ended, within=15, message=f"{arn} ended")
     return described[-1]
 
 
@@ -716,7 +716,7 @@ def test_endpoint_that_never_answers_is_one_line_exit_3(
     assert main(["sandbox", "--endpoint", url, "--wait", "0.3"]) == EXIT_AWS
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
-    assert err.startswith("sfn-dispatcher sandbox: error: no AWS emulator answers at")
+    assert err.startswith("python -m devtools sandbox: error: no AWS emulator answers at")
 
 
 def test_sandbox_port_in_use_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -727,6 +727,6 @@ def test_sandbox_port_in_use_is_one_line_exit_2(capsys: pytest.CaptureFixture[st
         assert main(["sandbox", "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        f"sfn-dispatcher sandbox: error: port {port} is in use on 127.0.0.1; "
+        f"python -m devtools sandbox: error: port {port} is in use on 127.0.0.1; "
         "pass --port N or stop what listens there"
     )

@@ -17,15 +17,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from dispatcher.config import ConfigError
-from dispatcher.layout import PoolConfig, QueueConfig, load, parse
-from dispatcher.ledger import Ledger, Reservation
-from dispatcher.limits import LiveLimits
-from dispatcher.metrics import Metrics
-from dispatcher.pool import Pool, share_limits
-from dispatcher.rate import RateLimiters
-from dispatcher.requests import execution_arn
-from dispatcher.shared_limits import SharedLimitConfig, SharedLimits
+from dispatcher.core.ledger import Ledger, Reservation
+from dispatcher.core.requests import execution_arn
+from dispatcher.core.shared_limits import SharedLimitConfig, SharedLimits
+from dispatcher.daemon.limits import LiveLimits
+from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import Pool, share_limits
+from dispatcher.daemon.ratelimit import RateLimiters
+from dispatcher.settings.config import ConfigError
+from dispatcher.settings.layout import PoolConfig, QueueConfig, load, parse
 from tests.fake_intake import build_layout_world, dispatch_all, finish, intake_of
 from tests.fakes import ACCOUNT, QUEUE_BASE, REGION, STATE_MACHINE_ARN, sqs_message
 

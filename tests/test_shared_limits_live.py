@@ -11,9 +11,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from dispatcher.records import Execution, list_executions, max_weighted_overlap, weighted_at
-from dispatcher.sandbox.provision import SandboxResources
-from tests.audit import send_requests, wait_for, workload
+from devtools.polling import wait_until
+from devtools.records import Execution, list_executions, max_weighted_overlap, weighted_at
+from devtools.sandbox.provision import SandboxResources
+from tests.audit import send_requests, workload
 from tests.conftest import SandboxFactory
 from tests.helpers import depth, session
 from tests.runner import child_process, config_env, running_config
@@ -75,7 +76,7 @@ async def all_served(
         }
         return empty and all(set(names[p]) <= ended[p] for p in names)
 
-    await wait_for(done, within=within, interval=0.5)
+    await wait_until(done, within=within, interval=0.5)
 
 
 def exactly_once(executions: list[Execution], names: list[str]) -> None:
@@ -127,10 +128,10 @@ async def test_two_state_machines_hold_a_weighted_limit_across_a_live_change(
         async def reached(n: int) -> bool:
             return started(n)
 
-        await wait_for(lambda: reached(10), within=60, interval=0.05)
+        await wait_until(lambda: reached(10), within=60, interval=0.05)
         lowered_at = time.time()
         await ssm.put_parameter(Name=light.limit_parameter, Value="2", Overwrite=True)
-        await wait_for(lambda: reached(22), within=120, interval=0.05)
+        await wait_until(lambda: reached(22), within=120, interval=0.05)
         raised_at = time.time()
         await ssm.put_parameter(Name=light.limit_parameter, Value="5", Overwrite=True)
         await all_served(light, heavy, names, within=150)
@@ -177,7 +178,7 @@ async def test_a_kill_9_and_a_restart_rebuild_the_weighted_use_from_the_listings
     async with child_process(light, base_env=env) as first:
         with anyio.fail_after(60):
             await first.ready.wait()
-        await wait_for(some_started, within=60, interval=0.05)
+        await wait_until(some_started, within=60, interval=0.05)
         first.process.send_signal(signal.SIGKILL)
         with anyio.fail_after(10):
             await first.process.wait()

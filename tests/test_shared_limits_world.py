@@ -18,8 +18,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from dispatcher.ledger import Ledger, Reservation
-from dispatcher.shared_limits import SharedLimitConfig, SharedLimits
+from dispatcher.core.ledger import Ledger, Reservation
+from dispatcher.core.shared_limits import SharedLimitConfig, SharedLimits
 
 USES = {"a": {"api": 1}, "b": {"api": 2}, "c": {"api": 1, "db": 2}}
 POOLS = tuple(USES)

@@ -17,9 +17,9 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from dispatcher.aws import ErrorKind, classify, error_code, outcome_unknown
-from dispatcher.events import parse_event
-from dispatcher.lease import Lease, LeaseConfig
+from dispatcher.aws.api import ErrorKind, classify, error_code, outcome_unknown
+from dispatcher.daemon.events import parse_event
+from dispatcher.daemon.lease import Lease, LeaseConfig
 from sim import loop
 from sim.aws import EventFault, EventInfo, World, WorldConfig
 from sim.calls import NO_FAULT, CallFault
@@ -932,3 +932,34 @@ def test_the_same_seed_gives_the_same_history() -> None:
 
     assert run(3) == run(3)
     assert run(3) != run(4)
+
+
+def test_cancellation_reaches_tasks_in_the_order_they_started() -> None:
+    """The simulation orders anyio's task sets (sim/loop.py): a cancelled task group's tasks
+    see the cancellation in start order, whatever their memory addresses. Fails loudly, not
+    silently, with an anyio whose internals changed."""
+    order: list[int] = []
+
+    async def sleeper(index: int) -> None:
+        try:
+            await anyio.sleep(10)
+        finally:
+            order.append(index)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            for index in range(50):
+                group.start_soon(sleeper, index)
+            await anyio.sleep(1)
+            group.cancel_scope.cancel()
+
+    loop.run(main)
+    assert order == list(range(50))
+
+
+def test_an_anyio_whose_task_sets_changed_is_refused() -> None:
+    class Changed:
+        _tasks: list[object] = []  # noqa: RUF012 - a stand-in for a changed anyio internal
+
+    with pytest.raises(RuntimeError, match=r"anyio .* changed Changed\._tasks"):
+        loop._replace_set(Changed(), "_tasks")

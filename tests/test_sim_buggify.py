@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from dispatcher.ledger import Change, Ledger
+from dispatcher.core.ledger import Change, Ledger
 from sim import __main__ as sim_cli
 from sim import buggify
 from sim.harness import DISPATCHER, PoolPlan, Run, Scenario, scenario, simulate
@@ -35,7 +35,7 @@ def test_each_knob_is_on_in_a_share_of_the_seeds() -> None:
 
 
 def test_the_listing_lag_stays_under_the_start_grace() -> None:
-    """The README assumes ListExecutions lags by less than the start grace: at the grace
+    """docs/testing.md assumes ListExecutions lags by less than the start grace: at the grace
     means just under it, never beyond."""
     lags = {scenario(seed).listing_lag for seed in range(300)}
     grace = float(DISPATCHER["start_grace"])

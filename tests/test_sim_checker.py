@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 
-from dispatcher.requests import key_tag
+from dispatcher.core.requests import key_tag
 from sim.aws import World
 from sim.checker import CheckSpec, PoolSpec, Violation, check, limit_at, max_concurrency
 from sim.history import OUTSIDE, History
@@ -486,7 +486,7 @@ def _fresh_copy_started(attributes: dict[str, str]) -> History:
 
 def test_a_move_task_copy_of_what_the_redrive_policy_moved_is_a_new_request() -> None:
     """Nothing on it names q1 and it has no idempotency key: the documented identity rules
-    make it a new request (README "Request identity"), not a second execution of q1."""
+    make it a new request (docs/requests.md, "Request identity"), not a second execution of q1."""
     assert check(_fresh_copy_started({}), spec()) == []
 
 

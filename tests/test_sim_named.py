@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from dispatcher.shared_limits import SharedLimits
+from dispatcher.core.shared_limits import SharedLimits
 from sim import __main__ as sim_cli
 from sim import named
 from sim.bugs import patched
@@ -126,19 +126,21 @@ IGNORES_DOUBT = Mutation(
         Edit(
             SharedLimits,
             "admits",
-            "weight * (ledger.running_count + ledger.doubt_count + ledger.sent_count)",
-            "weight * (ledger.running_count + ledger.sent_count)",
+            "committed += users[user] * (\n"
+            "    ledger.running_count + ledger.doubt_count + ledger.sent_count\n"
+            ")",
+            "committed += users[user] * (ledger.running_count + ledger.sent_count)",
         ),
     ),
 )
-"""Not in the catalogue: no seed of the fast subset catches it (seed 460 does, the first
+"""Not in the catalogue: no seed of the fast subset catches it (seed 495 does, the first
 of the 2,000 seeds `make simulate` runs): starts in doubt while a named limit is full are
 rare in the drawn scenarios."""
 
 
 @pytest.mark.timeout(120)
 def test_ignoring_starts_in_doubt_is_caught_by_a_seed_beyond_the_fast_subset() -> None:
-    assert simulate(460).ok
+    assert simulate(495).ok
     with patched(IGNORES_DOUBT.patches()):
-        mutated = simulate(460)
+        mutated = simulate(495)
     assert {v.kind for v in mutated.violations} == {"named_limit"}

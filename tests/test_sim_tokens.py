@@ -15,7 +15,7 @@ import pytest
 import structlog
 from botocore.exceptions import ClientError, ParamValidationError
 
-from dispatcher.config import Settings
+from dispatcher.settings.config import Settings
 from sim import __main__ as sim_cli
 from sim.aws import World
 from sim.calls import NO_FAULT, CallFault

@@ -29,10 +29,10 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from dispatcher.aws import ErrorKind, classify, error_code, open_clients, outcome_unknown
-from dispatcher.metrics import Metrics
-from dispatcher.sandbox.provision import SandboxResources
-from dispatcher.startclient import TARGET, Signer, ThinStarts, UnreadableAnswerError
+from devtools.sandbox.provision import SandboxResources
+from dispatcher.aws.api import ErrorKind, classify, error_code, open_clients, outcome_unknown
+from dispatcher.aws.startclient import TARGET, Signer, ThinStarts, UnreadableAnswerError
+from dispatcher.daemon.metrics import Metrics
 from tests.audit import send_requests, session, verdict, workload
 from tests.runner import running
 

@@ -12,13 +12,9 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
-from dispatcher.cli import build_parser, main
-from dispatcher.config import InputFormat
-from dispatcher.layout import PoolConfig
-from dispatcher.producer import endpoint_for
-from dispatcher.requests import StartRequest, parse, string_attributes
-from dispatcher.sandbox import SandboxResources
-from dispatcher.submit import (
+from devtools.sandbox import SandboxResources
+from dispatcher.cli.main import build_parser, main
+from dispatcher.cli.submit import (
     EXAMPLES,
     IDEMPOTENCY_ATTRIBUTE,
     FailedEntry,
@@ -28,7 +24,11 @@ from dispatcher.submit import (
     read_jsonl,
     submit_requests,
 )
-from dispatcher.submit import _requests as submit_requests_of
+from dispatcher.cli.submit import _requests as submit_requests_of
+from dispatcher.core.requests import StartRequest, parse, string_attributes
+from dispatcher.producer import endpoint_for
+from dispatcher.settings.config import InputFormat
+from dispatcher.settings.layout import PoolConfig
 from tests.helpers import queue_depth, receive_all
 
 if TYPE_CHECKING:
@@ -333,7 +333,7 @@ def test_missing_queue_url_names_the_variable(capsys: pytest.CaptureFixture[str]
     assert main(["submit", "--count", "5"]) == 2
     err = capsys.readouterr().err
     assert "DISPATCHER_REQUEST_QUEUE_URL" in err
-    assert "sfn-dispatcher sandbox" in err
+    assert "python -m devtools sandbox" in err
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from dispatcher.records import list_executions, max_overlap
-from dispatcher.sandbox.provision import SandboxResources, child_key
-from tests.audit import session, wait_for
+from devtools.polling import wait_until
+from devtools.records import list_executions, max_overlap
+from devtools.sandbox.provision import SandboxResources, child_key
+from tests.audit import session
 from tests.helpers import depth, drained
 from tests.runner import child_process, running
 
@@ -48,7 +49,7 @@ async def finished(sfn: SFNClient, arns: list[str], within: float) -> list[dict[
                 return False
         return True
 
-    await wait_for(ended, within=within, interval=0.5)
+    await wait_until(ended, within=within, interval=0.5)
     return [dict(await sfn.describe_execution(executionArn=arn)) for arn in arns]
 
 
@@ -105,7 +106,7 @@ async def test_kill_9_while_children_run_and_tokens_wait_then_every_parent_compl
             async def some_started() -> bool:
                 return len(await list_executions(sfn, resources.state_machine_arn)) >= 3
 
-            await wait_for(some_started, within=60)
+            await wait_until(some_started, within=60)
             first.process.send_signal(signal.SIGKILL)
             await first.process.wait()
         async with child_process(resources, {"DISPATCHER_LIMIT": "3"}):
@@ -182,7 +183,7 @@ async def test_a_parent_that_stopped_waiting_lets_the_dispatcher_stop_the_child(
         async def token_held() -> bool:
             return d.callbacks is not None and d.callbacks.held == 1
 
-        await wait_for(token_held, within=30)
+        await wait_until(token_held, within=30)
         assert d.callbacks is not None
         [(token, child_arn)] = d.callbacks.tokens()
         await sfn.send_task_failure(taskToken=token, error="Elsewhere", cause="not waiting")
@@ -191,17 +192,17 @@ async def test_a_parent_that_stopped_waiting_lets_the_dispatcher_stop_the_child(
             child = await sfn.describe_execution(executionArn=child_arn)
             return bool(child["status"] == "ABORTED")
 
-        await wait_for(child_stopped, within=30)
+        await wait_until(child_stopped, within=30)
 
         async def released() -> bool:
             return d.callbacks is not None and d.callbacks.held == 0
 
-        await wait_for(released, within=10)
+        await wait_until(released, within=10)
 
         async def deleted() -> bool:  # deletes go out in batches: ten handles or 50 ms
             return await depth(sqs, resources.request_queue_url) == 0
 
-        await wait_for(deleted, within=10)
+        await wait_until(deleted, within=10)
         [described] = await finished(sfn, [parent], within=30)
         assert json.loads(described["output"])["results"][0]["error"]["Error"] == "Elsewhere"
         orphans = d.metrics.registry.get_sample_value(
@@ -229,7 +230,7 @@ async def test_an_orderly_stop_hands_held_tokens_back_at_once_and_the_next_one_a
             async def token_held() -> bool:
                 return first.callbacks is not None and first.callbacks.held == 1
 
-            await wait_for(token_held, within=30)
+            await wait_until(token_held, within=30)
             beats = first.metrics.registry.get_sample_value(
                 "dispatcher_heartbeats_total", {"pool": "default", "outcome": "ok"}
             )

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher.waiting import WaitingRoom
+from dispatcher.core.waiting import WaitingRoom
 
 PROPERTY = settings(max_examples=300, derandomize=True, database=None, deadline=None)
 

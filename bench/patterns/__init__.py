@@ -16,7 +16,7 @@ import anyio
 from bench.analysis import Interval
 from bench.history import WORK_STATE, Trace, trace_all
 from bench.workload import Submitted
-from dispatcher.records import Execution, list_executions
+from devtools.records import Execution, list_executions
 
 if TYPE_CHECKING:
     from types_aiobotocore_stepfunctions import SFNClient

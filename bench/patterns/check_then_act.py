@@ -30,8 +30,8 @@ from botocore.exceptions import ClientError
 from bench.aws import CallCounter, config, session
 from bench.patterns import PatternRun, collect, wait_finished
 from bench.workload import Request, submit
-from dispatcher.sandbox import provision
-from dispatcher.testing.faults import FaultProxy
+from devtools.faults import FaultProxy
+from devtools.sandbox import provision
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient

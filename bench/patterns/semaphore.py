@@ -23,7 +23,7 @@ from bench.aws import CallCounter, config, session
 from bench.history import Trace
 from bench.patterns import PatternRun, collect, wait_finished
 from bench.workload import Request, submit
-from dispatcher.sandbox import provision
+from devtools.sandbox import provision
 
 NAME = "dynamodb-semaphore"
 SIMPLIFIED = "dynamodb-semaphore-simplified"

@@ -17,11 +17,11 @@ from bench import prom
 from bench.aws import session
 from bench.patterns import PatternRun, collect
 from bench.workload import Request, submit
-from dispatcher.config import Settings
-from dispatcher.metrics import Metrics
-from dispatcher.sandbox import provision
-from dispatcher.service import Dispatcher
-from dispatcher.testing.chaos import EventChaos
+from devtools.chaos import EventChaos
+from devtools.sandbox import provision
+from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.service import Dispatcher
+from dispatcher.settings.config import Settings
 
 NAME = "sfn-dispatcher"
 

@@ -10,8 +10,8 @@ from functools import partial
 
 from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
-from dispatcher.aws import AWS_ERRORS, error_code
-from dispatcher.deadletter import DEFAULT_MAX_SIZE
+from dispatcher.aws.api import AWS_ERRORS, error_code
+from dispatcher.daemon.deadletter import DEFAULT_MAX_SIZE
 from dispatcher.preflight.context import DEAD_LETTERS, REQUESTS, Context, QueueRole
 from dispatcher.preflight.report import Finding, Skip, Status, is_denied, text
 

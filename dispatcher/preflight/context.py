@@ -17,11 +17,11 @@ import aioboto3
 import anyio
 from aiobotocore.config import AioConfig
 
-from dispatcher import config, layout
-from dispatcher.aws import AWS_ERRORS
-from dispatcher.config import ConfigError, Settings
-from dispatcher.layout import PoolConfig, QueueConfig
+from dispatcher.aws.api import AWS_ERRORS
 from dispatcher.preflight.report import Finding, Skip, Status
+from dispatcher.settings import config, layout
+from dispatcher.settings.config import ConfigError, Settings
+from dispatcher.settings.layout import PoolConfig, QueueConfig
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
@@ -164,9 +164,8 @@ class Target:
 
 _SETTINGS_FIX = {
     False: "give the setting named a valid value; `sfn-dispatcher check --help` lists them, "
-    "the README section 'Configuration' explains them",
-    True: "fix the config file; the README section 'Pools, priorities and fairness' has a "
-    "complete example",
+    "docs/configuration.md explains them",
+    True: "fix the config file; docs/pools.md has a complete example",
 }
 
 
@@ -184,7 +183,7 @@ def load_target(
     overrides: Mapping[str, Any], env: Mapping[str, str] | None
 ) -> tuple[Target, tuple[Finding, ...]]:
     """The values to check and the settings findings (one per problem); bad settings never
-    stop it. Reads the settings exactly as `run` does (`dispatcher.layout.load`): flags,
+    stop it. Reads the settings exactly as `run` does (`dispatcher.settings.layout.load`): flags,
     ``DISPATCHER_*`` variables and the config file with every pool and queue.
 
     When the settings are invalid each one is validated on its own, so that the checks of

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from dispatcher.aws import error_code
+from dispatcher.aws.api import error_code
 
 if TYPE_CHECKING:
     from dispatcher.preflight.context import Context

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from dispatcher.events import DETAIL_TYPE, SOURCE
+from dispatcher.daemon.events import DETAIL_TYPE, SOURCE
 
 
 def status_pattern(state_machine_arn: str) -> dict[str, Any]:

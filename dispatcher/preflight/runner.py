@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from dispatcher.aws import AWS_ERRORS
+from dispatcher.aws.api import AWS_ERRORS
 from dispatcher.preflight.checks import (
     CREDENTIALS_FIX,
     check_dead_letter_size,

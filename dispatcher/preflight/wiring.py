@@ -11,7 +11,7 @@ import re
 
 from botocore.exceptions import ClientError
 
-from dispatcher.ledger import TERMINAL_STATUSES
+from dispatcher.core.ledger import TERMINAL_STATUSES
 from dispatcher.preflight.context import EVENTS, Context, Rule
 from dispatcher.preflight.report import Finding, Skip, Status, is_denied, text
 from dispatcher.preflight.rules import (

@@ -33,9 +33,9 @@ import anyio
 import pytest
 import yaml
 
-from dispatcher.records import Execution, list_executions, max_overlap
-from dispatcher.sandbox import free_port
-from dispatcher.sandbox.provision import TEST_CREDENTIALS
+from devtools.records import Execution, list_executions, max_overlap
+from devtools.sandbox import free_port
+from devtools.sandbox.provision import TEST_CREDENTIALS
 from tests.containers.engine import (
     ROOT,
     STANDIN_OVERRIDE,

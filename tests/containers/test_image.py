@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 
-from dispatcher.records import list_executions
-from dispatcher.sandbox import free_port
-from dispatcher.sandbox.provision import SandboxResources
-from tests.audit import send_requests, verdict, wait_for, workload
+from devtools.polling import wait_until
+from devtools.records import list_executions
+from devtools.sandbox import free_port
+from devtools.sandbox.provision import SandboxResources
+from tests.audit import send_requests, verdict, workload
 from tests.containers.engine import (
     Engine,
     containers,
@@ -156,7 +157,7 @@ async def test_the_hardened_image_serves_under_the_limit_and_stops_cleanly_on_si
             assert write.returncode != 0, "the root filesystem is writable"
             assert "Read-only file system" in write.stderr
 
-            await wait_for(some_started, within=90)
+            await wait_until(some_started, within=90)
             before = time.monotonic()
             engine("stop", "--time", str(STOP_TIMEOUT), first, timeout=STOP_TIMEOUT + 30)
             took = time.monotonic() - before

@@ -1,0 +1,1 @@
+"""The AWS boundary: the clients (aioboto3 only) and the classification of their errors."""

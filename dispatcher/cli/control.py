@@ -1,0 +1,445 @@
+"""``status``, ``pause``, ``resume``, ``drain``: operate a running dispatcher without a redeploy.
+
+``status`` reads the dispatcher's ``/status`` (a GET; read-only). The three others never
+talk to the dispatcher: they write the pool's SSM limit parameter, which the dispatcher
+already re-reads every ``limit_refresh_interval`` (`dispatcher.daemon.limits`). So no mutating
+endpoint listens anywhere, they work the same on ECS as on a laptop, and the IAM they need
+is ``ssm:GetParameter``, ``ssm:PutParameter`` and ``ssm:GetParameterHistory`` on that one
+parameter (plus ``states:ListExecutions`` for ``drain --wait``).
+
+Limit 0 is paused: nothing is received and nothing is started, running executions carry
+on. ``pause`` writes 0 (the limit it replaced stays in the parameter's history and
+description), ``resume`` writes back the newest non-zero limit of that history, ``drain`` is
+``pause`` that can wait until no execution of the pool runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import aioboto3
+import anyio
+
+from dispatcher.aws.api import AWS_ERRORS
+from dispatcher.daemon.limits import (
+    LimitTarget,
+    last_running_limit,
+    limit_target,
+    read_limit,
+    write_limit,
+)
+from dispatcher.errors import EXIT_NOT_ANSWERING, UserError
+
+if TYPE_CHECKING:
+    from types_aiobotocore_ssm import SSMClient
+    from types_aiobotocore_stepfunctions import SFNClient
+
+STATUS_URL_ENV = "DISPATCHER_STATUS_URL"
+HTTP_PORT_ENV = "DISPATCHER_HTTP_PORT"
+DEFAULT_HTTP_PORT = 8080
+EXIT_STILL_RUNNING = 1
+PAUSE_SEEN_MARGIN = 5.0
+"""Seconds beyond a refresh interval for a start already under way when the pause is read."""
+
+
+class NotAnsweringError(UserError):
+    """Nothing answers at the status URL: no dispatcher runs there (exit 4)."""
+
+    exit_code = EXIT_NOT_ANSWERING
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``status``, ``pause``, ``resume`` and ``drain``."""
+    status = subparsers.add_parser(
+        "status",
+        help="show a running dispatcher's pools (its /status) as a table",
+        description="Read a running dispatcher's /status and show each pool: limit, running, "
+        "starting, in doubt, waiting, queued, free, task tokens held; and its lease role. "
+        f"Exit 0; {EXIT_NOT_ANSWERING} when nothing answers at the URL.",
+    )
+    status.add_argument(
+        "--url",
+        help="the dispatcher's base URL or its /status, e.g. http://127.0.0.1:8093 (default "
+        f"${STATUS_URL_ENV}, else http://127.0.0.1:${HTTP_PORT_ENV}/status, port "
+        f"{DEFAULT_HTTP_PORT} when unset)",
+    )
+    status.add_argument("--json", action="store_true", help="print /status as it is (JSON)")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    status.set_defaults(func=run_status)
+
+    effect = (
+        "It writes the pool's SSM limit parameter (DISPATCHER_LIMIT_PARAMETER, or "
+        "limit_parameter of [pools.NAME] in DISPATCHER_CONFIG); a running dispatcher sees it "
+        "within DISPATCHER_LIMIT_REFRESH_INTERVAL (30 s by default). Needs ssm:GetParameter, "
+        "ssm:PutParameter and ssm:GetParameterHistory on that parameter only."
+    )
+    for name, help_, extra in (
+        (
+            "pause",
+            "stop starting executions of a pool (limit 0); running ones finish",
+            "Set the pool's limit to 0: nothing more is received or started, running "
+            "executions finish, requests wait in the queue. `resume` restores the limit.",
+        ),
+        (
+            "resume",
+            "restore a paused pool's limit",
+            "Write back the newest non-zero limit in the parameter's history (or --limit N).",
+        ),
+        (
+            "drain",
+            "pause a pool and (--wait) report when nothing of it runs any more",
+            "Pause the pool, then with --wait count its RUNNING executions (ListExecutions, "
+            "the truth, including ones started by others; needs states:ListExecutions) until "
+            "none is left. Exit 0 when "
+            f"drained, {EXIT_STILL_RUNNING} when --timeout passed first.",
+        ),
+    ):
+        parser = subparsers.add_parser(name, help=help_, description=f"{extra} {effect}")
+        parser.add_argument("--pool", help="pool name (default: the only pool)")
+        parser.add_argument(
+            "--parameter", metavar="NAME", help="the SSM parameter (default: from the settings)"
+        )
+        if name == "resume":
+            parser.add_argument("--limit", type=int, help="set this limit instead")
+        if name == "drain":
+            parser.add_argument(
+                "--wait", action="store_true", help="wait until no execution of the pool runs"
+            )
+            parser.add_argument(
+                "--timeout",
+                type=float,
+                help="with --wait: give up after this many seconds (without --url at least "
+                "the limit refresh interval + 5 s: the pause must be seen first)",
+            )
+            parser.add_argument(
+                "--interval", type=float, default=5.0, help="seconds between counts (default 5)"
+            )
+            parser.add_argument(
+                "--url",
+                default=os.environ.get(STATUS_URL_ENV),
+                help="with --wait: also wait for this dispatcher's /status (or base URL) to "
+                "show the pool paused and empty (in doubt included)",
+            )
+        parser.set_defaults(func=partial(run_limit_command, name))
+
+
+# -- status --------------------------------------------------------------------------------
+
+
+def status_url(given: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """The /status URL to ask: ``given`` (``--url``), else ``DISPATCHER_STATUS_URL``, else
+    this host at ``DISPATCHER_HTTP_PORT`` - the variable `run` listens on. A base URL (no
+    path) gets ``/status``; one without a scheme gets ``http://``."""
+    environ = os.environ if environ is None else environ
+    url = given or environ.get(STATUS_URL_ENV)
+    if not url:
+        port = environ.get(HTTP_PORT_ENV) or str(DEFAULT_HTTP_PORT)
+        if not port.isdigit() or not 0 < int(port) <= 65_535:
+            raise UserError(
+                f"{HTTP_PORT_ENV}={port!r} is invalid: give the dispatcher's port 1-65535, "
+                f"or --url / ${STATUS_URL_ENV}"
+            )
+        return f"http://127.0.0.1:{int(port)}/status"
+    if "://" not in url:
+        url = f"http://{url}"
+    parts = urllib.parse.urlsplit(url)
+    if parts.path in {"", "/"}:
+        url = urllib.parse.urlunsplit(parts._replace(path="/status"))
+    return url
+
+
+def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    """GET ``url`` as JSON; NotAnsweringError when nothing (or not a dispatcher) answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - any scheme the user names
+            raw = response.read()
+    except urllib.error.HTTPError as exc:
+        raise NotAnsweringError(
+            f"{url} answered HTTP {exc.code}, not a dispatcher's /status "
+            "(give --url http://HOST:PORT/status)"
+        ) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        why = getattr(exc, "reason", exc)
+        raise NotAnsweringError(
+            f"nothing answers at {url} ({why}): is the dispatcher running there? Its port is "
+            f"{HTTP_PORT_ENV} (default {DEFAULT_HTTP_PORT}); give --url, ${STATUS_URL_ENV} or "
+            f"{HTTP_PORT_ENV}"
+        ) from None
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict) or "pools" not in document:
+        raise NotAnsweringError(f"{url} did not answer with a dispatcher's /status document")
+    return document
+
+
+COLUMNS: tuple[tuple[str, Callable[[Mapping[str, Any]], object]], ...] = (
+    ("LIMIT", lambda p: p.get("limit")),
+    ("RUNNING", lambda p: p.get("running")),
+    ("STARTING", lambda p: p.get("starting")),
+    ("IN DOUBT", lambda p: p.get("in_doubt")),
+    ("WAITING", lambda p: p.get("waiting")),
+    ("QUEUED", lambda p: p.get("queued_estimate")),
+    ("FREE", lambda p: p.get("free")),
+    ("TOKENS", lambda p: p.get("tokens_held")),
+)
+
+
+def render_status(document: Mapping[str, Any], url: str, now: float | None = None) -> str:
+    """The /status document as a header line, one table row per pool, and how old QUEUED is.
+
+    QUEUED is not live: the dispatcher reads SQS's approximate depth once per reconcile, and
+    SQS's figure itself trails the queue; the note under the table says so and how old it
+    is, so that an emptied queue still shown with messages is not mistaken for a backlog.
+    """
+    lease = document.get("lease")
+    if not lease:
+        lease_text = "no lease table"
+    elif lease.get("held") is False:  # a standby (older versions say nothing: held)
+        lease_text = f"lease not held by this process ({lease.get('owner')})"
+    else:
+        lease_text = (
+            f"lease epoch {lease.get('epoch')} held by {lease.get('owner')}, "
+            f"{lease.get('valid_for_seconds')} s left"
+        )
+    ready = "ready" if document.get("ready") else "NOT ready"
+    header = (
+        f"dispatcher at {url}: role {document.get('role', '?')}, {ready}, {lease_text}; "
+        f"config {document.get('config', '?')}"
+    )
+    rows = [["POOL", *(title for title, _ in COLUMNS)]]
+    for name, pool in sorted((document.get("pools") or {}).items()):
+        cells = [_cell(get(pool)) for _, get in COLUMNS]
+        if pool.get("limit") == 0:
+            cells[0] = "0 paused"
+        rows.append([name, *cells])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    read = [p.get("queued_read_at") for p in (document.get("pools") or {}).values()]
+    read = [r for r in read if isinstance(r, int | float)]
+    if read:
+        age = max(0.0, (time.time() if now is None else now) - min(read))
+        lines.append(
+            f"QUEUED is SQS's approximate depth (ApproximateNumberOfMessages + Delayed), read "
+            f"at each reconcile, last {age:.0f} s ago: it can show requests already taken"
+        )
+    return "\n".join([header, *lines])
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """``sfn-dispatcher status``: 0 shown; 4 nothing answers."""
+    url = status_url(args.url)
+    document = fetch_status(url, args.timeout)
+    if args.json:
+        print(json.dumps(document, indent=2, sort_keys=True))
+    else:
+        print(render_status(document, url))
+    return 0
+
+
+# -- pause, resume, drain ------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _client(service: str, target: LimitTarget) -> AsyncIterator[Any]:
+    """A client configured by ``AWS_*`` (endpoint too); the region defaults to the pool's."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region is None and target.state_machine_arn:
+        region = target.state_machine_arn.split(":")[3]
+    session = aioboto3.Session(region_name=region)
+    async with session.client(service) as client:
+        yield client
+
+
+def run_limit_command(name: str, args: argparse.Namespace) -> int:
+    """``pause``, ``resume`` or ``drain``."""
+    target = limit_target(args.pool, args.parameter)
+    if name == "resume" and args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit} is invalid: give 1 or more (pause sets 0)")
+    if name == "drain" and args.wait:
+        if args.interval <= 0 or (args.timeout is not None and args.timeout <= 0):
+            raise UserError("--interval and --timeout are seconds > 0")
+        if target.state_machine_arn is None:
+            raise UserError(
+                "drain --wait counts the pool's executions: set DISPATCHER_STATE_MACHINE_ARN"
+            )
+        seen = target.refresh_interval + PAUSE_SEEN_MARGIN
+        if args.url is None and args.timeout is not None and args.timeout <= seen:
+            raise UserError(
+                f"--timeout {args.timeout:g} is too short: without --url, drain --wait first "
+                f"waits {seen:g} s for a running dispatcher to see the pause (its limit "
+                f"refresh interval {target.refresh_interval:g} s + {PAUSE_SEEN_MARGIN:g} s) "
+                f"and would give up before counting anything; give --timeout over {seen:g}, "
+                "or --url to watch its /status; nothing was changed"
+            )
+        if args.url is not None:
+            args.url = status_url(args.url)
+    return anyio.run(partial(_limit_command, name, args, target))
+
+
+async def _limit_command(name: str, args: argparse.Namespace, target: LimitTarget) -> int:
+    async with _client("ssm", target) as ssm:
+        if name == "resume":
+            await resume(ssm, target, args.limit)
+            return 0
+        await pause(ssm, target, drain=name == "drain")
+    if name == "drain" and args.wait:
+        async with _client("stepfunctions", target) as sfn:
+            return await wait_drained(sfn, target, args.interval, args.timeout, args.url)
+    return 0
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def pause(ssm: SSMClient, target: LimitTarget, *, drain: bool = False) -> int:
+    """Write limit 0 unless already 0; returns the limit it replaced (0: was paused)."""
+    where = f"pool {target.pool} (SSM parameter {target.parameter})"
+    before = await read_limit(ssm, target.parameter)
+    if before == 0:
+        _say(f"{where} is already paused (limit 0)")
+        return 0
+    verb = "drain" if drain else "pause"
+    await write_limit(
+        ssm, target.parameter, 0, f"paused by sfn-dispatcher {verb}; resume restores {before}"
+    )
+    _say(
+        f"paused {where}: limit {before} -> 0. A running dispatcher stops receiving and "
+        f"starting within {target.refresh_interval:g} s (its limit refresh interval); "
+        f"running executions finish. `sfn-dispatcher resume --pool {target.pool}` restores "
+        f"{before}."
+    )
+    return before
+
+
+async def resume(ssm: SSMClient, target: LimitTarget, limit: int | None) -> int:
+    """Write back ``limit`` or the newest non-zero limit in the history; returns it."""
+    where = f"pool {target.pool} (SSM parameter {target.parameter})"
+    current = await read_limit(ssm, target.parameter)
+    if limit is None:
+        if current > 0:
+            _say(f"{where} is not paused (limit {current}); nothing changed")
+            return current
+        limit = await last_running_limit(ssm, target.parameter)
+        if limit is None:
+            raise UserError(
+                f"{where}: no earlier non-zero limit in the parameter's history; "
+                "give one with --limit N"
+            )
+    await write_limit(ssm, target.parameter, limit, "resumed by sfn-dispatcher resume")
+    _say(
+        f"resumed {where}: limit {current} -> {limit}; a running dispatcher starts again within "
+        f"{target.refresh_interval:g} s"
+    )
+    return limit
+
+
+async def count_running(sfn: SFNClient, state_machine_arn: str) -> int:
+    """RUNNING executions of the state machine, every page."""
+    count = 0
+    kwargs: dict[str, Any] = {
+        "stateMachineArn": state_machine_arn,
+        "statusFilter": "RUNNING",
+        "maxResults": 1000,
+    }
+    while True:
+        page = await sfn.list_executions(**kwargs)
+        count += len(page.get("executions", []))
+        if not page.get("nextToken"):
+            return count
+        kwargs["nextToken"] = page["nextToken"]
+
+
+async def wait_drained(
+    sfn: SFNClient,
+    target: LimitTarget,
+    interval: float,
+    timeout: float | None,  # noqa: ASYNC109 - the drain's deadline, reported on expiry
+    url: str | None = None,
+) -> int:
+    """Wait until the pool is paused in effect and runs nothing; 0 drained, 1 timed out.
+
+    The pause is in effect once ``url``'s /status shows limit 0 (without a URL: one refresh
+    interval plus a few seconds for a start already under way). ListExecutions is
+    eventually consistent, so drained means two counts of 0, ``interval`` apart.
+    """
+    assert target.state_machine_arn is not None  # noqa: S101 - checked by the caller
+    arn = target.state_machine_arn
+    counting = False
+    if url and (await anyio.to_thread.run_sync(fetch_status, url)).get("role") == "standby":
+        # It governs nothing (another process holds the lease): its figures say nothing.
+        _say(f"the dispatcher at {url} is a standby: judging from the executions alone")
+        url = None
+    with anyio.move_on_after(timeout) as scope:
+        if url:
+            while True:  # another process's state: nothing to wait on but polling it
+                figures = await _pool_figures(url, target.pool)
+                if figures.get("limit") == 0:
+                    break
+                await anyio.sleep(min(interval, 1.0))
+        else:
+            seen = target.refresh_interval + PAUSE_SEEN_MARGIN
+            then = f"counting RUNNING executions every {interval:g} s"
+            until = "" if timeout is None else f" (giving up {timeout:g} s from now: --timeout)"
+            _say(f"waiting {seen:g} s for the dispatcher to see the pause, then {then}{until}")
+            await anyio.sleep(seen)
+        zeros, shown, counting = 0, None, True
+        while zeros < 2:
+            try:
+                running = await count_running(sfn, arn)
+            except AWS_ERRORS as exc:
+                raise UserError(f"cannot list the executions of {arn}: {exc}") from None
+            if url:
+                figures = await _pool_figures(url, target.pool)
+                running = max(
+                    running,
+                    sum(int(figures.get(k) or 0) for k in ("running", "starting", "in_doubt")),
+                )
+            if running != shown:
+                _say(f"pool {target.pool}: {running} running")
+                shown = running
+            zeros = zeros + 1 if running == 0 else 0
+            if zeros < 2:
+                await anyio.sleep(interval)
+    if scope.cancelled_caught and not counting:
+        _say(
+            f"pool {target.pool}: {url} did not show the pause within {timeout:g} s; "
+            "it stays paused"
+        )
+        return EXIT_STILL_RUNNING
+    if scope.cancelled_caught:
+        _say(f"pool {target.pool}: still running after {timeout:g} s; it stays paused")
+        return EXIT_STILL_RUNNING
+    _say(f"pool {target.pool} drained: nothing running; it stays paused until `resume`")
+    return 0
+
+
+async def _pool_figures(url: str, pool: str) -> Mapping[str, Any]:
+    document = await anyio.to_thread.run_sync(fetch_status, url)
+    pools = document.get("pools") or {}
+    if pool not in pools:
+        raise UserError(f"{url} governs pools {', '.join(pools)}, not {pool!r}")
+    figures: Mapping[str, Any] = pools[pool]
+    return figures

@@ -1,0 +1,512 @@
+"""Intake: receive requests only as pools can use them, and start each in its turn.
+
+Two kinds of passes, each a function of its own with a thin loop around it:
+
+- `Intake.receive_once` (per request queue) waits until one of the queue's pools wants
+  requests - free slots no waiting request can take, or, where the pool chooses between
+  queues or keys, fewer than a few startable requests waiting - receives at most that
+  many (<= 10), routes each to its pool (by message attribute where a queue feeds
+  several), and puts it in the pool's waiting room; a bad request goes to the dead-letter
+  queue, one the room has no space for goes back to its queue with a growing delay.
+- `Intake.dispatch_once` (per pool) picks the next request from the waiting room
+  (priorities with a reserved share, keys round-robin, keys at their limit skipped),
+  reserves its slot and hands it to the `Starter`.
+
+Requests waiting in a room keep their messages hidden (visibility extended in batches);
+at shutdown they are handed back at once. A long poll in flight at shutdown is let answer,
+not cut short, and what it brings goes straight back too: SQS may still hand messages to a
+long poll whose caller gave up, and they would stay hidden for the visibility timeout with
+nobody to give them back.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+
+from dispatcher.aws.api import AWS_ERRORS, Clients
+from dispatcher.core.requests import (
+    PARENT_ATTRIBUTE,
+    BadRequest,
+    execution_arn,
+    key_tag,
+    keyed,
+    parse,
+    string_attributes,
+)
+from dispatcher.daemon.deadletter import DEFAULT_MAX_SIZE
+from dispatcher.daemon.deleter import BATCH, DeleteBatcher
+from dispatcher.daemon.health import Health
+from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import Pool
+from dispatcher.daemon.queues import RequestQueue
+from dispatcher.daemon.ratelimit import RateLimiters
+from dispatcher.daemon.starter import IntakeStats, Starter, Waiting
+from dispatcher.settings.config import Settings
+from dispatcher.settings.layout import Layout
+
+log = structlog.get_logger("dispatcher.intake")
+
+UNROUTED = "unrouted"
+"""The pool label of requests that named no pool their queue feeds."""
+RECEIVE_GRACE = 5.0
+"""Seconds beyond its long-poll wait a receive in flight at shutdown may take to answer."""
+
+
+class Intake:
+    """Receives the requests of every queue and starts them, pool by pool."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        clients: Clients,
+        pools: Mapping[str, Pool],
+        layout: Layout,
+        *,
+        metrics: Metrics,
+        health: Health,
+        limiters: RateLimiters,
+        dead_letter_max_size: int = DEFAULT_MAX_SIZE,
+        max_receive_counts: Mapping[str, int] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sqs = clients.sqs
+        self.pools = pools
+        self.metrics = metrics
+        self.health = health
+        self.starter = Starter(
+            settings,
+            clients,
+            metrics,
+            health,
+            limiters,
+            dead_letter_max_size=dead_letter_max_size,
+        )
+        self.queues = [RequestQueue(clients.sqs, q) for q in layout.queues]
+        for queue in self.queues:
+            queue.max_receive_count = (max_receive_counts or {}).get(queue.url)
+            queue.last_chance = functools.partial(self._last_chance, queue)
+        self._late: list[tuple[RequestQueue, dict[str, Any]]] = []  # received while stopping
+        self._waiting_from: dict[tuple[str, str], int] = {
+            (q.url, p): 0 for q in layout.queues for p in q.pools
+        }
+        self._receiving = dict.fromkeys(self._waiting_from, 0)  # asked for, in flight
+        self._pollers: anyio.CancelScope | None = None  # dispatch loops: cancelled at stop
+        self._receives: anyio.CancelScope | None = None  # receive loops: let answer at stop
+        self._stopped = anyio.Event()
+        self._extending: set[Waiting] = set()  # waiting entries an extension is out for
+
+    @property
+    def stats(self) -> IntakeStats:
+        """Totals for the summary and `/status`."""
+        return self.starter.stats
+
+    def set_may_start(self, check: Any) -> None:
+        """Starts are sent only while ``check()`` is true (the lease)."""
+        self.starter.may_start = check
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Receive and start until `stop`; then hand back what waits, let started handlers
+        finish within the shutdown timeout, and let receives in flight answer (what they
+        bring goes straight back)."""
+        async with anyio.create_task_group() as deleting:
+            for queue in self.queues:
+                queue.deleter = DeleteBatcher(self.sqs, queue.url)
+                await deleting.start(queue.deleter.run)
+            # Requests kept on their last receive stay hidden and are settled until the very
+            # end (through the shutdown's drain too), then get one last bounded chance.
+            keeping = anyio.CancelScope()
+            deleting.start_soon(self._keep_last_receives, keeping)
+            try:
+                with anyio.CancelScope() as self._receives:
+                    async with anyio.create_task_group() as receivers:
+                        for queue in self.queues:
+                            for _ in range(self.settings.receive_concurrency):
+                                receivers.start_soon(self._receive_loop, queue)
+                        await self._dispatch_until_stopped(task_status)
+                # Receives admit nothing once stopping (what they brought goes back now that
+                # the last has answered); this pass also catches a request admitted in a race
+                # with `stop`, should there be one.
+                with anyio.CancelScope(shield=not self.starter.force), anyio.move_on_after(10):
+                    await self._hand_back_late()
+                    await self.hand_back_waiting()
+                keeping.cancel()
+                settle = self.settings.start_timeout + self.settings.start_grace + 5
+                with anyio.CancelScope(shield=not self.starter.force), anyio.move_on_after(settle):
+                    await self.starter.last_receives.finish()
+            finally:
+                keeping.cancel()
+                for queue in self.queues:
+                    if queue.deleter is not None:
+                        queue.deleter.close()  # the queued deletes still go out
+                        queue.deleter = None
+
+    async def _keep_last_receives(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            await self.starter.last_receives.run()
+
+    async def _dispatch_until_stopped(self, task_status: TaskStatus[None]) -> None:
+        """Pick and start requests until `stop`; then hand back what waits and give the
+        started handlers the shutdown timeout."""
+        async with anyio.create_task_group() as handlers:
+            with anyio.CancelScope() as self._pollers:
+                if self.starter.stopping:  # stopped before it began
+                    self._pollers.cancel()
+                async with anyio.create_task_group() as loops:
+                    for pool in self.pools.values():
+                        loops.start_soon(self._dispatch_loop, pool, handlers)
+                    loops.start_soon(self._keep_waiting_hidden)
+                    task_status.started()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await self.hand_back_waiting()
+            handlers.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_timeout
+            self.starter.cut_short_waiting()
+
+    def stop(self, *, force: bool = False) -> None:
+        """Stop receiving and starting. A receive waiting for free slots returns at once; a
+        long poll in flight is let answer (its wait, and `RECEIVE_GRACE`, at most) and what
+        it brings goes back to its queue at once. With ``force``, abandon everything now."""
+        self.starter.stopping = True
+        self.starter.force = self.starter.force or force
+        self._stopped.set()
+        if self._pollers is not None:
+            self._pollers.cancel()
+        if self._receives is not None:
+            if self.starter.force:
+                self._receives.cancel()
+            else:
+                bound = anyio.current_time() + self.settings.receive_wait_seconds + RECEIVE_GRACE
+                self._receives.deadline = min(self._receives.deadline, bound)
+        for pool in self.pools.values():
+            pool.update()  # wakes the receives waiting for slots: they see `stopping`
+        self.starter.cut_short_waiting()
+
+    async def _receive_loop(self, queue: RequestQueue) -> None:
+        failures = 0
+        while not self.starter.stopping:
+            try:
+                await self.receive_once(queue)
+                failures = 0
+            except AWS_ERRORS as exc:  # a bug is not caught: the loop dies, /healthz says so
+                failures += 1
+                self.health.aws_failed("ReceiveMessage", exc)
+                log.warning("dispatcher.receive_failed", error=str(exc), failures=failures)
+                with anyio.move_on_after(min(30.0, 0.5 * 2 ** min(failures, 6))):
+                    await self._stopped.wait()
+
+    async def _dispatch_loop(self, pool: Pool, handlers: TaskGroup) -> None:
+        while not self.starter.stopping:
+            if not self.dispatch_once(pool, handlers):
+                await pool.changed()
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def wanted(self, queue: RequestQueue) -> int:
+        """How many messages a receive on ``queue`` may take now."""
+        return max(
+            self.pools[name].wanted(
+                self._waiting_from[queue.url, name], self._receiving[queue.url, name]
+            )
+            for name in queue.config.pools
+        )
+
+    async def receive_once(self, queue: RequestQueue) -> int:
+        """Wait until the queue's pools want requests, receive, route and hold them.
+
+        Once stopping it receives nothing more, and what a receive already in flight
+        brings goes straight back to the queue (visibility 0), never into a room.
+        """
+        pools = [self.pools[name] for name in queue.config.pools]
+        while (wanted := self.wanted(queue)) == 0:
+            if self.starter.stopping:
+                return 0
+            await _any_change(pools)
+        if self.starter.stopping:
+            return 0
+        for pool in pools:
+            pool.receiving += wanted
+            self._receiving[queue.url, pool.name] += wanted
+        try:
+            response = await self.sqs.receive_message(
+                QueueUrl=queue.url,
+                MaxNumberOfMessages=wanted,
+                WaitTimeSeconds=self.settings.receive_wait_seconds,
+                VisibilityTimeout=self.settings.visibility_timeout,
+                MessageAttributeNames=["All"],
+                MessageSystemAttributeNames=["All"],
+            )
+        finally:
+            for pool in pools:
+                pool.receiving -= wanted
+                self._receiving[queue.url, pool.name] -= wanted
+                pool.update()
+        self.health.aws_ok()
+        messages: list[Any] = list(response.get("Messages", []))
+        if not messages:
+            for pool in pools:
+                pool.backlog_drained()
+        self.stats.received += len(messages)
+        queue.received += len(messages)
+        for index, message in enumerate(messages):
+            if self.starter.stopping:
+                await self._hand_back_received(queue, messages[index:])
+                break
+            await self.admit(queue, message)
+        return len(messages)
+
+    async def _hand_back_received(self, queue: RequestQueue, messages: list[Any]) -> None:
+        """Stopping: keep what a receive brought aside; it goes back (visible at once) when
+        the last receive in flight has answered, so another of this process's long polls
+        cannot take it again (each receive counts towards the redrive policy)."""
+        self._late += [(queue, m) for m in messages]
+        log.info("dispatcher.received_while_stopping", queue=queue.url, count=len(messages))
+
+    async def _hand_back_late(self) -> None:
+        """Hand back what receives brought while stopping (see `_hand_back_received`)."""
+        late, self._late = self._late, []
+        for queue in self.queues:
+            mine = [m for q, m in late if q is queue]
+            if mine:
+                handed = await queue.hand_back_all(mine, "received while stopping")
+                log.info("dispatcher.late_requests_handed_back", queue=queue.url, count=handed)
+
+    async def _last_chance(self, queue: RequestQueue, message: Mapping[str, Any], why: str) -> bool:
+        """A valid request that would be handed back on its last receive (SQS would move
+        it to the dead-letter queue on its own, without a reason): kept hidden until its
+        execution is known to exist (then served) or not (then dead-lettered with the
+        reason); an earlier attempt, in an earlier process too, may have started it."""
+        entry = self._entry_of(queue, dict(message))
+        if entry is None:
+            return False
+        self.starter.last_receives.keep(entry, why)
+        return True
+
+    def _entry_of(self, queue: RequestQueue, message: dict[str, Any]) -> Waiting | None:
+        """The request a valid message is, as `admit` makes it (None: not a valid one)."""
+        pool = self._route(queue, message)
+        if isinstance(pool, str):
+            return None
+        request = parse(message, self.settings.input_format, self.settings.task_token_attribute)
+        key: str | None = None
+        if not isinstance(request, BadRequest) and pool.config.key_attribute is not None:
+            key = key_tag(string_attributes(message).get(pool.config.key_attribute, ""))
+            request = keyed(request, key)
+        if isinstance(request, BadRequest):
+            return None
+        bound = log.bind(
+            message_id=message.get("MessageId"), pool=pool.name, execution_name=request.name
+        )
+        return Waiting(request, message, queue, pool, key, pool.clock(), bound)
+
+    async def admit(self, queue: RequestQueue, message: dict[str, Any]) -> None:
+        """Route one message to its pool's waiting room, dead-letter it, or defer it."""
+        bound = log.bind(message_id=message.get("MessageId"))
+        pool = self._route(queue, message)
+        if isinstance(pool, str):
+            await self.starter.dead_letter(queue, UNROUTED, message, "unknown_pool", pool)
+            return
+        request = parse(message, self.settings.input_format, self.settings.task_token_attribute)
+        key: str | None = None
+        if not isinstance(request, BadRequest) and pool.config.key_attribute is not None:
+            raw = string_attributes(message).get(pool.config.key_attribute, "")
+            key = key_tag(raw)
+            request = keyed(request, key)
+            bound = bound.bind(key=raw[:64])
+        parent = string_attributes(message).get(PARENT_ATTRIBUTE)
+        if parent:
+            bound = bound.bind(parent_arn=parent[:300])
+        if isinstance(request, BadRequest):
+            await self.starter.dead_letter(
+                queue, pool.name, message, request.reason, request.detail
+            )
+            return
+        if self._received_again(queue, pool, message, request):
+            return
+        entry = Waiting(
+            request,
+            message,
+            queue,
+            pool,
+            key,
+            pool.clock(),
+            bound.bind(pool=pool.name, execution_name=request.name),
+        )
+        # A request a free slot is waiting for gets in even when the room is full; so does
+        # one on its last receive (deferred, SQS would move it away without a reason), and
+        # a parent's token for a child that runs (a retry with the same key): deferred, its
+        # parent would get no heartbeat, and the child could be stopped as an orphan.
+        can_start_now = pool.key_ok(key) and pool.ledger.free > pool.room.startable(pool.key_ok)
+        awaits_running = request.task_token is not None and pool.ledger.holds(
+            execution_arn(pool.state_machine_arn, request.name)
+        )
+        beyond = can_start_now or queue.is_last_receive(message) or awaits_running
+        if pool.room.offer(entry, priority=queue.priority, key=key, beyond_capacity=beyond):
+            self._waiting_from[queue.url, pool.name] += 1
+            pool.update()
+            if self.starter.callbacks is not None:  # a parent waits: heartbeat it now
+                self.starter.callbacks.waiting(entry)
+            return
+        # No room (overall, or for this key): back to the queue until about when the
+        # requests already waiting will have started.
+        delay = pool.defer_seconds(key)
+        self.stats.deferred += 1
+        self.metrics.deferred.labels(pool=pool.name).inc()
+        await queue.hand_back(
+            request.receipt_handle, delay, entry.bound, "waiting room full", message=message
+        )
+
+    def _received_again(
+        self, queue: RequestQueue, pool: Pool, message: dict[str, Any], request: Any
+    ) -> bool:
+        """A message received again while it still waits (its visibility ran out before an
+        extension got through): the waiting entry takes the newest receipt handle - only it
+        can still change the message's visibility or delete it - and the message is not
+        admitted a second time. False if it does not wait, or its waiting entry is still
+        hidden: then this is another copy (SQS may store a message twice; each copy has its
+        own receipt handle and receive count), which waits as an entry of its own."""
+        message_id = message.get("MessageId")
+        if message_id is None:
+            return False
+        now, visibility = pool.clock(), self.settings.visibility_timeout
+        for entry in pool.room.items():
+            if (
+                entry.queue is queue
+                and entry.message.get("MessageId") == message_id
+                and now - entry.hidden_since >= visibility
+            ):
+                entry.request, entry.message = request, message
+                entry.hidden_since = max(entry.hidden_since, now)
+                entry.bound.info("dispatcher.waiting_received_again")
+                return True
+        return False
+
+    def _route(self, queue: RequestQueue, message: dict[str, Any]) -> Pool | str:
+        """The pool a message is for, or why it names none."""
+        names = queue.config.pools
+        if len(names) == 1:
+            return self.pools[names[0]]
+        attribute = queue.config.pool_attribute
+        value = string_attributes(message).get(attribute)
+        if value in names:
+            return self.pools[value]
+        return (
+            f"message attribute {attribute}={value!r} names no pool this queue feeds; "
+            f"accepted: {', '.join(names)}"
+        )
+
+    # -- dispatching ---------------------------------------------------------------------
+
+    def dispatch_once(self, pool: Pool, handlers: TaskGroup) -> bool:
+        """Reserve a slot for the next waiting request that may start; False if none may."""
+        if not pool.may_reserve(self.starter.may_start()):
+            return False
+        entry: Waiting | None = pool.room.pick(pool.key_ok)
+        if entry is None:
+            return False
+        self._waiting_from[entry.queue.url, pool.name] -= 1
+        [reservation] = pool.ledger.reserve(1, pool.clock(), entry.key)
+        pool.update()
+        handlers.start_soon(self.starter.handle, entry, reservation)
+        return True
+
+    # -- the waiting room's messages -----------------------------------------------------
+
+    async def _keep_waiting_hidden(self) -> None:
+        """Extend the visibility of waiting requests before it runs out (batched). Each
+        pass starts on schedule, whether or not an earlier one still waits for an answer."""
+        async with anyio.create_task_group() as passes:
+            while True:
+                await anyio.sleep(self.settings.visibility_timeout / 4)
+                passes.start_soon(self.extend_waiting)
+
+    async def extend_waiting(self) -> int:
+        """One pass: extend every waiting request hidden for half its visibility or more
+        (and not already being extended by an earlier pass still in flight).
+
+        Batches go out concurrently, each with its own deadline (a quarter of the
+        visibility), so one lost answer never holds back the others. A request SQS refused
+        to extend leaves the room (it will be redelivered); one whose answer did not come
+        (an error, the deadline) stays for the next pass, unless its visibility has surely
+        run out. ``hidden_since`` only ever moves forward, and only for the receipt handle
+        that was extended (a copy received again meanwhile carries a newer one)."""
+        visibility = self.settings.visibility_timeout
+        extended = 0
+
+        async def extend(pool: Pool, queue: RequestQueue, batch: list[Waiting], now: float) -> None:
+            nonlocal extended
+            handles = [e.request.receipt_handle for e in batch]
+            try:
+                with anyio.move_on_after(visibility / 4):
+                    failed, unknown = await queue.extend_visibility(handles, visibility)
+                    for entry, handle in zip(batch, handles, strict=True):
+                        if entry.request.receipt_handle != handle:
+                            continue  # received again meanwhile: the newer handle counts
+                        if handle in failed or (
+                            handle in unknown and pool.clock() - entry.hidden_since >= visibility
+                        ):
+                            self._leave_room(entry)
+                        elif handle not in unknown:
+                            entry.hidden_since = max(entry.hidden_since, now)
+                            extended += 1
+            finally:
+                self._extending.difference_update(batch)
+            pool.update()
+
+        async with anyio.create_task_group() as batches:
+            for pool in self.pools.values():
+                now = pool.clock()
+                due = [
+                    e
+                    for e in pool.room.items()
+                    if now - e.hidden_since >= visibility / 2 and e not in self._extending
+                ]
+                for queue in self.queues:
+                    mine = [e for e in due if e.queue is queue]
+                    for start in range(0, len(mine), BATCH):
+                        batch = mine[start : start + BATCH]
+                        self._extending.update(batch)
+                        batches.start_soon(extend, pool, queue, batch, now)
+        return extended
+
+    def _leave_room(self, entry: Waiting) -> None:
+        """A waiting request whose message can no longer be kept hidden leaves the room."""
+        if entry.pool.room.remove(entry):
+            self._waiting_from[entry.queue.url, entry.pool.name] -= 1
+
+    async def hand_back_waiting(self) -> int:
+        """Make every waiting request visible again (shutdown, lease lost)."""
+        handed = 0
+        for pool in self.pools.values():
+            entries: list[Waiting] = pool.room.drain()
+            pool.update()
+            for queue in self.queues:
+                messages = [e.message for e in entries if e.queue is queue]
+                if messages:
+                    # Those on their last receive are kept instead (`_last_chance`).
+                    handed += await queue.hand_back_all(messages, "waiting at shutdown")
+                    self._waiting_from[queue.url, pool.name] -= len(messages)
+        if handed:
+            log.info("dispatcher.waiting_handed_back", count=handed)
+        return handed
+
+
+async def _any_change(pools: list[Pool]) -> None:
+    """Wait until any of ``pools`` changes."""
+    if len(pools) == 1:
+        await pools[0].changed()
+        return
+    async with anyio.create_task_group() as tg:
+
+        async def wait(pool: Pool) -> None:
+            await pool.changed()
+            tg.cancel_scope.cancel()
+
+        for pool in pools:
+            tg.start_soon(wait, pool)

@@ -1,0 +1,233 @@
+"""Requests on their last receive whose execution may exist: settled before they leave.
+
+Handed back on its last receive (the queue's ``maxReceiveCount``), a request would be
+moved to the dead-letter queue by SQS on its own, without a reason; so the dispatcher
+dead-letters it itself, with the reason. But a request whose execution may exist - its
+start in doubt (here or in an earlier process), or ``ExecutionAlreadyExists`` and then
+a failed describe - must not be dead-lettered: a redrive would start it again, and a
+parent waiting on its token would be told it failed while its child runs. Such a
+request is kept here instead, its message hidden (extended, within SQS's 12-hour cap),
+until a ``DescribeExecution`` of its deterministic ARN settles it:
+
+- the execution exists: the request was started - served as a start is (its message
+  deleted, or held for its parent's token, or the parent answered);
+- ``ExecutionDoesNotExist`` once D (the start timeout) and the start grace have passed
+  since it was kept, no evidence here says it runs, and no execution exists under a name a
+  former configuration gave it (`Starter.find_former_name`; found: served as that
+  execution's): it was never started, and only now is it dead-lettered, with a detail that
+  says a redrive runs it.
+
+Every attempt it had ended before it was kept, so a start of it takes effect within D of
+then or never, and a describe shows it within the grace after that (invariant 8, and the
+rule `Ledger.observe_missing` applies to doubts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+import structlog
+
+from dispatcher.aws.api import error_code
+from dispatcher.core.ledger import Change
+from dispatcher.core.requests import execution_arn
+from dispatcher.daemon.queues import receive_count
+
+if TYPE_CHECKING:
+    from dispatcher.daemon.starter import Starter, Waiting
+
+log = structlog.get_logger("dispatcher.intake")
+
+MAX_BACKOFF = 60.0
+"""Seconds between describes of a request whose describe keeps failing, at most."""
+
+
+@dataclass(eq=False)
+class _Kept:
+    """A request kept on its last receive until its execution is known to exist or not."""
+
+    entry: Waiting
+    why: str  # why it had to go back
+    arn: str
+    exists: bool  # AWS said ExecutionAlreadyExists: "does not exist" is only a lag
+    not_before: float  # (pool clock) "does not exist" proves nothing before this
+    next_try: float
+    failures: int = 0
+
+
+class LastReceives:
+    """The requests kept on their last receive, and the passes that settle them."""
+
+    def __init__(self, starter: Starter) -> None:
+        self.starter = starter
+        self.settings = starter.settings
+        self._kept: list[_Kept] = []
+        self._wake = anyio.Event()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def keep(self, entry: Waiting, why: str, *, exists: bool = False) -> None:
+        """Keep ``entry`` (on its last receive, to go back because ``why``) until settled;
+        ``exists``: AWS said its execution exists, only its status is unknown."""
+        if any(k.entry.request.receipt_handle == entry.request.receipt_handle for k in self):
+            return
+        arn = execution_arn(entry.pool.state_machine_arn, entry.request.name)
+        now = entry.pool.clock()
+        wait = self.settings.start_timeout + self.settings.start_grace
+        self._kept.append(_Kept(entry, why, arn, exists, now + wait, now + wait))
+        entry.bound.warning(
+            "dispatcher.last_receive_kept",
+            execution_arn=arn,
+            why=why,
+            exists=exists,
+            settle_in=wait,
+        )
+        self._wake.set()
+
+    def __iter__(self) -> Iterator[_Kept]:
+        """A snapshot: a pass may settle (remove) entries as it goes."""
+        return iter(list(self._kept))
+
+    # -- passes ------------------------------------------------------------------------
+
+    async def settle_once(self) -> int:
+        """Describe every kept request that is due and settle what the answers settle;
+        returns how many were settled."""
+        settled = 0
+        for kept in self:
+            if kept.entry.pool.clock() < kept.next_try:
+                continue
+            if await self._settle(kept):
+                self._kept.remove(kept)
+                settled += 1
+        return settled
+
+    async def _settle(self, kept: _Kept) -> bool:
+        entry = kept.entry
+        try:
+            # Bounded: a describe hung on the wire must not hold up the other messages'
+            # extensions (this pass and `keep_hidden_once` share one loop).
+            with anyio.fail_after(self.settings.visibility_timeout / 4):
+                described = await self.starter.sfn.describe_execution(executionArn=kept.arn)
+        except Exception as exc:  # noqa: BLE001 - anything but proof: keep it, ask again
+            now = entry.pool.clock()
+            if error_code(exc) == "ExecutionDoesNotExist" and not kept.exists:
+                if now >= kept.not_before and await self._never_started(kept, now):
+                    return True
+            else:
+                entry.bound.warning(
+                    "dispatcher.last_receive_describe_failed",
+                    execution_arn=kept.arn,
+                    error=error_code(exc) or str(exc),
+                )
+            kept.failures += 1
+            kept.next_try = max(kept.not_before, now + min(MAX_BACKOFF, 2.0**kept.failures))
+            return False
+        entry.bound.info(
+            "dispatcher.last_receive_settled", execution_arn=kept.arn, status=described["status"]
+        )
+        await self.starter.existing(entry, None, described)
+        return True
+
+    async def _never_started(self, kept: _Kept, now: float) -> bool:
+        """ "Does not exist" past D and the grace: dead-letter the request, unless evidence
+        here (a status event, a listing) says it runs or ran - then the describe lags."""
+        entry = kept.entry
+        pool, ledger = entry.pool, entry.pool.ledger
+        if ledger.observe_missing(kept.arn, now, self.settings.start_grace) is Change.FREED:
+            pool.update()
+        if ledger.holds(kept.arn) or ledger.is_tombstoned(kept.arn) or kept.arn in ledger.in_doubt:
+            return False
+        # Not under its current name: it may have run under a name a former configuration
+        # gave it (a producer's retry, a copy); that execution ran, so no dead letter.
+        try:
+            former = await self.starter.find_former_name(entry)
+        except Exception as exc:  # noqa: BLE001 - unknown: keep it, ask again
+            entry.bound.warning(
+                "dispatcher.last_receive_describe_failed", execution_arn=kept.arn, error=str(exc)
+            )
+            return False
+        if former is not None:
+            entry.bound.info("dispatcher.found_under_former_name", execution_arn=former)
+            kept.arn, kept.exists = former, True  # the next pass describes and serves it
+            return False
+        detail = (
+            f"received {receive_count(entry.message)} times, the queue's maxReceiveCount "
+            f"({entry.queue.max_receive_count}), and it had to go back ({kept.why}): SQS would "
+            "have moved it to the dead-letter queue on its next receive without a reason. Its "
+            f"execution {entry.request.name!r} does not exist (described after every start "
+            "of it could have taken effect): redrive it from the dead-letter queue to run it; "
+            "raise maxReceiveCount"
+        )
+        await self.starter.dead_letter(
+            entry.queue, pool.name, entry.message, "receive_limit", detail
+        )
+        return True
+
+    async def keep_hidden_once(self) -> int:
+        """Extend the visibility of kept messages hidden for half of it or more (batched per
+        queue); one SQS no longer lets be extended (its 12-hour cap) is let go: it comes
+        back, and the queue's redrive policy moves it. Returns how many were extended."""
+        visibility = self.settings.visibility_timeout
+        extended = 0
+        due = [k for k in self if k.entry.pool.clock() - k.entry.hidden_since >= visibility / 2]
+        for queue in {id(k.entry.queue): k.entry.queue for k in due}.values():
+            mine = [k for k in due if k.entry.queue is queue]
+            handles = [k.entry.request.receipt_handle for k in mine]
+            failed = await queue.set_visibility(handles, visibility)
+            for kept in mine:
+                if kept.entry.request.receipt_handle in failed:
+                    self._let_go(kept, "its visibility could not be extended")
+                else:
+                    kept.entry.hidden_since = kept.entry.pool.clock()
+                    extended += 1
+        return extended
+
+    def _let_go(self, kept: _Kept, why: str) -> None:
+        if kept in self._kept:
+            self._kept.remove(kept)
+        kept.entry.bound.error(
+            "dispatcher.last_receive_unsettled",
+            execution_arn=kept.arn,
+            why=why,
+            advice="the queue's redrive policy moves it to the dead-letter queue without a "
+            "reason; its execution may exist: describe it before you redrive the request",
+        )
+
+    # -- loops -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Settle and keep hidden until cancelled (intake's stop)."""
+        while True:
+            await self.keep_hidden_once()
+            await self.settle_once()
+            await self.keep_hidden_once()
+            with anyio.move_on_after(self._next_due()):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+
+    def _next_due(self) -> float:
+        """Seconds until a kept request is due (a describe, or its visibility)."""
+        visibility = self.settings.visibility_timeout
+        waits = [visibility / 4]
+        for kept in self:
+            now = kept.entry.pool.clock()
+            waits.append(kept.next_try - now)
+        return max(0.01, min(waits))
+
+    async def finish(self) -> None:
+        """Shutting down: settle what can be settled before the caller's deadline (D and
+        the grace, at most, if AWS answers); then let the rest go, hidden."""
+        try:
+            while self._kept:
+                await self.keep_hidden_once()
+                await self.settle_once()
+                if self._kept:
+                    await anyio.sleep(self._next_due())
+        finally:
+            for kept in self:
+                self._let_go(kept, "shutting down before its execution was settled")

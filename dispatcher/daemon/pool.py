@@ -1,0 +1,375 @@
+"""A pool: one governed state machine, its ledger, its waiting room, and the wake-up.
+
+The ledger decides; the pool adds what the async side needs: the waiting room of
+requests received but not yet startable (key at its limit, higher priorities first), a
+condition intake waits on (woken by whatever frees a slot or adds a request - never a
+timer), gauges kept in step with the ledger, and the refill clock (slot freed -> next
+start).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from typing import Any
+
+import anyio
+
+from dispatcher.core.ledger import Change, Ledger, Reservation
+from dispatcher.core.requests import tag_of
+from dispatcher.core.shared_limits import SharedLimitConfig, SharedLimits
+from dispatcher.core.waiting import WaitingRoom
+from dispatcher.daemon.metrics import Metrics
+from dispatcher.settings.layout import PoolConfig
+
+Clock = Callable[[], float]
+
+LOOKAHEAD = 10
+"""Startable requests a queue keeps waiting in a pool that chooses (priorities, keys)."""
+MAX_DEFER_SECONDS = 900
+PAUSED_DEFER_SECONDS = 300
+"""A request for a paused pool (limit 0) that a shared queue brought comes back this late:
+20 receives (the template's maxReceiveCount) last 100 minutes of pause."""
+MAX_TRACKED_DEFERRALS = 50_000
+"""Deferrals a pool remembers at most, about 10 MB (past it, the deferral due back first is
+forgotten: its key's next one may come back a little early, one receive more). Deferrals not
+back yet are otherwise bounded only by the backlog: each is a message hidden in SQS, up to
+its in-flight quota of about 120,000 per queue."""
+
+
+class Pool:
+    """One state machine under a concurrency limit."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        metrics: Metrics,
+        clock: Clock = time.monotonic,
+        *,
+        queues: int = 1,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.state_machine_arn = config.state_machine_arn
+        self.ledger = Ledger(config.limit, per_key_limit=config.per_key_limit, key_of=tag_of)
+        self.room: WaitingRoom[Any] = WaitingRoom(
+            config.max_waiting,
+            key_capacity=_key_capacity(config),
+            reserved_share=config.reserved_share,
+        )
+        # A pool with one queue and no keys has nothing to choose between: it receives
+        # only for free slots. With priorities each queue keeps a few startable requests
+        # waiting; with keys the room is kept full, so that keys behind a long run of one
+        # key's requests in the queue are seen and served in turn.
+        if config.key_attribute is not None:
+            self.lookahead = max(LOOKAHEAD, config.max_waiting)
+        else:
+            self.lookahead = 0 if queues == 1 else LOOKAHEAD
+        self.metrics = metrics
+        self.clock = clock
+        self._changed = anyio.Event()
+        self._freed_at: deque[float] = deque(maxlen=10_000)
+        self.queued: int | None = None  # approximate request-queue depth, from reconcile
+        self.queued_at: float | None = None  # when it was read (wall clock, for /status)
+        self.receiving = 0  # messages asked for by receives in flight
+        self.started_total = 0
+        self.finished_total = 0
+        self.max_running_seen = 0
+        self.duration = 0.0  # mean execution run time (EWMA) once one has ended
+        self._durations = 0
+        # Deferrals not back yet: when each returns (a heap, earliest first) and how many
+        # each key has. Only these are kept, never every key ever deferred.
+        self._returns: list[tuple[float, int, str | None]] = []  # (returns at, seq, key)
+        self.on_ended: Callable[[str, str, Mapping[str, Any] | None], None] | None = None
+        self._deferred: dict[str | None, int] = {}
+        self._seq = itertools.count()
+        self.shared: SharedLimits | None = None  # the named limits it uses (`share`)
+        self._linked: tuple[Pool, ...] = ()  # pools sharing a named limit with it
+        metrics.prefill(self.name)
+        # The gauges' children, looked up once: `labels()` on every update was 4 % of the
+        # CPU per start (bench/, py-spy at limit 200).
+        gauges = (
+            metrics.waiting,
+            metrics.per_key_limit,
+            metrics.limit,
+            metrics.running,
+            metrics.starting,
+            metrics.in_doubt,
+            metrics.free,
+        )
+        (
+            self._waiting_gauge,
+            self._per_key_limit_gauge,
+            self._limit_gauge,
+            self._running_gauge,
+            self._starting_gauge,
+            self._in_doubt_gauge,
+            self._free_gauge,
+        ) = (gauge.labels(pool=self.name) for gauge in gauges)
+        self.update()
+
+    def reset(self) -> None:
+        """A fresh ledger (same limits) for a new reign: it starts from the listing."""
+        self.ledger = Ledger(
+            self.ledger.limit, per_key_limit=self.ledger.per_key_limit, key_of=tag_of
+        )
+        if self.shared is not None:
+            self.ledger.gate = partial(self.shared.admits, self.name)
+            self.shared.withdraw(self.name)
+        self.update()
+
+    def share(self, shared: SharedLimits, pools: Iterable[Pool]) -> None:
+        """Use the named limits ``shared`` gives this pool: its starts are admitted by them
+        too, and a change of any pool sharing one of them wakes this pool's waiters."""
+        self.shared = shared
+        self.ledger.gate = partial(shared.admits, self.name)
+        used = set(shared.uses(self.name))
+        self._linked = tuple(p for p in pools if p is not self and used & set(shared.uses(p.name)))
+
+    def reconfigure(self, config: PoolConfig) -> None:
+        """Apply a reloaded pool config: per-key limit and waiting room (never evicts)."""
+        self.config = config
+        if config.key_attribute is not None:
+            self.lookahead = max(LOOKAHEAD, config.max_waiting)
+        self.ledger.set_per_key_limit(config.per_key_limit)
+        self.room.reconfigure(
+            capacity=config.max_waiting,
+            key_capacity=_key_capacity(config),
+            reserved_share=config.reserved_share,
+        )
+        self.update()
+
+    def ended(self, arn: str, status: str, result: Mapping[str, Any] | None) -> None:
+        """An execution of this pool ended (status event, describe): tell whoever waits
+        for it (a parent's task token)."""
+        if self.on_ended is not None:
+            self.on_ended(arn, status, result)
+
+    def key_ok(self, key: str | None) -> bool:
+        """Whether a request for ``key`` could start now."""
+        return self.ledger.key_free(key) > 0
+
+    def update(self) -> None:
+        """Refresh gauges and wake intake; call after every ledger or waiting-room change."""
+        ledger = self.ledger
+        self._waiting_gauge.set(len(self.room))
+        self._per_key_limit_gauge.set(ledger.per_key_limit or 0)
+        self._limit_gauge.set(ledger.limit)
+        self._running_gauge.set(ledger.running_count)
+        self._starting_gauge.set(self.starting)
+        self._in_doubt_gauge.set(ledger.doubt_count)
+        self._free_gauge.set(ledger.free)
+        self.max_running_seen = max(self.max_running_seen, ledger.running_count)
+        # Wake every waiter on every change: intake waits for a free slot, handlers for
+        # admission; each re-checks its own condition.
+        self._wake()
+        for other in self._linked:  # a unit of a named limit they share freed or taken
+            other._wake()
+
+    def _wake(self) -> None:
+        event, self._changed = self._changed, anyio.Event()
+        event.set()
+
+    def may_reserve(self, may_start: bool) -> bool:
+        """Whether a start may be reserved now: a free slot, the lease (``may_start``), and
+        room in every named limit the pool uses for one of its waiting requests (which
+        otherwise claims them: see `dispatcher.core.shared_limits`)."""
+        if self.ledger.free == 0 or not may_start:
+            if self.shared is not None:
+                self.shared.withdraw(self.name)
+            return False
+        if self.shared is None or not self.shared.uses(self.name):
+            return True
+        if not self.room.startable(self.key_ok):
+            self.shared.withdraw(self.name)
+            return False
+        return self.shared.may_reserve(self.name)
+
+    def held_back(self) -> bool:
+        """Whether a named limit it uses is paused or below its weight: nothing can start."""
+        return self.shared is not None and bool(self.shared.blocked(self.name))
+
+    @property
+    def starting(self) -> int:
+        """Reserved slots: starts in flight."""
+        return self.ledger.reserved_count
+
+    def wanted(self, from_queue: int, receiving: int) -> int:
+        """How many messages a receive on a queue feeding this pool may take now (<= 10).
+
+        Enough to fill the free slots no waiting request can take, and, in a pool that
+        chooses between queues or keys, to keep ``lookahead`` startable requests of that
+        queue waiting; never more than the waiting room has room for. ``from_queue`` and
+        ``receiving`` are that queue's waiting requests and messages asked for in receives
+        in flight: each queue counts only its own, so a long poll on an idle queue never
+        holds back the receives of a busy one (their extra requests wait in the room).
+        """
+        if self.ledger.limit == 0 or self.held_back():
+            return 0  # paused: the backlog stays in SQS, untouched (no receive is spent)
+        startable = self.room.startable(self.key_ok)
+        unclaimed = self.ledger.free - startable - receiving
+        ahead = self.lookahead - from_queue - receiving if self.lookahead else 0
+        room_left = self.room.capacity - len(self.room) - receiving
+        want = max(unclaimed, ahead)
+        if self.lookahead or unclaimed <= 0:  # taking more than free slots waits in the room
+            want = min(want, room_left + max(0, unclaimed))
+        return max(0, min(10, want))
+
+    async def changed(self) -> None:
+        """Wait for the next change (a slot freed or taken, a request added or picked)."""
+        await self._changed.wait()
+
+    async def wait_admitted(self, reservation: Reservation, at_most: float) -> bool:
+        """Wait (``at_most`` seconds) until the reservation may start; return whether it may."""
+        with anyio.move_on_after(at_most):
+            while not self.ledger.admitted(reservation):
+                await self._changed.wait()
+        return self.ledger.admitted(reservation)
+
+    def note_freed(self, change: Change, was_full: bool, since: float | None = None) -> None:
+        """Record a freed slot: how long its execution ran (``since`` its start, when the
+        status event tells), and whether a hand-over has begun (the pool was full)."""
+        if change is Change.FREED:
+            self.finished_total += 1
+            if since is not None:
+                ran = max(0.0, self.clock() - since)
+                self.duration = ran if self._durations == 0 else 0.9 * self.duration + 0.1 * ran
+                self._durations += 1
+            if was_full:
+                self._freed_at.append(self.clock())
+
+    def run_time(self) -> float:
+        """The executions' mean run time; until one has ended, how long the oldest has run
+        so far (a lower bound that grows with the truth), at least 1 s."""
+        if self._durations:
+            return self.duration
+        oldest = self.ledger.oldest_since()
+        return max(1.0, 0.0 if oldest is None else self.clock() - oldest)
+
+    def defer_seconds(self, key: str | None) -> int:
+        """How long a request the waiting room has no space for should stay in its queue:
+        about the time the requests ahead of it (of its key: waiting here, or deferred
+        earlier and not back yet) need to start, from the executions' mean run time;
+        1 s to 15 min. Each deferral is spaced after the previous ones, so a deep backlog
+        of one key comes back in turn, about once per message: every hand-back is a
+        receive, and receives count towards the queue's redrive policy. Only deferrals not
+        back yet are remembered (each is a message hidden in SQS for at most 15 min), so
+        memory does not grow with the number of keys ever seen."""
+        now = self.clock()
+        self.forget_returned_deferrals()
+        ledger = self.ledger
+        lanes = ledger.per_key_limit if key is not None and ledger.per_key_limit else ledger.limit
+        ahead = self.room.count(key=key) + self._deferred.get(key, 0)
+        run_time = self.run_time()
+        if self._linked:  # named limits: its lanes are theirs, shared with the pools waiting
+            lanes = min(lanes, self._shared_lanes())
+            ahead += sum(len(other.room) for other in self._linked)
+            run_time = max(run_time, *(other.run_time() for other in self._linked))
+        delay = int(min(MAX_DEFER_SECONDS, max(1.0, ahead / max(1, lanes) * run_time)))
+        if ledger.limit == 0 or self.held_back():  # paused (a shared queue brought it)
+            delay = PAUSED_DEFER_SECONDS
+        heapq.heappush(self._returns, (now + delay, next(self._seq), key))
+        self._deferred[key] = self._deferred.get(key, 0) + 1
+        if len(self._returns) > MAX_TRACKED_DEFERRALS:
+            self._forget_earliest()
+        return delay
+
+    def _shared_lanes(self) -> int:
+        """How many of its executions the named limits it uses let run at once."""
+        shared = self.shared
+        if shared is None:
+            return self.ledger.limit
+        used = shared.uses(self.name).items()
+        return min((shared.limit(name) // weight for name, weight in used), default=1)
+
+    def forget_returned_deferrals(self) -> None:
+        """Forget the deferrals that are back (their keys too, once none is left)."""
+        now = self.clock()
+        while self._returns and self._returns[0][0] <= now:
+            self._forget_earliest()
+
+    def _forget_earliest(self) -> None:
+        """Drop the deferral that returns first (and its key, once it has none left)."""
+        _, _, key = heapq.heappop(self._returns)
+        left = self._deferred[key] - 1
+        if left:
+            self._deferred[key] = left
+        else:
+            del self._deferred[key]
+
+    @property
+    def deferrals_pending(self) -> int:
+        """Deferrals remembered as not back yet (forgotten lazily, at the next deferral)."""
+        return len(self._returns)
+
+    @property
+    def deferral_keys(self) -> int:
+        """Keys with a deferral remembered as not back yet."""
+        return len(self._deferred)
+
+    def note_start_sent(self) -> None:
+        """A StartExecution is being sent: close the oldest open hand-over, if any."""
+        if self._freed_at:
+            self.metrics.refill.labels(pool=self.name).observe(
+                self.clock() - self._freed_at.popleft()
+            )
+
+    def backlog_drained(self) -> None:
+        """The request queue ran dry: pending frees are no longer hand-overs."""
+        self._freed_at.clear()
+
+
+def _key_capacity(config: PoolConfig) -> int | None:
+    """One key may take half the room (at least twice its per-key limit): the other half
+    stays for the other keys."""
+    if config.key_attribute is None:
+        return None
+    return max(1, config.max_waiting // 2, 2 * (config.per_key_limit or 0))
+
+
+def share_limits(
+    pools: Mapping[str, Pool], limits: Iterable[SharedLimitConfig], metrics: Metrics
+) -> SharedLimits | None:
+    """Give ``pools`` the named limits they use (None: no named limit is configured)."""
+    configs = list(limits)
+    if not configs:
+        return None
+    shared = SharedLimits(
+        configs,
+        {name: pool.config.uses for name, pool in pools.items()},
+        lambda name: pools[name].ledger,
+    )
+    for pool in pools.values():
+        pool.share(shared, pools.values())
+    publish_shared(shared, metrics, lambda name: len(pools[name].room))
+    return shared
+
+
+def publish_shared(
+    shared: SharedLimits, metrics: Metrics, waiting_of: Callable[[str], int]
+) -> None:
+    """Export each named limit's gauges, read when scraped (never stale, nothing to keep in
+    step). ``waiting_of`` gives the requests waiting in a pool's room."""
+    for name in shared.names:
+        metrics.shared_limit.labels(limit=name).set_function(partial(shared.limit, name))
+        metrics.shared_limit_in_use.labels(limit=name).set_function(partial(shared.in_use, name))
+        metrics.shared_limit_waiting.labels(limit=name).set_function(
+            partial(_shared_waiting, shared, name, waiting_of)
+        )
+        for pool in shared.users(name):
+            metrics.shared_limit_blocked.labels(limit=name, pool=pool).set_function(
+                partial(_shared_blocked, shared, name, pool)
+            )
+
+
+def _shared_waiting(shared: SharedLimits, name: str, waiting_of: Callable[[str], int]) -> float:
+    held_back = {*shared.claims(name), *(p for p in shared.users(name) if shared.blocked(p))}
+    return float(sum(waiting_of(pool) for pool in held_back))
+
+
+def _shared_blocked(shared: SharedLimits, name: str, pool: str) -> float:
+    return float(any(b.limit == name and b.value > 0 for b in shared.blocked(pool)))

@@ -1,0 +1,714 @@
+"""Starting one request: exactly once, and every outcome settles its message.
+
+A request picked from its pool's waiting room arrives here with a reserved slot. The
+starter waits for admission (the limit in force, the key's limit, the lease) and a
+start-rate token, calls ``StartExecution`` under the request's deterministic name
+(retrying throttles and 5xx with jittered back-off while keeping the message hidden),
+and deletes the message only once the execution is known to exist; a bad request goes
+to the dead-letter queue with its reason first (invariant 5).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import stamina
+import structlog
+
+from dispatcher.aws.api import (
+    THROTTLE_CODES,
+    Clients,
+    ErrorKind,
+    classify,
+    error_code,
+    is_retryable,
+    outcome_unknown,
+)
+from dispatcher.core.ledger import Change, Reservation
+from dispatcher.core.requests import (
+    IDEMPOTENCY_ATTRIBUTE,
+    REQUEST_ID_ATTRIBUTE,
+    StartRequest,
+    execution_arn,
+    former_names,
+    task_token,
+)
+from dispatcher.daemon.callbacks import BAD_REQUEST, DEAD_LETTERED, FIRST_RECEIVE_SKEW, Callbacks
+from dispatcher.daemon.deadletter import DEFAULT_MAX_SIZE, DeadLetterQueue
+from dispatcher.daemon.health import Health
+from dispatcher.daemon.lastreceive import LastReceives
+from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pool import Pool
+from dispatcher.daemon.queues import RequestQueue
+from dispatcher.daemon.ratelimit import RateLimiters
+from dispatcher.settings.config import Settings
+
+log = structlog.get_logger("dispatcher.intake")
+
+
+MAX_UNANSWERED = 10_000
+"""Starts with a lost answer remembered at most (to count them started when confirmed)."""
+
+
+class AbandonedError(Exception):
+    """Shutting down (or the lease is gone): hand the request back instead of retrying."""
+
+
+class OverLimitError(Exception):
+    """A retry of a start in doubt does not fit under the limit in force: stop retrying."""
+
+
+@dataclass(eq=False)
+class Waiting:
+    """A received, valid request: waiting in its pool's room, then being started."""
+
+    request: StartRequest
+    message: dict[str, Any]
+    queue: RequestQueue
+    pool: Pool
+    key: str | None  # the key tag the ledger counts it under (None: no key)
+    hidden_since: float  # when its visibility was last set
+    bound: Any  # its logger, bound to message id and execution name
+
+
+@dataclass
+class _Handling:
+    """One request being handled; ``phase`` tells shutdown whether it may be cut short."""
+
+    scope: anyio.CancelScope
+    phase: str = "received"  # received | calling | backoff | finishing
+    doubt: bool = False
+    """An attempt may have started the execution (its outcome is unknown): the slot is
+    kept, in doubt, until evidence settles it (invariant 1)."""
+
+
+@dataclass
+class _Copies:
+    """Handlers starting one execution name at the same time (copies of one request)."""
+
+    handlers: int = 0
+    started: bool = False
+    """One of them counted the start: AWS answers the others' repeat with success too."""
+
+
+@dataclass
+class IntakeStats:
+    """Totals for the shutdown summary and `/status`."""
+
+    received: int = 0
+    started: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    handed_back: int = 0
+    deferred: int = 0
+    in_flight: dict[int, _Handling] = field(default_factory=dict)
+
+
+class Starter:
+    """Starts the executions of requests whose turn has come, for every pool."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        clients: Clients,
+        metrics: Metrics,
+        health: Health,
+        limiters: RateLimiters,
+        *,
+        dead_letter_max_size: int = DEFAULT_MAX_SIZE,
+    ) -> None:
+        self.settings = settings
+        self.sqs = clients.sqs
+        self.sfn = clients.sfn
+        self.starts = clients.starts or clients.sfn
+        self.metrics = metrics
+        self.health = health
+        self.limiters = limiters
+        self.stats = IntakeStats()
+        self.callbacks: Callbacks | None = None  # answers parents (task tokens)
+        self.may_start: Callable[[], bool] = lambda: True  # the lease sets this
+        self.stopping = False
+        self.force = False
+        self._ids = iter(range(1, 1 << 62))
+        self._copies: dict[str, _Copies] = {}  # ARN -> handlers starting it now
+        # Built with the intake at the start of each reign (after the predecessor's last
+        # receive, before this reign's first): a message first received before then may
+        # have been started by a process under another configuration, by another name.
+        self.reign_began = time.time()
+        self._unanswered: dict[str, None] = {}
+        """ARNs this process sent a start for whose answer never came (outcome unknown), not
+        counted yet: the first answer that shows the execution exists counts it as started
+        (not as a duplicate), once. Oldest forgotten past `MAX_UNANSWERED`."""
+        self.dead_letters = DeadLetterQueue(
+            clients.sqs, settings.dead_letter_queue_url, metrics, dead_letter_max_size
+        )
+        self.last_receives = LastReceives(self)  # kept until their execution is settled
+
+    def starting(self, arn: str) -> bool:
+        """Whether a request for execution ``arn`` is being started now."""
+        return arn in self._copies
+
+    def cut_short_waiting(self) -> None:
+        """Cancel handlers that are only waiting (admission, back-off): they hand back."""
+        for handling in list(self.stats.in_flight.values()):
+            if handling.phase in ("received", "backoff") or self.force:
+                handling.scope.cancel()
+
+    # -- one request -------------------------------------------------------------------
+
+    async def handle(self, entry: Waiting, reservation: Reservation) -> None:
+        """Start, dead-letter or hand back one request; always settles its reservation."""
+        ident = next(self._ids)
+        handling = _Handling(scope=anyio.CancelScope())
+        self.stats.in_flight[ident] = handling
+        try:
+            with handling.scope:
+                self._check_not_stopping(2)
+                await self._start(entry, reservation, handling)
+        except AbandonedError:
+            await self._hand_back(entry, 0, "stopping")
+        finally:
+            del self.stats.in_flight[ident]
+            self._settle_slot(entry, reservation, handling)
+        if handling.scope.cancelled_caught and not self.force:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self._hand_back(entry, 0, "shutting down")
+
+    async def _hand_back(
+        self, entry: Waiting, delay: int, why: str, *, exists: bool = False
+    ) -> None:
+        """Make the request visible again in ``delay`` seconds - unless this is its last
+        receive: handed back, SQS would move it to the dead-letter queue without a reason,
+        and dead-lettered, its execution may yet exist (an earlier attempt, here or in an
+        earlier process). Then it is kept, hidden, until a describe settles it
+        (`LastReceives`). ``exists``: AWS said its execution exists."""
+        if entry.queue.is_last_receive(entry.message):
+            self.last_receives.keep(entry, why, exists=exists)
+            return
+        await entry.queue.hand_back(entry.request.receipt_handle, delay, entry.bound, why)
+
+    def _release(self, pool: Pool, reservation: Reservation) -> None:
+        if pool.ledger.cancel(reservation):
+            pool.update()
+
+    def _settle_slot(self, entry: Waiting, reservation: Reservation, handling: _Handling) -> None:
+        """The handler is done: a reservation still held is given back, unless an attempt's
+        outcome is unknown - then its slot stays held, in doubt (never freed on a guess)."""
+        pool = entry.pool
+        if not handling.doubt:
+            self._release(pool, reservation)
+            return
+        arn = execution_arn(pool.state_machine_arn, entry.request.name)
+        if pool.ledger.doubt(reservation, arn, pool.clock()) is Change.ADDED:
+            entry.bound.warning("dispatcher.start_in_doubt", execution_arn=arn)
+        pool.update()
+
+    async def _start(self, entry: Waiting, reservation: Reservation, handling: _Handling) -> None:
+        """Count a start once per execution: AWS answers a repeat of a running execution
+        (same name and input) with success and its ARN, so a success is a start only if the
+        ARN was not held before our first attempt (a redelivery) and no other copy of the
+        request in flight with ours counted it. Not the ledger's hold after the answer: a
+        RUNNING event of our own start may have come first."""
+        arn = execution_arn(entry.pool.state_machine_arn, entry.request.name)
+        held_before = entry.pool.ledger.holds(arn)
+        copies = self._copies.setdefault(arn, _Copies())
+        copies.handlers += 1
+        try:
+            await self._start_counted(entry, reservation, handling, copies, held_before)
+        finally:
+            copies.handlers -= 1
+            if copies.handlers == 0:
+                del self._copies[arn]
+
+    async def _start_counted(
+        self,
+        entry: Waiting,
+        reservation: Reservation,
+        handling: _Handling,
+        copies: _Copies,
+        held_before: bool,
+    ) -> None:
+        pool, request, bound = entry.pool, entry.request, entry.bound
+        held = self._former_name_held(entry)
+        if held is not None:
+            handling.phase = "finishing"
+            self.metrics.former_names.labels(pool=pool.name, result="found").inc()
+            bound.info("dispatcher.found_under_former_name", execution_arn=held)
+            await self._already_exists(entry, reservation, handling, arn=held)
+            return
+        if self._may_have_former_name(entry):
+            try:
+                former = await self.find_former_name(entry)
+            except Exception as exc:  # noqa: BLE001 - unknown: never start on a guess
+                handling.phase = "finishing"
+                self._release(pool, reservation)
+                self.stats.handed_back += 1
+                self.metrics.former_names.labels(pool=pool.name, result="failed").inc()
+                self.metrics.starts.labels(pool=pool.name, outcome="retried").inc()
+                bound.warning("dispatcher.former_name_lookup_failed", error=str(exc))
+                await entry.queue.hand_back(
+                    request.receipt_handle, 30, bound, "former names unknown", message=entry.message
+                )
+                return
+            result = "not_found" if former is None else "found"
+            self.metrics.former_names.labels(pool=pool.name, result=result).inc()
+            if former is not None:
+                handling.phase = "finishing"
+                bound.info("dispatcher.found_under_former_name", execution_arn=former)
+                await self._already_exists(entry, reservation, handling, arn=former)
+                return
+        if (
+            request.task_token is not None
+            and self.callbacks is not None
+            and not held_before
+            and await self.callbacks.dropped_unstarted(entry, others=copies.handlers > 1)
+        ):
+            return  # its parent no longer waits: deleted unstarted (the slot goes back)
+        try:
+            arn, attempts = await self._call_start(entry, reservation, handling)
+        except AbandonedError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is sorted just below
+            handling.phase = "finishing"
+            await self._start_failed(exc, entry, reservation, handling)
+            return
+        handling.phase = "finishing"
+        self._commit(pool, reservation, arn)
+        ours = self._unanswered.pop(arn, False) is None  # our earlier attempt started it
+        if (held_before and not ours) or copies.started:
+            self.stats.duplicates += 1
+            self.metrics.starts.labels(pool=pool.name, outcome="duplicate").inc()
+            bound.info("dispatcher.duplicate_request", execution_arn=arn, status="RUNNING")
+            await self._settled(entry, arn)
+            return
+        copies.started = True
+        self.stats.started += 1
+        pool.started_total += 1
+        self.metrics.starts.labels(pool=pool.name, outcome="started").inc()
+        if request.sent_at is not None:
+            self.metrics.queue_wait.labels(pool=pool.name).observe(
+                max(0.0, time.time() - request.sent_at)
+            )
+        bound.info("dispatcher.execution_started", execution_arn=arn, attempts=attempts)
+        await self._settled(entry, arn, started=True)
+
+    def _may_have_former_name(self, entry: Waiting) -> bool:
+        """Whether the request may have started under a name a former configuration gave
+        it (``key_attribute`` changed across a restart) and is worth describing there: its
+        current name is not known, and it was first received before this reign began, or
+        it carries an idempotency key and was *sent* before this reign began (a producer's
+        retry, or a copy SQS stored twice, whose twin a predecessor may have started
+        under its former name), or it is a copy (a dead letter moved back) that may have
+        started before it was dead-lettered. Any other request is looked for under its
+        former names only in what the ledger knows (free, see `_former_name_held`)."""
+        pool, message = entry.pool, entry.message
+        arn = execution_arn(pool.state_machine_arn, entry.request.name)
+        ledger = pool.ledger
+        if ledger.holds(arn) or ledger.is_tombstoned(arn) or ledger.doubted_since(arn):
+            return False
+        attributes = message.get("MessageAttributes") or {}
+        if REQUEST_ID_ATTRIBUTE in attributes:
+            return True
+        system = message.get("Attributes") or {}
+        began = self.reign_began + FIRST_RECEIVE_SKEW
+        try:
+            first = system.get("ApproximateFirstReceiveTimestamp")
+            if first is not None and int(first) / 1000 < began:
+                return True
+            sent = system.get("SentTimestamp")
+            keyed = IDEMPOTENCY_ATTRIBUTE in attributes
+            return keyed and sent is not None and int(sent) / 1000 < began
+        except ValueError:
+            return True
+
+    def _former_name_held(self, entry: Waiting) -> str | None:
+        """The ARN of a running (or tombstoned) execution the ledger knows under one of the
+        request's former names, or None: free, checked for every request (a producer's
+        retry sent after the restart while its first execution still runs)."""
+        pool = entry.pool
+        arn = execution_arn(pool.state_machine_arn, entry.request.name)
+        if pool.ledger.holds(arn) or pool.ledger.is_tombstoned(arn):
+            return None
+        names = former_names(
+            entry.request,
+            entry.message,
+            pool.config.key_attribute,
+            self.settings.task_token_attribute,
+        )
+        for name in names:
+            former = execution_arn(pool.state_machine_arn, name)
+            if pool.ledger.holds(former) or pool.ledger.is_tombstoned(former):
+                return former
+        return None
+
+    async def find_former_name(self, entry: Waiting) -> str | None:
+        """The ARN of the request's execution under a former name, or None: first what the
+        ledger knows (the start-up listing, tombstones: free), then ``DescribeExecution`` of
+        each candidate (bounded, see `former_names`). A describe that fails for another
+        reason than "does not exist" raises: the request must not start on a guess."""
+        pool, request = entry.pool, entry.request
+        names = former_names(
+            request,
+            entry.message,
+            pool.config.key_attribute,
+            self.settings.task_token_attribute,
+        )
+        arns = [execution_arn(pool.state_machine_arn, name) for name in names]
+        for arn in arns:
+            if pool.ledger.holds(arn) or pool.ledger.is_tombstoned(arn):
+                return arn
+        for arn in arns:
+            self.metrics.former_name_describes.labels(pool=pool.name).inc()
+            try:
+                async for attempt in stamina.retry_context(
+                    on=is_retryable, attempts=5, timeout=self.settings.start_retry_timeout
+                ):
+                    with attempt:
+                        await self.sfn.describe_execution(executionArn=arn)
+            except Exception as exc:
+                if error_code(exc) == "ExecutionDoesNotExist":
+                    continue
+                raise
+            return arn
+        return None
+
+    async def _settled(self, entry: Waiting, arn: str, *, started: bool = False) -> None:
+        """The request's execution runs (``started`` by this reign, or found): delete its
+        message - unless a parent waits for the child (task token): then the message is
+        kept until the parent was answered."""
+        request = entry.request
+        if started and self.callbacks is not None:
+            self.callbacks.started(arn)
+        if request.task_token is not None and self.callbacks is not None:
+            self.callbacks.hold(
+                entry.pool,
+                queue=entry.queue,
+                token=request.task_token,
+                arn=arn,
+                receipt=request.receipt_handle,
+                bound=entry.bound,
+                message=entry.message,
+                hidden_since=entry.hidden_since,
+            )
+            return
+        await entry.queue.delete(request.receipt_handle, entry.bound)
+
+    async def _call_start(
+        self, entry: Waiting, reservation: Reservation, handling: _Handling
+    ) -> tuple[str, int]:
+        """StartExecution with jittered back-off on throttles/5xx; returns (ARN, attempts)."""
+        pool, request, bound = entry.pool, entry.request, entry.bound
+        kwargs: dict[str, Any] = {
+            "stateMachineArn": pool.state_machine_arn,
+            "name": request.name,
+            "input": request.input,
+        }
+        if request.trace_header:
+            kwargs["traceHeader"] = request.trace_header
+        limiter = self.limiters.for_arn(pool.state_machine_arn)
+        attempts = 0
+        async for attempt in stamina.retry_context(
+            on=is_retryable,
+            attempts=None,
+            timeout=self.settings.start_retry_timeout,
+            wait_initial=0.05,
+            wait_max=5.0,
+        ):
+            with attempt:
+                attempts += 1
+                self._check_not_stopping(attempts)
+                await self._admission(entry, reservation, handling)
+                await limiter.acquire()
+                await self._admission(entry, reservation, handling)  # the wait may be long
+                handling.phase = "calling"
+                pool.ledger.mark_sent(reservation)  # no await since admission: still true
+                pool.note_start_sent()
+                began = time.perf_counter()
+                unknown_before, handling.doubt = handling.doubt, True  # until answered
+                try:
+                    # The fence (invariant 8): sent while the lease was valid, this attempt
+                    # takes effect within D or never; a new holder waits D before listing.
+                    with anyio.fail_after(self.settings.start_timeout):
+                        response = await self.starts.start_execution(**kwargs)
+                except Exception as exc:
+                    handling.phase = "backoff"
+                    if not outcome_unknown(exc):
+                        handling.doubt = unknown_before  # refused: this attempt did nothing
+                        if not handling.doubt:  # nor did any before: a first attempt again
+                            pool.ledger.unsend(reservation)
+                    else:
+                        self._sent_unanswered(execution_arn(pool.state_machine_arn, request.name))
+                    if error_code(exc) in THROTTLE_CODES:
+                        limiter.throttled()
+                    kind = classify(exc)
+                    if kind in (ErrorKind.SETUP, ErrorKind.UNKNOWN):
+                        # The deployment's or AWS's error, never the request's: kept, alerted.
+                        self.health.aws_failed("StartExecution", exc)
+                        bound.warning(
+                            "dispatcher.start_failed_not_request",
+                            error=error_code(exc) or str(exc),
+                            kind=str(kind),
+                            status=_status_of(exc),
+                            in_doubt=handling.doubt,
+                        )
+                    elif kind is not ErrorKind.PERMANENT:
+                        bound.info("dispatcher.start_retrying", error=error_code(exc) or str(exc))
+                    raise
+                finally:
+                    self.metrics.start_latency.labels(pool=pool.name).observe(
+                        time.perf_counter() - began
+                    )
+                handling.doubt = False
+                limiter.succeeded()
+                return str(response["executionArn"]), attempts
+        raise AssertionError("unreachable: stamina either returns or raises")  # pragma: no cover
+
+    def _sent_unanswered(self, arn: str) -> None:
+        """An attempt for ``arn`` may have started it and its answer is lost."""
+        self._unanswered[arn] = None
+        while len(self._unanswered) > MAX_UNANSWERED:
+            del self._unanswered[next(iter(self._unanswered))]
+
+    async def _admission(
+        self, entry: Waiting, reservation: Reservation, handling: _Handling
+    ) -> None:
+        """Wait until this start fits under the limits in force (and the lease, if any),
+        keeping the request hidden meanwhile."""
+        pool = entry.pool
+        await self.keep_hidden(entry)
+        waited = False
+        while not (pool.ledger.admitted(reservation) and self.may_start()):
+            if not self.may_start():
+                raise AbandonedError  # not the leader any more: hand the request back
+            if handling.doubt:
+                # A retry of a start that may run already, over the limit now: waiting
+                # could wait on itself. It stays in doubt; evidence settles it, and the
+                # request comes back as a new one.
+                raise OverLimitError
+            if not waited:
+                entry.bound.info("dispatcher.start_held", why="slots taken by other executions")
+                waited = True
+            await pool.wait_admitted(reservation, self.settings.visibility_timeout / 3)
+            await self.keep_hidden(entry)
+
+    def _check_not_stopping(self, attempts: int) -> None:
+        if self.stopping and attempts > 1:
+            raise AbandonedError
+
+    async def _start_failed(
+        self, exc: Exception, entry: Waiting, reservation: Reservation, handling: _Handling
+    ) -> None:
+        if error_code(exc) == "ExecutionAlreadyExists":
+            handling.doubt = False  # it exists: the describe decides
+            await self._already_exists(entry, reservation, handling)
+            return
+        if handling.doubt:
+            # Retries given up, and some attempt may have started it: the slot stays held,
+            # in doubt (see `handle`), and the request goes back; its next attempt (same
+            # name), a status event, a listing or a describe settles it.
+            self.stats.handed_back += 1
+            self.metrics.starts.labels(pool=entry.pool.name, outcome="in_doubt").inc()
+            entry.bound.warning("dispatcher.start_gave_up", error=str(exc), in_doubt=True)
+            await self._hand_back(entry, 30, "start outcome unknown")
+            return
+        self._release(entry.pool, reservation)
+        if classify(exc) is ErrorKind.PERMANENT:
+            detail = f"StartExecution refused the request: {error_code(exc)}: {exc}"
+            reason = error_code(exc) or type(exc).__name__
+            await self.dead_letter(entry.queue, entry.pool.name, entry.message, reason, detail)
+        else:
+            self.stats.handed_back += 1
+            self.metrics.starts.labels(pool=entry.pool.name, outcome="retried").inc()
+            entry.bound.warning("dispatcher.start_gave_up", error=str(exc))
+            await self._hand_back(entry, 30, "start kept failing")
+
+    def _commit(self, pool: Pool, reservation: Reservation | None, arn: str) -> None:
+        if reservation is None:
+            pool.ledger.observe_running(arn, pool.clock())
+        else:
+            pool.ledger.started(reservation, arn, pool.clock())
+        pool.update()
+
+    async def _already_exists(
+        self,
+        entry: Waiting,
+        reservation: Reservation,
+        handling: _Handling,
+        *,
+        arn: str | None = None,
+    ) -> None:
+        """Same name seen before: running -> adopt it; closed -> already served. ``arn``:
+        the request's execution found under a former name (default: its current name)."""
+        pool, request, bound = entry.pool, entry.request, entry.bound
+        arn = arn or execution_arn(pool.state_machine_arn, request.name)
+        try:
+            async for attempt in stamina.retry_context(
+                # "Does not exist" right after "already exists": the describe lags; ask again.
+                on=lambda e: is_retryable(e) or error_code(e) == "ExecutionDoesNotExist",
+                attempts=5,
+                timeout=self.settings.start_retry_timeout,
+            ):
+                with attempt:
+                    # The message stays hidden meanwhile: an attempt (with the SDK's own
+                    # retries) is cut at a quarter of the visibility, extended in between.
+                    await self.keep_hidden(entry)
+                    with anyio.fail_after(self.settings.visibility_timeout / 4):
+                        described = await self.sfn.describe_execution(executionArn=arn)
+        except Exception as exc:  # noqa: BLE001 - any failure: keep the request, try later
+            # It exists (AWS said so) but its status is unknown - even "does not exist",
+            # which only says the describe lags: the slot stays held, in doubt.
+            handling.doubt = True
+            bound.warning("dispatcher.describe_failed", execution_arn=arn, error=str(exc))
+            await self._hand_back(entry, 30, "describe failed", exists=True)
+            return
+        await self.existing(entry, reservation, described)
+
+    async def existing(
+        self, entry: Waiting, reservation: Reservation | None, described: Mapping[str, Any]
+    ) -> None:
+        """The request's execution exists (``described``): running -> count it (with the
+        start's ``reservation``, if any) and settle the message as a start's; closed ->
+        already served (its parent, if any, is answered now)."""
+        pool, request, bound = entry.pool, entry.request, entry.bound
+        # The described ARN: the request's execution may have been found under a former name.
+        arn = str(
+            described.get("executionArn") or execution_arn(pool.state_machine_arn, request.name)
+        )
+        existing = described.get("input")
+        if existing is not None and not _same_json(existing, request.input):
+            if reservation is not None:
+                self._release(pool, reservation)
+            detail = f"execution {request.name!r} already exists with a different input"
+            await self.dead_letter(
+                entry.queue, pool.name, entry.message, "idempotency_conflict", detail
+            )
+            return
+        status = described["status"]
+        redrives = int(described.get("redriveCount", 0) or 0)
+        if status == "RUNNING":
+            self._commit(pool, reservation, arn)
+            # Record which run is live, so a late terminal of an earlier run frees nothing.
+            pool.ledger.observe_running(arn, pool.clock(), redrives)
+        else:
+            if reservation is not None:
+                self._release(pool, reservation)
+            pool.ledger.observe_terminal(arn, redrives)
+            pool.update()
+        if self._unanswered.pop(arn, False) is None:
+            # Our own attempt started it (its answer was lost): a start, counted once.
+            self.stats.started += 1
+            pool.started_total += 1
+            self.metrics.starts.labels(pool=pool.name, outcome="started").inc()
+            bound.info("dispatcher.execution_started", execution_arn=arn, status=status)
+            if self.callbacks is not None and status == "RUNNING":
+                self.callbacks.started(arn)
+        else:
+            self.stats.duplicates += 1
+            self.metrics.starts.labels(pool=pool.name, outcome="duplicate").inc()
+            bound.info("dispatcher.duplicate_request", execution_arn=arn, status=status)
+        if status == "RUNNING" or request.task_token is None or self.callbacks is None:
+            await self._settled(entry, arn)
+            return
+        # Closed already (a restart, a redelivery): its parent is answered now.
+        await self.callbacks.answer_closed(
+            pool,
+            queue=entry.queue,
+            token=request.task_token,
+            receipt=request.receipt_handle,
+            described=described,
+            bound=bound,
+        )
+
+    # -- SQS side effects ----------------------------------------------------------------
+
+    async def keep_hidden(self, entry: Waiting) -> None:
+        """Extend the message's visibility once half of it has passed (long waits)."""
+        now = entry.pool.clock()
+        if now - entry.hidden_since < self.settings.visibility_timeout / 2:
+            return
+        try:
+            await self.sqs.change_message_visibility(
+                QueueUrl=entry.queue.url,
+                ReceiptHandle=entry.request.receipt_handle,
+                VisibilityTimeout=self.settings.visibility_timeout,
+            )
+        except Exception as exc:  # noqa: BLE001 - worst case it is redelivered: idempotent
+            entry.bound.warning("dispatcher.extend_visibility_failed", error=str(exc))
+        entry.hidden_since = now
+
+    async def dead_letter(
+        self, queue: RequestQueue, pool: str, message: dict[str, Any], reason: str, detail: str
+    ) -> None:
+        """Move a bad request to the dead-letter queue with its reason, then delete it; a
+        parent waiting on it (task token) is answered with the reason first."""
+        self.stats.dead_lettered += 1
+        token = task_token(message, self.settings.task_token_attribute)
+        if token is not None and self.callbacks is not None:
+            error = DEAD_LETTERED if reason == "receive_limit" else BAD_REQUEST
+            bound = log.bind(message_id=message.get("MessageId"), pool=pool)
+            await self.callbacks.fail_request(pool, token, error, f"{reason}: {detail}", bound)
+        await self.dead_letters.move(queue, pool, message, reason, detail)
+
+
+def _status_of(exc: Exception) -> int | None:
+    """The HTTP status of an error answer (None: no answer)."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0) or None
+
+
+def _same_json(a: str, b: str) -> bool:
+    """Whether an existing execution's input ``a`` is this request's input ``b``."""
+    if a == b:
+        return True
+    try:
+        existing, wanted = json.loads(a), json.loads(b)
+    except ValueError:
+        return False
+    return (
+        bool(existing == wanted)
+        or _same_envelope(existing, wanted)
+        or _same_body(existing, wanted)
+        or _same_body(wanted, existing)
+    )
+
+
+_ENVELOPE_KEYS = ({"body", "requestId", "attributes"}, {"body", "messageId", "attributes"})
+
+
+def _envelope_body(value: Any) -> str | None:
+    """The producer's body an envelope input carries (None: not an envelope)."""
+    if isinstance(value, dict) and set(value) in _ENVELOPE_KEYS and isinstance(value["body"], str):
+        return value["body"]
+    return None
+
+
+def _same_envelope(existing: Any, wanted: Any) -> bool:
+    """An envelope input written before envelopes named the request instead of the message
+    (``messageId``; attributes with the task token) is the same request when its body is:
+    a request in flight across that upgrade is not an idempotency conflict."""
+    return (
+        isinstance(existing, dict)
+        and isinstance(wanted, dict)
+        and set(existing) == {"body", "messageId", "attributes"}
+        and set(wanted) == {"body", "requestId", "attributes"}
+        and existing["body"] == wanted["body"]
+    )
+
+
+def _same_body(envelope: Any, raw: Any) -> bool:
+    """An envelope input and a raw (verbatim JSON) input of the same body are one request:
+    a request in flight across a change of ``input_format`` is not an idempotency conflict."""
+    body = _envelope_body(envelope)
+    if body is None or _envelope_body(raw) is not None:
+        return False
+    try:
+        return bool(json.loads(body) == raw)
+    except ValueError:
+        return False
