@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+from dispatcher.cli.control import render_status
 from dispatcher.core.ledger import Ledger, Reservation
 from dispatcher.core.requests import execution_arn
 from dispatcher.core.shared_limits import SharedLimitConfig, SharedLimits
@@ -473,3 +474,19 @@ def test_the_worked_example_of_the_docs_loads() -> None:
         "invoices": {"partner-api": 1},
         "refunds": {"partner-api": 2},
     }
+
+
+def test_status_shows_each_named_limit_its_users_and_what_waits() -> None:
+    pools = Pools({"api": 4}, {"a": {"api": 1}, "b": {"api": 3}})
+    pools.start("a")
+    pools.start("a")
+    assert pools.start("b") is None  # 2 + 3 > 4: b claims
+    document = {"pools": {}, "limits": pools.shared.status()}
+    lines = render_status(document, "http://x/status").splitlines()
+    assert lines[-1] == "named limit api: 2 of 4 in use (a x1, b x3); waiting: b"
+    pools.shared.set_limit("api", 2)
+    lines = render_status({"limits": pools.shared.status()}, "u").splitlines()
+    assert lines[-1] == (
+        "named limit api: 2 of 2 in use (a x1, b x3); b blocked: weight 3 is above named "
+        "limit api's value 2: the pool waits until the limit is raised"
+    )
