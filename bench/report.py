@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench import reads
 from bench.figures import load, num
 from bench.targets import targets
 
@@ -433,6 +434,9 @@ def readme_block(out: Path) -> list[str]:
             for t, v, ok in rows
         ]
         lines.append("")
+    reads_doc = load(out, "reads")
+    if reads_doc:
+        lines += [*reads.section(reads_doc), ""]
     return [*lines, END]
 
 

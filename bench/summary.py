@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench import fairness, plots
+from bench import fairness, plots, reads
 from bench.figures import load
 from bench.report import (
     comparison_section,
@@ -70,6 +70,10 @@ def write(out: Path) -> Path:
     if found["fairness"]:
         plots.fairness(found["fairness"]["results"], out / "fairness.png")
         lines += fairness.section(found["fairness"])
+    reads_doc = load(out, "reads")  # virtual time: not one of the measured minutes above
+    if reads_doc:
+        lines += [""] * (lines[-1] != "")
+        lines += ["## Reconcile reads against the quotas", "", *reads.section(reads_doc), ""]
     path = out / "summary.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path

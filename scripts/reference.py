@@ -31,7 +31,7 @@ from dispatcher.cli.main import build_parser
 from dispatcher.core.shared_limits import SharedLimitConfig
 from dispatcher.daemon.metrics import Metrics
 from dispatcher.errors import EXIT_STATUSES
-from dispatcher.settings.config import POOL_FIELDS, Settings, env_name, flag_name
+from dispatcher.settings.config import SETTINGS_TABLE, SettingInfo
 from dispatcher.settings.layout import PoolConfig, QueueConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -135,21 +135,40 @@ def default(field: FieldInfo) -> str:
     return code(str(value))
 
 
+def setting_default(row: SettingInfo) -> str:
+    """A setting's default as the settings table shows it."""
+    if row.required:
+        return "required"
+    if row.required_without_file:
+        return "required without a config file"
+    return "unset" if row.default is None else code(row.default)
+
+
 def settings_page() -> str:
-    """Every setting of ``run``, then the keys of a config file's pools and queues."""
+    """Every setting of ``run`` (`SETTINGS_TABLE`, in ``--help`` order), then the keys of a
+    config file's pools and queues."""
     process = [
         (
-            code(name),
-            code(env_name(name)),
-            code(flag_name(name)),
-            code("[pools.NAME]")
-            if name in POOL_FIELDS
-            else ("-" if name == "config" else code("[dispatcher]")),
-            accepted(field),
-            default(field),
-            text(field.description or ""),
+            code(row.name),
+            code(row.variable),
+            code(row.flag or ""),
+            code(row.file_key.removesuffix(f" {row.name}")) if row.file_key else "-",
+            row.accepted.replace("|", "\\|"),
+            setting_default(row),
+            text(row.description),
         )
-        for name, field in Settings.model_fields.items()
+        for row in SETTINGS_TABLE
+        if row.variable is not None
+    ]
+    pool_keys = [
+        (
+            code(row.name),
+            row.accepted.replace("|", "\\|"),
+            "required" if PoolConfig.model_fields[row.name].is_required() else setting_default(row),
+            text(row.description),
+        )
+        for row in SETTINGS_TABLE
+        if (row.file_key or "").startswith("[pools.NAME]")
     ]
 
     def keys(model: Any, skip: Iterable[str] = ()) -> list[tuple[str, ...]]:
@@ -182,7 +201,7 @@ def settings_page() -> str:
         [
             "## `[pools.NAME]`: one table per pool",
             "",
-            *table(("key", "accepts", "default", "meaning"), keys(PoolConfig, skip=("name",))),
+            *table(("key", "accepts", "default", "meaning"), pool_keys),
         ],
         [
             "## `[[queues]]`: one entry per request queue",

@@ -366,6 +366,11 @@ def _check_superseded(
             )
         ]
     for execution in executions:
+        if not any(_fits(answer, r) for r in execution.runs):
+            # Not the child this answer came from: another execution of the same identity
+            # (a retry sent after `key_attribute` changed starts one under its new name, as
+            # the README says) - its runs neither replace nor are replaced by this one's.
+            continue
         current = [r for r in execution.runs if r.start <= answer.time - spec.answer_slack]
         later = [r for r in execution.runs if r.start <= answer.time]
         if not current or _fits(answer, current[-1]) or _fits(answer, later[-1]):

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 
-from bench import comparison, fairness, plots, report, summary
+from bench import comparison, fairness, plots, reads, report, summary
 from bench.__main__ import _configs
 from bench.analysis import (
     Interval,
@@ -32,6 +33,7 @@ from bench.prom import Sample, histogram_quantile
 from bench.workload import stream
 from devtools.records import Execution, concurrency_series
 from dispatcher.core.requests import key_tag
+from dispatcher.daemon import readbudget
 
 MACHINE = {
     "nproc": 2,
@@ -438,3 +440,51 @@ async def test_semaphore_as_the_aws_sample_runs_in_the_emulator() -> None:
     assert figures["extra"]["task_retries"] > 0  # the sample's Retry on States.ALL fired
     # Uncontended: 4 recorded + 1 acquire + 5 work states; the waiters paid more.
     assert figures["state_transitions_per_request"] > 10
+
+
+def _overdrawn(times: list[float], rate: float, burst: int) -> bool:
+    """Whether some window [a, b] of the record holds more than burst + rate * (b - a) calls
+    (checked pair by pair: the plain definition, not the O(n) one under test)."""
+    return any(
+        j - i + 1 > burst + rate * (times[j] - times[i]) + 1e-6
+        for i in range(len(times))
+        for j in range(i, len(times))
+    )
+
+
+def test_reconcile_reads_stay_within_the_budget_and_unpaced_ones_do_not() -> None:
+    config = reads.Config(seconds=60.0, churn=0.1, stress=None)
+    budget = {
+        reads.LIST: (readbudget.DEFAULT_LIST_RATE, readbudget.LIST_BURST),
+        reads.DESCRIBE: (readbudget.DEFAULT_DESCRIBE_RATE, readbudget.DESCRIBE_BURST),
+    }
+    with structlog.testing.capture_logs():  # a line per adoption and per slot freed
+        paced = reads.simulate(config, 30, 3000, reads.PACED)
+        unpaced = reads.simulate(config, 30, 3000, reads.UNPACED)
+    for operation, (rate, burst) in budget.items():
+        times = paced["_calls"][operation]
+        assert len(times) > burst  # enough calls for the budget to matter
+        assert not _overdrawn(times, rate, burst), operation
+        assert paced["operations"][operation]["budget_excess"] <= 1e-6
+        assert _overdrawn(unpaced["_calls"][operation], rate, burst), operation
+        assert unpaced["operations"][operation]["budget_excess"] > 0
+    # 30 pools of 100: one page each. Paced, the start-up listing spends the burst of 20
+    # (0.2 s a page), then 1 page/s; unpaced, all 30 pages in a row.
+    assert paced["operations"][reads.LIST]["calls_before_ready"] == 30
+    assert 9.0 < paced["ready_seconds"] < 11.0
+    assert unpaced["ready_seconds"] == pytest.approx(6.0)
+    assert unpaced["operations"][reads.LIST]["per_second_max_1s"] == 30  # every pool at once
+    assert paced["operations"][reads.LIST]["per_second_max_1s"] <= 6
+    assert unpaced["pools_without_a_pass"] == 0  # paced, the last pools' phases come later
+    # Ends are found by describes only (no status events): each one frees a slot.
+    assert paced["end_to_free_seconds_mean"] > 0
+
+
+def test_reads_windows_and_aws_bucket_on_hand_made_times() -> None:
+    times = [0.0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0, 3.0]
+    assert reads.most_in_window(times, 1.0) == 5
+    # Burst 2, 1/s: [0, 1] holds 6 calls where 2 + 1 are allowed.
+    assert reads.budget_excess(times, 1.0, 2) == pytest.approx(3.0)
+    assert reads.budget_excess([0.0, 1.0, 2.0], 1.0, 1) == pytest.approx(0.0)
+    bucket = reads.aws_bucket([0.0, 0.0, 0.0, 0.5], 2, 2.0)
+    assert bucket == {"lowest": 0.0, "lowest_share": 0.0, "throttled": 1}

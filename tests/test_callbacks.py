@@ -14,8 +14,8 @@ from dispatcher.daemon.callbacks import MAX_OUTPUT_BYTES, Callbacks, answer_for
 from dispatcher.daemon.events import Events
 from dispatcher.daemon.intake import Intake
 from dispatcher.daemon.reconcile import Reconciler
-from tests.fake_intake import dispatch_all, handle, intake_of
-from tests.fakes import STATE_MACHINE_ARN, World, build_world, sqs_message
+from tests.fake_intake import dispatch_all, finish, handle, intake_of
+from tests.fakes import STATE_MACHINE_ARN, World, build_world, sqs_message, throttled
 
 pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("fast_retries")]
 
@@ -169,6 +169,25 @@ async def test_a_bad_request_with_a_token_fails_the_parent_and_is_dead_lettered(
     assert cause.startswith("invalid_json: ")
     assert world.sample("dispatcher_dead_letters_total", pool="default", reason="invalid_json")
     assert world.sfn.calls_to("start_execution") == []
+
+
+async def test_a_bad_request_whose_parent_could_not_be_answered_stays_to_answer_it_later() -> None:
+    """SendTaskFailure kept failing: the message, the only record of the token, is handed
+    back (not dead-lettered and deleted, leaving the parent to wait for ever); on its
+    next receive the parent is answered and the request dead-lettered."""
+    world = build_world()
+    intake, _ = wired(world)
+    world.sfn.fail("send_task_failure", throttled(), throttled())  # every attempt
+    await handle(world, child_request(body="{not json"), intake)
+    assert TOKEN not in world.sfn.answers
+    assert "delete_message" not in world.sqs.names(), "deleted before the parent was answered"
+    assert world.sqs.calls_to("send_message") == [], "dead-lettered before the parent was answered"
+    [back] = world.sqs.calls_to("change_message_visibility")
+    assert back["ReceiptHandle"] == "rh-m-1"
+    assert back["VisibilityTimeout"] > 0
+    await handle(world, child_request(body="{not json"), intake)
+    assert world.sfn.answers[TOKEN][:2] == ("failure", "Dispatcher.BadRequest")
+    assert world.sample("dispatcher_dead_letters_total", pool="default", reason="invalid_json")
 
 
 async def test_heartbeats_go_to_every_token_held_and_a_gone_parent_lets_the_child_go() -> None:
@@ -346,6 +365,31 @@ async def test_a_retry_for_a_running_child_waits_even_when_the_room_is_full() ->
     assert world.sfn.executions[CHILD].status == "RUNNING"
     beaten = [c["taskToken"] for c in world.sfn.calls_to("send_task_heartbeat")]
     assert RETRY_TOKEN in beaten
+
+
+async def test_a_child_a_deferred_retry_will_wait_on_is_not_stopped() -> None:
+    """The retry's request arrived when the room was full and its child did not run yet:
+    deferred to its queue (for minutes). The first request then starts the child, and its
+    parent is found gone: the retry, on its way back, will wait on that child - it is not
+    stopped. Once the deferral is surely over, nothing keeps it any more."""
+    world = build_world(limit=1, max_waiting=1, stop_orphaned_children=True)
+    intake, callbacks = wired(world)
+    world.pool.ledger.observe_running("arn:busy", world.clock())  # every slot taken
+    world.pool.update()
+    await intake.admit(intake.queues[0], child_request())
+    assert len(world.pool.room) == 1, "the room is full"
+    await intake.admit(intake.queues[0], retry_request())
+    [deferred] = world.sqs.calls_to("change_message_visibility")
+    assert deferred["ReceiptHandle"] == "rh-m-2"
+    finish(world.pool, "arn:busy")
+    assert await dispatch_all(intake, world.pool) == 1
+    assert callbacks.tokens() == [(TOKEN, CHILD)]
+    world.sfn.gone_tokens.add(TOKEN)
+    await callbacks.heartbeat_once()
+    assert world.sfn.calls_to("stop_execution") == [], "the deferred retry will wait on it"
+    assert world.sfn.executions[CHILD].status == "RUNNING"
+    world.clock.advance(deferred["VisibilityTimeout"] + world.settings.visibility_timeout + 1)
+    assert callbacks._waiters(CHILD, {TOKEN}) == 0
 
 
 async def test_a_retry_first_received_after_a_restart_does_not_stop_a_former_child() -> None:

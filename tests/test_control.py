@@ -13,10 +13,9 @@ import pytest
 
 from devtools.polling import wait_until
 from devtools.sandbox import SandboxResources
-from dispatcher.cli.control import render_status, status_url
+from dispatcher.cli.control import last_running_limit, limit_target, render_status, status_url
 from dispatcher.cli.main import main
 from dispatcher.cli.submit import SubmitItem, submit_requests
-from dispatcher.daemon.limits import last_running_limit, limit_target
 from dispatcher.errors import UserError
 from tests.helpers import queue_depth, sfn_client, ssm_client
 from tests.runner import running
@@ -338,7 +337,7 @@ async def test_drain_against_a_standby_judges_from_the_executions(
     """A standby governs nothing: its figures (limit never 0, counts of a reign it lost)
     say nothing, so `drain --wait --url` pointed at it goes by the executions alone."""
     from dispatcher.cli import control  # noqa: PLC0415
-    from dispatcher.daemon.limits import LimitTarget  # noqa: PLC0415
+    from dispatcher.cli.control import LimitTarget  # noqa: PLC0415
 
     standby = {
         "role": "standby",

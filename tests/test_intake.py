@@ -14,6 +14,7 @@ from botocore.exceptions import ClientError
 
 from dispatcher.core.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
 from dispatcher.daemon.deadletter import DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REASON_ATTRIBUTE
+from dispatcher.daemon.intake import RECEIVE_GRACE
 from tests.fake_intake import dispatch_all, finish, handle, intake_of, waiting
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
@@ -405,6 +406,26 @@ async def test_receive_once_waits_for_a_free_slot_without_receiving() -> None:
     assert world.pool.ledger.running == {execution_arn(STATE_MACHINE_ARN, "m-0")}
 
 
+async def test_a_request_is_hidden_since_its_receive_was_sent_not_since_it_was_admitted() -> None:
+    """The receive's answer (or the admission of the messages before it) may take long:
+    the message's visibility runs from SQS's answer, so the waiting room counts it from
+    when the receive was sent - its extension is then due in time (it used to be counted
+    from its admission, and extended after its visibility had run out)."""
+    world = build_world(limit=1)
+    queue_requests(world, 1)
+    intake = intake_of(world)
+    sent = world.clock()
+    world.sqs.receive_gate = anyio.Event()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(intake.receive_once, intake.queues[0])
+            await world.sqs.called("receive_message")
+            world.clock.advance(40.0)
+            world.sqs.receive_gate.set()
+    [entry] = waiting(world)
+    assert entry.hidden_since == sent
+
+
 async def test_receive_once_is_cancellable_while_it_waits() -> None:
     world = build_world(limit=1)
     world.pool.ledger.observe_running("arn:busy", world.clock())
@@ -432,9 +453,11 @@ def visibility_set(world: World) -> list[set[tuple[str, int]]]:
 
 
 async def test_what_a_receive_brings_after_stop_goes_straight_back() -> None:
-    """A long poll answers after `stop` (and after the waiting room was handed back): its
-    messages are made visible as soon as the last receive has answered, not left hidden
-    for the visibility timeout."""
+    """A long poll answers after `stop`: its messages are made visible as soon as the last
+    receive has answered, not left hidden for the visibility timeout. What waited in the
+    room goes back with them - not before: this process's own long poll would take it
+    again, counting a receive (on its last receive, SQS moved it to the dead-letter queue
+    without a reason). Until then it is hidden for as long as that poll could answer."""
     world = build_world(limit=1, key_attribute="tenant", receive_concurrency=1)
     world.pool.ledger.observe_running("arn:busy", world.clock())  # no slot free
     world.pool.update()
@@ -451,9 +474,14 @@ async def test_what_a_receive_brings_after_stop_goes_straight_back() -> None:
             assert len(late) == 2
             intake.stop()
             await world.sqs.called("change_message_visibility_batch")
-            assert visibility_set(world) == [{("rh-early", 0)}], "the room goes back at once"
+            [[(handle, hidden)]] = [list(call) for call in visibility_set(world)]
+            assert handle == "rh-early"
+            assert hidden >= world.settings.receive_wait_seconds + RECEIVE_GRACE, (
+                "the room stays hidden while the receive in flight may answer"
+            )
+            assert waiting(world) == []
             world.sqs.receive_gate.set()  # the answer arrives while stopping
-    assert visibility_set(world) == [{("rh-early", 0)}, {(handle, 0) for handle in late}]
+    assert visibility_set(world)[1:] == [{("rh-early", 0)} | {(h, 0) for h in late}]
     assert waiting(world) == []
     assert world.sfn.calls_to("start_execution") == []
     assert intake.stats.received == 2

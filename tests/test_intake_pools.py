@@ -448,6 +448,39 @@ async def test_hand_back_waiting_empties_the_room_and_makes_each_request_visible
     assert await intake.hand_back_waiting() == 0
 
 
+async def test_a_slow_call_at_stop_loses_no_waiting_request_of_another_queue(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stopping with a receive in flight: the waiting requests are set aside, hidden until
+    it is over, and handed back when it has answered. The first queue's call hangs past
+    the bound the shutdown gives it: the other queue's request is set aside all the same
+    (it used to be left in no list, hidden, for SQS to move on its last receive)."""
+    world, pool, intake = two_queue_world()
+    high, low = intake.queues
+    await intake.admit(high, request("h-0"))
+    await intake.admit(low, request("l-0"))
+    intake._polls[HIGH] = 1  # a long poll in flight on the first queue
+    intake.stop()
+
+    async def hangs(handles: list[str], seconds: int) -> set[str]:
+        await anyio.sleep_forever()
+        return set()
+
+    monkeypatch.setattr(high, "set_visibility", hangs)
+    with anyio.move_on_after(0.2):
+        await intake._set_aside_waiting()
+    assert len(pool.room) == 0
+    monkeypatch.undo()
+    intake._polls[HIGH] = 0  # it answered
+    await intake._hand_back_late()
+    handed = {
+        (call["QueueUrl"], entry["ReceiptHandle"], entry["VisibilityTimeout"])
+        for call in world.sqs.calls_to("change_message_visibility_batch")
+        for entry in call["Entries"]
+    }
+    assert {(HIGH, "rh-h-0", 0), (LOW, "rh-l-0", 0)} <= handed
+
+
 # -- the start rate ----------------------------------------------------------------------
 
 

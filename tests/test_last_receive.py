@@ -290,3 +290,73 @@ async def test_a_dead_letter_send_failing_on_the_last_receive_is_retried_kept_hi
     assert copy["MessageAttributes"][REASON_ATTRIBUTE]["StringValue"] == "invalid_json"
     assert world.sqs.calls_to("change_message_visibility") == [], "handed back"
     assert world.sqs.calls_to("delete_message") or world.sqs.calls_to("delete_message_batch")
+
+
+async def test_a_reign_lost_with_a_request_kept_leaves_it_to_be_settled_after() -> None:
+    """The lease lost (`keep_settling`): intake ends without the shutdown's deadline for
+    what it keeps on its last receive - not let go, for SQS's redrive policy to move
+    without a reason, but left hidden for the service to settle once D and the grace have
+    passed (here: its execution never existed, so it is dead-lettered with the reason)."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world)
+    await intake.admit(intake.queues[0], last_receive())  # waits: no slot
+    intake.keep_settling = True
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await tg.start(intake.run)
+            intake.stop()
+    assert len(intake.starter.last_receives) == 1, "let go when the reign ended"
+    assert dead_letters(world) == []
+    assert handed_back(world) == []
+    world.clock.advance(D + GRACE)
+    intake.starter.last_receives.after_reign = True  # what the service sets
+    with anyio.fail_after(5):
+        await intake.starter.last_receives.finish()
+    [copy] = dead_letters(world)
+    assert copy["MessageAttributes"][REASON_ATTRIBUTE]["StringValue"] == "receive_limit"
+    detail = copy["MessageAttributes"][DETAIL_ATTRIBUTE]["StringValue"]
+    # The leader may start it from another copy meanwhile: no invitation to redrive it.
+    assert "'m-1'" in detail
+    assert "lost its lease" in detail
+    assert "do not redrive" in detail
+
+
+async def test_a_dead_letter_on_its_last_receive_is_deleted_even_if_the_delete_fails_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its copy (with the reason) was sent, then the delete failed: left, the request
+    would come back and the redrive policy would move it a second time, without a reason.
+    Kept hidden, the delete is tried again."""
+    monkeypatch.setattr("dispatcher.daemon.deadletter.LAST_RECEIVE_MAX_PAUSE", 0.01)
+    world = world_of()
+    intake, _ = intake_for(world)
+    world.sqs.fail("delete_message", client_error("RequestThrottled", 400, op="DeleteMessage"))
+    with anyio.fail_after(5):
+        await intake.admit(intake.queues[0], last_receive(**{IDEMPOTENCY_ATTRIBUTE: "bad name!"}))
+    [copy] = dead_letters(world)
+    assert copy["MessageAttributes"][REASON_ATTRIBUTE]["StringValue"] == "invalid_idempotency_key"
+    deletes = world.sqs.calls_to("delete_message")
+    assert [d["ReceiptHandle"] for d in deletes] == ["rh-m-1", "rh-m-1"]
+    assert handed_back(world) == []
+
+
+async def test_a_kept_request_is_not_let_go_when_an_extension_call_fails() -> None:
+    """The extension's call failed (throttled): the message is still hidden for a while,
+    so it stays kept and the next pass tries again; it used to be let go at once, for the
+    redrive policy to move without a reason."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world)
+    await intake.admit(intake.queues[0], last_receive())
+    assert await intake.hand_back_waiting() == 0
+    kept = intake.starter.last_receives
+    world.clock.advance(world.settings.visibility_timeout / 2)
+    world.sqs.fail(
+        "change_message_visibility_batch",
+        client_error("RequestThrottled", 400, op="ChangeMessageVisibilityBatch"),
+    )
+    assert await kept.keep_hidden_once() == 0
+    assert len(kept) == 1, "let go on a failed call"
+    assert await kept.keep_hidden_once() == 1, "tried again"
+    assert len(kept) == 1

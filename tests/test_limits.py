@@ -13,7 +13,8 @@ from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from dispatcher.daemon.limits import LiveLimits, last_running_limit, parse_limit, read_limit
+from dispatcher.cli.control import last_running_limit, read_limit
+from dispatcher.daemon.limits import LiveLimits, parse_limit
 from dispatcher.daemon.metrics import Metrics
 from dispatcher.daemon.pool import Pool
 from dispatcher.daemon.ratelimit import RateLimiters

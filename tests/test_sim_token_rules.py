@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 from sim.checker import check
-from sim.history import History
-from sim.token_log import FAILURE, SUCCESS, IssuedToken
+from sim.history import Execution, History, Run
+from sim.token_log import FAILURE, SUCCESS, IssuedToken, TokenCall
+from sim.token_rules import _check_superseded
 from tests.test_sim_checker import (
     DLQ,
     MACHINE,
@@ -406,3 +407,19 @@ def test_a_copy_received_after_every_parent_ended_may_be_dropped() -> None:
     fail(history, token, 5, "Dispatcher.DeadLettered")
     end(history, 5, "FAILED")
     assert "early_delete" in kinds(check(history, spec()))
+
+
+def test_an_answer_is_judged_against_the_execution_it_came_from_not_a_namesake() -> None:
+    """A parent's retry sent after `key_attribute` changed gets a second execution under
+    the new name (the README's stated limit of request identity); answered with that
+    execution's result, it is not "superseded" by the first execution's earlier run. A
+    redrive of the answering execution still is."""
+    answer = TokenCall(130.0, "d1", SUCCESS, "tok", "ok", output='{"run": "second"}')
+    first = Execution("arn:first", MACHINE, "ka_p-0", "{}", "d1", "ka")
+    first.runs.append(Run(10.0, "d1", 0, 0, 20.0, "SUCCEEDED", output='{"run": "first"}'))
+    second = Execution("arn:second", MACHINE, "p-0", "{}", "d1", None)
+    second.runs.append(Run(90.0, "d1", 1, 0, 95.0, "SUCCEEDED", output='{"run": "second"}'))
+    assert _check_superseded(answer, "p item 0", SUCCESS, [first, second], spec()) == []
+    second.runs.append(Run(96.0, "d1", 2, 1, 99.0, "SUCCEEDED", output='{"run": "again"}'))
+    [violation] = _check_superseded(answer, "p item 0", SUCCESS, [first, second], spec())
+    assert violation.kind == "superseded_answer"

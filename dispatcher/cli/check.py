@@ -22,24 +22,11 @@ from dispatcher.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_STATUS_HELP
 from dispatcher.preflight import render, run_checks
 from dispatcher.settings import config
 
-CHECK_FIELDS = (
-    "config",
-    "state_machine_arn",
-    "request_queue_url",
-    "events_queue_url",
-    "dead_letter_queue_url",
-    "limit",
-    "limit_parameter",
-    "key_attribute",
-    "visibility_timeout",
-    "lease_table",
-    "task_token_attribute",
-    "stop_orphaned_children",
-)
-"""The settings ``check`` takes as flags: those that name what it checks (resources, the
-config file) or change a verdict. The others (log level, ports, intervals, ...) are still read
-from their variables and the config file and validated as ``run`` does; they are not flags of
-``check`` because nothing it checks depends on them."""
+CHECK_FIELDS = config.CHECK_FIELDS
+"""The settings ``check`` takes as flags (declared in `dispatcher.settings.config`): those that name
+what it checks (resources, the config file) or change a verdict. The others (log level,
+ports, intervals, ...) are still read from their variables and the config file and validated
+as ``run`` does; they are not flags of ``check`` because nothing it checks depends on them."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -24,29 +24,34 @@ import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import aioboto3
 import anyio
 
-from dispatcher.aws.api import AWS_ERRORS
-from dispatcher.daemon.limits import (
-    LimitTarget,
-    last_running_limit,
-    limit_target,
-    read_limit,
-    write_limit,
-)
+from dispatcher.aws.api import AWS_ERRORS, error_code
+from dispatcher.daemon.limits import parse_limit
 from dispatcher.errors import EXIT_NOT_ANSWERING, UserError
+from dispatcher.settings import layout
+from dispatcher.settings.config import (
+    STATUS_URL_VARIABLE,
+    Given,
+    Settings,
+    accepted,
+    accepted_range,
+    env_name,
+)
+from dispatcher.settings.layout import DEFAULT_POOL
 
 if TYPE_CHECKING:
     from types_aiobotocore_ssm import SSMClient
     from types_aiobotocore_stepfunctions import SFNClient
 
-STATUS_URL_ENV = "DISPATCHER_STATUS_URL"
-HTTP_PORT_ENV = "DISPATCHER_HTTP_PORT"
-DEFAULT_HTTP_PORT = 8080
+STATUS_URL_ENV = STATUS_URL_VARIABLE
+HTTP_PORT_ENV = env_name("http_port")
+DEFAULT_HTTP_PORT: int = Settings.model_fields["http_port"].default
 EXIT_STILL_RUNNING = 1
 PAUSE_SEEN_MARGIN = 5.0
 """Seconds beyond a refresh interval for a start already under way when the pause is read."""
@@ -78,10 +83,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     status.set_defaults(func=run_status)
 
     effect = (
-        "It writes the pool's SSM limit parameter (DISPATCHER_LIMIT_PARAMETER, or "
-        "limit_parameter of [pools.NAME] in DISPATCHER_CONFIG); a running dispatcher sees it "
-        "within DISPATCHER_LIMIT_REFRESH_INTERVAL (30 s by default). Needs ssm:GetParameter, "
-        "ssm:PutParameter and ssm:GetParameterHistory on that parameter only."
+        f"It writes the pool's SSM limit parameter ({env_name('limit_parameter')}, or "
+        f"limit_parameter of [pools.NAME] in {env_name('config')}); a running dispatcher sees "
+        f"it within {env_name('limit_refresh_interval')} "
+        f"({Settings.model_fields['limit_refresh_interval'].default:g} s by default). Needs "
+        "ssm:GetParameter, ssm:PutParameter and ssm:GetParameterHistory on that parameter only."
     )
     for name, help_, extra in (
         (
@@ -273,6 +279,134 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- where a pool's limit is kept: the dispatcher's own settings -----------------------------
+
+
+@dataclass(frozen=True)
+class LimitTarget:
+    """Where one pool's live limit is kept, as the dispatcher's own settings say."""
+
+    pool: str
+    parameter: str
+    state_machine_arn: str | None
+    refresh_interval: float  # how soon a running dispatcher sees a change
+    source: str  # "environment" or the config file's path
+
+
+def limit_target(
+    pool: str | None, parameter: str | None = None, environ: Mapping[str, str] | None = None
+) -> LimitTarget:
+    """The pool's limit parameter, read with the dispatcher's own loader (`layout.attempt`:
+    the same ``DISPATCHER_*`` variables and config file, the same precedence), of which only
+    the few settings needed must be valid: no queue URL is required here. ``parameter``
+    names it directly and wins. UserError naming the setting to add."""
+    loaded = layout.attempt({}, environ)
+    given = loaded.given
+    refresh = _setting(given, "limit_refresh_interval")
+    if loaded.path is None:
+        name = pool or DEFAULT_POOL
+        if name != DEFAULT_POOL:
+            raise UserError(
+                f"--pool {name!r}: without a config file ({env_name('config')}) the only pool "
+                f"is {DEFAULT_POOL!r}"
+            )
+        found = parameter or _setting(given, "limit_parameter")
+        if not found:
+            raise UserError(
+                f"pool {name!r} has no limit parameter: set {env_name('limit_parameter')} "
+                "(here and on the dispatcher, which then needs one restart) to an SSM "
+                "parameter holding the limit, or pass --parameter NAME"
+            )
+        arn = _setting(given, "state_machine_arn")
+        return LimitTarget(name, found, arn, refresh, "environment")
+    path = str(loaded.path)
+    if loaded.file_layout is None:
+        raise UserError(str(loaded.file_error))
+    names = [p.name for p in loaded.file_layout.pools]
+    if pool is None:
+        if len(names) > 1:
+            raise UserError(f"give --pool: {path} has pools {', '.join(names)}")
+        pool = names[0]
+    if pool not in names:
+        raise UserError(f"--pool {pool!r} is not in {path}: its pools are {', '.join(names)}")
+    config = loaded.file_layout.pool(pool)
+    found = parameter or config.limit_parameter
+    if not found:
+        raise UserError(
+            f'pool {pool!r} has no limit parameter: add limit_parameter = "/NAME" to '
+            f"[pools.{pool}] in {path} (an SSM parameter holding the limit; the dispatcher "
+            "then needs one restart), or pass --parameter NAME"
+        )
+    return LimitTarget(pool, found, config.state_machine_arn, refresh, path)
+
+
+def _setting(given: Given, field: str) -> Any:
+    """One setting as given, validated on its own; UserError naming it and what it takes."""
+    value, problem = given.alone(field)
+    if problem is not None:
+        what = accepted(field) if accepted_range(field) else ""  # else the check's own words
+        raw = given.values[field]
+        raise UserError(f"{given.name(field)}={raw!r} is invalid: give {what}" if what else problem)
+    return value
+
+
+async def read_limit(ssm: SSMClient, parameter: str) -> int:
+    """The limit a parameter holds now; UserError when it is missing or holds no limit."""
+    try:
+        response = await ssm.get_parameter(Name=parameter)
+    except AWS_ERRORS as exc:
+        if error_code(exc) == "ParameterNotFound":
+            raise UserError(
+                f"SSM parameter {parameter} does not exist: create it with the limit, e.g. "
+                f"aws ssm put-parameter --name {parameter} --type String --value 10"
+            ) from None
+        raise UserError(f"cannot read SSM parameter {parameter}: {exc}") from None
+    try:
+        return parse_limit(str(response.get("Parameter", {}).get("Value", "")))
+    except ValueError as exc:
+        raise UserError(f"SSM parameter {parameter}: {exc}") from None
+
+
+async def write_limit(ssm: SSMClient, parameter: str, limit: int, note: str) -> None:
+    """Overwrite the parameter with ``limit``; ``note`` becomes its description (shown in
+    the console and the parameter's history, so a pause says who paused and from what)."""
+    try:
+        await ssm.put_parameter(
+            Name=parameter, Value=str(limit), Overwrite=True, Description=note[:1024]
+        )
+    except AWS_ERRORS as exc:
+        raise UserError(
+            f"cannot write SSM parameter {parameter}: {exc} (needs ssm:PutParameter on it)"
+        ) from None
+
+
+async def last_running_limit(ssm: SSMClient, parameter: str) -> int | None:
+    """The newest non-zero limit in the parameter's history (what ``resume`` restores),
+    or None when every version kept (SSM keeps the last 100) is 0 or not a limit."""
+    found: tuple[int, int] | None = None  # (version, limit)
+    kwargs: dict[str, Any] = {"Name": parameter, "MaxResults": 50}
+    try:
+        while True:
+            page = await ssm.get_parameter_history(**kwargs)
+            for entry in page.get("Parameters", []):
+                try:
+                    limit = parse_limit(str(entry.get("Value", "")))
+                except ValueError:
+                    continue
+                version = int(entry.get("Version", 0))
+                if limit > 0 and (found is None or version > found[0]):
+                    found = (version, limit)
+            if not page.get("NextToken"):
+                break
+            kwargs["NextToken"] = page["NextToken"]
+    except AWS_ERRORS as exc:
+        raise UserError(
+            f"cannot read the history of SSM parameter {parameter}: {exc} (needs "
+            "ssm:GetParameterHistory on it; or pass --limit N)"
+        ) from None
+    return None if found is None else found[1]
+
+
 # -- pause, resume, drain ------------------------------------------------------------------
 
 
@@ -297,7 +431,7 @@ def run_limit_command(name: str, args: argparse.Namespace) -> int:
             raise UserError("--interval and --timeout are seconds > 0")
         if target.state_machine_arn is None:
             raise UserError(
-                "drain --wait counts the pool's executions: set DISPATCHER_STATE_MACHINE_ARN"
+                f"drain --wait counts the pool's executions: set {env_name('state_machine_arn')}"
             )
         seen = target.refresh_interval + PAUSE_SEEN_MARGIN
         if args.url is None and args.timeout is not None and args.timeout <= seen:

@@ -44,13 +44,14 @@ from dispatcher.daemon.deadletter import REASON_ATTRIBUTE
 from dispatcher.errors import UserError
 from dispatcher.producer import open_sqs
 from dispatcher.progress import Progress
+from dispatcher.settings.config import env_name
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
     from types_aiobotocore_sqs.type_defs import MessageTypeDef
 
-DEAD_LETTER_ENV = "DISPATCHER_DEAD_LETTER_QUEUE_URL"
-REQUEST_QUEUE_ENV = "DISPATCHER_REQUEST_QUEUE_URL"
+DEAD_LETTER_ENV = env_name("dead_letter_queue_url")
+REQUEST_QUEUE_ENV = env_name("request_queue_url")
 NO_REASON = "(none)"  # moved by a queue's redrive policy, not by the dispatcher
 DEFAULT_VISIBILITY = 300  # seconds a received dead letter stays hidden during the run
 

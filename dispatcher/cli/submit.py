@@ -27,6 +27,7 @@ from dispatcher.producer import (
     SubmitReport,
     submit_requests,
 )
+from dispatcher.settings.config import env_name
 
 __all__ = [
     "IDEMPOTENCY_ATTRIBUTE",
@@ -42,7 +43,7 @@ __all__ = [
     "submit_requests",
 ]
 
-QUEUE_URL_ENV = "DISPATCHER_REQUEST_QUEUE_URL"
+QUEUE_URL_ENV = env_name("request_queue_url")
 KEY_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,60}$")  # PREFIX-<n> stays a valid name (<= 80)
 MAX_INPUT_BYTES = 256 * 1024  # the Step Functions input limit
 MAX_WAIT_SECONDS = 99_999_999  # a Wait state's Seconds range (SecondsPath: an integer)

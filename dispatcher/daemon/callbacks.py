@@ -162,6 +162,9 @@ class Callbacks:
         """When this reign began, wall-clock like SQS's timestamps (the service sets it)."""
         self._ours: set[str] = set()  # children started in this reign
         self._starter_gone: set[str] = set()  # adopted children a former token let go of
+        # Child ARN -> until when a token request for it, deferred to its queue (a full
+        # waiting room), may still be on its way back: a child it awaits is kept for it.
+        self._deferred: dict[str, float] = {}
 
     # -- what the rest of the dispatcher tells -------------------------------------------
 
@@ -203,6 +206,18 @@ class Callbacks:
         an interval later (after a restart its parent has had no heartbeat for a while)."""
         if entry.request.task_token is not None:
             self._beat_soon(entry.request.task_token, entry.pool, entry.bound)
+
+    def deferred(self, entry: Waiting, seconds: float) -> None:
+        """A token request went back to its queue for ``seconds`` (no room): until it is
+        received again (a visibility timeout after it is visible, at the latest), its
+        parent waits for the child of its name as much as one whose token is held."""
+        if entry.request.task_token is None:
+            return
+        now = self.clock()
+        self._deferred = {arn: until for arn, until in self._deferred.items() if until > now}
+        arn = execution_arn(entry.pool.state_machine_arn, entry.request.name)
+        until = now + seconds + self.settings.visibility_timeout
+        self._deferred[arn] = max(self._deferred.get(arn, until), until)
 
     def started(self, arn: str) -> None:
         """This reign started child ``arn``: it knows every token it started it for."""
@@ -292,8 +307,9 @@ class Callbacks:
         held = Held(token, arn, pool, queue, receipt, 0.0, bound)
         await self._send(held, answer_for(status, described), keep=False)
 
-    async def fail_request(self, pool: str, token: str, error: str, cause: str, bound: Any) -> None:
-        """A request that will never start (bad, dead-lettered): its parent must not wait."""
+    async def fail_request(self, pool: str, token: str, error: str, cause: str, bound: Any) -> bool:
+        """A request that will never start (bad, dead-lettered): its parent must not wait.
+        Returns whether the parent was answered (or is gone); False: it may still wait."""
         try:
             await self._call(
                 "send_task_failure",
@@ -305,11 +321,12 @@ class Callbacks:
             if error_code(exc) not in PARENT_GONE:
                 self.metrics.callbacks.labels(pool=pool, outcome="error").inc()
                 bound.warning("dispatcher.callback_failed", error=str(exc))
-                return
+                return False
             self.metrics.callbacks.labels(pool=pool, outcome="parent_gone").inc()
-            return
+            return True
         self.metrics.callbacks.labels(pool=pool, outcome="failure").inc()
         bound.info("dispatcher.parent_answered", error=error)
+        return True
 
     async def dropped_unstarted(self, entry: Waiting, *, others: bool = False) -> bool:
         """Just before a token request's child is started: does its parent still wait? (One
@@ -477,8 +494,10 @@ class Callbacks:
 
     def _waiters(self, arn: str, gone: set[str]) -> int:
         """Tokens other than ``gone`` that wait on child ``arn``: held for it, in a waiting
-        room for its name (a parent's retry with the same key), or being started."""
+        room for its name (a parent's retry with the same key), deferred to its queue (not
+        back yet), or being started."""
         count = sum(1 for h in self._held.get(arn, []) if h.token not in gone)
+        count += int(self._deferred.get(arn, -math.inf) > self.clock())
         for pool in self.pools.values():
             count += sum(
                 1

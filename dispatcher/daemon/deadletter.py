@@ -10,7 +10,8 @@ every later copy - a redrive, SQS's own move task - map to the same execution. T
 itself is never changed. A copy that could not be sent is retried when the request comes
 back; on the request's last receive (the queue's ``maxReceiveCount``) it is kept hidden and
 the send tried again at once (for `LAST_RECEIVE_RETRY_SECONDS`), as handed back, the redrive
-policy would move it without its reason.
+policy would move it without its reason; so is the delete of the request once its copy
+was sent (left, it would come back and be moved a second time, without the reason).
 """
 
 from __future__ import annotations
@@ -180,4 +181,26 @@ class DeadLetterQueue:
             await queue.set_visibility([handle], int(pause) + LAST_RECEIVE_HIDDEN_MARGIN)
             await anyio.sleep(pause)
             waited += pause
-        await queue.delete(handle, bound)
+        if last:
+            await self._delete_last(queue, handle, bound)
+        else:
+            await queue.delete(handle, bound)
+
+    async def _delete_last(self, queue: RequestQueue, handle: str, bound: Any) -> None:
+        """Delete a request on its last receive whose copy was sent: tried again, the
+        request kept hidden meanwhile, as its send is."""
+        waited, failures = 0.0, 0
+        while True:
+            try:
+                await self.sqs.delete_message(QueueUrl=queue.url, ReceiptHandle=handle)
+            except Exception as exc:  # noqa: BLE001 - kept hidden, tried again
+                bound.warning("dispatcher.delete_failed", error=str(exc), last_receive=True)
+            else:
+                return
+            if waited >= LAST_RECEIVE_RETRY_SECONDS:
+                return
+            failures += 1
+            pause = min(LAST_RECEIVE_MAX_PAUSE, 2.0**failures)
+            await queue.set_visibility([handle], int(pause) + LAST_RECEIVE_HIDDEN_MARGIN)
+            await anyio.sleep(pause)
+            waited += pause

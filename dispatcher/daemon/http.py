@@ -14,6 +14,7 @@ from prometheus_client.exposition import choose_encoder
 from dispatcher.daemon.health import Health
 from dispatcher.daemon.metrics import Metrics
 from dispatcher.errors import UserError
+from dispatcher.settings.config import env_name
 
 StatusFn = Callable[[], dict[str, Any]]
 
@@ -72,7 +73,7 @@ async def serve(
         await runner.cleanup()
         hint = "is in use" if exc.errno == errno.EADDRINUSE else f"is unavailable ({exc.strerror})"
         raise UserError(
-            f"HTTP port {host}:{port} {hint}; set DISPATCHER_HTTP_PORT to a free port"
+            f"HTTP port {host}:{port} {hint}; set {env_name('http_port')} to a free port"
         ) from None
     bound = runner.addresses[0][1] if runner.addresses else port
     task_status.started(int(bound))

@@ -13,15 +13,20 @@ Two kinds of passes, each a function of its own with a thin loop around it:
   reserves its slot and hands it to the `Starter`.
 
 Requests waiting in a room keep their messages hidden (visibility extended in batches);
-at shutdown they are handed back at once. A long poll in flight at shutdown is let answer,
-not cut short, and what it brings goes straight back too: SQS may still hand messages to a
-long poll whose caller gave up, and they would stay hidden for the visibility timeout with
-nobody to give them back.
+at shutdown they are handed back. A long poll in flight at shutdown is let answer, not cut
+short, and what it brings goes straight back too: SQS may still hand messages to a long
+poll whose caller gave up, and they would stay hidden for the visibility timeout with
+nobody to give them back. Nothing is made visible while this process's own long polls may
+still take it: each receive counts towards the queue's redrive policy, so a request taken
+back by its own dispatcher's last poll could reach ``maxReceiveCount`` on the way out (and
+be moved to the dead-letter queue without a reason). What waits is hidden until the polls
+are surely over, and handed back at once when the last has answered.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,7 +96,11 @@ class Intake:
         for queue in self.queues:
             queue.max_receive_count = (max_receive_counts or {}).get(queue.url)
             queue.last_chance = functools.partial(self._last_chance, queue)
-        self._late: list[tuple[RequestQueue, dict[str, Any]]] = []  # received while stopping
+            queue.min_delay = functools.partial(self._polls_may_take, queue)
+        # Handed back at the end of a stop: (queue, message, since when it is hidden).
+        self._late: list[tuple[RequestQueue, Mapping[str, Any], float]] = []
+        self._polls = {q.url: 0 for q in layout.queues}  # receive calls in flight
+        self._lingering = {q.url: -math.inf for q in layout.queues}  # see `_polls_may_take`
         self._waiting_from: dict[tuple[str, str], int] = {
             (q.url, p): 0 for q in layout.queues for p in q.pools
         }
@@ -100,6 +109,9 @@ class Intake:
         self._receives: anyio.CancelScope | None = None  # receive loops: let answer at stop
         self._stopped = anyio.Event()
         self._extending: set[Waiting] = set()  # waiting entries an extension is out for
+        # The reign ends but the process goes on (the lease lost): what is kept on its last
+        # receive is left to `LastReceives.finish` (the service's), with no shutdown deadline.
+        self.keep_settling = False
 
     @property
     def stats(self) -> IntakeStats:
@@ -138,9 +150,13 @@ class Intake:
                     await self._hand_back_late()
                     await self.hand_back_waiting()
                 keeping.cancel()
-                settle = self.settings.start_timeout + self.settings.start_grace + 5
-                with anyio.CancelScope(shield=not self.starter.force), anyio.move_on_after(settle):
-                    await self.starter.last_receives.finish()
+                if not self.keep_settling or self.starter.force:
+                    settle = self.settings.start_timeout + self.settings.start_grace + 5
+                    with (
+                        anyio.CancelScope(shield=not self.starter.force),
+                        anyio.move_on_after(settle),
+                    ):
+                        await self.starter.last_receives.finish()
             finally:
                 keeping.cancel()
                 for queue in self.queues:
@@ -153,8 +169,9 @@ class Intake:
             await self.starter.last_receives.run()
 
     async def _dispatch_until_stopped(self, task_status: TaskStatus[None]) -> None:
-        """Pick and start requests until `stop`; then hand back what waits and give the
-        started handlers the shutdown timeout."""
+        """Pick and start requests until `stop`; then set aside what waits (handed back
+        when the last receive has answered) and give the started handlers the shutdown
+        timeout."""
         async with anyio.create_task_group() as handlers:
             with anyio.CancelScope() as self._pollers:
                 if self.starter.stopping:  # stopped before it began
@@ -165,7 +182,7 @@ class Intake:
                     loops.start_soon(self._keep_waiting_hidden)
                     task_status.started()
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                await self.hand_back_waiting()
+                await self._set_aside_waiting()
             handlers.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_timeout
             self.starter.cut_short_waiting()
 
@@ -233,6 +250,9 @@ class Intake:
         for pool in pools:
             pool.receiving += wanted
             self._receiving[queue.url, pool.name] += wanted
+        self._polls[queue.url] += 1
+        # Visibility runs from SQS's answer, after this: what it brings is hidden since then.
+        asked = {pool.name: pool.clock() for pool in pools}
         try:
             response = await self.sqs.receive_message(
                 QueueUrl=queue.url,
@@ -242,7 +262,15 @@ class Intake:
                 MessageAttributeNames=["All"],
                 MessageSystemAttributeNames=["All"],
             )
+        except BaseException:
+            # Given up (cancelled, failed): its last attempt may still wait at SQS.
+            self._lingering[queue.url] = max(
+                self._lingering[queue.url],
+                anyio.current_time() + self.settings.receive_wait_seconds,
+            )
+            raise
         finally:
+            self._polls[queue.url] -= 1
             for pool in pools:
                 pool.receiving -= wanted
                 self._receiving[queue.url, pool.name] -= wanted
@@ -256,26 +284,99 @@ class Intake:
         queue.received += len(messages)
         for index, message in enumerate(messages):
             if self.starter.stopping:
-                await self._hand_back_received(queue, messages[index:])
+                await self._hand_back_received(queue, messages[index:], min(asked.values()))
                 break
-            await self.admit(queue, message)
+            await self.admit(queue, message, asked=asked)
         return len(messages)
 
-    async def _hand_back_received(self, queue: RequestQueue, messages: list[Any]) -> None:
+    def _polls_may_take(self, queue: RequestQueue) -> int:
+        """Stopping: seconds until no long poll of this process on ``queue`` can take a
+        message any more (a hand back makes it visible no earlier; 0 when none can).
+
+        A poll still in flight ends by the receives' deadline (see `stop`), and an SDK
+        retry may have sent its last attempt just before: SQS may answer that one up to a
+        long-poll wait later. One that was given up (cancelled, failed) may likewise still
+        wait at SQS for a long-poll wait."""
+        if not self.starter.stopping:
+            return 0
+        now = anyio.current_time()
+        until = self._lingering[queue.url]
+        if self._polls[queue.url]:
+            wait = self.settings.receive_wait_seconds
+            deadline = self._receives.deadline if self._receives is not None else math.inf
+            until = max(until, min(deadline, now + wait + RECEIVE_GRACE) + wait)
+        return math.ceil(until - now) if until > now else 0
+
+    async def _set_aside_waiting(self) -> None:
+        """Stopping: what waits in the rooms is handed back once the last receive in flight
+        has answered (`_hand_back_late`), not before - one of this process's own polls would
+        take it again, counting a receive. Meanwhile it is hidden until those polls are
+        surely over (what happens should the process be killed before then). Every entry
+        is set aside before any call is made: a slow call loses none."""
+        if not any(self._polls.values()):
+            await self.hand_back_waiting()
+            return
+        visibility = self.settings.visibility_timeout
+        # Those on their last receive will be kept (`_hand_back_late`): hidden as long as
+        # they would be waiting; the others only until the polls are surely over.
+        seconds = {q.url: max(1, self._polls_may_take(q)) for q in self.queues}
+        for pool in self.pools.values():
+            entries: list[Waiting] = pool.room.drain()
+            pool.update()
+            for entry in entries:
+                self._waiting_from[entry.queue.url, pool.name] -= 1
+                hidden = visibility if entry.queue.is_last_receive(entry.message) else 0
+                hidden = max(hidden, seconds[entry.queue.url])
+                # As if hidden since then for the visibility timeout (or the call fails).
+                since = min(entry.hidden_since, pool.clock() + hidden - visibility)
+                self._late.append((entry.queue, entry.message, since))
+        async with anyio.create_task_group() as calls:
+            for queue in self.queues:
+                mine = [m for q, m, _ in self._late if q is queue]
+                if not mine:
+                    continue
+                log.info("dispatcher.waiting_set_aside", queue=queue.url, count=len(mine))
+                last = [str(m["ReceiptHandle"]) for m in mine if queue.is_last_receive(m)]
+                rest = [str(m["ReceiptHandle"]) for m in mine if not queue.is_last_receive(m)]
+                for handles, hidden in ((last, visibility), (rest, seconds[queue.url])):
+                    if handles:
+                        calls.start_soon(queue.set_visibility, handles, max(hidden, 1))
+
+    async def _hand_back_received(
+        self, queue: RequestQueue, messages: list[Any], hidden_since: float
+    ) -> None:
         """Stopping: keep what a receive brought aside; it goes back (visible at once) when
         the last receive in flight has answered, so another of this process's long polls
         cannot take it again (each receive counts towards the redrive policy)."""
-        self._late += [(queue, m) for m in messages]
+        self._late += [(queue, m, hidden_since) for m in messages]
         log.info("dispatcher.received_while_stopping", queue=queue.url, count=len(messages))
 
     async def _hand_back_late(self) -> None:
-        """Hand back what receives brought while stopping (see `_hand_back_received`)."""
+        """Hand back what receives brought while stopping (see `_hand_back_received`) and
+        what waited when they were still in flight (`_set_aside_waiting`); the queues
+        concurrently (one slow to answer holds back no other). A valid request on its last
+        receive is kept instead (`_last_chance`), hidden since when it is."""
         late, self._late = self._late, []
-        for queue in self.queues:
-            mine = [m for q, m in late if q is queue]
-            if mine:
-                handed = await queue.hand_back_all(mine, "received while stopping")
-                log.info("dispatcher.late_requests_handed_back", queue=queue.url, count=handed)
+        why = "received or waiting while stopping"
+
+        async def hand_back(queue: RequestQueue, mine: list[Mapping[str, Any]]) -> None:
+            handed = await queue.hand_back_all(mine, why)
+            log.info("dispatcher.late_requests_handed_back", queue=queue.url, count=handed)
+
+        async with anyio.create_task_group() as calls:
+            for queue in self.queues:
+                mine = []
+                for q, message, since in late:
+                    if q is not queue:
+                        continue
+                    entry = self._entry_of(queue, dict(message))
+                    if entry is not None and queue.is_last_receive(message):
+                        entry.hidden_since = min(entry.hidden_since, since)
+                        self.starter.last_receives.keep(entry, why)
+                    else:
+                        mine.append(message)
+                if mine:
+                    calls.start_soon(hand_back, queue, mine)
 
     async def _last_chance(self, queue: RequestQueue, message: Mapping[str, Any], why: str) -> bool:
         """A valid request that would be handed back on its last receive (SQS would move
@@ -305,8 +406,16 @@ class Intake:
         )
         return Waiting(request, message, queue, pool, key, pool.clock(), bound)
 
-    async def admit(self, queue: RequestQueue, message: dict[str, Any]) -> None:
-        """Route one message to its pool's waiting room, dead-letter it, or defer it."""
+    async def admit(
+        self,
+        queue: RequestQueue,
+        message: dict[str, Any],
+        *,
+        asked: Mapping[str, float] | None = None,
+    ) -> None:
+        """Route one message to its pool's waiting room, dead-letter it, or defer it;
+        ``asked``: per pool, when the receive that brought it was sent (its visibility runs
+        from no earlier; default: now)."""
         bound = log.bind(message_id=message.get("MessageId"))
         pool = self._route(queue, message)
         if isinstance(pool, str):
@@ -327,7 +436,8 @@ class Intake:
                 queue, pool.name, message, request.reason, request.detail
             )
             return
-        if self._received_again(queue, pool, message, request):
+        hidden_since = (asked or {}).get(pool.name, pool.clock())
+        if self._received_again(queue, pool, message, request, hidden_since):
             return
         entry = Waiting(
             request,
@@ -335,7 +445,7 @@ class Intake:
             queue,
             pool,
             key,
-            pool.clock(),
+            hidden_since,
             bound.bind(pool=pool.name, execution_name=request.name),
         )
         # A request a free slot is waiting for gets in even when the room is full; so does
@@ -358,12 +468,19 @@ class Intake:
         delay = pool.defer_seconds(key)
         self.stats.deferred += 1
         self.metrics.deferred.labels(pool=pool.name).inc()
+        if self.starter.callbacks is not None:  # a parent waits: its child is kept for it
+            self.starter.callbacks.deferred(entry, delay)
         await queue.hand_back(
             request.receipt_handle, delay, entry.bound, "waiting room full", message=message
         )
 
     def _received_again(
-        self, queue: RequestQueue, pool: Pool, message: dict[str, Any], request: Any
+        self,
+        queue: RequestQueue,
+        pool: Pool,
+        message: dict[str, Any],
+        request: Any,
+        hidden_since: float,
     ) -> bool:
         """A message received again while it still waits (its visibility ran out before an
         extension got through): the waiting entry takes the newest receipt handle - only it
@@ -382,7 +499,7 @@ class Intake:
                 and now - entry.hidden_since >= visibility
             ):
                 entry.request, entry.message = request, message
-                entry.hidden_since = max(entry.hidden_since, now)
+                entry.hidden_since = max(entry.hidden_since, hidden_since)
                 entry.bound.info("dispatcher.waiting_received_again")
                 return True
         return False
@@ -487,11 +604,18 @@ class Intake:
             entries: list[Waiting] = pool.room.drain()
             pool.update()
             for queue in self.queues:
-                messages = [e.message for e in entries if e.queue is queue]
+                mine = [e for e in entries if e.queue is queue]
+                if not mine:
+                    continue
+                self._waiting_from[queue.url, pool.name] -= len(mine)
+                messages = []
+                for entry in mine:
+                    if queue.is_last_receive(entry.message):  # kept, hidden since it is
+                        self.starter.last_receives.keep(entry, "waiting at shutdown")
+                    else:
+                        messages.append(entry.message)
                 if messages:
-                    # Those on their last receive are kept instead (`_last_chance`).
                     handed += await queue.hand_back_all(messages, "waiting at shutdown")
-                    self._waiting_from[queue.url, pool.name] -= len(messages)
         if handed:
             log.info("dispatcher.waiting_handed_back", count=handed)
         return handed

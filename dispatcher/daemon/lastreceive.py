@@ -66,6 +66,10 @@ class LastReceives:
         self.settings = starter.settings
         self._kept: list[_Kept] = []
         self._wake = anyio.Event()
+        # Settled after the reign ended (the lease lost): the leader may start the request
+        # from another copy of it (a producer's retry, a message SQS stored twice) at any
+        # time, so "does not exist" no longer proves that a redrive is safe.
+        self.after_reign = False
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -127,6 +131,14 @@ class LastReceives:
             kept.failures += 1
             kept.next_try = max(kept.not_before, now + min(MAX_BACKOFF, 2.0**kept.failures))
             return False
+        if (
+            self.after_reign
+            and entry.request.task_token is not None
+            and (described["status"] == "RUNNING")
+        ):
+            # Its parent waits on a child that runs: only a leader holds tokens.
+            self._let_go(kept, "its parent waits on a running child, and the lease was lost")
+            return True
         entry.bound.info(
             "dispatcher.last_receive_settled", execution_arn=kept.arn, status=described["status"]
         )
@@ -163,6 +175,15 @@ class LastReceives:
             "of it could have taken effect): redrive it from the dead-letter queue to run it; "
             "raise maxReceiveCount"
         )
+        if self.after_reign:
+            detail = (
+                f"received {receive_count(entry.message)} times, the queue's maxReceiveCount "
+                f"({entry.queue.max_receive_count}), and it had to go back ({kept.why}). Its "
+                f"execution {entry.request.name!r} did not exist when described, but this "
+                "dispatcher had lost its lease: the leader may have started it since, from "
+                "another copy of the request. Describe it first; do not redrive the request "
+                "unless it does not exist; raise maxReceiveCount"
+            )
         await self.starter.dead_letter(
             entry.queue, pool.name, entry.message, "receive_limit", detail
         )
@@ -171,19 +192,24 @@ class LastReceives:
     async def keep_hidden_once(self) -> int:
         """Extend the visibility of kept messages hidden for half of it or more (batched per
         queue); one SQS no longer lets be extended (its 12-hour cap) is let go: it comes
-        back, and the queue's redrive policy moves it. Returns how many were extended."""
+        back, and the queue's redrive policy moves it. A call that failed (throttled, no
+        answer) lets nothing go: it is tried again at the next pass, as long as the message
+        may still be hidden. Returns how many were extended."""
         visibility = self.settings.visibility_timeout
         extended = 0
         due = [k for k in self if k.entry.pool.clock() - k.entry.hidden_since >= visibility / 2]
         for queue in {id(k.entry.queue): k.entry.queue for k in due}.values():
             mine = [k for k in due if k.entry.queue is queue]
             handles = [k.entry.request.receipt_handle for k in mine]
-            failed = await queue.set_visibility(handles, visibility)
+            now = min(k.entry.pool.clock() for k in mine)  # before the call: its effect's start
+            failed, unknown = await queue.extend_visibility(handles, visibility)
             for kept in mine:
-                if kept.entry.request.receipt_handle in failed:
+                handle = kept.entry.request.receipt_handle
+                surely_out = kept.entry.pool.clock() - kept.entry.hidden_since >= visibility
+                if handle in failed or (handle in unknown and surely_out):
                     self._let_go(kept, "its visibility could not be extended")
-                else:
-                    kept.entry.hidden_since = kept.entry.pool.clock()
+                elif handle not in unknown:
+                    kept.entry.hidden_since = max(kept.entry.hidden_since, now)
                     extended += 1
         return extended
 

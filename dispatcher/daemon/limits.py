@@ -1,8 +1,8 @@
 """Live limits: SSM parameters re-read on an interval, the config file reloaded on SIGHUP.
 
 The same parameter is how an operator pauses, resumes and drains a pool without a
-redeploy (``sfn-dispatcher pause``): limit 0 receives nothing and starts nothing, while
-running executions finish. The read/write helpers for that are at the end.
+redeploy (``sfn-dispatcher pause``, in `dispatcher.cli.control`): limit 0 receives nothing and
+starts nothing, while running executions finish.
 
 Raising a limit takes effect at once (intake is woken); lowering it never stops a running
 execution, it only holds starts until the count falls below (the ledger never evicts).
@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -27,9 +25,16 @@ from dispatcher.core.shared_limits import SharedLimits
 from dispatcher.daemon.metrics import Metrics
 from dispatcher.daemon.pool import Pool
 from dispatcher.daemon.ratelimit import RateLimiters
-from dispatcher.errors import UserError
-from dispatcher.settings.config import ENV_PREFIX, POOL_FIELDS, ConfigError, Settings
-from dispatcher.settings.layout import DEFAULT_POOL, Layout, PoolConfig, read_file
+from dispatcher.settings.config import (
+    LIVE_FIELDS,
+    POOL_STRUCTURE,
+    PROCESS_FIELDS,
+    ConfigError,
+    Settings,
+    env_name,
+    gather,
+)
+from dispatcher.settings.layout import Layout, PoolConfig, load
 
 if TYPE_CHECKING:
     from types_aiobotocore_ssm import SSMClient
@@ -129,11 +134,9 @@ class LiveLimits:
         """How the limit a pool started with was given: ``--limit 3``, ``DISPATCHER_LIMIT=3``,
         the config file's ``[pools.NAME] limit``, or the default."""
         limit = pool.config.limit
-        if "limit" in self.overrides:
-            return f"--limit {limit}"
-        variable = f"{ENV_PREFIX}LIMIT"
-        if self.environ.get(variable):
-            return f"{variable}={limit}"
+        named = gather(self.overrides, self.environ).names.get("limit")
+        if named is not None:
+            return f"{named} {limit}" if named.startswith("--") else f"{named}={limit}"
         if self.settings.config is not None:
             return f"[pools.{pool.name}] limit {limit} in {self.settings.config}"
         return f"the default limit {limit}"
@@ -237,27 +240,21 @@ class LiveLimits:
         (pools, queues, ARNs, other process settings) is logged by name, old -> new, and
         left out."""
         if self.settings.config is None:
-            log.warning("dispatcher.reload_skipped", why="no config file (DISPATCHER_CONFIG)")
+            log.warning("dispatcher.reload_skipped", why=f"no config file ({env_name('config')})")
             return False
-        try:
-            file_settings, layout = read_file(Path(self.settings.config))
-            # Variables and flags win over the file, on a reload as at start-up.
-            settings = Settings.load(
-                {**self.overrides, "config": self.settings.config},
-                self.environ,
-                base=file_settings,
-                base_source=str(self.settings.config),
-            )
+        try:  # the same loader and precedence as at start-up
+            loaded = load({**self.overrides, "config": self.settings.config}, self.environ)
         except ConfigError as exc:
             for name in self.pools:
                 self._refuse(name, "config", str(exc))
             log.error("dispatcher.reload_failed", error=str(exc), kept="the running config")  # noqa: TRY400 - the message says it all
             return False
+        settings, layout = loaded.settings, loaded.layout
         needs_restart = _structural_changes(self.layout, layout)
         self.structure_changed = list(needs_restart)
         live: dict[str, Any] = {}
         for name, before, after in _setting_changes(self.settings, settings):
-            if name in LIVE_SETTINGS:
+            if name in LIVE_FIELDS:
                 live[name] = after
                 log.info("dispatcher.setting_changed", setting=name, previous=before, value=after)
             else:
@@ -292,31 +289,18 @@ class LiveLimits:
         return True
 
 
-LIVE_SETTINGS = frozenset(
-    {
-        "start_rate",
-        "start_burst",
-        "start_rate_floor",
-        "reconcile_interval",
-        "limit_refresh_interval",
-    }
-)
-"""Process settings a reload applies (the others need a restart, and say so)."""
-_NOT_SETTINGS = frozenset({"config", *POOL_FIELDS})
-"""Compared through the layout (pools), or the file itself."""
-
-
 def _setting_changes(before: Settings, after: Settings) -> list[tuple[str, Any, Any]]:
     """(name, old, new) of every process setting that differs."""
     return [
         (name, getattr(before, name), getattr(after, name))
-        for name in type(before).model_fields
-        if name not in _NOT_SETTINGS and getattr(before, name) != getattr(after, name)
+        for name in PROCESS_FIELDS  # pools are compared through the layout
+        if getattr(before, name) != getattr(after, name)
     ]
 
 
-_STRUCTURE = ("state_machine_arn", "key_attribute", "limit_parameter", "uses")
-"""Pool settings a reload cannot change (routing, counting and limit source hang on them)."""
+_STRUCTURE = (*POOL_STRUCTURE, "uses")
+"""Pool settings a reload cannot change (routing, counting and limit source hang on them;
+which named limits a pool uses, and its weights)."""
 
 
 def _same_structure(before: PoolConfig, after: PoolConfig) -> bool:
@@ -362,141 +346,3 @@ def _merge(old: Layout, new: Layout) -> Layout:
         for n in old.limits
     )
     return Layout(pools, old.queues, old.source, limits)
-
-
-# -- pause, resume, drain: the operator's side of the same parameter ---------------------
-
-LIMIT_PARAMETER_ENV = "DISPATCHER_LIMIT_PARAMETER"
-REFRESH_ENV = "DISPATCHER_LIMIT_REFRESH_INTERVAL"
-DEFAULT_REFRESH = 30.0
-
-
-@dataclass(frozen=True)
-class LimitTarget:
-    """Where one pool's live limit is kept, as the dispatcher's own settings say."""
-
-    pool: str
-    parameter: str
-    state_machine_arn: str | None
-    refresh_interval: float  # how soon a running dispatcher sees a change
-    source: str  # "environment" or the config file's path
-
-
-def limit_target(
-    pool: str | None, parameter: str | None = None, environ: Mapping[str, str] | None = None
-) -> LimitTarget:
-    """The pool's limit parameter, from the same ``DISPATCHER_*`` variables or config file
-    the dispatcher reads (only the few settings needed: no queue URL is required here).
-    ``parameter`` names it directly and wins. UserError naming the setting to add."""
-    env = os.environ if environ is None else environ
-    refresh = _refresh(env.get(REFRESH_ENV), REFRESH_ENV)
-    path = env.get(ENV_PREFIX + "CONFIG")
-    if not path:
-        name = pool or DEFAULT_POOL
-        if name != DEFAULT_POOL:
-            raise UserError(
-                f"--pool {name!r}: without a config file (DISPATCHER_CONFIG) the only pool is "
-                f"{DEFAULT_POOL!r}"
-            )
-        found = parameter or env.get(LIMIT_PARAMETER_ENV)
-        if not found:
-            raise UserError(
-                f"pool {name!r} has no limit parameter: set {LIMIT_PARAMETER_ENV} (here and "
-                "on the dispatcher, which then needs one restart) to an SSM parameter "
-                "holding the limit, or pass --parameter NAME"
-            )
-        arn = env.get(ENV_PREFIX + "STATE_MACHINE_ARN")
-        return LimitTarget(name, found, arn, refresh, "environment")
-    try:
-        globals_, layout = read_file(Path(path))
-    except ConfigError as exc:
-        raise UserError(str(exc)) from None
-    if REFRESH_ENV not in env and "limit_refresh_interval" in globals_:
-        refresh = _refresh(
-            str(globals_["limit_refresh_interval"]), f"{path} limit_refresh_interval"
-        )
-    names = [p.name for p in layout.pools]
-    if pool is None:
-        if len(names) > 1:
-            raise UserError(f"give --pool: {path} has pools {', '.join(names)}")
-        pool = names[0]
-    if pool not in names:
-        raise UserError(f"--pool {pool!r} is not in {path}: its pools are {', '.join(names)}")
-    config = layout.pool(pool)
-    found = parameter or config.limit_parameter
-    if not found:
-        raise UserError(
-            f'pool {pool!r} has no limit parameter: add limit_parameter = "/NAME" to '
-            f"[pools.{pool}] in {path} (an SSM parameter holding the limit; the dispatcher "
-            "then needs one restart), or pass --parameter NAME"
-        )
-    return LimitTarget(pool, found, config.state_machine_arn, refresh, path)
-
-
-def _refresh(text: str | None, where: str) -> float:
-    if text is None:
-        return DEFAULT_REFRESH
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise UserError(f"{where}={text!r} is invalid: give seconds > 0")
-    return value
-
-
-async def read_limit(ssm: SSMClient, parameter: str) -> int:
-    """The limit a parameter holds now; UserError when it is missing or holds no limit."""
-    try:
-        response = await ssm.get_parameter(Name=parameter)
-    except AWS_ERRORS as exc:
-        if error_code(exc) == "ParameterNotFound":
-            raise UserError(
-                f"SSM parameter {parameter} does not exist: create it with the limit, e.g. "
-                f"aws ssm put-parameter --name {parameter} --type String --value 10"
-            ) from None
-        raise UserError(f"cannot read SSM parameter {parameter}: {exc}") from None
-    try:
-        return parse_limit(str(response.get("Parameter", {}).get("Value", "")))
-    except ValueError as exc:
-        raise UserError(f"SSM parameter {parameter}: {exc}") from None
-
-
-async def write_limit(ssm: SSMClient, parameter: str, limit: int, note: str) -> None:
-    """Overwrite the parameter with ``limit``; ``note`` becomes its description (shown in
-    the console and the parameter's history, so a pause says who paused and from what)."""
-    try:
-        await ssm.put_parameter(
-            Name=parameter, Value=str(limit), Overwrite=True, Description=note[:1024]
-        )
-    except AWS_ERRORS as exc:
-        raise UserError(
-            f"cannot write SSM parameter {parameter}: {exc} (needs ssm:PutParameter on it)"
-        ) from None
-
-
-async def last_running_limit(ssm: SSMClient, parameter: str) -> int | None:
-    """The newest non-zero limit in the parameter's history (what ``resume`` restores),
-    or None when every version kept (SSM keeps the last 100) is 0 or not a limit."""
-    found: tuple[int, int] | None = None  # (version, limit)
-    kwargs: dict[str, Any] = {"Name": parameter, "MaxResults": 50}
-    try:
-        while True:
-            page = await ssm.get_parameter_history(**kwargs)
-            for entry in page.get("Parameters", []):
-                try:
-                    limit = parse_limit(str(entry.get("Value", "")))
-                except ValueError:
-                    continue
-                version = int(entry.get("Version", 0))
-                if limit > 0 and (found is None or version > found[0]):
-                    found = (version, limit)
-            if not page.get("NextToken"):
-                break
-            kwargs["NextToken"] = page["NextToken"]
-    except AWS_ERRORS as exc:
-        raise UserError(
-            f"cannot read the history of SSM parameter {parameter}: {exc} (needs "
-            "ssm:GetParameterHistory on it; or pass --limit N)"
-        ) from None
-    return None if found is None else found[1]

@@ -48,6 +48,9 @@ class RequestQueue:
         self.received = 0
         self.max_receive_count: int | None = None  # the redrive policy's, read at start-up
         self.last_chance: LastChance | None = None
+        # Seconds a message handed back now must stay hidden at least (while stopping: until
+        # this process's own long polls can no longer take it again, counting a receive).
+        self.min_delay: Callable[[], int] = lambda: 0
 
     def is_last_receive(self, message: Mapping[str, Any]) -> bool:
         """Whether handing ``message`` back would let SQS move it to the dead-letter queue
@@ -84,6 +87,7 @@ class RequestQueue:
             and await self.last_chance(message, why)
         ):
             return
+        delay = max(delay, self.min_delay())
         try:
             await self.sqs.change_message_visibility(
                 QueueUrl=self.url, ReceiptHandle=receipt_handle, VisibilityTimeout=delay
@@ -104,7 +108,7 @@ class RequestQueue:
             ):
                 continue
             back.append(str(message["ReceiptHandle"]))
-        failed = await self.set_visibility(back, 0) if back else set()
+        failed = await self.set_visibility(back, self.min_delay()) if back else set()
         return len(back) - len(failed)
 
     async def set_visibility(self, receipt_handles: Sequence[str], seconds: int) -> set[str]:

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import stamina
 import structlog
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from dispatcher.aws.api import AWS_ERRORS, Clients, is_retryable, open_clients
 from dispatcher.aws.startclient import ThinStarts
@@ -126,6 +126,7 @@ class Dispatcher:
         self.events: Events | None = None
         self.reconcilers: dict[str, Reconciler] = {}
         self.callbacks: Callbacks | None = None
+        self._background: TaskGroup | None = None  # `run`'s: work that outlives a reign
         self.serving = anyio.Event()  # HTTP endpoints answer (start-up may still run)
         self.started = anyio.Event()  # start-up listing done: ready
         self._stop = anyio.Event()
@@ -248,6 +249,7 @@ class Dispatcher:
             self.serving.set()
             if handle_signals:
                 tg.start_soon(self._watch_signals, tg.cancel_scope)
+            self._background = tg
             try:
                 self.preflight = await preflight(settings, self.layout, clients)
             except UserError as exc:  # unreachable, refused, missing or denied: exit 3, not 2
@@ -420,6 +422,7 @@ class Dispatcher:
                     # Not the leader any more: the status events are the new leader's.
                     self._step_down()
                     loops.cancel()
+                    intake.keep_settling = True  # settled after the reign (`_abdicate`)
                 # Ordered: stop intake, drain starts in flight (bounded), then the rest.
                 log.info("dispatcher.stopping", in_flight=len(intake.stats.in_flight))
                 self.health.stopping = True
@@ -429,7 +432,7 @@ class Dispatcher:
             tg.cancel_scope.cancel()
         self._step_down()
         if lease is not None and not self._stop.is_set():
-            await self._abdicate()
+            await self._abdicate(intake)
         elif self.callbacks is not None and not intake.starter.force:
             # Tokens held go back to the queue at once, each after a last heartbeat: the
             # successor takes them over without waiting for their visibility to run out.
@@ -500,16 +503,35 @@ class Dispatcher:
         self.health.started_up = False
         self.health.refresh()
 
-    async def _abdicate(self) -> None:
+    async def _settle_left(self, intake: Intake) -> None:
+        """The lease was lost with requests kept on their last receive (see
+        `dispatcher.daemon.lastreceive`): the process goes on, so they are kept hidden and settled
+        to the end, each once a describe shows whether its execution exists - not let go at
+        a deadline, for SQS's redrive policy to move without a reason. Only an exit lets
+        them go (logged)."""
+        last_receives = intake.starter.last_receives
+        last_receives.after_reign = True
+        log.info("dispatcher.settling_after_reign", count=len(last_receives))
+        await last_receives.finish()
+
+    async def _abdicate(self, intake: Intake) -> None:
         """After the lease was lost and intake stopped: hand back the requests whose parents
         wait (task tokens held) and forget the ledger, so that `/status`, the metrics and
-        the control CLI report nothing running here (the new leader counts them)."""
+        the control CLI report nothing running here (the new leader counts them). Requests
+        kept on their last receive are settled on (`_settle_left`)."""
         if self.callbacks is not None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await self.callbacks.hand_back()
         for pool in self.pools.values():
             pool.reset()
         log.info("dispatcher.abdicated", role=self.role)
+        if intake.keep_settling and len(intake.starter.last_receives):
+            if self._background is not None:
+                self._background.start_soon(self._settle_left, intake)
+            else:  # not under `run` (tests): the shutdown's bound
+                settle = self.settings.start_timeout + self.settings.start_grace + 5
+                with anyio.CancelScope(shield=True), anyio.move_on_after(settle):
+                    await self._settle_left(intake)
 
     def settle_seconds(self) -> float:
         """How long after its predecessor could last send a start this process waits before

@@ -645,13 +645,23 @@ class Starter:
         self, queue: RequestQueue, pool: str, message: dict[str, Any], reason: str, detail: str
     ) -> None:
         """Move a bad request to the dead-letter queue with its reason, then delete it; a
-        parent waiting on it (task token) is answered with the reason first."""
-        self.stats.dead_lettered += 1
+        parent waiting on it (task token) is answered with the reason first. Should that
+        answer fail, the message - the only record of the token - is handed back instead,
+        to be dead-lettered (and the parent answered) on a later receive; on its last
+        receive it is dead-lettered all the same."""
         token = task_token(message, self.settings.task_token_attribute)
         if token is not None and self.callbacks is not None:
             error = DEAD_LETTERED if reason == "receive_limit" else BAD_REQUEST
             bound = log.bind(message_id=message.get("MessageId"), pool=pool)
-            await self.callbacks.fail_request(pool, token, error, f"{reason}: {detail}", bound)
+            cause = f"{reason}: {detail}"
+            answered = await self.callbacks.fail_request(pool, token, error, cause, bound)
+            if not answered and not queue.is_last_receive(message):
+                self.stats.handed_back += 1
+                await queue.hand_back(
+                    str(message["ReceiptHandle"]), 30, bound, "its parent was not answered"
+                )
+                return
+        self.stats.dead_lettered += 1
         await self.dead_letters.move(queue, pool, message, reason, detail)
 
 

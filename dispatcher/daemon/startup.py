@@ -13,7 +13,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from dispatcher.aws.api import Clients, error_code
 from dispatcher.daemon.deadletter import DEFAULT_MAX_SIZE
 from dispatcher.errors import UserError
-from dispatcher.settings.config import Settings
+from dispatcher.settings.config import Settings, env_name
 from dispatcher.settings.layout import Layout
 
 
@@ -60,7 +60,7 @@ async def preflight(settings: Settings, layout: Layout, clients: Clients) -> Pre
 
 def _named(setting: str, layout: Layout) -> str:
     """How the user set ``setting``: its variable, or also its key when a config file is used."""
-    variable = "DISPATCHER_" + setting.upper()
+    variable = env_name(setting)
     if layout.source == "environment":
         return variable
     return f"{variable} or {setting} in the [dispatcher] table of {layout.source}"
@@ -84,7 +84,7 @@ def _max_size(attributes: Mapping[str, str]) -> int:
 
 async def _check_state_machine(arn: str, pool: str, layout: Layout, clients: Clients) -> None:
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "the AWS endpoint")
-    where = "DISPATCHER_STATE_MACHINE_ARN" if layout.source == "environment" else f"pool {pool}"
+    where = env_name("state_machine_arn") if layout.source == "environment" else f"pool {pool}"
     try:
         described = await clients.sfn.describe_state_machine(stateMachineArn=arn)
     except ClientError as exc:

@@ -10,18 +10,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import aioboto3
 import anyio
 from aiobotocore.config import AioConfig
+from pydantic import ValidationError
 
 from dispatcher.aws.api import AWS_ERRORS
 from dispatcher.preflight.report import Finding, Skip, Status
 from dispatcher.settings import config, layout
-from dispatcher.settings.config import ConfigError, Settings
-from dispatcher.settings.layout import PoolConfig, QueueConfig
+from dispatcher.settings.config import PoolSettings, Settings
+from dispatcher.settings.layout import DEFAULT_POOL, PoolConfig, QueueConfig
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 # Named in messages: both are settings (and config-file [dispatcher] keys) of their own.
-LIMIT_PARAMETER_ENV = "DISPATCHER_LIMIT_PARAMETER"
-LEASE_TABLE_ENV = "DISPATCHER_LEASE_TABLE"
+LIMIT_PARAMETER_ENV = config.env_name("limit_parameter")
+LEASE_TABLE_ENV = config.env_name("lease_table")
 
 
 # --- what is checked: the settings, also when some are invalid --------------------------------
@@ -58,13 +58,6 @@ REQUESTS = QueueRole("request_queue_url", "requests queue")
 EVENTS = QueueRole("events_queue_url", "events queue")
 DEAD_LETTERS = QueueRole("dead_letter_queue_url", "dead-letter queue")
 
-# Valid stand-ins for the required settings, to validate one setting on its own.
-_PLACEHOLDERS = {
-    "state_machine_arn": "arn:aws:states:us-east-1:000000000000:stateMachine:placeholder",
-    "request_queue_url": "https://sqs.us-east-1.amazonaws.com/000000000000/placeholder-requests",
-    "events_queue_url": "https://sqs.us-east-1.amazonaws.com/000000000000/placeholder-events",
-}
-_INVALID = object()
 _PER_POOL = frozenset({*config.POOL_FIELDS, "request_queue_url"})
 
 
@@ -183,66 +176,44 @@ def load_target(
     overrides: Mapping[str, Any], env: Mapping[str, str] | None
 ) -> tuple[Target, tuple[Finding, ...]]:
     """The values to check and the settings findings (one per problem); bad settings never
-    stop it. Reads the settings exactly as `run` does (`dispatcher.settings.layout.load`): flags,
-    ``DISPATCHER_*`` variables and the config file with every pool and queue.
+    stop it. Reads the settings with `run`'s own loader (`dispatcher.settings.layout.attempt`):
+    flags, ``DISPATCHER_*`` variables and the config file with every pool and queue.
 
     When the settings are invalid each one is validated on its own, so that the checks of
     the valid ones still run: one run shows every problem.
     """
     environ = os.environ if env is None else env
-    names = config.given_names(overrides, environ)
-    path = _raw_settings(overrides, environ).get("config")
+    loaded = layout.attempt(overrides, environ)
+    given, path = loaded.given, loaded.path
     pools: tuple[PoolConfig, ...] = ()
     queues: tuple[QueueConfig, ...] = ()
     invalid: set[str] = set()
-    try:
-        loaded = layout.load(overrides, environ)
-    except ConfigError as exc:
-        fields = Settings.model_fields
+    if loaded.config is None:
         values: dict[str, Any] = {
-            name: f.default for name, f in fields.items() if not f.is_required()
+            name: f.default for name, f in Settings.model_fields.items() if not f.is_required()
         }
-        base: dict[str, Any] = {}
-        if path:
-            try:  # the file alone may be fine: its pools are still checked
-                base, file_layout = layout.read_file(Path(path))
-                pools, queues = file_layout.pools, file_layout.queues
-                names = config.given_names(overrides, environ, base=base, base_source=str(path))
-            except ConfigError:
-                pass
-        for name, raw in (base | _raw_settings(overrides, environ)).items():
+        if loaded.file_layout is not None:  # the file alone may be fine: its pools are checked
+            pools, queues = loaded.file_layout.pools, loaded.file_layout.queues
+        for name in given.values:
             if name == "config" or (path and name in config.POOL_FIELDS):
                 continue
-            parsed = _alone(name, raw)
-            values[name] = None if parsed is _INVALID else parsed
-            invalid |= {name} if parsed is _INVALID else set()
+            value, problem = given.alone(name)
+            values[name] = value
+            invalid |= {name} if problem else set()
         findings = tuple(
             Finding(Status.FAIL, problem, _SETTINGS_FIX[problem.startswith("config file ")])
-            for problem in exc.problems
+            for problem in loaded.problems
         )
         if not path and values.get("state_machine_arn") and values.get("request_queue_url"):
-            pool = layout.PoolConfig(
-                name=layout.DEFAULT_POOL,
-                state_machine_arn=values["state_machine_arn"],
-                limit=10 if values.get("limit") is None else values["limit"],
-                limit_parameter=values.get("limit_parameter"),
-            )
-            pools = (pool,)
-            queues = (layout.QueueConfig(url=values["request_queue_url"], pools=(pool.name,)),)
+            pools = (_single_pool(values),)
+            queues = (layout.QueueConfig(url=values["request_queue_url"], pools=(DEFAULT_POOL,)),)
     else:
-        settings = loaded.settings
-        values = _from_loaded(loaded)
-        pools, queues = loaded.layout.pools, loaded.layout.queues
-        if settings.config is not None:
-            path = str(settings.config)
-            names = config.given_names(
-                overrides,
-                environ,
-                base=layout.read_file(settings.config)[0],
-                base_source=str(settings.config),
-            )
+        settings = loaded.config.settings
+        values = _from_loaded(loaded.config)
+        pools, queues = loaded.config.layout.pools, loaded.config.layout.queues
+        if path is not None:
             summary = (
-                f"config file {loaded.layout.source}: pools "
+                f"config file {path}: pools "
                 + ", ".join(f"{p.name} (limit {p.limit})" for p in pools)
                 + f", {len(queues)} request queue(s)"
             )
@@ -271,24 +242,24 @@ def load_target(
         lease_table=values.get("lease_table"),
         pools=pools,
         queues=queues,
-        names=names,
+        names=dict(given.names),
         source=str(path) if path else "environment",
     )
     return target, findings
 
 
-def _raw_settings(overrides: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """The settings as given (variables, then flags), before validation."""
-    given: dict[str, Any] = config.scoped_env(environ)
-    return given | {k: v for k, v in overrides.items() if v is not None}
-
-
-def _alone(name: str, raw: Any) -> Any:
-    """``raw`` parsed as setting ``name`` next to valid stand-ins, or ``_INVALID``."""
+def _single_pool(values: Mapping[str, Any]) -> PoolConfig:
+    """The single pool of settings that are not all valid: its valid values, defaults for
+    the others (or, when they do not go together, its state machine and limit parameter)."""
+    fields = [f for f in PoolSettings.model_fields if values.get(f) is not None]
     try:
-        return getattr(Settings.load({**_PLACEHOLDERS, name: raw}, env={}), name)
-    except ConfigError:
-        return _INVALID
+        return PoolConfig.model_validate({"name": DEFAULT_POOL, **{f: values[f] for f in fields}})
+    except ValidationError:
+        return PoolConfig(
+            name=DEFAULT_POOL,
+            state_machine_arn=values["state_machine_arn"],
+            limit_parameter=values.get("limit_parameter"),
+        )
 
 
 # --- the context every check reads -----------------------------------------------------------

@@ -15,100 +15,29 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dispatcher.core.shared_limits import LIMIT_NAME_RE, MAX_WEIGHT, SharedLimitConfig
+from dispatcher.core.shared_limits import LIMIT_NAME_RE, SharedLimitConfig
 from dispatcher.settings.config import (
-    ENV_PREFIX,
     POOL_FIELDS,
-    QUEUE_URL_RE,
-    STATE_MACHINE_ARN_RE,
+    PROCESS_FIELDS,
+    AttributeName,
     ConfigError,
+    Given,
+    PoolConfig,
+    PoolSettings,
+    QueueUrl,
     Settings,
+    did_you_mean,
+    gather,
 )
+
+__all__ = ["DEFAULT_POOL", "Config", "Layout", "PoolConfig", "QueueConfig", "load"]
 
 DEFAULT_POOL = "default"
 POOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
-ATTRIBUTE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,256}\Z")  # SQS message attribute names
-
-
-class PoolConfig(BaseModel):
-    """One governed state machine: ``[pools.NAME]``."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = Field(
-        description="The pool's name: the `NAME` of its table, the metrics' pool label."
-    )
-    state_machine_arn: str = Field(
-        description="ARN of the STANDARD state machine whose executions are limited."
-    )
-    limit: int = Field(default=10, ge=0, description=Settings.model_fields["limit"].description)
-    limit_parameter: str | None = Field(
-        default=None, description=Settings.model_fields["limit_parameter"].description
-    )
-    key_attribute: str | None = Field(
-        default=None, description=Settings.model_fields["key_attribute"].description
-    )
-    per_key_limit: int | None = Field(
-        default=None, ge=1, description=Settings.model_fields["per_key_limit"].description
-    )
-    max_waiting: int = Field(
-        default=100, ge=0, le=100_000, description=Settings.model_fields["max_waiting"].description
-    )
-    reserved_share: float = Field(
-        default=0.1,
-        ge=0.0,
-        le=0.9,
-        description="Share of the starts kept for lower priorities while higher ones wait.",
-    )
-    uses: dict[str, int] = Field(
-        default_factory=dict,
-        description="Named limits (`[limits.NAME]`) this pool's executions use, with the "
-        "units each execution takes of each (its weight), e.g. `{ partner-api = 2 }`.",
-    )
-
-    @field_validator("uses")
-    @classmethod
-    def _check_uses(cls, value: dict[str, int]) -> dict[str, int]:
-        for name, weight in value.items():
-            if not LIMIT_NAME_RE.match(name):
-                raise ValueError(f"{name!r}: named limits are 1-64 characters of A-Z a-z 0-9 _ -")
-            if not 1 <= weight <= MAX_WEIGHT:
-                raise ValueError(f"{name} = {weight}: a weight is a whole number >= 1")
-        return value
-
-    @field_validator("state_machine_arn")
-    @classmethod
-    def _check_arn(cls, value: str) -> str:
-        if not STATE_MACHINE_ARN_RE.match(value):
-            raise ValueError("must look like arn:aws:states:REGION:ACCOUNT:stateMachine:NAME")
-        return value
-
-    @field_validator("key_attribute")
-    @classmethod
-    def _check_attribute(cls, value: str | None) -> str | None:
-        if value is not None and not ATTRIBUTE_RE.match(value):
-            raise ValueError("must be an SQS message attribute name (A-Z a-z 0-9 _ - .)")
-        return value
-
-    @model_validator(mode="after")
-    def _key_needs_attribute(self) -> Self:
-        if self.per_key_limit is not None and self.key_attribute is None:
-            raise ValueError("per_key_limit needs key_attribute (the attribute holding the key)")
-        return self
-
-    @property
-    def region(self) -> str:
-        """The region of the pool's state machine."""
-        return _arn_part(self.state_machine_arn, "region")
-
-    @property
-    def account(self) -> str:
-        """The account of the pool's state machine."""
-        return _arn_part(self.state_machine_arn, "account")
 
 
 class QueueConfig(BaseModel):
@@ -116,7 +45,7 @@ class QueueConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    url: str = Field(description="The request queue's URL.")
+    url: QueueUrl = Field(description="The request queue's URL.")
     pools: tuple[str, ...] = Field(
         description="The pool it feeds (`pool = NAME`), or several (`pools = [...]`): each "
         "message then names its pool in pool_attribute."
@@ -124,27 +53,11 @@ class QueueConfig(BaseModel):
     priority: int = Field(
         default=0, ge=-1000, le=1000, description="Higher first, among a pool's queues."
     )
-    pool_attribute: str = Field(
+    pool_attribute: AttributeName = Field(
         default="pool",
         description="The message attribute naming a message's pool, for a queue feeding "
         "several pools (an unknown or missing pool: dead-lettered).",
     )
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        if not QUEUE_URL_RE.match(value):
-            raise ValueError(
-                "must be an SQS queue URL like https://sqs.REGION.amazonaws.com/ACCOUNT/NAME"
-            )
-        return value
-
-    @field_validator("pool_attribute")
-    @classmethod
-    def _check_attribute(cls, value: str) -> str:
-        if not ATTRIBUTE_RE.match(value):
-            raise ValueError("must be an SQS message attribute name (A-Z a-z 0-9 _ - .)")
-        return value
 
 
 class FileError(ConfigError):
@@ -186,6 +99,57 @@ class Config:
     layout: Layout
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """What loading found, also when it failed: `check` reports every problem and still
+    checks what is valid; the control commands need only a few settings."""
+
+    given: Given  # the settings as given, by precedence (the file's valid ones included)
+    path: Path | None  # the config file, when one is named
+    file_layout: Layout | None  # the config file's pools and queues, when the file is valid
+    file_error: ConfigError | None  # what is wrong with the file itself
+    problems: tuple[str, ...]  # every problem, one line each
+    config: Config | None  # the settings and layout, when there is no problem
+
+
+def attempt(
+    overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+) -> Attempt:
+    """Load the settings and the layout (from the config file when one is named), keeping
+    every problem instead of raising: the one loader of `run`, `check`, the control commands
+    and a reload. Precedence: `dispatcher.settings.config.PRECEDENCE`."""
+    environ = os.environ if env is None else env
+    given = gather(overrides, environ)
+    raw_path = given.values.get("config")
+    if not raw_path:
+        return _attempted(given, None, None, None)
+    path = Path(raw_path)
+    try:
+        globals_, file_layout = read_file(path)
+    except FileError as exc:  # also name what is wrong with the flags and variables
+        with_file = gather(overrides, environ, file=exc.globals_, file_source=str(path))
+        return _attempted(with_file, path, None, exc)
+    except ConfigError as exc:  # unreadable: nothing else is looked at
+        return Attempt(given, path, None, exc, exc.problems, None)
+    with_file = gather(overrides, environ, file=globals_, file_source=str(path))
+    return _attempted(with_file, path, file_layout, None)
+
+
+def _attempted(
+    given: Given, path: Path | None, file_layout: Layout | None, file_error: ConfigError | None
+) -> Attempt:
+    problems = list(file_error.problems) if file_error else []
+    settings: Settings | None = None
+    try:
+        settings = given.settings()
+    except ConfigError as exc:
+        problems += [p for p in exc.problems if p not in problems]
+    config = None
+    if settings is not None and not problems:
+        config = Config(settings, file_layout or from_settings(settings))
+    return Attempt(given, path, file_layout, file_error, tuple(problems), config)
+
+
 def load(
     overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
 ) -> Config:
@@ -193,36 +157,17 @@ def load(
 
     Raises `ConfigError` naming every bad value and what is accepted.
     """
-    environ = os.environ if env is None else env
-    path = (overrides or {}).get("config") or environ.get(ENV_PREFIX + "CONFIG")
-    if not path:
-        settings = Settings.load(overrides, environ)
-        return Config(settings, from_settings(settings))
-    try:
-        globals_, layout = read_file(Path(path))
-    except FileError as exc:  # also name what is wrong with the flags and variables
-        problems = list(exc.problems)
-        try:
-            Settings.load(overrides, environ, base=exc.globals_, base_source=str(path))
-        except ConfigError as more:
-            problems += [p for p in more.problems if p not in problems]
-        raise ConfigError(*problems) from None
-    settings = Settings.load(overrides, environ, base=globals_, base_source=str(path))
-    return Config(settings, layout)
+    loaded = attempt(overrides, env)
+    if loaded.config is None:
+        raise ConfigError(*loaded.problems)
+    return loaded.config
 
 
 def from_settings(settings: Settings) -> Layout:
     """The one-pool layout of the ``DISPATCHER_*`` variables."""
-    assert settings.state_machine_arn is not None  # noqa: S101 - Settings checks it
-    assert settings.request_queue_url is not None  # noqa: S101
-    pool = PoolConfig(
-        name=DEFAULT_POOL,
-        state_machine_arn=settings.state_machine_arn,
-        limit=settings.limit,
-        limit_parameter=settings.limit_parameter,
-        key_attribute=settings.key_attribute,
-        per_key_limit=settings.per_key_limit,
-        max_waiting=settings.max_waiting,
+    assert settings.request_queue_url is not None  # noqa: S101 - Settings checks it
+    pool = PoolConfig.model_validate(
+        {"name": DEFAULT_POOL, **{f: getattr(settings, f) for f in PoolSettings.model_fields}}
     )
     queue = QueueConfig(url=settings.request_queue_url, pools=(DEFAULT_POOL,))
     return Layout((pool,), (queue,), "environment")
@@ -270,11 +215,17 @@ def _globals(table: Any, problems: list[str]) -> dict[str, Any]:
     for key, value in table.items():
         if key in POOL_FIELDS:
             problems.append(f"[dispatcher] {key}: set it per pool, in [pools.NAME]")
-        elif key == "config" or key not in Settings.model_fields:
-            problems.append(
-                f"[dispatcher] {key}: unknown setting; accepted are the settings of the "
-                "configuration table in lower case (e.g. events_queue_url, reconcile_interval)"
+        elif key not in PROCESS_FIELDS:
+            close = did_you_mean(key, PROCESS_FIELDS)
+            hint = (
+                close
+                if close.startswith("did you")
+                else (
+                    "accepted are the settings of the configuration table in lower case (e.g. "
+                    "events_queue_url, reconcile_interval)"
+                )
             )
+            problems.append(f"[dispatcher] {key}: unknown setting; {hint}")
         else:
             out[key] = value
     return out
@@ -296,7 +247,7 @@ def _pools(table: Any, problems: list[str]) -> list[PoolConfig]:
         try:
             pools.append(PoolConfig.model_validate({**body, "name": name}))
         except ValidationError as exc:
-            problems.extend(_explain(exc, where))
+            problems.extend(_explain(exc, where, PoolConfig))
     return pools
 
 
@@ -315,7 +266,7 @@ def _limits(table: Any, problems: list[str]) -> list[SharedLimitConfig]:
             try:
                 limits.append(SharedLimitConfig.model_validate({**body, "name": name}))
             except ValidationError as exc:
-                problems.extend(_explain(exc, where))
+                problems.extend(_explain(exc, where, SharedLimitConfig))
     return limits
 
 
@@ -360,7 +311,7 @@ def _queues(entries: Any, pool_names: set[str], problems: list[str]) -> list[Que
         try:
             queue = QueueConfig.model_validate(fields)
         except ValidationError as exc:
-            problems.extend(_explain(exc, where))
+            problems.extend(_explain(exc, where, QueueConfig))
             continue
         missing = [p for p in queue.pools if p not in pool_names]
         if missing or not queue.pools:
@@ -402,7 +353,7 @@ def _check_together(
     )
 
 
-def _explain(exc: ValidationError, where: str) -> list[str]:
+def _explain(exc: ValidationError, where: str, model: type[BaseModel]) -> list[str]:
     out = []
     for err in exc.errors():
         field = ".".join(str(part) for part in err["loc"])
@@ -410,15 +361,12 @@ def _explain(exc: ValidationError, where: str) -> list[str]:
         if err["type"] == "missing":
             out.append(f"{where} {field} is required")
         elif err["type"] == "extra_forbidden":
-            out.append(f"{where} {field}: unknown key")
+            known = set(model.model_fields) - {"name"}
+            close = did_you_mean(field, known)
+            hint = f"; {close}" if close.startswith("did you") else ""
+            out.append(f"{where} {field}: unknown key{hint}")
         elif field:
             out.append(f"{where} {field}={err.get('input')!r} is invalid: {msg}")
         else:
             out.append(f"{where}: {msg}")
     return out
-
-
-def _arn_part(arn: str, part: str) -> str:
-    match = STATE_MACHINE_ARN_RE.match(arn)
-    assert match is not None  # validated  # noqa: S101
-    return match[part]
