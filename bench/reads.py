@@ -44,14 +44,7 @@ from dispatcher.aws.api import Clients
 from dispatcher.daemon.health import Health
 from dispatcher.daemon.metrics import Metrics
 from dispatcher.daemon.pool import Pool
-from dispatcher.daemon.readbudget import (
-    DEFAULT_DESCRIBE_RATE,
-    DEFAULT_LIST_RATE,
-    DESCRIBE_BURST,
-    LIST_BURST,
-    ReadBudgets,
-    ReadRates,
-)
+from dispatcher.daemon.readbudget import DESCRIBE_BURST, LIST_BURST, ReadBudgets, ReadRates
 from dispatcher.daemon.reconcile import Reconciler, ReconcileReport
 from dispatcher.settings.config import LogFormat, Settings
 from dispatcher.settings.layout import PoolConfig
@@ -114,7 +107,7 @@ class Variant:
     spread: bool
 
 
-PACED = Variant("budget", ReadRates(DEFAULT_LIST_RATE, DEFAULT_DESCRIBE_RATE), spread=True)
+PACED = Variant("budget", ReadRates.defaults(), spread=True)
 UNPACED = Variant("budget off", ReadRates(UNPACED_RATE, UNPACED_RATE), spread=False)
 
 
@@ -394,7 +387,9 @@ def _figures(
         "budget_excess": round(
             budget_excess(
                 times,
-                DEFAULT_LIST_RATE if operation == LIST else DEFAULT_DESCRIBE_RATE,
+                PACED.rates.list_executions
+                if operation == LIST
+                else PACED.rates.describe_execution,
                 LIST_BURST if operation == LIST else DESCRIBE_BURST,
             ),
             3,
@@ -432,9 +427,9 @@ def run(config: Config) -> dict[str, Any]:
     return {
         "config": asdict(config),
         "budget": {
-            "list_rate": DEFAULT_LIST_RATE,
+            "list_rate": PACED.rates.list_executions,
             "list_burst": LIST_BURST,
-            "describe_rate": DEFAULT_DESCRIBE_RATE,
+            "describe_rate": PACED.rates.describe_execution,
             "describe_burst": DESCRIBE_BURST,
         },
         "aws_quotas": {op: {k: list(v) for k, v in q.items()} for op, q in AWS_QUOTAS.items()},

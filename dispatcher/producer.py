@@ -13,6 +13,7 @@ import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
@@ -22,6 +23,7 @@ from aiobotocore.config import AioConfig
 from anyio.streams.memory import MemoryObjectReceiveStream
 from botocore.exceptions import BotoCoreError, ClientError
 
+from dispatcher.core.deadline import START_BY_ATTRIBUTE, format_deadline
 from dispatcher.progress import Progress
 
 if TYPE_CHECKING:
@@ -41,11 +43,34 @@ MAX_ATTEMPTS = 3
 
 @dataclass(frozen=True)
 class SubmitItem:
-    """One request: the body (the execution input) and optional message attributes."""
+    """One request: the body (the execution input) and optional message attributes.
+
+    ``start_by``: not started by then (Unix seconds, or an aware ``datetime``), the request
+    is dead-lettered as ``expired`` instead (sent as the ``start-by`` attribute)."""
 
     body: str
     idempotency_key: str | None = None
     attributes: Mapping[str, str] = field(default_factory=dict)
+    start_by: float | datetime | None = None
+
+    def message_attributes(self) -> dict[str, str]:
+        """Every String attribute the request is sent with."""
+        attributes = dict(self.attributes)
+        if self.idempotency_key is not None:
+            attributes[IDEMPOTENCY_ATTRIBUTE] = self.idempotency_key
+        if self.start_by is not None:
+            attributes[START_BY_ATTRIBUTE] = format_start_by(self.start_by)
+        return attributes
+
+
+def format_start_by(when: float | datetime) -> str:
+    """A start-by as the attribute carries it: RFC 3339 in UTC (``2026-12-05T10:00:00Z``).
+    A naive ``datetime`` is refused: its zone would be a guess."""
+    if isinstance(when, datetime):
+        if when.tzinfo is None or when.utcoffset() is None:
+            raise ValueError(f"start_by {when!r} has no time zone: give an aware datetime")
+        when = when.timestamp()
+    return format_deadline(when)
 
 
 @dataclass(frozen=True)
@@ -301,9 +326,7 @@ async def _aiter(
 
 def _size(item: SubmitItem) -> int:
     """Bytes SQS counts against the batch limit: body, attribute names, types and values."""
-    attributes = dict(item.attributes)
-    if item.idempotency_key is not None:
-        attributes[IDEMPOTENCY_ATTRIBUTE] = item.idempotency_key
+    attributes = item.message_attributes()
     extra = sum(len(k.encode()) + len(v.encode()) + len("String") for k, v in attributes.items())
     return len(item.body.encode()) + extra
 
@@ -311,13 +334,8 @@ def _size(item: SubmitItem) -> int:
 def _entry(index: int, item: SubmitItem) -> SendMessageBatchRequestEntryTypeDef:
     attributes: dict[str, MessageAttributeValueTypeDef] = {
         name: {"DataType": "String", "StringValue": value}
-        for name, value in item.attributes.items()
+        for name, value in item.message_attributes().items()
     }
-    if item.idempotency_key is not None:
-        attributes[IDEMPOTENCY_ATTRIBUTE] = {
-            "DataType": "String",
-            "StringValue": item.idempotency_key,
-        }
     entry: SendMessageBatchRequestEntryTypeDef = {"Id": str(index), "MessageBody": item.body}
     if attributes:
         entry["MessageAttributes"] = attributes

@@ -357,6 +357,8 @@ class Transport:
         label = f"{operation} {summary}".rstrip()
         if attempt > 1:
             label += f" (attempt {attempt})"
+        if operation == "StartExecution":  # when it left its node (sim.deadlines)
+            self._history.add(start, node, "start_sent", f"{label} sent", name=params.get("name"))
         if fault.apply_at_deadline:
             held = _Call(ident, node, operation, label, fault, deadline, deadline, apply)
             await self._held_until_deadline(held, start, endpoint)

@@ -29,7 +29,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from sim import copy_rules, token_rules
+from sim import copy_rules, deadlines, token_rules
 from sim.history import (
     ORIGINAL_ID_ATTRIBUTE,
     OUTSIDE,
@@ -100,6 +100,7 @@ def check(history: History, spec: CheckSpec) -> list[Violation]:
     found += copy_rules.check_dead_letters(
         history, spec, owners.executions, owners.request_of, owners.fresh
     )
+    found += deadlines.check_deadlines(history, spec)
     found.sort(key=lambda v: (v.time, v.kind))
     return found
 

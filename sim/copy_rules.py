@@ -12,8 +12,9 @@ them).
 
 9. ``dead_letter_ran``: a request is dead-lettered only if its execution never ran (none
    existed when the copy was sent, nor came to exist within ``CheckSpec.late_start`` after,
-   from a start sent before); if it did run, the dead letter says so (its detail names the
-   execution) and nothing in it invites a redrive.
+   from a start sent before: the network's record of each attempt says when it left); if
+   it did run, the dead letter says so (its detail names the execution) and nothing in it
+   invites a redrive.
    ``false_conflict``: a request dead-lettered as ``idempotency_conflict`` although the
    execution under its name runs this very request's body (a producer's retry, a redrive:
    the same request, not a conflict).
@@ -142,6 +143,10 @@ def check_dead_letters(
     """Rule 9. ``executions``: request id -> its executions; ``request_of``: message id
     (producers' and copies') -> request id; ``fresh``: `fresh_identities`."""
     found: list[Violation] = []
+    attempts: dict[str, list[float]] = {}  # execution name -> when its starts were sent
+    for record in history.records:
+        if record.kind == "start_sent":
+            attempts.setdefault(str(record.details.get("name")), []).append(record.time)
     for sent in history.dead_letter_copies(spec.dead_letter_queue):
         request_id = request_of.get(sent.message_id) or request_of.get(
             sent.attributes.get(ORIGINAL_ID_ATTRIBUTE, "")
@@ -159,6 +164,9 @@ def check_dead_letters(
             for e in executions.get(request_id, [])
             if e.started_by != OUTSIDE
             and e.first_start <= sent.time + spec.late_start
+            # Applied after the copy: only from a start sent before it (not a later copy's,
+            # e.g. a redrive of an expired request, which runs it).
+            and (e.first_start <= sent.time or min(attempts.get(e.name, [0.0])) <= sent.time)
             and (identity_of(e.name) == lineage if lineage else identity_of(e.name) not in fresh)
         ]
         if not ran:

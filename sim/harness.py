@@ -38,6 +38,7 @@ from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.buggify import draw as draw_knobs
 from sim.bugs import Bug, put_back
 from sim.checker import CheckSpec, PoolSpec, Violation, check
+from sim.deadlines import Producer as StartBys
 from sim.extras import ExtrasPlan
 from sim.nemesis import STORM_MAX, Action, Nemesis, plan
 from sim.operators import run_extras
@@ -806,6 +807,9 @@ class Run:
         # Producers that retry soon (sim.extras "retries"): the same key and body again.
         again_rng = random.Random(f"producer-retries-{self.seed}")
         retries: list[tuple[float, tuple[str, str, str, dict[str, str]]]] = []
+        deadlines = StartBys(self.seed, self.plan.max_seconds)
+        if self.plan.request_times:
+            deadlines.enabled = False  # a scripted scenario: plain requests
 
         async def retry_until(t: float) -> None:
             retries.sort(key=lambda r: r[0])
@@ -831,6 +835,11 @@ class Run:
                 | ({"fail": True} if rng.random() < 0.1 else {})
             )
             attributes = self._attributes(rng, pool, request_id)
+            start_by, invalid = deadlines.start_by(at)
+            if start_by is not None:
+                attributes["start-by"] = start_by
+                if invalid and roll <= 0.95:
+                    self.expected_bad.add(request_id)
             if roll > 0.95:
                 self.expected_bad.add(request_id)
                 body = self._poison(rng, body, attributes)

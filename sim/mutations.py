@@ -41,6 +41,7 @@ from dispatcher.core.ledger import Ledger
 from dispatcher.core.shared_limits import SharedLimits
 from dispatcher.daemon.callbacks import Callbacks
 from dispatcher.daemon.events import Events
+from dispatcher.daemon.expiry import Expiries
 from dispatcher.daemon.intake import Intake
 from dispatcher.daemon.lastreceive import LastReceives
 from dispatcher.daemon.lease import Leases
@@ -674,6 +675,33 @@ CATALOGUE: tuple[Mutation, ...] = (
         "admit",
         "request = keyed(request, key)",
         "pass",
+    ),
+    # -- start-by deadlines ------------------------------------------------------------------
+    _m(
+        "deadline-not-checked-before-sending",
+        "start-by deadlines",
+        "no StartExecution attempt is sent after its request's start-by",
+        Starter,
+        "_call_start",
+        'if self.expiries.due(entry):\n    raise ExpiredError\nhandling.phase = "calling"',
+        'handling.phase = "calling"',
+        also=(
+            Edit(
+                Starter,
+                "_admission",
+                "if self.expiries.due(entry):\n    raise ExpiredError",
+                "pass",
+            ),
+        ),
+    ),
+    _m(
+        "expired-while-in-doubt",
+        "start-by deadlines",
+        "a request whose start may have taken effect is never dead-lettered as expired",
+        Expiries,
+        "expire",
+        "if doubt or starting or arn in ledger.in_doubt:",
+        "if False:",
     ),
     # -- named limits shared by pools (sim.named) ----------------------------------------------
     _m(

@@ -455,12 +455,12 @@ def _overdrawn(times: list[float], rate: float, burst: int) -> bool:
 def test_reconcile_reads_stay_within_the_budget_and_unpaced_ones_do_not() -> None:
     config = reads.Config(seconds=60.0, churn=0.1, stress=None)
     budget = {
-        reads.LIST: (readbudget.DEFAULT_LIST_RATE, readbudget.LIST_BURST),
-        reads.DESCRIBE: (readbudget.DEFAULT_DESCRIBE_RATE, readbudget.DESCRIBE_BURST),
+        reads.LIST: (reads.PACED.rates.list_executions, readbudget.LIST_BURST),
+        reads.DESCRIBE: (reads.PACED.rates.describe_execution, readbudget.DESCRIBE_BURST),
     }
     with structlog.testing.capture_logs():  # a line per adoption and per slot freed
-        paced = reads.simulate(config, 30, 3000, reads.PACED)
-        unpaced = reads.simulate(config, 30, 3000, reads.UNPACED)
+        paced = reads.simulate(config, 80, 8000, reads.PACED)
+        unpaced = reads.simulate(config, 80, 8000, reads.UNPACED)
     for operation, (rate, burst) in budget.items():
         times = paced["_calls"][operation]
         assert len(times) > burst  # enough calls for the budget to matter
@@ -468,12 +468,12 @@ def test_reconcile_reads_stay_within_the_budget_and_unpaced_ones_do_not() -> Non
         assert paced["operations"][operation]["budget_excess"] <= 1e-6
         assert _overdrawn(unpaced["_calls"][operation], rate, burst), operation
         assert unpaced["operations"][operation]["budget_excess"] > 0
-    # 30 pools of 100: one page each. Paced, the start-up listing spends the burst of 20
-    # (0.2 s a page), then 1 page/s; unpaced, all 30 pages in a row.
-    assert paced["operations"][reads.LIST]["calls_before_ready"] == 30
-    assert 9.0 < paced["ready_seconds"] < 11.0
-    assert unpaced["ready_seconds"] == pytest.approx(6.0)
-    assert unpaced["operations"][reads.LIST]["per_second_max_1s"] == 30  # every pool at once
+    # 80 pools of 100: one page each, 0.2 s a page. The start-up listing fits the burst of
+    # 50 plus what refills meanwhile; after it, unpaced, every pool lists at once.
+    assert paced["operations"][reads.LIST]["calls_before_ready"] == 80
+    assert unpaced["operations"][reads.LIST]["calls_before_ready"] == 80
+    assert paced["ready_seconds"] >= unpaced["ready_seconds"] == pytest.approx(16.0)
+    assert unpaced["operations"][reads.LIST]["per_second_max_1s"] == 80  # every pool at once
     assert paced["operations"][reads.LIST]["per_second_max_1s"] <= 6
     assert unpaced["pools_without_a_pass"] == 0  # paced, the last pools' phases come later
     # Ends are found by describes only (no status events): each one frees a slot.

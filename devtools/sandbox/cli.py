@@ -208,7 +208,18 @@ def _hint(emulator: Emulator, args: argparse.Namespace, resources: SandboxResour
     if args.env_file is not None:
         load = f"set -a; . {shlex.quote(str(args.env_file))}; set +a"
     else:
-        command = ["sfn-dispatcher", "sandbox", "--endpoint", emulator.endpoint]
+        # This interpreter and this checkout, whatever the other shell's PATH and directory.
+        checkout = Path(__file__).resolve().parent.parent.parent
+        command = [
+            "env",
+            f"PYTHONPATH={checkout}",
+            sys.executable,
+            "-m",
+            "devtools",
+            "sandbox",
+            "--endpoint",
+            emulator.endpoint,
+        ]
         for flag, value, default in (
             ("--prefix", args.prefix, DEFAULT_PREFIX),
             ("--region", args.region, DEFAULT_REGION),

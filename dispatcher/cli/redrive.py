@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from dispatcher.aws.api import AWS_ERRORS, error_code
+from dispatcher.core.deadline import EXPIRED, START_BY_ATTRIBUTE
 from dispatcher.core.requests import OUR_PREFIX, REQUEST_ID_ATTRIBUTE, request_identity
 from dispatcher.daemon.deadletter import REASON_ATTRIBUTE
 from dispatcher.errors import UserError
@@ -85,6 +86,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "dispatcher-* attributes is sent first, the dead letter deleted only after the send "
         "succeeded. Filter by --reason (the dispatcher-reason attribute; (none) for "
         "messages a redrive policy moved); --dry-run counts by reason and moves nothing. "
+        "An expired request goes back without its start-by attribute (it runs). "
         "Not SQS's StartMessageMoveTask: it cannot filter by reason nor drop attributes "
         "(for a plain move of everything, `aws sqs start-message-move-task` does it "
         "server-side). Exit 0 when every chosen message moved, 1 when some failed.",
@@ -204,12 +206,15 @@ def request_attributes(message: Mapping[str, Any]) -> dict[str, Any]:
     """What the copy carries: the request's own attributes (the dead letter's without
     ``dispatcher-*``) and its identity, ``dispatcher-request-id``: kept, or written from
     the message id of a message a redrive policy moved (its id is the original's) when
-    SQS's ten attributes leave room."""
+    SQS's ten attributes leave room. An expired request goes back without its start-by
+    (kept, it would expire again at once): redriving it asks for it to run."""
     attributes = {
         name: value
         for name, value in (message.get("MessageAttributes") or {}).items()
         if not name.startswith(OUR_PREFIX) or name == REQUEST_ID_ATTRIBUTE
     }
+    if reason_of(message) == EXPIRED:
+        attributes.pop(START_BY_ATTRIBUTE, None)
     identity, _ = request_identity(message)
     if identity is not None and REQUEST_ID_ATTRIBUTE not in attributes and len(attributes) < 10:
         attributes[REQUEST_ID_ATTRIBUTE] = {"DataType": "String", "StringValue": identity}

@@ -12,12 +12,14 @@ import os
 import random
 import re
 import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 
 import anyio
 
+from dispatcher.core.deadline import START_BY_ATTRIBUTE, format_deadline, parse_start_by
 from dispatcher.errors import UserError
 from dispatcher.producer import (
     DEFAULT_CONCURRENCY,
@@ -39,6 +41,7 @@ __all__ = [
     "generate",
     "parse_attribute",
     "parse_seconds",
+    "parse_start_by_flag",
     "read_jsonl",
     "submit_requests",
 ]
@@ -51,6 +54,8 @@ MAX_ATTRIBUTES = 10  # SQS: message attributes per message
 ATTRIBUTE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,256}\Z")
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}\Z")  # an execution name (the idempotency key)
 _REQUEST_KEYS = frozenset({"input", "attributes"})
+RELATIVE_RE = re.compile(r"^\+(\d{1,9})([smhd])\Z")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 # Each example must be accepted as written and cannot conflict with itself (a test runs them).
 EXAMPLES = f"""examples:
   sfn-dispatcher submit --count 20 --seconds 1:5 --attribute tenant=a
@@ -59,6 +64,8 @@ EXAMPLES = f"""examples:
   sfn-dispatcher submit --count 3 --attribute {IDEMPOTENCY_ATTRIBUTE}=order-7
       the same request three times: one execution starts, two are duplicates
   sfn-dispatcher submit --from-file requests.jsonl --attribute tenant=a
+  sfn-dispatcher submit --count 5 --start-by +10m
+      start each within 10 minutes, or not at all (dead-lettered as expired)
 """
 _SHOWN_FAILURES = 20
 
@@ -124,6 +131,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="PREFIX",
         help=f"give request n (from 1) the {IDEMPOTENCY_ATTRIBUTE} attribute PREFIX-n",
     )
+    parser.add_argument(
+        "--start-by",
+        metavar="WHEN",
+        help=f"the {START_BY_ATTRIBUTE} attribute on every request: not started by then, a "
+        "request is dead-lettered as expired. An RFC 3339 time with its offset "
+        "(2026-12-05T10:00:00Z), epoch seconds, or +N followed by s, m, h or d from now "
+        "(+10m); sent as RFC 3339 UTC (a file line's own attribute wins)",
+    )
     parser.add_argument("--seed", type=int, help="random seed, for repeatable bodies")
     parser.add_argument(
         "--concurrency",
@@ -184,6 +199,10 @@ def run(args: argparse.Namespace) -> int:
 def _requests(args: argparse.Namespace) -> tuple[int, list[str] | None, Iterable[SubmitItem]]:
     """The requests the flags ask for: (count, label per request or None, requests)."""
     common = dict(parse_attribute(text) for text in args.attribute)
+    if args.start_by is not None:
+        if START_BY_ATTRIBUTE in common:
+            raise UserError(f"--attribute {START_BY_ATTRIBUTE}=... and --start-by: give one")
+        common[START_BY_ATTRIBUTE] = parse_start_by_flag(args.start_by)
     if IDEMPOTENCY_ATTRIBUTE in common and args.idempotency_keys is not None:
         raise UserError(
             f"--attribute {IDEMPOTENCY_ATTRIBUTE}=... and --idempotency-keys both name the "
@@ -263,6 +282,31 @@ def parse_seconds(text: str) -> tuple[int, int]:
     return low, high
 
 
+def parse_start_by_flag(text: str, now: float | None = None) -> str:
+    """``--start-by`` as the attribute's RFC 3339 UTC text: an RFC 3339 time with its
+    offset, epoch seconds, or ``+N`` s/m/h/d from ``now``; a time already past is refused
+    (every request would be dead-lettered at once)."""
+    now = time.time() if now is None else now
+    relative = RELATIVE_RE.match(text.strip())
+    accepted = (
+        "give an RFC 3339 time with its offset (2026-12-05T10:00:00Z), epoch seconds, "
+        "or +N with s, m, h or d (+10m)"
+    )
+    if relative:
+        deadline = now + int(relative[1]) * _UNIT_SECONDS[relative[2]]
+    else:
+        try:
+            deadline = parse_start_by(text)
+        except ValueError as exc:
+            raise UserError(f"--start-by {text!r} is invalid: {exc}; {accepted}") from None
+    if deadline <= now:
+        raise UserError(
+            f"--start-by {text!r} is {format_deadline(deadline)}, already past: every request "
+            "would be dead-lettered as expired"
+        )
+    return format_deadline(deadline)
+
+
 def parse_attribute(text: str) -> tuple[str, str]:
     """``NAME=VALUE`` from ``--attribute``, the name checked as SQS checks it."""
     name, equals, value = text.partition("=")
@@ -289,6 +333,15 @@ def _attribute_problem(name: str, value: object) -> str | None:
         return "the value must be a non-empty string"
     if name == IDEMPOTENCY_ATTRIBUTE and not NAME_RE.match(value):
         return f"{IDEMPOTENCY_ATTRIBUTE} is 1-80 characters of A-Z a-z 0-9 - _ (an execution name)"
+    return _start_by_problem(value) if name == START_BY_ATTRIBUTE else None
+
+
+def _start_by_problem(value: str) -> str | None:
+    """Why the dispatcher would dead-letter this start-by as invalid, or None."""
+    try:
+        parse_start_by(value)
+    except ValueError as exc:
+        return f"{START_BY_ATTRIBUTE} is {exc}"
     return None
 
 

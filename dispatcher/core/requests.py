@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dispatcher.core.deadline import INVALID_START_BY, START_BY_ATTRIBUTE, start_by_of
 from dispatcher.settings.config import InputFormat
 
 IDEMPOTENCY_ATTRIBUTE = "idempotency-key"
@@ -50,6 +51,7 @@ class StartRequest:
     receive_count: int
     task_token: str | None = None  # a parent workflow waits for the child's result
     identity: str = ""  # the request's identity: ``name`` without a pool's key tag
+    start_by: float | None = None  # Unix seconds: not started by then, never started
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +103,13 @@ def execution_name(message: Mapping[str, Any]) -> tuple[str | None, str | None]:
 
 def producer_attributes(message: Mapping[str, Any], token_attribute: str) -> dict[str, str]:
     """The String/Number attributes the producer gave the request: not the dispatcher's
-    own (``dispatcher-*``, written on copies) and not the parent's task token (each retry
-    of the parent's task has a new one)."""
+    own (``dispatcher-*``, written on copies), not the parent's task token (each retry
+    of the parent's task has a new one) and not the start-by deadline (said to the
+    dispatcher, not to the execution: a retry with a later one is the same request)."""
     return {
         name: value
         for name, value in string_attributes(message).items()
-        if not name.startswith(OUR_PREFIX) and name != token_attribute
+        if not name.startswith(OUR_PREFIX) and name not in (token_attribute, START_BY_ATTRIBUTE)
     }
 
 
@@ -132,6 +135,9 @@ def parse(
     name, why = request_identity(message)
     if name is None:
         return bad("invalid_idempotency_key", why or "invalid name")
+    start_by, why = start_by_of(message.get("MessageAttributes") or {})
+    if why is not None:
+        return bad(INVALID_START_BY, why)
     if fmt is InputFormat.ENVELOPE:
         # A function of the request, not of the copy: every copy, and a producer's retry
         # with the same key, body and attributes, has the same input (sorted: stable).
@@ -162,6 +168,7 @@ def parse(
         receive_count=int(system.get("ApproximateReceiveCount", 1)),
         task_token=task_token(message, token_attribute),
         identity=name,
+        start_by=start_by,
     )
 
 
@@ -206,7 +213,7 @@ def former_names(
         value
         for name, value in sorted(string_attributes(message).items())
         if not name.startswith(OUR_PREFIX)
-        and name not in (IDEMPOTENCY_ATTRIBUTE, key_attribute, token_attribute)
+        and name not in (IDEMPOTENCY_ATTRIBUTE, key_attribute, token_attribute, START_BY_ATTRIBUTE)
         and value
     ][:FORMER_KEY_ATTRIBUTES]
     keyed_names = [f"k{key_tag(value)}_{identity}" for value in (*values, "")]

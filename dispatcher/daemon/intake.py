@@ -109,6 +109,7 @@ class Intake:
         self._receives: anyio.CancelScope | None = None  # receive loops: let answer at stop
         self._stopped = anyio.Event()
         self._extending: set[Waiting] = set()  # waiting entries an extension is out for
+        self._deadline_added = anyio.Event()  # a request with a start-by entered a room
         # The reign ends but the process goes on (the lease lost): what is kept on its last
         # receive is left to `LastReceives.finish` (the service's), with no shutdown deadline.
         self.keep_settling = False
@@ -180,6 +181,7 @@ class Intake:
                     for pool in self.pools.values():
                         loops.start_soon(self._dispatch_loop, pool, handlers)
                     loops.start_soon(self._keep_waiting_hidden)
+                    loops.start_soon(self._expire_loop, handlers)
                     task_status.started()
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await self._set_aside_waiting()
@@ -448,6 +450,9 @@ class Intake:
             hidden_since,
             bound.bind(pool=pool.name, execution_name=request.name),
         )
+        if self.starter.expiries.due(entry):  # received after its start-by: never started
+            await self.starter.expiries.expire(entry)
+            return
         # A request a free slot is waiting for gets in even when the room is full; so does
         # one on its last receive (deferred, SQS would move it away without a reason), and
         # a parent's token for a child that runs (a retry with the same key): deferred, its
@@ -460,12 +465,17 @@ class Intake:
         if pool.room.offer(entry, priority=queue.priority, key=key, beyond_capacity=beyond):
             self._waiting_from[queue.url, pool.name] += 1
             pool.update()
+            if request.start_by is not None:
+                self._deadline_added.set()
             if self.starter.callbacks is not None:  # a parent waits: heartbeat it now
                 self.starter.callbacks.waiting(entry)
             return
         # No room (overall, or for this key): back to the queue until about when the
         # requests already waiting will have started.
         delay = pool.defer_seconds(key)
+        if request.start_by is not None:  # back by its start-by, to be expired then if need be
+            left = request.start_by - self.starter.expiries.clock()
+            delay = max(0, min(delay, math.ceil(left)))
         self.stats.deferred += 1
         self.metrics.deferred.labels(pool=pool.name).inc()
         if self.starter.callbacks is not None:  # a parent waits: its child is kept for it
@@ -532,6 +542,37 @@ class Intake:
         pool.update()
         handlers.start_soon(self.starter.handle, entry, reservation)
         return True
+
+    # -- start-by deadlines --------------------------------------------------------------
+
+    async def _expire_loop(self, handlers: TaskGroup) -> None:
+        """Expire waiting requests as their start-by passes: woken at the earliest one, or
+        when a request with a start-by enters a room."""
+        while True:
+            self._deadline_added = anyio.Event()
+            wait = self.expire_waiting(handlers)
+            with anyio.move_on_after(math.inf if wait is None else wait):
+                await self._deadline_added.wait()
+
+    def expire_waiting(self, handlers: TaskGroup) -> float | None:
+        """One pass: every waiting request whose start-by has passed leaves its room and is
+        expired in ``handlers`` (`Expiries.expire`). Returns the seconds until the next
+        start-by of a request still waiting (None: none has one)."""
+        expiries = self.starter.expiries
+        now = expiries.clock()
+        soonest: float | None = None
+        for pool in self.pools.values():
+            for entry in pool.room.items():
+                deadline = entry.request.start_by
+                if deadline is None:
+                    continue
+                if now < deadline:
+                    soonest = deadline if soonest is None else min(soonest, deadline)
+                    continue
+                self._leave_room(entry)
+                pool.update()
+                handlers.start_soon(expiries.expire, entry)
+        return None if soonest is None else max(0.0, soonest - now)
 
     # -- the waiting room's messages -----------------------------------------------------
 

@@ -334,6 +334,8 @@ DEAD_LETTER_REASONS = (
     "invalid_idempotency_key",
     "idempotency_conflict",
     "receive_limit",
+    "expired",
+    "invalid_start_by",
     "InvalidExecutionInput",
     "InvalidName",
     "ValidationException",

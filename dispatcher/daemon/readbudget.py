@@ -23,16 +23,12 @@ import anyio
 
 from dispatcher.core.rate import TokenBucket, parse_state_machine_arn
 from dispatcher.daemon.metrics import Metrics
+from dispatcher.settings.config import Settings
 
-DEFAULT_LIST_RATE = 1.0
-"""ListExecutions pages per second: half the refill of the smaller regions (2/s), a fifth of
-the largest regions' (5/s)."""
-DEFAULT_DESCRIBE_RATE = 5.0
-"""DescribeExecution calls per second: a third of the largest regions' refill (15/s)."""
-LIST_BURST = 20
-"""ListExecutions pages that may go at once (AWS's bucket holds 100 in the smaller regions)."""
-DESCRIBE_BURST = 50
-"""DescribeExecution calls that may go at once (AWS's bucket holds 250-300)."""
+LIST_BURST = 50
+"""ListExecutions pages that may go at once: half of AWS's bucket in the smaller regions (100)."""
+DESCRIBE_BURST = 100
+"""DescribeExecution calls that may go at once: under half of AWS's bucket (250-300)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +37,17 @@ class ReadRates:
 
     list_executions: float
     describe_execution: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> ReadRates:
+        """The rates ``settings`` give (``reconcile_list_rate``, ``reconcile_describe_rate``)."""
+        return cls(settings.reconcile_list_rate, settings.reconcile_describe_rate)
+
+    @classmethod
+    def defaults(cls) -> ReadRates:
+        """The rates when the settings say nothing."""
+        fields = Settings.model_fields
+        return cls(fields["reconcile_list_rate"].default, fields["reconcile_describe_rate"].default)
 
 
 class ReadBudget:

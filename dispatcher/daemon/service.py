@@ -30,12 +30,7 @@ from dispatcher.daemon.limits import LiveLimits
 from dispatcher.daemon.metrics import Metrics
 from dispatcher.daemon.pool import Clock, Pool, share_limits
 from dispatcher.daemon.ratelimit import RateLimiters
-from dispatcher.daemon.readbudget import (
-    DEFAULT_DESCRIBE_RATE,
-    DEFAULT_LIST_RATE,
-    ReadBudgets,
-    ReadRates,
-)
+from dispatcher.daemon.readbudget import ReadBudgets, ReadRates
 from dispatcher.daemon.reconcile import Reconciler
 from dispatcher.daemon.startup import Preflight, preflight
 from dispatcher.errors import AwsSetupError, UserError
@@ -117,9 +112,7 @@ class Dispatcher:
         )
         for pool in self.pools.values():
             self.limiters.for_arn(pool.state_machine_arn)  # export the rate from the start
-        self.read_budgets = ReadBudgets(
-            ReadRates(DEFAULT_LIST_RATE, DEFAULT_DESCRIBE_RATE), self.metrics, clock
-        )
+        self.read_budgets = ReadBudgets(ReadRates.of(settings), self.metrics, clock)
         self.limits: LiveLimits | None = None
         self.http_port: int | None = None
         self.intake: Intake | None = None

@@ -29,6 +29,7 @@ from dispatcher.aws.api import (
     is_retryable,
     outcome_unknown,
 )
+from dispatcher.core.deadline import EXPIRED, EXPIRED_ERROR
 from dispatcher.core.ledger import Change, Reservation
 from dispatcher.core.requests import (
     IDEMPOTENCY_ATTRIBUTE,
@@ -40,6 +41,7 @@ from dispatcher.core.requests import (
 )
 from dispatcher.daemon.callbacks import BAD_REQUEST, DEAD_LETTERED, FIRST_RECEIVE_SKEW, Callbacks
 from dispatcher.daemon.deadletter import DEFAULT_MAX_SIZE, DeadLetterQueue
+from dispatcher.daemon.expiry import ExpiredError, Expiries
 from dispatcher.daemon.health import Health
 from dispatcher.daemon.lastreceive import LastReceives
 from dispatcher.daemon.metrics import Metrics
@@ -148,6 +150,7 @@ class Starter:
             clients.sqs, settings.dead_letter_queue_url, metrics, dead_letter_max_size
         )
         self.last_receives = LastReceives(self)  # kept until their execution is settled
+        self.expiries = Expiries(self)  # requests whose start-by passed
 
     def starting(self, arn: str) -> bool:
         """Whether a request for execution ``arn`` is being started now."""
@@ -425,6 +428,10 @@ class Starter:
                 await self._admission(entry, reservation, handling)
                 await limiter.acquire()
                 await self._admission(entry, reservation, handling)  # the wait may be long
+                # Its start-by: no attempt is sent after it, by this clock, read last
+                # before the call (no await in between).
+                if self.expiries.due(entry):
+                    raise ExpiredError
                 handling.phase = "calling"
                 pool.ledger.mark_sent(reservation)  # no await since admission: still true
                 pool.note_start_sent()
@@ -493,7 +500,12 @@ class Starter:
             if not waited:
                 entry.bound.info("dispatcher.start_held", why="slots taken by other executions")
                 waited = True
-            await pool.wait_admitted(reservation, self.settings.visibility_timeout / 3)
+            wait = self.settings.visibility_timeout / 3
+            if entry.request.start_by is not None:  # wake at its start-by, to expire it
+                wait = min(wait, max(0.0, entry.request.start_by - self.expiries.clock()))
+            await pool.wait_admitted(reservation, wait)
+            if self.expiries.due(entry):
+                raise ExpiredError
             await self.keep_hidden(entry)
 
     def _check_not_stopping(self, attempts: int) -> None:
@@ -503,6 +515,13 @@ class Starter:
     async def _start_failed(
         self, exc: Exception, entry: Waiting, reservation: Reservation, handling: _Handling
     ) -> None:
+        if isinstance(exc, ExpiredError):  # its start-by passed: no attempt is sent now
+            copies = self._copies.get(
+                execution_arn(entry.pool.state_machine_arn, entry.request.name)
+            )
+            others = copies is not None and copies.handlers > 1
+            await self.expiries.expire(entry, reservation, doubt=handling.doubt, others=others)
+            return
         if error_code(exc) == "ExecutionAlreadyExists":
             handling.doubt = False  # it exists: the describe decides
             await self._already_exists(entry, reservation, handling)
@@ -651,7 +670,8 @@ class Starter:
         receive it is dead-lettered all the same."""
         token = task_token(message, self.settings.task_token_attribute)
         if token is not None and self.callbacks is not None:
-            error = DEAD_LETTERED if reason == "receive_limit" else BAD_REQUEST
+            errors = {"receive_limit": DEAD_LETTERED, EXPIRED: EXPIRED_ERROR}
+            error = errors.get(reason, BAD_REQUEST)
             bound = log.bind(message_id=message.get("MessageId"), pool=pool)
             cause = f"{reason}: {detail}"
             answered = await self.callbacks.fail_request(pool, token, error, cause, bound)

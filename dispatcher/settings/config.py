@@ -319,6 +319,22 @@ class Settings(PoolSettings):
     reconcile_interval: Annotated[float, Spec(live=True)] = Field(
         default=30.0, gt=0, description="Seconds between ListExecutions reconciles."
     )
+    reconcile_list_rate: float = Field(
+        default=2.0,
+        gt=0,
+        le=1000,
+        description="ListExecutions pages per second that reconcile and the start-up listing "
+        "may use, shared by every pool of one account and region (a burst of 50 at once). "
+        "AWS refills 5/s in the largest regions, 2/s in the others, for the whole account.",
+    )
+    reconcile_describe_rate: float = Field(
+        default=8.0,
+        gt=0,
+        le=1000,
+        description="DescribeExecution calls per second that reconcile may use to confirm "
+        "executions a listing no longer shows, shared by every pool of one account and region "
+        "(a burst of 100 at once). AWS refills 15/s in the largest regions, 10/s in the others.",
+    )
     start_grace: float = Field(
         default=10.0,
         ge=0,
