@@ -65,3 +65,37 @@ def concurrency_series(
 def max_overlap(executions: Iterable[Execution], now: float | None = None) -> int:
     """The most executions running at one instant (a stop at t sorts before a start at t)."""
     return max((running for _, running in concurrency_series(executions, now)), default=0)
+
+
+def weighted_series(
+    runs: Iterable[tuple[Execution, int]], now: float | None = None
+) -> list[tuple[float, int]]:
+    """(time, units in use) at every start and stop, each execution counting its weight:
+    the use of a named limit shared by several state machines (``runs``: execution and
+    the weight of its pool). A stop at t sorts before a start at t."""
+    end = now if now is not None else time.time()
+    points: list[tuple[float, int]] = []
+    for ex, weight in runs:
+        points.append((ex.start, weight))
+        points.append((ex.stop if ex.stop is not None else end, -weight))
+    points.sort()
+    series: list[tuple[float, int]] = []
+    current = 0
+    for at, delta in points:
+        current += delta
+        series.append((at, current))
+    return series
+
+
+def max_weighted_overlap(runs: Iterable[tuple[Execution, int]], now: float | None = None) -> int:
+    """The most units of a named limit in use at one instant (see `weighted_series`)."""
+    return max((units for _, units in weighted_series(runs, now)), default=0)
+
+
+def weighted_at(runs: Iterable[tuple[Execution, int]], instant: float) -> int:
+    """Units in use at ``instant`` (an execution starting then counts itself)."""
+    return sum(
+        weight
+        for ex, weight in runs
+        if ex.start <= instant and (ex.stop is None or ex.stop > instant)
+    )

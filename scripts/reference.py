@@ -28,6 +28,7 @@ from pydantic.fields import FieldInfo
 # --- what the pages are generated from (the one place to re-point) --------------------------
 from devtools.__main__ import DEV_MODULES
 from dispatcher.cli.main import build_parser
+from dispatcher.core.shared_limits import SharedLimitConfig
 from dispatcher.daemon.metrics import Metrics
 from dispatcher.errors import EXIT_STATUSES
 from dispatcher.settings.config import SETTINGS_TABLE, SettingInfo
@@ -99,6 +100,8 @@ def accepted(field: FieldInfo) -> str:
             return "`true`, `false`"
     names = {int: "whole number", float: "number", str: "text", Path: "path"}
     kind = kinds[0] if kinds else str
+    if getattr(field.annotation, "__origin__", None) is dict:
+        return "table of name = whole number"
     shown = names.get(kind, "list of names" if getattr(kind, "__origin__", None) else "text")
     low = high = ""
     for rule in field.metadata:
@@ -118,6 +121,8 @@ def default(field: FieldInfo) -> str:
     """A field's default as a user would type it."""
     if field.is_required():
         return "required"
+    if field.default_factory is not None:
+        return "none"
     value = field.default
     if value is None:
         return "unset"
@@ -204,6 +209,17 @@ def settings_page() -> str:
             "`pool = NAME` names the one pool a queue feeds; `pools = [...]` several.",
             "",
             *table(("key", "accepts", "default", "meaning"), keys(QueueConfig)),
+        ],
+        [
+            "## `[limits.NAME]`: one table per named limit shared by pools",
+            "",
+            "A pool uses it with `uses = { NAME = WEIGHT }`. See "
+            "[Named limits shared by pools](../shared-limits.md).",
+            "",
+            *table(
+                ("key", "accepts", "default", "meaning"),
+                keys(SharedLimitConfig, skip=("name",)),
+            ),
         ],
     )
 

@@ -33,7 +33,7 @@ from dispatcher.daemon.service import Dispatcher
 from dispatcher.errors import UserError
 from dispatcher.settings import layout
 from dispatcher.settings.config import Settings
-from sim import extras, loop, rolling
+from sim import extras, loop, named, rolling
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.buggify import draw as draw_knobs
@@ -113,6 +113,7 @@ class Scenario:
     parents: ParentsPlan = field(default_factory=ParentsPlan)  # task-token workflows
     knobs: Knobs = OFF  # buggify: the rare cases made common (`sim.buggify`)
     extras: ExtrasPlan = field(default_factory=ExtrasPlan)  # operator scenarios (sim.extras)
+    named: named.NamedPlan | None = None  # a named limit shared by the pools (sim.named)
 
 
 def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
@@ -179,7 +180,7 @@ def _scenario(seed: int, knobs: Knobs, parents: bool | None) -> Scenario:
         )
         made = dataclasses.replace(made, parents=drawn)
     if not extras.ENABLED:
-        return made
+        return named.draw(seed, made)
     heartbeats = any(p.heartbeat_seconds for p in made.parents.parents)
     chosen = extras.draw(
         seed,
@@ -199,7 +200,7 @@ def _scenario(seed: int, knobs: Knobs, parents: bool | None) -> Scenario:
         made = dataclasses.replace(made, pools=rolled, lease=True, shared_queue=False)
         if chosen.rolling.listing_lag is not None:
             made = dataclasses.replace(made, listing_lag=chosen.rolling.listing_lag)
-    return dataclasses.replace(made, extras=chosen)
+    return named.draw(seed, dataclasses.replace(made, extras=chosen))
 
 
 def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
@@ -362,6 +363,7 @@ class Run:
         self.extras_done = anyio.Event()
         self.extras_pending = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.named_limit = 0 if self.plan.named is None else self.plan.named.limit  # the file's
         self._setup()
         self.nemesis = nemesis(self) if nemesis is not None else self._drawn_nemesis()
         self.world.faults = _except_ssm(self.nemesis.call_fault)
@@ -421,6 +423,7 @@ class Run:
                 self.queues[pool.name] = [self._queue(n) for n in names]
         if self.plan.lease:
             world.create_table("leases")
+        named.setup(self)
         self._write_config()
 
     def _queue(self, name: str) -> str:
@@ -476,6 +479,7 @@ class Run:
             }
             settings.update({k: v for k, v in wanted.items() if k in Settings.model_fields})
         lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+        lines += named.limit_lines(self.plan.named, self.named_limit)
         for pool in governed:
             lines += [
                 f"[pools.{pool.name}]",
@@ -490,6 +494,7 @@ class Run:
                     f'key_attribute = "{KEY_ATTRIBUTE}"',
                     f"per_key_limit = {self.key_limits[pool.name]}",
                 ]
+            lines += named.pool_lines(self.plan.named, pool.name)
         seen: set[str] = set()
         for pool in governed:
             for priority, url in enumerate(self.queues[pool.name]):
@@ -519,6 +524,7 @@ class Run:
                 tg.start_soon(self._produce)
                 tg.start_soon(self._act)
                 tg.start_soon(self._kill_when_told)
+                tg.start_soon(named.run_changes, self)
                 if self.plan.parents.parents:
                     tg.start_soon(run_parents, self, self.plan.parents)
                 if self.plan.extras != ExtrasPlan():
@@ -532,7 +538,9 @@ class Run:
                 tg.cancel_scope.cancel()
         finally:
             self._tmp.cleanup()
-        violations = check(self.world.history, self.spec()) + self.memory[:1]
+        spec = self.spec()
+        violations = check(self.world.history, spec) + self.memory[:1]
+        violations += named.check(self.world.history, self.plan.named, self.arns, spec)
         return self.outcome(violations + self.extra_violations, self.errors)
 
     @property
@@ -565,7 +573,7 @@ class Run:
         """How long after the faults stop every request must be settled: the work itself
         (all requests one after another on one slot), plus a hand-back, a doubt settled
         by reconcile, a visibility timeout and a deferral."""
-        least = min(p.limit for p in self.plan.pools) or 1
+        least = named.least(self.plan.named, {p.name: p.limit for p in self.plan.pools})
         work = self.plan.requests * (self.plan.max_seconds + 1) / least
         for parent in self.plan.parents.parents:
             work += sum(s + 1 for s in parent.seconds) / least

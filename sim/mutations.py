@@ -29,6 +29,7 @@ import dispatcher.cli.redrive
 import dispatcher.core.requests
 import dispatcher.daemon.starter
 from dispatcher.core.ledger import Ledger
+from dispatcher.core.shared_limits import SharedLimits
 from dispatcher.daemon.callbacks import Callbacks
 from dispatcher.daemon.events import Events
 from dispatcher.daemon.expiry import Expiries
@@ -106,7 +107,7 @@ class Edit:
         _, match = self._match(source, at)
         begins = source.rfind("\n", 0, match.end() if at else match.start()) + 1
         indent = source[begins : len(source) - len(source[begins:].lstrip(" \t"))]
-        record = f"__import__('sys').modules[{__name__!r}].REACHED.add({name!r})\n"
+        record = f"__import__('sys').modules['sim.killmatrix'].REACHED.add({name!r})\n"
         return source[:begins] + indent + record + source[begins:]
 
     def compile(self, edit: Callable[[str], str] | None = None) -> Any:
@@ -735,6 +736,35 @@ CATALOGUE: tuple[Mutation, ...] = (
         "expire",
         "if doubt or starting or arn in ledger.in_doubt:",
         "if False:",
+    ),
+    # -- named limits shared by pools (sim.named) ----------------------------------------------
+    _m(
+        "named-limit-ignores-weight",
+        "named limits",
+        "each execution of a pool counts its weight against a named limit it uses",
+        SharedLimits,
+        "__init__",
+        "self._users[name][pool] = weight",
+        "self._users[name][pool] = 1",
+    ),
+    _m(
+        "named-limit-ignores-starts-in-flight",
+        "named limits",
+        "starts reserved and sent count against a named limit until they are answered",
+        SharedLimits,
+        "in_use",
+        "return sum(w * self._ledger_of(p).held for p, w in self._users[name].items())",
+        "return sum(w * self._ledger_of(p).running_count for p, w in self._users[name].items())",
+        also=(
+            Edit(
+                SharedLimits,
+                "admits",
+                "committed += users[user] * (\n"
+                "    ledger.running_count + ledger.doubt_count + ledger.sent_count\n"
+                ")",
+                "committed += users[user] * (ledger.running_count + ledger.doubt_count)",
+            ),
+        ),
     ),
 )
 

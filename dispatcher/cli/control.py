@@ -237,6 +237,7 @@ def render_status(document: Mapping[str, Any], url: str, now: float | None = Non
         )
         for row in rows
     ]
+    lines += _limit_lines(document.get("limits") or {})
     read = [p.get("queued_read_at") for p in (document.get("pools") or {}).values()]
     read = [r for r in read if isinstance(r, int | float)]
     if read:
@@ -246,6 +247,20 @@ def render_status(document: Mapping[str, Any], url: str, now: float | None = Non
             f"at each reconcile, last {age:.0f} s ago: it can show requests already taken"
         )
     return "\n".join([header, *lines])
+
+
+def _limit_lines(limits: Mapping[str, Any]) -> list[str]:
+    """One line per named limit: value, use, its users (pool x weight), who waits, why not."""
+    out = []
+    for name, named in sorted(limits.items()):
+        users = ", ".join(f"{pool} x{weight}" for pool, weight in named.get("users", {}).items())
+        text = f"named limit {name}: {named.get('in_use')} of {named.get('limit')} in use ({users})"
+        if named.get("waiting_pools"):
+            text += f"; waiting: {', '.join(named['waiting_pools'])}"
+        blocked = named.get("blocked") or {}
+        text += "".join(f"; {pool} blocked: {why}" for pool, why in sorted(blocked.items()))
+        out.append(text)
+    return out
 
 
 def _cell(value: object) -> str:

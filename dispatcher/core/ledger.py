@@ -16,6 +16,10 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+_TOKENS = itertools.count(1)
+"""Reservation tokens, shared by every ledger of the process: their order is the order the
+starts were reserved in, across pools too (named limits admit the oldest first)."""
+
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"})
 """Statuses after which an execution no longer holds a slot."""
 
@@ -37,7 +41,8 @@ class Change(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """A slot held for a start that is in flight; ``token`` is unique per ledger."""
+    """A slot held for a start that is in flight; ``token`` is unique in the process and
+    grows with each reservation."""
 
     token: int
     key: str | None = None
@@ -100,7 +105,9 @@ class Ledger:
         self._by_key: Counter[str] = Counter()  # key -> running + reserved + in doubt
         self._tombstones: OrderedDict[str, int] = OrderedDict()  # arn -> redrive count
         self._tombstone_capacity = tombstone_capacity
-        self._tokens = itertools.count(1)
+        self.gate: Callable[[Reservation, bool], bool] | None = None
+        """Asked last by `admitted` (reservation, sent already): the named limits the pool
+        uses (`dispatcher.core.shared_limits`); None: none."""
 
     # -- reading ---------------------------------------------------------------------
 
@@ -145,6 +152,15 @@ class Ledger:
     def reserved_count(self) -> int:
         """How many slots are held for starts in flight."""
         return len(self._reserved)
+
+    @property
+    def sent_count(self) -> int:
+        """How many reserved slots' starts have been sent (their outcome not known yet)."""
+        return len(self._sent)
+
+    def unsent(self) -> list[Reservation]:
+        """The reservations whose start has not been sent yet, oldest first."""
+        return [r for r in self._reserved.values() if r.token not in self._sent]
 
     @property
     def doubt_count(self) -> int:
@@ -204,7 +220,7 @@ class Ledger:
         granted = min(max(n, 0), self.key_free(key))
         out = []
         for _ in range(granted):
-            reservation = Reservation(next(self._tokens), key)
+            reservation = Reservation(next(_TOKENS), key)
             self._reserved[reservation.token] = reservation
             if key is not None:
                 self._by_key[key] += 1
@@ -232,11 +248,18 @@ class Ledger:
             # new start while over. (A refused attempt did nothing: see `unsend`.)
             if held + len(self._sent) > self._limit:
                 return False
-            return self._key_admits(reservation, sent=True)
-        unsent = [r for r in self._reserved.values() if r.token not in self._sent]
+            return self._key_admits(reservation, sent=True) and self._gate_admits(
+                reservation, sent=True
+            )
+        unsent = self.unsent()
         if not _among_oldest(unsent, reservation, self._limit - held - len(self._sent)):
             return False
-        return self._key_admits(reservation, sent=False)
+        return self._key_admits(reservation, sent=False) and self._gate_admits(
+            reservation, sent=False
+        )
+
+    def _gate_admits(self, reservation: Reservation, *, sent: bool) -> bool:
+        return self.gate is None or self.gate(reservation, sent)
 
     def _key_admits(self, reservation: Reservation, *, sent: bool) -> bool:
         """`admitted`'s rule for the reservation's key (per-key limit)."""

@@ -532,7 +532,7 @@ class Intake:
 
     def dispatch_once(self, pool: Pool, handlers: TaskGroup) -> bool:
         """Reserve a slot for the next waiting request that may start; False if none may."""
-        if pool.ledger.free == 0 or not self.starter.may_start():
+        if not pool.may_reserve(self.starter.may_start()):
             return False
         entry: Waiting | None = pool.room.pick(pool.key_ok)
         if entry is None:

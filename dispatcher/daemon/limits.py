@@ -21,6 +21,7 @@ import anyio
 import structlog
 
 from dispatcher.aws.api import AWS_ERRORS, error_code
+from dispatcher.core.shared_limits import SharedLimits
 from dispatcher.daemon.metrics import Metrics
 from dispatcher.daemon.pool import Pool
 from dispatcher.daemon.ratelimit import RateLimiters
@@ -77,6 +78,33 @@ class LiveLimits:
         # What of the pools and queues the last reload of the file could not apply: the
         # rules that route, count, name and limit (each needs a restart).
         self.structure_changed: list[str] = []
+        self.shared: SharedLimits | None = None  # the named limits, if any
+
+    @property
+    def shared_parameters(self) -> dict[str, str]:
+        """Parameter name -> named limit, for the named limits whose value lives in SSM."""
+        return {n.limit_parameter: n.name for n in self.layout.limits if n.limit_parameter}
+
+    def apply_shared(self, name: str, limit: int, source: str) -> bool:
+        """Set a named limit's value (already validated); returns whether it changed. A pool
+        whose weight is now above it waits, and the log says so."""
+        shared = self.shared
+        if shared is None or not shared.set_limit(name, limit):
+            return False
+        users = shared.users(name)
+        log.info(
+            "dispatcher.shared_limit_changed",
+            limit_name=name,
+            source=source,
+            limit=limit,
+            in_use=shared.in_use(name),
+        )
+        for pool in users:
+            for blocked in shared.blocked(pool):
+                if blocked.limit == name:
+                    log.warning("dispatcher.pool_blocked", pool=pool, why=blocked.why)
+            self.pools[pool].update()  # wakes its intake: a raise lets starts go at once
+        return True
 
     @property
     def parameters(self) -> dict[str, str]:
@@ -147,10 +175,10 @@ class LiveLimits:
     async def refresh_once(self) -> int:
         """Read every limit parameter once and apply the valid ones; returns how many
         limits changed. A parameter that cannot be read or holds no limit keeps the limit."""
+        changed = await self._refresh_shared()
         names = list(self.parameters)
         if not names or self.ssm is None:
-            return 0
-        changed = 0
+            return changed
         for name in names:  # one GetParameter each: the IAM action the template grants
             pool = self.parameters[name]
             try:
@@ -171,6 +199,35 @@ class LiveLimits:
             if pool not in self._read:
                 self._first_read(self.pools[pool], name, limit)
             changed += self.apply(self.pools[pool], limit, "ssm")
+        return changed
+
+    def _reload_shared(self, layout: Layout) -> None:
+        """Apply the reloaded values of the named limits no parameter holds."""
+        known = set(self.shared.names) if self.shared is not None else set()
+        for named in layout.limits:
+            if named.limit_parameter is None and named.name in known:
+                self.apply_shared(named.name, named.limit, "config")
+
+    async def _refresh_shared(self) -> int:
+        """Read every named limit's parameter once; a bad or missing one keeps the value."""
+        changed = 0
+        for parameter, name in self.shared_parameters.items():
+            if self.ssm is None:
+                break
+            try:
+                response = await self.ssm.get_parameter(Name=parameter)
+                limit = parse_limit(str(response.get("Parameter", {}).get("Value", "")))
+            except (*AWS_ERRORS, ValueError) as exc:
+                kept = None if self.shared is None else self.shared.limit(name)
+                log.error(  # noqa: TRY400 - the message says it all
+                    "dispatcher.limit_rejected",
+                    limit_name=name,
+                    source="ssm",
+                    error=f"parameter {parameter}: {exc}",
+                    kept=kept,
+                )
+                continue
+            changed += self.apply_shared(name, limit, "ssm")
         return changed
 
     # -- the config file -----------------------------------------------------------------
@@ -211,6 +268,7 @@ class LiveLimits:
             pool.reconfigure(new)
             if new.limit_parameter is None:
                 self.apply(pool, new.limit, "config")
+        self._reload_shared(layout)
         try:
             self.limiters.reconfigure(
                 rate=settings.start_rate,
@@ -240,8 +298,13 @@ def _setting_changes(before: Settings, after: Settings) -> list[tuple[str, Any, 
     ]
 
 
+_STRUCTURE = (*POOL_STRUCTURE, "uses")
+"""Pool settings a reload cannot change (routing, counting and limit source hang on them;
+which named limits a pool uses, and its weights)."""
+
+
 def _same_structure(before: PoolConfig, after: PoolConfig) -> bool:
-    return all(getattr(before, attr) == getattr(after, attr) for attr in POOL_STRUCTURE)
+    return all(getattr(before, attr) == getattr(after, attr) for attr in _STRUCTURE)
 
 
 def _structural_changes(old: Layout, new: Layout) -> list[str]:
@@ -254,11 +317,15 @@ def _structural_changes(old: Layout, new: Layout) -> list[str]:
         before, after = old_pools[name], new_pools[name]
         changes += [
             f"pool {name} {a} {getattr(before, a)!r} -> {getattr(after, a)!r}"
-            for a in POOL_STRUCTURE
+            for a in _STRUCTURE
             if getattr(before, a) != getattr(after, a)
         ]
     if old.queues != new.queues:
         changes.append(f"queues {_queues(old)} -> {_queues(new)}")
+    old_named = {n.name: n.limit_parameter for n in old.limits}
+    new_named = {n.name: n.limit_parameter for n in new.limits}
+    if old_named != new_named:
+        changes.append(f"named limits or their parameters {old_named} -> {new_named}")
     return changes
 
 
@@ -273,4 +340,9 @@ def _merge(old: Layout, new: Layout) -> Layout:
         reloaded[p.name] if p.name in reloaded and _same_structure(p, reloaded[p.name]) else p
         for p in old.pools
     )
-    return Layout(pools, old.queues, old.source)
+    named = {n.name: n for n in new.limits}
+    limits = tuple(
+        named[n.name] if named.get(n.name, n).limit_parameter == n.limit_parameter else n
+        for n in old.limits
+    )
+    return Layout(pools, old.queues, old.source, limits)

@@ -237,6 +237,34 @@ class Metrics:
             pool,
             registry=r,
         )
+        named = ("limit",)
+        self.shared_limit = Gauge(
+            "dispatcher_shared_limit",
+            "Value in force of a named limit shared by pools.",
+            named,
+            registry=r,
+        )
+        self.shared_limit_in_use = Gauge(
+            "dispatcher_shared_limit_in_use",
+            "Units of a named limit held: each user pool's running, starting and in-doubt "
+            "executions times its weight.",
+            named,
+            registry=r,
+        )
+        self.shared_limit_waiting = Gauge(
+            "dispatcher_shared_limit_waiting",
+            "Requests waiting in the rooms of pools held back by a named limit (waiting for "
+            "units, or blocked by it).",
+            named,
+            registry=r,
+        )
+        self.shared_limit_blocked = Gauge(
+            "dispatcher_shared_limit_blocked",
+            "1 while a pool cannot start at all under a named limit: its weight is above the "
+            "value in force (not counting a pause, limit 0).",
+            (*named, "pool"),
+            registry=r,
+        )
         self.aws_calls = Counter(
             "dispatcher_aws_calls",
             "AWS API calls (HTTP attempts), by operation and outcome (ok; expected: an error "

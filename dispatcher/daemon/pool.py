@@ -13,13 +13,15 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
 import anyio
 
 from dispatcher.core.ledger import Change, Ledger, Reservation
 from dispatcher.core.requests import tag_of
+from dispatcher.core.shared_limits import SharedLimitConfig, SharedLimits
 from dispatcher.core.waiting import WaitingRoom
 from dispatcher.daemon.metrics import Metrics
 from dispatcher.settings.layout import PoolConfig
@@ -85,6 +87,8 @@ class Pool:
         self.on_ended: Callable[[str, str, Mapping[str, Any] | None], None] | None = None
         self._deferred: dict[str | None, int] = {}
         self._seq = itertools.count()
+        self.shared: SharedLimits | None = None  # the named limits it uses (`share`)
+        self._linked: tuple[Pool, ...] = ()  # pools sharing a named limit with it
         metrics.prefill(self.name)
         # The gauges' children, looked up once: `labels()` on every update was 4 % of the
         # CPU per start (bench/, py-spy at limit 200).
@@ -113,7 +117,18 @@ class Pool:
         self.ledger = Ledger(
             self.ledger.limit, per_key_limit=self.ledger.per_key_limit, key_of=tag_of
         )
+        if self.shared is not None:
+            self.ledger.gate = partial(self.shared.admits, self.name)
+            self.shared.withdraw(self.name)
         self.update()
+
+    def share(self, shared: SharedLimits, pools: Iterable[Pool]) -> None:
+        """Use the named limits ``shared`` gives this pool: its starts are admitted by them
+        too, and a change of any pool sharing one of them wakes this pool's waiters."""
+        self.shared = shared
+        self.ledger.gate = partial(shared.admits, self.name)
+        used = set(shared.uses(self.name))
+        self._linked = tuple(p for p in pools if p is not self and used & set(shared.uses(p.name)))
 
     def reconfigure(self, config: PoolConfig) -> None:
         """Apply a reloaded pool config: per-key limit and waiting room (never evicts)."""
@@ -151,8 +166,32 @@ class Pool:
         self.max_running_seen = max(self.max_running_seen, ledger.running_count)
         # Wake every waiter on every change: intake waits for a free slot, handlers for
         # admission; each re-checks its own condition.
+        self._wake()
+        for other in self._linked:  # a unit of a named limit they share freed or taken
+            other._wake()
+
+    def _wake(self) -> None:
         event, self._changed = self._changed, anyio.Event()
         event.set()
+
+    def may_reserve(self, may_start: bool) -> bool:
+        """Whether a start may be reserved now: a free slot, the lease (``may_start``), and
+        room in every named limit the pool uses for one of its waiting requests (which
+        otherwise claims them: see `dispatcher.core.shared_limits`)."""
+        if self.ledger.free == 0 or not may_start:
+            if self.shared is not None:
+                self.shared.withdraw(self.name)
+            return False
+        if self.shared is None or not self.shared.uses(self.name):
+            return True
+        if not self.room.startable(self.key_ok):
+            self.shared.withdraw(self.name)
+            return False
+        return self.shared.may_reserve(self.name)
+
+    def held_back(self) -> bool:
+        """Whether a named limit it uses is paused or below its weight: nothing can start."""
+        return self.shared is not None and bool(self.shared.blocked(self.name))
 
     @property
     def starting(self) -> int:
@@ -169,7 +208,7 @@ class Pool:
         in flight: each queue counts only its own, so a long poll on an idle queue never
         holds back the receives of a busy one (their extra requests wait in the room).
         """
-        if self.ledger.limit == 0:
+        if self.ledger.limit == 0 or self.held_back():
             return 0  # paused: the backlog stays in SQS, untouched (no receive is spent)
         startable = self.room.startable(self.key_ok)
         unclaimed = self.ledger.free - startable - receiving
@@ -225,14 +264,27 @@ class Pool:
         ledger = self.ledger
         lanes = ledger.per_key_limit if key is not None and ledger.per_key_limit else ledger.limit
         ahead = self.room.count(key=key) + self._deferred.get(key, 0)
-        delay = int(min(MAX_DEFER_SECONDS, max(1.0, ahead / max(1, lanes) * self.run_time())))
-        if ledger.limit == 0:  # paused (a queue shared with other pools brought it): a while
+        run_time = self.run_time()
+        if self._linked:  # named limits: its lanes are theirs, shared with the pools waiting
+            lanes = min(lanes, self._shared_lanes())
+            ahead += sum(len(other.room) for other in self._linked)
+            run_time = max(run_time, *(other.run_time() for other in self._linked))
+        delay = int(min(MAX_DEFER_SECONDS, max(1.0, ahead / max(1, lanes) * run_time)))
+        if ledger.limit == 0 or self.held_back():  # paused (a shared queue brought it)
             delay = PAUSED_DEFER_SECONDS
         heapq.heappush(self._returns, (now + delay, next(self._seq), key))
         self._deferred[key] = self._deferred.get(key, 0) + 1
         if len(self._returns) > MAX_TRACKED_DEFERRALS:
             self._forget_earliest()
         return delay
+
+    def _shared_lanes(self) -> int:
+        """How many of its executions the named limits it uses let run at once."""
+        shared = self.shared
+        if shared is None:
+            return self.ledger.limit
+        used = shared.uses(self.name).items()
+        return min((shared.limit(name) // weight for name, weight in used), default=1)
 
     def forget_returned_deferrals(self) -> None:
         """Forget the deferrals that are back (their keys too, once none is left)."""
@@ -277,3 +329,47 @@ def _key_capacity(config: PoolConfig) -> int | None:
     if config.key_attribute is None:
         return None
     return max(1, config.max_waiting // 2, 2 * (config.per_key_limit or 0))
+
+
+def share_limits(
+    pools: Mapping[str, Pool], limits: Iterable[SharedLimitConfig], metrics: Metrics
+) -> SharedLimits | None:
+    """Give ``pools`` the named limits they use (None: no named limit is configured)."""
+    configs = list(limits)
+    if not configs:
+        return None
+    shared = SharedLimits(
+        configs,
+        {name: pool.config.uses for name, pool in pools.items()},
+        lambda name: pools[name].ledger,
+    )
+    for pool in pools.values():
+        pool.share(shared, pools.values())
+    publish_shared(shared, metrics, lambda name: len(pools[name].room))
+    return shared
+
+
+def publish_shared(
+    shared: SharedLimits, metrics: Metrics, waiting_of: Callable[[str], int]
+) -> None:
+    """Export each named limit's gauges, read when scraped (never stale, nothing to keep in
+    step). ``waiting_of`` gives the requests waiting in a pool's room."""
+    for name in shared.names:
+        metrics.shared_limit.labels(limit=name).set_function(partial(shared.limit, name))
+        metrics.shared_limit_in_use.labels(limit=name).set_function(partial(shared.in_use, name))
+        metrics.shared_limit_waiting.labels(limit=name).set_function(
+            partial(_shared_waiting, shared, name, waiting_of)
+        )
+        for pool in shared.users(name):
+            metrics.shared_limit_blocked.labels(limit=name, pool=pool).set_function(
+                partial(_shared_blocked, shared, name, pool)
+            )
+
+
+def _shared_waiting(shared: SharedLimits, name: str, waiting_of: Callable[[str], int]) -> float:
+    held_back = {*shared.claims(name), *(p for p in shared.users(name) if shared.blocked(p))}
+    return float(sum(waiting_of(pool) for pool in held_back))
+
+
+def _shared_blocked(shared: SharedLimits, name: str, pool: str) -> float:
+    return float(any(b.limit == name and b.value > 0 for b in shared.blocked(pool)))

@@ -27,7 +27,7 @@ from dispatcher.daemon.intake import Intake
 from dispatcher.daemon.lease import Leases
 from dispatcher.daemon.limits import LiveLimits
 from dispatcher.daemon.metrics import Metrics
-from dispatcher.daemon.pool import Clock, Pool
+from dispatcher.daemon.pool import Clock, Pool, share_limits
 from dispatcher.daemon.ratelimit import RateLimiters
 from dispatcher.daemon.readbudget import ReadBudgets, ReadRates
 from dispatcher.daemon.reconcile import Reconciler
@@ -101,6 +101,7 @@ class Dispatcher:
             for p in self.layout.pools
         }
         self.pool = next(iter(self.pools.values()))  # the first (with no file: the only) pool
+        self.shared = share_limits(self.pools, self.layout.limits, self.metrics)
         self.limiters = RateLimiters(
             self.metrics,
             rate=settings.start_rate,
@@ -166,6 +167,9 @@ class Dispatcher:
         return {
             "pool": self.pool.name,
             "pools": {name: self.pool_status(pool) for name, pool in self.pools.items()},
+            "limits": {}
+            if self.shared is None
+            else self.shared.status(lambda name: len(self.pools[name].room)),
             "start_rate": {
                 f"{lim.account}/{lim.region}": round(lim.rate, 3) for lim in self.limiters.all()
             },
@@ -224,7 +228,8 @@ class Dispatcher:
                 long_poll_seconds=settings.receive_wait_seconds,
                 endpoint_url=self.endpoint_url,
                 dynamodb=settings.lease_table is not None,
-                ssm=any(p.limit_parameter for p in self.layout.pools),
+                ssm=any(p.limit_parameter for p in self.layout.pools)
+                or any(n.limit_parameter for n in self.layout.limits),
                 start_timeout=settings.start_timeout,
             ) as clients,
             anyio.create_task_group() as tg,
@@ -249,6 +254,7 @@ class Dispatcher:
                 limiters=self.limiters,
             )
             self.limits.overrides = self.overrides
+            self.limits.shared = self.shared
             self.limits.environ = self.environ
             if self._reload_pending:
                 self.reload()
@@ -475,8 +481,9 @@ class Dispatcher:
                 for name, reconciler in self.reconcilers.items():
                     loop = "reconcile" if len(self.reconcilers) == 1 else f"reconcile:{name}"
                     loops.start_soon(self.health.supervise, loop, reconciler.run)
-                if self.limits is not None and self.limits.parameters:
-                    loops.start_soon(self.health.supervise, "limits", self.limits.run)
+                limits = self.limits
+                if limits is not None and (limits.parameters or limits.shared_parameters):
+                    loops.start_soon(self.health.supervise, "limits", limits.run)
 
     def _step_down(self) -> None:
         """Report not governing: role, leader gauge, readiness."""

@@ -39,6 +39,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic.fields import FieldInfo
@@ -51,6 +52,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from dispatcher.core.shared_limits import LIMIT_NAME_RE, MAX_WEIGHT
 from dispatcher.errors import UserError
 
 ENV_PREFIX = "DISPATCHER_"
@@ -225,6 +227,21 @@ class PoolConfig(PoolSettings):
         le=0.9,
         description="Share of the starts kept for lower priorities while higher ones wait.",
     )
+    uses: Annotated[dict[str, int], Spec(metavar="WEIGHTS")] = Field(
+        default_factory=dict,
+        description="Named limits (`[limits.NAME]`) this pool's executions use, with the "
+        "units each execution takes of each (its weight), e.g. `{ partner-api = 2 }`.",
+    )
+
+    @field_validator("uses")
+    @classmethod
+    def _check_uses(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, weight in value.items():
+            if not LIMIT_NAME_RE.match(name):
+                raise ValueError(f"{name!r}: named limits are 1-64 characters of A-Z a-z 0-9 _ -")
+            if not 1 <= weight <= MAX_WEIGHT:
+                raise ValueError(f"{name} = {weight}: a weight is a whole number >= 1")
+        return value
 
     @property
     def region(self) -> str:
@@ -837,6 +854,7 @@ _KINDS = {
     "URL": "an SQS queue URL",
     "ADDRESS": "a host address",
     "NAME": "a name",
+    "WEIGHTS": "a table of NAME = weight (a whole number >= 1)",
 }
 
 
@@ -871,7 +889,7 @@ def default_value(name: str) -> str | None:
 def default_text(name: str) -> str:
     """A setting's default as a user would type it (``unset`` when it has none)."""
     value = _field(name).default
-    if value is None:
+    if value is None or _field(name).default_factory is not None:
         return "unset"
     if isinstance(value, bool):
         return str(value).lower()

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dispatcher.core.shared_limits import LIMIT_NAME_RE, SharedLimitConfig
 from dispatcher.settings.config import (
     POOL_FIELDS,
     PROCESS_FIELDS,
@@ -75,6 +76,7 @@ class Layout:
     pools: tuple[PoolConfig, ...]
     queues: tuple[QueueConfig, ...]
     source: str  # "environment" or the config file's path
+    limits: tuple[SharedLimitConfig, ...] = ()  # named limits shared by pools
 
     def pool(self, name: str) -> PoolConfig:
         """The pool named ``name``."""
@@ -189,22 +191,24 @@ def read_file(path: Path) -> tuple[dict[str, Any], Layout]:
 def parse(data: Mapping[str, Any], source: str) -> tuple[dict[str, Any], Layout]:
     """Validate a parsed config file; every problem is listed with where it is."""
     problems: list[str] = []
-    unknown = sorted(set(data) - {"dispatcher", "pools", "queues"})
+    unknown = sorted(set(data) - {"dispatcher", "pools", "queues", "limits"})
     if unknown:
         problems.append(
             f"unknown table(s) {', '.join(unknown)}: accepted are [dispatcher], "
-            "[pools.NAME] and [[queues]]"
+            "[pools.NAME], [[queues]] and [limits.NAME]"
         )
     globals_ = _globals(data.get("dispatcher", {}), problems)
     pools = _pools(data.get("pools"), problems)
     declared = set(data["pools"]) if isinstance(data.get("pools"), dict) else set()
     queues = _queues(data.get("queues"), declared, problems)
+    limits = _limits(data.get("limits", {}), problems)
     if pools:
         _check_together(pools, queues, globals_, problems)
+        _check_uses(pools, limits, problems)
     if problems:
         lines = (f"config file {source}: {problem}" for problem in problems)
         raise FileError(*lines, globals_=globals_)
-    return globals_, Layout(tuple(pools), tuple(queues), source)
+    return globals_, Layout(tuple(pools), tuple(queues), source, tuple(limits))
 
 
 def _globals(table: Any, problems: list[str]) -> dict[str, Any]:
@@ -251,6 +255,46 @@ def _pools(table: Any, problems: list[str]) -> list[PoolConfig]:
         except ValidationError as exc:
             problems.extend(_explain(exc, where, PoolConfig))
     return pools
+
+
+def _limits(table: Any, problems: list[str]) -> list[SharedLimitConfig]:
+    if not isinstance(table, dict):
+        problems.append("[limits] must hold one [limits.NAME] table per named limit")
+        return []
+    limits = []
+    for name, body in table.items():
+        where = f"[limits.{name}]"
+        if not LIMIT_NAME_RE.match(name):
+            problems.append(f"{where}: named limits are 1-64 characters of A-Z a-z 0-9 _ -")
+        elif not isinstance(body, dict):
+            problems.append(f"{where} must be a table")
+        else:
+            try:
+                limits.append(SharedLimitConfig.model_validate({**body, "name": name}))
+            except ValidationError as exc:
+                problems.extend(_explain(exc, where, SharedLimitConfig))
+    return limits
+
+
+def _check_uses(
+    pools: list[PoolConfig], limits: list[SharedLimitConfig], problems: list[str]
+) -> None:
+    """Every named limit a pool uses exists, and has room for the pool's weight."""
+    by_name = {limit.name: limit for limit in limits}
+    for pool in pools:
+        for name, weight in pool.uses.items():
+            limit = by_name.get(name)
+            if limit is None:
+                problems.append(
+                    f"[pools.{pool.name}] uses {name}: no [limits.{name}] table; defined are "
+                    f"{', '.join(sorted(by_name)) or '(none)'}"
+                )
+            elif weight > limit.limit and limit.limit > 0:
+                problems.append(
+                    f"[pools.{pool.name}] uses {name} = {weight}: the weight is above "
+                    f"[limits.{name}] limit {limit.limit}, so no execution of the pool could "
+                    f"ever start; lower the weight or raise the limit"
+                )
 
 
 def _queues(entries: Any, pool_names: set[str], problems: list[str]) -> list[QueueConfig]:
