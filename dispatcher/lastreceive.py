@@ -106,7 +106,8 @@ class LastReceives:
             if kept.entry.pool.clock() < kept.next_try:
                 continue
             if await self._settle(kept):
-                self._kept.remove(kept)
+                if kept in self._kept:  # (not let go meanwhile)
+                    self._kept.remove(kept)
                 settled += 1
         return settled
 

@@ -364,3 +364,20 @@ async def test_a_kept_request_is_not_let_go_when_an_extension_call_fails() -> No
     assert len(kept) == 1, "let go on a failed call"
     assert await kept.keep_hidden_once() == 1, "tried again"
     assert len(kept) == 1
+
+
+async def test_after_a_lost_lease_a_kept_token_request_whose_child_runs_is_let_go() -> None:
+    """Only a leader holds tokens: settled after the reign, a token request whose child
+    runs is let go (logged), neither deleted nor held - and the pass goes on."""
+    world = world_of(limit=2)
+    world.sfn.answers_lost = 10
+    intake, _ = intake_for(world)
+    await handle(world, last_receive(**{"task-token": TOKEN}), intake)
+    kept = intake.starter.last_receives
+    assert len(kept) == 1
+    kept.after_reign = True
+    world.clock.advance(D + GRACE)
+    assert await kept.settle_once() == 1
+    assert len(kept) == 0
+    assert world.sqs.calls_to("delete_message") == []
+    assert dead_letters(world) == []
