@@ -381,3 +381,25 @@ async def test_after_a_lost_lease_a_kept_token_request_whose_child_runs_is_let_g
     assert len(kept) == 0
     assert world.sqs.calls_to("delete_message") == []
     assert dead_letters(world) == []
+
+
+async def test_a_kept_token_request_is_dead_lettered_only_once_its_parent_was_answered() -> None:
+    """Known never started, but SendTaskFailure fails (throttled): the message - the only
+    record of the token - is neither dead-lettered nor deleted; it stays kept, and the
+    next pass answers the parent, then dead-letters it."""
+    world = world_of(limit=1)
+    world.sfn.fail_always("start_execution", client_error("InternalFailure", 500))
+    intake, _ = intake_for(world)
+    await handle(world, last_receive(**{"task-token": TOKEN}), intake)
+    kept = intake.starter.last_receives
+    world.clock.advance(D + GRACE)
+    world.sfn.fail("send_task_failure", *[client_error("ThrottlingException", 400)] * 2)
+    assert await kept.settle_once() == 0
+    assert TOKEN not in world.sfn.answers
+    assert dead_letters(world) == []
+    assert world.sqs.calls_to("delete_message") == []
+    assert len(kept) == 1
+    world.clock.advance(60)
+    assert await kept.settle_once() == 1
+    assert world.sfn.answers[TOKEN][:2] == ("failure", DEAD_LETTERED)
+    assert len(dead_letters(world)) == 1
