@@ -360,3 +360,42 @@ async def test_a_kept_request_is_not_let_go_when_an_extension_call_fails() -> No
     assert len(kept) == 1, "let go on a failed call"
     assert await kept.keep_hidden_once() == 1, "tried again"
     assert len(kept) == 1
+
+
+async def test_after_a_lost_lease_a_kept_token_request_whose_child_runs_is_let_go() -> None:
+    """Only a leader holds tokens: settled after the reign, a token request whose child
+    runs is let go (logged), neither deleted nor held - and the pass goes on."""
+    world = world_of(limit=2)
+    world.sfn.answers_lost = 10
+    intake, _ = intake_for(world)
+    await handle(world, last_receive(**{"task-token": TOKEN}), intake)
+    kept = intake.starter.last_receives
+    assert len(kept) == 1
+    kept.after_reign = True
+    world.clock.advance(D + GRACE)
+    assert await kept.settle_once() == 1
+    assert len(kept) == 0
+    assert world.sqs.calls_to("delete_message") == []
+    assert dead_letters(world) == []
+
+
+async def test_a_kept_token_request_is_dead_lettered_only_once_its_parent_was_answered() -> None:
+    """Known never started, but SendTaskFailure fails (throttled): the message - the only
+    record of the token - is neither dead-lettered nor deleted; it stays kept, and the
+    next pass answers the parent, then dead-letters it."""
+    world = world_of(limit=1)
+    world.sfn.fail_always("start_execution", client_error("InternalFailure", 500))
+    intake, _ = intake_for(world)
+    await handle(world, last_receive(**{"task-token": TOKEN}), intake)
+    kept = intake.starter.last_receives
+    world.clock.advance(D + GRACE)
+    world.sfn.fail("send_task_failure", *[client_error("ThrottlingException", 400)] * 2)
+    assert await kept.settle_once() == 0
+    assert TOKEN not in world.sfn.answers
+    assert dead_letters(world) == []
+    assert world.sqs.calls_to("delete_message") == []
+    assert len(kept) == 1
+    world.clock.advance(60)
+    assert await kept.settle_once() == 1
+    assert world.sfn.answers[TOKEN][:2] == ("failure", DEAD_LETTERED)
+    assert len(dead_letters(world)) == 1

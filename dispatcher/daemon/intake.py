@@ -588,8 +588,9 @@ class Intake:
         """One pass: extend every waiting request hidden for half its visibility or more
         (and not already being extended by an earlier pass still in flight).
 
-        Batches go out concurrently, each with its own deadline (a quarter of the
-        visibility), so one lost answer never holds back the others. A request SQS refused
+        Batches go out concurrently, each with its own deadline (a fifth of the
+        visibility: over before the next pass, a quarter later, which tries it again), so
+        one lost answer never holds back the others. A request SQS refused
         to extend leaves the room (it will be redelivered); one whose answer did not come
         (an error, the deadline) stays for the next pass, unless its visibility has surely
         run out. ``hidden_since`` only ever moves forward, and only for the receipt handle
@@ -601,7 +602,7 @@ class Intake:
             nonlocal extended
             handles = [e.request.receipt_handle for e in batch]
             try:
-                with anyio.move_on_after(visibility / 4):
+                with anyio.move_on_after(visibility / 5):
                     failed, unknown = await queue.extend_visibility(handles, visibility)
                     for entry, handle in zip(batch, handles, strict=True):
                         if entry.request.receipt_handle != handle:

@@ -106,7 +106,8 @@ class LastReceives:
             if kept.entry.pool.clock() < kept.next_try:
                 continue
             if await self._settle(kept):
-                self._kept.remove(kept)
+                if kept in self._kept:  # (not let go meanwhile)
+                    self._kept.remove(kept)
                 settled += 1
         return settled
 
@@ -184,10 +185,10 @@ class LastReceives:
                 "another copy of the request. Describe it first; do not redrive the request "
                 "unless it does not exist; raise maxReceiveCount"
             )
-        await self.starter.dead_letter(
-            entry.queue, pool.name, entry.message, "receive_limit", detail
+        # Its parent not answered (the answer failed): kept, and tried again later.
+        return await self.starter.dead_letter(
+            entry.queue, pool.name, entry.message, "receive_limit", detail, retry_answer=False
         )
-        return True
 
     async def keep_hidden_once(self) -> int:
         """Extend the visibility of kept messages hidden for half of it or more (batched per

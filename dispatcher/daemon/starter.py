@@ -40,7 +40,13 @@ from dispatcher.core.requests import (
     task_token,
 )
 from dispatcher.daemon.callbacks import BAD_REQUEST, DEAD_LETTERED, FIRST_RECEIVE_SKEW, Callbacks
-from dispatcher.daemon.deadletter import DEFAULT_MAX_SIZE, DeadLetterQueue
+from dispatcher.daemon.deadletter import (
+    DEFAULT_MAX_SIZE,
+    LAST_RECEIVE_HIDDEN_MARGIN,
+    LAST_RECEIVE_MAX_PAUSE,
+    LAST_RECEIVE_RETRY_SECONDS,
+    DeadLetterQueue,
+)
 from dispatcher.daemon.expiry import ExpiredError, Expiries
 from dispatcher.daemon.health import Health
 from dispatcher.daemon.lastreceive import LastReceives
@@ -661,13 +667,23 @@ class Starter:
         entry.hidden_since = now
 
     async def dead_letter(
-        self, queue: RequestQueue, pool: str, message: dict[str, Any], reason: str, detail: str
-    ) -> None:
+        self,
+        queue: RequestQueue,
+        pool: str,
+        message: dict[str, Any],
+        reason: str,
+        detail: str,
+        *,
+        retry_answer: bool = True,
+    ) -> bool:
         """Move a bad request to the dead-letter queue with its reason, then delete it; a
         parent waiting on it (task token) is answered with the reason first. Should that
         answer fail, the message - the only record of the token - is handed back instead,
         to be dead-lettered (and the parent answered) on a later receive; on its last
-        receive it is dead-lettered all the same."""
+        receive (handed back, the redrive policy would move it) it is kept hidden and the
+        answer tried again for a while, as a dead letter's send is, then dead-lettered -
+        or, without ``retry_answer``, left as it is and False returned (the caller keeps
+        it and tries again later)."""
         token = task_token(message, self.settings.task_token_attribute)
         if token is not None and self.callbacks is not None:
             errors = {"receive_limit": DEAD_LETTERED, EXPIRED: EXPIRED_ERROR}
@@ -675,14 +691,24 @@ class Starter:
             bound = log.bind(message_id=message.get("MessageId"), pool=pool)
             cause = f"{reason}: {detail}"
             answered = await self.callbacks.fail_request(pool, token, error, cause, bound)
+            handle = str(message["ReceiptHandle"])
             if not answered and not queue.is_last_receive(message):
                 self.stats.handed_back += 1
-                await queue.hand_back(
-                    str(message["ReceiptHandle"]), 30, bound, "its parent was not answered"
-                )
-                return
+                await queue.hand_back(handle, 30, bound, "its parent was not answered")
+                return True
+            if not answered and not retry_answer:
+                return False
+            waited, failures = 0.0, 0
+            while not answered and waited < LAST_RECEIVE_RETRY_SECONDS:
+                failures += 1
+                pause = min(LAST_RECEIVE_MAX_PAUSE, 2.0**failures)
+                await queue.set_visibility([handle], int(pause) + LAST_RECEIVE_HIDDEN_MARGIN)
+                await anyio.sleep(pause)
+                waited += pause
+                answered = await self.callbacks.fail_request(pool, token, error, cause, bound)
         self.stats.dead_lettered += 1
         await self.dead_letters.move(queue, pool, message, reason, detail)
+        return True
 
 
 def _status_of(exc: Exception) -> int | None:
