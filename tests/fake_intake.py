@@ -21,6 +21,7 @@ def intake_of(
     *,
     rate: float = 1e6,
     burst: int = 1_000_000,
+    floor: float = 1.0,
     clock: Callable[[], float] | None = None,
     pools: Mapping[str, Pool] | None = None,
 ) -> Intake:
@@ -28,7 +29,7 @@ def intake_of(
     waits); ``pools`` defaults to the world's one pool, ``clock`` is the rate limiters'."""
     assert world.layout is not None
     limiters = RateLimiters(
-        world.metrics, rate=rate, burst=burst, floor=1.0, clock=clock or time.monotonic
+        world.metrics, rate=rate, burst=burst, floor=floor, clock=clock or time.monotonic
     )
     return Intake(
         world.settings,

@@ -4,6 +4,7 @@ the waiting room (space, look-ahead, visibility) and the start rate."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import anyio
@@ -16,6 +17,7 @@ from dispatcher.daemon.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
 from dispatcher.daemon.intake import UNROUTED, Intake
 from dispatcher.daemon.pool import LOOKAHEAD, Pool
 from dispatcher.settings.layout import PoolConfig, QueueConfig
+from sim import loop
 from tests.fake_intake import (
     build_layout_world,
     dispatch_all,
@@ -520,6 +522,33 @@ async def test_a_start_waits_for_a_token_and_is_handed_back_when_stopped() -> No
     }
     assert world.pool.ledger.reserved_count == 0
     assert world.pool.ledger.running == {execution_arn(STATE_MACHINE_ARN, "first")}
+
+
+def test_a_long_wait_for_a_start_token_keeps_the_message_hidden() -> None:
+    """A start that waits for its rate token longer than the visibility timeout extends its
+    message's visibility meanwhile: else SQS hands the request out again (on its last
+    receive, to the dead-letter queue) while its start goes on. On virtual time, so that the
+    wait of 250 s takes none."""
+
+    async def main() -> World:
+        world = build_world(limit=2)
+        world.pool.clock = time.monotonic  # the loop's clock: sleeps and the clock agree
+        intake = intake_of(world, rate=0.004, burst=1, floor=0.004, clock=time.monotonic)
+        await handle(world, request("first"), intake)  # takes the one token
+        await handle(world, request("second"), intake)  # waits 250 s for the next one
+        return world
+
+    world = loop.run(main)
+    assert started(world) == ["first", "second"]
+    visibility = world.settings.visibility_timeout
+    assert visibility < 250 / 3, "the wait spans more than three visibility timeouts"
+    extended = [
+        call
+        for call in world.sqs.calls_to("change_message_visibility")
+        if call["ReceiptHandle"] == "rh-second"
+    ]
+    assert len(extended) >= 250 // visibility
+    assert {call["VisibilityTimeout"] for call in extended} == {visibility}
 
 
 def test_the_mean_duration_follows_the_executions_that_end() -> None:

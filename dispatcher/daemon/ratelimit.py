@@ -74,11 +74,18 @@ class StartRateLimiter:
 
     async def acquire(self) -> None:
         """Wait until one StartExecution call may be made."""
+        wait = self.reserve()
+        if wait > 0:
+            await anyio.sleep(wait)
+
+    def reserve(self) -> float:
+        """Take the next StartExecution token; the seconds to wait before using it (0.0 if
+        one was there). The token is reserved either way, so the wait counts even if the
+        caller is cancelled."""
         wait = self._bucket.take(self._clock())
         if wait > 0:
-            # The token is reserved either way, so the wait counts even if we are cancelled.
             self._wait.inc(wait)
-            await anyio.sleep(wait)
+        return wait
 
     def throttled(self) -> None:
         """Record a throttled StartExecution: slow down and stop spending local tokens."""

@@ -432,7 +432,7 @@ class Starter:
                 attempts += 1
                 self._check_not_stopping(attempts)
                 await self._admission(entry, reservation, handling)
-                await limiter.acquire()
+                await self._wait_hidden(entry, limiter.reserve())
                 await self._admission(entry, reservation, handling)  # the wait may be long
                 # Its start-by: no attempt is sent after it, by this clock, read last
                 # before the call (no await in between).
@@ -650,6 +650,18 @@ class Starter:
         )
 
     # -- SQS side effects ----------------------------------------------------------------
+
+    async def _wait_hidden(self, entry: Waiting, seconds: float) -> None:
+        """Sleep ``seconds`` (a rate token's wait), keeping the message hidden meanwhile: a
+        wait longer than the visibility would otherwise let SQS hand the request out again,
+        and on its last receive move it to the dead-letter queue while its start goes on."""
+        step = self.settings.visibility_timeout / 4
+        while seconds > step:
+            await anyio.sleep(step)
+            seconds -= step
+            await self.keep_hidden(entry)
+        if seconds > 0:
+            await anyio.sleep(seconds)
 
     async def keep_hidden(self, entry: Waiting) -> None:
         """Extend the message's visibility once half of it has passed (long waits)."""
