@@ -48,18 +48,7 @@ def concurrency_series(
     executions: Iterable[Execution], now: float | None = None
 ) -> list[tuple[float, int]]:
     """(time, running) at every start and stop, for plots."""
-    end = now if now is not None else time.time()
-    points: list[tuple[float, int]] = []
-    for ex in executions:
-        points.append((ex.start, 1))
-        points.append((ex.stop if ex.stop is not None else end, -1))
-    points.sort()
-    series: list[tuple[float, int]] = []
-    current = 0
-    for at, delta in points:
-        current += delta
-        series.append((at, current))
-    return series
+    return weighted_series(((ex, 1) for ex in executions), now)
 
 
 def max_overlap(executions: Iterable[Execution], now: float | None = None) -> int:
