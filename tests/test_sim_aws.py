@@ -744,8 +744,9 @@ async def test_a_dropped_answer_times_out_after_the_read_timeout() -> None:
     assert len(world.history.executions) == 1
     assert classify(ReadTimeoutError(endpoint_url="x")) is ErrorKind.TRANSIENT
     trace = world.history.trace(around=0.0, window=1.0).splitlines()
-    assert trace[0].startswith("    0.010 d1       execution r STARTED (runs until ")
-    assert trace[1] == "    0.010 d1       StartExecution name=r APPLIED answer LOST"
+    assert trace[0] == "    0.000 d1       StartExecution name=r sent"
+    assert trace[1].startswith("    0.010 d1       execution r STARTED (runs until ")
+    assert trace[2] == "    0.010 d1       StartExecution name=r APPLIED answer LOST"
     assert world.history.trace(around=100.0, window=1.0) == ""
 
 
