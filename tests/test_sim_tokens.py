@@ -335,7 +335,8 @@ def test_parents_change_only_the_seeds_that_get_them() -> None:
         if on.named != off.named:
             # A named limit is not drawn where parents heartbeat (sim/named.py): such a
             # seed's other draws (pools, queues, knobs) follow from that, drawn anew.
-            assert on.named is None and on.parents.parents, "left out only for parents"
+            assert on.named is None, "left out, never added, for parents"
+            assert on.parents.parents, "left out only for parents"
             redrawn += 1
             continue
         assert dataclasses.replace(on, parents=off.parents, extras=parents_only) == off
