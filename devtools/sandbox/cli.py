@@ -24,6 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from devtools.sandbox.emulator import Emulator, wait_healthy
 from devtools.sandbox.provision import SandboxResources, provision
 from dispatcher.errors import AwsSetupError, UserError
+from dispatcher.settings.config import env_name
 
 DEFAULT_PORT = 4566
 DEFAULT_PREFIX = "sfn-dispatcher-demo"
@@ -40,11 +41,11 @@ REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 AWS = 'aws --endpoint-url "$AWS_ENDPOINT_URL"'
 # A request sent by hand, and what the dispatcher made of it.
 SEND_EXAMPLE = (
-    f'{AWS} sqs send-message --queue-url "$DISPATCHER_REQUEST_QUEUE_URL" '
+    f'{AWS} sqs send-message --queue-url "${env_name("request_queue_url")}" '
     """--message-body '{"seconds": 2}'"""
 )
 LIST_EXAMPLE = (
-    f'{AWS} stepfunctions list-executions --state-machine-arn "$DISPATCHER_STATE_MACHINE_ARN"'
+    f'{AWS} stepfunctions list-executions --state-machine-arn "${env_name("state_machine_arn")}"'
 )
 # A parent run by hand: once a dispatcher runs, it succeeds with 3 results (one an error).
 PARENT_EXAMPLE = (
@@ -234,7 +235,7 @@ def _hint(emulator: Emulator, args: argparse.Namespace, resources: SandboxResour
         f"(log {emulator.log_path}); Ctrl-C stops it",
         f"# in another shell: {load}",
         "# then: sfn-dispatcher submit --count 20",
-        f"# the limit lives in {resources.limit_parameter} (DISPATCHER_LIMIT_PARAMETER; it wins "
+        f"# the limit lives in {resources.limit_parameter} ({env_name('limit_parameter')}; it wins "
         "over --limit once read): sfn-dispatcher pause / resume / drain write it",
         "# or with the AWS CLI (v1 or v2; v1 needs --endpoint-url for sqs), a request and "
         "the executions:",

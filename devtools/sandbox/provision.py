@@ -24,6 +24,7 @@ from botocore.exceptions import ClientError
 
 from dispatcher.aws import api as aws
 from dispatcher.errors import UserError
+from dispatcher.settings.config import env_name
 
 if TYPE_CHECKING:
     from types_aiobotocore_events import EventBridgeClient
@@ -73,17 +74,17 @@ class SandboxResources:
         ``pause``, ``resume`` and ``drain`` write; without it (tests, the demo, benchmarks)
         ``DISPATCHER_LIMIT`` alone sets it.
         """
-        live = {"DISPATCHER_LIMIT_PARAMETER": self.limit_parameter} if live_limit else {}
+        live = {env_name("limit_parameter"): self.limit_parameter} if live_limit else {}
         return {
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_DEFAULT_REGION": self.region,
             "AWS_ACCESS_KEY_ID": TEST_CREDENTIALS["aws_access_key_id"],
             "AWS_SECRET_ACCESS_KEY": TEST_CREDENTIALS["aws_secret_access_key"],
-            "DISPATCHER_STATE_MACHINE_ARN": self.state_machine_arn,
-            "DISPATCHER_REQUEST_QUEUE_URL": self.request_queue_url,
-            "DISPATCHER_EVENTS_QUEUE_URL": self.events_queue_url,
-            "DISPATCHER_DEAD_LETTER_QUEUE_URL": self.dead_letter_queue_url,
-            "DISPATCHER_LIMIT": str(self.limit),
+            env_name("state_machine_arn"): self.state_machine_arn,
+            env_name("request_queue_url"): self.request_queue_url,
+            env_name("events_queue_url"): self.events_queue_url,
+            env_name("dead_letter_queue_url"): self.dead_letter_queue_url,
+            env_name("limit"): str(self.limit),
             **live,
             PARENT_ARN_ENV: self.parent_state_machine_arn,
         }
