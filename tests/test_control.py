@@ -3,6 +3,7 @@ limit parameter and read through ``/status``; judged from the executions' own re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -300,7 +301,7 @@ def test_the_parameter_comes_from_the_dispatchers_settings(tmp_path: Path) -> No
     )
     env = {"DISPATCHER_LIMIT_PARAMETER": "/l", "DISPATCHER_STATE_MACHINE_ARN": ARN}
     target = limit_target(None, environ=env)
-    assert (target.pool, target.parameter, target.refresh_interval) == ("default", "/l", 30.0)
+    assert (target.name, target.parameter, target.refresh_interval) == ("default", "/l", 30.0)
     assert limit_target(None, "/given", environ={}).parameter == "/given"
 
 
@@ -352,3 +353,235 @@ async def test_drain_against_a_standby_judges_from_the_executions(
     target = LimitTarget("reports", "/limit", ARN, 0.01, "c.toml")
     sfn: Any = NothingRuns()
     assert await control.wait_drained(sfn, target, 0.01, 20, url="http://x/status") == 0
+
+
+# --- named limits: the same commands on [limits.NAME] ------------------------------------------
+
+SECOND_ARN = f"{ARN}-refunds"
+
+
+def _named(tmp_path: Path, parameter: str | None = '"/limits/partner-api"') -> str:
+    """Pools a (weight 1) and b (weight 2) share partner-api; pool c uses nothing."""
+    named = f"limit_parameter = {parameter}\n" if parameter else ""
+    path = tmp_path / "named.toml"
+    path.write_text(
+        "[dispatcher]\nlimit_refresh_interval = 3\n"
+        f"[limits.partner-api]\nlimit = 4\n{named}"
+        "[limits.licences]\nlimit = 2\n"
+        f'[pools.a]\nstate_machine_arn = "{ARN}"\nuses = {{ partner-api = 1 }}\n'
+        f'[pools.b]\nstate_machine_arn = "{SECOND_ARN}"\nuses = {{ partner-api = 2 }}\n'
+        f'[pools.c]\nstate_machine_arn = "{ARN}3"\nlimit_parameter = "/limits/c"\n'
+        f'[[queues]]\nurl = "{QUEUE}"\npools = ["a", "b", "c"]\n',
+        encoding="utf-8",
+    )
+    return str(path)
+
+
+class FakeSSM:
+    """One parameter with its history, as SSM keeps them."""
+
+    def __init__(self, name: str, *values: str) -> None:
+        self.name = name
+        self.history: list[str] = list(values)
+        self.notes: list[str] = []
+
+    async def get_parameter(self, **kwargs: Any) -> dict[str, Any]:
+        assert kwargs["Name"] == self.name
+        return {"Parameter": {"Name": self.name, "Value": self.history[-1]}}
+
+    async def put_parameter(self, **kwargs: Any) -> dict[str, Any]:
+        assert (kwargs["Name"], kwargs["Overwrite"]) == (self.name, True)
+        self.history.append(kwargs["Value"])
+        self.notes.append(kwargs["Description"])
+        return {"Version": len(self.history)}
+
+    async def get_parameter_history(self, **kwargs: Any) -> dict[str, Any]:
+        assert kwargs["Name"] == self.name
+        entries = [{"Value": v, "Version": n} for n, v in enumerate(self.history, 1)]
+        return {"Parameters": entries}
+
+
+class FakeSFN:
+    """RUNNING executions per state machine, changed by the test between counts."""
+
+    def __init__(self, running: dict[str, int]) -> None:
+        self.running = running
+        self.counted: list[str] = []
+
+    async def list_executions(self, **kwargs: Any) -> dict[str, Any]:
+        assert kwargs["statusFilter"] == "RUNNING"
+        arn = kwargs["stateMachineArn"]
+        self.counted.append(arn)
+        return {"executions": [{"name": str(n)} for n in range(self.running.get(arn, 0))]}
+
+
+def test_a_named_limit_is_found_in_the_config_file_with_the_pools_that_use_it(
+    tmp_path: Path,
+) -> None:
+    from dispatcher.cli.control import User, named_limit_target  # noqa: PLC0415
+
+    target = named_limit_target("partner-api", environ={"DISPATCHER_CONFIG": _named(tmp_path)})
+    assert (target.label, target.option) == (
+        "named limit partner-api",
+        "--named-limit partner-api",
+    )
+    assert (target.parameter, target.refresh_interval) == ("/limits/partner-api", 3.0)
+    assert target.users == (User("a", 1, ARN), User("b", 2, SECOND_ARN))
+
+
+@pytest.mark.parametrize(
+    ("config", "name", "message"),
+    [
+        (
+            None,
+            "partner-api",
+            "--named-limit 'partner-api': named limits are [limits.NAME] tables of a config "
+            "file, and no config file is given (DISPATCHER_CONFIG)",
+        ),
+        (
+            "NAMED",
+            "partner",
+            "--named-limit 'partner' is not in NAMED: its named limits are partner-api, licences",
+        ),
+        (
+            "NAMED",
+            "licences",
+            "named limit 'licences' has no limit parameter: add limit_parameter = \"/NAME\" to "
+            "[limits.licences] in NAMED (an SSM parameter holding its value; the dispatcher "
+            "then needs one restart), or pass --parameter NAME",
+        ),
+        (
+            "NAMED",
+            "a",
+            "--named-limit 'a' is not in NAMED: its named limits are partner-api, licences; "
+            "'a' is a pool: give --pool a",
+        ),
+        ("TWO", "partner-api", "--named-limit 'partner-api' is not in TWO: its named limits "),
+    ],
+)
+def test_a_named_limit_that_cannot_be_paused_says_what_to_add(
+    tmp_path: Path, config: str | None, name: str, message: str
+) -> None:
+    from dispatcher.cli.control import named_limit_target  # noqa: PLC0415
+
+    paths = {"NAMED": _named(tmp_path), "TWO": _two_pools(tmp_path)}
+    env = {} if config is None else {"DISPATCHER_CONFIG": paths[config]}
+    with pytest.raises(UserError) as caught:
+        named_limit_target(name, environ=env)
+    expected = message
+    for key, path in paths.items():
+        expected = expected.replace(key, path)
+    assert str(caught.value).startswith(expected)
+
+
+def test_a_named_limit_given_as_a_pool_is_pointed_at_named_limit(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as caught:
+        limit_target("partner-api", environ={"DISPATCHER_CONFIG": _named(tmp_path)})
+    assert str(caught.value).endswith(
+        "its pools are a, b, c; 'partner-api' is a named limit ([limits.partner-api]): give "
+        "--named-limit partner-api"
+    )
+
+
+def test_pool_and_named_limit_together_are_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["pause", "--pool", "a", "--named-limit", "partner-api"])
+    assert caught.value.code == 2
+    assert "argument --named-limit: not allowed with argument --pool" in capsys.readouterr().err
+
+
+async def test_pause_and_resume_of_a_named_limit_write_its_parameter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dispatcher.cli import control  # noqa: PLC0415
+
+    env = {"DISPATCHER_CONFIG": _named(tmp_path)}
+    target = control.named_limit_target("partner-api", environ=env)
+    ssm: Any = FakeSSM("/limits/partner-api", "6", "5")
+    assert await control.pause(ssm, target) == 5
+    assert ssm.history[-1] == "0"
+    assert ssm.notes == ["paused by sfn-dispatcher pause; resume restores 5"]
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "paused named limit partner-api (SSM parameter /limits/partner-api): limit 5 -> 0. A "
+        "running dispatcher stops receiving and starting for the pools that use it (a, b) "
+        "within 3 s"
+    )
+    assert "`sfn-dispatcher resume --named-limit partner-api` restores 5." in out
+    assert await control.pause(ssm, target, drain=True) == 0
+    assert "named limit partner-api (SSM parameter /limits/partner-api) is already paused" in (
+        capsys.readouterr().out
+    )
+    assert await control.resume(ssm, target, None) == 5
+    assert ssm.history == ["6", "5", "0", "5"]
+    assert capsys.readouterr().out.startswith(
+        "resumed named limit partner-api (SSM parameter /limits/partner-api): limit 0 -> 5"
+    )
+
+
+async def test_drain_of_a_named_limit_waits_until_no_user_pool_holds_a_unit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The use is each user pool's RUNNING executions times its weight, as Step Functions
+    lists them; drained is two counts of 0 in a row."""
+    from dispatcher.cli import control  # noqa: PLC0415
+
+    env = {"DISPATCHER_CONFIG": _named(tmp_path)}
+    target = control.named_limit_target("partner-api", environ=env)
+    target = dataclasses.replace(target, refresh_interval=0.0)
+    monkeypatch.setattr(control, "PAUSE_SEEN_MARGIN", 0.0)  # no dispatcher to see the pause
+
+    class Ending(FakeSFN):
+        """One of b's executions ends at each count of b; a's ended already."""
+
+        async def list_executions(self, **kwargs: Any) -> dict[str, Any]:
+            page = await super().list_executions(**kwargs)
+            if kwargs["stateMachineArn"] == SECOND_ARN and self.running[SECOND_ARN]:
+                self.running[SECOND_ARN] -= 1
+            return page
+
+    sfn: Any = Ending({ARN: 0, SECOND_ARN: 2, f"{ARN}3": 9})
+    assert await control.wait_drained(sfn, target, 0.001, 20) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:] == [
+        "named limit partner-api: 4 in use",
+        "named limit partner-api: 2 in use",
+        "named limit partner-api: 0 in use",
+        "named limit partner-api drained: nothing uses it; it stays paused until `resume`",
+    ]
+    assert f"{ARN}3" not in sfn.counted, "pool c does not use the limit"
+
+
+async def test_drain_of_a_named_limit_reads_its_use_from_the_dispatchers_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --url: the pause is seen when /status shows the named limit at 0, and its use
+    (in doubt and starting included) counts even when ListExecutions shows nothing."""
+    from dispatcher.cli import control  # noqa: PLC0415
+
+    env = {"DISPATCHER_CONFIG": _named(tmp_path)}
+    target = control.named_limit_target("partner-api", environ=env)
+    documents = [
+        {"role": "leader", "pools": {}, "limits": {"partner-api": {"limit": 4, "in_use": 2}}},
+        {"role": "leader", "pools": {}, "limits": {"partner-api": {"limit": 4, "in_use": 2}}},
+        {"role": "leader", "pools": {}, "limits": {"partner-api": {"limit": 0, "in_use": 2}}},
+        {"role": "leader", "pools": {}, "limits": {"partner-api": {"limit": 0, "in_use": 2}}},
+        {"role": "leader", "pools": {}, "limits": {"partner-api": {"limit": 0, "in_use": 0}}},
+    ]
+    monkeypatch.setattr(
+        control,
+        "fetch_status",
+        lambda _url: documents.pop(0) if len(documents) > 1 else documents[0],
+    )
+    sfn: Any = FakeSFN({})
+    assert await control.wait_drained(sfn, target, 0.001, 20, url="http://x/status") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "named limit partner-api: 2 in use",
+        "named limit partner-api: 0 in use",
+        "named limit partner-api drained: nothing uses it; it stays paused until `resume`",
+    ]
+    monkeypatch.setattr(control, "fetch_status", lambda _url: {"role": "leader", "pools": {}})
+    with pytest.raises(UserError, match="http://x/status governs named limits \\(none\\), not"):
+        await control.wait_drained(sfn, target, 0.001, 20, url="http://x/status")
