@@ -18,8 +18,11 @@ from dispatcher.cli.control import last_running_limit, limit_target, render_stat
 from dispatcher.cli.main import main
 from dispatcher.cli.submit import SubmitItem, submit_requests
 from dispatcher.errors import UserError
+from tests.conftest import SandboxFactory
 from tests.helpers import queue_depth, sfn_client, ssm_client
-from tests.runner import running
+from tests.runner import running, running_config
+from tests.test_pools import share_events
+from tests.test_shared_limits_live import write_shared_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -124,6 +127,93 @@ async def test_pause_drain_resume_a_running_dispatcher(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+@pytest.mark.timeout(120)
+async def test_pause_drain_resume_a_named_limit_of_a_running_dispatcher(
+    sandbox_factory: SandboxFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Two state machines share partner-api (weights 1 and 2). Paused by name: nothing of
+    either starts; drain returns only once both machines' executions have stopped (by their
+    stop dates); resume brings the old value back and both start again."""
+    light = await sandbox_factory(limit=4)  # its limit parameter holds partner-api's value
+    heavy = await sandbox_factory()
+    await share_events(light, heavy)
+    path = write_shared_config(
+        tmp_path / "named.toml", light, heavy, limit=3, parameter=light.limit_parameter
+    )
+    for name, value in {
+        "AWS_ENDPOINT_URL": light.endpoint,
+        "DISPATCHER_CONFIG": path,
+        "DISPATCHER_LIMIT_REFRESH_INTERVAL": "0.2",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+    async def submit(prefix: str) -> None:
+        for resources, pool in ((light, "i"), (heavy, "r")):
+            item = SubmitItem('{"seconds": 2}', f"{prefix}-{pool}")
+            report = await submit_requests(
+                resources.request_queue_url, [item], endpoint_url=light.endpoint
+            )
+            assert report.ok
+
+    async with (
+        sfn_client(light.endpoint) as sfn,
+        running_config(light, path, DISPATCHER_LIMIT_REFRESH_INTERVAL="0.2") as dispatcher,
+    ):
+        shared = dispatcher.shared
+        assert shared is not None
+        url = f"http://127.0.0.1:{dispatcher.http_port}/status"
+
+        async def executions() -> dict[str, Any]:
+            found = {}
+            for machine in (light.state_machine_arn, heavy.state_machine_arn):
+                listed = await sfn.list_executions(stateMachineArn=machine)
+                found |= {e["name"]: e for e in listed["executions"]}
+            return found
+
+        async def names_are(*names: str) -> bool:
+            return set(await executions()) == set(names)
+
+        await wait_until(lambda: _true(shared.limit("partner-api") == 4), within=10, interval=0.05)
+        await submit("a")
+        await wait_until(lambda: names_are("a-i", "a-r"), within=10, interval=0.05)
+
+        assert await _cli("pause", "--named-limit", "partner-api") == 0
+        assert "limit 4 -> 0" in capsys.readouterr().out
+        await wait_until(lambda: _true(shared.limit("partner-api") == 0), within=10, interval=0.05)
+        await submit("b")
+
+        assert await _cli("status", "--url", url) == 0
+        lines = capsys.readouterr().out.splitlines()
+        named = next(line for line in lines if line.startswith("named limit partner-api:"))
+        assert named.startswith("named limit partner-api: 3 of 0 in use")
+
+        argv = ("--named-limit", "partner-api", "--wait", "--interval", "0.2", "--url", url)
+        assert await _cli("drain", *argv) == 0
+        drained_at = datetime.now(UTC)  # the emulator runs on this machine's clock
+        out = capsys.readouterr().out
+        assert "already paused" in out
+        assert out.strip().endswith(
+            "named limit partner-api drained: nothing uses it; it stays paused until `resume`"
+        )
+        records = await executions()
+        assert set(records) == {"a-i", "a-r"}, "nothing of either pool starts while paused"
+        stopped = [
+            (await sfn.describe_execution(executionArn=e["executionArn"])) for e in records.values()
+        ]
+        assert all(e["status"] == "SUCCEEDED" for e in stopped)
+        assert all(e["stopDate"] <= drained_at for e in stopped)
+
+        assert await _cli("resume", "--named-limit", "partner-api") == 0
+        assert "limit 0 -> 4" in capsys.readouterr().out
+        await wait_until(lambda: names_are("a-i", "a-r", "b-i", "b-r"), within=10, interval=0.05)
+    async with ssm_client(light.endpoint) as ssm:
+        parameter = await ssm.get_parameter(Name=light.limit_parameter)
+    assert parameter["Parameter"]["Value"] == "4"
 
 
 async def test_status_json_is_the_dispatchers_document(
