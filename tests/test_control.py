@@ -169,7 +169,7 @@ async def test_pause_drain_resume_a_named_limit_of_a_running_dispatcher(
         url = f"http://127.0.0.1:{dispatcher.http_port}/status"
 
         async def executions() -> dict[str, Any]:
-            found = {}
+            found: dict[str, Any] = {}
             for machine in (light.state_machine_arn, heavy.state_machine_arn):
                 listed = await sfn.list_executions(stateMachineArn=machine)
                 found |= {e["name"]: e for e in listed["executions"]}
