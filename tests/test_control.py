@@ -190,7 +190,7 @@ async def test_pause_drain_resume_a_named_limit_of_a_running_dispatcher(
         assert await _cli("status", "--url", url) == 0
         lines = capsys.readouterr().out.splitlines()
         named = next(line for line in lines if line.startswith("named limit partner-api:"))
-        assert named.startswith("named limit partner-api: 3 of 0 in use")
+        assert named == "named limit partner-api: 3 of 0 in use, paused (invoices x1, refunds x2)"
 
         argv = ("--named-limit", "partner-api", "--wait", "--interval", "0.2", "--url", url)
         assert await _cli("drain", *argv) == 0
@@ -675,3 +675,11 @@ async def test_drain_of_a_named_limit_reads_its_use_from_the_dispatchers_status(
     monkeypatch.setattr(control, "fetch_status", lambda _url: {"role": "leader", "pools": {}})
     with pytest.raises(UserError, match="http://x/status governs named limits \\(none\\), not"):
         await control.wait_drained(sfn, target, 0.001, 20, url="http://x/status")
+
+
+def test_a_paused_named_limit_is_one_line_that_says_paused() -> None:
+    blocked = "named limit api is paused (limit 0)"
+    named = {"limit": 0, "in_use": 3, "users": {"a": 1, "b": 2}}
+    named |= {"waiting_pools": [], "blocked": {"a": blocked, "b": blocked}}
+    lines = render_status({"pools": {}, "limits": {"api": named}}, "http://x").splitlines()
+    assert lines[-1] == "named limit api: 3 of 0 in use, paused (a x1, b x2)"

@@ -267,9 +267,12 @@ def _limit_lines(limits: Mapping[str, Any]) -> list[str]:
     for name, named in sorted(limits.items()):
         users = ", ".join(f"{pool} x{weight}" for pool, weight in named.get("users", {}).items())
         text = f"named limit {name}: {named.get('in_use')} of {named.get('limit')} in use ({users})"
+        blocked = named.get("blocked") or {}
+        if named.get("limit") == 0:  # every user is blocked by the pause: said once
+            text = text.replace(" in use (", " in use, paused (", 1)
+            blocked = {}
         if named.get("waiting_pools"):
             text += f"; waiting: {', '.join(named['waiting_pools'])}"
-        blocked = named.get("blocked") or {}
         text += "".join(f"; {pool} blocked: {why}" for pool, why in sorted(blocked.items()))
         out.append(text)
     return out
