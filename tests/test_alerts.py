@@ -18,7 +18,9 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from dispatcher.core.shared_limits import SharedLimitConfig, SharedLimits
 from dispatcher.daemon.http import build_app
+from dispatcher.daemon.pool import publish_shared
 from dispatcher.daemon.reconcile import Reconciler
 from tests.fakes import build_world
 
@@ -117,11 +119,18 @@ def test_every_alert_has_for_severity_annotations_and_a_runbook_that_exists() ->
 
 
 async def _exported() -> dict[str, set[str]]:
-    """Series name -> label names, from the /metrics of a dispatcher's app after a reconcile."""
+    """Series name -> label names, from the /metrics of a dispatcher's app after a reconcile,
+    its pool using a named limit (whose series exist only then)."""
     world = build_world()
     await Reconciler(
         world.settings, world.clients, world.pool, world.metrics, world.health
     ).run_once()
+    shared = SharedLimits(
+        [SharedLimitConfig(name="partner-api", limit=2)],
+        {world.pool.name: {"partner-api": 1}},
+        lambda _: world.pool.ledger,
+    )
+    publish_shared(shared, world.metrics, lambda _: 0)
     async with TestClient(TestServer(build_app(world.health, world.metrics, dict))) as client:
         text = await (await client.get("/metrics")).text()
     series: dict[str, set[str]] = {}
@@ -143,3 +152,4 @@ async def test_rules_read_only_metrics_the_dispatcher_exports() -> None:
             labels = set(re.findall(r"(\w+)\s*[=!]", matchers)) - {"job", "instance"}
             assert labels <= exported[name], f"{rule['alert']}: {name} has no {labels}"
     assert {"dispatcher_aws_calls_total", "process_start_time_seconds", "up"} <= used
+    assert {"dispatcher_shared_limit_in_use", "dispatcher_shared_limit_blocked"} <= used

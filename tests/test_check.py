@@ -19,15 +19,18 @@ from devtools.sandbox import SandboxResources, free_port
 from dispatcher.cli.main import main
 from dispatcher.preflight import (
     ALL_STATUSES,
+    CHECKS,
     Check,
     Clients,
     Context,
     Report,
     Result,
+    Scope,
     Skip,
     Status,
     UnsupportedPatternError,
     check_lease_table,
+    check_named_limit_parameter,
     check_policy,
     check_rule,
     check_stop_executions,
@@ -965,3 +968,180 @@ def test_a_broken_config_file_is_a_line_per_mistake_and_the_pool_checks_say_why(
     assert "docs/configuration.md" in findings[2].fix
     with pytest.raises(Skip, match="the config file has no valid pools and queues"):
         target.need("state_machine_arn")
+
+
+# --- named limits: each one's parameter --------------------------------------------------------
+
+NAMED_FILE = (
+    POOLS_FILE.replace(
+        'limit_parameter = "/billing/limit"\n',
+        'limit_parameter = "/billing/limit"\nuses = { partner-api = 3 }\n',
+    ).replace("limit = 4\n", "limit = 4\nuses = { partner-api = 1, licences = 1 }\n")
+    + '\n[limits.partner-api]\nlimit = 5\nlimit_parameter = "/limits/partner-api"\n'
+    + "\n[limits.licences]\nlimit = 2\n"
+)
+
+
+class ParameterSSM:
+    """GetParameter of one parameter: its value, or the error AWS would answer."""
+
+    def __init__(self, value: str | None = None, error: str = "ParameterNotFound") -> None:
+        self.value = value
+        self.error = error
+
+    async def get_parameter(self, **kwargs: Any) -> dict[str, Any]:
+        if self.value is None:
+            message = f"parameter {kwargs['Name']} not found"
+            error = {"Error": {"Code": self.error, "Message": message}}
+            raise ClientError(error, "GetParameter")  # type: ignore[arg-type]
+        return {"Parameter": {"Name": kwargs["Name"], "Value": self.value}}
+
+
+def named_context(tmp_path: Any, ssm: ParameterSSM, name: str = "partner-api") -> Context:
+    """The context of named limit ``name``'s check, on ``ssm`` alone."""
+    path = tmp_path / "named.toml"
+    path.write_text(NAMED_FILE)
+    target, findings = load_target({"config": str(path)}, {})
+    assert [f.status for f in findings] == [Status.OK], findings
+    clients = Clients(
+        sqs=cast(Any, None),
+        sfn=cast(Any, None),
+        events=cast(Any, None),
+        ssm=cast(Any, ssm),
+        dynamodb=None,
+        credentials="container-role",
+    )
+    named = next(n for n in target.limits if n.name == name)
+    return Context(target, clients, None).scoped(target.for_limit(named))
+
+
+def test_named_limits_are_checked_one_line_each_and_their_parameters_read(
+    tmp_path: Any,
+) -> None:
+    path = tmp_path / "named.toml"
+    path.write_text(NAMED_FILE)
+    target, _ = load_target({"config": str(path)}, {})
+    assert [n.name for n in target.limits] == ["partner-api", "licences"]
+    assert target.limit_parameters == {"/billing/limit", "/limits/partner-api"}
+    scoped = target.for_limit(target.limits[0])
+    assert scoped.about == "named limit partner-api"
+    assert [p.name for p in scoped.fed] == ["orders", "billing"]
+    (check,) = [c for c in CHECKS if c.id == "named_limit_parameter"]
+    assert check.scope is Scope.LIMIT
+
+
+@pytest.mark.parametrize(
+    ("value", "status", "detail", "fix"),
+    [
+        ("5", Status.OK, "/limits/partner-api = 5 (used by orders x1, billing x3)", ""),
+        (
+            " 3 ",
+            Status.OK,
+            "/limits/partner-api = 3 (used by orders x1, billing x3)",
+            "",
+        ),
+        (
+            "2",
+            Status.FAIL,
+            "/limits/partner-api = 2: below the weight of pool billing (3) (uses partner-api): "
+            "it could start nothing",
+            "raise the value to 3 or more: aws ssm put-parameter --name /limits/partner-api "
+            "--type String --value 5 --overwrite --region us-east-1\n"
+            "or lower the weight in [pools.billing] uses",
+        ),
+        (
+            "0",
+            Status.WARN,
+            "/limits/partner-api = 0: named limit partner-api is paused; its pools (orders x1, "
+            "billing x3) start nothing",
+            "sfn-dispatcher resume --named-limit partner-api (when the pause is over)",
+        ),
+        (
+            "ten",
+            Status.FAIL,
+            "[limits.partner-api] limit_parameter=/limits/partner-api: 'ten' is not a limit: "
+            "use a whole number from 0 to 100000",
+            "aws ssm put-parameter --name /limits/partner-api --type String --value 5 "
+            "--overwrite --region us-east-1",
+        ),
+        (
+            "100001",
+            Status.FAIL,
+            "[limits.partner-api] limit_parameter=/limits/partner-api: '100001' is not a limit: "
+            "use a whole number from 0 to 100000",
+            "aws ssm put-parameter --name /limits/partner-api --type String --value 5 "
+            "--overwrite --region us-east-1",
+        ),
+        (
+            None,
+            Status.FAIL,
+            "[limits.partner-api] limit_parameter=/limits/partner-api: ParameterNotFound: "
+            "parameter /limits/partner-api not found",
+            "aws ssm put-parameter --name /limits/partner-api --type String --value 5 "
+            "--overwrite --region us-east-1",
+        ),
+    ],
+)
+async def test_a_named_limits_parameter_holds_a_value_every_user_pool_fits_under(
+    tmp_path: Any, value: str | None, status: Status, detail: str, fix: str
+) -> None:
+    finding = await check_named_limit_parameter(named_context(tmp_path, ParameterSSM(value)))
+    assert (finding.status, finding.detail, finding.fix) == (status, detail, fix)
+
+
+async def test_a_named_limits_parameter_denied_names_the_permission(tmp_path: Any) -> None:
+    ssm = ParameterSSM(None, error="AccessDeniedException")
+    finding = await check_named_limit_parameter(named_context(tmp_path, ssm))
+    assert finding.status is Status.FAIL
+    assert finding.detail.startswith("AccessDeniedException: ")
+    assert finding.fix == "grant ssm:GetParameter on /limits/partner-api"
+
+
+async def test_a_named_limit_without_a_parameter_is_skipped_with_its_value(
+    tmp_path: Any,
+) -> None:
+    ctx = named_context(tmp_path, ParameterSSM("9"), "licences")
+    check = Check("named_limit_parameter", "named limit", check_named_limit_parameter)
+    result = await run_one(check, ctx)
+    assert (result.status, result.about) == (Status.SKIP, "named limit licences")
+    assert (
+        result.detail
+        == "[limits.licences] limit_parameter unset: the value is [limits.licences] limit (2)"
+    )
+
+
+async def test_a_named_limits_parameter_is_read_from_aws_when_no_pool_has_one(
+    sandbox: SandboxResources, tmp_path: Any
+) -> None:
+    """The SSM client is opened for a named limit's parameter alone, and the line names
+    the named limit."""
+    path = tmp_path / "named.toml"
+    path.write_text(
+        f"""
+[dispatcher]
+events_queue_url = "{sandbox.events_queue_url}"
+dead_letter_queue_url = "{sandbox.dead_letter_queue_url}"
+
+[limits.partner-api]
+limit = 1
+limit_parameter = "{sandbox.limit_parameter}"
+
+[pools.orders]
+state_machine_arn = "{sandbox.state_machine_arn}"
+uses = {{ partner-api = 1 }}
+
+[[queues]]
+url = "{sandbox.request_queue_url}"
+pool = "orders"
+"""
+    )
+    env = {"DISPATCHER_CONFIG": str(path), "AWS_DEFAULT_REGION": "us-east-1"}
+    report = await run_checks(env=env, endpoint_url=sandbox.endpoint)
+    lines = {(r.id, r.about): r for r in report.results}
+    named = lines["named_limit_parameter", "named limit partner-api"]
+    assert (named.status, named.detail) == (
+        Status.OK,
+        f"{sandbox.limit_parameter} = {sandbox.limit} (used by orders x1)",
+    )
+    (line,) = [x for x in render(report).splitlines() if "[named limit partner-api]" in x]
+    assert line.startswith("OK    named limit parameter (SSM) [named limit partner-api] ")

@@ -549,6 +549,8 @@ def test_dashboard_uses_only_exported_metrics_and_labels() -> None:
             *("running", "starting", "limit", "ready", "starts_total", "events_total"),
             *("queue_wait_seconds_bucket", "slot_refill_seconds_bucket", "aws_calls_total"),
             *("dead_letters_total", "reconcile_corrections_total"),
+            *("shared_limit", "shared_limit_in_use", "shared_limit_waiting"),
+            "shared_limit_blocked",
         )
     }
     assert required <= used, f"dashboard lacks {sorted(required - used)}"

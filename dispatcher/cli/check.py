@@ -38,8 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "for every pool and request queue, the state machine, the queues, redrive policies, "
         "the dead-letter queue, the EventBridge rule and queue policy, the permissions to "
         "answer parent workflows (task tokens) and to stop their orphaned children, the "
-        "optional limit parameters (SSM) and lease table (DynamoDB), with harmless calls only; "
-        "print one line per finding, naming the pool or queue, and the fix for each failure. "
+        "optional limit parameters (SSM) of pools and named limits, and the lease table "
+        "(DynamoDB), with harmless calls only; print one line per finding, naming the pool, "
+        "queue or named limit, and the fix for each failure. "
         "Settings not listed below are read from their DISPATCHER_* variables and the config "
         "file. See docs/configuration.md#preflight.",
         epilog=EXIT_STATUS_HELP,

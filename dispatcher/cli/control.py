@@ -1,7 +1,8 @@
 """``status``, ``pause``, ``resume``, ``drain``: operate a running dispatcher without a redeploy.
 
 ``status`` reads the dispatcher's ``/status`` (a GET; read-only). The three others never
-talk to the dispatcher: they write the pool's SSM limit parameter, which the dispatcher
+talk to the dispatcher: they write the SSM limit parameter of a pool or of a named limit
+(``--named-limit NAME``: ``[limits.NAME]``, shared by pools), which the dispatcher
 already re-reads every ``limit_refresh_interval`` (`dispatcher.daemon.limits`). So no mutating
 endpoint listens anywhere, they work the same on ECS as on a laptop, and the IAM they need
 is ``ssm:GetParameter``, ``ssm:PutParameter`` and ``ssm:GetParameterHistory`` on that one
@@ -10,7 +11,9 @@ parameter (plus ``states:ListExecutions`` for ``drain --wait``).
 Limit 0 is paused: nothing is received and nothing is started, running executions carry
 on. ``pause`` writes 0 (the limit it replaced stays in the parameter's history and
 description), ``resume`` writes back the newest non-zero limit of that history, ``drain`` is
-``pause`` that can wait until no execution of the pool runs.
+``pause`` that can wait until no execution of the pool runs. On a named limit the same: 0
+pauses every pool that uses it, and ``drain --wait`` waits until its use (each user pool's
+running executions times its weight) is 0.
 """
 
 from __future__ import annotations
@@ -83,7 +86,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     effect = (
         f"It writes the pool's SSM limit parameter ({env_name('limit_parameter')}, or "
-        f"limit_parameter of [pools.NAME] in {env_name('config')}); a running dispatcher sees "
+        f"limit_parameter of [pools.NAME] in {env_name('config')}), or with --named-limit "
+        "that of [limits.NAME] (a named limit shared by pools: 0 pauses every pool that uses "
+        "it); a running dispatcher sees "
         f"it within {env_name('limit_refresh_interval')} "
         f"({Settings.model_fields['limit_refresh_interval'].default:g} s by default). Needs "
         "ssm:GetParameter, ssm:PutParameter and ssm:GetParameterHistory on that parameter only."
@@ -105,12 +110,19 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
             "pause a pool and (--wait) report when nothing of it runs any more",
             "Pause the pool, then with --wait count its RUNNING executions (ListExecutions, "
             "the truth, including ones started by others; needs states:ListExecutions) until "
-            "none is left. Exit 0 when "
+            "none is left; for a named limit, those of every pool that uses it, times their "
+            "weights, until its use is 0. Exit 0 when "
             f"drained, {EXIT_STILL_RUNNING} when --timeout passed first.",
         ),
     ):
         parser = subparsers.add_parser(name, help=help_, description=f"{extra} {effect}")
-        parser.add_argument("--pool", help="pool name (default: the only pool)")
+        which = parser.add_mutually_exclusive_group()
+        which.add_argument("--pool", help="pool name (default: the only pool)")
+        which.add_argument(
+            "--named-limit",
+            metavar="NAME",
+            help=f"a named limit ([limits.NAME] in {env_name('config')}) instead of a pool",
+        )
         parser.add_argument(
             "--parameter", metavar="NAME", help="the SSM parameter (default: from the settings)"
         )
@@ -133,7 +145,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                 "--url",
                 default=os.environ.get(STATUS_URL_ENV),
                 help="with --wait: also wait for this dispatcher's /status (or base URL) to "
-                "show the pool paused and empty (in doubt included)",
+                "show the pool (or named limit) paused and empty (in doubt included)",
             )
         parser.set_defaults(func=partial(run_limit_command, name))
 
@@ -255,9 +267,12 @@ def _limit_lines(limits: Mapping[str, Any]) -> list[str]:
     for name, named in sorted(limits.items()):
         users = ", ".join(f"{pool} x{weight}" for pool, weight in named.get("users", {}).items())
         text = f"named limit {name}: {named.get('in_use')} of {named.get('limit')} in use ({users})"
+        blocked = named.get("blocked") or {}
+        if named.get("limit") == 0:  # every user is blocked by the pause: said once
+            text = text.replace(" in use (", " in use, paused (", 1)
+            blocked = {}
         if named.get("waiting_pools"):
             text += f"; waiting: {', '.join(named['waiting_pools'])}"
-        blocked = named.get("blocked") or {}
         text += "".join(f"; {pool} blocked: {why}" for pool, why in sorted(blocked.items()))
         out.append(text)
     return out
@@ -278,18 +293,40 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- where a pool's limit is kept: the dispatcher's own settings -----------------------------
+# -- where a pool's (or a named limit's) limit is kept: the dispatcher's own settings ---------
+
+
+@dataclass(frozen=True)
+class User:
+    """A pool that uses a named limit: its weight and its state machine."""
+
+    pool: str
+    weight: int
+    state_machine_arn: str
 
 
 @dataclass(frozen=True)
 class LimitTarget:
-    """Where one pool's live limit is kept, as the dispatcher's own settings say."""
+    """Where the live limit of one pool or named limit is kept, as the dispatcher's own
+    settings say."""
 
-    pool: str
+    name: str  # the pool's, or the named limit's
     parameter: str
-    state_machine_arn: str | None
+    state_machine_arn: str | None  # a named limit: its first user's (for the region)
     refresh_interval: float  # how soon a running dispatcher sees a change
     source: str  # "environment" or the config file's path
+    kind: str = "pool"  # or "named limit"
+    users: tuple[User, ...] = ()  # a named limit's pools
+
+    @property
+    def label(self) -> str:
+        """``pool NAME`` or ``named limit NAME``."""
+        return f"{self.kind} {self.name}"
+
+    @property
+    def option(self) -> str:
+        """The option that names it: ``--pool NAME`` or ``--named-limit NAME``."""
+        return f"--{self.kind.replace(' ', '-')} {self.name}"
 
 
 def limit_target(
@@ -327,7 +364,10 @@ def limit_target(
             raise UserError(f"give --pool: {path} has pools {', '.join(names)}")
         pool = names[0]
     if pool not in names:
-        raise UserError(f"--pool {pool!r} is not in {path}: its pools are {', '.join(names)}")
+        hint = ""
+        if pool in {n.name for n in loaded.file_layout.limits}:
+            hint = f"; {pool!r} is a named limit ([limits.{pool}]): give --named-limit {pool}"
+        raise UserError(f"--pool {pool!r} is not in {path}: its pools are {', '.join(names)}{hint}")
     config = loaded.file_layout.pool(pool)
     found = parameter or config.limit_parameter
     if not found:
@@ -337,6 +377,47 @@ def limit_target(
             "then needs one restart), or pass --parameter NAME"
         )
     return LimitTarget(pool, found, config.state_machine_arn, refresh, path)
+
+
+def named_limit_target(
+    name: str, parameter: str | None = None, environ: Mapping[str, str] | None = None
+) -> LimitTarget:
+    """A named limit's parameter (``[limits.NAME] limit_parameter``) and the pools that use
+    it, from the config file the dispatcher reads; UserError saying what to add."""
+    loaded = layout.attempt({}, environ)
+    refresh = _setting(loaded.given, "limit_refresh_interval")
+    if loaded.path is None:
+        raise UserError(
+            f"--named-limit {name!r}: named limits are [limits.NAME] tables of a config file, "
+            f"and no config file is given ({env_name('config')})"
+        )
+    path = str(loaded.path)
+    if loaded.file_layout is None:
+        raise UserError(str(loaded.file_error))
+    found_layout = loaded.file_layout
+    limits = {n.name: n for n in found_layout.limits}
+    if name not in limits:
+        defined = ", ".join(limits) or "none ([limits.NAME] tables)"
+        hint = ""
+        if name in {p.name for p in found_layout.pools}:
+            hint = f"; {name!r} is a pool: give --pool {name}"
+        raise UserError(
+            f"--named-limit {name!r} is not in {path}: its named limits are {defined}{hint}"
+        )
+    found = parameter or limits[name].limit_parameter
+    if not found:
+        raise UserError(
+            f'named limit {name!r} has no limit parameter: add limit_parameter = "/NAME" to '
+            f"[limits.{name}] in {path} (an SSM parameter holding its value; the dispatcher "
+            "then needs one restart), or pass --parameter NAME"
+        )
+    users = tuple(
+        User(p.name, p.uses[name], p.state_machine_arn)
+        for p in found_layout.pools
+        if name in p.uses
+    )
+    arn = users[0].state_machine_arn if users else found_layout.pools[0].state_machine_arn
+    return LimitTarget(name, found, arn, refresh, path, "named limit", users)
 
 
 def _setting(given: Given, field: str) -> Any:
@@ -419,7 +500,10 @@ async def _client(service: str, target: LimitTarget) -> AsyncIterator[Any]:
 
 def run_limit_command(name: str, args: argparse.Namespace) -> int:
     """``pause``, ``resume`` or ``drain``."""
-    target = limit_target(args.pool, args.parameter)
+    if args.named_limit is not None:
+        target = named_limit_target(args.named_limit, args.parameter)
+    else:
+        target = limit_target(args.pool, args.parameter)
     if name == "resume" and args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit} is invalid: give 1 or more (pause sets 0)")
     if name == "drain" and args.wait:
@@ -459,9 +543,17 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def _stops(target: LimitTarget) -> str:
+    """What a running dispatcher stops doing on a pause."""
+    if target.kind == "pool":
+        return "stops receiving and starting"
+    pools = ", ".join(u.pool for u in target.users) or "none"
+    return f"stops receiving and starting for the pools that use it ({pools})"
+
+
 async def pause(ssm: SSMClient, target: LimitTarget, *, drain: bool = False) -> int:
     """Write limit 0 unless already 0; returns the limit it replaced (0: was paused)."""
-    where = f"pool {target.pool} (SSM parameter {target.parameter})"
+    where = f"{target.label} (SSM parameter {target.parameter})"
     before = await read_limit(ssm, target.parameter)
     if before == 0:
         _say(f"{where} is already paused (limit 0)")
@@ -471,17 +563,16 @@ async def pause(ssm: SSMClient, target: LimitTarget, *, drain: bool = False) -> 
         ssm, target.parameter, 0, f"paused by sfn-dispatcher {verb}; resume restores {before}"
     )
     _say(
-        f"paused {where}: limit {before} -> 0. A running dispatcher stops receiving and "
-        f"starting within {target.refresh_interval:g} s (its limit refresh interval); "
-        f"running executions finish. `sfn-dispatcher resume --pool {target.pool}` restores "
-        f"{before}."
+        f"paused {where}: limit {before} -> 0. A running dispatcher {_stops(target)} within "
+        f"{target.refresh_interval:g} s (its limit refresh interval); running executions "
+        f"finish. `sfn-dispatcher resume {target.option}` restores {before}."
     )
     return before
 
 
 async def resume(ssm: SSMClient, target: LimitTarget, limit: int | None) -> int:
     """Write back ``limit`` or the newest non-zero limit in the history; returns it."""
-    where = f"pool {target.pool} (SSM parameter {target.parameter})"
+    where = f"{target.label} (SSM parameter {target.parameter})"
     current = await read_limit(ssm, target.parameter)
     if limit is None:
         if current > 0:
@@ -517,6 +608,23 @@ async def count_running(sfn: SFNClient, state_machine_arn: str) -> int:
         kwargs["nextToken"] = page["nextToken"]
 
 
+async def count_in_use(sfn: SFNClient, target: LimitTarget) -> int:
+    """What holds the target as Step Functions says: a pool's RUNNING executions; a named
+    limit's units (each user pool's RUNNING executions times its weight)."""
+    if target.kind == "pool":
+        assert target.state_machine_arn is not None  # noqa: S101 - checked by the caller
+        arns = [(target.state_machine_arn, 1)]
+    else:
+        arns = [(u.state_machine_arn, u.weight) for u in target.users]
+    total = 0
+    for arn, weight in arns:
+        try:
+            total += weight * await count_running(sfn, arn)
+        except AWS_ERRORS as exc:
+            raise UserError(f"cannot list the executions of {arn}: {exc}") from None
+    return total
+
+
 async def wait_drained(
     sfn: SFNClient,
     target: LimitTarget,
@@ -524,15 +632,15 @@ async def wait_drained(
     timeout: float | None,  # noqa: ASYNC109 - the drain's deadline, reported on expiry
     url: str | None = None,
 ) -> int:
-    """Wait until the pool is paused in effect and runs nothing; 0 drained, 1 timed out.
+    """Wait until the pool (or named limit) is paused in effect and nothing holds it; 0
+    drained, 1 timed out.
 
     The pause is in effect once ``url``'s /status shows limit 0 (without a URL: one refresh
     interval plus a few seconds for a start already under way). ListExecutions is
     eventually consistent, so drained means two counts of 0, ``interval`` apart.
     """
-    assert target.state_machine_arn is not None  # noqa: S101 - checked by the caller
-    arn = target.state_machine_arn
     counting = False
+    held = "running" if target.kind == "pool" else "in use"
     if url and (await anyio.to_thread.run_sync(fetch_status, url)).get("role") == "standby":
         # It governs nothing (another process holds the lease): its figures say nothing.
         _say(f"the dispatcher at {url} is a standby: judging from the executions alone")
@@ -540,8 +648,8 @@ async def wait_drained(
     with anyio.move_on_after(timeout) as scope:
         if url:
             while True:  # another process's state: nothing to wait on but polling it
-                figures = await _pool_figures(url, target.pool)
-                if figures.get("limit") == 0:
+                limit, _ = await _figures(url, target)
+                if limit == 0:
                     break
                 await anyio.sleep(min(interval, 1.0))
         else:
@@ -552,39 +660,39 @@ async def wait_drained(
             await anyio.sleep(seen)
         zeros, shown, counting = 0, None, True
         while zeros < 2:
-            try:
-                running = await count_running(sfn, arn)
-            except AWS_ERRORS as exc:
-                raise UserError(f"cannot list the executions of {arn}: {exc}") from None
+            count = await count_in_use(sfn, target)
             if url:
-                figures = await _pool_figures(url, target.pool)
-                running = max(
-                    running,
-                    sum(int(figures.get(k) or 0) for k in ("running", "starting", "in_doubt")),
-                )
-            if running != shown:
-                _say(f"pool {target.pool}: {running} running")
-                shown = running
-            zeros = zeros + 1 if running == 0 else 0
+                _, reported = await _figures(url, target)
+                count = max(count, reported)
+            if count != shown:
+                _say(f"{target.label}: {count} {held}")
+                shown = count
+            zeros = zeros + 1 if count == 0 else 0
             if zeros < 2:
                 await anyio.sleep(interval)
     if scope.cancelled_caught and not counting:
-        _say(
-            f"pool {target.pool}: {url} did not show the pause within {timeout:g} s; "
-            "it stays paused"
-        )
+        _say(f"{target.label}: {url} did not show the pause within {timeout:g} s; it stays paused")
         return EXIT_STILL_RUNNING
     if scope.cancelled_caught:
-        _say(f"pool {target.pool}: still running after {timeout:g} s; it stays paused")
+        _say(f"{target.label}: still {held} after {timeout:g} s; it stays paused")
         return EXIT_STILL_RUNNING
-    _say(f"pool {target.pool} drained: nothing running; it stays paused until `resume`")
+    nothing = "nothing running" if target.kind == "pool" else "nothing uses it"
+    _say(f"{target.label} drained: {nothing}; it stays paused until `resume`")
     return 0
 
 
-async def _pool_figures(url: str, pool: str) -> Mapping[str, Any]:
+async def _figures(url: str, target: LimitTarget) -> tuple[Any, int]:
+    """The limit in force and what holds it, as the dispatcher at ``url`` reports them: a
+    pool's running, starting and in-doubt executions; a named limit's units in use."""
     document = await anyio.to_thread.run_sync(fetch_status, url)
-    pools = document.get("pools") or {}
-    if pool not in pools:
-        raise UserError(f"{url} governs pools {', '.join(pools)}, not {pool!r}")
-    figures: Mapping[str, Any] = pools[pool]
-    return figures
+    section = "pools" if target.kind == "pool" else "limits"
+    known = document.get(section) or {}
+    if target.name not in known:
+        what = "pools" if target.kind == "pool" else "named limits"
+        raise UserError(f"{url} governs {what} {', '.join(known) or '(none)'}, not {target.name!r}")
+    figures: Mapping[str, Any] = known[target.name]
+    if target.kind == "pool":
+        held = sum(int(figures.get(k) or 0) for k in ("running", "starting", "in_doubt"))
+    else:
+        held = int(figures.get("in_use") or 0)
+    return figures.get("limit"), held

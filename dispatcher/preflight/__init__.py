@@ -38,7 +38,13 @@ from dispatcher.preflight.rules import (
     status_pattern,
 )
 from dispatcher.preflight.runner import CHECKS, ENDPOINT, run_checks, run_one
-from dispatcher.preflight.wiring import ALL_STATUSES, check_lease_table, check_policy, check_rule
+from dispatcher.preflight.wiring import (
+    ALL_STATUSES,
+    check_lease_table,
+    check_named_limit_parameter,
+    check_policy,
+    check_rule,
+)
 
 __all__ = [
     "ALL_STATUSES",
@@ -58,6 +64,7 @@ __all__ = [
     "Target",
     "UnsupportedPatternError",
     "check_lease_table",
+    "check_named_limit_parameter",
     "check_policy",
     "check_rule",
     "check_stop_executions",

@@ -17,6 +17,7 @@ from aiobotocore.config import AioConfig
 from pydantic import ValidationError
 
 from dispatcher.aws.api import AWS_ERRORS, session
+from dispatcher.core.shared_limits import SharedLimitConfig
 from dispatcher.preflight.report import Finding, Skip, Status
 from dispatcher.settings import config, layout
 from dispatcher.settings.config import PoolSettings, Settings
@@ -79,8 +80,11 @@ class Target:
     queues: tuple[QueueConfig, ...] = ()
     names: Mapping[str, str] = dataclasses.field(default_factory=dict)
     source: str = "environment"  # or the config file's path
-    about: str = ""  # "pool NAME" or "queue NAME" for a scoped copy, else ""
-    fed: tuple[PoolConfig, ...] = ()  # a queue's copy: the pools it feeds
+    about: str = ""  # "pool NAME", "queue NAME" or "named limit NAME" for a scoped copy
+    fed: tuple[PoolConfig, ...] = ()  # a queue's copy: the pools it feeds; a named limit's:
+    # the pools that use it
+    limits: tuple[SharedLimitConfig, ...] = ()  # the named limits ([limits.NAME])
+    named: SharedLimitConfig | None = None  # a named limit's copy: that named limit
 
     def get(self, field: str) -> Any:
         """A setting's value, None when unset or invalid."""
@@ -138,14 +142,25 @@ class Target:
             fed=tuple(p for p in self.pools if p.name in queue.pools),
         )
 
+    def for_limit(self, named: SharedLimitConfig) -> Target:
+        """The copy a check of named limit ``named`` reads."""
+        return replace(
+            self,
+            about=f"named limit {named.name}",
+            fed=tuple(p for p in self.pools if named.name in p.uses),
+            named=named,
+        )
+
     def queues_of(self, pool: str) -> list[QueueConfig]:
         """The request queues that feed ``pool``."""
         return [q for q in self.queues if pool in q.pools]
 
     @property
     def limit_parameters(self) -> set[str]:
-        """Every SSM limit parameter to read: the pools' (or the single pool's)."""
+        """Every SSM limit parameter to read: the pools' (or the single pool's) and the
+        named limits'."""
         named = {p.limit_parameter for p in self.pools if p.limit_parameter}
+        named |= {n.limit_parameter for n in self.limits if n.limit_parameter}
         return named | ({self.limit_parameter} if self.limit_parameter else set())
 
     @property
@@ -186,6 +201,7 @@ def load_target(
     given, path = loaded.given, loaded.path
     pools: tuple[PoolConfig, ...] = ()
     queues: tuple[QueueConfig, ...] = ()
+    limits: tuple[SharedLimitConfig, ...] = ()
     invalid: set[str] = set()
     if loaded.config is None:
         values: dict[str, Any] = {
@@ -193,6 +209,7 @@ def load_target(
         }
         if loaded.file_layout is not None:  # the file alone may be fine: its pools are checked
             pools, queues = loaded.file_layout.pools, loaded.file_layout.queues
+            limits = loaded.file_layout.limits
         for name in given.values:
             if name == "config" or (path and name in config.POOL_FIELDS):
                 continue
@@ -210,6 +227,7 @@ def load_target(
         settings = loaded.config.settings
         values = _from_loaded(loaded.config)
         pools, queues = loaded.config.layout.pools, loaded.config.layout.queues
+        limits = loaded.config.layout.limits
         if path is not None:
             summary = (
                 f"config file {path}: pools "
@@ -244,6 +262,7 @@ def load_target(
         queues=queues,
         names=dict(given.names),
         source=str(path) if path else "environment",
+        limits=limits,
     )
     return target, findings
 

@@ -84,11 +84,13 @@ class Report:
 
 
 class Scope(StrEnum):
-    """What a check looks at: the process once, each pool, or each request queue."""
+    """What a check looks at: the process once, each pool, each request queue, or each
+    named limit (none when there are none)."""
 
     PROCESS = "process"
     POOL = "pool"
     QUEUE = "queue"
+    LIMIT = "limit"
 
 
 @dataclass(frozen=True)

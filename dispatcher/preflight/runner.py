@@ -45,6 +45,7 @@ from dispatcher.preflight.report import (
 from dispatcher.preflight.wiring import (
     check_lease_table,
     check_limit_parameter,
+    check_named_limit_parameter,
     check_policy,
     check_rule,
 )
@@ -67,6 +68,12 @@ CHECKS: tuple[Check, ...] = (
     Check("events_rule", "EventBridge rule to events queue", check_rule, Scope.POOL),
     Check("events_queue_policy", "events queue policy", check_policy, Scope.POOL),
     Check("limit_parameter", "limit parameter (SSM)", check_limit_parameter, Scope.POOL),
+    Check(
+        "named_limit_parameter",
+        "named limit parameter (SSM)",
+        check_named_limit_parameter,
+        Scope.LIMIT,
+    ),
     Check("lease_table", "lease table (DynamoDB)", check_lease_table),
 )
 
@@ -114,7 +121,10 @@ async def run_checks(
 
 
 def _subjects(check: Check, target: Target) -> list[Target]:
-    """The targets ``check`` runs on: the whole target, or each pool's or queue's copy."""
+    """The targets ``check`` runs on: the whole target, or each pool's, queue's or named
+    limit's copy (a check of named limits runs on none when there are none)."""
+    if check.scope is Scope.LIMIT:
+        return [target.for_limit(named) for named in target.limits]
     if check.scope is Scope.POOL and target.pools:
         return [target.for_pool(pool) for pool in target.pools]
     if check.scope is Scope.QUEUE and target.queues:

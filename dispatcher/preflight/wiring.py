@@ -12,6 +12,7 @@ import re
 from botocore.exceptions import ClientError
 
 from dispatcher.core.ledger import TERMINAL_STATUSES
+from dispatcher.daemon.limits import parse_limit
 from dispatcher.preflight.context import EVENTS, Context, Rule
 from dispatcher.preflight.report import Finding, Skip, Status, is_denied, text
 from dispatcher.preflight.rules import (
@@ -205,6 +206,59 @@ async def check_limit_parameter(ctx: Context) -> Finding:
     if not re.fullmatch(r"\d+", found.strip()):
         return Finding(Status.FAIL, f"{name} is {found!r}, not a non-negative integer", put)
     return Finding(Status.OK, f"{name} = {int(found)}")
+
+
+async def check_named_limit_parameter(ctx: Context) -> Finding:
+    """A named limit's SSM parameter is readable, holds a limit (0 to the maximum), and is
+    not below the weight of a pool that uses it (that pool could start nothing)."""
+    named = ctx.target.named
+    assert named is not None  # noqa: S101 - a named limit's copy only (Scope.LIMIT)
+    where = f"[limits.{named.name}]"
+    name = named.limit_parameter
+    if name is None or ctx.clients.ssm is None:
+        raise Skip(f"{where} limit_parameter unset: the value is {where} limit ({named.limit})")
+    users = {p.name: p.uses[named.name] for p in ctx.target.fed}
+
+    def put(value: int) -> str:
+        return ctx.aws(
+            "ssm", "put-parameter", "--name", name, "--type", "String", "--value", str(value),
+            "--overwrite",
+        )  # fmt: skip
+
+    try:
+        got = await ctx.clients.ssm.get_parameter(Name=name)
+    except ClientError as exc:
+        if is_denied(exc):
+            return Finding(Status.FAIL, text(exc), f"grant ssm:GetParameter on {name}")
+        return Finding(
+            Status.FAIL, f"{where} limit_parameter={name}: {text(exc)}", put(named.limit)
+        )
+    try:
+        value = parse_limit(str(got.get("Parameter", {}).get("Value", "")))
+    except ValueError as exc:
+        return Finding(Status.FAIL, f"{where} limit_parameter={name}: {exc}", put(named.limit))
+    shown = ", ".join(f"{pool} x{weight}" for pool, weight in users.items()) or "no pool"
+    if value == 0:
+        return Finding(
+            Status.WARN,
+            f"{name} = 0: named limit {named.name} is paused; its pools ({shown}) start nothing",
+            f"sfn-dispatcher resume --named-limit {named.name} (when the pause is over)",
+        )
+    above = {pool: weight for pool, weight in users.items() if weight > value}
+    if above:
+        heaviest = max(above.values())
+        pools = ", ".join(f"{pool} ({weight})" for pool, weight in above.items())
+        tables = ", ".join(f"[pools.{pool}]" for pool in above)
+        plural = len(above) > 1
+        return Finding(
+            Status.FAIL,
+            f"{name} = {value}: below the weight{'s' if plural else ''} of pool"
+            f"{'s' if plural else ''} {pools} (uses {named.name}): "
+            f"{'they' if plural else 'it'} could start nothing",
+            f"raise the value to {heaviest} or more: {put(max(heaviest, named.limit))}\n"
+            f"or lower the weight in {tables} uses",
+        )
+    return Finding(Status.OK, f"{name} = {value} (used by {shown})")
 
 
 async def check_lease_table(ctx: Context) -> Finding:
