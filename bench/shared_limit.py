@@ -112,7 +112,8 @@ class SharedRun:
 
 HANDOVER_DEFINITION = (
     "for every hold that ended while a request was waiting (sent, not yet holding): the "
-    "time from that end to the next hold start of either workflow"
+    "time from that end to the next hold start of either workflow; *with room*: only the "
+    "ends after which that next request fitted at once"
 )
 
 
@@ -131,18 +132,40 @@ def _mean_use(series: Sequence[tuple[float, int]], begin: float, end: float) -> 
     return total / (end - begin) if end > begin else float("nan")
 
 
-def handovers(holds: Sequence[Hold], sent_at: dict[str, float]) -> list[float]:
-    """Seconds from each end to the next start, for ends while a request waited."""
-    starts = sorted(h.start for h in holds)
+def handovers(
+    holds: Sequence[Hold], sent_at: dict[str, float], limit: int | None = None
+) -> list[float]:
+    """Seconds from each end to the next start, for ends while a request waited.
+
+    With ``limit``, only the ends after which the request that started next fitted at once
+    (its weight within the units free just after the end): the reaction to a freed slot,
+    without the time freed units stay idle because the next request needs more of them.
+    """
+    starts = sorted((h.start, h.weight) for h in holds)
     waiting = sorted((sent_at[h.key], h.start) for h in holds)
     gaps: list[float] = []
     for end in sorted(h.stop for h in holds):
         if not any(sent <= end < began for sent, began in waiting):
             continue
-        later = [s for s in starts if s >= end]
-        if later:
-            gaps.append(later[0] - end)
+        later = [(s, w) for s, w in starts if s >= end]
+        if not later:
+            continue
+        began, weight = later[0]
+        if limit is not None:
+            in_use = sum(h.weight for h in holds if h.start <= end < h.stop)
+            if in_use + weight > limit:
+                continue
+        gaps.append(began - end)
     return gaps
+
+
+def _spread(gaps: Sequence[float]) -> dict[str, Any]:
+    return {
+        "count": len(gaps),
+        "p50": round(percentile(gaps, 50), 4),
+        "p95": round(percentile(gaps, 95), 4),
+        "max": round(max(gaps), 4) if gaps else None,
+    }
 
 
 def figures(run: SharedRun, limit: int) -> dict[str, Any]:
@@ -176,16 +199,17 @@ def figures(run: SharedRun, limit: int) -> dict[str, Any]:
         ),
         "backlog_seconds": round(last_start - first_sent, 3),
         "makespan_seconds": round(last_end - first_sent, 3),
-        "handover_seconds": {
-            "count": len(gaps),
-            "p50": round(percentile(gaps, 50), 4),
-            "p95": round(percentile(gaps, 95), 4),
-            "max": round(max(gaps), 4) if gaps else None,
-        },
+        "handover_seconds": _spread(gaps),
+        "handover_with_room_seconds": _spread(handovers(holds, run.sent_at, limit)),
         "by_workflow": {
             kind: _workflow([h for h in holds if h.kind == kind], run.sent_at) for kind in KINDS
         },
         "series": [(round(at - first_sent, 3), units) for at, units in series],
+        # Every hold, seconds after the first request was sent: kind, sent, start, stop.
+        "holds": [
+            (h.kind, *(round(t - first_sent, 3) for t in (run.sent_at[h.key], h.start, h.stop)))
+            for h in sorted(holds, key=lambda h: h.start)
+        ],
     }
     return out
 
@@ -560,20 +584,23 @@ def section(doc: dict[str, Any]) -> list[str]:
         "",
         f"| pattern | max weighted use (limit {c['limit']}) | seconds above limit | "
         "utilisation while backlog | utilisation first start to last end | hand-overs | "
-        "hand-over p50 / p95 (s) | refunds: wait p50 / max (s) | makespan (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "hand-over p50 / p95 (s) | with room: count, p50 / p95 (s) | refunds: wait p50 / "
+        "max (s) | makespan (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, p in r["patterns"].items():
         done = "" if p["complete"] else f" ({p['completed']}/{p['requests']} done)"
         if "max_weighted_use" not in p:
-            lines.append(f"| {name}{done} | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
+            lines.append(f"| {name}{done} |" + " n/a |" * 9)
             continue
-        hand, refunds = p["handover_seconds"], p["by_workflow"]["refunds"]
+        hand, room = p["handover_seconds"], p["handover_with_room_seconds"]
+        refunds = p["by_workflow"]["refunds"]
         lines.append(
             f"| {name}{done} | {p['max_weighted_use']} | {num(p['seconds_above_limit'], 1)} | "
             f"{num(p['utilisation_while_backlog'])} | "
             f"{num(p['utilisation_first_start_to_last_end'])} | {hand['count']} | "
-            f"{num(hand['p50'], 3)} / {num(hand['p95'], 3)} | {num(refunds['wait_p50'], 1)} / "
+            f"{num(hand['p50'], 3)} / {num(hand['p95'], 3)} | {room['count']}, "
+            f"{num(room['p50'], 3)} / {num(room['p95'], 3)} | {num(refunds['wait_p50'], 1)} / "
             f"{num(refunds['wait_max'], 1)} | {num(p['makespan_seconds'], 1)} |"
         )
     lines.append("")

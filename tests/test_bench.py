@@ -544,6 +544,9 @@ def test_shared_limit_figures_from_hand_made_holds() -> None:
     # Ends at 1.5, 2, 2 while r waited, each to the next start (2.5); r's end: nobody waits.
     assert shared_limit.handovers(holds, sent) == pytest.approx([1.0, 0.5, 0.5])
     assert got["handover_seconds"]["count"] == 3
+    # With room: the end at 1.5 left 2 units in use, no room for r; the ends at 2 did.
+    assert shared_limit.handovers(holds, sent, limit=2) == pytest.approx([0.5, 0.5])
+    assert got["handover_with_room_seconds"]["count"] == 2
     assert got["handover_seconds"]["p50"] == pytest.approx(0.5)
     assert got["makespan_seconds"] == pytest.approx(3.5)
     assert got["by_workflow"]["refunds"]["wait_max"] == pytest.approx(2.5)
@@ -561,7 +564,10 @@ def test_shared_limit_figures_from_hand_made_holds() -> None:
         },
     }
     lines = shared_limit.section(doc)
-    assert "| x | 3 | 0.5 | 0.90 | 0.93 | 3 | 0.500 / 0.950 | 2.5 / 2.5 | 3.5 |" in lines
+    assert (
+        "| x | 3 | 0.5 | 0.90 | 0.93 | 3 | 0.500 / 0.950 | 2, 0.500 / 0.500 | 2.5 / 2.5 | 3.5 |"
+        in lines
+    )
     assert shared_limit.COMMAND in lines[0]
 
 
