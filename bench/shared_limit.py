@@ -606,7 +606,7 @@ def section(doc: dict[str, Any]) -> list[str]:
     lines.append("")
     for name, p in r["patterns"].items():
         lines.append(f"- **{name}**: " + "; ".join(p["notes"]) + ".")
-    return lines
+    return [*lines, "", load_line(doc)]
 
 
 def load_line(doc: dict[str, Any]) -> str:

@@ -78,7 +78,6 @@ def write(out: Path) -> Path:
     if shared:
         lines += [""] * (lines[-1] != "")
         lines += ["## Two state machines sharing one limit", "", *shared_limit.section(shared), ""]
-        lines += [shared_limit.load_line(shared), ""]
     path = out / "summary.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path
