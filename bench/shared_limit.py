@@ -603,7 +603,16 @@ def section(doc: dict[str, Any]) -> list[str]:
             f"{num(room['p50'], 3)} / {num(room['p95'], 3)} | {num(refunds['wait_p50'], 1)} / "
             f"{num(refunds['wait_max'], 1)} | {num(p['makespan_seconds'], 1)} |"
         )
-    lines.append("")
+    lines += [
+        "",
+        "The hand-overs without room (all but those *with room*) are ends that freed fewer "
+        "units than the request that started next needed (a refund, 2 units). The dispatcher "
+        "keeps such units for the waiting refund until enough are free (the claim rule of "
+        "named limits: no pool waits forever), so an invoice that would fit waits too. The "
+        "semaphore has no order: whichever execution retries first after its back-off takes "
+        "the units.",
+        "",
+    ]
     for name, p in r["patterns"].items():
         lines.append(f"- **{name}**: " + "; ".join(p["notes"]) + ".")
     return [*lines, "", load_line(doc)]
