@@ -20,6 +20,7 @@ from bench import (
     reads,
     report,
     scale,
+    shared_limit,
     start_cost,
     summary,
     throughput,
@@ -31,7 +32,16 @@ from dispatcher import logs
 from dispatcher.settings.config import LogFormat
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("comparison", "throughput", "start_cost", "cycle", "scale", "fairness", "reads")
+SCENARIOS = (
+    "comparison",
+    "throughput",
+    "start_cost",
+    "cycle",
+    "scale",
+    "fairness",
+    "reads",
+    "shared_limit",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,6 +142,9 @@ async def _main(args: argparse.Namespace) -> None:
         await _scenario(args.out, "scale", lambda: scale.run(scale_config))
     if "fairness" in chosen:
         await _scenario(args.out, "fairness", lambda: fairness.run(fair_config))
+    if "shared_limit" in chosen:
+        shared = shared_limit.QUICK if args.quick else shared_limit.Config()
+        await _scenario(args.out, "shared_limit", lambda: shared_limit.run(shared))
 
 
 def _merged(out: Path, document: dict[str, Any]) -> dict[str, Any]:

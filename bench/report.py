@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench import reads
+from bench import reads, shared_limit
 from bench.figures import load, num
 from bench.targets import targets
 
@@ -437,6 +437,9 @@ def readme_block(out: Path) -> list[str]:
     reads_doc = load(out, "reads")
     if reads_doc:
         lines += [*reads.section(reads_doc), ""]
+    shared = load(out, "shared_limit")
+    if shared:
+        lines += [*shared_limit.section(shared), ""]
     return [*lines, END]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench import fairness, plots, reads
+from bench import fairness, plots, reads, shared_limit
 from bench.figures import load
 from bench.report import (
     comparison_section,
@@ -74,6 +74,10 @@ def write(out: Path) -> Path:
     if reads_doc:
         lines += [""] * (lines[-1] != "")
         lines += ["## Reconcile reads against the quotas", "", *reads.section(reads_doc), ""]
+    shared = load(out, "shared_limit")
+    if shared:
+        lines += [""] * (lines[-1] != "")
+        lines += ["## Two state machines sharing one limit", "", *shared_limit.section(shared), ""]
     path = out / "summary.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import structlog.testing
 
-from bench import comparison, fairness, plots, reads, report, start_cost, summary
+from bench import comparison, fairness, plots, reads, report, shared_limit, start_cost, summary
 from bench.__main__ import _configs
 from bench.analysis import (
     Interval,
@@ -522,3 +522,80 @@ def test_reads_windows_and_aws_bucket_on_hand_made_times() -> None:
     assert reads.budget_excess([0.0, 1.0, 2.0], 1.0, 1) == pytest.approx(0.0)
     bucket = reads.aws_bucket([0.0, 0.0, 0.0, 0.5], 2, 2.0)
     assert bucket == {"lowest": 0.0, "lowest_share": 0.0, "throttled": 1}
+
+
+def test_shared_limit_figures_from_hand_made_holds() -> None:
+    # Limit 2, all sent at 0. Invoices a, b (1 unit) run 0-2 and d 1-1.5 (3 units in use:
+    # over for 0.5 s); refund r (2 units) waits for both a and b to end, starts at 2.5.
+    holds = [
+        shared_limit.Hold("a", "invoices", 1, 0.0, 2.0),
+        shared_limit.Hold("b", "invoices", 1, 0.0, 2.0),
+        shared_limit.Hold("d", "invoices", 1, 1.0, 1.5),
+        shared_limit.Hold("r", "refunds", 2, 2.5, 3.5),
+    ]
+    sent = dict.fromkeys("abdr", 0.0)
+    run = shared_limit.SharedRun("x", holds, sent, requests=4, complete=True)
+    got = shared_limit.figures(run, limit=2)
+    assert got["max_weighted_use"] == 3
+    assert got["seconds_above_limit"] == pytest.approx(0.5)
+    # Until the last start (2.5): 2 x 1 + 3 x 0.5 + 2 x 0.5 + 0 x 0.5 = 4.5 unit-seconds.
+    assert got["utilisation_while_backlog"] == pytest.approx(4.5 / (2 * 2.5))
+    assert got["utilisation_first_start_to_last_end"] == pytest.approx(6.5 / (2 * 3.5), abs=1e-4)
+    # Ends at 1.5, 2, 2 while r waited, each to the next start (2.5); r's end: nobody waits.
+    assert shared_limit.handovers(holds, sent) == pytest.approx([1.0, 0.5, 0.5])
+    assert got["handover_seconds"]["count"] == 3
+    # With room: the end at 1.5 left 2 units in use, no room for r; the ends at 2 did.
+    assert shared_limit.handovers(holds, sent, limit=2) == pytest.approx([0.5, 0.5])
+    assert got["handover_with_room_seconds"]["count"] == 2
+    assert got["handover_seconds"]["p50"] == pytest.approx(0.5)
+    assert got["makespan_seconds"] == pytest.approx(3.5)
+    assert got["by_workflow"]["refunds"]["wait_max"] == pytest.approx(2.5)
+
+    doc = {
+        "duration_seconds": 60.0,
+        "uptime_before": "load average: 0.00",
+        "uptime_after": "load average: 0.00",
+        "machine": MACHINE,
+        "results": {
+            "config": asdict(shared_limit.Config(limit=2)),
+            "command": shared_limit.COMMAND,
+            "handover_definition": shared_limit.HANDOVER_DEFINITION,
+            "patterns": {"x": got | {"load": {"machine_busy_cores": 1.0}}},
+        },
+    }
+    lines = shared_limit.section(doc)
+    assert (
+        "| x | 3 | 0.5 | 0.90 | 0.93 | 3 | 0.500 / 0.950 | 2, 0.500 / 0.500 | 2.5 / 2.5 | 3.5 |"
+        in lines
+    )
+    assert shared_limit.COMMAND in lines[0]
+
+
+def test_the_weighted_semaphore_adds_its_weight_under_the_limit_less_it() -> None:
+    states = _states(semaphore.definition("t", 4, weight=2))
+    acquire = states["Acquire Lock"]["Parameters"]
+    assert acquire["ExpressionAttributeValues"][":increase"] == {"N": "2"}
+    assert acquire["ExpressionAttributeValues"][":ceiling"] == {"N": "2"}
+    assert acquire["ConditionExpression"].startswith("currentlockcount <= :ceiling and ")
+    release = states["Release Lock"]["Parameters"]
+    assert release["ExpressionAttributeValues"] == {":decrease": {"N": "2"}}
+    cleanup = _states(semaphore.cleanup_definition("t", weight=2))["Clean Up Lock"]
+    assert cleanup["Parameters"]["ExpressionAttributeValues"] == {":decrease": {"N": "2"}}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+async def test_two_state_machines_share_a_limit_under_both_patterns() -> None:
+    # Limit 2: three invoices (1 unit) and two refunds (2 units) of 1 s, to both patterns.
+    cfg = shared_limit.Config(invoices=3, refunds=2, limit=2, low=1, high=1, within=120)
+    results = await shared_limit.run(cfg)
+    for name, figures in results["patterns"].items():
+        assert figures["complete"], (name, figures["notes"])
+        assert figures["max_weighted_use"] <= 2, name  # from the records
+        assert figures["by_workflow"]["refunds"]["completed"] == 2, name
+        assert figures["handover_seconds"]["count"] > 0, name
+    dispatcher = results["patterns"][shared_limit.DISPATCHER]["extra"]
+    assert dispatcher["executions_started"] == {"invoices": 3, "refunds": 2}
+    held = results["patterns"][shared_limit.SEMAPHORE]["extra"]
+    assert held["lock_count_after"] == 0
+    assert held["max_executions_running"] == 5  # all started at once; they wait inside

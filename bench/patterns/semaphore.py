@@ -36,7 +36,7 @@ UPDATE_ITEM = "arn:aws:states:::dynamodb:updateItem"
 GET_ITEM = "arn:aws:states:::dynamodb:getItem"
 
 
-def definition(table: str, limit: int) -> dict[str, Any]:
+def definition(table: str, limit: int, weight: int = 1) -> dict[str, Any]:
     """The AWS sample's semaphore (aws-samples/aws-stepfunctions-examples,
     sam/app-control-concurrency-with-dynamodb/statemachines/dynamodb-semaphore.asl.json).
 
@@ -46,9 +46,19 @@ def definition(table: str, limit: int) -> dict[str, Any]:
     the ``Catch`` does; then ``GetItem`` + ``Choice`` + ``Wait`` 3 s), the ``Do Work``
     Parallel (four Pass states, then the work: here a Wait of ``$.seconds`` named
     ``Work`` in place of the sample's Lambda task), and the conditional release.
+
+    With ``weight`` above 1 (the sample has none) the acquire adds ``weight`` units under
+    ``currentlockcount <= limit - weight`` (the sample's ``<> limit`` would let an add of
+    2 step over the limit) and the release takes them back; weight 1 is the sample's text.
     """
     key = {"LockName": {"S": LOCK_NAME}}
     owner = {"#lockownerid.$": "$$.Execution.Id"}
+    if weight == 1:
+        room = "currentlockcount <> :limit"
+        bound = {":limit": {"N": str(limit)}}
+    else:
+        room = "currentlockcount <= :ceiling"
+        bound = {":ceiling": {"N": str(limit - weight)}}
     acquire = {
         "Type": "Task",
         "Resource": "arn:aws:states:::dynamodb:updateItem",
@@ -57,14 +67,13 @@ def definition(table: str, limit: int) -> dict[str, Any]:
             "Key": key,
             "ExpressionAttributeNames": {"#currentlockcount": "currentlockcount", **owner},
             "ExpressionAttributeValues": {
-                ":increase": {"N": "1"},
-                ":limit": {"N": str(limit)},
+                ":increase": {"N": str(weight)},
+                **bound,
                 ":lockacquiredtime": {"S.$": "$$.State.EnteredTime"},
             },
             "UpdateExpression": "SET #currentlockcount = #currentlockcount + :increase, "
             "#lockownerid = :lockacquiredtime",
-            "ConditionExpression": "currentlockcount <> :limit and "
-            "attribute_not_exists(#lockownerid)",
+            "ConditionExpression": f"{room} and attribute_not_exists(#lockownerid)",
             "ReturnValues": "UPDATED_NEW",
         },
         "Retry": [
@@ -164,7 +173,7 @@ def definition(table: str, limit: int) -> dict[str, Any]:
                     "TableName": table,
                     "Key": key,
                     "ExpressionAttributeNames": {"#currentlockcount": "currentlockcount", **owner},
-                    "ExpressionAttributeValues": {":decrease": {"N": "1"}},
+                    "ExpressionAttributeValues": {":decrease": {"N": str(weight)}},
                     "UpdateExpression": "SET #currentlockcount = #currentlockcount - :decrease "
                     "REMOVE #lockownerid",
                     "ConditionExpression": "attribute_exists(#lockownerid)",
@@ -189,8 +198,9 @@ def definition(table: str, limit: int) -> dict[str, Any]:
     }
 
 
-def cleanup_definition(table: str) -> dict[str, Any]:
-    """The sample's clean-up machine: run on FAILED/TIMED_OUT/ABORTED, releases a held lock."""
+def cleanup_definition(table: str, weight: int = 1) -> dict[str, Any]:
+    """The sample's clean-up machine: run on FAILED/TIMED_OUT/ABORTED, releases a held lock
+    (``weight`` units: see `definition`)."""
     key = {"LockName": {"S": LOCK_NAME}}
     retry = [
         {"ErrorEquals": ["States.ALL"], "IntervalSeconds": 5, "MaxAttempts": 20, "BackoffRate": 1.4}
@@ -245,7 +255,7 @@ def cleanup_definition(table: str) -> dict[str, Any]:
                         "#currentlockcount": "currentlockcount",
                         "#lockownerid.$": "$.detail.executionArn",
                     },
-                    "ExpressionAttributeValues": {":decrease": {"N": "1"}},
+                    "ExpressionAttributeValues": {":decrease": {"N": str(weight)}},
                     "UpdateExpression": "SET #currentlockcount = #currentlockcount - :decrease "
                     "REMOVE #lockownerid",
                     "ConditionExpression": "attribute_exists(#lockownerid)",
