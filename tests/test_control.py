@@ -55,8 +55,9 @@ async def test_pause_drain_resume_a_running_dispatcher(
     async with ssm_client(sandbox.endpoint) as ssm:
         await ssm.put_parameter(Name=sandbox.limit_parameter, Value="3", Overwrite=True)
 
-    async def submit(prefix: str) -> None:
-        items = [SubmitItem('{"seconds": 2}', f"{prefix}-{n}") for n in (1, 2)]
+    async def submit(prefix: str, seconds: int = 2) -> None:
+        body = json.dumps({"seconds": seconds})
+        items = [SubmitItem(body, f"{prefix}-{n}") for n in (1, 2)]
         report = await submit_requests(
             sandbox.request_queue_url, items, endpoint_url=sandbox.endpoint
         )
@@ -81,7 +82,8 @@ async def test_pause_drain_resume_a_running_dispatcher(
         await wait_until(
             lambda: _true(pool.ledger.limit == 3), within=10, interval=0.05, message="limit 3 read"
         )
-        await submit("a")
+        # long enough to be still running when the table is read, on a loaded machine too
+        await submit("a", seconds=8)
         await wait_until(
             lambda: names_are("a-1", "a-2"), within=10, interval=0.05, message="a-1, a-2 started"
         )
