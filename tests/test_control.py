@@ -154,9 +154,9 @@ async def test_pause_drain_resume_a_named_limit_of_a_running_dispatcher(
     }.items():
         monkeypatch.setenv(name, value)
 
-    async def submit(prefix: str) -> None:
+    async def submit(prefix: str, seconds: int = 2) -> None:
         for resources, pool in ((light, "i"), (heavy, "r")):
-            item = SubmitItem('{"seconds": 2}', f"{prefix}-{pool}")
+            item = SubmitItem(json.dumps({"seconds": seconds}), f"{prefix}-{pool}")
             report = await submit_requests(
                 resources.request_queue_url, [item], endpoint_url=light.endpoint
             )
@@ -181,7 +181,8 @@ async def test_pause_drain_resume_a_named_limit_of_a_running_dispatcher(
             return set(await executions()) == set(names)
 
         await wait_until(lambda: _true(shared.limit("partner-api") == 4), within=10, interval=0.05)
-        await submit("a")
+        # long enough to be still running when the table is read, on a loaded machine too
+        await submit("a", seconds=8)
         await wait_until(lambda: names_are("a-i", "a-r"), within=10, interval=0.05)
 
         assert await _cli("pause", "--named-limit", "partner-api") == 0
