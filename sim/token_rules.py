@@ -222,10 +222,21 @@ def _check_heartbeats(
     return []
 
 
-def _restarts(history: History) -> list[tuple[float, bool]]:
-    """(time, killed) of every dispatcher process that stopped: kill -9 (True) or SIGTERM."""
-    out = [(c.time, True) for c in history.crashes if c.node != OUTSIDE]
-    out += [(r.time, False) for r in history.records if r.kind == "note" and r.text == "SIGTERM"]
+def _restarts(history: History) -> list[tuple[float, float, bool]]:
+    """(from, to, killed) of every dispatcher process that stopped: kill -9 (True, at one
+    instant) or SIGTERM (from the signal until the process exited: it drains meanwhile, and
+    its last heartbeats may come after the signal)."""
+    out = [(c.time, c.time, True) for c in history.crashes if c.node != OUTSIDE]
+    ends: dict[str, list[float]] = {}
+    for record in history.records:
+        if record.kind == "crash" or (
+            record.kind == "note" and record.text.startswith(("process exited", "process died"))
+        ):
+            ends.setdefault(record.node, []).append(record.time)
+    for record in history.records:
+        if record.kind == "note" and record.text == "SIGTERM":
+            after = [t for t in ends.get(record.node, []) if t >= record.time]
+            out.append((record.time, min(after, default=history.end), False))
     return sorted(out)
 
 
@@ -266,7 +277,7 @@ def _check_heartbeat_gaps(
             points = [max([b for b in beats if b <= begin], default=begin)]
             points += [b for b in beats if begin < b < end] + [end]
             for a, b in itertools.pairwise(points):
-                kinds = [killed for t, killed in restarts if a <= t < b]
+                kinds = [killed for start, stop, killed in restarts if start < b and stop >= a]
                 allowed = every if not kinds else (restart if any(kinds) else deploy or restart)
                 if b - a > allowed:
                     across = (
