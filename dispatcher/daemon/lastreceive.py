@@ -217,6 +217,8 @@ class LastReceives:
     def _let_go(self, kept: _Kept, why: str) -> None:
         if kept in self._kept:
             self._kept.remove(kept)
+        if self.starter.callbacks is not None:  # a parent waits: passed on to the successor
+            self.starter.callbacks.passing_on(kept.entry)
         kept.entry.bound.error(
             "dispatcher.last_receive_unsettled",
             execution_arn=kept.arn,
