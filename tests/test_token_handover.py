@@ -121,6 +121,34 @@ async def test_a_token_request_kept_on_its_last_receive_is_heartbeated() -> None
     assert callbacks._waiters(CHILD, set()) == 1, "its child is kept for it"
 
 
+async def test_without_a_lease_a_child_a_former_token_waited_on_is_left_to_run() -> None:
+    """No lease table: what the former process deferred or handed back is unknown here. Its
+    token first received before this reign, the child may be awaited by a retry's request
+    waiting unseen in the queue: its parent gone, the child is left to run, not stopped."""
+    world = build_world(stop_orphaned_children=True)
+    intake, callbacks = wired(world)
+    callbacks.reign_began, callbacks.handed_over = 1_000.0, False
+    first = child_request()
+    first["Attributes"].update({"ApproximateFirstReceiveTimestamp": "900000"})
+    await handle(world, first, intake)  # started here, for a request first received before
+    assert callbacks.tokens() == [(TOKEN, CHILD)]
+    world.sfn.gone_tokens.add(TOKEN)
+    await callbacks.heartbeat_once()
+    assert world.sfn.calls_to("stop_execution") == []
+    assert world.sample("dispatcher_orphaned_children_total", pool="default", action="left")
+    assert [c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")] == ["rh-m-1"]
+    # With a lease table the former reign's tokens are known: nothing waits unseen.
+    world = build_world(stop_orphaned_children=True)
+    intake, callbacks = wired(world)
+    callbacks.reign_began, callbacks.handed_over = 1_000.0, True
+    first = child_request()
+    first["Attributes"].update({"ApproximateFirstReceiveTimestamp": "900000"})
+    await handle(world, first, intake)
+    world.sfn.gone_tokens.add(TOKEN)
+    await callbacks.heartbeat_once()
+    assert [c["executionArn"] for c in world.sfn.calls_to("stop_execution")] == [CHILD]
+
+
 # -- the lease item carries them ---------------------------------------------------------------
 
 

@@ -180,6 +180,9 @@ class Callbacks:
         self._passing: dict[str, tuple[Pool, str]] = {}
         self.kept: Callable[[], Iterable[Waiting]] = lambda: ()
         """Token requests kept on their last receive (the service points this at them)."""
+        self.handed_over = False
+        """Whether the former reigns pass their tokens on (a lease table): a token they
+        knew of, deferred or handed back, is then known here before its message comes."""
 
     # -- what the rest of the dispatcher tells -------------------------------------------
 
@@ -636,8 +639,11 @@ class Callbacks:
         the same child (a parent's retry with the same key): then the child is kept for it.
         A child a predecessor started is kept too while only tokens first received in this
         reign let go of it (``former`` False): it was started for another request, which
-        may be back in the queue, handed back at the restart. Otherwise it is orphaned:
-        stopped if so configured, else left to run."""
+        may be back in the queue, handed back at the restart. Without tokens passed on (no
+        lease table), a child a token first received before this reign waited on is left to
+        run, never stopped: the former process may have deferred or handed back a retry's
+        request for it, which waits unseen in the queue. Otherwise it is orphaned: stopped if
+        so configured, else left to run."""
         if former and arn not in self._ours:
             self._starter_gone.add(arn)
         if self._waiters(arn, gone):
@@ -648,7 +654,9 @@ class Callbacks:
             return
         self._starter_gone.discard(arn)
         action = "left"
-        if self.settings.stop_orphaned_children:
+        if former and not self.handed_over:
+            bound.info("dispatcher.parent_gone", child_arn=arn, child="may be awaited unseen")
+        elif self.settings.stop_orphaned_children:
             try:
                 await self._call(
                     "stop_execution",

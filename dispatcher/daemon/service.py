@@ -362,6 +362,7 @@ class Dispatcher:
         if lease is not None:
             # The tokens a predecessor passed on are heartbeated from now; this reign's are
             # written into the lease items as they change, for its successor.
+            self.callbacks.handed_over = True
             for arn, tokens in lease.handed.items():
                 if arn in by_arn:
                     self.callbacks.adopt(by_arn[arn], tokens)
