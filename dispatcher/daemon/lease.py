@@ -121,7 +121,7 @@ class Lease:
         """The tokens the item carried when this holder took it (its predecessors')."""
         self.tokens: Callable[[], Tokens] | None = None
         """The tokens whose parents wait on this holder now (written when they change)."""
-        self._written: str | None = None  # the tokens as last written
+        self._written = "[]"  # the tokens as last written
         self._valid_until = float("-inf")
         self._monotonic = monotonic
         self._wall = wall
@@ -201,7 +201,7 @@ class Lease:
         self.epoch = seen + 1
         self.owed = sum(previous)
         self.handed = _tokens_of(item)
-        self._written = _text(item, "tokens")
+        self._written = _text(item, "tokens") or "[]"  # none: nothing to write until some
         self._record = record
         self._valid_until = sent + self.config.ttl - self.config.margin
         log.info(
