@@ -203,7 +203,7 @@ class Callbacks:
         until then; ``hidden_since`` is when its visibility was last set (default: now),
         so its next extension is not put off past the end of the current one."""
         since = self.clock() if hidden_since is None else hidden_since
-        self._handed.pop(token, None)
+        self._forget_passed(token)
         tokens = self._held.setdefault(arn, [])
         for held in tokens:
             if held.token == token:  # received again: a copy, or SQS's 12 h visibility cap
@@ -224,7 +224,7 @@ class Callbacks:
         """A request carrying a token entered its pool's waiting room: heartbeat it now, not
         an interval later (after a restart its parent has had no heartbeat for a while)."""
         if entry.request.task_token is not None:
-            self._handed.pop(entry.request.task_token, None)
+            self._forget_passed(entry.request.task_token)
             self._beat_soon(entry.request.task_token, entry.pool, entry.bound)
 
     def deferred(self, entry: Waiting, seconds: float) -> None:
@@ -252,6 +252,11 @@ class Callbacks:
             self._beat_soon(token, pool, log.bind(pool=pool.name, child_arn=arn))
         if self._handed:
             log.info("dispatcher.tokens_taken_over", count=len(self._handed))
+
+    def _forget_passed(self, token: str) -> None:
+        """Its message was received here: it is held, waits or is answered as any token."""
+        self._handed.pop(token, None)
+        self._passing.pop(token, None)
 
     def passing_on(self, entry: Waiting) -> None:
         """A token request's message goes back to its queue at the end of this reign (it
@@ -394,7 +399,7 @@ class Callbacks:
         """A request whose child had already ended (a restart, a redelivery): answer now.
         A child about to run again (``PENDING_REDRIVE``) is awaited instead."""
         arn, status = str(described["executionArn"]), str(described["status"])
-        self._handed.pop(token, None)
+        self._forget_passed(token)
         if status not in CLOSED:
             self.hold(pool, queue=queue, token=token, arn=arn, receipt=receipt, bound=bound)
             return
