@@ -647,8 +647,12 @@ class Intake:
             self._waiting_from[entry.queue.url, entry.pool.name] -= 1
 
     async def hand_back_waiting(self) -> int:
-        """Make every waiting request visible again (shutdown, lease lost)."""
+        """Make every waiting request visible again (shutdown, lease lost). Every entry is
+        set aside (kept, or to go back) before any call is made: a call that hangs (the
+        caller's deadline) loses none - one on its last receive would otherwise stay
+        hidden, unkept, until the redrive policy moved it without a reason."""
         handed = 0
+        back: list[tuple[RequestQueue, list[dict[str, Any]]]] = []
         for pool in self.pools.values():
             entries: list[Waiting] = pool.room.drain()
             pool.update()
@@ -665,7 +669,9 @@ class Intake:
                     else:
                         messages.append(entry.message)
                 if messages:
-                    handed += await queue.hand_back_all(messages, "waiting at shutdown")
+                    back.append((queue, messages))
+        for queue, messages in back:
+            handed += await queue.hand_back_all(messages, "waiting at shutdown")
         if handed:
             log.info("dispatcher.waiting_handed_back", count=handed)
         return handed
