@@ -128,6 +128,7 @@ def check_tokens(
         return []
     found: list[Violation] = []
     received = first_receives(history)
+    sent = first_starts_sent(history)
     deleted: dict[str, list[float]] = {}
     for delete in history.effective_deletes():
         if delete.queue_url in spec.request_queues:
@@ -153,7 +154,12 @@ def check_tokens(
         for issued in parent.tokens:
             answer = log.answer_of(issued.token)
             if answer is not None:
-                found += _check_answer(answer, issued, children.get(issued.request_id, []), spec)
+                executions = [
+                    e
+                    for e in children.get(issued.request_id, [])
+                    if min(e.first_start, sent.get(e.name, math.inf)) <= answer.time
+                ]
+                found += _check_answer(answer, issued, executions, spec)
             deletes = deleted.get(issued.message_id, [])
             found += _check_message(parent, issued, answer, deletes)
             copied = dead_lettered.get(issued.message_id, math.inf)
@@ -169,6 +175,19 @@ def check_tokens(
                 )
     found += _check_stops(history, children)
     return found
+
+
+def first_starts_sent(history: History) -> dict[str, float]:
+    """Execution name -> when a dispatcher first sent a start of it. An execution neither
+    started nor sent by the time a token was answered is not the child that answer is
+    about: a request dead-lettered (its parent told so) and then redriven by an operator
+    starts it later, as the dead letter's detail says; the parent is gone by then. One
+    whose start was sent before the answer is (the start may land after it)."""
+    sent: dict[str, float] = {}
+    for record in history.records:
+        if record.kind == "start_sent":
+            sent.setdefault(str(record.details.get("name")), record.time)
+    return sent
 
 
 def _waits(answer: TokenCall | None, t: float) -> bool:
@@ -222,10 +241,21 @@ def _check_heartbeats(
     return []
 
 
-def _restarts(history: History) -> list[tuple[float, bool]]:
-    """(time, killed) of every dispatcher process that stopped: kill -9 (True) or SIGTERM."""
-    out = [(c.time, True) for c in history.crashes if c.node != OUTSIDE]
-    out += [(r.time, False) for r in history.records if r.kind == "note" and r.text == "SIGTERM"]
+def _restarts(history: History) -> list[tuple[float, float, bool]]:
+    """(from, to, killed) of every dispatcher process that stopped: kill -9 (True, at one
+    instant) or SIGTERM (from the signal until the process exited: it drains meanwhile, and
+    its last heartbeats may come after the signal)."""
+    out = [(c.time, c.time, True) for c in history.crashes if c.node != OUTSIDE]
+    ends: dict[str, list[float]] = {}
+    for record in history.records:
+        if record.kind == "crash" or (
+            record.kind == "note" and record.text.startswith(("process exited", "process died"))
+        ):
+            ends.setdefault(record.node, []).append(record.time)
+    for record in history.records:
+        if record.kind == "note" and record.text == "SIGTERM":
+            after = [t for t in ends.get(record.node, []) if t >= record.time]
+            out.append((record.time, min(after, default=history.end), False))
     return sorted(out)
 
 
@@ -266,7 +296,7 @@ def _check_heartbeat_gaps(
             points = [max([b for b in beats if b <= begin], default=begin)]
             points += [b for b in beats if begin < b < end] + [end]
             for a, b in itertools.pairwise(points):
-                kinds = [killed for t, killed in restarts if a <= t < b]
+                kinds = [killed for start, stop, killed in restarts if start < b and stop >= a]
                 allowed = every if not kinds else (restart if any(kinds) else deploy or restart)
                 if b - a > allowed:
                     across = (

@@ -40,6 +40,9 @@ def wired(world: World) -> tuple[Intake, Callbacks]:
     )
     intake.starter.callbacks = callbacks
     callbacks.starting = intake.starter.starting
+    # As with a lease table, the former reign's tokens are known (test_token_handover.py
+    # shows what differs without one).
+    callbacks.handed_over = True
     world.pool.on_ended = callbacks.ended
     return intake, callbacks
 

@@ -429,6 +429,29 @@ async def test_a_request_whose_extension_failed_leaves_the_room() -> None:
     assert (intake.wanted(high), intake.wanted(low)) == (LOOKAHEAD, LOOKAHEAD - 1)
 
 
+async def test_a_hand_back_that_hangs_loses_no_request_on_its_last_receive() -> None:
+    """The first queue's hand-back hangs until the caller's deadline: a request on its last
+    receive from the other queue is kept all the same (set aside before any call), not left
+    hidden and unkept for the redrive policy to move without a reason."""
+    world, pool, intake = two_queue_world()
+    high, low = intake.queues
+    low.max_receive_count = 3
+    await intake.admit(high, request("h-0"))
+    last = request("l-0")
+    last["Attributes"]["ApproximateReceiveCount"] = "3"
+    await intake.admit(low, last)
+
+    async def hangs(**_: Any) -> dict[str, Any]:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    world.sqs.change_message_visibility_batch = hangs  # type: ignore[method-assign]
+    with anyio.move_on_after(0.2):
+        await intake.hand_back_waiting()
+    assert len(pool.room) == 0
+    assert [k.entry.request.name for k in intake.starter.last_receives] == ["l-0"]
+
+
 async def test_hand_back_waiting_empties_the_room_and_makes_each_request_visible() -> None:
     world, pool, intake = two_queue_world()
     high, low = intake.queues

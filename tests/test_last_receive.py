@@ -362,6 +362,34 @@ async def test_a_kept_request_is_not_let_go_when_an_extension_call_fails() -> No
     assert len(kept) == 1
 
 
+async def test_a_kept_request_whose_extension_hangs_is_tried_again_within_seconds() -> None:
+    """The extension's call hangs (a request lost on the wire): it is given up after a
+    fifth of the visibility and tried again a second later, not a quarter of the
+    visibility later - by then the margin an extension at half the visibility leaves may
+    be gone, and the redrive policy moves the message without a reason."""
+    world = world_of(limit=0, visibility_timeout=10)  # the deadline is in real time: 2 s
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world)
+    await intake.admit(intake.queues[0], last_receive())
+    assert await intake.hand_back_waiting() == 0
+    kept = intake.starter.last_receives
+    world.clock.advance(world.settings.visibility_timeout / 2)
+    answer = world.sqs.change_message_visibility_batch
+
+    async def hangs(**_: Any) -> dict[str, Any]:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    world.sqs.change_message_visibility_batch = hangs  # type: ignore[method-assign]
+    with anyio.fail_after(world.settings.visibility_timeout / 4):
+        assert await kept.keep_hidden_once() == 0
+    assert len(kept) == 1
+    assert kept._next_due() <= 1.0
+    world.sqs.change_message_visibility_batch = answer  # type: ignore[method-assign]
+    assert await kept.keep_hidden_once() == 1
+    assert kept._next_due() > 1.0
+
+
 async def test_after_a_lost_lease_a_kept_token_request_whose_child_runs_is_let_go() -> None:
     """Only a leader holds tokens: settled after the reign, a token request whose child
     runs is let go (logged), neither deleted nor held - and the pass goes on."""

@@ -223,6 +223,7 @@ def held(
     beats: list[float],
     *,
     sigterm: float | None = None,
+    exited: float | None = None,
     crash: float | None = None,
     received: float = 140.0,
 ) -> History:
@@ -236,6 +237,8 @@ def held(
         beat(history, token, at)
     if sigterm is not None:
         history.note(sigterm, "d1.1", "SIGTERM")
+    if exited is not None:
+        history.note(exited, "d1.1", "process exited 0")
     if crash is not None:
         history.crash(crash, "d1.1")
     succeed(history, token, 601.0, '{"req": "p-0", "done": true}')
@@ -264,6 +267,19 @@ def test_a_gap_across_a_deploy_is_judged_by_the_deploy_bound() -> None:
     beats = [t for t in EVERY_30 if not 280 < t < 430]
     [violation] = check(held(beats, sigterm=300.0), spec(**GAPS))
     assert "across a deploy (150 s > 100 s)" in violation.message
+
+
+def test_a_deploy_lasts_from_the_signal_to_the_exit() -> None:
+    """The stopping process heartbeats while it drains: a gap from its last heartbeat,
+    after the signal, to its successor's first spans the deploy all the same."""
+    beats = [t for t in EVERY_30 if not 310 < t < 400] + [325.0]  # 325, then 400
+    assert check(held(beats, sigterm=300.0, exited=330.0), spec(**GAPS)) == []  # 75 s
+    beats = [t for t in EVERY_30 if not 310 < t < 460] + [325.0]  # 325, then 460
+    [violation] = check(held(beats, sigterm=300.0, exited=330.0), spec(**GAPS))
+    assert "from 325.000 to 460.000 across a deploy (135 s > 100 s)" in violation.message
+    beats = [t for t in EVERY_30 if not 340 < t < 430]  # 340 (after the exit), then 430
+    [violation] = check(held(beats, sigterm=300.0, exited=330.0), spec(**GAPS))
+    assert "from 340.000 to 430.000 (90 s > 60 s)" in violation.message
 
 
 def test_a_gap_across_a_crash_is_judged_by_the_restart_bound() -> None:

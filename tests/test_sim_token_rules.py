@@ -294,14 +294,39 @@ def test_an_answer_before_the_child_ended_is_caught() -> None:
     delete(history, "m0", 5.6)
     [violation] = check(history, spec())
     assert (violation.kind, violation.time) == ("early_answer", 3)
-    # Failed as dead-lettered, then started after all: answered before the child ended too.
+    # Failed as dead-lettered while a start sent before was still on its way: it landed
+    # after the answer, which came before the child ended too.
     history = History()
     [token] = parent(history)
+    history.add(0.5, "d1", "start_sent", "StartExecution name=p-0 sent", name="p-0")
     fail(history, token, 1, "Dispatcher.DeadLettered")
     end(history, 1, "FAILED")
     child(history, 0, 2, 5)
     delete(history, "m0", 5.6)
     assert kinds(check(history, spec())) == ["early_answer"]
+
+
+def test_a_child_first_sent_after_the_answer_is_not_the_answers() -> None:
+    """Dead-lettered on its last receive, its child never started: the parent is told so.
+    An operator redrives the dead letter later and the child runs then, as the dead
+    letter's detail says: the answer came before any start of it, not before its end."""
+    history = History()
+    [token] = parent(history)
+    fail(history, token, 1, "Dispatcher.DeadLettered")
+    end(history, 1, "FAILED")
+    history.add(2, "d1", "start_sent", "StartExecution name=p-0 sent", name="p-0")
+    child(history, 0, 2, 5)
+    delete(history, "m0", 5.6)
+    assert "early_answer" not in kinds(check(history, spec()))
+    # A success is never an answer for a child that did not exist yet.
+    history = History()
+    [token] = parent(history)
+    succeed(history, token, 1)
+    end(history, 1)
+    history.add(2, "d1", "start_sent", "StartExecution name=p-0 sent", name="p-0")
+    child(history, 0, 2, 5)
+    delete(history, "m0", 5.6)
+    assert "wrong_answer" in kinds(check(history, spec()))
 
 
 # -- rule 8: deletes and stops -------------------------------------------------------------------

@@ -6,7 +6,9 @@ and each parent gets exactly its children's results. Judged from the executions'
 from __future__ import annotations
 
 import json
+import math
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,7 @@ import pytest
 from devtools.polling import wait_until
 from devtools.records import list_executions, max_overlap
 from devtools.sandbox.provision import SandboxResources, child_key
+from dispatcher.daemon.callbacks import FIRST_RECEIVE_SKEW
 from tests.audit import session
 from tests.helpers import depth, drained
 from tests.runner import child_process, running
@@ -171,13 +174,21 @@ async def test_a_parent_that_stopped_waiting_lets_the_dispatcher_stop_the_child(
     """The parent's task is answered elsewhere while the child runs (as for a parent that
     was aborted or timed out: MiniStack keeps an aborted parent's tokens alive, AWS does
     not - the simulation covers the abort). The next heartbeat meets TaskDoesNotExist:
-    the child is stopped (enabled here) and the request message deleted."""
+    the child is stopped (enabled here) and the request message deleted. (Its request is
+    sent once the reign is older than the clock skew allowed: a request that may have been
+    received before the reign is never stopped without a lease table, see callbacks.)"""
     resources = await sandbox_factory(limit=2)
     async with (
         running(resources, limit=2, heartbeat_interval=0.5, stop_orphaned_children=True) as d,
         session().client("stepfunctions", endpoint_url=resources.endpoint) as sfn,
         session().client("sqs", endpoint_url=resources.endpoint) as sqs,
     ):
+
+        async def reign_older_than_the_skew() -> bool:
+            began = d.callbacks.reign_began if d.callbacks is not None else math.inf
+            return time.time() > began + FIRST_RECEIVE_SKEW
+
+        await wait_until(reign_older_than_the_skew, within=FIRST_RECEIVE_SKEW + 10)
         [parent] = await start_parents(sfn, resources, [[{"seconds": 60}]])
 
         async def token_held() -> bool:

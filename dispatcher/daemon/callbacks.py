@@ -20,12 +20,20 @@ its child may exist), or lets its child go - stopped, with ``stop_orphaned_child
 once no other token waits on it. At an orderly end of a reign every token held gets a last
 heartbeat and its message is handed back (visible at once), so the successor takes it over
 without waiting for the visibility timeout.
+
+A successor may not receive those messages soon: it receives only for free slots, and a
+kill -9 hands nothing back. So, with a lease table, the tokens whose parents wait on a reign
+(held, waiting in memory or kept on their last receive, deferred, handed back) are also
+written into the lease item (`dispatcher.daemon.lease`); a successor takes them over at
+once: it heartbeats each until its message is received (then it is held as any), its parent
+is gone, or its child ended (then its parent is answered, and the message deleted when it
+comes), and keeps the child it waits on from being stopped as an orphan.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -165,6 +173,16 @@ class Callbacks:
         # Child ARN -> until when a token request for it, deferred to its queue (a full
         # waiting room), may still be on its way back: a child it awaits is kept for it.
         self._deferred: dict[str, float] = {}
+        self._deferred_tokens: dict[str, tuple[Pool, str, float]] = {}  # token -> ..., until
+        # Token -> (pool, child ARN): passed on by a predecessor, its message not received yet.
+        self._handed: dict[str, tuple[Pool, str]] = {}
+        # Token -> (pool, child ARN): its message went back at the end of this reign.
+        self._passing: dict[str, tuple[Pool, str]] = {}
+        self.kept: Callable[[], Iterable[Waiting]] = lambda: ()
+        """Token requests kept on their last receive (the service points this at them)."""
+        self.handed_over = False
+        """Whether the former reigns pass their tokens on (a lease table): a token they
+        knew of, deferred or handed back, is then known here before its message comes."""
 
     # -- what the rest of the dispatcher tells -------------------------------------------
 
@@ -185,6 +203,7 @@ class Callbacks:
         until then; ``hidden_since`` is when its visibility was last set (default: now),
         so its next extension is not put off past the end of the current one."""
         since = self.clock() if hidden_since is None else hidden_since
+        self._forget_passed(token)
         tokens = self._held.setdefault(arn, [])
         for held in tokens:
             if held.token == token:  # received again: a copy, or SQS's 12 h visibility cap
@@ -205,6 +224,7 @@ class Callbacks:
         """A request carrying a token entered its pool's waiting room: heartbeat it now, not
         an interval later (after a restart its parent has had no heartbeat for a while)."""
         if entry.request.task_token is not None:
+            self._forget_passed(entry.request.task_token)
             self._beat_soon(entry.request.task_token, entry.pool, entry.bound)
 
     def deferred(self, entry: Waiting, seconds: float) -> None:
@@ -218,6 +238,54 @@ class Callbacks:
         arn = execution_arn(entry.pool.state_machine_arn, entry.request.name)
         until = now + seconds + self.settings.visibility_timeout
         self._deferred[arn] = max(self._deferred.get(arn, until), until)
+        self._deferred_tokens = {t: d for t, d in self._deferred_tokens.items() if d[2] > now}
+        self._deferred_tokens[entry.request.task_token] = (entry.pool, arn, until)
+
+    def adopt(self, pool: Pool, tokens: Iterable[tuple[str, str]]) -> None:
+        """Tokens (token, child ARN) a predecessor passed on for ``pool``'s state machine:
+        heartbeated now and every interval, until their messages are received, their
+        parents are gone or their children end (then answered)."""
+        for token, arn in tokens:
+            if token in self._handed or any(h.token == token for h in self._held.get(arn, [])):
+                continue
+            self._handed[token] = (pool, arn)
+            self._beat_soon(token, pool, log.bind(pool=pool.name, child_arn=arn))
+        if self._handed:
+            log.info("dispatcher.tokens_taken_over", count=len(self._handed))
+
+    def _forget_passed(self, token: str) -> None:
+        """Its message was received here: it is held, waits or is answered as any token."""
+        self._handed.pop(token, None)
+        self._passing.pop(token, None)
+
+    def passing_on(self, entry: Waiting) -> None:
+        """A token request's message goes back to its queue at the end of this reign (it
+        waited, or was kept on its last receive): passed on to the successor."""
+        token = entry.request.task_token
+        if token is not None:
+            arn = execution_arn(entry.pool.state_machine_arn, entry.request.name)
+            self._passing[token] = (entry.pool, arn)
+
+    def waiting_tokens(self, state_machine_arn: str) -> list[tuple[str, str]]:
+        """(token, child ARN) of every token whose parent waits on this reign, for
+        ``state_machine_arn``'s children: what a successor takes over (the lease item)."""
+        now = self.clock()
+        found: dict[str, str] = {}
+        for hs in self._held.values():
+            for held in hs:
+                found.setdefault(held.token, held.arn)
+        entries = [e for p in self.pools.values() for e in p.room.items()]
+        for entry in [*entries, *self.kept()]:
+            if entry.request.task_token is not None:
+                arn = execution_arn(entry.pool.state_machine_arn, entry.request.name)
+                found.setdefault(entry.request.task_token, arn)
+        for token, (pool, arn, until) in self._deferred_tokens.items():
+            if until > now and pool.state_machine_arn == state_machine_arn:
+                found.setdefault(token, arn)
+        for token, (_pool, arn) in [*self._handed.items(), *self._passing.items()]:
+            found.setdefault(token, arn)
+        prefix = state_machine_arn.replace(":stateMachine:", ":execution:", 1) + ":"
+        return sorted((t, a) for t, a in found.items() if a.startswith(prefix))
 
     def started(self, arn: str) -> None:
         """This reign started child ``arn``: it knows every token it started it for."""
@@ -238,9 +306,13 @@ class Callbacks:
         ``status`` and ``result`` may be empty: the child is described)."""
         self._ours.discard(arn)
         self._starter_gone.discard(arn)
-        if arn in self._held:
+        if arn in self._held or self._handed_for(arn):
             self._due[arn] = (status, result)
             self._wake.set()
+
+    def _handed_for(self, arn: str) -> list[tuple[str, Pool]]:
+        """(token, pool) of the tokens passed on by a predecessor that wait on ``arn``."""
+        return [(t, pool) for t, (pool, a) in self._handed.items() if a == arn]
 
     @property
     def held(self) -> int:
@@ -286,7 +358,33 @@ class Callbacks:
             for held in list(self._held.get(arn, [])):
                 if await self._send(held, answer):
                     answered += 1
+            for token, pool in self._handed_for(arn):
+                if await self._answer_handed(token, pool, arn, answer):
+                    answered += 1
         return answered
+
+    async def _answer_handed(self, token: str, pool: Pool, arn: str, answer: Answer) -> bool:
+        """Answer a token passed on by a predecessor whose message was not received yet (it
+        is deleted when it comes: its parent is gone by then). False: tried again later."""
+        bound = log.bind(pool=pool.name, child_arn=arn)
+        try:
+            if answer.success:
+                await self._call("send_task_success", taskToken=token, output=answer.output)
+            else:
+                await self._call(
+                    "send_task_failure", taskToken=token, error=answer.error, cause=answer.cause
+                )
+            outcome = "success" if answer.success else "failure"
+        except AWS_ERRORS as exc:
+            if error_code(exc) not in PARENT_GONE:
+                self.metrics.callbacks.labels(pool=pool.name, outcome="error").inc()
+                bound.warning("dispatcher.callback_failed", error=str(exc))
+                return False
+            outcome = "parent_gone"
+        self.metrics.callbacks.labels(pool=pool.name, outcome=outcome).inc()
+        bound.info("dispatcher.parent_answered", outcome=outcome, error=answer.error)
+        self._handed.pop(token, None)
+        return True
 
     async def answer_closed(
         self,
@@ -301,6 +399,7 @@ class Callbacks:
         """A request whose child had already ended (a restart, a redelivery): answer now.
         A child about to run again (``PENDING_REDRIVE``) is awaited instead."""
         arn, status = str(described["executionArn"]), str(described["status"])
+        self._forget_passed(token)
         if status not in CLOSED:
             self.hold(pool, queue=queue, token=token, arn=arn, receipt=receipt, bound=bound)
             return
@@ -368,20 +467,27 @@ class Callbacks:
         held = [h for hs in self._held.values() for h in hs]
         self._held.clear()
         self._due.clear()
+        for one in held:
+            self._passing[one.token] = (one.pool, one.arn)
         for pool in self.pools.values():
             self._gauge(pool)
-        if not held:
-            return 0
+        # Every token passed on gets a last heartbeat: held, or waiting (its message already
+        # handed back by intake), or taken over from a predecessor and not received yet.
+        beats = {h.token: (h.pool, h.bound) for h in held}
+        for token, (pool, arn) in [*self._passing.items(), *self._handed.items()]:
+            beats.setdefault(token, (pool, log.bind(pool=pool.name, child_arn=arn)))
         limiter = anyio.CapacityLimiter(LAST_BEATS)
 
-        async def last_beat(one: Held) -> None:
+        async def last_beat(token: str, pool: Pool, bound: Any) -> None:
             async with limiter:
-                await self._heartbeat(one.token, one.bound, one.pool.name, attempts=1)
+                await self._heartbeat(token, bound, pool.name, attempts=1)
 
         with anyio.move_on_after(LAST_BEATS_SECONDS):
             async with anyio.create_task_group() as tg:
-                for one in held:
-                    tg.start_soon(last_beat, one)
+                for token, (pool, bound) in beats.items():
+                    tg.start_soon(last_beat, token, pool, bound)
+        if not held:
+            return 0
         handed = 0
         every = [pair for h in held for pair in h.handles()]
         for queue in {id(q): q for q, _ in every}.values():
@@ -423,8 +529,18 @@ class Callbacks:
         for arn in [a for a in self._held if a not in self._due]:
             if any(h.pool.ledger.is_tombstoned(arn) for h in self._held[arn]):
                 self._due[arn] = ("", None)  # ended, its answer not sent yet
+        for pool, arn in self._handed.values():
+            if arn not in self._due and pool.ledger.is_tombstoned(arn):
+                self._due[arn] = ("", None)
         if self._due:
             self._wake.set()
+        targets = self._targets()
+        self._beaten = {t: at for t, at in self._beaten.items() if t in targets}
+        return await self._beat([(t, pool, bound) for t, (pool, bound) in targets.items()])
+
+    def _targets(self) -> dict[str, tuple[Pool, Any]]:
+        """Token -> (pool, logger) of every token to heartbeat: held (children running),
+        waiting in memory, kept on its last receive, or passed on by a predecessor."""
         targets: dict[str, tuple[Pool, Any]] = {}
         for hs in self._held.values():
             for held in hs:
@@ -433,8 +549,12 @@ class Callbacks:
             for entry in pool.room.items():
                 if entry.request.task_token is not None:
                     targets.setdefault(entry.request.task_token, (pool, entry.bound))
-        self._beaten = {t: at for t, at in self._beaten.items() if t in targets}
-        return await self._beat([(t, pool, bound) for t, (pool, bound) in targets.items()])
+        for entry in self.kept():  # kept on its last receive: its parent waits all the same
+            if entry.request.task_token is not None:
+                targets.setdefault(entry.request.task_token, (entry.pool, entry.bound))
+        for token, (pool, arn) in self._handed.items():
+            targets.setdefault(token, (pool, log.bind(pool=pool.name, child_arn=arn)))
+        return targets
 
     async def _beat(self, targets: list[tuple[str, Pool, Any]]) -> int:
         """Heartbeat each token, then let go of those whose parent is gone."""
@@ -467,7 +587,10 @@ class Callbacks:
         """The parents of ``gone`` no longer wait: forget their tokens and delete their
         requests; a child no token waits on any more is let go (or stopped). A request still
         waiting in a room is dropped unstarted - unless a start of it may have run (in
-        doubt): its start settles it, finds the child and lets it go."""
+        doubt): its start settles it, finds the child and lets it go. A token passed on by
+        a predecessor is only forgotten: its child is left to whoever started it."""
+        for token in gone:
+            self._handed.pop(token, None)
         for arn in [a for a, hs in self._held.items() if any(h.token in gone for h in hs)]:
             leaving = [h for h in self._held.get(arn, []) if h.token in gone]
             if leaving:
@@ -497,7 +620,14 @@ class Callbacks:
         room for its name (a parent's retry with the same key), deferred to its queue (not
         back yet), or being started."""
         count = sum(1 for h in self._held.get(arn, []) if h.token not in gone)
+        count += sum(1 for t, _ in self._handed_for(arn) if t not in gone)
         count += int(self._deferred.get(arn, -math.inf) > self.clock())
+        count += sum(
+            1
+            for entry in self.kept()
+            if entry.request.task_token not in (None, *gone)
+            and execution_arn(entry.pool.state_machine_arn, entry.request.name) == arn
+        )
         for pool in self.pools.values():
             count += sum(
                 1
@@ -514,8 +644,11 @@ class Callbacks:
         the same child (a parent's retry with the same key): then the child is kept for it.
         A child a predecessor started is kept too while only tokens first received in this
         reign let go of it (``former`` False): it was started for another request, which
-        may be back in the queue, handed back at the restart. Otherwise it is orphaned:
-        stopped if so configured, else left to run."""
+        may be back in the queue, handed back at the restart. Without tokens passed on (no
+        lease table), a child a token first received before this reign waited on is left to
+        run, never stopped: the former process may have deferred or handed back a retry's
+        request for it, which waits unseen in the queue. Otherwise it is orphaned: stopped if
+        so configured, else left to run."""
         if former and arn not in self._ours:
             self._starter_gone.add(arn)
         if self._waiters(arn, gone):
@@ -526,7 +659,9 @@ class Callbacks:
             return
         self._starter_gone.discard(arn)
         action = "left"
-        if self.settings.stop_orphaned_children:
+        if former and not self.handed_over:
+            bound.info("dispatcher.parent_gone", child_arn=arn, child="may be awaited unseen")
+        elif self.settings.stop_orphaned_children:
             try:
                 await self._call(
                     "stop_execution",

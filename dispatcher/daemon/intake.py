@@ -327,6 +327,7 @@ class Intake:
             pool.update()
             for entry in entries:
                 self._waiting_from[entry.queue.url, pool.name] -= 1
+                self._passing_on(entry)
                 hidden = visibility if entry.queue.is_last_receive(entry.message) else 0
                 hidden = max(hidden, seconds[entry.queue.url])
                 # As if hidden since then for the visibility timeout (or the call fails).
@@ -634,14 +635,24 @@ class Intake:
                         batches.start_soon(extend, pool, queue, batch, now)
         return extended
 
+    def _passing_on(self, entry: Waiting) -> None:
+        """A waiting request goes back at the end of the reign: its token (if it carries
+        one) is passed on to the successor."""
+        if self.starter.callbacks is not None:
+            self.starter.callbacks.passing_on(entry)
+
     def _leave_room(self, entry: Waiting) -> None:
         """A waiting request whose message can no longer be kept hidden leaves the room."""
         if entry.pool.room.remove(entry):
             self._waiting_from[entry.queue.url, entry.pool.name] -= 1
 
     async def hand_back_waiting(self) -> int:
-        """Make every waiting request visible again (shutdown, lease lost)."""
+        """Make every waiting request visible again (shutdown, lease lost). Every entry is
+        set aside (kept, or to go back) before any call is made: a call that hangs (the
+        caller's deadline) loses none - one on its last receive would otherwise stay
+        hidden, unkept, until the redrive policy moved it without a reason."""
         handed = 0
+        back: list[tuple[RequestQueue, list[dict[str, Any]]]] = []
         for pool in self.pools.values():
             entries: list[Waiting] = pool.room.drain()
             pool.update()
@@ -652,12 +663,15 @@ class Intake:
                 self._waiting_from[queue.url, pool.name] -= len(mine)
                 messages = []
                 for entry in mine:
+                    self._passing_on(entry)
                     if queue.is_last_receive(entry.message):  # kept, hidden since it is
                         self.starter.last_receives.keep(entry, "waiting at shutdown")
                     else:
                         messages.append(entry.message)
                 if messages:
-                    handed += await queue.hand_back_all(messages, "waiting at shutdown")
+                    back.append((queue, messages))
+        for queue, messages in back:
+            handed += await queue.hand_back_all(messages, "waiting at shutdown")
         if handed:
             log.info("dispatcher.waiting_handed_back", count=handed)
         return handed

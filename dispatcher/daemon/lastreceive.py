@@ -70,6 +70,7 @@ class LastReceives:
         # from another copy of it (a producer's retry, a message SQS stored twice) at any
         # time, so "does not exist" no longer proves that a redrive is safe.
         self.after_reign = False
+        self._unsure = False  # an extension's outcome is unknown: tried again soon
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -194,16 +195,23 @@ class LastReceives:
         """Extend the visibility of kept messages hidden for half of it or more (batched per
         queue); one SQS no longer lets be extended (its 12-hour cap) is let go: it comes
         back, and the queue's redrive policy moves it. A call that failed (throttled, no
-        answer) lets nothing go: it is tried again at the next pass, as long as the message
-        may still be hidden. Returns how many were extended."""
+        answer by its deadline, a fifth of the visibility) lets nothing go: it is tried
+        again a second later, as long as the message may still be hidden (a call that hangs
+        must not use up the margin an extension at half the visibility leaves). Returns how
+        many were extended."""
         visibility = self.settings.visibility_timeout
         extended = 0
+        self._unsure = False
         due = [k for k in self if k.entry.pool.clock() - k.entry.hidden_since >= visibility / 2]
         for queue in {id(k.entry.queue): k.entry.queue for k in due}.values():
             mine = [k for k in due if k.entry.queue is queue]
             handles = [k.entry.request.receipt_handle for k in mine]
             now = min(k.entry.pool.clock() for k in mine)  # before the call: its effect's start
-            failed, unknown = await queue.extend_visibility(handles, visibility)
+            failed: set[str] = set()
+            unknown = set(handles)
+            with anyio.move_on_after(visibility / 5):
+                failed, unknown = await queue.extend_visibility(handles, visibility)
+            self._unsure = self._unsure or bool(unknown)
             for kept in mine:
                 handle = kept.entry.request.receipt_handle
                 surely_out = kept.entry.pool.clock() - kept.entry.hidden_since >= visibility
@@ -217,6 +225,8 @@ class LastReceives:
     def _let_go(self, kept: _Kept, why: str) -> None:
         if kept in self._kept:
             self._kept.remove(kept)
+        if self.starter.callbacks is not None:  # a parent waits: passed on to the successor
+            self.starter.callbacks.passing_on(kept.entry)
         kept.entry.bound.error(
             "dispatcher.last_receive_unsettled",
             execution_arn=kept.arn,
@@ -240,7 +250,7 @@ class LastReceives:
     def _next_due(self) -> float:
         """Seconds until a kept request is due (a describe, or its visibility)."""
         visibility = self.settings.visibility_timeout
-        waits = [visibility / 4]
+        waits = [1.0 if self._unsure else visibility / 4]
         for kept in self:
             now = kept.entry.pool.clock()
             waits.append(kept.next_try - now)

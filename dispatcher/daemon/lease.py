@@ -25,10 +25,19 @@ and show in listings within its start grace: both are in the item, so a successo
 other settings waits the longer of its own and the recorded ones (`Lease.owed`). A new
 holder records the larger of the two until it has waited (`Lease.settled`), so a holder
 that dies before it lists passes the wait on.
+
+The item also carries the task tokens whose parents wait on this holder (``tokens``: held
+for running children, waiting in memory, deferred, handed back at the end of the reign),
+written with a renewal when they changed and with the release. A successor heartbeats them
+from its take-over and counts them as waiting on their children, before it receives their
+messages: handed back to a queue whose backlog it receives only for free slots, a message
+may wait there long (every slot taken), and a kill -9 hands nothing back at all.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import socket
 import time
@@ -47,6 +56,12 @@ if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
 
 log = structlog.get_logger("dispatcher.lease")
+
+MAX_TOKENS = 100
+"""Task tokens passed on in one item, at most (a token is up to 2,048 characters; an item up
+to 400 KB). Beyond them a token is found again only when its message is received."""
+Tokens = list[tuple[str, str]]
+"""(task token, child execution ARN) pairs."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,11 @@ class Lease:
         """What the previous holder's settings oblige this one to wait (D + grace as
         recorded in the item when it was taken; 0 for a fresh item)."""
         self._record = (config.start_timeout, config.start_grace)  # written with each write
+        self.handed: Tokens = []
+        """The tokens the item carried when this holder took it (its predecessors')."""
+        self.tokens: Callable[[], Tokens] | None = None
+        """The tokens whose parents wait on this holder now (written when they change)."""
+        self._written = "[]"  # the tokens as last written
         self._valid_until = float("-inf")
         self._monotonic = monotonic
         self._wall = wall
@@ -180,6 +200,8 @@ class Lease:
             raise
         self.epoch = seen + 1
         self.owed = sum(previous)
+        self.handed = _tokens_of(item)
+        self._written = _text(item, "tokens") or "[]"  # none: nothing to write until some
         self._record = record
         self._valid_until = sent + self.config.ttl - self.config.margin
         log.info(
@@ -195,22 +217,26 @@ class Lease:
         """Extend our reign; False once someone else holds it (or we never did)."""
         sent = self._monotonic()
         now = self._wall()
+        values = {
+            ":me": {"S": self.owner},
+            ":epoch": {"N": str(self.epoch)},
+            ":expires": {"N": _number(now + self.config.ttl)},
+            ":timeout": {"N": _number(self._record[0])},
+            ":grace": {"N": _number(self._record[1])},
+        }
+        update = "SET expires_at = :expires, start_timeout = :timeout, start_grace = :grace"
+        tokens = self._tokens_to_write()
+        if tokens is not None:
+            update += ", tokens = :tokens"
+            values[":tokens"] = {"S": tokens}
         try:
             await self.dynamodb.update_item(
                 TableName=self.config.table,
                 Key=self.key,
-                UpdateExpression=(
-                    "SET expires_at = :expires, start_timeout = :timeout, start_grace = :grace"
-                ),
+                UpdateExpression=update,
                 ConditionExpression="#owner = :me AND epoch = :epoch",
                 ExpressionAttributeNames={"#owner": "owner"},
-                ExpressionAttributeValues={
-                    ":me": {"S": self.owner},
-                    ":epoch": {"N": str(self.epoch)},
-                    ":expires": {"N": _number(now + self.config.ttl)},
-                    ":timeout": {"N": _number(self._record[0])},
-                    ":grace": {"N": _number(self._record[1])},
-                },
+                ExpressionAttributeValues=values,
             )
         except ClientError as exc:
             if error_code(exc) == "ConditionalCheckFailedException":
@@ -223,25 +249,37 @@ class Lease:
                 )
                 return False
             raise
+        if tokens is not None:
+            self._written = tokens
         self._valid_until = sent + self.config.ttl - self.config.margin
         return True
+
+    def _tokens_to_write(self) -> str | None:
+        """The tokens to pass on, as the item stores them; None: unchanged (or no source)."""
+        if self.tokens is None:
+            return None
+        pairs = sorted(set(self.tokens()))[:MAX_TOKENS]
+        text = json.dumps([list(pair) for pair in pairs], separators=(",", ":"))
+        return None if text == self._written else text
 
     async def release(self) -> None:
         """Give the lease up so a successor need not wait for the TTL (refused quietly
         when it is not ours any more)."""
         self._valid_until = float("-inf")
+        values = {":me": {"S": self.owner}, ":epoch": {"N": str(self.epoch)}, ":zero": {"N": "0"}}
+        update = "SET expires_at = :zero"
+        tokens = self._tokens_to_write()
+        if tokens is not None:
+            update += ", tokens = :tokens"
+            values[":tokens"] = {"S": tokens}
         try:
             await self.dynamodb.update_item(
                 TableName=self.config.table,
                 Key=self.key,
-                UpdateExpression="SET expires_at = :zero",
+                UpdateExpression=update,
                 ConditionExpression="#owner = :me AND epoch = :epoch",
                 ExpressionAttributeNames={"#owner": "owner"},
-                ExpressionAttributeValues={
-                    ":me": {"S": self.owner},
-                    ":epoch": {"N": str(self.epoch)},
-                    ":zero": {"N": "0"},
-                },
+                ExpressionAttributeValues=values,
             )
         except ClientError as exc:
             if error_code(exc) != "ConditionalCheckFailedException":
@@ -349,6 +387,17 @@ class Leases:
                 except Exception as exc:  # noqa: BLE001 - it lapses on its own within the TTL
                     log.warning("dispatcher.lease_release_failed", error=str(exc))
 
+    @property
+    def handed(self) -> dict[str, Tokens]:
+        """State machine ARN -> the tokens its item carried when it was taken."""
+        return {lease.config.pool: lease.handed for lease in self.items}
+
+    def pass_on(self, tokens: Callable[[str], Tokens] | None) -> None:
+        """Write ``tokens(state machine ARN)`` into each item when they change (None: stop)."""
+        for lease in self.items:
+            pool = lease.config.pool
+            lease.tokens = None if tokens is None else functools.partial(tokens, pool)
+
     async def renew(self) -> bool:
         """Renew every lease; False (and every lease lapsed) once one is lost."""
         for lease in self.items:
@@ -373,6 +422,15 @@ def _num(item: Mapping[str, Any], name: str) -> float:
 def _text(item: Mapping[str, Any], name: str) -> str | None:
     value = item.get(name)
     return None if value is None else str(value.get("S"))
+
+
+def _tokens_of(item: Mapping[str, Any]) -> Tokens:
+    """The tokens an item carries (none when it carries none, or not as written here)."""
+    try:
+        pairs = json.loads(_text(item, "tokens") or "[]")
+        return [(str(token), str(arn)) for token, arn in pairs][:MAX_TOKENS]
+    except (TypeError, ValueError):
+        return []
 
 
 def _number(value: float) -> str:

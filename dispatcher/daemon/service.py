@@ -355,8 +355,18 @@ class Dispatcher:
         self.callbacks.reign_began = self.intake.starter.reign_began
         self.intake.starter.callbacks = self.callbacks
         self.callbacks.starting = self.intake.starter.starting
+        last_receives = self.intake.starter.last_receives
+        self.callbacks.kept = lambda: [kept.entry for kept in last_receives]
         for pool in self.pools.values():
             pool.on_ended = self.callbacks.ended
+        if lease is not None:
+            # The tokens a predecessor passed on are heartbeated from now; this reign's are
+            # written into the lease items as they change, for its successor.
+            self.callbacks.handed_over = True
+            for arn, tokens in lease.handed.items():
+                if arn in by_arn:
+                    self.callbacks.adopt(by_arn[arn], tokens)
+            lease.pass_on(self.callbacks.waiting_tokens)
         return self.intake, self.events
 
     async def _reign(
@@ -436,6 +446,7 @@ class Dispatcher:
                     await lease.release()
                 except AWS_ERRORS as exc:  # it lapses on its own within the TTL
                     log.warning("dispatcher.lease_release_failed", error=str(exc))
+            lease.pass_on(None)  # a later reign writes its own
 
     async def _take_office(self, lease: Leases | None, listing_at: float) -> None:
         """Before the first start: wait until the predecessor's starts show in listings,
