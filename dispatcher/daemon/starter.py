@@ -197,7 +197,7 @@ class Starter:
         earlier process). Then it is kept, hidden, until a describe settles it
         (`LastReceives`). ``exists``: AWS said its execution exists."""
         if entry.queue.is_last_receive(entry.message):
-            self.last_receives.keep(entry, why, exists=exists)
+            self.last_receives.keep(entry, why, exists=exists, delay=delay)
             return
         await entry.queue.hand_back(entry.request.receipt_handle, delay, entry.bound, why)
 
@@ -639,8 +639,10 @@ class Starter:
         if status == "RUNNING" or request.task_token is None or self.callbacks is None:
             await self._settled(entry, arn)
             return
-        # Closed already (a restart, a redelivery): its parent is answered now.
-        await self.callbacks.answer_closed(
+        # Closed already (a restart, a redelivery): its parent is answered now. Not answered
+        # (the answer failed), the message lapses and comes back to try again - but on its
+        # last receive the redrive policy would move it: kept (renewed) instead.
+        done = await self.callbacks.answer_closed(
             pool,
             queue=entry.queue,
             token=request.task_token,
@@ -648,6 +650,8 @@ class Starter:
             described=described,
             bound=bound,
         )
+        if not done and entry.queue.is_last_receive(entry.message):
+            self.last_receives.keep(entry, "its parent was not answered", exists=True, delay=30)
 
     # -- SQS side effects ----------------------------------------------------------------
 
