@@ -502,3 +502,19 @@ async def test_a_closed_child_whose_parent_cannot_be_answered_on_the_last_receiv
     assert await intake.starter.last_receives.renew_once() == 1
     [copy] = copies_sent(world)
     assert copy["MessageAttributes"]["task-token"]["StringValue"] == TOKEN
+
+
+async def test_a_request_that_would_wait_on_its_last_receive_is_renewed_at_once() -> None:
+    """No slot: it used to wait in the room on its last receive, hidden by extensions; its
+    process killed, SQS's redrive policy moved it without a reason (and SQS's move task sent
+    it back without its identity). Renewed at once, its copy waits as any request does."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world, renewals=True)
+    message = last_receive()
+    await intake.admit(intake.queues[0], message)
+    [copy] = copies_sent(world)
+    assert copy["MessageAttributes"][REQUEST_ID_ATTRIBUTE]["StringValue"] == "m-1"
+    assert message["ReceiptHandle"] in deleted_handles(world)
+    assert len(world.pool.room) == 0
+    assert len(intake.starter.last_receives) == 0
