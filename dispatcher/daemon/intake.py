@@ -494,7 +494,6 @@ class Intake:
         a process killed or paused past its visibility would let SQS's redrive policy move
         it without a reason. The copy comes back at once and waits as any request does.
         False (the copy refused): it waits here, on its last receive."""
-        self.metrics.deferred.labels(pool=entry.pool.name).inc()
         delay = entry.queue.min_delay()
         return await renew(entry.queue, entry.message, delay, entry.bound, "last receive, waiting")
 
