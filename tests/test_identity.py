@@ -24,6 +24,7 @@ from dispatcher.core.requests import (
 )
 from dispatcher.daemon.callbacks import Callbacks
 from dispatcher.daemon.intake import Intake
+from dispatcher.daemon.pastnames import MAX_PAGES
 from dispatcher.settings.config import InputFormat
 from tests.fake_intake import handle, intake_of
 from tests.fakes import (
@@ -382,3 +383,17 @@ async def test_another_body_is_still_a_conflict_across_a_format_switch() -> None
     intake = await handle(world, sqs_message('{"amount": 6}', attributes=attributes))
     assert intake.stats.duplicates == 0
     assert "send_message" in world.sqs.names()
+
+
+async def test_a_twin_older_than_the_listing_reaches_costs_no_describe() -> None:
+    """The listing stops after `MAX_PAGES` pages: an older request is not looked for (no
+    describe per message of a deep backlog)."""
+    world = build_world(key_attribute="tenant")
+    world.sfn.page_size = 1
+    for n in range(MAX_PAGES + 2):
+        world.sfn.add_execution(f"other-{n}", status="SUCCEEDED")
+    intake = restarted(world)
+    await handle(world, twin(60, tenant="t-1"), intake)
+    assert len(world.sfn.calls_to("list_executions")) == MAX_PAGES
+    assert world.sfn.calls_to("describe_execution") == []
+    assert len(world.sfn.calls_to("start_execution")) == 1

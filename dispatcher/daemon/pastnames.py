@@ -7,8 +7,9 @@ first received in it may be the twin of a message SQS stored twice (one message 
 So the names of the executions started since then answer the question for every such
 request at once: a ``ListExecutions`` of the state machine (any status, newest first, a
 thousand a page) reaches back to the oldest such request seen, lazily, and each lookup is a
-set membership - not a ``DescribeExecution`` per message of the backlog. Past `MAX_PAGES`
-pages the caller describes instead (a backlog older than that many executions).
+set membership - not a ``DescribeExecution`` per message of the backlog. A request older
+than `MAX_PAGES` pages reach is not looked for (the residual: a twin that waited behind
+more executions than that).
 
 The listing is eventually consistent; it is made in this reign, which began D and the
 start grace after a predecessor could last send a start (the take-over wait), so every

@@ -404,10 +404,13 @@ class Starter:
                 return arn
         sent = self._twin_sent_at(entry)
         if sent is not None:
+            # Not described: a twin older than the listing reaches (`MAX_PAGES`) is not
+            # looked for (a describe per message of a deep backlog, after every restart).
             past = self._past_names(pool)
-            if await past.cover(sent - FIRST_RECEIVE_SKEW):
-                found = [arn for arn, name in zip(arns, names, strict=True) if name in past.names]
-                return found[0] if found else None
+            if not await past.cover(sent - FIRST_RECEIVE_SKEW):
+                return None
+            found = [arn for arn, name in zip(arns, names, strict=True) if name in past.names]
+            return found[0] if found else None
         for arn in arns:
             self.metrics.former_name_describes.labels(pool=pool.name).inc()
             try:
