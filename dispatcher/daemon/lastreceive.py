@@ -296,7 +296,7 @@ class LastReceives:
             tg.start_soon(self._hidden_loop)
             while True:
                 await self.settle_once()
-                with anyio.move_on_after(self._next_due()):
+                with anyio.move_on_after(self._next_due(renewals=False)):
                     await self._wake.wait()
                 self._wake = anyio.Event()
 
@@ -313,14 +313,16 @@ class LastReceives:
             await self.keep_hidden_once()
             await anyio.sleep(self.settings.visibility_timeout / 8)
 
-    def _next_due(self) -> float:
-        """Seconds until a kept request is due (a describe, or its visibility)."""
+    def _next_due(self, *, renewals: bool = True) -> float:
+        """Seconds until a kept request is due (a describe, its visibility, and with
+        ``renewals`` its next renewal)."""
         visibility = self.settings.visibility_timeout
         waits = [visibility / 4]
         for kept in self:
             now = kept.entry.pool.clock()
             waits.append(kept.next_try - now)
-            waits.append(kept.renew_at - now)
+            if renewals:
+                waits.append(kept.renew_at - now)
         return max(0.01, min(waits))
 
     async def finish(self) -> None:
