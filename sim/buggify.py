@@ -50,6 +50,13 @@ as before they were added.
   one to three seconds before the start gives up, held on the wire, answered with a 5xx at
   once and applied at D (after the give-up); their events lost; reconcile every 2 s. A
   "does not exist" within the start grace after a start in doubt settles nothing.
+
+``renewals_denied`` is drawn from a stream of its own too (``buggify-renewals-denied-SEED``):
+
+- ``renewals_denied``: the dispatchers may not send to the request queues (an IAM policy
+  without ``sqs:SendMessage`` on them: AccessDenied, as after an upgrade whose policy was
+  not updated), so no request on its last receive can be renewed: it is kept and settled
+  by describes (`dispatcher.daemon.lastreceive`), the path a renewal otherwise spares.
 """
 
 from __future__ import annotations
@@ -88,6 +95,7 @@ class Knobs:
     last_receive_doubts: bool = False
     slow_starts: bool = False
     early_answers: bool = False
+    renewals_denied: bool = False
 
     @property
     def on(self) -> tuple[str, ...]:
@@ -112,7 +120,7 @@ class Knobs:
         return tuple(name for name in self.on if name not in HUNT)
 
 
-HUNT = ("unknown_starts", "last_receive_doubts", "slow_starts", "early_answers")
+HUNT = ("unknown_starts", "last_receive_doubts", "slow_starts", "early_answers", "renewals_denied")
 """Knobs drawn, and planned, from their own stream (added later: no other draw moved)."""
 
 OFF = Knobs()
@@ -139,6 +147,7 @@ def draw(seed: int) -> Knobs:
         last_receive_doubts=hunt.random() < SHARE,
         slow_starts=hunt.random() < SHARE,
         early_answers=hunt.random() < SHARE,
+        renewals_denied=random.Random(f"buggify-renewals-denied-{seed}").random() < SHARE,
     )
 
 
