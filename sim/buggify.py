@@ -39,8 +39,8 @@ as before they were added.
 - ``last_receive_doubts``: the same stretch (first answers 5xx or lost), long enough for
   two receives, with the request queues' ``maxReceiveCount`` at 2, status events lost,
   short runs (a listing may miss them) and DescribeExecution failing (5xx, throttles) for
-  minutes: a request kept on its last receive in doubt must not be dead-lettered on a
-  describe that failed.
+  minutes, and no renewal (as ``renewals_denied``): a request kept on its last receive in
+  doubt must not be dead-lettered on a describe that failed.
 - ``slow_starts``: one pool of limit 2, a low start rate (one StartExecution every 14.5 s,
   a burst of one), a burst of requests, every StartExecution answer lost and every status
   event lost for 20 to 40 s, and the limit lowered to 1 at the burst: a start waiting for

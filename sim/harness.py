@@ -423,7 +423,9 @@ class Run:
                 self.queues[pool.name] = [self._queue(n) for n in names]
         if self.plan.lease:
             world.create_table("leases")
-        if self.plan.knobs.renewals_denied:
+        # last_receive_doubts keeps requests on their last receive in doubt: renewed, none
+        # would stay kept, the path it makes common.
+        if self.plan.knobs.renewals_denied or self.plan.knobs.last_receive_doubts:
             self._deny_renewals()
         named.setup(self)
         self._write_config()
