@@ -39,8 +39,8 @@ as before they were added.
 - ``last_receive_doubts``: the same stretch (first answers 5xx or lost), long enough for
   two receives, with the request queues' ``maxReceiveCount`` at 2, status events lost,
   short runs (a listing may miss them) and DescribeExecution failing (5xx, throttles) for
-  minutes: a request kept on its last receive in doubt must not be dead-lettered on a
-  describe that failed.
+  minutes, and no renewal (as ``renewals_denied``): a request kept on its last receive in
+  doubt must not be dead-lettered on a describe that failed.
 - ``slow_starts``: one pool of limit 2, a low start rate (one StartExecution every 14.5 s,
   a burst of one), a burst of requests, every StartExecution answer lost and every status
   event lost for 20 to 40 s, and the limit lowered to 1 at the burst: a start waiting for
@@ -50,6 +50,13 @@ as before they were added.
   one to three seconds before the start gives up, held on the wire, answered with a 5xx at
   once and applied at D (after the give-up); their events lost; reconcile every 2 s. A
   "does not exist" within the start grace after a start in doubt settles nothing.
+
+``renewals_denied`` is drawn from a stream of its own too (``buggify-renewals-denied-SEED``):
+
+- ``renewals_denied``: the dispatchers may not send to the request queues (an IAM policy
+  without ``sqs:SendMessage`` on them: AccessDenied, as after an upgrade whose policy was
+  not updated), so no request on its last receive can be renewed: it is kept and settled
+  by describes (`dispatcher.daemon.lastreceive`), the path a renewal otherwise spares.
 """
 
 from __future__ import annotations
@@ -88,6 +95,7 @@ class Knobs:
     last_receive_doubts: bool = False
     slow_starts: bool = False
     early_answers: bool = False
+    renewals_denied: bool = False
 
     @property
     def on(self) -> tuple[str, ...]:
@@ -112,7 +120,7 @@ class Knobs:
         return tuple(name for name in self.on if name not in HUNT)
 
 
-HUNT = ("unknown_starts", "last_receive_doubts", "slow_starts", "early_answers")
+HUNT = ("unknown_starts", "last_receive_doubts", "slow_starts", "early_answers", "renewals_denied")
 """Knobs drawn, and planned, from their own stream (added later: no other draw moved)."""
 
 OFF = Knobs()
@@ -139,6 +147,7 @@ def draw(seed: int) -> Knobs:
         last_receive_doubts=hunt.random() < SHARE,
         slow_starts=hunt.random() < SHARE,
         early_answers=hunt.random() < SHARE,
+        renewals_denied=random.Random(f"buggify-renewals-denied-{seed}").random() < SHARE,
     )
 
 

@@ -238,6 +238,7 @@ class _Owners:
         for copy in found_copies:
             copied[copy.request_id].append(copy)
             self.request_of.setdefault(copy.message_id, copy.request_id)
+        self.copies: dict[str, list[RequestMessage]] = copied
         by_name: dict[str, list[Execution]] = defaultdict(list)
         by_input: dict[str, list[Execution]] = defaultdict(list)
         for execution in history.executions.values():
@@ -357,6 +358,13 @@ def _check_settled(
         executions = owners.executions[request_id]
         deadline = max(spec.quiet_at, *(m.sent_at for m in messages)) + spec.settle_bound
         ids = [m.message_id for m in messages]
+        # Its copies on request queues that name it (a renewal, a redrive): as much the
+        # request as the producer's message (a fresh copy is a request of its own).
+        ids += [
+            c.message_id
+            for c in owners.copies.get(request_id, [])
+            if c.queue_url in spec.request_queues and c.message_id not in owners.fresh
+        ]
         dead_lettered = [copies[i] for i in ids if i in copies]
         moves = [(moved[i], i) for i in ids if i in moved]
         bad = request_id in spec.expected_bad
@@ -444,6 +452,7 @@ def _check_deletes(
     history: History, owners: _Owners, spec: CheckSpec, released: Mapping[str, float]
 ) -> list[Violation]:
     copies = _dead_letter_copies(history, spec)
+    renewed = copy_rules.renewals(history, spec.request_queues)
     let_go = token_rules.released_messages(history)
     gone = token_rules.all_parents_ended(history)
     received = token_rules.first_receives(history)
@@ -459,8 +468,10 @@ def _check_deletes(
         if gone.get(request_id, math.inf) <= received.get(delete.message_id, -math.inf):
             continue  # received after every parent ended (a redriven copy): dropped
         started = [e for e in owners.executions[request_id] if e.first_start <= delete.time]
-        copied = copies.get(delete.message_id)
-        if started or (copied is not None and copied <= delete.time):
+        copied = min(
+            copies.get(delete.message_id, math.inf), renewed.get(delete.message_id, math.inf)
+        )
+        if started or copied <= delete.time:
             continue
         found.append(
             Violation(

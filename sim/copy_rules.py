@@ -30,6 +30,7 @@ request's: never two under one identity, none beside a dead letter of it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
@@ -110,6 +111,18 @@ def copies(history: History) -> list[RequestMessage]:
                 sent.node,
             )
         )
+    return found
+
+
+def renewals(history: History, request_queues: frozenset[str] | set[str]) -> dict[str, float]:
+    """Message id -> when a copy naming it (``dispatcher-original-message-id``) was first
+    sent to a request queue: a dispatcher renewed the request on its last receive (its
+    copy carries it on; the original may be deleted from then on)."""
+    found: dict[str, float] = {}
+    for sent in history.sends:
+        original = sent.attributes.get(ORIGINAL_ID_ATTRIBUTE)
+        if original is not None and sent.queue_url in request_queues:
+            found[original] = min(sent.time, found.get(original, math.inf))
     return found
 
 

@@ -423,8 +423,20 @@ class Run:
                 self.queues[pool.name] = [self._queue(n) for n in names]
         if self.plan.lease:
             world.create_table("leases")
+        # last_receive_doubts keeps requests on their last receive in doubt: renewed, none
+        # would stay kept, the path it makes common.
+        if self.plan.knobs.renewals_denied or self.plan.knobs.last_receive_doubts:
+            self._deny_renewals()
         named.setup(self)
         self._write_config()
+
+    def _deny_renewals(self) -> None:
+        """No dispatcher may send to a request queue (buggify's ``renewals_denied``)."""
+        requests = {url for urls in self.queues.values() for url in urls}
+        nodes = set(self.nodes)
+        self.world.sqs.deny_send = lambda node, url: (
+            url in requests and node.split(".", 1)[0] in nodes
+        )
 
     def _queue(self, name: str) -> str:
         return self.world.create_queue(

@@ -586,7 +586,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "settles it, not dead-lettered",
         Starter,
         "_hand_back",
-        "self.last_receives.keep(entry, why, exists=exists)\nreturn",
+        "self.last_receives.keep(entry, why, exists=exists, delay=delay)\nreturn",
         "await self.dead_letter(\n"
         '    entry.queue, entry.pool.name, entry.message, "receive_limit", "maxReceiveCount"\n'
         ")\nreturn",

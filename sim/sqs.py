@@ -64,6 +64,8 @@ class SQS:
         self.region = region
         self.account = account
         self.queues: dict[str, Queue] = {}
+        self.deny_send: Callable[[str, str], bool] = lambda _node, _url: False
+        """Whether (node, queue URL) may not send (buggify's ``renewals_denied``)."""
         self._by_arn: dict[str, Queue] = {}
         self._handles: dict[str, tuple[Queue, StoredMessage]] = {}
         self._serial = itertools.count(1)
@@ -144,8 +146,14 @@ class SQS:
         attributes: Mapping[str, Mapping[str, Any]] | None,
         delay: int,
     ) -> Answer:
-        """SendMessage."""
+        """SendMessage (AccessDenied when `deny_send` says so: an IAM policy)."""
         queue = self.queue(url, "SendMessage")
+        if self.deny_send(node, url):
+            raise aws_error(
+                "AccessDenied",
+                f"User: {node} is not authorized to perform: sqs:SendMessage on resource: {url}",
+                "SendMessage",
+            )
         attrs = attributes or {}
         check_message(queue, body, attrs, delay, "SendMessage")
         mid, copies = self.store(queue, body, attrs, sender=node, delay=delay)

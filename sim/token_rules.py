@@ -45,6 +45,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from sim import copy_rules
 from sim.history import OUTSIDE, Execution, History, Run
 from sim.token_log import FAILURE, HEARTBEAT, SUCCESS, IssuedToken, Parent, TokenCall
 from sim.violation import Violation
@@ -133,6 +134,8 @@ def check_tokens(
     for delete in history.effective_deletes():
         if delete.queue_url in spec.request_queues:
             deleted.setdefault(delete.message_id, []).append(delete.time)
+    # A message renewed (its copy, with the token, sent to a request queue) may go.
+    renewed = copy_rules.renewals(history, spec.request_queues)
     for parent in log.parents.values():
         deadline = max(spec.quiet_at, parent.started) + spec.settle_bound
         waiting = [t for t in parent.tokens if _waits(log.answer_of(t.token), deadline)]
@@ -161,7 +164,8 @@ def check_tokens(
                 ]
                 found += _check_answer(answer, issued, executions, spec)
             deletes = deleted.get(issued.message_id, [])
-            found += _check_message(parent, issued, answer, deletes)
+            until = renewed.get(issued.message_id, math.inf)
+            found += _check_message(parent, issued, answer, [t for t in deletes if t < until])
             copied = dead_lettered.get(issued.message_id, math.inf)
             deadline = max(spec.quiet_at, issued.time) + spec.settle_bound
             if min([copied, *deletes]) > deadline:

@@ -146,6 +146,7 @@ class FakeSQS(_Recorder):
         super().__init__(log)
         self.visible: dict[str, deque[dict[str, Any]]] = {}
         self.in_flight: dict[str, dict[str, Any]] = {}  # receipt handle -> message
+        self.refuse_sends_to: set[str] = set()  # queue URLs whose sends are refused
         self.attributes: dict[str, dict[str, str]] = {}
         self._ids = itertools.count(1)
         # Set: a receive takes its messages (they are in flight, hidden), then its answer
@@ -223,12 +224,20 @@ class FakeSQS(_Recorder):
         return {"Successful": [{"Id": e["Id"]} for e in Entries], "Failed": []}
 
     async def send_message(
-        self, *, QueueUrl: str, MessageBody: str, MessageAttributes: dict[str, Any] | None = None
+        self,
+        *,
+        QueueUrl: str,
+        MessageBody: str,
+        MessageAttributes: dict[str, Any] | None = None,
+        DelaySeconds: int = 0,
     ) -> dict[str, Any]:
-        """Append a message to ``QueueUrl``; refused, as SQS does, over ten attributes or
-        over the queue's ``MaximumMessageSize`` (body plus each attribute's name, data type
-        and value)."""
+        """Append a message to ``QueueUrl`` (visible at once, whatever ``DelaySeconds``);
+        refused, as SQS does, over ten attributes or over the queue's
+        ``MaximumMessageSize`` (body plus each attribute's name, data type and value), and
+        when ``QueueUrl`` is in ``refuse_sends_to``."""
         self._record("send_message", locals())
+        if QueueUrl in self.refuse_sends_to:
+            raise client_error("AccessDenied", 403, op="SendMessage")
         queue = self._queue(QueueUrl)
         attributes = MessageAttributes or {}
         if len(attributes) > 10:

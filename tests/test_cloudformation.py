@@ -269,6 +269,7 @@ EXPECTED_GRANTS = {
         )
         for queue in ("RequestQueue.Arn", "EventsQueue.Arn")
     ),
+    ("sqs:SendMessage", "RequestQueue.Arn"),
     ("sqs:SendMessage", "DeadLetterQueue.Arn"),
     ("sqs:GetQueueAttributes", "DeadLetterQueue.Arn"),
     ("ssm:GetParameter", PARAMETER_ARN),

@@ -7,7 +7,7 @@ from typing import Any, cast
 import anyio
 import pytest
 
-from dispatcher.daemon.deleter import DeleteBatcher
+from dispatcher.daemon.deleter import ATTEMPTS, DeleteBatcher
 from tests.fakes import FakeSQS, client_error
 
 QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/requests"
@@ -93,13 +93,60 @@ async def test_batches_fill_while_every_flusher_is_busy() -> None:
     assert sorted(_handles(sqs)) == sorted(f"rh-{i}" for i in range(13))
 
 
-async def test_a_failed_batch_is_logged_not_fatal() -> None:
+async def test_a_batch_that_keeps_failing_is_logged_not_fatal() -> None:
     sqs = FakeSQS()
-    sqs.fail("delete_message_batch", client_error("InternalError", 500))
-    batcher = DeleteBatcher(cast(Any, sqs), QUEUE, flushers=1)
+    sqs.fail_always("delete_message_batch", client_error("InternalError", 500))
+    batcher = DeleteBatcher(cast(Any, sqs), QUEUE, flushers=1, pause=0.01)
     async with anyio.create_task_group() as tg:
         await tg.start(batcher.run)
         await batcher.delete("rh-1")
         batcher.close()
-    assert batcher.calls == 1
+    assert batcher.calls == ATTEMPTS
     assert batcher.deleted == 0
+
+
+async def test_a_failed_batch_is_sent_again() -> None:
+    """A delete lost on the wire is sent again: left, the message would come back, and on
+    its last receive the redrive policy would move it without a reason."""
+    sqs = FakeSQS()
+    sqs.fail("delete_message_batch", client_error("InternalError", 500))
+    batcher = DeleteBatcher(cast(Any, sqs), QUEUE, flushers=1, pause=0.01)
+    async with anyio.create_task_group() as tg:
+        await tg.start(batcher.run)
+        await batcher.delete("rh-1")
+        batcher.close()
+    assert _handles(sqs) == ["rh-1", "rh-1"]
+    assert batcher.deleted == 1
+
+
+async def test_an_unanswered_batch_is_sent_again() -> None:
+    """A call whose answer never comes is cut after `CALL_SECONDS` and sent again."""
+    sqs = HangingOnceSQS()
+    batcher = DeleteBatcher(cast(Any, sqs), QUEUE, flushers=1, call_seconds=0.1, pause=0.01)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await tg.start(batcher.run)
+            await batcher.delete("rh-1")
+            batcher.close()
+    assert _handles(sqs) == ["rh-1", "rh-1"]
+    assert batcher.deleted == 1
+
+
+class HangingOnceSQS(FakeSQS):
+    """Its first batch delete never answers (lost on the wire)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hung = False
+
+    async def delete_message_batch(
+        self,
+        *,
+        QueueUrl: str,  # noqa: N803 - botocore's keyword names
+        Entries: list[dict[str, str]],  # noqa: N803
+    ) -> dict[str, Any]:
+        result = await super().delete_message_batch(QueueUrl=QueueUrl, Entries=Entries)
+        if not self.hung:
+            self.hung = True
+            await anyio.sleep_forever()
+        return result

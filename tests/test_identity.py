@@ -24,6 +24,7 @@ from dispatcher.core.requests import (
 )
 from dispatcher.daemon.callbacks import Callbacks
 from dispatcher.daemon.intake import Intake
+from dispatcher.daemon.pastnames import MAX_PAGES
 from dispatcher.settings.config import InputFormat
 from tests.fake_intake import handle, intake_of
 from tests.fakes import (
@@ -266,16 +267,42 @@ async def test_a_retry_sent_in_this_reign_finds_a_running_former_name_for_free()
     assert world.sample("dispatcher_former_name_lookups_total", result="found") == 1
 
 
-async def test_a_request_without_a_key_sent_before_the_reign_costs_no_lookup() -> None:
+def twin(sent_ago: float, **attributes: str) -> dict[str, Any]:
+    """A request without an idempotency key, sent ``sent_ago`` s ago and first received by
+    this process just now: a copy SQS stored twice, whose twin may have started before."""
+    message = fresh_retry(sent_ago, **attributes)
+    del message["MessageAttributes"][IDEMPOTENCY_ATTRIBUTE]
+    message["MessageId"] = MESSAGE_ID
+    return message
+
+
+async def test_a_request_without_a_key_sent_before_the_reign_costs_no_describe() -> None:
     """The backlog of requests nobody received before the restart, without an idempotency
-    key, cannot have started under another name: no describe."""
+    key: only a twin SQS stored could have started, after it was sent. One listing of the
+    executions started since answers for every such request; no describe."""
     world = build_world(key_attribute="tenant")
     intake = restarted(world)
-    message = fresh_retry(60, tenant="t-1")
-    del message["MessageAttributes"][IDEMPOTENCY_ATTRIBUTE]
-    await handle(world, message, intake)
-    assert world.sqs.names() == ["start_execution", "delete_message"]
-    assert world.sample("dispatcher_former_name_lookups_total") == 0
+    await handle(world, twin(60, tenant="t-1"), intake)
+    await handle(world, twin(50, tenant="t-2") | {"MessageId": "other-1"}, intake)
+    assert world.sfn.calls_to("describe_execution") == []
+    assert len(world.sfn.calls_to("start_execution")) == 2
+    [listing] = world.sfn.calls_to("list_executions")
+    assert listing.get("statusFilter") is None, "every status: the twin's may have ended"
+    assert world.sample("dispatcher_former_name_lookups_total", result="not_found") == 2
+
+
+async def test_a_twin_sqs_stored_is_found_under_its_former_name_in_the_listing() -> None:
+    """Plain before the restart, keyed after. SQS stored the request twice: one copy was
+    started (and ended) before the restart, the other is first received now. It used to
+    start a second execution under its keyed name."""
+    world = build_world(key_attribute="tenant")
+    world.sfn.add_execution(MESSAGE_ID, '{"n": 1}', status="SUCCEEDED")
+    intake = restarted(world)
+    await handle(world, twin(60, tenant="t-1"), intake)
+    assert world.sfn.calls_to("start_execution") == []
+    assert world.pool.ledger.is_tombstoned(PLAIN_ARN)
+    assert intake.stats.duplicates == 1
+    assert world.sample("dispatcher_former_name_lookups_total", result="found") == 1
 
 
 async def test_nothing_under_a_former_name_starts_it_under_the_current_one() -> None:
@@ -356,3 +383,17 @@ async def test_another_body_is_still_a_conflict_across_a_format_switch() -> None
     intake = await handle(world, sqs_message('{"amount": 6}', attributes=attributes))
     assert intake.stats.duplicates == 0
     assert "send_message" in world.sqs.names()
+
+
+async def test_a_twin_older_than_the_listing_reaches_costs_no_describe() -> None:
+    """The listing stops after `MAX_PAGES` pages: an older request is not looked for (no
+    describe per message of a deep backlog)."""
+    world = build_world(key_attribute="tenant")
+    world.sfn.page_size = 1
+    for n in range(MAX_PAGES + 2):
+        world.sfn.add_execution(f"other-{n}", status="SUCCEEDED")
+    intake = restarted(world)
+    await handle(world, twin(60, tenant="t-1"), intake)
+    assert len(world.sfn.calls_to("list_executions")) == MAX_PAGES
+    assert world.sfn.calls_to("describe_execution") == []
+    assert len(world.sfn.calls_to("start_execution")) == 1

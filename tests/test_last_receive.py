@@ -1,6 +1,8 @@
-"""A request on its last receive whose execution may exist is never dead-lettered: it is
-kept hidden until a describe settles it - started (served as a start) or, once D and the
-grace have passed, known never to have started (only then dead-lettered). On fakes."""
+"""A request on its last receive that has to go back is renewed: a fresh copy with its
+identity on its queue, then the original deleted. One that cannot be renewed (SQS refuses
+the copy: most tests here) and whose execution may exist is never dead-lettered: it is kept
+hidden until a describe settles it - started (served as a start) or, once D and the grace
+have passed, known never to have started (only then dead-lettered). On fakes."""
 
 from __future__ import annotations
 
@@ -11,13 +13,20 @@ import pytest
 import stamina
 from botocore.exceptions import ReadTimeoutError
 
-from dispatcher.core.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn, key_tag
+from dispatcher.core.requests import (
+    IDEMPOTENCY_ATTRIBUTE,
+    ORIGINAL_ID_ATTRIBUTE,
+    REQUEST_ID_ATTRIBUTE,
+    execution_arn,
+    key_tag,
+)
 from dispatcher.daemon.callbacks import DEAD_LETTERED, Callbacks
 from dispatcher.daemon.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
 from dispatcher.daemon.intake import Intake
 from tests.fake_intake import handle, intake_of
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
+    REQUEST_QUEUE,
     STATE_MACHINE_ARN,
     World,
     build_world,
@@ -51,7 +60,11 @@ def last_receive(**attributes: str) -> dict[str, Any]:
     )
 
 
-def intake_for(world: World) -> tuple[Intake, Callbacks]:
+def intake_for(world: World, *, renewals: bool = False) -> tuple[Intake, Callbacks]:
+    """An intake whose queue has a redrive policy; without ``renewals``, SQS refuses every
+    copy sent to the request queue (what is kept is then settled by describes)."""
+    if not renewals:
+        world.sqs.refuse_sends_to.add(REQUEST_QUEUE)
     intake = intake_of(world)
     intake.queues[0].max_receive_count = MAX_RECEIVES
     callbacks = Callbacks(
@@ -427,3 +440,109 @@ async def test_a_kept_token_request_is_dead_lettered_only_once_its_parent_was_an
     assert await kept.settle_once() == 1
     assert world.sfn.answers[TOKEN][:2] == ("failure", DEAD_LETTERED)
     assert len(dead_letters(world)) == 1
+
+
+# -- renewed: a fresh copy with the request's identity, then the original deleted -----------
+
+
+def copies_sent(world: World) -> list[dict[str, Any]]:
+    return [c for c in world.sqs.calls_to("send_message") if c["QueueUrl"] == REQUEST_QUEUE]
+
+
+def deleted_handles(world: World) -> list[str]:
+    single = [c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")]
+    batched = [
+        e["ReceiptHandle"] for c in world.sqs.calls_to("delete_message_batch") for e in c["Entries"]
+    ]
+    return single + batched
+
+
+async def test_at_shutdown_a_request_kept_unsettled_is_renewed_not_let_go() -> None:
+    """AWS does not answer the describes before the shutdown's deadline. The request used
+    to be let go, hidden: it came back and the redrive policy moved it without a reason.
+    Renewed, its copy (same identity: the same execution name) goes back to the queue and
+    the original is deleted."""
+    world = world_of(limit=2)
+    world.sfn.answers_lost = 10
+    world.sfn.fail_always("describe_execution", client_error("InternalFailure", 500))
+    intake, _ = intake_for(world, renewals=True)
+    message = last_receive(tenant="t-1")
+    await handle(world, message, intake)
+    with anyio.move_on_after(0.2):
+        await intake.starter.last_receives.finish()
+    [copy] = copies_sent(world)
+    attributes = copy["MessageAttributes"]
+    assert copy["MessageBody"] == message["Body"]
+    assert attributes[REQUEST_ID_ATTRIBUTE]["StringValue"] == "m-1", "the same execution name"
+    assert attributes[ORIGINAL_ID_ATTRIBUTE]["StringValue"] == "m-1"
+    assert attributes["tenant"]["StringValue"] == "t-1"
+    assert copy["DelaySeconds"] == 30, "visible when it would have been, handed back"
+    assert message["ReceiptHandle"] in deleted_handles(world)
+    assert len(intake.starter.last_receives) == 0
+    assert dead_letters(world) == []
+    assert handed_back(world) == []
+
+
+async def test_a_copy_keeps_the_task_token_and_not_an_earlier_reason() -> None:
+    world = world_of(limit=2)
+    world.sfn.answers_lost = 10
+    intake, _ = intake_for(world, renewals=True)
+    message = last_receive(
+        **{"task-token": TOKEN, REQUEST_ID_ATTRIBUTE: "r-9", REASON_ATTRIBUTE: "old"}
+    )
+    await handle(world, message, intake)
+    assert await intake.starter.last_receives.renew_once() == 1
+    [copy] = copies_sent(world)
+    attributes = copy["MessageAttributes"]
+    assert attributes["task-token"]["StringValue"] == TOKEN
+    assert attributes[REQUEST_ID_ATTRIBUTE]["StringValue"] == "r-9"
+    assert REASON_ATTRIBUTE not in attributes
+
+
+async def test_a_refused_copy_leaves_the_request_kept_and_tried_again() -> None:
+    world = world_of(limit=2)
+    world.sfn.answers_lost = 10
+    intake, _ = intake_for(world)  # every copy refused
+    message = last_receive()
+    await handle(world, message, intake)
+    assert await intake.starter.last_receives.renew_once() == 0
+    assert len(intake.starter.last_receives) == 1
+    assert message["ReceiptHandle"] not in deleted_handles(world)
+    assert await intake.starter.last_receives.renew_once() == 0, "not due again yet"
+    assert len(copies_sent(world)) == 1
+    world.sqs.refuse_sends_to.clear()
+    world.clock.advance(3)
+    assert await intake.starter.last_receives.renew_once() == 1
+    assert len(intake.starter.last_receives) == 0
+
+
+async def test_a_closed_child_whose_parent_cannot_be_answered_on_the_last_receive_is_kept() -> None:
+    """The child had ended; the answer to its parent fails. The message used to be left to
+    lapse: on its last receive, the redrive policy moved it without a reason. Kept, it is
+    renewed, and its copy (with the token) tries the answer again."""
+    world = world_of(limit=2)
+    world.sfn.add_execution("m-1", '{"n": 1}', status="SUCCEEDED")
+    world.sfn.fail_always("send_task_success", client_error("ThrottlingException", 400))
+    intake, _ = intake_for(world, renewals=True)
+    await handle(world, last_receive(**{"task-token": TOKEN}), intake)
+    assert TOKEN not in world.sfn.answers
+    assert len(intake.starter.last_receives) == 1, "left to lapse"
+    assert await intake.starter.last_receives.renew_once() == 1
+    [copy] = copies_sent(world)
+    assert copy["MessageAttributes"]["task-token"]["StringValue"] == TOKEN
+
+
+async def test_a_request_that_would_wait_on_its_last_receive_is_renewed_at_once() -> None:
+    """No slot: it used to wait in the room on its last receive, hidden by extensions; its
+    process killed, SQS's redrive policy moved it without a reason (and SQS's move task sent
+    it back without its identity). Renewed at once, its copy waits as any request does."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world, renewals=True)
+    message = last_receive()
+    await intake.admit(intake.queues[0], message)
+    [copy] = copies_sent(world)
+    assert copy["MessageAttributes"][REQUEST_ID_ATTRIBUTE]["StringValue"] == "m-1"
+    assert message["ReceiptHandle"] in deleted_handles(world)
+    assert len(world.pool.room) == 0
+    assert len(intake.starter.last_receives) == 0

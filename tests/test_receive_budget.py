@@ -76,9 +76,11 @@ async def test_without_a_redrive_policy_nothing_is_dead_lettered_for_receives() 
     assert dead_letters(world) == []
 
 
-async def test_the_last_receive_waits_in_the_room_instead_of_being_deferred() -> None:
+async def test_the_last_receive_not_renewed_waits_in_the_room_instead_of_being_deferred() -> None:
+    """Its copy refused (a renewal, see tests/test_last_receive.py), it waits in the room."""
     world = build_world(limit=0, max_waiting=0)
     world.pool.ledger.set_limit(0)
+    world.sqs.refuse_sends_to.add(REQUEST_QUEUE)
     intake = intake_of(world)
     intake.queues[0].max_receive_count = MAX_RECEIVES
     await intake.admit(intake.queues[0], received(MAX_RECEIVES))

@@ -190,6 +190,16 @@ class FakeQueues:
             self.hidden.discard(message_id)
         return {"Successful": [{"Id": e["Id"]} for e in kwargs["Entries"]], "Failed": []}
 
+    async def get_queue_attributes(self, **kwargs: Any) -> dict[str, Any]:
+        """How many dead letters there are (visible, and in flight)."""
+        visible = len([i for i in self.letters if i not in self.hidden])
+        return {
+            "Attributes": {
+                "ApproximateNumberOfMessages": str(visible),
+                "ApproximateNumberOfMessagesNotVisible": str(len(self.letters) - visible),
+            }
+        }
+
     async def change_message_visibility_batch(self, **kwargs: Any) -> dict[str, Any]:
         """Visible again."""
         ids = [e["ReceiptHandle"].removeprefix("h-") for e in kwargs["Entries"]]
@@ -311,3 +321,34 @@ async def test_a_redrive_run_again_after_a_failed_delete_sends_the_same_identity
     # The dispatcher's dead letter names its original (m0); the one a redrive policy moved
     # keeps its message id, which is the original's (id1).
     assert ids == ["m0", "id1", "m0", "id1"]
+
+
+class PolicyMovingQueues(FakeQueues):
+    """Requests a queue's redrive policy moves while the run goes on: after each send, one
+    more dead letter without a reason arrives, keeping the ``SentTimestamp`` of its first
+    send (before the run started), as SQS keeps it on a move."""
+
+    def __init__(self, letters: list[dict[str, Any]], started_ms: int) -> None:
+        super().__init__(letters, refuse=set())
+        self.started_ms = started_ms
+        self.ids = iter(range(1000, 10**9))
+
+    async def send_message_batch(self, **kwargs: Any) -> dict[str, Any]:
+        result = await super().send_message_batch(**kwargs)
+        n = next(self.ids)
+        moved = _dead_letter(n, None)
+        moved["Attributes"] = {"SentTimestamp": str(self.started_ms - 60_000)}
+        self.letters[f"id{n}"] = {"MessageId": f"id{n}", "Body": moved["MessageBody"], **moved}
+        return result
+
+
+async def test_redrive_moves_no_more_than_the_queue_held_when_it_started() -> None:
+    """Two dead letters at the start; the redrive policy moves one more after each send
+    (an old SentTimestamp): the run moves two, leaves the rest, and ends."""
+    started = 1_700_000_000_000
+    fake = PolicyMovingQueues([_dead_letter(n, "start_failed") for n in range(2)], started)
+    with anyio.fail_after(5):
+        report = await redrive(fake, "dlq", "q", started_ms=started)  # type: ignore[arg-type]
+    assert sum(report.moved.values()) == 2
+    assert report.beyond >= 1
+    assert len(fake.sent) == 2

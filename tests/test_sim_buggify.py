@@ -233,3 +233,23 @@ def test_early_answers_holds_the_last_attempts_of_dark_starts_past_the_give_up()
     made = [scenario(s) for s in range(200) if scenario(s).knobs.early_answers]
     assert made
     assert all(dict(m.settings)["reconcile_interval"] == 2.0 for m in made)
+
+
+def test_renewals_denied_refuses_only_the_dispatchers_sends_to_request_queues() -> None:
+    """An IAM policy without sqs:SendMessage on the request queues: the dispatchers' sends
+    there are AccessDenied (no renewal), producers' and dead letters are not."""
+    seed = next(
+        s
+        for s in range(300)
+        if scenario(s).knobs.renewals_denied and scenario(s).knobs.max_receive_count
+    )
+    result = simulate(seed)
+    assert result.ok, sim_cli.describe(result)
+    history, deny = result.world.history, result.world.sqs.deny_send
+    names = {url: url.rsplit("/", 1)[-1] for url in result.world.sqs.queues}
+    requests = {url for url, name in names.items() if name.startswith(("requests", "urgent"))}
+    assert requests
+    assert all(deny("d1.1", url) for url in requests)
+    assert not any(deny("producer", url) for url in requests)
+    assert not any(deny("d1.1", url) for url in set(names) - requests)
+    assert not [m for m in history.sends if m.node.startswith("d") and m.queue_url in requests]

@@ -388,6 +388,48 @@ def test_a_delete_before_the_dead_letter_copy_is_caught() -> None:
     assert kinds(check(history, spec(expected_bad=frozenset({"q1"})))) == ["early_delete"]
 
 
+def _renewed(history: History, at: float) -> None:
+    """d1 renews request q1 (message m1) on its last receive: a copy on the request queue
+    naming it, then the original deleted."""
+    history.message_sent(
+        at,
+        "d1",
+        queue_url=QUEUE,
+        message_id="c1",
+        body=json.dumps({"request": "q1"}),
+        attributes={"dispatcher-request-id": "m1", "dispatcher-original-message-id": "m1"},
+    )
+
+
+def test_a_delete_after_the_request_was_renewed_is_fine() -> None:
+    """Its copy carries the request on: the original may go before any execution exists
+    (the copy starts it), but not before the copy was sent."""
+    history = History()
+    request(history, "q1", "m1")
+    _renewed(history, 10)
+    delete(history, "m1", 11)
+    run(history, "m1", 50, 60, input=json.dumps({"request": "q1"}))
+    assert check(history, spec()) == []
+    early = History()
+    request(early, "q1", "m1")
+    delete(early, "m1", 9)
+    _renewed(early, 10)
+    run(early, "m1", 50, 60, input=json.dumps({"request": "q1"}))
+    assert kinds(check(early, spec())) == ["early_delete"]
+
+
+def test_a_renewed_copy_moved_by_the_redrive_policy_is_a_violation() -> None:
+    """The copy is as much the request as the producer's message."""
+    history = History()
+    request(history, "q1", "m1")
+    _renewed(history, 10)
+    delete(history, "m1", 11)
+    history.message_moved(
+        90, source_url=QUEUE, target_url=DLQ, message_id="c1", body="{}", attributes={}
+    )
+    assert kinds(check(history, spec())) == ["redrive_move", "lost_request"]
+
+
 def test_a_stale_handle_delete_deletes_nothing_and_is_fine() -> None:
     history = History()
     request(history, "q1", "m1")

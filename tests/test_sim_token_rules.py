@@ -332,6 +332,33 @@ def test_a_child_first_sent_after_the_answer_is_not_the_answers() -> None:
 # -- rule 8: deletes and stops -------------------------------------------------------------------
 
 
+def test_a_delete_after_the_token_request_was_renewed_is_not_early() -> None:
+    """Renewed on its last receive: its copy (with the token) carries the request on, so
+    the original may be deleted while the parent waits; the copy is deleted once the
+    parent was answered."""
+    history = History()
+    [token] = parent(history)
+    child(history, 0, 1, 5)
+    history.message_sent(
+        1.5,
+        "d1",
+        queue_url=QUEUE,
+        message_id="c0",
+        body=json.dumps({"req": "p-0"}),
+        attributes={
+            "idempotency-key": "p-0",
+            "task-token": token,
+            "dispatcher-request-id": "p-0",
+            "dispatcher-original-message-id": "m0",
+        },
+    )
+    delete(history, "m0", 2)
+    succeed(history, token, 5.5)
+    end(history, 5.5)
+    delete(history, "c0", 5.6)
+    assert check(history, spec()) == []
+
+
 def test_a_delete_before_the_answer_is_caught() -> None:
     history = History()
     [token] = parent(history)

@@ -11,7 +11,10 @@ reason, ``--dry-run``, ``--max`` reached) is made visible again at the end.
 
 A run moves what was in the dead-letter queue when it started, then ends: a dead letter
 sent after the run started (``SentTimestamp``), or a request already moved by this run
-(the same identity: the dispatcher dead-lettered the copy again), is left where it is.
+(the same identity: the dispatcher dead-lettered the copy again), is left where it is; and
+it moves no more messages than the queue held when it started (its visible, in-flight and
+delayed counts): a message a redrive policy moves meanwhile keeps the ``SentTimestamp`` of
+its first send, so only the count tells it from what was there.
 
 Why not SQS's own ``StartMessageMoveTask``: it cannot filter by reason, it keeps every
 attribute (harmless: the dispatcher ignores the ``dispatcher-*`` ones but the request id),
@@ -68,6 +71,7 @@ class RedriveReport:
     error: str | None = None  # why the run stopped early
     arrived: int = 0  # left: sent to the dead-letter queue after the run started
     came_back: int = 0  # left: the same request as one this run moved (dead-lettered again?)
+    beyond: int = 0  # left: more than the queue held when the run started
     seen_ids: set[str] = field(default_factory=set, repr=False)
     moved_requests: set[str] = field(default_factory=set, repr=False)  # `request_key`s
 
@@ -160,6 +164,8 @@ def _print_report(report: RedriveReport, args: argparse.Namespace) -> None:
         print(f"left {report.arrived} sent to the dead-letter queue after the run started")
     if report.came_back:
         print(f"left {report.came_back} copies of requests this run moved (same request id)")
+    if report.beyond:
+        print(f"left {report.beyond} beyond what the queue held when the run started")
     for message_id, code, message in report.failed[:20]:
         print(f"failed: {message_id}: {code}: {message} (left in the DLQ)", file=sys.stderr)
     for message_id, why in report.not_deleted[:20]:
@@ -184,6 +190,29 @@ async def _run(args: argparse.Namespace, source: str, target: str) -> RedriveRep
                 visibility=args.visibility_timeout,
                 advance=bar.update,
             )
+
+
+async def queue_depth(sqs: SQSClient, url: str, report: RedriveReport) -> int | None:
+    """How many messages ``url`` holds now, visible, in flight or delayed (None, and
+    ``report.error`` set, when it cannot be read)."""
+    try:
+        response = await sqs.get_queue_attributes(
+            QueueUrl=url,
+            AttributeNames=[
+                "ApproximateNumberOfMessages",
+                "ApproximateNumberOfMessagesNotVisible",
+                "ApproximateNumberOfMessagesDelayed",
+            ],
+        )
+        attributes = response.get("Attributes", {})
+        return (
+            int(attributes.get("ApproximateNumberOfMessages", "0"))
+            + int(attributes.get("ApproximateNumberOfMessagesNotVisible", "0"))
+            + int(attributes.get("ApproximateNumberOfMessagesDelayed", "0"))
+        )
+    except (*AWS_ERRORS, ValueError) as exc:
+        report.error = f"reading how many dead letters there are: {exc}"
+        return None
 
 
 async def _depth(sqs: SQSClient, url: str) -> int | None:
@@ -261,14 +290,18 @@ async def redrive(
     """Receive every dead letter once; move the chosen ones, release the rest at the end.
 
     Only what was in the queue at ``started_ms`` (default: now) is moved, each request at
-    most once: a dead letter sent later, or a copy of a request this run moved, is left.
-    Stops when a receive returns nothing new (a long poll: the queue has nothing visible),
-    which comes, whatever a dispatcher does meanwhile: every message is received once,
-    and only messages already in the queue are moved.
+    most once: a dead letter sent later, or a copy of a request this run moved, is left;
+    and no more than the queue held when the run started (read first: a run that cannot
+    read it moves nothing). Stops when a receive returns nothing new (a long poll: the
+    queue has nothing visible), which comes, whatever a dispatcher does meanwhile: every
+    message is received once, and only messages already in the queue are moved.
     """
     report = RedriveReport()
     if started_ms is None:
         started_ms = int(time.time() * 1000)
+    held_at_start = None if dry_run else await queue_depth(sqs, source, report)
+    if not dry_run and held_at_start is None:
+        return report
     held: dict[str, str] = {}  # message id -> receipt handle, to make visible again
     try:
         while True:
@@ -291,24 +324,15 @@ async def redrive(
                 held[message["MessageId"]] = message["ReceiptHandle"]  # the newest handle
             if not fresh:
                 break
-            chosen: list[MessageTypeDef] = []
-            for message in fresh:
-                report.seen_ids.add(message["MessageId"])
-                if request_key(message) in report.moved_requests:
-                    report.came_back += 1  # moved by this run, dead-lettered again: left
-                    continue
-                if sent_after(message, started_ms):
-                    report.arrived += 1
-                    continue
-                reason = reason_of(message)
-                report.seen[reason] += 1
-                moved_or_chosen = sum(report.moved.values()) + len(chosen)
-                if (
-                    not dry_run
-                    and (reasons is None or reason in reasons)
-                    and (limit is None or moved_or_chosen < limit)
-                ):
-                    chosen.append(message)
+            chosen = _choose(
+                fresh,
+                report,
+                started_ms=started_ms,
+                reasons=reasons,
+                limit=limit,
+                held_at_start=held_at_start,
+                dry_run=dry_run,
+            )
             if chosen:
                 await _move(sqs, source, target, chosen, report=report, held=held)
             advance(len(fresh))
@@ -318,6 +342,38 @@ async def redrive(
         with anyio.CancelScope(shield=True):
             await _release(sqs, source, held)
     return report
+
+
+def _choose(
+    fresh: Sequence[MessageTypeDef],
+    report: RedriveReport,
+    *,
+    started_ms: int,
+    reasons: set[str] | None,
+    limit: int | None,
+    held_at_start: int | None,
+    dry_run: bool,
+) -> list[MessageTypeDef]:
+    """Which of the dead letters just received to move (each counted in ``report``)."""
+    chosen: list[MessageTypeDef] = []
+    for message in fresh:
+        report.seen_ids.add(message["MessageId"])
+        if request_key(message) in report.moved_requests:
+            report.came_back += 1  # moved by this run, dead-lettered again: left
+            continue
+        if sent_after(message, started_ms):
+            report.arrived += 1
+            continue
+        reason = reason_of(message)
+        report.seen[reason] += 1
+        if dry_run or (reasons is not None and reason not in reasons):
+            continue
+        tried = sum(report.moved.values()) + len(report.failed) + len(chosen)
+        if held_at_start is not None and tried >= held_at_start:
+            report.beyond += 1  # a redrive policy moved it after the run started
+        elif limit is None or sum(report.moved.values()) + len(chosen) < limit:
+            chosen.append(message)
+    return chosen
 
 
 async def _move(

@@ -395,16 +395,17 @@ class Callbacks:
         receipt: str,
         described: Mapping[str, Any],
         bound: Any,
-    ) -> None:
+    ) -> bool:
         """A request whose child had already ended (a restart, a redelivery): answer now.
-        A child about to run again (``PENDING_REDRIVE``) is awaited instead."""
+        A child about to run again (``PENDING_REDRIVE``) is awaited instead. Returns False
+        when the answer failed (the message is left as it is)."""
         arn, status = str(described["executionArn"]), str(described["status"])
         self._forget_passed(token)
         if status not in CLOSED:
             self.hold(pool, queue=queue, token=token, arn=arn, receipt=receipt, bound=bound)
-            return
+            return True
         held = Held(token, arn, pool, queue, receipt, 0.0, bound)
-        await self._send(held, answer_for(status, described), keep=False)
+        return await self._send(held, answer_for(status, described), keep=False)
 
     async def fail_request(self, pool: str, token: str, error: str, cause: str, bound: Any) -> bool:
         """A request that will never start (bad, dead-lettered): its parent must not wait.

@@ -6,8 +6,12 @@ flight (while all are busy, the next batch keeps filling). Measured in ``bench/`
 ``DeleteMessage`` costs the client about 0.8 ms of CPU, a batch of ten about 0.09 ms each;
 sending whatever was queued the moment a flusher was free averaged five handles a call.
 Deleting late is safe: the message stays hidden for its visibility timeout (minutes), far
-longer than the wait. A failed delete is only logged: the request comes back and maps to
-the same execution name, which the intake recognises as already started (invariant 4).
+longer than the wait. A delete whose call fails, or whose answer does not come within
+`CALL_SECONDS`, is sent again (`ATTEMPTS` in all, within the visibility timeout): left, the
+message would come back, and on its last receive the queue's redrive policy would move it
+to the dead-letter queue without a reason although its execution exists. Deleting twice is
+harmless. A delete that still fails is only logged: the request comes back and maps to the
+same execution name, which the intake recognises as already started (invariant 4).
 """
 
 from __future__ import annotations
@@ -29,18 +33,32 @@ BATCH = 10  # the SQS maximum per DeleteMessageBatch
 LINGER = 0.05
 """Seconds the first handle of a batch waits for nine more (a few hundred starts per
 second fill a batch in well under this; a lone delete goes out this late)."""
+ATTEMPTS = 4
+"""Calls per batch at most: a failed or unanswered one is sent again."""
+CALL_SECONDS = 8.0
+"""Seconds one call may take (the SDK's own retries included) before it is sent again: the
+attempts and their pauses stay well within a visibility timeout of 30 s or more."""
 
 
 class DeleteBatcher:
     """Batches deletes of one queue; `run` it in a task group, `close` it to drain and end."""
 
     def __init__(
-        self, sqs: SQSClient, queue_url: str, *, flushers: int = 4, linger: float = LINGER
+        self,
+        sqs: SQSClient,
+        queue_url: str,
+        *,
+        flushers: int = 4,
+        linger: float = LINGER,
+        call_seconds: float = CALL_SECONDS,
+        pause: float = 0.5,
     ) -> None:
         self.sqs = sqs
         self.queue_url = queue_url
         self.flushers = flushers
         self.linger = linger
+        self.call_seconds = call_seconds
+        self.pause = pause  # before the second call; doubled for each next one (2 s at most)
         self.calls = 0
         self.deleted = 0
         self._pending: list[str] = []
@@ -110,18 +128,33 @@ class DeleteBatcher:
             calls.release()
 
     async def _send(self, batch: list[str]) -> None:
-        self.calls += 1
-        try:
-            result = await self.sqs.delete_message_batch(
-                QueueUrl=self.queue_url,
-                Entries=[{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(batch)],
-            )
-        except AWS_ERRORS as exc:
-            log.warning("dispatcher.delete_failed", error=str(exc), count=len(batch))
-            return
-        failed = result.get("Failed", [])
-        self.deleted += len(batch) - len(failed)
-        for entry in failed:
-            log.warning(
-                "dispatcher.delete_failed", code=entry.get("Code"), detail=entry.get("Message")
-            )
+        """Delete ``batch``; what failed for a reason that may pass (no answer, a server
+        fault) is sent again, after a short pause, `ATTEMPTS` calls in all."""
+        pending = batch
+        for attempt in range(ATTEMPTS):
+            if attempt:
+                await anyio.sleep(min(2.0, self.pause * 2 ** (attempt - 1)))
+            self.calls += 1
+            result = None
+            with anyio.move_on_after(self.call_seconds):
+                try:
+                    result = await self.sqs.delete_message_batch(
+                        QueueUrl=self.queue_url,
+                        Entries=[{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(pending)],
+                    )
+                except AWS_ERRORS as exc:
+                    log.warning("dispatcher.delete_failed", error=str(exc), count=len(pending))
+                    continue
+            if result is None:
+                log.warning("dispatcher.delete_failed", error="no answer", count=len(pending))
+                continue
+            failed = result.get("Failed", [])
+            self.deleted += len(pending) - len(failed)
+            for entry in failed:
+                log.warning(
+                    "dispatcher.delete_failed", code=entry.get("Code"), detail=entry.get("Message")
+                )
+            # A sender fault (a stale receipt handle: the message came back) cannot pass.
+            pending = [pending[int(e["Id"])] for e in failed if not e.get("SenderFault")]
+            if not pending:
+                return

@@ -51,6 +51,7 @@ from dispatcher.daemon.metrics import Metrics
 from dispatcher.daemon.pool import Pool
 from dispatcher.daemon.queues import RequestQueue
 from dispatcher.daemon.ratelimit import RateLimiters
+from dispatcher.daemon.renewal import renew
 from dispatcher.daemon.starter import IntakeStats, Starter, Waiting
 from dispatcher.settings.config import Settings
 from dispatcher.settings.layout import Layout
@@ -462,7 +463,10 @@ class Intake:
         awaits_running = request.task_token is not None and pool.ledger.holds(
             execution_arn(pool.state_machine_arn, request.name)
         )
-        beyond = can_start_now or queue.is_last_receive(message) or awaits_running
+        last = queue.is_last_receive(message)
+        if last and not can_start_now and await self._renewed(entry):
+            return
+        beyond = can_start_now or last or awaits_running
         if pool.room.offer(entry, priority=queue.priority, key=key, beyond_capacity=beyond):
             self._waiting_from[queue.url, pool.name] += 1
             pool.update()
@@ -484,6 +488,15 @@ class Intake:
         await queue.hand_back(
             request.receipt_handle, delay, entry.bound, "waiting room full", message=message
         )
+
+    async def _renewed(self, entry: Waiting) -> bool:
+        """A request on its last receive that would wait: renewed at once (a fresh copy, the
+        original deleted: `dispatcher.daemon.renewal`) rather than held in the room, where
+        a process killed or paused past its visibility would let SQS's redrive policy move
+        it without a reason. The copy comes back at once and waits as any request does.
+        False (the copy refused): it waits here, on its last receive."""
+        delay = entry.queue.min_delay()
+        return await renew(entry.queue, entry.message, delay, entry.bound, "last receive, waiting")
 
     def _received_again(
         self,

@@ -1,4 +1,10 @@
-"""Requests on their last receive whose execution may exist: settled before they leave.
+"""Requests on their last receive that have to go back: renewed, or settled before they leave.
+
+A request kept here is first renewed (`dispatcher.daemon.renewal`): a fresh copy with its
+identity is sent to its queue, visible when it would have been handed back, and the
+original deleted; the copy maps to the same execution name and goes through the intake as
+any request does. Only a request that cannot be renewed (its copy refused, or no answer;
+tried again with a back-off meanwhile) stays kept, as follows.
 
 Handed back on its last receive (the queue's ``maxReceiveCount``), a request would be
 moved to the dead-letter queue by SQS on its own, without a reason; so the dispatcher
@@ -35,6 +41,7 @@ from dispatcher.aws.api import error_code
 from dispatcher.core.ledger import Change
 from dispatcher.core.requests import execution_arn
 from dispatcher.daemon.queues import receive_count
+from dispatcher.daemon.renewal import renew
 
 if TYPE_CHECKING:
     from dispatcher.daemon.starter import Starter, Waiting
@@ -43,6 +50,7 @@ log = structlog.get_logger("dispatcher.intake")
 
 MAX_BACKOFF = 60.0
 """Seconds between describes of a request whose describe keeps failing, at most."""
+RENEWALS_AT_ONCE = 10
 
 
 @dataclass(eq=False)
@@ -56,6 +64,10 @@ class _Kept:
     not_before: float  # (pool clock) "does not exist" proves nothing before this
     next_try: float
     failures: int = 0
+    delay: int = 0  # seconds its copy stays invisible (as long as it would have, handed back)
+    renew_at: float = 0.0  # (pool clock) when to try to renew it next
+    renewals_failed: int = 0
+    busy: bool = False  # being renewed or settled: the other waits
 
 
 class LastReceives:
@@ -66,6 +78,7 @@ class LastReceives:
         self.settings = starter.settings
         self._kept: list[_Kept] = []
         self._wake = anyio.Event()
+        self._renew_wake = anyio.Event()
         # Settled after the reign ended (the lease lost): the leader may start the request
         # from another copy of it (a producer's retry, a message SQS stored twice) at any
         # time, so "does not exist" no longer proves that a redrive is safe.
@@ -75,15 +88,16 @@ class LastReceives:
     def __len__(self) -> int:
         return len(self._kept)
 
-    def keep(self, entry: Waiting, why: str, *, exists: bool = False) -> None:
-        """Keep ``entry`` (on its last receive, to go back because ``why``) until settled;
-        ``exists``: AWS said its execution exists, only its status is unknown."""
+    def keep(self, entry: Waiting, why: str, *, exists: bool = False, delay: int = 0) -> None:
+        """Keep ``entry`` (on its last receive, to go back because ``why``, in ``delay``
+        seconds) until renewed or settled; ``exists``: AWS said its execution exists, only
+        its status is unknown."""
         if any(k.entry.request.receipt_handle == entry.request.receipt_handle for k in self):
             return
         arn = execution_arn(entry.pool.state_machine_arn, entry.request.name)
         now = entry.pool.clock()
         wait = self.settings.start_timeout + self.settings.start_grace
-        self._kept.append(_Kept(entry, why, arn, exists, now + wait, now + wait))
+        self._kept.append(_Kept(entry, why, arn, exists, now + wait, now + wait, delay=delay))
         entry.bound.warning(
             "dispatcher.last_receive_kept",
             execution_arn=arn,
@@ -92,6 +106,7 @@ class LastReceives:
             settle_in=wait,
         )
         self._wake.set()
+        self._renew_wake.set()
 
     def __iter__(self) -> Iterator[_Kept]:
         """A snapshot: a pass may settle (remove) entries as it goes."""
@@ -99,14 +114,56 @@ class LastReceives:
 
     # -- passes ------------------------------------------------------------------------
 
+    async def renew_once(self) -> int:
+        """Renew every kept request that is due (concurrently); returns how many were."""
+        due = [k for k in self if not k.busy and k.entry.pool.clock() >= k.renew_at]
+        renewed = 0
+        limiter = anyio.CapacityLimiter(RENEWALS_AT_ONCE)
+
+        async def one(kept: _Kept) -> None:
+            nonlocal renewed
+            async with limiter:
+                if kept.busy or kept not in self._kept:
+                    return
+                if await self._renew(kept):
+                    renewed += 1
+
+        async with anyio.create_task_group() as tg:
+            for kept in due:
+                tg.start_soon(one, kept)
+        return renewed
+
+    async def _renew(self, kept: _Kept) -> bool:
+        entry = kept.entry
+        kept.busy = True
+        try:
+            delay = max(kept.delay, entry.queue.min_delay())
+            if await renew(entry.queue, entry.message, delay, entry.bound, kept.why):
+                if kept in self._kept:
+                    self._kept.remove(kept)
+                return True
+            kept.renewals_failed += 1
+            backoff = min(MAX_BACKOFF, 2.0**kept.renewals_failed)
+            kept.renew_at = entry.pool.clock() + backoff
+            return False
+        finally:
+            kept.busy = False
+
     async def settle_once(self) -> int:
         """Describe every kept request that is due and settle what the answers settle;
-        returns how many were settled."""
+        returns how many were settled. One being renewed waits."""
         settled = 0
         for kept in self:
             if kept.entry.pool.clock() < kept.next_try:
                 continue
-            if await self._settle(kept):
+            if kept.busy or kept not in self._kept:
+                continue
+            kept.busy = True
+            try:
+                done = await self._settle(kept)
+            finally:
+                kept.busy = False
+            if done:
                 if kept in self._kept:  # (not let go meanwhile)
                     self._kept.remove(kept)
                 settled += 1
@@ -215,6 +272,8 @@ class LastReceives:
             for kept in mine:
                 handle = kept.entry.request.receipt_handle
                 surely_out = kept.entry.pool.clock() - kept.entry.hidden_since >= visibility
+                if kept.busy and handle in failed:
+                    continue  # being renewed: its original may be deleted already
                 if handle in failed or (handle in unknown and surely_out):
                     self._let_go(kept, "its visibility could not be extended")
                 elif handle not in unknown:
@@ -223,8 +282,9 @@ class LastReceives:
         return extended
 
     def _let_go(self, kept: _Kept, why: str) -> None:
-        if kept in self._kept:
-            self._kept.remove(kept)
+        if kept not in self._kept:
+            return  # renewed meanwhile
+        self._kept.remove(kept)
         if self.starter.callbacks is not None:  # a parent waits: passed on to the successor
             self.starter.callbacks.passing_on(kept.entry)
         kept.entry.bound.error(
@@ -238,22 +298,41 @@ class LastReceives:
     # -- loops -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Settle and keep hidden until cancelled (intake's stop)."""
+        """Renew, keep hidden and settle until cancelled (intake's stop); each in a loop of
+        its own, so that a slow settle (a describe, a dead letter tried again) holds up no
+        renewal and no extension."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._renew_loop)
+            tg.start_soon(self._hidden_loop)
+            while True:
+                await self.settle_once()
+                with anyio.move_on_after(self._next_due(renewals=False)):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await self.renew_once()
+            waits = [k.renew_at - k.entry.pool.clock() for k in self if not k.busy]
+            with anyio.move_on_after(max(0.01, min([MAX_BACKOFF, *waits]))):
+                await self._renew_wake.wait()
+            self._renew_wake = anyio.Event()
+
+    async def _hidden_loop(self) -> None:
         while True:
             await self.keep_hidden_once()
-            await self.settle_once()
-            await self.keep_hidden_once()
-            with anyio.move_on_after(self._next_due()):
-                await self._wake.wait()
-            self._wake = anyio.Event()
+            await anyio.sleep(self.settings.visibility_timeout / 8)
 
-    def _next_due(self) -> float:
-        """Seconds until a kept request is due (a describe, or its visibility)."""
+    def _next_due(self, *, renewals: bool = True) -> float:
+        """Seconds until a kept request is due (a describe, its visibility, and with
+        ``renewals`` its next renewal)."""
         visibility = self.settings.visibility_timeout
         waits = [1.0 if self._unsure else visibility / 4]
         for kept in self:
             now = kept.entry.pool.clock()
             waits.append(kept.next_try - now)
+            if renewals:
+                waits.append(kept.renew_at - now)
         return max(0.01, min(waits))
 
     async def finish(self) -> None:
@@ -262,6 +341,7 @@ class LastReceives:
         try:
             while self._kept:
                 await self.keep_hidden_once()
+                await self.renew_once()
                 await self.settle_once()
                 if self._kept:
                     await anyio.sleep(self._next_due())

@@ -51,6 +51,7 @@ from dispatcher.daemon.expiry import ExpiredError, Expiries
 from dispatcher.daemon.health import Health
 from dispatcher.daemon.lastreceive import LastReceives
 from dispatcher.daemon.metrics import Metrics
+from dispatcher.daemon.pastnames import PastNames
 from dispatcher.daemon.pool import Pool
 from dispatcher.daemon.queues import RequestQueue
 from dispatcher.daemon.ratelimit import RateLimiters
@@ -148,6 +149,7 @@ class Starter:
         # receive, before this reign's first): a message first received before then may
         # have been started by a process under another configuration, by another name.
         self.reign_began = time.time()
+        self._past: dict[str, PastNames] = {}  # pool name -> its executions before now
         self._unanswered: dict[str, None] = {}
         """ARNs this process sent a start for whose answer never came (outcome unknown), not
         counted yet: the first answer that shows the execution exists counts it as started
@@ -197,7 +199,7 @@ class Starter:
         earlier process). Then it is kept, hidden, until a describe settles it
         (`LastReceives`). ``exists``: AWS said its execution exists."""
         if entry.queue.is_last_receive(entry.message):
-            self.last_receives.keep(entry, why, exists=exists)
+            self.last_receives.keep(entry, why, exists=exists, delay=delay)
             return
         await entry.queue.hand_back(entry.request.receipt_handle, delay, entry.bound, why)
 
@@ -308,12 +310,13 @@ class Starter:
 
     def _may_have_former_name(self, entry: Waiting) -> bool:
         """Whether the request may have started under a name a former configuration gave
-        it (``key_attribute`` changed across a restart) and is worth describing there: its
+        it (``key_attribute`` changed across a restart) and is worth looking for there: its
         current name is not known, and it was first received before this reign began, or
-        it carries an idempotency key and was *sent* before this reign began (a producer's
-        retry, or a copy SQS stored twice, whose twin a predecessor may have started
-        under its former name), or it is a copy (a dead letter moved back) that may have
-        started before it was dead-lettered. Any other request is looked for under its
+        it was *sent* before this reign began (with an idempotency key, a producer's retry;
+        with or without, a copy SQS stored twice, whose twin a predecessor may have started
+        under its former name: without a key, looked for in a listing, `_twin_sent_at`),
+        or it is a copy (a dead letter moved back) that may have started before it was
+        dead-lettered. Any other request is looked for under its
         former names only in what the ledger knows (free, see `_former_name_held`)."""
         pool, message = entry.pool, entry.message
         arn = execution_arn(pool.state_machine_arn, entry.request.name)
@@ -330,10 +333,38 @@ class Starter:
             if first is not None and int(first) / 1000 < began:
                 return True
             sent = system.get("SentTimestamp")
-            keyed = IDEMPOTENCY_ATTRIBUTE in attributes
-            return keyed and sent is not None and int(sent) / 1000 < began
+            # Sent before: with a key, a producer's other send of it; without, a twin SQS
+            # stored (looked for in a listing, `_twin_sent_at`, not described).
+            return sent is not None and int(sent) / 1000 < began
         except ValueError:
             return True
+
+    def _twin_sent_at(self, entry: Waiting) -> float | None:
+        """When a request without an idempotency key (and not a copy), first received in
+        this reign, was sent - if before the reign began: its only other copy is a twin
+        SQS stored (same message id and ``SentTimestamp``), started after that if at all.
+        None for any other request."""
+        message = entry.message
+        attributes = message.get("MessageAttributes") or {}
+        if REQUEST_ID_ATTRIBUTE in attributes or IDEMPOTENCY_ATTRIBUTE in attributes:
+            return None
+        system = message.get("Attributes") or {}
+        began = self.reign_began + FIRST_RECEIVE_SKEW
+        try:
+            first = system.get("ApproximateFirstReceiveTimestamp")
+            sent = int(system["SentTimestamp"]) / 1000
+        except (KeyError, ValueError):
+            return None
+        if first is not None and int(first) / 1000 < began:
+            return None  # received before: an earlier process may have started it itself
+        return sent if sent < began else None
+
+    def _past_names(self, pool: Pool) -> PastNames:
+        """The listing of ``pool``'s executions started before now (one per reign)."""
+        past = self._past.get(pool.name)
+        if past is None:
+            past = self._past[pool.name] = PastNames(self.sfn, pool.state_machine_arn)
+        return past
 
     def _former_name_held(self, entry: Waiting) -> str | None:
         """The ARN of a running (or tombstoned) execution the ledger knows under one of the
@@ -371,6 +402,15 @@ class Starter:
         for arn in arns:
             if pool.ledger.holds(arn) or pool.ledger.is_tombstoned(arn):
                 return arn
+        sent = self._twin_sent_at(entry)
+        if sent is not None:
+            # Not described: a twin older than the listing reaches (`MAX_PAGES`) is not
+            # looked for (a describe per message of a deep backlog, after every restart).
+            past = self._past_names(pool)
+            if not await past.cover(sent - FIRST_RECEIVE_SKEW):
+                return None
+            found = [arn for arn, name in zip(arns, names, strict=True) if name in past.names]
+            return found[0] if found else None
         for arn in arns:
             self.metrics.former_name_describes.labels(pool=pool.name).inc()
             try:
@@ -639,8 +679,10 @@ class Starter:
         if status == "RUNNING" or request.task_token is None or self.callbacks is None:
             await self._settled(entry, arn)
             return
-        # Closed already (a restart, a redelivery): its parent is answered now.
-        await self.callbacks.answer_closed(
+        # Closed already (a restart, a redelivery): its parent is answered now. Not answered
+        # (the answer failed), the message lapses and comes back to try again - but on its
+        # last receive the redrive policy would move it: kept (renewed) instead.
+        done = await self.callbacks.answer_closed(
             pool,
             queue=entry.queue,
             token=request.task_token,
@@ -648,6 +690,8 @@ class Starter:
             described=described,
             bound=bound,
         )
+        if not done and entry.queue.is_last_receive(entry.message):
+            self.last_receives.keep(entry, "its parent was not answered", exists=True, delay=30)
 
     # -- SQS side effects ----------------------------------------------------------------
 

@@ -1,0 +1,117 @@
+"""Renewing a request on its last receive: a fresh copy on its own queue, then the original
+deleted.
+
+A request received for the queue's ``maxReceiveCount``-th time that the dispatcher cannot
+finish now (it goes back: no room, shutting down, its start in doubt, its parent not
+answered) must not be handed back nor left to lapse: SQS's redrive policy would move it to
+the dead-letter queue on its next receive, without a reason. Kept hidden instead, it
+depends on every visibility extension arriving in time, which no process can promise (a
+pause, a partition, a call held on the wire). So it is renewed: a copy is sent to the same
+queue - its body verbatim, the request's own attributes, and its identity
+(``dispatcher-request-id``, the base of its execution name) and this message's id
+(``dispatcher-original-message-id``) - and only once that send succeeded is the original
+deleted. The copy is a new message (received zero times), and it maps to the same
+execution name: it cannot start the request a second time, and it finds an execution an
+earlier attempt started (invariant 4). A send that fails, or whose answer does not come,
+deletes nothing: the caller keeps the original as before (`LastReceives`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import structlog
+
+from dispatcher.aws.api import AWS_ERRORS, error_code
+from dispatcher.core.requests import (
+    ORIGINAL_ID_ATTRIBUTE,
+    OUR_PREFIX,
+    REQUEST_ID_ATTRIBUTE,
+    request_identity,
+)
+from dispatcher.daemon.queues import RequestQueue
+
+log = structlog.get_logger("dispatcher.intake")
+
+MAX_ATTRIBUTES = 10  # SQS: message attributes per message
+MAX_DELAY = 900  # SQS: DelaySeconds, at most
+CALL_SECONDS = 8.0
+"""Seconds a renewal's send (or one of its deletes) may take before it counts as failed."""
+DELETE_ATTEMPTS = 4
+
+
+def renewal_attributes(message: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The copy's message attributes: the request's own (not an earlier ``dispatcher-*``
+    one), its identity and this message's id; None when the request has no valid identity
+    or SQS's ten attributes leave no room for it (the copy would be another request)."""
+    identity, _ = request_identity(message)
+    if identity is None:
+        return None
+    attributes = {
+        name: value
+        for name, value in (message.get("MessageAttributes") or {}).items()
+        if not name.startswith(OUR_PREFIX)
+    }
+    attributes[REQUEST_ID_ATTRIBUTE] = {"DataType": "String", "StringValue": identity}
+    if len(attributes) > MAX_ATTRIBUTES:
+        return None
+    if len(attributes) < MAX_ATTRIBUTES:
+        original = str(message["MessageId"])
+        attributes[ORIGINAL_ID_ATTRIBUTE] = {"DataType": "String", "StringValue": original}
+    return attributes
+
+
+async def renew(
+    queue: RequestQueue, message: Mapping[str, Any], delay: float, bound: Any, why: str
+) -> bool:
+    """Send a copy of ``message`` to its own queue, visible in ``delay`` seconds (at most
+    SQS's 15 minutes), then delete the original (tried again while it fails). Returns
+    whether the copy was sent; False: nothing changed, the original is still the caller's."""
+    attributes = renewal_attributes(message)
+    if attributes is None:
+        bound.warning("dispatcher.renewal_impossible", why="no room for the request's identity")
+        return False
+    sent: Mapping[str, Any] | None = None
+    with anyio.move_on_after(CALL_SECONDS):
+        try:
+            sent = await queue.sqs.send_message(
+                QueueUrl=queue.url,
+                MessageBody=str(message.get("Body") or ""),
+                MessageAttributes=attributes,
+                DelaySeconds=max(0, min(MAX_DELAY, int(delay))),
+            )
+        except AWS_ERRORS as exc:
+            bound.warning("dispatcher.renewal_failed", error=error_code(exc) or str(exc))
+            return False
+    if sent is None:
+        bound.warning("dispatcher.renewal_failed", error="no answer")
+        return False
+    bound.info(
+        "dispatcher.request_renewed", why=why, copy_id=sent.get("MessageId"), visible_in=delay
+    )
+    await _delete_original(queue, str(message["ReceiptHandle"]), bound)
+    return True
+
+
+async def _delete_original(queue: RequestQueue, handle: str, bound: Any) -> None:
+    """Delete the renewed original, tried again while it fails (left, it would come back
+    and be moved without a reason; its copy carries the request on either way)."""
+    for attempt in range(DELETE_ATTEMPTS):
+        if attempt:
+            await anyio.sleep(min(4.0, 0.5 * 2**attempt))
+        with anyio.move_on_after(CALL_SECONDS):
+            try:
+                await queue.sqs.delete_message(QueueUrl=queue.url, ReceiptHandle=handle)
+            except AWS_ERRORS as exc:
+                bound.warning("dispatcher.delete_failed", error=str(exc), renewed=True)
+                if error_code(exc) == "ReceiptHandleIsInvalid":
+                    return
+                continue
+            return
+    bound.error(
+        "dispatcher.renewed_original_not_deleted",
+        advice="its copy carries the request; the original comes back and the queue's "
+        "redrive policy may move it: that dead letter needs no redrive",
+    )
