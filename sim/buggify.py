@@ -50,12 +50,17 @@ as before they were added.
   one to three seconds before the start gives up, held on the wire, answered with a 5xx at
   once and applied at D (after the give-up); their events lost; reconcile every 2 s. A
   "does not exist" within the start grace after a start in doubt settles nothing.
+- ``late_redrives`` (a stream of its own, `sim.redrives`): a governed execution fails
+  while its pool is full and is redriven seconds later for minutes, the failure's status
+  event late past the redriven run's (or on time).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+from sim import redrives
 
 BUGGIFY = True
 """Whether seeds draw buggify knobs at all."""
@@ -88,6 +93,7 @@ class Knobs:
     last_receive_doubts: bool = False
     slow_starts: bool = False
     early_answers: bool = False
+    late_redrives: bool = False
 
     @property
     def on(self) -> tuple[str, ...]:
@@ -112,7 +118,7 @@ class Knobs:
         return tuple(name for name in self.on if name not in HUNT)
 
 
-HUNT = ("unknown_starts", "last_receive_doubts", "slow_starts", "early_answers")
+HUNT = ("unknown_starts", "last_receive_doubts", "slow_starts", "early_answers", "late_redrives")
 """Knobs drawn, and planned, from their own stream (added later: no other draw moved)."""
 
 OFF = Knobs()
@@ -139,6 +145,7 @@ def draw(seed: int) -> Knobs:
         last_receive_doubts=hunt.random() < SHARE,
         slow_starts=hunt.random() < SHARE,
         early_answers=hunt.random() < SHARE,
+        late_redrives=redrives.drawn(seed),
     )
 
 

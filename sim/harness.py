@@ -33,7 +33,7 @@ from dispatcher.daemon.service import Dispatcher
 from dispatcher.errors import UserError
 from dispatcher.settings import layout
 from dispatcher.settings.config import Settings
-from sim import extras, loop, named, rolling
+from sim import extras, loop, named, redrives, rolling
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.buggify import draw as draw_knobs
@@ -46,6 +46,7 @@ from sim.nemesis import SLOW_START_GAP, STORM_MAX, Action, Nemesis, plan
 from sim.operators import run_extras
 from sim.parameters import config_record, limit_parameter
 from sim.parents import ParentsPlan, draw, run_parents, with_retries
+from sim.redrives import LateRedrives
 from sim.token_rules import SETTLE_KINDS
 
 PARENTS = True
@@ -135,6 +136,10 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
             last_receive_doubts=knobs.last_receive_doubts and not kept,
             slow_starts=knobs.slow_starts and not slow,
         )
+        made = _scenario(seed, without, parents)
+    if made.knobs.late_redrives and made.parents.parents:
+        # Not with parent workflows (a failed child answers its parent): as if not drawn.
+        without = dataclasses.replace(made.knobs, late_redrives=False)
         made = _scenario(seed, without, parents)
     return made
 
@@ -237,6 +242,10 @@ def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
         settings = (*settings, ("reconcile_interval", 2.0))
         quiet_at, requests = max(quiet_at, 300.0), max(requests, 20)
         max_seconds = max(max_seconds, 60)
+    if knobs.late_redrives:
+        # Time and a backlog: the pool full while the redriven runs are counted.
+        quiet_at, requests = max(quiet_at, 600.0), max(requests, 40)
+        max_seconds = max(max_seconds, 120)
     pools, shared = made.pools, made.shared_queue
     if knobs.slow_starts:
         # One start every SLOW_START_GAP seconds, one pool of limit 2 (two starts wait for
@@ -369,6 +378,9 @@ class Run:
         self.world.faults = _except_ssm(self.nemesis.call_fault)
         self.world.event_faults = self.nemesis.event_fault
         self.world.sfn.listing_lag_of = self.nemesis.listing_lag_of
+        self.late_redrives: LateRedrives | None = None
+        if self.plan.knobs.late_redrives:
+            self.late_redrives = LateRedrives(self, self.spec().outside_grace)
 
     def _drawn_nemesis(self) -> Nemesis:
         """The seed's fault plan."""
@@ -524,6 +536,8 @@ class Run:
                 tg.start_soon(self._produce)
                 tg.start_soon(self._act)
                 tg.start_soon(self._kill_when_told)
+                if self.late_redrives is not None:
+                    tg.start_soon(self.late_redrives)
                 tg.start_soon(named.run_changes, self)
                 if self.plan.parents.parents:
                     tg.start_soon(run_parents, self, self.plan.parents)
@@ -581,6 +595,8 @@ class Run:
             work += self.rolling.burst_work([p.limit for p in self.plan.pools]) / least
         # Outside runs may hold every slot of a pool while they last.
         work += sum(a.value for a in self.nemesis.actions if a.kind == "outside_start") / least
+        if self.late_redrives is not None:
+            work += redrives.work(self.late_redrives.planned) / least
         return work + 600.0 + MAX_DEFER_SECONDS  # a deferral may last 15 min
 
     def spec(self) -> CheckSpec:

@@ -786,7 +786,6 @@ NOT_YET_CAUGHT = frozenset(
         "orphan-stopped-while-awaited",
         "redrive-count-dropped-from-events",
         "redrive-drops-identity",
-        "redriven-run-not-adopted",
         "retry-without-lease",
         "takeover-ignores-recorded-wait",
         "token-released-when-answer-failed",
