@@ -781,7 +781,6 @@ NOT_YET_CAUGHT = frozenset(
         "last-receive-existing-then-missing",
         "last-receive-ignores-evidence",
         "last-receive-missing-without-grace",
-        "late-terminal-frees-redriven-run",
         "no-tombstone",
         "orphan-stopped-while-awaited",
         "redrive-count-dropped-from-events",
