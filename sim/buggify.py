@@ -53,6 +53,9 @@ as before they were added.
 - ``late_redrives`` (a stream of its own, `sim.redrives`): a governed execution fails
   while its pool is full and is redriven seconds later for minutes, the failure's status
   event late past the redriven run's (or on time).
+- ``key_limit_drops`` (a stream of its own, `sim.key_limits`): a keyed pool's per-key
+  limit lowered (2 to 1) while every StartExecution request is lost on the wire for
+  19 to 25 s: a retry must fit under the new per-key limit.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from sim import redrives
+from sim import key_limits, redrives
 
 BUGGIFY = True
 """Whether seeds draw buggify knobs at all."""
@@ -94,6 +97,7 @@ class Knobs:
     slow_starts: bool = False
     early_answers: bool = False
     late_redrives: bool = False
+    key_limit_drops: bool = False
 
     @property
     def on(self) -> tuple[str, ...]:
@@ -118,7 +122,14 @@ class Knobs:
         return tuple(name for name in self.on if name not in HUNT)
 
 
-HUNT = ("unknown_starts", "last_receive_doubts", "slow_starts", "early_answers", "late_redrives")
+HUNT = (
+    "unknown_starts",
+    "last_receive_doubts",
+    "slow_starts",
+    "early_answers",
+    "late_redrives",
+    "key_limit_drops",
+)
 """Knobs drawn, and planned, from their own stream (added later: no other draw moved)."""
 
 OFF = Knobs()
@@ -146,6 +157,7 @@ def draw(seed: int) -> Knobs:
         slow_starts=hunt.random() < SHARE,
         early_answers=hunt.random() < SHARE,
         late_redrives=redrives.drawn(seed),
+        key_limit_drops=key_limits.drawn(seed),
     )
 
 

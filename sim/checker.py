@@ -59,6 +59,9 @@ class PoolSpec:
     key_attribute: str | None = None
     """The message attribute of the request's key, when the pool is keyed the whole run: a
     run then counts against its request's key even if its name lacks the key tag."""
+    key_limit_parameter: str | None = None
+    """The parameter whose puts record the per-key limit's changes (None: it never changes);
+    a lowered one is judged after ``CheckSpec.staleness``, as the limit is."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,9 @@ def _check_limits(
         timeline = history.limit_timeline(pool.parameter, pool.limit)
     else:
         timeline = [(-math.inf, pool.limit)]
+    key_timeline = [(-math.inf, pool.per_key_limit or 0)]
+    if pool.key_limit_parameter is not None and pool.per_key_limit is not None:
+        key_timeline = history.limit_timeline(pool.key_limit_parameter, pool.per_key_limit)
     # Sweep: at equal times ends first, then outside runs coming into view, then starts
     # (a run that ends as it starts ends after its start).
     points: list[tuple[float, int, int, Execution, Run]] = []
@@ -196,6 +202,8 @@ def _check_limits(
                 )
             )
         key_limit = pool.per_key_limit
+        if key_limit is not None:
+            key_limit = limit_at(key_timeline, at, spec.staleness)
         if tag is not None and key_limit is not None and per_key[tag] > key_limit:
             found.append(
                 Violation(

@@ -33,7 +33,7 @@ from dispatcher.daemon.service import Dispatcher
 from dispatcher.errors import UserError
 from dispatcher.settings import layout
 from dispatcher.settings.config import Settings
-from sim import extras, loop, named, redrives, rolling
+from sim import extras, key_limits, loop, named, redrives, rolling
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.buggify import draw as draw_knobs
@@ -42,6 +42,7 @@ from sim.changes import put_back
 from sim.checker import CheckSpec, PoolSpec, Violation, check
 from sim.deadlines import Producer as StartBys
 from sim.extras import ExtrasPlan
+from sim.key_limits import KeyLimitDrops
 from sim.nemesis import SLOW_START_GAP, STORM_MAX, Action, Nemesis, plan
 from sim.operators import run_extras
 from sim.parameters import config_record, limit_parameter
@@ -137,6 +138,19 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
             slow_starts=knobs.slow_starts and not slow,
         )
         made = _scenario(seed, without, parents)
+    reconfigured = any(r.what == "key_attribute" for r in made.extras.reconfigures)
+    crowded = any(
+        getattr(made.knobs, k) for k in ("unknown_starts", "last_receive_doubts", "slow_starts")
+    )
+    heartbeats = any(p.heartbeat_seconds for p in made.parents.parents)
+    if made.knobs.key_limit_drops and (
+        made.extras.rolling is not None or reconfigured or crowded or heartbeats
+    ):
+        # Each process's file is the rolling deploy's; a reconfiguration may unkey the pool;
+        # knobs whose stretches refuse every retry, or send one start at a time, leave no
+        # retry to admit; heartbeats of tokens across the stretch are another matter.
+        without = dataclasses.replace(made.knobs, key_limit_drops=False)
+        made = _scenario(seed, without, parents)
     if made.knobs.late_redrives and made.parents.parents:
         # Not with parent workflows (a failed child answers its parent): as if not drawn.
         without = dataclasses.replace(made.knobs, late_redrives=False)
@@ -175,7 +189,7 @@ def _scenario(seed: int, knobs: Knobs, parents: bool | None) -> Scenario:
         # Up to the start grace the dispatcher assumes (an assumption docs/testing.md states).
         listing_lag=rng.choice((0.0, 2.0, 9.5)),
     )
-    made = _buggified(made, knobs)
+    made = key_limits.buggified(_buggified(made, knobs))
     if PARENTS if parents is None else parents:
         drawn = draw(
             seed,
@@ -381,6 +395,9 @@ class Run:
         self.late_redrives: LateRedrives | None = None
         if self.plan.knobs.late_redrives:
             self.late_redrives = LateRedrives(self, self.spec().outside_grace)
+        self.key_limit_drops: KeyLimitDrops | None = None
+        if self.plan.knobs.key_limit_drops:
+            self.key_limit_drops = KeyLimitDrops(self)
 
     def _drawn_nemesis(self) -> Nemesis:
         """The seed's fault plan."""
@@ -538,6 +555,8 @@ class Run:
                 tg.start_soon(self._kill_when_told)
                 if self.late_redrives is not None:
                     tg.start_soon(self.late_redrives)
+                if self.key_limit_drops is not None:
+                    tg.start_soon(self.key_limit_drops)
                 tg.start_soon(named.run_changes, self)
                 if self.plan.parents.parents:
                     tg.start_soon(run_parents, self, self.plan.parents)
@@ -615,6 +634,9 @@ class Run:
                 parameter=parameter,
                 per_key_limit=self.key_limits.get(pool.name),
                 key_attribute=KEY_ATTRIBUTE if always_keyed else None,
+                key_limit_parameter=key_limits.record(pool.name)
+                if self.plan.knobs.key_limit_drops
+                else None,
             )
         return CheckSpec(
             pools=pools,

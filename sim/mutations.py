@@ -259,12 +259,10 @@ CATALOGUE: tuple[Mutation, ...] = (
         "self._limit - held - len(self._sent)",
         "self._limit - held",
     ),
-    # Not caught: reached when a keyed start's own RUNNING event comes before its answer
-    # (the run is counted under its key and as a start sent): the retry it admits repeats
-    # the same name, which starts nothing. Broken only if a *lost request* of a keyed start
-    # is retried while another run of that key became held after it was sent (an outside
-    # run named with the key's tag, or a per-key limit lowered meanwhile); the simulation's
-    # outside runs carry no key tag and its per-key limits do not change while it runs.
+    # Mostly reached when a keyed start's own RUNNING event comes before its answer (the
+    # run is counted under its key and as a start sent): the retry it admits repeats the
+    # same name, which starts nothing. Broken when lost requests of a key's starts are
+    # retried after its per-key limit was lowered: buggify's key_limit_drops.
     _m(
         "key-retry-admitted-over-key-limit",
         "retry admission",
@@ -777,7 +775,6 @@ NOT_YET_CAUGHT = frozenset(
         "deferrals-not-spaced",
         "describe-failure-frees-slot",
         "held-token-forgets-earlier-handles",
-        "key-retry-admitted-over-key-limit",
         "last-receive-existing-then-missing",
         "last-receive-ignores-evidence",
         "last-receive-missing-without-grace",

@@ -191,6 +191,7 @@ def test_last_receive_doubts_is_never_on_with_the_lease() -> None:
                 last_receive_doubts=False,
                 slow_starts=m.knobs.slow_starts,
                 late_redrives=m.knobs.late_redrives,
+                key_limit_drops=m.knobs.key_limit_drops,
             )
             assert m == harness._scenario(seed, without, None)
 

@@ -215,6 +215,20 @@ def test_per_key_limit() -> None:
     assert alice in violation.message
 
 
+def test_a_lowered_per_key_limit_is_judged_after_the_staleness() -> None:
+    history = History()
+    alice = key_tag("alice")
+    run(history, f"k{alice}_1", 1, 100)
+    history.parameter_put(10, "/key-limit", "1", 1)
+    pool = {MACHINE: PoolSpec(limit=10, per_key_limit=2, key_limit_parameter="/key-limit")}
+    run(history, f"k{alice}_2", 11, 100)  # 2 of 2: the old per-key limit may be in force
+    assert check(history, spec(pools=pool, staleness=3.0)) == []
+    run(history, f"k{alice}_3", 14, 100)  # 3 of 1
+    [violation] = check(history, spec(pools=pool, staleness=3.0))
+    assert (violation.kind, violation.time) == ("key_limit", 14)
+    assert "per-key limit 1" in violation.message
+
+
 def test_per_key_limit_counts_a_run_by_its_requests_key_when_its_name_lacks_the_tag() -> None:
     """Runs of two requests of key "alice" named without the key tag: over the per-key
     limit all the same (the pool is keyed the whole run); without the key attribute in the
