@@ -416,7 +416,13 @@ CATALOGUE: tuple[Mutation, ...] = (
     # so the ledger over-counts - safe for the limit - until a listing misses it past the
     # grace and a describe frees it again; evidence for a kept request is `holds` instead
     # of `is_tombstoned`. The rule is about throughput (no slot wasted on a finished run),
-    # which no checker rule measures.
+    # which no checker rule measures. Checked input by input: the revived entry only adds
+    # to `held` and its key's count (admission is stricter); `started`, `doubt` and
+    # `_former_name_held` test `holds or is_tombstoned` alike; what tests `is_tombstoned`
+    # alone (`Callbacks.started`, `heartbeat_once`) answers a parent whose child ended -
+    # with the run revived that answer waits for the describe that frees it (reconcile
+    # calls `Pool.ended` then), later but the same answer; `Expiries` and `LastReceives`
+    # take `holds` as the same evidence. No slot is ever freed early, no request lost.
     _m(
         "no-tombstone",
         "tombstones",
@@ -437,6 +443,16 @@ CATALOGUE: tuple[Mutation, ...] = (
         "if False:",
         reach="if held is not None and redrive_count < held.redrives:\n    return Change.STALE",
     ),
+    # Not caught, and equivalent for what the checker judges: the count passed (0) is never
+    # more than the event's, and in `observe_terminal` a smaller count only makes the event
+    # STALE more often (`count < held.redrives`: a slot kept, never one freed) and writes a
+    # lower tombstone (`max(count, previous)`: a later RUNNING of that run revives it, an
+    # over-count, as in no-tombstone). So every terminal event of a redriven run the ledger
+    # saw running is ignored: its slot is freed, and its parent (a task token) answered,
+    # by the next listing that misses it past the grace and the describe that follows
+    # (which carries the right count) - later, never wrongly. Throughput only; the
+    # late-terminal rule itself (a run before a redrive freeing nothing) is unchanged, and
+    # caught as late-terminal-frees-redriven-run.
     _m(
         "redrive-count-dropped-from-events",
         "redrive counts",
