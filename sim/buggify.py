@@ -56,6 +56,9 @@ as before they were added.
 - ``key_limit_drops`` (a stream of its own, `sim.key_limits`): a keyed pool's per-key
   limit lowered (2 to 1) while every StartExecution request is lost on the wire for
   19 to 25 s: a retry must fit under the new per-key limit.
+- ``exists_unknown`` (a stream of its own, `sim.exists`): StartExecution answers
+  ExecutionAlreadyExists for a producer's retry, DescribeExecution fails, and the
+  execution (failed unseen before a restart) is redriven meanwhile.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from sim import key_limits, redrives
+from sim import exists, key_limits, redrives
 
 BUGGIFY = True
 """Whether seeds draw buggify knobs at all."""
@@ -98,6 +101,7 @@ class Knobs:
     early_answers: bool = False
     late_redrives: bool = False
     key_limit_drops: bool = False
+    exists_unknown: bool = False
 
     @property
     def on(self) -> tuple[str, ...]:
@@ -129,6 +133,7 @@ HUNT = (
     "early_answers",
     "late_redrives",
     "key_limit_drops",
+    "exists_unknown",
 )
 """Knobs drawn, and planned, from their own stream (added later: no other draw moved)."""
 
@@ -158,6 +163,7 @@ def draw(seed: int) -> Knobs:
         early_answers=hunt.random() < SHARE,
         late_redrives=redrives.drawn(seed),
         key_limit_drops=key_limits.drawn(seed),
+        exists_unknown=exists.drawn(seed),
     )
 
 

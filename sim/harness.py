@@ -33,7 +33,7 @@ from dispatcher.daemon.service import Dispatcher
 from dispatcher.errors import UserError
 from dispatcher.settings import layout
 from dispatcher.settings.config import Settings
-from sim import extras, key_limits, loop, named, redrives, rolling
+from sim import exists, extras, key_limits, loop, named, redrives, rolling
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.buggify import draw as draw_knobs
@@ -41,6 +41,7 @@ from sim.bugs import Bug
 from sim.changes import put_back
 from sim.checker import CheckSpec, PoolSpec, Violation, check
 from sim.deadlines import Producer as StartBys
+from sim.exists import ExistsUnknown
 from sim.extras import ExtrasPlan
 from sim.key_limits import KeyLimitDrops
 from sim.nemesis import SLOW_START_GAP, STORM_MAX, Action, Nemesis, plan
@@ -151,6 +152,10 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
         # retry to admit; heartbeats of tokens across the stretch are another matter.
         without = dataclasses.replace(made.knobs, key_limit_drops=False)
         made = _scenario(seed, without, parents)
+    if made.knobs.exists_unknown and (made.parents.parents or made.extras.rolling is not None):
+        # A failed child answers its parent; a rolling deploy's processes are its own.
+        without = dataclasses.replace(made.knobs, exists_unknown=False)
+        made = _scenario(seed, without, parents)
     if made.knobs.late_redrives and made.parents.parents:
         # Not with parent workflows (a failed child answers its parent): as if not drawn.
         without = dataclasses.replace(made.knobs, late_redrives=False)
@@ -189,7 +194,7 @@ def _scenario(seed: int, knobs: Knobs, parents: bool | None) -> Scenario:
         # Up to the start grace the dispatcher assumes (an assumption docs/testing.md states).
         listing_lag=rng.choice((0.0, 2.0, 9.5)),
     )
-    made = key_limits.buggified(_buggified(made, knobs))
+    made = exists.buggified(key_limits.buggified(_buggified(made, knobs)))
     if PARENTS if parents is None else parents:
         drawn = draw(
             seed,
@@ -395,6 +400,9 @@ class Run:
         self.late_redrives: LateRedrives | None = None
         if self.plan.knobs.late_redrives:
             self.late_redrives = LateRedrives(self, self.spec().outside_grace)
+        self.exists_unknown: ExistsUnknown | None = None
+        if self.plan.knobs.exists_unknown:
+            self.exists_unknown = ExistsUnknown(self)
         self.key_limit_drops: KeyLimitDrops | None = None
         if self.plan.knobs.key_limit_drops:
             self.key_limit_drops = KeyLimitDrops(self)
@@ -557,6 +565,8 @@ class Run:
                     tg.start_soon(self.late_redrives)
                 if self.key_limit_drops is not None:
                     tg.start_soon(self.key_limit_drops)
+                if self.exists_unknown is not None:
+                    tg.start_soon(self.exists_unknown)
                 tg.start_soon(named.run_changes, self)
                 if self.plan.parents.parents:
                     tg.start_soon(run_parents, self, self.plan.parents)
@@ -616,6 +626,8 @@ class Run:
         work += sum(a.value for a in self.nemesis.actions if a.kind == "outside_start") / least
         if self.late_redrives is not None:
             work += redrives.work(self.late_redrives.planned) / least
+        if self.plan.knobs.exists_unknown:
+            work += exists.REDRIVE_RUNS[1] / least
         return work + 600.0 + MAX_DEFER_SECONDS  # a deferral may last 15 min
 
     def spec(self) -> CheckSpec:
