@@ -2,7 +2,7 @@
 fails, and meanwhile the execution is redriven.
 
 A running execution the dispatcher started for a request with an idempotency key fails
-(the workflow's own failure, its status events lost) while its pool is full, and every
+(the workflow's own failure, its status events lost), and every
 dispatcher process is killed at once: the processes that come back cannot know it ran
 (their start-up listings show running executions only). About a minute later the
 producer sends the request again (a retry with the same key: the same execution name).
@@ -14,7 +14,8 @@ process cannot tell whether the execution runs: its slot must stay held, in doub
 a listing shows the redriven run - the checker counts that run from its start
 (`sim.checker.told_exists`).
 
-Not with parent workflows (a failed child answers its parent) nor a rolling deploy. The
+Not with parent workflows (a failed child answers its parent), a rolling deploy nor a
+key_attribute reconfiguration (the retry would have another name). The
 knob draws and plans from streams of its own (``buggify-exists-unknown-SEED``,
 ``exists-unknown-SEED``): a seed where it is off runs exactly as before.
 """
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from sim.aws import EventFault, EventFaults, EventInfo
-from sim.calls import CallFault
+from sim.calls import NO_FAULT, CallFault
 from sim.history import OUTSIDE, key_tag_of
 
 if TYPE_CHECKING:
@@ -40,6 +41,11 @@ SHARE = 0.3
 """The share of seeds in which the knob is on."""
 IDEMPOTENCY_ATTRIBUTE = "idempotency-key"
 START_BY = "start-by"
+SETTLED_SENDS = 25.0
+"""The victim's request was last sent this long ago (a producer's own retries come within
+20 s: after the failure one would be answered "already exists" and described)."""
+LAST_FAILURE = 0.6
+"""No failure later than this share of the time before the faults stop."""
 RETRY_AFTER = (50.0, 70.0)
 """Seconds from the failure (and the kills) to the producer's retry."""
 DESCRIBES_FAIL = (30.0, 60.0)
@@ -77,9 +83,6 @@ class ExistsUnknown:
         self.run = run
         self.rng = random.Random(f"exists-unknown-{run.seed}")
         self.fail_at = self.rng.uniform(0.1, 0.3) * run.plan.quiet_at
-        nemesis = run.nemesis
-        if nemesis.burst_at is None:
-            nemesis.burst_at = max(0.0, self.fail_at - self.rng.uniform(20.0, 40.0))
         self.arn: str | None = None  # the execution failed
         self.name = ""
         self.machine = ""
@@ -98,7 +101,8 @@ class ExistsUnknown:
         return self._events(info)
 
     def call_fault(self, node: str, operation: str, params: Mapping[str, Any]) -> CallFault:
-        """The retry's StartExecution starts the describe failures and the redrive."""
+        """The retry's StartExecution (answered, whatever else was planned) starts the
+        describe failures and the redrive."""
         now = self.run.clock()
         if now >= self.run.plan.quiet_at:  # every fault stops then
             return self._faults(node, operation, params)
@@ -106,6 +110,7 @@ class ExistsUnknown:
             self.armed = False
             self.describes_fail_until = now + self.rng.uniform(*DESCRIBES_FAIL)
             self.called.set()
+            return NO_FAULT  # "already exists" reaches the process
         if operation == "DescribeExecution" and now < self.describes_fail_until:
             return FAILING
         return self._faults(node, operation, params)
@@ -116,12 +121,10 @@ class ExistsUnknown:
 
         run, history = self.run, self.run.world.history
         await anyio.sleep(max(0.0, self.fail_at - run.clock()))
-        found = None
-        for _ in range(10):
+        found = self._victim()
+        while found is None and run.clock() < LAST_FAILURE * run.plan.quiet_at:
+            await anyio.sleep(5.0)
             found = self._victim()
-            if found is not None or run.clock() >= run.plan.quiet_at:
-                break
-            await anyio.sleep(10.0)
         if found is None:
             return
         self.arn, self.name, request = found
@@ -166,16 +169,23 @@ class ExistsUnknown:
 
     def _victim(self) -> tuple[str, str, tuple[str, str, str, dict[str, str]]] | None:
         """A running execution a dispatcher started (a name no other machine's execution
-        has) and its request's message, which has an idempotency key (None: none now)."""
+        has) and its request's message, which has an idempotency key and no start-by and
+        was last sent `SETTLED_SENDS` ago (None: none now)."""
         history = self.run.world.history
         governed = set(self.run.arns.values())
         names: dict[str, int] = {}
         for execution in history.executions.values():
             names[execution.name] = names.get(execution.name, 0) + 1
+        now = self.run.clock()
+        last_sent: dict[str, float] = {}
+        for m in history.requests:
+            last_sent[m.request_id] = max(last_sent.get(m.request_id, 0.0), m.sent_at)
         keyed = {
             m.attributes[IDEMPOTENCY_ATTRIBUTE]: m
             for m in history.requests
-            if IDEMPOTENCY_ATTRIBUTE in m.attributes and START_BY not in m.attributes
+            if IDEMPOTENCY_ATTRIBUTE in m.attributes
+            and START_BY not in m.attributes
+            and last_sent[m.request_id] <= now - SETTLED_SENDS
         }
         candidates = []
         for execution in history.executions.values():

@@ -152,8 +152,12 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
         # retry to admit; heartbeats of tokens across the stretch are another matter.
         without = dataclasses.replace(made.knobs, key_limit_drops=False)
         made = _scenario(seed, without, parents)
-    if made.knobs.exists_unknown and (made.parents.parents or made.extras.rolling is not None):
-        # A failed child answers its parent; a rolling deploy's processes are its own.
+    reconfigured = any(r.what == "key_attribute" for r in made.extras.reconfigures)
+    if made.knobs.exists_unknown and (
+        made.parents.parents or made.extras.rolling is not None or reconfigured
+    ):
+        # A failed child answers its parent; a rolling deploy's processes are its own; a
+        # new key_attribute gives the retry another name.
         without = dataclasses.replace(made.knobs, exists_unknown=False)
         made = _scenario(seed, without, parents)
     if made.knobs.late_redrives and made.parents.parents:

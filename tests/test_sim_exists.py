@@ -32,7 +32,7 @@ def test_the_knob_draws_from_its_own_stream() -> None:
     assert scenario(SEED).knobs.exists_unknown
 
 
-def test_never_with_parents_nor_a_rolling_deploy_as_if_not_drawn() -> None:
+def test_never_with_parents_a_rolling_deploy_or_a_new_key_attribute_as_if_not_drawn() -> None:
     for seed in range(200):
         made = scenario(seed)
         if exists.drawn(seed) and not made.knobs.exists_unknown:
@@ -41,6 +41,7 @@ def test_never_with_parents_nor_a_rolling_deploy_as_if_not_drawn() -> None:
         if made.knobs.exists_unknown:
             assert not made.parents.parents
             assert made.extras.rolling is None
+            assert not any(r.what == "key_attribute" for r in made.extras.reconfigures)
 
 
 def test_the_redrive_follows_already_exists_while_describes_fail() -> None:
