@@ -51,18 +51,29 @@ as before they were added.
   once and applied at D (after the give-up); their events lost; reconcile every 2 s. A
   "does not exist" within the start grace after a start in doubt settles nothing.
 
-``renewals_denied`` is drawn from a stream of its own too (``buggify-renewals-denied-SEED``):
+Each knob below is drawn from a stream of its own too:
 
-- ``renewals_denied``: the dispatchers may not send to the request queues (an IAM policy
+- ``renewals_denied`` (``buggify-renewals-denied-SEED``): the dispatchers may not send to the request queues (an IAM policy
   without ``sqs:SendMessage`` on them: AccessDenied, as after an upgrade whose policy was
   not updated), so no request on its last receive can be renewed: it is kept and settled
   by describes (`dispatcher.daemon.lastreceive`), the path a renewal otherwise spares.
+- ``late_redrives`` (a stream of its own, `sim.redrives`): a governed execution fails
+  while its pool is full and is redriven seconds later for minutes, the failure's status
+  event late past the redriven run's (or on time).
+- ``key_limit_drops`` (a stream of its own, `sim.key_limits`): a keyed pool's per-key
+  limit lowered (2 to 1) while every StartExecution request is lost on the wire for
+  19 to 25 s: a retry must fit under the new per-key limit.
+- ``exists_unknown`` (a stream of its own, `sim.exists`): StartExecution answers
+  ExecutionAlreadyExists for a producer's retry, DescribeExecution fails, and the
+  execution (failed unseen before a restart) is redriven meanwhile.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+from sim import exists, key_limits, redrives
 
 BUGGIFY = True
 """Whether seeds draw buggify knobs at all."""
@@ -96,6 +107,9 @@ class Knobs:
     slow_starts: bool = False
     early_answers: bool = False
     renewals_denied: bool = False
+    late_redrives: bool = False
+    key_limit_drops: bool = False
+    exists_unknown: bool = False
 
     @property
     def on(self) -> tuple[str, ...]:
@@ -120,7 +134,16 @@ class Knobs:
         return tuple(name for name in self.on if name not in HUNT)
 
 
-HUNT = ("unknown_starts", "last_receive_doubts", "slow_starts", "early_answers", "renewals_denied")
+HUNT = (
+    "unknown_starts",
+    "last_receive_doubts",
+    "slow_starts",
+    "early_answers",
+    "renewals_denied",
+    "late_redrives",
+    "key_limit_drops",
+    "exists_unknown",
+)
 """Knobs drawn, and planned, from their own stream (added later: no other draw moved)."""
 
 OFF = Knobs()
@@ -148,6 +171,9 @@ def draw(seed: int) -> Knobs:
         slow_starts=hunt.random() < SHARE,
         early_answers=hunt.random() < SHARE,
         renewals_denied=random.Random(f"buggify-renewals-denied-{seed}").random() < SHARE,
+        late_redrives=redrives.drawn(seed),
+        key_limit_drops=key_limits.drawn(seed),
+        exists_unknown=exists.drawn(seed),
     )
 
 

@@ -1,9 +1,11 @@
 """Judge a simulation from its history alone: the dispatcher's invariants as rules.
 
 1. ``limit`` / ``key_limit``: when a dispatcher's StartExecution took effect, the runs
-   running then (the dispatcher's, and outside ones past their grace) fit the limit in
-   force (the highest during the last ``staleness`` seconds), per pool and per key (the
-   key of the request a run serves, in a pool keyed the whole run; else its name's tag).
+   running then (the dispatcher's, and outside ones past their grace - or from their
+   start, a redrive a process was told exists: `told_exists`) fit the limit in force
+   (the highest during the last ``staleness`` seconds), per pool and per key (the key of
+   the request a run serves, in a pool keyed the whole run; else its name's tag), the
+   per-key limit too as recorded when it changes.
 2. ``duplicate_execution``: at most one execution per logical request.
 3. ``lost_request``: by ``quiet_at + settle_bound`` (or that long after a later send)
    every request has an execution or a dead-letter copy with its reason;
@@ -59,6 +61,9 @@ class PoolSpec:
     key_attribute: str | None = None
     """The message attribute of the request's key, when the pool is keyed the whole run: a
     run then counts against its request's key even if its name lacks the key tag."""
+    key_limit_parameter: str | None = None
+    """The parameter whose puts record the per-key limit's changes (None: it never changes);
+    a lowered one is judged after ``CheckSpec.staleness``, as the limit is."""
 
 
 @dataclass(frozen=True)
@@ -159,16 +164,16 @@ def _check_limits(
     spec: CheckSpec,
     keys: Mapping[str, str] | None = None,
 ) -> list[Violation]:
-    if pool.parameter is not None:
-        timeline = history.limit_timeline(pool.parameter, pool.limit)
-    else:
-        timeline = [(-math.inf, pool.limit)]
+    timeline, key_timeline = _timelines(history, pool)
     # Sweep: at equal times ends first, then outside runs coming into view, then starts
     # (a run that ends as it starts ends after its start).
     points: list[tuple[float, int, int, Execution, Run]] = []
+    told = told_exists(history)
     for execution, run in history.runs_of(arn):
         outside = run.started_by == OUTSIDE
-        counted_from = run.start + spec.outside_grace if outside else run.start
+        counted_from = run.start
+        if outside and (execution.arn, run.seq) not in told:
+            counted_from += spec.outside_grace
         if run.stop is not None and counted_from > run.stop:
             continue  # ended before anyone could know of it
         points.append((counted_from, 1 if outside else 2, run.seq, execution, run))
@@ -196,6 +201,8 @@ def _check_limits(
                 )
             )
         key_limit = pool.per_key_limit
+        if key_limit is not None:
+            key_limit = limit_at(key_timeline, at, spec.staleness)
         if tag is not None and key_limit is not None and per_key[tag] > key_limit:
             found.append(
                 Violation(
@@ -206,6 +213,80 @@ def _check_limits(
                 )
             )
     return found
+
+
+def _timelines(
+    history: History, pool: PoolSpec
+) -> tuple[list[tuple[float, int]], list[tuple[float, int]]]:
+    """The pool's limit and per-key limit as they changed: (time, value) from the first."""
+    timeline = [(-math.inf, pool.limit)]
+    if pool.parameter is not None:
+        timeline = history.limit_timeline(pool.parameter, pool.limit)
+    key_timeline = [(-math.inf, pool.per_key_limit or 0)]
+    if pool.key_limit_parameter is not None and pool.per_key_limit is not None:
+        key_timeline = history.limit_timeline(pool.key_limit_parameter, pool.per_key_limit)
+    return timeline, key_timeline
+
+
+def told_exists(history: History) -> set[tuple[str, int]]:
+    """(execution ARN, run seq) of the redriven runs a dispatcher counts from their start.
+
+    ``ExecutionAlreadyExists`` answered to a process's StartExecution says the execution
+    exists; until a describe tells it its status, it stays counted (DESIGN: "never freed
+    on a guess"). So a redrive that starts after that answer is counted from its start -
+    when the process cannot have known the execution had ended: it started after the run
+    before the redrive ended (its start-up listing did not show it), no terminal event of
+    that run was ever delivered, and no describe of it worked for the process between
+    that run's end and the redrive. A name not unique among the machines is left out."""
+    started, exists, described = _exists_answers(history)
+    by_name: dict[str, list[Execution]] = defaultdict(list)
+    for execution in history.executions.values():
+        by_name[execution.name].append(execution)
+    heard = {
+        (e.execution_arn, e.redrive_count)
+        for e in history.events
+        if e.status != "RUNNING" and e.deliveries
+    }
+    told: set[tuple[str, int]] = set()
+    for at, node, name in exists:
+        if len(by_name[name]) != 1:
+            continue
+        execution = by_name[name][0]
+        for index, run in enumerate(execution.runs[1:], start=1):
+            before = execution.runs[index - 1]
+            if run.start < at or before.stop is None or before.stop > at:
+                continue
+            if started.get(node, math.inf) < before.stop:
+                continue  # it may have seen the run before end (a listing, its event)
+            if (execution.arn, index - 1) in heard:
+                continue
+            if any(before.stop <= t <= run.start for t in described[node, name]):
+                continue  # a describe told it the run had ended
+            told.add((execution.arn, run.seq))
+    return told
+
+
+def _exists_answers(
+    history: History,
+) -> tuple[dict[str, float], list[tuple[float, str, str]], dict[tuple[str, str], list[float]]]:
+    """When each process started; the ``ExecutionAlreadyExists`` answers (time, process,
+    name); the describes that worked, by (process, name)."""
+    started: dict[str, float] = {}
+    exists: list[tuple[float, str, str]] = []
+    described: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for record in history.records:
+        if record.kind == "note" and record.text == "process started":
+            started.setdefault(record.node, record.time)
+        if record.kind != "call":
+            continue
+        outcome = str(record.details.get("outcome", ""))
+        operation, _, rest = record.text.partition(" name=")
+        name = rest.split(" ", 1)[0]
+        if operation == "StartExecution" and outcome == "ERROR ExecutionAlreadyExists":
+            exists.append((record.time, record.node, name))
+        elif operation == "DescribeExecution" and outcome == "APPLIED":
+            described[record.node, name].append(record.time)
+    return started, exists, described
 
 
 # -- which execution serves which request ---------------------------------------------------

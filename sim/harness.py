@@ -33,7 +33,7 @@ from dispatcher.daemon.service import Dispatcher
 from dispatcher.errors import UserError
 from dispatcher.settings import layout
 from dispatcher.settings.config import Settings
-from sim import extras, loop, named, rolling
+from sim import exists, extras, key_limits, loop, named, redrives, rolling
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.buggify import draw as draw_knobs
@@ -41,11 +41,14 @@ from sim.bugs import Bug
 from sim.changes import put_back
 from sim.checker import CheckSpec, PoolSpec, Violation, check
 from sim.deadlines import Producer as StartBys
+from sim.exists import ExistsUnknown
 from sim.extras import ExtrasPlan
+from sim.key_limits import KeyLimitDrops
 from sim.nemesis import SLOW_START_GAP, STORM_MAX, Action, Nemesis, plan
 from sim.operators import run_extras
 from sim.parameters import config_record, limit_parameter
 from sim.parents import ParentsPlan, draw, run_parents, with_retries
+from sim.redrives import LateRedrives
 from sim.token_rules import SETTLE_KINDS
 
 PARENTS = True
@@ -136,6 +139,31 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
             slow_starts=knobs.slow_starts and not slow,
         )
         made = _scenario(seed, without, parents)
+    reconfigured = any(r.what == "key_attribute" for r in made.extras.reconfigures)
+    crowded = any(
+        getattr(made.knobs, k) for k in ("unknown_starts", "last_receive_doubts", "slow_starts")
+    )
+    heartbeats = any(p.heartbeat_seconds for p in made.parents.parents)
+    if made.knobs.key_limit_drops and (
+        made.extras.rolling is not None or reconfigured or crowded or heartbeats
+    ):
+        # Each process's file is the rolling deploy's; a reconfiguration may unkey the pool;
+        # knobs whose stretches refuse every retry, or send one start at a time, leave no
+        # retry to admit; heartbeats of tokens across the stretch are another matter.
+        without = dataclasses.replace(made.knobs, key_limit_drops=False)
+        made = _scenario(seed, without, parents)
+    reconfigured = any(r.what == "key_attribute" for r in made.extras.reconfigures)
+    if made.knobs.exists_unknown and (
+        made.parents.parents or made.extras.rolling is not None or reconfigured
+    ):
+        # A failed child answers its parent; a rolling deploy's processes are its own; a
+        # new key_attribute gives the retry another name.
+        without = dataclasses.replace(made.knobs, exists_unknown=False)
+        made = _scenario(seed, without, parents)
+    if made.knobs.late_redrives and made.parents.parents:
+        # Not with parent workflows (a failed child answers its parent): as if not drawn.
+        without = dataclasses.replace(made.knobs, late_redrives=False)
+        made = _scenario(seed, without, parents)
     return made
 
 
@@ -170,7 +198,7 @@ def _scenario(seed: int, knobs: Knobs, parents: bool | None) -> Scenario:
         # Up to the start grace the dispatcher assumes (an assumption docs/testing.md states).
         listing_lag=rng.choice((0.0, 2.0, 9.5)),
     )
-    made = _buggified(made, knobs)
+    made = exists.buggified(key_limits.buggified(_buggified(made, knobs)))
     if PARENTS if parents is None else parents:
         drawn = draw(
             seed,
@@ -237,6 +265,10 @@ def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
         settings = (*settings, ("reconcile_interval", 2.0))
         quiet_at, requests = max(quiet_at, 300.0), max(requests, 20)
         max_seconds = max(max_seconds, 60)
+    if knobs.late_redrives:
+        # Time and a backlog: the pool full while the redriven runs are counted.
+        quiet_at, requests = max(quiet_at, 600.0), max(requests, 40)
+        max_seconds = max(max_seconds, 120)
     pools, shared = made.pools, made.shared_queue
     if knobs.slow_starts:
         # One start every SLOW_START_GAP seconds, one pool of limit 2 (two starts wait for
@@ -369,6 +401,15 @@ class Run:
         self.world.faults = _except_ssm(self.nemesis.call_fault)
         self.world.event_faults = self.nemesis.event_fault
         self.world.sfn.listing_lag_of = self.nemesis.listing_lag_of
+        self.late_redrives: LateRedrives | None = None
+        if self.plan.knobs.late_redrives:
+            self.late_redrives = LateRedrives(self, self.spec().outside_grace)
+        self.exists_unknown: ExistsUnknown | None = None
+        if self.plan.knobs.exists_unknown:
+            self.exists_unknown = ExistsUnknown(self)
+        self.key_limit_drops: KeyLimitDrops | None = None
+        if self.plan.knobs.key_limit_drops:
+            self.key_limit_drops = KeyLimitDrops(self)
 
     def _drawn_nemesis(self) -> Nemesis:
         """The seed's fault plan."""
@@ -536,6 +577,12 @@ class Run:
                 tg.start_soon(self._produce)
                 tg.start_soon(self._act)
                 tg.start_soon(self._kill_when_told)
+                if self.late_redrives is not None:
+                    tg.start_soon(self.late_redrives)
+                if self.key_limit_drops is not None:
+                    tg.start_soon(self.key_limit_drops)
+                if self.exists_unknown is not None:
+                    tg.start_soon(self.exists_unknown)
                 tg.start_soon(named.run_changes, self)
                 if self.plan.parents.parents:
                     tg.start_soon(run_parents, self, self.plan.parents)
@@ -593,6 +640,10 @@ class Run:
             work += self.rolling.burst_work([p.limit for p in self.plan.pools]) / least
         # Outside runs may hold every slot of a pool while they last.
         work += sum(a.value for a in self.nemesis.actions if a.kind == "outside_start") / least
+        if self.late_redrives is not None:
+            work += redrives.work(self.late_redrives.planned) / least
+        if self.plan.knobs.exists_unknown:
+            work += exists.REDRIVE_RUNS[1] / least
         return work + 600.0 + MAX_DEFER_SECONDS  # a deferral may last 15 min
 
     def spec(self) -> CheckSpec:
@@ -611,6 +662,9 @@ class Run:
                 parameter=parameter,
                 per_key_limit=self.key_limits.get(pool.name),
                 key_attribute=KEY_ATTRIBUTE if always_keyed else None,
+                key_limit_parameter=key_limits.record(pool.name)
+                if self.plan.knobs.key_limit_drops
+                else None,
             )
         return CheckSpec(
             pools=pools,

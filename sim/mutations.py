@@ -259,12 +259,10 @@ CATALOGUE: tuple[Mutation, ...] = (
         "self._limit - held - len(self._sent)",
         "self._limit - held",
     ),
-    # Not caught: reached when a keyed start's own RUNNING event comes before its answer
-    # (the run is counted under its key and as a start sent): the retry it admits repeats
-    # the same name, which starts nothing. Broken only if a *lost request* of a keyed start
-    # is retried while another run of that key became held after it was sent (an outside
-    # run named with the key's tag, or a per-key limit lowered meanwhile); the simulation's
-    # outside runs carry no key tag and its per-key limits do not change while it runs.
+    # Mostly reached when a keyed start's own RUNNING event comes before its answer (the
+    # run is counted under its key and as a start sent): the retry it admits repeats the
+    # same name, which starts nothing. Broken when lost requests of a key's starts are
+    # retried after its per-key limit was lowered: buggify's key_limit_drops.
     _m(
         "key-retry-admitted-over-key-limit",
         "retry admission",
@@ -295,12 +293,12 @@ CATALOGUE: tuple[Mutation, ...] = (
         "if True:",
         reach="arn = execution_arn(pool.state_machine_arn, entry.request.name)",
     ),
-    # Not caught (reached in a few seeds): after ExecutionAlreadyExists the execution is
-    # closed (same input: freeing is right) or has another input (an idempotency
-    # conflict); a running one already held, in doubt or tombstoned makes `Ledger.doubt`
-    # drop the reservation either way. It differs only for a running execution the ledger
-    # does not know (started elsewhere under the request's name, or by a predecessor and
-    # not listed yet) - an outside run, which the checker counts only past its grace.
+    # After ExecutionAlreadyExists the execution is closed (same input: freeing is right)
+    # or has another input (an idempotency conflict); a running one already held, in doubt
+    # or tombstoned makes `Ledger.doubt` drop the reservation either way. It differs only
+    # for an execution the ledger does not know that runs again: one that ended unseen
+    # before a restart, redriven while the describes fail - buggify's exists_unknown, the
+    # checker counting that redrive from its start (`sim.checker.told_exists`).
     _m(
         "describe-failure-frees-slot",
         "doubt settlement",
@@ -418,7 +416,13 @@ CATALOGUE: tuple[Mutation, ...] = (
     # so the ledger over-counts - safe for the limit - until a listing misses it past the
     # grace and a describe frees it again; evidence for a kept request is `holds` instead
     # of `is_tombstoned`. The rule is about throughput (no slot wasted on a finished run),
-    # which no checker rule measures.
+    # which no checker rule measures. Checked input by input: the revived entry only adds
+    # to `held` and its key's count (admission is stricter); `started`, `doubt` and
+    # `_former_name_held` test `holds or is_tombstoned` alike; what tests `is_tombstoned`
+    # alone (`Callbacks.started`, `heartbeat_once`) answers a parent whose child ended -
+    # with the run revived that answer waits for the describe that frees it (reconcile
+    # calls `Pool.ended` then), later but the same answer; `Expiries` and `LastReceives`
+    # take `holds` as the same evidence. No slot is ever freed early, no request lost.
     _m(
         "no-tombstone",
         "tombstones",
@@ -439,6 +443,16 @@ CATALOGUE: tuple[Mutation, ...] = (
         "if False:",
         reach="if held is not None and redrive_count < held.redrives:\n    return Change.STALE",
     ),
+    # Not caught, and equivalent for what the checker judges: the count passed (0) is never
+    # more than the event's, and in `observe_terminal` a smaller count only makes the event
+    # STALE more often (`count < held.redrives`: a slot kept, never one freed) and writes a
+    # lower tombstone (`max(count, previous)`: a later RUNNING of that run revives it, an
+    # over-count, as in no-tombstone). So every terminal event of a redriven run the ledger
+    # saw running is ignored: its slot is freed, and its parent (a task token) answered,
+    # by the next listing that misses it past the grace and the describe that follows
+    # (which carries the right count) - later, never wrongly. Throughput only; the
+    # late-terminal rule itself (a run before a redrive freeing nothing) is unchanged, and
+    # caught as late-terminal-frees-redriven-run.
     _m(
         "redrive-count-dropped-from-events",
         "redrive counts",
@@ -487,11 +501,21 @@ CATALOGUE: tuple[Mutation, ...] = (
         "del self._deferred[key]",
         "self._deferred[key] = 0",
     ),
-    # Not caught: unspaced deferrals cost receives; a request that reaches the queue's
-    # maxReceiveCount is kept or dead-lettered with its reason (receive_limit, never run),
-    # which breaks none of the checker's promises (limit, once, nothing lost, no dead
-    # letter that ran). Catching it needs a rule on availability (a valid request
-    # dead-lettered only because it waited), which the dispatcher does not promise.
+    # Not caught, and equivalent for what the checker judges: `defer_seconds` decides only
+    # how long a request the waiting room has no space for stays hidden in its queue.
+    # Without the deferrals not back yet, a key's deferrals made together come back
+    # together (not in turn), so they are received and deferred again more often: more
+    # receives, nothing else - no slot, no name, no start depends on it. A request that
+    # reaches the queue's maxReceiveCount is never deferred (it waits in the room past its
+    # capacity, `Intake`), and one that must go back then is kept until its execution is
+    # known not to exist and dead-lettered with its reason (receive_limit, never run):
+    # none of the checker's promises (limit, once, nothing lost, no dead letter that ran)
+    # breaks. Only a request whose hold on its last receive lapses (the open defect the
+    # testing page lists as "receives used up outside the dispatcher's hold") would be
+    # moved without a reason - more often with more last receives, but that is the open
+    # defect's catch, not this rule's. Catching it needs a rule on availability or receive
+    # counts (a backlog deferred about once per message), which the dispatcher documents
+    # as a cost (docs/pools.md), not as a promise.
     _m(
         "deferrals-not-spaced",
         "deferral memory",
@@ -775,18 +799,14 @@ NOT_YET_CAUGHT = frozenset(
         "answer-before-child-ended",
         "copies-named-by-message-id",
         "deferrals-not-spaced",
-        "describe-failure-frees-slot",
         "held-token-forgets-earlier-handles",
-        "key-retry-admitted-over-key-limit",
         "last-receive-existing-then-missing",
         "last-receive-ignores-evidence",
         "last-receive-missing-without-grace",
-        "late-terminal-frees-redriven-run",
         "no-tombstone",
         "orphan-stopped-while-awaited",
         "redrive-count-dropped-from-events",
         "redrive-drops-identity",
-        "redriven-run-not-adopted",
         "retry-without-lease",
         "takeover-ignores-recorded-wait",
         "token-released-when-answer-failed",

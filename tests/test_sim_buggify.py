@@ -187,7 +187,12 @@ def test_last_receive_doubts_is_never_on_with_the_lease() -> None:
     for seed, m in zip(drawn, made, strict=True):
         if not m.knobs.last_receive_doubts:
             without = dataclasses.replace(
-                buggify.draw(seed), last_receive_doubts=False, slow_starts=m.knobs.slow_starts
+                buggify.draw(seed),
+                last_receive_doubts=False,
+                slow_starts=m.knobs.slow_starts,
+                late_redrives=m.knobs.late_redrives,
+                key_limit_drops=m.knobs.key_limit_drops,
+                exists_unknown=m.knobs.exists_unknown,
             )
             assert m == harness._scenario(seed, without, None)
 

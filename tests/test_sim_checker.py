@@ -177,6 +177,34 @@ def test_redrives_are_outside_runs() -> None:
     assert "4 running" in violation.message
 
 
+def _exists_then_redriven(*, described_at: float | None = None) -> History:
+    """Execution a (started by d1.1) ended at 5, its end never delivered; d2.1, started
+    after, is told at 10 that a exists; a is redriven at 11; b runs from 1, c starts at 12."""
+    history = History()
+    a = run(history, "a", 0, 5)
+    run(history, "b", 1, 100)
+    history.note(8, "d2.1", "process started")
+    if described_at is not None:
+        history.call(described_at, "d2.1", 1, "DescribeExecution name=a", "APPLIED")
+    history.call(10, "d2.1", 2, "StartExecution name=a", "ERROR ExecutionAlreadyExists")
+    history.execution_redriven(11, OUTSIDE, a)
+    run(history, "c", 12, 100, node="d2.1")
+    return history
+
+
+def test_a_redrive_after_already_exists_counts_from_its_start() -> None:
+    """Told the execution exists, a process that cannot know it ended holds its slot: the
+    redrive counts at once, not after the grace for outside runs."""
+    [violation] = check(_exists_then_redriven(), spec(outside_grace=50.0))
+    assert (violation.kind, violation.time) == ("limit", 12)
+    assert "3 running" in violation.message
+
+
+def test_a_redrive_after_a_describe_showed_the_end_is_an_outside_run() -> None:
+    history = _exists_then_redriven(described_at=9)
+    assert check(history, spec(outside_grace=50.0)) == []
+
+
 def test_a_lowered_limit_is_judged_after_the_staleness() -> None:
     history = History()
     for i in range(4):
@@ -213,6 +241,20 @@ def test_per_key_limit() -> None:
     [violation] = check(history, spec(pools=pool))
     assert violation.kind == "key_limit"
     assert alice in violation.message
+
+
+def test_a_lowered_per_key_limit_is_judged_after_the_staleness() -> None:
+    history = History()
+    alice = key_tag("alice")
+    run(history, f"k{alice}_1", 1, 100)
+    history.parameter_put(10, "/key-limit", "1", 1)
+    pool = {MACHINE: PoolSpec(limit=10, per_key_limit=2, key_limit_parameter="/key-limit")}
+    run(history, f"k{alice}_2", 11, 100)  # 2 of 2: the old per-key limit may be in force
+    assert check(history, spec(pools=pool, staleness=3.0)) == []
+    run(history, f"k{alice}_3", 14, 100)  # 3 of 1
+    [violation] = check(history, spec(pools=pool, staleness=3.0))
+    assert (violation.kind, violation.time) == ("key_limit", 14)
+    assert "per-key limit 1" in violation.message
 
 
 def test_per_key_limit_counts_a_run_by_its_requests_key_when_its_name_lacks_the_tag() -> None:
