@@ -33,7 +33,7 @@ from dispatcher.daemon.service import Dispatcher
 from dispatcher.errors import UserError
 from dispatcher.settings import layout
 from dispatcher.settings.config import Settings
-from sim import extras, loop, named, rolling
+from sim import extras, loop, named, rolling, token_faults
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.buggify import draw as draw_knobs
@@ -114,6 +114,7 @@ class Scenario:
     knobs: Knobs = OFF  # buggify: the rare cases made common (`sim.buggify`)
     extras: ExtrasPlan = field(default_factory=ExtrasPlan)  # operator scenarios (sim.extras)
     named: named.NamedPlan | None = None  # a named limit shared by the pools (sim.named)
+    token_knobs: token_faults.TokenKnobs = token_faults.OFF  # sim.token_faults
 
 
 def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
@@ -180,7 +181,7 @@ def _scenario(seed: int, knobs: Knobs, parents: bool | None) -> Scenario:
         )
         made = dataclasses.replace(made, parents=drawn)
     if not extras.ENABLED:
-        return named.draw(seed, made)
+        return named.draw(seed, token_faults.shape(seed, made))
     heartbeats = any(p.heartbeat_seconds for p in made.parents.parents)
     chosen = extras.draw(
         seed,
@@ -200,7 +201,7 @@ def _scenario(seed: int, knobs: Knobs, parents: bool | None) -> Scenario:
         made = dataclasses.replace(made, pools=rolled, lease=True, shared_queue=False)
         if chosen.rolling.listing_lag is not None:
             made = dataclasses.replace(made, listing_lag=chosen.rolling.listing_lag)
-    return named.draw(seed, dataclasses.replace(made, extras=chosen))
+    return named.draw(seed, token_faults.shape(seed, dataclasses.replace(made, extras=chosen)))
 
 
 def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
@@ -334,6 +335,7 @@ class Run:
                 closed_task_error=self.plan.parents.closed_task_error,
             ),
         )
+        self.world.sqs.token_duplicate_rate = token_faults.token_duplicates(self.plan)
         self.errors: list[str] = []
         self.memory: list[Violation] = []
         self.nodes: tuple[str, ...] = ("d1", "d2") if self.plan.lease else ("d1",)
@@ -366,7 +368,9 @@ class Run:
         self.named_limit = 0 if self.plan.named is None else self.plan.named.limit  # the file's
         self._setup()
         self.nemesis = nemesis(self) if nemesis is not None else self._drawn_nemesis()
-        self.world.faults = _except_ssm(self.nemesis.call_fault)
+        self.world.faults = _except_ssm(
+            token_faults.faults(self.nemesis.call_fault, self.plan, self.clock)
+        )
         self.world.event_faults = self.nemesis.event_fault
         self.world.sfn.listing_lag_of = self.nemesis.listing_lag_of
 
