@@ -783,7 +783,6 @@ NOT_YET_CAUGHT = frozenset(
         "last-receive-missing-without-grace",
         "late-terminal-frees-redriven-run",
         "no-tombstone",
-        "orphan-stopped-while-awaited",
         "redrive-count-dropped-from-events",
         "redrive-drops-identity",
         "redriven-run-not-adopted",
