@@ -776,7 +776,6 @@ NOT_YET_CAUGHT = frozenset(
         "copies-named-by-message-id",
         "deferrals-not-spaced",
         "describe-failure-frees-slot",
-        "held-token-forgets-earlier-handles",
         "key-retry-admitted-over-key-limit",
         "last-receive-existing-then-missing",
         "last-receive-ignores-evidence",
