@@ -33,7 +33,7 @@ from dispatcher.daemon.service import Dispatcher
 from dispatcher.errors import UserError
 from dispatcher.settings import layout
 from dispatcher.settings.config import Settings
-from sim import extras, loop, named, rolling, token_faults
+from sim import extras, loop, named, rolling, takeover_wait, token_faults
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.buggify import draw as draw_knobs
@@ -201,7 +201,8 @@ def _scenario(seed: int, knobs: Knobs, parents: bool | None) -> Scenario:
         made = dataclasses.replace(made, pools=rolled, lease=True, shared_queue=False)
         if chosen.rolling.listing_lag is not None:
             made = dataclasses.replace(made, listing_lag=chosen.rolling.listing_lag)
-    return named.draw(seed, token_faults.shape(seed, dataclasses.replace(made, extras=chosen)))
+    made = takeover_wait.shape(seed, dataclasses.replace(made, extras=chosen))
+    return named.draw(seed, token_faults.shape(seed, made))
 
 
 def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
@@ -368,9 +369,8 @@ class Run:
         self.named_limit = 0 if self.plan.named is None else self.plan.named.limit  # the file's
         self._setup()
         self.nemesis = nemesis(self) if nemesis is not None else self._drawn_nemesis()
-        self.world.faults = _except_ssm(
-            token_faults.faults(self.nemesis.call_fault, self.plan, self.clock)
-        )
+        decide = token_faults.faults(self.nemesis.call_fault, self.plan, self.clock)
+        self.world.faults = _except_ssm(takeover_wait.faults(decide, self.plan, self.clock))
         self.world.event_faults = self.nemesis.event_fault
         self.world.sfn.listing_lag_of = self.nemesis.listing_lag_of
 
