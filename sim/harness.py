@@ -21,12 +21,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from prometheus_client import CollectorRegistry
 
-from dispatcher.aws.api import AWS_ERRORS, Clients
+from dispatcher.aws.api import AWS_ERRORS, Clients, StartGate
 from dispatcher.daemon.metrics import Metrics
 from dispatcher.daemon.pool import MAX_DEFER_SECONDS
 from dispatcher.daemon.service import Dispatcher
@@ -737,10 +737,12 @@ class Run:
             starts = world.client("stepfunctions", name, read_timeout=timeout)
             if any(bug.old_start_client for bug in self.bugs):
                 starts = world.client("stepfunctions", name, max_attempts=3)
+            gate = StartGate()
             yield Clients(
                 sqs=world.client("sqs", name, max_attempts=3),
                 sfn=world.client("stepfunctions", name, max_attempts=3),
-                starts=starts,
+                starts=cast("Any", _Gated(starts, gate)),
+                start_gate=gate,
                 dynamodb=world.client("dynamodb", name, max_attempts=3),
                 ssm=world.client("ssm", name, max_attempts=3),
             )
@@ -997,6 +999,24 @@ def _burst(
     at = rng.uniform(0, quiet_at * 0.5) if at is None else at
     burst = sorted(at + rng.uniform(0, 5) for _ in range(len(times) // 2))
     return sorted(times[len(burst) :] + burst)
+
+
+class _Gated:
+    """The starts client with `Clients.start_gate` checked just before each StartExecution
+    leaves, as `dispatcher.aws.api.open_clients` registers it (botocore's before-send): a
+    closed gate (the lease lapsed) fails the attempt as a connection never made."""
+
+    def __init__(self, client: Any, gate: StartGate) -> None:
+        self._client = client
+        self._gate = gate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def start_execution(self, **kwargs: Any) -> Any:
+        """StartExecution, unless the gate is closed."""
+        self._gate.before_send()
+        return await self._client.start_execution(**kwargs)
 
 
 def _except_ssm(faults: Any) -> Any:

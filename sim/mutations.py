@@ -274,21 +274,21 @@ CATALOGUE: tuple[Mutation, ...] = (
         "return held + len(keyed_sent) <= self._per_key_limit",
         "return True",
     ),
-    # Not caught; equivalent in production, a gap of the simulation's clients in the sim.
-    # The mutant differs only when the reservation is admitted while the lease is not valid
-    # (the loop's own check, in its body, still abandons a start that waits). That happens
-    # at the reign's end (`_keep_lease` lapses the lease at the latest when it expires on
-    # this host's clock), or after a long wait for a rate token (the second `_admission` of
-    # `_call_start`). In production every StartExecution attempt then meets
-    # `StartGate.before_send` (``lease.valid``, checked just before the request leaves): the
-    # attempt fails as a connection never made, nothing is sent, and the next attempt
-    # raises once stopping - the same hand-back, a moment later. The simulation's clients
-    # (`sim.harness.Run._clients_of`) do not install that gate, so there the mutant's start
-    # leaves; it is missed by a successor only if it leaves more than the lease margin plus
-    # the start grace after the lease lapsed (else the successor's wait, D + grace from the
-    # lease's expiry, covers it): a process frozen (event loop paused) past its lease, or a
-    # lease lost while an admitted start waits 14.5 s or more for its rate token (buggify's
-    # slow_starts with the lease) and a slot free at its end. Neither is planned yet.
+    # Equivalent (not caught, cannot be). The mutant differs only when the reservation is
+    # admitted while the lease is not valid (the loop's own check, in its body, still
+    # abandons a start that waits): at the reign's end (`_keep_lease` lapses the lease at
+    # the latest when it expires on this host's clock), or after a long wait for a rate
+    # token (the second `_admission` of `_call_start`). Its start then goes to the client,
+    # where `StartGate.before_send` (``lease.valid``, checked just before the request leaves;
+    # the simulated processes check it too, `sim.harness._Gated`) fails the attempt as a
+    # connection never made: nothing is sent, nothing is in doubt (`outcome_unknown` is
+    # False), the reservation is unsent, and the next attempt raises once stopping - the
+    # same hand-back a moment later (or, the lease renewed meanwhile by this same holder,
+    # is sent under it, as the unmutated retry is). No StartExecution leaves without a
+    # valid lease either way; only which check comes first differs (a lease lapsing during
+    # a long credentials refresh is what the gate is for; in the simulation no time passes
+    # between the admission and the send, so the gate alone taken out would be equivalent
+    # too): both together would be this rule's mutation.
     _m(
         "retry-without-lease",
         "take-over wait",
