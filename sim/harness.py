@@ -21,19 +21,29 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from prometheus_client import CollectorRegistry
 
-from dispatcher.aws.api import AWS_ERRORS, Clients
+from dispatcher.aws.api import AWS_ERRORS, Clients, StartGate
 from dispatcher.daemon.metrics import Metrics
 from dispatcher.daemon.pool import MAX_DEFER_SECONDS
 from dispatcher.daemon.service import Dispatcher
 from dispatcher.errors import UserError
 from dispatcher.settings import layout
 from dispatcher.settings.config import Settings
-from sim import exists, extras, key_limits, loop, named, redrives, rolling
+from sim import (
+    exists,
+    extras,
+    key_limits,
+    loop,
+    named,
+    redrives,
+    rolling,
+    takeover_wait,
+    token_faults,
+)
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.buggify import draw as draw_knobs
@@ -117,6 +127,7 @@ class Scenario:
     knobs: Knobs = OFF  # buggify: the rare cases made common (`sim.buggify`)
     extras: ExtrasPlan = field(default_factory=ExtrasPlan)  # operator scenarios (sim.extras)
     named: named.NamedPlan | None = None  # a named limit shared by the pools (sim.named)
+    token_knobs: token_faults.TokenKnobs = token_faults.OFF  # sim.token_faults
 
 
 def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
@@ -208,7 +219,7 @@ def _scenario(seed: int, knobs: Knobs, parents: bool | None) -> Scenario:
         )
         made = dataclasses.replace(made, parents=drawn)
     if not extras.ENABLED:
-        return named.draw(seed, made)
+        return named.draw(seed, token_faults.shape(seed, made))
     heartbeats = any(p.heartbeat_seconds for p in made.parents.parents)
     chosen = extras.draw(
         seed,
@@ -228,7 +239,8 @@ def _scenario(seed: int, knobs: Knobs, parents: bool | None) -> Scenario:
         made = dataclasses.replace(made, pools=rolled, lease=True, shared_queue=False)
         if chosen.rolling.listing_lag is not None:
             made = dataclasses.replace(made, listing_lag=chosen.rolling.listing_lag)
-    return named.draw(seed, dataclasses.replace(made, extras=chosen))
+    made = takeover_wait.shape(seed, dataclasses.replace(made, extras=chosen))
+    return named.draw(seed, token_faults.shape(seed, made))
 
 
 def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
@@ -366,6 +378,7 @@ class Run:
                 closed_task_error=self.plan.parents.closed_task_error,
             ),
         )
+        self.world.sqs.token_duplicate_rate = token_faults.token_duplicates(self.plan)
         self.errors: list[str] = []
         self.memory: list[Violation] = []
         self.nodes: tuple[str, ...] = ("d1", "d2") if self.plan.lease else ("d1",)
@@ -398,7 +411,8 @@ class Run:
         self.named_limit = 0 if self.plan.named is None else self.plan.named.limit  # the file's
         self._setup()
         self.nemesis = nemesis(self) if nemesis is not None else self._drawn_nemesis()
-        self.world.faults = _except_ssm(self.nemesis.call_fault)
+        decide = token_faults.faults(self.nemesis.call_fault, self.plan, self.clock)
+        self.world.faults = _except_ssm(takeover_wait.faults(decide, self.plan, self.clock))
         self.world.event_faults = self.nemesis.event_fault
         self.world.sfn.listing_lag_of = self.nemesis.listing_lag_of
         self.late_redrives: LateRedrives | None = None
@@ -799,10 +813,12 @@ class Run:
             starts = world.client("stepfunctions", name, read_timeout=timeout)
             if any(bug.old_start_client for bug in self.bugs):
                 starts = world.client("stepfunctions", name, max_attempts=3)
+            gate = StartGate()
             yield Clients(
                 sqs=world.client("sqs", name, max_attempts=3),
                 sfn=world.client("stepfunctions", name, max_attempts=3),
-                starts=starts,
+                starts=cast("Any", _Gated(starts, gate)),
+                start_gate=gate,
                 dynamodb=world.client("dynamodb", name, max_attempts=3),
                 ssm=world.client("ssm", name, max_attempts=3),
             )
@@ -1059,6 +1075,24 @@ def _burst(
     at = rng.uniform(0, quiet_at * 0.5) if at is None else at
     burst = sorted(at + rng.uniform(0, 5) for _ in range(len(times) // 2))
     return sorted(times[len(burst) :] + burst)
+
+
+class _Gated:
+    """The starts client with `Clients.start_gate` checked just before each StartExecution
+    leaves, as `dispatcher.aws.api.open_clients` registers it (botocore's before-send): a
+    closed gate (the lease lapsed) fails the attempt as a connection never made."""
+
+    def __init__(self, client: Any, gate: StartGate) -> None:
+        self._client = client
+        self._gate = gate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def start_execution(self, **kwargs: Any) -> Any:
+        """StartExecution, unless the gate is closed."""
+        self._gate.before_send()
+        return await self._client.start_execution(**kwargs)
 
 
 def _except_ssm(faults: Any) -> Any:

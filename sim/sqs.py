@@ -36,6 +36,7 @@ from sim.sqs_model import (
     md5,
     message_size,
 )
+from sim.tokens import TOKEN_ATTRIBUTE
 
 
 class SQS:
@@ -59,6 +60,7 @@ class SQS:
         self._history = history
         self._wall = wall
         self._duplicate_rate = duplicate_rate
+        self.token_duplicate_rate = 0.0  # a task token's request messages stored twice
         self._advance = advance
         self._next_world_change = next_change
         self.region = region
@@ -110,7 +112,10 @@ class SQS:
         """Store a message (twice, now and then: at-least-once); returns (id, copies)."""
         sent = self._clock() if at is None else at
         mid = message_id or str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
-        copies = 2 if self._rng.random() < self._duplicate_rate else 1
+        rate = self._duplicate_rate
+        if self.token_duplicate_rate and TOKEN_ATTRIBUTE in attributes:
+            rate = self.token_duplicate_rate  # sim.token_faults: token messages only
+        copies = 2 if self._rng.random() < rate else 1
         for _ in range(copies):
             serial = next(self._serial)
             queue.messages[serial] = StoredMessage(
