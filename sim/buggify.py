@@ -53,10 +53,11 @@ as before they were added.
 
 Each knob below is drawn from a stream of its own too:
 
-- ``renewals_denied`` (``buggify-renewals-denied-SEED``): the dispatchers may not send to the request queues (an IAM policy
-  without ``sqs:SendMessage`` on them: AccessDenied, as after an upgrade whose policy was
-  not updated), so no request on its last receive can be renewed: it is kept and settled
-  by describes (`dispatcher.daemon.lastreceive`), the path a renewal otherwise spares.
+- ``renewals_denied`` (``buggify-renewals-denied-SEED``): the dispatchers may not send to
+  the request queues (an IAM policy without ``sqs:SendMessage`` on them: AccessDenied, as
+  after an upgrade whose policy was not updated), so no request on its last receive can
+  be renewed: it is kept and settled by describes (`dispatcher.daemon.lastreceive`), the
+  path a renewal otherwise spares.
 - ``late_redrives`` (a stream of its own, `sim.redrives`): a governed execution fails
   while its pool is full and is redriven seconds later for minutes, the failure's status
   event late past the redriven run's (or on time).
