@@ -773,7 +773,6 @@ MUTATIONS: dict[str, Mutation] = {m.name: m for m in CATALOGUE}
 NOT_YET_CAUGHT = frozenset(
     {
         "answer-before-child-ended",
-        "copies-named-by-message-id",
         "deferrals-not-spaced",
         "describe-failure-frees-slot",
         "held-token-forgets-earlier-handles",
