@@ -784,7 +784,6 @@ NOT_YET_CAUGHT = frozenset(
         "no-tombstone",
         "orphan-stopped-while-awaited",
         "redrive-count-dropped-from-events",
-        "redrive-drops-identity",
         "redriven-run-not-adopted",
         "retry-without-lease",
         "takeover-ignores-recorded-wait",
