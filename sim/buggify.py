@@ -50,6 +50,13 @@ as before they were added.
   one to three seconds before the start gives up, held on the wire, answered with a 5xx at
   once and applied at D (after the give-up); their events lost; reconcile every 2 s. A
   "does not exist" within the start grace after a start in doubt settles nothing.
+
+``twin_keeps`` is drawn from a stream of its own (``buggify-twin-keeps-SEED``), and planned
+from one too (`sim.twins`): one pool of limit 1, ``maxReceiveCount`` 1, requests stored
+twice by SQS one at a time, StartExecution throttled until the first copy's start gives
+up and a tail more, and DescribeExecution not knowing an execution for its first
+``grace - D`` seconds (less 1 ms): the twin starts just after its first copy was kept on
+its last receive, or just before that copy's first describe.
 """
 
 from __future__ import annotations
@@ -88,6 +95,7 @@ class Knobs:
     last_receive_doubts: bool = False
     slow_starts: bool = False
     early_answers: bool = False
+    twin_keeps: bool = False
 
     @property
     def on(self) -> tuple[str, ...]:
@@ -103,17 +111,21 @@ class Knobs:
             "callback_storms",
             "limit_drops",
             *HUNT,
+            *OWN,
         )
         return tuple(name for name in names if getattr(self, name))
 
     @property
     def classic(self) -> tuple[str, ...]:
         """The knobs on that are not `HUNT` knobs (those plan from their own stream)."""
-        return tuple(name for name in self.on if name not in HUNT)
+        return tuple(name for name in self.on if name not in HUNT and name not in OWN)
 
 
 HUNT = ("unknown_starts", "last_receive_doubts", "slow_starts", "early_answers")
 """Knobs drawn, and planned, from their own stream (added later: no other draw moved)."""
+
+OWN = ("twin_keeps",)
+"""Knobs drawn, and planned, each from a stream of its own (named after it)."""
 
 OFF = Knobs()
 
@@ -139,7 +151,18 @@ def draw(seed: int) -> Knobs:
         last_receive_doubts=hunt.random() < SHARE,
         slow_starts=hunt.random() < SHARE,
         early_answers=hunt.random() < SHARE,
+        twin_keeps=random.Random(f"buggify-twin-keeps-{seed}").random() < SHARE,
     )
 
 
-__all__ = ["BUGGIFY", "GRACE_MARGIN", "HUNT", "LATE_STARTS_SHARE", "OFF", "SHARE", "Knobs", "draw"]
+__all__ = [
+    "BUGGIFY",
+    "GRACE_MARGIN",
+    "HUNT",
+    "LATE_STARTS_SHARE",
+    "OFF",
+    "OWN",
+    "SHARE",
+    "Knobs",
+    "draw",
+]

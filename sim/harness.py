@@ -33,7 +33,7 @@ from dispatcher.daemon.service import Dispatcher
 from dispatcher.errors import UserError
 from dispatcher.settings import layout
 from dispatcher.settings.config import Settings
-from sim import extras, loop, named, rolling
+from sim import extras, loop, named, rolling, twins
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.buggify import draw as draw_knobs
@@ -126,16 +126,25 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
     # documented (README, Pools), but not excused by the checker as a crash or a SIGTERM
     # is; with that knob most requests are kept for minutes.
     kept = made.lease and knobs.last_receive_doubts
+    # Not with rolling deploys or slow starts (their own pools, limits and rates): each
+    # twin waits for its first copy's slot (`_twinned` drops the lease; parents go below).
+    crowded = knobs.twin_keeps and (made.extras.rolling is not None or knobs.slow_starts)
     # Not with a second pool (a rolling deploy adds one): more starts would wait for their
     # rate tokens than half a visibility timeout covers (see `SLOW_START_GAP`).
     slow = len(made.pools) > 1 and knobs.slow_starts
-    if kept or slow:  # the seed as if the knob had not been drawn
+    if kept or slow or crowded:  # the seed as if the knob had not been drawn
         without = dataclasses.replace(
             knobs,
             last_receive_doubts=knobs.last_receive_doubts and not kept,
             slow_starts=knobs.slow_starts and not slow,
+            twin_keeps=knobs.twin_keeps and not crowded,
         )
         made = _scenario(seed, without, parents)
+    if made.knobs.twin_keeps and made.parents.parents:
+        chosen = dataclasses.replace(
+            made.extras, parent_retries=False, child_redrives=False, deploys=()
+        )
+        made = dataclasses.replace(made, parents=ParentsPlan(), extras=chosen)
     return made
 
 
@@ -238,6 +247,11 @@ def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
         quiet_at, requests = max(quiet_at, 300.0), max(requests, 20)
         max_seconds = max(max_seconds, 60)
     pools, shared = made.pools, made.shared_queue
+    if knobs.twin_keeps:
+        made = _twinned(made)
+        pools, shared, settings = made.pools, made.shared_queue, (*settings, *made.settings)
+        quiet_at, requests = max(quiet_at, made.quiet_at), min(requests, made.requests)
+        max_seconds = min(max_seconds, made.max_seconds)
     if knobs.slow_starts:
         # One start every SLOW_START_GAP seconds, one pool of limit 2 (two starts wait for
         # their tokens at most); runs long enough to overlap the start that waited.
@@ -256,6 +270,25 @@ def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
         requests=requests,
         pools=pools,
         shared_queue=shared,
+    )
+
+
+def _twinned(made: Scenario) -> Scenario:
+    """Buggify's ``twin_keeps`` (`sim.twins`): one pool of limit 1 that each twin waits for
+    (in the waiting room: its queue, the urgent one, is read ahead and started first), a
+    start retry timeout the twin's retries fit in, and little other traffic."""
+    pool = dataclasses.replace(
+        made.pools[0], limit=1, per_key_limit=None, priorities=True, max_waiting=100
+    )
+    return dataclasses.replace(
+        made,
+        pools=(pool,),
+        lease=False,
+        shared_queue=False,
+        settings=(("start_retry_timeout", twins.START_RETRY_TIMEOUT),),
+        quiet_at=300.0,
+        requests=5,
+        max_seconds=10,
     )
 
 
@@ -369,11 +402,14 @@ class Run:
         self.world.faults = _except_ssm(self.nemesis.call_fault)
         self.world.event_faults = self.nemesis.event_fault
         self.world.sfn.listing_lag_of = self.nemesis.listing_lag_of
+        if self.plan.knobs.twin_keeps:
+            lag = twins.describe_lag(self.setting("start_grace"), self.setting("start_timeout"))
+            self.world.sfn.describe_lag_of = lambda name: lag
 
     def _drawn_nemesis(self) -> Nemesis:
         """The seed's fault plan."""
         tokens = ("SendTaskSuccess", "SendTaskFailure", "SendTaskHeartbeat", "StopExecution")
-        return plan(
+        drawn = plan(
             random.Random(f"nemesis-{self.seed}"),
             self.clock,
             quiet_at=self.plan.quiet_at,
@@ -395,6 +431,17 @@ class Run:
             start_grace=self.setting("start_grace"),
             hunt_rng=random.Random(f"buggify-hunt-plan-{self.seed}"),
         )
+        if self.plan.knobs.twin_keeps:
+            # Nothing else takes the slot a twin waits for: no limit changes, no outside
+            # starts or redrives (processes still crash and stop).
+            drawn.actions = [a for a in drawn.actions if a.kind in ("crash", "sigterm")]
+            drawn.knobs = self.plan.knobs  # (visibility extensions spared, see `_spared`)
+            drawn.twins = twins.plan(
+                random.Random(f"buggify-twin-keeps-plan-{self.seed}"),
+                self.plan.quiet_at,
+                self.setting("start_retry_timeout"),
+            )
+        return drawn
 
     # -- the world -------------------------------------------------------------------------
 
@@ -431,7 +478,8 @@ class Run:
             name,
             visibility_timeout=60,
             dead_letter=self.dlq,
-            max_receive_count=self.plan.extras.max_receive_count
+            max_receive_count=(1 if self.plan.knobs.twin_keeps else None)
+            or self.plan.extras.max_receive_count
             or (2 if self.plan.knobs.last_receive_doubts else None)
             or self.plan.knobs.max_receive_count
             or MAX_RECEIVE_COUNT,
@@ -522,6 +570,8 @@ class Run:
                 for node in self.nodes:
                     tg.start_soon(self._life, node)
                 tg.start_soon(self._produce)
+                if self.nemesis.twins is not None:
+                    tg.start_soon(twins.produce, self, self.nemesis.twins)
                 tg.start_soon(self._act)
                 tg.start_soon(self._kill_when_told)
                 tg.start_soon(named.run_changes, self)

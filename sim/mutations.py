@@ -632,10 +632,9 @@ CATALOGUE: tuple[Mutation, ...] = (
         "wait = self.settings.start_timeout + self.settings.start_grace",
         "wait = 0.0",
     ),
-    # Observable only when a describe says "does not exist" while a status event or a
-    # listing shows the execution: within its first second (the describe lag the
-    # simulation assumes), i.e. a copy of the request started within the second before
-    # the kept one is described. Not caught within 200 seeds.
+    # Observable only when a describe says "does not exist" while the ledger shows the
+    # execution: within its describe lag, i.e. a copy of the request started just before
+    # the kept one is described (buggify's twin_keeps, `sim.twins`).
     _m(
         "last-receive-ignores-evidence",
         "dead-lettering while in doubt",
@@ -791,7 +790,6 @@ NOT_YET_CAUGHT = frozenset(
         "key-retry-admitted-over-key-limit",
         "last-receive-existing-then-missing",
         "last-receive-ignores-copies-starting",
-        "last-receive-ignores-evidence",
         "last-receive-missing-without-grace",
         "late-terminal-frees-redriven-run",
         "no-tombstone",
