@@ -600,12 +600,20 @@ CATALOGUE: tuple[Mutation, ...] = (
         'if error_code(exc) == "ExecutionDoesNotExist" and not kept.exists:',
         "if not kept.exists:",
     ),
-    # Not caught, and hard to catch within what the simulation assumes of AWS: a kept
-    # request "exists" only after StartExecution said ExecutionAlreadyExists (or it was
-    # found under a former name), and a describe says "does not exist" of an execution
-    # that exists only while it lags, for the execution's first second (README, "What the
-    # simulation assumes about AWS"); a kept request is first described D + grace after it
-    # was kept. The rule guards against describes lagging beyond that assumption.
+    # Equivalent within what the dispatcher assumes of AWS (a describe may not know an
+    # execution only while it is younger than the start grace: docs/testing.md, "What the
+    # simulation assumes about AWS"; the simulation lags 1 s, or grace - D in twin_keeps
+    # seeds). ``kept.exists`` is set in two places only. (1) `keep(exists=True)`, after
+    # StartExecution answered ExecutionAlreadyExists (then describes failed): the
+    # execution existed at that answer, before the keep, and the first describe the
+    # mutant reads comes D + grace after the keep (`keep` sets ``next_try``; every retry
+    # is ``max(not_before, ...)``): the execution is older than the grace, so no describe
+    # says "does not exist" of it. (2) `_never_started`, found under a former name: by the
+    # ledger (held or tombstoned - the evidence `_may_run` then still reads for that ARN,
+    # which the mutant keeps, returns before any dead letter), or by a describe that
+    # answered (a later one lags only if reads go back in time, and a former name is only
+    # a predecessor's, whose starts are older than its successor's D + grace wait). The
+    # rule guards against a describe lag beyond the grace, which no seed may produce.
     _m(
         "last-receive-existing-then-missing",
         "dead-lettering while in doubt",
@@ -621,8 +629,15 @@ CATALOGUE: tuple[Mutation, ...] = (
     # ``max(not_before, ...)``, so that guard is always true where it is read - taking it
     # out changed nothing (an equivalent mutant). Without the wait a request kept in doubt
     # is still protected by its doubt in the ledger (freed on "does not exist" only past
-    # the start grace since its last attempt); the wait matters where the doubt is not
-    # this process's, or where D exceeds the grace.
+    # the start grace since its last attempt ended), a copy of it by the ledger or by
+    # `LastReceives._may_run` (being started), and a predecessor's starts by the take-over
+    # wait: the wait matters only where D exceeds the grace (less the describe lag). Then
+    # an attempt answered at once (a 5xx) while its request stays on the wire may take
+    # effect D after it was sent, after the ledger frees its doubt - the ledger's rule has
+    # the same gap there (reconcile frees the slot early), and with it closed (a doubt's
+    # grace counted from when its last attempt could take effect) this mutant is
+    # equivalent. Not caught within 200 seeds: no seed combines D > grace with a start
+    # in doubt on its last receive.
     _m(
         "last-receive-missing-without-grace",
         "dead-lettering while in doubt",
