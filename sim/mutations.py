@@ -627,17 +627,19 @@ CATALOGUE: tuple[Mutation, ...] = (
     # `_settle` (this mutation's first form): `settle_once` describes a kept request only
     # from its ``next_try``, which `keep` sets to ``not_before`` and every retry to
     # ``max(not_before, ...)``, so that guard is always true where it is read - taking it
-    # out changed nothing (an equivalent mutant). Without the wait a request kept in doubt
-    # is still protected by its doubt in the ledger (freed on "does not exist" only past
-    # the start grace since its last attempt ended), a copy of it by the ledger or by
-    # `LastReceives._may_run` (being started), and a predecessor's starts by the take-over
-    # wait: the wait matters only where D exceeds the grace (less the describe lag). Then
-    # an attempt answered at once (a 5xx) while its request stays on the wire may take
-    # effect D after it was sent, after the ledger frees its doubt - the ledger's rule has
-    # the same gap there (reconcile frees the slot early), and with it closed (a doubt's
-    # grace counted from when its last attempt could take effect) this mutant is
-    # equivalent. Not caught within 200 seeds: no seed combines D > grace with a start
-    # in doubt on its last receive.
+    # out changed nothing (an equivalent mutant). This form is equivalent too, within the
+    # assumed describe lag (below the grace): without the wait, a describe soon after the
+    # keep settles nothing the ledger or the starter knows may exist. An attempt of this
+    # process (this receive's or an earlier one's) left a doubt held until the grace has
+    # passed since it could take effect (`Starter._settle_slot`: D after it was sent) -
+    # by then it exists, and is older than the lag; a copy of the request is held,
+    # tombstoned or in doubt in the ledger, or being started (`LastReceives._may_run`);
+    # a predecessor's starts took effect before this process's take-over wait (D +
+    # grace) ended, before any receive. The wait is defence in depth. (It once guarded a
+    # real gap: with D longer than the grace, a doubt counted its grace from when the
+    # attempt ended, and an attempt answered at once with a 5xx could take effect after
+    # the doubt was freed - reconcile freed its slot early too; fixed in the ledger's
+    # doubt, not here.)
     _m(
         "last-receive-missing-without-grace",
         "dead-lettering while in doubt",
