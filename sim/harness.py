@@ -121,30 +121,29 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
     None: as `PARENTS`)."""
     knobs = draw_knobs(seed)
     made = _scenario(seed, knobs, parents)
+    if knobs.twin_keeps:
+        # Not with parents (their children's requests), rolling deploys or slow starts
+        # (their own pools, limits and rates): each twin waits for its first copy's slot
+        # (`_twinned` drops the lease). Dropped, the seed is as if it had not been drawn.
+        plain = _scenario(seed, dataclasses.replace(knobs, twin_keeps=False), parents)
+        crowded = plain.parents.parents or plain.extras.rolling is not None
+        if crowded or made.extras.rolling is not None or knobs.slow_starts:
+            knobs, made = dataclasses.replace(knobs, twin_keeps=False), plain
     # Not with the lease: a reign that ends (a frozen leader, a renewal lost) lets its kept
     # requests go, hidden, and the redrive policy moves them without a reason - as
     # documented (README, Pools), but not excused by the checker as a crash or a SIGTERM
     # is; with that knob most requests are kept for minutes.
     kept = made.lease and knobs.last_receive_doubts
-    # Not with rolling deploys or slow starts (their own pools, limits and rates): each
-    # twin waits for its first copy's slot (`_twinned` drops the lease; parents go below).
-    crowded = knobs.twin_keeps and (made.extras.rolling is not None or knobs.slow_starts)
     # Not with a second pool (a rolling deploy adds one): more starts would wait for their
     # rate tokens than half a visibility timeout covers (see `SLOW_START_GAP`).
     slow = len(made.pools) > 1 and knobs.slow_starts
-    if kept or slow or crowded:  # the seed as if the knob had not been drawn
+    if kept or slow:  # the seed as if the knob had not been drawn
         without = dataclasses.replace(
             knobs,
             last_receive_doubts=knobs.last_receive_doubts and not kept,
             slow_starts=knobs.slow_starts and not slow,
-            twin_keeps=knobs.twin_keeps and not crowded,
         )
         made = _scenario(seed, without, parents)
-    if made.knobs.twin_keeps and made.parents.parents:
-        chosen = dataclasses.replace(
-            made.extras, parent_retries=False, child_redrives=False, deploys=()
-        )
-        made = dataclasses.replace(made, parents=ParentsPlan(), extras=chosen)
     return made
 
 

@@ -188,7 +188,10 @@ def test_last_receive_doubts_is_never_on_with_the_lease() -> None:
     for seed, m in zip(drawn, made, strict=True):
         if not m.knobs.last_receive_doubts:
             without = dataclasses.replace(
-                buggify.draw(seed), last_receive_doubts=False, slow_starts=m.knobs.slow_starts
+                buggify.draw(seed),
+                last_receive_doubts=False,
+                slow_starts=m.knobs.slow_starts,
+                twin_keeps=m.knobs.twin_keeps,
             )
             assert m == harness._scenario(seed, without, None)
 
@@ -289,7 +292,7 @@ def test_twin_keeps_describe_lag_stays_under_what_the_doubt_rule_needs() -> None
 
 def test_twin_keeps_runs_one_pool_of_limit_1_alone() -> None:
     on = [scenario(s) for s in range(200) if scenario(s).knobs.twin_keeps]
-    assert len(on) >= 20
+    assert len(on) >= 15
     for made in on:
         pool = made.pools[0]  # (a named limit may add a pool of its own: `sim.named`)
         assert (pool.limit, pool.per_key_limit, pool.priorities) == (1, None, True)
@@ -302,3 +305,12 @@ def test_twin_keeps_runs_one_pool_of_limit_1_alone() -> None:
     nemesis = _plan(buggify.Knobs(twin_keeps=True), None)
     nemesis.knobs = on[0].knobs  # (as the harness does)
     assert nemesis.call_fault("d1", "ChangeMessageVisibilityBatch", {}) is NO_FAULT
+
+
+def test_twin_keeps_is_dropped_with_parents_rolling_deploys_or_slow_starts() -> None:
+    drawn = [s for s in range(200) if buggify.draw(s).twin_keeps]
+    dropped = [scenario(s) for s in drawn if not scenario(s).knobs.twin_keeps]
+    assert dropped
+    for made in dropped:
+        crowded = made.parents.parents or made.extras.rolling is not None
+        assert crowded or buggify.draw(made.seed).slow_starts
