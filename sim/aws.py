@@ -279,6 +279,7 @@ class World:
         *,
         request_id: str,
         sender: str = "producer",
+        twice: bool = False,
     ) -> str:
         """A producer's SendMessage (no faults) for logical request ``request_id``; returns
         the MessageId. Raises the ClientError SQS would answer (too large...)."""
@@ -286,7 +287,7 @@ class World:
         queue = self.sqs.queue(queue_url, "SendMessage")
         typed = {k: {"DataType": "String", "StringValue": v} for k, v in attributes.items()}
         check_message(queue, body, typed, 0, "SendMessage")
-        message_id, copies = self.sqs.store(queue, body, typed, sender=sender)
+        message_id, copies = self.sqs.store(queue, body, typed, sender=sender, twice=twice)
         self.history.request_sent(
             self.clock(),
             sender,

@@ -67,6 +67,13 @@ Each knob below is drawn from a stream of its own too:
 - ``exists_unknown`` (a stream of its own, `sim.exists`): StartExecution answers
   ExecutionAlreadyExists for a producer's retry, DescribeExecution fails, and the
   execution (failed unseen before a restart) is redriven meanwhile.
+
+``twin_keeps`` is drawn from a stream of its own (``buggify-twin-keeps-SEED``), and planned
+from one too (`sim.twins`): one pool of limit 1, ``maxReceiveCount`` 1, requests stored
+twice by SQS one at a time, StartExecution throttled until the first copy's start gives
+up and a tail more, and DescribeExecution not knowing an execution for its first
+``grace - D`` seconds (less 1 ms): the twin starts just after its first copy was kept on
+its last receive, or just before that copy's first describe.
 """
 
 from __future__ import annotations
@@ -111,6 +118,7 @@ class Knobs:
     late_redrives: bool = False
     key_limit_drops: bool = False
     exists_unknown: bool = False
+    twin_keeps: bool = False
 
     @property
     def on(self) -> tuple[str, ...]:
@@ -126,13 +134,14 @@ class Knobs:
             "callback_storms",
             "limit_drops",
             *HUNT,
+            *OWN,
         )
         return tuple(name for name in names if getattr(self, name))
 
     @property
     def classic(self) -> tuple[str, ...]:
         """The knobs on that are not `HUNT` knobs (those plan from their own stream)."""
-        return tuple(name for name in self.on if name not in HUNT)
+        return tuple(name for name in self.on if name not in HUNT and name not in OWN)
 
 
 HUNT = (
@@ -146,6 +155,9 @@ HUNT = (
     "exists_unknown",
 )
 """Knobs drawn, and planned, from their own stream (added later: no other draw moved)."""
+
+OWN = ("twin_keeps",)
+"""Knobs drawn, and planned, each from a stream of its own (named after it)."""
 
 OFF = Knobs()
 
@@ -175,7 +187,18 @@ def draw(seed: int) -> Knobs:
         late_redrives=redrives.drawn(seed),
         key_limit_drops=key_limits.drawn(seed),
         exists_unknown=exists.drawn(seed),
+        twin_keeps=random.Random(f"buggify-twin-keeps-{seed}").random() < SHARE,
     )
 
 
-__all__ = ["BUGGIFY", "GRACE_MARGIN", "HUNT", "LATE_STARTS_SHARE", "OFF", "SHARE", "Knobs", "draw"]
+__all__ = [
+    "BUGGIFY",
+    "GRACE_MARGIN",
+    "HUNT",
+    "LATE_STARTS_SHARE",
+    "OFF",
+    "OWN",
+    "SHARE",
+    "Knobs",
+    "draw",
+]

@@ -497,19 +497,23 @@ def _check_settled(
 def _moves_out_of_reach(history: History) -> set[str]:
     """Ids of messages the redrive policy moved after a receive that no dispatcher could
     act on: its answer was lost (SQS counted a receive nobody saw), or the node that
-    received it was killed or told to stop afterwards (it held the message until it was
-    too late, or its last act, a dead-letter copy, was cut short)."""
+    received it was killed afterwards, or told to stop - afterwards, or before, a long poll
+    in flight when it was (it held the message until it was too late, or its last act, a
+    dead-letter copy, was cut short; a request kept on its last receive that shutdown could
+    not settle is let go, hidden)."""
     lost = {a.call_id for a in history.lost_answers if a.operation == "ReceiveMessage"}
     crashed: dict[str, float] = {}
     for crash in history.crashes:
         crashed.setdefault(crash.node, crash.time)
-    for record in history.records:
-        if record.kind == "note" and record.text == "SIGTERM":
-            crashed.setdefault(record.node, record.time)
+    stopped = {r.node for r in history.records if r.kind == "note" and r.text == "SIGTERM"}
     moved = {(m.source_url, m.message_id) for m in history.moves}
     out: set[str] = set()
     for receive in history.receives:
-        unseen = receive.call_id in lost or crashed.get(receive.node, -math.inf) >= receive.time
+        unseen = (
+            receive.call_id in lost
+            or crashed.get(receive.node, -math.inf) >= receive.time
+            or receive.node in stopped
+        )
         if not unseen:
             continue
         out.update(mid for mid, _ in receive.messages if (receive.queue_url, mid) in moved)

@@ -43,6 +43,7 @@ from sim import (
     rolling,
     takeover_wait,
     token_faults,
+    twins,
 )
 from sim.aws import World, WorldConfig
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
@@ -135,6 +136,14 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
     None: as `PARENTS`)."""
     knobs = draw_knobs(seed)
     made = _scenario(seed, knobs, parents)
+    if knobs.twin_keeps:
+        # Not with parents (their children's requests), rolling deploys or slow starts
+        # (their own pools, limits and rates): each twin waits for its first copy's slot
+        # (`_twinned` drops the lease). Dropped, the seed is as if it had not been drawn.
+        plain = _scenario(seed, dataclasses.replace(knobs, twin_keeps=False), parents)
+        crowded = plain.parents.parents or plain.extras.rolling is not None
+        if crowded or made.extras.rolling is not None or knobs.slow_starts:
+            knobs, made = dataclasses.replace(knobs, twin_keeps=False), plain
     # Not with the lease: a reign that ends (a frozen leader, a renewal lost) lets its kept
     # requests go, hidden, and the redrive policy moves them without a reason - as
     # documented (README, Pools), but not excused by the checker as a crash or a SIGTERM
@@ -282,6 +291,11 @@ def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
         quiet_at, requests = max(quiet_at, 600.0), max(requests, 40)
         max_seconds = max(max_seconds, 120)
     pools, shared = made.pools, made.shared_queue
+    if knobs.twin_keeps:
+        made = _twinned(made)
+        pools, shared, settings = made.pools, made.shared_queue, (*settings, *made.settings)
+        quiet_at, requests = max(quiet_at, made.quiet_at), min(requests, made.requests)
+        max_seconds = min(max_seconds, made.max_seconds)
     if knobs.slow_starts:
         # One start every SLOW_START_GAP seconds, one pool of limit 2 (two starts wait for
         # their tokens at most); runs long enough to overlap the start that waited.
@@ -300,6 +314,25 @@ def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
         requests=requests,
         pools=pools,
         shared_queue=shared,
+    )
+
+
+def _twinned(made: Scenario) -> Scenario:
+    """Buggify's ``twin_keeps`` (`sim.twins`): one pool of limit 1 that each twin waits for
+    (in the waiting room: its queue, the urgent one, is read ahead and started first), a
+    start retry timeout the twin's retries fit in, and little other traffic."""
+    pool = dataclasses.replace(
+        made.pools[0], limit=1, per_key_limit=None, priorities=True, max_waiting=100
+    )
+    return dataclasses.replace(
+        made,
+        pools=(pool,),
+        lease=False,
+        shared_queue=False,
+        settings=(("start_retry_timeout", twins.START_RETRY_TIMEOUT),),
+        quiet_at=300.0,
+        requests=5,
+        max_seconds=10,
     )
 
 
@@ -415,6 +448,10 @@ class Run:
         self.world.faults = _except_ssm(takeover_wait.faults(decide, self.plan, self.clock))
         self.world.event_faults = self.nemesis.event_fault
         self.world.sfn.listing_lag_of = self.nemesis.listing_lag_of
+        self._hunt_knobs()
+
+    def _hunt_knobs(self) -> None:
+        """The parts of the knobs that run beside the nemesis (`sim.buggify`)."""
         self.late_redrives: LateRedrives | None = None
         if self.plan.knobs.late_redrives:
             self.late_redrives = LateRedrives(self, self.spec().outside_grace)
@@ -424,11 +461,14 @@ class Run:
         self.key_limit_drops: KeyLimitDrops | None = None
         if self.plan.knobs.key_limit_drops:
             self.key_limit_drops = KeyLimitDrops(self)
+        if self.plan.knobs.twin_keeps:
+            lag = twins.describe_lag(self.setting("start_grace"), self.setting("start_timeout"))
+            self.world.sfn.describe_lag_of = lambda name: lag
 
     def _drawn_nemesis(self) -> Nemesis:
         """The seed's fault plan."""
         tokens = ("SendTaskSuccess", "SendTaskFailure", "SendTaskHeartbeat", "StopExecution")
-        return plan(
+        drawn = plan(
             random.Random(f"nemesis-{self.seed}"),
             self.clock,
             quiet_at=self.plan.quiet_at,
@@ -450,6 +490,17 @@ class Run:
             start_grace=self.setting("start_grace"),
             hunt_rng=random.Random(f"buggify-hunt-plan-{self.seed}"),
         )
+        if self.plan.knobs.twin_keeps:
+            # Nothing else takes the slot a twin waits for: no limit changes, no outside
+            # starts or redrives (processes still crash and stop).
+            drawn.actions = [a for a in drawn.actions if a.kind in ("crash", "sigterm")]
+            drawn.knobs = self.plan.knobs  # (visibility extensions spared, see `_spared`)
+            drawn.twins = twins.plan(
+                random.Random(f"buggify-twin-keeps-plan-{self.seed}"),
+                self.plan.quiet_at,
+                self.setting("start_retry_timeout"),
+            )
+        return drawn
 
     # -- the world -------------------------------------------------------------------------
 
@@ -498,7 +549,8 @@ class Run:
             name,
             visibility_timeout=60,
             dead_letter=self.dlq,
-            max_receive_count=self.plan.extras.max_receive_count
+            max_receive_count=(1 if self.plan.knobs.twin_keeps else None)
+            or self.plan.extras.max_receive_count
             or (2 if self.plan.knobs.last_receive_doubts else None)
             or self.plan.knobs.max_receive_count
             or MAX_RECEIVE_COUNT,
@@ -589,6 +641,8 @@ class Run:
                 for node in self.nodes:
                     tg.start_soon(self._life, node)
                 tg.start_soon(self._produce)
+                if self.nemesis.twins is not None:
+                    tg.start_soon(twins.produce, self, self.nemesis.twins)
                 tg.start_soon(self._act)
                 tg.start_soon(self._kill_when_told)
                 if self.late_redrives is not None:

@@ -22,6 +22,7 @@ from typing import Any
 from sim.aws import EventFault, EventInfo
 from sim.buggify import GRACE_MARGIN, OFF, Knobs
 from sim.calls import NO_FAULT, CallFault, Signal
+from sim.twins import TwinStorms
 
 STORM_MAX = 150.0
 """The longest storm, in seconds (the checker's grace for outside starts covers it)."""
@@ -128,6 +129,7 @@ class Nemesis:
     _refused: set[tuple[int, str]] = field(default_factory=set)  # (window, name) applied
     # Buggify's hunt knobs: when a burst of requests is sent (None: as drawn).
     burst_at: float | None = None
+    twins: TwinStorms | None = None  # buggify's twin_keeps (sim.twins)
 
     def _count(self, what: str) -> None:
         self.fired[what] = self.fired.get(what, 0) + 1
@@ -167,12 +169,18 @@ class Nemesis:
         request kept on its last receive lets it go (`LastReceives.keep_hidden_once`), and
         SQS then moves it without a reason - a gap of the dispatcher, reported, not what
         that knob is about (with extensions faulted too, seeds 234 and 441 end with such a
-        ``redrive_move``)."""
-        return self.knobs.last_receive_doubts and operation.startswith("ChangeMessageVisibility")
+        ``redrive_move``); the same in ``twin_keeps`` seeds (every receive is the last)."""
+        kept = self.knobs.last_receive_doubts or self.knobs.twin_keeps
+        return kept and operation.startswith("ChangeMessageVisibility")
 
     def _refusal(self, now: float, params: Mapping[str, Any]) -> CallFault | None:
         """Inside a refusal window: the first attempt of a start applied with its answer
-        failed, every later one throttled (None: outside every window)."""
+        failed, every later one throttled (None: outside every window). First, a
+        ``twin_keeps`` storm's throttles (`sim.twins`)."""
+        twin = self.twins.fault(now, params) if self.twins is not None else None
+        if twin is not None:
+            self._count("twin_storm")
+            return twin
         for index, (start, end, first) in enumerate(self.refusal_windows):
             if not start <= now < end:
                 continue

@@ -81,6 +81,8 @@ class StepFunctions:
         self._lag_at_max = listing_lag_at_max
         # An execution whose changes show in listings this late (None: the usual draw).
         self.listing_lag_of: Callable[[str], float | None] = lambda name: None
+        # How long DescribeExecution does not know a new execution (None: the usual draw).
+        self.describe_lag_of: Callable[[str], float | None] = lambda name: None
         self._default_duration = default_duration
         self._emit = emit
         self.region = region
@@ -178,12 +180,14 @@ class StepFunctions:
         final, output, error, cause = child_result(input, "FAILED" if failing else "SUCCEEDED")
         stop = None if open_ended or duration is None else now + duration
         lagged = self._rng.random() < self._describe_lag_rate
+        lag = self._rng.uniform(0.0, self._describe_lag) if lagged else 0.0
+        chosen = self.describe_lag_of(name)
         execution = SimExecution(
             arn,
             name,
             machine_arn,
             input,
-            now + (self._rng.uniform(0.0, self._describe_lag) if lagged else 0.0),
+            now + (lag if chosen is None else chosen),
             (now, next(self._serial)),
             open_ended=open_ended,
         )

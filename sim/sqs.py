@@ -108,14 +108,16 @@ class SQS:
         at: float | None = None,
         delay: int = 0,
         message_id: str | None = None,
+        twice: bool = False,
     ) -> tuple[str, int]:
-        """Store a message (twice, now and then: at-least-once); returns (id, copies)."""
+        """Store a message (twice, now and then: at-least-once; ``twice``: this one);
+        returns (id, copies)."""
         sent = self._clock() if at is None else at
         mid = message_id or str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
         rate = self._duplicate_rate
         if self.token_duplicate_rate and TOKEN_ATTRIBUTE in attributes:
             rate = self.token_duplicate_rate  # sim.token_faults: token messages only
-        copies = 2 if self._rng.random() < rate else 1
+        copies = 2 if self._rng.random() < rate or twice else 1
         for _ in range(copies):
             serial = next(self._serial)
             queue.messages[serial] = StoredMessage(

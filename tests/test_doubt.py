@@ -140,3 +140,29 @@ async def test_a_start_cut_short_on_the_wire_is_in_doubt() -> None:
         intake.stop(force=True)
     assert world.pool.ledger.in_doubt == {arn_of("first")}
     assert world.pool.ledger.free == 0
+
+
+async def test_a_doubt_outlives_an_attempt_that_may_take_effect_after_the_grace() -> None:
+    """D (the start timeout) longer than the grace: an attempt answered with a 5xx at once
+    may still take effect D after it was sent. "Does not exist" the grace after the give-up
+    proves nothing then: the slot stays held until the grace has passed since the attempt
+    could last take effect. It was freed, and a second request started beside the first."""
+    d = 25.0
+    world = build_world(limit=1, start_grace=GRACE, start_timeout=d)
+    world.sfn.fail_always("start_execution", client_error("InternalFailure", 500))
+    intake = await handle(world, sqs_message(message_id="first"))
+    sent = world.clock()  # (the fake clock stands still meanwhile)
+    ledger = world.pool.ledger
+    assert ledger.in_doubt == {arn_of("first")}
+    reconciler = reconciler_of(world)
+    world.clock.advance(GRACE + 1)
+    assert (await reconciler.run_once()).freed == 0
+    assert ledger.free == 0
+    world.sfn._always.clear()
+    await handle(world, sqs_message(message_id="second"), intake)
+    world.sfn.add_execution("first", "{}")  # the first's attempt takes effect, within D
+    assert world.clock() < sent + d
+    assert running_in_fake(world) == [arn_of("first")], "two running under limit 1"
+    world.clock.advance(sent + d + GRACE - world.clock())
+    assert (await reconciler.run_once()).freed == 0  # listed now: it runs
+    assert ledger.running == {arn_of("first")}

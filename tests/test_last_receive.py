@@ -546,3 +546,60 @@ async def test_a_request_that_would_wait_on_its_last_receive_is_renewed_at_once(
     assert message["ReceiptHandle"] in deleted_handles(world)
     assert len(world.pool.room) == 0
     assert len(intake.starter.last_receives) == 0
+
+
+async def test_a_kept_request_is_not_dead_lettered_while_its_twin_is_being_started() -> None:
+    """SQS stored the request twice: one copy, on its last receive, gave up (throttled) and
+    was kept; its twin got the slot, and its start is on the wire when the kept copy is
+    described - "does not exist" (the start has not taken effect, or the describe lags).
+    It used to be dead-lettered then, inviting a redrive, while the twin started it."""
+    world = world_of(limit=1)
+    world.sfn.fail_always("start_execution", client_error("ThrottlingException", 400))
+    intake, _ = intake_for(world)
+    await handle(world, last_receive(), intake)
+    assert len(intake.starter.last_receives) == 1
+    world.sfn._always.clear()
+    world.sfn.start_gate = anyio.Event()
+    twin = sqs_message('{"n": 1}', message_id="m-1", receipt_handle="rh-twin")
+    attempts = len(world.sfn.calls_to("start_execution"))
+    async with anyio.create_task_group() as handlers:
+        await intake.admit(intake.queues[0], twin)
+        intake.dispatch_once(world.pool, handlers)
+        while len(world.sfn.calls_to("start_execution")) == attempts:  # the twin's attempt
+            await anyio.lowlevel.checkpoint()
+        world.clock.advance(D + GRACE)
+        assert await intake.starter.last_receives.settle_once() == 0
+        assert dead_letters(world) == [], "dead-lettered while its twin starts it"
+        world.sfn.start_gate.set()
+    assert world.pool.ledger.running == {ARN}
+    world.clock.advance(D + GRACE)
+    assert await intake.starter.last_receives.settle_once() == 1
+    assert dead_letters(world) == []
+    assert len(intake.starter.last_receives) == 0
+
+
+@pytest.mark.timeout(30)
+async def test_a_hung_describe_of_a_former_name_does_not_hold_up_the_other_kept_messages() -> None:
+    """The describes of a kept request's former names are bounded as its own describe is
+    (a quarter of the visibility timeout): the pass that makes them also extends the
+    other kept messages' visibility. Unbounded, a describe hung on the wire held it up
+    until those messages came back, for SQS to move them without a reason."""
+    world = world_of(limit=0, visibility_timeout=10)
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world)
+    former = execution_arn(STATE_MACHINE_ARN, f"k{key_tag('t-1')}_m-1")
+    describe = world.sfn.describe_execution
+
+    async def hung(*, executionArn: str) -> dict[str, Any]:  # noqa: N803 - botocore's
+        if executionArn == former:
+            await anyio.sleep_forever()
+        return await describe(executionArn=executionArn)
+
+    world.sfn.describe_execution = hung  # type: ignore[method-assign]
+    await intake.admit(intake.queues[0], last_receive(tenant="t-1"))
+    assert await intake.hand_back_waiting() == 0
+    world.clock.advance(D + GRACE)
+    with anyio.fail_after(world.settings.visibility_timeout / 2):
+        assert await intake.starter.last_receives.settle_once() == 0
+    assert dead_letters(world) == []
+    assert len(intake.starter.last_receives) == 1

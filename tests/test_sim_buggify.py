@@ -5,6 +5,7 @@ out of the dispatcher."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from collections.abc import Iterator
 
@@ -13,7 +14,7 @@ import structlog
 
 from dispatcher.core.ledger import Change, Ledger
 from sim import __main__ as sim_cli
-from sim import buggify, harness
+from sim import buggify, harness, twins
 from sim.calls import NO_FAULT
 from sim.harness import DISPATCHER, PoolPlan, Run, Scenario, scenario, simulate
 from sim.nemesis import SLOW_START_GAP, Action, Nemesis, plan
@@ -143,7 +144,7 @@ def test_the_hunt_knobs_move_no_other_draw() -> None:
     assert _fate(_plan(buggify.OFF, None)) == _fate(_plan(buggify.OFF, random.Random(1)))
     for seed in range(300):
         knobs = buggify.draw(seed)
-        assert knobs.classic == tuple(n for n in knobs.on if n not in buggify.HUNT)
+        assert knobs.classic == tuple(n for n in knobs.on if n not in buggify.HUNT + buggify.OWN)
     assert {"unknown_starts", "last_receive_doubts"} <= set(buggify.HUNT)
 
 
@@ -193,6 +194,7 @@ def test_last_receive_doubts_is_never_on_with_the_lease() -> None:
                 late_redrives=m.knobs.late_redrives,
                 key_limit_drops=m.knobs.key_limit_drops,
                 exists_unknown=m.knobs.exists_unknown,
+                twin_keeps=m.knobs.twin_keeps,
             )
             assert m == harness._scenario(seed, without, None)
 
@@ -258,3 +260,80 @@ def test_renewals_denied_refuses_only_the_dispatchers_sends_to_request_queues() 
     assert not any(deny("producer", url) for url in requests)
     assert not any(deny("d1.1", url) for url in set(names) - requests)
     assert not [m for m in history.sends if m.node.startswith("d") and m.queue_url in requests]
+
+
+# -- twin_keeps (sim.twins) ---------------------------------------------------------------------
+
+
+def test_twin_keeps_moves_no_other_draw() -> None:
+    """Drawn from a stream of its own: every other knob of every seed is as it was, and
+    the nemesis plans nothing else for it (its storms are `sim.twins`')."""
+    for seed in range(300):
+        knobs = buggify.draw(seed)
+        assert "twin_keeps" not in knobs.classic
+        without = dataclasses.replace(knobs, twin_keeps=False)
+        assert without.on == tuple(n for n in knobs.on if n != "twin_keeps")
+    twin = buggify.Knobs(twin_keeps=True)
+    assert _fate(_plan(twin, random.Random(1))) == _fate(_plan(buggify.OFF, random.Random(1)))
+
+
+def test_twin_keeps_throttles_starts_until_the_first_copy_gives_up_and_a_tail_more() -> None:
+    storms = twins.TwinStorms([twins.Episode(at=10.0, tail=1.5)], give_up_after=30.0)
+    start = {"name": "twin"}
+    assert storms.fault(9.0, start) is None  # before the episode
+    assert storms.fault(10.2, start) is not None  # its first attempt: throttled
+    assert storms.fault(25.0, {"name": "other"}) is not None  # every start meanwhile
+    assert storms.fault(39.0, start) is not None  # still within the retry timeout
+    last = storms.fault(40.5, start)  # the first attempt past it: the start gives up
+    assert last is not None
+    assert last.error == "ThrottlingException"
+    assert storms.episodes[0].ends == 40.5 + 1.5
+    assert storms.fault(41.0, start) is not None  # the twin's attempts, in the tail
+    assert storms.fault(42.1, start) is None  # then the twin's start gets through
+
+
+def test_twin_keeps_plans_short_and_long_tails_before_the_faults_stop() -> None:
+    storms = twins.plan(random.Random(3), quiet_at=300.0, give_up_after=30.0)
+    assert len(storms.episodes) >= 2
+    assert all(e.at + 30.0 + twins.CAP < 300.0 for e in storms.episodes)
+    tails = [e.tail for e in storms.episodes]
+    assert any(twins.SHORT_TAIL[0] <= t <= twins.SHORT_TAIL[1] for t in tails)
+    assert any(twins.LONG_TAIL[0] <= t <= twins.LONG_TAIL[1] for t in tails)
+    gaps = [b.at - a.at for a, b in itertools.pairwise(storms.episodes)]
+    assert min(gaps) >= twins.EPISODE_GAP
+
+
+def test_twin_keeps_describe_lag_stays_under_what_the_doubt_rule_needs() -> None:
+    """A doubt is settled by "does not exist" the start grace after its last attempt ended,
+    and that attempt may take effect D after it was sent: the describe lag stays under
+    grace - D (docs/testing.md)."""
+    grace, d = float(DISPATCHER["start_grace"]), float(DISPATCHER["start_timeout"])
+    lag = twins.describe_lag(grace, d)
+    assert grace - d - lag == pytest.approx(buggify.GRACE_MARGIN)
+    assert twins.describe_lag(10.0, 15.0) == 0.0
+
+
+def test_twin_keeps_runs_one_pool_of_limit_1_alone() -> None:
+    on = [scenario(s) for s in range(200) if scenario(s).knobs.twin_keeps]
+    assert len(on) >= 15
+    for made in on:
+        pool = made.pools[0]  # (a named limit may add a pool of its own: `sim.named`)
+        assert (pool.limit, pool.per_key_limit, pool.priorities) == (1, None, True)
+        assert not made.lease
+        assert not made.parents.parents
+        assert made.extras.rolling is None
+        assert not made.knobs.slow_starts
+        assert dict(made.settings)["start_retry_timeout"] == twins.START_RETRY_TIMEOUT
+    # Visibility extensions are spared (every receive is the last: see `Nemesis._spared`).
+    nemesis = _plan(buggify.Knobs(twin_keeps=True), None)
+    nemesis.knobs = on[0].knobs  # (as the harness does)
+    assert nemesis.call_fault("d1", "ChangeMessageVisibilityBatch", {}) is NO_FAULT
+
+
+def test_twin_keeps_is_dropped_with_parents_rolling_deploys_or_slow_starts() -> None:
+    drawn = [s for s in range(200) if buggify.draw(s).twin_keeps]
+    dropped = [scenario(s) for s in drawn if not scenario(s).knobs.twin_keeps]
+    assert dropped
+    for made in dropped:
+        crowded = made.parents.parents or made.extras.rolling is not None
+        assert crowded or buggify.draw(made.seed).slow_starts

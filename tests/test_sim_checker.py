@@ -385,6 +385,21 @@ def test_a_move_no_dispatcher_could_prevent_settles_the_request() -> None:
     assert kinds(check(history, spec())) == ["redrive_move", "lost_request"]
 
 
+def test_a_move_after_a_receive_answered_while_its_receiver_stopped_settles_the_request() -> None:
+    """Told to stop while its long poll was in flight, the receiver got the message on its
+    last receive after the SIGTERM: kept, and let go hidden when shutdown could not settle
+    it - SQS's move is not the dispatcher's doing."""
+    history = History()
+    request(history, "q1", "m1")
+    history.messages_received(1, "d1.1", QUEUE, [("m1", 1)], call_id=1)  # handed back
+    history.note(61.5, "d1.2", "SIGTERM")
+    history.messages_received(62, "d1.2", QUEUE, [("m1", 2)], call_id=2)
+    history.message_moved(
+        130, source_url=QUEUE, target_url=DLQ, message_id="m1", body="{}", attributes={}
+    )
+    assert check(history, spec()) == []
+
+
 def test_a_request_dead_lettered_for_a_redrive_while_its_execution_runs() -> None:
     """Dead-lettered as receive_limit (the detail says: redrive it to run it) although its
     execution had started: the redrive would start it again."""

@@ -343,9 +343,10 @@ class Ledger:
         doubt, until evidence settles it (invariant 1) - a status event, a listing, or a
         describe (`observe_running`, `observe_terminal`, `observe_missing`).
 
-        ``now`` is when the last attempt ended: the start took effect before then, if at
-        all. Nothing to doubt when ``arn`` is already known running or finished (names are
-        never reused): the reservation is simply dropped.
+        ``now`` is when the last attempt could take effect (it ended, or D after it was sent
+        if that is later): the start took effect before then, if at all. Nothing to doubt
+        when ``arn`` is already known running or finished (names are never reused): the
+        reservation is simply dropped.
         """
         if not self._unreserve(reservation.token):
             return Change.UNCHANGED  # already settled (started, or given back)
@@ -432,8 +433,9 @@ class Ledger:
         """Apply "``arn`` does not exist" (``ExecutionDoesNotExist`` from a describe).
 
         Describes and listings lag behind a start, so this settles a start in doubt only
-        once ``grace`` has passed since its last attempt ended, and frees a held execution
-        only once ``grace`` has passed since it was last confirmed; before that nothing
+        once ``grace`` has passed since its last attempt could take effect (`doubt`), and
+        frees a held execution only once ``grace`` has passed since it was last confirmed;
+        before that nothing
         changes. No tombstone: the request may still start it later under the same name.
         The one rule for "does not exist", whoever asked (the starter or reconcile).
         """

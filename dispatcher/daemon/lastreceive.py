@@ -18,10 +18,11 @@ until a ``DescribeExecution`` of its deterministic ARN settles it:
 - the execution exists: the request was started - served as a start is (its message
   deleted, or held for its parent's token, or the parent answered);
 - ``ExecutionDoesNotExist`` once D (the start timeout) and the start grace have passed
-  since it was kept, no evidence here says it runs, and no execution exists under a name a
-  former configuration gave it (`Starter.find_former_name`; found: served as that
-  execution's): it was never started, and only now is it dead-lettered, with a detail that
-  says a redrive runs it.
+  since it was kept, no evidence here says it runs, no other copy of it is being started
+  here (`LastReceives._may_run`), and no execution exists under a name a former
+  configuration gave it (`Starter.find_former_name`; found: served as that execution's):
+  it was never started, and only now is it dead-lettered, with a detail that says a
+  redrive runs it.
 
 Every attempt it had ended before it was kept, so a start of it takes effect within D of
 then or never, and a describe shows it within the grace after that (invariant 8, and the
@@ -204,19 +205,33 @@ class LastReceives:
         await self.starter.existing(entry, None, described)
         return True
 
+    def _may_run(self, kept: _Kept) -> bool:
+        """Whether evidence here says the kept request's execution runs or ran (the ledger
+        holds it, knows it ended, or holds a start of it in doubt: a status event, a
+        listing), or another copy of the request (SQS stored it twice, a producer's retry)
+        is being started here, whose attempt may have started it: then a "does not exist"
+        only lags."""
+        ledger = kept.entry.pool.ledger
+        if ledger.holds(kept.arn) or ledger.is_tombstoned(kept.arn) or kept.arn in ledger.in_doubt:
+            return True
+        return self.starter.starting(kept.arn)
+
     async def _never_started(self, kept: _Kept, now: float) -> bool:
         """ "Does not exist" past D and the grace: dead-letter the request, unless evidence
-        here (a status event, a listing) says it runs or ran - then the describe lags."""
+        here says it runs or ran, or a copy of it is being started (`_may_run`) - then the
+        describe lags."""
         entry = kept.entry
-        pool, ledger = entry.pool, entry.pool.ledger
-        if ledger.observe_missing(kept.arn, now, self.settings.start_grace) is Change.FREED:
+        pool = entry.pool
+        if pool.ledger.observe_missing(kept.arn, now, self.settings.start_grace) is Change.FREED:
             pool.update()
-        if ledger.holds(kept.arn) or ledger.is_tombstoned(kept.arn) or kept.arn in ledger.in_doubt:
+        if self._may_run(kept):
             return False
         # Not under its current name: it may have run under a name a former configuration
         # gave it (a producer's retry, a copy); that execution ran, so no dead letter.
         try:
-            former = await self.starter.find_former_name(entry)
+            # Bounded as the describe is: the other kept messages' extensions wait on it.
+            with anyio.fail_after(self.settings.visibility_timeout / 4):
+                former = await self.starter.find_former_name(entry)
         except Exception as exc:  # noqa: BLE001 - unknown: keep it, ask again
             entry.bound.warning(
                 "dispatcher.last_receive_describe_failed", execution_arn=kept.arn, error=str(exc)
@@ -225,6 +240,8 @@ class LastReceives:
         if former is not None:
             entry.bound.info("dispatcher.found_under_former_name", execution_arn=former)
             kept.arn, kept.exists = former, True  # the next pass describes and serves it
+            return False
+        if self._may_run(kept):  # what came while the former names were described
             return False
         detail = (
             f"received {receive_count(entry.message)} times, the queue's maxReceiveCount "

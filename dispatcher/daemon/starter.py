@@ -94,6 +94,9 @@ class _Handling:
     doubt: bool = False
     """An attempt may have started the execution (its outcome is unknown): the slot is
     kept, in doubt, until evidence settles it (invariant 1)."""
+    sent_at: float | None = None
+    """(pool clock) When the last attempt was sent: it takes effect within D of then, or
+    never - even when its answer (a 5xx, a reset connection) came at once."""
 
 
 @dataclass
@@ -215,7 +218,14 @@ class Starter:
             self._release(pool, reservation)
             return
         arn = execution_arn(pool.state_machine_arn, entry.request.name)
-        if pool.ledger.doubt(reservation, arn, pool.clock()) is Change.ADDED:
+        since = pool.clock()
+        if handling.sent_at is not None:
+            # Its last attempt may take effect until D after it was sent, later than now
+            # when its answer came at once: a describe proves nothing before the grace
+            # after that (with D longer than the grace, "does not exist" could free the
+            # slot before the execution appears).
+            since = max(since, handling.sent_at + self.settings.start_timeout)
+        if pool.ledger.doubt(reservation, arn, since) is Change.ADDED:
             entry.bound.warning("dispatcher.start_in_doubt", execution_arn=arn)
         pool.update()
 
@@ -481,6 +491,7 @@ class Starter:
                 handling.phase = "calling"
                 pool.ledger.mark_sent(reservation)  # no await since admission: still true
                 pool.note_start_sent()
+                handling.sent_at = pool.clock()
                 began = time.perf_counter()
                 unknown_before, handling.doubt = handling.doubt, True  # until answered
                 try:
