@@ -15,7 +15,8 @@ until a ``DescribeExecution`` of its deterministic ARN settles it:
   since it was kept, no evidence here says it runs, and no execution exists under a name a
   former configuration gave it (`Starter.find_former_name`; found: served as that
   execution's): it was never started, and only now is it dead-lettered, with a detail that
-  says a redrive runs it.
+  says a redrive runs it - as ``expired`` if its start-by has passed (its parent gets
+  ``Dispatcher.Expired``), else as ``receive_limit``.
 
 Every attempt it had ended before it was kept, so a start of it takes effect within D of
 then or never, and a describe shows it within the grace after that (invariant 8, and the
@@ -32,6 +33,7 @@ import anyio
 import structlog
 
 from dispatcher.aws.api import error_code
+from dispatcher.core.deadline import EXPIRED, expired_detail
 from dispatcher.core.ledger import Change
 from dispatcher.core.requests import execution_arn
 from dispatcher.daemon.queues import receive_count
@@ -113,6 +115,7 @@ class LastReceives:
 
     async def _settle(self, kept: _Kept) -> bool:
         entry = kept.entry
+        asked = self.starter.expiries.clock()  # wall clock: the describe's answer is later
         try:
             # Bounded: a describe hung on the wire must not hold up the other messages'
             # extensions (this pass and `keep_hidden_once` share one loop).
@@ -121,7 +124,7 @@ class LastReceives:
         except Exception as exc:  # noqa: BLE001 - anything but proof: keep it, ask again
             now = entry.pool.clock()
             if error_code(exc) == "ExecutionDoesNotExist" and not kept.exists:
-                if now >= kept.not_before and await self._never_started(kept, now):
+                if now >= kept.not_before and await self._never_started(kept, now, asked):
                     return True
             else:
                 entry.bound.warning(
@@ -146,9 +149,11 @@ class LastReceives:
         await self.starter.existing(entry, None, described)
         return True
 
-    async def _never_started(self, kept: _Kept, now: float) -> bool:
+    async def _never_started(self, kept: _Kept, now: float, asked: float) -> bool:
         """ "Does not exist" past D and the grace: dead-letter the request, unless evidence
-        here (a status event, a listing) says it runs or ran - then the describe lags."""
+        here (a status event, a listing) says it runs or ran - then the describe lags.
+        ``asked``: the wall clock when the describe was sent. A request whose start-by has
+        passed is dead-lettered as expired (its parent gets ``Dispatcher.Expired``)."""
         entry = kept.entry
         pool, ledger = entry.pool, entry.pool.ledger
         if ledger.observe_missing(kept.arn, now, self.settings.start_grace) is Change.FREED:
@@ -168,6 +173,16 @@ class LastReceives:
             entry.bound.info("dispatcher.found_under_former_name", execution_arn=former)
             kept.arn, kept.exists = former, True  # the next pass describes and serves it
             return False
+        deadline = self._passed_start_by(entry, asked)
+        if deadline is not None:
+            return await self.starter.dead_letter(
+                entry.queue,
+                pool.name,
+                entry.message,
+                EXPIRED,
+                expired_detail(deadline, self.starter.expiries.clock()),
+                retry_answer=False,
+            )
         detail = (
             f"received {receive_count(entry.message)} times, the queue's maxReceiveCount "
             f"({entry.queue.max_receive_count}), and it had to go back ({kept.why}): SQS would "
@@ -189,6 +204,21 @@ class LastReceives:
         return await self.starter.dead_letter(
             entry.queue, pool.name, entry.message, "receive_limit", detail, retry_answer=False
         )
+
+    def _passed_start_by(self, entry: Waiting, asked: float) -> float | None:
+        """The start-by of a request known never to have started (here), if it has passed:
+        the request is expired (None: it is not). After the reign, "does not exist" proves
+        nothing while the leader may still start it from another copy; it may not once the
+        start-by has passed, and a start sent before it took effect within D or never: a
+        describe sent D and the grace after the start-by that finds nothing proves it never
+        started, nor will."""
+        deadline = entry.request.start_by
+        if deadline is None:
+            return None
+        if self.after_reign:
+            settled = deadline + self.settings.start_timeout + self.settings.start_grace
+            return deadline if asked >= settled else None
+        return deadline if self.starter.expiries.clock() >= deadline else None
 
     async def keep_hidden_once(self) -> int:
         """Extend the visibility of kept messages hidden for half of it or more (batched per
