@@ -29,7 +29,8 @@ from dispatcher.settings.layout import PoolConfig
 Clock = Callable[[], float]
 
 LOOKAHEAD = 10
-"""Startable requests each queue keeps waiting in a pool fed by several queues."""
+"""Requests each queue keeps waiting in a pool fed by several queues without a key
+attribute; any other pool keeps its room full (``max_waiting``, this many at least)."""
 MAX_DEFER_SECONDS = 900
 PAUSED_DEFER_SECONDS = 300
 """A request for a paused pool (limit 0) that a shared queue brought comes back this late:
@@ -207,10 +208,10 @@ class Pool:
 
         Enough to fill the free slots no waiting request can take, and to keep
         ``lookahead`` requests of that queue waiting; never more than the waiting room has
-        room for. ``from_queue`` and
-        ``receiving`` are that queue's waiting requests and messages asked for in receives
-        in flight: each queue counts only its own, so a long poll on an idle queue never
-        holds back the receives of a busy one (their extra requests wait in the room).
+        room for. ``from_queue`` and ``receiving`` are that queue's waiting requests and
+        messages asked for in receives in flight: each queue counts only its own, so a long
+        poll on an idle queue never holds back the receives of a busy one (their extra
+        requests wait in the room).
         """
         if self.ledger.limit == 0 or self.held_back():
             return 0  # paused: the backlog stays in SQS, untouched (no receive is spent)
