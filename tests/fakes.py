@@ -152,6 +152,7 @@ class FakeSQS(_Recorder):
         # Set: a receive takes its messages (they are in flight, hidden), then its answer
         # waits for the event - as a long poll's answer may arrive after its caller gave up.
         self.receive_gate: anyio.Event | None = None
+        self._arrived: dict[str, anyio.Event] = {}  # url -> set when a message is put there
 
     def create_queue(self, url: str, **attributes: str) -> None:
         """Make ``url`` exist, with these queue attributes (``RedrivePolicy=...``)."""
@@ -161,6 +162,13 @@ class FakeSQS(_Recorder):
     def put(self, url: str, message: dict[str, Any]) -> None:
         """Make a ready-made message (see `sqs_message`) visible on ``url``."""
         self.visible[url].append(message)
+        self._visible_now(url)
+
+    def _visible_now(self, url: str) -> None:
+        """A message became visible on ``url``: long polls waiting there answer."""
+        arrived = self._arrived.pop(url, None)
+        if arrived is not None:
+            arrived.set()
 
     def _queue(self, url: str) -> deque[dict[str, Any]]:
         if url not in self.visible:
@@ -177,11 +185,20 @@ class FakeSQS(_Recorder):
         MessageAttributeNames: list[str] | None = None,
         MessageSystemAttributeNames: list[str] | None = None,
     ) -> dict[str, Any]:
-        """Up to ``MaxNumberOfMessages`` visible messages (no long poll: answers at once)."""
+        """Up to ``MaxNumberOfMessages`` visible messages. A long poll (``WaitTimeSeconds``
+        > 0) on a queue with none waits, as SQS does, until one is put there or the wait is
+        over (anyio's clock: run the test on virtual time, `tests.virtual_time`, where a
+        whole wait passes at once when every task waits), then answers with what is there."""
         self._record("receive_message", locals())
         if not 1 <= MaxNumberOfMessages <= 10:
             raise client_error("InvalidParameterValue", 400, op="ReceiveMessage")
+        if WaitTimeSeconds is not None and not 0 <= WaitTimeSeconds <= 20:
+            raise client_error("InvalidParameterValue", 400, op="ReceiveMessage")
         queue = self._queue(QueueUrl)
+        if WaitTimeSeconds:
+            with anyio.move_on_after(WaitTimeSeconds):
+                while not queue:
+                    await self._arrived.setdefault(QueueUrl, anyio.Event()).wait()
         out: list[dict[str, Any]] = []
         while queue and len(out) < MaxNumberOfMessages:
             message = dict(queue.popleft())
@@ -271,6 +288,7 @@ class FakeSQS(_Recorder):
                 "MessageAttributes": MessageAttributes or {},
             }
         )
+        self._visible_now(QueueUrl)
         return {"MessageId": message_id}
 
     async def get_queue_attributes(

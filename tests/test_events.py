@@ -23,6 +23,7 @@ from tests.fakes import (
     client_error,
     sqs_message,
 )
+from tests.virtual_time import on_virtual_time
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -268,10 +269,11 @@ async def test_the_applied_line_says_when_the_event_reached_the_queue() -> None:
     assert applied["execution_arn"] == ARN
 
 
+@on_virtual_time
 async def test_empty_receive_deletes_nothing() -> None:
     world = build_world()
     world.health.aws_failures = 2
-    assert await events_of(world).run_once() == 0
+    assert await events_of(world).run_once() == 0  # a long poll: its wait, on virtual time
     assert world.sqs.names() == ["receive_message"]
     assert world.health.aws_failures == 0  # the queue answered
 

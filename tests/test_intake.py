@@ -27,6 +27,7 @@ from tests.fakes import (
     sqs_message,
     throttled,
 )
+from tests.virtual_time import on_virtual_time
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -305,9 +306,10 @@ def queue_requests(world: World, count: int) -> None:
 
 
 @pytest.mark.parametrize(("limit", "asked"), [(3, 3), (25, 10), (1, 1)])
-async def test_receive_once_asks_for_no_more_than_the_free_slots(limit: int, asked: int) -> None:
-    world = build_world(limit=limit)
-    assert world.pool.lookahead == 0  # one queue, no keys: nothing to choose between
+async def test_with_no_room_receive_once_asks_for_no_more_than_the_free_slots(
+    limit: int, asked: int
+) -> None:
+    world = build_world(limit=limit, max_waiting=0)  # nothing may wait beyond a free slot
     queue_requests(world, 30)
     intake = intake_of(world)
     assert await intake.receive_once(intake.queues[0]) == asked
@@ -322,14 +324,37 @@ async def test_receive_once_asks_for_no_more_than_the_free_slots(limit: int, ask
     }
     assert len(world.sqs.visible[REQUEST_QUEUE]) == 30 - asked
     assert intake.stats.received == asked
-    # Slots with a request waiting are claimed: only the rest is wanted.
-    assert intake.wanted(intake.queues[0]) == min(10, limit - asked)
     assert await dispatch_all(intake, world.pool) == asked
     assert world.pool.ledger.running_count == asked
+    assert intake.wanted(intake.queues[0]) == min(10, limit - asked)
+
+
+async def test_a_plain_pool_receives_ahead_until_its_room_is_full() -> None:
+    """One queue, no key attribute, its one slot taken: requests are received ahead into
+    the waiting room (there their start-by is watched, and a freed slot takes the next at
+    once), up to the room's size; the rest of the backlog stays in the queue. It used to
+    receive only for free slots."""
+    world = build_world(limit=1, max_waiting=15)
+    world.pool.ledger.observe_running("arn:busy", world.clock())
+    world.pool.update()
+    queue_requests(world, 30)
+    intake = intake_of(world)
+    assert intake.wanted(intake.queues[0]) == 10
+    assert await intake.receive_once(intake.queues[0]) == 10
+    assert intake.wanted(intake.queues[0]) == 5
+    assert await intake.receive_once(intake.queues[0]) == 5
+    assert intake.wanted(intake.queues[0]) == 0, "the room is full"
+    assert len(waiting(world)) == 15
+    assert len(world.sqs.visible[REQUEST_QUEUE]) == 15
+    assert await dispatch_all(intake, world.pool) == 0
+    finish(world.pool, "arn:busy")
+    assert await dispatch_all(intake, world.pool) == 1, "the freed slot takes the next"
+    assert world.pool.ledger.running == {execution_arn(STATE_MACHINE_ARN, "m-0")}
+    assert intake.wanted(intake.queues[0]) == 1
 
 
 async def test_receive_once_counts_held_executions() -> None:
-    world = build_world(limit=3)
+    world = build_world(limit=3, max_waiting=0)
     world.pool.ledger.observe_running("arn:elsewhere", world.clock())
     queue_requests(world, 5)
     intake = intake_of(world)
@@ -346,7 +371,7 @@ async def test_received_requests_wait_in_the_room_until_dispatched() -> None:
     assert world.sample("dispatcher_requests_waiting", pool="default") == 2
     assert world.pool.ledger.reserved_count == 0
     assert world.sfn.calls_to("start_execution") == []
-    assert intake.wanted(intake.queues[0]) == 1  # the third slot is still unclaimed
+    assert intake.wanted(intake.queues[0]) == 10  # the third slot, and ahead into the room
 
 
 async def test_fewer_messages_than_asked_reserve_only_what_they_start() -> None:
@@ -368,18 +393,46 @@ async def test_fewer_messages_than_asked_reserve_only_what_they_start() -> None:
     assert world.pool.ledger.reserved_count == 0
 
 
+@on_virtual_time
 async def test_empty_receive_leaves_every_slot_free() -> None:
-    world = build_world(limit=4)
+    world = build_world(limit=4, max_waiting=0)
     intake = intake_of(world)
+    began = anyio.current_time()
     assert await intake.receive_once(intake.queues[0]) == 0
+    assert anyio.current_time() - began == world.settings.receive_wait_seconds, "a long poll"
     assert_slot_free(world)
     assert world.pool.receiving == 0
     assert waiting(world) == []
     assert intake.wanted(intake.queues[0]) == 4
 
 
+@on_virtual_time
+async def test_a_fake_long_poll_waits_for_a_message_or_its_wait_as_sqs_does() -> None:
+    """The fakes long-poll: an empty queue's receive answers when a message arrives, or
+    empty once its wait is over (on virtual time; it used to answer at once, so a receive
+    loop with nothing to receive spun without ever yielding)."""
+    world = build_world()
+    answers: list[tuple[float, dict[str, Any]]] = []
+    began = anyio.current_time()
+
+    async def poll() -> None:
+        answer = await world.sqs.receive_message(QueueUrl=REQUEST_QUEUE, WaitTimeSeconds=20)
+        answers.append((anyio.current_time() - began, answer))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(poll)
+        await anyio.wait_all_tasks_blocked()
+        assert answers == []
+        world.sqs.put(REQUEST_QUEUE, sqs_message(message_id="m-1"))
+    [(after, answer)] = answers
+    assert after == 0
+    assert [m["MessageId"] for m in answer["Messages"]] == ["m-1"]
+    await poll()
+    assert answers[1] == (20, {})
+
+
 async def test_failed_receive_leaves_nothing_claimed() -> None:
-    world = build_world(limit=4)
+    world = build_world(limit=4, max_waiting=0)
     world.sqs.fail("receive_message", client_error("InternalError", 500))
     intake = intake_of(world)
     with pytest.raises(ClientError):
@@ -391,7 +444,7 @@ async def test_failed_receive_leaves_nothing_claimed() -> None:
 
 
 async def test_receive_once_waits_for_a_free_slot_without_receiving() -> None:
-    world = build_world(limit=1)
+    world = build_world(limit=1, max_waiting=0)  # the room takes nothing ahead
     world.pool.ledger.observe_running("arn:busy", world.clock())
     world.pool.update()
     queue_requests(world, 1)
@@ -429,7 +482,7 @@ async def test_a_request_is_hidden_since_its_receive_was_sent_not_since_it_was_a
 
 
 async def test_receive_once_is_cancellable_while_it_waits() -> None:
-    world = build_world(limit=1)
+    world = build_world(limit=1, max_waiting=0)
     world.pool.ledger.observe_running("arn:busy", world.clock())
     world.pool.update()
     queue_requests(world, 1)
@@ -489,8 +542,40 @@ async def test_what_a_receive_brings_after_stop_goes_straight_back() -> None:
     assert intake.stats.received == 2
 
 
+@on_virtual_time
+async def test_a_plain_pool_keeps_what_it_received_ahead_hidden() -> None:
+    """One queue, no key attribute, its slot taken: the running intake receives ahead, and
+    keeps each request waiting in the room hidden (visibility extended before it runs
+    out) until stopped; then it goes back to its queue."""
+    world = build_world(limit=1, receive_concurrency=1)
+    world.pool.clock = time.monotonic  # virtual time, as the loop's
+    world.pool.ledger.observe_running("arn:busy", world.pool.clock())
+    world.pool.update()
+    queue_requests(world, 1)
+    intake = intake_of(world)
+    visibility = world.settings.visibility_timeout
+    async with anyio.create_task_group() as tg:
+        await tg.start(intake.run)
+        await anyio.wait_all_tasks_blocked()
+        [entry] = waiting(world)
+        received = entry.hidden_since
+        for _ in range(3):  # three extensions, each before the visibility ran out
+            with anyio.fail_after(visibility):
+                await world.sqs.called("change_message_visibility_batch")
+            [call] = world.sqs.calls_to("change_message_visibility_batch")[-1:]
+            assert call["Entries"][0]["ReceiptHandle"] == entry.request.receipt_handle
+            assert call["Entries"][0]["VisibilityTimeout"] == visibility
+            assert anyio.current_time() - received < visibility
+            received = anyio.current_time()
+            world.sqs.calls.clear()
+        intake.stop()
+    *_, back = visibility_set(world)  # (hidden first while the last long poll may answer)
+    assert back == {(entry.request.receipt_handle, 0)}
+    assert world.sfn.calls_to("start_execution") == []
+
+
 async def test_stop_ends_a_receive_waiting_for_free_slots_without_receiving() -> None:
-    world = build_world(limit=1)
+    world = build_world(limit=1, max_waiting=0)
     world.pool.ledger.observe_running("arn:busy", world.clock())
     world.pool.update()
     queue_requests(world, 1)

@@ -13,6 +13,7 @@ import pytest
 import stamina
 from botocore.exceptions import ReadTimeoutError
 
+from dispatcher.core.deadline import EXPIRED_ERROR
 from dispatcher.core.requests import (
     IDEMPOTENCY_ATTRIBUTE,
     ORIGINAL_ID_ATTRIBUTE,
@@ -28,6 +29,7 @@ from tests.fakes import (
     DEAD_LETTER_QUEUE,
     REQUEST_QUEUE,
     STATE_MACHINE_ARN,
+    FakeClock,
     World,
     build_world,
     client_error,
@@ -41,6 +43,7 @@ D = 5.0
 GRACE = 10.0
 TOKEN = "AQCEAAAAKgAAAAMAAAAAAAAAA" + "t" * 100
 ARN = execution_arn(STATE_MACHINE_ARN, "m-1")
+T0 = 1_796_464_800.0  # 2026-12-05T10:00:00Z
 
 
 RETRY_ATTEMPTS = 2  # stamina's test mode (the fast_retries fixture)
@@ -167,6 +170,61 @@ async def test_a_start_that_did_nothing_is_dead_lettered_only_once_known_not_to_
     assert world.pool.ledger.in_doubt == frozenset(), "the slot given back"
     assert world.pool.ledger.free == 1
     assert world.sfn.answers[TOKEN][:2] == ("failure", DEAD_LETTERED)
+
+
+async def test_one_never_started_whose_start_by_passed_meanwhile_is_dead_lettered_expired() -> None:
+    """Kept on its last receive (its starts' 5xx answers did nothing), its start-by passes
+    while it is kept: once known never to have started it is dead-lettered as expired, not
+    receive_limit, and its parent gets Dispatcher.Expired. It used to be receive_limit."""
+    world = world_of(limit=1)
+    world.sfn.fail_always("start_execution", client_error("InternalFailure", 500))
+    intake, _ = intake_for(world)
+    wall = FakeClock(T0 - 1)
+    intake.starter.expiries.clock = wall
+    await handle(world, last_receive(**{"task-token": TOKEN, "start-by": "1796464805"}), intake)
+    assert len(intake.starter.last_receives) == 1
+    world.clock.advance(D + GRACE)
+    wall.advance(D + GRACE)  # the start-by (T0 + 5) passed while it was kept
+    assert await intake.starter.last_receives.settle_once() == 1
+    [copy] = dead_letters(world)
+    attributes = copy["MessageAttributes"]
+    assert attributes[REASON_ATTRIBUTE]["StringValue"] == "expired"
+    assert "start-by 2026-12-05T10:00:05Z passed" in attributes[DETAIL_ATTRIBUTE]["StringValue"]
+    assert world.sfn.answers[TOKEN][:2] == ("failure", EXPIRED_ERROR)
+    assert world.sfn.executions == {}, "never started"
+
+
+async def test_one_never_started_whose_start_by_has_not_passed_is_a_receive_limit() -> None:
+    world = world_of(limit=1)
+    world.sfn.fail_always("start_execution", client_error("InternalFailure", 500))
+    intake, _ = intake_for(world)
+    intake.starter.expiries.clock = FakeClock(T0 - 100)
+    await handle(world, last_receive(**{"start-by": "1796464805"}), intake)
+    world.clock.advance(D + GRACE)
+    assert await intake.starter.last_receives.settle_once() == 1
+    [copy] = dead_letters(world)
+    assert copy["MessageAttributes"][REASON_ATTRIBUTE]["StringValue"] == "receive_limit"
+
+
+@pytest.mark.parametrize(("after", "reason"), [(D + GRACE, "expired"), (D, "receive_limit")])
+async def test_after_the_reign_expired_needs_the_start_by_d_and_the_grace_behind_it(
+    after: float, reason: str
+) -> None:
+    """The lease lost: the leader may start the request from another copy until its
+    start-by, and such a start takes effect within D. Only a describe sent D and the grace
+    after the start-by proves it never started."""
+    world = world_of(limit=1)
+    world.sfn.fail_always("start_execution", client_error("InternalFailure", 500))
+    intake, _ = intake_for(world)
+    wall = FakeClock(T0 - 1)
+    intake.starter.expiries.clock = wall
+    await handle(world, last_receive(**{"start-by": "1796464805"}), intake)
+    intake.starter.last_receives.after_reign = True
+    world.clock.advance(D + GRACE)
+    wall.now = T0 + 5 + after
+    assert await intake.starter.last_receives.settle_once() == 1
+    [copy] = dead_letters(world)
+    assert copy["MessageAttributes"][REASON_ATTRIBUTE]["StringValue"] == reason
 
 
 async def test_a_closed_execution_found_on_the_last_receive_answers_its_parent() -> None:

@@ -89,7 +89,7 @@ async def test_the_last_receive_not_renewed_waits_in_the_room_instead_of_being_d
 
 
 async def test_a_paused_pool_receives_nothing() -> None:
-    world = build_world(limit=0)
+    world = build_world(limit=0, max_waiting=0)
     assert world.pool.wanted(0, 0) == 0
     world.pool.ledger.set_limit(1)
     assert world.pool.wanted(0, 0) == 1

@@ -33,12 +33,14 @@ from dispatcher.settings.config import InputFormat
 from tests.fake_intake import dispatch_all, intake_of, waiting
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
+    REQUEST_QUEUE,
     STATE_MACHINE_ARN,
     FakeClock,
     World,
     build_world,
     sqs_message,
 )
+from tests.virtual_time import on_virtual_time
 
 pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("fast_retries")]
 RETRY_ATTEMPTS = 2  # stamina's test mode (the fast_retries fixture)
@@ -201,6 +203,40 @@ async def test_a_request_expires_while_waiting_though_no_slot_frees() -> None:
     assert waiting(world) == []
     assert world.sfn.calls_to("start_execution") == []
     assert await dispatch_all(intake, world.pool) == 0
+
+
+@on_virtual_time
+async def test_a_plain_full_pool_expires_a_request_behind_it_at_its_deadline() -> None:
+    """One queue, no key attribute, its one slot held by a long execution; a request with a
+    start-by 5 s ahead arrives behind it. The running intake receives it ahead into the
+    waiting room and dead-letters it as expired at its deadline though the slot never
+    frees; never started. (It used to stay in the queue, unseen, until the slot freed.)
+    On virtual time: the wall clock, the long polls and the expiry timer all follow it."""
+    world = build_world(limit=1, receive_concurrency=2)
+    occupy_the_slot(world)
+    intake = intake_of(world)
+    intake.starter.reign_began = time.time() - 1000
+    deadline = time.time() + 5
+    request = sqs_message(
+        '{"n": 1}',
+        message_id="m-1",
+        attributes={"start-by": format_deadline(deadline)},
+        system={"ApproximateFirstReceiveTimestamp": str(int(time.time() * 1000))},
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(intake.run)
+        await anyio.wait_all_tasks_blocked()  # the receives long-poll the empty queue
+        world.sqs.put(REQUEST_QUEUE, request)
+        with anyio.fail_after(60):
+            await world.sqs.called("send_message")
+        late = time.time() - deadline
+        intake.stop()
+    [letter] = dead_letters(world)
+    assert reason_of(letter) == "expired"
+    assert 0 <= late < 0.1, f"dead-lettered {late:.3f} s after its deadline"
+    assert world.sfn.calls_to("start_execution") == []
+    [handle] = deleted(world)
+    assert handle.startswith("rh-m-1#"), "the request leaves its queue once dead-lettered"
 
 
 async def test_no_start_is_sent_after_the_deadline_even_once_picked() -> None:

@@ -3,11 +3,13 @@
 Two kinds of passes, each a function of its own with a thin loop around it:
 
 - `Intake.receive_once` (per request queue) waits until one of the queue's pools wants
-  requests - free slots no waiting request can take, or, where the pool chooses between
-  queues or keys, fewer than a few startable requests waiting - receives at most that
-  many (<= 10), routes each to its pool (by message attribute where a queue feeds
-  several), and puts it in the pool's waiting room; a bad request goes to the dead-letter
-  queue, one the room has no space for goes back to its queue with a growing delay.
+  requests - free slots no waiting request can take, or room to receive ahead (a pool
+  fed by one queue, or with keys, keeps its room full, so the start-by of every request
+  held is watched in memory; one fed by several queues keeps a few of each waiting) -
+  receives at most that many (<= 10), routes each to its pool (by message attribute
+  where a queue feeds several), and puts it in the pool's waiting room; a bad request
+  goes to the dead-letter queue, one the room has no space for goes back to its queue
+  with a growing delay.
 - `Intake.dispatch_once` (per pool) picks the next request from the waiting room
   (priorities with a reserved share, keys round-robin, keys at their limit skipped),
   reserves its slot and hands it to the `Starter`.

@@ -22,7 +22,8 @@ until a ``DescribeExecution`` of its deterministic ARN settles it:
   here (`LastReceives._may_run`), and no execution exists under a name a former
   configuration gave it (`Starter.find_former_name`; found: served as that execution's):
   it was never started, and only now is it dead-lettered, with a detail that says a
-  redrive runs it.
+  redrive runs it - as ``expired`` if its start-by has passed (its parent gets
+  ``Dispatcher.Expired``), else as ``receive_limit``.
 
 Every attempt it had ended before it was kept, so a start of it takes effect within D of
 then or never, and a describe shows it within the grace after that (invariant 8, and the
@@ -39,6 +40,7 @@ import anyio
 import structlog
 
 from dispatcher.aws.api import error_code
+from dispatcher.core.deadline import EXPIRED, expired_detail
 from dispatcher.core.ledger import Change
 from dispatcher.core.requests import execution_arn
 from dispatcher.daemon.queues import receive_count
@@ -172,6 +174,7 @@ class LastReceives:
 
     async def _settle(self, kept: _Kept) -> bool:
         entry = kept.entry
+        asked = self.starter.expiries.clock()  # wall clock: the describe's answer is later
         try:
             # Bounded: a describe hung on the wire must not hold up the other messages'
             # extensions (this pass and `keep_hidden_once` share one loop).
@@ -180,7 +183,7 @@ class LastReceives:
         except Exception as exc:  # noqa: BLE001 - anything but proof: keep it, ask again
             now = entry.pool.clock()
             if error_code(exc) == "ExecutionDoesNotExist" and not kept.exists:
-                if now >= kept.not_before and await self._never_started(kept, now):
+                if now >= kept.not_before and await self._never_started(kept, now, asked):
                     return True
             else:
                 entry.bound.warning(
@@ -216,10 +219,12 @@ class LastReceives:
             return True
         return self.starter.starting(kept.arn)
 
-    async def _never_started(self, kept: _Kept, now: float) -> bool:
+    async def _never_started(self, kept: _Kept, now: float, asked: float) -> bool:
         """ "Does not exist" past D and the grace: dead-letter the request, unless evidence
         here says it runs or ran, or a copy of it is being started (`_may_run`) - then the
-        describe lags."""
+        describe lags. ``asked``: the wall clock when the describe was sent. A request whose
+        start-by has passed is dead-lettered as expired (its parent gets
+        ``Dispatcher.Expired``)."""
         entry = kept.entry
         pool = entry.pool
         if pool.ledger.observe_missing(kept.arn, now, self.settings.start_grace) is Change.FREED:
@@ -243,6 +248,16 @@ class LastReceives:
             return False
         if self._may_run(kept):  # what came while the former names were described
             return False
+        deadline = self._passed_start_by(entry, asked)
+        if deadline is not None:
+            return await self.starter.dead_letter(
+                entry.queue,
+                pool.name,
+                entry.message,
+                EXPIRED,
+                expired_detail(deadline, self.starter.expiries.clock()),
+                retry_answer=False,
+            )
         detail = (
             f"received {receive_count(entry.message)} times, the queue's maxReceiveCount "
             f"({entry.queue.max_receive_count}), and it had to go back ({kept.why}): SQS would "
@@ -264,6 +279,21 @@ class LastReceives:
         return await self.starter.dead_letter(
             entry.queue, pool.name, entry.message, "receive_limit", detail, retry_answer=False
         )
+
+    def _passed_start_by(self, entry: Waiting, asked: float) -> float | None:
+        """The start-by of a request known never to have started (here), if it has passed:
+        the request is expired (None: it is not). After the reign, "does not exist" proves
+        nothing while the leader may still start it from another copy; it may not once the
+        start-by has passed, and a start sent before it took effect within D or never: a
+        describe sent D and the grace after the start-by that finds nothing proves it never
+        started, nor will."""
+        deadline = entry.request.start_by
+        if deadline is None:
+            return None
+        if self.after_reign:
+            settled = deadline + self.settings.start_timeout + self.settings.start_grace
+            return deadline if asked >= settled else None
+        return deadline if self.starter.expiries.clock() >= deadline else None
 
     async def keep_hidden_once(self) -> int:
         """Extend the visibility of kept messages hidden for half of it or more (batched per

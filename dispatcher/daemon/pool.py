@@ -29,7 +29,8 @@ from dispatcher.settings.layout import PoolConfig
 Clock = Callable[[], float]
 
 LOOKAHEAD = 10
-"""Startable requests a queue keeps waiting in a pool that chooses (priorities, keys)."""
+"""Requests each queue keeps waiting in a pool fed by several queues without a key
+attribute; any other pool keeps its room full (``max_waiting``, this many at least)."""
 MAX_DEFER_SECONDS = 900
 PAUSED_DEFER_SECONDS = 300
 """A request for a paused pool (limit 0) that a shared queue brought comes back this late:
@@ -61,14 +62,13 @@ class Pool:
             key_capacity=_key_capacity(config),
             reserved_share=config.reserved_share,
         )
-        # A pool with one queue and no keys has nothing to choose between: it receives
-        # only for free slots. With priorities each queue keeps a few startable requests
-        # waiting; with keys the room is kept full, so that keys behind a long run of one
-        # key's requests in the queue are seen and served in turn.
-        if config.key_attribute is not None:
-            self.lookahead = max(LOOKAHEAD, config.max_waiting)
-        else:
-            self.lookahead = 0 if queues == 1 else LOOKAHEAD
+        # With keys, or with one queue, the room is kept full: keys behind a long run of
+        # one key's requests in the queue are seen and served in turn, and the start-by of
+        # every request held is watched in memory (expired as it passes, though no slot
+        # frees). With priorities (several queues) each queue keeps a few startable
+        # requests waiting.
+        self._queues = queues
+        self.lookahead = self._lookahead(config)
         self.metrics = metrics
         self.clock = clock
         self._changed = anyio.Event()
@@ -133,8 +133,7 @@ class Pool:
     def reconfigure(self, config: PoolConfig) -> None:
         """Apply a reloaded pool config: per-key limit and waiting room (never evicts)."""
         self.config = config
-        if config.key_attribute is not None:
-            self.lookahead = max(LOOKAHEAD, config.max_waiting)
+        self.lookahead = self._lookahead(config)
         self.ledger.set_per_key_limit(config.per_key_limit)
         self.room.reconfigure(
             capacity=config.max_waiting,
@@ -142,6 +141,12 @@ class Pool:
             reserved_share=config.reserved_share,
         )
         self.update()
+
+    def _lookahead(self, config: PoolConfig) -> int:
+        """Requests a queue keeps waiting in the room beyond the free slots (see __init__)."""
+        if config.key_attribute is not None or self._queues == 1:
+            return max(LOOKAHEAD, config.max_waiting)
+        return LOOKAHEAD
 
     def ended(self, arn: str, status: str, result: Mapping[str, Any] | None) -> None:
         """An execution of this pool ended (status event, describe): tell whoever waits
@@ -201,12 +206,12 @@ class Pool:
     def wanted(self, from_queue: int, receiving: int) -> int:
         """How many messages a receive on a queue feeding this pool may take now (<= 10).
 
-        Enough to fill the free slots no waiting request can take, and, in a pool that
-        chooses between queues or keys, to keep ``lookahead`` startable requests of that
-        queue waiting; never more than the waiting room has room for. ``from_queue`` and
-        ``receiving`` are that queue's waiting requests and messages asked for in receives
-        in flight: each queue counts only its own, so a long poll on an idle queue never
-        holds back the receives of a busy one (their extra requests wait in the room).
+        Enough to fill the free slots no waiting request can take, and to keep
+        ``lookahead`` requests of that queue waiting; never more than the waiting room has
+        room for. ``from_queue`` and ``receiving`` are that queue's waiting requests and
+        messages asked for in receives in flight: each queue counts only its own, so a long
+        poll on an idle queue never holds back the receives of a busy one (their extra
+        requests wait in the room).
         """
         if self.ledger.limit == 0 or self.held_back():
             return 0  # paused: the backlog stays in SQS, untouched (no receive is spent)
