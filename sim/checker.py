@@ -256,8 +256,8 @@ def told_exists(history: History) -> set[tuple[str, int]]:
             before = execution.runs[index - 1]
             if run.start < at or before.stop is None or before.stop > at:
                 continue
-            if started.get(node, math.inf) < before.stop:
-                continue  # it may have seen the run before end (a listing, its event)
+            if started.get(node, -math.inf) < before.stop:
+                continue  # it may have seen the run before its end (a listing, its event)
             if (execution.arn, index - 1) in heard:
                 continue
             if any(before.stop <= t <= run.start for t in described[node, name]):
