@@ -232,6 +232,84 @@ async def test_a_waiting_request_whose_parent_is_gone_is_dropped_unstarted() -> 
     assert world.sfn.calls_to("start_execution") == []
 
 
+def two_copies() -> list[dict[str, Any]]:
+    """One token request SQS holds twice (a dead letter moved back twice): two messages,
+    one name."""
+    first, second = child_request(), child_request()
+    second["MessageId"], second["ReceiptHandle"] = "m-1-copy", "rh-m-1-copy"
+    return [first, second]
+
+
+async def test_two_copies_whose_parent_is_gone_are_both_dropped_unstarted() -> None:
+    """Both copies' checks hear "parent gone" before either sends a start: neither defers to
+    the other, no child is started, both messages are deleted and both slots go back."""
+    world = build_world(limit=2)
+    intake, _ = wired(world)
+    world.sfn.gone_tokens.add(TOKEN)
+    both_asked = anyio.Event()
+    asked = 0
+    heartbeat = world.sfn.send_task_heartbeat
+
+    async def together(**kwargs: Any) -> dict[str, Any]:
+        nonlocal asked
+        asked += 1
+        if asked == 2:
+            both_asked.set()
+        await both_asked.wait()  # both checks in flight at once
+        return await heartbeat(**kwargs)
+
+    world.sfn.send_task_heartbeat = together  # type: ignore[method-assign]
+    for message in two_copies():
+        await intake.admit(intake.queues[0], message)
+    assert await dispatch_all(intake, world.pool) == 2
+    assert asked == 2
+    assert world.sfn.calls_to("start_execution") == []
+    assert CHILD not in world.sfn.executions
+    deleted = {c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")}
+    assert deleted == {"rh-m-1", "rh-m-1-copy"}
+    assert world.sample("dispatcher_orphaned_children_total", pool="default", action="dropped") == 2
+    assert world.pool.ledger.held == 0
+    assert world.pool.ledger.free == 2
+
+
+async def test_a_copy_that_hears_parent_gone_while_another_sends_defers_to_it() -> None:
+    """One copy is past its check (its parent still waited) and sending the start when the
+    other's check hears "parent gone": that one is not dropped, its start finds the child
+    (a duplicate), and the child is let go as an orphan later."""
+    world = build_world(limit=2)
+    intake, callbacks = wired(world)
+    gate = anyio.Event()
+    world.sfn.start_gate = gate
+    start, heartbeat = world.sfn.start_execution, world.sfn.send_task_heartbeat
+    starts = 0
+
+    async def second_opens(**kwargs: Any) -> dict[str, Any]:
+        nonlocal starts
+        starts += 1
+        if starts == 2:
+            gate.set()
+        return await start(**kwargs)
+
+    async def gone_once_one_sends(**kwargs: Any) -> dict[str, Any]:
+        if world.sfn.calls_to("send_task_heartbeat"):  # the second check
+            await world.sfn.called("start_execution")  # the first copy is sending
+            world.sfn.gone_tokens.add(TOKEN)
+        return await heartbeat(**kwargs)
+
+    world.sfn.start_execution = second_opens  # type: ignore[method-assign]
+    world.sfn.send_task_heartbeat = gone_once_one_sends  # type: ignore[method-assign]
+    for message in two_copies():
+        await intake.admit(intake.queues[0], message)
+    assert await dispatch_all(intake, world.pool) == 2
+    assert len(world.sfn.calls_to("start_execution")) == 2
+    assert world.sample("dispatcher_orphaned_children_total", pool="default", action="dropped") == 0
+    assert world.sqs.calls_to("delete_message") == [], "deleted while its child may start"
+    assert intake.starter.stats.started == 1
+    assert intake.starter.stats.duplicates == 1
+    assert callbacks.held == 1
+    assert world.pool.ledger.running == {CHILD}
+
+
 async def test_held_messages_stay_hidden() -> None:
     world = build_world()
     intake, callbacks = wired(world)

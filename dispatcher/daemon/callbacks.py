@@ -428,14 +428,18 @@ class Callbacks:
         bound.info("dispatcher.parent_answered", error=error)
         return True
 
-    async def dropped_unstarted(self, entry: Waiting, *, others: bool = False) -> bool:
+    async def dropped_unstarted(
+        self, entry: Waiting, *, others: Callable[[], bool] = lambda: False
+    ) -> bool:
         """Just before a token request's child is started: does its parent still wait? (One
         heartbeat, which also counts as one.) If the parent is gone and no child of the
         request can exist, the request is deleted unstarted and True returned.
 
         A child that may exist - running or in doubt in the ledger, being started by
-        another copy (``others``), or found by a describe - is left to the start, which
-        finds it and lets it go as an orphan; a failed check lets the start go ahead."""
+        another copy (``others()``: one past its own check, read after this copy's
+        heartbeat and describe, so that two copies that both hear "gone" both drop), or
+        found by a describe - is left to the start, which finds it and lets it go as an
+        orphan; a failed check lets the start go ahead."""
         token, pool, bound = entry.request.task_token, entry.pool, entry.bound
         if token is None:
             return False
@@ -445,20 +449,24 @@ class Callbacks:
                 self._beaten[token] = self.clock()
             return False
         arn = execution_arn(pool.state_machine_arn, entry.request.name)
-        if others or pool.ledger.holds(arn) or arn in pool.ledger.in_doubt:
+        if others() or pool.ledger.holds(arn) or arn in pool.ledger.in_doubt:
             return False
-        try:
-            described = await self._call("describe_execution", executionArn=arn)
-        except AWS_ERRORS as exc:
-            if error_code(exc) != "ExecutionDoesNotExist":
-                return False
-        else:
-            if str(described["status"]) not in CLOSED:
-                return False  # it runs (started before a restart): the start finds it
+        # others() again: another copy may have passed its check during the describe.
+        if await self._child_may_run(arn) or others():
+            return False
         self.metrics.orphans.labels(pool=pool.name, action="dropped").inc()
         bound.info("dispatcher.request_dropped", why="parent gone before the start")
         await entry.queue.delete(entry.request.receipt_handle, bound)
         return True
+
+    async def _child_may_run(self, arn: str) -> bool:
+        """Whether child ``arn`` runs (started before a restart: the start finds it), or may
+        (the describe failed)."""
+        try:
+            described = await self._call("describe_execution", executionArn=arn)
+        except AWS_ERRORS as exc:
+            return error_code(exc) != "ExecutionDoesNotExist"
+        return str(described["status"]) not in CLOSED
 
     async def hand_back(self) -> int:
         """The reign ends (an orderly stop, or the lease lost): give every token held a last

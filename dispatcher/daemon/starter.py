@@ -106,6 +106,10 @@ class _Copies:
     handlers: int = 0
     started: bool = False
     """One of them counted the start: AWS answers the others' repeat with success too."""
+    sending: bool = False
+    """One of them is past its last check before the start (a task token's parent still
+    waits, or was not asked): it may be sending, or have sent, StartExecution. Kept set
+    until the last of them is done."""
 
 
 @dataclass
@@ -287,9 +291,12 @@ class Starter:
             request.task_token is not None
             and self.callbacks is not None
             and not held_before
-            and await self.callbacks.dropped_unstarted(entry, others=copies.handlers > 1)
+            and await self.callbacks.dropped_unstarted(entry, others=lambda: copies.sending)
         ):
             return  # its parent no longer waits: deleted unstarted (the slot goes back)
+        # Set with no await since the check: a copy whose parent is gone defers to this one
+        # only from now on (read after its own check, see `Callbacks.dropped_unstarted`).
+        copies.sending = True
         try:
             arn, attempts = await self._call_start(entry, reservation, handling)
         except AbandonedError:
