@@ -40,9 +40,9 @@ def wired(world: World) -> tuple[Intake, Callbacks]:
     )
     intake.starter.callbacks = callbacks
     callbacks.starting = intake.starter.starting
-    # As with a lease table, the former reign's tokens are known (test_token_handover.py
-    # shows what differs without one).
-    callbacks.handed_over = True
+    # As with a lease table released by each holder, the former reigns' tokens are known
+    # (test_token_handover.py shows what differs without one).
+    callbacks.unsure_before = 0.0
     world.pool.on_ended = callbacks.ended
     return intake, callbacks
 

@@ -127,7 +127,7 @@ async def test_without_a_lease_a_child_a_former_token_waited_on_is_left_to_run()
     waiting unseen in the queue: its parent gone, the child is left to run, not stopped."""
     world = build_world(stop_orphaned_children=True)
     intake, callbacks = wired(world)
-    callbacks.reign_began, callbacks.handed_over = 1_000.0, False
+    callbacks.reign_began = callbacks.unsure_before = 1_000.0
     first = child_request()
     first["Attributes"].update({"ApproximateFirstReceiveTimestamp": "900000"})
     await handle(world, first, intake)  # started here, for a request first received before
@@ -140,7 +140,7 @@ async def test_without_a_lease_a_child_a_former_token_waited_on_is_left_to_run()
     # With a lease table the former reign's tokens are known: nothing waits unseen.
     world = build_world(stop_orphaned_children=True)
     intake, callbacks = wired(world)
-    callbacks.reign_began, callbacks.handed_over = 1_000.0, True
+    callbacks.reign_began, callbacks.unsure_before = 1_000.0, 0.0
     first = child_request()
     first["Attributes"].update({"ApproximateFirstReceiveTimestamp": "900000"})
     await handle(world, first, intake)
@@ -181,8 +181,11 @@ async def test_the_lease_item_carries_the_tokens_to_the_successor(emulator: str)
         second = Lease(ddb, config, owner="second", monotonic=clock, wall=clock)
         assert await second.try_acquire()
         assert second.handed == [(TOKEN, CHILD)], "as of the last renewal"
+        assert second.unsure_before == pytest.approx(clock.now, abs=0.01), "not released"
         second.tokens = lambda: [(TOKEN, CHILD), (RETRY_TOKEN, CHILD)]
         await second.release()
         third = Lease(ddb, config, owner="third", monotonic=clock, wall=clock)
         assert await third.try_acquire()
         assert sorted(third.handed) == sorted([(TOKEN, CHILD), (RETRY_TOKEN, CHILD)])
+        assert third.unsure_before == pytest.approx(second.unsure_before, abs=0.01), "carried"
+        assert first.unsure_before == 0.0, "a fresh item: nothing unseen"

@@ -125,6 +125,8 @@ class Held:
     before_reign: bool = True
     """Whether its message may have been received before this reign (a predecessor may
     have started the child for it); False: first received in this reign."""
+    unsure: bool = True
+    """Whether a retry's token for its child may wait unseen (see `Callbacks.unsure_before`)."""
     earlier: list[tuple[RequestQueue, str]] = field(default_factory=list)
     """Other receipt handles of the token's message still in flight: SQS delivered it
     again (a duplicate copy) while the first was held. Each is kept hidden and deleted
@@ -180,9 +182,11 @@ class Callbacks:
         self._passing: dict[str, tuple[Pool, str]] = {}
         self.kept: Callable[[], Iterable[Waiting]] = lambda: ()
         """Token requests kept on their last receive (the service points this at them)."""
-        self.handed_over = False
-        """Whether the former reigns pass their tokens on (a lease table): a token they
-        knew of, deferred or handed back, is then known here before its message comes."""
+        self.unsure_before = math.inf
+        """Wall-clock time before which a token first received may have had siblings no
+        reign passed on here (a retry's request a former process deferred, handed back, or
+        took and then died with): every time without a lease table; with one, when a
+        holder lost its lease or was killed instead of releasing it (`Lease.unsure_before`)."""
 
     # -- what the rest of the dispatcher tells -------------------------------------------
 
@@ -213,6 +217,7 @@ class Callbacks:
                 return
         held = Held(token, arn, pool, queue, receipt, since, bound)
         held.before_reign = self.before_reign(message)
+        held.unsure = self.unsure(message)
         tokens.append(held)
         self._gauge(pool)
         bound.info("dispatcher.token_held", child_arn=arn)
@@ -290,6 +295,18 @@ class Callbacks:
     def started(self, arn: str) -> None:
         """This reign started child ``arn``: it knows every token it started it for."""
         self._ours.add(arn)
+
+    def unsure(self, message: Mapping[str, Any] | None) -> bool:
+        """Whether ``message`` may have been first received before `unsure_before` (unknown:
+        True): a token for its child may then wait unseen."""
+        if self.unsure_before <= 0.0:  # every holder passed its tokens on
+            return False
+        system = (message or {}).get("Attributes") or {}
+        try:
+            first = int(system["ApproximateFirstReceiveTimestamp"]) / 1000
+        except (KeyError, ValueError):
+            return True
+        return first < self.unsure_before + FIRST_RECEIVE_SKEW
 
     def before_reign(self, message: Mapping[str, Any] | None) -> bool:
         """Whether ``message`` may have been received before this reign began (unknown:
@@ -604,7 +621,10 @@ class Callbacks:
             leaving = [h for h in self._held.get(arn, []) if h.token in gone]
             if leaving:
                 former = any(h.before_reign for h in leaving)
-                await self._orphaned(arn, leaving[0].pool, leaving[0].bound, gone, former)
+                unsure = any(h.unsure for h in leaving)
+                await self._orphaned(
+                    arn, leaving[0].pool, leaving[0].bound, gone, former, unsure=unsure
+                )
                 for held in leaving:
                     await self._release(held)
         for pool in self.pools.values():
@@ -618,7 +638,8 @@ class Callbacks:
                 pool.update()
                 if pool.ledger.holds(arn):  # its child runs (started before a restart)
                     former = self.before_reign(entry.message)
-                    await self._orphaned(arn, pool, entry.bound, gone, former)
+                    unsure = self.unsure(entry.message)
+                    await self._orphaned(arn, pool, entry.bound, gone, former, unsure=unsure)
                 else:  # never started: dropped
                     self.metrics.orphans.labels(pool=pool.name, action="dropped").inc()
                     entry.bound.info("dispatcher.request_dropped", why="parent gone")
@@ -647,17 +668,24 @@ class Callbacks:
         return count + int(self.starting(arn))
 
     async def _orphaned(
-        self, arn: str, pool: Pool, bound: Any, gone: set[str], former: bool
+        self,
+        arn: str,
+        pool: Pool,
+        bound: Any,
+        gone: set[str],
+        former: bool,
+        *,
+        unsure: bool = True,
     ) -> None:
         """A parent of running child ``arn`` stopped waiting. Another token may still wait on
         the same child (a parent's retry with the same key): then the child is kept for it.
         A child a predecessor started is kept too while only tokens first received in this
         reign let go of it (``former`` False): it was started for another request, which
-        may be back in the queue, handed back at the restart. Without tokens passed on (no
-        lease table), a child a token first received before this reign waited on is left to
-        run, never stopped: the former process may have deferred or handed back a retry's
-        request for it, which waits unseen in the queue. Otherwise it is orphaned: stopped if
-        so configured, else left to run."""
+        may be back in the queue, handed back at the restart. A child a token first received
+        before `unsure_before` waited on (``unsure``) is left to run, never stopped: a former
+        process may have deferred or handed back a retry's request for it, or taken it and
+        died, and no reign passed that token on: it waits unseen in the queue. Otherwise it
+        is orphaned: stopped if so configured, else left to run."""
         if former and arn not in self._ours:
             self._starter_gone.add(arn)
         if self._waiters(arn, gone):
@@ -668,7 +696,7 @@ class Callbacks:
             return
         self._starter_gone.discard(arn)
         action = "left"
-        if former and not self.handed_over:
+        if unsure:
             bound.info("dispatcher.parent_gone", child_arn=arn, child="may be awaited unseen")
         elif self.settings.stop_orphaned_children:
             try:

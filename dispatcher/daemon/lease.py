@@ -118,6 +118,10 @@ class Lease:
         recorded in the item when it was taken; 0 for a fresh item)."""
         self._record = (config.start_timeout, config.start_grace)  # written with each write
         self.handed: Tokens = []
+        self.unsure_before = 0.0
+        """Wall-clock time before which a token may have been known to a holder that did not
+        pass it on (it lost the item, or was killed): taken over unreleased, now; taken
+        released, what its releaser recorded (0 for a fresh item)."""
         """The tokens the item carried when this holder took it (its predecessors')."""
         self.tokens: Callable[[], Tokens] | None = None
         """The tokens whose parents wait on this holder now (written when they change)."""
@@ -164,6 +168,8 @@ class Lease:
             max(self.config.start_timeout, previous[0]),
             max(self.config.start_grace, previous[1]),
         )
+        released = not item or _num(item, "expires_at") == 0
+        unsure = _num(item, "unsure_before") if released else now
         condition = (
             "attribute_not_exists(#pool)"
             if not item
@@ -175,6 +181,7 @@ class Lease:
             ":epoch": {"N": str(seen + 1)},
             ":timeout": {"N": _number(record[0])},
             ":grace": {"N": _number(record[1])},
+            ":unsure": {"N": _number(unsure)},
         }
         if item:
             values[":seen"] = {"N": str(seen)}
@@ -186,7 +193,7 @@ class Lease:
                 Key=self.key,
                 UpdateExpression=(
                     "SET #owner = :me, expires_at = :expires, epoch = :epoch, "
-                    "start_timeout = :timeout, start_grace = :grace"
+                    "start_timeout = :timeout, start_grace = :grace, unsure_before = :unsure"
                 ),
                 ConditionExpression=condition,
                 ExpressionAttributeNames={"#owner": "owner", "#pool": "pool"}
@@ -201,6 +208,7 @@ class Lease:
         self.epoch = seen + 1
         self.owed = sum(previous)
         self.handed = _tokens_of(item)
+        self.unsure_before = unsure
         self._written = _text(item, "tokens") or "[]"  # none: nothing to write until some
         self._record = record
         self._valid_until = sent + self.config.ttl - self.config.margin
@@ -386,6 +394,11 @@ class Leases:
                     await lease.release()
                 except Exception as exc:  # noqa: BLE001 - it lapses on its own within the TTL
                     log.warning("dispatcher.lease_release_failed", error=str(exc))
+
+    @property
+    def unsure_before(self) -> float:
+        """The latest `Lease.unsure_before` of the items."""
+        return max(lease.unsure_before for lease in self.items)
 
     @property
     def handed(self) -> dict[str, Tokens]:

@@ -359,10 +359,12 @@ class Dispatcher:
         self.callbacks.kept = lambda: [kept.entry for kept in last_receives]
         for pool in self.pools.values():
             pool.on_ended = self.callbacks.ended
+        # Tokens first received before this may have had siblings no reign passed on.
+        self.callbacks.unsure_before = self.intake.starter.reign_began
         if lease is not None:
             # The tokens a predecessor passed on are heartbeated from now; this reign's are
             # written into the lease items as they change, for its successor.
-            self.callbacks.handed_over = True
+            self.callbacks.unsure_before = lease.unsure_before
             for arn, tokens in lease.handed.items():
                 if arn in by_arn:
                     self.callbacks.adopt(by_arn[arn], tokens)
