@@ -351,7 +351,12 @@ def test_a_renewed_copy_of_a_token_whose_parent_ended_may_be_deleted_unstarted()
         attributes={"idempotency-key": "p-0", "task-token": "tok-retry"},
     )
     history.tokens.token_issued(
-        0.5, token="tok-retry", parent_arn=retry, index=0, request_id="p-0", message_id="m9"
+        0.5,
+        token="tok-retry",  # noqa: S106 - a test's token, not a secret
+        parent_arn=retry,
+        index=0,
+        request_id="p-0",
+        message_id="m9",
     )
     end(history, 2, "TIMED_OUT", error="States.Timeout")
     history.message_sent(
