@@ -518,3 +518,32 @@ async def test_a_request_that_would_wait_on_its_last_receive_is_renewed_at_once(
     assert message["ReceiptHandle"] in deleted_handles(world)
     assert len(world.pool.room) == 0
     assert len(intake.starter.last_receives) == 0
+
+
+async def test_a_last_receive_waiting_unrenewed_is_renewed_when_its_extension_is_due() -> None:
+    """Its copy refused at admission, it waits in the room; when its visibility is due to
+    be extended, it is renewed instead (SQS takes the copy now)."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world)  # copies refused
+    message = last_receive()
+    await intake.admit(intake.queues[0], message)
+    assert len(world.pool.room) == 1
+    world.sqs.refuse_sends_to.clear()
+    world.clock.advance(world.settings.visibility_timeout / 2)
+    await intake.extend_waiting()
+    assert len(copies_sent(world)) == 2, "refused at admission, sent now"
+    assert message["ReceiptHandle"] in deleted_handles(world)
+    assert len(world.pool.room) == 0
+
+
+async def test_a_last_receive_not_renewed_while_stopping_is_kept_not_left_in_the_room() -> None:
+    """The process began to stop while the copy was being refused: its rooms were set aside
+    already, so a request put there now would be left to lapse. It is kept instead."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world)  # copies refused
+    intake.starter.stopping = True
+    await intake.admit(intake.queues[0], last_receive())
+    assert len(world.pool.room) == 0
+    assert len(intake.starter.last_receives) == 1
