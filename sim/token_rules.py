@@ -46,7 +46,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from sim import copy_rules
-from sim.history import OUTSIDE, Execution, History, Run
+from sim.history import ORIGINAL_ID_ATTRIBUTE, OUTSIDE, Execution, History, Run
 from sim.token_log import FAILURE, HEARTBEAT, SUCCESS, IssuedToken, Parent, TokenCall
 from sim.violation import Violation
 
@@ -102,13 +102,20 @@ def released_messages(history: History) -> dict[str, float]:
     """Message id of a token never answered -> when its parent ended (its message may be
     deleted since, whatever other tokens of the same request wait for)."""
     tokens = history.tokens
-    return {
+    released = {
         issued.message_id: parent.ended
         for parent in tokens.parents.values()
         if parent.ended is not None
         for issued in parent.tokens
         if tokens.answer_of(issued.token) is None
     }
+    # A copy of such a message (a renewal on its last receive, naming it) carries the
+    # same token: it may go as well.
+    for sent in sorted(history.sends, key=lambda s: s.time):
+        original = sent.attributes.get(ORIGINAL_ID_ATTRIBUTE)
+        if original in released and sent.message_id not in released:
+            released[sent.message_id] = released[original]
+    return released
 
 
 def check_tokens(

@@ -397,3 +397,21 @@ async def test_a_twin_older_than_the_listing_reaches_costs_no_describe() -> None
     assert len(world.sfn.calls_to("list_executions")) == MAX_PAGES
     assert world.sfn.calls_to("describe_execution") == []
     assert len(world.sfn.calls_to("start_execution")) == 1
+
+
+async def test_a_retry_sent_in_this_reign_finds_an_ended_former_name_in_the_listing() -> None:
+    """Keyed before the restart, plain after; the first execution ended before it (no
+    listing of running ones shows it). A retry (or SQS's move task's copy of a message its
+    redrive policy moved) sent after the restart, with the same key, is looked for in the
+    listing of the executions started before the reign - not described - and starts
+    nothing. It used to start a second execution under the new name."""
+    world = build_world()
+    former = keyed_name("t-1", "order-7")
+    world.sfn.add_execution(former, '{"n": 1}', status="SUCCEEDED")
+    intake = restarted(world)
+    await handle(world, fresh_retry(-30, tenant="t-1"), intake)
+    assert world.sfn.calls_to("start_execution") == []
+    assert len(world.sfn.calls_to("list_executions")) == 1
+    assert world.sample("dispatcher_former_name_describes_total") == 0
+    assert world.pool.ledger.is_tombstoned(execution_arn(STATE_MACHINE_ARN, former))
+    assert intake.stats.duplicates == 1

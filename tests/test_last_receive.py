@@ -660,4 +660,32 @@ async def test_a_hung_describe_of_a_former_name_does_not_hold_up_the_other_kept_
     with anyio.fail_after(world.settings.visibility_timeout / 2):
         assert await intake.starter.last_receives.settle_once() == 0
     assert dead_letters(world) == []
+
+
+async def test_a_last_receive_waiting_unrenewed_is_renewed_when_its_extension_is_due() -> None:
+    """Its copy refused at admission, it waits in the room; when its visibility is due to
+    be extended, it is renewed instead (SQS takes the copy now)."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world)  # copies refused
+    message = last_receive()
+    await intake.admit(intake.queues[0], message)
+    assert len(world.pool.room) == 1
+    world.sqs.refuse_sends_to.clear()
+    world.clock.advance(world.settings.visibility_timeout / 2)
+    await intake.extend_waiting()
+    assert len(copies_sent(world)) == 2, "refused at admission, sent now"
+    assert message["ReceiptHandle"] in deleted_handles(world)
+    assert len(world.pool.room) == 0
+
+
+async def test_a_last_receive_not_renewed_while_stopping_is_kept_not_left_in_the_room() -> None:
+    """The process began to stop while the copy was being refused: its rooms were set aside
+    already, so a request put there now would be left to lapse. It is kept instead."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world)  # copies refused
+    intake.starter.stopping = True
+    await intake.admit(intake.queues[0], last_receive())
+    assert len(world.pool.room) == 0
     assert len(intake.starter.last_receives) == 1

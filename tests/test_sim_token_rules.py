@@ -359,6 +359,49 @@ def test_a_delete_after_the_token_request_was_renewed_is_not_early() -> None:
     assert check(history, spec()) == []
 
 
+def test_a_renewed_copy_of_a_token_whose_parent_ended_may_be_deleted_unstarted() -> None:
+    """The parent timed out before its request started; the request, renewed on its last
+    receive, comes back as a copy carrying the token, and the dispatcher drops it: not an
+    early delete (whatever another parent's retry of the same request waits for)."""
+    history = History()
+    [token] = parent(history)
+    retry = "arn:aws:states:eu-west-1:123456789012:execution:parents:p-retry"
+    history.tokens.parent_started(0.5, arn=retry, items=1, heartbeat_seconds=None)
+    request(
+        history,
+        "p-0",
+        "m9",
+        0.5,
+        body=json.dumps({"req": "p-0"}),
+        attributes={"idempotency-key": "p-0", "task-token": "tok-retry"},
+    )
+    history.tokens.token_issued(
+        0.5,
+        token="tok-retry",  # noqa: S106 - a test's token, not a secret
+        parent_arn=retry,
+        index=0,
+        request_id="p-0",
+        message_id="m9",
+    )
+    end(history, 2, "TIMED_OUT", error="States.Timeout")
+    history.message_sent(
+        3,
+        "d1",
+        queue_url=QUEUE,
+        message_id="c0",
+        body=json.dumps({"req": "p-0"}),
+        attributes={
+            "idempotency-key": "p-0",
+            "task-token": token,
+            "dispatcher-request-id": "p-0",
+            "dispatcher-original-message-id": "m0",
+        },
+    )
+    delete(history, "m0", 3.1)
+    delete(history, "c0", 4)
+    assert "early_delete" not in kinds(check(history, spec()))
+
+
 def test_a_delete_before_the_answer_is_caught() -> None:
     history = History()
     [token] = parent(history)

@@ -43,17 +43,10 @@ def digest(outcome: Outcome) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-KNOWN_OPEN = {
-    47: {"duplicate_execution"},
-    161: {"duplicate_execution"},
-}
+KNOWN_OPEN: dict[int, set[str]] = {}
 """Seeds of the fast subset that still find an open defect, with what they find (docs/testing.md
-lists them). 47 and 161:
-a copy of a request with an idempotency key sent after the restart that changed
-``key_attribute`` (a producer's retry; a move task's copy) starts under the new name while
-its twin ran and ended under the former one before the restart's listing - the limitation
-docs/requests.md states (seed 1809 of `make simulate` found it before). Strict: the test
-fails when such a seed holds (remove it here) or finds anything else."""
+lists them; none now). Strict: the test fails when such a seed holds (remove it here) or
+finds anything else."""
 
 
 @pytest.mark.timeout(600)

@@ -496,9 +496,16 @@ class Intake:
         original deleted: `dispatcher.daemon.renewal`) rather than held in the room, where
         a process killed or paused past its visibility would let SQS's redrive policy move
         it without a reason. The copy comes back at once and waits as any request does.
-        False (the copy refused): it waits here, on its last receive."""
+        False (the copy refused): it waits here, on its last receive - unless the process
+        began to stop meanwhile (its rooms were set aside already): then it is kept (True)."""
         delay = entry.queue.min_delay()
-        return await renew(entry.queue, entry.message, delay, entry.bound, "last receive, waiting")
+        why = "last receive, waiting"
+        if await renew(entry.queue, entry.message, delay, entry.bound, why):
+            return True
+        if self.starter.stopping:
+            self.starter.last_receives.keep(entry, "waiting at shutdown")
+            return True
+        return False
 
     def _received_again(
         self,
@@ -610,7 +617,9 @@ class Intake:
         to extend leaves the room (it will be redelivered); one whose answer did not come
         (an error, the deadline) stays for the next pass, unless its visibility has surely
         run out. ``hidden_since`` only ever moves forward, and only for the receipt handle
-        that was extended (a copy received again meanwhile carries a newer one)."""
+        that was extended (a copy received again meanwhile carries a newer one). A request
+        on its last receive (its renewal at admission failed) is renewed instead, when SQS
+        takes the copy (`_renewed`)."""
         visibility = self.settings.visibility_timeout
         extended = 0
 
@@ -634,6 +643,17 @@ class Intake:
                 self._extending.difference_update(batch)
             pool.update()
 
+        async def renew_or_extend(pool: Pool, entry: Waiting, now: float) -> None:
+            # On its last receive (its renewal at admission failed): renewed now if SQS
+            # takes the copy, else extended.
+            why = "last receive, waiting"
+            if await renew(entry.queue, entry.message, entry.queue.min_delay(), entry.bound, why):
+                self._extending.discard(entry)
+                self._leave_room(entry)
+                pool.update()
+                return
+            await extend(pool, entry.queue, [entry], now)
+
         async with anyio.create_task_group() as batches:
             for pool in self.pools.values():
                 now = pool.clock()
@@ -642,6 +662,10 @@ class Intake:
                     for e in pool.room.items()
                     if now - e.hidden_since >= visibility / 2 and e not in self._extending
                 ]
+                for entry in [e for e in due if e.queue.is_last_receive(e.message)]:
+                    due.remove(entry)
+                    self._extending.add(entry)
+                    batches.start_soon(renew_or_extend, pool, entry, now)
                 for queue in self.queues:
                     mine = [e for e in due if e.queue is queue]
                     for start in range(0, len(mine), BATCH):

@@ -11,6 +11,7 @@ to the dead-letter queue with its reason first (invariant 5).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -352,9 +353,32 @@ class Starter:
             sent = system.get("SentTimestamp")
             # Sent before: with a key, a producer's other send of it; without, a twin SQS
             # stored (looked for in a listing, `_twin_sent_at`, not described).
-            return sent is not None and int(sent) / 1000 < began
+            if sent is not None and int(sent) / 1000 < began:
+                return True
         except ValueError:
             return True
+        # With a key, sent in this reign: a producer's retry, or the copy SQS's move task
+        # sent back of a message its redrive policy moved, of a request a predecessor
+        # started under a former name (looked for in the listing only, `_keyed_in_reign`).
+        return self._keyed_in_reign(entry)
+
+    def _keyed_in_reign(self, entry: Waiting) -> bool:
+        """Whether the request carries an idempotency key (and is not a copy) and its
+        message was sent and first received in this reign: an execution of it under a former
+        name started before the reign, and is looked for only in the listing of the
+        executions before it, as far back as its pages reach (no describe)."""
+        attributes = entry.message.get("MessageAttributes") or {}
+        if REQUEST_ID_ATTRIBUTE in attributes or IDEMPOTENCY_ATTRIBUTE not in attributes:
+            return False
+        system = entry.message.get("Attributes") or {}
+        began = self.reign_began + FIRST_RECEIVE_SKEW
+        try:
+            first = system.get("ApproximateFirstReceiveTimestamp")
+            if first is not None and int(first) / 1000 < began:
+                return False
+            return int(system["SentTimestamp"]) / 1000 >= began
+        except (KeyError, ValueError):
+            return False
 
     def _twin_sent_at(self, entry: Waiting) -> float | None:
         """When a request without an idempotency key (and not a copy), first received in
@@ -426,6 +450,11 @@ class Starter:
             past = self._past_names(pool)
             if not await past.cover(sent - FIRST_RECEIVE_SKEW):
                 return None
+            found = [arn for arn, name in zip(arns, names, strict=True) if name in past.names]
+            return found[0] if found else None
+        if self._keyed_in_reign(entry):
+            past = self._past_names(pool)
+            await past.cover(-math.inf)  # as far back as its pages reach
             found = [arn for arn, name in zip(arns, names, strict=True) if name in past.names]
             return found[0] if found else None
         for arn in arns:
