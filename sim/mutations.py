@@ -724,8 +724,17 @@ CATALOGUE: tuple[Mutation, ...] = (
         "a kept request is not dead-lettered while another copy of it is being started",
         LastReceives,
         "_may_run",
+        "return waits or self.starter.starting(kept.arn)",
+        "return waits",
+    ),
+    _m(
+        "last-receive-ignores-copies-waiting",
+        "dead-lettering while in doubt",
+        "a kept request is not dead-lettered while another copy of it waits to be started",
+        LastReceives,
+        "_may_run",
+        "return waits or self.starter.starting(kept.arn)",
         "return self.starter.starting(kept.arn)",
-        "return False",
     ),
     # -- name derivation ---------------------------------------------------------------------
     _m(

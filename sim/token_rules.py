@@ -62,6 +62,7 @@ BAD_REQUEST = "Dispatcher.BadRequest"
 CHILD_ERRORS = {"TIMED_OUT": "Dispatcher.ChildTimedOut", "ABORTED": "Dispatcher.ChildAborted"}
 CHILD_FAILED = "Dispatcher.ChildFailed"
 OUTPUT_TOO_LARGE = "Dispatcher.OutputTooLarge"
+TOKEN_ATTRIBUTE = "task-token"  # noqa: S105 - as `sim.tokens`: an attribute name
 
 
 def released(history: History) -> dict[str, float]:
@@ -100,22 +101,40 @@ def all_parents_ended(history: History) -> dict[str, float]:
 
 def released_messages(history: History) -> dict[str, float]:
     """Message id of a token never answered -> when its parent ended (its message may be
-    deleted since, whatever other tokens of the same request wait for)."""
+    deleted since, whatever other tokens of the same request wait for): the message the
+    parent sent, and every copy of it (`token_messages`)."""
     tokens = history.tokens
-    released = {
-        issued.message_id: parent.ended
+    ended = {
+        issued.token: parent.ended
         for parent in tokens.parents.values()
         if parent.ended is not None
         for issued in parent.tokens
         if tokens.answer_of(issued.token) is None
     }
-    # A copy of such a message (a renewal on its last receive, naming it) carries the
-    # same token: it may go as well.
+    return {
+        message_id: ended[token]
+        for message_id, token in token_messages(history).items()
+        if token in ended
+    }
+
+
+def token_messages(history: History) -> dict[str, str]:
+    """Message id -> the token it carries: each message a parent sent, and each copy of one
+    (a dispatcher's renewal, a dead letter, a redrive: its ``task-token`` attribute, kept
+    from the original; else the ``dispatcher-original-message-id`` it names). A copy of one
+    parent's token is never another's, whatever request the two share (a retry's keys)."""
+    issued = history.tokens.issued.values()
+    carried = {i.message_id: i.token for i in issued}
+    known = {i.token for i in issued}
     for sent in sorted(history.sends, key=lambda s: s.time):
-        original = sent.attributes.get(ORIGINAL_ID_ATTRIBUTE)
-        if original in released and sent.message_id not in released:
-            released[sent.message_id] = released[original]
-    return released
+        if sent.message_id in carried:
+            continue
+        token = sent.attributes.get(TOKEN_ATTRIBUTE)
+        if token not in known:
+            token = carried.get(sent.attributes.get(ORIGINAL_ID_ATTRIBUTE, ""))
+        if token is not None:
+            carried[sent.message_id] = token
+    return carried
 
 
 def check_tokens(

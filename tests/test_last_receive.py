@@ -689,3 +689,32 @@ async def test_a_last_receive_not_renewed_while_stopping_is_kept_not_left_in_the
     await intake.admit(intake.queues[0], last_receive())
     assert len(world.pool.room) == 0
     assert len(intake.starter.last_receives) == 1
+
+
+async def test_a_kept_request_is_not_dead_lettered_while_a_copy_of_it_waits_for_a_slot() -> None:
+    """A renewal whose answer was lost left two copies of the request: one kept on its last
+    receive (its start in doubt), one waiting in the room for the slot the doubt held. The
+    kept copy is described "does not exist" past D and the grace: the doubt is settled, but
+    the copy waiting here will start the request - it is not dead-lettered (inviting a
+    redrive of a request about to run), and is served once that start took effect."""
+    world = world_of(limit=1)
+    world.sfn.fail_always("start_execution", client_error("InternalFailure", 500))
+    intake, _ = intake_for(world)
+    await handle(world, last_receive(), intake)
+    assert len(intake.starter.last_receives) == 1
+    assert world.pool.ledger.in_doubt == {ARN}
+    world.sfn._always.clear()
+    copy = sqs_message('{"n": 1}', message_id="m-2", attributes={REQUEST_ID_ATTRIBUTE: "m-1"})
+    await intake.admit(intake.queues[0], copy)
+    assert len(world.pool.room) == 1, "the copy waits: the doubt holds the only slot"
+    world.clock.advance(D + GRACE)
+    assert await intake.starter.last_receives.settle_once() == 0
+    assert dead_letters(world) == [], "dead-lettered while a copy of it waits to start it"
+    assert world.pool.ledger.in_doubt == frozenset(), "the doubt settled: the slot is free"
+    async with anyio.create_task_group() as handlers:
+        intake.dispatch_once(world.pool, handlers)
+    assert world.pool.ledger.running == {ARN}
+    world.clock.advance(D + GRACE)
+    assert await intake.starter.last_receives.settle_once() == 1
+    assert dead_letters(world) == []
+    assert len(intake.starter.last_receives) == 0

@@ -145,7 +145,7 @@ def test_a_retry_keeps_its_originals_items_when_children_are_lengthened() -> Non
     ("mutation", "seed", "kind"),
     [
         ("token-released-when-answer-failed", 0, "early_token_delete"),
-        ("orphan-stopped-while-awaited", 38, "stopped_waited_child"),
+        ("orphan-stopped-while-awaited", 100, "stopped_waited_child"),
         ("held-token-forgets-earlier-handles", 114, "redrive_move"),
     ],
 )

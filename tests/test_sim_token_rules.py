@@ -402,6 +402,51 @@ def test_a_renewed_copy_of_a_token_whose_parent_ended_may_be_deleted_unstarted()
     assert "early_delete" not in kinds(check(history, spec()))
 
 
+def _retry_with_a_copy_each(history: History) -> None:
+    """Parent ``p`` (token ``tok0``, message ``m0``) and its retry ``pr`` with the same key
+    (request ``p-0``, token ``tokr``, message ``mr``) each renewed on a last receive: copies
+    ``c0`` and ``cr`` carry their tokens on; ``p`` is aborted at 3, ``pr`` still waits."""
+    parent(history)
+    retry, tokr = PARENT + "r", "tokr"
+    history.tokens.parent_started(0.5, arn=retry, items=1, heartbeat_seconds=None)
+    attributes = {"idempotency-key": "p-0", "task-token": tokr}
+    request(history, "p-0", "mr", at=0.5, body=json.dumps({"req": "p-0"}), attributes=attributes)
+    history.tokens.token_issued(
+        0.5, token=tokr, parent_arn=retry, index=0, request_id="p-0", message_id="mr"
+    )
+    for original, copy, token in (("m0", "c0", "tok0"), ("mr", "cr", tokr)):
+        history.message_sent(
+            1.5,
+            "d1",
+            queue_url=QUEUE,
+            message_id=copy,
+            body=json.dumps({"req": "p-0"}),
+            attributes={
+                "idempotency-key": "p-0",
+                "task-token": token,
+                "dispatcher-request-id": "p-0",
+                "dispatcher-original-message-id": original,
+            },
+        )
+        delete(history, original, 2)
+    end(history, 3, "ABORTED")
+
+
+def test_a_copy_of_a_token_whose_parent_ended_may_be_dropped_while_a_retry_waits() -> None:
+    """The aborted parent's copy is dropped unstarted: its token's parent is gone, whatever
+    the retry (same request) still waits for. The retry's copy dropped so is caught."""
+    history = History()
+    _retry_with_a_copy_each(history)
+    delete(history, "c0", 4)
+    assert not [v for v in check(history, spec()) if v.kind == "early_delete"]
+    history = History()
+    _retry_with_a_copy_each(history)
+    delete(history, "cr", 4)
+    early = [v for v in check(history, spec()) if v.kind == "early_delete"]
+    assert [v.kind for v in early] == ["early_delete"]
+    assert "message cr of request p-0" in early[0].message
+
+
 def test_a_delete_before_the_answer_is_caught() -> None:
     history = History()
     [token] = parent(history)

@@ -12,7 +12,7 @@ import pytest
 from dispatcher.daemon.lease import Lease, LeaseConfig, Leases
 from tests.audit import session
 from tests.fake_intake import handle
-from tests.fakes import STATE_MACHINE_ARN, World, build_world, sqs_message
+from tests.fakes import STATE_MACHINE_ARN, World, build_world, client_error, sqs_message
 from tests.helpers import create_lease_table
 from tests.test_callbacks import CHILD, RETRY_TOKEN, TOKEN, child_request, wired
 from tests.test_lease import Clock
@@ -189,3 +189,19 @@ async def test_the_lease_item_carries_the_tokens_to_the_successor(emulator: str)
         assert sorted(third.handed) == sorted([(TOKEN, CHILD), (RETRY_TOKEN, CHILD)])
         assert third.unsure_before == pytest.approx(second.unsure_before, abs=0.01), "carried"
         assert first.unsure_before == 0.0, "a fresh item: nothing unseen"
+
+
+async def test_a_token_request_handed_back_after_a_start_in_doubt_is_passed_on() -> None:
+    """Its start's outcome unknown, the request goes back to its queue for a while: its
+    parent still waits on this reign. A successor (this reign killed before the message
+    comes back) takes the token over from the lease item, and here the child of its name
+    is kept for it: another token's parent gone does not stop it as an orphan."""
+    world = build_world(stop_orphaned_children=True)
+    world.sfn.fail_always("start_execution", client_error("InternalFailure", 500))
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    assert world.pool.ledger.in_doubt == {CHILD}
+    [back] = world.sqs.calls_to("change_message_visibility")
+    assert back["ReceiptHandle"] == "rh-m-1"
+    assert callbacks.waiting_tokens(STATE_MACHINE_ARN) == [(TOKEN, CHILD)]
+    assert callbacks._waiters(CHILD, {RETRY_TOKEN}) == 1, "its child is kept for it"

@@ -19,10 +19,10 @@ until a ``DescribeExecution`` of its deterministic ARN settles it:
   deleted, or held for its parent's token, or the parent answered);
 - ``ExecutionDoesNotExist`` once D (the start timeout) and the start grace have passed
   since it was kept, no evidence here says it runs, no other copy of it is being started
-  here (`LastReceives._may_run`), and no execution exists under a name a former
-  configuration gave it (`Starter.find_former_name`; found: served as that execution's):
-  it was never started, and only now is it dead-lettered, with a detail that says a
-  redrive runs it - as ``expired`` if its start-by has passed (its parent gets
+  or waits to be started here (`LastReceives._may_run`), and no execution exists under a
+  name a former configuration gave it (`Starter.find_former_name`; found: served as that
+  execution's): it was never started, and only now is it dead-lettered, with a detail
+  that says a redrive runs it - as ``expired`` if its start-by has passed (its parent gets
   ``Dispatcher.Expired``), else as ``receive_limit``.
 
 Every attempt it had ended before it was kept, so a start of it takes effect within D of
@@ -211,13 +211,19 @@ class LastReceives:
     def _may_run(self, kept: _Kept) -> bool:
         """Whether evidence here says the kept request's execution runs or ran (the ledger
         holds it, knows it ended, or holds a start of it in doubt: a status event, a
-        listing), or another copy of the request (SQS stored it twice, a producer's retry)
-        is being started here, whose attempt may have started it: then a "does not exist"
-        only lags."""
-        ledger = kept.entry.pool.ledger
+        listing), or another copy of the request (SQS stored it twice, a producer's retry, a
+        renewal whose answer was lost) is being started here, whose attempt may have started
+        it: then a "does not exist" only lags - or waits in its pool's room, to be started:
+        its start settles the request (the kept copy is then served as that execution's)."""
+        pool = kept.entry.pool
+        ledger = pool.ledger
         if ledger.holds(kept.arn) or ledger.is_tombstoned(kept.arn) or kept.arn in ledger.in_doubt:
             return True
-        return self.starter.starting(kept.arn)
+        waits = any(
+            execution_arn(pool.state_machine_arn, e.request.name) == kept.arn
+            for e in pool.room.items()
+        )
+        return waits or self.starter.starting(kept.arn)
 
     async def _never_started(self, kept: _Kept, now: float, asked: float) -> bool:
         """ "Does not exist" past D and the grace: dead-letter the request, unless evidence

@@ -205,11 +205,24 @@ class Starter:
         receive: handed back, SQS would move it to the dead-letter queue without a reason,
         and dead-lettered, its execution may yet exist (an earlier attempt, here or in an
         earlier process). Then it is kept, hidden, until a describe settles it
-        (`LastReceives`). ``exists``: AWS said its execution exists."""
+        (`LastReceives`). ``exists``: AWS said its execution exists. A token request's
+        parent waits all the same: its token is deferred (passed on, its child kept)."""
         if entry.queue.is_last_receive(entry.message):
             self.last_receives.keep(entry, why, exists=exists, delay=delay)
             return
-        await entry.queue.hand_back(entry.request.receipt_handle, delay, entry.bound, why)
+        await self._back_to_queue(entry, delay, why)
+
+    async def _back_to_queue(
+        self, entry: Waiting, delay: int, why: str, *, message: Mapping[str, Any] | None = None
+    ) -> None:
+        """Make the request visible again in ``delay`` seconds (`RequestQueue.hand_back`). A
+        token request's parent still waits on this reign: its token is deferred (passed on
+        to a successor, the child of its name kept for it) until it is back."""
+        if self.callbacks is not None:
+            self.callbacks.deferred(entry, delay)
+        await entry.queue.hand_back(
+            entry.request.receipt_handle, delay, entry.bound, why, message=message
+        )
 
     def _release(self, pool: Pool, reservation: Reservation) -> None:
         if pool.ledger.cancel(reservation):
@@ -277,9 +290,7 @@ class Starter:
                 self.metrics.former_names.labels(pool=pool.name, result="failed").inc()
                 self.metrics.starts.labels(pool=pool.name, outcome="retried").inc()
                 bound.warning("dispatcher.former_name_lookup_failed", error=str(exc))
-                await entry.queue.hand_back(
-                    request.receipt_handle, 30, bound, "former names unknown", message=entry.message
-                )
+                await self._back_to_queue(entry, 30, "former names unknown", message=entry.message)
                 return
             result = "not_found" if former is None else "found"
             self.metrics.former_names.labels(pool=pool.name, result=result).inc()
