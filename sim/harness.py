@@ -161,7 +161,8 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
         made = _scenario(seed, without, parents)
     reconfigured = any(r.what == "key_attribute" for r in made.extras.reconfigures)
     crowded = any(
-        getattr(made.knobs, k) for k in ("unknown_starts", "last_receive_doubts", "slow_starts")
+        getattr(made.knobs, k)
+        for k in ("unknown_starts", "last_receive_doubts", "slow_starts", "twin_keeps")
     )
     heartbeats = any(p.heartbeat_seconds for p in made.parents.parents)
     if made.knobs.key_limit_drops and (
@@ -169,7 +170,8 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
     ):
         # Each process's file is the rolling deploy's; a reconfiguration may unkey the pool;
         # knobs whose stretches refuse every retry, or send one start at a time, leave no
-        # retry to admit; heartbeats of tokens across the stretch are another matter.
+        # retry to admit (twin_keeps: its one pool of limit 1 has no per-key limit);
+        # heartbeats of tokens across the stretch are another matter.
         without = dataclasses.replace(made.knobs, key_limit_drops=False)
         made = _scenario(seed, without, parents)
     reconfigured = any(r.what == "key_attribute" for r in made.extras.reconfigures)

@@ -432,8 +432,10 @@ async def test_a_request_whose_extension_failed_leaves_the_room() -> None:
 async def test_a_hand_back_that_hangs_loses_no_request_on_its_last_receive() -> None:
     """The first queue's hand-back hangs until the caller's deadline: a request on its last
     receive from the other queue is kept all the same (set aside before any call), not left
-    hidden and unkept for the redrive policy to move without a reason."""
+    hidden and unkept for the redrive policy to move without a reason. (SQS refuses the
+    renewal's copy, so the request waits in the room on its last receive.)"""
     world, pool, intake = two_queue_world()
+    world.sqs.refuse_sends_to.add(LOW)
     high, low = intake.queues
     low.max_receive_count = 3
     await intake.admit(high, request("h-0"))
