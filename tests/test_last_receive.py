@@ -718,3 +718,27 @@ async def test_a_kept_request_is_not_dead_lettered_while_a_copy_of_it_waits_for_
     assert await intake.starter.last_receives.settle_once() == 1
     assert dead_letters(world) == []
     assert len(intake.starter.last_receives) == 0
+
+
+async def test_a_closed_child_under_a_former_name_kept_unanswered_describes_that_name() -> None:
+    """Its child ran (and ended) under the name a former ``key_attribute`` gave it; the
+    answer to its parent fails on the last receive, and no copy can be sent: kept. It used
+    to be kept under its current name, as existing: every describe said "does not exist",
+    taken for a lag, and the message was neither deleted nor dead-lettered. Kept under the
+    name it was found by, the next describe finds the child and its parent is answered."""
+    world = world_of(limit=2)
+    former = world.sfn.add_execution(f"k{key_tag('t-1')}_m-1", '{"n": 1}', status="SUCCEEDED")
+    world.pool.ledger.observe_terminal(former, 0)  # known here: looked for there first
+    world.sfn.fail("send_task_success", *[client_error("ThrottlingException", 400)] * 2)
+    intake, _ = intake_for(world)  # every copy refused
+    message = last_receive(tenant="t-1", **{"task-token": TOKEN})
+    await handle(world, message, intake)
+    kept = intake.starter.last_receives
+    assert TOKEN not in world.sfn.answers
+    assert len(kept) == 1
+    world.clock.advance(D + GRACE)
+    assert await kept.settle_once() == 1
+    assert world.sfn.calls_to("describe_execution")[-1] == {"executionArn": former}
+    assert world.sfn.answers[TOKEN][0] == "success"
+    assert message["ReceiptHandle"] in deleted_handles(world)
+    assert dead_letters(world) == []

@@ -91,13 +91,22 @@ class LastReceives:
     def __len__(self) -> int:
         return len(self._kept)
 
-    def keep(self, entry: Waiting, why: str, *, exists: bool = False, delay: int = 0) -> None:
+    def keep(
+        self,
+        entry: Waiting,
+        why: str,
+        *,
+        exists: bool = False,
+        delay: int = 0,
+        arn: str | None = None,
+    ) -> None:
         """Keep ``entry`` (on its last receive, to go back because ``why``, in ``delay``
         seconds) until renewed or settled; ``exists``: AWS said its execution exists, only
-        its status is unknown."""
+        its status is unknown; ``arn``: that execution's, if found under a former name (else
+        the one its current name gives) - the ARN described to settle it."""
         if any(k.entry.request.receipt_handle == entry.request.receipt_handle for k in self):
             return
-        arn = execution_arn(entry.pool.state_machine_arn, entry.request.name)
+        arn = arn or execution_arn(entry.pool.state_machine_arn, entry.request.name)
         now = entry.pool.clock()
         wait = self.settings.start_timeout + self.settings.start_grace
         self._kept.append(_Kept(entry, why, arn, exists, now + wait, now + wait, delay=delay))

@@ -199,16 +199,23 @@ class Starter:
                 await self._hand_back(entry, 0, "shutting down")
 
     async def _hand_back(
-        self, entry: Waiting, delay: int, why: str, *, exists: bool = False
+        self,
+        entry: Waiting,
+        delay: int,
+        why: str,
+        *,
+        exists: bool = False,
+        arn: str | None = None,
     ) -> None:
         """Make the request visible again in ``delay`` seconds - unless this is its last
         receive: handed back, SQS would move it to the dead-letter queue without a reason,
         and dead-lettered, its execution may yet exist (an earlier attempt, here or in an
         earlier process). Then it is kept, hidden, until a describe settles it
-        (`LastReceives`). ``exists``: AWS said its execution exists. A token request's
-        parent waits all the same: its token is deferred (passed on, its child kept)."""
+        (`LastReceives`). ``exists``: AWS said its execution exists (``arn``: under a former
+        name, if found so). A token request's parent waits all the same: its token is
+        deferred (passed on, its child kept)."""
         if entry.queue.is_last_receive(entry.message):
-            self.last_receives.keep(entry, why, exists=exists, delay=delay)
+            self.last_receives.keep(entry, why, exists=exists, delay=delay, arn=arn)
             return
         await self._back_to_queue(entry, delay, why)
 
@@ -687,7 +694,7 @@ class Starter:
             # which only says the describe lags: the slot stays held, in doubt.
             handling.doubt = True
             bound.warning("dispatcher.describe_failed", execution_arn=arn, error=str(exc))
-            await self._hand_back(entry, 30, "describe failed", exists=True)
+            await self._hand_back(entry, 30, "describe failed", exists=True, arn=arn)
             return
         await self.existing(entry, reservation, described)
 
@@ -749,7 +756,11 @@ class Starter:
             bound=bound,
         )
         if not done and entry.queue.is_last_receive(entry.message):
-            self.last_receives.keep(entry, "its parent was not answered", exists=True, delay=30)
+            # Described under the ARN it was found by (a former name, maybe): "exists" holds
+            # only for that one.
+            self.last_receives.keep(
+                entry, "its parent was not answered", exists=True, delay=30, arn=arn
+            )
 
     # -- SQS side effects ----------------------------------------------------------------
 
