@@ -742,3 +742,28 @@ async def test_a_closed_child_under_a_former_name_kept_unanswered_describes_that
     assert world.sfn.answers[TOKEN][0] == "success"
     assert message["ReceiptHandle"] in deleted_handles(world)
     assert dead_letters(world) == []
+
+
+async def test_a_kept_request_whose_parent_answer_fails_again_when_settled_stays_kept() -> None:
+    """Settled by a describe (its child closed), the answer to its parent fails again: the
+    settle used to drop it from the kept requests all the same (its re-keep a no-op, as it
+    was still kept), and it lapsed - the redrive policy moved it without a reason. It stays
+    kept, and a later pass answers the parent and deletes it."""
+    world = world_of(limit=2)
+    world.sfn.add_execution("m-1", '{"n": 1}', status="SUCCEEDED")
+    world.sfn.fail("send_task_success", *[client_error("ThrottlingException", 400)] * 4)
+    intake, _ = intake_for(world)  # every copy refused
+    message = last_receive(**{"task-token": TOKEN})
+    await handle(world, message, intake)
+    kept = intake.starter.last_receives
+    assert len(kept) == 1
+    world.clock.advance(D + GRACE)
+    await kept.settle_once()
+    assert TOKEN not in world.sfn.answers
+    assert len(kept) == 1, "let go unanswered, neither deleted nor dead-lettered"
+    world.clock.advance(D + GRACE)
+    await kept.settle_once()
+    assert world.sfn.answers[TOKEN][0] == "success"
+    assert message["ReceiptHandle"] in deleted_handles(world)
+    assert len(kept) == 0
+    assert dead_letters(world) == []

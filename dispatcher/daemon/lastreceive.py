@@ -71,6 +71,7 @@ class _Kept:
     renew_at: float = 0.0  # (pool clock) when to try to renew it next
     renewals_failed: int = 0
     busy: bool = False  # being renewed or settled: the other waits
+    again: bool = False  # kept again while being settled: not settled after all
 
 
 class LastReceives:
@@ -104,11 +105,16 @@ class LastReceives:
         seconds) until renewed or settled; ``exists``: AWS said its execution exists, only
         its status is unknown; ``arn``: that execution's, if found under a former name (else
         the one its current name gives) - the ARN described to settle it."""
-        if any(k.entry.request.receipt_handle == entry.request.receipt_handle for k in self):
-            return
         arn = arn or execution_arn(entry.pool.state_machine_arn, entry.request.name)
         now = entry.pool.clock()
         wait = self.settings.start_timeout + self.settings.start_grace
+        for k in self:
+            if k.entry.request.receipt_handle != entry.request.receipt_handle:
+                continue
+            if k.busy:  # kept again by its own settle (its parent's answer failed again)
+                k.again, k.why, k.arn, k.exists = True, why, arn, exists
+                k.not_before = k.next_try = now + wait
+            return
         self._kept.append(_Kept(entry, why, arn, exists, now + wait, now + wait, delay=delay))
         entry.bound.warning(
             "dispatcher.last_receive_kept",
@@ -214,8 +220,10 @@ class LastReceives:
         entry.bound.info(
             "dispatcher.last_receive_settled", execution_arn=kept.arn, status=described["status"]
         )
+        kept.again = False
         await self.starter.existing(entry, None, described)
-        return True
+        # Kept again (its parent's answer failed): it stays, settled by a later pass.
+        return not kept.again
 
     def _may_run(self, kept: _Kept) -> bool:
         """Whether evidence here says the kept request's execution runs or ran (the ledger
