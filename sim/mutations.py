@@ -639,7 +639,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "settles it, not dead-lettered",
         Starter,
         "_hand_back",
-        "self.last_receives.keep(entry, why, exists=exists, delay=delay)\nreturn",
+        "self.last_receives.keep(entry, why, exists=exists, delay=delay, arn=arn)\nreturn",
         "await self.dead_letter(\n"
         '    entry.queue, entry.pool.name, entry.message, "receive_limit", "maxReceiveCount"\n'
         ")\nreturn",
@@ -657,7 +657,9 @@ CATALOGUE: tuple[Mutation, ...] = (
     # execution only while it is younger than the start grace: docs/testing.md, "What the
     # simulation assumes about AWS"; the simulation lags 1 s, or grace - D in twin_keeps
     # seeds). ``kept.exists`` is set in two places only. (1) `keep(exists=True)`, after
-    # StartExecution answered ExecutionAlreadyExists (then describes failed): the
+    # StartExecution answered ExecutionAlreadyExists (then describes failed), or a describe
+    # found it closed (its parent's answer then failed) - under the ARN it was found by,
+    # a former name's maybe (`keep`'s ``arn``): the
     # execution existed at that answer, before the keep, and the first describe the
     # mutant reads comes D + grace after the keep (`keep` sets ``next_try``; every retry
     # is ``max(not_before, ...)``): the execution is older than the grace, so no describe
