@@ -81,8 +81,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from sim import exists, key_limits, redrives
-
 BUGGIFY = True
 """Whether seeds draw buggify knobs at all."""
 
@@ -161,6 +159,15 @@ OWN = ("twin_keeps",)
 
 OFF = Knobs()
 
+KEY_LIMIT_DROPS_SHARE = 0.4
+"""``key_limit_drops`` needs a keyed pool and a retry on the wire: a larger share."""
+
+
+def own(knob: str, seed: int, share: float = SHARE) -> bool:
+    """Whether ``seed`` has ``knob`` on, drawn from a stream of its own
+    (``buggify-KNOB-SEED``): no other draw moves."""
+    return random.Random(f"buggify-{knob}-{seed}").random() < share
+
 
 def draw(seed: int) -> Knobs:
     """The knobs of ``seed`` (all off when `BUGGIFY` is off)."""
@@ -184,9 +191,9 @@ def draw(seed: int) -> Knobs:
         slow_starts=hunt.random() < SHARE,
         early_answers=hunt.random() < SHARE,
         renewals_denied=random.Random(f"buggify-renewals-denied-{seed}").random() < SHARE,
-        late_redrives=redrives.drawn(seed),
-        key_limit_drops=key_limits.drawn(seed),
-        exists_unknown=exists.drawn(seed),
+        late_redrives=own("late-redrives", seed),
+        key_limit_drops=own("key-limit-drops", seed, KEY_LIMIT_DROPS_SHARE),
+        exists_unknown=own("exists-unknown", seed),
         twin_keeps=random.Random(f"buggify-twin-keeps-{seed}").random() < SHARE,
     )
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from sim import buggify
 from sim.aws import EventFault, EventFaults, EventInfo
 from sim.calls import NO_FAULT, CallFault
 from sim.history import OUTSIDE, key_tag_of
@@ -61,7 +62,7 @@ BURST_SECONDS = (30, 90)
 
 def drawn(seed: int) -> bool:
     """Whether ``seed`` has the knob on (its own stream)."""
-    return random.Random(f"buggify-exists-unknown-{seed}").random() < SHARE
+    return buggify.own("exists-unknown", seed, SHARE)
 
 
 def buggified(made: Scenario) -> Scenario:

@@ -28,13 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from sim import buggify
 from sim.calls import CallFault
 from sim.history import key_tag_of
 
 if TYPE_CHECKING:
     from sim.harness import Run, Scenario
 
-SHARE = 0.4
+SHARE = buggify.KEY_LIMIT_DROPS_SHARE
 """The share of seeds in which the knob is on."""
 POOL = "p0"
 KEY_LIMIT = 2
@@ -48,7 +49,7 @@ of the pair was first sent."""
 
 def drawn(seed: int) -> bool:
     """Whether ``seed`` has the knob on (its own stream)."""
-    return random.Random(f"buggify-key-limit-drops-{seed}").random() < SHARE
+    return buggify.own("key-limit-drops", seed, SHARE)
 
 
 def record(pool: str) -> str:

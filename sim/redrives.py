@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from sim import buggify
 from sim.aws import EventFault, EventFaults, EventInfo
 from sim.history import OUTSIDE
 
@@ -44,7 +45,7 @@ RUN_AFTER_COUNTED = (60.0, 240.0)
 
 def drawn(seed: int) -> bool:
     """Whether ``seed`` has the knob on (its own stream)."""
-    return random.Random(f"buggify-late-redrives-{seed}").random() < SHARE
+    return buggify.own("late-redrives", seed, SHARE)
 
 
 @dataclass(frozen=True)

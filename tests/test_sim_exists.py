@@ -14,7 +14,7 @@ from sim import buggify, exists, harness
 from sim.checker import told_exists
 from sim.harness import scenario, simulate
 
-SEED = 82
+SEED = 22
 """A seed with the knob on."""
 
 
