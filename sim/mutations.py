@@ -866,6 +866,10 @@ NOT_YET_CAUGHT = frozenset(
     {
         "answer-before-child-ended",
         "deferrals-not-spaced",
+        # Caught on their own branches (seeds 82 and 65), no longer within 0..199 once the
+        # knobs were merged (exists_unknown's and twin_keeps' seeds changed): open gaps.
+        "describe-failure-frees-slot",
+        "last-receive-ignores-copies-waiting",
         "last-receive-existing-then-missing",
         "last-receive-missing-without-grace",
         "no-tombstone",
