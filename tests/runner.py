@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -12,6 +13,7 @@ import anyio
 
 from devtools.child import DispatcherProcess, dispatcher_process
 from devtools.sandbox.provision import SandboxResources
+from dispatcher.core.shared_limits import SharedLimitConfig
 from dispatcher.daemon.service import Dispatcher
 from dispatcher.settings import layout
 from dispatcher.settings.config import POOL_FIELDS, Settings, env_name
@@ -36,11 +38,20 @@ def settings_for(resources: SandboxResources, **overrides: Any) -> Settings:
 
 @asynccontextmanager
 async def running(
-    resources: SandboxResources, endpoint: str | None = None, **overrides: Any
+    resources: SandboxResources,
+    endpoint: str | None = None,
+    *,
+    shared: SharedLimitConfig | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[Dispatcher]:
-    """Run a dispatcher in this process until the block ends (then an orderly stop)."""
+    """Run a dispatcher in this process until the block ends (then an orderly stop).
+    ``shared``: a named limit its one pool uses (weight 1), as a config file would give."""
     settings = settings_for(resources, **overrides)
-    dispatcher = Dispatcher(settings, endpoint_url=endpoint or resources.endpoint)
+    pools = layout.from_settings(settings)
+    if shared is not None:
+        pool = pools.pools[0].model_copy(update={"uses": {shared.name: 1}})
+        pools = replace(pools, pools=(pool,), limits=(shared,))
+    dispatcher = Dispatcher(settings, layout=pools, endpoint_url=endpoint or resources.endpoint)
     async with anyio.create_task_group() as tg:
         await tg.start(partial(dispatcher.run, handle_signals=False))
         try:

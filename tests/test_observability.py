@@ -28,6 +28,7 @@ from devtools.faults import FaultKind, FaultProxy, FaultRule
 from devtools.polling import wait_until
 from devtools.sandbox.provision import SandboxResources
 from dispatcher.aws.api import attempt_outcome
+from dispatcher.core.shared_limits import SharedLimitConfig
 from dispatcher.daemon.metrics import Metrics
 from dispatcher.daemon.service import Dispatcher
 from tests.audit import send_requests, session
@@ -49,8 +50,11 @@ async def get(port: int, path: str) -> tuple[int, str]:
         return response.status, await response.text()
 
 
-async def busy_dispatcher_metrics(resources: SandboxResources) -> str:
-    """Run a small workload with one bad request and one foreign execution; return /metrics."""
+async def busy_dispatcher_metrics(
+    resources: SandboxResources, shared: SharedLimitConfig | None = None
+) -> str:
+    """Run a small workload with one bad request and one foreign execution; return /metrics.
+    ``shared``: a named limit the pool uses (its series exist only with one)."""
     async with (
         session().client("sqs", endpoint_url=resources.endpoint) as sqs,
         session().client("stepfunctions", endpoint_url=resources.endpoint) as sfn,
@@ -76,7 +80,7 @@ async def busy_dispatcher_metrics(resources: SandboxResources) -> str:
 
         await wait_until(ended, within=30, interval=0.05)
         await send_requests(sqs, resources.request_queue_url, [{"seconds": 0}], ["done-1"])
-        async with running(resources, limit=3) as dispatcher:
+        async with running(resources, shared=shared, limit=3) as dispatcher:
             assert dispatcher.http_port is not None
 
             async def settled() -> bool:
@@ -108,7 +112,9 @@ async def test_live_metrics_pass_promtool_and_cover_the_dashboard(
     sandbox_factory: Factory,
 ) -> None:
     resources = await sandbox_factory(limit=3)
-    text = await busy_dispatcher_metrics(resources)
+    # The pool uses a named limit (as large as its own limit, so nothing changes), so the
+    # per-limit series the dashboard draws exist, as in production with a named limit.
+    text = await busy_dispatcher_metrics(resources, SharedLimitConfig(name="partner-api", limit=3))
     names = exported_names(text)
     for expected in (
         "dispatcher_running",

@@ -17,9 +17,10 @@ from botocore.exceptions import ClientError, ParamValidationError
 
 from dispatcher.settings.config import Settings
 from sim import __main__ as sim_cli
+from sim import buggify
 from sim.aws import World
 from sim.calls import NO_FAULT, CallFault
-from sim.harness import scenario, simulate
+from sim.harness import Scenario, scenario, simulate
 from sim.token_log import IssuedToken
 from tests.test_sim_aws import code_of, lines, make_world, virtual
 
@@ -316,33 +317,53 @@ async def test_bad_items_carry_an_invalid_key_and_the_parent_passes_attributes()
 # -- the harness ------------------------------------------------------------------------------
 
 
-def test_parents_change_only_the_seeds_that_get_them() -> None:
-    """Turned on, parents come to about a third of the seeds; every other draw of every
-    seed stays as it was (the parents have a generator of their own)."""
-    with_parents = redrawn = 0
+def _parents_only(on: Scenario, off: Scenario) -> Scenario:
+    """``on`` with the draws that come with parents taken from ``off``: the parents and the
+    operator scenarios that act on them (their retries, deploys while they heartbeat, their
+    children's redrives)."""
+    extras = dataclasses.replace(
+        on.extras,
+        parent_retries=off.extras.parent_retries,
+        deploys=off.extras.deploys,
+        child_redrives=off.extras.child_redrives,
+    )
+    return dataclasses.replace(on, parents=off.parents, extras=extras)
+
+
+@pytest.mark.parametrize("buggified", [False, True])
+def test_parents_change_only_the_seeds_that_get_them(
+    buggified: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Turned on, parents come to about a third of the seeds; every draw of a seed without
+    parents stays as it was (the parents have a generator of their own). Without buggify,
+    so does every other draw of a seed with parents; with it, such a seed's other draws may
+    follow from the knobs that depend on parents: token knobs (drawn only with parents) and
+    knobs dropped with parents as if not drawn (twin_keeps, exists_unknown, late_redrives,
+    key_limit_drops...), the seed drawn anew without them."""
+    monkeypatch.setattr(buggify, "BUGGIFY", buggified)
+    with_parents = redrawn = by_knobs = 0
     for seed in range(200):
         on, off = scenario(seed, parents=True), scenario(seed, parents=False)
-        # The operator scenarios that act on parents (their retries, deploys while they
-        # heartbeat, their children's redrives) come with them, and a named limit is not
-        # drawn where parents heartbeat (sim/named.py); nothing else changes.
-        parents_only = dataclasses.replace(
-            on.extras,
-            parent_retries=off.extras.parent_retries,
-            deploys=off.extras.deploys,
-            child_redrives=off.extras.child_redrives,
-        )
-        with_parents += bool(on.parents.parents)
-        if on.named != off.named:
+        assert not off.parents.parents
+        if not on.parents.parents:
+            assert on == off, f"seed {seed} has no parents, yet parents moved its draws"
+            continue
+        with_parents += 1
+        knobbed = on.knobs != off.knobs or on.token_knobs != off.token_knobs
+        if on.named != off.named and not knobbed:
             # A named limit is not drawn where parents heartbeat (sim/named.py): such a
             # seed's other draws (pools, queues, knobs) follow from that, drawn anew.
             assert on.named is None, "left out, never added, for parents"
-            assert on.parents.parents, "left out only for parents"
             redrawn += 1
             continue
-        assert dataclasses.replace(on, parents=off.parents, extras=parents_only) == off
-        assert not off.parents.parents
+        if _parents_only(on, off) == off:
+            continue
+        assert buggified, f"seed {seed}: without buggify only the parents' draws change"
+        assert knobbed, f"seed {seed}: its other draws moved, not by a knob that needs parents"
+        by_knobs += 1
     assert 30 <= with_parents <= 90
     assert redrawn <= 30, "most seeds with parents keep every other draw"
+    assert (by_knobs > 0) == buggified
 
 
 @pytest.mark.skipif(
