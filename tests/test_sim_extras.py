@@ -377,7 +377,7 @@ async def test_a_redrive_that_never_ends_is_caught() -> None:
         await _never_ending_redrive()
     finally:
         names["redrive"] = bounded
-        redrive_module.queue_depth = counted  # type: ignore[assignment]
+        redrive_module.queue_depth = counted
 
 
 async def _never_ending_redrive() -> None:
