@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
+import dispatcher.cli.redrive as redrive_module
 from sim import extras, operators
 from sim.checker import check
 from sim.extras import CliRedrive, ExtrasPlan
@@ -361,14 +362,22 @@ async def test_a_redrive_that_ends_is_fine_and_a_killed_one_leaves_its_dead_lett
 async def test_a_redrive_that_never_ends_is_caught() -> None:
     """A consumer that dead-letters every copy again under a new id (invalid JSON): a
     redrive that keeps taking what arrives (here: one whose start bound lies in the far
-    future, as the redrive was before it stopped at what the queue held) never ends."""
+    future and that does not count what the queue held, as the redrive was before it
+    stopped at what the queue held) never ends."""
     names = vars(operators)  # the module's own names: what _cli_redrive calls
     bounded = names["redrive"]
     names["redrive"] = functools.partial(bounded, started_ms=10**15)
+    counted = redrive_module.queue_depth
+
+    async def uncounted(*_: Any) -> int:
+        return 10**9  # no bound by the depth read at the start
+
+    redrive_module.queue_depth = uncounted  # type: ignore[assignment]
     try:
         await _never_ending_redrive()
     finally:
         names["redrive"] = bounded
+        redrive_module.queue_depth = counted
 
 
 async def _never_ending_redrive() -> None:

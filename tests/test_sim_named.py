@@ -133,14 +133,14 @@ IGNORES_DOUBT = Mutation(
         ),
     ),
 )
-"""Not in the catalogue: no seed of the fast subset catches it (seed 213 does, the first
+"""Not in the catalogue: no seed of the fast subset catches it (seed 251 does, the first
 of the 2,000 seeds `make simulate` runs): starts in doubt while a named limit is full are
 rare in the drawn scenarios."""
 
 
 @pytest.mark.timeout(120)
 def test_ignoring_starts_in_doubt_is_caught_by_a_seed_beyond_the_fast_subset() -> None:
-    assert simulate(213).ok
+    assert simulate(251).ok
     with patched(IGNORES_DOUBT.patches()):
-        mutated = simulate(213)
+        mutated = simulate(251)
     assert {v.kind for v in mutated.violations} == {"named_limit"}

@@ -79,8 +79,8 @@ def test_only_the_long_d_process_starts_are_held_to_its_d() -> None:
 
 
 def test_a_successor_that_ignores_the_recorded_wait_is_caught() -> None:
-    """Seed 74: d1 (D 30 s) sends two starts as its renewal hangs; d2 (D 3 s, grace 10 s)
-    takes the lease 13 s later and, waiting only its own 13 s, lists before they land."""
-    assert simulate(74).ok
-    outcome = simulate(74, bugs=("takeover-ignores-recorded-wait",))
+    """Seed 115: d1 (D 40 s) sends three starts as its renewal hangs; d2 (D 3 s, grace
+    10 s) takes the lease over and, waiting only its own 13 s, lists before they land."""
+    assert simulate(115).ok
+    outcome = simulate(115, bugs=("takeover-ignores-recorded-wait",))
     assert "limit" in {v.kind for v in outcome.violations}
