@@ -767,3 +767,43 @@ async def test_a_kept_request_whose_parent_answer_fails_again_when_settled_stays
     assert message["ReceiptHandle"] in deleted_handles(world)
     assert len(kept) == 0
     assert dead_letters(world) == []
+
+
+async def test_after_the_reign_a_hung_settle_does_not_hold_up_the_other_kept_extensions() -> None:
+    """Settled after the reign (`finish`), the kept requests are renewed, kept hidden and
+    settled each in a loop of its own, as while governing: a settle that hangs (its dead
+    letter's send, its parent's answer lost on the wire) does not hold up the other kept
+    messages' extensions. In one loop, it held them up until they came back, for SQS's
+    redrive policy to move them without a reason."""
+    world = world_of(limit=0, visibility_timeout=10)  # the extension loop: every 1.25 s
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world)
+    await intake.admit(intake.queues[0], last_receive())
+    other = sqs_message(
+        '{"n": 2}', message_id="m-2", system={"ApproximateReceiveCount": str(MAX_RECEIVES)}
+    )
+    await intake.admit(intake.queues[0], other)
+    assert await intake.hand_back_waiting() == 0
+    kept = intake.starter.last_receives
+    assert len(kept) == 2
+    world.clock.advance(D + GRACE)
+    send = world.sqs.send_message
+    hung: list[str] = []
+    marks: list[int] = []  # extension calls made before the hang
+
+    async def hangs_once(**call: Any) -> dict[str, Any]:
+        if call["QueueUrl"] == DEAD_LETTER_QUEUE and not hung:
+            hung.append(call["QueueUrl"])
+            marks.append(len(world.sqs.calls_to("change_message_visibility_batch")))
+            world.clock.advance(world.settings.visibility_timeout)  # the other one is due
+            await anyio.sleep_forever()
+        return await send(**call)
+
+    world.sqs.send_message = hangs_once  # type: ignore[method-assign]
+    kept.after_reign = True
+    with anyio.move_on_after(3):
+        await kept.finish()
+    assert hung, "no dead letter was sent"
+    calls = world.sqs.calls_to("change_message_visibility_batch")[marks[0] :]
+    handles = [e["ReceiptHandle"] for c in calls for e in c["Entries"]]
+    assert "rh-m-2" in handles, "the other kept message was not extended while one hung"

@@ -159,6 +159,7 @@ class LastReceives:
             if await renew(entry.queue, entry.message, delay, entry.bound, kept.why):
                 if kept in self._kept:
                     self._kept.remove(kept)
+                self._wake.set()  # `finish` ends once none is left
                 return True
             kept.renewals_failed += 1
             backoff = min(MAX_BACKOFF, 2.0**kept.renewals_failed)
@@ -355,6 +356,7 @@ class LastReceives:
         if kept not in self._kept:
             return  # renewed meanwhile
         self._kept.remove(kept)
+        self._wake.set()  # `finish` ends once none is left
         if self.starter.callbacks is not None:  # a parent waits: passed on to the successor
             self.starter.callbacks.passing_on(kept.entry)
         kept.entry.bound.error(
@@ -406,15 +408,22 @@ class LastReceives:
         return max(0.01, min(waits))
 
     async def finish(self) -> None:
-        """Shutting down: settle what can be settled before the caller's deadline (D and
-        the grace, at most, if AWS answers); then let the rest go, hidden."""
+        """Shutting down (or settling after the reign): settle what can be settled before
+        the caller's deadline (D and the grace, at most, if AWS answers); then let the rest
+        go, hidden. Renewals, extensions and settles run in loops of their own, as in
+        `run`: a settle that hangs (a dead letter's send, a parent's answer lost on the
+        wire) must not hold up the other kept messages' extensions until they come back."""
         try:
-            while self._kept:
-                await self.keep_hidden_once()
-                await self.renew_once()
-                await self.settle_once()
-                if self._kept:
-                    await anyio.sleep(self._next_due())
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._renew_loop)
+                tg.start_soon(self._hidden_loop)
+                while self._kept:
+                    await self.settle_once()
+                    if self._kept:
+                        with anyio.move_on_after(self._next_due(renewals=False)):
+                            await self._wake.wait()
+                        self._wake = anyio.Event()
+                tg.cancel_scope.cancel()
         finally:
             for kept in self:
                 self._let_go(kept, "shutting down before its execution was settled")
