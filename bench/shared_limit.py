@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from bench.analysis import percentile
-from bench.aws import CallCounter, config, session
+from bench.aws import CallCounter, session
 from bench.comparison import emulator_env
 from bench.figures import num
 from bench.patterns import semaphore, wait_finished
@@ -333,44 +333,7 @@ async def _start_all(
 ) -> None:
     """Start an execution per message as it arrives (two receivers), as the comparison's
     semaphore does: nothing waits outside the workflow."""
-    started: set[str] = set()
-    done = anyio.Event()
-
-    async def receiver() -> None:
-        async with (
-            session().client("sqs", endpoint_url=endpoint, config=config(2)) as sqs,
-            session().client("stepfunctions", endpoint_url=endpoint, config=config(2)) as sfn,
-        ):
-            counter.attach(sqs)
-            counter.attach(sfn)
-            while not done.is_set():
-                got = await sqs.receive_message(
-                    QueueUrl=queue_url,
-                    MaxNumberOfMessages=10,
-                    WaitTimeSeconds=1,
-                    MessageAttributeNames=["All"],
-                )
-                messages = got.get("Messages", [])
-                for message in messages:
-                    key = message["MessageAttributes"]["idempotency-key"]["StringValue"]
-                    await sfn.start_execution(
-                        stateMachineArn=machine_arn, name=key, input=message["Body"]
-                    )
-                    started.add(key)
-                if messages:
-                    await sqs.delete_message_batch(
-                        QueueUrl=queue_url,
-                        Entries=[
-                            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
-                            for i, m in enumerate(messages)
-                        ],
-                    )
-                if len(started) >= count:
-                    done.set()
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(2):
-            tg.start_soon(receiver)
+    await semaphore.start_each(endpoint, queue_url, machine_arn, count, counter, receivers=2)
 
 
 async def held(sfn: SFNClient, execution: Execution) -> tuple[float | None, float | None, int]:

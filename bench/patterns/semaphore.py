@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import anyio
@@ -438,29 +439,32 @@ async def run_simplified(
     return await _run(endpoint, requests, limit, within=within, simplified=True)
 
 
-async def _run(
-    endpoint: str, requests: Sequence[Request], limit: int, *, within: float, simplified: bool
-) -> PatternRun:
-    """Start an execution per request at once; wait until every one released and ended."""
-    prefix = "cmp-semaphore"
-    resources = await provision(endpoint, prefix=prefix, limit=limit)
-    table, machine_arn, cleanup_arn = await _machines(
-        endpoint, prefix, limit, simplified=simplified
-    )
-    counter = CallCounter()
+async def start_each(
+    endpoint: str,
+    queue_url: str,
+    machine_arn: str,
+    count: int,
+    counter: CallCounter,
+    *,
+    receivers: int,
+    done: anyio.Event | None = None,
+) -> None:
+    """Start an execution per message as it arrives (``receivers`` receiving at once), named
+    by its idempotency key: nothing waits outside the workflow. Returns once ``count`` have
+    started, or ``done`` is set (then set by this too)."""
+    finished = done if done is not None else anyio.Event()
     started: set[str] = set()
-    all_started = anyio.Event()
 
-    async def starter() -> None:
+    async def receiver() -> None:
         async with (
             session().client("sqs", endpoint_url=endpoint, config=config(2)) as sqs,
             session().client("stepfunctions", endpoint_url=endpoint, config=config(2)) as sfn,
         ):
             counter.attach(sqs)
             counter.attach(sfn)
-            while not all_started.is_set():
+            while not finished.is_set():
                 got = await sqs.receive_message(
-                    QueueUrl=resources.request_queue_url,
+                    QueueUrl=queue_url,
                     MaxNumberOfMessages=10,
                     WaitTimeSeconds=1,
                     MessageAttributeNames=["All"],
@@ -474,18 +478,44 @@ async def _run(
                     started.add(key)
                 if messages:
                     await sqs.delete_message_batch(
-                        QueueUrl=resources.request_queue_url,
+                        QueueUrl=queue_url,
                         Entries=[
                             {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
                             for i, m in enumerate(messages)
                         ],
                     )
-                if len(started) >= len(requests):
-                    all_started.set()
+                if len(started) >= count:
+                    finished.set()
 
     async with anyio.create_task_group() as tg:
-        for _ in range(STARTERS):
-            tg.start_soon(starter)
+        for _ in range(receivers):
+            tg.start_soon(receiver)
+
+
+async def _run(
+    endpoint: str, requests: Sequence[Request], limit: int, *, within: float, simplified: bool
+) -> PatternRun:
+    """Start an execution per request at once; wait until every one released and ended."""
+    prefix = "cmp-semaphore"
+    resources = await provision(endpoint, prefix=prefix, limit=limit)
+    table, machine_arn, cleanup_arn = await _machines(
+        endpoint, prefix, limit, simplified=simplified
+    )
+    counter = CallCounter()
+    all_started = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            partial(
+                start_each,
+                endpoint,
+                resources.request_queue_url,
+                machine_arn,
+                len(requests),
+                counter,
+                receivers=STARTERS,
+                done=all_started,
+            )
+        )
         submitted = await submit(resources.request_queue_url, requests, endpoint)
         with anyio.move_on_after(within):
             await all_started.wait()
