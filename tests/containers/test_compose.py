@@ -429,7 +429,9 @@ def test_the_compose_stack_comes_up_holds_the_limit_is_scraped_and_goes_away(
         assert codes["dispatcher"] == 0, stack.logs("dispatcher")
         killed = [s for s, code in codes.items() if code == 137]
         assert not killed, f"ignored SIGTERM and were killed after 30 s: {killed}"
-        assert took < 15, f"compose stop took {took:.1f} s: a service ignores SIGTERM ({codes})"
+        # The dispatcher's orderly stop may give requests kept on their last receive their
+        # renewals and describes (seconds); under the 30 s grace, as ECS's stop timeout.
+        assert took < 28, f"compose stop took {took:.1f} s: a service ignores SIGTERM ({codes})"
     finally:
         started_down = time.monotonic()
         down = subprocess.run(
