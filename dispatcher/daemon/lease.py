@@ -234,18 +234,8 @@ class Lease:
         }
         update = "SET expires_at = :expires, start_timeout = :timeout, start_grace = :grace"
         tokens = self._tokens_to_write()
-        if tokens is not None:
-            update += ", tokens = :tokens"
-            values[":tokens"] = {"S": tokens}
         try:
-            await self.dynamodb.update_item(
-                TableName=self.config.table,
-                Key=self.key,
-                UpdateExpression=update,
-                ConditionExpression="#owner = :me AND epoch = :epoch",
-                ExpressionAttributeNames={"#owner": "owner"},
-                ExpressionAttributeValues=values,
-            )
+            await self._update_ours(update, values, tokens)
         except ClientError as exc:
             if error_code(exc) == "ConditionalCheckFailedException":
                 self.lapse()
@@ -262,6 +252,23 @@ class Lease:
         self._valid_until = sent + self.config.ttl - self.config.margin
         return True
 
+    async def _update_ours(
+        self, update: str, values: dict[str, dict[str, str]], tokens: str | None
+    ) -> None:
+        """``update`` the item while it is ours (this owner and epoch), with ``tokens`` too
+        unless None (unchanged)."""
+        if tokens is not None:
+            update += ", tokens = :tokens"
+            values = {**values, ":tokens": {"S": tokens}}
+        await self.dynamodb.update_item(
+            TableName=self.config.table,
+            Key=self.key,
+            UpdateExpression=update,
+            ConditionExpression="#owner = :me AND epoch = :epoch",
+            ExpressionAttributeNames={"#owner": "owner"},
+            ExpressionAttributeValues=values,
+        )
+
     def _tokens_to_write(self) -> str | None:
         """The tokens to pass on, as the item stores them; None: unchanged (or no source)."""
         if self.tokens is None:
@@ -275,20 +282,8 @@ class Lease:
         when it is not ours any more)."""
         self._valid_until = float("-inf")
         values = {":me": {"S": self.owner}, ":epoch": {"N": str(self.epoch)}, ":zero": {"N": "0"}}
-        update = "SET expires_at = :zero"
-        tokens = self._tokens_to_write()
-        if tokens is not None:
-            update += ", tokens = :tokens"
-            values[":tokens"] = {"S": tokens}
         try:
-            await self.dynamodb.update_item(
-                TableName=self.config.table,
-                Key=self.key,
-                UpdateExpression=update,
-                ConditionExpression="#owner = :me AND epoch = :epoch",
-                ExpressionAttributeNames={"#owner": "owner"},
-                ExpressionAttributeValues=values,
-            )
+            await self._update_ours("SET expires_at = :zero", values, self._tokens_to_write())
         except ClientError as exc:
             if error_code(exc) != "ConditionalCheckFailedException":
                 raise
