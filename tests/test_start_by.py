@@ -98,6 +98,15 @@ def test_a_deadline_is_shown_in_rfc_3339_utc() -> None:
     assert format_deadline(T0 + 0.5) == "2026-12-05T10:00:00.500Z"
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.0004, 0.0009, 0.001, 0.4999, 0.9996])
+def test_a_shown_deadline_parses_back_to_the_same_text(fraction: float) -> None:
+    """Under 1 ms past the second once read "...00.000Z" while the parsed value read
+    "...00Z": the dead letter's detail did not contain the deadline the producer sent."""
+    shown = format_deadline(T0 + fraction)
+    assert ".000Z" not in shown
+    assert format_deadline(parse_start_by(shown)) == shown
+
+
 def message(start_by: str | None = None, **attributes: str) -> dict[str, Any]:
     """Request m-1, first received at T0 - 10 s (in this reign: see `intake_for`)."""
     if start_by is not None:

@@ -84,6 +84,10 @@ def format_deadline(deadline: float) -> str:
     if not math.isfinite(deadline):
         return str(deadline)
     moment = datetime.fromtimestamp(deadline, UTC)
+    # Shown to the millisecond: a deadline under 1 ms past the second reads as the second,
+    # so the text parses back to what it shows (never "…55.000Z" for one and "…55Z" for
+    # the other).
+    moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)
     text = moment.isoformat(timespec="milliseconds" if moment.microsecond else "seconds")
     return text.replace("+00:00", "Z")
 
