@@ -427,6 +427,23 @@ async def test_a_child_a_waiting_retry_will_wait_on_is_not_stopped() -> None:
     assert len(world.pool.room) == 1
 
 
+async def test_a_child_a_retry_set_aside_at_shutdown_will_wait_on_is_not_stopped() -> None:
+    """Stopping empties the rooms: the retry's request goes back to its queue and its token
+    is passed on to the successor. The first token found gone meanwhile once stopped the
+    child the retry's parent still waited on (the retry was in no room any more)."""
+    world = build_world(limit=1, stop_orphaned_children=True)
+    intake, callbacks = wired(world)
+    await handle(world, child_request(), intake)
+    await intake.admit(intake.queues[0], retry_request())
+    assert len(world.pool.room) == 1
+    await intake.hand_back_waiting()
+    assert len(world.pool.room) == 0
+    world.sfn.gone_tokens.add(TOKEN)
+    await callbacks.heartbeat_once()
+    assert world.sfn.calls_to("stop_execution") == []
+    assert world.sfn.executions[CHILD].status == "RUNNING"
+
+
 async def test_a_retry_for_a_running_child_waits_even_when_the_room_is_full() -> None:
     """The room is full when the retry's request arrives. It needs no slot of its own: its
     child runs. Deferred (handed back for minutes), its parent would get no heartbeat and

@@ -807,3 +807,51 @@ async def test_after_the_reign_a_hung_settle_does_not_hold_up_the_other_kept_ext
     calls = world.sqs.calls_to("change_message_visibility_batch")[marks[0] :]
     handles = [e["ReceiptHandle"] for c in calls for e in c["Entries"]]
     assert "rh-m-2" in handles, "the other kept message was not extended while one hung"
+
+
+async def test_with_max_receive_count_1_a_waiting_copy_comes_back_when_a_deferral_would() -> None:
+    """With maxReceiveCount 1 every receive is the last: a copy visible at once was received
+    and renewed again at once, a send and a delete per receive for as long as the pool was
+    full (in the simulation, hundreds of copies churning, one of whose deletes then failed).
+    Its copy now stays hidden as long as a request deferred then would."""
+    world = world_of(limit=1)
+    world.pool.ledger.observe_running(execution_arn(STATE_MACHINE_ARN, "other"), T0)
+    intake, _ = intake_for(world, renewals=True)
+    intake.queues[0].max_receive_count = 1
+    message = sqs_message('{"n": 1}', message_id="m-1", system={"ApproximateReceiveCount": "1"})
+    await intake.admit(intake.queues[0], message)
+    [copy] = copies_sent(world)
+    assert copy["DelaySeconds"] >= 1
+    assert message["ReceiptHandle"] in deleted_handles(world)
+
+
+async def test_with_more_receives_left_to_its_copy_a_waiting_copy_comes_back_at_once() -> None:
+    """maxReceiveCount above 1: the copy (received zero times) may wait in the room, so it
+    comes back at once and starts as soon as a slot frees."""
+    world = world_of(limit=1)
+    world.pool.ledger.observe_running(execution_arn(STATE_MACHINE_ARN, "other"), T0)
+    intake, _ = intake_for(world, renewals=True)
+    await intake.admit(intake.queues[0], last_receive())
+    [copy] = copies_sent(world)
+    assert copy.get("DelaySeconds", 0) == 0
+
+
+async def test_a_renewed_original_is_deleted_through_a_burst_of_failed_deletes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Four tries within seconds once all failed (a throttle and three lost calls in a row):
+    the original came back on a receive past maxReceiveCount and SQS moved it to the
+    dead-letter queue without a reason. The delete is tried again while the original's
+    receipt handle works."""
+    monkeypatch.setattr("dispatcher.daemon.renewal.DELETE_PAUSE", 0.01)
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world, renewals=True)
+    throttled = client_error("RequestThrottled", 400, op="DeleteMessage")
+    world.sqs.fail("delete_message", *[throttled] * 7)
+    message = last_receive()
+    with anyio.fail_after(8):
+        await intake.admit(intake.queues[0], message)
+    assert len(copies_sent(world)) == 1
+    deletes = [c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")]
+    assert deletes == [message["ReceiptHandle"]] * 8

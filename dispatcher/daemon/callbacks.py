@@ -647,10 +647,12 @@ class Callbacks:
 
     def _waiters(self, arn: str, gone: set[str]) -> int:
         """Tokens other than ``gone`` that wait on child ``arn``: held for it, in a waiting
-        room for its name (a parent's retry with the same key), deferred to its queue (not
-        back yet), or being started."""
+        room for its name (a parent's retry with the same key), set aside to be passed on
+        (the rooms are emptied when the reign or the process ends), deferred to its queue
+        (not back yet), or being started."""
         count = sum(1 for h in self._held.get(arn, []) if h.token not in gone)
         count += sum(1 for t, _ in self._handed_for(arn) if t not in gone)
+        count += sum(1 for t, (_, a) in self._passing.items() if a == arn and t not in gone)
         count += int(self._deferred.get(arn, -math.inf) > self.clock())
         count += sum(
             1

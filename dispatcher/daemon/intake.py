@@ -53,7 +53,7 @@ from dispatcher.daemon.metrics import Metrics
 from dispatcher.daemon.pool import Pool
 from dispatcher.daemon.queues import RequestQueue
 from dispatcher.daemon.ratelimit import RateLimiters
-from dispatcher.daemon.renewal import renew
+from dispatcher.daemon.renewal import handle_left, renew
 from dispatcher.daemon.starter import IntakeStats, Starter, Waiting
 from dispatcher.settings.config import Settings
 from dispatcher.settings.layout import Layout
@@ -499,8 +499,15 @@ class Intake:
         False (the copy refused): it waits here, on its last receive - unless the process
         began to stop meanwhile (its rooms were set aside already): then it is kept (True)."""
         delay = entry.queue.min_delay()
+        if entry.queue.max_receive_count == 1:
+            # Its copy is on its last receive too, and would be renewed at once again, a
+            # send and a delete per receive while the pool is full: it comes back when a
+            # request deferred now would.
+            delay = max(delay, entry.pool.defer_seconds(entry.key))
         why = "last receive, waiting"
-        if await renew(entry.queue, entry.message, delay, entry.bound, why):
+        visibility = self.settings.visibility_timeout
+        within = handle_left(entry.hidden_since, entry.pool.clock(), visibility)
+        if await renew(entry.queue, entry.message, delay, entry.bound, why, delete_within=within):
             return True
         if self.starter.stopping:
             self.starter.last_receives.keep(entry, "waiting at shutdown")
@@ -647,7 +654,11 @@ class Intake:
             # On its last receive (its renewal at admission failed): renewed now if SQS
             # takes the copy, else extended.
             why = "last receive, waiting"
-            if await renew(entry.queue, entry.message, entry.queue.min_delay(), entry.bound, why):
+            within = handle_left(entry.hidden_since, pool.clock(), visibility)
+            copy_delay = entry.queue.min_delay()
+            if await renew(
+                entry.queue, entry.message, copy_delay, entry.bound, why, delete_within=within
+            ):
                 self._extending.discard(entry)
                 self._leave_room(entry)
                 pool.update()

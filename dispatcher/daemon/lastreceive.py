@@ -44,7 +44,7 @@ from dispatcher.core.deadline import EXPIRED, expired_detail
 from dispatcher.core.ledger import Change
 from dispatcher.core.requests import execution_arn
 from dispatcher.daemon.queues import receive_count
-from dispatcher.daemon.renewal import renew
+from dispatcher.daemon.renewal import handle_left, renew
 
 if TYPE_CHECKING:
     from dispatcher.daemon.starter import Starter, Waiting
@@ -156,7 +156,11 @@ class LastReceives:
         kept.busy = True
         try:
             delay = max(kept.delay, entry.queue.min_delay())
-            if await renew(entry.queue, entry.message, delay, entry.bound, kept.why):
+            visibility = self.settings.visibility_timeout
+            within = handle_left(entry.hidden_since, entry.pool.clock(), visibility)
+            if await renew(
+                entry.queue, entry.message, delay, entry.bound, kept.why, delete_within=within
+            ):
                 if kept in self._kept:
                     self._kept.remove(kept)
                 self._wake.set()  # `finish` ends once none is left

@@ -39,7 +39,8 @@ MAX_ATTRIBUTES = 10  # SQS: message attributes per message
 MAX_DELAY = 900  # SQS: DelaySeconds, at most
 CALL_SECONDS = 8.0
 """Seconds a renewal's send (or one of its deletes) may take before it counts as failed."""
-DELETE_ATTEMPTS = 4
+DELETE_PAUSE = 4.0
+"""Seconds between two tries of the original's delete, at most (0.5 s, then doubling)."""
 
 
 def renewal_attributes(message: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -63,8 +64,21 @@ def renewal_attributes(message: Mapping[str, Any]) -> dict[str, Any] | None:
     return attributes
 
 
+def handle_left(hidden_since: float, now: float, visibility: float) -> float:
+    """Seconds the receipt handle of a message hidden since ``hidden_since`` (received or
+    last extended then, for ``visibility`` seconds) surely still works: how long a renewal
+    may go on trying to delete it (at least 1 s)."""
+    return max(1.0, hidden_since + visibility - now - 1.0)
+
+
 async def renew(
-    queue: RequestQueue, message: Mapping[str, Any], delay: float, bound: Any, why: str
+    queue: RequestQueue,
+    message: Mapping[str, Any],
+    delay: float,
+    bound: Any,
+    why: str,
+    *,
+    delete_within: float,
 ) -> bool:
     """Send a copy of ``message`` to its own queue, visible in ``delay`` seconds (at most
     SQS's 15 minutes), then delete the original (tried again while it fails). Returns
@@ -91,17 +105,26 @@ async def renew(
     bound.info(
         "dispatcher.request_renewed", why=why, copy_id=sent.get("MessageId"), visible_in=delay
     )
-    await _delete_original(queue, str(message["ReceiptHandle"]), bound)
+    await _delete_original(queue, str(message["ReceiptHandle"]), bound, delete_within)
     return True
 
 
-async def _delete_original(queue: RequestQueue, handle: str, bound: Any) -> None:
-    """Delete the renewed original, tried again while it fails (left, it would come back
-    and be moved without a reason; its copy carries the request on either way)."""
-    for attempt in range(DELETE_ATTEMPTS):
+async def _delete_original(queue: RequestQueue, handle: str, bound: Any, within: float) -> None:
+    """Delete the renewed original, tried again while it fails, for ``within`` seconds
+    (the caller's share of the original's visibility: its handle works until then). Left,
+    the original would come back and be moved without a reason; its copy carries the
+    request on either way. A burst of failures (throttling, a few lost calls in a row) is
+    outlasted: four tries within seconds once were not."""
+    deadline = anyio.current_time() + within
+    attempt = 0
+    while True:
+        left = deadline - anyio.current_time()
+        if attempt and left <= 0:
+            break
         if attempt:
-            await anyio.sleep(min(4.0, 0.5 * 2**attempt))
-        with anyio.move_on_after(CALL_SECONDS):
+            await anyio.sleep(min(DELETE_PAUSE, 0.5 * 2**attempt, left))
+        attempt += 1
+        with anyio.move_on_after(max(1.0, min(CALL_SECONDS, deadline - anyio.current_time()))):
             try:
                 await queue.sqs.delete_message(QueueUrl=queue.url, ReceiptHandle=handle)
             except AWS_ERRORS as exc:
@@ -112,6 +135,7 @@ async def _delete_original(queue: RequestQueue, handle: str, bound: Any) -> None
             return
     bound.error(
         "dispatcher.renewed_original_not_deleted",
+        attempts=attempt,
         advice="its copy carries the request; the original comes back and the queue's "
         "redrive policy may move it: that dead letter needs no redrive",
     )
