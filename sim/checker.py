@@ -16,6 +16,8 @@
 4. ``early_delete``: a request message deleted before its execution existed, or before
    its dead-letter copy was sent (a dead letter of a request whose execution ran:
    ``dead_letter_ran`` in `sim.copy_rules`).
+``unwarranted_dead_letter``: a dead letter's reason is a verdict the dispatcher gives
+   requests, or an AWS error about requests the simulated AWS gave (`_check_reasons`).
 5-8. Parent workflows and their task tokens: `sim.token_rules`. A token's request whose
    parent has ended needs no execution (rules 3 and 4 let it go).
 
@@ -32,6 +34,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from dispatcher.aws.api import REQUEST_CODES
+from dispatcher.daemon.metrics import DEAD_LETTER_REASONS
 from sim import copy_rules, deadlines, token_rules
 from sim.history import (
     ORIGINAL_ID_ATTRIBUTE,
@@ -110,6 +114,7 @@ def check(history: History, spec: CheckSpec) -> list[Violation]:
         history, spec, owners.executions, owners.request_of, owners.fresh
     )
     found += deadlines.check_deadlines(history, spec)
+    found += _check_reasons(history, spec)
     found.sort(key=lambda v: (v.time, v.kind))
     return found
 
@@ -528,6 +533,38 @@ def _dead_letter_copies(history: History, spec: CheckSpec) -> dict[str, float]:
         if original is not None and sent.attributes.get(REASON_ATTRIBUTE):
             copies.setdefault(original, sent.time)
     return copies
+
+
+def _check_reasons(history: History, spec: CheckSpec) -> list[Violation]:
+    """``unwarranted_dead_letter``: a dead letter's reason is one of the dispatcher's own
+    verdicts on a request, or an AWS error code about requests that the simulated AWS
+    answered to a StartExecution before the copy was sent. Anything else (an exception's
+    name: a defect of the dispatcher, or an error AWS never gave) blames a request for
+    what is not its fault."""
+    refused: dict[str, float] = {}
+    for record in history.records:
+        if record.kind != "call" or not record.text.startswith("StartExecution "):
+            continue
+        outcome = str(record.details.get("outcome", ""))
+        for code in REQUEST_CODES:
+            if code in outcome.split():
+                refused.setdefault(code, record.time)
+    found: list[Violation] = []
+    for sent in history.dead_letter_copies(spec.dead_letter_queue):
+        reason = sent.attributes.get(REASON_ATTRIBUTE, "")
+        if reason in DEAD_LETTER_REASONS and reason not in REQUEST_CODES:
+            continue
+        if refused.get(reason, math.inf) <= sent.time:
+            continue
+        found.append(
+            Violation(
+                "unwarranted_dead_letter",
+                sent.time,
+                f"message {sent.message_id} dead-lettered with reason {reason!r}, which is "
+                "neither a verdict on the request nor an error AWS gave to a start",
+            )
+        )
+    return found
 
 
 # -- rule 4 ----------------------------------------------------------------------------------

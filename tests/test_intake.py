@@ -650,3 +650,56 @@ async def test_the_start_client_sends_a_fixed_user_agent_and_leaves_validation_t
     assert seen[1][0] == seen[0][0], "built once, not per request"
     assert seen[1][1]["input"] == 7, "sent as given: no client-side validation"
     assert classify(refused.value) is ErrorKind.PERMANENT
+
+
+async def test_a_start_about_to_outlast_half_the_visibility_extends_it_first() -> None:
+    """Checked only between steps, the visibility once lapsed during a start's retries: 25
+    of 60 s had passed (under half: no extension), then an attempt of up to D and a
+    back-off took it past 60 s, and on its last receive SQS moved the request away while
+    its start went on. An attempt that may end past half the visibility extends it first."""
+    world = build_world(visibility_timeout=60, start_timeout=10.0)
+    intake = intake_of(world)
+    message = sqs_message()
+    await intake.admit(intake.queues[0], message)
+    world.clock.advance(25)
+    async with anyio.create_task_group() as handlers:
+        intake.dispatch_once(world.pool, handlers)
+    assert world.sqs.names()[:1] == ["change_message_visibility"]
+    [extended] = world.sqs.calls_to("change_message_visibility")
+    assert extended["VisibilityTimeout"] == 60
+    assert extended["ReceiptHandle"] == message["ReceiptHandle"]
+    assert len(world.sfn.calls_to("start_execution")) == 1
+
+
+async def test_a_start_well_within_the_visibility_does_not_extend_it() -> None:
+    world = build_world(visibility_timeout=60, start_timeout=10.0)
+    intake = intake_of(world)
+    await intake.admit(intake.queues[0], sqs_message())
+    world.clock.advance(5)
+    async with anyio.create_task_group() as handlers:
+        intake.dispatch_once(world.pool, handlers)
+    assert world.sqs.calls_to("change_message_visibility") == []
+
+
+async def test_a_defect_in_the_start_path_ends_the_process_and_blames_no_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failure that is no AWS answer at all, before any attempt was sent (here a defect
+    put into the rate wait), once dead-lettered every request it met with the exception's
+    name as reason; it now ends the process (restarted, what it held settled as after a
+    kill -9), nothing is dead-lettered and nothing retries it."""
+
+    async def defect(*_: Any) -> None:
+        raise NameError("name 'START_WAIT_MAX' is not defined")
+
+    monkeypatch.setattr("dispatcher.daemon.starter.Starter._wait_hidden", defect)
+    world = build_world()
+    intake = intake_of(world)
+    await intake.admit(intake.queues[0], sqs_message())
+    with pytest.raises(BaseExceptionGroup) as raised:
+        async with anyio.create_task_group() as handlers:
+            intake.dispatch_once(world.pool, handlers)
+    assert raised.group_contains(NameError)
+    assert world.sqs.calls_to("send_message") == []
+    assert world.sqs.calls_to("delete_message") == []
+    assert world.sfn.calls_to("start_execution") == []

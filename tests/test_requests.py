@@ -266,9 +266,10 @@ def test_execution_arn_is_derived_from_the_state_machine_arn() -> None:
         (client_error("ValidationException", 400), ErrorKind.PERMANENT),
         (client_error("InvalidName", 400), ErrorKind.PERMANENT),
         (client_error("ExecutionAlreadyExists", 400), ErrorKind.PERMANENT),
-        (ValueError("bug"), ErrorKind.PERMANENT),
+        (ValueError("bug"), ErrorKind.UNKNOWN),  # a defect here, never the request's
     ],
 )
 def test_classify(error: Exception, kind: ErrorKind) -> None:
     assert classify(error) is kind
-    assert is_retryable(error) is (kind is not ErrorKind.PERMANENT)
+    aws = not isinstance(error, ValueError)  # anything else is not retried: a defect
+    assert is_retryable(error) is (aws and kind is not ErrorKind.PERMANENT)

@@ -659,3 +659,26 @@ def test_a_dead_letter_of_a_fresh_copy_is_judged_by_its_own_execution() -> None:
     assert "dead_letter_ran" in kinds(check(ran, spec()))
     named = _fresh_copy_dead_lettered(fresh_ran=False, attributes={"dispatcher-request-id": "m1"})
     assert "dead_letter_ran" in kinds(check(named, spec()))
+
+
+# -- a dead letter's reason -------------------------------------------------------------------
+
+
+def test_a_dead_letter_named_after_an_exception_is_unwarranted() -> None:
+    """A defect of the dispatcher (a NameError in its start path) once dead-lettered every
+    request it met with reason "NameError", and every seed passed: a reason settled it."""
+    history = History()
+    request(history, "q1", "m1")
+    dead_letter(history, "m1", 3, reason="NameError")
+    delete(history, "m1", 4)
+    assert kinds(check(history, spec())) == ["unwarranted_dead_letter"]
+
+
+def test_an_aws_error_about_requests_warrants_a_dead_letter_only_once_aws_gave_it() -> None:
+    history = History()
+    request(history, "q1", "m1")
+    dead_letter(history, "m1", 3, reason="InvalidExecutionInput")
+    delete(history, "m1", 4)
+    assert kinds(check(history, spec())) == ["unwarranted_dead_letter"]
+    history.call(2.5, "d1", 7, "StartExecution name=m1", "ERROR InvalidExecutionInput")
+    assert check(history, spec()) == []

@@ -132,7 +132,9 @@ def classify(exc: BaseException) -> ErrorKind:
         return ErrorKind.PERMANENT if code in REQUEST_CODES else ErrorKind.UNKNOWN
     if isinstance(exc, BotoConnectionError | BotoCoreError | OSError | TimeoutError):
         return ErrorKind.TRANSIENT
-    return ErrorKind.PERMANENT
+    # Not an answer at all: a defect of this process (it once dead-lettered every request
+    # with reason "NameError"), never the request's.
+    return ErrorKind.UNKNOWN
 
 
 def outcome_unknown(exc: BaseException) -> bool:
@@ -156,8 +158,9 @@ AWS_ERRORS = (ClientError, BotoCoreError, OSError, TimeoutError)
 
 
 def is_retryable(exc: Exception) -> bool:
-    """Retry predicate for stamina: transient and setup errors are retried."""
-    return classify(exc) is not ErrorKind.PERMANENT
+    """Retry predicate for stamina: transient and setup errors are retried (not an error
+    about the request, nor anything that is not an AWS call's failure)."""
+    return isinstance(exc, AWS_ERRORS) and classify(exc) is not ErrorKind.PERMANENT
 
 
 class UnreadableAnswerError(BotoCoreError):

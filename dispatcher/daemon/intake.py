@@ -112,6 +112,9 @@ class Intake:
         self._receives: anyio.CancelScope | None = None  # receive loops: let answer at stop
         self._stopped = anyio.Event()
         self._extending: set[Waiting] = set()  # waiting entries an extension is out for
+        # Receipt handle -> since when SQS surely hides it: set aside while stopping, on its
+        # last receive, and hidden then (`_hide_last_receives`).
+        self._hidden_at_set_aside: dict[str, float] = {}
         self._deadline_added = anyio.Event()  # a request with a start-by entered a room
         # The reign ends but the process goes on (the lease lost): what is kept on its last
         # receive is left to `LastReceives.finish` (the service's), with no shutdown deadline.
@@ -344,9 +347,23 @@ class Intake:
                 log.info("dispatcher.waiting_set_aside", queue=queue.url, count=len(mine))
                 last = [str(m["ReceiptHandle"]) for m in mine if queue.is_last_receive(m)]
                 rest = [str(m["ReceiptHandle"]) for m in mine if not queue.is_last_receive(m)]
-                for handles, hidden in ((last, visibility), (rest, seconds[queue.url])):
-                    if handles:
-                        calls.start_soon(queue.set_visibility, handles, max(hidden, 1))
+                if last:
+                    now = min(p.clock() for p in self.pools.values())
+                    calls.start_soon(self._hide_last_receives, queue, last, now)
+                if rest:
+                    calls.start_soon(queue.set_visibility, rest, max(seconds[queue.url], 1))
+
+    async def _hide_last_receives(
+        self, queue: RequestQueue, handles: list[str], since: float
+    ) -> None:
+        """Set aside while stopping, on their last receive: hidden for the visibility
+        timeout. Those SQS hid are known hidden since before the call (what their keeper
+        counts from: counted from their last extension instead, they were once given up
+        as surely visible again while SQS still hid them for most of a minute)."""
+        failed = await queue.set_visibility(handles, self.settings.visibility_timeout)
+        for handle in handles:
+            if handle not in failed:
+                self._hidden_at_set_aside[handle] = since
 
     async def _hand_back_received(
         self, queue: RequestQueue, messages: list[Any], hidden_since: float
@@ -378,6 +395,10 @@ class Intake:
                     entry = self._entry_of(queue, dict(message))
                     if entry is not None and queue.is_last_receive(message):
                         entry.hidden_since = min(entry.hidden_since, since)
+                        handle = str(message["ReceiptHandle"])
+                        hidden = self._hidden_at_set_aside.pop(handle, None)
+                        if hidden is not None:
+                            entry.hidden_since = max(entry.hidden_since, hidden)
                         self.starter.last_receives.keep(entry, why)
                     else:
                         mine.append(message)

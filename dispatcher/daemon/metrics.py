@@ -336,6 +336,7 @@ DEAD_LETTER_REASONS = (
     "receive_limit",
     "expired",
     "invalid_start_by",
+    "unknown_pool",
     "InvalidExecutionInput",
     "InvalidName",
     "ValidationException",

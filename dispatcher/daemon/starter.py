@@ -22,6 +22,7 @@ import stamina
 import structlog
 
 from dispatcher.aws.api import (
+    AWS_ERRORS,
     THROTTLE_CODES,
     Clients,
     ErrorKind,
@@ -62,6 +63,8 @@ log = structlog.get_logger("dispatcher.intake")
 
 
 MAX_UNANSWERED = 10_000
+START_WAIT_MAX = 5.0
+"""Seconds between two attempts of a start, at most (jittered back-off)."""
 """Starts with a lost answer remembered at most (to count them started when confirmed)."""
 
 
@@ -530,13 +533,16 @@ class Starter:
             attempts=None,
             timeout=self.settings.start_retry_timeout,
             wait_initial=0.05,
-            wait_max=5.0,
+            wait_max=START_WAIT_MAX,
         ):
             with attempt:
                 attempts += 1
                 self._check_not_stopping(attempts)
                 await self._admission(entry, reservation, handling)
                 await self._wait_hidden(entry, limiter.reserve())
+                # Hidden through this attempt and the back-off after it (checked next at
+                # the next attempt's admission).
+                await self.keep_hidden(entry, ahead=self.settings.start_timeout + START_WAIT_MAX)
                 await self._admission(entry, reservation, handling)  # the wait may be long
                 # Its start-by: no attempt is sent after it, by this clock, read last
                 # before the call (no await in between).
@@ -646,6 +652,11 @@ class Starter:
             entry.bound.warning("dispatcher.start_gave_up", error=str(exc), in_doubt=True)
             await self._hand_back(entry, 30, "start outcome unknown")
             return
+        if not isinstance(exc, AWS_ERRORS):
+            # A defect of this process, not an answer about the request: it ends the
+            # process (ECS starts a new one; what it held is settled as after a kill -9).
+            # Dead-lettered, every request met by the defect was once blamed for it.
+            raise exc
         self._release(entry.pool, reservation)
         if classify(exc) is ErrorKind.PERMANENT:
             detail = f"StartExecution refused the request: {error_code(exc)}: {exc}"
@@ -774,12 +785,18 @@ class Starter:
             seconds -= step
             await self.keep_hidden(entry)
         if seconds > 0:
+            await self.keep_hidden(entry, ahead=seconds)
             await anyio.sleep(seconds)
 
-    async def keep_hidden(self, entry: Waiting) -> None:
-        """Extend the message's visibility once half of it has passed (long waits)."""
+    async def keep_hidden(self, entry: Waiting, ahead: float = 0.0) -> None:
+        """Extend the message's visibility once half of it has passed, or would have after
+        ``ahead`` seconds (what the caller does next before it checks again: a rate wait, an
+        attempt and its back-off). Checked only between steps, it once lapsed during a
+        start's retries - a rate wait, then an attempt, then a back-off, none of which
+        alone reached half of it - and on its last receive SQS moved the request away while
+        its start went on."""
         now = entry.pool.clock()
-        if now - entry.hidden_since < self.settings.visibility_timeout / 2:
+        if now - entry.hidden_since + ahead < self.settings.visibility_timeout / 2:
             return
         try:
             await self.sqs.change_message_visibility(
