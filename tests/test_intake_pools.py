@@ -765,3 +765,27 @@ async def test_another_copy_of_a_hidden_waiting_request_waits_as_its_own_entry()
     ]
     world.clock.advance(world.settings.visibility_timeout / 2)
     assert await intake.extend_waiting() == 2
+
+
+async def test_a_last_receive_set_aside_at_stop_counts_as_hidden_from_that_call() -> None:
+    """Stopping with a receive in flight, a request on its last receive is set aside and
+    hidden for the visibility timeout. Its keeper used to count from its receive (40 s
+    earlier), give it up as surely visible again while SQS still hid it for most of a
+    minute, and SQS's redrive policy moved it without a reason."""
+    world, pool, intake = two_queue_world()
+    high, _ = intake.queues
+    high.max_receive_count = 3
+    world.sqs.refuse_sends_to.add(HIGH)  # no renewal: it waits in the room
+    await intake.admit(high, sqs_message(
+        '{"id": "h-0"}', message_id="h-0", system={"ApproximateReceiveCount": "3"}
+    ))  # fmt: skip
+    assert len(pool.room) == 1
+    world.clock.advance(40)
+    set_aside_at = world.clock()
+    intake._polls[HIGH] = 1  # a long poll in flight
+    intake.stop()
+    await intake._set_aside_waiting()
+    intake._polls[HIGH] = 0  # it answered
+    await intake._hand_back_late()
+    [kept] = list(intake.starter.last_receives)
+    assert kept.entry.hidden_since == set_aside_at
