@@ -502,10 +502,10 @@ def _check_settled(
 def _moves_out_of_reach(history: History) -> set[str]:
     """Ids of messages the redrive policy moved after a receive that no dispatcher could
     act on: its answer was lost (SQS counted a receive nobody saw), or the node that
-    received it was killed afterwards, or told to stop - afterwards, or before, a long poll
-    in flight when it was (it held the message until it was too late, or its last act, a
-    dead-letter copy, was cut short; a request kept on its last receive that shutdown could
-    not settle is let go, hidden)."""
+    received it was killed (afterwards, or before its long poll was answered), or told to
+    stop - afterwards, or before, a long poll in flight when it was (it held the message
+    until it was too late, or its last act, a dead-letter copy, was cut short; a request
+    kept on its last receive that shutdown could not settle is let go, hidden)."""
     lost = {a.call_id for a in history.lost_answers if a.operation == "ReceiveMessage"}
     crashed: dict[str, float] = {}
     for crash in history.crashes:
@@ -516,7 +516,9 @@ def _moves_out_of_reach(history: History) -> set[str]:
     for receive in history.receives:
         unseen = (
             receive.call_id in lost
-            or crashed.get(receive.node, -math.inf) >= receive.time
+            # killed after it arrived, or before (a long poll on the wire when its caller
+            # died is still answered, counting a receive nobody sees)
+            or receive.node in crashed
             or receive.node in stopped
         )
         if not unseen:

@@ -65,10 +65,13 @@ def renewal_attributes(message: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def handle_left(hidden_since: float, now: float, visibility: float) -> float:
-    """Seconds the receipt handle of a message hidden since ``hidden_since`` (received or
-    last extended then, for ``visibility`` seconds) surely still works: how long a renewal
-    may go on trying to delete it (at least 1 s)."""
-    return max(1.0, hidden_since + visibility - now - 1.0)
+    """How long a renewal may go on trying to delete a message hidden since
+    ``hidden_since`` (received or last extended then, for ``visibility`` seconds): while
+    its receipt handle surely works, and at least half the visibility timeout (the
+    dispatcher's ``hidden_since`` is a lower bound: SQS may hide it longer, and a delete
+    once the handle lapsed is refused, or applied while nobody received it again -
+    harmless either way)."""
+    return max(visibility / 2, hidden_since + visibility - now - 1.0)
 
 
 async def renew(
