@@ -24,6 +24,7 @@ from dispatcher.core.requests import (
 from dispatcher.daemon.callbacks import DEAD_LETTERED, Callbacks
 from dispatcher.daemon.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
 from dispatcher.daemon.intake import Intake
+from dispatcher.daemon.renewal import handle_left
 from tests.fake_intake import handle, intake_of
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
@@ -855,3 +856,11 @@ async def test_a_renewed_original_is_deleted_through_a_burst_of_failed_deletes(
     assert len(copies_sent(world)) == 1
     deletes = [c["ReceiptHandle"] for c in world.sqs.calls_to("delete_message")]
     assert deletes == [message["ReceiptHandle"]] * 8
+
+
+def test_a_renewal_tries_its_delete_for_at_least_half_the_visibility() -> None:
+    """The dispatcher's hidden-since is a lower bound (SQS may hide the original longer):
+    counted from it alone, a renewal once gave up its delete after one try, and the
+    original, left, was moved without a reason when it came back."""
+    assert handle_left(hidden_since=0.0, now=58.5, visibility=60) == 30.0
+    assert handle_left(hidden_since=0.0, now=5.0, visibility=60) == 54.0
