@@ -428,7 +428,9 @@ CATALOGUE: tuple[Mutation, ...] = (
         ),
     ),
     # -- tombstones and redrive counts ------------------------------------------------------
-    # Not caught, and equivalent for what the checker judges: without the check a late
+    # Caught now (seed 114, `redrive_move`: a request kept waiting behind the over-count
+    # below, its copies renewed, one moved without a reason); it was argued equivalent
+    # while the checker judged only the limit for it: without the check a late
     # RUNNING event (or a stale listing) brings a finished run back into the running set,
     # so the ledger over-counts - safe for the limit - until a listing misses it past the
     # grace and a describe frees it again; evidence for a kept request is `holds` instead
@@ -690,7 +692,9 @@ CATALOGUE: tuple[Mutation, ...] = (
     # by then it exists, and is older than the lag; a copy of the request is held,
     # tombstoned or in doubt in the ledger, or being started (`LastReceives._may_run`);
     # a predecessor's starts took effect before this process's take-over wait (D +
-    # grace) ended, before any receive. The wait is defence in depth. (It once guarded a
+    # grace) ended, before any receive. The wait is defence in depth - and yet caught
+    # now (seed 183, `dead_letter_ran`): the argument above has a hole no one has
+    # traced yet. (It once guarded a
     # real gap: with D longer than the grace, a doubt counted its grace from when the
     # attempt ended, and an attempt answered at once with a 5xx could take effect after
     # the doubt was freed - reconcile freed its slot early too; fixed in the ledger's
@@ -866,13 +870,10 @@ NOT_YET_CAUGHT = frozenset(
     {
         "answer-before-child-ended",
         "deferrals-not-spaced",
-        # Caught on their own branches (seeds 82 and 65), no longer within 0..199 once the
-        # knobs were merged (exists_unknown's and twin_keeps' seeds changed): open gaps.
-        "describe-failure-frees-slot",
+        # Caught on its own branch (seed 65), no longer within 0..199 once the knobs were
+        # merged (twin_keeps' seeds changed): an open gap.
         "last-receive-ignores-copies-waiting",
         "last-receive-existing-then-missing",
-        "last-receive-missing-without-grace",
-        "no-tombstone",
         "redrive-count-dropped-from-events",
         "retry-without-lease",
     }
