@@ -703,3 +703,29 @@ async def test_a_defect_in_the_start_path_ends_the_process_and_blames_no_request
     assert world.sqs.calls_to("send_message") == []
     assert world.sqs.calls_to("delete_message") == []
     assert world.sfn.calls_to("start_execution") == []
+
+
+async def test_a_slow_admission_does_not_hold_back_the_rest_of_its_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Admitted one after another, one message's slow call (here its dead-letter copy's
+    send, hanging) once kept the rest of its batch unadmitted and unextended, until one on
+    its last receive lapsed and SQS's redrive policy moved it without a reason."""
+    world = build_world()
+    world.sqs.put(REQUEST_QUEUE, sqs_message("not json", message_id="bad"))
+    world.sqs.put(REQUEST_QUEUE, sqs_message('{"n": 2}', message_id="good"))
+    sent = anyio.Event()
+
+    async def hangs(**_: Any) -> dict[str, Any]:
+        sent.set()
+        await anyio.sleep_forever()
+        return {}
+
+    monkeypatch.setattr(world.sqs, "send_message", hangs)
+    intake = intake_of(world)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(intake.receive_once, intake.queues[0])
+        await sent.wait()
+        await anyio.wait_all_tasks_blocked()
+        assert [e.request.message_id for e in world.pool.room.items()] == ["good"]
+        tg.cancel_scope.cancel()

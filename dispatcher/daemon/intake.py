@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import anyio
@@ -290,11 +291,20 @@ class Intake:
                 pool.backlog_drained()
         self.stats.received += len(messages)
         queue.received += len(messages)
-        for index, message in enumerate(messages):
-            if self.starter.stopping:
-                await self._hand_back_received(queue, messages[index:], min(asked.values()))
-                break
-            await self.admit(queue, message, asked=asked)
+        # Admitted side by side: one message's slow call (a renewal whose delete is tried
+        # again, a hand-back whose answer is lost) once held the others of its batch
+        # unadmitted, unextended, until one on its last receive lapsed and SQS moved it.
+        # Each admission is synchronous up to its first call, so the room takes them in
+        # the order SQS gave them.
+        async with anyio.create_task_group() as admissions:
+            for index, message in enumerate(messages):
+                if self.starter.stopping:
+                    rest = messages[index:]
+                    admissions.start_soon(
+                        self._hand_back_received, queue, rest, min(asked.values())
+                    )
+                    break
+                admissions.start_soon(partial(self.admit, queue, message, asked=asked))
         return len(messages)
 
     def _polls_may_take(self, queue: RequestQueue) -> int:
