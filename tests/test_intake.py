@@ -729,3 +729,31 @@ async def test_a_slow_admission_does_not_hold_back_the_rest_of_its_batch(
         await anyio.wait_all_tasks_blocked()
         assert [e.request.message_id for e in world.pool.room.items()] == ["good"]
         tg.cancel_scope.cancel()
+
+
+async def test_an_extension_held_on_the_wire_is_given_up_and_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An extension whose call hung once kept a start from checking again for a minute,
+    and the request lapsed meanwhile. The call is bounded; unanswered, the message's
+    hidden-since is left as it was, so the next check tries again."""
+    monkeypatch.setattr("dispatcher.daemon.starter.EXTEND_CALL_SECONDS", 0.05)
+
+    async def hangs(**_: Any) -> dict[str, Any]:
+        await anyio.sleep_forever()
+        return {}
+
+    world = build_world(visibility_timeout=60)
+    intake = intake_of(world)
+    await intake.admit(intake.queues[0], sqs_message())
+    [entry] = list(world.pool.room.items())
+    since = entry.hidden_since
+    world.clock.advance(40)
+    monkeypatch.setattr(world.sqs, "change_message_visibility", hangs)
+    with anyio.fail_after(2):
+        await intake.starter.keep_hidden(entry)
+    assert entry.hidden_since == since
+    monkeypatch.undo()
+    monkeypatch.setattr("dispatcher.daemon.starter.EXTEND_CALL_SECONDS", 0.05)
+    await intake.starter.keep_hidden(entry)
+    assert entry.hidden_since == since + 40

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,9 +64,11 @@ log = structlog.get_logger("dispatcher.intake")
 
 
 MAX_UNANSWERED = 10_000
+"""Starts with a lost answer remembered at most (to count them started when confirmed)."""
 START_WAIT_MAX = 5.0
 """Seconds between two attempts of a start, at most (jittered back-off)."""
-"""Starts with a lost answer remembered at most (to count them started when confirmed)."""
+EXTEND_CALL_SECONDS = 8.0
+"""Seconds a visibility extension of a request being started may take."""
 
 
 class AbandonedError(Exception):
@@ -290,25 +293,10 @@ class Starter:
             bound.info("dispatcher.found_under_former_name", execution_arn=held)
             await self._already_exists(entry, reservation, handling, arn=held)
             return
-        if self._may_have_former_name(entry):
-            try:
-                former = await self.find_former_name(entry)
-            except Exception as exc:  # noqa: BLE001 - unknown: never start on a guess
-                handling.phase = "finishing"
-                self._release(pool, reservation)
-                self.stats.handed_back += 1
-                self.metrics.former_names.labels(pool=pool.name, result="failed").inc()
-                self.metrics.starts.labels(pool=pool.name, outcome="retried").inc()
-                bound.warning("dispatcher.former_name_lookup_failed", error=str(exc))
-                await self._back_to_queue(entry, 30, "former names unknown", message=entry.message)
-                return
-            result = "not_found" if former is None else "found"
-            self.metrics.former_names.labels(pool=pool.name, result=result).inc()
-            if former is not None:
-                handling.phase = "finishing"
-                bound.info("dispatcher.found_under_former_name", execution_arn=former)
-                await self._already_exists(entry, reservation, handling, arn=former)
-                return
+        if self._may_have_former_name(entry) and await self._settled_by_former_name(
+            entry, reservation, handling
+        ):
+            return
         if (
             request.task_token is not None
             and self.callbacks is not None
@@ -788,6 +776,51 @@ class Starter:
             await self.keep_hidden(entry, ahead=seconds)
             await anyio.sleep(seconds)
 
+    async def _settled_by_former_name(
+        self, entry: Waiting, reservation: Reservation, handling: _Handling
+    ) -> bool:
+        """Look for the request's execution under a former name (its message kept hidden
+        meanwhile): True when that settled it (found: served as that execution; the lookup
+        failed: handed back, never started on a guess)."""
+        pool, bound = entry.pool, entry.bound
+        try:
+            async with self._hidden_meanwhile(entry):
+                former = await self.find_former_name(entry)
+        except Exception as exc:  # noqa: BLE001 - unknown: never start on a guess
+            handling.phase = "finishing"
+            self._release(pool, reservation)
+            self.stats.handed_back += 1
+            self.metrics.former_names.labels(pool=pool.name, result="failed").inc()
+            self.metrics.starts.labels(pool=pool.name, outcome="retried").inc()
+            bound.warning("dispatcher.former_name_lookup_failed", error=str(exc))
+            await self._back_to_queue(entry, 30, "former names unknown", message=entry.message)
+            return True
+        result = "not_found" if former is None else "found"
+        self.metrics.former_names.labels(pool=pool.name, result=result).inc()
+        if former is None:
+            return False
+        handling.phase = "finishing"
+        bound.info("dispatcher.found_under_former_name", execution_arn=former)
+        await self._already_exists(entry, reservation, handling, arn=former)
+        return True
+
+    @asynccontextmanager
+    async def _hidden_meanwhile(self, entry: Waiting) -> AsyncIterator[None]:
+        """Keep ``entry``'s message hidden while the block runs (a listing of former names
+        under throttling once took 51 s, unextended, and the request lapsed meanwhile)."""
+
+        async def keep() -> None:
+            while True:
+                await anyio.sleep(self.settings.visibility_timeout / 4)
+                await self.keep_hidden(entry)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keep)
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+
     async def keep_hidden(self, entry: Waiting, ahead: float = 0.0) -> None:
         """Extend the message's visibility once half of it has passed, or would have after
         ``ahead`` seconds (what the caller does next before it checks again: a rate wait, an
@@ -798,15 +831,23 @@ class Starter:
         now = entry.pool.clock()
         if now - entry.hidden_since + ahead < self.settings.visibility_timeout / 2:
             return
-        try:
-            await self.sqs.change_message_visibility(
-                QueueUrl=entry.queue.url,
-                ReceiptHandle=entry.request.receipt_handle,
-                VisibilityTimeout=self.settings.visibility_timeout,
-            )
-        except Exception as exc:  # noqa: BLE001 - worst case it is redelivered: idempotent
-            entry.bound.warning("dispatcher.extend_visibility_failed", error=str(exc))
-        entry.hidden_since = now
+        # Bounded: a call held on the wire once kept the start from checking again for a
+        # minute, and the request lapsed meanwhile. Unanswered or refused for a reason
+        # that may pass, it is tried again at the next check (hidden-since unchanged).
+        with anyio.move_on_after(EXTEND_CALL_SECONDS):
+            try:
+                await self.sqs.change_message_visibility(
+                    QueueUrl=entry.queue.url,
+                    ReceiptHandle=entry.request.receipt_handle,
+                    VisibilityTimeout=self.settings.visibility_timeout,
+                )
+            except AWS_ERRORS as exc:  # worst case it is redelivered: idempotent
+                entry.bound.warning("dispatcher.extend_visibility_failed", error=str(exc))
+                if classify(exc) is ErrorKind.TRANSIENT:
+                    return
+            entry.hidden_since = now
+            return
+        entry.bound.warning("dispatcher.extend_visibility_failed", error="no answer")
 
     async def dead_letter(
         self,
