@@ -82,7 +82,9 @@ BUGS: dict[str, Bug] = {
     "lease-fence-unbounded": Bug(
         "issue 11 bug 2: a start in flight lands after the new lease holder filled the pool",
         patches=((Dispatcher, "settle_seconds", _old_settle),),
-        settings=(("start_timeout", 60.0),),
+        # A visibility long enough that no extension precedes an attempt (the old fence
+        # sent its start at once; an extension first would shift the race it loses).
+        settings=(("start_timeout", 60.0), ("visibility_timeout", 300)),
         old_start_client=True,
     ),
     "deferrals-never-forgotten": Bug(

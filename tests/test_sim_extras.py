@@ -73,7 +73,7 @@ def test_a_dead_letter_that_says_it_ran_must_not_invite_a_redrive() -> None:
     request(honest, "r1", "m1", body=BODY)
     run(honest, "m1", 1.0, 4.0, input=BODY)
     dead_letter(
-        honest, "m1", 5.0, "already_ran", detail="execution m1 ran: do not redrive this copy"
+        honest, "m1", 5.0, "receive_limit", detail="execution m1 ran: do not redrive this copy"
     )
     assert check(honest, spec()) == []
 

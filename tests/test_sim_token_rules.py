@@ -259,7 +259,10 @@ def test_a_token_without_a_child_is_failed_with_a_dispatcher_error() -> None:
             queue_url=spec().dead_letter_queue or "",
             message_id="dl-m0",
             body="{}",
-            attributes={"dispatcher-reason": "invalid_key", "dispatcher-original-message-id": "m0"},
+            attributes={
+                "dispatcher-reason": "invalid_idempotency_key",
+                "dispatcher-original-message-id": "m0",
+            },
         )
         fail(history, token, 2.5, error, "invalid_key: ...")
         end(history, 2.5, "FAILED", error=error)
