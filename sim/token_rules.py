@@ -149,7 +149,7 @@ def check_tokens(
     ``out_of_reach``: message id -> when the redrive policy moved it after a receive no
     dispatcher could act on (its answer lost, its receiver killed: as ``lost_request``
     excuses it, a parent waiting only on such tokens is excused from ``parent_waiting``)."""
-    moved_away = out_of_reach or {}
+    moved_away = _through_copies(history, spec, out_of_reach or {})
     log = history.tokens
     if not log.parents:
         return []
@@ -204,6 +204,28 @@ def check_tokens(
                     )
                 )
     found += _check_stops(history, children)
+    return found
+
+
+def _through_copies(
+    history: History, spec: CheckSpec, moved: Mapping[str, float]
+) -> dict[str, float]:
+    """``moved`` with each move also counted for the messages the moved one is a renewal
+    copy of (``dispatcher-original-message-id``, followed back): a token travels in its
+    request's copies, so a copy moved out of reach leaves its parent unreachable."""
+    parent_of = {
+        sent.message_id: sent.attributes[ORIGINAL_ID_ATTRIBUTE]
+        for sent in history.sends
+        if ORIGINAL_ID_ATTRIBUTE in sent.attributes and sent.queue_url in spec.request_queues
+    }
+    found = dict(moved)
+    for message_id, when in moved.items():
+        seen: set[str] = set()
+        current = message_id
+        while current in parent_of and current not in seen:
+            seen.add(current)
+            current = parent_of[current]
+            found[current] = min(found.get(current, math.inf), when)
     return found
 
 

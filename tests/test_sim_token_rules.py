@@ -8,7 +8,7 @@ import json
 from sim.checker import check
 from sim.history import Execution, History, Run
 from sim.token_log import FAILURE, SUCCESS, IssuedToken, TokenCall
-from sim.token_rules import _check_superseded
+from sim.token_rules import _check_superseded, _through_copies
 from tests.test_sim_checker import (
     DLQ,
     MACHINE,
@@ -566,3 +566,20 @@ def test_an_answer_is_judged_against_the_execution_it_came_from_not_a_namesake()
     second.runs.append(Run(96.0, "d1", 2, 1, 99.0, "SUCCEEDED", output='{"run": "again"}'))
     [violation] = _check_superseded(answer, "p item 0", SUCCESS, [first, second], spec())
     assert violation.kind == "superseded_answer"
+
+
+def test_a_renewal_copy_moved_out_of_reach_counts_for_the_token_it_carries() -> None:
+    """A token travels in its request's renewal copies: the copy (not the message the
+    parent's token was issued in) is what the redrive policy moved after its receiver was
+    killed, and the parent waiting on it is as unreachable as if the original had been."""
+    history = History()
+    history.message_sent(
+        5.0, "d1", queue_url=QUEUE, message_id="c1", body="{}",
+        attributes={"dispatcher-original-message-id": "m0"},
+    )  # fmt: skip
+    history.message_sent(
+        9.0, "d1", queue_url=QUEUE, message_id="c2", body="{}",
+        attributes={"dispatcher-original-message-id": "c1"},
+    )  # fmt: skip
+    moved = _through_copies(history, spec(), {"c2": 70.0})
+    assert moved == {"c2": 70.0, "c1": 70.0, "m0": 70.0}
