@@ -7,14 +7,17 @@ import json
 import time
 from typing import Any
 
+import aiohttp
 import anyio
 import pytest
 import stamina
 from botocore.exceptions import ClientError
+from structlog.testing import capture_logs
 
 from dispatcher.core.requests import IDEMPOTENCY_ATTRIBUTE, execution_arn
 from dispatcher.daemon.deadletter import DETAIL_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, REASON_ATTRIBUTE
 from dispatcher.daemon.intake import RECEIVE_GRACE
+from dispatcher.daemon.starter import _Handling
 from tests.fake_intake import dispatch_all, finish, handle, intake_of, waiting
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
@@ -757,3 +760,77 @@ async def test_an_extension_held_on_the_wire_is_given_up_and_tried_again(
     monkeypatch.setattr("dispatcher.daemon.starter.EXTEND_CALL_SECONDS", 0.05)
     await intake.starter.keep_hidden(entry)
     assert entry.hidden_since == since + 40
+
+
+async def test_an_answer_cut_mid_body_while_extending_does_not_end_the_process() -> None:
+    """aiobotocore reads an answer's body outside its own error mapping: a connection cut
+    mid-answer raises aiohttp's ClientPayloadError. Raised by the extension before a start,
+    it was once taken for a defect of the dispatcher, and ended the process."""
+    world = build_world(visibility_timeout=60, start_timeout=10.0)
+    intake = intake_of(world)
+    await intake.admit(intake.queues[0], sqs_message())
+    world.clock.advance(35)  # past half the visibility: the start extends it first
+    world.sqs.fail(
+        "change_message_visibility",
+        aiohttp.ClientPayloadError("Response payload is not completed"),
+    )
+    async with anyio.create_task_group() as handlers:
+        intake.dispatch_once(world.pool, handlers)
+    assert len(world.sfn.calls_to("start_execution")) == 1
+
+
+async def test_an_extension_refused_for_a_reason_that_may_pass_is_tried_again() -> None:
+    """An expired session token (it passes at the next credential refresh) once counted as
+    an extension made: nothing tried again for half a visibility, and the message lapsed."""
+    world = build_world(visibility_timeout=60)
+    intake = intake_of(world)
+    await intake.admit(intake.queues[0], sqs_message())
+    [entry] = list(world.pool.room.items())
+    since = entry.hidden_since
+    world.clock.advance(40)
+    world.sqs.fail("change_message_visibility", client_error("ExpiredTokenException", 400))
+    await intake.starter.keep_hidden(entry)
+    assert entry.hidden_since == since
+    world.sqs.fail("change_message_visibility", client_error("ReceiptHandleIsInvalid", 400))
+    await intake.starter.keep_hidden(entry)
+    assert entry.hidden_since == since + 40, "gone: no retry can help"
+
+
+async def test_a_failed_former_name_lookup_is_logged_with_its_cause() -> None:
+    """Kept hidden while it runs, the lookup's error once came out wrapped in a group:
+    the log said "unhandled errors in a TaskGroup" instead of the AWS error."""
+    world = build_world(visibility_timeout=60)
+    intake = intake_of(world)
+    await intake.admit(intake.queues[0], sqs_message())
+    [entry] = list(world.pool.room.items())
+
+    async def fails(_: Any) -> str | None:
+        raise client_error("AccessDeniedException", 400, "not allowed to list")
+
+    intake.starter.find_former_name = fails  # type: ignore[method-assign]
+    [reservation] = world.pool.ledger.reserve(1, world.pool.clock(), None)
+    with capture_logs() as logs:
+        settled = await intake.starter._settled_by_former_name(
+            entry, reservation, _Handling(scope=anyio.CancelScope())
+        )
+    assert settled
+    [failed] = [e for e in logs if e["event"] == "dispatcher.former_name_lookup_failed"]
+    assert "AccessDeniedException" in failed["error"]
+
+
+async def test_an_admission_whose_call_fails_cuts_no_other_admission_short(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Admitted side by side, one admission's failed AWS call once left the batch as an
+    exception group that the receive loop could not recognise, and cancelled the others."""
+    world = build_world()
+    world.sqs.put(REQUEST_QUEUE, sqs_message("not json", message_id="bad"))
+    world.sqs.put(REQUEST_QUEUE, sqs_message('{"n": 2}', message_id="good"))
+    intake = intake_of(world)
+
+    async def dead_letter(*_: Any, **__: Any) -> bool:
+        raise client_error("InternalError", 500)
+
+    monkeypatch.setattr(intake.starter, "dead_letter", dead_letter)
+    assert await intake.receive_once(intake.queues[0]) == 2
+    assert [e.request.message_id for e in world.pool.room.items()] == ["good"]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import aioboto3
 import aiobotocore
+import aiohttp
 from aiobotocore.config import AioConfig
 from botocore.exceptions import (
     BotoCoreError,
@@ -130,7 +131,11 @@ def classify(exc: BaseException) -> ErrorKind:
         if code in SETUP_CODES or (code not in REQUEST_CODES and status in (401, 403)):
             return ErrorKind.SETUP
         return ErrorKind.PERMANENT if code in REQUEST_CODES else ErrorKind.UNKNOWN
-    if isinstance(exc, BotoConnectionError | BotoCoreError | OSError | TimeoutError):
+    if isinstance(
+        exc, BotoConnectionError | BotoCoreError | OSError | TimeoutError | aiohttp.ClientError
+    ):
+        # aiohttp's own errors: aiobotocore reads an answer's body outside its error
+        # mapping, so a connection cut mid-answer surfaces as ClientPayloadError.
         return ErrorKind.TRANSIENT
     # Not an answer at all: a defect of this process (it once dead-lettered every request
     # with reason "NameError"), never the request's.
@@ -153,7 +158,7 @@ def outcome_unknown(exc: BaseException) -> bool:
     return not isinstance(exc, EndpointConnectionError | ConnectTimeoutError)
 
 
-AWS_ERRORS = (ClientError, BotoCoreError, OSError, TimeoutError)
+AWS_ERRORS = (ClientError, BotoCoreError, OSError, TimeoutError, aiohttp.ClientError)
 """What a failed AWS call raises; anything else escaping a loop is a bug and ends it."""
 
 

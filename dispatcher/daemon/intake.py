@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from functools import partial
 from typing import Any
 
 import anyio
@@ -304,8 +303,23 @@ class Intake:
                         self._hand_back_received, queue, rest, min(asked.values())
                     )
                     break
-                admissions.start_soon(partial(self.admit, queue, message, asked=asked))
+                admissions.start_soon(self._admit_one, queue, message, asked)
         return len(messages)
+
+    async def _admit_one(
+        self, queue: RequestQueue, message: dict[str, Any], asked: dict[str, float]
+    ) -> None:
+        """`admit`, side by side with its batch: a failed AWS call leaves the message to
+        come back (its visibility runs out) and cuts no other admission short."""
+        try:
+            await self.admit(queue, message, asked=asked)
+        except AWS_ERRORS as exc:
+            log.warning(
+                "dispatcher.admission_failed",
+                queue=queue.url,
+                message_id=message.get("MessageId"),
+                error=str(exc),
+            )
 
     def _polls_may_take(self, queue: RequestQueue) -> int:
         """Stopping: seconds until no long poll of this process on ``queue`` can take a

@@ -69,6 +69,11 @@ START_WAIT_MAX = 5.0
 """Seconds between two attempts of a start, at most (jittered back-off)."""
 EXTEND_CALL_SECONDS = 8.0
 """Seconds a visibility extension of a request being started may take."""
+GONE_CODES = frozenset(
+    {"ReceiptHandleIsInvalid", "AWS.SimpleQueueService.MessageNotInflight", "InvalidParameterValue"}
+)
+"""SQS's refusals of an extension that no retry can change (the message is visible again,
+received by another, or deleted)."""
 
 
 class AbandonedError(Exception):
@@ -814,12 +819,17 @@ class Starter:
                 await anyio.sleep(self.settings.visibility_timeout / 4)
                 await self.keep_hidden(entry)
 
+        failed: Exception | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(keep)
             try:
                 yield
+            except Exception as exc:  # noqa: BLE001 - raised as it is, not in a group
+                failed = exc
             finally:
                 tg.cancel_scope.cancel()
+        if failed is not None:
+            raise failed
 
     async def keep_hidden(self, entry: Waiting, ahead: float = 0.0) -> None:
         """Extend the message's visibility once half of it has passed, or would have after
@@ -841,10 +851,11 @@ class Starter:
                     ReceiptHandle=entry.request.receipt_handle,
                     VisibilityTimeout=self.settings.visibility_timeout,
                 )
-            except AWS_ERRORS as exc:  # worst case it is redelivered: idempotent
+            except Exception as exc:  # noqa: BLE001 - worst case it is redelivered: idempotent
                 entry.bound.warning("dispatcher.extend_visibility_failed", error=str(exc))
-                if classify(exc) is ErrorKind.TRANSIENT:
-                    return
+                if error_code(exc) in GONE_CODES:
+                    entry.hidden_since = now  # no retry can help: it is visible, or gone
+                return
             entry.hidden_since = now
             return
         entry.bound.warning("dispatcher.extend_visibility_failed", error="no answer")
