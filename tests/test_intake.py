@@ -796,7 +796,9 @@ async def test_an_extension_refused_for_a_reason_that_may_pass_is_tried_again() 
     assert entry.hidden_since == since + 40, "gone: no retry can help"
 
 
-async def test_a_failed_former_name_lookup_is_logged_with_its_cause() -> None:
+async def test_a_failed_former_name_lookup_is_logged_with_its_cause(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Kept hidden while it runs, the lookup's error once came out wrapped in a group:
     the log said "unhandled errors in a TaskGroup" instead of the AWS error."""
     world = build_world(visibility_timeout=60)
@@ -807,7 +809,7 @@ async def test_a_failed_former_name_lookup_is_logged_with_its_cause() -> None:
     async def fails(_: Any) -> str | None:
         raise client_error("AccessDeniedException", 400, "not allowed to list")
 
-    intake.starter.find_former_name = fails  # type: ignore[method-assign]
+    monkeypatch.setattr(intake.starter, "find_former_name", fails)
     [reservation] = world.pool.ledger.reserve(1, world.pool.clock(), None)
     with capture_logs() as logs:
         settled = await intake.starter._settled_by_former_name(
