@@ -796,6 +796,34 @@ async def test_an_extension_refused_for_a_reason_that_may_pass_is_tried_again() 
     assert entry.hidden_since == since + 40, "gone: no retry can help"
 
 
+async def test_an_extension_that_an_attempt_would_outlast_is_tried_again_before_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An extension before an attempt went unanswered, and the attempt went on with 22 s
+    of the message's hidden window left: held on the wire for its 40 s, it outlasted the
+    window, and on its last receive the request was moved by the redrive policy while its
+    start was in flight. An extension that what comes next would outlast is tried again
+    at once, while the window lasts."""
+    monkeypatch.setattr("dispatcher.daemon.starter.EXTEND_RETRY_PAUSE", 0.01)
+    world = build_world(visibility_timeout=60, start_timeout=40.0)
+    intake = intake_of(world)
+    await intake.admit(intake.queues[0], sqs_message())
+    [entry] = list(world.pool.room.items())
+    since = entry.hidden_since
+    world.clock.advance(38)
+    world.sqs.fail("change_message_visibility", *[client_error("ServiceUnavailable", 503)] * 2)
+    with anyio.fail_after(5):
+        await intake.starter.keep_hidden(entry, ahead=45.0)
+    assert len(world.sqs.calls_to("change_message_visibility")) == 3
+    assert entry.hidden_since == since + 38
+    # What comes next ends within the window: one try, the next check tries again.
+    world.clock.advance(20)
+    world.sqs.fail("change_message_visibility", client_error("ServiceUnavailable", 503))
+    await intake.starter.keep_hidden(entry, ahead=10.0)
+    assert len(world.sqs.calls_to("change_message_visibility")) == 4
+    assert entry.hidden_since == since + 38
+
+
 async def test_a_failed_former_name_lookup_is_logged_with_its_cause(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

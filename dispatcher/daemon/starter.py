@@ -69,6 +69,8 @@ START_WAIT_MAX = 5.0
 """Seconds between two attempts of a start, at most (jittered back-off)."""
 EXTEND_CALL_SECONDS = 8.0
 """Seconds a visibility extension of a request being started may take."""
+EXTEND_RETRY_PAUSE = 1.0
+"""Seconds between two extensions of a message that would lapse before the next check."""
 GONE_CODES = frozenset(
     {"ReceiptHandleIsInvalid", "AWS.SimpleQueueService.MessageNotInflight", "InvalidParameterValue"}
 )
@@ -837,13 +839,31 @@ class Starter:
         attempt and its back-off). Checked only between steps, it once lapsed during a
         start's retries - a rate wait, then an attempt, then a back-off, none of which
         alone reached half of it - and on its last receive SQS moved the request away while
-        its start went on."""
+        its start went on.
+
+        Not extended, it is tried again at the next check - unless what comes next would
+        outlast the message's hidden window: then it is tried again now, while some of the
+        window is left (an attempt held on the wire once outlasted a lost extension, and
+        the request lapsed on its last receive while its start was in flight)."""
+        visibility = self.settings.visibility_timeout
+        clock = entry.pool.clock
+        tries = max(1, int((entry.hidden_since + visibility - clock()) / EXTEND_RETRY_PAUSE))
+        for _ in range(tries):
+            elapsed = clock() - entry.hidden_since
+            if elapsed + ahead < visibility / 2 or await self._extend(entry):
+                return
+            left = entry.hidden_since + visibility - clock()
+            if elapsed + ahead < visibility or left <= 2 * EXTEND_RETRY_PAUSE:
+                return
+            await anyio.sleep(EXTEND_RETRY_PAUSE)
+
+    async def _extend(self, entry: Waiting) -> bool:
+        """One bounded extension of the message's visibility; whether no retry is needed
+        (made, or refused for good: it is visible again, or gone)."""
         now = entry.pool.clock()
-        if now - entry.hidden_since + ahead < self.settings.visibility_timeout / 2:
-            return
         # Bounded: a call held on the wire once kept the start from checking again for a
         # minute, and the request lapsed meanwhile. Unanswered or refused for a reason
-        # that may pass, it is tried again at the next check (hidden-since unchanged).
+        # that may pass, hidden-since is left unchanged (the caller may try again).
         with anyio.move_on_after(EXTEND_CALL_SECONDS):
             try:
                 await self.sqs.change_message_visibility(
@@ -855,10 +875,12 @@ class Starter:
                 entry.bound.warning("dispatcher.extend_visibility_failed", error=str(exc))
                 if error_code(exc) in GONE_CODES:
                     entry.hidden_since = now  # no retry can help: it is visible, or gone
-                return
+                    return True
+                return False
             entry.hidden_since = now
-            return
+            return True
         entry.bound.warning("dispatcher.extend_visibility_failed", error="no answer")
+        return False
 
     async def dead_letter(
         self,
