@@ -45,10 +45,10 @@ def _old_settle(self: Dispatcher) -> float:
 
 def _old_deferred(pool: Pool) -> dict[str | None, deque[float]]:
     """The old shape of ``Pool._deferred``: key -> return times of its deferrals."""
-    return cast(dict[str | None, deque[float]], pool._deferred)
+    return cast(dict[str | None, deque[float]], pool.__dict__.setdefault("_old_deferred", {}))
 
 
-def _old_defer_seconds(self: Pool, key: str | None) -> int:
+def _old_defer_seconds(self: Pool, key: str | None, ident: object = None) -> int:
     """Before the fix: a deque of return times for every key ever deferred."""
     now = self.clock()
     pending = _old_deferred(self).setdefault(key, deque())

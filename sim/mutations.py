@@ -516,9 +516,9 @@ CATALOGUE: tuple[Mutation, ...] = (
         "deferral memory",
         "a key whose deferrals are all back is forgotten",
         Pool,
-        "_forget_earliest",
-        "del self._deferred[key]",
-        "self._deferred[key] = 0",
+        "left_line",
+        "del self._lines[key]",
+        "pass",
     ),
     # Not caught, and equivalent for what the checker judges: `defer_seconds` decides only
     # how long a request the waiting room has no space for stays hidden in its queue.
@@ -541,7 +541,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "a deferral is spaced after the key's deferrals not back yet",
         Pool,
         "defer_seconds",
-        "ahead = self.room.count(key=key) + self._deferred.get(key, 0)",
+        "ahead = self.room.count(key=key) + before",
         "ahead = self.room.count(key=key)",
     ),
     # -- token answer order and deletion -----------------------------------------------------

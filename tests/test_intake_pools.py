@@ -15,7 +15,7 @@ from dispatcher.core.requests import IDEMPOTENCY_ATTRIBUTE, KEY_TAG_LENGTH, exec
 from dispatcher.core.requests import tag_of as tag_in
 from dispatcher.daemon.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
 from dispatcher.daemon.intake import UNROUTED, Intake
-from dispatcher.daemon.pool import LOOKAHEAD, Pool
+from dispatcher.daemon.pool import FORGET_AFTER_TURN, LOOKAHEAD, Pool
 from dispatcher.settings.layout import PoolConfig, QueueConfig
 from sim import loop
 from tests.fake_intake import (
@@ -599,30 +599,71 @@ def test_a_deferral_is_sized_by_the_requests_of_its_key() -> None:
     measured(world, 3.0)
     for i in range(12):
         assert pool.room.offer(i, priority=0, key=key_tag("A"))
-    assert pool.defer_seconds(key_tag("A")) == 18
-    assert pool.defer_seconds(key_tag("A")) == 19, "spaced after the one deferred before"
-    assert pool.defer_seconds(key_tag("B")) == 1
+    assert pool.defer_seconds(key_tag("A"), ident="a1") == 18
+    assert pool.defer_seconds(key_tag("A"), ident="a2") == 19, "spaced after the one before"
+    assert pool.defer_seconds(key_tag("B"), ident="b1") == 1
     world.clock.advance(18.0)
-    assert pool.defer_seconds(key_tag("A")) == 19, "the first deferral is back: not ahead"
+    assert pool.room.offer("a1", priority=0, key=key_tag("A"))  # back, into the room
+    pool.left_line("a1")
+    assert pool.defer_seconds(key_tag("A"), ident="a3") == 21, "a2 is ahead, a1 is not"
+
+
+def test_a_request_deferred_again_keeps_its_place_in_its_keys_line() -> None:
+    """A backlog of one key longer than SQS's 15-minute delay came back all at once,
+    each request counting the others still out as ahead of it, and was deferred 15 minutes
+    again, all at once, for ever, with the key idle in between. Deferred again, a request
+    has only those deferred before it ahead of it, whatever order they come back in."""
+    world = keyed_world(limit=4, per_key_limit=1, max_waiting=100)
+    pool = world.pool
+    measured(world, 60.0)
+    first = [pool.defer_seconds(key_tag("A"), ident=f"r{i}") for i in range(30)]
+    assert first[:3] == [1, 60, 120]
+    assert first[15:] == [900] * 15  # r29: 29 ahead, capped
+    world.clock.advance(900.0)  # r15's turn; r16..r29 are all back together, early
+    pool.left_line("r14")  # back in turn, they got into the waiting room
+    pool.left_line("r15")
+    again = {i: pool.defer_seconds(key_tag("A"), ident=f"r{i}") for i in range(29, 15, -1)}
+    assert again[16] == 1, "its turn has come"
+    assert again[29] == 13 * 60, "13 still ahead"
+    assert [again[i] for i in range(16, 30)] == sorted(again.values()), "one after another"
+    assert (pool.deferral_keys, pool.deferrals_pending) == (1, 14)
+
+
+def test_copies_of_one_request_take_one_place() -> None:
+    """Copies of one request (SQS stored it twice, a renewal, a producer's retry) share its
+    identity: deferred, they are one request ahead of the next, not several."""
+    world = keyed_world(limit=4, per_key_limit=1, max_waiting=100)
+    pool = world.pool
+    measured(world, 10.0)
+    assert pool.defer_seconds(key_tag("A"), ident="r1") == 1
+    assert pool.defer_seconds(key_tag("A"), ident="r1") == 1
+    assert pool.defer_seconds(key_tag("A"), ident="r2") == 10
+    assert pool.deferrals_pending == 2
 
 
 def test_deferrals_that_came_back_are_forgotten_whatever_the_number_of_keys() -> None:
     """20,000 tenants deferred once each leave nothing behind once their requests are back
-    in the queue; a key with deferrals still out keeps them, its next one spaced after."""
+    in the queue for a while (or got into the waiting room); a key with deferrals still out
+    keeps them, its next one spaced after."""
     world = keyed_world(limit=4, per_key_limit=2, max_waiting=100)
     pool = world.pool
     measured(world, 3.0)
     for i in range(20_000):
         assert pool.defer_seconds(key_tag(f"tenant-{i}")) == 1  # nothing ahead: 1 s
     assert (pool.deferral_keys, pool.deferrals_pending) == (20_000, 20_000)
-    world.clock.advance(1.0)  # every one of them is back
+    world.clock.advance(1.0 + FORGET_AFTER_TURN)  # every one of them is long back
     for i in range(12):
         assert pool.room.offer(i, priority=0, key=key_tag("A"))
-    assert [pool.defer_seconds(key_tag("A")) for _ in range(3)] == [18, 19, 21]
+    assert [pool.defer_seconds(key_tag("A"), ident=i) for i in range(3)] == [18, 19, 21]
     assert (pool.deferral_keys, pool.deferrals_pending) == (1, 3)
-    world.clock.advance(18.0)  # A's first deferral is back, two are still out
-    assert pool.defer_seconds(key_tag("A")) == 21, "spaced after the two not back yet"
+    world.clock.advance(18.0)
+    assert pool.room.offer(12, priority=0, key=key_tag("A"))  # A's first is back, in the room
+    pool.left_line(0)  # two are still out
+    assert pool.defer_seconds(key_tag("A")) == 22, "spaced after the two not back yet"
     assert (pool.deferral_keys, pool.deferrals_pending) == (1, 3)
+    world.clock.advance(23.0 + FORGET_AFTER_TURN)
+    pool.forget_returned_deferrals()
+    assert (pool.deferral_keys, pool.deferrals_pending) == (0, 0)
 
 
 def test_the_deferrals_remembered_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:

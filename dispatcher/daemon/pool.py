@@ -9,11 +9,12 @@ start).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -35,6 +36,9 @@ MAX_DEFER_SECONDS = 900
 PAUSED_DEFER_SECONDS = 300
 """A request for a paused pool (limit 0) that a shared queue brought comes back this late:
 20 receives (the template's maxReceiveCount) last 100 minutes of pause."""
+FORGET_AFTER_TURN = 120.0
+"""Seconds after its turn a deferred request is forgotten unless it got into the waiting
+room before: by then it was received again (deferred again, or started), or is gone."""
 MAX_TRACKED_DEFERRALS = 50_000
 """Deferrals a pool remembers at most, about 10 MB (past it, the deferral due back first is
 forgotten: its key's next one may come back a little early, one receive more). Deferrals not
@@ -81,11 +85,15 @@ class Pool:
         self.max_running_seen = 0
         self.duration = 0.0  # mean execution run time (EWMA) once one has ended
         self._durations = 0
-        # Deferrals not back yet: when each returns (a heap, earliest first) and how many
-        # each key has. Only these are kept, never every key ever deferred.
-        self._returns: list[tuple[float, int, str | None]] = []  # (returns at, seq, key)
+        # Deferred requests: each one's turn (when the requests ahead of it should have
+        # started) and key, each key's turns in order (its line), and the turns in a heap,
+        # earliest first, to forget them (an entry is stale once its request took another
+        # turn). A request leaves when it gets into the waiting room, or some time after
+        # its turn: never every key ever deferred is kept.
+        self._turns: dict[Hashable, tuple[float, str | None]] = {}
+        self._lines: dict[str | None, list[float]] = {}
+        self._returns: list[tuple[float, int, Hashable]] = []  # (turn, seq, request)
         self.on_ended: Callable[[str, str, Mapping[str, Any] | None], None] | None = None
-        self._deferred: dict[str | None, int] = {}
         self._seq = itertools.count()
         self.shared: SharedLimits | None = None  # the named limits it uses (`share`)
         self._linked: tuple[Pool, ...] = ()  # pools sharing a named limit with it
@@ -255,33 +263,61 @@ class Pool:
         oldest = self.ledger.oldest_since()
         return max(1.0, 0.0 if oldest is None else self.clock() - oldest)
 
-    def defer_seconds(self, key: str | None) -> int:
+    def defer_seconds(self, key: str | None, ident: Hashable | None = None) -> int:
         """How long a request the waiting room has no space for should stay in its queue:
         about the time the requests ahead of it (of its key: waiting here, or deferred
-        earlier and not back yet) need to start, from the executions' mean run time;
-        1 s to 15 min. Each deferral is spaced after the previous ones, so a deep backlog
-        of one key comes back in turn, about once per message: every hand-back is a
-        receive, and receives count towards the queue's redrive policy. Only deferrals not
-        back yet are remembered (each is a message hidden in SQS for at most 15 min), so
-        memory does not grow with the number of keys ever seen."""
+        before it) need to start, from the executions' mean run time; 1 s to 15 min. Each
+        deferral is spaced after the previous ones, so a deep backlog of one key comes back
+        in turn, about once per message: every hand-back is a receive, and receives count
+        towards the queue's redrive policy.
+
+        A request (``ident``: its identity, shared by its copies) deferred again keeps its
+        place in its key's line: only the requests deferred before it are ahead. Counting
+        every deferral still out, a backlog of one key longer than SQS's 15-minute delay
+        once came back all at once, each one counting the others as ahead of it, and was
+        deferred 15 minutes again, all at once, for ever, with the key idle in between."""
         now = self.clock()
         self.forget_returned_deferrals()
+        line = self._lines.get(key, [])
+        held = self._turns.get(ident) if ident is not None else None
+        before = len(line) if held is None else bisect.bisect_left(line, held[0])
         ledger = self.ledger
         lanes = ledger.per_key_limit if key is not None and ledger.per_key_limit else ledger.limit
-        ahead = self.room.count(key=key) + self._deferred.get(key, 0)
+        ahead = self.room.count(key=key) + before
         run_time = self.run_time()
         if self._linked:  # named limits: its lanes are theirs, shared with the pools waiting
             lanes = min(lanes, self._shared_lanes())
             ahead += sum(len(other.room) for other in self._linked)
             run_time = max(run_time, *(other.run_time() for other in self._linked))
-        delay = int(min(MAX_DEFER_SECONDS, max(1.0, ahead / max(1, lanes) * run_time)))
+        wait = max(1.0, ahead / max(1, lanes) * run_time)
         if ledger.limit == 0 or self.held_back():  # paused (a shared queue brought it)
-            delay = PAUSED_DEFER_SECONDS
-        heapq.heappush(self._returns, (now + delay, next(self._seq), key))
-        self._deferred[key] = self._deferred.get(key, 0) + 1
-        if len(self._returns) > MAX_TRACKED_DEFERRALS:
+            wait = PAUSED_DEFER_SECONDS
+        self._take_turn(object() if ident is None else ident, key, now + wait)
+        return int(min(MAX_DEFER_SECONDS, wait))
+
+    def _take_turn(self, ident: Hashable, key: str | None, turn: float) -> None:
+        """Remember ``ident``'s turn in its key's line (replacing the one it had)."""
+        self.left_line(ident)
+        self._turns[ident] = (turn, key)
+        bisect.insort(self._lines.setdefault(key, []), turn)
+        heapq.heappush(self._returns, (turn, next(self._seq), ident))
+        while len(self._turns) > MAX_TRACKED_DEFERRALS:
             self._forget_earliest()
-        return delay
+        if len(self._returns) > 2 * len(self._turns) + 1000:  # mostly stale: rebuilt
+            self._returns = [(t, next(self._seq), i) for i, (t, _) in self._turns.items()]
+            heapq.heapify(self._returns)
+
+    def left_line(self, ident: Hashable) -> None:
+        """A deferred request got into the waiting room (or took another turn): it is no
+        longer ahead of the requests deferred after it."""
+        held = self._turns.pop(ident, None)
+        if held is None:
+            return
+        turn, key = held
+        line = self._lines[key]
+        del line[bisect.bisect_left(line, turn)]
+        if not line:
+            del self._lines[key]
 
     def _shared_lanes(self) -> int:
         """How many of its executions the named limits it uses let run at once."""
@@ -292,29 +328,29 @@ class Pool:
         return min((shared.limit(name) // weight for name, weight in used), default=1)
 
     def forget_returned_deferrals(self) -> None:
-        """Forget the deferrals that are back (their keys too, once none is left)."""
+        """Forget the deferred requests whose turn is long past (back in their queue by
+        then, and either deferred again or admitted, or gone), and their keys once none is
+        left."""
         now = self.clock()
-        while self._returns and self._returns[0][0] <= now:
+        while self._returns and self._returns[0][0] + FORGET_AFTER_TURN <= now:
             self._forget_earliest()
 
     def _forget_earliest(self) -> None:
-        """Drop the deferral that returns first (and its key, once it has none left)."""
-        _, _, key = heapq.heappop(self._returns)
-        left = self._deferred[key] - 1
-        if left:
-            self._deferred[key] = left
-        else:
-            del self._deferred[key]
+        """Drop the earliest turn remembered (and its key, once it has none left)."""
+        turn, _, ident = heapq.heappop(self._returns)
+        held = self._turns.get(ident)
+        if held is not None and held[0] == turn:  # else stale: it took another turn since
+            self.left_line(ident)
 
     @property
     def deferrals_pending(self) -> int:
-        """Deferrals remembered as not back yet (forgotten lazily, at the next deferral)."""
-        return len(self._returns)
+        """Deferred requests remembered (forgotten lazily, at the next deferral)."""
+        return len(self._turns)
 
     @property
     def deferral_keys(self) -> int:
-        """Keys with a deferral remembered as not back yet."""
-        return len(self._deferred)
+        """Keys with a deferred request remembered."""
+        return len(self._lines)
 
     def note_start_sent(self) -> None:
         """A StartExecution is being sent: close the oldest open hand-over, if any."""
