@@ -413,6 +413,29 @@ async def test_a_dead_letter_on_its_last_receive_is_deleted_even_if_the_delete_f
     assert handed_back(world) == []
 
 
+async def test_a_dead_letters_delete_on_its_last_receive_outlives_a_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lease was lost in a throttling storm while the delete of a dead-lettered request
+    on its last receive was being tried again: the stop cut the tries short, the request
+    lapsed, and the redrive policy moved it a second time, without its reason. The delete
+    goes on through a stop, for a bounded time."""
+    monkeypatch.setattr("dispatcher.daemon.deadletter.LAST_RECEIVE_MAX_PAUSE", 0.01)
+    world = world_of()
+    intake, _ = intake_for(world)
+    throttled = client_error("RequestThrottled", 400, op="DeleteMessage")
+    world.sqs.fail("delete_message", *[throttled] * 3)
+    message = last_receive(**{IDEMPOTENCY_ATTRIBUTE: "bad name!"})
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(intake.admit, intake.queues[0], message)
+            await world.sqs.called("delete_message")
+            tg.cancel_scope.cancel()  # the stop comes while the delete is tried again
+    assert len(dead_letters(world)) == 1
+    deletes = world.sqs.calls_to("delete_message")
+    assert [d["ReceiptHandle"] for d in deletes] == ["rh-m-1"] * 4, "tried until it was done"
+
+
 async def test_a_kept_request_is_not_let_go_when_an_extension_call_fails() -> None:
     """The extension's call failed (throttled): the message is still hidden for a while,
     so it stays kept and the next pass tries again; it used to be let go at once, for the

@@ -63,7 +63,13 @@ LAST_RECEIVE_RETRY_SECONDS = 300.0
 """How long a dead-letter send that fails on a request's last receive is tried again,
 the request kept hidden meanwhile (handed back, the redrive policy would move it without
 its reason)."""
-LAST_RECEIVE_MAX_PAUSE = 30.0  # seconds between those tries, at most
+LAST_RECEIVE_DELETE_SECONDS = 60.0
+"""How long the delete of a request on its last receive whose copy was sent may go on
+once the process stops."""
+LAST_RECEIVE_MAX_PAUSE = 5.0
+"""Seconds between those tries, at most: each also extends the request's visibility, so
+the tries stay frequent while SQS refuses them (a throttling storm once refused the delete
+and the extension for 40 s; with 30 s between tries, the request lapsed between two)."""
 LAST_RECEIVE_HIDDEN_MARGIN = 30  # seconds the request stays hidden beyond the next try
 
 
@@ -188,7 +194,14 @@ class DeadLetterQueue:
 
     async def _delete_last(self, queue: RequestQueue, handle: str, bound: Any) -> None:
         """Delete a request on its last receive whose copy was sent: tried again, the
-        request kept hidden meanwhile, as its send is."""
+        request kept hidden meanwhile, as its send is - even while the process stops
+        (for `LAST_RECEIVE_DELETE_SECONDS` at most): cut short by a stop (the lease lost
+        in a throttling storm), the request lapsed and the redrive policy moved it a second
+        time, without its reason."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(LAST_RECEIVE_DELETE_SECONDS):
+            await self._delete_last_tries(queue, handle, bound)
+
+    async def _delete_last_tries(self, queue: RequestQueue, handle: str, bound: Any) -> None:
         waited, failures = 0.0, 0
         while True:
             try:
