@@ -74,6 +74,10 @@ def _old_pending(self: Pool) -> int:
     return sum(len(p) for p in _old_deferred(self).values())
 
 
+def _old_keys(self: Pool) -> int:
+    return len(_old_deferred(self))
+
+
 BUGS: dict[str, Bug] = {
     "lost-answer-frees-slot": Bug(
         "issue 11 bug 1: a start whose answers were lost until give-up frees its slot",
@@ -93,6 +97,7 @@ BUGS: dict[str, Bug] = {
             (Pool, "defer_seconds", _old_defer_seconds),
             (Pool, "forget_returned_deferrals", _old_forget),
             (Pool, "deferrals_pending", property(_old_pending)),
+            (Pool, "deferral_keys", property(_old_keys)),
         ),
     ),
     "takeover-without-waiting": Bug(
