@@ -113,6 +113,7 @@ def check(history: History, spec: CheckSpec) -> list[Violation]:
     found += copy_rules.check_dead_letters(
         history, spec, owners.executions, owners.request_of, owners.fresh
     )
+    found += copy_rules.check_held_copies(history, spec, owners.executions, owners.request_of)
     found += deadlines.check_deadlines(history, spec)
     found += _check_reasons(history, spec)
     found.sort(key=lambda v: (v.time, v.kind))

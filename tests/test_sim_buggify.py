@@ -14,7 +14,7 @@ import structlog
 
 from dispatcher.core.ledger import Change, Ledger
 from sim import __main__ as sim_cli
-from sim import buggify, harness, twins
+from sim import buggify, exists, harness, twin_waits, twins
 from sim.calls import NO_FAULT
 from sim.harness import DISPATCHER, PoolPlan, Run, Scenario, scenario, simulate
 from sim.nemesis import SLOW_START_GAP, Action, Nemesis, plan
@@ -32,6 +32,9 @@ def test_each_knob_is_on_in_a_share_of_the_seeds() -> None:
     drawn = [buggify.draw(seed) for seed in range(1000)]
     for name in buggify.Knobs().__dataclass_fields__:
         share = sum(bool(getattr(k, name)) for k in drawn) / len(drawn)
+        if name in ("twin_waits", "exists_full"):  # seeds of their own (every other knob off)
+            assert 0.03 <= share <= 0.15, (name, share)
+            continue
         assert 0.2 <= share <= 0.4, (name, share)
     assert {k.max_receive_count for k in drawn} == {None, 2, 3, 5}
     assert buggify.draw(17) == buggify.draw(17)
@@ -337,3 +340,56 @@ def test_twin_keeps_is_dropped_with_parents_rolling_deploys_or_slow_starts() -> 
     for made in dropped:
         crowded = made.parents.parents or made.extras.rolling is not None
         assert crowded or buggify.draw(made.seed).slow_starts
+
+
+# -- scenarios of their own: twin_waits (sim.twin_waits), exists_full (sim.exists) --------------
+
+
+def test_a_scenario_knob_moves_no_seed_where_it_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drawn from streams of their own: a seed where neither is on - not drawn, or dropped
+    because it cannot run there - is exactly the scenario it was before they existed."""
+    before = {seed: scenario(seed) for seed in range(200)}
+    drawn = [s for s in range(200) if buggify.scenario_knobs(s) is not None]
+    monkeypatch.setattr(buggify, "TWIN_WAITS_SHARE", 0.0)
+    monkeypatch.setattr(buggify, "EXISTS_FULL_SHARE", 0.0)
+    for seed, made in before.items():
+        if not (made.knobs.twin_waits or made.knobs.exists_full):
+            assert scenario(seed) == made, seed
+    # Some were drawn and dropped (they could not run there): those ran as before too.
+    assert any(not (before[s].knobs.twin_waits or before[s].knobs.exists_full) for s in drawn)
+
+
+def test_twin_waits_runs_twin_keeps_alone_with_its_limit_in_the_file() -> None:
+    on = [scenario(s) for s in range(200) if scenario(s).knobs.twin_waits]
+    assert len(on) >= 5
+    for made in on:
+        assert made.knobs == buggify.Knobs(twin_keeps=True, twin_waits=True, renewals_denied=True)
+        assert not made.pools[0].parameter  # a SIGHUP applies a change at once
+        assert made.pools[0].limit == 1
+    assert not any(buggify.draw(s).twin_waits for s in range(200) if buggify.classic(s).twin_keeps)
+
+
+def test_twin_waits_lowers_the_limit_at_the_first_copys_give_up() -> None:
+    told: list[twins.Episode] = []
+    storms = twins.TwinStorms([twins.Episode(at=10.0, tail=1.5)], give_up_after=30.0)
+    storms.on_give_up = told.append
+    start = {"name": "twin"}
+    assert storms.fault(10.2, start) is not None
+    assert storms.fault(39.0, start) is not None
+    assert not told
+    storms.fault(40.5, start)  # the first attempt past the retry timeout: it gives up
+    assert told == storms.episodes
+    storms.fault(41.0, start)
+    assert len(told) == 1
+    assert twin_waits.HOLD[0] > DISPATCHER["start_timeout"] + DISPATCHER["start_grace"]
+
+
+def test_exists_full_runs_exists_unknown_alone_without_limits_that_hold_the_burst() -> None:
+    on = [scenario(s) for s in range(200) if scenario(s).knobs.exists_full]
+    assert len(on) >= 3
+    for made in on:
+        assert made.knobs == buggify.Knobs(exists_unknown=True, exists_full=True)
+        assert made.named is None
+        assert all(p.per_key_limit is None for p in made.pools)
+        assert made.requests == exists.FULL_REQUESTS
+        assert not made.parents.parents

@@ -391,7 +391,7 @@ def test_a_move_after_a_receive_answered_while_its_receiver_stopped_settles_the_
     it - SQS's move is not the dispatcher's doing."""
     history = History()
     request(history, "q1", "m1")
-    history.messages_received(1, "d1.1", QUEUE, [("m1", 1)], call_id=1)  # handed back
+    history.messages_received(1, "d1", QUEUE, [("m1", 1)], call_id=1)  # handed back
     history.note(61.5, "d1.2", "SIGTERM")
     history.messages_received(62, "d1.2", QUEUE, [("m1", 2)], call_id=2)
     history.message_moved(
@@ -414,6 +414,29 @@ def test_a_request_dead_lettered_for_a_redrive_while_its_execution_runs() -> Non
     dead_letter(clean, "m1", 40, reason="receive_limit")  # never ran: a redrive runs it
     delete(clean, "m1", 41)
     assert check(clean, spec()) == []
+
+
+def test_a_request_dead_lettered_while_its_process_holds_a_copy_it_then_starts() -> None:
+    """SQS stored the request twice; the process dead-lettered one copy (receive_limit,
+    "redrive it to run it") while it held the other, which it started afterwards: the
+    dead letter said the execution does not exist while a copy in its hands was to start
+    it. A copy received again after the dead letter (e.g. it came back) is another matter."""
+
+    def history_with(received_again: bool) -> History:
+        history = History()
+        request(history, "q1", "m1")
+        history.messages_received(1, "d1", QUEUE, [("m1", 1), ("m1", 1)], call_id=1)
+        history.add(2, "d1", "start_sent", "StartExecution name=m1 sent", name="m1")
+        dead_letter(history, "m1", 40, reason="receive_limit")
+        if received_again:
+            history.messages_received(50, "d1", QUEUE, [("m1", 2)], call_id=2)
+        history.add(60, "d1", "start_sent", "StartExecution name=m1 sent", name="m1")
+        run(history, "m1", 60.01, 70, input=json.dumps({"request": "q1"}))
+        delete(history, "m1", 61)
+        return history
+
+    assert kinds(check(history_with(received_again=False), spec())) == ["dead_letter_held_copy"]
+    assert check(history_with(received_again=True), spec()) == []
 
 
 def test_a_bad_request_must_not_start_and_must_be_dead_lettered() -> None:
