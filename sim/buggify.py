@@ -78,7 +78,12 @@ its last receive, or just before that copy's first describe.
 ``twin_waits`` (``buggify-twin-waits-SEED``, only where ``twin_keeps`` is drawn off) turns
 ``twin_keeps`` and ``renewals_denied`` on and every other knob off, the pool's limit
 dropped to 0 at each first copy's give-up for 30 to 50 s (`sim.twin_waits`): the twin
-waits in the room when the kept copy is described.
+waits in the room when the kept copy is described. ``exists_full``
+(``buggify-exists-full-SEED``, where ``exists_unknown`` is off) turns ``exists_unknown`` on
+alone, built so that a slot freed on failed describes is used at once (`sim.exists`).
+``late_running`` (``buggify-late-running-SEED``) is a scenario of its own: every RUNNING
+event delivered again after its run ended, a backlog waiting for each slot
+(`sim.late_running`).
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ class Knobs:
     twin_keeps: bool = False
     twin_waits: bool = False  # with twin_keeps (`sim.twin_waits`)
     exists_full: bool = False  # with exists_unknown (`sim.exists`)
+    late_running: bool = False  # alone (`sim.late_running`)
 
     @property
     def on(self) -> tuple[str, ...]:
@@ -161,7 +167,7 @@ HUNT = (
 )
 """Knobs drawn, and planned, from their own stream (added later: no other draw moved)."""
 
-OWN = ("twin_keeps", "twin_waits", "exists_full")
+OWN = ("twin_keeps", "twin_waits", "exists_full", "late_running")
 """Knobs drawn, and planned, each from a stream of its own (named after it)."""
 
 OFF = Knobs()
@@ -170,6 +176,8 @@ TWIN_WAITS_SHARE = 0.15
 """``twin_waits`` is on in this share of the seeds where ``twin_keeps`` is off."""
 EXISTS_FULL_SHARE = 0.1
 """``exists_full`` is on in this share of the seeds where ``exists_unknown`` is off."""
+LATE_RUNNING_SHARE = 0.06
+"""``late_running`` is on in this share of the seeds (where no knob above is)."""
 
 KEY_LIMIT_DROPS_SHARE = 0.4
 """``key_limit_drops`` needs a keyed pool and a retry on the wire: a larger share."""
@@ -200,6 +208,8 @@ def scenario_knobs(seed: int) -> Knobs | None:
         return Knobs(twin_keeps=True, twin_waits=True, renewals_denied=True)
     if not own("exists-unknown", seed) and own("exists-full", seed, EXISTS_FULL_SHARE):
         return Knobs(exists_unknown=True, exists_full=True)
+    if own("late-running", seed, LATE_RUNNING_SHARE):
+        return Knobs(late_running=True)
     return None
 
 

@@ -38,6 +38,7 @@ from sim import (
     exists,
     extras,
     key_limits,
+    late_running,
     loop,
     named,
     redrives,
@@ -144,7 +145,7 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
         # A scenario of its own (`buggify.scenario_knobs`) that cannot run here: the seed
         # as if it had not been drawn.
         made = _drawn(seed, buggify.classic(seed), parents)
-    return exists.shaped(made)
+    return late_running.shaped(exists.shaped(made))
 
 
 def _drawn(seed: int, knobs: Knobs, parents: bool | None) -> Scenario:
@@ -481,6 +482,8 @@ class Run:
         if self.plan.knobs.twin_keeps:
             lag = twins.describe_lag(self.setting("start_grace"), self.setting("start_timeout"))
             self.world.sfn.describe_lag_of = lambda name: lag
+        if self.plan.knobs.late_running:
+            late_running.LateCopies(self)
         self.twin_waits: twin_waits.LimitHolds | None = None
         if self.plan.knobs.twin_waits and self.nemesis.twins is not None:
             self.twin_waits = twin_waits.LimitHolds(self)
@@ -488,6 +491,8 @@ class Run:
 
     def _drawn_nemesis(self) -> Nemesis:
         """The seed's fault plan."""
+        if self.plan.knobs.late_running:  # no fault at all (`sim.late_running`)
+            return Nemesis(random.Random(f"nemesis-{self.seed}"), self.clock, 0.0, 0.0)
         tokens = ("SendTaskSuccess", "SendTaskFailure", "SendTaskHeartbeat", "StopExecution")
         drawn = plan(
             random.Random(f"nemesis-{self.seed}"),
@@ -778,6 +783,7 @@ class Run:
             # works; events may be lost and listings fail while a storm lasts.
             outside_grace=self.setting("reconcile_interval") + STORM_MAX + 35.0 + 10.0,
             expected_bad=frozenset(self.expected_bad),
+            idle_bound=late_running.IDLE_BOUND if self.plan.knobs.late_running else None,
             # A held token is heartbeated every interval (slack: one more); after a crash
             # its message comes back within a visibility timeout, a process within a stop
             # timeout and 20 s.

@@ -439,6 +439,25 @@ def test_a_request_dead_lettered_while_its_process_holds_a_copy_it_then_starts()
     assert check(history_with(received_again=True), spec()) == []
 
 
+def test_a_slot_left_free_while_a_request_waits_is_caught_where_judged() -> None:
+    """``idle_slot`` (late_running seeds): limit 2, three requests sent at 0; the third
+    starts only 15 s after a slot came free (the first run ended at 5). Not judged without
+    an idle bound; judged with one of 8 s; fine when it starts at once."""
+
+    def history_with(third_at: float) -> History:
+        history = History()
+        for index, start, stop in ((1, 1.0, 5.0), (2, 1.0, 40.0), (3, third_at, 50.0)):
+            request(history, f"q{index}", f"m{index}")
+            run(history, f"m{index}", start, stop, input=json.dumps({"request": f"q{index}"}))
+            delete(history, f"m{index}", start + 0.5)
+        return history
+
+    late = history_with(20.0)
+    assert check(late, spec()) == []
+    assert kinds(check(late, spec(idle_bound=8.0))) == ["idle_slot"]
+    assert check(history_with(6.0), spec(idle_bound=8.0)) == []
+
+
 def test_a_bad_request_must_not_start_and_must_be_dead_lettered() -> None:
     history = History()
     request(history, "q1", "m1", body="not json")
