@@ -83,7 +83,8 @@ waits in the room when the kept copy is described. ``exists_full``
 alone, built so that a slot freed on failed describes is used at once (`sim.exists`).
 ``late_running`` (``buggify-late-running-SEED``) is a scenario of its own: every RUNNING
 event delivered again after its run ended, a backlog waiting for each slot
-(`sim.late_running`).
+(`sim.late_running`); so is ``deep_backlog`` (``buggify-deep-backlog-SEED``): a backlog far
+deeper than the waiting room, deferred in turn (`sim.backlog`).
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ class Knobs:
     twin_waits: bool = False  # with twin_keeps (`sim.twin_waits`)
     exists_full: bool = False  # with exists_unknown (`sim.exists`)
     late_running: bool = False  # alone (`sim.late_running`)
+    deep_backlog: bool = False  # alone (`sim.backlog`)
 
     @property
     def on(self) -> tuple[str, ...]:
@@ -167,7 +169,7 @@ HUNT = (
 )
 """Knobs drawn, and planned, from their own stream (added later: no other draw moved)."""
 
-OWN = ("twin_keeps", "twin_waits", "exists_full", "late_running")
+OWN = ("twin_keeps", "twin_waits", "exists_full", "late_running", "deep_backlog")
 """Knobs drawn, and planned, each from a stream of its own (named after it)."""
 
 OFF = Knobs()
@@ -178,6 +180,8 @@ EXISTS_FULL_SHARE = 0.1
 """``exists_full`` is on in this share of the seeds where ``exists_unknown`` is off."""
 LATE_RUNNING_SHARE = 0.06
 """``late_running`` is on in this share of the seeds (where no knob above is)."""
+DEEP_BACKLOG_SHARE = 0.05
+"""``deep_backlog`` is on in this share of the seeds (where no knob above is)."""
 
 KEY_LIMIT_DROPS_SHARE = 0.4
 """``key_limit_drops`` needs a keyed pool and a retry on the wire: a larger share."""
@@ -210,6 +214,8 @@ def scenario_knobs(seed: int) -> Knobs | None:
         return Knobs(exists_unknown=True, exists_full=True)
     if own("late-running", seed, LATE_RUNNING_SHARE):
         return Knobs(late_running=True)
+    if own("deep-backlog", seed, DEEP_BACKLOG_SHARE):
+        return Knobs(deep_backlog=True)
     return None
 
 

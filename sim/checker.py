@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from dispatcher.aws.api import REQUEST_CODES
 from dispatcher.daemon.metrics import DEAD_LETTER_REASONS
-from sim import copy_rules, deadlines, late_running, token_rules
+from sim import backlog, copy_rules, deadlines, late_running, token_rules
 from sim.history import (
     ORIGINAL_ID_ATTRIBUTE,
     OUTSIDE,
@@ -83,6 +83,7 @@ class CheckSpec:
     outside_grace: float = 0.0  # how long before an outside start can be known
     expected_bad: frozenset[str] = frozenset()  # request ids of poison messages
     idle_bound: float | None = None  # late_running seeds: `sim.late_running.check_idle`
+    receive_bound: int | None = None  # deep_backlog seeds: `sim.backlog.check_receives`
     # A token whose child runs is heartbeated at least this often, from heartbeat_grace
     # after quiet_at on (None: heartbeat timeouts are not judged).
     heartbeat_every: float | None = None
@@ -116,6 +117,7 @@ def check(history: History, spec: CheckSpec) -> list[Violation]:
     )
     found += copy_rules.check_held_copies(history, spec, owners.executions, owners.request_of)
     found += late_running.check_idle(history, spec, owners.executions)
+    found += backlog.check_receives(history, spec, owners.executions, owners.request_of)
     found += deadlines.check_deadlines(history, spec)
     found += _check_reasons(history, spec)
     found.sort(key=lambda v: (v.time, v.kind))

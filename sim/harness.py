@@ -34,6 +34,7 @@ from dispatcher.errors import UserError
 from dispatcher.settings import layout
 from dispatcher.settings.config import Settings
 from sim import (
+    backlog,
     buggify,
     exists,
     extras,
@@ -145,7 +146,7 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
         # A scenario of its own (`buggify.scenario_knobs`) that cannot run here: the seed
         # as if it had not been drawn.
         made = _drawn(seed, buggify.classic(seed), parents)
-    return late_running.shaped(exists.shaped(made))
+    return backlog.shaped(late_running.shaped(exists.shaped(made)))
 
 
 def _drawn(seed: int, knobs: Knobs, parents: bool | None) -> Scenario:
@@ -482,8 +483,9 @@ class Run:
         if self.plan.knobs.twin_keeps:
             lag = twins.describe_lag(self.setting("start_grace"), self.setting("start_timeout"))
             self.world.sfn.describe_lag_of = lambda name: lag
+        self.late_copies: late_running.LateCopies | None = None
         if self.plan.knobs.late_running:
-            late_running.LateCopies(self)
+            self.late_copies = late_running.LateCopies(self)
         self.twin_waits: twin_waits.LimitHolds | None = None
         if self.plan.knobs.twin_waits and self.nemesis.twins is not None:
             self.twin_waits = twin_waits.LimitHolds(self)
@@ -491,7 +493,7 @@ class Run:
 
     def _drawn_nemesis(self) -> Nemesis:
         """The seed's fault plan."""
-        if self.plan.knobs.late_running:  # no fault at all (`sim.late_running`)
+        if self.plan.knobs.late_running or self.plan.knobs.deep_backlog:  # no fault at all
             return Nemesis(random.Random(f"nemesis-{self.seed}"), self.clock, 0.0, 0.0)
         tokens = ("SendTaskSuccess", "SendTaskFailure", "SendTaskHeartbeat", "StopExecution")
         drawn = plan(
@@ -675,6 +677,8 @@ class Run:
                     tg.start_soon(twins.produce, self, self.nemesis.twins)
                 if self.twin_waits is not None:
                     tg.start_soon(self.twin_waits)
+                if self.late_copies is not None:
+                    tg.start_soon(self.late_copies.operate)
                 tg.start_soon(self._act)
                 tg.start_soon(self._kill_when_told)
                 if self.late_redrives is not None:
@@ -784,6 +788,7 @@ class Run:
             outside_grace=self.setting("reconcile_interval") + STORM_MAX + 35.0 + 10.0,
             expected_bad=frozenset(self.expected_bad),
             idle_bound=late_running.IDLE_BOUND if self.plan.knobs.late_running else None,
+            receive_bound=backlog.RECEIVE_BOUND if self.plan.knobs.deep_backlog else None,
             # A held token is heartbeated every interval (slack: one more); after a crash
             # its message comes back within a visibility timeout, a process within a stop
             # timeout and 20 s.

@@ -7,7 +7,10 @@ delivered at once, and each RUNNING event a second time, 0.5 to 3 s after its ru
 run that started again: the terminal event it read first leaves a tombstone
 (`Ledger.observe_running`). A run taken back in by the copy holds its slot until a
 listing misses it past the start grace and a describe frees it - tens of seconds - while
-requests wait for that slot.
+requests wait for that slot. An operator also fails a running execution three times while
+the backlog waits and redrives it a moment later, for a few seconds: the redriven run's
+terminal event frees its slot only if read with its redrive count
+(`Events.apply`).
 
 The scenario is of its own (every other knob off, no fault, no operator action, no parent,
 no extra, no named limit): one pool of limit 2 or 3 fed by one queue, no per-key limit, a
@@ -27,6 +30,8 @@ import math
 import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
+
+import anyio
 
 from sim.aws import EventFault, EventFaults, EventInfo
 from sim.extras import ExtrasPlan
@@ -50,6 +55,12 @@ IDLE_BOUND = 8.0
 two here; a run taken back in holds its slot past the start grace (10 s)."""
 RECEIVE_SLACK = 2.0
 """A request counts as waiting this long after it was sent (received by then)."""
+FAILURES = (30.0, 50.0)
+"""An operator fails a running execution at three times in here (the backlog waits)..."""
+REDRIVE_AFTER = (1.0, 3.0)
+"""...and redrives it this long after..."""
+REDRIVE_RUNS = (2.0, 6.0)
+"""...for this long: its end (an event with its redrive count) frees its slot."""
 
 
 def shaped(made: Scenario) -> Scenario:
@@ -82,13 +93,36 @@ def shaped(made: Scenario) -> Scenario:
 
 
 class LateCopies:
-    """Delivers every status event at once, and each RUNNING event again after the end."""
+    """Delivers every status event at once, and each RUNNING event again after the end;
+    fails and redrives a running execution now and then (`operate`)."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
         self.rng = random.Random(f"late-running-copies-{run.seed}")
         self._events: EventFaults = run.world.event_faults
         run.world.event_faults = self.event_fault
+
+    async def operate(self) -> None:
+        """Three times while the backlog waits: fail a running execution, redrive it a
+        moment later (a redriven run's terminal event frees its slot only with its
+        redrive count)."""
+        run, history = self.run, self.run.world.history
+        rng = random.Random(f"late-running-redrives-{run.seed}")
+        for at in sorted(rng.uniform(*FAILURES) for _ in range(3)):
+            await anyio.sleep(max(0.0, at - run.clock()))
+            running = sorted(
+                e.arn
+                for e in history.executions.values()
+                if e.started_by != OUTSIDE and len(e.runs) == 1 and e.runs[0].stop is None
+            )
+            if not running:
+                continue
+            arn = running[rng.randrange(len(running))]
+            run.world.stop_outside(arn, status="FAILED")
+            history.note(run.clock(), "operator", f"late_running: {arn} fails")
+            await anyio.sleep(rng.uniform(*REDRIVE_AFTER))
+            if run.world.redrive(arn, rng.uniform(*REDRIVE_RUNS)):
+                history.note(run.clock(), "operator", f"late_running: {arn} redriven")
 
     def event_fault(self, info: EventInfo) -> EventFault:
         """A RUNNING event: a copy after the run's planned end."""

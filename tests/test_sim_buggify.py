@@ -15,7 +15,7 @@ import structlog
 
 from dispatcher.core.ledger import Change, Ledger
 from sim import __main__ as sim_cli
-from sim import buggify, exists, harness, late_running, twin_waits, twins
+from sim import backlog, buggify, exists, harness, late_running, twin_waits, twins
 from sim.aws import EventFault, EventInfo
 from sim.calls import NO_FAULT
 from sim.extras import ExtrasPlan
@@ -35,7 +35,7 @@ def test_each_knob_is_on_in_a_share_of_the_seeds() -> None:
     drawn = [buggify.draw(seed) for seed in range(1000)]
     for name in buggify.Knobs().__dataclass_fields__:
         share = sum(bool(getattr(k, name)) for k in drawn) / len(drawn)
-        if name in ("twin_waits", "exists_full", "late_running"):  # seeds of their own
+        if name in ("twin_waits", "exists_full", "late_running", "deep_backlog"):  # alone
             assert 0.03 <= share <= 0.15, (name, share)
             continue
         assert 0.2 <= share <= 0.4, (name, share)
@@ -356,11 +356,13 @@ def test_a_scenario_knob_moves_no_seed_where_it_is_off(monkeypatch: pytest.Monke
     monkeypatch.setattr(buggify, "TWIN_WAITS_SHARE", 0.0)
     monkeypatch.setattr(buggify, "EXISTS_FULL_SHARE", 0.0)
     monkeypatch.setattr(buggify, "LATE_RUNNING_SHARE", 0.0)
+    monkeypatch.setattr(buggify, "DEEP_BACKLOG_SHARE", 0.0)
+    special = ("twin_waits", "exists_full", "late_running", "deep_backlog")
     for seed, made in before.items():
-        if not (made.knobs.twin_waits or made.knobs.exists_full or made.knobs.late_running):
+        if not any(getattr(made.knobs, name) for name in special):
             assert scenario(seed) == made, seed
     # Some were drawn and dropped (they could not run there): those ran as before too.
-    assert any(not (before[s].knobs.twin_waits or before[s].knobs.exists_full) for s in drawn)
+    assert any(not any(getattr(before[s].knobs, name) for name in special) for s in drawn)
 
 
 def test_twin_waits_runs_twin_keeps_alone_with_its_limit_in_the_file() -> None:
@@ -438,3 +440,20 @@ def test_late_running_copies_each_running_event_after_its_run_ended() -> None:
     assert late_running.MAX_SECONDS + late_running.COPY_AFTER_END[1] < 60.0
     ended = copies.event_fault(dataclasses.replace(info, status="SUCCEEDED"))
     assert ended == EventFault()
+
+
+def test_deep_backlog_runs_a_keyed_backlog_deeper_than_the_room_alone() -> None:
+    on = [s for s in range(200) if scenario(s).knobs.deep_backlog]
+    assert len(on) >= 3
+    for seed in on:
+        made = scenario(seed)
+        assert made.knobs == buggify.Knobs(deep_backlog=True)
+        [pool] = made.pools
+        assert pool.per_key_limit == 1
+        assert pool.max_waiting == backlog.MAX_WAITING
+        assert made.tenants == 3
+        assert made.requests > 10 * pool.max_waiting
+        assert not made.lease
+        assert made.named is None
+        assert not made.parents.parents
+        assert made.extras == ExtrasPlan()

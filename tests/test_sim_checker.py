@@ -458,6 +458,22 @@ def test_a_slot_left_free_while_a_request_waits_is_caught_where_judged() -> None
     assert check(history_with(6.0), spec(idle_bound=8.0)) == []
 
 
+def test_a_request_received_too_often_before_it_starts_is_caught_where_judged() -> None:
+    """``receives`` (deep_backlog seeds): a request deferred again and again - received 3
+    times before its execution started - breaks a bound of 2; receives after the start (a
+    duplicate delivery) do not count."""
+    history = History()
+    request(history, "q1", "m1")
+    for index, at in enumerate((1.0, 11.0, 21.0)):
+        history.messages_received(at, "d1", QUEUE, [("m1", index + 1)], call_id=index)
+    run(history, "m1", 22.0, 30.0, input=json.dumps({"request": "q1"}))
+    delete(history, "m1", 22.5)
+    history.messages_received(40.0, "d1", QUEUE, [("m1", 4)], call_id=9)
+    assert check(history, spec()) == []
+    assert kinds(check(history, spec(receive_bound=2))) == ["receives"]
+    assert check(history, spec(receive_bound=3)) == []
+
+
 def test_a_bad_request_must_not_start_and_must_be_dead_lettered() -> None:
     history = History()
     request(history, "q1", "m1", body="not json")
