@@ -15,7 +15,8 @@ starts: spaced deferrals stay well under it; deferrals all hidden for the same t
 back together, again and again.
 
 Drawn from a stream of its own (``buggify-deep-backlog-SEED``, `sim.buggify`), planned from
-``deep-backlog-SEED``: a seed where it is off runs exactly as before.
+``deep-backlog-SEED``: a seed where it is off runs exactly as before; not where the seed
+has parent workflows (it keeps them, as if the knob had not been drawn).
 """
 
 from __future__ import annotations

@@ -146,6 +146,11 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
         # A scenario of its own (`buggify.scenario_knobs`) that cannot run here: the seed
         # as if it had not been drawn.
         made = _drawn(seed, buggify.classic(seed), parents)
+    elif knobs.late_running or knobs.deep_backlog:
+        # Not where the seed has parent workflows (a share of the seeds only): they stay.
+        classic = _drawn(seed, buggify.classic(seed), parents)
+        if classic.parents.parents:
+            made = classic
     return backlog.shaped(late_running.shaped(exists.shaped(made)))
 
 

@@ -20,7 +20,8 @@ delivered, the process learns each end within a second or two, so the checker's
 not started yet), the pool is never below its limit for more than `IDLE_BOUND` seconds.
 
 Drawn from a stream of its own (``buggify-late-running-SEED``, `sim.buggify`), planned
-from ``late-running-SEED``: a seed where it is off runs exactly as before.
+from ``late-running-SEED``: a seed where it is off runs exactly as before; not where the
+seed has parent workflows (it keeps them, as if the knob had not been drawn).
 """
 
 from __future__ import annotations
