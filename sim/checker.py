@@ -20,6 +20,11 @@
    requests, or an AWS error about requests the simulated AWS gave (`_check_reasons`).
 5-8. Parent workflows and their task tokens: `sim.token_rules`. A token's request whose
    parent has ended needs no execution (rules 3 and 4 let it go).
+9. Dead letters of requests that ran (``dead_letter_ran``, ``dead_letter_held_copy``):
+   `sim.copy_rules`.
+Judged only in the seeds of the scenarios built for them: ``idle_slot``, a pool below its
+limit while a request waits (`sim.late_running`); ``receives``, a request received too
+often before it starts (`sim.backlog`).
 
 An execution belongs to a request when its name (without a key tag) is the request's
 idempotency key or message id, or when its input is JSON-equal to the request's body and
