@@ -74,6 +74,17 @@ twice by SQS one at a time, StartExecution throttled until the first copy's star
 up and a tail more, and DescribeExecution not knowing an execution for its first
 ``grace - D`` seconds (less 1 ms): the twin starts just after its first copy was kept on
 its last receive, or just before that copy's first describe.
+
+``twin_waits`` (``buggify-twin-waits-SEED``, only where ``twin_keeps`` is drawn off) turns
+``twin_keeps`` and ``renewals_denied`` on and every other knob off, the pool's limit
+dropped to 0 at each first copy's give-up for 30 to 50 s (`sim.twin_waits`): the twin
+waits in the room when the kept copy is described. ``exists_full``
+(``buggify-exists-full-SEED``, where ``exists_unknown`` is off) turns ``exists_unknown`` on
+alone, built so that a slot freed on failed describes is used at once (`sim.exists`).
+``late_running`` (``buggify-late-running-SEED``) is a scenario of its own: every RUNNING
+event delivered again after its run ended, a backlog waiting for each slot
+(`sim.late_running`); so is ``deep_backlog`` (``buggify-deep-backlog-SEED``): a backlog far
+deeper than the waiting room, deferred in turn (`sim.backlog`).
 """
 
 from __future__ import annotations
@@ -117,6 +128,10 @@ class Knobs:
     key_limit_drops: bool = False
     exists_unknown: bool = False
     twin_keeps: bool = False
+    twin_waits: bool = False  # with twin_keeps (`sim.twin_waits`)
+    exists_full: bool = False  # with exists_unknown (`sim.exists`)
+    late_running: bool = False  # alone (`sim.late_running`)
+    deep_backlog: bool = False  # alone (`sim.backlog`)
 
     @property
     def on(self) -> tuple[str, ...]:
@@ -154,10 +169,19 @@ HUNT = (
 )
 """Knobs drawn, and planned, from their own stream (added later: no other draw moved)."""
 
-OWN = ("twin_keeps",)
+OWN = ("twin_keeps", "twin_waits", "exists_full", "late_running", "deep_backlog")
 """Knobs drawn, and planned, each from a stream of its own (named after it)."""
 
 OFF = Knobs()
+
+TWIN_WAITS_SHARE = 0.15
+"""``twin_waits`` is on in this share of the seeds where ``twin_keeps`` is off."""
+EXISTS_FULL_SHARE = 0.1
+"""``exists_full`` is on in this share of the seeds where ``exists_unknown`` is off."""
+LATE_RUNNING_SHARE = 0.06
+"""``late_running`` is on in this share of the seeds (where no knob above is)."""
+DEEP_BACKLOG_SHARE = 0.05
+"""``deep_backlog`` is on in this share of the seeds (where no knob above is)."""
 
 KEY_LIMIT_DROPS_SHARE = 0.4
 """``key_limit_drops`` needs a keyed pool and a retry on the wire: a larger share."""
@@ -173,6 +197,31 @@ def draw(seed: int) -> Knobs:
     """The knobs of ``seed`` (all off when `BUGGIFY` is off)."""
     if not BUGGIFY:
         return OFF
+    special = scenario_knobs(seed)
+    return special if special is not None else classic(seed)
+
+
+def scenario_knobs(seed: int) -> Knobs | None:
+    """The knobs of a seed that is a scenario of its own (`SCENARIOS`, every other knob
+    off), each drawn from a stream of its own where the knob it refines is off (None: the
+    seed is not one; its knobs are `classic`)."""
+    twins = random.Random(f"buggify-twin-keeps-{seed}").random() < SHARE
+    if not twins and own("twin-waits", seed, TWIN_WAITS_SHARE):
+        # No other knob's storm throttles the describes it needs; no renewal (a renewed
+        # request is not kept, nor its twin held in the room).
+        return Knobs(twin_keeps=True, twin_waits=True, renewals_denied=True)
+    if not own("exists-unknown", seed) and own("exists-full", seed, EXISTS_FULL_SHARE):
+        return Knobs(exists_unknown=True, exists_full=True)
+    if own("late-running", seed, LATE_RUNNING_SHARE):
+        return Knobs(late_running=True)
+    if own("deep-backlog", seed, DEEP_BACKLOG_SHARE):
+        return Knobs(deep_backlog=True)
+    return None
+
+
+def classic(seed: int) -> Knobs:
+    """The knobs ``seed`` draws unless it is a scenario of its own (`scenario_knobs`);
+    also what it runs when that scenario is dropped (as if it had not been drawn)."""
     rng = random.Random(f"buggify-{seed}")
     hunt = random.Random(f"buggify-hunt-{seed}")
     return Knobs(

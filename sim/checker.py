@@ -20,6 +20,11 @@
    requests, or an AWS error about requests the simulated AWS gave (`_check_reasons`).
 5-8. Parent workflows and their task tokens: `sim.token_rules`. A token's request whose
    parent has ended needs no execution (rules 3 and 4 let it go).
+9. Dead letters of requests that ran (``dead_letter_ran``, ``dead_letter_held_copy``):
+   `sim.copy_rules`.
+Judged only in the seeds of the scenarios built for them: ``idle_slot``, a pool below its
+limit while a request waits (`sim.late_running`); ``receives``, a request received too
+often before it starts (`sim.backlog`).
 
 An execution belongs to a request when its name (without a key tag) is the request's
 idempotency key or message id, or when its input is JSON-equal to the request's body and
@@ -36,7 +41,7 @@ from dataclasses import dataclass
 
 from dispatcher.aws.api import REQUEST_CODES
 from dispatcher.daemon.metrics import DEAD_LETTER_REASONS
-from sim import copy_rules, deadlines, token_rules
+from sim import backlog, copy_rules, deadlines, late_running, token_rules
 from sim.history import (
     ORIGINAL_ID_ATTRIBUTE,
     OUTSIDE,
@@ -82,6 +87,8 @@ class CheckSpec:
     staleness: float = 0.0  # how long a lowered limit may take to be read
     outside_grace: float = 0.0  # how long before an outside start can be known
     expected_bad: frozenset[str] = frozenset()  # request ids of poison messages
+    idle_bound: float | None = None  # late_running seeds: `sim.late_running.check_idle`
+    receive_bound: int | None = None  # deep_backlog seeds: `sim.backlog.check_receives`
     # A token whose child runs is heartbeated at least this often, from heartbeat_grace
     # after quiet_at on (None: heartbeat timeouts are not judged).
     heartbeat_every: float | None = None
@@ -113,6 +120,9 @@ def check(history: History, spec: CheckSpec) -> list[Violation]:
     found += copy_rules.check_dead_letters(
         history, spec, owners.executions, owners.request_of, owners.fresh
     )
+    found += copy_rules.check_held_copies(history, spec, owners.executions, owners.request_of)
+    found += late_running.check_idle(history, spec, owners.executions)
+    found += backlog.check_receives(history, spec, owners.executions, owners.request_of)
     found += deadlines.check_deadlines(history, spec)
     found += _check_reasons(history, spec)
     found.sort(key=lambda v: (v.time, v.kind))

@@ -18,6 +18,12 @@ them).
    ``false_conflict``: a request dead-lettered as ``idempotency_conflict`` although the
    execution under its name runs this very request's body (a producer's retry, a redrive:
    the same request, not a conflict).
+   ``dead_letter_held_copy``: nor while the process that dead-letters it holds another
+   copy of it that it then starts: an execution of the request that began after the dead
+   letter, attempted by the process that sent it with no copy of the request received by
+   that process between the dead letter and that attempt (so the copy it started from was
+   in its hands, waiting or being started, when it wrote that the execution does not
+   exist).
 
 A *fresh* copy (`fresh_identities`) is the documented limit of request identity (docs/requests.md,
 "Request identity"): SQS's move task's copy of a message the redrive policy moved carries
@@ -210,4 +216,66 @@ def check_dead_letters(
                 f"{execution.name} ran from {execution.first_start:.3f}: {why}",
             )
         )
+    return found
+
+
+def check_held_copies(
+    history: History,
+    spec: CheckSpec,
+    executions: Mapping[str, list[Execution]],
+    request_of: Mapping[str, str],
+) -> list[Violation]:
+    """Rule 9's ``dead_letter_held_copy``: a dead letter that says the execution never ran
+    (it does not name it, or invites a redrive) while the process that sent it held another
+    copy of the request, which it started afterwards. ``executions``: request id -> its
+    executions; ``request_of``: message id (producers' and copies') -> request id."""
+    found: list[Violation] = []
+    attempts: dict[str, list[tuple[float, str]]] = {}  # name -> (when, node) of each attempt
+    for record in history.records:
+        if record.kind == "start_sent":
+            attempts.setdefault(str(record.details.get("name")), []).append(
+                (record.time, record.node)
+            )
+    receives: dict[str, list[tuple[float, str]]] = {}  # request id -> (when, node)
+    for receive in history.receives:
+        for message_id, _count in receive.messages:
+            request_id = request_of.get(message_id)
+            if request_id is not None:
+                receives.setdefault(request_id, []).append((receive.time, receive.node))
+    for sent in history.dead_letter_copies(spec.dead_letter_queue):
+        request_id = request_of.get(sent.message_id) or request_of.get(
+            sent.attributes.get(ORIGINAL_ID_ATTRIBUTE, "")
+        )
+        if request_id is None or sent.attributes.get(REASON_ATTRIBUTE) == CONFLICT:
+            continue
+        detail = sent.attributes.get(DETAIL_ATTRIBUTE, "")
+        for execution in executions.get(request_id, []):
+            if execution.started_by == OUTSIDE or execution.first_start <= sent.time:
+                continue  # (one that ran before the dead letter: rule 9's)
+            mine = sorted(
+                when
+                for when, node in attempts.get(execution.name, [])
+                if node == sent.node and when > sent.time
+            )
+            if not mine:
+                continue
+            first = mine[0]  # its first attempt after the dead letter, by its sender
+            if any(
+                sent.time < when <= first and node == sent.node
+                for when, node in receives.get(request_id, [])
+            ):
+                continue  # a copy received after the dead letter: not held then
+            if execution.name in detail and not (
+                _INVITES.search(detail) and not _WARNS.search(detail)
+            ):
+                continue
+            found.append(
+                Violation(
+                    "dead_letter_held_copy",
+                    sent.time,
+                    f"request {request_id} dead-lettered by {sent.node} while it held another "
+                    f"copy of it, which it started as {execution.name} at {first:.3f}",
+                )
+            )
+            break
     return found

@@ -18,6 +18,16 @@ Not with parent workflows (a failed child answers its parent), a rolling deploy 
 key_attribute reconfiguration (the retry would have another name). The
 knob draws and plans from streams of its own (``buggify-exists-unknown-SEED``,
 ``exists-unknown-SEED``): a seed where it is off runs exactly as before.
+
+``exists_full`` (``buggify-exists-full-SEED``, in a share of the seeds where
+``exists_unknown`` is off) is the same scenario built so that a slot freed on the failed
+describes is used at once: every other knob off, no named limit, no per-key limit, few
+other requests, and of the nemesis's actions only kills; the victim is a request of the
+knob's own (an idempotency key, a long run); the burst comes once the retry's
+StartExecution was answered, and the redrive with the `FULL_REDRIVE_AT`-th failed describe
+of the execution - late enough that a listing shows it only after the process gave up
+describing (when the mutant ``describe-failure-frees-slot`` frees the slot to a request
+of the burst), early enough to run when that request starts.
 """
 
 from __future__ import annotations
@@ -58,6 +68,23 @@ FAILING = CallFault(error="ServiceUnavailable")
 BURST_EXTRA = 2
 """Requests sent just after the retry: the pool's limit and this many more."""
 BURST_SECONDS = (30, 90)
+FULL_REQUESTS = 12
+"""``exists_full``: the producers' requests (a victim among them, no backlog)."""
+FULL_VICTIM_AT = (5.0, 30.0)
+"""``exists_full``: when its own victim request is sent."""
+FULL_VICTIM_RUNS = 900
+"""``exists_full``: how long the victim's execution would run (it fails first)."""
+FULL_REDRIVE_AT = 10
+"""``exists_full``: the redrive comes with this failed describe of the execution (the
+process gives up after 5 attempts of up to 3 calls each, some 10 s): a listing that
+shows the redriven run comes after the give-up, unless its lag is short."""
+
+
+def shaped(made: Scenario) -> Scenario:
+    """``exists_full``: no named limit (its changes would hold the burst back)."""
+    if not made.knobs.exists_full:
+        return made
+    return dataclasses.replace(made, named=None)
 
 
 def drawn(seed: int) -> bool:
@@ -69,12 +96,20 @@ def buggified(made: Scenario) -> Scenario:
     """Time and a backlog: the pool full when the retry's slot is settled."""
     if not made.knobs.exists_unknown:
         return made
-    return dataclasses.replace(
+    made = dataclasses.replace(
         made,
         quiet_at=max(made.quiet_at, 600.0),
         requests=max(made.requests, 40),
         max_seconds=max(made.max_seconds, 30),
     )
+    if made.knobs.exists_full:
+        # Little traffic (the retry gets a slot at once, no backlog before it), and no
+        # per-key limit holds the burst back, no deferral: the burst fills the pool.
+        pools = tuple(
+            dataclasses.replace(p, per_key_limit=None, max_waiting=100) for p in made.pools
+        )
+        made = dataclasses.replace(made, pools=pools, requests=FULL_REQUESTS)
+    return made
 
 
 class ExistsUnknown:
@@ -90,6 +125,11 @@ class ExistsUnknown:
         self.armed = False  # the retry sent: its StartExecution triggers the rest
         self.describes_fail_until = -1.0
         self.called = anyio.Event()
+        # exists_full: the redrive comes late in the retry's describes, the burst after its
+        # StartExecution (see `FULL_REDRIVE_AT`).
+        self.full = run.plan.knobs.exists_full
+        self.described = 0  # failed describes of the execution since the retry's start
+        self.redrive_due = anyio.Event()
         self._events: EventFaults = run.world.event_faults
         run.world.event_faults = self.event_fault
         self._faults = run.world.faults
@@ -113,6 +153,10 @@ class ExistsUnknown:
             self.called.set()
             return NO_FAULT  # "already exists" reaches the process
         if operation == "DescribeExecution" and now < self.describes_fail_until:
+            if self.full and params.get("executionArn") == self.arn:
+                self.described += 1
+                if self.described >= FULL_REDRIVE_AT:
+                    self.redrive_due.set()
             return FAILING
         return self._faults(node, operation, params)
 
@@ -121,11 +165,14 @@ class ExistsUnknown:
         from sim.nemesis import Action  # noqa: PLC0415 - sim.nemesis imports sim.buggify, this
 
         run, history = self.run, self.run.world.history
-        await anyio.sleep(max(0.0, self.fail_at - run.clock()))
-        found = self._victim()
-        while found is None and run.clock() < LAST_FAILURE * run.plan.quiet_at:
-            await anyio.sleep(5.0)
+        if self.full:
+            found = await self._own_victim()
+        else:
+            await anyio.sleep(max(0.0, self.fail_at - run.clock()))
             found = self._victim()
+            while found is None and run.clock() < LAST_FAILURE * run.plan.quiet_at:
+                await anyio.sleep(5.0)
+                found = self._victim()
         if found is None:
             return
         self.arn, self.name, request = found
@@ -149,7 +196,11 @@ class ExistsUnknown:
             await self.called.wait()
         if not self.called.is_set() or self.arn is None:
             return
-        await anyio.sleep(REDRIVE_AFTER)
+        if self.full:
+            with anyio.move_on_after(max(0.0, run.plan.quiet_at - run.clock())):
+                await self.redrive_due.wait()
+        else:
+            await anyio.sleep(REDRIVE_AFTER)
         if run.world.redrive(self.arn, self.rng.uniform(*REDRIVE_RUNS)):
             run.world.history.note(run.clock(), "operator", f"exists_unknown: {self.name} redriven")
 
@@ -158,6 +209,9 @@ class ExistsUnknown:
         retry's start settles."""
         run = self.run
         pool = next(p for p in run.plan.pools if run.arns[p.name] == self.machine)
+        if self.full:  # while the retry's describes fail: it holds its slot meanwhile
+            with anyio.move_on_after(max(0.0, run.plan.quiet_at - run.clock())):
+                await self.called.wait()
         for index in range(pool.limit + BURST_EXTRA):
             await anyio.sleep(self.rng.uniform(0.1, 0.5))
             request_id = f"exists-{index}"
@@ -167,6 +221,35 @@ class ExistsUnknown:
             attributes.pop(START_BY, None)
             url = run.queues[pool.name][0]
             run.world.send_request(url, body, attributes, request_id=request_id)
+
+    async def _own_victim(self) -> tuple[str, str, tuple[str, str, str, dict[str, str]]] | None:
+        """``exists_full``: the victim is a request of the knob's own, with an idempotency
+        key and a long run, sent early; returned once it has run `SETTLED_SENDS` (None: it
+        did not start in time)."""
+        run, history = self.run, self.run.world.history
+        pool = run.plan.pools[self.rng.randrange(len(run.plan.pools))]
+        await anyio.sleep(self.rng.uniform(*FULL_VICTIM_AT))
+        request_id = "exists-victim"
+        body = json.dumps({"req": request_id, "seconds": FULL_VICTIM_RUNS})
+        attributes = run.attributes(self.rng, pool, request_id)
+        attributes.pop(START_BY, None)
+        attributes[IDEMPOTENCY_ATTRIBUTE] = f"key-{request_id}"
+        url = run.queues[pool.name][0]
+        run.world.send_request(url, body, attributes, request_id=request_id)
+        request = (request_id, url, body, dict(attributes))
+        machine = run.arns[pool.name]
+        while run.clock() < LAST_FAILURE * run.plan.quiet_at:
+            await anyio.sleep(5.0)
+            for execution in history.executions.values():
+                if execution.state_machine_arn != machine or execution.started_by == OUTSIDE:
+                    continue
+                if not execution.name.endswith(attributes[IDEMPOTENCY_ATTRIBUTE]):
+                    continue
+                if execution.runs[0].stop is None and execution.first_start <= (
+                    run.clock() - SETTLED_SENDS
+                ):
+                    return execution.arn, execution.name, request
+        return None
 
     def _victim(self) -> tuple[str, str, tuple[str, str, str, dict[str, str]]] | None:
         """A running execution a dispatcher started (a name no other machine's execution

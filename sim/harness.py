@@ -34,15 +34,19 @@ from dispatcher.errors import UserError
 from dispatcher.settings import layout
 from dispatcher.settings.config import Settings
 from sim import (
+    backlog,
+    buggify,
     exists,
     extras,
     key_limits,
+    late_running,
     loop,
     named,
     redrives,
     rolling,
     takeover_wait,
     token_faults,
+    twin_waits,
     twins,
 )
 from sim.aws import World, WorldConfig
@@ -135,15 +139,33 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
     """The scenario of ``seed`` (``parents``: whether seeds may have parent workflows;
     None: as `PARENTS`)."""
     knobs = draw_knobs(seed)
+    made = _drawn(seed, knobs, parents)
+    if (knobs.twin_waits and not made.knobs.twin_waits) or (
+        knobs.exists_full and not made.knobs.exists_full
+    ):
+        # A scenario of its own (`buggify.scenario_knobs`) that cannot run here: the seed
+        # as if it had not been drawn.
+        made = _drawn(seed, buggify.classic(seed), parents)
+    elif knobs.late_running or knobs.deep_backlog:
+        # Not where the seed has parent workflows (a share of the seeds only): they stay.
+        classic = _drawn(seed, buggify.classic(seed), parents)
+        if classic.parents.parents:
+            made = classic
+    return backlog.shaped(late_running.shaped(exists.shaped(made)))
+
+
+def _drawn(seed: int, knobs: Knobs, parents: bool | None) -> Scenario:
+    """The scenario of ``seed`` with ``knobs``, less those that cannot run in it."""
     made = _scenario(seed, knobs, parents)
     if knobs.twin_keeps:
         # Not with parents (their children's requests), rolling deploys or slow starts
         # (their own pools, limits and rates): each twin waits for its first copy's slot
         # (`_twinned` drops the lease). Dropped, the seed is as if it had not been drawn.
-        plain = _scenario(seed, dataclasses.replace(knobs, twin_keeps=False), parents)
+        off = dataclasses.replace(knobs, twin_keeps=False, twin_waits=False)
+        plain = _scenario(seed, off, parents)
         crowded = plain.parents.parents or plain.extras.rolling is not None
         if crowded or made.extras.rolling is not None or knobs.slow_starts:
-            knobs, made = dataclasses.replace(knobs, twin_keeps=False), plain
+            knobs, made = off, plain
     # Not with the lease: a reign that ends (a frozen leader, a renewal lost) lets its kept
     # requests go, hidden, and the redrive policy moves them without a reason - as
     # documented (README, Pools), but not excused by the checker as a crash or a SIGTERM
@@ -180,7 +202,7 @@ def scenario(seed: int, *, parents: bool | None = None) -> Scenario:
     ):
         # A failed child answers its parent; a rolling deploy's processes are its own; a
         # new key_attribute gives the retry another name.
-        without = dataclasses.replace(made.knobs, exists_unknown=False)
+        without = dataclasses.replace(made.knobs, exists_unknown=False, exists_full=False)
         made = _scenario(seed, without, parents)
     if made.knobs.late_redrives and made.parents.parents:
         # Not with parent workflows (a failed child answers its parent): as if not drawn.
@@ -294,7 +316,7 @@ def _buggified(made: Scenario, knobs: Knobs) -> Scenario:
         max_seconds = max(max_seconds, 120)
     pools, shared = made.pools, made.shared_queue
     if knobs.twin_keeps:
-        made = _twinned(made)
+        made = twin_waits.shaped(_twinned(made), knobs)
         pools, shared, settings = made.pools, made.shared_queue, (*settings, *made.settings)
         quiet_at, requests = max(quiet_at, made.quiet_at), min(requests, made.requests)
         max_seconds = min(max_seconds, made.max_seconds)
@@ -466,9 +488,18 @@ class Run:
         if self.plan.knobs.twin_keeps:
             lag = twins.describe_lag(self.setting("start_grace"), self.setting("start_timeout"))
             self.world.sfn.describe_lag_of = lambda name: lag
+        self.late_copies: late_running.LateCopies | None = None
+        if self.plan.knobs.late_running:
+            self.late_copies = late_running.LateCopies(self)
+        self.twin_waits: twin_waits.LimitHolds | None = None
+        if self.plan.knobs.twin_waits and self.nemesis.twins is not None:
+            self.twin_waits = twin_waits.LimitHolds(self)
+            self.nemesis.twins.on_give_up = self.twin_waits.gave_up
 
     def _drawn_nemesis(self) -> Nemesis:
         """The seed's fault plan."""
+        if self.plan.knobs.late_running or self.plan.knobs.deep_backlog:  # no fault at all
+            return Nemesis(random.Random(f"nemesis-{self.seed}"), self.clock, 0.0, 0.0)
         tokens = ("SendTaskSuccess", "SendTaskFailure", "SendTaskHeartbeat", "StopExecution")
         drawn = plan(
             random.Random(f"nemesis-{self.seed}"),
@@ -502,6 +533,10 @@ class Run:
                 self.plan.quiet_at,
                 self.setting("start_retry_timeout"),
             )
+        if self.plan.knobs.exists_full:
+            # No limit change, outside start or redrive (it could pick the victim): the
+            # pool fills with the burst alone.
+            drawn.actions = [a for a in drawn.actions if a.kind in ("crash", "sigterm")]
         return drawn
 
     # -- the world -------------------------------------------------------------------------
@@ -645,6 +680,10 @@ class Run:
                 tg.start_soon(self._produce)
                 if self.nemesis.twins is not None:
                     tg.start_soon(twins.produce, self, self.nemesis.twins)
+                if self.twin_waits is not None:
+                    tg.start_soon(self.twin_waits)
+                if self.late_copies is not None:
+                    tg.start_soon(self.late_copies.operate)
                 tg.start_soon(self._act)
                 tg.start_soon(self._kill_when_told)
                 if self.late_redrives is not None:
@@ -753,6 +792,8 @@ class Run:
             # works; events may be lost and listings fail while a storm lasts.
             outside_grace=self.setting("reconcile_interval") + STORM_MAX + 35.0 + 10.0,
             expected_bad=frozenset(self.expected_bad),
+            idle_bound=late_running.IDLE_BOUND if self.plan.knobs.late_running else None,
+            receive_bound=backlog.RECEIVE_BOUND if self.plan.knobs.deep_backlog else None,
             # A held token is heartbeated every interval (slack: one more); after a crash
             # its message comes back within a visibility timeout, a process within a stop
             # timeout and 20 s.

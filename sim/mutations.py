@@ -313,7 +313,10 @@ CATALOGUE: tuple[Mutation, ...] = (
     # or tombstoned makes `Ledger.doubt` drop the reservation either way. It differs only
     # for an execution the ledger does not know that runs again: one that ended unseen
     # before a restart, redriven while the describes fail - buggify's exists_unknown, the
-    # checker counting that redrive from its start (`sim.checker.told_exists`).
+    # checker counting that redrive from its start (`sim.checker.told_exists`). Caught by
+    # design in exists_full seeds (`sim.exists`): a victim of the knob's own, little other
+    # traffic, the redrive late in the describes (a listing shows it only after the
+    # give-up), and a burst waiting for the slot the mutant frees.
     _m(
         "describe-failure-frees-slot",
         "doubt settlement",
@@ -442,6 +445,10 @@ CATALOGUE: tuple[Mutation, ...] = (
     # with the run revived that answer waits for the describe that frees it (reconcile
     # calls `Pool.ended` then), later but the same answer; `Expiries` and `LastReceives`
     # take `holds` as the same evidence. No slot is ever freed early, no request lost.
+    # Caught by design in late_running seeds (`sim.late_running`): every RUNNING event
+    # comes again after its run ended while a backlog waits, and the checker's
+    # ``idle_slot`` holds a pool to its limit while a request waits (a revived run idles
+    # its slot past the start grace).
     _m(
         "no-tombstone",
         "tombstones",
@@ -471,7 +478,11 @@ CATALOGUE: tuple[Mutation, ...] = (
     # by the next listing that misses it past the grace and the describe that follows
     # (which carries the right count) - later, never wrongly. Throughput only; the
     # late-terminal rule itself (a run before a redrive freeing nothing) is unchanged, and
-    # caught as late-terminal-frees-redriven-run.
+    # caught as late-terminal-frees-redriven-run. Caught by design in late_running seeds
+    # (`sim.late_running`): runs failed and redriven for seconds while a backlog waits,
+    # every event delivered at once, and the checker's ``idle_slot`` holds a pool to its
+    # limit while a request waits (the redriven run's ignored end idles its slot past the
+    # start grace).
     _m(
         "redrive-count-dropped-from-events",
         "redrive counts",
@@ -534,7 +545,10 @@ CATALOGUE: tuple[Mutation, ...] = (
     # moved without a reason - more often with more last receives, but that is the open
     # defect's catch, not this rule's. Catching it needs a rule on availability or receive
     # counts (a backlog deferred about once per message), which the dispatcher documents
-    # as a cost (docs/pools.md), not as a promise.
+    # as a cost (docs/pools.md), not as a promise. Caught in deep_backlog seeds
+    # (`sim.backlog`: a keyed backlog far deeper than the room, no fault), by the
+    # checker's ``receives``, a bound on a request's receives before it starts calibrated
+    # between the spaced deferrals (at most 8) and the unspaced ones (12 and more).
     _m(
         "deferrals-not-spaced",
         "deferral memory",
@@ -733,6 +747,10 @@ CATALOGUE: tuple[Mutation, ...] = (
         "return waits or self.starter.starting(kept.arn)",
         "return waits",
     ),
+    # A copy that waits in the room (not being started) when the kept one is described:
+    # buggify's twin_waits (`sim.twin_waits`, the limit at 0 from the first copy's give-up);
+    # the dead letter, then the start of the waiting copy, breaks the checker's
+    # ``dead_letter_held_copy``.
     _m(
         "last-receive-ignores-copies-waiting",
         "dead-lettering while in doubt",
@@ -869,16 +887,10 @@ MUTATIONS: dict[str, Mutation] = {m.name: m for m in CATALOGUE}
 NOT_YET_CAUGHT = frozenset(
     {
         "answer-before-child-ended",
-        "deferrals-not-spaced",
         "last-receive-existing-then-missing",
-        # Open gaps: each was caught by a seed of 0..199 on some earlier commit (50, 65,
-        # 183 and 114), none within 0..199 on this code - the catches were the knobs'
-        # chance, not a scenario built for the rule.
-        "describe-failure-frees-slot",
-        "last-receive-ignores-copies-waiting",
+        # An open gap: caught by seed 183 on an earlier commit (the knobs' chance), by no
+        # seed of 0..199 on this code.
         "last-receive-missing-without-grace",
-        "no-tombstone",
-        "redrive-count-dropped-from-events",
         "retry-without-lease",
     }
 )

@@ -40,7 +40,7 @@ from sim.buggify import GRACE_MARGIN
 from sim.calls import CallFault
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from sim.harness import Run
 
@@ -79,6 +79,7 @@ class TwinStorms:
 
     episodes: list[Episode] = field(default_factory=list)
     give_up_after: float = START_RETRY_TIMEOUT
+    on_give_up: Callable[[Episode], None] | None = None  # told of each last attempt
 
     def fault(self, now: float, params: Mapping[str, Any]) -> CallFault | None:
         """A StartExecution's fate inside an episode's storm (None: outside every one)."""
@@ -94,6 +95,8 @@ class TwinStorms:
                 and now >= episode.first + self.give_up_after - SLACK
             ):
                 episode.ends = now + episode.tail  # its last attempt: the start gives up
+                if self.on_give_up is not None:
+                    self.on_give_up(episode)
             if episode.ends is None and now >= episode.at + self.give_up_after + CAP:
                 episode.ends = now
                 continue

@@ -8,14 +8,17 @@ import dataclasses
 import itertools
 import random
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import structlog
 
 from dispatcher.core.ledger import Change, Ledger
 from sim import __main__ as sim_cli
-from sim import buggify, harness, twins
+from sim import backlog, buggify, exists, harness, late_running, twin_waits, twins
+from sim.aws import EventFault, EventInfo
 from sim.calls import NO_FAULT
+from sim.extras import ExtrasPlan
 from sim.harness import DISPATCHER, PoolPlan, Run, Scenario, scenario, simulate
 from sim.nemesis import SLOW_START_GAP, Action, Nemesis, plan
 
@@ -32,6 +35,9 @@ def test_each_knob_is_on_in_a_share_of_the_seeds() -> None:
     drawn = [buggify.draw(seed) for seed in range(1000)]
     for name in buggify.Knobs().__dataclass_fields__:
         share = sum(bool(getattr(k, name)) for k in drawn) / len(drawn)
+        if name in ("twin_waits", "exists_full", "late_running", "deep_backlog"):  # alone
+            assert 0.03 <= share <= 0.15, (name, share)
+            continue
         assert 0.2 <= share <= 0.4, (name, share)
     assert {k.max_receive_count for k in drawn} == {None, 2, 3, 5}
     assert buggify.draw(17) == buggify.draw(17)
@@ -337,3 +343,117 @@ def test_twin_keeps_is_dropped_with_parents_rolling_deploys_or_slow_starts() -> 
     for made in dropped:
         crowded = made.parents.parents or made.extras.rolling is not None
         assert crowded or buggify.draw(made.seed).slow_starts
+
+
+# -- scenarios of their own: twin_waits (sim.twin_waits), exists_full (sim.exists) --------------
+
+
+def test_a_scenario_knob_moves_no_seed_where_it_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drawn from streams of their own: a seed where neither is on - not drawn, or dropped
+    because it cannot run there - is exactly the scenario it was before they existed."""
+    before = {seed: scenario(seed) for seed in range(200)}
+    drawn = [s for s in range(200) if buggify.scenario_knobs(s) is not None]
+    monkeypatch.setattr(buggify, "TWIN_WAITS_SHARE", 0.0)
+    monkeypatch.setattr(buggify, "EXISTS_FULL_SHARE", 0.0)
+    monkeypatch.setattr(buggify, "LATE_RUNNING_SHARE", 0.0)
+    monkeypatch.setattr(buggify, "DEEP_BACKLOG_SHARE", 0.0)
+    special = ("twin_waits", "exists_full", "late_running", "deep_backlog")
+    for seed, made in before.items():
+        if not any(getattr(made.knobs, name) for name in special):
+            assert scenario(seed) == made, seed
+    # Some were drawn and dropped (they could not run there): those ran as before too.
+    assert any(not any(getattr(before[s].knobs, name) for name in special) for s in drawn)
+
+
+def test_twin_waits_runs_twin_keeps_alone_with_its_limit_in_the_file() -> None:
+    on = [scenario(s) for s in range(200) if scenario(s).knobs.twin_waits]
+    assert len(on) >= 5
+    for made in on:
+        assert made.knobs == buggify.Knobs(twin_keeps=True, twin_waits=True, renewals_denied=True)
+        assert not made.pools[0].parameter  # a SIGHUP applies a change at once
+        assert made.pools[0].limit == 1
+    assert not any(buggify.draw(s).twin_waits for s in range(200) if buggify.classic(s).twin_keeps)
+
+
+def test_twin_waits_lowers_the_limit_at_the_first_copys_give_up() -> None:
+    told: list[twins.Episode] = []
+    storms = twins.TwinStorms([twins.Episode(at=10.0, tail=1.5)], give_up_after=30.0)
+    storms.on_give_up = told.append
+    start = {"name": "twin"}
+    assert storms.fault(10.2, start) is not None
+    assert storms.fault(39.0, start) is not None
+    assert not told
+    storms.fault(40.5, start)  # the first attempt past the retry timeout: it gives up
+    assert told == storms.episodes
+    storms.fault(41.0, start)
+    assert len(told) == 1
+    assert twin_waits.HOLD[0] > DISPATCHER["start_timeout"] + DISPATCHER["start_grace"]
+
+
+def test_exists_full_runs_exists_unknown_alone_without_limits_that_hold_the_burst() -> None:
+    on = [scenario(s) for s in range(200) if scenario(s).knobs.exists_full]
+    assert len(on) >= 3
+    for made in on:
+        assert made.knobs == buggify.Knobs(exists_unknown=True, exists_full=True)
+        assert made.named is None
+        assert all(p.per_key_limit is None for p in made.pools)
+        assert made.requests == exists.FULL_REQUESTS
+        assert not made.parents.parents
+
+
+def test_late_running_runs_a_backlog_alone_without_faults() -> None:
+    on = [s for s in range(200) if scenario(s).knobs.late_running]
+    assert len(on) >= 3
+    for seed in on:
+        made = scenario(seed)
+        assert made.knobs == buggify.Knobs(late_running=True)
+        [pool] = made.pools
+        assert pool.limit in late_running.LIMITS
+        assert pool.per_key_limit is None
+        assert not made.lease
+        assert made.named is None
+        assert not made.parents.parents
+        assert made.extras == ExtrasPlan()
+        assert len(made.request_times) == made.requests > 3 * pool.limit
+        assert all(late_running.BURST[0] <= t <= late_running.BURST[1] for t in made.request_times)
+    result = simulate(on[0])
+    assert result.ok, sim_cli.describe(result)
+    assert not result.nemesis.actions
+    assert not result.nemesis.storms
+    assert not result.world.history.crashes
+
+
+def test_late_running_copies_each_running_event_after_its_run_ended() -> None:
+    """Within what EventBridge may do (a duplicate, late by at most 60 s): the copy comes
+    0.5 to 3 s after the end of a run of at most MAX_SECONDS."""
+    arn = "arn:aws:states:eu-west-1:123456789012:execution:governed-p0:x"
+    ending_at_17 = SimpleNamespace(runs=[SimpleNamespace(stop=17.0)])
+    world = SimpleNamespace(event_faults=None, sfn=SimpleNamespace(executions={arn: ending_at_17}))
+    copies = late_running.LateCopies(SimpleNamespace(seed=1, world=world))  # type: ignore[arg-type]
+    assert world.event_faults == copies.event_fault
+    info = EventInfo(arn, "machine", "RUNNING", 0, 10.0)
+    fault = copies.event_fault(info)
+    assert fault.duplicate
+    assert not fault.lost
+    assert fault.delay == 0.0
+    assert 7.0 + 0.5 <= fault.duplicate_delay <= 7.0 + 3.0
+    assert late_running.MAX_SECONDS + late_running.COPY_AFTER_END[1] < 60.0
+    ended = copies.event_fault(dataclasses.replace(info, status="SUCCEEDED"))
+    assert ended == EventFault()
+
+
+def test_deep_backlog_runs_a_keyed_backlog_deeper_than_the_room_alone() -> None:
+    on = [s for s in range(200) if scenario(s).knobs.deep_backlog]
+    assert len(on) >= 3
+    for seed in on:
+        made = scenario(seed)
+        assert made.knobs == buggify.Knobs(deep_backlog=True)
+        [pool] = made.pools
+        assert pool.per_key_limit == 1
+        assert pool.max_waiting == backlog.MAX_WAITING
+        assert made.tenants == 3
+        assert made.requests > 10 * pool.max_waiting
+        assert not made.lease
+        assert made.named is None
+        assert not made.parents.parents
+        assert made.extras == ExtrasPlan()

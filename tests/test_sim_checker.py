@@ -391,7 +391,7 @@ def test_a_move_after_a_receive_answered_while_its_receiver_stopped_settles_the_
     it - SQS's move is not the dispatcher's doing."""
     history = History()
     request(history, "q1", "m1")
-    history.messages_received(1, "d1.1", QUEUE, [("m1", 1)], call_id=1)  # handed back
+    history.messages_received(1, "d1", QUEUE, [("m1", 1)], call_id=1)  # handed back
     history.note(61.5, "d1.2", "SIGTERM")
     history.messages_received(62, "d1.2", QUEUE, [("m1", 2)], call_id=2)
     history.message_moved(
@@ -414,6 +414,64 @@ def test_a_request_dead_lettered_for_a_redrive_while_its_execution_runs() -> Non
     dead_letter(clean, "m1", 40, reason="receive_limit")  # never ran: a redrive runs it
     delete(clean, "m1", 41)
     assert check(clean, spec()) == []
+
+
+def test_a_request_dead_lettered_while_its_process_holds_a_copy_it_then_starts() -> None:
+    """SQS stored the request twice; the process dead-lettered one copy (receive_limit,
+    "redrive it to run it") while it held the other, which it started afterwards: the
+    dead letter said the execution does not exist while a copy in its hands was to start
+    it. A copy received again after the dead letter (e.g. it came back) is another matter."""
+
+    def history_with(received_again: bool) -> History:
+        history = History()
+        request(history, "q1", "m1")
+        history.messages_received(1, "d1", QUEUE, [("m1", 1), ("m1", 1)], call_id=1)
+        history.add(2, "d1", "start_sent", "StartExecution name=m1 sent", name="m1")
+        dead_letter(history, "m1", 40, reason="receive_limit")
+        if received_again:
+            history.messages_received(50, "d1", QUEUE, [("m1", 2)], call_id=2)
+        history.add(60, "d1", "start_sent", "StartExecution name=m1 sent", name="m1")
+        run(history, "m1", 60.01, 70, input=json.dumps({"request": "q1"}))
+        delete(history, "m1", 61)
+        return history
+
+    assert kinds(check(history_with(received_again=False), spec())) == ["dead_letter_held_copy"]
+    assert check(history_with(received_again=True), spec()) == []
+
+
+def test_a_slot_left_free_while_a_request_waits_is_caught_where_judged() -> None:
+    """``idle_slot`` (late_running seeds): limit 2, three requests sent at 0; the third
+    starts only 15 s after a slot came free (the first run ended at 5). Not judged without
+    an idle bound; judged with one of 8 s; fine when it starts at once."""
+
+    def history_with(third_at: float) -> History:
+        history = History()
+        for index, start, stop in ((1, 1.0, 5.0), (2, 1.0, 40.0), (3, third_at, 50.0)):
+            request(history, f"q{index}", f"m{index}")
+            run(history, f"m{index}", start, stop, input=json.dumps({"request": f"q{index}"}))
+            delete(history, f"m{index}", start + 0.5)
+        return history
+
+    late = history_with(20.0)
+    assert check(late, spec()) == []
+    assert kinds(check(late, spec(idle_bound=8.0))) == ["idle_slot"]
+    assert check(history_with(6.0), spec(idle_bound=8.0)) == []
+
+
+def test_a_request_received_too_often_before_it_starts_is_caught_where_judged() -> None:
+    """``receives`` (deep_backlog seeds): a request deferred again and again - received 3
+    times before its execution started - breaks a bound of 2; receives after the start (a
+    duplicate delivery) do not count."""
+    history = History()
+    request(history, "q1", "m1")
+    for index, at in enumerate((1.0, 11.0, 21.0)):
+        history.messages_received(at, "d1", QUEUE, [("m1", index + 1)], call_id=index)
+    run(history, "m1", 22.0, 30.0, input=json.dumps({"request": "q1"}))
+    delete(history, "m1", 22.5)
+    history.messages_received(40.0, "d1", QUEUE, [("m1", 4)], call_id=9)
+    assert check(history, spec()) == []
+    assert kinds(check(history, spec(receive_bound=2))) == ["receives"]
+    assert check(history, spec(receive_bound=3)) == []
 
 
 def test_a_bad_request_must_not_start_and_must_be_dead_lettered() -> None:
