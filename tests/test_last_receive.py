@@ -36,6 +36,7 @@ from tests.fakes import (
     client_error,
     sqs_message,
 )
+from tests.virtual_time import on_virtual_time
 
 pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("fast_retries")]
 
@@ -887,3 +888,41 @@ def test_a_renewal_tries_its_delete_for_at_least_half_the_visibility() -> None:
     original, left, was moved without a reason when it came back."""
     assert handle_left(hidden_since=0.0, now=58.5, visibility=60) == 30.0
     assert handle_left(hidden_since=0.0, now=5.0, visibility=60) == 54.0
+
+
+@on_virtual_time
+async def test_a_dead_letters_delete_on_its_last_receive_is_tried_as_long_as_its_send_is() -> None:
+    """No stop: a throttling storm refused the delete of a dead-lettered request on its
+    last receive for 95 s. Its tries are bounded as its send's are (5 minutes); the bound
+    of a stop (a minute) does not apply while the process runs on - cut short there, the
+    request lapsed and the redrive policy moved it a second time, without its reason."""
+    world = world_of()
+    intake, _ = intake_for(world)
+    throttled = client_error("RequestThrottled", 400, op="DeleteMessage")
+    world.sqs.fail("delete_message", *[throttled] * 20)  # 2 + 4 + 18 x 5 s = 96 s of pauses
+    began = anyio.current_time()
+    await intake.admit(intake.queues[0], last_receive(**{IDEMPOTENCY_ATTRIBUTE: "bad name!"}))
+    assert anyio.current_time() - began > 60
+    assert len(dead_letters(world)) == 1
+    deletes = world.sqs.calls_to("delete_message")
+    assert len(deletes) == 21, "given up while SQS still refused it"
+    assert handed_back(world) == []
+
+
+@on_virtual_time
+async def test_a_forced_stop_does_not_wait_for_a_dead_letters_delete() -> None:
+    """A second SIGTERM abandons everything now: the delete of a dead-lettered request on
+    its last receive, tried again through an ordered stop, does not hold a forced one."""
+    world = world_of()
+    intake, _ = intake_for(world)
+    throttled = client_error("RequestThrottled", 400, op="DeleteMessage")
+    world.sqs.fail("delete_message", *[throttled] * 100)
+    message = last_receive(**{IDEMPOTENCY_ATTRIBUTE: "bad name!"})
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(intake.admit, intake.queues[0], message)
+        await world.sqs.called("delete_message")
+        intake.stop(force=True)
+        tg.cancel_scope.cancel()
+        forced = anyio.current_time()
+    assert anyio.current_time() - forced < 1, "the forced stop waited for the delete"
+    assert len(world.sqs.calls_to("delete_message")) == 1
