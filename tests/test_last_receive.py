@@ -926,3 +926,32 @@ async def test_a_forced_stop_does_not_wait_for_a_dead_letters_delete() -> None:
         forced = anyio.current_time()
     assert anyio.current_time() - forced < 1, "the forced stop waited for the delete"
     assert len(world.sqs.calls_to("delete_message")) == 1
+
+
+@on_virtual_time
+async def test_a_forced_stop_ends_a_dead_letters_delete_going_on_through_a_stop() -> None:
+    """SIGTERM: the delete of a dead-lettered request on its last receive goes on through
+    the ordered stop; a second SIGTERM (forced) gives it up at once."""
+    world = world_of()
+    intake, _ = intake_for(world)
+    throttled = client_error("RequestThrottled", 400, op="DeleteMessage")
+    world.sqs.fail("delete_message", *[throttled] * 100)
+    message = last_receive(**{IDEMPOTENCY_ATTRIBUTE: "bad name!"})
+    scopes: list[anyio.CancelScope] = []
+
+    async def admit() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await intake.admit(intake.queues[0], message)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(admit)
+        await world.sqs.called("delete_message")
+        scopes[0].cancel()  # the ordered stop
+        await anyio.sleep(20)
+        tried = len(world.sqs.calls_to("delete_message"))
+        assert tried > 2, "the delete went on through the ordered stop"
+        intake.stop(force=True)
+        forced = anyio.current_time()
+    assert anyio.current_time() - forced < 1, "the forced stop waited for the delete"
+    assert len(world.sqs.calls_to("delete_message")) == tried
