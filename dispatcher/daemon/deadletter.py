@@ -146,6 +146,14 @@ class DeadLetterQueue:
         self.url = url
         self.metrics = metrics
         self.max_size = max_size  # the dead-letter queue's MaximumMessageSize
+        self.abandoned = False  # a forced stop: nothing goes on through it
+        self._through_stop: set[anyio.CancelScope] = set()  # deletes going on through a stop
+
+    def abandon(self) -> None:
+        """A forced stop: the deletes going on through a stop are given up now."""
+        self.abandoned = True
+        for scope in list(self._through_stop):
+            scope.cancel()
 
     async def move(
         self, queue: RequestQueue, pool: str, message: dict[str, Any], reason: str, detail: str
@@ -197,9 +205,22 @@ class DeadLetterQueue:
         request kept hidden meanwhile, as its send is - even while the process stops
         (for `LAST_RECEIVE_DELETE_SECONDS` at most): cut short by a stop (the lease lost
         in a throttling storm), the request lapsed and the redrive policy moved it a second
-        time, without its reason."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(LAST_RECEIVE_DELETE_SECONDS):
+        time, without its reason. Not once the stop is forced (`abandon`); without a stop,
+        tried as long as its send is."""
+        try:
             await self._delete_last_tries(queue, handle, bound)
+        except anyio.get_cancelled_exc_class():
+            if not self.abandoned:
+                with (
+                    anyio.CancelScope(shield=True) as scope,
+                    anyio.move_on_after(LAST_RECEIVE_DELETE_SECONDS),
+                ):
+                    self._through_stop.add(scope)
+                    try:
+                        await self._delete_last_tries(queue, handle, bound)
+                    finally:
+                        self._through_stop.discard(scope)
+            raise
 
     async def _delete_last_tries(self, queue: RequestQueue, handle: str, bound: Any) -> None:
         waited, failures = 0.0, 0
