@@ -14,6 +14,7 @@ import stamina
 from botocore.exceptions import ReadTimeoutError
 
 from dispatcher.core.deadline import EXPIRED_ERROR
+from dispatcher.core.ledger import Change
 from dispatcher.core.requests import (
     IDEMPOTENCY_ATTRIBUTE,
     ORIGINAL_ID_ATTRIBUTE,
@@ -848,6 +849,38 @@ async def test_with_max_receive_count_1_a_waiting_copy_comes_back_when_a_deferra
     [copy] = copies_sent(world)
     assert copy["DelaySeconds"] >= 1
     assert message["ReceiptHandle"] in deleted_handles(world)
+
+
+async def test_max_receive_count_1_copy_back_at_its_turn_not_renewed_every_second() -> None:
+    """maxReceiveCount 1, the pool full of one-minute runs: the first request's copy came
+    back at its turn (nothing ahead of it in its line) and was renewed to come back 1 s
+    later, and again, a send and a delete every second for as long as the pool stayed full
+    (the simulation's seed 1020 churned for ever); it used to be spaced after the request
+    still out behind it. Back at its turn and still unable to start, it waits one run of
+    its lanes at least."""
+    world = world_of(limit=1)
+    world.pool.ledger.observe_running(execution_arn(STATE_MACHINE_ARN, "other"), T0)
+    world.pool.note_freed(Change.FREED, was_full=False, since=world.clock() - 60.0)
+    intake, _ = intake_for(world, renewals=True)
+    queue = intake.queues[0]
+    queue.max_receive_count = 1
+    for n in (1, 2):  # m-2 is deferred after m-1: its copy is still out when m-1's is back
+        message = sqs_message(
+            f'{{"n": {n}}}', message_id=f"m-{n}", system={"ApproximateReceiveCount": "1"}
+        )
+        await intake.admit(queue, message)
+    first, later = copies_sent(world)
+    assert first["DelaySeconds"] < later["DelaySeconds"]
+    world.clock.advance(first["DelaySeconds"])
+    back = sqs_message(  # the copy, back at its turn
+        first["MessageBody"],
+        message_id="copy-1",
+        attributes={k: v["StringValue"] for k, v in first["MessageAttributes"].items()},
+        system={"ApproximateReceiveCount": "1"},
+    )
+    await intake.admit(queue, back)
+    [*_, second] = copies_sent(world)
+    assert second["DelaySeconds"] >= 60, "renewed to come back within the second"
 
 
 async def test_with_more_receives_left_to_its_copy_a_waiting_copy_comes_back_at_once() -> None:
