@@ -290,13 +290,6 @@ class Pool:
             ahead += sum(len(other.room) for other in self._linked)
             run_time = max(run_time, *(other.run_time() for other in self._linked))
         wait = max(1.0, ahead / max(1, lanes) * run_time)
-        room = self.room
-        if len(room) >= room.capacity:
-            # Full for every key: it gets in once a place frees, a start of the pool's at
-            # least (none of its key waiting nor deferred before it, the head of a line
-            # deferred again came back every second, a receive each).
-            places = len(room) - room.capacity + 1
-            wait = max(wait, places / max(1, ledger.limit) * run_time)
         if ledger.limit == 0 or self.held_back():  # paused (a shared queue brought it)
             wait = PAUSED_DEFER_SECONDS
         self._take_turn(object() if ident is None else ident, key, now + wait)
