@@ -883,6 +883,32 @@ async def test_max_receive_count_1_copy_back_at_its_turn_not_renewed_every_secon
     assert second["DelaySeconds"] >= 60, "renewed to come back within the second"
 
 
+async def test_max_receive_count_1_copies_of_one_request_out_together_come_back_spread() -> None:
+    """maxReceiveCount 1, the pool full: every copy of a request is renewed on each receive,
+    and copies multiply (SQS stores a send twice, a renewed original's delete is lost and
+    it comes back). Sharing one place, four copies out together came back together, each
+    renewed again after the same short wait: their number grew with every round, without
+    bound (the simulation's seed 1020 never ended: 6,000 copies of one request). Each copy
+    out is spaced after the others, so their receives do not grow with their number."""
+    world = world_of(limit=1)
+    world.pool.ledger.observe_running(execution_arn(STATE_MACHINE_ARN, "other"), T0)
+    world.pool.note_freed(Change.FREED, was_full=False, since=world.clock() - 60.0)
+    intake, _ = intake_for(world, renewals=True)
+    queue = intake.queues[0]
+    queue.max_receive_count = 1
+    for n in range(4):  # copies of one request (its identity), received together
+        copy = sqs_message(
+            '{"n": 1}',
+            message_id=f"copy-{n}",
+            attributes={REQUEST_ID_ATTRIBUTE: "m-1"},
+            system={"ApproximateReceiveCount": "1"},
+        )
+        await intake.admit(queue, copy)
+    delays = [c["DelaySeconds"] for c in copies_sent(world)]
+    assert len(delays) == 4
+    assert delays == sorted(set(delays)), f"back together: {delays}"
+
+
 async def test_with_more_receives_left_to_its_copy_a_waiting_copy_comes_back_at_once() -> None:
     """maxReceiveCount above 1: the copy (received zero times) may wait in the room, so it
     comes back at once and starts as soon as a slot frees."""
