@@ -629,6 +629,29 @@ def test_a_request_deferred_again_keeps_its_place_in_its_keys_line() -> None:
     assert (pool.deferral_keys, pool.deferrals_pending) == (1, 14)
 
 
+def test_the_head_of_a_line_deferred_again_is_not_back_every_second() -> None:
+    """The room is full of other keys' requests (none of A's): A's requests are deferred,
+    and A's first, back at its turn while the room is still full, is deferred again. With
+    none of A's waiting and none deferred before it, it came back 1 s later, every second
+    (a receive each, towards maxReceiveCount, its last renewed every 20 s), where it used
+    to be spaced after A's requests still out. Held back by the room (not by its key), it
+    waits at least until a place in the room frees: one start of the pool."""
+    world = keyed_world(limit=2, per_key_limit=1, max_waiting=4)
+    pool = world.pool
+    measured(world, 30.0)
+    for i, tenant in enumerate("BBCC"):
+        assert pool.room.offer(i, priority=0, key=key_tag(tenant))
+    assert not pool.room.offer("a0", priority=0, key=key_tag("A")), "the room is full"
+    delays = [pool.defer_seconds(key_tag("A"), ident=f"a{i}") for i in range(5)]
+    receives, now = 1, 0.0
+    while now < 60.0:  # a0 comes back each time at its turn; the room is still full
+        now += delays[0]
+        world.clock.advance(delays[0])
+        receives += 1
+        delays[0] = pool.defer_seconds(key_tag("A"), ident="a0")
+    assert receives <= 5, f"a0 received {receives} times in a minute"
+
+
 def test_copies_of_one_request_take_one_place() -> None:
     """Copies of one request (SQS stored it twice, a renewal, a producer's retry) share its
     identity: deferred, they are one request ahead of the next, not several."""

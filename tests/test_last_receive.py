@@ -14,6 +14,7 @@ import stamina
 from botocore.exceptions import ReadTimeoutError
 
 from dispatcher.core.deadline import EXPIRED_ERROR
+from dispatcher.core.ledger import Change
 from dispatcher.core.requests import (
     IDEMPOTENCY_ATTRIBUTE,
     ORIGINAL_ID_ATTRIBUTE,
@@ -36,6 +37,7 @@ from tests.fakes import (
     client_error,
     sqs_message,
 )
+from tests.virtual_time import on_virtual_time
 
 pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("fast_retries")]
 
@@ -849,6 +851,64 @@ async def test_with_max_receive_count_1_a_waiting_copy_comes_back_when_a_deferra
     assert message["ReceiptHandle"] in deleted_handles(world)
 
 
+async def test_max_receive_count_1_copy_back_at_its_turn_not_renewed_every_second() -> None:
+    """maxReceiveCount 1, the pool full of one-minute runs: the first request's copy came
+    back at its turn (nothing ahead of it in its line) and was renewed to come back 1 s
+    later, and again, a send and a delete every second for as long as the pool stayed full
+    (the simulation's seed 1020 churned for ever); it used to be spaced after the request
+    still out behind it. Back at its turn and still unable to start, it waits one run of
+    its lanes at least."""
+    world = world_of(limit=1)
+    world.pool.ledger.observe_running(execution_arn(STATE_MACHINE_ARN, "other"), T0)
+    world.pool.note_freed(Change.FREED, was_full=False, since=world.clock() - 60.0)
+    intake, _ = intake_for(world, renewals=True)
+    queue = intake.queues[0]
+    queue.max_receive_count = 1
+    for n in (1, 2):  # m-2 is deferred after m-1: its copy is still out when m-1's is back
+        message = sqs_message(
+            f'{{"n": {n}}}', message_id=f"m-{n}", system={"ApproximateReceiveCount": "1"}
+        )
+        await intake.admit(queue, message)
+    first, later = copies_sent(world)
+    assert first["DelaySeconds"] < later["DelaySeconds"]
+    world.clock.advance(first["DelaySeconds"])
+    back = sqs_message(  # the copy, back at its turn
+        first["MessageBody"],
+        message_id="copy-1",
+        attributes={k: v["StringValue"] for k, v in first["MessageAttributes"].items()},
+        system={"ApproximateReceiveCount": "1"},
+    )
+    await intake.admit(queue, back)
+    [*_, second] = copies_sent(world)
+    assert second["DelaySeconds"] >= 60, "renewed to come back within the second"
+
+
+async def test_max_receive_count_1_copies_of_one_request_out_together_come_back_spread() -> None:
+    """maxReceiveCount 1, the pool full: every copy of a request is renewed on each receive,
+    and copies multiply (SQS stores a send twice, a renewed original's delete is lost and
+    it comes back). Sharing one place, four copies out together came back together, each
+    renewed again after the same short wait: their number grew with every round, without
+    bound (the simulation's seed 1020 never ended: 6,000 copies of one request). Each copy
+    out is spaced after the others, so their receives do not grow with their number."""
+    world = world_of(limit=1)
+    world.pool.ledger.observe_running(execution_arn(STATE_MACHINE_ARN, "other"), T0)
+    world.pool.note_freed(Change.FREED, was_full=False, since=world.clock() - 60.0)
+    intake, _ = intake_for(world, renewals=True)
+    queue = intake.queues[0]
+    queue.max_receive_count = 1
+    for n in range(4):  # copies of one request (its identity), received together
+        copy = sqs_message(
+            '{"n": 1}',
+            message_id=f"copy-{n}",
+            attributes={REQUEST_ID_ATTRIBUTE: "m-1"},
+            system={"ApproximateReceiveCount": "1"},
+        )
+        await intake.admit(queue, copy)
+    delays = [c["DelaySeconds"] for c in copies_sent(world)]
+    assert len(delays) == 4
+    assert delays == sorted(set(delays)), f"back together: {delays}"
+
+
 async def test_with_more_receives_left_to_its_copy_a_waiting_copy_comes_back_at_once() -> None:
     """maxReceiveCount above 1: the copy (received zero times) may wait in the room, so it
     comes back at once and starts as soon as a slot frees."""
@@ -887,3 +947,70 @@ def test_a_renewal_tries_its_delete_for_at_least_half_the_visibility() -> None:
     original, left, was moved without a reason when it came back."""
     assert handle_left(hidden_since=0.0, now=58.5, visibility=60) == 30.0
     assert handle_left(hidden_since=0.0, now=5.0, visibility=60) == 54.0
+
+
+@on_virtual_time
+async def test_a_dead_letters_delete_on_its_last_receive_is_tried_as_long_as_its_send_is() -> None:
+    """No stop: a throttling storm refused the delete of a dead-lettered request on its
+    last receive for 95 s. Its tries are bounded as its send's are (5 minutes); the bound
+    of a stop (a minute) does not apply while the process runs on - cut short there, the
+    request lapsed and the redrive policy moved it a second time, without its reason."""
+    world = world_of()
+    intake, _ = intake_for(world)
+    throttled = client_error("RequestThrottled", 400, op="DeleteMessage")
+    world.sqs.fail("delete_message", *[throttled] * 20)  # 2 + 4 + 18 x 5 s = 96 s of pauses
+    began = anyio.current_time()
+    await intake.admit(intake.queues[0], last_receive(**{IDEMPOTENCY_ATTRIBUTE: "bad name!"}))
+    assert anyio.current_time() - began > 60
+    assert len(dead_letters(world)) == 1
+    deletes = world.sqs.calls_to("delete_message")
+    assert len(deletes) == 21, "given up while SQS still refused it"
+    assert handed_back(world) == []
+
+
+@on_virtual_time
+async def test_a_forced_stop_does_not_wait_for_a_dead_letters_delete() -> None:
+    """A second SIGTERM abandons everything now: the delete of a dead-lettered request on
+    its last receive, tried again through an ordered stop, does not hold a forced one."""
+    world = world_of()
+    intake, _ = intake_for(world)
+    throttled = client_error("RequestThrottled", 400, op="DeleteMessage")
+    world.sqs.fail("delete_message", *[throttled] * 100)
+    message = last_receive(**{IDEMPOTENCY_ATTRIBUTE: "bad name!"})
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(intake.admit, intake.queues[0], message)
+        await world.sqs.called("delete_message")
+        intake.stop(force=True)
+        tg.cancel_scope.cancel()
+        forced = anyio.current_time()
+    assert anyio.current_time() - forced < 1, "the forced stop waited for the delete"
+    assert len(world.sqs.calls_to("delete_message")) == 1
+
+
+@on_virtual_time
+async def test_a_forced_stop_ends_a_dead_letters_delete_going_on_through_a_stop() -> None:
+    """SIGTERM: the delete of a dead-lettered request on its last receive goes on through
+    the ordered stop; a second SIGTERM (forced) gives it up at once."""
+    world = world_of()
+    intake, _ = intake_for(world)
+    throttled = client_error("RequestThrottled", 400, op="DeleteMessage")
+    world.sqs.fail("delete_message", *[throttled] * 100)
+    message = last_receive(**{IDEMPOTENCY_ATTRIBUTE: "bad name!"})
+    scopes: list[anyio.CancelScope] = []
+
+    async def admit() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await intake.admit(intake.queues[0], message)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(admit)
+        await world.sqs.called("delete_message")
+        scopes[0].cancel()  # the ordered stop
+        await anyio.sleep(20)
+        tried = len(world.sqs.calls_to("delete_message"))
+        assert tried > 2, "the delete went on through the ordered stop"
+        intake.stop(force=True)
+        forced = anyio.current_time()
+    assert anyio.current_time() - forced < 1, "the forced stop waited for the delete"
+    assert len(world.sqs.calls_to("delete_message")) == tried

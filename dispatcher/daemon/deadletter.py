@@ -17,6 +17,7 @@ was sent (left, it would come back and be moved a second time, without the reaso
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -135,6 +136,15 @@ def _string(value: str) -> dict[str, Any]:
     return {"DataType": "String", "StringValue": value}
 
 
+@dataclass
+class _Tries:
+    """Where the tries of a delete on a last receive stand (a stop may cut them mid-way)."""
+
+    waited: float = 0.0
+    failures: int = 0
+    next_at: float | None = None  # (anyio's clock) the next try, while pausing before it
+
+
 class DeadLetterQueue:
     """Where bad requests go: copied with their reason to the dead-letter queue and then
     deleted; without one, back to their queue at once for its redrive policy to move."""
@@ -146,6 +156,14 @@ class DeadLetterQueue:
         self.url = url
         self.metrics = metrics
         self.max_size = max_size  # the dead-letter queue's MaximumMessageSize
+        self.abandoned = False  # a forced stop: nothing goes on through it
+        self._through_stop: set[anyio.CancelScope] = set()  # deletes going on through a stop
+
+    def abandon(self) -> None:
+        """A forced stop: the deletes going on through a stop are given up now."""
+        self.abandoned = True
+        for scope in list(self._through_stop):
+            scope.cancel()
 
     async def move(
         self, queue: RequestQueue, pool: str, message: dict[str, Any], reason: str, detail: str
@@ -197,23 +215,41 @@ class DeadLetterQueue:
         request kept hidden meanwhile, as its send is - even while the process stops
         (for `LAST_RECEIVE_DELETE_SECONDS` at most): cut short by a stop (the lease lost
         in a throttling storm), the request lapsed and the redrive policy moved it a second
-        time, without its reason."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(LAST_RECEIVE_DELETE_SECONDS):
-            await self._delete_last_tries(queue, handle, bound)
+        time, without its reason. Not once the stop is forced (`abandon`); without a stop,
+        tried as long as its send is."""
+        tries = _Tries()
+        try:
+            await self._delete_last_tries(queue, handle, bound, tries)
+        except anyio.get_cancelled_exc_class():
+            if not self.abandoned:
+                with (
+                    anyio.CancelScope(shield=True) as scope,
+                    anyio.move_on_after(LAST_RECEIVE_DELETE_SECONDS),
+                ):
+                    self._through_stop.add(scope)
+                    try:  # where the stop cut them: the pause under way, then the next try
+                        await self._delete_last_tries(queue, handle, bound, tries)
+                    finally:
+                        self._through_stop.discard(scope)
+            raise
 
-    async def _delete_last_tries(self, queue: RequestQueue, handle: str, bound: Any) -> None:
-        waited, failures = 0.0, 0
+    async def _delete_last_tries(
+        self, queue: RequestQueue, handle: str, bound: Any, tries: _Tries
+    ) -> None:
         while True:
+            if tries.next_at is not None:
+                await anyio.sleep(max(0.0, tries.next_at - anyio.current_time()))
+                tries.next_at = None
             try:
                 await self.sqs.delete_message(QueueUrl=queue.url, ReceiptHandle=handle)
             except Exception as exc:  # noqa: BLE001 - kept hidden, tried again
                 bound.warning("dispatcher.delete_failed", error=str(exc), last_receive=True)
             else:
                 return
-            if waited >= LAST_RECEIVE_RETRY_SECONDS:
+            if tries.waited >= LAST_RECEIVE_RETRY_SECONDS:
                 return
-            failures += 1
-            pause = min(LAST_RECEIVE_MAX_PAUSE, 2.0**failures)
+            tries.failures += 1
+            pause = min(LAST_RECEIVE_MAX_PAUSE, 2.0**tries.failures)
             await queue.set_visibility([handle], int(pause) + LAST_RECEIVE_HIDDEN_MARGIN)
-            await anyio.sleep(pause)
-            waited += pause
+            tries.next_at = anyio.current_time() + pause
+            tries.waited += pause

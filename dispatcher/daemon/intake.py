@@ -515,7 +515,7 @@ class Intake:
             return
         beyond = can_start_now or last or awaits_running
         if pool.room.offer(entry, priority=queue.priority, key=key, beyond_capacity=beyond):
-            pool.left_line(request.name)
+            pool.left_line(message.get("MessageId"))
             self._waiting_from[queue.url, pool.name] += 1
             pool.update()
             if request.start_by is not None:
@@ -525,7 +525,11 @@ class Intake:
             return
         # No room (overall, or for this key): back to the queue until about when the
         # requests already waiting will have started.
-        delay = pool.defer_seconds(key, ident=request.name)
+        # Its place in its key's line is its message's (a message SQS stored twice takes one
+        # place). Copies of one request (renewals, a producer's retries) each take their own:
+        # sharing one, copies renewed on a last receive came back together, each renewed
+        # again, and multiplied without bound.
+        delay = pool.defer_seconds(key, ident=message.get("MessageId"))
         if request.start_by is not None:  # back by its start-by, to be expired then if need be
             left = request.start_by - self.starter.expiries.clock()
             delay = max(0, min(delay, math.ceil(left)))
@@ -549,7 +553,8 @@ class Intake:
             # Its copy is on its last receive too, and would be renewed at once again, a
             # send and a delete per receive while the pool is full: it comes back when a
             # request deferred now would.
-            delay = max(delay, entry.pool.defer_seconds(entry.key, ident=entry.request.name))
+            place = entry.message.get("MessageId")
+            delay = max(delay, entry.pool.defer_seconds(entry.key, ident=place))
         why = "last receive, waiting"
         visibility = self.settings.visibility_timeout
         within = handle_left(entry.hidden_since, entry.pool.clock(), visibility)

@@ -290,6 +290,11 @@ class Pool:
             ahead += sum(len(other.room) for other in self._linked)
             run_time = max(run_time, *(other.run_time() for other in self._linked))
         wait = max(1.0, ahead / max(1, lanes) * run_time)
+        if held is not None and held[0] - now < 1.0:
+            # Back at its turn (DelaySeconds counts whole seconds) and still not let in: a
+            # run of its lanes at least. With none ahead of it any more, the head of a line
+            # came back every second, a receive each (with maxReceiveCount 1, a renewal).
+            wait = max(wait, run_time / max(1, lanes))
         if ledger.limit == 0 or self.held_back():  # paused (a shared queue brought it)
             wait = PAUSED_DEFER_SECONDS
         self._take_turn(object() if ident is None else ident, key, now + wait)

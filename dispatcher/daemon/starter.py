@@ -186,7 +186,10 @@ class Starter:
         return arn in self._copies
 
     def cut_short_waiting(self) -> None:
-        """Cancel handlers that are only waiting (admission, back-off): they hand back."""
+        """Cancel handlers that are only waiting (admission, back-off): they hand back.
+        Forced: every handler, and the deletes going on through a stop."""
+        if self.force:
+            self.dead_letters.abandon()
         for handling in list(self.stats.in_flight.values()):
             if handling.phase in ("received", "backoff") or self.force:
                 handling.scope.cancel()
