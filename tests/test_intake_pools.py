@@ -611,8 +611,8 @@ def test_a_deferral_is_sized_by_the_requests_of_its_key() -> None:
 def test_a_request_deferred_again_keeps_its_place_in_its_keys_line() -> None:
     """A backlog of one key longer than SQS's 15-minute delay came back all at once,
     each request counting the others still out as ahead of it, and was deferred 15 minutes
-    again, all at once, for ever, with the key idle in between. Deferred again, a request
-    has only those deferred before it ahead of it, whatever order they come back in."""
+    again, all at once, for ever, with the key idle in between. Back before its turn, a
+    request keeps its place, whatever order they come back in."""
     world = keyed_world(limit=4, per_key_limit=1, max_waiting=100)
     pool = world.pool
     measured(world, 60.0)
@@ -623,8 +623,8 @@ def test_a_request_deferred_again_keeps_its_place_in_its_keys_line() -> None:
     pool.left_line("r14")  # back in turn, they got into the waiting room
     pool.left_line("r15")
     again = {i: pool.defer_seconds(key_tag("A"), ident=f"r{i}") for i in range(29, 15, -1)}
-    assert again[16] == 1, "its turn has come"
-    assert again[29] == 13 * 60, "13 still ahead"
+    assert again[16] == 60, "its turn comes a run after r15's"
+    assert again[29] == 14 * 60, "13 still ahead of it"
     assert [again[i] for i in range(16, 30)] == sorted(again.values()), "one after another"
     assert (pool.deferral_keys, pool.deferrals_pending) == (1, 14)
 
@@ -653,8 +653,8 @@ def test_the_head_of_a_line_deferred_again_is_not_back_every_second() -> None:
 
 
 def test_copies_of_one_request_take_one_place() -> None:
-    """Copies of one request (SQS stored it twice, a renewal, a producer's retry) share its
-    identity: deferred, they are one request ahead of the next, not several."""
+    """The copies of a message SQS stored twice share its place in line: deferred, they are
+    one request ahead of the next, not two."""
     world = keyed_world(limit=4, per_key_limit=1, max_waiting=100)
     pool = world.pool
     measured(world, 10.0)

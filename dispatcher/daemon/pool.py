@@ -271,16 +271,22 @@ class Pool:
         in turn, about once per message: every hand-back is a receive, and receives count
         towards the queue's redrive policy.
 
-        A request (``ident``: its identity, shared by its copies) deferred again keeps its
-        place in its key's line: only the requests deferred before it are ahead. Counting
-        every deferral still out, a backlog of one key longer than SQS's 15-minute delay
-        once came back all at once, each one counting the others as ahead of it, and was
-        deferred 15 minutes again, all at once, for ever, with the key idle in between."""
+        A request (``ident``: its place in line) back before its turn keeps its place: it
+        is deferred until its turn again. Counted as new, a backlog of one key longer than
+        SQS's 15-minute delay once came back all at once, each one counting the others
+        as ahead of it, and was deferred 15 minutes again, all at once, for ever, with the
+        key idle in between. Back at its turn and still not let in, it goes to the back."""
         now = self.clock()
         self.forget_returned_deferrals()
         line = self._lines.get(key, [])
         held = self._turns.get(ident) if ident is not None else None
-        before = len(line) if held is None else bisect.bisect_left(line, held[0])
+        paused = self.ledger.limit == 0 or self.held_back()
+        if held is not None and held[0] - now >= 1.0 and not paused:
+            # Back before its turn (SQS hides a message 15 min at most): it keeps its place.
+            return int(min(MAX_DEFER_SECONDS, held[0] - now))
+        # New, or back at its turn and still not let in: behind every request of its key
+        # deferred before (not itself).
+        before = len(line) - (held is not None)
         ledger = self.ledger
         lanes = ledger.per_key_limit if key is not None and ledger.per_key_limit else ledger.limit
         ahead = self.room.count(key=key) + before
@@ -295,7 +301,7 @@ class Pool:
             # run of its lanes at least. With none ahead of it any more, the head of a line
             # came back every second, a receive each (with maxReceiveCount 1, a renewal).
             wait = max(wait, run_time / max(1, lanes))
-        if ledger.limit == 0 or self.held_back():  # paused (a shared queue brought it)
+        if paused:  # a shared queue brought it
             wait = PAUSED_DEFER_SECONDS
         self._take_turn(object() if ident is None else ident, key, now + wait)
         return int(min(MAX_DEFER_SECONDS, wait))
