@@ -5,7 +5,8 @@ that just failed.
 
 What the CLI must promise is judged here (the history alone does not say which run sent
 what): ``redrive_unbounded``, a run that moved more messages than the dead-letter queue
-held when it started, or that had not ended `sim.extras.REDRIVE_BOUND` seconds later.
+held when it started (or when its count's first answer arrived, if that is more: the answers
+of its count may be lost), or that had not ended `sim.extras.REDRIVE_BOUND` seconds later.
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ class _Killable:
         on_kill: Callable[[], None],
         most: int,
         on_most: Callable[[], None],
+        on_count: Callable[[], None] = lambda: None,
     ) -> None:
         self._client = client
         self._kill = kill
         self._on_kill = on_kill
         self._most, self._on_most = most, on_most
+        self._on_count = on_count
         self.killed = False
         self.sent = 0
 
@@ -67,7 +70,10 @@ class _Killable:
                 self.sent += len(kwargs.get("Entries", []))
                 if self.sent > self._most:
                     self._on_most()  # moving more than was there: it will not end
-            return await method(**kwargs)
+            answer = await method(**kwargs)
+            if name == "get_queue_attributes":
+                self._on_count()  # the count it bounds its run by: read now, not at its start
+            return answer
 
         return call
 
@@ -116,7 +122,17 @@ def _target(run: Run) -> str:
 async def _cli_redrive(run: Run, cli: CliRedrive, index: int) -> None:
     world, node = run.world, f"redrive.{index}"
     dlq = world.sqs.queues[run.dlq]
-    depth = sum(1 for m in dlq.messages.values() if not m.deleted and m.sent_at <= run.clock())
+
+    def held() -> int:
+        return sum(1 for m in dlq.messages.values() if not m.deleted and m.sent_at <= run.clock())
+
+    depth = held()
+    counted: list[int] = []  # the dead letters there when its first count was answered
+
+    def count_answered() -> None:
+        if not counted:
+            counted.append(held())
+
     reasons = set(cli.reasons) if cli.reasons is not None else None
     began = run.clock()
     world.history.note(
@@ -133,6 +149,7 @@ async def _cli_redrive(run: Run, cli: CliRedrive, index: int) -> None:
             on_kill=lambda: world.history.note(run.clock(), node, "KILLED between send and delete"),
             most=2 * depth + 10,  # well past what was there: stopped, judged below
             on_most=bound.cancel,
+            on_count=count_answered,
         )
         report = None
         try:
@@ -148,6 +165,9 @@ async def _cli_redrive(run: Run, cli: CliRedrive, index: int) -> None:
             return
     moved = sum(report.moved.values()) if report is not None else sqs.sent
     world.history.note(run.clock(), node, f"redrive ended: {moved} moved")
+    # A run moves what was there when it started - or, if its count's answers were lost,
+    # when one arrived (it cannot know the count earlier): one bound, whichever is larger.
+    depth = max([depth, *counted])
     if bound.cancelled_caught or moved > depth:
         why = (
             f"stopped after {run.clock() - began:.0f} s, not done"

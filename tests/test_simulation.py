@@ -43,12 +43,7 @@ def digest(outcome: Outcome) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-KNOWN_OPEN: dict[int, set[str]] = {
-    # twin_waits: a CLI redrive whose GetQueueAttributes answers are lost for 70 s reads the
-    # dead-letter queue's count only then, after the redrive policy moved two messages
-    # there (their SentTimestamp older than the run's start): it moves them.
-    155: {"redrive_unbounded"},
-}
+KNOWN_OPEN: dict[int, set[str]] = {}
 """Seeds of the fast subset that still find an open defect, with what they find (docs/testing.md
 lists them). Strict: the test fails when such a seed holds (remove it here) or finds
 anything else."""
