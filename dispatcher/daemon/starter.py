@@ -618,6 +618,9 @@ class Starter:
             wait = self.settings.visibility_timeout / 3
             if entry.request.start_by is not None:  # wake at its start-by, to expire it
                 wait = min(wait, max(0.0, entry.request.start_by - self.expiries.clock()))
+            # Hidden through the wait: checked only after it, two extensions lost in a row
+            # let the request lapse.
+            await self.keep_hidden(entry, ahead=wait)
             await pool.wait_admitted(reservation, wait)
             if self.expiries.due(entry):
                 raise ExpiredError
@@ -695,7 +698,7 @@ class Starter:
                 with attempt:
                     # The message stays hidden meanwhile: an attempt (with the SDK's own
                     # retries) is cut at a quarter of the visibility, extended in between.
-                    await self.keep_hidden(entry)
+                    await self.keep_hidden(entry, ahead=self.settings.visibility_timeout / 4)
                     with anyio.fail_after(self.settings.visibility_timeout / 4):
                         described = await self.sfn.describe_execution(executionArn=arn)
         except Exception as exc:  # noqa: BLE001 - any failure: keep the request, try later
@@ -779,9 +782,9 @@ class Starter:
         and on its last receive move it to the dead-letter queue while its start goes on."""
         step = self.settings.visibility_timeout / 4
         while seconds > step:
+            await self.keep_hidden(entry, ahead=step)
             await anyio.sleep(step)
             seconds -= step
-            await self.keep_hidden(entry)
         if seconds > 0:
             await self.keep_hidden(entry, ahead=seconds)
             await anyio.sleep(seconds)
@@ -820,9 +823,10 @@ class Starter:
         under throttling once took 51 s, unextended, and the request lapsed meanwhile)."""
 
         async def keep() -> None:
+            step = self.settings.visibility_timeout / 4
             while True:
-                await anyio.sleep(self.settings.visibility_timeout / 4)
-                await self.keep_hidden(entry)
+                await anyio.sleep(step)
+                await self.keep_hidden(entry, ahead=step)
 
         failed: Exception | None = None
         async with anyio.create_task_group() as tg:
