@@ -61,6 +61,7 @@ REQUEST_ID_ATTRIBUTE = "dispatcher-request-id"
 IDEMPOTENCY_ATTRIBUTE = "idempotency-key"
 _NAMING = (REQUEST_ID_ATTRIBUTE, ORIGINAL_ID_ATTRIBUTE, IDEMPOTENCY_ATTRIBUTE)
 CONFLICT = "idempotency_conflict"
+EXPIRED = "expired"
 _INVITES = re.compile(r"\bredrive\b", re.IGNORECASE)
 _WARNS = re.compile(r"\b(not|never|don't|do not)\b[^.;]{0,40}\bredrive", re.IGNORECASE)
 
@@ -246,7 +247,10 @@ def check_held_copies(
         request_id = request_of.get(sent.message_id) or request_of.get(
             sent.attributes.get(ORIGINAL_ID_ATTRIBUTE, "")
         )
-        if request_id is None or sent.attributes.get(REASON_ATTRIBUTE) == CONFLICT:
+        # Not ``expired`` either: it judges that copy's own start-by, and a producer's
+        # retry with a later one (or none) may start once it passed (a start after a
+        # copy's deadline is ``start_after_deadline``'s).
+        if request_id is None or sent.attributes.get(REASON_ATTRIBUTE) in (CONFLICT, EXPIRED):
             continue
         detail = sent.attributes.get(DETAIL_ATTRIBUTE, "")
         for execution in executions.get(request_id, []):

@@ -783,11 +783,11 @@ class Run:
             settle_bound=self.settle_bound,
             # A lowered limit is read within one refresh interval (SSM reads are spared by
             # the nemesis: while they fail, the dispatcher keeps the limit it has); a start
-            # sent before takes effect within its sender's D (counted beyond the default D:
-            # rolling seeds' files have longer ones).
-            staleness=float(DISPATCHER["limit_refresh_interval"])
-            + 2.0
-            + max(0.0, self._longest_d - float(DISPATCHER["start_timeout"])),
+            # sent just before the read takes effect within its sender's D (the longest of
+            # the run: rolling seeds' files have longer ones). Without the default D, a
+            # start sent 0.1 s before the read, held on the wire for its D, was judged
+            # against the new limit.
+            staleness=float(DISPATCHER["limit_refresh_interval"]) + 2.0 + self._longest_d,
             # An outside start is known from its status event or the next listing that
             # works; events may be lost and listings fail while a storm lasts.
             outside_grace=self.setting("reconcile_interval") + STORM_MAX + 35.0 + 10.0,

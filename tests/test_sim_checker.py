@@ -422,12 +422,12 @@ def test_a_request_dead_lettered_while_its_process_holds_a_copy_it_then_starts()
     dead letter said the execution does not exist while a copy in its hands was to start
     it. A copy received again after the dead letter (e.g. it came back) is another matter."""
 
-    def history_with(received_again: bool) -> History:
+    def history_with(received_again: bool, reason: str = "receive_limit") -> History:
         history = History()
         request(history, "q1", "m1")
         history.messages_received(1, "d1", QUEUE, [("m1", 1), ("m1", 1)], call_id=1)
         history.add(2, "d1", "start_sent", "StartExecution name=m1 sent", name="m1")
-        dead_letter(history, "m1", 40, reason="receive_limit")
+        dead_letter(history, "m1", 40, reason=reason)
         if received_again:
             history.messages_received(50, "d1", QUEUE, [("m1", 2)], call_id=2)
         history.add(60, "d1", "start_sent", "StartExecution name=m1 sent", name="m1")
@@ -437,6 +437,9 @@ def test_a_request_dead_lettered_while_its_process_holds_a_copy_it_then_starts()
 
     assert kinds(check(history_with(received_again=False), spec())) == ["dead_letter_held_copy"]
     assert check(history_with(received_again=True), spec()) == []
+    # Expired: that copy's own start-by passed; a producer's retry with a later one (or
+    # none) may start afterwards.
+    assert check(history_with(received_again=False, reason="expired"), spec()) == []
 
 
 def test_a_slot_left_free_while_a_request_waits_is_caught_where_judged() -> None:
