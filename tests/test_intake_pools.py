@@ -652,6 +652,26 @@ def test_the_head_of_a_line_deferred_again_is_not_back_every_second() -> None:
     assert receives <= 5, f"a0 received {receives} times in a minute"
 
 
+def test_a_renewed_copy_keeps_its_originals_place_and_other_copies_are_spares() -> None:
+    """A renewed copy (a new message, its original's id attached) keeps the place of the
+    message it copies: it was sent to the back of the line on every renewal. Another copy
+    of the same request (a producer's retry) is a spare while one holds the turn."""
+    world = keyed_world(limit=4, per_key_limit=1, max_waiting=100)
+    pool = world.pool
+    measured(world, 10.0)
+    assert pool.defer_seconds(key_tag("A"), "m1", name="r1") == 1
+    assert pool.defer_seconds(key_tag("A"), "m2", name="r2") == 10
+    assert pool.defer_seconds(key_tag("A"), "m3", name="r3") == 20
+    world.clock.advance(0.5)
+    assert pool.defer_seconds(key_tag("A"), "c2", predecessor="m2", name="r2") == 9
+    assert pool.deferrals_pending == 3, "the copy took its original's place"
+    assert pool.spare("r2", "retry-of-r2")
+    assert not pool.spare("r2", "c2")
+    assert not pool.spare("r2", "c3", predecessor="c2"), "the next renewal's copy"
+    pool.left_line("c2")  # into the room
+    assert not pool.spare("r2", "retry-of-r2"), "none holds r2's turn any more"
+
+
 def test_copies_of_one_request_take_one_place() -> None:
     """The copies of a message SQS stored twice share its place in line: deferred, they are
     one request ahead of the next, not two."""

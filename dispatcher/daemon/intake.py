@@ -38,6 +38,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from dispatcher.aws.api import AWS_ERRORS, Clients
 from dispatcher.core.requests import (
+    ORIGINAL_ID_ATTRIBUTE,
     PARENT_ATTRIBUTE,
     BadRequest,
     execution_arn,
@@ -50,7 +51,7 @@ from dispatcher.daemon.deadletter import DEFAULT_MAX_SIZE
 from dispatcher.daemon.deleter import BATCH, DeleteBatcher
 from dispatcher.daemon.health import Health
 from dispatcher.daemon.metrics import Metrics
-from dispatcher.daemon.pool import Pool
+from dispatcher.daemon.pool import MAX_DEFER_SECONDS, Pool
 from dispatcher.daemon.queues import RequestQueue
 from dispatcher.daemon.ratelimit import RateLimiters
 from dispatcher.daemon.renewal import handle_left, renew
@@ -515,7 +516,7 @@ class Intake:
             return
         beyond = can_start_now or last or awaits_running
         if pool.room.offer(entry, priority=queue.priority, key=key, beyond_capacity=beyond):
-            pool.left_line(message.get("MessageId"))
+            _leave_line(pool, message)
             self._waiting_from[queue.url, pool.name] += 1
             pool.update()
             if request.start_by is not None:
@@ -525,11 +526,7 @@ class Intake:
             return
         # No room (overall, or for this key): back to the queue until about when the
         # requests already waiting will have started.
-        # Its place in its key's line is its message's (a message SQS stored twice takes one
-        # place). Copies of one request (renewals, a producer's retries) each take their own:
-        # sharing one, copies renewed on a last receive came back together, each renewed
-        # again, and multiplied without bound.
-        delay = pool.defer_seconds(key, ident=message.get("MessageId"))
+        delay = self._deferral(entry)
         if request.start_by is not None:  # back by its start-by, to be expired then if need be
             left = request.start_by - self.starter.expiries.clock()
             delay = max(0, min(delay, math.ceil(left)))
@@ -540,6 +537,21 @@ class Intake:
         await queue.hand_back(
             request.receipt_handle, delay, entry.bound, "waiting room full", message=message
         )
+
+    def _deferral(self, entry: Waiting) -> int:
+        """How long ``entry`` stays in its queue, deferred. Its place in its key's line is
+        its message's (a message SQS stored twice takes one place; a renewed copy, its
+        original's). Another copy of the request (a producer's retry, a copy SQS stored
+        twice and renewed) is a spare while one holds the request's turn: it comes back
+        15 minutes later, not with it. Sharing the turn, copies renewed on a last receive
+        came back together, each renewed again, each renewal may leave one more (a send
+        stored twice, a delete unanswered), and they multiplied; each with a place of its
+        own, the line grew with them, and the requests behind waited for ever."""
+        pool, request = entry.pool, entry.request
+        place, predecessor = _place(entry.message)
+        if place is not None and pool.spare(request.name, place, predecessor):
+            return MAX_DEFER_SECONDS
+        return pool.defer_seconds(entry.key, place, predecessor=predecessor, name=request.name)
 
     async def _renewed(self, entry: Waiting) -> bool:
         """A request on its last receive that would wait: renewed at once (a fresh copy, the
@@ -553,8 +565,7 @@ class Intake:
             # Its copy is on its last receive too, and would be renewed at once again, a
             # send and a delete per receive while the pool is full: it comes back when a
             # request deferred now would.
-            place = entry.message.get("MessageId")
-            delay = max(delay, entry.pool.defer_seconds(entry.key, ident=place))
+            delay = max(delay, self._deferral(entry))
         why = "last receive, waiting"
         visibility = self.settings.visibility_timeout
         within = handle_left(entry.hidden_since, entry.pool.clock(), visibility)
@@ -791,3 +802,18 @@ async def _any_change(pools: list[Pool]) -> None:
 
         for pool in pools:
             tg.start_soon(wait, pool)
+
+
+def _place(message: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """A message's place in line: its id, and the id of the message it is a renewed copy
+    of (None if it is none)."""
+    attributes = message.get("MessageAttributes") or {}
+    predecessor = (attributes.get(ORIGINAL_ID_ATTRIBUTE) or {}).get("StringValue")
+    return message.get("MessageId"), predecessor
+
+
+def _leave_line(pool: Pool, message: Mapping[str, Any]) -> None:
+    """A deferred request got into the room: its place in line is left (its message's, or
+    the one it inherits from the message it is a renewed copy of)."""
+    for place in _place(message):
+        pool.left_line(place)

@@ -92,6 +92,10 @@ class Pool:
         # its turn: never every key ever deferred is kept.
         self._turns: dict[Hashable, tuple[float, str | None]] = {}
         self._lines: dict[str | None, list[float]] = {}
+        # The request (execution name) each place in line is for, and which place holds
+        # each request's turn (its first copy deferred; the others are spares).
+        self._name_of: dict[Hashable, str] = {}
+        self._holders: dict[str, Hashable] = {}
         self._returns: list[tuple[float, int, Hashable]] = []  # (turn, seq, request)
         self.on_ended: Callable[[str, str, Mapping[str, Any] | None], None] | None = None
         self._seq = itertools.count()
@@ -263,7 +267,21 @@ class Pool:
         oldest = self.ledger.oldest_since()
         return max(1.0, 0.0 if oldest is None else self.clock() - oldest)
 
-    def defer_seconds(self, key: str | None, ident: Hashable | None = None) -> int:
+    def spare(self, name: str, ident: Hashable, predecessor: Hashable | None = None) -> bool:
+        """Whether a place in line holds the turn of request ``name`` for another copy than
+        ``ident`` (or the message it is a renewed copy of, ``predecessor``): this one is a
+        spare, the request's start is that copy's."""
+        holder = self._holders.get(name)
+        return holder is not None and holder not in (ident, predecessor)
+
+    def defer_seconds(
+        self,
+        key: str | None,
+        ident: Hashable | None = None,
+        *,
+        predecessor: Hashable | None = None,
+        name: str | None = None,
+    ) -> int:
         """How long a request the waiting room has no space for should stay in its queue:
         about the time the requests ahead of it (of its key: waiting here, or deferred
         before it) need to start, from the executions' mean run time; 1 s to 15 min. Each
@@ -279,6 +297,8 @@ class Pool:
         now = self.clock()
         self.forget_returned_deferrals()
         line = self._lines.get(key, [])
+        if ident is not None and ident not in self._turns and predecessor in self._turns:
+            self._adopt(predecessor, ident)  # a renewed copy keeps the place of its original
         held = self._turns.get(ident) if ident is not None else None
         paused = self.ledger.limit == 0 or self.held_back()
         if held is not None and held[0] - now >= 1.0 and not paused:
@@ -303,13 +323,18 @@ class Pool:
             wait = max(wait, run_time / max(1, lanes))
         if paused:  # a shared queue brought it
             wait = PAUSED_DEFER_SECONDS
-        self._take_turn(object() if ident is None else ident, key, now + wait)
+        self._take_turn(object() if ident is None else ident, key, now + wait, name)
         return int(min(MAX_DEFER_SECONDS, wait))
 
-    def _take_turn(self, ident: Hashable, key: str | None, turn: float) -> None:
+    def _take_turn(
+        self, ident: Hashable, key: str | None, turn: float, name: str | None = None
+    ) -> None:
         """Remember ``ident``'s turn in its key's line (replacing the one it had)."""
         self.left_line(ident)
         self._turns[ident] = (turn, key)
+        if name is not None:
+            self._name_of[ident] = name
+            self._holders.setdefault(name, ident)
         bisect.insort(self._lines.setdefault(key, []), turn)
         heapq.heappush(self._returns, (turn, next(self._seq), ident))
         while len(self._turns) > MAX_TRACKED_DEFERRALS:
@@ -318,10 +343,24 @@ class Pool:
             self._returns = [(t, next(self._seq), i) for i, (t, _) in self._turns.items()]
             heapq.heapify(self._returns)
 
+    def _adopt(self, old: Hashable, new: Hashable) -> None:
+        """The place of message ``old`` passes to ``new``, its renewed copy."""
+        turn, key = self._turns.pop(old)
+        self._turns[new] = (turn, key)
+        heapq.heappush(self._returns, (turn, next(self._seq), new))  # old's entry: stale
+        name = self._name_of.pop(old, None)
+        if name is not None:
+            self._name_of[new] = name
+            if self._holders.get(name) == old:
+                self._holders[name] = new
+
     def left_line(self, ident: Hashable) -> None:
         """A deferred request got into the waiting room (or took another turn): it is no
         longer ahead of the requests deferred after it."""
         held = self._turns.pop(ident, None)
+        name = self._name_of.pop(ident, None)
+        if name is not None and self._holders.get(name) == ident:
+            del self._holders[name]
         if held is None:
             return
         turn, key = held
