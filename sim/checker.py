@@ -33,6 +33,7 @@ no other request has that body.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections import defaultdict
@@ -84,7 +85,12 @@ class CheckSpec:
     dead_letter_queue: str | None
     quiet_at: float  # when faults stopped
     settle_bound: float  # how long after that every request must be settled
-    staleness: float = 0.0  # how long a lowered limit may take to be read
+    staleness: float = 0.0  # how long a lowered limit may take to be read, and a start
+    # sent before to take effect (its D)
+    # How long a lowered limit may take to be read: given, a start is judged from the first
+    # attempt that may have started it (sent at most ``staleness - read_lag`` before it
+    # took effect), not from its effect (None: from its effect, ``staleness``).
+    read_lag: float | None = None
     outside_grace: float = 0.0  # how long before an outside start can be known
     expected_bad: frozenset[str] = frozenset()  # request ids of poison messages
     idle_bound: float | None = None  # late_running seeds: `sim.late_running.check_idle`
@@ -144,6 +150,30 @@ def max_concurrency(history: History, arn: str) -> int:
     return peak
 
 
+def start_sends(history: History) -> dict[str, list[float]]:
+    """Execution name -> when each StartExecution attempt for it was sent, in order."""
+    sends: dict[str, list[float]] = defaultdict(list)
+    for record in history.records:
+        if record.kind == "start_sent":
+            sends[str(record.details.get("name"))].append(record.time)
+    return sends
+
+
+def window(sends: Mapping[str, list[float]], name: str, at: float, spec: CheckSpec) -> float:
+    """How far back from ``at`` (a start of ``name`` took effect) a higher limit may still
+    have been in force for its sender: the read lag before the first attempt that may have
+    started it, else ``spec.staleness``. (From the effect alone, a start sent 0.1 s before
+    a lowered limit was read and held on the wire for its D was judged against the new
+    limit; widening the window by D for every start hid a retry sent long after.)"""
+    if spec.read_lag is None:
+        return spec.staleness
+    times = sends.get(name, [])
+    first = bisect.bisect_left(times, at - (spec.staleness - spec.read_lag))
+    if first >= len(times) or times[first] > at:
+        return spec.staleness
+    return min(spec.staleness, at - times[first] + spec.read_lag)
+
+
 def limit_at(timeline: list[tuple[float, int]], t: float, staleness: float) -> int:
     """The highest limit in force at any moment of ``[t - staleness, t]``."""
     since = t - staleness
@@ -195,6 +225,7 @@ def _check_limits(
         if run.stop is not None:
             points.append((run.stop, 0 if run.stop > counted_from else 3, run.seq, execution, run))
     points.sort(key=lambda p: (p[0], p[1], p[2]))
+    sends = start_sends(history)
     running = 0
     per_key: dict[str, int] = defaultdict(int)
     found: list[Violation] = []
@@ -206,7 +237,8 @@ def _check_limits(
             per_key[tag] += delta
         if kind != 2:
             continue
-        allowed = limit_at(timeline, at, spec.staleness)
+        stale = window(sends, execution.name, at, spec)
+        allowed = limit_at(timeline, at, stale)
         if running > allowed:
             found.append(
                 Violation(
@@ -217,7 +249,7 @@ def _check_limits(
             )
         key_limit = pool.per_key_limit
         if key_limit is not None:
-            key_limit = limit_at(key_timeline, at, spec.staleness)
+            key_limit = limit_at(key_timeline, at, stale)
         if tag is not None and key_limit is not None and per_key[tag] > key_limit:
             found.append(
                 Violation(

@@ -788,6 +788,7 @@ class Run:
             # start sent 0.1 s before the read, held on the wire for its D, was judged
             # against the new limit.
             staleness=float(DISPATCHER["limit_refresh_interval"]) + 2.0 + self._longest_d,
+            read_lag=float(DISPATCHER["limit_refresh_interval"]) + 2.0,
             # An outside start is known from its status event or the next listing that
             # works; events may be lost and listings fail while a storm lasts.
             outside_grace=self.setting("reconcile_interval") + STORM_MAX + 35.0 + 10.0,

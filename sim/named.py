@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from sim.checker import CheckSpec, limit_at
+from sim.checker import CheckSpec, limit_at, start_sends, window
 from sim.history import OUTSIDE, History
 from sim.violation import Violation
 
@@ -175,13 +175,14 @@ def check(
                 end_kind = 0 if run.stop > counted_from else 3
                 points.append((run.stop, end_kind, run.seq, -weight, execution.name))
     points.sort(key=lambda p: (p[0], p[1], p[2]))
+    sends = start_sends(history)
     units = 0
     found: list[Violation] = []
     for at, kind, _, weight, name in points:
         units += weight
         if kind != 2:
             continue
-        allowed = limit_at(timeline, at, spec.staleness)
+        allowed = limit_at(timeline, at, window(sends, name, at, spec))
         if units > allowed:
             found.append(
                 Violation(

@@ -219,6 +219,25 @@ def test_a_lowered_limit_is_judged_after_the_staleness() -> None:
     assert "limit 2" in violation.message
 
 
+def test_a_lowered_limit_is_judged_from_the_first_attempt_of_a_start() -> None:
+    """A start sent just before a lowered limit was read, held on the wire for its D, was
+    judged against the new limit from its effect; one sent long after the change and
+    admitted over it is judged from its send, however long the fallback window."""
+    history = History()
+    for i in range(4):
+        run(history, f"r{i}", i + 1, 100)
+    history.parameter_put(10, "/limit", "2", 2)
+    pool = {MACHINE: PoolSpec(limit=5, parameter="/limit")}
+    history.add(9, "d1", "start_sent", "StartExecution name=r4 sent", name="r4")
+    run(history, "r4", 14, 100)  # sent before the change could be read: the old limit
+    assert check(history, spec(pools=pool, staleness=20.0, read_lag=3.0)) == []
+    history.add(20, "d1", "start_sent", "StartExecution name=r5 sent", name="r5")
+    run(history, "r5", 21, 100)  # sent 10 s after the change: 6 of 2
+    [violation] = check(history, spec(pools=pool, staleness=20.0, read_lag=3.0))
+    assert (violation.kind, violation.time) == ("limit", 21)
+    assert "limit 2" in violation.message
+
+
 def test_a_value_that_is_not_a_limit_keeps_the_limit() -> None:
     history = History()
     history.parameter_put(0, "/limit", "lots", 1)

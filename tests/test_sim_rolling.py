@@ -120,7 +120,8 @@ def test_each_process_has_its_own_config_file() -> None:
         }
         assert made.late_start == 15.0
         # ... and a start sent before a limit was lowered to land within its sender's D.
-        assert made.staleness == DISPATCHER["limit_refresh_interval"] + 2.0 + 15.0 - 5.0
+        assert made.staleness == DISPATCHER["limit_refresh_interval"] + 2.0 + 15.0
+        assert made.read_lag == DISPATCHER["limit_refresh_interval"] + 2.0
 
     _with_run(look)
 
