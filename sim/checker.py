@@ -3,9 +3,10 @@
 1. ``limit`` / ``key_limit``: when a dispatcher's StartExecution took effect, the runs
    running then (the dispatcher's, and outside ones past their grace - or from their
    start, a redrive a process was told exists: `told_exists`) fit the limit in force
-   (the highest during the last ``staleness`` seconds), per pool and per key (the key of
-   the request a run serves, in a pool keyed the whole run; else its name's tag), the
-   per-key limit too as recorded when it changes.
+   (the highest from ``read_lag`` before the first attempt that may have started it, or
+   during the last ``staleness`` seconds without a record of it), per pool and per key
+   (the key of the request a run serves, in a pool keyed the whole run; else its name's
+   tag), the per-key limit too as recorded when it changes.
 2. ``duplicate_execution``: at most one execution per logical request.
 3. ``lost_request``: by ``quiet_at + settle_bound`` (or that long after a later send)
    every request has an execution or a dead-letter copy with its reason;
