@@ -51,12 +51,12 @@ def shaped(made: Scenario) -> Scenario:
     """The knob's scenario (the seed's pools, load and operators replaced)."""
     if not made.knobs.deep_backlog:
         return made
-    from sim.harness import PoolPlan  # noqa: PLC0415 - sim.harness imports this module
-    from sim.token_faults import OFF  # noqa: PLC0415 - (kept with the one above)
+    from sim.token_faults import OFF  # noqa: PLC0415 - kept out of the module's imports
 
     rng = random.Random(f"deep-backlog-{made.seed}")
-    pool = PoolPlan(
-        "p0",
+    pool = dataclasses.replace(  # a PoolPlan (sim.harness imports this module)
+        made.pools[0],
+        name="p0",
         limit=rng.choice(LIMITS),
         parameter=False,
         per_key_limit=1,

@@ -48,7 +48,7 @@ def _old_deferred(pool: Pool) -> dict[str | None, deque[float]]:
     return cast(dict[str | None, deque[float]], pool.__dict__.setdefault("_old_deferred", {}))
 
 
-def _old_defer_seconds(self: Pool, key: str | None, ident: object = None) -> int:
+def _old_defer_seconds(self: Pool, key: str | None, ident: object = None, **_: object) -> int:
     """Before the fix: a deque of return times for every key ever deferred."""
     now = self.clock()
     pending = _old_deferred(self).setdefault(key, deque())

@@ -68,12 +68,17 @@ def shaped(made: Scenario) -> Scenario:
     """The knob's scenario (the seed's pools, load and operators replaced)."""
     if not made.knobs.late_running:
         return made
-    from sim.harness import PoolPlan  # noqa: PLC0415 - sim.harness imports this module
-    from sim.token_faults import OFF  # noqa: PLC0415 - (kept with the one above)
+    from sim.token_faults import OFF  # noqa: PLC0415 - kept out of the module's imports
 
     rng = random.Random(f"late-running-{made.seed}")
-    pool = PoolPlan(
-        "p0", limit=rng.choice(LIMITS), parameter=False, per_key_limit=None, priorities=False
+    pool = dataclasses.replace(  # a PoolPlan (sim.harness imports this module)
+        made.pools[0],
+        name="p0",
+        limit=rng.choice(LIMITS),
+        parameter=False,
+        per_key_limit=None,
+        priorities=False,
+        max_waiting=100,
     )
     requests = rng.randint(*REQUESTS)
     times = tuple(sorted(rng.uniform(*BURST) for _ in range(requests)))
