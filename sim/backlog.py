@@ -21,14 +21,12 @@ has parent workflows (it keeps them, as if the knob had not been drawn).
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from sim.extras import ExtrasPlan
+from sim import shaping
 from sim.history import OUTSIDE, Execution, History
-from sim.parents import ParentsPlan
 from sim.violation import Violation
 
 if TYPE_CHECKING:
@@ -51,33 +49,14 @@ def shaped(made: Scenario) -> Scenario:
     """The knob's scenario (the seed's pools, load and operators replaced)."""
     if not made.knobs.deep_backlog:
         return made
-    from sim.token_faults import OFF  # noqa: PLC0415 - kept out of the module's imports
-
-    rng = random.Random(f"deep-backlog-{made.seed}")
-    pool = dataclasses.replace(  # a PoolPlan (sim.harness imports this module)
-        made.pools[0],
-        name="p0",
-        limit=rng.choice(LIMITS),
-        parameter=False,
-        per_key_limit=1,
-        priorities=False,
-        max_waiting=MAX_WAITING,
-    )
-    requests = rng.randint(*REQUESTS)
-    times = tuple(sorted(rng.uniform(*BURST) for _ in range(requests)))
-    return dataclasses.replace(
+    return shaping.one_pool_burst(
         made,
-        pools=(pool,),
-        lease=False,
-        shared_queue=False,
-        requests=requests,
-        request_times=times,
-        quiet_at=300.0,
+        random.Random(f"deep-backlog-{made.seed}"),
+        limits=LIMITS,
+        requests=REQUESTS,
+        burst=BURST,
         max_seconds=MAX_SECONDS,
-        parents=ParentsPlan(),
-        extras=ExtrasPlan(),
-        named=None,
-        token_knobs=OFF,
+        pool={"per_key_limit": 1, "max_waiting": MAX_WAITING},
         tenants=3,
     )
 

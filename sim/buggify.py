@@ -201,6 +201,15 @@ def draw(seed: int) -> Knobs:
     return special if special is not None else classic(seed)
 
 
+SCENARIO_MARKS = ("twin_waits", "exists_full", "late_running", "deep_backlog")
+"""A knob of these on marks a seed that is a scenario of its own (`scenario_knobs`)."""
+
+
+def own_scenario(knobs: Knobs) -> bool:
+    """Whether ``knobs`` are a scenario of its own's (every knob not of it off)."""
+    return any(getattr(knobs, name) for name in SCENARIO_MARKS)
+
+
 def scenario_knobs(seed: int) -> Knobs | None:
     """The knobs of a seed that is a scenario of its own (`SCENARIOS`, every other knob
     off), each drawn from a stream of its own where the knob it refines is off (None: the

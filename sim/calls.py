@@ -358,7 +358,14 @@ class Transport:
         if attempt > 1:
             label += f" (attempt {attempt})"
         if operation == "StartExecution":  # when it left its node (sim.deadlines)
-            self._history.add(start, node, "start_sent", f"{label} sent", name=params.get("name"))
+            self._history.add(
+                start,
+                node,
+                "start_sent",
+                f"{label} sent",
+                name=params.get("name"),
+                state_machine=params.get("stateMachineArn"),
+            )
         if fault.apply_at_deadline:
             held = _Call(ident, node, operation, label, fault, deadline, deadline, apply)
             await self._held_until_deadline(held, start, endpoint)

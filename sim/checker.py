@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 from dispatcher.aws.api import REQUEST_CODES
 from dispatcher.daemon.metrics import DEAD_LETTER_REASONS
-from sim import backlog, copy_rules, deadlines, late_running, token_rules
+from sim import backlog, copy_rules, deadlines, fence, late_running, token_rules
 from sim.history import (
     ORIGINAL_ID_ATTRIBUTE,
     OUTSIDE,
@@ -106,6 +106,7 @@ class CheckSpec:
     heartbeat_deploy_gap: float | None = None
     late_start: float = 0.0  # a StartExecution may take effect this long after it was given up
     answer_slack: float = 30.0  # an answer may trail a redrive of its child this long
+    wall_epoch: float = 0.0  # wall clock at virtual time 0: lease items' expiries (`sim.fence`)
 
 
 def check(history: History, spec: CheckSpec) -> list[Violation]:
@@ -131,6 +132,7 @@ def check(history: History, spec: CheckSpec) -> list[Violation]:
     found += late_running.check_idle(history, spec, owners.executions)
     found += backlog.check_receives(history, spec, owners.executions, owners.request_of)
     found += deadlines.check_deadlines(history, spec)
+    found += fence.check_fence(history, spec.wall_epoch)
     found += _check_reasons(history, spec)
     found.sort(key=lambda v: (v.time, v.kind))
     return found

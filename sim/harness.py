@@ -793,6 +793,7 @@ class Run:
             # works; events may be lost and listings fail while a storm lasts.
             outside_grace=self.setting("reconcile_interval") + STORM_MAX + 35.0 + 10.0,
             expected_bad=frozenset(self.expected_bad),
+            wall_epoch=self.world.config.epoch,
             idle_bound=late_running.IDLE_BOUND if self.plan.knobs.late_running else None,
             receive_bound=backlog.RECEIVE_BOUND if self.plan.knobs.deep_backlog else None,
             # A held token is heartbeated every interval (slack: one more); after a crash

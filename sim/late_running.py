@@ -26,7 +26,6 @@ seed has parent workflows (it keeps them, as if the knob had not been drawn).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 from collections.abc import Mapping
@@ -34,10 +33,9 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from sim import shaping
 from sim.aws import EventFault, EventFaults, EventInfo
-from sim.extras import ExtrasPlan
 from sim.history import OUTSIDE, Execution, History
-from sim.parents import ParentsPlan
 from sim.violation import Violation
 
 if TYPE_CHECKING:
@@ -68,33 +66,14 @@ def shaped(made: Scenario) -> Scenario:
     """The knob's scenario (the seed's pools, load and operators replaced)."""
     if not made.knobs.late_running:
         return made
-    from sim.token_faults import OFF  # noqa: PLC0415 - kept out of the module's imports
-
-    rng = random.Random(f"late-running-{made.seed}")
-    pool = dataclasses.replace(  # a PoolPlan (sim.harness imports this module)
-        made.pools[0],
-        name="p0",
-        limit=rng.choice(LIMITS),
-        parameter=False,
-        per_key_limit=None,
-        priorities=False,
-        max_waiting=100,
-    )
-    requests = rng.randint(*REQUESTS)
-    times = tuple(sorted(rng.uniform(*BURST) for _ in range(requests)))
-    return dataclasses.replace(
+    return shaping.one_pool_burst(
         made,
-        pools=(pool,),
-        lease=False,
-        shared_queue=False,
-        requests=requests,
-        request_times=times,
-        quiet_at=300.0,
+        random.Random(f"late-running-{made.seed}"),
+        limits=LIMITS,
+        requests=REQUESTS,
+        burst=BURST,
         max_seconds=MAX_SECONDS,
-        parents=ParentsPlan(),
-        extras=ExtrasPlan(),
-        named=None,
-        token_knobs=OFF,
+        pool={"per_key_limit": None, "max_waiting": 100},
     )
 
 
