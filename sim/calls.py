@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import anyio
 from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
 
+from sim.history import ORIGINAL_ID_ATTRIBUTE
+
 if TYPE_CHECKING:
     from sim.history import History
 
@@ -366,6 +368,16 @@ class Transport:
                 name=params.get("name"),
                 state_machine=params.get("stateMachineArn"),
             )
+        original = _original_id(operation, params)
+        if original is not None:  # a copy of a message tried (sim.copy_rules: renewed first)
+            self._history.add(
+                start,
+                node,
+                "copy_sent",
+                f"{label} tried",
+                queue=params.get("QueueUrl"),
+                original=original,
+            )
         if fault.apply_at_deadline:
             held = _Call(ident, node, operation, label, fault, deadline, deadline, apply)
             await self._held_until_deadline(held, start, endpoint)
@@ -489,3 +501,13 @@ async def _time_out(seconds: float, endpoint: str) -> NoReturn:
     """Wait out the client's read timeout, then fail as botocore does."""
     await anyio.sleep(max(0.0, seconds))
     raise ReadTimeoutError(endpoint_url=endpoint)
+
+
+def _original_id(operation: str, params: Mapping[str, Any]) -> str | None:
+    """The ``dispatcher-original-message-id`` a SendMessage carries (a copy of a message:
+    renewed, dead-lettered, redriven), if any."""
+    if operation != "SendMessage":
+        return None
+    attribute = (params.get("MessageAttributes") or {}).get(ORIGINAL_ID_ATTRIBUTE) or {}
+    value = attribute.get("StringValue")
+    return str(value) if value is not None else None

@@ -129,6 +129,7 @@ def check(history: History, spec: CheckSpec) -> list[Violation]:
         history, spec, owners.executions, owners.request_of, owners.fresh
     )
     found += copy_rules.check_held_copies(history, spec, owners.executions, owners.request_of)
+    found += copy_rules.check_renewed_first(history, spec)
     found += late_running.check_idle(history, spec, owners.executions)
     found += backlog.check_receives(history, spec, owners.executions, owners.request_of)
     found += deadlines.check_deadlines(history, spec)

@@ -25,6 +25,13 @@ them).
    in its hands, waiting or being started, when it wrote that the execution does not
    exist).
 
+10. ``dead_letter_unrenewed``: a request on its last receive is renewed (a copy of it sent
+   to its queue, docs/requests.md "The last receive"), and dead-lettered as
+   ``receive_limit`` only once that was tried: a ``receive_limit`` dead letter of a message
+   comes after a send of a copy of that message to a queue other than the dead-letter queue
+   (whatever its outcome: SQS may refuse it, or its answer may be lost). A message with
+   9 attributes of its own or more is not judged: its copy has no room to name it.
+
 A *fresh* copy (`fresh_identities`) is the documented limit of request identity (docs/requests.md,
 "Request identity"): SQS's move task's copy of a message the redrive policy moved carries
 nothing that names the request it came from (no ``dispatcher-request-id``, no original
@@ -282,4 +289,36 @@ def check_held_copies(
                 )
             )
             break
+    return found
+
+
+RECEIVE_LIMIT = "receive_limit"
+OURS = "dispatcher-"
+NO_ROOM = 9  # attributes of its own: its copy's identity fills SQS's 10, no original id
+
+
+def check_renewed_first(history: History, spec: CheckSpec) -> list[Violation]:
+    """Rule 10 (``dead_letter_unrenewed``)."""
+    tried: dict[str, float] = {}  # original message id -> its first copy's send
+    for record in history.records:
+        if record.kind == "copy_sent" and record.details.get("queue") != spec.dead_letter_queue:
+            tried.setdefault(str(record.details.get("original")), record.time)
+    own: dict[str, int] = {}  # message id -> how many attributes of its own it carries
+    for message in [*history.requests, *history.sends]:
+        own[message.message_id] = sum(1 for a in message.attributes if not a.startswith(OURS))
+    found: list[Violation] = []
+    for sent in history.dead_letter_copies(spec.dead_letter_queue):
+        if sent.attributes.get(REASON_ATTRIBUTE) != RECEIVE_LIMIT:
+            continue
+        original = sent.attributes.get(ORIGINAL_ID_ATTRIBUTE, "")
+        if tried.get(original, math.inf) <= sent.time or own.get(original, 0) >= NO_ROOM:
+            continue
+        found.append(
+            Violation(
+                "dead_letter_unrenewed",
+                sent.time,
+                f"message {original} dead-lettered as {RECEIVE_LIMIT} by {sent.node} with no "
+                "copy of it tried first (a request on its last receive is renewed)",
+            )
+        )
     return found

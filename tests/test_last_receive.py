@@ -1017,3 +1017,34 @@ async def test_a_forced_stop_ends_a_dead_letters_delete_going_on_through_a_stop(
         forced = anyio.current_time()
     assert anyio.current_time() - forced < 1, "the forced stop waited for the delete"
     assert len(world.sqs.calls_to("delete_message")) == tried
+
+
+async def test_max_receive_count_1_copy_of_a_request_being_started_comes_back_as_a_spare() -> None:
+    """maxReceiveCount 1: SQS stored the request twice, one copy's start is on the wire
+    (retried for as long as AWS throttles it), the other is received meanwhile. It was
+    renewed to come back 1 s later, and again, a send, a delete and a receive every second
+    for as long as the start retried (the simulation's seed 203: 30 s). It is a spare: back
+    15 minutes later, by when the start has ended one way or the other."""
+    world = world_of(limit=1)
+    world.sfn.start_gate = anyio.Event()
+    intake, _ = intake_for(world, renewals=True)
+    queue = intake.queues[0]
+    queue.max_receive_count = 1
+    first = sqs_message('{"n": 1}', message_id="m-1", system={"ApproximateReceiveCount": "1"})
+    twin = sqs_message(
+        '{"n": 1}',
+        message_id="m-1",
+        receipt_handle="rh-twin",
+        system={"ApproximateReceiveCount": "1"},
+    )
+    async with anyio.create_task_group() as handlers:
+        await intake.admit(queue, first)
+        intake.dispatch_once(world.pool, handlers)
+        while not world.sfn.calls_to("start_execution"):  # its attempt is on the wire
+            await anyio.lowlevel.checkpoint()
+        await intake.admit(queue, twin)
+        [copy] = copies_sent(world)
+        assert copy["DelaySeconds"] == MAX_DEFER_SECONDS, "back within seconds, again and again"
+        assert "rh-twin" in deleted_handles(world)
+        world.sfn.start_gate.set()
+    assert world.pool.ledger.running == {ARN}

@@ -7,6 +7,7 @@ mutation is hunted over the same 200 seeds, stopping at the first that catches i
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import textwrap
@@ -14,7 +15,9 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import anyio
 import pytest
+import stamina
 import structlog
 
 from dispatcher.core.ledger import Change, Ledger
@@ -27,6 +30,7 @@ from sim.mutations import (
     CATALOGUE,
     MUTATIONS,
     NOT_YET_CAUGHT,
+    OUTSIDE_MODEL,
     SEEDS,
     Edit,
     Mutation,
@@ -181,3 +185,25 @@ def test_the_docs_show_the_stored_kill_matrix() -> None:
     page = (root / "docs" / "testing.md").read_text(encoding="utf-8")
     assert begin + markdown(summary) + end in page
     assert f"{summary['caught']} of {summary['mutations']}" in page
+
+
+def _run_unit_test(path: str) -> None:
+    """Run the async unit test ``tests/module.py::name`` as pytest would (its module's
+    stamina test mode, `tests.conftest.fast_retries`)."""
+    module_path, name = path.split("::")
+    module = importlib.import_module(module_path.removesuffix(".py").replace("/", "."))
+    with stamina.set_testing(True, attempts=getattr(module, "RETRY_ATTEMPTS", 5)):
+        anyio.run(getattr(module, name))
+
+
+@pytest.mark.parametrize("name", sorted(OUTSIDE_MODEL))
+def test_a_mutation_outside_the_model_is_killed_by_its_unit_test(name: str) -> None:
+    """A rule against AWS behaving beyond the simulation's model: kept out of the kill
+    matrix, and its unit test fails with the rule taken out (and passes with it)."""
+    mutation, unit_test = OUTSIDE_MODEL[name]
+    assert mutation.name == name
+    assert name not in MUTATIONS, "in the kill matrix and outside the model"
+    assert mutation.kind in KINDS
+    _run_unit_test(unit_test)
+    with patched(mutation.patches()), pytest.raises(AssertionError):
+        _run_unit_test(unit_test)

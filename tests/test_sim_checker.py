@@ -10,7 +10,8 @@ import anyio
 from dispatcher.core.requests import key_tag
 from sim.aws import World
 from sim.checker import CheckSpec, PoolSpec, Violation, check, limit_at, max_concurrency
-from sim.history import OUTSIDE, History
+from sim.copy_rules import check_renewed_first
+from sim.history import ORIGINAL_ID_ATTRIBUTE, OUTSIDE, REASON_ATTRIBUTE, History
 from tests.test_sim_aws import make_world, virtual
 
 REGION_ACCOUNT = "eu-west-1:123456789012"
@@ -762,3 +763,66 @@ def test_an_aws_error_about_requests_warrants_a_dead_letter_only_once_aws_gave_i
     assert kinds(check(history, spec())) == ["unwarranted_dead_letter"]
     history.call(2.5, "d1", 7, "StartExecution name=m1", "ERROR InvalidExecutionInput")
     assert check(history, spec()) == []
+
+
+# -- a request on its last receive is renewed before it is dead-lettered ---------------------
+
+
+def _dead_lettered(history: History, at: float, reason: str = "receive_limit") -> None:
+    history.message_sent(
+        at,
+        "d1",
+        queue_url=DLQ,
+        message_id=f"dl{at}",
+        body="{}",
+        attributes={REASON_ATTRIBUTE: reason, ORIGINAL_ID_ATTRIBUTE: "m1"},
+    )
+
+
+def _copy_tried(history: History, at: float, queue: str) -> None:
+    history.add(at, "d1", "copy_sent", "SendMessage tried", queue=queue, original="m1")
+
+
+def _own_attributes(count: int) -> History:
+    history = History()
+    attributes = {f"a{i}": "x" for i in range(count)}
+    history.request_sent(
+        0.0,
+        "producer",
+        request_id="r1",
+        message_id="m1",
+        queue_url=QUEUE,
+        body="{}",
+        attributes=attributes,
+    )
+    return history
+
+
+def test_a_receive_limit_dead_letter_with_no_copy_tried_first_is_a_violation() -> None:
+    history = _own_attributes(1)
+    _copy_tried(history, 5.0, DLQ)  # the dead letter's own copy is not a renewal
+    _dead_lettered(history, 10.0)
+    [violation] = check_renewed_first(history, spec())
+    assert violation.kind == "dead_letter_unrenewed"
+    assert violation.time == 10.0
+    assert "m1" in violation.message
+
+
+def test_a_renewal_tried_first_or_another_reason_passes() -> None:
+    history = _own_attributes(1)
+    _copy_tried(history, 4.0, QUEUE)  # refused or unanswered: tried all the same
+    _dead_lettered(history, 10.0)
+    assert check_renewed_first(history, spec()) == []
+    other = _own_attributes(1)
+    _dead_lettered(other, 10.0, reason="invalid_json")
+    assert check_renewed_first(other, spec()) == []
+    late = _own_attributes(1)
+    _dead_lettered(late, 10.0)
+    _copy_tried(late, 11.0, QUEUE)
+    assert [v.kind for v in check_renewed_first(late, spec())] == ["dead_letter_unrenewed"]
+
+
+def test_a_message_whose_copy_has_no_room_to_name_it_is_not_judged() -> None:
+    history = _own_attributes(9)
+    _dead_lettered(history, 10.0)
+    assert check_renewed_first(history, spec()) == []

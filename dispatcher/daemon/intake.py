@@ -546,10 +546,14 @@ class Intake:
         15 minutes later, not with it. Sharing the turn, copies renewed on a last receive
         came back together, each renewed again, each renewal may leave one more (a send
         stored twice, a delete unanswered), and they multiplied; each with a place of its
-        own, the line grew with them, and the requests behind waited for ever."""
+        own, the line grew with them, and the requests behind waited for ever. A copy of a
+        request whose start is under way here is a spare too: with ``maxReceiveCount`` 1 it
+        came back every second for as long as that start retried."""
         pool, request = entry.pool, entry.request
         place, predecessor = _place(entry.message)
         if place is not None and pool.spare(request.name, place, predecessor):
+            return MAX_DEFER_SECONDS
+        if self.starter.starting(execution_arn(pool.state_machine_arn, request.name)):
             return MAX_DEFER_SECONDS
         return pool.defer_seconds(entry.key, place, predecessor=predecessor, name=request.name)
 
