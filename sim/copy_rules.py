@@ -304,8 +304,11 @@ def check_renewed_first(history: History, spec: CheckSpec) -> list[Violation]:
         if record.kind == "copy_sent" and record.details.get("queue") != spec.dead_letter_queue:
             tried.setdefault(str(record.details.get("original")), record.time)
     own: dict[str, int] = {}  # message id -> how many attributes of its own it carries
-    for message in [*history.requests, *history.sends]:
-        own[message.message_id] = sum(1 for a in message.attributes if not a.startswith(OURS))
+    carried: list[tuple[str, Mapping[str, str]]] = [
+        (m.message_id, m.attributes) for m in history.requests
+    ] + [(m.message_id, m.attributes) for m in history.sends]
+    for message_id, attributes in carried:
+        own[message_id] = len([a for a in attributes if not a.startswith(OURS)])
     found: list[Violation] = []
     for sent in history.dead_letter_copies(spec.dead_letter_queue):
         if sent.attributes.get(REASON_ATTRIBUTE) != RECEIVE_LIMIT:
