@@ -42,8 +42,10 @@ def dead_letters(world: World) -> list[dict[str, Any]]:
 
 async def test_a_start_given_up_on_the_last_receive_is_dead_lettered_with_the_reason() -> None:
     """Once its execution is known not to exist: an attempt in an earlier receive (or
-    process) may have started it, so it is described after D and the grace first."""
+    process) may have started it, so it is described after D and the grace first. (SQS
+    refuses its copy: renewed instead, it would not be dead-lettered.)"""
     world = build_world()
+    world.sqs.refuse_sends_to.add(REQUEST_QUEUE)
     world.sfn.fail_always("start_execution", throttled())
     intake = intake_of(world)
     intake.queues[0].max_receive_count = MAX_RECEIVES
@@ -96,7 +98,10 @@ async def test_a_paused_pool_receives_nothing() -> None:
 
 
 async def test_handing_back_many_dead_letters_only_those_on_their_last_receive() -> None:
+    """(SQS refuses the copy of the one on its last receive: renewed instead, it would not
+    be dead-lettered.)"""
     world = build_world()
+    world.sqs.refuse_sends_to.add(REQUEST_QUEUE)
     intake = intake_of(world)
     queue: RequestQueue = intake.queues[0]
     queue.max_receive_count = MAX_RECEIVES

@@ -89,7 +89,10 @@ def delete(history: History, message_id: str, at: float, *, deleted: bool = True
 
 
 def dead_letter(history: History, message_id: str, at: float, reason: str = "invalid_json") -> None:
-    """A dead-letter copy the dispatcher sent."""
+    """A dead-letter copy the dispatcher sent (as ``receive_limit``: after its renewal was
+    tried, as the dispatcher does)."""
+    if reason == "receive_limit":
+        _copy_tried_of(history, message_id, at)
     history.message_sent(
         at,
         "d1",
@@ -101,6 +104,11 @@ def dead_letter(history: History, message_id: str, at: float, reason: str = "inv
             "dispatcher-original-message-id": message_id,
         },
     )
+
+
+def _copy_tried_of(history: History, message_id: str, at: float) -> None:
+    """The dispatcher tried to renew ``message_id`` (a copy sent to its queue) at ``at``."""
+    history.add(at, "d1", "copy_sent", "SendMessage tried", queue=QUEUE, original=message_id)
 
 
 def kinds(violations: list[Violation]) -> list[str]:
@@ -715,6 +723,7 @@ def _fresh_copy_dead_lettered(*, fresh_ran: bool, attributes: dict[str, str]) ->
     _moved_back(history, "m9", 20, attributes)
     if fresh_ran:
         run(history, "m9", 25, 100, input=json.dumps({"request": "q1"}))
+    _copy_tried_of(history, "m9", 39)
     history.message_sent(
         40,
         "d1",

@@ -32,7 +32,10 @@ BODY = json.dumps({"req": "r1", "seconds": 3})
 def dead_letter(
     history: History, original: str, at: float, reason: str, *, detail: str, body: str = BODY
 ) -> None:
-    """The dispatcher's dead-letter copy of message ``original``."""
+    """The dispatcher's dead-letter copy of message ``original`` (as ``receive_limit``: after
+    its renewal was tried, as the dispatcher does)."""
+    if reason == "receive_limit":
+        history.add(at, "d1", "copy_sent", "SendMessage tried", queue="requests", original=original)
     history.message_sent(
         at,
         "d1",

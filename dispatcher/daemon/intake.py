@@ -505,11 +505,13 @@ class Intake:
             return
         # A request a free slot is waiting for gets in even when the room is full; so does
         # one on its last receive (deferred, SQS would move it away without a reason), and
-        # a parent's token for a child that runs (a retry with the same key): deferred, its
-        # parent would get no heartbeat, and the child could be stopped as an orphan.
+        # a parent's token for a child that runs or is being started (a retry with the same
+        # key): deferred, its parent would get no heartbeat, and the child could be stopped
+        # as an orphan.
         can_start_now = pool.key_ok(key) and pool.ledger.free > pool.room.startable(pool.key_ok)
-        awaits_running = request.task_token is not None and pool.ledger.holds(
-            execution_arn(pool.state_machine_arn, request.name)
+        child = execution_arn(pool.state_machine_arn, request.name)
+        awaits_running = request.task_token is not None and (
+            pool.ledger.holds(child) or self.starter.starting(child)
         )
         last = queue.is_last_receive(message)
         if last and not can_start_now and await self._renewed(entry):
@@ -547,14 +549,20 @@ class Intake:
         came back together, each renewed again, each renewal may leave one more (a send
         stored twice, a delete unanswered), and they multiplied; each with a place of its
         own, the line grew with them, and the requests behind waited for ever. A copy of a
-        request whose start is under way here is a spare too: with ``maxReceiveCount`` 1 it
-        came back every second for as long as that start retried."""
+        request whose start is under way here comes back once that start has had its time
+        (its retries and one more attempt): with ``maxReceiveCount`` 1 it came back every
+        second for as long as the start retried. Not as a spare, for 15 minutes: the start
+        may fail or expire, and this copy (a producer's retry with a later start-by, say)
+        then carries the request."""
         pool, request = entry.pool, entry.request
         place, predecessor = _place(entry.message)
         if place is not None and pool.spare(request.name, place, predecessor):
             return MAX_DEFER_SECONDS
         if self.starter.starting(execution_arn(pool.state_machine_arn, request.name)):
-            return MAX_DEFER_SECONDS
+            settings = self.settings
+            return min(
+                MAX_DEFER_SECONDS, math.ceil(settings.start_retry_timeout + settings.start_timeout)
+            )
         return pool.defer_seconds(entry.key, place, predecessor=predecessor, name=request.name)
 
     async def _renewed(self, entry: Waiting) -> bool:

@@ -70,6 +70,7 @@ class _Kept:
     delay: int = 0  # seconds its copy stays invisible (as long as it would have, handed back)
     renew_at: float = 0.0  # (pool clock) when to try to renew it next
     renewals_failed: int = 0
+    renewal_tried: bool = False  # settled (described) only once a renewal was tried
     busy: bool = False  # being renewed or settled: the other waits
     again: bool = False  # kept again while being settled: not settled after all
 
@@ -154,6 +155,7 @@ class LastReceives:
     async def _renew(self, kept: _Kept) -> bool:
         entry = kept.entry
         kept.busy = True
+        kept.renewal_tried = True
         try:
             delay = max(kept.delay, entry.queue.min_delay())
             visibility = self.settings.visibility_timeout
@@ -178,6 +180,13 @@ class LastReceives:
         settled = 0
         for kept in self:
             if kept.entry.pool.clock() < kept.next_try:
+                continue
+            if kept.busy or kept not in self._kept:
+                continue
+            if not kept.renewal_tried and await self._renew(kept):
+                # Renewed first (docs/requests.md, "The last receive"), even when the renew
+                # loop is held up (a renewal's delete going on): not for a describe to
+                # dead-letter.
                 continue
             if kept.busy or kept not in self._kept:
                 continue
