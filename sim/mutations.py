@@ -688,18 +688,20 @@ CATALOGUE: tuple[Mutation, ...] = (
     # The rule is the wait `keep` sets, not the guard ``now >= kept.not_before`` in
     # `_settle` (this mutation's first form): `settle_once` describes a kept request only
     # from its ``next_try``, which `keep` sets to ``not_before`` and every retry to
-    # ``max(not_before, ...)``, so that guard is always true where it is read. The wait
-    # does two things. Within the assumed describe lag (below the grace) its first is
-    # defence in depth: whatever this process or a predecessor sent took effect and shows
-    # in a describe by then, and the ledger or the starter knows a copy being started
-    # (`_may_run`). Its second is what the simulation catches: a kept request is renewed
-    # first (`renew_once`, due at once) and described only if renewals keep failing for
-    # that long. Without the wait the describe races the renewal, and "does not exist"
-    # dead-letters a request that its copy would have carried on - the checker's
-    # ``dead_letter_unrenewed`` (`sim.copy_rules`); and when another copy of it is in its
-    # queue meanwhile (seed 203: SQS stored it twice, and that copy started it 2 s later),
-    # ``dead_letter_ran``. (The wait once guarded a real gap too: with D longer than the
-    # grace, a doubt counted its grace from when the attempt ended - fixed in the ledger.)
+    # ``max(not_before, ...)``, so that guard is always true where it is read. Within the
+    # assumed describe lag (below the grace), whatever this process or a predecessor sent
+    # took effect and shows in a describe by then, and the ledger or the starter knows a
+    # copy being started (`_may_run`). The wait once also let the renewal go first: without
+    # it the describe raced the renewal and dead-lettered a request its copy would have
+    # carried on (``dead_letter_unrenewed``, seed 4; and seed 203, where SQS had stored the
+    # request twice and the other copy started it 2 s later: ``dead_letter_ran``). A kept
+    # request is now renewed before any describe (`settle_once`), wait or no wait, and no
+    # seed of 0..199 catches the mutation. What the wait still does: after a failed renewal
+    # it gives another copy of the request in its queue (SQS stored it twice, a producer's
+    # retry) time to be received, and then seen waiting or being started. A copy received
+    # after the wait is not seen either way (an open gap of the design, not of the wait).
+    # (The wait once guarded a real gap too: with D longer than the grace, a doubt counted
+    # its grace from when the attempt ended - fixed in the ledger.)
     _m(
         "last-receive-missing-without-grace",
         "dead-lettering while in doubt",
@@ -871,7 +873,7 @@ CATALOGUE: tuple[Mutation, ...] = (
 
 MUTATIONS: dict[str, Mutation] = {m.name: m for m in CATALOGUE}
 
-NOT_YET_CAUGHT: frozenset[str] = frozenset()
+NOT_YET_CAUGHT: frozenset[str] = frozenset({"last-receive-missing-without-grace"})
 """Mutations no seed of the 200 catches yet: the simulation's gaps (sim/results/mutations.json
 says in how many seeds each one's line is reached at all). `make mutate` fails on them; the
 test of `make test` replays the others at their catching seeds, so that a rule the
