@@ -1051,3 +1051,31 @@ async def test_max_receive_count_1_copy_of_a_request_being_started_comes_back_as
         assert "rh-twin" in deleted_handles(world)
         world.sfn.start_gate.set()
     assert world.pool.ledger.running == {ARN}
+
+
+@on_virtual_time
+async def test_a_renewed_originals_delete_is_not_held_up_by_tries_that_get_no_answer() -> None:
+    """A storm of slow calls: each delete got no answer until its 8 s were up, and each try
+    waited for the one before, four tries in the 30 s the handle works, all lost; the
+    original came back and SQS moved it without a reason (the simulation's seed 956). A try
+    that waits for its answer does not hold up the next."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world, renewals=True)
+    real_delete = world.sqs.delete_message
+    calls: list[float] = []
+
+    async def delete_message(**call: Any) -> Any:  # the first six get no answer at all
+        calls.append(anyio.current_time())
+        if len(calls) <= 6:
+            await anyio.sleep_forever()
+        return await real_delete(**call)
+
+    world.sqs.delete_message = delete_message  # type: ignore[method-assign]
+    message = last_receive()
+    began = anyio.current_time()
+    await intake.admit(intake.queues[0], message)
+    assert len(copies_sent(world)) == 1
+    assert len(calls) == 7, "the seventh try deleted it"
+    assert calls[-1] - began < world.settings.visibility_timeout / 2, "while the handle works"
+    assert message["ReceiptHandle"] in deleted_handles(world)
