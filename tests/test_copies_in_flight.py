@@ -10,8 +10,17 @@ import anyio
 import pytest
 
 from dispatcher.core.deadline import format_deadline
-from tests.fakes import DEAD_LETTER_QUEUE, World, build_world, sqs_message, throttled
-from tests.test_last_receive import MAX_RECEIVES, world_of
+from dispatcher.daemon.intake import Intake
+from dispatcher.daemon.starter import Waiting
+from tests.fakes import (
+    DEAD_LETTER_QUEUE,
+    REQUEST_QUEUE,
+    World,
+    build_world,
+    sqs_message,
+    throttled,
+)
+from tests.test_last_receive import MAX_RECEIVES, deleted_handles, world_of
 from tests.test_last_receive import intake_for as last_receive_intake
 from tests.test_start_by import T0, dead_letters, intake_for, reason_of
 from tests.virtual_time import on_virtual_time
@@ -33,6 +42,15 @@ def keyed(message_id: str, attributes: dict[str, str], receives: int = 1) -> dic
             "ApproximateReceiveCount": str(receives),
         },
     )
+
+
+def on_last_receive(intake: Intake, message_id: str) -> Waiting:
+    """A request on its last receive, as the intake reads it."""
+    system = {"ApproximateReceiveCount": str(MAX_RECEIVES)}
+    message = sqs_message("{}", message_id=message_id, system=system)
+    entry = intake._entry_of(intake.queues[0], message)
+    assert entry is not None
+    return entry
 
 
 def deferred_for(world: World, message_id: str) -> list[int]:
@@ -121,16 +139,11 @@ async def test_a_kept_request_is_renewed_before_it_is_dead_lettered() -> None:
 
     world.sqs.delete_message = slow_delete  # type: ignore[method-assign]
 
-    def entry(message_id: str) -> Any:
-        system = {"ApproximateReceiveCount": str(MAX_RECEIVES)}
-        message = sqs_message("{}", message_id=message_id, system=system)
-        return intake._entry_of(intake.queues[0], message)
-
-    kept.keep(entry("m-1"), "in doubt")
+    kept.keep(on_last_receive(intake, "m-1"), "in doubt")
     async with anyio.create_task_group() as tg:
         tg.start_soon(kept.run)
         await deleting.wait()  # m-1's copy sent; its original's delete goes on
-        kept.keep(entry("m-2"), "in doubt")
+        kept.keep(on_last_receive(intake, "m-2"), "in doubt")
         for _ in range(20):  # past D + grace (15 s)
             await anyio.sleep(1)
             world.clock.advance(1)
@@ -141,3 +154,74 @@ async def test_a_kept_request_is_renewed_before_it_is_dead_lettered() -> None:
     ]
     assert (DEAD_LETTER_QUEUE, "m-2") not in sends, "dead-lettered without a renewal tried"
     assert any(original == "m-2" and url != DEAD_LETTER_QUEUE for url, original in sends)
+
+
+@on_virtual_time
+async def test_a_kept_request_whose_renewal_got_no_answer_is_not_dead_lettered() -> None:
+    """A renewal's send got no answer: its copy may be in the queue, carrying the request.
+    Once "does not exist" came, the kept original was dead-lettered and its parent told so,
+    while that copy went on - and was dropped on its next receive, its parent gone: the
+    request had no execution and no dead letter (the simulation's seed 1379). It is renewed
+    again instead, until a send is answered."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = last_receive_intake(world, renewals=True)
+    kept = intake.starter.last_receives
+    real_send = world.sqs.send_message
+    answered = False
+
+    async def send_message(**call: Any) -> Any:  # copies get no answer until told
+        if call["QueueUrl"] != DEAD_LETTER_QUEUE and not answered:
+            await real_send(**call)  # applied...
+            await anyio.sleep_forever()  # ... and its answer lost
+        return await real_send(**call)
+
+    world.sqs.send_message = send_message  # type: ignore[method-assign]
+    kept.keep(on_last_receive(intake, "m-1"), "in doubt")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(kept.run)
+        for _ in range(40):  # past D + grace, with renewals unanswered
+            await anyio.sleep(1)
+            world.clock.advance(1)
+        assert [
+            c for c in world.sqs.calls_to("send_message") if c["QueueUrl"] == DEAD_LETTER_QUEUE
+        ] == [], "dead-lettered while a copy may carry it"
+        answered = True
+        for _ in range(70):
+            await anyio.sleep(1)
+            world.clock.advance(1)
+        tg.cancel_scope.cancel()
+    assert len(kept) == 0, "renewed once a send was answered"
+
+
+@on_virtual_time
+async def test_a_kept_request_found_run_is_deleted_though_a_delete_gets_no_answer() -> None:
+    """Kept on its last receive, found to have run: its message's delete (one try, after
+    the reign without a batcher to retry it) got no answer, the message came back past
+    maxReceiveCount and SQS moved it without a reason (the simulation's seed 784); a try
+    held on the wire for the client's minute-long read timeout let it lapse too (seed
+    987). It is deleted as a dead letter's is: each try bounded, kept hidden between."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    world.sqs.refuse_sends_to.add(REQUEST_QUEUE)  # no renewal: settled by a describe
+    intake, _ = last_receive_intake(world)
+    world.sfn.add_execution("m-1", "{}")
+    kept = intake.starter.last_receives
+    real_delete = world.sqs.delete_message
+    tries: list[float] = []
+
+    async def delete_message(**call: Any) -> Any:  # the first try gets no answer
+        tries.append(anyio.current_time())
+        if len(tries) == 1:
+            await anyio.sleep_forever()
+        return await real_delete(**call)
+
+    world.sqs.delete_message = delete_message  # type: ignore[method-assign]
+    entry = on_last_receive(intake, "m-1")
+    kept.keep(entry, "in doubt")
+    world.clock.advance(world.settings.start_timeout + world.settings.start_grace)
+    with anyio.fail_after(60):
+        await kept.settle_once()
+    assert len(tries) == 2
+    assert tries[1] - tries[0] < 15, "the second try waited for the first's read timeout"
+    assert entry.request.receipt_handle in deleted_handles(world)

@@ -67,6 +67,8 @@ its reason)."""
 LAST_RECEIVE_DELETE_SECONDS = 60.0
 """How long the delete of a request on its last receive whose copy was sent may go on
 once the process stops."""
+LAST_RECEIVE_CALL_SECONDS = 8.0
+"""Seconds one try of a last-receive delete (or the extension between tries) may take."""
 LAST_RECEIVE_MAX_PAUSE = 5.0
 """Seconds between those tries, at most: each also extends the request's visibility, so
 the tries stay frequent while SQS refuses them (a throttling storm once refused the delete
@@ -206,11 +208,11 @@ class DeadLetterQueue:
             await anyio.sleep(pause)
             waited += pause
         if last:
-            await self._delete_last(queue, handle, bound)
+            await self.delete_last(queue, handle, bound)
         else:
             await queue.delete(handle, bound)
 
-    async def _delete_last(self, queue: RequestQueue, handle: str, bound: Any) -> None:
+    async def delete_last(self, queue: RequestQueue, handle: str, bound: Any) -> None:
         """Delete a request on its last receive whose copy was sent: tried again, the
         request kept hidden meanwhile, as its send is - even while the process stops
         (for `LAST_RECEIVE_DELETE_SECONDS` at most): cut short by a stop (the lease lost
@@ -240,16 +242,20 @@ class DeadLetterQueue:
             if tries.next_at is not None:
                 await anyio.sleep(max(0.0, tries.next_at - anyio.current_time()))
                 tries.next_at = None
-            try:
-                await self.sqs.delete_message(QueueUrl=queue.url, ReceiptHandle=handle)
-            except Exception as exc:  # noqa: BLE001 - kept hidden, tried again
-                bound.warning("dispatcher.delete_failed", error=str(exc), last_receive=True)
-            else:
-                return
+            # Bounded: a call held on the wire (its answer lost) would wait for the client's
+            # read timeout, over a minute, while the message's hidden time runs out.
+            with anyio.move_on_after(LAST_RECEIVE_CALL_SECONDS):
+                try:
+                    await self.sqs.delete_message(QueueUrl=queue.url, ReceiptHandle=handle)
+                except Exception as exc:  # noqa: BLE001 - kept hidden, tried again
+                    bound.warning("dispatcher.delete_failed", error=str(exc), last_receive=True)
+                else:
+                    return
             if tries.waited >= LAST_RECEIVE_RETRY_SECONDS:
                 return
             tries.failures += 1
             pause = min(LAST_RECEIVE_MAX_PAUSE, 2.0**tries.failures)
-            await queue.set_visibility([handle], int(pause) + LAST_RECEIVE_HIDDEN_MARGIN)
+            with anyio.move_on_after(LAST_RECEIVE_CALL_SECONDS):
+                await queue.set_visibility([handle], int(pause) + LAST_RECEIVE_HIDDEN_MARGIN)
             tries.next_at = anyio.current_time() + pause
             tries.waited += pause

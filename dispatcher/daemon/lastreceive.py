@@ -71,6 +71,7 @@ class _Kept:
     renew_at: float = 0.0  # (pool clock) when to try to renew it next
     renewals_failed: int = 0
     renewal_tried: bool = False  # settled (described) only once a renewal was tried
+    copy_maybe: bool = False  # a renewal's send got no answer: a copy of it may exist
     busy: bool = False  # being renewed or settled: the other waits
     again: bool = False  # kept again while being settled: not settled after all
 
@@ -161,7 +162,13 @@ class LastReceives:
             visibility = self.settings.visibility_timeout
             within = handle_left(entry.hidden_since, entry.pool.clock(), visibility)
             if await renew(
-                entry.queue, entry.message, delay, entry.bound, kept.why, delete_within=within
+                entry.queue,
+                entry.message,
+                delay,
+                entry.bound,
+                kept.why,
+                delete_within=within,
+                maybe_sent=lambda: setattr(kept, "copy_maybe", True),
             ):
                 if kept in self._kept:
                     self._kept.remove(kept)
@@ -266,7 +273,11 @@ class LastReceives:
         pool = entry.pool
         if pool.ledger.observe_missing(kept.arn, now, self.settings.start_grace) is Change.FREED:
             pool.update()
-        if self._may_run(kept):
+        # A renewal's send that got no answer: its copy may be in the queue, carrying the
+        # request. Dead-lettered, the request would be told to its parent as dead while
+        # that copy may yet run it (or be dropped, its parent told so): renewed again until
+        # a send is answered, and then the copies carry it.
+        if self._may_run(kept) or kept.copy_maybe:
             return False
         # Not under its current name: it may have run under a name a former configuration
         # gave it (a producer's retry, a copy); that execution ran, so no dead letter.

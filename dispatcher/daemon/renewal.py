@@ -18,13 +18,13 @@ deletes nothing: the caller keeps the original as before (`LastReceives`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
 import structlog
 
-from dispatcher.aws.api import AWS_ERRORS, error_code
+from dispatcher.aws.api import AWS_ERRORS, error_code, outcome_unknown
 from dispatcher.core.requests import (
     ORIGINAL_ID_ATTRIBUTE,
     OUR_PREFIX,
@@ -82,10 +82,13 @@ async def renew(
     why: str,
     *,
     delete_within: float,
+    maybe_sent: Callable[[], None] | None = None,
 ) -> bool:
     """Send a copy of ``message`` to its own queue, visible in ``delay`` seconds (at most
     SQS's 15 minutes), then delete the original (tried again while it fails). Returns
-    whether the copy was sent; False: nothing changed, the original is still the caller's."""
+    whether the copy was sent; False: the original is still the caller's - and a copy may
+    exist all the same when the send got no answer or one that says nothing (a 5xx, a
+    reset): then ``maybe_sent`` is called."""
     attributes = renewal_attributes(message)
     if attributes is None:
         bound.warning("dispatcher.renewal_impossible", why="no room for the request's identity")
@@ -101,9 +104,13 @@ async def renew(
             )
         except AWS_ERRORS as exc:
             bound.warning("dispatcher.renewal_failed", error=error_code(exc) or str(exc))
+            if maybe_sent is not None and outcome_unknown(exc):
+                maybe_sent()
             return False
     if sent is None:
         bound.warning("dispatcher.renewal_failed", error="no answer")
+        if maybe_sent is not None:
+            maybe_sent()
         return False
     bound.info(
         "dispatcher.request_renewed", why=why, copy_id=sent.get("MessageId"), visible_in=delay

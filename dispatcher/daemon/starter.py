@@ -510,6 +510,12 @@ class Starter:
                 hidden_since=entry.hidden_since,
             )
             return
+        if entry.queue.is_last_receive(entry.message):
+            # Left (a delete refused, or after the reign, when no batcher retries it), it
+            # comes back past maxReceiveCount and SQS moves it without a reason: tried again,
+            # kept hidden, as a dead letter's delete is.
+            await self.dead_letters.delete_last(entry.queue, request.receipt_handle, entry.bound)
+            return
         await entry.queue.delete(request.receipt_handle, entry.bound)
 
     async def _call_start(
