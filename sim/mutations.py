@@ -576,8 +576,8 @@ CATALOGUE: tuple[Mutation, ...] = (
         "a token's request message is kept until its parent was answered",
         Starter,
         "_settled",
-        "return",
-        "await entry.queue.delete(request.receipt_handle, entry.bound)\nreturn",
+        "self.callbacks.hold(",
+        "await entry.queue.delete(request.receipt_handle, entry.bound)\nself.callbacks.hold(",
     ),
     _m(
         "token-released-when-answer-failed",

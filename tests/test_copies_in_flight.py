@@ -17,6 +17,7 @@ from tests.fakes import (
     REQUEST_QUEUE,
     World,
     build_world,
+    client_error,
     sqs_message,
     throttled,
 )
@@ -161,8 +162,8 @@ async def test_a_kept_request_whose_renewal_got_no_answer_is_not_dead_lettered()
     """A renewal's send got no answer: its copy may be in the queue, carrying the request.
     Once "does not exist" came, the kept original was dead-lettered and its parent told so,
     while that copy went on - and was dropped on its next receive, its parent gone: the
-    request had no execution and no dead letter (the simulation's seed 1379). It is renewed
-    again instead, until a send is answered."""
+    request had no execution and no dead letter (the simulation's seed 1379). It is not
+    dead-lettered before that copy would have shown; renewed meanwhile."""
     world = world_of(limit=0)
     world.pool.ledger.set_limit(0)
     intake, _ = last_receive_intake(world, renewals=True)
@@ -225,3 +226,37 @@ async def test_a_kept_request_found_run_is_deleted_though_a_delete_gets_no_answe
     assert len(tries) == 2
     assert tries[1] - tries[0] < 15, "the second try waited for the first's read timeout"
     assert entry.request.receipt_handle in deleted_handles(world)
+
+
+@on_virtual_time
+async def test_renewals_refused_after_one_unanswered_end_in_a_dead_letter() -> None:
+    """One send got no answer, every later one is refused (the queue's policy denies it):
+    once the copy that send may have left would have shown, "does not exist" dead-letters
+    the request, as any whose copies are refused. Kept for ever, it had no execution and no
+    dead letter (the simulation's seed 868)."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = last_receive_intake(world, renewals=True)
+    kept = intake.starter.last_receives
+    sends = 0
+
+    async def send_message(**call: Any) -> Any:
+        nonlocal sends
+        if call["QueueUrl"] == DEAD_LETTER_QUEUE:
+            return {"MessageId": "dl-1"}
+        sends += 1
+        if sends == 1:
+            await anyio.sleep_forever()  # no answer (never applied)
+        raise client_error("AccessDenied", 403)
+
+    world.sqs.send_message = send_message  # type: ignore[method-assign]
+    kept.keep(on_last_receive(intake, "m-1"), "in doubt")
+    settings = world.settings
+    shown = settings.visibility_timeout + settings.start_timeout + settings.start_grace
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(kept.run)
+        for _ in range(int(shown) + 130):  # describes back off (60 s at most)
+            await anyio.sleep(1)
+            world.clock.advance(1)
+        tg.cancel_scope.cancel()
+    assert len(kept) == 0, "kept for ever"

@@ -71,7 +71,8 @@ class _Kept:
     renew_at: float = 0.0  # (pool clock) when to try to renew it next
     renewals_failed: int = 0
     renewal_tried: bool = False  # settled (described) only once a renewal was tried
-    copy_maybe: bool = False  # a renewal's send got no answer: a copy of it may exist
+    copy_maybe_until: float = 0.0  # (pool clock) a copy a send with no answer may have left
+    # would be received, and its start show, by then
     busy: bool = False  # being renewed or settled: the other waits
     again: bool = False  # kept again while being settled: not settled after all
 
@@ -168,7 +169,7 @@ class LastReceives:
                 entry.bound,
                 kept.why,
                 delete_within=within,
-                maybe_sent=lambda: setattr(kept, "copy_maybe", True),
+                maybe_sent=lambda: self._maybe_copied(kept, delay),
             ):
                 if kept in self._kept:
                     self._kept.remove(kept)
@@ -180,6 +181,21 @@ class LastReceives:
             return False
         finally:
             kept.busy = False
+
+    def _maybe_copied(self, kept: _Kept, delay: int) -> None:
+        """A renewal's send of ``kept`` got no answer (or one that says nothing): its copy
+        may be in the queue, visible in ``delay`` seconds, carrying the request - received
+        then (or a visibility timeout later, handed back once) and started within D and the
+        grace. Until then "does not exist" proves nothing: not dead-lettered."""
+        settings = self.settings
+        until = (
+            kept.entry.pool.clock()
+            + delay
+            + settings.visibility_timeout
+            + settings.start_timeout
+            + settings.start_grace
+        )
+        kept.copy_maybe_until = max(kept.copy_maybe_until, until)
 
     async def settle_once(self) -> int:
         """Describe every kept request that is due and settle what the answers settle;
@@ -275,9 +291,9 @@ class LastReceives:
             pool.update()
         # A renewal's send that got no answer: its copy may be in the queue, carrying the
         # request. Dead-lettered, the request would be told to its parent as dead while
-        # that copy may yet run it (or be dropped, its parent told so): renewed again until
-        # a send is answered, and then the copies carry it.
-        if self._may_run(kept) or kept.copy_maybe:
+        # that copy may yet run it (or be dropped, its parent told so, seed 1379): not
+        # before that copy would have shown (`_maybe_copied`).
+        if self._may_run(kept) or now < kept.copy_maybe_until:
             return False
         # Not under its current name: it may have run under a name a former configuration
         # gave it (a producer's retry, a copy); that execution ran, so no dead letter.
