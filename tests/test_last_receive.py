@@ -852,6 +852,17 @@ async def test_with_max_receive_count_1_a_waiting_copy_comes_back_when_a_deferra
     assert message["ReceiptHandle"] in deleted_handles(world)
 
 
+def full_of_minute_runs() -> tuple[World, Intake]:
+    """Limit 1 taken by a run, runs lasting a minute; its queue's maxReceiveCount 1 (every
+    receive is a last one) and SQS taking every copy."""
+    world = world_of(limit=1)
+    world.pool.ledger.observe_running(execution_arn(STATE_MACHINE_ARN, "other"), T0)
+    world.pool.note_freed(Change.FREED, was_full=False, since=world.clock() - 60.0)
+    intake, _ = intake_for(world, renewals=True)
+    intake.queues[0].max_receive_count = 1
+    return world, intake
+
+
 async def test_max_receive_count_1_copy_back_at_its_turn_not_renewed_every_second() -> None:
     """maxReceiveCount 1, the pool full of one-minute runs: the first request's copy came
     back at its turn (nothing ahead of it in its line) and was renewed to come back 1 s
@@ -859,12 +870,8 @@ async def test_max_receive_count_1_copy_back_at_its_turn_not_renewed_every_secon
     (the simulation's seed 1020 churned for ever); it used to be spaced after the request
     still out behind it. Back at its turn and still unable to start, it waits one run of
     its lanes at least."""
-    world = world_of(limit=1)
-    world.pool.ledger.observe_running(execution_arn(STATE_MACHINE_ARN, "other"), T0)
-    world.pool.note_freed(Change.FREED, was_full=False, since=world.clock() - 60.0)
-    intake, _ = intake_for(world, renewals=True)
+    world, intake = full_of_minute_runs()
     queue = intake.queues[0]
-    queue.max_receive_count = 1
     for n in (1, 2):  # m-2 is deferred after m-1: its copy is still out when m-1's is back
         message = sqs_message(
             f'{{"n": {n}}}', message_id=f"m-{n}", system={"ApproximateReceiveCount": "1"}
@@ -892,12 +899,8 @@ async def test_max_receive_count_1_copies_of_one_request_out_together_come_back_
     bound (the simulation's seed 1020 never ended: 6,000 copies of one request). One copy
     holds the request's turn; the others are spares, back 15 minutes later (by then the
     request has mostly started, and they are deleted), so their rounds stay rare."""
-    world = world_of(limit=1)
-    world.pool.ledger.observe_running(execution_arn(STATE_MACHINE_ARN, "other"), T0)
-    world.pool.note_freed(Change.FREED, was_full=False, since=world.clock() - 60.0)
-    intake, _ = intake_for(world, renewals=True)
+    world, intake = full_of_minute_runs()
     queue = intake.queues[0]
-    queue.max_receive_count = 1
     for n in range(4):  # copies of one request (its identity), received together
         copy = sqs_message(
             '{"n": 1}',
