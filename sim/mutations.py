@@ -685,28 +685,32 @@ CATALOGUE: tuple[Mutation, ...] = (
         'if error_code(exc) == "ExecutionDoesNotExist" and not kept.exists:',
         "if not kept.exists:",
     ),
-    # The rule: a kept request is not dead-lettered while a start of it sent before may yet
-    # take effect (D) or not yet show in a describe (its lag, under the grace). Two checks
-    # keep it, each covering for the other: the wait `keep` sets (the first describe comes
-    # D + grace after the keep, when every start sent before shows), and the doubts in
-    # `_may_run` (a start of it in doubt here, whatever the wait). Either alone is an
-    # equivalent mutant where the seeds go. Measured over seeds 0..199: the wait alone
-    # out, none caught it (a hunt over 200..1999 found seed 784, where the inline renewals
-    # of a settle pass at once took longer than a throttle storm left: timing, not the
-    # rule); the doubts alone out, none either (they matter alone only for a start of
-    # another copy sent after the keep and given up in doubt before a describe). Both out,
-    # seed 22: a start answered with a 5xx, applied 3 s after the dead letter that said it
-    # does not exist (``dead_letter_ran``). The wait's other use, giving a copy of the
-    # request still in its queue (SQS stored it twice, a producer's retry) time to be
-    # received and seen, is not a rule the checker judges: a copy received after the wait
-    # is not seen either way, and the redrive the dead letter invites finds its execution.
+    # The rule: a kept request is not dead-lettered on "does not exist" while a start of it
+    # this process sent may yet take effect (D) or not yet show in a describe (its lag,
+    # under the grace). Three checks keep it, covering for one another: the wait `keep`
+    # sets (the first describe comes D + grace after the keep, when every start sent
+    # before shows), the doubts in `_may_run` (a start of it in doubt here: of another copy
+    # too, sent after the keep), and after a lost lease, whose reset took those doubts with
+    # it, the wait `reign_over` sets (D + grace after the last start this process sent).
+    # Measured over seeds 0..199 (50 reach the line): each alone out, none caught it; all
+    # three out, seed 22: a start answered with a 5xx, applied 3 s after the dead letter
+    # that said it does not exist (``dead_letter_ran``). The first alone is an equivalent
+    # mutant (the doubts cover it in the reign, the second wait after). The other two
+    # guard alone only a start of another copy sent after the keep and given up in doubt
+    # before a describe (in the reign, after it): no seed makes one. Before `reign_over`
+    # the first wait was all that guarded after the reign (seed 784, a hunt's, caught it
+    # alone in a settling after a lost lease: ``redrive_move``), and a start of another
+    # copy sent after the keep was not guarded there at all. The first wait also gives a copy of
+    # the request still in its queue (SQS stored it twice, a producer's retry) time to be
+    # received and seen; no rule judges that: a copy received after the wait is not seen
+    # either way, and the redrive the dead letter invites finds its execution.
     # (The wait is not the guard ``now >= kept.not_before`` in `_settle`: `settle_once`
     # describes a kept request only from its ``next_try``, never before ``not_before``.)
     _m(
         "last-receive-missing-without-grace",
         "dead-lettering while in doubt",
-        "'does not exist' proves a kept request never started only once every start of it sent "
-        "before could show (the wait of D + grace after the keep; a start in doubt here)",
+        "'does not exist' proves a kept request never started only once every start of it this "
+        "process sent could show (D + grace after the keep, and after a lost lease; its doubts)",
         LastReceives,
         "keep",
         "wait = self.settings.start_timeout + self.settings.start_grace",
@@ -717,6 +721,12 @@ CATALOGUE: tuple[Mutation, ...] = (
                 "_may_run",
                 "or ledger.is_tombstoned(kept.arn) or kept.arn in ledger.in_doubt:",
                 "or ledger.is_tombstoned(kept.arn):",
+            ),
+            Edit(
+                LastReceives,
+                "reign_over",
+                "wait = self.settings.start_timeout + self.settings.start_grace",
+                "wait = 0.0",
             ),
         ),
     ),

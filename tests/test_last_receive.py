@@ -223,7 +223,7 @@ async def test_after_the_reign_expired_needs_the_start_by_d_and_the_grace_behind
     wall = FakeClock(T0 - 1)
     intake.starter.expiries.clock = wall
     await handle(world, last_receive(**{"start-by": "1796464805"}), intake)
-    intake.starter.last_receives.after_reign = True
+    intake.starter.last_receives.reign_over()
     world.clock.advance(D + GRACE)
     wall.now = T0 + 5 + after
     assert await intake.starter.last_receives.settle_once() == 1
@@ -384,8 +384,8 @@ async def test_a_reign_lost_with_a_request_kept_leaves_it_to_be_settled_after() 
     assert len(intake.starter.last_receives) == 1, "let go when the reign ended"
     assert dead_letters(world) == []
     assert handed_back(world) == []
+    intake.starter.last_receives.reign_over()  # what the service does
     world.clock.advance(D + GRACE)
-    intake.starter.last_receives.after_reign = True  # what the service sets
     with anyio.fail_after(5):
         await intake.starter.last_receives.finish()
     [copy] = dead_letters(world)
@@ -395,6 +395,37 @@ async def test_a_reign_lost_with_a_request_kept_leaves_it_to_be_settled_after() 
     assert "'m-1'" in detail
     assert "lost its lease" in detail
     assert "do not redrive" in detail
+
+
+async def test_after_a_lost_lease_a_kept_request_waits_for_starts_the_reset_ledger_forgot() -> None:
+    """Kept long ago (its own wait over), the request is settled after the reign. Another
+    copy of it (SQS stored it twice) was started just before the lease was lost, its
+    answer lost: a start in doubt, which the ledger knew - until the reign's reset. That
+    start takes effect D after it was sent. A describe at once said "does not exist", and
+    the request was dead-lettered, although its execution then ran. No "does not exist"
+    settles it before D and the grace after the reign."""
+    world = world_of(limit=0)
+    world.pool.ledger.set_limit(0)
+    intake, _ = intake_for(world)
+    await intake.admit(intake.queues[0], last_receive())  # waits: no slot
+    assert await intake.hand_back_waiting() == 0
+    kept = intake.starter.last_receives
+    assert len(kept) == 1
+    world.clock.advance(D + GRACE + 30)  # its own wait long over
+    world.pool.ledger.set_limit(1)
+    [reservation] = world.pool.ledger.reserve(1, world.clock())
+    world.pool.ledger.mark_sent(reservation)
+    world.pool.ledger.doubt(reservation, ARN, world.clock())  # the twin's start, in doubt
+    world.pool.reset()  # the reign is over (`Dispatcher._abdicate`)
+    kept.reign_over()  # what the service does next
+    assert await kept.settle_once() == 0
+    world.clock.advance(D / 2)
+    assert await kept.settle_once() == 0
+    assert dead_letters(world) == [], "dead-lettered while the start the ledger forgot may land"
+    world.sfn.add_execution("m-1", '{"n": 1}')  # the start took effect, D after it was sent
+    world.clock.advance(D / 2 + GRACE)
+    assert await kept.settle_once() == 1
+    assert dead_letters(world) == []
 
 
 async def test_a_dead_letter_on_its_last_receive_is_deleted_even_if_the_delete_fails_once(
@@ -497,7 +528,7 @@ async def test_after_a_lost_lease_a_kept_token_request_whose_child_runs_is_let_g
     await handle(world, last_receive(**{"task-token": TOKEN}), intake)
     kept = intake.starter.last_receives
     assert len(kept) == 1
-    kept.after_reign = True
+    kept.reign_over()
     world.clock.advance(D + GRACE)
     assert await kept.settle_once() == 1
     assert len(kept) == 0

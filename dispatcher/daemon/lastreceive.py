@@ -95,6 +95,21 @@ class LastReceives:
     def __len__(self) -> int:
         return len(self._kept)
 
+    def reign_over(self) -> None:
+        """The lease was lost: what is kept is settled after the reign from now on
+        (`Dispatcher._settle_left`). The ledger that knew this process's starts in doubt
+        was reset with the reign (`Dispatcher._abdicate`), so `_may_run` no longer sees
+        them - a start of another copy of a kept request, sent after it was kept and given
+        up in doubt, among them. Such a start was sent before now (no start leaves after
+        the reign) and shows D and the grace later at most: no "does not exist" settles a
+        kept request before then."""
+        self.after_reign = True
+        wait = self.settings.start_timeout + self.settings.start_grace
+        for kept in self:
+            until = kept.entry.pool.clock() + wait
+            kept.not_before = max(kept.not_before, until)
+            kept.next_try = max(kept.next_try, until)
+
     def keep(
         self,
         entry: Waiting,

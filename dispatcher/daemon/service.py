@@ -513,7 +513,7 @@ class Dispatcher:
         a deadline, for SQS's redrive policy to move without a reason. Only an exit lets
         them go (logged)."""
         last_receives = intake.starter.last_receives
-        last_receives.after_reign = True
+        last_receives.reign_over()
         log.info("dispatcher.settling_after_reign", count=len(last_receives))
         await last_receives.finish()
 
