@@ -90,6 +90,10 @@ class _Recorder:
         """Make every later call of ``operation`` raise ``error``."""
         self._always[operation] = error
 
+    def recover(self, operation: str) -> None:
+        """Let the later calls of ``operation`` through again (after `fail_always`)."""
+        self._always.pop(operation, None)
+
     def _record(self, operation: str, arguments: dict[str, Any]) -> None:
         """Log a call (its keyword arguments, ``None`` ones left out), then fail if scripted."""
         kwargs = {k: v for k, v in arguments.items() if k != "self" and v is not None}

@@ -158,7 +158,7 @@ async def test_a_doubt_outlives_an_attempt_that_may_take_effect_after_the_grace(
     world.clock.advance(GRACE + 1)
     assert (await reconciler.run_once()).freed == 0
     assert ledger.free == 0
-    world.sfn._always.clear()
+    world.sfn.recover("start_execution")
     await handle(world, sqs_message(message_id="second"), intake)
     world.sfn.add_execution("first", "{}")  # the first's attempt takes effect, within D
     assert world.clock() < sent + d

@@ -27,6 +27,7 @@ from dispatcher.daemon.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
 from dispatcher.daemon.intake import Intake
 from dispatcher.daemon.pool import MAX_DEFER_SECONDS
 from dispatcher.daemon.renewal import handle_left
+from dispatcher.daemon.service import Dispatcher
 from tests.fake_intake import handle, intake_of
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
@@ -425,6 +426,56 @@ async def test_after_a_lost_lease_a_kept_request_waits_for_starts_the_reset_ledg
     world.sfn.add_execution("m-1", '{"n": 1}')  # the start took effect, D after it was sent
     world.clock.advance(D / 2 + GRACE)
     assert await kept.settle_once() == 1
+    assert dead_letters(world) == []
+
+
+class _VirtualClock(FakeClock):
+    """The pool's clock on the event loop's virtual time (`on_virtual_time`)."""
+
+    def __call__(self) -> float:
+        return self.now + anyio.current_time()
+
+
+@on_virtual_time
+async def test_a_request_kept_by_an_earlier_reign_waits_again_when_a_later_reign_ends() -> None:
+    """A request kept by a reign that ended is still being settled (describes throttled)
+    when the process leads again. That second reign sends a start of another copy of it,
+    given up in doubt, and loses its lease: the reset takes the doubt its settling read.
+    It was dead-lettered at once, before that start took effect (a reviewer's test)."""
+    world = world_of(limit=0)
+    clock = _VirtualClock()
+    world.clock = world.pool.clock = clock
+    world.pool.ledger.set_limit(0)
+    first, _ = intake_for(world)
+    await first.admit(first.queues[0], last_receive())
+    assert await first.hand_back_waiting() == 0
+    kept = first.starter.last_receives
+    throttled = client_error("ThrottlingException", 400, op="DescribeExecution")
+    world.sfn.fail_always("describe_execution", throttled)  # it stays kept
+    service = Dispatcher(world.settings, clock=clock, serve_http=False)
+    service.pools = {"default": world.pool}
+    async with anyio.create_task_group() as tg:
+        service._background = tg
+        first.keep_settling = True
+        await service._abdicate(first)  # the first reign lost: settled in the background
+        await anyio.sleep(D + GRACE + 60)  # the lease taken again, its wait over
+        assert len(kept) == 1
+        assert dead_letters(world) == []
+        world.pool.reset()  # the second reign
+        second, _ = intake_for(world)
+        world.pool.ledger.set_limit(1)
+        [reservation] = world.pool.ledger.reserve(1, clock())
+        world.pool.ledger.mark_sent(reservation)
+        world.pool.ledger.doubt(reservation, ARN, clock())  # another copy's start, in doubt
+        second.keep_settling = True
+        await service._abdicate(second)  # lost too: the doubt goes with the reset
+        world.sfn.recover("describe_execution")
+        await anyio.sleep(D / 2)
+        assert dead_letters(world) == [], "dead-lettered while that start may take effect"
+        world.sfn.add_execution("m-1", '{"n": 1}')  # it took effect, D after it was sent
+        await anyio.sleep(D + GRACE)
+        assert len(kept) == 0, "not settled"
+        tg.cancel_scope.cancel()
     assert dead_letters(world) == []
 
 

@@ -24,6 +24,7 @@ from dispatcher.daemon.events import Events
 from dispatcher.daemon.health import Health
 from dispatcher.daemon.http import build_app, serve
 from dispatcher.daemon.intake import Intake
+from dispatcher.daemon.lastreceive import LastReceives
 from dispatcher.daemon.lease import Leases
 from dispatcher.daemon.limits import LiveLimits
 from dispatcher.daemon.metrics import Metrics
@@ -119,6 +120,9 @@ class Dispatcher:
         self.reconcilers: dict[str, Reconciler] = {}
         self.callbacks: Callbacks | None = None
         self._background: TaskGroup | None = None  # `run`'s: work that outlives a reign
+        # Requests kept on their last receive by reigns that ended, still being settled
+        # (`_settle_left`): each reign's end is theirs too (`LastReceives.reign_over`).
+        self._settling: list[LastReceives] = []
         self.serving = anyio.Event()  # HTTP endpoints answer (start-up may still run)
         self.started = anyio.Event()  # start-up listing done: ready
         self._stop = anyio.Event()
@@ -515,7 +519,11 @@ class Dispatcher:
         last_receives = intake.starter.last_receives
         last_receives.reign_over()
         log.info("dispatcher.settling_after_reign", count=len(last_receives))
-        await last_receives.finish()
+        self._settling.append(last_receives)
+        try:
+            await last_receives.finish()
+        finally:
+            self._settling.remove(last_receives)
 
     async def _abdicate(self, intake: Intake) -> None:
         """After the lease was lost and intake stopped: hand back the requests whose parents
@@ -527,6 +535,10 @@ class Dispatcher:
                 await self.callbacks.hand_back()
         for pool in self.pools.values():
             pool.reset()
+        for settling in self._settling:
+            # Kept by an earlier reign, settled through this one: its `_may_run` read this
+            # reign's ledger, whose doubts the reset just took (a start of another copy).
+            settling.reign_over()
         log.info("dispatcher.abdicated", role=self.role)
         if intake.keep_settling and len(intake.starter.last_receives):
             if self._background is not None:
