@@ -97,7 +97,7 @@ class LastReceives:
 
     def reign_over(self) -> None:
         """The lease was lost: what is kept is settled after the reign from now on
-        (`Dispatcher._settle_left`). The ledger that knew this process's starts in doubt
+        (`Dispatcher._settle_later`). The ledger that knew this process's starts in doubt
         was reset with the reign (`Dispatcher._abdicate`), so `_may_run` no longer sees
         them - a start of another copy of a kept request, sent after it was kept and given
         up in doubt, among them. Such a start was sent before now (no start leaves after

@@ -123,6 +123,7 @@ class Dispatcher:
         # Requests kept on their last receive by reigns that ended, still being settled
         # (`_settle_left`): each reign's end is theirs too (`LastReceives.reign_over`).
         self._settling: list[LastReceives] = []
+        self._all_settled: anyio.Event | None = None  # set when `_settling` empties
         self.serving = anyio.Event()  # HTTP endpoints answer (start-up may still run)
         self.started = anyio.Event()  # start-up listing done: ready
         self._stop = anyio.Event()
@@ -269,6 +270,7 @@ class Dispatcher:
                 await self._reign(clients, None, task_status, self._born)
             else:
                 await self._standby(clients, task_status)
+                await self._finish_settling()
             tg.cancel_scope.cancel()
         summary = self.summary()
         log.info("dispatcher.stopped", **asdict(summary))
@@ -510,20 +512,40 @@ class Dispatcher:
         self.health.started_up = False
         self.health.refresh()
 
-    async def _settle_left(self, intake: Intake) -> None:
-        """The lease was lost with requests kept on their last receive (see
-        `dispatcher.daemon.lastreceive`): the process goes on, so they are kept hidden and settled
-        to the end, each once a describe shows whether its execution exists - not let go at
-        a deadline, for SQS's redrive policy to move without a reason. Only an exit lets
-        them go (logged)."""
-        last_receives = intake.starter.last_receives
+    def _settle_later(self, last_receives: LastReceives) -> None:
+        """The lease was lost with requests kept on their last receive: counted as being
+        settled at once (a stop that comes before `_settle_left` begins waits for them
+        too), none on a "does not exist" before D + grace (`LastReceives.reign_over`)."""
         last_receives.reign_over()
-        log.info("dispatcher.settling_after_reign", count=len(last_receives))
+        if not self._settling:
+            self._all_settled = anyio.Event()
         self._settling.append(last_receives)
+
+    async def _settle_left(self, last_receives: LastReceives) -> None:
+        """The lease was lost with requests kept on their last receive (see
+        `dispatcher.daemon.lastreceive`, and `_settle_later` first): the process goes on, so
+        they are kept hidden and settled to the end, each once a describe shows whether its
+        execution exists - not let go at a deadline, for SQS's redrive policy to move
+        without a reason. Only an exit lets them go (logged), after `_finish_settling`."""
+        log.info("dispatcher.settling_after_reign", count=len(last_receives))
         try:
             await last_receives.finish()
         finally:
             self._settling.remove(last_receives)
+            if not self._settling and self._all_settled is not None:
+                self._all_settled.set()
+
+    async def _finish_settling(self) -> None:
+        """Stopping while requests kept by a reign that ended are still being settled
+        (`_settle_left`): they get what a stop gives the requests a reign keeps (D + grace
+        + 5 s, docs/operations.md "Shutdown"), not cancelled at once to be let go, hidden,
+        for the redrive policy to move without a reason. A second signal cuts it short."""
+        if not self._settling or self._all_settled is None:
+            return
+        bound = self.settings.start_timeout + self.settings.start_grace + 5
+        log.info("dispatcher.settling_before_exit", count=sum(map(len, self._settling)))
+        with anyio.move_on_after(bound):
+            await self._all_settled.wait()
 
     async def _abdicate(self, intake: Intake) -> None:
         """After the lease was lost and intake stopped: hand back the requests whose parents
@@ -541,12 +563,14 @@ class Dispatcher:
             settling.reign_over()
         log.info("dispatcher.abdicated", role=self.role)
         if intake.keep_settling and len(intake.starter.last_receives):
+            last_receives = intake.starter.last_receives
+            self._settle_later(last_receives)
             if self._background is not None:
-                self._background.start_soon(self._settle_left, intake)
+                self._background.start_soon(self._settle_left, last_receives)
             else:  # not under `run` (tests): the shutdown's bound
                 settle = self.settings.start_timeout + self.settings.start_grace + 5
                 with anyio.CancelScope(shield=True), anyio.move_on_after(settle):
-                    await self._settle_left(intake)
+                    await self._settle_left(last_receives)
 
     def settle_seconds(self) -> float:
         """How long after its predecessor could last send a start this process waits before
