@@ -25,10 +25,8 @@ from dispatcher.core.requests import (
 from dispatcher.daemon.callbacks import DEAD_LETTERED, Callbacks
 from dispatcher.daemon.deadletter import DETAIL_ATTRIBUTE, REASON_ATTRIBUTE
 from dispatcher.daemon.intake import Intake
-from dispatcher.daemon.lastreceive import LastReceives
 from dispatcher.daemon.pool import MAX_DEFER_SECONDS
 from dispatcher.daemon.renewal import handle_left
-from dispatcher.daemon.service import Dispatcher
 from tests.fake_intake import handle, intake_of
 from tests.fakes import (
     DEAD_LETTER_QUEUE,
@@ -427,110 +425,6 @@ async def test_after_a_lost_lease_a_kept_request_waits_for_starts_the_reset_ledg
     world.sfn.add_execution("m-1", '{"n": 1}')  # the start took effect, D after it was sent
     world.clock.advance(D / 2 + GRACE)
     assert await kept.settle_once() == 1
-    assert dead_letters(world) == []
-
-
-class _VirtualClock(FakeClock):
-    """The pool's clock on the event loop's virtual time (`on_virtual_time`)."""
-
-    def __call__(self) -> float:
-        return self.now + anyio.current_time()
-
-
-def _on_virtual_clock(world: World) -> World:
-    world.clock = world.pool.clock = _VirtualClock()
-    return world
-
-
-def _kept_by_a_reign(world: World) -> tuple[Intake, Dispatcher]:
-    """A request kept on its last receive (waiting, no slot) by a reign about to end, its
-    describes throttled (it stays kept); the service whose `_abdicate` ends that reign."""
-    world.pool.ledger.set_limit(0)
-    intake, _ = intake_for(world)
-    world.sfn.fail_always(
-        "describe_execution", client_error("ThrottlingException", 400, op="DescribeExecution")
-    )
-    service = Dispatcher(world.settings, clock=world.clock, serve_http=False)
-    service.pools = {"default": world.pool}
-    intake.keep_settling = True
-    return intake, service
-
-
-async def _kept_then(world: World, intake: Intake) -> LastReceives:
-    await intake.admit(intake.queues[0], last_receive())
-    assert await intake.hand_back_waiting() == 0
-    assert len(intake.starter.last_receives) == 1
-    return intake.starter.last_receives
-
-
-@on_virtual_time
-async def test_a_request_kept_by_an_earlier_reign_waits_again_when_a_later_reign_ends() -> None:
-    """A request kept by a reign that ended is still being settled (describes throttled)
-    when the process leads again. That second reign sends a start of another copy of it,
-    given up in doubt, and loses its lease: the reset takes the doubt its settling read.
-    It was dead-lettered at once, before that start took effect (a reviewer's test)."""
-    world = _on_virtual_clock(world_of(limit=0))
-    first, service = _kept_by_a_reign(world)
-    kept = await _kept_then(world, first)
-    async with anyio.create_task_group() as tg:
-        service._background = tg
-        await service._abdicate(first)  # the first reign lost: settled in the background
-        await anyio.sleep(D + GRACE + 60)  # the lease taken again, its wait over
-        assert len(kept) == 1
-        assert dead_letters(world) == []
-        world.pool.reset()  # the second reign
-        second, _ = intake_for(world)
-        world.pool.ledger.set_limit(1)
-        [reservation] = world.pool.ledger.reserve(1, world.clock())
-        world.pool.ledger.mark_sent(reservation)
-        world.pool.ledger.doubt(reservation, ARN, world.clock())  # another copy's, in doubt
-        second.keep_settling = True
-        await service._abdicate(second)  # lost too: the doubt goes with the reset
-        world.sfn.recover("describe_execution")
-        await anyio.sleep(D / 2)
-        assert dead_letters(world) == [], "dead-lettered while that start may take effect"
-        world.sfn.add_execution("m-1", '{"n": 1}')  # it took effect, D after it was sent
-        await anyio.sleep(D + GRACE)
-        assert len(kept) == 0, "not settled"
-        tg.cancel_scope.cancel()
-    assert dead_letters(world) == []
-
-
-@on_virtual_time
-async def test_a_stop_gives_what_an_ended_reign_keeps_the_time_a_reign_of_its_own_gets() -> None:
-    """Stopped while a request kept by a reign that ended is still being settled: it used to
-    be let go at once, hidden, for the redrive policy to move without a reason. It gets
-    what a stop gives a reign's own (D + grace + 5 s): here AWS answers again, and it is
-    dead-lettered with its reason before the process exits."""
-    world = _on_virtual_clock(world_of(limit=0))
-    intake, service = _kept_by_a_reign(world)
-    kept = await _kept_then(world, intake)
-    async with anyio.create_task_group() as tg:
-        service._background = tg
-        await service._abdicate(intake)
-        world.sfn.recover("describe_execution")
-        began = anyio.current_time()
-        await service._finish_settling()
-        assert anyio.current_time() - began < D + GRACE + 5, "waited out the whole bound"
-        tg.cancel_scope.cancel()
-    assert len(kept) == 0
-    [copy] = dead_letters(world)
-    assert copy["MessageAttributes"][REASON_ATTRIBUTE]["StringValue"] == "receive_limit"
-
-
-@on_virtual_time
-async def test_a_stop_waits_for_an_ended_reigns_requests_no_longer_than_its_bound() -> None:
-    world = _on_virtual_clock(world_of(limit=0))
-    intake, service = _kept_by_a_reign(world)
-    kept = await _kept_then(world, intake)
-    async with anyio.create_task_group() as tg:
-        service._background = tg
-        await service._abdicate(intake)
-        began = anyio.current_time()
-        await service._finish_settling()  # AWS never answers
-        assert anyio.current_time() - began == pytest.approx(D + GRACE + 5)
-        assert len(kept) == 1
-        tg.cancel_scope.cancel()
     assert dead_letters(world) == []
 
 

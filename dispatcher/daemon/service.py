@@ -124,6 +124,7 @@ class Dispatcher:
         # (`_settle_left`): each reign's end is theirs too (`LastReceives.reign_over`).
         self._settling: list[LastReceives] = []
         self._all_settled: anyio.Event | None = None  # set when `_settling` empties
+        self._stop_began: float | None = None  # (self.clock) when `stop` was first called
         self.serving = anyio.Event()  # HTTP endpoints answer (start-up may still run)
         self.started = anyio.Event()  # start-up listing done: ready
         self._stop = anyio.Event()
@@ -138,6 +139,8 @@ class Dispatcher:
 
     def stop(self) -> None:
         """Begin the ordered shutdown (what SIGTERM does)."""
+        if not self._stop.is_set():
+            self._stop_began = self.clock()
         self._stop.set()
 
     @property
@@ -439,7 +442,9 @@ class Dispatcher:
                 await intake_done.wait()
             tg.cancel_scope.cancel()
         self._step_down()
-        if lease is not None and not self._stop.is_set():
+        if lease is not None and intake.keep_settling:
+            # The lease was lost (a stop may have come since, while intake drained): what
+            # it keeps on its last receive is settled on (`_abdicate`), not dropped unlogged.
             await self._abdicate(intake)
         elif self.callbacks is not None and not intake.starter.force:
             # Tokens held go back to the queue at once, each after a last heartbeat: the
@@ -542,9 +547,13 @@ class Dispatcher:
         for the redrive policy to move without a reason. A second signal cuts it short."""
         if not self._settling or self._all_settled is None:
             return
-        bound = self.settings.start_timeout + self.settings.start_grace + 5
+        # Counted from the stop: they were settled in the background through its other
+        # steps (the shutdown's table), so this adds to none of them.
+        now = self.clock()
+        began = now if self._stop_began is None else self._stop_began
+        left = began + self.settings.start_timeout + self.settings.start_grace + 5 - now
         log.info("dispatcher.settling_before_exit", count=sum(map(len, self._settling)))
-        with anyio.move_on_after(bound):
+        with anyio.move_on_after(max(0.0, left)):
             await self._all_settled.wait()
 
     async def _abdicate(self, intake: Intake) -> None:
@@ -552,7 +561,7 @@ class Dispatcher:
         wait (task tokens held) and forget the ledger, so that `/status`, the metrics and
         the control CLI report nothing running here (the new leader counts them). Requests
         kept on their last receive are settled on (`_settle_left`)."""
-        if self.callbacks is not None:
+        if self.callbacks is not None and not intake.starter.force:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await self.callbacks.hand_back()
         for pool in self.pools.values():
@@ -697,10 +706,17 @@ class Dispatcher:
                     self.stop()
                 else:
                     log.warning("dispatcher.forced_exit", signal=signal.Signals(signum).name)
-                    if self.intake is not None:
-                        self.intake.stop(force=True)
-                    scope.cancel()
+                    self._force_stop(scope)
                     return
+
+    def _force_stop(self, scope: anyio.CancelScope) -> None:
+        """A second signal: abandon everything now (``scope``: `run`'s), the deletes an
+        ended reign's settling goes on with through a stop too."""
+        if self.intake is not None:
+            self.intake.stop(force=True)
+        for settling in self._settling:
+            settling.starter.dead_letters.abandon()
+        scope.cancel()
 
 
 async def _unless(event: anyio.Event, work: Callable[[], Any]) -> bool:
