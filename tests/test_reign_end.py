@@ -5,6 +5,7 @@ with everything else on a second signal. On fakes, on virtual time."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -179,7 +180,27 @@ async def test_a_forced_stop_abandons_an_ended_reigns_dead_letter_delete() -> No
 
 
 class _Lease:
-    """What `_reign` asks of the lease once it has ended."""
+    """A lease for `_reign` and `Dispatcher._keep_lease`: renewed until ``lost`` is set,
+    then someone else holds it."""
+
+    def __init__(self) -> None:
+        self.lost = anyio.Event()
+        self.config = SimpleNamespace(renew_every=1.0, renew_timeout=5.0)
+        self.epoch = 1
+        self._valid = True
+
+    def valid(self) -> bool:
+        return self._valid
+
+    def remaining(self) -> float:
+        return 10.0
+
+    async def renew(self) -> bool:
+        await self.lost.wait()
+        return False
+
+    def lapse(self) -> None:
+        self._valid = False
 
     async def release(self) -> None:
         return None
@@ -187,23 +208,17 @@ class _Lease:
     def pass_on(self, _: Any) -> None:
         return None
 
-    def valid(self) -> bool:
-        return True
 
-
-async def _reign_lost(world: World, *, stopped_while_draining: bool) -> LastReceives:
-    """Run `Dispatcher._reign` (its build, start-up, loops and lease keeping replaced by
-    stand-ins): a request is kept, the lease is lost, and with ``stopped_while_draining`` a
-    SIGTERM comes while intake drains. Returns what the reign kept, once a stop has waited
-    for it (what `run` does)."""
-    intake, service = _kept_by_a_reign(world)
+def _without_aws(service: Dispatcher, intake: Intake, take_office: Any = None) -> None:
+    """`_reign` with stand-ins for what needs AWS: building (``intake``), the start-up
+    listing (``take_office``: none) and the event and reconcile loops."""
 
     def build(clients: Any, lease: Any) -> Any:
         del clients, lease
         service.intake, service.callbacks = intake, intake.starter.callbacks
         return intake, None
 
-    async def take_office(lease: Any, listing_at: float) -> None:
+    async def no_listing(lease: Any, listing_at: float) -> None:
         del lease, listing_at
 
     async def run_loops(events: Any, *, task_status: Any) -> None:
@@ -212,51 +227,101 @@ async def _reign_lost(world: World, *, stopped_while_draining: bool) -> LastRece
             task_status.started(scope)
             await anyio.sleep_forever()
 
-    kept = anyio.Event()
+    service._build = build  # type: ignore[method-assign]
+    service._take_office = take_office or no_listing  # type: ignore[method-assign]
+    service._run_loops = run_loops  # type: ignore[method-assign]
 
-    async def keep_lease(lease: Any, over: anyio.Event) -> None:
-        del lease
-        await kept.wait()
-        over.set()  # lost
 
-    drain = intake.stop
+async def _reign_lost(
+    world: World, *, stopped_while_draining: bool, drain: float = 0.0, hand_back: float = 0.0
+) -> LastReceives:
+    """Run `Dispatcher._reign`: a request is kept, the lease is lost, and with
+    ``stopped_while_draining`` a SIGTERM comes while intake drains (``drain`` seconds more:
+    a long poll let answer), its parents' tokens handed back in ``hand_back`` seconds.
+    Returns what the reign kept, once a stop has waited for it (what `run` does); AWS
+    answers describes from the reign's end."""
+    intake, service = _kept_by_a_reign(world)
+    _without_aws(service, intake)
+    lease = _Lease()
+    stop_intake, run_intake = intake.stop, intake.run
+    callbacks = intake.starter.callbacks
+    assert callbacks is not None
+    give_back = callbacks.hand_back
 
     def stop(*, force: bool = False) -> None:
-        drain(force=force)  # `_reign` has set `keep_settling`: intake drains from here
+        stop_intake(force=force)  # `_reign` has set `keep_settling`: intake drains from here
+        world.sfn.recover("describe_execution")
         if stopped_while_draining:
             service.stop()  # SIGTERM
 
-    service._build = build  # type: ignore[method-assign]
-    service._take_office = take_office  # type: ignore[method-assign]
-    service._run_loops = run_loops  # type: ignore[method-assign]
-    service._keep_lease = keep_lease  # type: ignore[method-assign]
+    async def run(**kwargs: Any) -> None:
+        await run_intake(**kwargs)
+        await anyio.sleep(drain)
+
+    async def hand_back_slowly() -> int:
+        await anyio.sleep(hand_back)  # last heartbeats throttled
+        return await give_back()
+
     intake.stop = stop  # type: ignore[method-assign]
+    intake.run = run  # type: ignore[method-assign]
+    callbacks.hand_back = hand_back_slowly  # type: ignore[method-assign]
 
     async def keep_one() -> None:
         await service.started.wait()  # the reign governs
         await _kept_then(world, intake)
-        kept.set()
+        lease.lost.set()
 
     async with anyio.create_task_group() as tg:
         service._background = tg
         tg.start_soon(keep_one)
-        await service._reign(None, _Lease(), anyio.TASK_STATUS_IGNORED, 0.0)  # type: ignore[arg-type]
-        world.sfn.recover("describe_execution")
+        await service._reign(None, lease, anyio.TASK_STATUS_IGNORED, 0.0)  # type: ignore[arg-type]
         await service._finish_settling()
         tg.cancel_scope.cancel()
     return intake.starter.last_receives
 
 
-@pytest.mark.parametrize("stopped_while_draining", [False, True])
+@pytest.mark.parametrize(
+    ("stopped_while_draining", "drain", "hand_back"),
+    [(False, 0.0, 0.0), (True, 0.0, 0.0), (True, 8.0, 0.0), (True, 0.0, 8.0)],
+)
 @on_virtual_time
 async def test_a_request_kept_when_the_lease_is_lost_is_settled_even_if_a_stop_comes(
-    stopped_while_draining: bool,
+    stopped_while_draining: bool, drain: float, hand_back: float
 ) -> None:
     """A SIGTERM while intake drained after the lease was lost used to skip the settling
     altogether: the kept request was neither settled nor let go with a log line, and the
-    redrive policy moved it without a reason (a reviewer's test)."""
+    redrive policy moved it without a reason. Then its D + grace counted from the end of
+    the step-down, not from the lease's loss: a slow step-down used up the stop's wait
+    before any describe could settle it (reviewers' tests)."""
     world = _on_virtual_clock(world_of(limit=0))
-    kept = await _reign_lost(world, stopped_while_draining=stopped_while_draining)
+    kept = await _reign_lost(
+        world, stopped_while_draining=stopped_while_draining, drain=drain, hand_back=hand_back
+    )
     assert len(kept) == 0
     [copy] = dead_letters(world)
     assert copy["MessageAttributes"][REASON_ATTRIBUTE]["StringValue"] == "receive_limit"
+
+
+@on_virtual_time
+async def test_a_lease_lost_during_the_start_up_listing_forgets_what_it_listed() -> None:
+    """Lost before the reign governed: the ledger is forgotten all the same, or `/status`
+    and the metrics of a standby report the listed executions as running here (a
+    reviewer's test)."""
+    world = _on_virtual_clock(world_of(limit=5))
+    intake, service = _kept_by_a_reign(world)
+    intake.keep_settling = False  # as `_reign` finds it: set only once the reign governed
+    lease = _Lease()
+    listed = "arn:aws:states:eu-west-1:123456789012:execution:governed:listed"
+
+    async def slow_listing(_: Any, listing_at: float) -> None:
+        del listing_at
+        world.pool.ledger.observe_running(listed, world.clock())  # part way through
+        lease.lost.set()
+        await anyio.sleep_forever()  # ListExecutions throttled
+
+    _without_aws(service, intake, slow_listing)
+    async with anyio.create_task_group() as tg:
+        service._background = tg
+        await service._reign(None, lease, anyio.TASK_STATUS_IGNORED, 0.0)  # type: ignore[arg-type]
+        tg.cancel_scope.cancel()
+    assert world.pool.ledger.running_count == 0

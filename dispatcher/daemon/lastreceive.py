@@ -95,18 +95,20 @@ class LastReceives:
     def __len__(self) -> int:
         return len(self._kept)
 
-    def reign_over(self) -> None:
-        """The lease was lost: what is kept is settled after the reign from now on
-        (`Dispatcher._settle_later`). The ledger that knew this process's starts in doubt
-        was reset with the reign (`Dispatcher._abdicate`), so `_may_run` no longer sees
-        them - a start of another copy of a kept request, sent after it was kept and given
-        up in doubt, among them. Such a start was sent before now (no start leaves after
-        the reign) and shows D and the grace later at most: no "does not exist" settles a
-        kept request before then."""
+    def reign_over(self, ended: float | None = None) -> None:
+        """The lease was lost (at ``ended``, on the pools' clock; None: now): what is kept
+        is settled after the reign from now on (`Dispatcher._settle_later`). The ledger that
+        knew this process's starts in doubt was reset with the reign
+        (`Dispatcher._abdicate`), so `_may_run` no longer sees them - a start of another
+        copy of a kept request, sent after it was kept and given up in doubt, among them.
+        Such a start was sent before ``ended`` (no start leaves once the lease is lost) and
+        shows D and the grace later at most: no "does not exist" settles a kept request
+        before then."""
         self.after_reign = True
         wait = self.settings.start_timeout + self.settings.start_grace
         for kept in self:
-            until = kept.entry.pool.clock() + wait
+            now = kept.entry.pool.clock()
+            until = (now if ended is None else min(ended, now)) + wait
             kept.not_before = max(kept.not_before, until)
             kept.next_try = max(kept.next_try, until)
 

@@ -125,6 +125,7 @@ class Dispatcher:
         self._settling: list[LastReceives] = []
         self._all_settled: anyio.Event | None = None  # set when `_settling` empties
         self._stop_began: float | None = None  # (self.clock) when `stop` was first called
+        self._lease_lost_at: float | None = None  # (self.clock) this reign's lease lost
         self.serving = anyio.Event()  # HTTP endpoints answer (start-up may still run)
         self.started = anyio.Event()  # start-up listing done: ready
         self._stop = anyio.Event()
@@ -442,9 +443,10 @@ class Dispatcher:
                 await intake_done.wait()
             tg.cancel_scope.cancel()
         self._step_down()
-        if lease is not None and intake.keep_settling:
-            # The lease was lost (a stop may have come since, while intake drained): what
-            # it keeps on its last receive is settled on (`_abdicate`), not dropped unlogged.
+        if lease is not None and (intake.keep_settling or not self._stop.is_set()):
+            # The lease was lost (a stop may have come since, while intake drained; or it
+            # was lost before the reign governed): the ledger is forgotten, and what intake
+            # keeps on its last receive is settled on (`_abdicate`), not dropped unlogged.
             await self._abdicate(intake)
         elif self.callbacks is not None and not intake.starter.force:
             # Tokens held go back to the queue at once, each after a last heartbeat: the
@@ -517,11 +519,12 @@ class Dispatcher:
         self.health.started_up = False
         self.health.refresh()
 
-    def _settle_later(self, last_receives: LastReceives) -> None:
-        """The lease was lost with requests kept on their last receive: counted as being
-        settled at once (a stop that comes before `_settle_left` begins waits for them
-        too), none on a "does not exist" before D + grace (`LastReceives.reign_over`)."""
-        last_receives.reign_over()
+    def _settle_later(self, last_receives: LastReceives, ended: float) -> None:
+        """The lease was lost (at ``ended``) with requests kept on their last receive:
+        counted as being settled at once (a stop that comes before `_settle_left` begins
+        waits for them too), none on a "does not exist" before D + grace after ``ended``
+        (`LastReceives.reign_over`)."""
+        last_receives.reign_over(ended)
         if not self._settling:
             self._all_settled = anyio.Event()
         self._settling.append(last_receives)
@@ -535,6 +538,10 @@ class Dispatcher:
         log.info("dispatcher.settling_after_reign", count=len(last_receives))
         try:
             await last_receives.finish()
+        except Exception:  # a defect here must not take the process (and a reign) down
+            log.exception("dispatcher.loop_died", loop="settling_after_reign")
+            self.health.loops["settling_after_reign"] = False
+            self.health.refresh()
         finally:
             self._settling.remove(last_receives)
             if not self._settling and self._all_settled is not None:
@@ -562,18 +569,19 @@ class Dispatcher:
         the control CLI report nothing running here (the new leader counts them). Requests
         kept on their last receive are settled on (`_settle_left`)."""
         if self.callbacks is not None and not intake.starter.force:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(15):
                 await self.callbacks.hand_back()
         for pool in self.pools.values():
             pool.reset()
+        ended = self.clock() if self._lease_lost_at is None else self._lease_lost_at
         for settling in self._settling:
             # Kept by an earlier reign, settled through this one: its `_may_run` read this
             # reign's ledger, whose doubts the reset just took (a start of another copy).
-            settling.reign_over()
+            settling.reign_over(ended)
         log.info("dispatcher.abdicated", role=self.role)
         if intake.keep_settling and len(intake.starter.last_receives):
             last_receives = intake.starter.last_receives
-            self._settle_later(last_receives)
+            self._settle_later(last_receives, ended)
             if self._background is not None:
                 self._background.start_soon(self._settle_left, last_receives)
             else:  # not under `run` (tests): the shutdown's bound
@@ -608,6 +616,7 @@ class Dispatcher:
     async def _keep_lease(self, lease: Leases, over: anyio.Event) -> None:
         """Renew well inside the TTL, each renewal under its own deadline (shorter than the
         lease, and never past it); end the reign once the lease is gone or lapses."""
+        self._lease_lost_at = None
         retry = False
         while lease.valid():
             pause = min(1.0 if retry else lease.config.renew_every, lease.remaining())
@@ -627,6 +636,7 @@ class Dispatcher:
             if renewal.cancelled_caught:
                 log.warning("dispatcher.lease_renew_timed_out", after_seconds=round(deadline, 3))
         lease.lapse()  # one lost: none is trusted
+        self._lease_lost_at = self.clock()  # no start leaves from here (`StartGate`)
         log.warning("dispatcher.reign_over", why="lease lost or lapsed", epoch=lease.epoch)
         self.role = "standby"
         over.set()
