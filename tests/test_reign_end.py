@@ -5,6 +5,7 @@ with everything else on a second signal. On fakes, on virtual time."""
 
 from __future__ import annotations
 
+from itertools import pairwise
 from types import SimpleNamespace
 from typing import Any
 
@@ -233,11 +234,19 @@ def _without_aws(service: Dispatcher, intake: Intake, take_office: Any = None) -
 
 
 async def _reign_lost(
-    world: World, *, stopped_while_draining: bool, drain: float = 0.0, hand_back: float = 0.0
+    world: World,
+    *,
+    stopped_while_draining: bool,
+    drain: float = 0.0,
+    hand_back: float = 0.0,
+    lost_after: float = 0.0,
+    kept_at: list[float] | None = None,
 ) -> LastReceives:
     """Run `Dispatcher._reign`: a request is kept, the lease is lost, and with
     ``stopped_while_draining`` a SIGTERM comes while intake drains (``drain`` seconds more:
-    a long poll let answer), its parents' tokens handed back in ``hand_back`` seconds.
+    a long poll let answer), its parents' tokens handed back in ``hand_back`` seconds, the
+    lease lost ``lost_after`` seconds after the request was kept (when: appended to
+    ``kept_at``).
     Returns what the reign kept, once a stop has waited for it (what `run` does); AWS
     answers describes from the reign's end."""
     intake, service = _kept_by_a_reign(world)
@@ -268,7 +277,11 @@ async def _reign_lost(
 
     async def keep_one() -> None:
         await service.started.wait()  # the reign governs
+        await anyio.sleep(0.1)  # just after a pass of extensions
         await _kept_then(world, intake)
+        if kept_at is not None:
+            kept_at.append(anyio.current_time())
+        await anyio.sleep(lost_after)
         lease.lost.set()
 
     async with anyio.create_task_group() as tg:
@@ -325,3 +338,30 @@ async def test_a_lease_lost_during_the_start_up_listing_forgets_what_it_listed()
         await service._reign(None, lease, anyio.TASK_STATUS_IGNORED, 0.0)  # type: ignore[arg-type]
         tg.cancel_scope.cancel()
     assert world.pool.ledger.running_count == 0
+
+
+@on_virtual_time
+async def test_a_kept_request_stays_hidden_while_the_tokens_are_handed_back() -> None:
+    """Intake stops extending what it keeps when the reign ends; the settling after it
+    began only once the parents' tokens were handed back (up to 15 s): a request kept
+    17 s before the loss was visible again before its next extension, for the redrive
+    policy to move without a reason (a reviewer's test)."""
+    visibility = 30
+    world = _on_virtual_clock(world_of(limit=0, visibility_timeout=visibility))
+    extended: list[float] = []
+    extend = world.sqs.change_message_visibility_batch
+
+    async def noting(**call: Any) -> dict[str, Any]:
+        if any(e["ReceiptHandle"] == "rh-m-1" for e in call["Entries"]):
+            extended.append(anyio.current_time())
+        return await extend(**call)
+
+    world.sqs.change_message_visibility_batch = noting  # type: ignore[method-assign]
+    kept_at: list[float] = []
+    await _reign_lost(
+        world, stopped_while_draining=False, hand_back=14.9, lost_after=17.4, kept_at=kept_at
+    )
+    hidden = [*kept_at, *extended]
+    gaps = [after - before for before, after in pairwise(hidden)]
+    assert extended, "never extended"
+    assert max(gaps) < visibility, f"visible again: {max(gaps):.1f} s without an extension"

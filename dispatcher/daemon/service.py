@@ -567,27 +567,29 @@ class Dispatcher:
         """After the lease was lost and intake stopped: hand back the requests whose parents
         wait (task tokens held) and forget the ledger, so that `/status`, the metrics and
         the control CLI report nothing running here (the new leader counts them). Requests
-        kept on their last receive are settled on (`_settle_left`)."""
+        kept on their last receive are settled on (`_settle_left`) - begun first: intake
+        no longer extends their visibility, and the hand-back may take its 15 s."""
+        ended = self.clock() if self._lease_lost_at is None else self._lease_lost_at
+        for settling in self._settling:
+            # Kept by an earlier reign, settled through this one: its `_may_run` reads this
+            # reign's ledger, whose doubts the reset below takes (a start of another copy).
+            settling.reign_over(ended)
+        kept = intake.starter.last_receives
+        settling_here = intake.keep_settling and len(kept) > 0
+        if settling_here:
+            self._settle_later(kept, ended)
+            if self._background is not None:
+                self._background.start_soon(self._settle_left, kept)
         if self.callbacks is not None and not intake.starter.force:
             with anyio.CancelScope(shield=True), anyio.move_on_after(15):
                 await self.callbacks.hand_back()
         for pool in self.pools.values():
             pool.reset()
-        ended = self.clock() if self._lease_lost_at is None else self._lease_lost_at
-        for settling in self._settling:
-            # Kept by an earlier reign, settled through this one: its `_may_run` read this
-            # reign's ledger, whose doubts the reset just took (a start of another copy).
-            settling.reign_over(ended)
         log.info("dispatcher.abdicated", role=self.role)
-        if intake.keep_settling and len(intake.starter.last_receives):
-            last_receives = intake.starter.last_receives
-            self._settle_later(last_receives, ended)
-            if self._background is not None:
-                self._background.start_soon(self._settle_left, last_receives)
-            else:  # not under `run` (tests): the shutdown's bound
-                settle = self.settings.start_timeout + self.settings.start_grace + 5
-                with anyio.CancelScope(shield=True), anyio.move_on_after(settle):
-                    await self._settle_left(last_receives)
+        if settling_here and self._background is None:  # not under `run` (tests): bounded
+            settle = self.settings.start_timeout + self.settings.start_grace + 5
+            with anyio.CancelScope(shield=True), anyio.move_on_after(settle):
+                await self._settle_left(kept)
 
     def settle_seconds(self) -> float:
         """How long after its predecessor could last send a start this process waits before
