@@ -856,7 +856,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "a request whose start may have taken effect is never dead-lettered as expired",
         Expiries,
         "expire",
-        "if doubt or starting or arn in ledger.in_doubt:",
+        "if doubt or may_start():",
         "if False:",
     ),
     # -- named limits shared by pools (sim.named) ----------------------------------------------

@@ -309,6 +309,45 @@ async def test_an_expired_request_whose_execution_exists_is_served_not_dead_lett
     assert deleted(world), "already served"
 
 
+async def test_an_expired_copy_is_not_dead_lettered_while_another_copy_begins_its_start() -> None:
+    """A producer's retry past its start-by and a redrive's copy of the same request (no
+    start-by) are received together. The retry's describes say "does not exist"; the
+    redrive's start was sent meanwhile. The retry was dead-lettered as never started, its
+    execution then running (seed 1109 of the simulation)."""
+    world = build_world(limit=1)
+    intake, _, _ = intake_for(world, now=T0 + 5)
+    world.sfn.start_gate = anyio.Event()  # the redrive's start stays on the wire
+    describe = world.sfn.describe_execution
+
+    describing = anyio.Event()
+
+    async def after_that_start(**call: Any) -> dict[str, Any]:
+        describing.set()
+        await world.sfn.called("start_execution")
+        return await describe(**call)
+
+    world.sfn.describe_execution = after_that_start  # type: ignore[method-assign]
+    retry = message("2026-12-05T10:00:00Z", **{"idempotency-key": "order-7"})
+    redriven = sqs_message('{"n": 1}', message_id="m-2", attributes={"idempotency-key": "order-7"})
+    settled = anyio.Event()
+
+    async def the_retry() -> None:
+        await intake.admit(intake.queues[0], retry)
+        settled.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(the_retry)
+            await describing.wait()  # the retry is being described
+            await intake.admit(intake.queues[0], redriven)
+            tg.start_soon(dispatch_all, intake, world.pool)  # its start: on the wire
+            await settled.wait()
+            world.sfn.start_gate.set()
+    assert dead_letters(world) == []
+    assert len(world.sfn.calls_to("start_execution")) == 1
+    assert "rh-m-1" not in deleted(world), "the retry stays: its copy's start settles it"
+
+
 async def test_a_request_maybe_started_by_a_predecessor_waits_for_its_starts_to_settle() -> None:
     """Received before this reign (a predecessor may have sent its start), described as
     missing within D + grace of the reign's start: not yet proof; handed back."""

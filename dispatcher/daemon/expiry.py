@@ -68,20 +68,26 @@ class Expiries:
         reservation: Reservation | None = None,
         *,
         doubt: bool = False,
-        others: bool | None = None,
+        handling: bool = False,
     ) -> str:
         """Settle ``entry``, whose start-by passed, without starting it: dead-lettered as
         expired, served as an existing execution, or handed back while a start of it may
         be in doubt. ``reservation``: the slot reserved for it (given back); ``doubt``: an
-        attempt of the handler at hand may have started it; ``others``: whether another
-        handler is starting it now (default: any is). Returns what was done."""
+        attempt of the handler at hand may have started it; ``handling``: the caller is a
+        handler of the request (not another copy starting it). Returns what was done."""
         starter, pool, request = self.starter, entry.pool, entry.request
         if reservation is not None and not doubt:  # in doubt, its slot stays held
             starter._release(pool, reservation)
         arn = execution_arn(pool.state_machine_arn, request.name)
         ledger = pool.ledger
-        starting = starter.starting(arn) if others is None else others
-        if doubt or starting or arn in ledger.in_doubt:
+        mine = 1 if handling else 0
+
+        def may_start() -> bool:
+            """Another copy of it (a redrive's, a producer's retry) is being started, or a
+            start of it is in doubt here."""
+            return starter.starting(arn, besides=mine) or arn in ledger.in_doubt
+
+        if doubt or may_start():
             entry.bound.info("dispatcher.expiry_in_doubt", execution_arn=arn)
             await starter._hand_back(entry, DOUBT_RETRY_SECONDS, "start-by passed, start in doubt")
             return "in_doubt"
@@ -98,6 +104,14 @@ class Expiries:
             if described is not None:
                 await starter.existing(entry, None, described)
                 return "exists"
+            if may_start() or ledger.holds(arn) or ledger.is_tombstoned(arn):
+                # Begun while it was described (another copy's start, sent after the
+                # describe): "does not exist" is stale; that start settles it.
+                entry.bound.info("dispatcher.expiry_in_doubt", execution_arn=arn)
+                await starter._hand_back(
+                    entry, DOUBT_RETRY_SECONDS, "start-by passed, start in doubt"
+                )
+                return "in_doubt"
             settled = starter.reign_began + self._settle_seconds()
             if self.clock() < settled:  # an earlier process's start may still take effect
                 delay = max(1, int(settled - self.clock()) + 1)

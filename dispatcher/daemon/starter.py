@@ -181,9 +181,11 @@ class Starter:
         self.last_receives = LastReceives(self)  # kept until their execution is settled
         self.expiries = Expiries(self)  # requests whose start-by passed
 
-    def starting(self, arn: str) -> bool:
-        """Whether a request for execution ``arn`` is being started now."""
-        return arn in self._copies
+    def starting(self, arn: str, *, besides: int = 0) -> bool:
+        """Whether a request for execution ``arn`` is being started now (by more handlers
+        than ``besides``: the caller's own)."""
+        copies = self._copies.get(arn)
+        return copies is not None and copies.handlers > besides
 
     def cut_short_waiting(self) -> None:
         """Cancel handlers that are only waiting (admission, back-off): they hand back.
@@ -640,11 +642,7 @@ class Starter:
         self, exc: Exception, entry: Waiting, reservation: Reservation, handling: _Handling
     ) -> None:
         if isinstance(exc, ExpiredError):  # its start-by passed: no attempt is sent now
-            copies = self._copies.get(
-                execution_arn(entry.pool.state_machine_arn, entry.request.name)
-            )
-            others = copies is not None and copies.handlers > 1
-            await self.expiries.expire(entry, reservation, doubt=handling.doubt, others=others)
+            await self.expiries.expire(entry, reservation, doubt=handling.doubt, handling=True)
             return
         if error_code(exc) == "ExecutionAlreadyExists":
             handling.doubt = False  # it exists: the describe decides
